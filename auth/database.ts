@@ -1,0 +1,74 @@
+/**
+ * NAME        auth/database — password authentication against the configuration database
+ * DESCRIPTION One read (user + settings), then the stored hash is verified. Unknown users cost the
+ *             same as wrong passwords (a dummy verify of the default scheme). At most
+ *             MAX_CONCURRENT_VERIFIES hash computations run at once per process.
+ * DIAGNOSTICS tempfail for a locked/missing database or an unusable stored hash: never "success",
+ *             never "wrong password" for a server-side problem.
+ * SECURITY    No password or hash in any result, log field or error text.
+ */
+import type { AuthModule, AuthInstance, AuthRequest, AuthResult } from '../src/modules.js';
+import type { Store } from '../src/store.js';
+import { resolve } from '../src/resolve.js';
+import { normaliseAddress } from '../src/address.js';
+import { isAppError } from '../src/errors.js';
+import { verifyPassword, dummyVerify, parseHash } from './schemes.js';
+
+const MAX_CONCURRENT_VERIFIES = 4;
+let running = 0;
+const waiting: (() => void)[] = [];
+async function limited<T>(fn: () => Promise<T>): Promise<T> {
+  if (running >= MAX_CONCURRENT_VERIFIES) await new Promise<void>((r) => waiting.push(r));
+  running++;
+  try {
+    return await fn();
+  } finally {
+    running--;
+    waiting.shift()?.();
+  }
+}
+
+export function databaseAuth(store: Store): AuthInstance {
+  return {
+    async authenticate(req: AuthRequest): Promise<AuthResult> {
+      let address: string;
+      try {
+        address = normaliseAddress(req.user).address;
+      } catch {
+        await limited(() => dummyVerify(req.password));
+        return { ok: false, why: 'unknown-user' };
+      }
+      let found;
+      try {
+        found = store.lookup(address);
+      } catch (e) {
+        return { ok: false, why: 'tempfail', detail: isAppError(e) ? e.message : 'database error' };
+      }
+      if (!found || found.user.password === null) {
+        await limited(() => dummyVerify(req.password));
+        return { ok: false, why: 'unknown-user' };
+      }
+      let ok: boolean;
+      const warnings: string[] = [];
+      try {
+        if (parseHash(found.user.password).scheme === 'PLAIN') warnings.push(`user ${address} has a {PLAIN} password; set a new one with "pigeon user passwd"`);
+        const stored = found.user.password;
+        ok = await limited(() => verifyPassword(stored, req.password));
+      } catch (e) {
+        return { ok: false, why: 'tempfail', detail: isAppError(e) ? `stored password of ${address}: ${e.message}` : 'password verification failed' };
+      }
+      if (!ok) return { ok: false, why: 'bad-credentials' };
+      const config = resolve(found.rows);
+      if (found.user.state !== 'active' || config['login.enabled']?.value === false) return { ok: false, why: 'disabled' };
+      if (req.service !== 'test' && config[`${req.service}.enabled`]?.value === false) return { ok: false, why: 'disabled' };
+      return { ok: true, user: { user: found.user, config }, warnings };
+    },
+  };
+}
+
+export default {
+  kind: 'auth',
+  name: 'database',
+  summary: 'passwords stored in the configuration database ({SCHEME} hashes as Dovecot writes them)',
+  create: (ctx) => databaseAuth(ctx.store),
+} satisfies AuthModule;

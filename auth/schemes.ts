@@ -1,0 +1,188 @@
+/**
+ * NAME        auth/schemes — password hash schemes, Dovecot-compatible `{SCHEME}` strings
+ * SYNOPSIS    pigeon pw -s ARGON2ID ; pigeon user import passwd-file FILE
+ * DESCRIPTION New passwords are stored as {ARGON2ID} (@node-rs/argon2). Verified as admins bring
+ *             them from Dovecot: ARGON2ID, ARGON2I (@node-rs/argon2), BLF-CRYPT (bcryptjs),
+ *             SHA512-CRYPT, SHA256-CRYPT (unixcrypt), SSHA512, SSHA256 (node:crypto), PLAIN (warned
+ *             as unsafe). Imported hashes with absurd cost parameters are refused before any work
+ *             (LIMITS.md): SHA-crypt rounds <= 100000, bcrypt cost <= 14, argon2 m <= 256 MiB,
+ *             t <= 10, p <= 4.
+ * SECURITY    Comparisons are timing-safe; `dummyVerify` costs what a real verify of a new password
+ *             costs, so an unknown user cannot be told from a wrong password by timing. No password
+ *             or hash ever appears in an error message.
+ */
+import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import argon2 from '@node-rs/argon2';
+import type { Algorithm } from '@node-rs/argon2';
+import bcrypt from 'bcryptjs';
+import { encrypt as shaCrypt } from 'unixcrypt';
+import { AppError } from '../src/errors.js';
+
+export const SCHEMES = ['ARGON2ID', 'ARGON2I', 'BLF-CRYPT', 'SHA512-CRYPT', 'SHA256-CRYPT', 'SSHA512', 'SSHA256', 'PLAIN'] as const;
+export type Scheme = (typeof SCHEMES)[number];
+
+export const LIMITS = {
+  SHA_CRYPT_MAX_ROUNDS: 100_000,
+  BCRYPT_MAX_COST: 14,
+  ARGON2_MAX_MEMORY_KIB: 256 * 1024,
+  ARGON2_MAX_TIME: 10,
+  ARGON2_MAX_PARALLELISM: 4,
+} as const;
+
+/** Parameters of new {ARGON2ID} hashes (OWASP's 19 MiB, t=2, p=1). */
+export const ARGON2_NEW = { memoryCost: 19456, timeCost: 2, parallelism: 1 } as const;
+// @node-rs/argon2's Algorithm is a `const enum`, which isolatedModules cannot inline
+const ALG_ARGON2I = 1 as Algorithm;
+const ALG_ARGON2ID = 2 as Algorithm;
+
+export interface ParsedHash {
+  readonly scheme: Scheme;
+  readonly value: string;
+}
+
+/** Split `{SCHEME}value`; refuse unknown schemes and absurd costs. Never echoes the hash. */
+export function parseHash(stored: string): ParsedHash {
+  const m = /^\{([A-Za-z0-9.-]+)\}(.*)$/s.exec(stored);
+  if (!m || m[1] === undefined || m[2] === undefined) {
+    throw new AppError('PASSWORD_SCHEME', 'password hash has no {SCHEME} prefix (expected e.g. {ARGON2ID}$argon2id$...)');
+  }
+  const scheme = m[1].toUpperCase();
+  if (!(SCHEMES as readonly string[]).includes(scheme)) {
+    throw new AppError('PASSWORD_SCHEME', `unsupported password scheme {${scheme}}; supported: ${SCHEMES.join(', ')}`);
+  }
+  const p: ParsedHash = { scheme: scheme as Scheme, value: m[2] };
+  checkCost(p);
+  return p;
+}
+
+function checkCost(p: ParsedHash): void {
+  const v = p.value;
+  switch (p.scheme) {
+    case 'SHA512-CRYPT':
+    case 'SHA256-CRYPT': {
+      const id = p.scheme === 'SHA512-CRYPT' ? '6' : '5';
+      const m = new RegExp(`^\\$${id}\\$(?:rounds=(\\d+)\\$)?[^$]{0,16}\\$[./0-9A-Za-z]+$`).exec(v);
+      if (!m) throw new AppError('PASSWORD_SCHEME', `malformed {${p.scheme}} hash (expected $${id}$[rounds=N$]salt$hash)`);
+      const rounds = m[1] === undefined ? 5000 : Number(m[1]);
+      if (rounds > LIMITS.SHA_CRYPT_MAX_ROUNDS) {
+        throw new AppError('PASSWORD_COST', `{${p.scheme}} hash asks for ${rounds} rounds; at most ${LIMITS.SHA_CRYPT_MAX_ROUNDS} are accepted`);
+      }
+      return;
+    }
+    case 'BLF-CRYPT': {
+      const m = /^\$2[abxy]?\$(\d{2})\$[./A-Za-z0-9]{53}$/.exec(v);
+      if (!m) throw new AppError('PASSWORD_SCHEME', 'malformed {BLF-CRYPT} hash (expected $2y$NN$ and 53 characters)');
+      const cost = Number(m[1]);
+      if (cost > LIMITS.BCRYPT_MAX_COST || cost < 4) {
+        throw new AppError('PASSWORD_COST', `{BLF-CRYPT} hash has cost ${cost}; accepted costs are 4 to ${LIMITS.BCRYPT_MAX_COST}`);
+      }
+      return;
+    }
+    case 'ARGON2ID':
+    case 'ARGON2I': {
+      const alg = p.scheme === 'ARGON2ID' ? 'argon2id' : 'argon2i';
+      const m = new RegExp(`^\\$${alg}\\$(?:v=\\d+\\$)?m=(\\d+),t=(\\d+),p=(\\d+)\\$[A-Za-z0-9+/]+={0,2}\\$[A-Za-z0-9+/]+={0,2}$`).exec(v);
+      if (!m) throw new AppError('PASSWORD_SCHEME', `malformed {${p.scheme}} hash (expected $${alg}$v=19$m=..,t=..,p=..$salt$hash)`);
+      const [mem, t, par] = [Number(m[1]), Number(m[2]), Number(m[3])];
+      if (mem > LIMITS.ARGON2_MAX_MEMORY_KIB || t > LIMITS.ARGON2_MAX_TIME || par > LIMITS.ARGON2_MAX_PARALLELISM || t < 1 || par < 1) {
+        throw new AppError(
+          'PASSWORD_COST',
+          `{${p.scheme}} hash asks for m=${mem} KiB, t=${t}, p=${par}; limits are m<=${LIMITS.ARGON2_MAX_MEMORY_KIB}, t<=${LIMITS.ARGON2_MAX_TIME}, p<=${LIMITS.ARGON2_MAX_PARALLELISM}`,
+        );
+      }
+      return;
+    }
+    case 'SSHA512':
+    case 'SSHA256': {
+      const len = p.scheme === 'SSHA512' ? 64 : 32;
+      const raw = Buffer.from(v, 'base64');
+      if (!/^[A-Za-z0-9+/]+={0,2}$/.test(v) || raw.length <= len) throw new AppError('PASSWORD_SCHEME', `malformed {${p.scheme}} hash (expected base64 of digest and salt)`);
+      return;
+    }
+    case 'PLAIN':
+      return;
+  }
+}
+
+function digestEqual(a: Buffer, b: Buffer): boolean {
+  // equal-length comparison regardless of input lengths
+  const ha = createHash('sha256').update(a).digest();
+  const hb = createHash('sha256').update(b).digest();
+  return timingSafeEqual(ha, hb) && a.length === b.length;
+}
+
+/** Verify a password against a stored `{SCHEME}hash`. Throws AppError for unusable hashes. */
+export async function verifyPassword(stored: string, password: string): Promise<boolean> {
+  const p = parseHash(stored);
+  const pw = Buffer.from(password, 'utf8');
+  switch (p.scheme) {
+    case 'ARGON2ID':
+    case 'ARGON2I':
+      try {
+        return await argon2.verify(p.value, pw);
+      } catch {
+        return false;
+      }
+    case 'BLF-CRYPT':
+      // bcryptjs knows $2a$/$2b$; $2y$ is the same algorithm (PHP/Dovecot naming)
+      return bcrypt.compare(password, p.value.replace(/^\$2[xy]\$/, '$2b$'));
+    case 'SHA512-CRYPT':
+    case 'SHA256-CRYPT': {
+      const computed = shaCrypt(password, p.value.slice(0, p.value.lastIndexOf('$')));
+      return digestEqual(Buffer.from(computed), Buffer.from(p.value));
+    }
+    case 'SSHA512':
+    case 'SSHA256': {
+      const alg = p.scheme === 'SSHA512' ? 'sha512' : 'sha256';
+      const len = alg === 'sha512' ? 64 : 32;
+      const raw = Buffer.from(p.value, 'base64');
+      const digest = raw.subarray(0, len);
+      const salt = raw.subarray(len);
+      return digestEqual(createHash(alg).update(pw).update(salt).digest(), digest);
+    }
+    case 'PLAIN':
+      return digestEqual(pw, Buffer.from(p.value, 'utf8'));
+  }
+}
+
+/** Make a new hash in `scheme` (default ARGON2ID), as `doveadm pw -s SCHEME` would print it. */
+export async function hashPassword(password: string, scheme: Scheme = 'ARGON2ID'): Promise<string> {
+  if (/[\r\n\0]/.test(password)) throw new AppError('INVALID_VALUE', 'passwords may not contain CR, LF or NUL');
+  switch (scheme) {
+    case 'ARGON2ID':
+      return `{ARGON2ID}${await argon2.hash(password, { ...ARGON2_NEW, algorithm: ALG_ARGON2ID })}`;
+    case 'ARGON2I':
+      return `{ARGON2I}${await argon2.hash(password, { ...ARGON2_NEW, algorithm: ALG_ARGON2I })}`;
+    case 'BLF-CRYPT':
+      return `{BLF-CRYPT}${(await bcrypt.hash(password, 10)).replace(/^\$2b\$/, '$2y$')}`;
+    case 'SHA512-CRYPT':
+      return `{SHA512-CRYPT}${shaCrypt(password, `$6$${salt16()}`)}`;
+    case 'SHA256-CRYPT':
+      return `{SHA256-CRYPT}${shaCrypt(password, `$5$${salt16()}`)}`;
+    case 'SSHA512':
+    case 'SSHA256': {
+      const alg = scheme === 'SSHA512' ? 'sha512' : 'sha256';
+      const salt = randomBytes(8);
+      return `{${scheme}}${Buffer.concat([createHash(alg).update(password).update(salt).digest(), salt]).toString('base64')}`;
+    }
+    case 'PLAIN':
+      return `{PLAIN}${password}`;
+  }
+}
+
+function salt16(): string {
+  const abc = './0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
+  return [...randomBytes(16)].map((b) => abc[b & 63]).join('');
+}
+
+let dummy: Promise<string> | null = null;
+/** Spend what verifying a freshly made password costs; always false. For unknown users. */
+export async function dummyVerify(password: string): Promise<false> {
+  dummy ??= hashPassword(randomBytes(16).toString('hex'));
+  await verifyPassword(await dummy, password);
+  return false;
+}
+
+export function isScheme(s: string): s is Scheme {
+  return (SCHEMES as readonly string[]).includes(s);
+}

@@ -1,0 +1,87 @@
+#!/usr/bin/env node
+/**
+ * NAME        pigeon — IMAP/POP3 proxy and delivery agent on one configuration layer
+ * SYNOPSIS    pigeon [-c DIR|FILE] COMMAND ...   (pigeon --help, pigeon COMMAND --help)
+ * DIAGNOSTICS sysexits: 0 ok, 64 usage, 65 bad data, 67 no such user/domain, 73 exists,
+ *             75 temporary (database locked: retry), 77 auth failed, 78 configuration.
+ *             Errors are one line on stderr: "pigeon: error: ...".
+ */
+import { Command, CommanderError } from '@commander-js/extra-typings';
+import { EX, isAppError } from './errors.js';
+import { initInstance } from './init.js';
+import { registerAdmin } from './commands/admin.js';
+import { openDb } from './db.js';
+import { Store } from './store.js';
+import { hashPassword } from '../auth/schemes.js';
+import { randomBytes } from 'node:crypto';
+
+export const VERSION = '0.1.0';
+
+export function buildProgram(): Command<[], { config?: string }> {
+  const program = new Command()
+    .name('pigeon')
+    .description('PigeonDeliver: IMAP/POP3 modular proxy with an embedded delivery agent')
+    .version(VERSION)
+    .option('-c, --config <path>', 'instance directory or pigeon.yaml (default $PIGEON_CONFIG, then /etc/pigeon)')
+    .showSuggestionAfterError(true)
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+  const cfg = (): string | undefined => program.opts().config;
+
+  program
+    .command('init')
+    .argument('<dir>', 'new instance directory (must not exist or be empty)')
+    .option('--node <name>', 'this node\'s name', 'node1')
+    .option('--listen <proto=host:port>', 'listener (repeatable): imap imaps pop3 pop3s lmtp peer metrics', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--db <url>', 'database: sqlite:PATH or PATH (default sqlite:pigeon.db inside DIR)')
+    .option('--ca-from <dir>', 'take the cluster CA from another instance instead of creating one')
+    .option('--demo', 'also add domain example.test and user demo@example.test with a printed password')
+    .description('create an instance: config file, database, cluster CA and host certificate, mail root')
+    .action(async (dir, o) => {
+      const r = initInstance({ dir, node: o.node, listen: o.listen, db: o.db, caFrom: o.caFrom });
+      console.log(`instance created in ${r.dir}\n  config:   ${r.dir}/pigeon.yaml\n  database: ${r.dbPath}\n  certs:    ${r.dir}/certs/\n  mail:     ${r.dir}/mail/`);
+      if (o.demo) {
+        const store = new Store(openDb(r.dbPath), r.dbPath);
+        const pw = randomBytes(9).toString('base64url');
+        store.addDomain('example.test');
+        store.addUser('demo@example.test', await hashPassword(pw), null);
+        store.close();
+        console.log(`demo user: demo@example.test  password: ${pw}`);
+      }
+      console.log(`next: pigeon -c ${r.dir} domain add example.org; pigeon -c ${r.dir} user add alice@example.org`);
+    });
+
+  registerAdmin(program as unknown as Command, cfg);
+  return program;
+}
+
+export async function main(argv: readonly string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv as string[]);
+    return typeof process.exitCode === 'number' ? process.exitCode : EX.OK;
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return EX.OK;
+      if (e.code === 'commander.executeSubCommandAsync') return EX.SOFTWARE;
+      process.stderr.write("pigeon: see 'pigeon --help' or 'pigeon COMMAND --help'\n");
+      return EX.USAGE;
+    }
+    if (isAppError(e)) {
+      process.stderr.write(`pigeon: error: ${e.message}\n`);
+      return e.exit;
+    }
+    process.stderr.write(`pigeon: internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+    return EX.SOFTWARE;
+  }
+}
+
+main(process.argv).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (e: unknown) => {
+    process.stderr.write(`pigeon: internal error: ${String(e)}\n`);
+    process.exitCode = EX.SOFTWARE;
+  },
+);

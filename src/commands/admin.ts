@@ -1,0 +1,408 @@
+/**
+ * NAME        src/commands/admin — domain, user, config, auth test, pw, node: the admin CLI
+ * DESCRIPTION Every write is one transaction (src/store.ts). Output is plain text for people,
+ *             or JSON with --json for scripts (shapes settled in DESIGN.md).
+ */
+import { existsSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import type { Command } from '@commander-js/extra-typings';
+import { Option } from '@commander-js/extra-typings';
+import { AppError } from '../errors.js';
+import { openCtx } from '../context.js';
+import { readStdinLine, printJson } from '../io.js';
+import { hashPassword, parseHash, isScheme, SCHEMES } from '../../auth/schemes.js';
+import { databaseAuth } from '../../auth/database.js';
+import { lookupKey, CATALOG } from '../catalog.js';
+import { parseValue, describeType, type Json } from '../settings.js';
+import { resolve, forcedBy, values, type Effective, type Flag } from '../resolve.js';
+import type { ScopeRef, UserRecord } from '../store.js';
+import { normaliseAddress, normaliseDomain } from '../address.js';
+
+type ConfigOpt = () => string | undefined;
+
+function show(v: Json): string {
+  return JSON.stringify(v);
+}
+
+function userJson(u: UserRecord): Record<string, Json> {
+  let scheme: string | null = null;
+  if (u.password !== null) {
+    try {
+      scheme = parseHash(u.password).scheme;
+    } catch {
+      scheme = 'invalid';
+    }
+  }
+  return {
+    address: u.address,
+    domain: u.domain,
+    state: u.state,
+    home: u.home,
+    allocation: u.allocation === null ? null : { ...u.allocation },
+    password_scheme: scheme,
+    version: u.version,
+    created: u.created,
+  };
+}
+
+/** Has this mailbox any mail (any file below it)? */
+function hasMail(path: string): boolean {
+  if (!existsSync(path)) return false;
+  const walk = (p: string, depth: number): boolean => {
+    for (const e of readdirSync(p, { withFileTypes: true })) {
+      if (e.isFile()) return true;
+      if (e.isDirectory() && depth < 4 && walk(`${p}/${e.name}`, depth + 1)) return true;
+    }
+    return false;
+  };
+  return walk(path, 0);
+}
+
+export function explainText(eff: Effective, explain: boolean): string {
+  const width = Math.max(...Object.keys(eff).map((k) => k.length));
+  const lines: string[] = [];
+  for (const [k, e] of Object.entries(eff)) {
+    let line = `${k.padEnd(width)} = ${show(e.value)}`;
+    if (explain) {
+      line += `  (${e.from})`;
+      for (const i of e.ignored) line += `  [${i.from} value ${show(i.value)} ${i.reason === 'override' ? `overridden by ${i.by}` : `ignored: ${i.by} ignores ${k.split('.')[0]}.*`}]`;
+    }
+    lines.push(line);
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+export function registerAdmin(program: Command, cfg: ConfigOpt): void {
+  // ---- domain -------------------------------------------------------------------------
+  const domain = program.command('domain').description('manage domains');
+  domain
+    .command('add')
+    .argument('<name>', 'domain name (IDN allowed; stored as punycode)')
+    .description('add a domain')
+    .action((name) => {
+      const { store } = openCtx(cfg());
+      console.log(`domain ${store.addDomain(name)} added`);
+    });
+  domain
+    .command('del')
+    .argument('<name>')
+    .description('delete an empty domain and its settings')
+    .action((name) => {
+      const { store } = openCtx(cfg());
+      store.delDomain(name);
+      console.log(`domain ${normaliseDomain(name)} deleted`);
+    });
+  domain
+    .command('list')
+    .option('--json', 'JSON output')
+    .description('list domains')
+    .action((o) => {
+      const { store } = openCtx(cfg());
+      const ds = store.listDomains();
+      if (o.json) printJson(ds);
+      else for (const d of ds) console.log(`${d.name}\t${d.users} user(s)`);
+    });
+  domain
+    .command('rename')
+    .argument('<old>')
+    .argument('<new>')
+    .description('rename a domain; its users, their settings and mailboxes move with it')
+    .action((a, b) => {
+      const { store } = openCtx(cfg());
+      const r = store.renameDomain(a, b);
+      console.log(`domain ${normaliseDomain(a)} renamed to ${normaliseDomain(b)} (${r.users} user(s) renamed; mailboxes stay where they are)`);
+    });
+
+  // ---- user ---------------------------------------------------------------------------
+  const user = program.command('user').description('manage users');
+  user
+    .command('add')
+    .argument('<address>', 'user@domain (the domain must exist)')
+    .option('--password-stdin', 'read the password from one line of stdin')
+    .option('--home <node>', 'node that holds the mailbox (default: allocated on first mail or login)')
+    .option('--json', 'JSON output')
+    .description('add a user; without --password-stdin a random password is generated and printed')
+    .action(async (address, o) => {
+      const { store } = openCtx(cfg());
+      normaliseAddress(address);
+      const generated = o.passwordStdin ? null : randomBytes(12).toString('base64url');
+      const pw = generated ?? readStdinLine('password');
+      if (o.home !== undefined && !/^[a-z0-9][a-z0-9.-]{0,62}$/i.test(o.home)) throw new AppError('USAGE', `--home: invalid node name ${JSON.stringify(o.home)}`);
+      const u = store.addUser(address, await hashPassword(pw), o.home ?? null);
+      if (o.json) printJson({ ...userJson(u), ...(generated ? { password: generated } : {}) });
+      else console.log(`user ${u.address} added${generated ? `\npassword: ${generated}` : ''}`);
+    });
+  user
+    .command('passwd')
+    .argument('<address>')
+    .option('--password-stdin', 'read the password from one line of stdin (default)')
+    .description('set a new password (read from stdin)')
+    .action(async (address) => {
+      const { store } = openCtx(cfg());
+      store.mustUser(address);
+      store.setPassword(address, await hashPassword(readStdinLine('password')));
+      console.log(`password of ${normaliseAddress(address).address} changed`);
+    });
+  for (const [verb, state] of [['disable', 'disabled'], ['enable', 'active']] as const) {
+    user
+      .command(verb)
+      .argument('<address>')
+      .description(`${verb} logins and deliveries of a user (data is kept)`)
+      .action((address) => {
+        const { store } = openCtx(cfg());
+        store.setState(address, state);
+        console.log(`user ${normaliseAddress(address).address} ${state}`);
+      });
+  }
+  user
+    .command('del')
+    .argument('<address>')
+    .option('--purge', 'also delete the mailbox and all its mail')
+    .description('delete a user and their settings; the mailbox stays unless --purge')
+    .action((address, o) => {
+      const { store } = openCtx(cfg());
+      const u = store.delUser(address);
+      const path = u.allocation?.path;
+      if (path === undefined || !existsSync(path)) {
+        console.log(`user ${u.address} deleted (no mailbox)`);
+      } else if (o.purge) {
+        rmSync(path, { recursive: true, force: true });
+        console.log(`user ${u.address} deleted; mailbox ${path} purged`);
+      } else {
+        console.log(`user ${u.address} deleted; mailbox left in place at ${path}${hasMail(path) ? ' (it holds mail)' : ''}; delete it with --purge or by hand`);
+      }
+    });
+  user
+    .command('list')
+    .argument('[domain]')
+    .option('--json', 'JSON output')
+    .description('list users, optionally of one domain')
+    .action((d, o) => {
+      const { store } = openCtx(cfg());
+      const us = store.listUsers(d);
+      if (o.json) printJson(us.map(userJson));
+      else for (const u of us) console.log(`${u.address}\t${u.state}\thome=${u.home ?? '-'}`);
+    });
+  user
+    .command('show')
+    .argument('<address>')
+    .option('--json', 'JSON output')
+    .description('show a user: state, home node, mailbox allocation')
+    .action((address, o) => {
+      const { store } = openCtx(cfg());
+      const j = userJson(store.mustUser(address));
+      if (o.json) printJson(j);
+      else for (const [k, v] of Object.entries(j)) console.log(`${k}: ${typeof v === 'string' ? v : JSON.stringify(v)}`);
+    });
+  user
+    .command('rename')
+    .argument('<old>')
+    .argument('<new>')
+    .description('rename a user; settings and mailbox (allocation) stay with the user')
+    .action((a, b) => {
+      const { store } = openCtx(cfg());
+      const u = store.renameUser(a, b);
+      console.log(`user ${normaliseAddress(a).address} renamed to ${u.address}${u.allocation ? `; mailbox stays at ${u.allocation.path}` : ''}`);
+    });
+  user
+    .command('import')
+    .argument('<format>', 'passwd-file')
+    .argument('<file>', 'a Dovecot passwd-file: user:{SCHEME}hash:uid:gid:gecos:home:shell:extra')
+    .option('--domain <domain>', 'domain for entries without @domain')
+    .option('--create-domains', 'add missing domains instead of refusing')
+    .description('import users with their password hashes kept as they are (all or nothing)')
+    .action((format, file, o) => {
+      if (format !== 'passwd-file') throw new AppError('USAGE', `unknown import format ${JSON.stringify(format)}; supported: passwd-file`);
+      const { store } = openCtx(cfg());
+      let text: string;
+      try {
+        text = readFileSync(file, 'utf8');
+      } catch (e) {
+        throw new AppError('CONFIG_MISSING', `${file}: cannot read (${(e as NodeJS.ErrnoException).code ?? 'error'})`);
+      }
+      const entries: { address: string; domain: string; hash: string }[] = [];
+      text.split('\n').forEach((raw, i) => {
+        const line = raw.replace(/\r$/, '');
+        if (line.trim() === '' || line.trimStart().startsWith('#')) return;
+        const where = `${file}:${i + 1}`;
+        const f = line.split(':');
+        const name = f[0] ?? '';
+        const hash = f[1] ?? '';
+        let addr;
+        try {
+          addr = normaliseAddress(name.includes('@') ? name : `${name}@${o.domain ?? ''}`);
+        } catch (e) {
+          throw new AppError('INVALID_ADDRESS', `${where}: ${(e as Error).message}${name.includes('@') ? '' : ' (use --domain for bare user names)'}`);
+        }
+        try {
+          parseHash(hash);
+        } catch (e) {
+          throw new AppError((e as AppError).code ?? 'PASSWORD_SCHEME', `${where}: ${addr.address}: ${(e as Error).message}`);
+        }
+        if (entries.some((x) => x.address === addr.address)) throw new AppError('DUPLICATE', `${where}: ${addr.address} appears twice`);
+        entries.push({ address: addr.address, domain: addr.domain, hash });
+      });
+      const created: string[] = [];
+      store.write(() => {
+        for (const e of entries) {
+          const exists = store.listDomains().some((d) => d.name === e.domain);
+          if (!exists) {
+            if (!o.createDomains) throw new AppError('NO_SUCH_DOMAIN', `domain ${e.domain} does not exist (add it, or use --create-domains)`);
+            store.addDomain(e.domain);
+            created.push(e.domain);
+          }
+          store.addUser(e.address, e.hash, null);
+        }
+      });
+      console.log(`imported ${entries.length} user(s)${created.length ? `; created domain(s) ${created.join(', ')}` : ''}`);
+    });
+
+  // ---- config -------------------------------------------------------------------------
+  const config = program.command('config').description('per-module settings: global < domain < user, with override and ignore');
+  const pickScope = (o: { global?: true; domain?: string; user?: string }): ScopeRef => {
+    const n = (o.global ? 1 : 0) + (o.domain !== undefined ? 1 : 0) + (o.user !== undefined ? 1 : 0);
+    if (n !== 1) throw new AppError('USAGE', 'give exactly one scope: --global, --domain DOMAIN or --user ADDRESS');
+    if (o.global) return { scope: 'global', name: null };
+    if (o.domain !== undefined) return { scope: 'domain', name: normaliseDomain(o.domain) };
+    return { scope: 'user', name: normaliseAddress(o.user ?? '').address };
+  };
+  config
+    .command('set')
+    .argument('<key>', 'MODULE.KEY, or MODULE.* with --ignore')
+    .argument('[value]', 'the value (true/false, numbers, strings, lists as a,b or JSON)')
+    .option('--global', 'set for everyone')
+    .option('--domain <domain>', 'set for a domain')
+    .option('--user <address>', 'set for one user')
+    .option('--override', 'force this value on every narrower scope (global/domain only)')
+    .option('--ignore', 'with MODULE.*: ignore every narrower setting of MODULE (global/domain only)')
+    .description('set a setting at one scope')
+    .addHelpText('after', `\nModules and keys:\n${[...CATALOG.values()].map((m) => Object.entries(m.keys).map(([k, s]) => `  ${m.module}.${k} (${describeType(s)}, default ${JSON.stringify(s.default)}): ${s.doc}`).join('\n')).join('\n')}`)
+    .action((name, value, o) => {
+      const ref = pickScope(o);
+      const k = lookupKey(name, true);
+      const flags: Flag[] = [];
+      if ((o.override || o.ignore) && ref.scope === 'user') throw new AppError('USAGE', '--override and --ignore apply to --global or --domain scope only');
+      if (o.ignore) {
+        if (k.key !== '*') throw new AppError('USAGE', `--ignore applies to a whole module: use ${k.module}.* (no value)`);
+        if (value !== undefined) throw new AppError('USAGE', `${k.module}.* --ignore takes no value`);
+        if (o.override) throw new AppError('USAGE', '--ignore and --override cannot be combined');
+        flags.push('ignore');
+      } else if (k.key === '*') {
+        throw new AppError('USAGE', `${k.module}.* is only valid with --ignore`);
+      }
+      if (o.override) flags.push('override');
+      const { store } = openCtx(cfg());
+      let v: Json = null;
+      if (k.spec) {
+        if (value === undefined) throw new AppError('USAGE', `missing value for ${name}`);
+        const allowed = k.spec.scopes;
+        if (allowed && !allowed.includes(ref.scope)) throw new AppError('USAGE', `${name} can only be set at ${allowed.join('/')} scope`);
+        v = parseValue(name, k.spec, value);
+      }
+      store.setSetting(ref, k.module, k.key, v, flags);
+      const where = ref.scope === 'global' ? 'global' : `${ref.scope} ${ref.name ?? ''}`;
+      console.log(`${name} ${k.key === '*' ? 'ignored below' : `= ${show(v)} at`} ${where}${flags.length ? ` [${flags.join(',')}]` : ''}`);
+      if (ref.scope !== 'global') {
+        const f = forcedBy(store.rowsFor(ref), ref.scope, k.module, k.key);
+        if (f) {
+          console.error(
+            `pigeon: warning: ${name} at ${where} has no effect: ${f.reason === 'override' ? `${f.scope} scope forces it (override)` : `${f.scope} scope ignores ${k.module}.* below it`}`,
+          );
+        }
+      }
+    });
+  config
+    .command('unset')
+    .argument('<key>', 'MODULE.KEY or MODULE.*')
+    .option('--global')
+    .option('--domain <domain>')
+    .option('--user <address>')
+    .description('remove a setting row (the broader scope or default applies again)')
+    .action((name, o) => {
+      const ref = pickScope(o);
+      const k = lookupKey(name, true);
+      const { store } = openCtx(cfg());
+      const removed = store.unsetSetting(ref, k.module, k.key);
+      console.log(removed ? `${name} unset at ${ref.scope}${ref.name ? ` ${ref.name}` : ''}` : `${name} was not set at ${ref.scope}${ref.name ? ` ${ref.name}` : ''}`);
+    });
+  config
+    .command('show')
+    .argument('<address>', 'the user whose effective settings to show')
+    .option('--explain', 'show where each value comes from and what it overrides')
+    .option('--json', 'JSON output: {"module.key": value} or, with --explain, {value, from, ignored}')
+    .description('the effective settings of a user')
+    .action((address, o) => {
+      const { store } = openCtx(cfg());
+      const l = store.lookup(normaliseAddress(address).address);
+      if (!l) throw new AppError('NO_SUCH_USER', `no such user: ${normaliseAddress(address).address}`);
+      const eff = resolve(l.rows);
+      if (o.json) printJson(o.explain ? eff : values(eff));
+      else process.stdout.write(explainText(eff, o.explain ?? false));
+    });
+  config
+    .command('keys')
+    .option('--json', 'JSON output')
+    .description('list every module key with its type, default and meaning')
+    .action((o) => {
+      const out = [...CATALOG.values()].flatMap((m) =>
+        Object.entries(m.keys).map(([k, s]) => ({ key: `${m.module}.${k}`, type: describeType(s), default: s.default, scopes: s.scopes ?? ['global', 'domain', 'user'], doc: s.doc })),
+      );
+      if (o.json) printJson(out);
+      else for (const e of out) console.log(`${e.key}\t${e.type}\tdefault ${JSON.stringify(e.default)}\t${e.doc}`);
+    });
+  config
+    .command('test')
+    .description('check the configuration files and the database; exit 0 when usable')
+    .action(() => {
+      const { instance, store } = openCtx(cfg());
+      store.listDomains();
+      console.log(`configuration OK: ${instance.files.join(', ')}; database ${instance.dbPath}`);
+    });
+
+  // ---- auth test, pw, node -------------------------------------------------------------
+  const auth = program.command('auth').description('authentication');
+  auth
+    .command('test')
+    .argument('<address>')
+    .option('--service <service>', 'imap, pop3 or test', 'test')
+    .description('check a password (one line on stdin) like a login would, and print the effective config')
+    .action(async (address, o) => {
+      const service = o.service;
+      if (service !== 'imap' && service !== 'pop3' && service !== 'test') throw new AppError('USAGE', '--service must be imap, pop3 or test');
+      const pw = readStdinLine('password');
+      const { store } = openCtx(cfg());
+      const r = await databaseAuth(store).authenticate({ user: address, password: pw, service });
+      if (!r.ok) {
+        if (r.why === 'tempfail') throw new AppError('TEMPFAIL', `passdb: ${address} auth temporarily failed: ${r.detail}`);
+        console.log(`passdb: ${address} auth failed (${r.why})`);
+        process.exitCode = 77;
+        return;
+      }
+      for (const w of r.warnings) console.error(`pigeon: warning: ${w}`);
+      console.log(`passdb: ${r.user.user.address} auth succeeded`);
+      console.log(`home: ${r.user.user.home ?? '-'}  allocation: ${r.user.user.allocation ? JSON.stringify(r.user.user.allocation) : '-'}`);
+      console.log('extra fields:');
+      process.stdout.write(explainText(r.user.config, false).replace(/^/gm, '  '));
+    });
+  program
+    .command('pw')
+    .addOption(new Option('-s, --scheme <scheme>', 'password scheme').choices(SCHEMES).default('ARGON2ID' as const))
+    .description('hash a password read from stdin, printed as {SCHEME}hash for Dovecot passwd-files')
+    .action(async (o) => {
+      if (!isScheme(o.scheme)) throw new AppError('USAGE', `unknown scheme ${o.scheme}`);
+      if (o.scheme === 'PLAIN') console.error('pigeon: warning: {PLAIN} stores the password readable by anyone who can read the database');
+      console.log(await hashPassword(readStdinLine('password'), o.scheme));
+    });
+  const node = program.command('node').description('cluster membership');
+  node
+    .command('list')
+    .option('--json', 'JSON output')
+    .description('list registered nodes')
+    .action((o) => {
+      const { store } = openCtx(cfg());
+      const ns = store.db.prepare<[], { name: string; peer_address: string | null; fingerprint: string | null; state: string; last_seen: string | null }>('SELECT * FROM nodes ORDER BY name').all();
+      if (o.json) printJson(ns);
+      else for (const n of ns) console.log(`${n.name}\t${n.state}\t${n.peer_address ?? '-'}\tlast seen ${n.last_seen ?? 'never'}`);
+    });
+}
+

@@ -1,0 +1,154 @@
+/**
+ * NAME        src/init — create an instance directory
+ * SYNOPSIS    pigeon init DIR [--node NAME] [--listen PROTO=HOST:PORT]... [--db URL] [--ca-from DIR]
+ * DESCRIPTION Writes DIR/pigeon.yaml (commented), DIR/conf.d/, DIR/mail/, the SQLite database
+ *             (migrated), DIR/certs/ca.crt (+ ca.key when this instance made the CA) and this node's
+ *             DIR/certs/node.crt + node.key, and registers the node. Refuses to touch an existing
+ *             instance. On failure, removes only what it created.
+ */
+import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join, resolve, isAbsolute } from 'node:path';
+import { AppError } from './errors.js';
+import { openDb, parseDbUrl } from './db.js';
+import { parseListen, type Listener } from './instance.js';
+import { createCa, issueHostCert, writeKeyPair, readKeyPair, fingerprint } from '../certs/ca.js';
+
+export interface InitOptions {
+  readonly dir: string;
+  readonly node: string;
+  readonly listen: readonly string[];
+  readonly db: string | undefined;
+  readonly caFrom: string | undefined;
+}
+
+function yamlListen(ls: readonly Listener[], raw: readonly string[]): string {
+  if (ls.length === 0) return 'listen: []\n';
+  return `listen:\n${raw.map((r) => `  - ${JSON.stringify(r)}\n`).join('')}`;
+}
+
+export function configText(o: { node: string; db: string; listen: readonly string[] }): string {
+  const ls = o.listen.map(parseListen);
+  return `# PigeonDeliver instance configuration (pigeon.yaml).
+# Files in conf.d/*.yaml are merged over this one in lexical order (maps merge, lists replace).
+# Check it with:  pigeon -c THIS_DIR config test
+# Per-user settings (mailstore, forward, vacation, login policy, backend choice) live in the
+# database instead: see "pigeon config set --help".
+
+# This node's name: in its host certificate, the nodes table and every user's "home".
+node: ${JSON.stringify(o.node)}
+
+# Configuration database: sqlite:PATH or a plain path (relative to this directory).
+# Several nodes on one host may share the file.
+database: ${JSON.stringify(o.db)}
+
+# Default mail root: new mailboxes are allocated below it (relative to this directory).
+mail_root: mail
+
+# System user that owns mailboxes; Dovecot/Courier and deliveries run as this user, never as root.
+mail_user: mail
+
+# Listeners of "pigeon serve": PROTO=HOST:PORT with PROTO one of
+# imap imaps pop3 pop3s lmtp peer metrics; lmtp may also be a unix socket path (lmtp=/run/x.sock).
+${yamlListen(ls, o.listen)}
+# TLS: this node's certificate (client-facing TLS and peer links) and the cluster CA.
+tls:
+  cert: certs/node.crt
+  key: certs/node.key
+  ca: certs/ca.crt
+  # the CA key is needed only where new node certificates are issued
+  ca_key: certs/ca.key
+
+# Local backends, started for a user after login (Debian's paths).
+dovecot:
+  imap: /usr/lib/dovecot/imap
+  pop3: /usr/lib/dovecot/pop3
+courier:
+  imapd: /usr/lib/courier/imapd
+  pop3d: /usr/lib/courier/pop3d
+
+log:
+  # debug | info | warn | error
+  level: info
+
+limits:
+  # delay before answering a failed login
+  auth_failure_delay_ms: 2000
+  # a client must log in within this many seconds of idling
+  preauth_timeout_s: 60
+  # longest pre-auth command line in bytes
+  max_line: 8192
+`;
+}
+
+export function initInstance(o: InitOptions): { dir: string; dbPath: string; created: string[] } {
+  const dir = resolve(o.dir);
+  if (!/^[a-z0-9][a-z0-9.-]{0,62}$/i.test(o.node)) {
+    throw new AppError('USAGE', `invalid node name ${JSON.stringify(o.node)}: letters, digits, dots and hyphens`);
+  }
+  o.listen.forEach((l) => {
+    try {
+      return parseListen(l);
+    } catch (e) {
+      throw new AppError('USAGE', `--listen: ${(e as Error).message}`);
+    }
+  });
+  if (existsSync(join(dir, 'pigeon.yaml'))) {
+    throw new AppError('INSTANCE_EXISTS', `${dir} already holds an instance (pigeon.yaml exists); refusing to overwrite it`);
+  }
+  if (existsSync(dir) && readdirSync(dir).length > 0) {
+    throw new AppError('INSTANCE_EXISTS', `${dir} exists and is not empty; choose a new or empty directory`);
+  }
+  const dbUrl = o.db ?? 'sqlite:pigeon.db';
+  let dbFile: string;
+  try {
+    dbFile = parseDbUrl(dbUrl).path;
+  } catch (e) {
+    throw new AppError('USAGE', `--db: ${(e as Error).message}`);
+  }
+  const dbPath = isAbsolute(dbFile) ? dbFile : join(dir, dbFile);
+  const dbExisted = existsSync(dbPath);
+  let caPair = null as ReturnType<typeof readKeyPair> | null;
+  if (o.caFrom !== undefined) {
+    const src = resolve(o.caFrom);
+    const certDir = existsSync(join(src, 'certs')) ? join(src, 'certs') : src;
+    try {
+      caPair = readKeyPair(join(certDir, 'ca.crt'), join(certDir, 'ca.key'));
+    } catch {
+      throw new AppError('CONFIG_MISSING', `--ca-from ${src}: needs certs/ca.crt and certs/ca.key (the CA key is required to issue this node's certificate)`);
+    }
+  }
+  const dirExisted = existsSync(dir);
+  const created: string[] = [];
+  try {
+    mkdirSync(join(dir, 'certs'), { recursive: true, mode: 0o750 });
+    mkdirSync(join(dir, 'conf.d'), { recursive: true });
+    mkdirSync(join(dir, 'mail'), { recursive: true, mode: 0o770 });
+    const ca = caPair ?? createCa(o.node);
+    if (caPair) {
+      writeFileSync(join(dir, 'certs', 'ca.crt'), ca.certPem, { mode: 0o644, flag: 'wx' });
+    } else {
+      writeKeyPair(ca, join(dir, 'certs', 'ca.crt'), join(dir, 'certs', 'ca.key'));
+    }
+    const host = issueHostCert(ca, o.node, ['localhost', '127.0.0.1', '::1']);
+    writeKeyPair(host, join(dir, 'certs', 'node.crt'), join(dir, 'certs', 'node.key'));
+    writeFileSync(join(dir, 'conf.d', 'README'), '# Drop-in files *.yaml here are merged over ../pigeon.yaml in lexical order.\n');
+    const db = openDb(dbPath, { create: true });
+    try {
+      db.prepare(
+        `INSERT INTO nodes (name, fingerprint, state, last_seen) VALUES (?, ?, 'active', strftime('%Y-%m-%dT%H:%M:%SZ','now'))
+         ON CONFLICT (name) DO UPDATE SET fingerprint = excluded.fingerprint, state = 'active'`,
+      ).run(o.node, fingerprint(host.certPem));
+    } finally {
+      db.close();
+    }
+    writeFileSync(join(dir, 'pigeon.yaml'), configText({ node: o.node, db: dbUrl, listen: o.listen }), { flag: 'wx', mode: 0o640 });
+    created.push(join(dir, 'pigeon.yaml'));
+  } catch (e) {
+    // remove only what this run created
+    if (!dirExisted) rmSync(dir, { recursive: true, force: true });
+    else for (const p of ['certs', 'conf.d', 'mail', 'pigeon.yaml']) rmSync(join(dir, p), { recursive: true, force: true });
+    if (!dbExisted) for (const s of ['', '-wal', '-shm']) rmSync(dbPath + s, { force: true });
+    throw e;
+  }
+  return { dir, dbPath, created };
+}

@@ -1,0 +1,212 @@
+/**
+ * NAME        src/instance — find, load and check an instance's configuration file
+ * SYNOPSIS    pigeon -c DIR|FILE ...   (or PIGEON_CONFIG; default /etc/pigeon/pigeon.yaml)
+ * DESCRIPTION An instance is a directory: pigeon.yaml, then conf.d/*.yaml merged over it in lexical
+ *             order (maps merge, lists and scalars replace). Every file is checked on its own, so an
+ *             error names the file, line, column and key. Relative paths are relative to the
+ *             instance directory. Defaults are applied once, here.
+ * DIAGNOSTICS CONFIG_INVALID / CONFIG_MISSING, exit 78: `file:line:col: key: message`.
+ */
+import { readFileSync, readdirSync, existsSync, statSync } from 'node:fs';
+import { dirname, join, resolve, isAbsolute } from 'node:path';
+import { parseDocument, LineCounter, isMap, isSeq, type Node } from 'yaml';
+import { z } from 'zod';
+import { AppError } from './errors.js';
+import { parseDbUrl } from './db.js';
+
+export const PROTOCOLS = ['imap', 'imaps', 'pop3', 'pop3s', 'lmtp', 'peer', 'metrics'] as const;
+export type Protocol = (typeof PROTOCOLS)[number];
+
+export const DEFAULT_PORTS: Record<Protocol, number> = { imap: 143, imaps: 993, pop3: 110, pop3s: 995, lmtp: 24, peer: 4190, metrics: 9900 };
+
+export interface Listener {
+  readonly protocol: Protocol;
+  /** host and port, or a unix socket path (lmtp only) */
+  readonly host: string;
+  readonly port: number;
+  readonly path: string | null;
+}
+
+/** Parse `PROTO=HOST:PORT` (or `lmtp=/path/to/socket`). */
+export function parseListen(spec: string): Listener {
+  const eq = spec.indexOf('=');
+  const proto = eq < 0 ? '' : spec.slice(0, eq);
+  const addr = eq < 0 ? '' : spec.slice(eq + 1);
+  if (!(PROTOCOLS as readonly string[]).includes(proto)) {
+    throw new Error(`listener ${JSON.stringify(spec)}: expected PROTO=HOST:PORT with PROTO one of ${PROTOCOLS.join(', ')}`);
+  }
+  const protocol = proto as Protocol;
+  if (addr.startsWith('/')) {
+    if (protocol !== 'lmtp') throw new Error(`listener ${JSON.stringify(spec)}: only lmtp may listen on a unix socket`);
+    return { protocol, host: '', port: 0, path: addr };
+  }
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(addr);
+  const host = m?.[1] ?? m?.[2];
+  const port = Number(m?.[3]);
+  if (!m || host === undefined || !Number.isInteger(port) || port > 65535) {
+    throw new Error(`listener ${JSON.stringify(spec)}: expected HOST:PORT (IPv6 as [::1]:PORT), port 0-65535`);
+  }
+  return { protocol, host, port, path: null };
+}
+
+const listenSchema = z.string().transform((s, ctx) => {
+  try {
+    return parseListen(s);
+  } catch (e) {
+    ctx.addIssue({ code: 'custom', message: (e as Error).message });
+    return z.NEVER;
+  }
+});
+
+const path = z.string().min(1).refine((s) => !/[\0\n]/.test(s), 'no NUL or newline in paths');
+
+export const fileSchema = z.strictObject({
+  node: z.string().regex(/^[a-z0-9][a-z0-9.-]{0,62}$/i, 'node names are letters, digits, dots and hyphens').default('node1'),
+  database: z.string().min(1).default('sqlite:pigeon.db'),
+  mail_root: path.default('mail'),
+  mail_user: z.string().min(1).default('mail'),
+  listen: z.array(listenSchema).default([]),
+  tls: z
+    .strictObject({
+      cert: path.default('certs/node.crt'),
+      key: path.default('certs/node.key'),
+      ca: path.default('certs/ca.crt'),
+      ca_key: path.default('certs/ca.key'),
+    })
+    .prefault({}),
+  dovecot: z.strictObject({ imap: path.default('/usr/lib/dovecot/imap'), pop3: path.default('/usr/lib/dovecot/pop3') }).prefault({}),
+  courier: z
+    .strictObject({ imapd: path.default('/usr/lib/courier/imapd'), pop3d: path.default('/usr/lib/courier/pop3d') })
+    .prefault({}),
+  log: z.strictObject({ level: z.enum(['debug', 'info', 'warn', 'error']).default('info') }).prefault({}),
+  limits: z
+    .strictObject({
+      auth_failure_delay_ms: z.number().int().min(0).max(60000).default(2000),
+      preauth_timeout_s: z.number().int().min(1).max(3600).default(60),
+      max_line: z.number().int().min(512).max(65536).default(8192),
+    })
+    .prefault({}),
+});
+
+export type FileConfig = z.output<typeof fileSchema>;
+
+export interface Instance {
+  readonly dir: string;
+  readonly file: string;
+  readonly files: readonly string[];
+  readonly config: FileConfig;
+  readonly dbPath: string;
+  readonly mailRoot: string;
+  readonly tls: { readonly cert: string; readonly key: string; readonly ca: string; readonly caKey: string };
+}
+
+/** Where the instance is: -c, then PIGEON_CONFIG, then /etc/pigeon. A directory means DIR/pigeon.yaml. */
+export function locate(c: string | undefined): string {
+  const given = c ?? process.env['PIGEON_CONFIG'] ?? '/etc/pigeon/pigeon.yaml';
+  let file = resolve(given);
+  if (existsSync(file) && statSync(file).isDirectory()) file = join(file, 'pigeon.yaml');
+  if (!existsSync(file)) {
+    throw new AppError('CONFIG_MISSING', `${file}: no such configuration file (create an instance with "pigeon init DIR", then use -c DIR)`);
+  }
+  return file;
+}
+
+function posOf(lc: LineCounter, file: string, offset: number): string {
+  const p = lc.linePos(offset);
+  return `${file}:${p.line}:${p.col}`;
+}
+
+function nodeAt(doc: ReturnType<typeof parseDocument>, p: readonly PropertyKey[]): Node | null {
+  for (let n = p.length; n >= 0; n--) {
+    const node: unknown = n === 0 ? doc.contents : doc.getIn(p.slice(0, n), true);
+    if (node && typeof node === 'object' && 'range' in node) return node as Node;
+  }
+  return null;
+}
+
+/** Parse one YAML file into a plain object, or throw CONFIG_INVALID with file:line:col. */
+function loadFile(file: string): Record<string, unknown> {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new AppError('CONFIG_MISSING', `${file}: cannot read: ${(e as NodeJS.ErrnoException).code ?? String(e)}`);
+  }
+  const lc = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false, uniqueKeys: true });
+  const err = doc.errors[0];
+  if (err) throw new AppError('CONFIG_INVALID', `${posOf(lc, file, err.pos[0])}: syntax error: ${err.message.split('\n')[0]}`);
+  const data: unknown = doc.toJS() ?? {};
+  if (typeof data !== 'object' || data === null || Array.isArray(data)) {
+    throw new AppError('CONFIG_INVALID', `${file}:1:1: the configuration must be a mapping of keys`);
+  }
+  const r = fileSchema.safeParse(data);
+  if (!r.success) {
+    const issue = r.error.issues[0];
+    if (issue) {
+      let p = issue.path;
+      let msg = issue.message;
+      if (issue.code === 'unrecognized_keys') {
+        p = [...issue.path, issue.keys[0] ?? ''];
+        msg = `unknown key${issue.keys.length > 1 ? 's' : ''} ${issue.keys.join(', ')}`;
+      }
+      const node = nodeAt(doc, p);
+      // for an unknown key point at the key itself
+      let offset = node?.range?.[0] ?? 0;
+      if (issue.code === 'unrecognized_keys') {
+        const parent = nodeAt(doc, issue.path);
+        if (parent && isMap(parent)) {
+          const item = parent.items.find((i) => String((i.key as { value?: unknown } | null)?.value) === issue.keys[0]);
+          const k = item?.key as Node | undefined;
+          if (k?.range) offset = k.range[0];
+        }
+      } else if (node && isSeq(node) === false && p.length > 0) {
+        offset = node.range?.[0] ?? offset;
+      }
+      throw new AppError('CONFIG_INVALID', `${posOf(lc, file, offset)}: ${p.map(String).join('.') || '(top)'}: ${msg}`);
+    }
+  }
+  return data as Record<string, unknown>;
+}
+
+function merge(a: Record<string, unknown>, b: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = { ...a };
+  for (const [k, v] of Object.entries(b)) {
+    const cur = out[k];
+    if (v && typeof v === 'object' && !Array.isArray(v) && cur && typeof cur === 'object' && !Array.isArray(cur)) {
+      out[k] = merge(cur as Record<string, unknown>, v as Record<string, unknown>);
+    } else out[k] = v;
+  }
+  return out;
+}
+
+export function loadInstance(c: string | undefined): Instance {
+  const file = locate(c);
+  const dir = dirname(file);
+  const files = [file];
+  const confd = join(dir, 'conf.d');
+  if (existsSync(confd)) {
+    for (const f of readdirSync(confd).filter((f) => f.endsWith('.yaml') || f.endsWith('.yml')).sort()) files.push(join(confd, f));
+  }
+  let raw: Record<string, unknown> = {};
+  for (const f of files) raw = merge(raw, loadFile(f));
+  const r = fileSchema.safeParse(raw);
+  if (!r.success) throw new AppError('CONFIG_INVALID', `${file}: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+  const config = r.data;
+  const abs = (p: string): string => (isAbsolute(p) ? p : join(dir, p));
+  let dbPath: string;
+  try {
+    dbPath = abs(parseDbUrl(config.database).path);
+  } catch (e) {
+    throw new AppError('CONFIG_INVALID', `${file}: database: ${(e as Error).message}`);
+  }
+  return {
+    dir,
+    file,
+    files,
+    config,
+    dbPath,
+    mailRoot: abs(config.mail_root),
+    tls: { cert: abs(config.tls.cert), key: abs(config.tls.key), ca: abs(config.tls.ca), caKey: abs(config.tls.ca_key) },
+  };
+}

@@ -1,0 +1,51 @@
+/**
+ * NAME        src/modules — the typed contracts every module implements
+ * DESCRIPTION One module per file, registered by name in src/registry.ts. A module knows only its
+ *             own configuration (`settings` = its slice of the user's effective config).
+ */
+import type { Json } from './settings.js';
+import type { Store, UserRecord } from './store.js';
+import type { Effective } from './resolve.js';
+
+export interface Module<K extends string, I> {
+  readonly kind: K;
+  readonly name: string;
+  readonly summary: string;
+  create(ctx: ModuleContext): I;
+}
+
+export interface ModuleContext {
+  readonly store: Store;
+  readonly log: (level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Record<string, string | number | boolean>) => void;
+}
+
+/** A user after authentication: identity plus the resolved configuration, read once. */
+export interface ResolvedUser {
+  readonly user: UserRecord;
+  readonly config: Effective;
+}
+
+export interface AuthRequest {
+  readonly user: string;
+  readonly password: string;
+  readonly service: 'imap' | 'pop3' | 'test';
+  readonly rip?: string;
+}
+
+export type AuthResult =
+  | { ok: true; user: ResolvedUser; warnings: string[] }
+  | { ok: false; why: 'bad-credentials' | 'unknown-user' | 'disabled' }
+  | { ok: false; why: 'tempfail'; detail: string };
+
+export interface AuthInstance {
+  authenticate(req: AuthRequest): Promise<AuthResult>;
+}
+export type AuthModule = Module<'auth', AuthInstance>;
+
+/** A module's slice of the effective config: `{ key: value }` for `module.key`. */
+export function slice(cfg: Effective, module: string): Record<string, Json> {
+  const out: Record<string, Json> = {};
+  const prefix = `${module}.`;
+  for (const [k, v] of Object.entries(cfg)) if (k.startsWith(prefix)) out[k.slice(prefix.length)] = v.value;
+  return out;
+}
