@@ -69,6 +69,9 @@ courier:
 log:
   # debug | info | warn | error
   level: info
+  # append log lines to this file instead of stderr (needed under inetd and Postfix spawn,
+  # where stderr is the client's socket); relative to this directory
+  file: null
 
 limits:
   # delay before answering a failed login

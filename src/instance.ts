@@ -78,7 +78,9 @@ export const fileSchema = z.strictObject({
   courier: z
     .strictObject({ imapd: path.default('/usr/lib/courier/imapd'), pop3d: path.default('/usr/lib/courier/pop3d') })
     .prefault({}),
-  log: z.strictObject({ level: z.enum(['debug', 'info', 'warn', 'error']).default('info') }).prefault({}),
+  log: z
+    .strictObject({ level: z.enum(['debug', 'info', 'warn', 'error']).default('info'), file: z.string().nullable().default(null) })
+    .prefault({}),
   limits: z
     .strictObject({
       auth_failure_delay_ms: z.number().int().min(0).max(60000).default(2000),

@@ -1,0 +1,137 @@
+/**
+ * NAME        src/allocation — where a user's mailbox lives: the one function the proxy and the
+ *             delivery agent share
+ * DESCRIPTION `placeUser` returns the mailbox of a user: local (format + absolute path) or on another
+ *             node. A user without a home is allocated lazily on first login or first mail, on
+ *             this node, by the creator module chosen in `mailstore.creator`:
+ *               lock  an exclusive lock file under the mail root serialises allocators on this host,
+ *                     then compare-and-set in the database;
+ *               cas   compare-and-set on the user's version column only (nodes on several hosts);
+ *               none  nothing is created: an unallocated user is an error (pre-provisioned boxes).
+ *             Whoever loses a race re-reads the row and uses the winner's allocation, so two nodes
+ *             never create two mailboxes for one user. Layout: MAILROOT/DOMAIN/LOCAL (maildir, with
+ *             cur/new/tmp) or MAILROOT/DOMAIN/LOCAL.mbox (mbox file).
+ * DIAGNOSTICS AllocationError: 'not-allocated' (creator none), 'tempfail' (lock busy, race lost twice).
+ */
+import { mkdirSync, openSync, closeSync, writeFileSync, unlinkSync, existsSync, chownSync, statSync } from 'node:fs';
+import { join, dirname } from 'node:path';
+import type { Store, UserRecord, Allocation } from './store.js';
+import type { Effective } from './resolve.js';
+import type { MailUser } from './mailuser.js';
+import { AppError } from './errors.js';
+
+export type Placement =
+  | { readonly kind: 'local'; readonly allocation: Allocation }
+  | { readonly kind: 'remote'; readonly node: string; readonly allocation: Allocation | null };
+
+export interface AllocationContext {
+  readonly store: Store;
+  readonly node: string;
+  readonly mailRoot: string;
+  readonly mailUser: MailUser;
+}
+
+const LOCK_WAIT_MS = 20_000;
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/** The path a new mailbox of this user gets. Local part and domain are already normalised. */
+export function mailboxPath(mailRoot: string, address: string, format: 'maildir' | 'mbox'): string {
+  const at = address.lastIndexOf('@');
+  const local = address.slice(0, at);
+  const domain = address.slice(at + 1);
+  // normalised addresses contain no '/', but guard the file system anyway
+  if (local.includes('/') || domain.includes('/') || local.startsWith('.')) throw new AppError('INVALID_ADDRESS', `address ${address} cannot name a mailbox`);
+  return join(mailRoot, domain, format === 'mbox' ? `${local}.mbox` : local);
+}
+
+function own(path: string, mu: MailUser): void {
+  if (mu.switchTo) chownSync(path, mu.uid, mu.gid);
+}
+
+/** Create the mailbox on disk (idempotent), owned by the mail user. */
+export function createMailbox(a: Allocation, mu: MailUser): void {
+  const parent = dirname(a.path);
+  if (!existsSync(parent)) {
+    mkdirSync(parent, { recursive: true, mode: 0o770 });
+    own(parent, mu);
+  }
+  if (a.format === 'maildir') {
+    mkdirSync(a.path, { recursive: true, mode: 0o700 });
+    own(a.path, mu);
+    for (const d of ['cur', 'new', 'tmp']) {
+      mkdirSync(join(a.path, d), { recursive: true, mode: 0o700 });
+      own(join(a.path, d), mu);
+    }
+  } else if (!existsSync(a.path)) {
+    writeFileSync(a.path, '', { mode: 0o600, flag: 'a' });
+    own(a.path, mu);
+  }
+}
+
+async function withLock<T>(mailRoot: string, fn: () => T): Promise<T> {
+  const lock = join(mailRoot, '.pigeon-allocate.lock');
+  const deadline = Date.now() + LOCK_WAIT_MS;
+  for (;;) {
+    try {
+      closeSync(openSync(lock, 'wx', 0o600));
+      break;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw new AppError('TEMPFAIL', `cannot take allocation lock ${lock}: ${(e as NodeJS.ErrnoException).code ?? 'error'}`);
+      // a lock older than the wait time belongs to a dead process
+      try {
+        if (Date.now() - statSync(lock).mtimeMs > LOCK_WAIT_MS) unlinkSync(lock);
+      } catch {
+        /* raced with its owner: retry */
+      }
+      if (Date.now() > deadline) throw new AppError('TEMPFAIL', `allocation lock ${lock} busy for ${LOCK_WAIT_MS / 1000}s`);
+      await sleep(20 + Math.random() * 30);
+    }
+  }
+  try {
+    return fn();
+  } finally {
+    try {
+      unlinkSync(lock);
+    } catch {
+      /* already gone */
+    }
+  }
+}
+
+/**
+ * Where the mailbox of `user` is; allocates it on this node when the user has none.
+ * `config` is the user's effective config (read once by the caller).
+ */
+export async function placeUser(ctx: AllocationContext, user: UserRecord, config: Effective): Promise<Placement> {
+  if (user.home !== null && user.home !== ctx.node) return { kind: 'remote', node: user.home, allocation: user.allocation };
+  if (user.allocation !== null) {
+    // allocated here: make sure it exists on disk (a restored database, a purged box)
+    createMailbox(user.allocation, ctx.mailUser);
+    return { kind: 'local', allocation: user.allocation };
+  }
+  const creator = String(config['mailstore.creator']?.value ?? 'lock');
+  const format = config['mailstore.format']?.value === 'mbox' ? 'mbox' : 'maildir';
+  if (creator === 'none') {
+    throw new AppError('NO_SUCH_USER', `mailbox of ${user.address} is not allocated and mailstore.creator is none`);
+  }
+  const attempt = (): Placement | null => {
+    const fresh = ctx.store.mustUser(user.address);
+    if (fresh.home !== null && fresh.home !== ctx.node) return { kind: 'remote', node: fresh.home, allocation: fresh.allocation };
+    if (fresh.allocation !== null) return { kind: 'local', allocation: fresh.allocation };
+    const allocation: Allocation = { format, path: mailboxPath(ctx.mailRoot, fresh.address, format), node: ctx.node };
+    createMailbox(allocation, ctx.mailUser);
+    if (ctx.store.casAllocation(fresh.id, fresh.version, ctx.node, allocation)) return { kind: 'local', allocation };
+    return null; // lost the race: re-read
+  };
+  for (let i = 0; i < 3; i++) {
+    const p = creator === 'lock' ? await withLock(ctx.mailRoot, attempt) : attempt();
+    if (p) {
+      if (p.kind === 'local') createMailbox(p.allocation, ctx.mailUser);
+      return p;
+    }
+  }
+  throw new AppError('TEMPFAIL', `allocation of ${user.address} kept losing races; try again`);
+}
