@@ -10,6 +10,8 @@ import { Command, CommanderError } from '@commander-js/extra-typings';
 import { EX, isAppError } from './errors.js';
 import { initInstance } from './init.js';
 import { registerAdmin } from './commands/admin.js';
+import { registerProxy } from './commands/proxy.js';
+import { registerDelivery } from './commands/delivery.js';
 import { openDb } from './db.js';
 import { Store } from './store.js';
 import { hashPassword } from '../auth/schemes.js';
@@ -52,6 +54,8 @@ export function buildProgram(): Command<[], { config?: string }> {
     });
 
   registerAdmin(program as unknown as Command, cfg);
+  registerProxy(program as unknown as Command, cfg);
+  registerDelivery(program as unknown as Command, cfg);
   return program;
 }
 

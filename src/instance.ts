@@ -99,6 +99,8 @@ export interface Instance {
   readonly config: FileConfig;
   readonly dbPath: string;
   readonly mailRoot: string;
+  /** absolute log file path, or null for stderr */
+  readonly logFile: string | null;
   readonly tls: { readonly cert: string; readonly key: string; readonly ca: string; readonly caKey: string };
 }
 
@@ -209,6 +211,7 @@ export function loadInstance(c: string | undefined): Instance {
     config,
     dbPath,
     mailRoot: abs(config.mail_root),
+    logFile: config.log.file === null || config.log.file === '' ? null : abs(config.log.file),
     tls: { cert: abs(config.tls.cert), key: abs(config.tls.key), ca: abs(config.tls.ca), caKey: abs(config.tls.ca_key) },
   };
 }
