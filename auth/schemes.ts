@@ -3,7 +3,8 @@
  * SYNOPSIS    pigeon pw -s ARGON2ID ; pigeon user import passwd-file FILE
  * DESCRIPTION New passwords are stored as {ARGON2ID} (@node-rs/argon2). Verified as admins bring
  *             them from Dovecot: ARGON2ID, ARGON2I (@node-rs/argon2), BLF-CRYPT (bcryptjs),
- *             SHA512-CRYPT, SHA256-CRYPT (unixcrypt), SSHA512, SSHA256 (node:crypto), PLAIN (warned
+ *             SHA512-CRYPT, SHA256-CRYPT (Drepper's SHA-crypt on node:crypto, as glibc's crypt(3)),
+ *             SSHA512, SSHA256 (node:crypto), PLAIN (warned
  *             as unsafe). Imported hashes with absurd cost parameters are refused before any work
  *             (LIMITS.md): SHA-crypt rounds <= 100000, bcrypt cost <= 14, argon2 m <= 256 MiB,
  *             t <= 10, p <= 4.
@@ -15,7 +16,6 @@ import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import argon2 from '@node-rs/argon2';
 import type { Algorithm } from '@node-rs/argon2';
 import bcrypt from 'bcryptjs';
-import { encrypt as shaCrypt } from 'unixcrypt';
 import { AppError } from '../src/errors.js';
 
 export const SCHEMES = ['ARGON2ID', 'ARGON2I', 'BLF-CRYPT', 'SHA512-CRYPT', 'SHA256-CRYPT', 'SSHA512', 'SSHA256', 'PLAIN'] as const;
@@ -128,7 +128,7 @@ export async function verifyPassword(stored: string, password: string): Promise<
       return bcrypt.compare(password, p.value.replace(/^\$2[xy]\$/, '$2b$'));
     case 'SHA512-CRYPT':
     case 'SHA256-CRYPT': {
-      const computed = shaCrypt(password, p.value.slice(0, p.value.lastIndexOf('$')));
+      const computed = shaCrypt(pw, p.value.slice(0, p.value.lastIndexOf('$')));
       return digestEqual(Buffer.from(computed), Buffer.from(p.value));
     }
     case 'SSHA512':
@@ -156,9 +156,9 @@ export async function hashPassword(password: string, scheme: Scheme = 'ARGON2ID'
     case 'BLF-CRYPT':
       return `{BLF-CRYPT}${(await bcrypt.hash(password, 10)).replace(/^\$2b\$/, '$2y$')}`;
     case 'SHA512-CRYPT':
-      return `{SHA512-CRYPT}${shaCrypt(password, `$6$${salt16()}`)}`;
+      return `{SHA512-CRYPT}${shaCrypt(Buffer.from(password, 'utf8'), `$6$${salt16()}`)}`;
     case 'SHA256-CRYPT':
-      return `{SHA256-CRYPT}${shaCrypt(password, `$5$${salt16()}`)}`;
+      return `{SHA256-CRYPT}${shaCrypt(Buffer.from(password, 'utf8'), `$5$${salt16()}`)}`;
     case 'SSHA512':
     case 'SSHA256': {
       const alg = scheme === 'SSHA512' ? 'sha512' : 'sha256';
@@ -168,6 +168,63 @@ export async function hashPassword(password: string, scheme: Scheme = 'ARGON2ID'
     case 'PLAIN':
       return `{PLAIN}${password}`;
   }
+}
+
+const CRYPT_B64 = './0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
+// byte triples of the final encoding, in glibc's order (sha256-crypt.c / sha512-crypt.c)
+const SHA256_ORDER = [[0, 10, 20], [21, 1, 11], [12, 22, 2], [3, 13, 23], [24, 4, 14], [15, 25, 5], [6, 16, 26], [27, 7, 17], [18, 28, 8], [9, 19, 29]] as const;
+const SHA512_ORDER = [
+  [0, 21, 42], [22, 43, 1], [44, 2, 23], [3, 24, 45], [25, 46, 4], [47, 5, 26], [6, 27, 48], [28, 49, 7], [50, 8, 29], [9, 30, 51], [31, 52, 10],
+  [53, 11, 32], [12, 33, 54], [34, 55, 13], [56, 14, 35], [15, 36, 57], [37, 58, 16], [59, 17, 38], [18, 39, 60], [40, 61, 19], [62, 20, 41],
+] as const;
+
+/**
+ * SHA-crypt ($5$ SHA-256, $6$ SHA-512) exactly as Ulrich Drepper's specification and glibc's
+ * crypt(3) compute it. `setting` is `$5$[rounds=N$]salt` (salt up to 16 characters); returns the
+ * whole crypt string. (unixcrypt 3.0.4 got steps 10 and 16 wrong for passwords whose byte length is
+ * a multiple of the digest size: 32 bytes for SHA-256, 64 for SHA-512.)
+ */
+export function shaCrypt(key: Buffer, setting: string): string {
+  const m = /^\$([56])\$(?:rounds=(\d+)\$)?([^$]{0,16})/.exec(setting);
+  if (!m || m[1] === undefined || m[3] === undefined) throw new AppError('PASSWORD_SCHEME', 'malformed SHA-crypt setting');
+  const alg = m[1] === '6' ? 'sha512' : 'sha256';
+  const size = alg === 'sha512' ? 64 : 32;
+  const custom = m[2] !== undefined;
+  const rounds = custom ? Math.max(1000, Math.min(999_999_999, Number(m[2]))) : 5000;
+  const salt = Buffer.from(m[3], 'utf8');
+  const h = () => createHash(alg);
+  const b = h().update(key).update(salt).update(key).digest();
+  const ctxA = h().update(key).update(salt);
+  let cnt = key.length;
+  for (; cnt > size; cnt -= size) ctxA.update(b);
+  ctxA.update(b.subarray(0, cnt));
+  for (let n = key.length; n > 0; n >>= 1) ctxA.update(n & 1 ? b : key);
+  const a = ctxA.digest();
+  const ctxDP = h();
+  for (let i = 0; i < key.length; i++) ctxDP.update(key);
+  const dp = ctxDP.digest();
+  const p = Buffer.alloc(key.length);
+  for (let i = 0; i < key.length; i++) p[i] = dp[i % size] as number;
+  const ctxDS = h();
+  for (let i = 0; i < 16 + (a[0] as number); i++) ctxDS.update(salt);
+  const s = ctxDS.digest().subarray(0, salt.length);
+  let c = a;
+  for (let i = 0; i < rounds; i++) {
+    const ctx = h();
+    ctx.update(i & 1 ? p : c);
+    if (i % 3 !== 0) ctx.update(s);
+    if (i % 7 !== 0) ctx.update(p);
+    ctx.update(i & 1 ? c : p);
+    c = ctx.digest();
+  }
+  let out = '';
+  const b64 = (w: number, n: number): void => {
+    for (let k = 0; k < n; k++, w >>= 6) out += CRYPT_B64[w & 63];
+  };
+  for (const [b2, b1, b0] of alg === 'sha512' ? SHA512_ORDER : SHA256_ORDER) b64(((c[b2] as number) << 16) | ((c[b1] as number) << 8) | (c[b0] as number), 4);
+  if (alg === 'sha512') b64(c[63] as number, 2);
+  else b64(((c[31] as number) << 8) | (c[30] as number), 3);
+  return `$${m[1]}$${custom ? `rounds=${rounds}$` : ''}${m[3]}$${out}`;
 }
 
 function salt16(): string {
