@@ -6,7 +6,8 @@
  *             DIR/certs/node.crt + node.key, and registers the node. Refuses to touch an existing
  *             instance. On failure, removes only what it created.
  */
-import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync, chmodSync, chownSync } from 'node:fs';
+import { resolveMailUser } from './mailuser.js';
 import { join, resolve, isAbsolute } from 'node:path';
 import { AppError } from './errors.js';
 import { openDb, parseDbUrl } from './db.js';
@@ -65,6 +66,9 @@ dovecot:
 courier:
   imapd: /usr/lib/courier/imapd
   pop3d: /usr/lib/courier/pop3d
+
+# The MTA's sendmail command: the delivery modules forward and vacation re-inject mail through it.
+sendmail: /usr/sbin/sendmail
 
 log:
   # debug | info | warn | error
@@ -126,6 +130,11 @@ export function initInstance(o: InitOptions): { dir: string; dbPath: string; cre
     mkdirSync(join(dir, 'certs'), { recursive: true, mode: 0o750 });
     mkdirSync(join(dir, 'conf.d'), { recursive: true });
     mkdirSync(join(dir, 'mail'), { recursive: true, mode: 0o770 });
+    // the mail user (Dovecot, deliveries) must traverse the instance directory and own the mail root
+    chmodSync(dir, 0o755);
+    chmodSync(join(dir, 'mail'), 0o770);
+    const mu = resolveMailUser('mail');
+    if (mu.switchTo) chownSync(join(dir, 'mail'), mu.uid, mu.gid);
     const ca = caPair ?? createCa(o.node);
     if (caPair) {
       writeFileSync(join(dir, 'certs', 'ca.crt'), ca.certPem, { mode: 0o644, flag: 'wx' });

@@ -8,7 +8,8 @@
  * SECURITY    Never logs a password, hash or key: callers pass no such field, and fields named
  *             pass/password/secret are replaced by "<hidden>".
  */
-import { appendFileSync } from 'node:fs';
+import { appendFileSync, existsSync } from 'node:fs';
+import { spawn, type ChildProcess } from 'node:child_process';
 
 export type Level = 'debug' | 'info' | 'warn' | 'error';
 const ORDER: Record<Level, number> = { debug: 0, info: 1, warn: 2, error: 3 };
@@ -24,7 +25,7 @@ export function clean(s: string): string {
 export function formatFields(fields: Record<string, string | number | boolean | null | undefined>): string {
   const parts: string[] = [];
   for (const [k, v] of Object.entries(fields)) {
-    if (v === undefined || v === null || v === false) continue;
+    if (v === undefined || v === null || v === false || (v === '' && k !== 'user')) continue;
     if (/pass|secret|key/i.test(k)) {
       parts.push(`${k}=<hidden>`);
       continue;
@@ -58,5 +59,27 @@ export function createLogger(opts: { level: Level; file?: string | null; sink?: 
       const lvl = level === 'info' ? '' : `${level === 'warn' ? 'Warning' : level === 'error' ? 'Error' : 'Debug'}: `;
       write(`${new Date().toISOString()} pigeon[${process.pid}]: ${prefix}: ${lvl}${msg}${f ? `${msg.endsWith(':') ? ' ' : ': '}${f}` : ''}\n`);
     },
+  };
+}
+
+/**
+ * Syslog (facility mail, tag pigeon) through the system's logger(1), for inetd and Postfix modes
+ * where stderr is the client's socket. One logger process per pigeon process; it never keeps
+ * pigeon alive. Returns null when logger(1) is not installed.
+ */
+export function syslogSink(): ((line: string) => void) | null {
+  const bin = ['/usr/bin/logger', '/bin/logger'].find((p) => existsSync(p));
+  if (!bin) return null;
+  let child: ChildProcess | null = null;
+  return (line: string) => {
+    if (!child) {
+      child = spawn(bin, ['-t', 'pigeon', '--id', String(process.pid), '-p', 'mail.info'], { stdio: ['pipe', 'ignore', 'ignore'], detached: false });
+      child.on('error', () => {});
+      child.stdin?.on('error', () => {});
+      child.unref();
+      (child.stdin as unknown as { unref?: () => void } | null)?.unref?.();
+    }
+    // logger adds its own timestamp and tag
+    child.stdin?.write(line.replace(/^\S+ pigeon\[\d+\]: /, ''));
   };
 }

@@ -1,0 +1,157 @@
+/**
+ * NAME        src/proxy/conn — one client connection, as the sessions see it
+ * DESCRIPTION Wraps whatever a forker produced (TCP socket, TLS socket, stdin/stdout pair) behind
+ *             read()/write()/startTls()/detach(). Reading is pull-based: the session asks for the
+ *             next chunk only when the current command has settled, so a flooding client is
+ *             paused by TCP backpressure. startTls() drops every byte received before the
+ *             handshake (STARTTLS injection) and continues on the TLS socket.
+ */
+import { TLSSocket, type SecureContext } from 'node:tls';
+import type { Duplex } from 'node:stream';
+import { TLS_HANDSHAKE_MS } from '../limits.js';
+
+export interface Peer {
+  readonly rip: string;
+  readonly rport: number;
+  readonly lip: string;
+  readonly lport: number;
+}
+
+export function unmap(ip: string | undefined): string {
+  if (!ip) return '';
+  return ip.startsWith('::ffff:') && ip.includes('.') ? ip.slice(7) : ip;
+}
+
+export function isLoopback(ip: string): boolean {
+  return ip === '' || ip === '::1' || ip.startsWith('127.');
+}
+
+export class ClientConn {
+  private stream: Duplex;
+  private output: Duplex | NodeJS.WritableStream;
+  private chunks: Buffer[] = [];
+  private ended = false;
+  private waiter: (() => void) | null = null;
+  private readonly onData = (c: Buffer): void => {
+    this.bytesIn += c.length;
+    this.chunks.push(c);
+    this.stream.pause();
+    this.wake();
+  };
+  private readonly onEnd = (): void => {
+    this.ended = true;
+    this.wake();
+  };
+  secure: boolean;
+  bytesIn = 0;
+  bytesOut = 0;
+  readonly peer: Peer;
+  /** the client is local (loopback address or a stdio pipe): plaintext auth allowed by default */
+  readonly local: boolean;
+  /** STARTTLS is possible (a socket, not a pipe) */
+  readonly canTls: boolean;
+
+  constructor(opts: { input: Duplex; output?: NodeJS.WritableStream; peer: Peer; secure: boolean; local: boolean; canTls: boolean }) {
+    this.stream = opts.input;
+    this.output = opts.output ?? opts.input;
+    this.peer = opts.peer;
+    this.secure = opts.secure;
+    this.local = opts.local;
+    this.canTls = opts.canTls;
+    this.attach();
+  }
+
+  private attach(): void {
+    this.stream.on('data', this.onData);
+    this.stream.on('end', this.onEnd);
+    this.stream.on('close', this.onEnd);
+    this.stream.on('error', this.onEnd);
+    this.stream.pause();
+  }
+
+  private unattach(): void {
+    this.stream.off('data', this.onData);
+    this.stream.off('end', this.onEnd);
+    this.stream.off('close', this.onEnd);
+    this.stream.off('error', this.onEnd);
+  }
+
+  private wake(): void {
+    const w = this.waiter;
+    this.waiter = null;
+    w?.();
+  }
+
+  /** Next chunk from the client, or null at EOF. Resolves early with null when `signal` fires. */
+  async read(): Promise<Buffer | null> {
+    for (;;) {
+      const c = this.chunks.shift();
+      if (c) return c;
+      if (this.ended) return null;
+      await new Promise<void>((r) => {
+        this.waiter = r;
+        this.stream.resume();
+      });
+    }
+  }
+
+  /** Abort a pending read (timeouts): the reader sees EOF. */
+  abort(): void {
+    this.ended = true;
+    this.wake();
+  }
+
+  write(data: string | Buffer): void {
+    const b = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
+    this.bytesOut += b.length;
+    if (!this.closed()) this.output.write(b);
+  }
+
+  closed(): boolean {
+    const s = this.output as { destroyed?: boolean; writableEnded?: boolean };
+    return s.destroyed === true || s.writableEnded === true;
+  }
+
+  /** Upgrade to TLS. Bytes received before the handshake are discarded by the caller's framer. */
+  async startTls(context: SecureContext): Promise<void> {
+    this.unattach();
+    this.chunks = [];
+    const tls = new TLSSocket(this.stream, { isServer: true, secureContext: context, minVersion: 'TLSv1.2' } as ConstructorParameters<typeof TLSSocket>[1]);
+    await new Promise<void>((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error('TLS handshake timed out')), TLS_HANDSHAKE_MS);
+      tls.once('secure', () => {
+        clearTimeout(t);
+        resolve();
+      });
+      tls.once('error', (e) => {
+        clearTimeout(t);
+        reject(e);
+      });
+    });
+    this.stream = tls;
+    this.output = tls;
+    this.secure = true;
+    this.attach();
+  }
+
+  /** Stop reading; return the stream (and any chunks read but not consumed) for relaying. */
+  detach(): { input: Duplex; output: NodeJS.WritableStream; pending: Buffer[] } {
+    this.unattach();
+    const pending = this.chunks;
+    this.chunks = [];
+    return { input: this.stream, output: this.output, pending };
+  }
+
+  /** Underlying stream (for handing a plain socket's fd to a backend). */
+  get raw(): Duplex {
+    return this.stream;
+  }
+
+  end(final?: string): void {
+    if (final !== undefined) this.write(final);
+    const o = this.output as NodeJS.WritableStream & { destroy?: () => void };
+    if (!this.closed()) o.end();
+    if (this.stream !== this.output) this.stream.destroy();
+    setTimeout(() => o.destroy?.(), 1000).unref();
+  }
+}

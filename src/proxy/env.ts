@@ -1,0 +1,59 @@
+/**
+ * NAME        src/proxy/env — what every proxy session shares: instance, database, auth, TLS, logs
+ */
+import { createSecureContext, type SecureContext } from 'node:tls';
+import { readFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import type { Instance } from '../instance.js';
+import { loadInstance } from '../instance.js';
+import { Store } from '../store.js';
+import { openDb } from '../db.js';
+import { createLogger, syslogSink, type Logger } from '../log.js';
+import { databaseAuth } from '../../auth/database.js';
+import type { AuthInstance } from '../modules.js';
+import { resolveMailUser, type MailUser } from '../mailuser.js';
+import { Penalty } from './penalty.js';
+import { AppError } from '../errors.js';
+
+export interface ProxyEnv {
+  instance: Instance;
+  readonly store: Store;
+  log: Logger;
+  readonly auth: AuthInstance;
+  tls: SecureContext | null;
+  readonly mailUser: MailUser;
+  readonly penalty: Penalty;
+}
+
+export function loadTls(instance: Instance): SecureContext | null {
+  try {
+    return createSecureContext({ cert: readFileSync(instance.tls.cert), key: readFileSync(instance.tls.key), minVersion: 'TLSv1.2' });
+  } catch (e) {
+    throw new AppError('CONFIG_INVALID', `tls: cannot load ${instance.tls.cert} / ${instance.tls.key}: ${(e as Error).message.split('\n')[0]}`);
+  }
+}
+
+export function createProxyEnv(configPath: string | undefined, opts: { logToStderr: boolean }): ProxyEnv {
+  const instance = loadInstance(configPath);
+  let log: Logger;
+  if (instance.logFile !== null || opts.logToStderr) log = createLogger({ level: instance.config.log.level, file: instance.logFile });
+  else {
+    const sink = syslogSink();
+    log = createLogger({ level: instance.config.log.level, sink: sink ?? (() => {}) });
+  }
+  const store = new Store(openDb(instance.dbPath), instance.dbPath);
+  return {
+    instance,
+    store,
+    log,
+    auth: databaseAuth(store),
+    tls: loadTls(instance),
+    mailUser: resolveMailUser(instance.config.mail_user),
+    penalty: new Penalty(instance.config.limits.auth_failure_delay_ms),
+  };
+}
+
+/** Dovecot-style session id: 12 random bytes, base64 (16 characters). */
+export function sessionId(): string {
+  return randomBytes(12).toString('base64');
+}
