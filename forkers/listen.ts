@@ -139,10 +139,10 @@ async function runWorker(makeEnv: () => ProxyEnv, configPath: string | undefined
       throw Object.assign(new Error(`cannot listen on ${l.protocol}=${l.path ?? `${l.host}:${l.port}`}: ${e.code ?? e.message}`), { exit: 75 });
     });
     servers.push(s);
-    process.stderr.write(`pigeon: listening ${l.protocol} ${addr(l, s)}\n`);
+    if (!cluster.isWorker || cluster.worker?.id === 1) process.stderr.write(`pigeon: listening ${l.protocol} ${addr(l, s)}\n`);
   }
   if (servers.length === 0) env.log.log('warn', 'master', 'no listeners configured (add --listen at init or listen: in pigeon.yaml)');
-  env.log.log('info', 'master', `pigeon started (pid ${process.pid}, ${servers.length} listeners)`);
+  env.log.log('info', 'master', `pigeon started (pid ${process.pid}${cluster.isWorker ? `, worker ${cluster.worker?.id ?? '?'}` : ''}, ${servers.length} listeners)`);
 
   process.on('SIGHUP', () => {
     try {
