@@ -78,6 +78,8 @@ export const fileSchema = z.strictObject({
   courier: z
     .strictObject({ imapd: path.default('/usr/lib/courier/imapd'), pop3d: path.default('/usr/lib/courier/pop3d') })
     .prefault({}),
+  // node-local: the MTA's sendmail command (forward and vacation re-inject mail through it)
+  sendmail: path.default('/usr/sbin/sendmail'),
   log: z
     .strictObject({ level: z.enum(['debug', 'info', 'warn', 'error']).default('info'), file: z.string().nullable().default(null) })
     .prefault({}),

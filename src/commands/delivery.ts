@@ -1,7 +1,99 @@
-/** pigeon deliver | lmtp: the delivery agent commands (filled in by the delivery work). */
+/**
+ * NAME        src/commands/delivery — `pigeon deliver` (pipe(8) MDA) and `pigeon lmtp` (one session)
+ * DESCRIPTION See src/delivery/deliver.ts and src/delivery/lmtp.ts. `deliver` owns its exit path:
+ *             a usage error, a configuration error or any uncaught error exits 75 with one line
+ *             beginning with an enhanced status code, because pipe(8) bounces mail on any other
+ *             non-zero status. `lmtp` never writes anything but LMTP to stdout.
+ */
 import type { Command } from '@commander-js/extra-typings';
+import { Option, CommanderError } from '@commander-js/extra-typings';
+import { EX } from '../errors.js';
+import { runDeliver, inputOf } from '../delivery/deliver.js';
+import { statusLine } from '../delivery/outcome.js';
+import { createLmtpServer, handleLmtpSocket, stdioSocket } from '../delivery/lmtp.js';
+import { loadInstance } from '../instance.js';
+import { openDb } from '../db.js';
+import { Store } from '../store.js';
+import { createLogger } from '../log.js';
+import { silentLogger } from '../delivery/env.js';
+
+let answered = false;
+/** Print the one status line (at most once) and set the exit code. */
+function answer(code: number, line: string | null): void {
+  if (answered) return;
+  answered = true;
+  if (line !== null) process.stdout.write(`${line}\n`);
+  process.exitCode = code;
+}
+
+function tempfailOnCrash(): void {
+  const die = (e: unknown): void => {
+    answer(EX.TEMPFAIL, statusLine({ dsn: '4.3.0', text: `internal error (${e instanceof Error ? e.message : String(e)})` }));
+    process.exit(EX.TEMPFAIL);
+  };
+  process.on('uncaughtException', die);
+  process.on('unhandledRejection', die);
+}
 
 export function registerDelivery(program: Command, cfg: () => string | undefined): void {
-  void program;
-  void cfg;
+  const collect = (v: string, acc: string[]): string[] => [...acc, v];
+  const deliver = program
+    .command('deliver')
+    .description('deliver the message on stdin to RECIPIENTs (MDA for Postfix pipe; dovecot-lda compatible flags)')
+    .option('-f, --from <sender>', 'envelope sender (empty or <> for the null sender; default: the Return-Path header)')
+    .option('-a, --original <address>', 'original recipient (Postfix ${original_recipient})')
+    .option('-d, --destination <address>', 'recipient (repeatable; same as a RECIPIENT argument)', collect, [] as string[])
+    .option('-m, --mailbox <folder>', 'deliver into this folder when it exists (default INBOX, or +detail)')
+    .option('-p, --path <file>', 'read the message from FILE instead of stdin')
+    .addOption(new Option('-e', 'accepted for dovecot-lda compatibility (errors are always reported, never bounced by us)').hideHelp())
+    .argument('[recipients...]', 'envelope recipients')
+    .addHelpText(
+      'after',
+      `
+Exit status (sysexits): 0 delivered, 67 unknown user, 65 unusable input, 73 over quota,
+75 temporary failure of any kind (Postfix retries). On failure one line is printed, starting
+with the enhanced status code, e.g. "5.1.1 <bob@example.org>: user unknown".
+master.cf:  pigeon unix - n n - - pipe flags=Rq user=mail argv=/usr/local/bin/pigeon -c /etc/pigeon deliver -f \${sender} -a \${original_recipient} -- \${recipient}`,
+    )
+    .configureOutput({ writeErr: () => undefined, outputError: () => undefined })
+    .exitOverride((err: CommanderError) => {
+      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.help' || err.code === 'commander.version') throw err;
+      answer(EX.TEMPFAIL, statusLine({ dsn: '4.3.5', text: `bad deliver command line: ${err.message.replace(/^error: /, '')}` }));
+      process.exit(EX.TEMPFAIL);
+    })
+    .action(async (recipients, o) => {
+      tempfailOnCrash();
+      try {
+        const r = await runDeliver({
+          config: cfg(),
+          sender: o.from,
+          original: o.original,
+          mailbox: o.mailbox,
+          recipients: [...o.destination, ...recipients],
+          input: inputOf(o.path),
+        });
+        answer(r.code, r.line);
+      } catch (e) {
+        answer(EX.TEMPFAIL, statusLine({ dsn: '4.3.0', text: `internal error (${e instanceof Error ? e.message : String(e)})` }));
+      }
+    });
+  void deliver;
+
+  program
+    .command('lmtp')
+    .description('serve one LMTP session on stdin/stdout (Postfix spawn, inetd, swaks --pipe)')
+    .addOption(new Option('--forker <forker>', 'how the session arrives: stdio (stdin/stdout, pipe or socket) or inetd (fd 0 is the socket)').choices(['stdio', 'inetd'] as const).default('stdio' as const))
+    .action(async (o) => {
+      const instance = loadInstance(cfg());
+      // stdout is the protocol: log to log.file or nowhere
+      const logger = instance.logFile ? createLogger({ level: instance.config.log.level, file: instance.logFile }) : silentLogger;
+      const store = new Store(openDb(instance.dbPath), instance.dbPath);
+      const server = createLmtpServer({ instance, store, logger });
+      const socket = stdioSocket(o.forker);
+      await new Promise<void>((resolve) => {
+        socket.once('close', () => resolve());
+        handleLmtpSocket(server, socket);
+      });
+      store.close();
+    });
 }

@@ -1,0 +1,111 @@
+/**
+ * NAME        src/delivery/deliver — `pigeon deliver`: the MDA for Postfix pipe(8)
+ * SYNOPSIS    pigeon [-c DIR] deliver [-f SENDER] [-a ORIGINAL] [-m FOLDER] [-p FILE] [-d RCPT]... [--] [RCPT...]
+ * DESCRIPTION Resolves every recipient first (one configuration read each; an unknown one is
+ *             answered without reading the message), spools the message from stdin (or -p FILE),
+ *             then runs the delivery pipeline per recipient. dovecot-lda's -d/-a/-f/-m/-e/-p are
+ *             accepted. Without -f the sender is taken from the message's Return-Path.
+ * DIAGNOSTICS Exit 0 delivered; 67 unknown user (5.1.1); 65 unusable input (5.1.3, 5.3.4, 5.4.6,
+ *             ...); 73 over quota (5.2.2); 75 every temporary failure, including configuration
+ *             and database trouble and any bug — pipe(8) bounces on anything but 75 and 71, and a
+ *             broken pigeon must never bounce mail. On failure it prints exactly one line,
+ *             beginning with the enhanced status code (`5.1.1 <x@y>: user unknown`), which
+ *             pipe(8) prefers over the exit status. Nothing else is written to stdout/stderr:
+ *             logs go to `log.file`, or nowhere.
+ * SECURITY    Runs as the pipe(8) `user=`; as root it chowns what it writes to `mail_user`.
+ */
+import { createReadStream } from 'node:fs';
+import { loadInstance } from '../instance.js';
+import { openDb } from '../db.js';
+import { Store } from '../store.js';
+import { createLogger } from '../log.js';
+import { isAppError, EX, type ExitCode } from '../errors.js';
+import { spool, type Spooled } from './message.js';
+import { resolveRecipient, deliverRecipient, type Resolved } from './pipeline.js';
+import { spoolLimit } from './mailstore.js';
+import { makeDeliveryEnv, silentLogger } from './env.js';
+import { exitCodeOf, statusLine, summarise } from './outcome.js';
+import type { DeliveryResult } from './types.js';
+
+export interface DeliverArgs {
+  readonly config: string | undefined;
+  readonly sender: string | undefined;
+  readonly original: string | undefined;
+  readonly mailbox: string | undefined;
+  readonly recipients: readonly string[];
+  /** the message; default stdin */
+  readonly input: AsyncIterable<Buffer>;
+}
+
+export interface DeliverOutcome {
+  readonly code: ExitCode;
+  /** the one line to print, or null on success */
+  readonly line: string | null;
+}
+
+const fail = (r: DeliveryResult): DeliverOutcome => ({ code: exitCodeOf(r), line: statusLine(r) });
+
+/** Normalise an envelope sender: '' for the null sender; null if unusable. */
+export function parseSender(s: string): string | null {
+  const v = s.trim().replace(/^<(.*)>$/, '$1').trim();
+  if (v === '') return '';
+  if (/[\s\0<>]/.test(v) || v.length > 320) return null;
+  return v;
+}
+
+export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
+  if (a.recipients.length === 0) return fail({ dsn: '4.3.5', text: 'no recipient on the command line (check the pipe argv in master.cf)' });
+  let sender: string | null = a.sender === undefined ? null : parseSender(a.sender);
+  if (a.sender !== undefined && sender === null) return fail({ dsn: '5.1.7', text: `bad sender address syntax: ${JSON.stringify(a.sender.slice(0, 100))}` });
+  if (a.mailbox !== undefined && /[\0\r\n/]/.test(a.mailbox)) return fail({ dsn: '5.2.0', text: 'bad -m mailbox name' });
+
+  let instance;
+  try {
+    instance = loadInstance(a.config);
+  } catch (e) {
+    return fail({ dsn: '4.3.5', text: `configuration error: ${isAppError(e) ? e.message : String(e)}` });
+  }
+  const logger = instance.logFile ? createLogger({ level: instance.config.log.level, file: instance.logFile }) : silentLogger;
+  let store: Store;
+  try {
+    store = new Store(openDb(instance.dbPath), instance.dbPath);
+  } catch (e) {
+    const locked = isAppError(e) && e.code === 'DB_LOCKED';
+    logger.log('error', 'deliver', 'cannot open the configuration database', { error: e instanceof Error ? e.message : String(e) });
+    return fail({ dsn: locked ? '4.3.0' : '4.3.5', text: `configuration database unavailable: ${isAppError(e) ? e.message : 'error'}` });
+  }
+  let message: Spooled | null = null;
+  try {
+    const env = makeDeliveryEnv(instance, store, logger, 'deliver');
+    const seen = new Set<string>();
+    const resolved: Resolved[] = [];
+    for (const r of a.recipients) {
+      const x = resolveRecipient(store, r);
+      if (seen.has(x.rcpt)) continue; // a duplicate recipient gets one copy
+      seen.add(x.rcpt);
+      resolved.push(x);
+      if (!x.ok) env.log('info', 'rejected', { user: x.rcpt, status: statusLine(x.result) });
+    }
+    const ok = resolved.filter((x): x is Extract<Resolved, { ok: true }> => x.ok);
+    const results: DeliveryResult[] = resolved.flatMap((x) => (x.ok ? [] : [x.result]));
+    if (ok.length > 0) {
+      message = await spool(a.input, { limit: spoolLimit(ok.map((x) => x.config['mailstore.max_size']?.value)) });
+      if (sender === null) sender = parseSender(message.get('return-path')[0] ?? '') ?? '';
+      for (const r of ok) {
+        const res = await deliverRecipient({ resolved: r, sender, original: a.original ?? null, mailbox: a.mailbox ?? null, message }, env);
+        if (!res.dsn.startsWith('2')) env.log(res.dsn.startsWith('4') ? 'warn' : 'info', res.dsn.startsWith('4') ? 'deferred' : 'rejected', { user: r.rcpt, status: statusLine(res) });
+        results.push(res);
+      }
+    }
+    const s = summarise(results);
+    return s.dsn.startsWith('2') ? { code: EX.OK, line: null } : fail(s);
+  } finally {
+    await message?.close();
+    store.close();
+  }
+}
+
+/** -p FILE or stdin. */
+export function inputOf(path: string | undefined): AsyncIterable<Buffer> {
+  return (path === undefined ? process.stdin : createReadStream(path)) as AsyncIterable<Buffer>;
+}

@@ -1,0 +1,141 @@
+/**
+ * NAME        src/delivery/pipeline — resolve recipients and run the module list for each one
+ * DESCRIPTION `resolveRecipient` does the one configuration read per recipient
+ *             (Store.lookup + resolve), `user+detail@domain` falling back to `user@domain`.
+ *             `deliverRecipient` checks for a mail loop (a Delivered-To naming the recipient:
+ *             5.4.6; more than MAX_HOPS Delivered-To fields: 5.4.6), then runs every module whose
+ *             effective `enabled` is true in phase order. Store-phase modules prepare; if all
+ *             succeeded their commits run in order; the first failure aborts whatever is not yet
+ *             committed and decides the outcome. Notify-phase modules run after that, only for a
+ *             delivered message, and cannot change the outcome. If no module stored or forwarded
+ *             the message, the recipient is deferred (4.3.5): mail is never dropped silently.
+ * DIAGNOSTICS Any exception inside a module becomes 4.3.0 (temporary): nothing is ever bounced
+ *             because of a bug.
+ */
+import type { Store, UserRecord } from '../store.js';
+import { resolve, type Effective } from '../resolve.js';
+import { slice } from '../modules.js';
+import { normaliseAddress, splitDetail } from '../address.js';
+import { isAppError } from '../errors.js';
+import { RUN_ORDER } from './registry.js';
+import type { DeliveryEnv, DeliveryResult, Prepared, RecipientRequest } from './types.js';
+import type { Spooled } from './message.js';
+
+export const MAX_HOPS = 30;
+
+export type Resolved =
+  | { readonly ok: true; readonly rcpt: string; readonly user: UserRecord; readonly config: Effective; readonly detail: string | null }
+  | { readonly ok: false; readonly rcpt: string; readonly result: DeliveryResult };
+
+/** Who `rcpt` is: the one database read for this recipient. */
+export function resolveRecipient(store: Store, rcptRaw: string): Resolved {
+  const shown = rcptRaw.replace(/[\r\n\0]/g, '').slice(0, 320);
+  let a;
+  try {
+    a = normaliseAddress(rcptRaw.replace(/^<(.*)>$/, '$1'));
+  } catch {
+    return { ok: false, rcpt: shown, result: { dsn: '5.1.3', text: `<${shown}>: bad recipient address syntax` } };
+  }
+  try {
+    let found = store.lookup(a.address);
+    let detail: string | null = null;
+    if (!found) {
+      const s = splitDetail(a);
+      if (s.detail !== null || s.base.address !== a.address) {
+        found = store.lookup(s.base.address);
+        detail = s.detail;
+      }
+    }
+    if (!found) return { ok: false, rcpt: a.address, result: { dsn: '5.1.1', text: `<${a.address}>: user unknown` } };
+    if (found.user.state !== 'active') return { ok: false, rcpt: a.address, result: { dsn: '5.2.1', text: `<${a.address}>: mailbox disabled` } };
+    return { ok: true, rcpt: a.address, user: found.user, config: resolve(found.rows), detail };
+  } catch (e) {
+    if (isAppError(e) && e.code === 'DB_LOCKED') return { ok: false, rcpt: a.address, result: { dsn: '4.3.0', text: `<${a.address}>: configuration database busy; try again later` } };
+    return { ok: false, rcpt: a.address, result: { dsn: '4.3.0', text: `<${a.address}>: configuration lookup failed: ${isAppError(e) ? e.message : 'internal error'}` } };
+  }
+}
+
+export interface RecipientInput {
+  readonly resolved: Extract<Resolved, { ok: true }>;
+  readonly sender: string;
+  readonly original: string | null;
+  readonly mailbox: string | null;
+  readonly message: Spooled;
+}
+
+function loopCheck(rcpt: string, user: string, m: Spooled): DeliveryResult | null {
+  const dt = m.get('delivered-to').map((v) => v.replace(/^<|>$/g, '').trim().toLowerCase());
+  if (dt.includes(rcpt) || dt.includes(user)) return { dsn: '5.4.6', text: `<${rcpt}>: mail forwarding loop (Delivered-To: ${rcpt} already present)` };
+  if (dt.length > MAX_HOPS) return { dsn: '5.4.6', text: `<${rcpt}>: mail forwarding loop (${dt.length} Delivered-To fields)` };
+  return null;
+}
+
+const failureOf = (e: unknown, what: string): DeliveryResult => {
+  const r = (e as { result?: DeliveryResult } | null)?.result;
+  if (r && typeof r.dsn === 'string') return r;
+  return { dsn: '4.3.0', text: `${what}: ${isAppError(e) ? e.message : 'internal error'}` };
+};
+
+/** Deliver one message to one resolved recipient. Never throws. */
+export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv): Promise<DeliveryResult> {
+  const { resolved: r, message } = input;
+  const loop = loopCheck(r.rcpt, r.user.address, message);
+  if (loop) return loop;
+  const req: RecipientRequest = {
+    rcpt: r.rcpt,
+    user: r.user,
+    config: r.config,
+    detail: r.detail,
+    original: input.original,
+    sender: input.sender,
+    message,
+    mailbox: input.mailbox,
+    keep: true,
+  };
+  const enabled = RUN_ORDER.filter((m) => r.config[`${m.name}.enabled`]?.value === true);
+  const prepared: Prepared[] = [];
+  const abortAll = async (from: number): Promise<void> => {
+    for (const p of prepared.slice(from).reverse()) await p.abort().catch(() => undefined);
+  };
+  for (const m of enabled.filter((x) => x.phase !== 'notify')) {
+    let step;
+    try {
+      step = await m.run(req, slice(r.config, m.name), env);
+    } catch (e) {
+      env.log('error', `${m.name}: failed`, { user: r.user.address, error: e instanceof Error ? e.message : String(e) });
+      step = { kind: 'fail' as const, result: failureOf(e, m.name) };
+    }
+    if (step.kind === 'fail') {
+      await abortAll(0);
+      return step.result;
+    }
+    if (step.keep === false) req.keep = false;
+    if (step.prepared) prepared.push(step.prepared);
+  }
+  if (prepared.length === 0) {
+    return { dsn: '4.3.5', text: `<${r.rcpt}>: no delivery module stored or forwarded the message (check mailstore.enabled / forward.to)` };
+  }
+  const done: string[] = [];
+  for (let i = 0; i < prepared.length; i++) {
+    const p = prepared[i];
+    if (!p) continue;
+    try {
+      await p.commit();
+      done.push(p.what);
+    } catch (e) {
+      await abortAll(i + 1);
+      const f = failureOf(e, p.what);
+      if (done.length > 0) env.log('warn', 'delivery: deferred after a partial commit; a retry may duplicate', { user: r.user.address, done: done.join('; ') });
+      return f;
+    }
+  }
+  for (const m of enabled.filter((x) => x.phase === 'notify')) {
+    try {
+      await m.run(req, slice(r.config, m.name), env);
+    } catch (e) {
+      env.log('warn', `${m.name}: failed (message already delivered)`, { user: r.user.address, error: e instanceof Error ? e.message : String(e) });
+    }
+  }
+  env.log('info', 'delivered', { user: r.rcpt, from: input.sender === '' ? '<>' : input.sender, msgid: message.get('message-id')[0] ?? null, size: message.size, to: done.join('; ') });
+  return { dsn: '2.0.0', text: `<${r.rcpt}> Saved` };
+}

@@ -1,0 +1,78 @@
+/**
+ * NAME        src/delivery/types — the typed contracts of the delivery pipeline
+ * DESCRIPTION A delivery module (mailstore, forward, vacation, ...) is one file exporting a
+ *             `DeliveryModule`, registered by name in src/delivery/registry.ts. It runs for a
+ *             recipient iff its effective `enabled` is true, in phase order scan → store → notify,
+ *             and sees only its own settings slice.
+ *             Two steps keep "delivered" and "deferred" exclusive: `run` prepares (writes the
+ *             message into tmp/, checks quota, validates forward targets) and may fail; the
+ *             pipeline then runs every prepared `commit` in module order (the fallible ones, such
+ *             as a sendmail re-injection, come first; a rename into new/ last). A failure before
+ *             the first commit aborts every prepared step, so nothing is visible. Notify-phase
+ *             modules run after the commits and can no longer change the outcome.
+ */
+import type { Json } from '../settings.js';
+import type { UserRecord } from '../store.js';
+import type { Effective } from '../resolve.js';
+import type { AllocationContext } from '../allocation.js';
+import type { Spooled } from './message.js';
+
+/** An enhanced status code (RFC 3463) and a short text: the outcome of one recipient. */
+export interface DeliveryResult {
+  readonly dsn: string; // '2.0.0', '4.2.2', '5.1.1', ...
+  readonly text: string;
+}
+
+export const isTemp = (r: DeliveryResult): boolean => r.dsn.startsWith('4');
+export const isPerm = (r: DeliveryResult): boolean => r.dsn.startsWith('5');
+export const isOk = (r: DeliveryResult): boolean => r.dsn.startsWith('2');
+
+export type Phase = 'scan' | 'store' | 'notify';
+export const PHASES: readonly Phase[] = ['scan', 'store', 'notify'];
+
+/** A prepared effect: committed after every store-phase module succeeded, else aborted. */
+export interface Prepared {
+  readonly what: string;
+  commit(): Promise<void>;
+  abort(): Promise<void>;
+}
+
+export type StepResult =
+  | { readonly kind: 'continue'; readonly prepared?: Prepared; readonly keep?: boolean }
+  | { readonly kind: 'fail'; readonly result: DeliveryResult };
+
+/** The node-local environment every module may use. */
+export interface DeliveryEnv {
+  readonly alloc: AllocationContext;
+  /** the MTA's sendmail command (pigeon.yaml `sendmail`) */
+  readonly sendmail: string;
+  readonly hostname: string;
+  readonly log: (level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Record<string, string | number | boolean | null | undefined>) => void;
+}
+
+/** One recipient of one message, as every module sees it. */
+export interface RecipientRequest {
+  /** envelope recipient as given, normalised (may carry +detail) */
+  readonly rcpt: string;
+  /** the user it resolved to (without +detail) */
+  readonly user: UserRecord;
+  readonly config: Effective;
+  /** +detail of the recipient, or null */
+  readonly detail: string | null;
+  /** original recipient (-a / ORCPT), for information */
+  readonly original: string | null;
+  /** envelope sender, '' for the null sender */
+  readonly sender: string;
+  readonly message: Spooled;
+  /** -m MAILBOX (dovecot-lda compatible), or null */
+  readonly mailbox: string | null;
+  /** decisions of earlier modules: forward with keep=false clears it */
+  keep: boolean;
+}
+
+export interface DeliveryModule {
+  readonly name: string;
+  readonly phase: Phase;
+  readonly summary: string;
+  run(req: RecipientRequest, settings: Readonly<Record<string, Json>>, env: DeliveryEnv): Promise<StepResult>;
+}

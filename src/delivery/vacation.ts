@@ -1,0 +1,117 @@
+/**
+ * NAME        src/delivery/vacation — delivery module: RFC 3834 absence notice
+ * DESCRIPTION Runs in the notify phase, after the message is safely stored (its failures are
+ *             logged and never change the recipient's outcome). Never answers (RFC 3834 §2,
+ *             vacation(1) conventions): the null sender; MAILER-DAEMON, postmaster-like and list
+ *             robot senders (owner-*, *-request, listserv, majordomo, *-bounces); Auto-Submitted
+ *             other than "no"; Precedence bulk/list/junk; any List-* field;
+ *             X-Auto-Response-Suppress OOF/All; a message that does not name the recipient in
+ *             To/Cc/Bcc. At most once per sender per `vacation.days`: a state file per
+ *             (recipient, sender hash) under MAIL_ROOT/.pigeon-vacation, created with O_EXCL and
+ *             re-armed by its mtime. The reply goes through the MTA's sendmail with the null
+ *             envelope sender, `Auto-Submitted: auto-replied`, In-Reply-To/References.
+ * CONFIG      vacation.enabled, subject, body, days
+ */
+import { mkdirSync, openSync, closeSync, statSync, utimesSync } from 'node:fs';
+import { join } from 'node:path';
+import { createHash, randomBytes } from 'node:crypto';
+import { sendmail } from './sendmail.js';
+import type { Spooled } from './message.js';
+import type { DeliveryModule, RecipientRequest, StepResult } from './types.js';
+
+const ROBOT = /^(mailer-daemon|postmaster|listserv|majordomo|mailman|owner-.*|.*-request|.*-bounces?|.*-owner|no-?reply|bounce.*|root)$/i;
+
+/** Why no reply is due, or null when one is. */
+export function whyNoReply(req: Pick<RecipientRequest, 'sender' | 'rcpt' | 'user' | 'original'>, m: Spooled): string | null {
+  if (req.sender === '') return 'null sender';
+  const local = req.sender.slice(0, req.sender.lastIndexOf('@'));
+  if (ROBOT.test(local)) return 'automated sender';
+  const as = m.get('auto-submitted');
+  if (as.some((v) => !/^no\b/i.test(v))) return 'Auto-Submitted';
+  if (m.get('precedence').some((v) => /^(bulk|list|junk)\b/i.test(v))) return 'Precedence';
+  if (m.fields.some((f) => f.name.startsWith('list-'))) return 'mailing list';
+  if (m.get('x-auto-response-suppress').some((v) => /\b(oof|all)\b/i.test(v))) return 'X-Auto-Response-Suppress';
+  if (m.get('x-loop').length > 0 && m.get('x-loop').some((v) => v.toLowerCase().includes(req.user.address))) return 'X-Loop';
+  const mine = [req.rcpt, req.user.address, ...(req.original ? [req.original.toLowerCase()] : [])];
+  const named = [...m.get('to'), ...m.get('cc'), ...m.get('bcc'), ...m.get('resent-to'), ...m.get('resent-cc')].join(',').toLowerCase();
+  if (!mine.some((a) => named.includes(a))) return 'recipient not in To/Cc';
+  return null;
+}
+
+/** True when this (recipient, sender) pair is due a reply now; arms the interval. */
+export function dueNow(dir: string, sender: string, days: number): boolean {
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const f = join(dir, createHash('sha256').update(sender.toLowerCase()).digest('hex').slice(0, 32));
+  try {
+    closeSync(openSync(f, 'wx', 0o600));
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+  }
+  const age = Date.now() - statSync(f).mtimeMs;
+  if (age < days * 86_400_000) return false;
+  const now = new Date();
+  utimesSync(f, now, now);
+  return true;
+}
+
+function encodeWord(s: string): string {
+  return /^[\x20-\x7e]*$/.test(s) ? s : `=?UTF-8?B?${Buffer.from(s, 'utf8').toString('base64')}?=`;
+}
+
+const clean = (s: string): string => s.replace(/[\r\n\0]/g, ' ');
+
+const vacation: DeliveryModule = {
+  name: 'vacation',
+  phase: 'notify',
+  summary: 'answers mail with an absence notice (RFC 3834)',
+  async run(req, settings, env): Promise<StepResult> {
+    const m = req.message;
+    const why = whyNoReply(req, m);
+    if (why !== null) {
+      env.log('debug', 'vacation: no reply', { user: req.user.address, reason: why });
+      return { kind: 'continue' };
+    }
+    const days = typeof settings['days'] === 'number' ? settings['days'] : 7;
+    const at = req.user.address.lastIndexOf('@');
+    const dir = join(env.alloc.mailRoot, '.pigeon-vacation', req.user.address.slice(at + 1), req.user.address.slice(0, at));
+    if (!dueNow(dir, req.sender, days)) {
+      env.log('debug', 'vacation: already answered', { user: req.user.address, to: req.sender });
+      return { kind: 'continue' };
+    }
+    const subject = typeof settings['subject'] === 'string' ? settings['subject'] : 'Out of office';
+    const body = typeof settings['body'] === 'string' ? settings['body'] : '';
+    const orig = m.get('message-id')[0];
+    const lines = [
+      `From: <${req.user.address}>`,
+      `To: <${clean(req.sender)}>`,
+      `Subject: ${encodeWord(clean(subject))}`,
+      `Date: ${new Date().toUTCString().replace('GMT', '+0000')}`,
+      `Message-ID: <${randomBytes(12).toString('hex')}.vacation@${clean(env.hostname)}>`,
+      ...(orig ? [`In-Reply-To: ${clean(orig)}`, `References: ${clean(orig)}`] : []),
+      'Auto-Submitted: auto-replied',
+      'Precedence: bulk',
+      `X-Loop: ${req.user.address}`,
+      'MIME-Version: 1.0',
+      'Content-Type: text/plain; charset=utf-8',
+      'Content-Transfer-Encoding: 8bit',
+      '',
+      body,
+      '',
+    ];
+    const text = Buffer.from(lines.join('\n'), 'utf8');
+    const r = await sendmail({
+      command: env.sendmail,
+      sender: '',
+      recipients: [req.sender],
+      data: async function* () {
+        yield text;
+      },
+    });
+    if (r) env.log('warn', 'vacation: reply not sent', { user: req.user.address, to: req.sender, error: r.text });
+    else env.log('info', 'vacation: replied', { user: req.user.address, to: req.sender });
+    return { kind: 'continue' };
+  },
+};
+
+export default vacation;
