@@ -142,6 +142,7 @@ async function runWorker(makeEnv: () => ProxyEnv, configPath: string | undefined
     if (!cluster.isWorker || cluster.worker?.id === 1) process.stderr.write(`pigeon: listening ${l.protocol} ${addr(l, s)}\n`);
   }
   if (servers.length === 0) env.log.log('warn', 'master', 'no listeners configured (add --listen at init or listen: in pigeon.yaml)');
+  if (!cluster.isWorker || cluster.worker?.id === 1) process.stderr.write(`pigeon: ready (${servers.length} listeners)\n`);
   env.log.log('info', 'master', `pigeon started (pid ${process.pid}${cluster.isWorker ? `, worker ${cluster.worker?.id ?? '?'}` : ''}, ${servers.length} listeners)`);
 
   process.on('SIGHUP', () => {

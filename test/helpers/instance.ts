@@ -1,0 +1,128 @@
+// Test helpers: a real instance made by the real CLI, and `pigeon serve` on port-0 listeners.
+import { spawnSync, spawn, type ChildProcess } from 'node:child_process';
+import { writeFileSync, mkdirSync, openSync, writeSync, fsyncSync, closeSync, renameSync, chownSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { createServer } from 'node:net';
+import type { Test } from 'tap';
+
+export const ROOT = resolve(import.meta.dirname, '..', '..');
+export const CLI = join(ROOT, 'dist', 'src', 'cli.js');
+
+export interface Run {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+export function pigeon(dir: string | null, args: string[], input?: string, env?: NodeJS.ProcessEnv): Run {
+  const r = spawnSync(process.execPath, [CLI, ...(dir ? ['-c', dir] : []), ...args], { input, encoding: 'utf8', env: env ?? process.env, timeout: 60_000 });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+export interface Inst {
+  dir: string;
+  run(args: string[], input?: string): Run;
+  addUser(address: string, password: string): void;
+}
+
+/** A fresh instance with listeners on port 0, a log file, a short failure delay, and users. */
+export function makeInstance(t: Test, opts: { listen?: string[]; users?: Record<string, string>; conf?: string } = {}): Inst {
+  const base = t.testdir({});
+  const dir = join(base, 'inst');
+  const init = ['init', dir, '--node', 'test1'];
+  for (const l of opts.listen ?? []) init.push('--listen', l);
+  const r = pigeon(null, init);
+  if (r.status !== 0) throw new Error(`init failed: ${r.stderr}`);
+  mkdirSync(join(dir, 'conf.d'), { recursive: true });
+  writeFileSync(join(dir, 'conf.d', '50-test.yaml'), `log:\n  level: debug\n  file: pigeon.log\nlimits:\n  auth_failure_delay_ms: 50\n${opts.conf ?? ''}`);
+  const inst: Inst = {
+    dir,
+    run: (args, input) => pigeon(dir, args, input),
+    addUser(address, password) {
+      const domain = address.split('@')[1] ?? '';
+      pigeon(dir, ['domain', 'add', domain]);
+      const a = pigeon(dir, ['user', 'add', address, '--password-stdin'], `${password}\n`);
+      if (a.status !== 0) throw new Error(`user add ${address}: ${a.stderr}`);
+    },
+  };
+  for (const [u, p] of Object.entries(opts.users ?? {})) inst.addUser(u, p);
+  return inst;
+}
+
+export interface Served {
+  ports: Record<string, number>;
+  child: ChildProcess;
+  stderr: () => string;
+  stop(): Promise<void>;
+}
+
+/** Start `pigeon serve --workers 1` and wait until every listener printed its port. */
+export async function serve(t: Test, inst: Inst, workers = 1): Promise<Served> {
+  const child = spawn(process.execPath, [CLI, '-c', inst.dir, 'serve', '--workers', String(workers)], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  const ports: Record<string, number> = {};
+  const expected = pigeon(inst.dir, ['config', 'test']).status === 0 ? null : 'config';
+  if (expected) throw new Error('bad config');
+  await new Promise<void>((res, rej) => {
+    const timer = setTimeout(() => rej(new Error(`serve did not start: ${err}`)), 20_000);
+    child.stderr?.setEncoding('utf8');
+    child.stderr?.on('data', (s: string) => {
+      err += s;
+      for (const m of err.matchAll(/listening (\w+) \S+:(\d+)/g)) ports[m[1] ?? ''] = Number(m[2]);
+      if (/pigeon: ready/.test(err) || /error:/.test(err)) {
+        clearTimeout(timer);
+        if (/error:/.test(err)) rej(new Error(err));
+        else res();
+      }
+    });
+    child.once('exit', (c) => {
+      clearTimeout(timer);
+      rej(new Error(`serve exited ${c}: ${err}`));
+    });
+  });
+  const served: Served = {
+    ports,
+    child,
+    stderr: () => err,
+    stop: () =>
+      new Promise<void>((res) => {
+        if (child.exitCode !== null) return res();
+        child.once('exit', () => res());
+        child.kill('SIGTERM');
+        setTimeout(() => child.kill('SIGKILL'), 12_000).unref();
+      }),
+  };
+  t.teardown(() => served.stop());
+  return served;
+}
+
+/** A free TCP port on loopback (for programs that cannot listen on port 0 themselves). */
+export async function freePort(): Promise<number> {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.once('error', rej);
+    s.listen(0, '127.0.0.1', () => {
+      const a = s.address();
+      const p = typeof a === 'object' && a ? a.port : 0;
+      s.close(() => res(p));
+    });
+  });
+}
+
+/** Put a message into a Maildir the way an MDA does (tmp -> new), owned by the mail user. */
+export function putMessage(maildir: string, text: string, uid = 8, gid = 8): string {
+  const name = `${Date.now()}.${Math.random().toString(36).slice(2)}.test`;
+  const tmp = join(maildir, 'tmp', name);
+  const fd = openSync(tmp, 'wx', 0o600);
+  writeSync(fd, text);
+  fsyncSync(fd);
+  closeSync(fd);
+  if (process.getuid?.() === 0) chownSync(tmp, uid, gid);
+  const dest = join(maildir, 'new', name);
+  renameSync(tmp, dest);
+  return dest;
+}
+
+export function message(subject: string, body: string): string {
+  return `From: Bob <bob@example.test>\r\nTo: alice@example.test\r\nSubject: ${subject}\r\nDate: Thu, 03 Dec 2026 10:00:00 +0000\r\nMessage-ID: <${Math.random().toString(36).slice(2)}@example.test>\r\n\r\n${body}\r\n`;
+}
