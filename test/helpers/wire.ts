@@ -1,0 +1,76 @@
+// A raw line-oriented client over a real socket (or TLS), for protocol-level assertions.
+import { connect, type Socket } from 'node:net';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+
+export class Wire {
+  private buf = '';
+  private waiters: (() => void)[] = [];
+  closed = false;
+  sock: Socket | TLSSocket;
+  constructor(sock: Socket | TLSSocket) {
+    this.sock = sock;
+    this.attach(sock);
+  }
+  private attach(sock: Socket | TLSSocket): void {
+    sock.setEncoding('latin1');
+    sock.on('data', (d: string) => {
+      this.buf += d;
+      this.wake();
+    });
+    sock.on('close', () => {
+      this.closed = true;
+      this.wake();
+    });
+    sock.on('error', () => {});
+  }
+  private wake(): void {
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+  static async open(port: number): Promise<Wire> {
+    const s = connect(port, '127.0.0.1');
+    await new Promise<void>((res, rej) => {
+      s.once('connect', () => res());
+      s.once('error', rej);
+    });
+    return new Wire(s);
+  }
+  write(s: string | Buffer): void {
+    this.sock.write(s);
+  }
+  /** Wait until the received text matches `re` (or the socket closes / timeout); returns all text so far and clears it. */
+  async until(re: RegExp, ms = 10_000): Promise<string> {
+    const deadline = Date.now() + ms;
+    while (!re.test(this.buf)) {
+      if (this.closed || Date.now() > deadline) break;
+      await new Promise<void>((res) => {
+        this.waiters.push(res);
+        setTimeout(res, 100);
+      });
+    }
+    const out = this.buf;
+    this.buf = '';
+    return out;
+  }
+  async waitClosed(ms = 10_000): Promise<boolean> {
+    const deadline = Date.now() + ms;
+    while (!this.closed && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    return this.closed;
+  }
+  async starttls(ca: Buffer): Promise<void> {
+    const old = this.sock;
+    old.removeAllListeners('data');
+    const s = tlsConnect({ socket: old as Socket, ca: [ca], servername: 'localhost' });
+    await new Promise<void>((res, rej) => {
+      s.once('secureConnect', () => res());
+      s.once('error', rej);
+    });
+    this.sock = s;
+    this.buf = '';
+    this.attach(s);
+  }
+  close(): void {
+    this.sock.destroy();
+  }
+}
