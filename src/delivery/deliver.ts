@@ -26,6 +26,7 @@ import { spoolLimit } from './mailstore.js';
 import { makeDeliveryEnv, silentLogger } from './env.js';
 import { exitCodeOf, statusLine, summarise } from './outcome.js';
 import type { DeliveryResult } from './types.js';
+import { fault } from './fault.js';
 
 export interface DeliverArgs {
   readonly config: string | undefined;
@@ -90,6 +91,7 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
     const results: DeliveryResult[] = resolved.flatMap((x) => (x.ok ? [] : [x.result]));
     if (ok.length > 0) {
       message = await spool(a.input, { limit: spoolLimit(ok.map((x) => x.config['mailstore.max_size']?.value)) });
+      fault('spooled');
       if (sender === null) sender = parseSender(message.get('return-path')[0] ?? '') ?? '';
       for (const r of ok) {
         const res = await deliverRecipient({ resolved: r, sender, original: a.original ?? null, mailbox: a.mailbox ?? null, message }, env);

@@ -18,6 +18,7 @@ import { createMailbox } from '../allocation.js';
 import type { Allocation } from '../store.js';
 import { deliveredParts } from './message.js';
 import { readUsage, addUsage } from './quota.js';
+import { fault } from './fault.js';
 import { fsFailure, overQuota, type MdaModule, type MdaPrepared, type MdaRequest } from './mda.js';
 import type { DeliveryResult } from './types.js';
 
@@ -89,9 +90,11 @@ async function prepare(req: MdaRequest): Promise<MdaPrepared | DeliveryResult> {
       }
     };
     await w(parts.prefix);
+    fault('tmp-partial');
     for await (const chunk of req.message.body()) await w(chunk);
     await fh.sync();
     await fh.close();
+    fault('tmp-synced');
   } catch (e) {
     await fh.close().catch(() => undefined);
     await unlink(tmp).catch(() => undefined);
@@ -109,6 +112,7 @@ async function prepare(req: MdaRequest): Promise<MdaPrepared | DeliveryResult> {
         await unlink(tmp).catch(() => undefined);
         throw Object.assign(new Error(`rename into new/: ${(e as NodeJS.ErrnoException).code ?? 'error'}`), { result: fsFailure(e, 'rename into new') });
       }
+      fault('renamed');
       try {
         await fsyncDir(join(dir, 'new'));
       } catch (e) {

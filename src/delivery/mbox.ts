@@ -1,9 +1,10 @@
 /**
- * NAME        src/delivery/mbox — MDA module: one mbox file per user (mboxrd quoting)
+ * NAME        src/delivery/mbox — MDA module: one mbox file per user
  * DESCRIPTION Takes the dotlock `MBOX.lock` (exclusive create; a lock older than 5 minutes is
  *             stale, as in Postfix/Dovecot), waits at most MDA_LOCK_WAIT_MS for it, then appends
- *             `From SENDER DATE`, the trace headers, the message with body lines matching
- *             /^>*From / quoted by one more '>', and a blank line; fsyncs. If anything fails the
+ *             `From SENDER DATE`, the trace headers, the message with body lines beginning
+ *             "From " quoted as ">From " (mboxo, as Postfix local(8); Dovecot does not unquote,
+ *             so ">From" lines are left alone), and a blank line; fsyncs. If anything fails the
  *             file is truncated back to its previous size, so a reader never keeps half a message.
  *             The lock is held until commit/abort, so a later failure of another module can still
  *             take the message back out.
@@ -26,14 +27,13 @@ const STALE_LOCK_MS = 300_000;
 const GT = Buffer.from('>');
 const FROM = Buffer.from('From ');
 
-/** mboxrd quoting of body lines, across chunk boundaries. */
+/** mboxo quoting (as Postfix local(8)): a body line beginning "From " gets a '>', across chunk boundaries. */
 export class MboxQuoter {
   private pending: Buffer = Buffer.alloc(0);
   private atStart = true;
 
   private classify(d: Buffer, p: number): 'quote' | 'no' | 'unknown' {
-    let i = p;
-    while (i < d.length && d[i] === 0x3e) i++;
+    const i = p;
     for (let k = 0; k < FROM.length; k++) {
       if (i + k >= d.length) return 'unknown';
       if (d[i + k] !== FROM[k]) return 'no';

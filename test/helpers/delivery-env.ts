@@ -1,0 +1,143 @@
+/**
+ * Test helpers for the delivery agent: a real instance made with the real CLI, the CLI run the way
+ * Postfix pipe(8) runs it, and the real Dovecot imap (standalone, as the mail uid) reading the
+ * mailbox back.
+ */
+import { spawn, spawnSync, type SpawnSyncReturns } from 'node:child_process';
+import { existsSync, readdirSync, appendFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+
+export const ROOT = resolve(import.meta.dirname, '..', '..');
+export const CLI = join(ROOT, 'dist', 'src', 'cli.js');
+export const DOVECOT_IMAP = '/usr/lib/dovecot/imap';
+export const MAIL_UID = 8;
+export const MAIL_GID = 8;
+
+export function need(path: string, pkg: string): void {
+  if (!existsSync(path)) throw new Error(`${path} is missing: install the Debian package ${pkg} (apt-get install ${pkg})`);
+}
+
+export interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+export function cli(dir: string, args: readonly string[], input?: string | Buffer, env?: NodeJS.ProcessEnv): Run {
+  if (!existsSync(CLI)) throw new Error(`${CLI} missing: run "npx tsc -p tsconfig.json" first (npm test does)`);
+  const r: SpawnSyncReturns<Buffer> = spawnSync(process.execPath, [CLI, '-c', dir, ...args], {
+    input: input ?? '',
+    env: env ?? process.env,
+    maxBuffer: 64 * 1024 * 1024,
+  });
+  return { code: r.status, stdout: r.stdout.toString(), stderr: r.stderr.toString() };
+}
+
+/** Async variant (for concurrency tests and big inputs). */
+export function cliAsync(dir: string, args: readonly string[], input: string | Buffer | ((w: NodeJS.WritableStream) => Promise<void>)): Promise<Run & { pid: number }> {
+  return new Promise((res, rej) => {
+    const c = spawn(process.execPath, [CLI, '-c', dir, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    c.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    c.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    c.on('error', rej);
+    c.on('close', (code) => res({ code, stdout, stderr, pid: c.pid ?? 0 }));
+    c.stdin.on('error', () => undefined);
+    if (typeof input === 'function') void input(c.stdin).then(() => c.stdin.end());
+    else c.stdin.end(input);
+  });
+}
+
+export function ok(r: Run, what: string): Run {
+  if (r.code !== 0) throw new Error(`${what}: exit ${r.code}: ${r.stdout}${r.stderr}`);
+  return r;
+}
+
+/** A fresh instance with domain example.test and the given users. */
+export function makeInstance(dir: string, users: readonly string[] = ['alice@example.test'], extraYaml = ''): string {
+  const inst = join(dir, 'inst');
+  ok(cli(inst, ['init', inst]), 'init');
+  // -c before init is harmless: init takes its DIR argument
+  ok(cli(inst, ['domain', 'add', 'example.test']), 'domain add');
+  for (const u of users) ok(cli(inst, ['user', 'add', u, '--password-stdin'], 'secret\n'), `user add ${u}`);
+  if (extraYaml) appendFileSync(join(inst, 'pigeon.yaml'), extraYaml);
+  return inst;
+}
+
+export function setUser(inst: string, user: string, key: string, value: string): void {
+  ok(cli(inst, ['config', 'set', '--user', user, key, value]), `config set ${key}`);
+}
+
+export function maildirOf(inst: string, address: string): string {
+  const at = address.lastIndexOf('@');
+  return join(inst, 'mail', address.slice(at + 1), address.slice(0, at));
+}
+
+export function files(dir: string): string[] {
+  try {
+    return readdirSync(dir).filter((f) => !f.startsWith('.'));
+  } catch {
+    return [];
+  }
+}
+
+export function msg(opts: { from?: string; to?: string; subject?: string; body?: string; headers?: string } = {}): string {
+  return (
+    `From: ${opts.from ?? 'bob@remote.test'}\n` +
+    `To: ${opts.to ?? 'alice@example.test'}\n` +
+    `Subject: ${opts.subject ?? 'test'}\n` +
+    `Message-ID: <${Math.random().toString(36).slice(2)}@remote.test>\n` +
+    (opts.headers ?? '') +
+    `\n${opts.body ?? 'hello\n'}`
+  );
+}
+
+export interface ImapMessage {
+  size: number;
+  body: Buffer;
+}
+
+/**
+ * Read every message of a folder with the real Dovecot imap binary, standalone, as the mail uid
+ * (backends.md §1: `imap -O -o mail_location=maildir:PATH`).
+ */
+export function dovecotRead(location: string, folder = 'INBOX', home?: string): Promise<{ messages: ImapMessage[]; transcript: string }> {
+  need(DOVECOT_IMAP, 'dovecot-imapd');
+  return new Promise((res, rej) => {
+    const c = spawn(DOVECOT_IMAP, ['-O', '-o', `mail_location=${location}`, '-o', 'log_path=/dev/stderr', '-o', 'mbox_min_index_size=0'], {
+      uid: MAIL_UID,
+      gid: MAIL_GID,
+      env: { USER: 'tester', HOME: home ?? '/nonexistent', PATH: '/usr/bin:/bin' },
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    const chunks: Buffer[] = [];
+    let err = '';
+    c.stdout.on('data', (d: Buffer) => chunks.push(d));
+    c.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    c.on('error', rej);
+    const timer = setTimeout(() => c.kill('SIGKILL'), 60_000);
+    c.on('close', () => {
+      clearTimeout(timer);
+      const out = Buffer.concat(chunks);
+      const text = out.toString('latin1');
+      if (!/^a OK/m.test(text)) {
+        rej(new Error(`dovecot imap failed: ${text.slice(0, 2000)} ${err}`));
+        return;
+      }
+      const messages: ImapMessage[] = [];
+      const re = /\* \d+ FETCH \(RFC822\.SIZE (\d+) BODY\[\] \{(\d+)\}\r\n/g;
+      let m;
+      while ((m = re.exec(text)) !== null) {
+        const len = Number(m[2]);
+        const start = m.index + m[0].length;
+        messages.push({ size: Number(m[1]), body: out.subarray(start, start + len) });
+        re.lastIndex = start + len;
+      }
+      res({ messages, transcript: text.replace(/\* \d+ FETCH[\s\S]*?\r\n\)\r\n/g, '').slice(0, 4000) });
+    });
+    c.stdin.end(`a SELECT "${folder}"\r\nb FETCH 1:* (RFC822.SIZE BODY.PEEK[])\r\nc LOGOUT\r\n`);
+  });
+}
+
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
