@@ -91,7 +91,7 @@ async function prepare(req: MdaRequest): Promise<MdaPrepared | DeliveryResult> {
     };
     await w(parts.prefix);
     fault('tmp-partial');
-    for await (const chunk of req.message.body()) await w(chunk);
+    for await (const chunk of req.message.body(true)) await w(chunk);
     await fh.sync();
     await fh.close();
     fault('tmp-synced');

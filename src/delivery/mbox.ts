@@ -158,7 +158,7 @@ async function prepare(req: MdaRequest): Promise<MdaPrepared | DeliveryResult> {
     await w([Buffer.from(`From ${sender} ${asctime(new Date())}\n`, 'latin1'), parts.prefix]);
     const q = new MboxQuoter();
     let last = 10;
-    for await (const chunk of req.message.body()) {
+    for await (const chunk of req.message.body(true)) {
       if (chunk.length > 0) last = chunk[chunk.length - 1] ?? 10;
       await w(q.push(chunk));
     }

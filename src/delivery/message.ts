@@ -39,8 +39,11 @@ export interface Spooled {
   /** bytes read from the input, after CRLF → LF */
   readonly size: number;
   readonly oversized: boolean;
-  /** the body bytes, from the start, as often as needed */
-  body(): AsyncIterable<Buffer>;
+  /**
+   * The body bytes, from the start, as often as needed. With `reuse` one buffer is recycled:
+   * the consumer must be done with a chunk (written it) before asking for the next one.
+   */
+  body(reuse?: boolean): AsyncIterable<Buffer>;
   /** all values of a header field (lower-case name) */
   get(name: string): string[];
   close(): Promise<void>;
@@ -260,22 +263,23 @@ export async function spool(input: AsyncIterable<Buffer | string>, opts: SpoolOp
     size,
     oversized,
     get: (name) => fields.filter((f) => f.name === name).map((f) => f.value),
-    body: () => bodyIterator(mem, fh, total),
+    body: (reuse) => bodyIterator(mem, fh, total, reuse === true),
     close: async () => {
       if (fh) await fh.close().catch(() => undefined);
     },
   };
 }
 
-async function* bodyIterator(mem: readonly Buffer[], fh: FileHandle | null, total: number): AsyncIterable<Buffer> {
+async function* bodyIterator(mem: readonly Buffer[], fh: FileHandle | null, total: number, reuse: boolean): AsyncIterable<Buffer> {
   if (fh === null) {
     yield* mem;
     return;
   }
   let pos = 0;
+  const shared = reuse ? Buffer.allocUnsafeSlow(CHUNK) : null;
   while (pos < total) {
-    const buf = Buffer.allocUnsafe(Math.min(CHUNK, total - pos));
-    const { bytesRead } = await fh.read(buf, 0, buf.length, pos);
+    const buf = shared ?? Buffer.allocUnsafe(Math.min(CHUNK, total - pos));
+    const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, total - pos), pos);
     if (bytesRead <= 0) throw new Error('spool file shrank while reading');
     pos += bytesRead;
     yield buf.subarray(0, bytesRead);
