@@ -75,6 +75,7 @@ export function createLmtpServer(o: LmtpServerOptions): SMTPServer {
     banner: 'PigeonDeliver LMTP ready',
     disabledCommands: ['AUTH', 'STARTTLS'],
     hideSTARTTLS: true,
+    hideENHANCEDSTATUSCODES: false,
     authOptional: true,
     disableReverseLookup: true,
     logger: false,
@@ -171,6 +172,10 @@ class StdioDuplex extends Duplex {
   readonly remotePort = 0;
   readonly localAddress = '127.0.0.1';
   readonly localPort = 0;
+  /** smtp-server writes only to a socket whose readyState is 'open' */
+  get readyState(): string {
+    return this.destroyed ? 'closed' : 'open';
+  }
   constructor() {
     super({ allowHalfOpen: false });
     process.stdin.on('data', (d: Buffer) => {
@@ -215,10 +220,16 @@ class StdioDuplex extends Duplex {
   }
 }
 
-/** The session's socket for `pigeon lmtp --forker stdio|inetd`: fd 0 as a socket, else a stdio duplex. */
+/**
+ * The session's socket for `pigeon lmtp --forker stdio|inetd`: fd 0 itself when it is a socket
+ * that is also fd 1 (inetd, Postfix spawn), else stdin + stdout as one duplex (pipes, or the two
+ * socketpairs a parent process such as a test or swaks --pipe gives).
+ */
 export function stdioSocket(forker: 'stdio' | 'inetd'): net.Socket | Duplex {
-  const isSocket = fstatSync(0).isSocket();
-  if (forker === 'inetd' && !isSocket) throw new Error('--forker inetd: fd 0 is not a socket (use --forker stdio)');
-  if (isSocket) return new net.Socket({ fd: 0, readable: true, writable: true });
+  const s0 = fstatSync(0);
+  const s1 = fstatSync(1);
+  const shared = s0.isSocket() && s0.ino === s1.ino && s0.dev === s1.dev;
+  if (forker === 'inetd' && !shared) throw new Error('--forker inetd: fd 0 is not the connection socket (use --forker stdio)');
+  if (shared) return new net.Socket({ fd: 0, readable: true, writable: true });
   return new StdioDuplex();
 }

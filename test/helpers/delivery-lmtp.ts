@@ -1,0 +1,78 @@
+/** A raw SMTP/LMTP client over any duplex: write a line, read one (possibly multi-line) reply. */
+import type { Duplex, Readable, Writable } from 'node:stream';
+
+export class Dialog {
+  private buf = '';
+  private waiters: (() => void)[] = [];
+  private ended = false;
+  constructor(
+    private readonly input: Readable,
+    private readonly output: Writable,
+  ) {
+    input.on('data', (d: Buffer) => {
+      this.buf += d.toString('latin1');
+      this.wake();
+    });
+    input.on('end', () => {
+      this.ended = true;
+      this.wake();
+    });
+    input.on('error', () => {
+      this.ended = true;
+      this.wake();
+    });
+  }
+  static of(s: Duplex): Dialog {
+    return new Dialog(s, s);
+  }
+  private wake(): void {
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+  /** The next complete reply: its lines (the last one starts "NNN "). */
+  async reply(timeoutMs = 60_000): Promise<string[]> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const lines = this.buf.split('\r\n');
+      for (let i = 0; i < lines.length - 1; i++) {
+        if (/^\d{3} /.test(lines[i] ?? '') || /^\d{3}$/.test(lines[i] ?? '')) {
+          const out = lines.slice(0, i + 1);
+          this.buf = lines.slice(i + 1).join('\r\n');
+          return out;
+        }
+      }
+      if (this.ended) throw new Error(`connection closed; pending: ${JSON.stringify(this.buf)}`);
+      if (Date.now() > deadline) throw new Error(`no reply within ${timeoutMs} ms; pending: ${JSON.stringify(this.buf)}`);
+      await new Promise<void>((r) => {
+        const tm = setTimeout(r, 200);
+        this.waiters.push(() => {
+          clearTimeout(tm);
+          r();
+        });
+      });
+    }
+  }
+  /** Last line of the next reply. */
+  async line(timeoutMs?: number): Promise<string> {
+    const r = await this.reply(timeoutMs);
+    return r[r.length - 1] ?? '';
+  }
+  send(s: string | Buffer): void {
+    this.output.write(typeof s === 'string' ? Buffer.from(s, 'latin1') : s);
+  }
+  async cmd(s: string): Promise<string> {
+    this.send(`${s}\r\n`);
+    return this.line();
+  }
+  pending(): string {
+    return this.buf;
+  }
+}
+
+/** SMTP DATA encoding: CRLF line ends, leading dots doubled, final dot line. */
+export function dataOf(msg: string): string {
+  const crlf = msg.replace(/\r?\n/g, '\r\n');
+  const body = crlf.endsWith('\r\n') ? crlf : `${crlf}\r\n`;
+  return `${body.replace(/^\./gm, '..')}.\r\n`;
+}
