@@ -18,13 +18,16 @@ const MAX_CONCURRENT_VERIFIES = 4;
 let running = 0;
 const waiting: (() => void)[] = [];
 async function limited<T>(fn: () => Promise<T>): Promise<T> {
+  // a finishing call hands its slot straight to the first waiter, so a call arriving in between
+  // cannot take it too (that let a fifth verification run)
   if (running >= MAX_CONCURRENT_VERIFIES) await new Promise<void>((r) => waiting.push(r));
-  running++;
+  else running++;
   try {
     return await fn();
   } finally {
-    running--;
-    waiting.shift()?.();
+    const next = waiting.shift();
+    if (next) next();
+    else running--;
   }
 }
 

@@ -222,3 +222,56 @@ t.test('authenticate(): outcomes, and an unknown user costs about what a wrong p
   t.ok(mu >= 0.5 * mw, `unknown user (${mu.toFixed(2)} ms) >= 0.5 x wrong password (${mw.toFixed(2)} ms)`);
   t.ok(mi >= 0.5 * mw, `invalid user name (${mi.toFixed(2)} ms) >= 0.5 x wrong password (${mw.toFixed(2)} ms)`);
 });
+
+t.test('at most 4 hash verifications run at once, even when a new login arrives as one finishes', async (t) => {
+  // a controllable stand-in for the hash function (not the thing under test: the limiter is)
+  let active = 0;
+  let max = 0;
+  const pending: { promise: Promise<boolean>; finish: () => void }[] = [];
+  const fakeVerify = (): Promise<boolean> => {
+    active++;
+    max = Math.max(max, active);
+    let finish = (): void => undefined;
+    const promise = new Promise<boolean>((res) => {
+      finish = () => {
+        active--;
+        res(false);
+      };
+    });
+    pending.push({ promise, finish });
+    return promise;
+  };
+  const schemes = await import('../auth/schemes.js');
+  const { databaseAuth: limitedAuth } = await t.mockImport<typeof import('../auth/database.js')>('../auth/database.js', {
+    '../auth/schemes.js': { ...schemes, verifyPassword: fakeVerify, dummyVerify: fakeVerify },
+  });
+  const dir = t.testdir();
+  const file = join(dir, 'pigeon.db');
+  const store = new Store(openDb(file, { create: true }), file);
+  t.teardown(() => store.close());
+  store.addDomain('example.test');
+  store.addUser('a@example.test', '{PLAIN}x', null);
+  const auth = limitedAuth(store);
+  const login = () => auth.authenticate({ user: 'a@example.test', password: 'y', service: 'imap' });
+  const all: Promise<unknown>[] = [];
+  for (let i = 0; i < 5; i++) all.push(login());
+  await new Promise((r) => setImmediate(r));
+  t.equal(active, 4, 'four verifications run, the fifth login waits');
+  // finish the first verification, and start a new login in the very reaction that follows it
+  const first = pending.shift();
+  if (!first) throw new Error('no verification started');
+  void first.promise.then(() => {
+    all.push(login());
+  });
+  first.finish();
+  await new Promise((r) => setImmediate(r));
+  t.ok(max <= 4, `never more than 4 at once (saw ${max})`);
+  // drain everything
+  for (let p = pending.shift(); p; p = pending.shift()) {
+    p.finish();
+    await new Promise((r) => setImmediate(r));
+  }
+  await Promise.all(all);
+  t.equal(active, 0, 'all finished');
+  t.ok(max <= 4, `never more than 4 at once (saw ${max})`);
+});

@@ -382,7 +382,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       console.log(`passdb: ${r.user.user.address} auth succeeded`);
       console.log(`home: ${r.user.user.home ?? '-'}  allocation: ${r.user.user.allocation ? JSON.stringify(r.user.user.allocation) : '-'}`);
       console.log('extra fields:');
-      process.stdout.write(explainText(r.user.config, false).replace(/^/gm, '  '));
+      process.stdout.write(explainText(r.user.config, false).replace(/^(?=.)/gm, '  '));
     });
   program
     .command('pw')
