@@ -49,7 +49,8 @@ const fail = (r: DeliveryResult): DeliverOutcome => ({ code: exitCodeOf(r), line
 /** Normalise an envelope sender: '' for the null sender; null if unusable. */
 export function parseSender(s: string): string | null {
   const v = s.trim().replace(/^<(.*)>$/, '$1').trim();
-  if (v === '') return '';
+  // pipe(8) expands the null sender to MAILER-DAEMON unless null_sender= is set
+  if (v === '' || v.toUpperCase() === 'MAILER-DAEMON') return '';
   if (/[\s\0<>]/.test(v) || v.length > 320) return null;
   return v;
 }

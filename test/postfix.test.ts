@@ -1,0 +1,97 @@
+// A real private Postfix instance delivering to pigeon through the three documented forms — pipe(8)
+// (`pigeon deliver`), LMTP over TCP (the listener `pigeon serve` runs), LMTP over a unix socket to
+// `pigeon lmtp` under spawn(8) — from an SMTP submission, to a message the real Dovecot serves.
+// Exit codes and LMTP replies are checked as Postfix logs them (sent / bounced / deferred).
+import t from 'tap';
+import { spawnSync } from 'node:child_process';
+import net from 'node:net';
+import { join } from 'node:path';
+import { loadInstance } from '../src/instance.js';
+import { openDb } from '../src/db.js';
+import { Store } from '../src/store.js';
+import { silentLogger } from '../src/delivery/env.js';
+import { createLmtpServer, listenLmtp } from '../src/delivery/lmtp.js';
+import { CLI, cli, ok, makeInstance, setUser, maildirOf, files, msg, dovecotRead, sleep } from './helpers/delivery-env.js';
+import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
+
+async function waitFor(what: string, f: () => boolean, ms = 90_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if (f()) return;
+    await sleep(250);
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+t.test('Postfix → pipe / lmtp:inet / lmtp:unix+spawn → Maildir → Dovecot', async (t) => {
+  const dir = t.testdir();
+  const inst = makeInstance(dir, []);
+  for (const d of ['pipe.test', 'lmtp.test', 'spawn.test']) ok(cli(inst, ['domain', 'add', d]), d);
+  for (const u of ['alice@pipe.test', 'full@pipe.test', 'alice@lmtp.test', 'full@lmtp.test', 'alice@spawn.test']) ok(cli(inst, ['user', 'add', u, '--password-stdin'], 'pw\n'), u);
+  setUser(inst, 'full@pipe.test', 'mailstore.quota', '10');
+  setUser(inst, 'full@lmtp.test', 'mailstore.quota', '10');
+  setUser(inst, 'full@lmtp.test', 'mailstore.quota_full', 'defer');
+  // pipe(8) and spawn(8) run pigeon as user=mail: the instance must be writable by it
+  spawnSync('chown', ['-R', 'mail:mail', inst]);
+
+  // the LMTP listener `pigeon serve` would run, in this process
+  const instance = loadInstance(inst);
+  const store = new Store(openDb(instance.dbPath), instance.dbPath);
+  t.teardown(() => store.close());
+  const lmtp = await listenLmtp(createLmtpServer({ instance, store, logger: silentLogger }), { host: '127.0.0.1', port: 0, path: null });
+  t.teardown(() => lmtp.close());
+  const lmtpPort = (lmtp.address() as net.AddressInfo).port;
+
+  const smtpPort = await freePort();
+  const node = process.execPath;
+  const pf = startPostfix({
+    dir,
+    smtpPort,
+    main: `virtual_mailbox_domains = pipe.test lmtp.test spawn.test
+virtual_mailbox_maps = static:ok
+transport_maps = inline:{ pipe.test=pigeon:, lmtp.test=lmtp:inet:127.0.0.1:${lmtpPort}, spawn.test=lmtp:unix:private/pigeon-lmtp }
+pigeon_destination_recipient_limit = 1`,
+    // the lines docs/delivery.md shows, with this test's paths
+    master: `pigeon    unix  -       n       n       -       -       pipe
+  flags=Rq user=mail argv=${node} ${CLI} -c ${inst} deliver -f \${sender} -a \${original_recipient} -- \${recipient}
+pigeon-lmtp unix -      n       n       -       -       spawn
+  user=mail argv=${node} ${CLI} -c ${inst} lmtp --forker stdio`,
+  });
+  t.teardown(() => pf.stop());
+
+  const replies = await smtpSubmit(smtpPort, 'bob@remote.test', ['alice@pipe.test', 'nobody@pipe.test', 'full@pipe.test', 'alice@lmtp.test', 'nobody@lmtp.test', 'full@lmtp.test', 'alice@spawn.test'], msg({ to: 'alice@pipe.test', subject: 'via postfix', body: 'hello through postfix\n.dot line\n' }));
+  t.match(replies[replies.length - 2] ?? '', /^250 .*queued/, `Postfix queued the message: ${replies.join(' | ')}`);
+
+  const boxes = ['alice@pipe.test', 'alice@lmtp.test', 'alice@spawn.test'].map((u) => maildirOf(inst, u));
+  await waitFor('delivery to the three mailboxes', () => boxes.every((b) => files(join(b, 'new')).length === 1));
+  await waitFor('Postfix log lines', () => {
+    const l = pf.log();
+    return /nobody@pipe\.test.*status=bounced/.test(l) && /nobody@lmtp\.test.*status=bounced/.test(l) && /full@pipe\.test.*status=bounced/.test(l) && /full@lmtp\.test.*status=deferred/.test(l);
+  });
+  const log = pf.log();
+  t.match(log, /to=<alice@pipe\.test>.*relay=pigeon.*status=sent/, 'pipe: sent');
+  t.match(log, /to=<nobody@pipe\.test>.*dsn=5\.1\.1.*status=bounced \(<nobody@pipe\.test>: user unknown/, 'pipe: exit 67 + our line → bounced 5.1.1');
+  t.match(log, /to=<full@pipe\.test>.*dsn=5\.2\.2.*status=bounced/, 'pipe: over quota bounced 5.2.2');
+  t.match(log, /to=<alice@lmtp\.test>.*relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+.*status=sent \(250 2\.0\.0 <alice@lmtp\.test> Saved\)/, 'lmtp: sent');
+  t.match(log, /to=<nobody@lmtp\.test>.*dsn=5\.1\.1.*status=bounced/, 'lmtp: unknown user bounced at RCPT');
+  t.match(log, /to=<full@lmtp\.test>.*dsn=4\.2\.2.*status=deferred/, 'lmtp: quota_full=defer → deferred 4.2.2');
+  t.match(log, /to=<alice@spawn\.test>.*relay=.*pigeon-lmtp.*status=sent/, 'lmtp via spawn(8): sent');
+
+  for (const b of boxes) {
+    const { messages } = await dovecotRead(`maildir:${b}`);
+    t.equal(messages.length, 1, `Dovecot serves the message in ${b}`);
+    const text = messages[0]?.body.toString() ?? '';
+    t.match(text, /^Return-Path: <bob@remote\.test>\r\nDelivered-To: alice@(pipe|lmtp|spawn)\.test\r\n/);
+    t.equal(text.match(/^Return-Path:/gm)?.length, 1, 'one Return-Path (pipe R flag replaced, not duplicated)');
+    t.match(text, /Received: from client\.pigeon\.test/, 'Postfix trace kept');
+    t.match(text, /\r\n\r\nhello through postfix\r\n\.dot line\r\n$/);
+  }
+  t.equal(files(join(maildirOf(inst, 'full@pipe.test'), 'new')).length, 0);
+
+  // a bounce (null sender) through pipe(8): ${sender} expands to MAILER-DAEMON → Return-Path: <>
+  const r2 = await smtpSubmit(smtpPort, '', ['alice@pipe.test'], msg({ subject: 'null sender' }));
+  t.match(r2[r2.length - 2] ?? '', /^250 /);
+  await waitFor('second pipe delivery', () => files(join(boxes[0] ?? '', 'new')).length + files(join(boxes[0] ?? '', 'cur')).length === 2);
+  const { messages } = await dovecotRead(`maildir:${boxes[0] ?? ''}`);
+  t.match(messages[1]?.body.toString() ?? '', /^Return-Path: <>\r\n/);
+});
