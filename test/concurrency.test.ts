@@ -79,7 +79,7 @@ t.test('12 writers at once: 8 user adds and 4 config sets all succeed, nothing l
 
   // and the passwords each writer set belong to its own user
   const logins = await Promise.all(users.map((u, i) => start([...C, 'auth', 'test', u], `pw-${i}\n`)));
-  t.same(logins.map((r) => r.code), users.map(() => 0), 'each user logs in with the password its writer gave');
+  logins.forEach((r, i) => t.equal(r.code, 0, `${users[i] ?? ''} logs in with the password its writer gave ${r.err}`));
 });
 
 t.test('two processes add the same user: exactly one succeeds, the other exits 73', async (t) => {

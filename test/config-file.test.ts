@@ -40,6 +40,21 @@ function run(args: readonly string[], opts: { input?: string; env?: Record<strin
   return { code: r.status, out: r.stdout, err: r.stderr, ms: Date.now() - start };
 }
 
+/** Like run(), without blocking: independent cases run side by side. */
+function runAsync(args: readonly string[]): Promise<Run> {
+  const start = Date.now();
+  return new Promise((resolve, reject) => {
+    const c = spawn(process.execPath, [CLI, ...args], { env: cleanEnv() });
+    let out = '';
+    let err = '';
+    c.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
+    c.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
+    c.on('error', reject);
+    c.on('close', (code) => resolve({ code, out, err, ms: Date.now() - start }));
+    c.stdin.end();
+  });
+}
+
 const root = t.testdir();
 const template = join(root, 'template');
 const init = run(['init', template, '--node', 'cfg1', '--listen', 'imap=127.0.0.1:1143']);
@@ -87,14 +102,17 @@ t.test('syntax errors: exit 78 with pigeon.yaml:LINE:COL', async (t) => {
     ['mail_user: @mail', 'a reserved character', 12],
     ['\tmail_user: mail', 'a tab as indentation', 1],
   ];
-  for (const [bad, what, col] of cases) {
+  const prepared = cases.map(([bad, what, col]) => {
     const dir = instance();
-    const line = editLine(dir, 'mail_user: mail', bad);
-    const r = run(['-c', dir, 'domain', 'list']);
+    return { dir, what, col, line: editLine(dir, 'mail_user: mail', bad) };
+  });
+  const runs = await Promise.all(prepared.map((c) => runAsync(['-c', c.dir, 'domain', 'list'])));
+  prepared.forEach(({ dir, what, col, line }, i) => {
+    const r = runs[i] as Run;
     t.equal(r.code, 78, `${what}: exit 78`);
     t.match(r.err, `${join(dir, 'pigeon.yaml')}:${line}:${col}: syntax error`, `${what}: names pigeon.yaml:${line}:${col}`);
     t.equal(r.err.trim().split('\n').length, 1, `${what}: one line on stderr`);
-  }
+  });
   const dir = instance();
   const line = editLine(dir, 'mail_user: mail', 'mail_user: mail\nmail_user: again');
   const r = run(['-c', dir, 'config', 'test']);
@@ -110,14 +128,17 @@ t.test('unknown keys and wrong types: exit 78 naming file:line:col and the key',
     ['  max_line: 8192', '  max_line: 10', 'a number below its minimum', 13, /limits\.max_line: .*>=512/],
     ['  level: info', '  level: loud', 'a value not in the list', 10, /log\.level: .*"debug"/],
   ];
-  for (const [from, to, what, col, msg] of cases) {
+  const prepared = cases.map(([from, to, what, col, msg]) => {
     const dir = instance();
-    const line = editLine(dir, from, to);
-    const r = run(['-c', dir, 'domain', 'list']);
+    return { dir, what, col, msg, line: editLine(dir, from, to) };
+  });
+  const runs = await Promise.all(prepared.map((c) => runAsync(['-c', c.dir, 'domain', 'list'])));
+  prepared.forEach(({ dir, what, col, msg, line }, i) => {
+    const r = runs[i] as Run;
     t.equal(r.code, 78, `${what}: exit 78`);
     t.match(r.err, `${join(dir, 'pigeon.yaml')}:${line}:${col}: `, `${what}: pigeon.yaml:${line}:${col}`);
     t.match(r.err, msg, `${what}: names the key`);
-  }
+  });
   // a wrong type written as a flow mapping, as in the issue
   const dir = instance();
   writeFileSync(join(dir, 'pigeon.yaml'), `${readFileSync(join(template, 'pigeon.yaml'), 'utf8').replace(/^limits:\n(  .*\n|\s*#.*\n)*/m, '')}limits: {max_line: "x"}\n`);
