@@ -7,6 +7,9 @@
  *             `OK [CAPABILITY …] Logged in`. POP3: Dovecot sends no greeting standalone; we send
  *             NOOP, wait for +OK, and greet the client with `+OK Logged in.`.
  *             Our session id and the client address go into Dovecot's log prefix.
+ *             On plain TCP the client socket itself becomes Dovecot's stdin/stdout (no copy; the
+ *             bytes already read are replayed with CLIENT_INPUT); behind TLS or on pipes the
+ *             proxy relays through pipes.
  * DIAGNOSTICS BackendError start-failed (exit before greeting, e.g. 89 on init failure), timeout,
  *             protocol (unexpected first line).
  * SECURITY    Never runs Dovecot as root (backends.md §1.7); the environment is built from
@@ -70,6 +73,19 @@ async function firstLine(req: BackendRequest, child: ReturnType<typeof spawn>): 
   });
 }
 
+function pipeStderr(req: BackendRequest, child: ReturnType<typeof spawn>): void {
+  let errBuf = '';
+  child.stderr?.setEncoding('utf8');
+  child.stderr?.on('data', (s: string) => {
+    errBuf += s;
+    let nl;
+    while ((nl = errBuf.indexOf('\n')) >= 0) {
+      req.logLine(errBuf.slice(0, nl));
+      errBuf = errBuf.slice(nl + 1);
+    }
+  });
+}
+
 async function start(req: BackendRequest): Promise<BackendSession> {
   const { location, home } = mailLocation(req);
   const bin = req.protocol === 'imap' ? req.binaries.imap : req.binaries.pop3;
@@ -84,18 +100,26 @@ async function start(req: BackendRequest): Promise<BackendSession> {
   };
   if (req.protocol === 'imap' && req.tag !== null) env['IMAPLOGINTAG'] = safe(req.tag);
   const opts = req.mailUser.switchTo ? { uid: req.mailUser.uid, gid: req.mailUser.gid } : {};
+  if (req.handoff) {
+    // hand the client socket itself to Dovecot; bytes already read are replayed via CLIENT_INPUT
+    // (imap: flag '0', tag, NUL, pipelined bytes; pop3: the pipelined bytes)
+    if (req.protocol === 'imap') {
+      delete env['IMAPLOGINTAG'];
+      env['CLIENT_INPUT'] = Buffer.concat([Buffer.from(`0${req.tag ?? ''}\0`, 'latin1'), req.handoff.input]).toString('base64');
+    } else if (req.handoff.input.length > 0) {
+      env['CLIENT_INPUT'] = req.handoff.input.toString('base64');
+    }
+    const child = spawn(bin, args, { ...opts, env, cwd: home, stdio: [req.handoff.socket, req.handoff.socket, 'pipe'] });
+    pipeStderr(req, child);
+    await new Promise<void>((resolve, reject) => {
+      child.once('spawn', () => resolve());
+      child.once('error', (e) => reject(new BackendError({ kind: 'start-failed', detail: `cannot start dovecot ${req.protocol}: ${e.message}` })));
+    });
+    return { child, greeting: Buffer.from(req.protocol === 'pop3' ? '+OK Logged in.\r\n' : ''), handedOff: true };
+  }
   const child = spawn(bin, args, { ...opts, env, cwd: home, stdio: ['pipe', 'pipe', 'pipe'] });
   child.stdin.on('error', () => {});
-  let errBuf = '';
-  child.stderr.setEncoding('utf8');
-  child.stderr.on('data', (s: string) => {
-    errBuf += s;
-    let nl;
-    while ((nl = errBuf.indexOf('\n')) >= 0) {
-      req.logLine(errBuf.slice(0, nl));
-      errBuf = errBuf.slice(nl + 1);
-    }
-  });
+  pipeStderr(req, child);
   try {
     if (req.protocol === 'imap') {
       const line = await firstLine(req, child);
@@ -103,14 +127,14 @@ async function start(req: BackendRequest): Promise<BackendSession> {
       if (!line.toString('latin1').startsWith(tag === '*' ? '* PREAUTH' : `${tag} OK`)) {
         throw new BackendError({ kind: 'protocol', detail: `unexpected greeting from dovecot imap: ${line.toString('latin1').trim().slice(0, 100)}` });
       }
-      return { child, greeting: line };
+      return { child, greeting: line, handedOff: false };
     }
     child.stdin.write('NOOP\r\n');
     const line = await firstLine(req, child);
     if (!line.toString('latin1').startsWith('+OK')) {
       throw new BackendError({ kind: 'protocol', detail: `dovecot pop3 answered NOOP with: ${line.toString('latin1').trim().slice(0, 100)}` });
     }
-    return { child, greeting: Buffer.from('+OK Logged in.\r\n') };
+    return { child, greeting: Buffer.from('+OK Logged in.\r\n'), handedOff: false };
   } catch (e) {
     child.kill('SIGKILL');
     throw e;

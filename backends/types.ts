@@ -20,6 +20,11 @@ export interface BackendRequest {
   readonly tag: string | null;
   /** binary paths from pigeon.yaml (node-local) */
   readonly binaries: { readonly imap: string; readonly pop3: string };
+  /**
+   * Plain-TCP client socket to give to the backend as its stdin/stdout (no copy), with the bytes
+   * the proxy already read after the login command; null = relay through pipes.
+   */
+  readonly handoff: { readonly socket: import('node:stream').Duplex; readonly input: Buffer } | null;
   /** where the backend's own log lines go */
   readonly logLine: (line: string) => void;
 }
@@ -28,6 +33,8 @@ export interface BackendSession {
   readonly child: ChildProcess;
   /** bytes to send to the client before relaying (the backend's tagged OK, or +OK) */
   readonly greeting: Buffer;
+  /** the backend owns the client socket: nothing to relay, wait for it to exit */
+  readonly handedOff: boolean;
 }
 
 export type BackendFailure = { readonly kind: 'start-failed' | 'timeout' | 'protocol'; readonly detail: string };

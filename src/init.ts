@@ -51,6 +51,10 @@ mail_user: mail
 # Listeners of "pigeon serve": PROTO=HOST:PORT with PROTO one of
 # imap imaps pop3 pop3s lmtp peer metrics; lmtp may also be a unix socket path (lmtp=/run/x.sock).
 ${yamlListen(ls, o.listen)}
+# After login on plain TCP, give the client's socket itself to Dovecot (no copy in between).
+# false: always relay through the proxy (byte counts in the logout line).
+handoff: true
+
 # TLS: this node's certificate (client-facing TLS and peer links) and the cluster CA.
 tls:
   cert: certs/node.crt

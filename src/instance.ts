@@ -66,6 +66,7 @@ export const fileSchema = z.strictObject({
   mail_root: path.default('mail'),
   mail_user: z.string().min(1).default('mail'),
   listen: z.array(listenSchema).default([]),
+  handoff: z.boolean().default(true),
   tls: z
     .strictObject({
       cert: path.default('certs/node.crt'),

@@ -190,7 +190,8 @@ t.test('no backend is started before authentication; a backend that fails to sta
   const fake = join(i3.dir, 'fake-imap.sh');
   writeFileSync(fake, `#!/bin/sh\necho started > ${marker}\nexit 89\n`);
   chmodSync(fake, 0o755);
-  writeFileSync(join(i3.dir, 'conf.d', '60-fake.yaml'), `dovecot:\n  imap: ${fake}\n`);
+  // relay mode: the proxy itself sees the backend fail and answers the login tag
+  writeFileSync(join(i3.dir, 'conf.d', '60-fake.yaml'), `handoff: false\ndovecot:\n  imap: ${fake}\n`);
   const s3 = await serve(t, i3);
   const w = await Wire.open(s3.ports['imap'] ?? 0);
   await w.until(/\r\n/);
@@ -207,6 +208,15 @@ t.test('no backend is started before authentication; a backend that fails to sta
   w.close();
   const log = readFileSync(join(i3.dir, 'pigeon.log'), 'utf8');
   t.match(log, /Backend failure: start-failed: dovecot imap exited with 89 before greeting/);
+  // hand-off mode: the socket went to the backend, which died at init: the proxy says BYE [UNAVAILABLE]
+  writeFileSync(join(i3.dir, 'conf.d', '60-fake.yaml'), `handoff: true\ndovecot:\n  imap: ${fake}\n`);
+  const s4 = await serve(t, i3);
+  const h = await Wire.open(s4.ports['imap'] ?? 0);
+  await h.until(/\r\n/);
+  h.write('b1 LOGIN bob@example.test b0b\r\n');
+  const r = await h.until(/BYE.*\r\n|b1 .*\r\n/);
+  t.match(r, /\* BYE \[UNAVAILABLE\]/, 'a backend dying at start after hand-off: BYE [UNAVAILABLE], never an auth failure');
+  t.ok(await h.waitClosed());
 });
 
 t.test('login.plaintext=never: LOGINDISABLED until STARTTLS', async (t) => {

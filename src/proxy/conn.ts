@@ -139,7 +139,28 @@ export class ClientConn {
     this.unattach();
     const pending = this.chunks;
     this.chunks = [];
+    // bytes the stream already buffered internally while paused
+    for (let c: unknown = this.stream.read(); c !== null; c = this.stream.read()) {
+      if (Buffer.isBuffer(c)) pending.push(c);
+    }
     return { input: this.stream, output: this.output, pending };
+  }
+
+  /** Put bytes back in front of the input and read again (a hand-off that did not happen). */
+  reattach(input: Buffer): void {
+    if (input.length > 0) this.chunks.unshift(input);
+    this.unattach();
+    this.attach();
+  }
+
+  /**
+   * The plain socket itself, when the client is on plain TCP (not TLS, not a pipe): a backend can
+   * then be given the connection with no copy in between.
+   */
+  handoffSocket(): Duplex | null {
+    if (this.secure || !this.canTls) return null;
+    const s = this.stream as Duplex & { _handle?: { fd?: number } };
+    return typeof s._handle?.fd === 'number' && s._handle.fd >= 0 ? s : null;
   }
 
   /** Underlying stream (for handing a plain socket's fd to a backend). */

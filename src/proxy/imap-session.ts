@@ -308,7 +308,7 @@ export class ImapSession {
       return this.afterFailure();
     }
     const address = r.user.user.address;
-    const rt = await route(env, 'imap', r.user, conn, this.st.sid, tag);
+    const rt = await route(env, 'imap', r.user, conn, this.st.sid, tag, () => this.framer.rest());
     if (!rt.ok) {
       env.log.log('error', `imap(${address})`, `Backend failure: ${rt.reason}:`, { rip: conn.peer.rip, session: this.st.sid });
       conn.write(`${tag} NO [UNAVAILABLE] Internal error occurred. Refer to server log for more information.\r\n`);
@@ -318,7 +318,7 @@ export class ImapSession {
     clearTimeout(this.absTimer);
     const leftover = this.framer.rest();
     const res = await relay(conn, rt.session, leftover);
-    env.log.log('info', `imap(${address})`, `Disconnected: Logged out in=${res.in} out=${res.out}`, { session: this.st.sid });
+    env.log.log('info', `imap(${address})`, res.in < 0 ? 'Disconnected: Logged out (socket handed to the backend)' : `Disconnected: Logged out in=${res.in} out=${res.out}`, { session: this.st.sid });
     return true;
   }
 }

@@ -249,7 +249,11 @@ export class Pop3Session {
       return this.afterFailure();
     }
     const address = r.user.user.address;
-    const rt = await route(env, 'pop3', r.user, conn, this.st.sid, null);
+    const rt = await route(env, 'pop3', r.user, conn, this.st.sid, null, () => {
+      const b = this.buf;
+      this.buf = Buffer.alloc(0);
+      return b;
+    });
     if (!rt.ok) {
       env.log.log('error', `pop3(${address})`, `Backend failure: ${rt.reason}:`, { rip: conn.peer.rip, session: this.st.sid });
       conn.write('-ERR [SYS/TEMP] Internal error occurred. Refer to server log for more information.\r\n');
@@ -260,7 +264,7 @@ export class Pop3Session {
     const leftover = this.buf;
     this.buf = Buffer.alloc(0);
     const res = await relay(conn, rt.session, leftover);
-    env.log.log('info', `pop3(${address})`, `Disconnected: Logged out in=${res.in} out=${res.out}`, { session: this.st.sid });
+    env.log.log('info', `pop3(${address})`, res.in < 0 ? 'Disconnected: Logged out (socket handed to the backend)' : `Disconnected: Logged out in=${res.in} out=${res.out}`, { session: this.st.sid });
     return true;
   }
 }

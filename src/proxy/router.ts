@@ -18,7 +18,9 @@ import { isAppError } from '../errors.js';
 
 export type RouteResult = { ok: true; session: BackendSession; backend: string } | { ok: false; reason: string };
 
-export async function route(env: ProxyEnv, protocol: 'imap' | 'pop3', u: ResolvedUser, conn: ClientConn, sid: string, tag: string | null): Promise<RouteResult> {
+const HANDOFF_MAX_INPUT = 16 * 1024;
+
+export async function route(env: ProxyEnv, protocol: 'imap' | 'pop3', u: ResolvedUser, conn: ClientConn, sid: string, tag: string | null, leftover: () => Buffer): Promise<RouteResult> {
   const backendName = String(u.config[`${protocol}.backend`]?.value ?? 'dovecot');
   const backend = BACKENDS.get(backendName);
   if (!backend) return { ok: false, reason: `backend ${backendName} is not available on this node (known: ${[...BACKENDS.keys()].join(', ')})` };
@@ -29,8 +31,17 @@ export async function route(env: ProxyEnv, protocol: 'imap' | 'pop3', u: Resolve
     return { ok: false, reason: isAppError(e) ? e.message : `allocation failed: ${String(e)}` };
   }
   if (placement.kind === 'remote') return { ok: false, reason: `mailbox is on node ${placement.node}; no peer link to it is configured` };
+  let handoff: { socket: import('node:stream').Duplex; input: Buffer } | null = null;
+  const sock = conn.handoffSocket();
+  if (sock && env.instance.config.handoff) {
+    const { pending } = conn.detach();
+    const input = Buffer.concat([leftover(), ...pending]);
+    if (input.length <= HANDOFF_MAX_INPUT) handoff = { socket: sock, input };
+    else conn.reattach(input);
+  }
   try {
     const session = await backend.start({
+      handoff,
       protocol,
       address: u.user.address,
       allocation: placement.allocation,
@@ -43,12 +54,14 @@ export async function route(env: ProxyEnv, protocol: 'imap' | 'pop3', u: Resolve
     });
     return { ok: true, session, backend: backendName };
   } catch (e) {
+    if (handoff) conn.reattach(handoff.input);
     return { ok: false, reason: e instanceof BackendError ? e.message : String(e) };
   }
 }
 
 /** Relay until either side ends. Resolves with byte counts when both are closed. */
 export function relay(conn: ClientConn, s: BackendSession, leftover: Buffer): Promise<{ in: number; out: number; exit: number | null }> {
+  if (s.handedOff) return waitHandedOff(conn, s);
   const { input, output, pending } = conn.detach();
   const child = s.child;
   let bytesIn = 0;
@@ -100,5 +113,21 @@ export function relay(conn: ClientConn, s: BackendSession, leftover: Buffer): Pr
       });
       if (child.exitCode !== null || child.signalCode !== null) finish();
     });
+  });
+}
+
+/** The backend owns the socket: send our greeting (POP3), wait for it to exit, then close ours. */
+function waitHandedOff(conn: ClientConn, s: BackendSession): Promise<{ in: number; out: number; exit: number | null }> {
+  const sock = conn.raw;
+  if (s.greeting.length > 0) sock.write(s.greeting);
+  return new Promise((resolve) => {
+    const done = (code: number | null): void => {
+      // Dovecot exits 89 on a fatal init error without a word to the client (imap)
+      if (code === 89 && !sock.destroyed) sock.end('* BYE [UNAVAILABLE] Internal error occurred. Refer to server log for more information.\r\n');
+      sock.destroy();
+      resolve({ in: -1, out: -1, exit: code });
+    };
+    if (s.child.exitCode !== null) done(s.child.exitCode);
+    else s.child.once('exit', (code) => done(code));
   });
 }
