@@ -8,7 +8,6 @@
  */
 import { Command, CommanderError } from '@commander-js/extra-typings';
 import { EX, isAppError } from './errors.js';
-import { initInstance } from './init.js';
 import { registerAdmin } from './commands/admin.js';
 import { registerProxy } from './commands/proxy.js';
 import { registerDelivery } from './commands/delivery.js';
@@ -40,6 +39,7 @@ export function buildProgram(): Command<[], { config?: string }> {
     .option('--demo', 'also add domain example.test and user demo@example.test with a printed password')
     .description('create an instance: config file, database, cluster CA and host certificate, mail root')
     .action(async (dir, o) => {
+      const { initInstance } = await import('./init.js');
       const r = initInstance({ dir, node: o.node, listen: o.listen, db: o.db, caFrom: o.caFrom });
       console.log(`instance created in ${r.dir}\n  config:   ${r.dir}/pigeon.yaml\n  database: ${r.dbPath}\n  certs:    ${r.dir}/certs/\n  mail:     ${r.dir}/mail/`);
       if (o.demo) {

@@ -8,22 +8,20 @@
  */
 import type { Command } from '@commander-js/extra-typings';
 import { Option } from '@commander-js/extra-typings';
-import { createProxyEnv, type ProxyEnv } from '../proxy/env.js';
-import { ImapSession } from '../proxy/imap-session.js';
-import { Pop3Session } from '../proxy/pop3-session.js';
-import { serve, type ExtraListener } from '../../forkers/listen.js';
-import stdio from '../../forkers/stdio.js';
-import inetd from '../../forkers/inetd.js';
-import postfix from '../../forkers/postfix.js';
+import type { ProxyEnv } from '../proxy/env.js';
+import type { ExtraListener } from '../../forkers/listen.js';
 import type { OneShotForker } from '../../forkers/types.js';
 import { AppError, EX, isAppError } from '../errors.js';
-import { syslogSink, createLogger } from '../log.js';
 
-export const FORKERS: ReadonlyMap<string, OneShotForker> = new Map<string, OneShotForker>([
-  [stdio.name, stdio],
-  [inetd.name, inetd],
-  [postfix.name, postfix],
-]);
+// The proxy stack is imported when a proxy command runs, so admin commands start fast.
+async function forkers(): Promise<ReadonlyMap<string, OneShotForker>> {
+  const [stdio, inetd, postfix] = await Promise.all([import('../../forkers/stdio.js'), import('../../forkers/inetd.js'), import('../../forkers/postfix.js')]);
+  return new Map<string, OneShotForker>([
+    [stdio.default.name, stdio.default],
+    [inetd.default.name, inetd.default],
+    [postfix.default.name, postfix.default],
+  ]);
+}
 
 let extraListener: ExtraListener | null = null;
 /** The delivery agent registers its LMTP listener for `serve` here. */
@@ -32,8 +30,11 @@ export function setExtraListener(f: ExtraListener): void {
 }
 
 async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTls: boolean, cfg: string | undefined): Promise<number> {
-  const forker = FORKERS.get(forkerName);
-  if (!forker) throw new AppError('USAGE', `unknown forker ${JSON.stringify(forkerName)}; one of: ${[...FORKERS.keys()].join(', ')}`);
+  const all = await forkers();
+  const forker = all.get(forkerName);
+  if (!forker) throw new AppError('USAGE', `unknown forker ${JSON.stringify(forkerName)}; one of: ${[...all.keys()].join(', ')}`);
+  const { createProxyEnv } = await import('../proxy/env.js');
+  const { syslogSink, createLogger } = await import('../log.js');
   let env: ProxyEnv;
   try {
     env = createProxyEnv(cfg, { logToStderr: !forker.stdioIsProtocol });
@@ -55,7 +56,7 @@ async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTl
       return EX.OK;
     }
   }
-  const session = proto === 'imap' ? new ImapSession(env, conn) : new Pop3Session(env, conn);
+  const session = proto === 'imap' ? new (await import('../proxy/imap-session.js')).ImapSession(env, conn) : new (await import('../proxy/pop3-session.js')).Pop3Session(env, conn);
   await session.run();
   return EX.OK;
 }
@@ -69,6 +70,8 @@ export function registerProxy(program: Command, cfg: () => string | undefined): 
     })
     .description('standalone daemon: every imap/imaps/pop3/pop3s/lmtp listener in the config (foreground)')
     .action(async (o) => {
+      const { serve } = await import('../../forkers/listen.js');
+      const { createProxyEnv } = await import('../proxy/env.js');
       const code = await serve(() => createProxyEnv(cfg(), { logToStderr: true }), cfg(), o.workers ?? 0, extraListener);
       process.exit(code);
     });
