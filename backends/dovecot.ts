@@ -145,5 +145,8 @@ export default {
   kind: 'backend',
   name: 'dovecot',
   summary: 'Dovecot imap/pop3 started standalone, pre-authenticated, as the mail user',
+  binaries: (config) => ({ imap: config.dovecot.imap, pop3: config.dovecot.pop3 }),
+  // CLIENT_INPUT replays whatever the proxy already read (the router caps its size)
+  acceptsHandoff: () => true,
   start,
 } satisfies Backend;

@@ -8,6 +8,7 @@ import type { ChildProcess } from 'node:child_process';
 import type { Allocation } from '../src/store.js';
 import type { MailUser } from '../src/mailuser.js';
 import type { Peer } from '../src/proxy/conn.js';
+import type { FileConfig } from '../src/instance.js';
 
 export interface BackendRequest {
   readonly protocol: 'imap' | 'pop3';
@@ -18,8 +19,10 @@ export interface BackendRequest {
   readonly sessionId: string;
   /** IMAP: the tag of the client's LOGIN/AUTHENTICATE, answered by the backend itself */
   readonly tag: string | null;
-  /** binary paths from pigeon.yaml (node-local) */
-  readonly binaries: { readonly imap: string; readonly pop3: string };
+  /** this backend's binary paths, from its own section of pigeon.yaml (Backend.binaries) */
+  readonly binaries: BackendBinaries;
+  /** the user's effective Maildir++ quota in bytes (mailstore.quota), 0 = unlimited */
+  readonly quota: number;
   /**
    * Plain-TCP client socket to give to the backend as its stdin/stdout (no copy), with the bytes
    * the proxy already read after the login command; null = relay through pipes.
@@ -39,10 +42,22 @@ export interface BackendSession {
 
 export type BackendFailure = { readonly kind: 'start-failed' | 'timeout' | 'protocol'; readonly detail: string };
 
+export interface BackendBinaries {
+  readonly imap: string;
+  readonly pop3: string;
+}
+
 export interface Backend {
   readonly kind: 'backend';
   readonly name: string;
   readonly summary: string;
+  /** the binary paths of this backend, read from its own section of the node's file config */
+  binaries(config: FileConfig): BackendBinaries;
+  /**
+   * Can this backend take the plain client socket itself, given the bytes the proxy already read
+   * after the login command? false = the router relays through pipes.
+   */
+  acceptsHandoff(protocol: 'imap' | 'pop3', input: Buffer): boolean;
   start(req: BackendRequest): Promise<BackendSession>;
 }
 

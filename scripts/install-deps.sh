@@ -1,14 +1,18 @@
 #!/bin/sh
 # NAME        scripts/install-deps.sh — install everything PigeonDeliver and its tests need
 # SYNOPSIS    sh scripts/install-deps.sh [--no-system]
-# DESCRIPTION Installs Debian's dovecot-imapd, dovecot-pop3d, postfix, openbsd-inetd, python3 and
-#             curl with apt-get when run as root (otherwise prints the packages to install and
-#             stops), extracts Courier's imapd/pop3d .debs into .cache/courier (they conflict with
+# DESCRIPTION Installs Debian's dovecot-imapd, dovecot-pop3d, postfix, openbsd-inetd, python3,
+#             curl, Courier's libraries and gamin (COURIER_LIBS) with apt-get when run as root
+#             (otherwise prints the packages to install and stops), extracts Courier's imapd/pop3d .debs into .cache/courier (they conflict with
 #             Dovecot in apt), then runs `npm install` and builds with `npm run build`.
 #             Used by README's two set-up lines and by .ci/run, so all three stay in step.
 set -eu
 cd "$(dirname "$0")/.."
-NEED="dovecot-imapd dovecot-pop3d postfix openbsd-inetd curl python3 courier-base courier-authlib gamin libcourier-unicode4"
+# Courier's imapd/pop3d need: courier-base, courier-authlib (libcourierauth), libcourier-unicode4,
+# libgamin0 (libfam.so.0), libgdbm6, libidn12, and gamin (gam_server in /usr/libexec, where libfam
+# looks for it: without it every Courier IMAP login waits ~1.2 s and IDLE cannot push new mail).
+COURIER_LIBS="courier-base courier-authlib gamin libgamin0 libcourier-unicode4 libgdbm6 libidn12"
+NEED="dovecot-imapd dovecot-pop3d postfix openbsd-inetd curl python3 $COURIER_LIBS"
 if [ "${1:-}" != "--no-system" ]; then
   missing=""
   [ -x /usr/lib/dovecot/imap ] || missing="$missing dovecot-imapd"
@@ -16,8 +20,10 @@ if [ "${1:-}" != "--no-system" ]; then
   [ -x /usr/sbin/postfix ] || missing="$missing postfix"
   [ -x /usr/sbin/inetd ] || missing="$missing openbsd-inetd"
   command -v curl >/dev/null 2>&1 || missing="$missing curl"
-  [ -x /usr/lib/courier/courier-authlib/authdaemond ] || [ -e /usr/sbin/authdaemond ] || missing="$missing courier-authlib"
-  [ -e /usr/lib/courier/courier-base ] || dpkg -s courier-base >/dev/null 2>&1 || missing="$missing courier-base gamin libcourier-unicode4"
+  for p in $COURIER_LIBS; do
+    dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$missing $p"
+  done
+  [ -x /usr/libexec/gam_server ] || case "$missing" in *" gamin"*) ;; *) missing="$missing gamin" ;; esac
   if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "install-deps: apt-get install$missing" >&2
@@ -32,12 +38,18 @@ if [ "${1:-}" != "--no-system" ]; then
       exit 69
     fi
   fi
-  # Courier imapd/pop3d conflict with Dovecot in apt: extract their .debs into the project cache.
-  if [ ! -x .cache/courier/usr/lib/courier/imapd ] && [ ! -x .cache/courier/usr/bin/imapd ]; then
+  # Courier imapd/pop3d conflict with Dovecot in apt: extract their .debs into the project cache
+  # (the binaries the tests point courier.imapd / courier.pop3d at; never unpacked into /).
+  if [ ! -x .cache/courier/usr/bin/imapd ] || [ ! -x .cache/courier/usr/lib/courier/courier/courierpop3d ]; then
     mkdir -p .cache/courier/debs
-    ( cd .cache/courier/debs && apt-get download courier-imap courier-pop >/dev/null 2>&1 ) || {
+    rm -f .cache/courier/debs/*.deb
+    fetch() { ( cd .cache/courier/debs && apt-get download courier-imap courier-pop >/dev/null 2>&1 ); }
+    # a fresh machine may have no package lists yet
+    fetch || { [ "$(id -u)" = 0 ] && apt-get update -qq >/dev/null 2>&1 && fetch; } || {
       echo "install-deps: could not download courier-imap/courier-pop .debs (apt-get download)" >&2; exit 69; }
     for d in .cache/courier/debs/*.deb; do dpkg -x "$d" .cache/courier; done
+    [ -x .cache/courier/usr/bin/imapd ] && [ -x .cache/courier/usr/lib/courier/courier/courierpop3d ] || {
+      echo "install-deps: .cache/courier lacks usr/bin/imapd or usr/lib/courier/courier/courierpop3d after dpkg -x" >&2; exit 69; }
   fi
 fi
 if [ ! -d node_modules ] || [ package.json -nt node_modules/.package-lock.json ]; then

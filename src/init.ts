@@ -67,9 +67,11 @@ tls:
 dovecot:
   imap: /usr/lib/dovecot/imap
   pop3: /usr/lib/dovecot/pop3
+# Courier-IMAP (Debian courier-imap / courier-pop): the imapd and courierpop3d programs themselves,
+# not the couriertcpd start scripts in /usr/lib/courier.
 courier:
-  imapd: /usr/lib/courier/imapd
-  pop3d: /usr/lib/courier/pop3d
+  imapd: /usr/bin/imapd
+  pop3d: /usr/lib/courier/courier/courierpop3d
 
 # The MTA's sendmail command: the delivery modules forward and vacation re-inject mail through it.
 sendmail: /usr/sbin/sendmail

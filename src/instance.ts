@@ -77,7 +77,7 @@ export const fileSchema = z.strictObject({
     .prefault({}),
   dovecot: z.strictObject({ imap: path.default('/usr/lib/dovecot/imap'), pop3: path.default('/usr/lib/dovecot/pop3') }).prefault({}),
   courier: z
-    .strictObject({ imapd: path.default('/usr/lib/courier/imapd'), pop3d: path.default('/usr/lib/courier/pop3d') })
+    .strictObject({ imapd: path.default('/usr/bin/imapd'), pop3d: path.default('/usr/lib/courier/courier/courierpop3d') })
     .prefault({}),
   // node-local: the MTA's sendmail command (forward and vacation re-inject mail through it)
   sendmail: path.default('/usr/sbin/sendmail'),

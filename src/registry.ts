@@ -5,5 +5,9 @@
  */
 import type { Backend } from '../backends/types.js';
 import dovecot from '../backends/dovecot.js';
+import courier from '../backends/courier.js';
 
-export const BACKENDS: ReadonlyMap<string, Backend> = new Map<string, Backend>([[dovecot.name, dovecot]]);
+export const BACKENDS: ReadonlyMap<string, Backend> = new Map<string, Backend>([
+  [dovecot.name, dovecot],
+  [courier.name, courier],
+]);

@@ -20,6 +20,11 @@ export type RouteResult = { ok: true; session: BackendSession; backend: string }
 
 const HANDOFF_MAX_INPUT = 16 * 1024;
 
+function quotaOf(u: ResolvedUser): number {
+  const q = u.config['mailstore.quota']?.value;
+  return typeof q === 'number' && Number.isFinite(q) && q > 0 ? Math.floor(q) : 0;
+}
+
 export async function route(env: ProxyEnv, protocol: 'imap' | 'pop3', u: ResolvedUser, conn: ClientConn, sid: string, tag: string | null, leftover: () => Buffer): Promise<RouteResult> {
   const backendName = String(u.config[`${protocol}.backend`]?.value ?? 'dovecot');
   const backend = BACKENDS.get(backendName);
@@ -36,7 +41,7 @@ export async function route(env: ProxyEnv, protocol: 'imap' | 'pop3', u: Resolve
   if (sock && env.instance.config.handoff) {
     const { pending } = conn.detach();
     const input = Buffer.concat([leftover(), ...pending]);
-    if (input.length <= HANDOFF_MAX_INPUT) handoff = { socket: sock, input };
+    if (input.length <= HANDOFF_MAX_INPUT && backend.acceptsHandoff(protocol, input)) handoff = { socket: sock, input };
     else conn.reattach(input);
   }
   try {
@@ -49,7 +54,8 @@ export async function route(env: ProxyEnv, protocol: 'imap' | 'pop3', u: Resolve
       peer: conn.peer,
       sessionId: sid,
       tag,
-      binaries: { imap: env.instance.config.dovecot.imap, pop3: env.instance.config.dovecot.pop3 },
+      binaries: backend.binaries(env.instance.config),
+      quota: quotaOf(u),
       logLine: (line) => env.log.log('info', `${protocol}(${u.user.address})`, line.replace(/^[^:]*\([^)]*\)(<[^>]*>)*: /, '')),
     });
     return { ok: true, session, backend: backendName };
