@@ -10,7 +10,6 @@ import { Option, CommanderError } from '@commander-js/extra-typings';
 import { EX } from '../errors.js';
 import { runDeliver, inputOf } from '../delivery/deliver.js';
 import { statusLine } from '../delivery/outcome.js';
-import { createLmtpServer, handleLmtpSocket, stdioSocket } from '../delivery/lmtp.js';
 import { loadInstance } from '../instance.js';
 import { openDb } from '../db.js';
 import { Store } from '../store.js';
@@ -84,6 +83,8 @@ master.cf:  pigeon unix - n n - - pipe flags=Rq user=mail argv=/usr/local/bin/pi
     .description('serve one LMTP session on stdin/stdout (Postfix spawn, inetd, swaks --pipe)')
     .addOption(new Option('--forker <forker>', 'how the session arrives: stdio (stdin/stdout, pipe or socket) or inetd (fd 0 is the socket)').choices(['stdio', 'inetd'] as const).default('stdio' as const))
     .action(async (o) => {
+      // loaded here only: keeps smtp-server off the start-up path of every `pigeon deliver`
+      const { createLmtpServer, handleLmtpSocket, stdioSocket } = await import('../delivery/lmtp.js');
       const instance = loadInstance(cfg());
       // stdout is the protocol: log to log.file or nowhere
       const logger = instance.logFile ? createLogger({ level: instance.config.log.level, file: instance.logFile }) : silentLogger;

@@ -1,0 +1,214 @@
+#!/usr/bin/env node
+// Delivery throughput, 4 KB messages, in one run on this machine:
+//   pigeon deliver  one process per message (as Postfix pipe(8) runs it), sequential and parallel
+//   LMTP            one `pigeon` LMTP server process (what `pigeon serve` runs), 1 and C connections
+//   dovecot-lda     Dovecot's own MDA, same message, same disk, sequential and parallel
+//   fsync bound     the disk's limit for the durable Maildir protocol itself (exclusive create,
+//                   write, fsync, rename into new/, fsync new/) — no MDA can beat it per stream
+// Prints one JSON object, then a human summary. Needs a built tree (npx tsc -p tsconfig.json),
+// root (for dovecot-lda as the mail uid) and Dovecot (dovecot-core).
+// Usage: node scripts/bench-delivery.mjs [--n 200] [--concurrency 8] [--json-only]
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync, mkdirSync, chownSync, readdirSync, existsSync, chmodSync } from 'node:fs';
+import { open, rename } from 'node:fs/promises';
+import { tmpdir, cpus } from 'node:os';
+import { join, resolve, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import net from 'node:net';
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const CLI = join(ROOT, 'dist', 'src', 'cli.js');
+const LDA = '/usr/lib/dovecot/dovecot-lda';
+const argv = process.argv.slice(2);
+const arg = (name, d) => {
+  const i = argv.indexOf(`--${name}`);
+  return i >= 0 ? Number(argv[i + 1]) : d;
+};
+const N = arg('n', 200);
+const C = arg('concurrency', 8);
+const jsonOnly = argv.includes('--json-only');
+const MAIL_UID = 8;
+
+if (!existsSync(CLI)) {
+  console.error(`${CLI} missing: run "npx tsc -p tsconfig.json" first`);
+  process.exit(1);
+}
+
+const body = `${'The quick brown fox jumps over the lazy dog. 0123456789 abcdefghij\n'.repeat(58)}`;
+const MESSAGE = Buffer.from(`From: bob@remote.test\nTo: alice@example.test\nSubject: bench\nMessage-ID: <bench@remote.test>\n\n${body}`.padEnd(4095, 'x').slice(0, 4095) + '\n');
+
+const base = mkdtempSync(join(tmpdir(), 'pigeon-bench-'));
+chmodSync(base, 0o755);
+const inst = join(base, 'inst');
+const run = (args, input) => spawnSync(process.execPath, [CLI, '-c', inst, ...args], { input: input ?? '' });
+function must(r, what) {
+  if (r.status !== 0) throw new Error(`${what}: ${r.stdout}${r.stderr}`);
+}
+must(run(['init', inst]), 'init');
+must(run(['domain', 'add', 'example.test']), 'domain');
+must(run(['user', 'add', 'alice@example.test', '--password-stdin'], 'x\n'), 'user');
+must(run(['user', 'add', 'lmtp@example.test', '--password-stdin'], 'x\n'), 'user');
+must(run(['deliver', '-f', 'bob@remote.test', 'alice@example.test'], MESSAGE), 'first delivery (allocation)');
+must(run(['deliver', '-f', 'bob@remote.test', 'lmtp@example.test'], MESSAGE), 'first delivery (allocation)');
+
+async function pool(n, conc, job) {
+  let next = 0;
+  const t0 = process.hrtime.bigint();
+  await Promise.all(
+    Array.from({ length: Math.min(conc, n) }, async () => {
+      while (next < n) {
+        next++;
+        await job();
+      }
+    }),
+  );
+  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  return { messages: n, concurrency: conc, seconds: +secs.toFixed(3), per_second: +(n / secs).toFixed(1) };
+}
+
+function spawnJob(cmd, args, opts) {
+  return () =>
+    new Promise((res, rej) => {
+      const c = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], ...opts });
+      c.stdout.on('data', (d) => (err += d));
+      let err = '';
+      c.stderr.on('data', (d) => (err += d));
+      c.on('error', rej);
+      c.on('close', (code, sig) => (code === 0 ? res() : rej(new Error(`${cmd} exit ${code} ${sig}: ${err}`))));
+      c.stdin.end(MESSAGE);
+    });
+}
+
+// --- pigeon deliver ------------------------------------------------------------------------
+const deliverJob = spawnJob(process.execPath, [CLI, '-c', inst, 'deliver', '-f', 'bob@remote.test', 'alice@example.test']);
+const deliverSeq = await pool(Math.min(N, 100), 1, deliverJob);
+const deliverPar = await pool(N, C, deliverJob);
+
+// --- LMTP ----------------------------------------------------------------------------------
+const serverCode = `
+  const { loadInstance } = await import(${JSON.stringify(join(ROOT, 'dist/src/instance.js'))});
+  const { openDb } = await import(${JSON.stringify(join(ROOT, 'dist/src/db.js'))});
+  const { Store } = await import(${JSON.stringify(join(ROOT, 'dist/src/store.js'))});
+  const { createLmtpServer, listenLmtp } = await import(${JSON.stringify(join(ROOT, 'dist/src/delivery/lmtp.js'))});
+  const instance = loadInstance(${JSON.stringify(inst)});
+  const store = new Store(openDb(instance.dbPath), instance.dbPath);
+  const srv = await listenLmtp(createLmtpServer({ instance, store, logger: { log() {} } }), { host: '127.0.0.1', port: 0, path: null });
+  process.stdout.write(srv.address().port + '\\n');
+`;
+const server = spawn(process.execPath, ['--input-type=module', '-e', serverCode], { stdio: ['ignore', 'pipe', 'inherit'] });
+process.on('exit', () => server.kill());
+const port = await new Promise((res) => server.stdout.once('data', (d) => res(Number(String(d).trim()))));
+const dataLines = `${MESSAGE.toString('latin1').replace(/\n/g, '\r\n').replace(/^\./gm, '..')}.\r\n`;
+
+async function lmtpConnection(count) {
+  const s = net.connect({ host: '127.0.0.1', port });
+  let buf = '';
+  const waiters = [];
+  const lines = [];
+  s.on('data', (d) => {
+    buf += d.toString('latin1');
+    let i;
+    while ((i = buf.indexOf('\r\n')) >= 0) {
+      const line = buf.slice(0, i);
+      buf = buf.slice(i + 2);
+      if (!/^\d{3} /.test(line)) continue;
+      const w = waiters.shift();
+      if (w) w(line);
+      else lines.push(line);
+    }
+  });
+  const reply = () => (lines.length > 0 ? Promise.resolve(lines.shift()) : new Promise((r) => waiters.push(r)));
+  const expect = async (re) => {
+    const l = await reply();
+    if (!re.test(l)) throw new Error(`LMTP: unexpected ${l}`);
+  };
+  await expect(/^220 /);
+  s.write('LHLO bench\r\n');
+  await expect(/^250 /);
+  for (let i = 0; i < count; i++) {
+    // pipelined like Postfix's lmtp client: MAIL, RCPT, DATA
+    s.write('MAIL FROM:<bob@remote.test>\r\nRCPT TO:<lmtp@example.test>\r\nDATA\r\n');
+    await expect(/^250 /);
+    await expect(/^250 /);
+    await expect(/^354 /);
+    s.write(dataLines);
+    await expect(/^250 /);
+  }
+  s.end('QUIT\r\n');
+}
+async function lmtpBench(conns) {
+  const per = Math.ceil(N / conns);
+  const t0 = process.hrtime.bigint();
+  await Promise.all(Array.from({ length: conns }, () => lmtpConnection(per)));
+  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  return { messages: per * conns, concurrency: conns, seconds: +secs.toFixed(3), per_second: +((per * conns) / secs).toFixed(1) };
+}
+const lmtp1 = await lmtpBench(1);
+const lmtpC = await lmtpBench(C);
+server.kill();
+
+// --- dovecot-lda -----------------------------------------------------------------------------
+let ldaSeq = null;
+let ldaPar = null;
+let ldaNote = null;
+if (existsSync(LDA) && process.getuid?.() === 0) {
+  const home = join(base, 'lda-home');
+  mkdirSync(home);
+  chownSync(home, MAIL_UID, MAIL_UID);
+  const conf = join(base, 'dovecot.conf');
+  writeFileSync(conf, 'mail_location = maildir:~/Maildir\nlog_path = /dev/null\npostmaster_address = postmaster@example.test\nssl = no\n', { mode: 0o644 });
+  const ldaJob = spawnJob(LDA, ['-c', conf, '-f', 'bob@remote.test', '-a', 'alice@example.test'], {
+    uid: MAIL_UID,
+    gid: MAIL_UID,
+    env: { USER: 'alice', HOME: home, PATH: '/usr/bin:/bin' },
+  });
+  await ldaJob(); // create the Maildir
+  ldaSeq = await pool(Math.min(N, 100), 1, ldaJob);
+  ldaPar = await pool(N, C, ldaJob);
+} else ldaNote = existsSync(LDA) ? 'needs root (runs as the mail uid)' : `${LDA} missing (Debian package dovecot-core)`;
+
+// --- fsync bound -----------------------------------------------------------------------------
+const fdir = join(base, 'fsync');
+for (const d of ['tmp', 'new']) mkdirSync(join(fdir, d), { recursive: true });
+let counter = 0;
+async function durableWrite() {
+  const name = `${Date.now()}.${process.pid}.${counter++}`;
+  const fh = await open(join(fdir, 'tmp', name), 'wx', 0o600);
+  await fh.write(MESSAGE, 0, MESSAGE.length, 0);
+  await fh.sync();
+  await fh.close();
+  await rename(join(fdir, 'tmp', name), join(fdir, 'new', name));
+  const dh = await open(join(fdir, 'new'), 'r');
+  await dh.sync();
+  await dh.close();
+}
+const fsyncSeq = await pool(Math.max(N, 500), 1, durableWrite);
+const fsyncPar = await pool(Math.max(N, 500), C, durableWrite);
+
+const stored = readdirSync(join(inst, 'mail', 'example.test', 'alice', 'new')).length + readdirSync(join(inst, 'mail', 'example.test', 'lmtp', 'new')).length;
+rmSync(base, { recursive: true, force: true });
+
+const result = {
+  message_bytes: MESSAGE.length,
+  cpus: cpus().length,
+  node: process.version,
+  pigeon_deliver: { sequential: deliverSeq, parallel: deliverPar },
+  pigeon_lmtp: { one_connection: lmtp1, parallel: lmtpC },
+  dovecot_lda: ldaNote ? { skipped: ldaNote } : { sequential: ldaSeq, parallel: ldaPar },
+  fsync_bound: { sequential: fsyncSeq, parallel: fsyncPar },
+  stored_messages: stored,
+};
+console.log(JSON.stringify(result));
+if (!jsonOnly) {
+  const row = (name, r) => `  ${name.padEnd(34)} ${r ? `${String(r.per_second).padStart(8)} msg/s   (${r.messages} msgs, concurrency ${r.concurrency}, ${r.seconds}s)` : '  skipped'}`;
+  console.log(`\nDelivery of ${MESSAGE.length}-byte messages, ${cpus().length} CPUs, Node ${process.version}:`);
+  console.log(row('pigeon deliver (pipe), sequential', deliverSeq));
+  console.log(row(`pigeon deliver (pipe), ${C} parallel`, deliverPar));
+  console.log(row('pigeon LMTP, 1 connection', lmtp1));
+  console.log(row(`pigeon LMTP, ${C} connections`, lmtpC));
+  console.log(row('dovecot-lda, sequential', ldaSeq));
+  console.log(row(`dovecot-lda, ${C} parallel`, ldaPar));
+  console.log(row('fsync bound (tmp→new), 1 stream', fsyncSeq));
+  console.log(row(`fsync bound (tmp→new), ${C} streams`, fsyncPar));
+  if (ldaNote) console.log(`  dovecot-lda skipped: ${ldaNote}`);
+}
