@@ -58,6 +58,27 @@ export class Dialog {
     const r = await this.reply(timeoutMs);
     return r[r.length - 1] ?? '';
   }
+  /** The next raw line (any line, CRLF stripped), for line protocols such as IMAP. */
+  async lineRaw(timeoutMs = 60_000): Promise<string> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const i = this.buf.indexOf('\r\n');
+      if (i >= 0) {
+        const l = this.buf.slice(0, i);
+        this.buf = this.buf.slice(i + 2);
+        return l;
+      }
+      if (this.ended) throw new Error(`connection closed; pending: ${JSON.stringify(this.buf)}`);
+      if (Date.now() > deadline) throw new Error(`no line within ${timeoutMs} ms`);
+      await new Promise<void>((r) => {
+        const tm = setTimeout(r, 200);
+        this.waiters.push(() => {
+          clearTimeout(tm);
+          r();
+        });
+      });
+    }
+  }
   send(s: string | Buffer): void {
     this.output.write(typeof s === 'string' ? Buffer.from(s, 'latin1') : s);
   }

@@ -1,0 +1,34 @@
+/**
+ * NAME        src/delivery/lmtp-listener — the `lmtp` listener of `pigeon serve`
+ * SYNOPSIS    pigeon.yaml: listen: ["lmtp=127.0.0.1:24"] or ["lmtp=/var/spool/postfix/private/pigeon-lmtp"]
+ * DESCRIPTION Registered with the proxy's `setExtraListener` hook (src/commands/proxy.ts): for an
+ *             lmtp listener it returns a net.Server (serve listens on it) whose connections go to
+ *             one shared LMTP server (src/delivery/lmtp.ts) built on the daemon's store. The LMTP
+ *             module is loaded on first use, so `pigeon deliver` never pays for smtp-server. A
+ *             stale unix socket file left by a previous run is removed first. Logging follows the
+ *             daemon's logger, also after a SIGHUP reload.
+ * SECURITY    LMTP has no authentication: listen on loopback or a unix socket only.
+ */
+import net from 'node:net';
+import { existsSync, statSync, unlinkSync } from 'node:fs';
+import type { Listener } from '../instance.js';
+import type { ProxyEnv } from '../proxy/env.js';
+
+export function lmtpListener(l: Listener, env: ProxyEnv): net.Server | null {
+  if (l.protocol !== 'lmtp') return null;
+  if (l.path !== null && existsSync(l.path) && statSync(l.path).isSocket()) unlinkSync(l.path);
+  const ready = import('./lmtp.js').then((m) => ({
+    m,
+    server: m.createLmtpServer({ instance: env.instance, store: env.store, logger: { log: (...a) => env.log.log(...a) } }),
+  }));
+  return net.createServer({ pauseOnConnect: true }, (sock) => {
+    sock.on('error', () => undefined);
+    ready.then(
+      ({ m, server }) => m.handleLmtpSocket(server, sock),
+      (e: unknown) => {
+        env.log.log('error', 'lmtp', `LMTP unavailable: ${e instanceof Error ? e.message : String(e)}`);
+        sock.end('421 4.3.0 LMTP service unavailable\r\n');
+      },
+    );
+  });
+}
