@@ -66,7 +66,8 @@ export async function main(argv: readonly string[]): Promise<number> {
     return typeof process.exitCode === 'number' ? process.exitCode : EX.OK;
   } catch (e) {
     if (e instanceof CommanderError) {
-      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return EX.OK;
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version') return EX.OK;
+      if (e.code === 'commander.help') return EX.USAGE; // a command group without its subcommand
       if (e.code === 'commander.executeSubCommandAsync') return EX.SOFTWARE;
       process.stderr.write("pigeon: see 'pigeon --help' or 'pigeon COMMAND --help'\n");
       return EX.USAGE;
