@@ -1,177 +1,620 @@
 #!/usr/bin/env node
-// Benchmark: the IMAP proxy vs logging in to Dovecot directly, in the same run, same mailbox,
-// same {ARGON2ID} password hash.
-//  - login-to-ready latency: connect -> greeting -> LOGIN -> tagged OK (median/p90 over N logins)
-//  - large FETCH: BODY[] of a 32 MB message, bytes/s (median over a few runs)
-// Direct Dovecot = a private Dovecot master (imap-login + passwd-file passdb) on loopback,
-// serving the same Maildir. Prints JSON and a human summary with ratios.
+/**
+ * NAME        scripts/bench-proxy — the IMAP/POP3 proxy vs logging in to Dovecot directly, same run
+ * SYNOPSIS    node scripts/bench-proxy.mjs [--quick] [--rounds N] [--workers N] [--idle N[,N…]]
+ *                                          [--json-out FILE]       (after npx tsc -p tsconfig.json)
+ * DESCRIPTION Starts a throw-away PigeonDeliver instance (`pigeon serve`, imap + imaps + pop3
+ *             listeners) and a private Dovecot master (imap-login + pop3-login, passwd-file passdb
+ *             with the SAME {SSHA256} hash, static userdb, the SAME Maildir, imaps with the
+ *             instance's certs/node.crt), both on loopback, and measures, in rounds that alternate
+ *             which side goes first (a shared, noisy machine: medians of rounds, ratios):
+ *               login c=1, c=32   connect → greeting → LOGIN → tagged OK (latency) → LOGOUT → OK
+ *                                 (logins/s = completed cycles / wall time)
+ *               FETCH plain, TLS  `FETCH 1 BODY.PEEK[]` of one 20 MiB message, repeated: MiB/s
+ *               POP3 RETR         `RETR 1` of the same message, repeated: MiB/s
+ *               idle              N sessions logged in, SELECTed and in IDLE: PSS (smaps_rollup) of
+ *                                 the proxy's processes (growth over its idle baseline) and of the
+ *                                 backend `imap` processes, per session; Dovecot's login/auth/
+ *                                 master processes likewise for the reference
+ *             Clients bind to distinct 127.x.y.z source addresses (the proxy allows 20 concurrent
+ *             connections per client address). Everything is killed and removed at exit, also on
+ *             failure or timeout. Needs root (Dovecot runs as the mail uid 8) and dovecot-imapd,
+ *             dovecot-pop3d.
+ * OUTPUT      A human summary on stdout; --json-out FILE writes the results as JSON.
+ */
 import { spawnSync, spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync, mkdirSync, chmodSync, chownSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, mkdirSync, chmodSync, chownSync, readFileSync, rmSync, readdirSync, existsSync } from 'node:fs';
 import { connect, createServer } from 'node:net';
+import { connect as tlsConnect } from 'node:tls';
 import { join } from 'node:path';
-import { tmpdir } from 'node:os';
+import { tmpdir, cpus } from 'node:os';
 
+const argv = process.argv.slice(2);
+const opt = (name, d) => {
+  const i = argv.indexOf(`--${name}`);
+  return i >= 0 ? argv[i + 1] : d;
+};
+const QUICK = argv.includes('--quick');
+const ROUNDS = Number(opt('rounds', QUICK ? 3 : 5));
+const WORKERS = Number(opt('workers', cpus().length));
+const LOGINS_C1 = QUICK ? 25 : 60;
+const LOGINS_C32 = QUICK ? 96 : 320;
+const FETCH_MB = 20;
+const FETCHES = QUICK ? 2 : 4; // per round per side
+const IDLE = String(opt('idle', QUICK ? '1000' : '1000,5000')).split(',').map(Number).filter((n) => n > 0);
+const JSON_OUT = opt('json-out', null);
 const ROOT = new URL('..', import.meta.url).pathname;
 const CLI = join(ROOT, 'dist/src/cli.js');
-const N = Number(process.env.BENCH_LOGINS ?? 60);
-const FETCH_MB = Number(process.env.BENCH_FETCH_MB ?? 32);
+const MAIL_UID = 8;
+const USER = 'alice@example.test';
+const PASS = 'bench-secret';
+const log = (...a) => console.error('bench-proxy:', ...a);
+
+if (!existsSync(CLI)) {
+  console.error(`bench-proxy: ${CLI} missing; build first: npx tsc -p tsconfig.json`);
+  process.exit(1);
+}
+if (process.getuid?.() !== 0) {
+  console.error('bench-proxy: needs root (Dovecot runs as the mail uid)');
+  process.exit(1);
+}
+
+// ---------------------------------------------------------------- cleanup, always
 const base = mkdtempSync(join(tmpdir(), 'pigeon-bench-'));
 chmodSync(base, 0o755);
+const roots = []; // child processes whose whole tree is killed at exit
+function procTable() {
+  const t = new Map();
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const s = readFileSync(`/proc/${d}/stat`, 'latin1');
+      const r = s.lastIndexOf(')');
+      const f = s.slice(r + 2).split(' ');
+      t.set(Number(d), { pid: Number(d), comm: s.slice(s.indexOf('(') + 1, r), ppid: Number(f[1]), state: f[0] });
+    } catch {
+      /* gone */
+    }
+  }
+  return t;
+}
+function tree(root) {
+  const t = procTable();
+  const kids = new Map();
+  for (const p of t.values()) {
+    if (!kids.has(p.ppid)) kids.set(p.ppid, []);
+    kids.get(p.ppid).push(p);
+  }
+  const out = t.has(root) ? [t.get(root)] : [];
+  const st = [root];
+  while (st.length) {
+    for (const k of kids.get(st.pop()) ?? []) {
+      out.push(k);
+      st.push(k.pid);
+    }
+  }
+  return out.filter((p) => p.state !== 'Z');
+}
+let cleaned = false;
+function cleanup() {
+  if (cleaned) return;
+  cleaned = true;
+  for (const r of roots) {
+    const pids = tree(r.pid).map((p) => p.pid);
+    for (const pid of pids) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        /* gone */
+      }
+    }
+  }
+  try {
+    rmSync(base, { recursive: true, force: true });
+  } catch {
+    /* best effort */
+  }
+}
+process.on('exit', cleanup);
+for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(130));
+process.on('uncaughtException', (e) => {
+  console.error('bench-proxy: failed:', e?.stack ?? e);
+  process.exit(1);
+});
+process.on('unhandledRejection', (e) => {
+  console.error('bench-proxy: failed:', e?.stack ?? e);
+  process.exit(1);
+});
+setTimeout(() => {
+  console.error('bench-proxy: time limit reached, giving up');
+  process.exit(1);
+}, (QUICK ? 120 : 1200) * 1000).unref();
+
+// ---------------------------------------------------------------- helpers
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const freePort = () =>
+  new Promise((res) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const p = s.address().port;
+      s.close(() => res(p));
+    });
+  });
+const quantile = (a, p) => {
+  const s = [...a].sort((x, y) => x - y);
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil(p * s.length) - 1))];
+};
+const median = (a) => quantile(a, 0.5);
+const r2 = (x) => (x === null || x === undefined || Number.isNaN(x) ? null : Math.round(x * 100) / 100);
+// the i-th distinct client address (127.1.0.1 …): at most a few connections per address
+const srcAddr = (i) => `127.${1 + Math.floor(i / 62500)}.${Math.floor(i / 250) % 250}.${1 + (i % 250)}`;
+
+function open(port, { tls = false, localAddress } = {}) {
+  return new Promise((resolve, reject) => {
+    const s = tls ? tlsConnect({ host: '127.0.0.1', port, localAddress, rejectUnauthorized: false }) : connect({ host: '127.0.0.1', port, localAddress });
+    const c = { s, buf: '', waiter: null, sink: null, closed: false, err: null };
+    s.on('data', (d) => {
+      if (c.sink) return c.sink(d);
+      c.buf += d.toString('latin1');
+      c.waiter?.();
+    });
+    s.on('error', (e) => {
+      c.err = e;
+      c.waiter?.();
+      reject(e);
+    });
+    s.on('close', () => {
+      c.closed = true;
+      c.waiter?.();
+    });
+    s.once(tls ? 'secureConnect' : 'connect', () => resolve(c));
+  });
+}
+function until(c, re, ms = 60_000) {
+  return new Promise((res, rej) => {
+    const t = setTimeout(() => {
+      c.waiter = null;
+      rej(new Error(`timeout waiting for ${re}: ${JSON.stringify(c.buf.slice(-200))}`));
+    }, ms);
+    const check = () => {
+      const m = re.exec(c.buf);
+      if (m) {
+        c.waiter = null;
+        clearTimeout(t);
+        const out = c.buf.slice(0, m.index + m[0].length);
+        c.buf = c.buf.slice(m.index + m[0].length);
+        res(out);
+      } else if (c.closed || c.err) {
+        c.waiter = null;
+        clearTimeout(t);
+        rej(new Error(`connection closed waiting for ${re}: ${JSON.stringify(c.buf.slice(-200))} ${c.err?.message ?? ''}`));
+      } else c.waiter = check;
+    };
+    check();
+  });
+}
+const GREETING = /^\* OK[^\r\n]*\r\n/m;
+async function imapLogin(c) {
+  await until(c, GREETING);
+  c.s.write(`a LOGIN ${USER} ${PASS}\r\n`);
+  const r = await until(c, /^a (OK|NO|BAD)[^\r\n]*\r\n/m);
+  if (!/^a OK/m.test(r)) throw new Error(`login failed: ${r.trim()}`);
+}
+
+// ---------------------------------------------------------------- the PigeonDeliver instance
 const dir = join(base, 'inst');
 const pig = (args, input) => {
   const r = spawnSync(process.execPath, [CLI, '-c', dir, ...args], { input, encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`pigeon ${args.join(' ')}: ${r.stderr}`);
   return r.stdout;
 };
-const freePort = () => new Promise((res) => { const s = createServer(); s.listen(0, '127.0.0.1', () => { const p = s.address().port; s.close(() => res(p)); }); });
-
-const pport = await freePort();
-spawnSync(process.execPath, [CLI, 'init', dir, '--node', 'bench', '--listen', `imap=127.0.0.1:${pport}`]);
+const P = { imap: await freePort(), imaps: await freePort(), pop3: await freePort() };
+{
+  const r = spawnSync(process.execPath, [CLI, 'init', dir, '--node', 'bench', '--listen', `imap=127.0.0.1:${P.imap}`, '--listen', `imaps=127.0.0.1:${P.imaps}`, '--listen', `pop3=127.0.0.1:${P.pop3}`], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`pigeon init: ${r.stderr}`);
+}
 writeFileSync(join(dir, 'conf.d', '50-bench.yaml'), 'log:\n  level: warn\n  file: pigeon.log\n');
 pig(['domain', 'add', 'example.test']);
-pig(['user', 'add', 'alice@example.test', '--password-stdin'], 'secret\n');
+// the same cheap scheme on both sides: the login path is measured, not the hash
+const SCHEME = 'SSHA256';
+const pwHash = pig(['pw', '-s', SCHEME], `${PASS}\n`).trim();
+writeFileSync(join(base, 'users.passwd'), `${USER}:${pwHash}\n`);
+pig(['user', 'import', 'passwd-file', join(base, 'users.passwd')]);
 
-const serveP = spawn(process.execPath, [CLI, '-c', dir, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
-await new Promise((res, rej) => { let e = ''; serveP.stderr.on('data', (d) => { e += d; if (/ready/.test(e)) res(); }); serveP.on('exit', () => rej(new Error(e))); });
-
-function session(port) {
-  return new Promise((resolve, reject) => {
-    const s = connect(port, '127.0.0.1');
-    let buf = Buffer.alloc(0);
-    let waiter = null;
-    s.on('data', (d) => { buf = Buffer.concat([buf, d]); waiter?.(); });
-    s.on('error', reject);
-    const until = (re) => new Promise((res) => { const check = () => { const str = buf.length > 65536 ? buf.subarray(-4096).toString('latin1') : buf.toString('latin1'); if (re.test(str)) { waiter = null; const out = buf; buf = Buffer.alloc(0); res(out); } else waiter = check; }; check(); });
-    s.on('connect', () => resolve({ s, until, write: (x) => s.write(x), get size() { return buf.length; } }));
+let serveP = null;
+async function startServe(workers) {
+  const p = spawn(process.execPath, [CLI, '-c', dir, 'serve', '--workers', String(workers)], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...(process.env.BENCH_SERVE_NODE_OPTIONS ? { NODE_OPTIONS: process.env.BENCH_SERVE_NODE_OPTIONS } : {}) } });
+  roots.push(p);
+  await new Promise((res, rej) => {
+    let e = '';
+    p.stderr.on('data', (d) => {
+      e += d;
+      if (/ready/.test(e)) res();
+    });
+    p.on('exit', () => rej(new Error(`pigeon serve exited: ${e}`)));
   });
+  return p;
 }
-
-async function loginOnce(port) {
-  const t0 = process.hrtime.bigint();
-  const c = await session(port);
-  await c.until(/^\* OK.*\r\n/);
-  c.write('a LOGIN alice@example.test secret\r\n');
-  const r = await c.until(/a (OK|NO|BAD).*\r\n/);
-  const t1 = process.hrtime.bigint();
-  if (!/a OK/.test(r.toString())) throw new Error(`login failed: ${r}`);
-  c.write('b LOGOUT\r\n');
-  await c.until(/b OK/);
-  c.s.destroy();
-  return Number(t1 - t0) / 1e6;
+async function stopServe(p) {
+  p.kill('SIGTERM');
+  const t0 = Date.now();
+  while (tree(p.pid).length > 0 && Date.now() - t0 < 15_000) await sleep(100);
+  for (const q of tree(p.pid)) {
+    try {
+      process.kill(q.pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+  }
 }
+serveP = await startServe(WORKERS);
 
 // first login allocates the mailbox
-await loginOnce(pport);
-const show = JSON.parse(pig(['user', 'show', 'alice@example.test', '--json']));
-const maildir = show.allocation.path;
-const hash = spawnSync('sqlite3', [], { input: '' }).status === 0 ? null : null; void hash;
-const { default: Database } = await import(join(ROOT, 'node_modules/better-sqlite3/lib/index.js'));
-const db = new Database(join(dir, 'pigeon.db'), { readonly: true });
-const pwHash = db.prepare('SELECT password FROM users WHERE address = ?').get('alice@example.test').password;
-db.close();
-
-// a large message
-const big = join(maildir, 'new', `1.big.bench`);
 {
-  const line = 'x'.repeat(76) + '\r\n';
+  const c = await open(P.imap);
+  await imapLogin(c);
+  c.s.write('b LOGOUT\r\n');
+  await until(c, /^b OK[^\r\n]*\r\n/m);
+  c.s.destroy();
+}
+const maildir = JSON.parse(pig(['user', 'show', USER, '--json'])).allocation.path;
+for (const d of ['new', 'cur']) for (const f of readdirSync(join(maildir, d))) rmSync(join(maildir, d, f));
+{
+  const line = `${'x'.repeat(76)}\r\n`;
   const body = line.repeat(Math.ceil((FETCH_MB * 1024 * 1024) / line.length));
-  writeFileSync(big, `From: a@example.test\r\nTo: alice@example.test\r\nSubject: big\r\n\r\n${body}`);
-  chownSync(big, 8, 8);
+  const big = join(maildir, 'cur', '1700000000.M1P1.bench:2,S');
+  writeFileSync(big, `From: a@example.test\r\nTo: ${USER}\r\nSubject: big\r\n\r\n${body}`);
+  chownSync(big, MAIL_UID, MAIL_UID);
 }
 
-// direct Dovecot: a private master with imap-login and a passwd-file passdb holding the same hash
-const dport = await freePort();
+// ---------------------------------------------------------------- the reference Dovecot master
+const D = { imap: await freePort(), imaps: await freePort(), pop3: await freePort() };
 const dv = join(base, 'dovecot');
 mkdirSync(join(dv, 'run'), { recursive: true });
-writeFileSync(join(dv, 'passwd'), `alice@example.test:${pwHash}\n`);
-writeFileSync(join(dv, 'dovecot.conf'), `base_dir = ${dv}/run
+mkdirSync(join(dv, 'state'), { recursive: true });
+writeFileSync(join(dv, 'passwd'), `${USER}:${pwHash}\n`);
+const BIG_LIMIT = 20000;
+writeFileSync(
+  join(dv, 'dovecot.conf'),
+  `# reference: Dovecot's own login path, high-performance login mode, limits raised for the idle rows
+base_dir = ${dv}/run
 state_dir = ${dv}/state
 log_path = ${dv}/dovecot.log
-protocols = imap
+protocols = imap pop3
 listen = 127.0.0.1
-ssl = no
+ssl = yes
+ssl_cert = <${join(dir, 'certs/node.crt')}
+ssl_key = <${join(dir, 'certs/node.key')}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
-first_valid_uid = 8
+first_valid_uid = ${MAIL_UID}
 mail_location = maildir:${maildir}
+mail_max_userip_connections = ${BIG_LIMIT}
+default_process_limit = ${BIG_LIMIT}
+default_client_limit = ${BIG_LIMIT * 3}
+default_vsz_limit = 1G
 passdb {
   driver = passwd-file
   args = ${dv}/passwd
 }
 userdb {
   driver = static
-  args = uid=8 gid=8 home=${maildir}
+  args = uid=${MAIL_UID} gid=${MAIL_UID} home=${maildir}
 }
 service imap-login {
   inet_listener imap {
     address = 127.0.0.1
-    port = ${dport}
+    port = ${D.imap}
   }
   inet_listener imaps {
+    address = 127.0.0.1
+    port = ${D.imaps}
+    ssl = yes
+  }
+  chroot =
+  service_count = 0
+  process_min_avail = ${cpus().length}
+}
+service pop3-login {
+  inet_listener pop3 {
+    address = 127.0.0.1
+    port = ${D.pop3}
+  }
+  inet_listener pop3s {
     port = 0
   }
+  chroot =
+  service_count = 0
+  process_min_avail = ${cpus().length}
 }
 service anvil {
   chroot =
 }
-service imap-login {
-  chroot =
+`,
+);
+const dovecot = spawn('/usr/sbin/dovecot', ['-F', '-c', join(dv, 'dovecot.conf')], { stdio: ['ignore', 'ignore', 'pipe'] });
+roots.push(dovecot);
+let dovecotErr = '';
+dovecot.stderr.on('data', (d) => (dovecotErr += d));
+for (let i = 0; ; i++) {
+  try {
+    const c = await open(D.imap);
+    await imapLogin(c);
+    c.s.destroy();
+    break;
+  } catch (e) {
+    if (i > 100) throw new Error(`Dovecot did not start: ${e.message} ${dovecotErr} ${existsSync(join(dv, 'dovecot.log')) ? readFileSync(join(dv, 'dovecot.log'), 'utf8').slice(-2000) : ''}`);
+    await sleep(100);
+  }
 }
-`);
-mkdirSync(join(dv, 'state'), { recursive: true });
-const dovecot = spawn('/usr/sbin/dovecot', ['-F', '-c', join(dv, 'dovecot.conf')], { stdio: 'ignore' });
-for (let i = 0; i < 100; i++) { try { await loginOnce(dport); break; } catch { await new Promise((r) => setTimeout(r, 100)); } }
 
-const stats = (a) => { const s = [...a].sort((x, y) => x - y); const q = (p) => s[Math.min(s.length - 1, Math.floor(p * s.length))]; return { median: q(0.5), p90: q(0.9), min: s[0], n: s.length }; };
+const SIDES = {
+  proxy: { name: 'PigeonDeliver', port: P },
+  direct: { name: 'Dovecot direct', port: D },
+};
+// alternate which side goes first, round by round
+async function rounds(fn) {
+  const out = { proxy: [], direct: [] };
+  for (let r = 0; r < ROUNDS; r++) {
+    const order = r % 2 === 0 ? ['proxy', 'direct'] : ['direct', 'proxy'];
+    for (const side of order) out[side].push(await fn(SIDES[side], r));
+  }
+  return out;
+}
 
-async function logins(port) { const r = []; for (let i = 0; i < N; i++) r.push(await loginOnce(port)); return stats(r); }
+// ---------------------------------------------------------------- login
+async function loginCycle(port, localAddress) {
+  const t0 = process.hrtime.bigint();
+  const c = await open(port, { localAddress });
+  await imapLogin(c);
+  const t1 = process.hrtime.bigint();
+  c.s.write('b LOGOUT\r\n');
+  await until(c, /^b OK[^\r\n]*\r\n/m);
+  c.s.destroy();
+  return Number(t1 - t0) / 1e6;
+}
+async function loginRound(port, n, conc) {
+  const lat = [];
+  let next = 0;
+  const t0 = process.hrtime.bigint();
+  await Promise.all(
+    Array.from({ length: conc }, async (_, w) => {
+      while (next < n) {
+        next++;
+        lat.push(await loginCycle(port, srcAddr(w)));
+      }
+    }),
+  );
+  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  return { per_second: n / secs, p50_ms: quantile(lat, 0.5), p99_ms: quantile(lat, 0.99), n };
+}
+function summarise(per) {
+  // per: {proxy: [round objects], direct: [...]} -> medians of each field over rounds, ratios
+  const out = { rounds: per.proxy.length };
+  for (const side of ['proxy', 'direct']) {
+    out[side] = {};
+    for (const k of Object.keys(per[side][0])) if (typeof per[side][0][k] === 'number') out[side][k] = r2(median(per[side].map((x) => x[k])));
+  }
+  out.ratio = {};
+  for (const k of Object.keys(out.proxy)) if (k !== 'n' && out.direct[k]) out.ratio[k] = r2(out.proxy[k] / out.direct[k]);
+  out.raw = per;
+  return out;
+}
 
-async function fetchOnce(port) {
-  const c = await session(port);
-  await c.until(/^\* OK.*\r\n/);
-  c.write('a LOGIN alice@example.test secret\r\n');
-  await c.until(/a OK.*\r\n/);
-  c.write('b SELECT INBOX\r\n');
-  await c.until(/b OK.*\r\n/);
-  // count bytes without buffering the whole literal (the client must not be the bottleneck)
-  c.s.removeAllListeners('data');
+const results = {
+  machine: { cpus: cpus().length, cpu: cpus()[0]?.model, node: process.version, dovecot: spawnSync('/usr/sbin/dovecot', ['--version'], { encoding: 'utf8' }).stdout.trim() },
+  setup: {
+    password_scheme: `{${SCHEME}} on both sides (pigeon pw -s ${SCHEME}, imported; the same string in Dovecot's passwd-file)`,
+    proxy: `pigeon serve --workers ${WORKERS} (plain IMAP/POP3 handed to Dovecot after login; TLS relayed)`,
+    reference: 'private Dovecot master: imap-login/pop3-login (service_count=0, process_min_avail=cores), passwd-file passdb, static userdb, same Maildir, same certificate',
+    rounds: ROUNDS,
+    quick: QUICK,
+  },
+};
+
+// warm both sides up (JIT, page cache, login processes)
+for (const side of Object.values(SIDES)) await loginRound(side.port.imap, 20, 4);
+
+log(`login c=1 (${LOGINS_C1} per round per side, ${ROUNDS} rounds)`);
+results.login_c1 = summarise(await rounds((s) => loginRound(s.port.imap, LOGINS_C1, 1)));
+log(`login c=32 (${LOGINS_C32} per round per side)`);
+results.login_c32 = summarise(await rounds((s) => loginRound(s.port.imap, LOGINS_C32, 32)));
+
+// ---------------------------------------------------------------- large FETCH, POP3 RETR
+async function drain(c, write, done) {
+  // count bytes without buffering the literal (the client must not be the bottleneck)
   let bytes = 0;
   let tail = '';
   const t0 = process.hrtime.bigint();
-  await new Promise((res) => {
-    c.s.on('data', (d) => {
+  await new Promise((res, rej) => {
+    const t = setTimeout(() => rej(new Error('transfer timed out')), 60_000);
+    c.sink = (d) => {
       bytes += d.length;
-      tail = (tail + d.subarray(-200).toString('latin1')).slice(-400);
-      if (/\r\nc OK[^\r]*\r\n$/.test(tail)) res();
-    });
-    c.write('c FETCH 1 BODY.PEEK[]\r\n');
+      tail = (tail + d.subarray(-64).toString('latin1')).slice(-64);
+      if (done.test(tail)) {
+        clearTimeout(t);
+        res();
+      }
+    };
+    c.s.once('close', () => rej(new Error('closed during transfer')));
+    write();
   });
-  const t1 = process.hrtime.bigint();
-  c.s.destroy();
-  const r = { length: bytes };
-  return (r.length / (Number(t1 - t0) / 1e9)) / (1024 * 1024);
+  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  c.sink = null;
+  return { MiBps: bytes / secs / 1048576, bytes };
 }
-async function fetches(port) { const r = []; for (let i = 0; i < 5; i++) r.push(await fetchOnce(port)); return stats(r); }
+async function fetchRound(port, tls) {
+  const c = await open(port, { tls, localAddress: srcAddr(1) });
+  await imapLogin(c);
+  c.s.write('b SELECT INBOX\r\n');
+  await until(c, /^b OK[^\r\n]*\r\n/m);
+  const rates = [];
+  for (let i = 0; i < FETCHES; i++) {
+    const r = await drain(c, () => c.s.write(`f${i} FETCH 1 BODY.PEEK[]\r\n`), new RegExp(`\\r\\nf${i} OK[^\\r]*\\r\\n$`));
+    if (r.bytes < FETCH_MB * 1048576) throw new Error(`FETCH returned ${r.bytes} bytes`);
+    rates.push(r.MiBps);
+  }
+  c.s.destroy();
+  return { MiBps: median(rates) };
+}
+async function retrRound(port) {
+  const c = await open(port, { localAddress: srcAddr(2) });
+  await until(c, /^\+OK[^\r\n]*\r\n/m);
+  c.s.write(`USER ${USER}\r\n`);
+  await until(c, /^\+OK[^\r\n]*\r\n/m);
+  c.s.write(`PASS ${PASS}\r\n`);
+  const r = await until(c, /^[+-](OK|ERR)[^\r\n]*\r\n/m);
+  if (!r.startsWith('+OK')) throw new Error(`POP3 login failed: ${r}`);
+  const rates = [];
+  for (let i = 0; i < FETCHES; i++) {
+    const x = await drain(c, () => c.s.write('RETR 1\r\n'), /\r\n\.\r\n$/);
+    if (x.bytes < FETCH_MB * 1048576) throw new Error(`RETR returned ${x.bytes} bytes`);
+    rates.push(x.MiBps);
+  }
+  c.s.write('QUIT\r\n');
+  c.s.destroy();
+  return { MiBps: median(rates) };
+}
+log(`FETCH ${FETCH_MB} MiB plain`);
+results.fetch_plain = summarise(await rounds((s) => fetchRound(s.port.imap, false)));
+log(`FETCH ${FETCH_MB} MiB TLS`);
+results.fetch_tls = summarise(await rounds((s) => fetchRound(s.port.imaps, true)));
+log(`POP3 RETR ${FETCH_MB} MiB plain`);
+results.pop3_retr = summarise(await rounds((s) => retrRound(s.port.pop3)));
 
-// interleave to share the machine's noise fairly
-console.error('bench: logins through the proxy');
-const proxyLogin = await logins(pport);
-console.error('bench: logins to Dovecot directly');
-const directLogin = await logins(dport);
-console.error('bench: FETCH through the proxy');
-const proxyFetch = await fetches(pport);
-console.error('bench: FETCH from Dovecot directly');
-const directFetch = await fetches(dport);
-const result = {
-  logins: N,
-  login_ms: { proxy: proxyLogin, direct: directLogin, ratio_median: +(proxyLogin.median / directLogin.median).toFixed(2) },
-  fetch_MiBps: { size_MiB: FETCH_MB, proxy: proxyFetch, direct: directFetch, ratio_median: +(proxyFetch.median / directFetch.median).toFixed(2) },
-};
-console.log(JSON.stringify(result, null, 2));
-console.log(`login-to-ready: proxy median ${proxyLogin.median.toFixed(1)} ms (p90 ${proxyLogin.p90.toFixed(1)}), direct Dovecot ${directLogin.median.toFixed(1)} ms (p90 ${directLogin.p90.toFixed(1)}); ratio ${result.login_ms.ratio_median}x`);
-console.log(`FETCH ${FETCH_MB} MiB: proxy ${proxyFetch.median.toFixed(0)} MiB/s, direct Dovecot ${directFetch.median.toFixed(0)} MiB/s; ratio ${result.fetch_MiBps.ratio_median}x`);
-dovecot.kill('SIGTERM');
-serveP.kill('SIGTERM');
-await new Promise((r) => setTimeout(r, 500));
-rmSync(base, { recursive: true, force: true });
+// ---------------------------------------------------------------- idle sessions, memory
+function smaps(pid) {
+  try {
+    const s = readFileSync(`/proc/${pid}/smaps_rollup`, 'latin1');
+    const g = (k) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(s)?.[1] ?? 0);
+    return { rss: g('Rss'), pss: g('Pss'), priv: g('Private_Clean') + g('Private_Dirty') };
+  } catch {
+    return { rss: 0, pss: 0, priv: 0 };
+  }
+}
+const BACKEND_COMM = new Set(['imap', 'pop3']);
+function memory(rootPid) {
+  const sum = { front: { n: 0, rss: 0, pss: 0, priv: 0 }, backend: { n: 0, rss: 0, pss: 0, priv: 0 } };
+  for (const p of tree(rootPid)) {
+    const g = BACKEND_COMM.has(p.comm) ? sum.backend : sum.front;
+    const m = smaps(p.pid);
+    g.n++;
+    g.rss += m.rss;
+    g.pss += m.pss;
+    g.priv += m.priv;
+  }
+  return sum;
+}
+async function settledMemory(rootPid) {
+  const samples = [];
+  for (let i = 0; i < 3; i++) {
+    await sleep(700);
+    samples.push(memory(rootPid));
+  }
+  const pick = (grp, k) => median(samples.map((s) => s[grp][k]));
+  const out = {};
+  for (const grp of ['front', 'backend']) out[grp] = { n: pick(grp, 'n'), rss_kB: pick(grp, 'rss'), pss_kB: pick(grp, 'pss'), private_kB: pick(grp, 'priv') };
+  return out;
+}
+async function idleSession(port, i) {
+  const c = await open(port, { localAddress: srcAddr(1000 + i) });
+  await imapLogin(c);
+  c.s.write('b SELECT INBOX\r\n');
+  await until(c, /^b OK[^\r\n]*\r\n/m);
+  c.s.write('c IDLE\r\n');
+  await until(c, /^\+ [^\r\n]*\r\n/m);
+  c.buf = '';
+  c.s.on('data', () => (c.buf = ''));
+  return c;
+}
+async function idleRun(side, rootPid, n) {
+  const before = await settledMemory(rootPid);
+  const t0 = Date.now();
+  const sessions = [];
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: 32 }, async () => {
+      while (next < n) {
+        const i = next++;
+        sessions.push(await idleSession(side.port.imap, i));
+      }
+    }),
+  );
+  const openSecs = (Date.now() - t0) / 1000;
+  const during = await settledMemory(rootPid);
+  for (const c of sessions) c.s.destroy();
+  const t1 = Date.now();
+  while (memory(rootPid).backend.n > 0 && Date.now() - t1 < 60_000) await sleep(200);
+  const perSession = (a, b) => r2((a - b) / n);
+  return {
+    sessions: n,
+    open_seconds: r2(openSecs),
+    before,
+    during,
+    front_pss_kB_per_session: perSession(during.front.pss_kB, before.front.pss_kB),
+    front_rss_kB_per_session: perSession(during.front.rss_kB, before.front.rss_kB),
+    backend_pss_kB_per_session: perSession(during.backend.pss_kB, before.backend.pss_kB),
+    backend_private_kB_per_session: perSession(during.backend.private_kB, before.backend.private_kB),
+    total_pss_kB_per_session: perSession(during.front.pss_kB + during.backend.pss_kB, before.front.pss_kB + before.backend.pss_kB),
+  };
+}
+results.idle = [];
+for (const n of IDLE) {
+  // the proxy takes at most 1000 connections per worker (src/limits.ts MAX_CONNECTIONS)
+  const workers = Math.max(WORKERS, Math.ceil((n * 1.25) / 1000));
+  if (workers !== WORKERS) {
+    await stopServe(serveP);
+    serveP = await startServe(workers);
+    // warm the new workers
+    await loginRound(P.imap, 8 * workers, 4);
+  }
+  log(`idle: ${n} sessions through the proxy (${workers} workers)`);
+  const proxy = await idleRun(SIDES.proxy, serveP.pid, n);
+  log(`idle: ${n} sessions to Dovecot directly`);
+  const direct = await idleRun(SIDES.direct, dovecot.pid, n);
+  results.idle.push({ sessions: n, proxy_workers: workers, proxy, direct });
+  if (workers !== WORKERS) {
+    await stopServe(serveP);
+    serveP = await startServe(WORKERS);
+  }
+}
+
+// ---------------------------------------------------------------- output
+const dovecotWarnings = existsSync(join(dv, 'dovecot.log'))
+  ? readFileSync(join(dv, 'dovecot.log'), 'utf8')
+      .split('\n')
+      .filter((l) => /warning|error|fatal/i.test(l))
+      .slice(0, 10)
+  : [];
+results.reference_log_warnings = dovecotWarnings;
+const proxyLog = join(dir, 'pigeon.log');
+results.proxy_log_warnings = existsSync(proxyLog)
+  ? readFileSync(proxyLog, 'utf8')
+      .split('\n')
+      .filter((l) => /warn|error/i.test(l))
+      .slice(0, 10)
+  : [];
+if (JSON_OUT) writeFileSync(JSON_OUT, `${JSON.stringify(results, null, 2)}\n`);
+const f = (x, d = 1) => (x === null || x === undefined ? '-' : Number(x).toFixed(d));
+console.log(`\nProxy vs direct Dovecot (${results.setup.password_scheme}); medians of ${ROUNDS} rounds`);
+for (const [name, k] of [
+  ['login c=1', 'login_c1'],
+  ['login c=32', 'login_c32'],
+]) {
+  const x = results[k];
+  console.log(`  ${name.padEnd(14)} logins/s ${f(x.proxy.per_second)} vs ${f(x.direct.per_second)} (${f(x.ratio.per_second, 2)}x)  p50 ${f(x.proxy.p50_ms)} vs ${f(x.direct.p50_ms)} ms (${f(x.ratio.p50_ms, 2)}x)  p99 ${f(x.proxy.p99_ms)} vs ${f(x.direct.p99_ms)} ms (${f(x.ratio.p99_ms, 2)}x)`);
+}
+for (const [name, k] of [
+  ['FETCH plain', 'fetch_plain'],
+  ['FETCH TLS', 'fetch_tls'],
+  ['POP3 RETR', 'pop3_retr'],
+]) {
+  const x = results[k];
+  console.log(`  ${name.padEnd(14)} ${f(x.proxy.MiBps, 0)} vs ${f(x.direct.MiBps, 0)} MiB/s (${f(x.ratio.MiBps, 2)}x)`);
+}
+for (const i of results.idle) {
+  console.log(
+    `  idle ${String(i.sessions).padEnd(9)} proxy ${f(i.proxy.front_pss_kB_per_session)} kB/session + backend ${f(i.proxy.backend_pss_kB_per_session)} kB;  Dovecot login/auth/master ${f(i.direct.front_pss_kB_per_session)} kB/session + imap ${f(i.direct.backend_pss_kB_per_session)} kB (PSS)`,
+  );
+}
 process.exit(0);
