@@ -2,11 +2,10 @@
 // by the user over IMAP through the proxy (Dovecot started pre-authenticated by `serve`).
 import t from 'tap';
 import net from 'node:net';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { CLI, cli, ok, msg, maildirOf, files } from './helpers/delivery-env.js';
+import { cli, ok, msg, maildirOf, files, startServe } from './helpers/delivery-env.js';
 import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
 
 const ALICE = 'alice@example.test';
@@ -29,31 +28,9 @@ t.test('pigeon serve: lmtp=HOST:PORT and lmtp=/socket, then IMAP through the pro
   ok(cli(inst, ['domain', 'add', 'example.test']), 'domain');
   ok(cli(inst, ['user', 'add', ALICE, '--password-stdin'], 'secret\n'), 'user');
 
-  const child = spawn(process.execPath, [CLI, '-c', inst, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
-  t.teardown(
-    () =>
-      new Promise<void>((res) => {
-        if (child.exitCode !== null) return res();
-        child.once('exit', () => res());
-        child.kill('SIGTERM');
-        setTimeout(() => child.kill('SIGKILL'), 12_000).unref();
-      }),
-  );
-  let err = '';
-  const ports: Record<string, number> = {};
-  await new Promise<void>((res, rej) => {
-    const timer = setTimeout(() => rej(new Error(`serve did not start: ${err}`)), 30_000);
-    child.stderr.setEncoding('utf8');
-    child.stderr.on('data', (s: string) => {
-      err += s;
-      for (const m of err.matchAll(/listening (\w+) \S+:(\d+)\n/g)) ports[m[1] ?? ''] = Number(m[2]);
-      if (/pigeon: ready/.test(err)) {
-        clearTimeout(timer);
-        res();
-      }
-    });
-    child.once('exit', (c) => rej(new Error(`serve exited ${c}: ${err}`)));
-  });
+  const served = await startServe(t, inst);
+  const ports = served.ports;
+  const err = served.stderr();
   t.match(err, /listening lmtp .*lmtp\.sock/, 'unix socket listener open');
   t.ok(ports['lmtp'] && ports['imap'], `ports ${JSON.stringify(ports)}`);
 
@@ -95,4 +72,5 @@ t.test('pigeon serve: lmtp=HOST:PORT and lmtp=/socket, then IMAP through the pro
   t.match(fetched, /Subject: via serve unix/);
   t.match(fetched, /Delivered-To: alice@example\.test/);
   t.match(await untagged('d', 'LOGOUT'), /d OK/);
+  await served.stop(); // before tap removes the test directory
 });

@@ -1,17 +1,13 @@
 // A real private Postfix instance delivering to pigeon through the three documented forms — pipe(8)
-// (`pigeon deliver`), LMTP over TCP (the listener `pigeon serve` runs), LMTP over a unix socket to
-// `pigeon lmtp` under spawn(8) — from an SMTP submission, to a message the real Dovecot serves.
+// (`pigeon deliver`), LMTP over TCP to the `pigeon serve` daemon, LMTP over a unix socket to
+// `pigeon lmtp` under spawn(8) — from an SMTP submission, to a message the real Dovecot serves, directly and over IMAP through
+// the proxy of the same daemon.
 // Exit codes and LMTP replies are checked as Postfix logs them (sent / bounced / deferred).
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
-import net from 'node:net';
 import { join } from 'node:path';
-import { loadInstance } from '../src/instance.js';
-import { openDb } from '../src/db.js';
-import { Store } from '../src/store.js';
-import { silentLogger } from '../src/delivery/env.js';
-import { createLmtpServer, listenLmtp } from '../src/delivery/lmtp.js';
-import { CLI, cli, ok, makeInstance, setUser, maildirOf, files, msg, dovecotRead, sleep } from './helpers/delivery-env.js';
+import { writeFileSync } from 'node:fs';
+import { CLI, cli, ok, makeInstance, setUser, maildirOf, files, msg, dovecotRead, sleep, startServe, imapSession } from './helpers/delivery-env.js';
 import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
 
 async function waitFor(what: string, f: () => boolean, ms = 90_000): Promise<void> {
@@ -34,13 +30,10 @@ t.test('Postfix → pipe / lmtp:inet / lmtp:unix+spawn → Maildir → Dovecot',
   // pipe(8) and spawn(8) run pigeon as user=mail: the instance must be writable by it
   spawnSync('chown', ['-R', 'mail:mail', inst]);
 
-  // the LMTP listener `pigeon serve` would run, in this process
-  const instance = loadInstance(inst);
-  const store = new Store(openDb(instance.dbPath), instance.dbPath);
-  t.teardown(() => store.close());
-  const lmtp = await listenLmtp(createLmtpServer({ instance, store, logger: silentLogger }), { host: '127.0.0.1', port: 0, path: null });
-  t.teardown(() => lmtp.close());
-  const lmtpPort = (lmtp.address() as net.AddressInfo).port;
+  // the daemon: LMTP listener for Postfix, IMAP listener for the user
+  writeFileSync(join(inst, 'conf.d', '50-listen.yaml'), 'listen:\n  - "lmtp=127.0.0.1:0"\n  - "imap=127.0.0.1:0"\n');
+  const served = await startServe(t, inst);
+  const lmtpPort = served.ports['lmtp'] ?? 0;
 
   const smtpPort = await freePort();
   const node = process.execPath;
@@ -88,10 +81,21 @@ pigeon-lmtp unix -      n       n       -       -       spawn
   }
   t.equal(files(join(maildirOf(inst, 'full@pipe.test'), 'new')).length, 0);
 
+  // and the users read their mail over IMAP through the proxy of the same daemon
+  for (const u of ['alice@pipe.test', 'alice@lmtp.test']) {
+    const tr = await imapSession(served.ports['imap'] ?? 0, u, 'pw', ['SELECT INBOX', 'FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT DELIVERED-TO)])']);
+    t.match(tr, /\* 1 EXISTS/, `${u}: one message over IMAP via the proxy`);
+    t.match(tr, new RegExp(`Delivered-To: ${u.replace('.', '\\.')}`));
+    t.match(tr, /Subject: via postfix/);
+  }
+
   // a bounce (null sender) through pipe(8): ${sender} expands to MAILER-DAEMON → Return-Path: <>
   const r2 = await smtpSubmit(smtpPort, '', ['alice@pipe.test'], msg({ subject: 'null sender' }));
   t.match(r2[r2.length - 2] ?? '', /^250 /);
   await waitFor('second pipe delivery', () => files(join(boxes[0] ?? '', 'new')).length + files(join(boxes[0] ?? '', 'cur')).length === 2);
   const { messages } = await dovecotRead(`maildir:${boxes[0] ?? ''}`);
   t.match(messages[1]?.body.toString() ?? '', /^Return-Path: <>\r\n/);
+  // stop both before tap removes the test directory (its teardown runs first)
+  pf.stop();
+  await served.stop();
 });

@@ -141,3 +141,64 @@ export function dovecotRead(location: string, folder = 'INBOX', home?: string): 
 }
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** `pigeon serve --workers 1` on an instance; resolves once it printed "ready", with the ports it listens on. */
+export async function startServe(
+  t: { teardown: (f: () => void | Promise<void>) => void },
+  inst: string,
+): Promise<{ ports: Record<string, number>; stderr: () => string; stop: () => Promise<void> }> {
+  const child = spawn(process.execPath, [CLI, '-c', inst, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const stop = (): Promise<void> =>
+    new Promise<void>((res) => {
+      if (child.exitCode !== null || child.signalCode !== null) return res();
+      child.once('exit', () => res());
+      child.kill('SIGTERM');
+      setTimeout(() => child.kill('SIGKILL'), 12_000).unref();
+    });
+  t.teardown(stop);
+  let err = '';
+  const ports: Record<string, number> = {};
+  await new Promise<void>((res, rej) => {
+    const timer = setTimeout(() => rej(new Error(`serve did not start: ${err}`)), 30_000);
+    child.stderr.setEncoding('utf8');
+    child.stderr.on('data', (s: string) => {
+      err += s;
+      for (const m of err.matchAll(/listening (\w+) \S+:(\d+)\n/g)) ports[m[1] ?? ''] = Number(m[2]);
+      if (/pigeon: ready/.test(err)) {
+        clearTimeout(timer);
+        res();
+      }
+    });
+    child.once('exit', (c) => rej(new Error(`serve exited ${c}: ${err}`)));
+  });
+  return { ports, stderr: () => err, stop };
+}
+
+/** Log in over IMAP (through the proxy), run commands, return the whole transcript. */
+export async function imapSession(port: number, user: string, password: string, commands: readonly string[]): Promise<string> {
+  const net = await import('node:net');
+  const { Dialog } = await import('./delivery-lmtp.js');
+  const s = await new Promise<import('node:net').Socket>((res, rej) => {
+    const c = net.connect({ host: '127.0.0.1', port }, () => res(c));
+    c.once('error', rej);
+  });
+  try {
+    const d = Dialog.of(s);
+    let all = `${await d.lineRaw()}\r\n`;
+    const run = async (tag: string, cmd: string): Promise<void> => {
+      d.send(`${tag} ${cmd}\r\n`);
+      for (;;) {
+        const line = await d.lineRaw();
+        all += `${line}\r\n`;
+        if (line.startsWith(`${tag} `)) return;
+      }
+    };
+    await run('l', `LOGIN ${user} ${password}`);
+    let i = 0;
+    for (const c of commands) await run(`c${i++}`, c);
+    await run('z', 'LOGOUT');
+    return all;
+  } finally {
+    s.destroy();
+  }
+}

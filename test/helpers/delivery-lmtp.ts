@@ -5,10 +5,9 @@ export class Dialog {
   private buf = '';
   private waiters: (() => void)[] = [];
   private ended = false;
-  constructor(
-    private readonly input: Readable,
-    private readonly output: Writable,
-  ) {
+  private readonly output: Writable;
+  constructor(input: Readable, output: Writable) {
+    this.output = output;
     input.on('data', (d: Buffer) => {
       this.buf += d.toString('latin1');
       this.wake();

@@ -127,6 +127,7 @@ ${o.master}
     conf,
     log: () => (existsSync(logFile) ? readFileSync(logFile, 'utf8') : ''),
     stop: () => {
+      if (!existsSync(base)) return;
       postfix(conf, 'stop');
       try {
         copyFileSync(logFile, join(o.dir, 'maillog'));
