@@ -3,9 +3,9 @@
 // (user / domain / override / ignore). sendmail here is a recording script; the real Postfix
 // sendmail is exercised in postfix.test.ts.
 import t from 'tap';
-import { writeFileSync, readFileSync, readdirSync, existsSync, chmodSync, mkdirSync } from 'node:fs';
+import { writeFileSync, readFileSync, readdirSync, existsSync, chmodSync, mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { cli, makeInstance, setUser, maildirOf, files, msg } from './helpers/delivery-env.js';
+import { cli, makeInstance, setUser, maildirOf, files, msg, MAIL_UID } from './helpers/delivery-env.js';
 
 const ALICE = 'alice@example.test';
 
@@ -137,7 +137,9 @@ t.test('vacation: RFC 3834 rules, once per sender per interval, reply through se
   send('frank@remote.test');
   calls = sm.calls();
   t.equal(files(join(maildirOf(inst, ALICE), 'new')).length, 12, 'every message stored');
-  t.ok(existsSync(join(inst, 'mail', '.pigeon-vacation', 'example.test', 'alice')), 'state kept under the mail root');
+  const state = join(inst, 'mail', '.pigeon-vacation', 'example.test', 'alice');
+  t.ok(existsSync(state), 'state kept under the mail root');
+  t.equal(statSync(state).uid, MAIL_UID, 'owned by the mail user (pipe deliveries run as it)');
 });
 
 t.test('modules follow the configuration layer: domain override and ignore', async (t) => {

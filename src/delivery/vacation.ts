@@ -12,11 +12,12 @@
  *             envelope sender, `Auto-Submitted: auto-replied`, In-Reply-To/References.
  * CONFIG      vacation.enabled, subject, body, days
  */
-import { mkdirSync, openSync, closeSync, statSync, utimesSync } from 'node:fs';
+import { mkdirSync, openSync, closeSync, statSync, utimesSync, chownSync } from 'node:fs';
 import { join } from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
 import { sendmail } from './sendmail.js';
 import type { Spooled } from './message.js';
+import type { MailUser } from '../mailuser.js';
 import type { DeliveryModule, RecipientRequest, StepResult } from './types.js';
 
 const ROBOT = /^(mailer-daemon|postmaster|listserv|majordomo|mailman|owner-.*|.*-request|.*-bounces?|.*-owner|no-?reply|bounce.*|root)$/i;
@@ -38,12 +39,25 @@ export function whyNoReply(req: Pick<RecipientRequest, 'sender' | 'rcpt' | 'user
   return null;
 }
 
-/** True when this (recipient, sender) pair is due a reply now; arms the interval. */
-export function dueNow(dir: string, sender: string, days: number): boolean {
-  mkdirSync(dir, { recursive: true, mode: 0o700 });
+/**
+ * True when this (recipient, sender) pair is due a reply now; arms the interval. `owner` (when
+ * running as root) gets what is created, so deliveries as the mail user (pipe) can use it too.
+ */
+export function dueNow(root: string, rel: readonly string[], sender: string, days: number, owner: MailUser): boolean {
+  let dir = root;
+  for (const part of rel) {
+    dir = join(dir, part);
+    try {
+      mkdirSync(dir, { mode: 0o700 });
+      if (owner.switchTo) chownSync(dir, owner.uid, owner.gid);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+  }
   const f = join(dir, createHash('sha256').update(sender.toLowerCase()).digest('hex').slice(0, 32));
   try {
     closeSync(openSync(f, 'wx', 0o600));
+    if (owner.switchTo) chownSync(f, owner.uid, owner.gid);
     return true;
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
@@ -74,8 +88,8 @@ const vacation: DeliveryModule = {
     }
     const days = typeof settings['days'] === 'number' ? settings['days'] : 7;
     const at = req.user.address.lastIndexOf('@');
-    const dir = join(env.alloc.mailRoot, '.pigeon-vacation', req.user.address.slice(at + 1), req.user.address.slice(0, at));
-    if (!dueNow(dir, req.sender, days)) {
+    const rel = ['.pigeon-vacation', req.user.address.slice(at + 1), req.user.address.slice(0, at)];
+    if (!dueNow(env.alloc.mailRoot, rel, req.sender, days, env.alloc.mailUser)) {
       env.log('debug', 'vacation: already answered', { user: req.user.address, to: req.sender });
       return { kind: 'continue' };
     }
