@@ -162,3 +162,31 @@ t.test('pigeon lmtp --forker inetd (TCP socket on fd 0)', async (t) => {
   const { messages } = await dovecotRead(`maildir:${maildirOf(inst, ALICE)}`);
   t.equal(messages.length, 1);
 });
+
+t.test('client gone in the middle of DATA: nothing stored, the server keeps serving', async (t) => {
+  const inst = makeInstance(t.testdir());
+  const { server } = serverFor(inst, t);
+  const srv = await listenLmtp(server, { host: '127.0.0.1', port: 0, path: null });
+  t.teardown(() => srv.close());
+  const port = (srv.address() as net.AddressInfo).port;
+  const s1 = await connect({ host: '127.0.0.1', port });
+  const d1 = Dialog.of(s1);
+  await d1.line();
+  d1.send('LHLO x\r\n');
+  await d1.reply();
+  await d1.cmd('MAIL FROM:<bob@remote.test>');
+  await d1.cmd(`RCPT TO:<${ALICE}>`);
+  await d1.cmd('DATA');
+  d1.send(`Subject: cut\r\n\r\n${'partial line\r\n'.repeat(20_000)}`); // ~280 KB, no final dot
+  await new Promise((r) => setTimeout(r, 300));
+  s1.destroy();
+  await new Promise((r) => setTimeout(r, 500));
+  const box = maildirOf(inst, ALICE);
+  t.equal(files(join(box, 'new')).length, 0, 'nothing in new/');
+  t.equal(files(join(box, 'tmp')).length, 0, 'nothing in tmp/');
+  const s2 = await connect({ host: '127.0.0.1', port });
+  t.teardown(() => s2.destroy());
+  const d2 = Dialog.of(s2);
+  t.match(await d2.line(), /^220 /, 'next session served');
+  await d2.cmd('QUIT');
+});
