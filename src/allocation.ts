@@ -13,7 +13,7 @@
  *             cur/new/tmp) or MAILROOT/DOMAIN/LOCAL.mbox (mbox file).
  * DIAGNOSTICS AllocationError: 'not-allocated' (creator none), 'tempfail' (lock busy, race lost twice).
  */
-import { mkdirSync, openSync, closeSync, writeFileSync, unlinkSync, existsSync, chownSync, statSync } from 'node:fs';
+import { mkdirSync, openSync, closeSync, writeFileSync, unlinkSync, existsSync, chownSync, statSync, rmdirSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import type { Store, UserRecord, Allocation } from './store.js';
 import type { Effective } from './resolve.js';
@@ -71,6 +71,18 @@ export function createMailbox(a: Allocation, mu: MailUser): void {
   }
 }
 
+/** Remove a mailbox that holds nothing (a lost allocation race); anything with mail stays. */
+function discardEmpty(a: Allocation): void {
+  try {
+    if (a.format === 'maildir') {
+      for (const d of ['cur', 'new', 'tmp']) rmdirSync(join(a.path, d));
+      rmdirSync(a.path);
+    } else if (statSync(a.path).size === 0) unlinkSync(a.path);
+  } catch {
+    /* not empty, or already gone: leave it */
+  }
+}
+
 async function withLock<T>(mailRoot: string, fn: () => T): Promise<T> {
   const lock = join(mailRoot, '.pigeon-allocate.lock');
   const deadline = Date.now() + LOCK_WAIT_MS;
@@ -122,9 +134,12 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
     if (fresh.home !== null && fresh.home !== ctx.node) return { kind: 'remote', node: fresh.home, allocation: fresh.allocation };
     if (fresh.allocation !== null) return { kind: 'local', allocation: fresh.allocation };
     const allocation: Allocation = { format, path: mailboxPath(ctx.mailRoot, fresh.address, format), node: ctx.node };
+    const existed = existsSync(allocation.path);
     createMailbox(allocation, ctx.mailUser);
     if (ctx.store.casAllocation(fresh.id, fresh.version, ctx.node, allocation)) return { kind: 'local', allocation };
-    return null; // lost the race: re-read
+    // lost the race: discard the empty mailbox we just created unless it is the winner's too
+    if (!existed && ctx.store.getUser(fresh.address)?.allocation?.path !== allocation.path) discardEmpty(allocation);
+    return null; // re-read
   };
   for (let i = 0; i < 3; i++) {
     const p = creator === 'lock' ? await withLock(ctx.mailRoot, attempt) : attempt();

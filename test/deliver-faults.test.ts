@@ -169,3 +169,28 @@ t.test('50 concurrent first deliveries to one brand-new user: one allocation, ev
     t.equal(subjects.size, 50, `${u}: 50 distinct messages`);
   }
 });
+
+t.test('two nodes sharing the database race for a new user (creator cas): one allocation, the loser discards its empty box', async (t) => {
+  const dir = t.testdir();
+  const n1 = makeInstance(dir, []);
+  const n2 = join(dir, 'node2');
+  const init2 = cli(n2, ['init', n2, '--node', 'node2', '--db', join(n1, 'pigeon.db')]);
+  t.equal(init2.code, 0, init2.stderr);
+  cli(n1, ['user', 'add', 'race@example.test', '--password-stdin'], 'x\n');
+  setUser(n1, 'race@example.test', 'mailstore.creator', 'cas');
+  const jobs = Array.from({ length: 24 }, (_, i) => cliAsync(i % 2 === 0 ? n1 : n2, ['deliver', '-f', 'bob@remote.test', 'race@example.test'], msg({ subject: `r${i}` })));
+  const rs = await Promise.all(jobs);
+  const j = JSON.parse(cli(n1, ['user', 'show', 'race@example.test', '--json']).stdout) as { home: string; version: number; allocation: { path: string } };
+  t.equal(j.version, 1, 'allocated exactly once');
+  const winner = j.home === 'node1' ? n1 : n2;
+  const loser = winner === n1 ? n2 : n1;
+  t.equal(j.allocation.path, maildirOf(winner, 'race@example.test'));
+  t.notOk(files(join(loser, 'mail', 'example.test')).includes('race'), 'the losing node left no mailbox behind');
+  const winnerOk = rs.filter((r, i) => r.code === 0 && (i % 2 === 0 ? n1 : n2) === winner).length;
+  const loserRuns = rs.filter((_, i) => (i % 2 === 0 ? n1 : n2) === loser);
+  t.ok(loserRuns.every((r) => r.code === 75), 'deliveries on the losing node defer (75): Postfix retries, nothing is lost');
+  t.same(loserRuns.filter((r) => r.code === 0).length, 0, 'the losing node stores nothing for the user');
+  t.equal(winnerOk, 12, 'every delivery on the winning node succeeded');
+  t.equal(files(join(j.allocation.path, 'new')).length, 12, 'and every one of them is in the one mailbox');
+  t.match(loserRuns[0]?.stdout ?? '', /^4\.3\.0 mailbox of race@example\.test is on node node\d/);
+});
