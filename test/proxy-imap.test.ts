@@ -1,132 +1,193 @@
-// imapflow through `pigeon serve` to the real Dovecot: LOGIN, AUTHENTICATE PLAIN, LIST, SELECT,
-// FETCH of a message put into the Maildir, APPEND, IDLE, LOGOUT; STARTTLS and implicit TLS
-// verified against the instance CA; wrong password, unknown user, disabled user.
+// imapflow through `pigeon serve` to the real backends — Dovecot, then Courier (the same cases,
+// parameterised): LOGIN, AUTHENTICATE PLAIN, LIST, SELECT, FETCH of a message put into the
+// Maildir, APPEND, IDLE, LOGOUT; folders as Maildir++ directories; STARTTLS and implicit TLS
+// verified against the instance CA; wrong password, unknown user, disabled user; an mbox user.
 import t from 'tap';
 import { ImapFlow } from 'imapflow';
-import { readFileSync, readdirSync } from 'node:fs';
+import { readFileSync, readdirSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { makeInstance, serve, putMessage, message } from './helpers/instance.js';
+import { BACKENDS, useBackend } from './helpers/backends.js';
+import { Wire } from './helpers/wire.js';
 
-const inst = makeInstance(t, { listen: ['imap=127.0.0.1:0', 'imaps=127.0.0.1:0'], users: { 'alice@example.test': 'secret', 'carol@example.test': 'c4rol' } });
-const srv = await serve(t, inst);
-const ca = readFileSync(join(inst.dir, 'certs', 'ca.crt'));
+for (const backend of BACKENDS) {
+  t.test(`backend ${backend}`, async (t) => {
+    const inst = makeInstance(t, { listen: ['imap=127.0.0.1:0', 'imaps=127.0.0.1:0'], users: { 'alice@example.test': 'secret', 'carol@example.test': 'c4rol' } });
+    if (!useBackend(t, inst, backend)) return;
+    const srv = await serve(t, inst);
+    const ca = readFileSync(join(inst.dir, 'certs', 'ca.crt'));
 
-function client(opts: { user: string; pass: string; secure?: boolean; starttls?: boolean; loginMethod?: string }): ImapFlow {
-  return new ImapFlow({
-    host: '127.0.0.1',
-    port: opts.secure ? (srv.ports['imaps'] ?? 0) : (srv.ports['imap'] ?? 0),
-    secure: opts.secure ?? false,
-    doSTARTTLS: opts.starttls ?? false,
-    tls: { ca: [ca], servername: 'localhost' },
-    auth: { user: opts.user, pass: opts.pass, ...(opts.loginMethod ? { loginMethod: opts.loginMethod } : {}) },
-    logger: false,
-    verifyOnly: false,
-  } as ConstructorParameters<typeof ImapFlow>[0]);
+    function client(opts: { user: string; pass: string; secure?: boolean; starttls?: boolean; loginMethod?: string }): ImapFlow {
+      return new ImapFlow({
+        host: '127.0.0.1',
+        port: opts.secure ? (srv.ports['imaps'] ?? 0) : (srv.ports['imap'] ?? 0),
+        secure: opts.secure ?? false,
+        doSTARTTLS: opts.starttls ?? false,
+        tls: { ca: [ca], servername: 'localhost' },
+        auth: { user: opts.user, pass: opts.pass, ...(opts.loginMethod ? { loginMethod: opts.loginMethod } : {}) },
+        logger: false,
+        verifyOnly: false,
+      } as ConstructorParameters<typeof ImapFlow>[0]);
+    }
+
+    t.test(`LOGIN, first login allocates the mailbox, FETCH a message ${backend} serves`, async (t) => {
+      const c = client({ user: 'alice@example.test', pass: 'secret' });
+      await c.connect();
+      t.teardown(() => c.close());
+      const show = JSON.parse(inst.run(['user', 'show', 'alice@example.test', '--json']).stdout) as { home: string; allocation: { path: string; format: string } };
+      t.equal(show.home, 'test1', 'allocated on this node at first login');
+      t.equal(show.allocation.format, 'maildir');
+      t.same(readdirSync(show.allocation.path).sort().filter((d) => ['cur', 'new', 'tmp'].includes(d)), ['cur', 'new', 'tmp']);
+      putMessage(show.allocation.path, message('hello through the proxy', 'body text 123'));
+      const boxes = await c.list();
+      t.ok(boxes.some((b) => b.path === 'INBOX'), 'LIST shows INBOX');
+      const lock = await c.getMailboxLock('INBOX');
+      try {
+        t.equal((c.mailbox as { exists: number }).exists, 1, 'SELECT sees the message');
+        const m = await c.fetchOne('1', { envelope: true, source: true });
+        t.equal(m && m.envelope?.subject, 'hello through the proxy');
+        t.match(m && m.source?.toString(), /body text 123/);
+      } finally {
+        lock.release();
+      }
+      t.ok(c.capabilities.has('IDLE') && c.capabilities.has('UIDPLUS'), `post-login capabilities are ${backend}'s`);
+      if (backend === 'courier') {
+        // Courier's own list (Debian's IMAP_CAPABILITY + what imapd adds), learnt by the proxy's CAPABILITY
+        t.ok(['QUOTA', 'ACL', 'THREAD=REFERENCES', 'ENABLE'].every((c2) => c.capabilities.has(c2)), "post-login capabilities are Courier's");
+        t.notOk(c.capabilities.has('AUTH=PLAIN'), 'no pre-login capability after login');
+      } else t.ok(c.capabilities.has('MOVE') && c.capabilities.has('SORT=DISPLAY'), "post-login capabilities are Dovecot's");
+      await c.logout();
+      const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
+      t.match(log, /imap-login: Login: user=<alice@example\.test>, method=PLAIN, rip=127\.0\.0\.1, lip=127\.0\.0\.1, session=<[^>]+>/);
+      t.notMatch(log, /secret/, 'no password in the log');
+    });
+
+    t.test('AUTHENTICATE PLAIN, APPEND and IDLE', async (t) => {
+      const c = client({ user: 'alice@example.test', pass: 'secret', loginMethod: 'AUTH=PLAIN' });
+      await c.connect();
+      t.teardown(() => c.close());
+      const r = await c.append('INBOX', message('appended', 'via APPEND'));
+      t.ok(r && r.uid, 'APPEND returns a UID');
+      const lock = await c.getMailboxLock('INBOX');
+      const before = (c.mailbox as { exists: number }).exists;
+      const seen = new Promise<number>((res) => c.on('exists', (d: { count: number }) => res(d.count)));
+      const idle = c.idle();
+      const other = client({ user: 'alice@example.test', pass: 'secret' });
+      await other.connect();
+      await other.append('INBOX', message('while idling', 'x'));
+      await other.logout();
+      const count = await Promise.race([seen, new Promise<number>((res) => setTimeout(() => res(-1), 15000))]);
+      t.equal(count, before + 1, 'IDLE reports the new message');
+      lock.release();
+      void idle;
+      await c.logout();
+      const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
+      t.match(log, /method=PLAIN/);
+    });
+
+    t.test('the login tag is answered with the post-login CAPABILITY list; pipelined commands follow', async (t) => {
+      const w = await Wire.open(srv.ports['imap'] ?? 0);
+      t.teardown(() => w.close());
+      await w.until(/\r\n/);
+      // LOGIN and SELECT in one packet: the bytes after LOGIN reach the backend after its login answer
+      w.write('a1 LOGIN alice@example.test secret\r\na2 SELECT INBOX\r\n');
+      const r = await w.until(/a2 .*\r\n/);
+      t.match(r, /^a1 OK \[CAPABILITY IMAP4rev1 [^\]]*IDLE[^\]]*\] Logged in\r\n/, 'one tagged OK with the capability list, first');
+      t.notMatch(r, /pigeon0|LOGIN Ok\.|\[ALERT\]/, "nothing of the proxy's internal exchange (or a FAM alert) reaches the client");
+      t.match(r, /a2 OK \[READ-WRITE\]/);
+      w.write('a3 LOGOUT\r\n');
+      t.match(await w.until(/a3 .*\r\n/), backend === 'courier' ? /\* BYE Courier-IMAP server shutting down\r\na3 OK LOGOUT completed/ : /\* BYE Logging out\r\na3 OK Logout completed/);
+    });
+
+    t.test('a folder created over IMAP is the Maildir++ folder the delivery agent uses', async (t) => {
+      const c = client({ user: 'alice@example.test', pass: 'secret' });
+      await c.connect();
+      t.teardown(() => c.close());
+      const created = await c.mailboxCreate('Sent');
+      // Courier's personal namespace is "INBOX." (backends.md §2.3); Dovecot's is empty
+      t.equal(created.path, backend === 'courier' ? 'INBOX.Sent' : 'Sent', `${backend} names the folder in its namespace`);
+      const show = JSON.parse(inst.run(['user', 'show', 'alice@example.test', '--json']).stdout) as { allocation: { path: string } };
+      t.ok(existsSync(join(show.allocation.path, '.Sent', 'cur')), 'on disk: the Maildir++ folder .Sent');
+      putMessage(join(show.allocation.path, '.Sent'), message('filed', 'in Sent'));
+      const st = await c.status(created.path, { messages: true });
+      t.equal(st ? st.messages : null, 1, 'a message put into .Sent is seen in the folder');
+      await c.logout();
+    });
+
+    t.test('STARTTLS and implicit TLS with the instance CA', async (t) => {
+      const c = client({ user: 'alice@example.test', pass: 'secret', starttls: true });
+      await c.connect();
+      t.ok(c.secureConnection || (c as unknown as { socket: { encrypted?: boolean } }).socket.encrypted, 'upgraded to TLS');
+      await c.mailboxOpen('INBOX');
+      await c.logout();
+      const s = client({ user: 'alice@example.test', pass: 'secret', secure: true });
+      await s.connect();
+      const st = await s.status('INBOX', { messages: true });
+      t.ok(((st ? st.messages : 0) ?? 0) >= 1, 'STATUS over implicit TLS');
+      await s.logout();
+      const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
+      t.match(log, /Login: user=<alice@example\.test>, method=PLAIN, rip=127\.0\.0\.1, lip=127\.0\.0\.1, TLS, session=/);
+    });
+
+    t.test('wrong password, unknown user, disabled user: AUTHENTICATIONFAILED', async (t) => {
+      for (const [user, pass] of [
+        ['alice@example.test', 'wrong'],
+        ['nobody@example.test', 'secret'],
+      ] as const) {
+        const c = client({ user, pass });
+        const err = await c.connect().then(
+          () => null,
+          (e: { authenticationFailed?: boolean; serverResponseCode?: string }) => e,
+        );
+        t.ok(err, `${user}/${pass} refused`);
+        t.equal(err?.serverResponseCode, 'AUTHENTICATIONFAILED');
+        c.close();
+      }
+      t.equal(inst.run(['user', 'disable', 'carol@example.test']).status, 0);
+      const c = client({ user: 'carol@example.test', pass: 'c4rol' });
+      const err = await c.connect().then(
+        () => null,
+        (e: { serverResponseCode?: string }) => e,
+      );
+      t.equal(err?.serverResponseCode, 'AUTHENTICATIONFAILED', 'disabled user refused like a wrong password');
+      c.close();
+      const show = JSON.parse(inst.run(['user', 'show', 'carol@example.test', '--json']).stdout) as { allocation: unknown };
+      t.equal(show.allocation, null, 'no mailbox allocated and no backend started for a refused login');
+      const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
+      t.match(log, /imap-login: auth failed \(bad-credentials\): user=<alice@example\.test>/);
+      t.match(log, /imap-login: auth failed \(unknown-user\): user=<nobody@example\.test>/);
+      t.match(log, /imap-login: auth failed \(disabled\): user=<carol@example\.test>/);
+    });
+
+    t.test('imap.enabled=false refuses IMAP for that user', async (t) => {
+      inst.addUser('dave@example.test', 'd4ve');
+      t.equal(inst.run(['config', 'set', '--user', 'dave@example.test', 'imap.enabled', 'false']).status, 0);
+      const c = client({ user: 'dave@example.test', pass: 'd4ve' });
+      const err = await c.connect().then(
+        () => null,
+        (e: { serverResponseCode?: string }) => e,
+      );
+      t.equal(err?.serverResponseCode, 'AUTHENTICATIONFAILED');
+      c.close();
+    });
+
+    t.test('an mbox user: Dovecot serves it, Courier refuses with UNAVAILABLE and a log line', async (t) => {
+      inst.addUser('mona@example.test', 'm0na');
+      t.equal(inst.run(['config', 'set', '--user', 'mona@example.test', 'mailstore.format', 'mbox']).status, 0);
+      const w = await Wire.open(srv.ports['imap'] ?? 0);
+      t.teardown(() => w.close());
+      await w.until(/\r\n/);
+      w.write('m1 LOGIN mona@example.test m0na\r\n');
+      const r = await w.until(/m1 .*\r\n/);
+      if (backend === 'courier') {
+        t.match(r, /^m1 NO \[UNAVAILABLE\]/, 'Courier serves Maildir only: UNAVAILABLE, never a wrong password');
+        const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
+        t.match(log, /imap\(mona@example\.test\): Error: Backend failure: start-failed: courier serves Maildir only, and the mailbox of mona@example\.test is mbox \(\S+mona\.mbox\)/);
+      } else {
+        t.match(r, /^m1 OK \[CAPABILITY/);
+      }
+      w.write('m2 LOGOUT\r\n');
+      await w.until(/m2 .*\r\n/);
+    });
+  });
 }
-
-t.test('LOGIN, first login allocates the mailbox, FETCH a message Dovecot serves', async (t) => {
-  const c = client({ user: 'alice@example.test', pass: 'secret' });
-  await c.connect();
-  t.teardown(() => c.close());
-  const show = JSON.parse(inst.run(['user', 'show', 'alice@example.test', '--json']).stdout) as { home: string; allocation: { path: string; format: string } };
-  t.equal(show.home, 'test1', 'allocated on this node at first login');
-  t.equal(show.allocation.format, 'maildir');
-  t.same(readdirSync(show.allocation.path).sort().filter((d) => ['cur', 'new', 'tmp'].includes(d)), ['cur', 'new', 'tmp']);
-  putMessage(show.allocation.path, message('hello through the proxy', 'body text 123'));
-  const boxes = await c.list();
-  t.ok(boxes.some((b) => b.path === 'INBOX'), 'LIST shows INBOX');
-  const lock = await c.getMailboxLock('INBOX');
-  try {
-    t.equal((c.mailbox as { exists: number }).exists, 1, 'SELECT sees the message');
-    const m = await c.fetchOne('1', { envelope: true, source: true });
-    t.equal(m && m.envelope?.subject, 'hello through the proxy');
-    t.match(m && m.source?.toString(), /body text 123/);
-  } finally {
-    lock.release();
-  }
-  t.ok(c.capabilities.has('IDLE') && c.capabilities.has('UIDPLUS'), "post-login capabilities are Dovecot's");
-  await c.logout();
-  const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
-  t.match(log, /imap-login: Login: user=<alice@example\.test>, method=PLAIN, rip=127\.0\.0\.1, lip=127\.0\.0\.1, session=<[^>]+>/);
-  t.notMatch(log, /secret/, 'no password in the log');
-});
-
-t.test('AUTHENTICATE PLAIN, APPEND and IDLE', async (t) => {
-  const c = client({ user: 'alice@example.test', pass: 'secret', loginMethod: 'AUTH=PLAIN' });
-  await c.connect();
-  t.teardown(() => c.close());
-  const r = await c.append('INBOX', message('appended', 'via APPEND'));
-  t.ok(r && r.uid, 'APPEND returns a UID');
-  const lock = await c.getMailboxLock('INBOX');
-  const before = (c.mailbox as { exists: number }).exists;
-  const seen = new Promise<number>((res) => c.on('exists', (d: { count: number }) => res(d.count)));
-  const idle = c.idle();
-  const other = client({ user: 'alice@example.test', pass: 'secret' });
-  await other.connect();
-  await other.append('INBOX', message('while idling', 'x'));
-  await other.logout();
-  const count = await Promise.race([seen, new Promise<number>((res) => setTimeout(() => res(-1), 15000))]);
-  t.equal(count, before + 1, 'IDLE reports the new message');
-  lock.release();
-  void idle;
-  await c.logout();
-  const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
-  t.match(log, /method=PLAIN/);
-});
-
-t.test('STARTTLS and implicit TLS with the instance CA', async (t) => {
-  const c = client({ user: 'alice@example.test', pass: 'secret', starttls: true });
-  await c.connect();
-  t.ok(c.secureConnection || (c as unknown as { socket: { encrypted?: boolean } }).socket.encrypted, 'upgraded to TLS');
-  await c.mailboxOpen('INBOX');
-  await c.logout();
-  const s = client({ user: 'alice@example.test', pass: 'secret', secure: true });
-  await s.connect();
-  const st = await s.status('INBOX', { messages: true });
-  t.ok((st.messages ?? 0) >= 1, 'STATUS over implicit TLS');
-  await s.logout();
-  const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
-  t.match(log, /Login: user=<alice@example\.test>, method=PLAIN, rip=127\.0\.0\.1, lip=127\.0\.0\.1, TLS, session=/);
-});
-
-t.test('wrong password, unknown user, disabled user: AUTHENTICATIONFAILED', async (t) => {
-  for (const [user, pass] of [
-    ['alice@example.test', 'wrong'],
-    ['nobody@example.test', 'secret'],
-  ] as const) {
-    const c = client({ user, pass });
-    const err = await c.connect().then(
-      () => null,
-      (e: { authenticationFailed?: boolean; serverResponseCode?: string }) => e,
-    );
-    t.ok(err, `${user}/${pass} refused`);
-    t.equal(err?.serverResponseCode, 'AUTHENTICATIONFAILED');
-    c.close();
-  }
-  t.equal(inst.run(['user', 'disable', 'carol@example.test']).status, 0);
-  const c = client({ user: 'carol@example.test', pass: 'c4rol' });
-  const err = await c.connect().then(
-    () => null,
-    (e: { serverResponseCode?: string }) => e,
-  );
-  t.equal(err?.serverResponseCode, 'AUTHENTICATIONFAILED', 'disabled user refused like a wrong password');
-  c.close();
-  const show = JSON.parse(inst.run(['user', 'show', 'carol@example.test', '--json']).stdout) as { allocation: unknown };
-  t.equal(show.allocation, null, 'no mailbox allocated and no backend started for a refused login');
-  const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
-  t.match(log, /imap-login: auth failed \(bad-credentials\): user=<alice@example\.test>/);
-  t.match(log, /imap-login: auth failed \(unknown-user\): user=<nobody@example\.test>/);
-  t.match(log, /imap-login: auth failed \(disabled\): user=<carol@example\.test>/);
-});
-
-t.test('imap.enabled=false refuses IMAP for that user', async (t) => {
-  inst.addUser('dave@example.test', 'd4ve');
-  t.equal(inst.run(['config', 'set', '--user', 'dave@example.test', 'imap.enabled', 'false']).status, 0);
-  const c = client({ user: 'dave@example.test', pass: 'd4ve' });
-  const err = await c.connect().then(
-    () => null,
-    (e: { serverResponseCode?: string }) => e,
-  );
-  t.equal(err?.serverResponseCode, 'AUTHENTICATIONFAILED');
-  c.close();
-});
