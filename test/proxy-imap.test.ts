@@ -6,8 +6,10 @@ import t from 'tap';
 import { ImapFlow } from 'imapflow';
 import { readFileSync, readdirSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
+import { spawnSync } from 'node:child_process';
 import { makeInstance, serve, putMessage, message } from './helpers/instance.js';
 import { BACKENDS, useBackend } from './helpers/backends.js';
+import { requireProgram } from './helpers/programs.js';
 import { Wire } from './helpers/wire.js';
 
 for (const backend of BACKENDS) {
@@ -171,6 +173,37 @@ for (const backend of BACKENDS) {
       );
       t.equal(err?.serverResponseCode, 'AUTHENTICATIONFAILED');
       c.close();
+    });
+
+    t.test(`one config set switches a user from ${backend === 'courier' ? 'dovecot' : 'courier'} to ${backend}: warned, then curl and imapflow read the same mail`, async (t) => {
+      const other = backend === 'courier' ? 'dovecot' : 'courier';
+      inst.addUser('sam@example.test', 's4m');
+      t.equal(inst.run(['config', 'set', '--user', 'sam@example.test', 'imap.backend', other]).status, 0);
+      const c1 = client({ user: 'sam@example.test', pass: 's4m' });
+      await c1.connect();
+      const show = JSON.parse(inst.run(['user', 'show', 'sam@example.test', '--json']).stdout) as { allocation: { path: string } };
+      putMessage(show.allocation.path, message('before the switch', 'kept'));
+      t.equal((await c1.status('INBOX', { messages: true })) ? 1 : 0, 1, `${other} serves the mailbox first`);
+      await c1.logout();
+      const r = inst.run(['config', 'set', '--user', 'sam@example.test', 'imap.backend', backend]);
+      t.equal(r.status, 0, 'the switch is one command');
+      t.match(r.stderr, new RegExp(`pigeon: warning: imap\\.backend: 1 mailbox\\(es\\) that already hold mail now use ${backend} instead of ${other}: sam@example\\.test\\. IMAP clients will see new UIDVALIDITY values and re-download every message`), 'warned: clients re-download');
+      const c2 = client({ user: 'sam@example.test', pass: 's4m' });
+      await c2.connect();
+      const lock = await c2.getMailboxLock('INBOX');
+      try {
+        const m = await c2.fetchOne('1', { envelope: true });
+        t.equal(m && m.envelope?.subject, 'before the switch', `${backend} serves the same Maildir after the switch`);
+      } finally {
+        lock.release();
+      }
+      await c2.logout();
+      if (!requireProgram(t, '/usr/bin/curl', 'curl')) return;
+      const cu = spawnSync('curl', ['-sS', '--max-time', '20', '--user', 'sam@example.test:s4m', `imap://127.0.0.1:${srv.ports['imap'] ?? 0}/INBOX;MAILINDEX=1`], { encoding: 'utf8' });
+      t.equal(cu.status, 0, `curl exits 0 (${cu.stderr.trim()})`);
+      t.match(cu.stdout, /Subject: before the switch/, 'curl reads the message through the proxy');
+      const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
+      t.match(log, /imap-login: Login: user=<sam@example\.test>/);
     });
 
     t.test('an mbox user: Dovecot serves it, Courier refuses with UNAVAILABLE and a log line', async (t) => {

@@ -17,6 +17,7 @@ import { parseValue, describeType, type Json } from '../settings.js';
 import { resolve, forcedBy, values, type Effective, type Flag } from '../resolve.js';
 import type { ScopeRef, UserRecord } from '../store.js';
 import { normaliseAddress, normaliseDomain } from '../address.js';
+import { withBackendSwitchCheck } from '../backend-switch.js';
 
 type ConfigOpt = () => string | undefined;
 
@@ -299,7 +300,9 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
         if (allowed && !allowed.includes(ref.scope)) throw new AppError('USAGE', `${name} can only be set at ${allowed.join('/')} scope`);
         v = parseValue(name, k.spec, value);
       }
-      store.setSetting(ref, k.module, k.key, v, flags);
+      // imap.backend / pop3.backend: warn when mailboxes with mail change backend (UIDs change)
+      const switchWarnings = withBackendSwitchCheck(store, ref, `${k.module}.${k.key}`, () => store.setSetting(ref, k.module, k.key, v, flags));
+      for (const w of switchWarnings) console.error(`pigeon: warning: ${w}`);
       const where = ref.scope === 'global' ? 'global' : `${ref.scope} ${ref.name ?? ''}`;
       console.log(`${name} ${k.key === '*' ? 'ignored below' : `= ${show(v)} at`} ${where}${flags.length ? ` [${flags.join(',')}]` : ''}`);
       if (ref.scope !== 'global') {
@@ -322,7 +325,11 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       const ref = pickScope(o);
       const k = lookupKey(name, true);
       const { store } = openCtx(cfg());
-      const removed = store.unsetSetting(ref, k.module, k.key);
+      let removed = false;
+      const switchWarnings = withBackendSwitchCheck(store, ref, `${k.module}.${k.key}`, () => {
+        removed = store.unsetSetting(ref, k.module, k.key);
+      });
+      for (const w of switchWarnings) console.error(`pigeon: warning: ${w}`);
       console.log(removed ? `${name} unset at ${ref.scope}${ref.name ? ` ${ref.name}` : ''}` : `${name} was not set at ${ref.scope}${ref.name ? ` ${ref.name}` : ''}`);
     });
   config

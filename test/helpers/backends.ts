@@ -23,20 +23,21 @@ export function courierBinaries(): { imapd: string; pop3d: string } {
 }
 
 /**
- * Make `backend` the IMAP and POP3 backend of everyone in `inst`: a conf.d drop-in with the binary
- * paths (Courier) and one `pigeon config set --global` per protocol, as an admin would.
+ * Make `backend` the IMAP and POP3 backend of everyone in `inst`: one `pigeon config set --global`
+ * per protocol, as an admin would. Every instance gets a conf.d drop-in with Courier's binary
+ * paths, so a test may also switch single users to the other backend.
  * Returns false (after a failed assertion) when the backend's programs are missing.
  */
 export function useBackend(t: Test, inst: Inst, backend: BackendName): boolean {
+  const bin = courierBinaries();
+  mkdirSync(join(inst.dir, 'conf.d'), { recursive: true });
+  writeFileSync(join(inst.dir, 'conf.d', '40-courier.yaml'), `courier:\n  imapd: ${bin.imapd}\n  pop3d: ${bin.pop3d}\n`);
   if (backend === 'dovecot') {
     return requireProgram(t, '/usr/lib/dovecot/imap', 'dovecot-imapd') && requireProgram(t, '/usr/lib/dovecot/pop3', 'dovecot-pop3d');
   }
-  const bin = courierBinaries();
   if (!requireProgram(t, bin.imapd, 'courier-imap (.deb unpacked by scripts/install-deps.sh)')) return false;
   if (!requireProgram(t, bin.pop3d, 'courier-pop (.deb unpacked by scripts/install-deps.sh)')) return false;
   if (!requireProgram(t, '/usr/libexec/gam_server', 'gamin')) return false;
-  mkdirSync(join(inst.dir, 'conf.d'), { recursive: true });
-  writeFileSync(join(inst.dir, 'conf.d', '40-courier.yaml'), `courier:\n  imapd: ${bin.imapd}\n  pop3d: ${bin.pop3d}\n`);
   for (const key of ['imap.backend', 'pop3.backend']) {
     const r = inst.run(['config', 'set', '--global', key, backend]);
     if (r.status !== 0) throw new Error(`config set ${key} ${backend}: ${r.stderr}`);
