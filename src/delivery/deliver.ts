@@ -91,7 +91,11 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
     const ok = resolved.filter((x): x is Extract<Resolved, { ok: true }> => x.ok);
     const results: DeliveryResult[] = resolved.flatMap((x) => (x.ok ? [] : [x.result]));
     if (ok.length > 0) {
-      message = await spool(a.input, { limit: spoolLimit(ok.map((x) => x.config['mailstore.max_size']?.value)) });
+      try {
+        message = await spool(a.input, { limit: spoolLimit(ok.map((x) => x.config['mailstore.max_size']?.value)) });
+      } catch (e) {
+        return fail({ dsn: '4.3.0', text: `cannot read the message: ${(e as NodeJS.ErrnoException).code ?? (e instanceof Error ? e.message : String(e))}` });
+      }
       fault('spooled');
       if (sender === null) sender = parseSender(message.get('return-path')[0] ?? '') ?? '';
       for (const r of ok) {
