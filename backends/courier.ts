@@ -29,6 +29,7 @@
  * SEE ALSO    backends/dovecot.ts, ../shared/backends.md §2
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import type { Socket } from 'node:net';
 import type { Backend, BackendRequest, BackendSession } from './types.js';
 import { BackendError } from './types.js';
 import { BACKEND_START_MS } from '../src/limits.js';
@@ -227,7 +228,9 @@ async function startImap(req: BackendRequest, bin: string, env: Record<string, s
 async function startPop3(req: BackendRequest, bin: string, env: Record<string, string>, maildir: string, opts: { uid?: number; gid?: number }): Promise<BackendSession> {
   const what = `courier pop3d (${bin})`;
   if (req.handoff) {
-    // courierpop3d greets the client itself; the router hands off only when nothing was pipelined
+    // courierpop3d greets the client itself; the router hands off only when nothing was pipelined.
+    // Courier leaves Nagle on: its greeting would wait for the ACK of our last reply (~40 ms)
+    (req.handoff.socket as Partial<Socket>).setNoDelay?.(true);
     const child = spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: [req.handoff.socket, req.handoff.socket, 'pipe'] });
     pipeStderr(req, child);
     await new Promise<void>((resolve, reject) => {

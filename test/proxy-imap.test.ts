@@ -206,6 +206,29 @@ for (const backend of BACKENDS) {
       t.match(log, /imap-login: Login: user=<sam@example\.test>/);
     });
 
+    // Courier only: the Dovecot backend runs without its quota plugin (quota is enforced at delivery)
+    if (backend === 'courier') t.test('mailstore.quota: Courier keeps the Maildir++ maildirsize the delivery agent keeps, and refuses APPEND over it', async (t) => {
+      inst.addUser('quinn@example.test', 'qu1nn');
+      t.equal(inst.run(['config', 'set', '--user', 'quinn@example.test', 'mailstore.quota', '2000']).status, 0);
+      const w = await Wire.open(srv.ports['imap'] ?? 0);
+      t.teardown(() => w.close());
+      await w.until(/\r\n/);
+      w.write('q1 LOGIN quinn@example.test qu1nn\r\n');
+      t.match(await w.until(/q1 .*\r\n/), /^q1 OK \[CAPABILITY [^\]]*QUOTA/);
+      w.write('q2 APPEND INBOX {3000}\r\n');
+      const cont = await w.until(/^(\+|q2) .*\r\n/m);
+      if (cont.startsWith('+')) {
+        w.write(`${'x'.repeat(2998)}\r\n\r\n`);
+        t.match(await w.until(/q2 .*\r\n/), /q2 NO \[ALERT\] You exceeded your mail quota\./, 'over quota: refused');
+      } else t.match(cont, /q2 NO .*quota/, 'over quota: refused');
+      w.write('q3 GETQUOTAROOT INBOX\r\n');
+      t.match(await w.until(/q3 .*\r\n/), /\* QUOTA "ROOT" \(STORAGE \d+ 2\)/, 'the limit is mailstore.quota (2000 bytes = 2 KB)');
+      w.write('q4 LOGOUT\r\n');
+      await w.until(/q4 .*\r\n/);
+      const show = JSON.parse(inst.run(['user', 'show', 'quinn@example.test', '--json']).stdout) as { allocation: { path: string } };
+      t.match(readFileSync(join(show.allocation.path, 'maildirsize'), 'utf8'), /^2000S\n/, 'maildirsize carries the same limit the delivery agent checks');
+    });
+
     t.test('an mbox user: Dovecot serves it, Courier refuses with UNAVAILABLE and a log line', async (t) => {
       inst.addUser('mona@example.test', 'm0na');
       t.equal(inst.run(['config', 'set', '--user', 'mona@example.test', 'mailstore.format', 'mbox']).status, 0);
