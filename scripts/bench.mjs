@@ -1,21 +1,186 @@
 #!/usr/bin/env node
-// Build, then run every benchmark script in order. Add a benchmark by adding its file to BENCHES.
-import { spawnSync } from 'node:child_process';
+/**
+ * NAME        scripts/bench — `npm run bench [-- --quick]`: PigeonDeliver side by side with direct
+ *             Dovecot and dovecot-lda, against the machine's limits
+ * SYNOPSIS    npm run bench                  full run (idle rows at 1,000 and 5,000 sessions)
+ *             npm run bench -- --quick       under a minute (fewer rounds, 1,000 idle sessions)
+ *             npm run bench -- --out FILE    JSON results elsewhere (default bench/results-latest.json)
+ * DESCRIPTION Builds (tsc), then runs each benchmark script, bounded in time, loopback only:
+ *               bench-config.mjs    cost of one effective-config read (the SQL read per login/delivery)
+ *               bench-proxy.mjs     login c=1/c=32, FETCH plain/TLS, POP3 RETR, idle memory:
+ *                                   `pigeon serve` vs a private Dovecot master, same run
+ *               bench-delivery.mjs  pigeon deliver / LMTP / dovecot-lda / fsync bound
+ *               bench-limits.mjs    one loopback TCP stream, fsync'd create+rename rate
+ *             and prints one table (PigeonDeliver | reference | ratio | target), also written as
+ *             JSON with every script's raw output. A failing script is reported and the others
+ *             still run; the exit status is then 1.
+ */
+import { spawn, spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { mkdirSync, readFileSync, writeFileSync, existsSync, rmSync, mkdtempSync } from 'node:fs';
+import { join, dirname, resolve } from 'node:path';
+import { tmpdir, cpus, loadavg } from 'node:os';
 
-const BENCHES = ['bench-config.mjs', 'bench-proxy.mjs'];
+const argv = process.argv.slice(2);
+const QUICK = argv.includes('--quick');
+const oi = argv.indexOf('--out');
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const OUT = oi >= 0 ? resolve(argv[oi + 1]) : join(ROOT, 'bench', QUICK ? 'results-quick.json' : 'results-latest.json');
+const started = Date.now();
 
-const build = spawnSync('npx', ['tsc', '-p', 'tsconfig.json'], { stdio: 'inherit' });
+const build = spawnSync('npx', ['tsc', '-p', 'tsconfig.json'], { stdio: 'inherit', cwd: ROOT });
 if (build.status !== 0) {
   console.error('bench: build failed');
   process.exit(1);
 }
+
+const tmp = mkdtempSync(join(tmpdir(), 'pigeon-bench-out-'));
+process.on('exit', () => rmSync(tmp, { recursive: true, force: true }));
+const q = QUICK ? ['--quick'] : [];
+// name, args, time limit (s), how its JSON comes back ('file': --json-out, 'stdout': a JSON line)
+const BENCHES = [
+  { name: 'bench-config.mjs', args: ['--iterations', QUICK ? '3000' : '20000'], limit: 60, json: 'stdout' },
+  { name: 'bench-proxy.mjs', args: [...q], limit: QUICK ? 100 : 1200, json: 'file' },
+  { name: 'bench-delivery.mjs', args: ['--n', QUICK ? '30' : '200', '--concurrency', '4'], limit: QUICK ? 60 : 600, json: 'stdout' },
+  { name: 'bench-limits.mjs', args: [...q], limit: 120, json: 'file' },
+];
+
+function runOne(b) {
+  return new Promise((res) => {
+    const jsonFile = join(tmp, `${b.name}.json`);
+    const args = [fileURLToPath(new URL(b.name, import.meta.url)), ...b.args, ...(b.json === 'file' ? ['--json-out', jsonFile] : [])];
+    const t0 = Date.now();
+    const c = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'inherit'], detached: true });
+    let out = '';
+    c.stdout.on('data', (d) => {
+      out += d;
+      process.stdout.write(d);
+    });
+    const timer = setTimeout(() => {
+      console.error(`bench: ${b.name} exceeded ${b.limit}s, killed`);
+      try {
+        process.kill(-c.pid, 'SIGTERM');
+        setTimeout(() => {
+          try {
+            process.kill(-c.pid, 'SIGKILL');
+          } catch {
+            /* gone */
+          }
+        }, 3000).unref();
+      } catch {
+        /* gone */
+      }
+    }, b.limit * 1000);
+    c.on('close', (code, sig) => {
+      clearTimeout(timer);
+      let data = null;
+      try {
+        if (b.json === 'file' && existsSync(jsonFile)) data = JSON.parse(readFileSync(jsonFile, 'utf8'));
+        else if (b.json === 'stdout') {
+          const line = out.split('\n').find((l) => l.trim().startsWith('{'));
+          if (line) data = JSON.parse(line);
+        }
+      } catch {
+        data = null;
+      }
+      res({ ok: code === 0 && data !== null, exit: code ?? sig, seconds: Math.round((Date.now() - t0) / 100) / 10, data });
+    });
+  });
+}
+process.on('SIGINT', () => process.exit(130));
+
+const runs = {};
 let failed = 0;
 for (const b of BENCHES) {
-  const r = spawnSync(process.execPath, [fileURLToPath(new URL(b, import.meta.url)), ...process.argv.slice(2)], { stdio: 'inherit' });
-  if (r.status !== 0) {
-    console.error(`bench: ${b} failed (exit ${r.status ?? r.signal})`);
+  console.error(`bench: ${b.name} ${b.args.join(' ')}`);
+  runs[b.name] = await runOne(b);
+  if (!runs[b.name].ok) {
+    console.error(`bench: ${b.name} failed (exit ${runs[b.name].exit})`);
     failed++;
   }
 }
+
+// ------------------------------------------------------------------ the table
+const rows = [];
+const fmt = (x, d = 1) => (x === null || x === undefined || Number.isNaN(x) ? '–' : Number(x).toFixed(d));
+const ratio = (a, b) => (a && b ? a / b : null);
+function row(workload, unit, pigeon, reference, refName, target, better) {
+  const r = ratio(pigeon, reference);
+  let met = '';
+  if (target && r !== null) met = better === 'higher' ? (r >= target ? 'met' : 'missed') : r <= target ? 'met' : 'missed';
+  rows.push({ workload, unit, pigeon, reference, reference_name: refName, ratio: r === null ? null : Math.round(r * 100) / 100, target: target ? `${better === 'higher' ? '≥' : '≤'} ${target}×` : '', met });
+}
+const px = runs['bench-proxy.mjs'].data;
+if (px) {
+  for (const [k, c] of [
+    ['login_c1', 1],
+    ['login_c32', 32],
+  ]) {
+    const x = px[k];
+    row(`login c=${c}: logins/s`, '/s', x.proxy.per_second, x.direct.per_second, 'Dovecot direct', 1.0, 'higher');
+    row(`login c=${c}: p50 latency`, 'ms', x.proxy.p50_ms, x.direct.p50_ms, 'Dovecot direct', 1.1, 'lower');
+    row(`login c=${c}: p99 latency`, 'ms', x.proxy.p99_ms, x.direct.p99_ms, 'Dovecot direct', null);
+  }
+  row('FETCH 20 MiB plain (handed off)', 'MiB/s', px.fetch_plain.proxy.MiBps, px.fetch_plain.direct.MiBps, 'Dovecot direct', 0.95, 'higher');
+  row('FETCH 20 MiB TLS (relayed)', 'MiB/s', px.fetch_tls.proxy.MiBps, px.fetch_tls.direct.MiBps, 'Dovecot direct (imaps)', 0.95, 'higher');
+  row('POP3 RETR 20 MiB plain (handed off)', 'MiB/s', px.pop3_retr.proxy.MiBps, px.pop3_retr.direct.MiBps, 'Dovecot direct', 0.95, 'higher');
+  for (const i of px.idle) {
+    rows.push({
+      workload: `idle ${i.sessions}: proxy processes per session`,
+      unit: 'kB PSS',
+      pigeon: i.proxy.front_pss_kB_per_session,
+      reference: i.direct.front_pss_kB_per_session,
+      reference_name: 'Dovecot master+login+auth',
+      ratio: null,
+      target: '≤ 16 kB',
+      met: i.proxy.front_pss_kB_per_session <= 16 ? 'met' : 'missed',
+    });
+    row(`idle ${i.sessions}: backend imap per session`, 'kB PSS', i.proxy.backend_pss_kB_per_session, i.direct.backend_pss_kB_per_session, 'Dovecot imap', null);
+    row(`idle ${i.sessions}: everything per session`, 'kB PSS', i.proxy.total_pss_kB_per_session, i.direct.total_pss_kB_per_session, 'Dovecot, all processes', null);
+  }
+}
+const dl = runs['bench-delivery.mjs'].data;
+const lim = runs['bench-limits.mjs'].data;
+if (dl) {
+  const lda = dl.dovecot_lda?.skipped ? null : dl.dovecot_lda;
+  const conc = dl.pigeon_deliver?.parallel?.concurrency ?? 4;
+  row('deliver 4 KB, sequential: pigeon deliver', 'msg/s', dl.pigeon_deliver?.sequential?.per_second, lda?.sequential?.per_second, 'dovecot-lda', null);
+  row(`deliver 4 KB, ${conc} parallel: pigeon deliver`, 'msg/s', dl.pigeon_deliver?.parallel?.per_second, lda?.parallel?.per_second, 'dovecot-lda', null);
+  row('deliver 4 KB, 1 conn: pigeon LMTP', 'msg/s', dl.pigeon_lmtp?.one_connection?.per_second, lda?.sequential?.per_second, 'dovecot-lda', null);
+  row(`deliver 4 KB, ${dl.pigeon_lmtp?.parallel?.concurrency ?? conc} conns: pigeon LMTP`, 'msg/s', dl.pigeon_lmtp?.parallel?.per_second, lda?.parallel?.per_second, 'dovecot-lda', null);
+  const bound = dl.fsync_bound?.sequential?.per_second;
+  row('deliver 4 KB, 1 conn: pigeon LMTP vs fsync bound', 'msg/s', dl.pigeon_lmtp?.one_connection?.per_second, bound, 'fsync create+rename, 1 stream', 0.8, 'higher');
+  row(`deliver 4 KB, ${dl.pigeon_lmtp?.parallel?.concurrency ?? conc} conns: pigeon LMTP vs fsync bound`, 'msg/s', dl.pigeon_lmtp?.parallel?.per_second, dl.fsync_bound?.parallel?.per_second, `fsync create+rename, ${dl.fsync_bound?.parallel?.concurrency ?? conc} streams`, 0.8, 'higher');
+}
+if (lim) {
+  rows.push({ workload: 'limit: one loopback TCP stream', unit: 'MiB/s', pigeon: null, reference: lim.tcp_stream_MiBps.median, reference_name: 'machine', ratio: null, target: '', met: '' });
+  rows.push({ workload: "limit: fsync'd create+rename, 1 stream", unit: '/s', pigeon: null, reference: lim.fsync_create_rename_per_s.sequential, reference_name: 'machine', ratio: null, target: '', met: '' });
+  rows.push({ workload: "limit: fsync'd create+rename, 4 streams", unit: '/s', pigeon: null, reference: lim.fsync_create_rename_per_s.parallel_4, reference_name: 'machine', ratio: null, target: '', met: '' });
+  if (px) {
+    row('FETCH plain through the proxy vs one TCP stream', 'MiB/s', px.fetch_plain.proxy.MiBps, lim.tcp_stream_MiBps.median, 'loopback TCP limit', null);
+  }
+}
+
+const head = `| workload | unit | PigeonDeliver | reference | ratio | target | |`;
+const lines = [head, '| --- | --- | ---: | ---: | ---: | --- | --- |'];
+for (const r of rows) lines.push(`| ${r.workload} | ${r.unit} | ${fmt(r.pigeon)} | ${fmt(r.reference)} (${r.reference_name}) | ${r.ratio === null ? '' : `${fmt(r.ratio, 2)}×`} | ${r.target} | ${r.met} |`);
+const setup = px?.setup;
+const notes = [
+  `machine: ${cpus().length} × ${cpus()[0]?.model ?? '?'}, Node ${process.version}${px ? `, ${px.machine.dovecot.split(' ')[0] ? `Dovecot ${px.machine.dovecot.split(' ')[0]}` : ''}` : ''}; load average at the end ${loadavg().map((x) => x.toFixed(1)).join(' ')}`,
+  setup ? `login rows: password scheme ${setup.password_scheme}` : null,
+  setup ? `proxy: ${setup.proxy}; reference: ${setup.reference}` : null,
+  setup ? `medians of ${setup.rounds} rounds per row, rounds alternate which side goes first; ratio = PigeonDeliver / reference` : null,
+  px ? `idle rows: PSS growth of the proxy's processes (pigeon serve primary + workers; ${px.idle.map((i) => `${i.proxy_workers} workers at ${i.sessions}`).join(', ')}) over their idle baseline, per session; plain sessions are handed to Dovecot, so the proxy keeps only the socket and Dovecot's stderr pipe` : null,
+  dl ? `delivery rows: bench-delivery.mjs (${dl.message_bytes}-byte messages, one recipient; Dovecot's own LMTP is not measured there)` : null,
+  ...Object.entries(runs)
+    .filter(([, r]) => !r.ok)
+    .map(([n, r]) => `${n} FAILED (exit ${r.exit}); its rows are missing`),
+].filter(Boolean);
+const table = `${lines.join('\n')}\n\n${notes.map((n) => `- ${n}`).join('\n')}\n`;
+console.log(`\n## npm run bench${QUICK ? ' -- --quick' : ''} (${new Date().toISOString().replace(/\.\d+Z$/, 'Z')}, ${Math.round((Date.now() - started) / 1000)} s)\n`);
+console.log(table);
+
+mkdirSync(dirname(OUT), { recursive: true });
+writeFileSync(OUT, `${JSON.stringify({ date: new Date().toISOString(), quick: QUICK, seconds: Math.round((Date.now() - started) / 1000), rows, notes, runs }, null, 2)}\n`);
+console.log(`bench: results written to ${OUT}`);
 process.exit(failed ? 1 : 0);
