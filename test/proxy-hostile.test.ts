@@ -2,10 +2,10 @@
 // brute force, timeouts, and backends that fail to start or die — once per backend (Dovecot,
 // Courier), parameterised. After each case the proxy still serves a normal login.
 import t, { type Test } from 'tap';
-import { readFileSync, writeFileSync, existsSync, chmodSync } from 'node:fs';
+import { readFileSync, writeFileSync, existsSync, chmodSync, chownSync } from 'node:fs';
 import { join } from 'node:path';
-import { execFileSync } from 'node:child_process';
-import { makeInstance, serve } from './helpers/instance.js';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { makeInstance, serve, CLI } from './helpers/instance.js';
 import { Wire } from './helpers/wire.js';
 import { BACKENDS, useBackend, binaryConf } from './helpers/backends.js';
 
@@ -248,6 +248,19 @@ for (const backend of BACKENDS) {
       await s5.stop();
       t.match(readFileSync(join(i3.dir, 'pigeon.log'), 'utf8'), new RegExp(`Backend failure: start-failed: .*${missing}.*ENOENT`), 'the log names the missing path');
     });
+
+    // Courier only: imapd needs gam_server (FAM), which needs a passwd entry for the mail uid
+    if (backend === 'courier' && process.getuid?.() === 0) {
+      t.test('Courier without gam_server (mail uid with no passwd entry): login works, the ALERT stays out, the log says how to fix it', async (t) => {
+        const i5 = makeInstance(t, { users: { 'nina@example.test': 'n1na' }, conf: 'mail_user: "59999"\n' });
+        if (!useBackend(t, i5, backend)) return;
+        chownSync(join(i5.dir, 'mail'), 59999, 59999);
+        const r = spawnSync(process.execPath, [CLI, '-c', i5.dir, 'imap', '--forker', 'stdio'], { input: 'a1 LOGIN nina@example.test n1na\r\na2 NOOP\r\na3 LOGOUT\r\n', encoding: 'utf8' });
+        t.match(r.stdout, /a1 OK \[CAPABILITY [^\]]*IDLE[^\]]*\] Logged in\r\na2 OK/, 'logged in (after libgamin gives up)');
+        t.notMatch(r.stdout, /ALERT/, "Courier's FAM alert is not shown to the client");
+        t.match(readFileSync(join(i5.dir, 'pigeon.log'), 'utf8'), /could not reach gam_server \(FAM\).*give uid 59999 a passwd entry/, 'the admin is told why and how to fix it');
+      });
+    }
 
     t.test('login.plaintext=never: LOGINDISABLED until STARTTLS', async (t) => {
       const i4 = makeInstance(t, { listen: ['imap=127.0.0.1:0'], users: { 'eve@example.test': '3ve' } });
