@@ -7,7 +7,7 @@ import { ImapFlow } from 'imapflow';
 import { readFileSync, readdirSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { makeInstance, serve, putMessage, message } from './helpers/instance.js';
+import { makeInstance, serve, putMessage, message, CLI } from './helpers/instance.js';
 import { BACKENDS, useBackend } from './helpers/backends.js';
 import { requireProgram } from './helpers/programs.js';
 import { Wire } from './helpers/wire.js';
@@ -113,8 +113,19 @@ for (const backend of BACKENDS) {
       const show = JSON.parse(inst.run(['user', 'show', 'alice@example.test', '--json']).stdout) as { allocation: { path: string } };
       t.ok(existsSync(join(show.allocation.path, '.Sent', 'cur')), 'on disk: the Maildir++ folder .Sent');
       putMessage(join(show.allocation.path, '.Sent'), message('filed', 'in Sent'));
+      // the delivery agent: `user+Sent@domain` goes into the existing Maildir++ folder .Sent
+      const d = spawnSync(process.execPath, [CLI, '-c', inst.dir, 'deliver', '-f', 'bob@example.test', 'alice+Sent@example.test'], { input: message('delivered to Sent', 'by pigeon deliver'), encoding: 'utf8' });
+      t.equal(d.status, 0, `pigeon deliver to alice+Sent: ${d.stdout}${d.stderr}`);
       const st = await c.status(created.path, { messages: true });
-      t.equal(st ? st.messages : null, 1, 'a message put into .Sent is seen in the folder');
+      t.equal(st ? st.messages : null, 2, `${backend} sees both messages in the folder`);
+      const lock = await c.getMailboxLock(created.path);
+      try {
+        const subjects: string[] = [];
+        for await (const m of c.fetch('1:*', { envelope: true })) subjects.push(m.envelope?.subject ?? '');
+        t.same(subjects.sort(), ['delivered to Sent', 'filed'], "the delivery agent's file names and sizes are read as they are");
+      } finally {
+        lock.release();
+      }
       await c.logout();
     });
 
