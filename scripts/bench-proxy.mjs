@@ -38,7 +38,7 @@ const QUICK = argv.includes('--quick');
 const ROUNDS = Number(opt('rounds', QUICK ? 3 : 5));
 const WORKERS = Number(opt('workers', cpus().length));
 const LOGINS_C1 = QUICK ? 25 : 60;
-const LOGINS_C32 = QUICK ? 96 : 320;
+const LOGINS_C32 = QUICK ? 64 : 320;
 const FETCH_MB = 20;
 const FETCHES = QUICK ? 2 : 4; // per round per side
 const IDLE = String(opt('idle', QUICK ? '1000' : '1000,5000')).split(',').map(Number).filter((n) => n > 0);
@@ -222,18 +222,57 @@ writeFileSync(join(base, 'users.passwd'), `${USER}:${pwHash}\n`);
 pig(['user', 'import', 'passwd-file', join(base, 'users.passwd')]);
 
 let serveP = null;
-async function startServe(workers) {
-  const p = spawn(process.execPath, [CLI, '-c', dir, 'serve', '--workers', String(workers)], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...(process.env.BENCH_SERVE_NODE_OPTIONS ? { NODE_OPTIONS: process.env.BENCH_SERVE_NODE_OPTIONS } : {}) } });
+// inspect: every serve process opens an inspector on a random loopback port (idle rows only), so
+// the bench can force a full GC before reading memory: the growth is then live memory, not garbage
+async function startServe(workers, { inspect = false } = {}) {
+  const nodeOptions = [process.env.BENCH_SERVE_NODE_OPTIONS, inspect ? '--inspect=127.0.0.1:0' : null].filter(Boolean).join(' ');
+  const nodeArgs = (process.env.BENCH_SERVE_NODE_ARGS ?? '').split(' ').filter(Boolean); // e.g. --cpu-prof --cpu-prof-dir=/tmp/prof
+  const p = spawn(process.execPath, [...nodeArgs, CLI, '-c', dir, 'serve', '--workers', String(workers)], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...(nodeOptions ? { NODE_OPTIONS: nodeOptions } : {}) } });
   roots.push(p);
+  p.inspectors = [];
   await new Promise((res, rej) => {
     let e = '';
     p.stderr.on('data', (d) => {
       e += d;
+      for (const m of String(d).matchAll(/Debugger listening on (ws:\/\/\S+)/g)) p.inspectors.push(m[1]);
       if (/ready/.test(e)) res();
     });
     p.on('exit', () => rej(new Error(`pigeon serve exited: ${e}`)));
   });
+  if (inspect) {
+    const t0 = Date.now();
+    while (p.inspectors.length < workers + (workers > 1 ? 1 : 0) && Date.now() - t0 < 5000) await sleep(100);
+  }
   return p;
+}
+// full GC in every inspected serve process; returns the sum of process.memoryUsage() after it
+function gcServe(p) {
+  if (!p.inspectors?.length) return null;
+  const code = `
+    const out = { heapUsed: 0, external: 0, arrayBuffers: 0, rss: 0, n: 0 };
+    for (const url of process.argv.slice(1)) {
+      const ws = new WebSocket(url);
+      await new Promise((r, j) => { ws.onopen = r; ws.onerror = j; });
+      let id = 0; const pending = new Map();
+      ws.onmessage = (m) => { const x = JSON.parse(m.data); pending.get(x.id)?.(x); };
+      const call = (method, params) => new Promise((r) => { const i = ++id; pending.set(i, r); ws.send(JSON.stringify({ id: i, method, params })); });
+      await call('HeapProfiler.collectGarbage');
+      await call('HeapProfiler.collectGarbage');
+      const v = await call('Runtime.evaluate', { expression: 'JSON.stringify(process.memoryUsage())', returnByValue: true });
+      const mu = JSON.parse(v.result.result.value);
+      for (const k of ['heapUsed', 'external', 'arrayBuffers', 'rss']) out[k] += mu[k];
+      out.n++;
+      ws.close();
+    }
+    console.log(JSON.stringify(out));
+    process.exit(0);`;
+  const r = spawnSync(process.execPath, ['--experimental-websocket', '--no-warnings', '--input-type=module', '-e', code, ...p.inspectors], { encoding: 'utf8', timeout: 30_000 });
+  try {
+    return JSON.parse(r.stdout.trim().split('\n').pop());
+  } catch {
+    log(`GC through the inspector failed: ${r.stderr.slice(0, 300)}`);
+    return null;
+  }
 }
 async function stopServe(p) {
   p.kill('SIGTERM');
@@ -510,7 +549,8 @@ function memory(rootPid) {
   }
   return sum;
 }
-async function settledMemory(rootPid) {
+async function settledMemory(rootPid, serve) {
+  const heap = serve ? gcServe(serve) : null;
   const samples = [];
   for (let i = 0; i < 5; i++) {
     await sleep(500);
@@ -519,6 +559,7 @@ async function settledMemory(rootPid) {
   const pick = (grp, k) => median(samples.map((s) => s[grp][k]));
   const out = {};
   for (const grp of ['front', 'backend']) out[grp] = { n: pick(grp, 'n'), rss_kB: pick(grp, 'rss'), pss_kB: pick(grp, 'pss'), private_kB: pick(grp, 'priv') };
+  if (heap) out.front.js_after_gc_kB = { heapUsed: Math.round(heap.heapUsed / 1024), external: Math.round(heap.external / 1024), arrayBuffers: Math.round(heap.arrayBuffers / 1024) };
   return out;
 }
 async function idleSession(port, i) {
@@ -532,8 +573,8 @@ async function idleSession(port, i) {
   c.s.on('data', () => (c.buf = ''));
   return c;
 }
-async function idleRun(side, rootPid, n) {
-  const before = await settledMemory(rootPid);
+async function idleRun(side, rootPid, n, serve) {
+  const before = await settledMemory(rootPid, serve);
   const t0 = Date.now();
   const sessions = [];
   let next = 0;
@@ -546,7 +587,7 @@ async function idleRun(side, rootPid, n) {
     }),
   );
   const openSecs = (Date.now() - t0) / 1000;
-  const during = await settledMemory(rootPid);
+  const during = await settledMemory(rootPid, serve);
   for (const c of sessions) c.s.destroy();
   const t1 = Date.now();
   while (memory(rootPid).backend.n > 0 && Date.now() - t1 < 60_000) await sleep(200);
@@ -561,6 +602,9 @@ async function idleRun(side, rootPid, n) {
     backend_pss_kB_per_session: perSession(during.backend.pss_kB, before.backend.pss_kB),
     backend_private_kB_per_session: perSession(during.backend.private_kB, before.backend.private_kB),
     total_pss_kB_per_session: perSession(during.front.pss_kB + during.backend.pss_kB, before.front.pss_kB + before.backend.pss_kB),
+    ...(during.front.js_after_gc_kB && before.front.js_after_gc_kB
+      ? { front_js_heap_kB_per_session: perSession(during.front.js_after_gc_kB.heapUsed, before.front.js_after_gc_kB.heapUsed), front_js_external_kB_per_session: perSession(during.front.js_after_gc_kB.external, before.front.js_after_gc_kB.external) }
+      : {}),
   };
 }
 results.idle = [];
@@ -570,16 +614,17 @@ for (const n of IDLE) {
   // fresh workers: the FETCH rows above leave tens of MB of garbage in the heaps, whose
   // collection would drown the per-session growth
   await stopServe(serveP);
-  serveP = await startServe(workers);
+  serveP = await startServe(workers, { inspect: true });
   await loginRound(P.imap, 8 * workers, 4);
   log(`idle: ${n} sessions through the proxy (${workers} workers)`);
-  const proxy = await idleRun(SIDES.proxy, serveP.pid, n);
+  const proxy = await idleRun(SIDES.proxy, serveP.pid, n, serveP);
   log(`idle: ${n} sessions to Dovecot directly`);
   const direct = await idleRun(SIDES.direct, dovecot.pid, n);
   results.idle.push({ sessions: n, proxy_workers: workers, proxy, direct });
 }
 
 // ---------------------------------------------------------------- output
+await stopServe(serveP); // gracefully: --cpu-prof (BENCH_SERVE_NODE_OPTIONS) profiles are written at exit
 const dovecotWarnings = existsSync(join(dv, 'dovecot.log'))
   ? readFileSync(join(dv, 'dovecot.log'), 'utf8')
       .split('\n')
@@ -614,7 +659,7 @@ for (const [name, k] of [
 }
 for (const i of results.idle) {
   console.log(
-    `  idle ${String(i.sessions).padEnd(9)} proxy ${f(i.proxy.front_pss_kB_per_session)} kB/session + backend ${f(i.proxy.backend_pss_kB_per_session)} kB;  Dovecot login/auth/master ${f(i.direct.front_pss_kB_per_session)} kB/session + imap ${f(i.direct.backend_pss_kB_per_session)} kB (PSS)`,
+    `  idle ${String(i.sessions).padEnd(9)} proxy ${f(i.proxy.front_pss_kB_per_session)} kB/session + backend ${f(i.proxy.backend_pss_kB_per_session)} kB;  Dovecot login/auth/master ${f(i.direct.front_pss_kB_per_session)} kB/session + imap ${f(i.direct.backend_pss_kB_per_session)} kB (PSS)${i.proxy.front_js_heap_kB_per_session !== undefined ? `; proxy live JS heap after GC ${f(i.proxy.front_js_heap_kB_per_session)} kB/session, external ${f(i.proxy.front_js_external_kB_per_session)} kB` : ''}`,
   );
 }
 process.exit(0);

@@ -41,7 +41,7 @@ const q = QUICK ? ['--quick'] : [];
 const BENCHES = [
   { name: 'bench-config.mjs', args: ['--iterations', QUICK ? '3000' : '20000'], limit: 60, json: 'stdout' },
   { name: 'bench-proxy.mjs', args: [...q], limit: QUICK ? 100 : 1200, json: 'file' },
-  { name: 'bench-delivery.mjs', args: ['--n', QUICK ? '30' : '200', '--concurrency', '4'], limit: QUICK ? 60 : 600, json: 'stdout' },
+  { name: 'bench-delivery.mjs', args: ['--n', QUICK ? '20' : '200', '--concurrency', '4'], limit: QUICK ? 60 : 600, json: 'stdout' },
   { name: 'bench-limits.mjs', args: [...q], limit: 120, json: 'file' },
 ];
 
