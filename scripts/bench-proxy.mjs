@@ -43,6 +43,7 @@ const FETCH_MB = 20;
 const FETCHES = QUICK ? 2 : 4; // per round per side
 const IDLE = String(opt('idle', QUICK ? '1000' : '1000,5000')).split(',').map(Number).filter((n) => n > 0);
 const JSON_OUT = opt('json-out', null);
+const ONLY = new Set(String(opt('only', 'login,fetch,idle')).split(','));
 const ROOT = new URL('..', import.meta.url).pathname;
 const CLI = join(ROOT, 'dist/src/cli.js');
 const MAIL_UID = 8;
@@ -117,14 +118,23 @@ function cleanup() {
 }
 process.on('exit', cleanup);
 for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(130));
-process.on('uncaughtException', (e) => {
-  console.error('bench-proxy: failed:', e?.stack ?? e);
-  process.exit(1);
-});
-process.on('unhandledRejection', (e) => {
-  console.error('bench-proxy: failed:', e?.stack ?? e);
-  process.exit(1);
-});
+function logTails() {
+  for (const f of [join(base, 'inst', 'pigeon.log'), join(base, 'dovecot', 'dovecot.log')]) {
+    try {
+      const lines = readFileSync(f, 'utf8').split('\n').filter((l) => !/Inotify instance limit/.test(l));
+      console.error(`--- ${f} (last lines)\n${lines.slice(-15).join('\n')}`);
+    } catch {
+      /* none */
+    }
+  }
+}
+for (const ev of ['uncaughtException', 'unhandledRejection']) {
+  process.on(ev, (e) => {
+    console.error('bench-proxy: failed:', e?.stack ?? e);
+    logTails();
+    process.exit(1);
+  });
+}
 setTimeout(() => {
   console.error('bench-proxy: time limit reached, giving up');
   process.exit(1);
@@ -370,6 +380,12 @@ service anvil {
   chroot =
   client_limit = ${BIG_LIMIT * 4}
 }
+service imap {
+  process_limit = ${BIG_LIMIT}
+}
+service pop3 {
+  process_limit = ${BIG_LIMIT}
+}
 service imap-urlauth-login {
   process_limit = 1
 }
@@ -458,10 +474,12 @@ const results = {
 // warm both sides up (JIT, page cache, login processes)
 for (const side of Object.values(SIDES)) await loginRound(side.port.imap, 20, 4);
 
-log(`login c=1 (${LOGINS_C1} per round per side, ${ROUNDS} rounds)`);
-results.login_c1 = summarise(await rounds((s) => loginRound(s.port.imap, LOGINS_C1, 1)));
-log(`login c=32 (${LOGINS_C32} per round per side)`);
-results.login_c32 = summarise(await rounds((s) => loginRound(s.port.imap, LOGINS_C32, 32)));
+if (ONLY.has('login')) {
+  log(`login c=1 (${LOGINS_C1} per round per side, ${ROUNDS} rounds)`);
+  results.login_c1 = summarise(await rounds((s) => loginRound(s.port.imap, LOGINS_C1, 1)));
+  log(`login c=32 (${LOGINS_C32} per round per side)`);
+  results.login_c32 = summarise(await rounds((s) => loginRound(s.port.imap, LOGINS_C32, 32)));
+}
 
 // ---------------------------------------------------------------- large FETCH, POP3 RETR
 async function drain(c, write, done) {
@@ -519,12 +537,14 @@ async function retrRound(port) {
   c.s.destroy();
   return { MiBps: median(rates) };
 }
-log(`FETCH ${FETCH_MB} MiB plain`);
-results.fetch_plain = summarise(await rounds((s) => fetchRound(s.port.imap, false)));
-log(`FETCH ${FETCH_MB} MiB TLS`);
-results.fetch_tls = summarise(await rounds((s) => fetchRound(s.port.imaps, true)));
-log(`POP3 RETR ${FETCH_MB} MiB plain`);
-results.pop3_retr = summarise(await rounds((s) => retrRound(s.port.pop3)));
+if (ONLY.has('fetch')) {
+  log(`FETCH ${FETCH_MB} MiB plain`);
+  results.fetch_plain = summarise(await rounds((s) => fetchRound(s.port.imap, false)));
+  log(`FETCH ${FETCH_MB} MiB TLS`);
+  results.fetch_tls = summarise(await rounds((s) => fetchRound(s.port.imaps, true)));
+  log(`POP3 RETR ${FETCH_MB} MiB plain`);
+  results.pop3_retr = summarise(await rounds((s) => retrRound(s.port.pop3)));
+}
 
 // ---------------------------------------------------------------- idle sessions, memory
 function smaps(pid) {
@@ -608,7 +628,7 @@ async function idleRun(side, rootPid, n, serve) {
   };
 }
 results.idle = [];
-for (const n of IDLE) {
+for (const n of ONLY.has('idle') ? IDLE : []) {
   // the proxy takes at most 1000 connections per worker (src/limits.ts MAX_CONNECTIONS)
   const workers = Math.max(WORKERS, Math.ceil((n * 1.25) / 1000));
   // fresh workers: the FETCH rows above leave tens of MB of garbage in the heaps, whose
@@ -647,6 +667,7 @@ for (const [name, k] of [
   ['login c=32', 'login_c32'],
 ]) {
   const x = results[k];
+  if (!x) continue;
   console.log(`  ${name.padEnd(14)} logins/s ${f(x.proxy.per_second)} vs ${f(x.direct.per_second)} (${f(x.ratio.per_second, 2)}x)  p50 ${f(x.proxy.p50_ms)} vs ${f(x.direct.p50_ms)} ms (${f(x.ratio.p50_ms, 2)}x)  p99 ${f(x.proxy.p99_ms)} vs ${f(x.direct.p99_ms)} ms (${f(x.ratio.p99_ms, 2)}x)`);
 }
 for (const [name, k] of [
@@ -655,6 +676,7 @@ for (const [name, k] of [
   ['POP3 RETR', 'pop3_retr'],
 ]) {
   const x = results[k];
+  if (!x) continue;
   console.log(`  ${name.padEnd(14)} ${f(x.proxy.MiBps, 0)} vs ${f(x.direct.MiBps, 0)} MiB/s (${f(x.ratio.MiBps, 2)}x)`);
 }
 for (const i of results.idle) {
