@@ -8,9 +8,6 @@
  */
 import { Command, CommanderError } from '@commander-js/extra-typings';
 import { EX, isAppError } from './errors.js';
-import { registerAdmin } from './commands/admin.js';
-import { registerProxy } from './commands/proxy.js';
-import { registerDelivery } from './commands/delivery.js';
 import { openDb } from './db.js';
 import { Store } from './store.js';
 import { hashPassword } from '../auth/schemes.js';
@@ -18,7 +15,17 @@ import { randomBytes } from 'node:crypto';
 
 export const VERSION = '0.1.0';
 
-export function buildProgram(): Command<[], { config?: string }> {
+/** The command word of argv (after global options), to load only what that command needs. */
+function commandOf(argv: readonly string[]): string | null {
+  for (let i = 2; i < argv.length; i++) {
+    const a = argv[i] ?? '';
+    if (a === '-c' || a === '--config') i++;
+    else if (!a.startsWith('-')) return a;
+  }
+  return null;
+}
+
+export async function buildProgram(argv: readonly string[]): Promise<Command<[], { config?: string }>> {
   const program = new Command()
     .name('pigeon')
     .description('PigeonDeliver: IMAP/POP3 modular proxy with an embedded delivery agent')
@@ -53,14 +60,17 @@ export function buildProgram(): Command<[], { config?: string }> {
       console.log(`next: pigeon -c ${r.dir} domain add example.org; pigeon -c ${r.dir} user add alice@example.org`);
     });
 
-  registerAdmin(program as unknown as Command, cfg);
-  registerProxy(program as unknown as Command, cfg);
-  registerDelivery(program as unknown as Command, cfg);
+  // `deliver` runs once per message under Postfix: load only the delivery commands for it
+  const cmd = commandOf(argv);
+  const deliveryOnly = cmd === 'deliver' || cmd === 'lmtp';
+  if (!deliveryOnly) (await import('./commands/admin.js')).registerAdmin(program as unknown as Command, cfg);
+  if (!deliveryOnly) (await import('./commands/proxy.js')).registerProxy(program as unknown as Command, cfg);
+  (await import('./commands/delivery.js')).registerDelivery(program as unknown as Command, cfg);
   return program;
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
-  const program = buildProgram();
+  const program = await buildProgram(argv);
   try {
     await program.parseAsync(argv as string[]);
     return typeof process.exitCode === 'number' ? process.exitCode : EX.OK;

@@ -15,8 +15,6 @@ import { openDb } from '../db.js';
 import { Store } from '../store.js';
 import { createLogger } from '../log.js';
 import { silentLogger } from '../delivery/env.js';
-import { setExtraListener } from './proxy.js';
-import { lmtpListener } from '../delivery/lmtp-listener.js';
 
 let answered = false;
 /** Print the one status line (at most once) and set the exit code. */
@@ -37,8 +35,6 @@ function tempfailOnCrash(): void {
 }
 
 export function registerDelivery(program: Command, cfg: () => string | undefined): void {
-  // `pigeon serve` opens every lmtp= listener of pigeon.yaml through this hook
-  setExtraListener(lmtpListener);
   const collect = (v: string, acc: string[]): string[] => [...acc, v];
   const deliver = program
     .command('deliver')

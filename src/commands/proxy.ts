@@ -23,10 +23,9 @@ async function forkers(): Promise<ReadonlyMap<string, OneShotForker>> {
   ]);
 }
 
-let extraListener: ExtraListener | null = null;
-/** The delivery agent registers its LMTP listener for `serve` here. */
-export function setExtraListener(f: ExtraListener): void {
-  extraListener = f;
+/** `serve` opens lmtp= listeners through the delivery agent's listener (imported only for serve). */
+async function lmtpExtra(): Promise<ExtraListener> {
+  return (await import('../delivery/lmtp-listener.js')).lmtpListener;
 }
 
 async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTls: boolean, cfg: string | undefined): Promise<number> {
@@ -72,7 +71,7 @@ export function registerProxy(program: Command, cfg: () => string | undefined): 
     .action(async (o) => {
       const { serve } = await import('../../forkers/listen.js');
       const { createProxyEnv } = await import('../proxy/env.js');
-      const code = await serve(() => createProxyEnv(cfg(), { logToStderr: true }), cfg(), o.workers ?? 0, extraListener);
+      const code = await serve(() => createProxyEnv(cfg(), { logToStderr: true }), cfg(), o.workers ?? 0, await lmtpExtra());
       process.exit(code);
     });
   for (const proto of ['imap', 'pop3'] as const) {
