@@ -43,7 +43,8 @@ const FETCH_MB = 20;
 const FETCHES = QUICK ? 2 : 4; // per round per side
 const IDLE = String(opt('idle', QUICK ? '1000' : '1000,5000')).split(',').map(Number).filter((n) => n > 0);
 const JSON_OUT = opt('json-out', null);
-const ONLY = new Set(String(opt('only', 'login,fetch,idle')).split(','));
+const ONLY = new Set(String(opt('only', 'login,fetch,idle,lmtp')).split(','));
+const LMTP_MSGS = QUICK ? 60 : 200; // per round per side per concurrency
 const ROOT = new URL('..', import.meta.url).pathname;
 const CLI = join(ROOT, 'dist/src/cli.js');
 const MAIL_UID = 8;
@@ -218,9 +219,9 @@ const pig = (args, input) => {
   if (r.status !== 0) throw new Error(`pigeon ${args.join(' ')}: ${r.stderr}`);
   return r.stdout;
 };
-const P = { imap: await freePort(), imaps: await freePort(), pop3: await freePort() };
+const P = { imap: await freePort(), imaps: await freePort(), pop3: await freePort(), lmtp: await freePort() };
 {
-  const r = spawnSync(process.execPath, [CLI, 'init', dir, '--node', 'bench', '--listen', `imap=127.0.0.1:${P.imap}`, '--listen', `imaps=127.0.0.1:${P.imaps}`, '--listen', `pop3=127.0.0.1:${P.pop3}`], { encoding: 'utf8' });
+  const r = spawnSync(process.execPath, [CLI, 'init', dir, '--node', 'bench', '--listen', `imap=127.0.0.1:${P.imap}`, '--listen', `imaps=127.0.0.1:${P.imaps}`, '--listen', `pop3=127.0.0.1:${P.pop3}`, '--listen', `lmtp=127.0.0.1:${P.lmtp}`], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`pigeon init: ${r.stderr}`);
 }
 writeFileSync(join(dir, 'conf.d', '50-bench.yaml'), 'log:\n  level: warn\n  file: pigeon.log\n');
@@ -317,19 +318,21 @@ for (const d of ['new', 'cur']) for (const f of readdirSync(join(maildir, d))) r
 }
 
 // ---------------------------------------------------------------- the reference Dovecot master
-const D = { imap: await freePort(), imaps: await freePort(), pop3: await freePort() };
+const D = { imap: await freePort(), imaps: await freePort(), pop3: await freePort(), lmtp: await freePort() };
 const dv = join(base, 'dovecot');
 mkdirSync(join(dv, 'run'), { recursive: true });
 mkdirSync(join(dv, 'state'), { recursive: true });
 writeFileSync(join(dv, 'passwd'), `${USER}:${pwHash}\n`);
 const BIG_LIMIT = 6000;
+// Dovecot's LMTP server is Debian's dovecot-lmtpd (not in the README's set-up line): rows skipped without it
+const HAVE_LMTP = existsSync('/usr/lib/dovecot/lmtp');
 writeFileSync(
   join(dv, 'dovecot.conf'),
   `# reference: Dovecot's own login path, high-performance login mode, limits raised for the idle rows
 base_dir = ${dv}/run
 state_dir = ${dv}/state
 log_path = ${dv}/dovecot.log
-protocols = imap pop3
+protocols = imap pop3${HAVE_LMTP ? ' lmtp' : ''}
 listen = 127.0.0.1
 ssl = yes
 ssl_cert = <${join(dir, 'certs/node.crt')}
@@ -382,6 +385,23 @@ service anvil {
 }
 service imap {
   process_limit = ${BIG_LIMIT}
+}
+service auth {
+  client_limit = ${BIG_LIMIT * 4}
+}
+${
+  HAVE_LMTP
+    ? `service lmtp {
+  inet_listener lmtp {
+    address = 127.0.0.1
+    port = ${D.lmtp}
+  }
+  unix_listener lmtp {
+    mode = 0
+  }
+}
+postmaster_address = postmaster@example.test`
+    : ''
 }
 service pop3 {
   process_limit = ${BIG_LIMIT}
@@ -643,6 +663,50 @@ for (const n of ONLY.has('idle') ? IDLE : []) {
   results.idle.push({ sessions: n, proxy_workers: workers, proxy, direct });
 }
 
+// ---------------------------------------------------------------- LMTP: pigeon serve vs Dovecot's lmtp
+const MSG4K = (() => {
+  const head = `From: bob@remote.test\r\nTo: ${USER}\r\nSubject: bench\r\n\r\n`;
+  const line = `${'The quick brown fox jumps over the lazy dog. 0123456789 abcdefghij'}\r\n`;
+  let body = '';
+  while (head.length + body.length + line.length <= 4096) body += line;
+  return head + body + 'x'.repeat(4096 - head.length - body.length - 2) + '\r\n';
+})();
+async function lmtpConn(port, count) {
+  const c = await open(port, { localAddress: srcAddr(3) });
+  const reply = async (re) => {
+    const r = await until(c, /^\d{3} [^\r\n]*\r\n/m);
+    if (!re.test(r.trim().split('\r\n').pop())) throw new Error(`LMTP: unexpected ${JSON.stringify(r.slice(-200))}`);
+  };
+  await reply(/^220 /);
+  c.s.write('LHLO bench.test\r\n');
+  await reply(/^250 /);
+  for (let i = 0; i < count; i++) {
+    // pipelined like Postfix's lmtp client
+    c.s.write(`MAIL FROM:<bob@remote.test>\r\nRCPT TO:<${USER}>\r\nDATA\r\n`);
+    await reply(/^250 /);
+    await reply(/^250 /);
+    await reply(/^354 /);
+    c.s.write(`${MSG4K}.\r\n`);
+    await reply(/^250 /);
+  }
+  c.s.end('QUIT\r\n');
+}
+async function lmtpRound(port, conns) {
+  const per = Math.ceil(LMTP_MSGS / conns);
+  const t0 = process.hrtime.bigint();
+  await Promise.all(Array.from({ length: conns }, () => lmtpConn(port, per)));
+  return { per_second: (per * conns) / (Number(process.hrtime.bigint() - t0) / 1e9) };
+}
+if (ONLY.has('lmtp') && !HAVE_LMTP) results.lmtp_skipped = '/usr/lib/dovecot/lmtp missing (Debian package dovecot-lmtpd)';
+if (ONLY.has('lmtp') && HAVE_LMTP) {
+  await lmtpRound(P.lmtp, 1);
+  await lmtpRound(D.lmtp, 1);
+  log(`LMTP 4 KB, 1 connection (${LMTP_MSGS} per round per side)`);
+  results.lmtp_c1 = summarise(await rounds((s) => lmtpRound(s.port.lmtp, 1)));
+  log('LMTP 4 KB, 4 connections');
+  results.lmtp_c4 = summarise(await rounds((s) => lmtpRound(s.port.lmtp, 4)));
+}
+
 // ---------------------------------------------------------------- output
 await stopServe(serveP); // gracefully: --cpu-prof (BENCH_SERVE_NODE_OPTIONS) profiles are written at exit
 const dovecotWarnings = existsSync(join(dv, 'dovecot.log'))
@@ -678,6 +742,13 @@ for (const [name, k] of [
   const x = results[k];
   if (!x) continue;
   console.log(`  ${name.padEnd(14)} ${f(x.proxy.MiBps, 0)} vs ${f(x.direct.MiBps, 0)} MiB/s (${f(x.ratio.MiBps, 2)}x)`);
+}
+for (const [name, k] of [
+  ['LMTP 1 conn', 'lmtp_c1'],
+  ['LMTP 4 conns', 'lmtp_c4'],
+]) {
+  const x = results[k];
+  if (x) console.log(`  ${name.padEnd(14)} ${f(x.proxy.per_second)} vs ${f(x.direct.per_second)} msg/s (${f(x.ratio.per_second, 2)}x)`);
 }
 for (const i of results.idle) {
   console.log(

@@ -124,6 +124,13 @@ if (px) {
   row('FETCH 20 MiB plain (handed off)', 'MiB/s', px.fetch_plain.proxy.MiBps, px.fetch_plain.direct.MiBps, 'Dovecot direct', 0.95, 'higher');
   row('FETCH 20 MiB TLS (relayed)', 'MiB/s', px.fetch_tls.proxy.MiBps, px.fetch_tls.direct.MiBps, 'Dovecot direct (imaps)', 0.95, 'higher');
   row('POP3 RETR 20 MiB plain (handed off)', 'MiB/s', px.pop3_retr.proxy.MiBps, px.pop3_retr.direct.MiBps, 'Dovecot direct', 0.95, 'higher');
+  for (const [k, c] of [
+    ['lmtp_c1', 1],
+    ['lmtp_c4', 4],
+  ]) {
+    const x = px[k];
+    if (x) row(`LMTP 4 KB, ${c} conn${c > 1 ? 's' : ''}: pigeon serve vs Dovecot lmtp`, 'msg/s', x.proxy.per_second, x.direct.per_second, 'Dovecot lmtp', 1.0, 'higher');
+  }
   for (const i of px.idle) {
     rows.push({
       workload: `idle ${i.sessions}: proxy processes per session`,
@@ -171,7 +178,9 @@ const notes = [
   setup ? `proxy: ${setup.proxy}; reference: ${setup.reference}` : null,
   setup ? `medians of ${setup.rounds} rounds per row, rounds alternate which side goes first; ratio = PigeonDeliver / reference` : null,
   px ? `idle rows: PSS growth of the proxy's processes (pigeon serve primary + workers; ${px.idle.map((i) => `${i.proxy_workers} workers at ${i.sessions}`).join(', ')}) over their idle baseline, per session; plain sessions are handed to Dovecot, so the proxy keeps only the socket and Dovecot's stderr pipe` : null,
-  dl ? `delivery rows: bench-delivery.mjs (${dl.message_bytes}-byte messages, one recipient; Dovecot's own LMTP is not measured there)` : null,
+  px?.lmtp_skipped ? `LMTP vs Dovecot's lmtp skipped: ${px.lmtp_skipped}` : null,
+  px?.lmtp_c1 ? 'LMTP rows: pigeon serve\'s lmtp listener vs Dovecot\'s lmtp service (same master, static userdb), 4 KB messages into the same Maildir, MAIL/RCPT/DATA pipelined' : null,
+  dl ? `delivery rows: bench-delivery.mjs (${dl.message_bytes}-byte messages, one recipient; Dovecot's own LMTP: the LMTP rows above)` : null,
   ...Object.entries(runs)
     .filter(([, r]) => !r.ok)
     .map(([n, r]) => `${n} FAILED (exit ${r.exit}); its rows are missing`),
