@@ -11,6 +11,8 @@ import { ClientConn, unmap, isLoopback } from '../src/proxy/conn.js';
 import type { OneShotForker } from './types.js';
 
 export function socketConn(sock: Socket, secure: boolean): ClientConn {
+  // small protocol lines both ways: no Nagle delay (a pipelined USER+PASS otherwise stalls 40 ms)
+  sock.setNoDelay(true);
   const rip = unmap(sock.remoteAddress);
   return new ClientConn({
     input: sock,
