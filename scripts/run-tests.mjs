@@ -9,6 +9,12 @@ if (build.status !== 0) {
   console.log('0 passed, 1 failed (build)');
   process.exit(1);
 }
+// the tests themselves are type-checked too (tap runs them without checking)
+const tcheck = spawnSync('npx', ['tsc', '-p', 'tsconfig.test.json'], { stdio: 'inherit' });
+if (tcheck.status !== 0) {
+  console.log('0 passed, 1 failed (type errors in the tests)');
+  process.exit(1);
+}
 const args = ['tap', '--reporter=tap', ...process.argv.slice(2)];
 const child = spawn('npx', args, { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, FORCE_COLOR: '0' } });
 let passed = 0;
