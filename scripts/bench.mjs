@@ -41,7 +41,7 @@ const q = QUICK ? ['--quick'] : [];
 const BENCHES = [
   { name: 'bench-config.mjs', args: ['--iterations', QUICK ? '3000' : '20000'], limit: 60, json: 'stdout' },
   { name: 'bench-proxy.mjs', args: [...q], limit: QUICK ? 100 : 1200, json: 'file' },
-  { name: 'bench-delivery.mjs', args: ['--n', QUICK ? '20' : '200', '--concurrency', '4'], limit: QUICK ? 60 : 600, json: 'stdout' },
+  { name: 'bench-delivery.mjs', args: ['--n', QUICK ? '12' : '200', '--concurrency', '4'], limit: QUICK ? 60 : 600, json: 'stdout' },
   { name: 'bench-limits.mjs', args: [...q], limit: 120, json: 'file' },
 ];
 
@@ -142,6 +142,9 @@ if (px) {
       target: '≤ 16 kB',
       met: i.proxy.front_pss_kB_per_session <= 16 ? 'met' : 'missed',
     });
+    if (i.proxy.front_js_heap_kB_per_session !== undefined) {
+      rows.push({ workload: `idle ${i.sessions}: proxy live JS heap per session (after GC)`, unit: 'kB', pigeon: i.proxy.front_js_heap_kB_per_session, reference: null, reference_name: '–', ratio: null, target: '', met: '' });
+    }
     row(`idle ${i.sessions}: backend imap per session`, 'kB PSS', i.proxy.backend_pss_kB_per_session, i.direct.backend_pss_kB_per_session, 'Dovecot imap', null);
     row(`idle ${i.sessions}: everything per session`, 'kB PSS', i.proxy.total_pss_kB_per_session, i.direct.total_pss_kB_per_session, 'Dovecot, all processes', null);
   }
