@@ -3,7 +3,7 @@
  * NAME        scripts/bench — `npm run bench [-- --quick]`: PigeonDeliver side by side with direct
  *             Dovecot and dovecot-lda, against the machine's limits
  * SYNOPSIS    npm run bench                  full run (idle rows at 1,000 and 5,000 sessions)
- *             npm run bench -- --quick       under a minute (fewer rounds, 1,000 idle sessions)
+ *             npm run bench -- --quick       under a minute (fewer rounds, 1,000 idle sessions; JSON in $TMPDIR)
  *             npm run bench -- --out FILE    JSON results elsewhere (default bench/results-latest.json)
  * DESCRIPTION Builds (tsc), then runs each benchmark script, bounded in time, loopback only:
  *               bench-config.mjs    cost of one effective-config read (the SQL read per login/delivery)
@@ -17,7 +17,7 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { mkdirSync, readFileSync, writeFileSync, existsSync, rmSync, mkdtempSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync, existsSync, rmSync, mkdtempSync, chmodSync } from 'node:fs';
 import { join, dirname, resolve } from 'node:path';
 import { tmpdir, cpus, loadavg } from 'node:os';
 
@@ -25,7 +25,7 @@ const argv = process.argv.slice(2);
 const QUICK = argv.includes('--quick');
 const oi = argv.indexOf('--out');
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
-const OUT = oi >= 0 ? resolve(argv[oi + 1]) : join(ROOT, 'bench', QUICK ? 'results-quick.json' : 'results-latest.json');
+const OUT = oi >= 0 ? resolve(argv[oi + 1]) : QUICK ? join(tmpdir(), 'pigeon-bench-results-quick.json') : join(ROOT, 'bench', 'results-latest.json');
 const started = Date.now();
 
 const build = spawnSync('npx', ['tsc', '-p', 'tsconfig.json'], { stdio: 'inherit', cwd: ROOT });
@@ -35,6 +35,7 @@ if (build.status !== 0) {
 }
 
 const tmp = mkdtempSync(join(tmpdir(), 'pigeon-bench-out-'));
+chmodSync(tmp, 0o755);
 process.on('exit', () => rmSync(tmp, { recursive: true, force: true }));
 const q = QUICK ? ['--quick'] : [];
 // name, args, time limit (s), how its JSON comes back ('file': --json-out, 'stdout': a JSON line)
@@ -50,7 +51,11 @@ function runOne(b) {
     const jsonFile = join(tmp, `${b.name}.json`);
     const args = [fileURLToPath(new URL(b.name, import.meta.url)), ...b.args, ...(b.json === 'file' ? ['--json-out', jsonFile] : [])];
     const t0 = Date.now();
-    const c = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'inherit'], detached: true });
+    // a private TMPDIR per script, removed afterwards: nothing is left behind even if a script crashes
+    const scratch = join(tmp, `${b.name}.tmp`);
+    mkdirSync(scratch, { mode: 0o755 });
+    chmodSync(scratch, 0o755); // Dovecot runs as the mail uid and must reach the mailboxes below it
+    const c = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'inherit'], detached: true, env: { ...process.env, TMPDIR: scratch } });
     let out = '';
     c.stdout.on('data', (d) => {
       out += d;
@@ -73,6 +78,12 @@ function runOne(b) {
     }, b.limit * 1000);
     c.on('close', (code, sig) => {
       clearTimeout(timer);
+      try {
+        process.kill(-c.pid, 'SIGKILL'); // whatever the script left running
+      } catch {
+        /* none */
+      }
+      rmSync(scratch, { recursive: true, force: true });
       let data = null;
       try {
         if (b.json === 'file' && existsSync(jsonFile)) data = JSON.parse(readFileSync(jsonFile, 'utf8'));
