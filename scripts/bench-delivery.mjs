@@ -102,6 +102,7 @@ const dataLines = `${MESSAGE.toString('latin1').replace(/\n/g, '\r\n').replace(/
 
 async function lmtpConnection(count) {
   const s = net.connect({ host: '127.0.0.1', port });
+  s.on('error', (e) => console.error(`bench-delivery: LMTP connection: ${e.message}`));
   let buf = '';
   const waiters = [];
   const lines = [];

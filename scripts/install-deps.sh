@@ -12,10 +12,11 @@ cd "$(dirname "$0")/.."
 # libgamin0 (libfam.so.0), libgdbm6, libidn12, and gamin (gam_server in /usr/libexec, where libfam
 # looks for it: without it every Courier IMAP login waits ~1.2 s and IDLE cannot push new mail).
 COURIER_LIBS="courier-base courier-authlib gamin libgamin0 libcourier-unicode4 libgdbm6 libidn12"
-NEED="dovecot-imapd dovecot-pop3d postfix openbsd-inetd curl python3 $COURIER_LIBS"
+NEED="dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix openbsd-inetd curl python3 $COURIER_LIBS"
 if [ "${1:-}" != "--no-system" ]; then
   missing=""
   [ -x /usr/lib/dovecot/imap ] || missing="$missing dovecot-imapd"
+  [ -x /usr/lib/dovecot/lmtp ] || missing="$missing dovecot-lmtpd"
   [ -x /usr/lib/dovecot/pop3 ] || missing="$missing dovecot-pop3d"
   [ -x /usr/sbin/postfix ] || missing="$missing postfix"
   [ -x /usr/sbin/inetd ] || missing="$missing openbsd-inetd"

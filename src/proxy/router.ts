@@ -56,7 +56,7 @@ export async function route(env: ProxyEnv, protocol: 'imap' | 'pop3', u: Resolve
       tag,
       binaries: backend.binaries(env.instance.config),
       quota: quotaOf(u),
-      logLine: (line) => env.log.log('info', `${protocol}(${u.user.address})`, line.replace(/^[^:]*\([^)]*\)(<[^>]*>)*: /, '')),
+      logLine: backendLogLine(env, `${protocol}(${u.user.address})`),
     });
     return { ok: true, session, backend: backendName };
   } catch (e) {
@@ -136,4 +136,9 @@ function waitHandedOff(conn: ClientConn, s: BackendSession): Promise<{ in: numbe
     if (s.child.exitCode !== null) done(s.child.exitCode);
     else s.child.once('exit', (code) => done(code));
   });
+}
+
+/** Dovecot/Courier stderr → our log. Holds only the prefix string, not the user record (idle memory). */
+function backendLogLine(env: ProxyEnv, prefix: string): (line: string) => void {
+  return (line) => env.log.log('info', prefix, line.replace(/^[^:]*\([^)]*\)(<[^>]*>)*: /, ''));
 }
