@@ -32,7 +32,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { Socket } from 'node:net';
 import type { Backend, BackendRequest, BackendSession } from './types.js';
-import { BackendError } from './types.js';
+import { BackendError, pipeStderr } from './types.js';
 import { BACKEND_START_MS } from '../src/limits.js';
 
 /** Debian's /etc/courier/imapd IMAP_CAPABILITY (Courier adds ENABLE UTF8=ACCEPT, and ACL with IMAP_ACL=1). */
@@ -95,18 +95,6 @@ function environment(req: BackendRequest, maildir: string): Record<string, strin
   return env;
 }
 
-function pipeStderr(req: BackendRequest, child: ChildProcess): void {
-  let errBuf = '';
-  child.stderr?.setEncoding('utf8');
-  child.stderr?.on('data', (s: string) => {
-    errBuf += s;
-    let nl;
-    while ((nl = errBuf.indexOf('\n')) >= 0) {
-      req.logLine(`${errBuf.slice(0, nl)}, session=<${req.sessionId}>`);
-      errBuf = errBuf.slice(nl + 1);
-    }
-  });
-}
 
 /** Reads the child's first lines one at a time; what follows the last line read stays unread. */
 class LineReader {
@@ -194,7 +182,7 @@ async function startImap(req: BackendRequest, bin: string, env: Record<string, s
   const what = `courier imapd (${bin})`;
   const child = spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: ['pipe', 'pipe', 'pipe'] });
   child.stdin.on('error', () => {});
-  pipeStderr(req, child);
+  pipeStderr(req, child, `, session=<${req.sessionId}>`);
   const r = new LineReader(child, what);
   try {
     // 1. Courier's answer to the login: `<tag> OK LOGIN Ok.` (or `* PREAUTH Ready.` without a tag)
@@ -236,7 +224,7 @@ async function startPop3(req: BackendRequest, bin: string, env: Record<string, s
     // Courier leaves Nagle on: its greeting would wait for the ACK of our last reply (~40 ms)
     (req.handoff.socket as Partial<Socket>).setNoDelay?.(true);
     const child = spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: [req.handoff.socket, req.handoff.socket, 'pipe'] });
-    pipeStderr(req, child);
+    pipeStderr(req, child, `, session=<${req.sessionId}>`);
     await new Promise<void>((resolve, reject) => {
       child.once('spawn', () => resolve());
       child.once('error', (e) => reject(new BackendError({ kind: 'start-failed', detail: `cannot start ${what}: ${e.message}` })));
@@ -245,7 +233,7 @@ async function startPop3(req: BackendRequest, bin: string, env: Record<string, s
   }
   const child = spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: ['pipe', 'pipe', 'pipe'] });
   child.stdin.on('error', () => {});
-  pipeStderr(req, child);
+  pipeStderr(req, child, `, session=<${req.sessionId}>`);
   const r = new LineReader(child, what);
   try {
     const l = await r.line();

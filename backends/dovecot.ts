@@ -19,7 +19,7 @@ import { spawn } from 'node:child_process';
 import { mkdirSync, existsSync, chownSync } from 'node:fs';
 import { dirname, basename, join } from 'node:path';
 import type { Backend, BackendRequest, BackendSession } from './types.js';
-import { BackendError } from './types.js';
+import { BackendError, pipeStderr } from './types.js';
 import { BACKEND_START_MS } from '../src/limits.js';
 
 function safe(v: string): string {
@@ -73,18 +73,6 @@ async function firstLine(req: BackendRequest, child: ReturnType<typeof spawn>): 
   });
 }
 
-function pipeStderr(req: BackendRequest, child: ReturnType<typeof spawn>): void {
-  let errBuf = '';
-  child.stderr?.setEncoding('utf8');
-  child.stderr?.on('data', (s: string) => {
-    errBuf += s;
-    let nl;
-    while ((nl = errBuf.indexOf('\n')) >= 0) {
-      req.logLine(errBuf.slice(0, nl));
-      errBuf = errBuf.slice(nl + 1);
-    }
-  });
-}
 
 async function start(req: BackendRequest): Promise<BackendSession> {
   const { location, home } = mailLocation(req);

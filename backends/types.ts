@@ -68,3 +68,17 @@ export class BackendError extends Error {
     this.failure = failure;
   }
 }
+
+/** A backend's stderr, line by line, into the proxy's log (`suffix` appended to each line). */
+export function pipeStderr(req: BackendRequest, child: ChildProcess, suffix = ''): void {
+  let errBuf = '';
+  child.stderr?.setEncoding('utf8');
+  child.stderr?.on('data', (s: string) => {
+    errBuf += s;
+    let nl;
+    while ((nl = errBuf.indexOf('\n')) >= 0) {
+      req.logLine(`${errBuf.slice(0, nl)}${suffix}`);
+      errBuf = errBuf.slice(nl + 1);
+    }
+  });
+}
