@@ -31,7 +31,18 @@ async function limited<T>(fn: () => Promise<T>): Promise<T> {
   }
 }
 
-export function databaseAuth(store: Store): AuthInstance {
+/** Where a password hash comes from. The first source of the chain that knows the user decides. */
+export interface PasswordSource {
+  readonly name: string;
+  /** may add a user it authenticated to the database when the domain exists there */
+  readonly provisions: boolean;
+  /** the stored `{SCHEME}hash` of an address, null when unknown here; throws when unavailable */
+  hashOf(address: string, dbHash: string | null): string | null;
+}
+
+export const databaseSource: PasswordSource = { name: 'database', provisions: false, hashOf: (_a, dbHash) => dbHash };
+
+export function databaseAuth(store: Store, chain: readonly PasswordSource[] = [databaseSource]): AuthInstance {
   return {
     async authenticate(req: AuthRequest): Promise<AuthResult> {
       let address: string;
@@ -47,20 +58,48 @@ export function databaseAuth(store: Store): AuthInstance {
       } catch (e) {
         return { ok: false, why: 'tempfail', detail: isAppError(e) ? e.message : 'database error' };
       }
-      if (!found || found.user.password === null) {
+      let stored: string | null = null;
+      let source: PasswordSource | null = null;
+      try {
+        for (const src of chain) {
+          stored = src.hashOf(address, found?.user.password ?? null);
+          if (stored !== null) {
+            source = src;
+            break;
+          }
+        }
+      } catch (e) {
+        return { ok: false, why: 'tempfail', detail: `password source unavailable: ${e instanceof Error ? e.message.split('\n')[0] : 'error'}` };
+      }
+      if (stored === null || source === null || (!found && !source.provisions)) {
         await limited(() => dummyVerify(req.password));
         return { ok: false, why: 'unknown-user' };
       }
       let ok: boolean;
       const warnings: string[] = [];
       try {
-        if (parseHash(found.user.password).scheme === 'PLAIN') warnings.push(`user ${address} has a {PLAIN} password; set a new one with "pigeon user passwd"`);
-        const stored = found.user.password;
-        ok = await limited(() => verifyPassword(stored, req.password));
+        if (parseHash(stored).scheme === 'PLAIN') warnings.push(`user ${address} has a {PLAIN} password; set a new one`);
+        const hash = stored;
+        ok = await limited(() => verifyPassword(hash, req.password));
       } catch (e) {
         return { ok: false, why: 'tempfail', detail: isAppError(e) ? `stored password of ${address}: ${e.message}` : 'password verification failed' };
       }
       if (!ok) return { ok: false, why: 'bad-credentials' };
+      if (!found) {
+        // authenticated by a provisioning source (passwd-file): add the user when its domain exists
+        try {
+          store.addUser(address, null, null);
+          warnings.push(`user ${address} added to the database from ${source.name}`);
+          found = store.lookup(address);
+        } catch (e) {
+          if (!isAppError(e) || e.code !== 'DUPLICATE') {
+            if (isAppError(e) && e.code === 'NO_SUCH_DOMAIN') return { ok: false, why: 'unknown-user' };
+            return { ok: false, why: 'tempfail', detail: isAppError(e) ? e.message : 'database error' };
+          }
+          found = store.lookup(address);
+        }
+        if (!found) return { ok: false, why: 'tempfail', detail: `user ${address} vanished` };
+      }
       const config = resolve(found.rows);
       if (found.user.state !== 'active' || config['login.enabled']?.value === false) return { ok: false, why: 'disabled' };
       if (req.service !== 'test' && config[`${req.service}.enabled`]?.value === false) return { ok: false, why: 'disabled' };

@@ -55,6 +55,13 @@ ${yamlListen(ls, o.listen)}
 # false: always relay through the proxy (byte counts in the logout line).
 handoff: true
 
+# Password sources, tried in order: the first that knows a user decides (database, passwd-file).
+# passwd-file: a Dovecot passwd-file (user@domain:{SCHEME}hash:...); users it authenticates are
+# added to the database (no password) when their domain exists there.
+auth:
+  chain: [database]
+  passwd_file: null
+
 # TLS: this node's certificate (client-facing TLS and peer links) and the cluster CA.
 tls:
   cert: certs/node.crt

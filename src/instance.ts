@@ -67,6 +67,13 @@ export const fileSchema = z.strictObject({
   mail_user: z.string().min(1).default('mail'),
   listen: z.array(listenSchema).default([]),
   handoff: z.boolean().default(true),
+  auth: z
+    .strictObject({
+      chain: z.array(z.enum(['database', 'passwd-file'])).min(1).default(['database']),
+      passwd_file: path.nullable().default(null),
+    })
+    .refine((a) => !a.chain.includes('passwd-file') || a.passwd_file !== null, { message: 'chain has passwd-file but auth.passwd_file is not set', path: ['passwd_file'] })
+    .prefault({}),
   tls: z
     .strictObject({
       cert: path.default('certs/node.crt'),

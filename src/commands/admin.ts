@@ -377,8 +377,9 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       const service = o.service;
       if (service !== 'imap' && service !== 'pop3' && service !== 'test') throw new AppError('USAGE', '--service must be imap, pop3 or test');
       const pw = readStdinLine('password');
-      const { store } = openCtx(cfg());
-      const r = await databaseAuth(store).authenticate({ user: address, password: pw, service });
+      const { store, instance } = openCtx(cfg());
+      const { authChain } = await import('../proxy/env.js');
+      const r = await databaseAuth(store, authChain(instance)).authenticate({ user: address, password: pw, service });
       if (!r.ok) {
         if (r.why === 'tempfail') throw new AppError('TEMPFAIL', `passdb: ${address} auth temporarily failed: ${r.detail}`);
         console.log(`passdb: ${address} auth failed (${r.why})`);

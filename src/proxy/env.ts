@@ -9,7 +9,9 @@ import { loadInstance } from '../instance.js';
 import { Store } from '../store.js';
 import { openDb } from '../db.js';
 import { createLogger, syslogSink, type Logger } from '../log.js';
-import { databaseAuth } from '../../auth/database.js';
+import { databaseAuth, databaseSource, type PasswordSource } from '../../auth/database.js';
+import { passwdFileSource } from '../../auth/passwd-file.js';
+import { isAbsolute, join } from 'node:path';
 import type { AuthInstance } from '../modules.js';
 import { resolveMailUser, type MailUser } from '../mailuser.js';
 import { Penalty } from './penalty.js';
@@ -46,7 +48,7 @@ export function createProxyEnv(configPath: string | undefined, opts: { logToStde
     instance,
     store,
     log,
-    auth: databaseAuth(store),
+    auth: databaseAuth(store, authChain(instance)),
     tls: loadTls(instance),
     mailUser: resolveMailUser(instance.config.mail_user),
     penalty: new Penalty(instance.config.limits.auth_failure_delay_ms),
@@ -56,4 +58,12 @@ export function createProxyEnv(configPath: string | undefined, opts: { logToStde
 /** Dovecot-style session id: 12 random bytes, base64 (16 characters). */
 export function sessionId(): string {
   return randomBytes(12).toString('base64');
+}
+
+/** The configured chain of password sources (auth.chain in pigeon.yaml). */
+export function authChain(instance: Instance): PasswordSource[] {
+  const file = instance.config.auth.passwd_file;
+  return instance.config.auth.chain.map((name) =>
+    name === 'database' ? databaseSource : passwdFileSource(file === null ? '' : isAbsolute(file) ? file : join(instance.dir, file)),
+  );
 }
