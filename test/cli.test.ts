@@ -4,37 +4,23 @@
  * Needs `npx tsc -p tsconfig.json` first (npm test does it).
  */
 import t from 'tap';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { createHash, X509Certificate } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import Database from 'better-sqlite3';
 import { openDb } from '../src/db.js';
 import { Store, type Allocation } from '../src/store.js';
 import { SCHEMES } from '../auth/schemes.js';
 import { resolve } from '../src/resolve.js';
 
-const CLI = fileURLToPath(new URL('../dist/src/cli.js', import.meta.url));
+import { runCli, startCli, type CliRun } from './helpers/cli.js';
 const NODE = 'node-a.example.net';
 
-interface Run {
-  code: number | null;
-  out: string;
-  err: string;
-}
-
-/** The environment of an admin's shell: without tap's loader hooks (NODE_OPTIONS) and PIGEON_CONFIG. */
-function cleanEnv(): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!/^(NODE_OPTIONS|PIGEON_CONFIG|_TAPJS_|TAP)/.test(k)) env[k] = v;
-  return env;
-}
+type Run = CliRun;
 
 function run(args: readonly string[], input = ''): Run {
-  const env = cleanEnv();
-  const r = spawnSync(process.execPath, [CLI, ...args], { input, encoding: 'utf8', env, timeout: 60_000 });
-  return { code: r.status, out: r.stdout, err: r.stderr };
+  return runCli(args, { input });
 }
 
 /** Run several independent commands at once (at most 4 processes): the same checks, less waiting. */
@@ -45,16 +31,7 @@ async function runAll(cmds: readonly (readonly [readonly string[], string?])[]):
     while (next < cmds.length) {
       const i = next++;
       const [args, input] = cmds[i] as readonly [readonly string[], string?];
-      out[i] = await new Promise<Run>((resolve, reject) => {
-        const child = spawn(process.execPath, [CLI, ...args], { env: cleanEnv(), stdio: ['pipe', 'pipe', 'pipe'] });
-        let o = '';
-        let e = '';
-        child.stdout.setEncoding('utf8').on('data', (d: string) => (o += d));
-        child.stderr.setEncoding('utf8').on('data', (d: string) => (e += d));
-        child.on('error', reject);
-        child.on('close', (code) => resolve({ code, out: o, err: e }));
-        child.stdin.end(input ?? '');
-      });
+      out[i] = await startCli(args, input ?? '');
     }
   };
   await Promise.all([worker(), worker(), worker(), worker()]);

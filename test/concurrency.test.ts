@@ -5,40 +5,16 @@
  * Needs `npx tsc -p tsconfig.json` first (npm test does it).
  */
 import t from 'tap';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { openDb } from '../src/db.js';
 import { Store } from '../src/store.js';
 import { resolve } from '../src/resolve.js';
 
-const CLI = fileURLToPath(new URL('../dist/src/cli.js', import.meta.url));
+import { CLI_JS as CLI, cleanEnv, startCli, type CliRun } from './helpers/cli.js';
 
-interface Run {
-  code: number | null;
-  out: string;
-  err: string;
-}
-
-function cleanEnv(): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!/^(NODE_OPTIONS|PIGEON_CONFIG|_TAPJS_|TAP)/.test(k)) env[k] = v;
-  return env;
-}
-
-/** Start one CLI process now; resolves when it exits. */
-function start(args: readonly string[], input = ''): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(process.execPath, [CLI, ...args], { env: cleanEnv() });
-    let out = '';
-    let err = '';
-    c.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
-    c.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
-    c.on('error', reject);
-    c.on('close', (code) => resolve({ code, out, err }));
-    c.stdin.end(input);
-  });
-}
+type Run = CliRun;
+const start = startCli;
 
 const root = t.testdir();
 const inst = join(root, 'inst');

@@ -8,52 +8,14 @@ import t from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, cpSync, existsSync, readFileSync, rmSync, writeFileSync, copyFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import Database from 'better-sqlite3';
 import { loadInstance } from '../src/instance.js';
 
-const CLI = fileURLToPath(new URL('../dist/src/cli.js', import.meta.url));
+import { CLI_JS as CLI, cleanEnv, runCli, startCli, type CliRun } from './helpers/cli.js';
 
-interface Run {
-  code: number | null;
-  out: string;
-  err: string;
-  ms: number;
-}
-
-function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!/^(NODE_OPTIONS|PIGEON_CONFIG|_TAPJS_|TAP)/.test(k)) env[k] = v;
-  return { ...env, ...extra };
-}
-
-function run(args: readonly string[], opts: { input?: string; env?: Record<string, string>; uid?: number; gid?: number } = {}): Run {
-  const start = Date.now();
-  const r = spawnSync(process.execPath, [CLI, ...args], {
-    input: opts.input ?? '',
-    encoding: 'utf8',
-    env: cleanEnv(opts.env),
-    timeout: 60_000,
-    ...(opts.uid !== undefined ? { uid: opts.uid } : {}),
-    ...(opts.gid !== undefined ? { gid: opts.gid } : {}),
-  });
-  return { code: r.status, out: r.stdout, err: r.stderr, ms: Date.now() - start };
-}
-
-/** Like run(), without blocking: independent cases run side by side. */
-function runAsync(args: readonly string[]): Promise<Run> {
-  const start = Date.now();
-  return new Promise((resolve, reject) => {
-    const c = spawn(process.execPath, [CLI, ...args], { env: cleanEnv() });
-    let out = '';
-    let err = '';
-    c.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
-    c.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
-    c.on('error', reject);
-    c.on('close', (code) => resolve({ code, out, err, ms: Date.now() - start }));
-    c.stdin.end();
-  });
-}
+type Run = CliRun;
+const run = runCli;
+const runAsync = (args: readonly string[]): Promise<Run> => startCli(args);
 
 const root = t.testdir();
 const template = join(root, 'template');
