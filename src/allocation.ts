@@ -71,6 +71,12 @@ export function createMailbox(a: Allocation, mu: MailUser): void {
   }
 }
 
+/** Create the mailbox only when it is missing: the per-login/per-delivery path does no writes. */
+export function ensureMailbox(a: Allocation, mu: MailUser): void {
+  const present = a.format === 'maildir' ? ['cur', 'new', 'tmp'].every((d) => existsSync(join(a.path, d))) : existsSync(a.path);
+  if (!present) createMailbox(a, mu);
+}
+
 /** Remove a mailbox that holds nothing (a lost allocation race); anything with mail stays. */
 function discardEmpty(a: Allocation): void {
   try {
@@ -121,7 +127,7 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
   if (user.home !== null && user.home !== ctx.node) return { kind: 'remote', node: user.home, allocation: user.allocation };
   if (user.allocation !== null) {
     // allocated here: make sure it exists on disk (a restored database, a purged box)
-    createMailbox(user.allocation, ctx.mailUser);
+    ensureMailbox(user.allocation, ctx.mailUser);
     return { kind: 'local', allocation: user.allocation };
   }
   const creator = String(config['mailstore.creator']?.value ?? 'lock');
@@ -144,7 +150,7 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
   for (let i = 0; i < 3; i++) {
     const p = creator === 'lock' ? await withLock(ctx.mailRoot, attempt) : attempt();
     if (p) {
-      if (p.kind === 'local') createMailbox(p.allocation, ctx.mailUser);
+      if (p.kind === 'local') ensureMailbox(p.allocation, ctx.mailUser);
       return p;
     }
   }

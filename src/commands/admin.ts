@@ -245,11 +245,12 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       });
       const created: string[] = [];
       store.write(() => {
+        const domains = new Set(store.listDomains().map((d) => d.name));
         for (const e of entries) {
-          const exists = store.listDomains().some((d) => d.name === e.domain);
-          if (!exists) {
+          if (!domains.has(e.domain)) {
             if (!o.createDomains) throw new AppError('NO_SUCH_DOMAIN', `domain ${e.domain} does not exist (add it, or use --create-domains)`);
             store.addDomain(e.domain);
+            domains.add(e.domain);
             created.push(e.domain);
           }
           store.addUser(e.address, e.hash, null);

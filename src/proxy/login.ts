@@ -10,7 +10,6 @@ import type { ProxyEnv } from './env.js';
 import type { ClientConn } from './conn.js';
 import type { ResolvedUser } from '../modules.js';
 import { resolve } from '../resolve.js';
-import { formatFields } from '../log.js';
 
 export type Proto = 'imap' | 'pop3';
 
@@ -102,4 +101,3 @@ export function logDisconnect(env: ProxyEnv, conn: ClientConn, st: LoginState, w
   env.log.log('info', `${st.proto}-login`, `Disconnected (${reason}):`, logFields(conn, st));
 }
 
-export { formatFields };
