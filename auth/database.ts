@@ -13,6 +13,7 @@ import { resolve } from '../src/resolve.js';
 import { normaliseAddress } from '../src/address.js';
 import { isAppError } from '../src/errors.js';
 import { verifyPassword, dummyVerify, parseHash } from './schemes.js';
+import { count } from '../src/metrics.js';
 
 const MAX_CONCURRENT_VERIFIES = 4;
 let running = 0;
@@ -80,6 +81,7 @@ export function databaseAuth(store: Store, chain: readonly PasswordSource[] = [d
       try {
         if (parseHash(stored).scheme === 'PLAIN') warnings.push(`user ${address} has a {PLAIN} password; set a new one`);
         const hash = stored;
+        count('pigeon_password_checks_total');
         ok = await limited(() => verifyPassword(hash, req.password));
       } catch (e) {
         return { ok: false, why: 'tempfail', detail: isAppError(e) ? `stored password of ${address}: ${e.message}` : 'password verification failed' };

@@ -52,15 +52,24 @@ export function createCa(clusterName: string, years = 10): KeyPair {
   return { certPem: forge.pki.certificateToPem(cert), keyPem: k.keyPem };
 }
 
-export function issueHostCert(ca: KeyPair, nodeName: string, extraNames: readonly string[] = [], years = 5): KeyPair {
+/** Validity of a host certificate: `days` from now (default 825, as public CAs cap it), or explicit dates (tests). */
+export interface Validity {
+  readonly days?: number;
+  readonly notBefore?: Date;
+  readonly notAfter?: Date;
+}
+
+export const HOST_CERT_DAYS = 825;
+
+export function issueHostCert(ca: KeyPair, nodeName: string, extraNames: readonly string[] = [], validity: Validity = {}): KeyPair {
   const caCert = forge.pki.certificateFromPem(ca.certPem);
   const caKey = forge.pki.privateKeyFromPem(ca.keyPem);
   const k = rsa();
   const cert = forge.pki.createCertificate();
   cert.publicKey = k.pub;
   cert.serialNumber = serial();
-  cert.validity.notBefore = new Date(Date.now() - 60_000);
-  cert.validity.notAfter = new Date(Date.now() + years * 365 * 86400_000);
+  cert.validity.notBefore = validity.notBefore ?? new Date(Date.now() - 60_000);
+  cert.validity.notAfter = validity.notAfter ?? new Date(Date.now() + (validity.days ?? HOST_CERT_DAYS) * 86400_000);
   cert.setSubject([
     { name: 'commonName', value: nodeName },
     { name: 'organizationName', value: 'PigeonDeliver' },

@@ -49,6 +49,15 @@ const MIGRATIONS: readonly string[] = [
      state TEXT NOT NULL DEFAULT 'active',
      last_seen TEXT
    );`,
+  // 2: the cluster: certificate roll-over and expiry per node, revoked certificates, user moves
+  `ALTER TABLE nodes ADD COLUMN next_fingerprint TEXT;
+   ALTER TABLE nodes ADD COLUMN cert_expires TEXT;
+   CREATE TABLE revoked (
+     fingerprint TEXT PRIMARY KEY,
+     node TEXT NOT NULL,
+     at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now'))
+   ) WITHOUT ROWID;
+   ALTER TABLE users ADD COLUMN moving_to TEXT;`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

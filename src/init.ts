@@ -51,6 +51,16 @@ mail_user: mail
 # Listeners of "pigeon serve": PROTO=HOST:PORT with PROTO one of
 # imap imaps pop3 pop3s lmtp peer metrics; lmtp may also be a unix socket path (lmtp=/run/x.sock).
 ${yamlListen(ls, o.listen)}
+# The cluster link (peer= listener): other nodes hand sessions and mail for this node's users
+# over mutual TLS 1.3 with certificates from the cluster CA (tls.ca).
+peer:
+  # HOST:PORT other nodes connect to; null = the peer= listener's own address
+  advertise: null
+  # a peer must send its whole hand-off within this time
+  handoff_timeout_s: 10
+  # connecting to another node gives up after this time (the client gets [UNAVAILABLE])
+  connect_timeout_s: 10
+
 # After login on plain TCP, give the client's socket itself to Dovecot (no copy in between).
 # false: always relay through the proxy (byte counts in the logout line).
 handoff: true

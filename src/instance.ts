@@ -86,6 +86,18 @@ export const fileSchema = z.strictObject({
   courier: z
     .strictObject({ imapd: path.default('/usr/bin/imapd'), pop3d: path.default('/usr/lib/courier/courier/courierpop3d') })
     .prefault({}),
+  // the cluster link: where other nodes reach this one (default: the peer= listener's address)
+  peer: z
+    .strictObject({
+      advertise: z
+        .string()
+        .regex(/^(\[[0-9a-f:.]+\]|[a-z0-9.-]+):\d{1,5}$/i, 'expected HOST:PORT')
+        .nullable()
+        .default(null),
+      handoff_timeout_s: z.number().int().min(1).max(300).default(10),
+      connect_timeout_s: z.number().int().min(1).max(300).default(10),
+    })
+    .prefault({}),
   // node-local: the MTA's sendmail command (forward and vacation re-inject mail through it)
   sendmail: path.default('/usr/sbin/sendmail'),
   log: z

@@ -12,6 +12,7 @@ import { AppError } from './errors.js';
 import { normaliseAddress, normaliseDomain } from './address.js';
 import type { Json, Scope } from './settings.js';
 import type { Flag, SettingRow } from './resolve.js';
+import { count } from './metrics.js';
 
 export interface Allocation {
   readonly format: 'maildir' | 'mbox';
@@ -30,6 +31,8 @@ export interface UserRecord {
   readonly allocation: Allocation | null;
   readonly version: number;
   readonly created: string;
+  /** `pigeon user move` in progress: the node the mailbox is being copied to */
+  readonly movingTo: string | null;
 }
 
 export interface ScopeRef {
@@ -48,6 +51,7 @@ interface UserRow {
   allocation: string | null;
   version: number;
   created: string;
+  moving_to: string | null;
 }
 
 interface SettingDbRow {
@@ -79,11 +83,12 @@ function toUser(r: UserRow): UserRecord {
     allocation,
     version: r.version,
     created: r.created,
+    movingTo: r.moving_to ?? null,
   };
 }
 
 const USER_SELECT = `SELECT u.id, u.address, d.name AS domain, u.domain_id, u.password, u.state, u.home,
-  u.allocation, u.version, u.created FROM users u JOIN domains d ON d.id = u.domain_id`;
+  u.allocation, u.version, u.created, u.moving_to FROM users u JOIN domains d ON d.id = u.domain_id`;
 
 export class Store {
   readonly db: DB;
@@ -192,6 +197,7 @@ export class Store {
 
   getUser(address: string): UserRecord | null {
     const a = normaliseAddress(address).address;
+    count('pigeon_db_user_reads_total');
     try {
       const r = this.stmts.user.get(a);
       return r ? toUser(r) : null;
@@ -318,6 +324,7 @@ export class Store {
   /** The one read per login or delivery: the user and every setting row that applies. */
   lookup(address: string): { user: UserRecord; rows: SettingRow[] } | null {
     let rs;
+    count('pigeon_db_user_reads_total');
     try {
       rs = this.stmts.lookup.all(address);
     } catch (e) {
