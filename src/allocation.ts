@@ -19,6 +19,7 @@ import type { Store, UserRecord, Allocation } from './store.js';
 import type { Effective } from './resolve.js';
 import type { MailUser } from './mailuser.js';
 import { AppError } from './errors.js';
+import { isUp, usersPerNode, type NodeDirectory } from './nodes.js';
 
 export type Placement =
   | { readonly kind: 'local'; readonly allocation: Allocation }
@@ -29,6 +30,8 @@ export interface AllocationContext {
   readonly node: string;
   readonly mailRoot: string;
   readonly mailUser: MailUser;
+  /** the cluster's nodes, for `mailstore.placement = fewest` (absent: always this node) */
+  readonly nodes?: NodeDirectory;
 }
 
 const LOCK_WAIT_MS = 20_000;
@@ -119,6 +122,16 @@ async function withLock<T>(mailRoot: string, fn: () => T): Promise<T> {
   }
 }
 
+/** The active, running node with the fewest users (ties: by name); this node when alone. */
+function fewestNode(ctx: AllocationContext): string {
+  const counts = usersPerNode(ctx.store);
+  const now = Date.now();
+  const candidates = (ctx.nodes?.all() ?? []).filter((n) => n.state === 'active' && n.peerAddress !== null && (n.name === ctx.node || isUp(n, now)));
+  if (!candidates.some((n) => n.name === ctx.node)) return ctx.node;
+  candidates.sort((a, b) => (counts.get(a.name) ?? 0) - (counts.get(b.name) ?? 0) || a.name.localeCompare(b.name));
+  return candidates[0]?.name ?? ctx.node;
+}
+
 /**
  * Where the mailbox of `user` is; allocates it on this node when the user has none.
  * `config` is the user's effective config (read once by the caller).
@@ -134,6 +147,15 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
   const format = config['mailstore.format']?.value === 'mbox' ? 'mbox' : 'maildir';
   if (creator === 'none') {
     throw new AppError('NO_SUCH_USER', `mailbox of ${user.address} is not allocated and mailstore.creator is none`);
+  }
+  if (user.home === null && config['mailstore.placement']?.value === 'fewest' && ctx.nodes) {
+    const target = fewestNode(ctx);
+    if (target !== ctx.node) {
+      // reserve the user for that node; it allocates the mailbox itself when the session or mail arrives
+      if (ctx.store.casAllocation(user.id, user.version, target, null)) return { kind: 'remote', node: target, allocation: null };
+      const fresh = ctx.store.mustUser(user.address);
+      return placeUser(ctx, fresh, config);
+    }
   }
   const attempt = (): Placement | null => {
     const fresh = ctx.store.mustUser(user.address);

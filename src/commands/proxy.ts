@@ -23,9 +23,18 @@ async function forkers(): Promise<ReadonlyMap<string, OneShotForker>> {
   ]);
 }
 
-/** `serve` opens lmtp= listeners through the delivery agent's listener (imported only for serve). */
-async function lmtpExtra(): Promise<ExtraListener> {
-  return (await import('../delivery/lmtp-listener.js')).lmtpListener;
+/** `serve` opens lmtp=, peer= and metrics= listeners through their own modules (imported only for serve). */
+async function extraListeners(): Promise<ExtraListener> {
+  const [{ lmtpListener }, { peerListener }, { metricsServer }, cluster] = await Promise.all([
+    import('../delivery/lmtp-listener.js'),
+    import('../peer/listener.js'),
+    import('../metrics.js'),
+    import('node:cluster'),
+  ]);
+  return (l, env) => {
+    if (l.protocol === 'metrics') return metricsServer({ node: env.instance.config.node, worker: String(cluster.default.worker?.id ?? 0) });
+    return lmtpListener(l, env) ?? peerListener(l, env);
+  };
 }
 
 async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTls: boolean, cfg: string | undefined): Promise<number> {
@@ -67,11 +76,23 @@ export function registerProxy(program: Command, cfg: () => string | undefined): 
       if (!/^\d+$/.test(v) || Number(v) > 256) throw new AppError('USAGE', `--workers: expected a number 0-256, got ${JSON.stringify(v)}`);
       return Number(v);
     })
-    .description('standalone daemon: every imap/imaps/pop3/pop3s/lmtp listener in the config (foreground)')
+    .description('standalone daemon: every imap/imaps/pop3/pop3s/lmtp/peer/metrics listener in the config (foreground)')
     .action(async (o) => {
       const { serve } = await import('../../forkers/listen.js');
       const { createProxyEnv } = await import('../proxy/env.js');
-      const code = await serve(() => createProxyEnv(cfg(), { logToStderr: true }), cfg(), o.workers ?? 0, await lmtpExtra());
+      const { registerAtStart, startDuties } = await import('../peer/duties.js');
+      const cluster = (await import('node:cluster')).default;
+      if (cluster.isPrimary) {
+        // once, before any worker: check the certificate and join (or refresh) the node registry
+        const { loadInstance } = await import('../instance.js');
+        for (const l of registerAtStart(loadInstance(cfg())).lines) process.stderr.write(`pigeon: ${l}\n`);
+      }
+      const makeEnv = (): ProxyEnv => {
+        const env = createProxyEnv(cfg(), { logToStderr: true });
+        startDuties(env);
+        return env;
+      };
+      const code = await serve(makeEnv, cfg(), o.workers ?? 0, await extraListeners());
       process.exit(code);
     });
   for (const proto of ['imap', 'pop3'] as const) {

@@ -10,11 +10,18 @@ import type { Store } from '../store.js';
 import type { Logger } from '../log.js';
 import { resolveMailUser } from '../mailuser.js';
 import type { DeliveryEnv } from './types.js';
+import { createPeerContext, type PeerContext } from '../peer/context.js';
 
-export function makeDeliveryEnv(instance: Instance, store: Store, logger: Logger, service: 'deliver' | 'lmtp'): DeliveryEnv {
+/**
+ * `peer`: links to other nodes for users homed there (default: a context of its own, loaded on first
+ * use); null where mail must never be forwarded again (a delivery received over a peer link).
+ */
+export function makeDeliveryEnv(instance: Instance, store: Store, logger: Logger, service: 'deliver' | 'lmtp', peer?: PeerContext | null): DeliveryEnv {
   const mailUser = resolveMailUser(instance.config.mail_user);
+  const p = peer === undefined ? createPeerContext(instance, store) : peer;
   return {
-    alloc: { store, node: instance.config.node, mailRoot: instance.mailRoot, mailUser },
+    peer: p,
+    alloc: { store, node: instance.config.node, mailRoot: instance.mailRoot, mailUser, ...(p ? { nodes: p.nodes } : {}) },
     sendmail: instance.config.sendmail,
     hostname: hostname() || 'localhost',
     log: (level, msg, fields) => {

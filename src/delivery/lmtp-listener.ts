@@ -19,7 +19,7 @@ export function lmtpListener(l: Listener, env: ProxyEnv): net.Server | null {
   if (l.path !== null && existsSync(l.path) && statSync(l.path).isSocket()) unlinkSync(l.path);
   const ready = import('./lmtp.js').then((m) => ({
     m,
-    server: m.createLmtpServer({ instance: env.instance, store: env.store, logger: { log: (...a) => env.log.log(...a) } }),
+    server: m.createLmtpServer({ instance: env.instance, store: env.store, logger: { log: (...a) => env.log.log(...a) }, peer: env.peer }),
   }));
   return net.createServer({ pauseOnConnect: true }, (sock) => {
     sock.on('error', () => undefined);

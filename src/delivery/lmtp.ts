@@ -30,6 +30,7 @@ import { spool } from './message.js';
 import { resolveRecipient, deliverRecipient, type Resolved } from './pipeline.js';
 import { spoolLimit } from './mailstore.js';
 import { makeDeliveryEnv } from './env.js';
+import type { PeerContext } from '../peer/context.js';
 import { fsFailure } from './mda.js';
 import { smtpCodeOf, statusLine } from './outcome.js';
 import type { DeliveryResult } from './types.js';
@@ -42,6 +43,8 @@ export interface LmtpServerOptions {
   readonly name?: string;
   /** idle timeout of a session in ms; default 300 000 */
   readonly socketTimeout?: number;
+  /** peer links of the daemon (shared registry); default: one of the server's own */
+  readonly peer?: PeerContext;
 }
 
 type Accepted = Extract<Resolved, { ok: true }>;
@@ -59,7 +62,7 @@ function smtpError(r: DeliveryResult): Error & { responseCode: number } {
 
 /** An LMTP server; connect sockets to it with handleLmtpSocket, or listen with listenLmtp. */
 export function createLmtpServer(o: LmtpServerOptions): SMTPServer {
-  const env = makeDeliveryEnv(o.instance, o.store, o.logger, 'lmtp');
+  const env = makeDeliveryEnv(o.instance, o.store, o.logger, 'lmtp', o.peer);
   const tx = new WeakMap<object, Transaction>();
   const txOf = (s: SMTPServerSession): Transaction => {
     let t = tx.get(s.envelope);

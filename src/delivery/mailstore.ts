@@ -7,7 +7,8 @@
  *             Skipped when an earlier module (forward with keep=false) took the message.
  * CONFIG      mailstore.enabled, format, creator, quota, quota_full, max_size, detail
  * DIAGNOSTICS 5.3.4 too big; 5.2.2 / 4.2.2 over quota; 4.3.x file system; 4.2.1 creator none and
- *             no mailbox; 4.3.0 mailbox on another node (peer delivery not available yet).
+ *             no mailbox; 4.2.0 mailbox being moved; 4.4.x home node unreachable. A mailbox on
+ *             another node is stored there over a peer link (src/peer/deliver.ts).
  */
 import type { Json } from '../settings.js';
 import { placeUser } from '../allocation.js';
@@ -40,6 +41,9 @@ const mailstore: DeliveryModule = {
     if (req.message.oversized || (max > 0 && req.message.size > max)) {
       return { kind: 'fail', result: { dsn: '5.3.4', text: `Message too big for mailbox (limit ${max} bytes)` } };
     }
+    if (req.user.movingTo !== null) {
+      return { kind: 'fail', result: { dsn: '4.2.0', text: `mailbox of ${req.user.address} is being moved to node ${req.user.movingTo}; try again later` } };
+    }
     let placement;
     try {
       placement = await placeUser(env.alloc, req.user, req.config);
@@ -52,7 +56,22 @@ const mailstore: DeliveryModule = {
       return { kind: 'fail', result: fsFailure(e, 'allocate mailbox') };
     }
     if (placement.kind === 'remote') {
-      return { kind: 'fail', result: { dsn: '4.3.0', text: `mailbox of ${req.user.address} is on node ${placement.node}; deliver there (peer delivery is not available yet)` } };
+      const peer = env.peer;
+      const node = placement.node;
+      if (peer === null) return { kind: 'fail', result: { dsn: '4.3.0', text: `mailbox of ${req.user.address} is on node ${node}, not on this node` } };
+      // the home node stores it; acknowledged only once it answers (after its fsync)
+      return {
+        kind: 'continue',
+        prepared: {
+          what: `node ${node}`,
+          commit: async () => {
+            const { deliverViaPeer } = await import('../peer/deliver.js');
+            const r = await deliverViaPeer(peer, node, req);
+            if (!r.dsn.startsWith('2')) throw Object.assign(new Error(r.text), { result: r });
+          },
+          abort: async () => undefined,
+        },
+      };
     }
     const a = placement.allocation;
     const mda = MDA_MODULES.get(a.format);

@@ -16,6 +16,7 @@ import type { UserRecord } from '../store.js';
 import type { Effective } from '../resolve.js';
 import type { AllocationContext } from '../allocation.js';
 import type { Spooled } from './message.js';
+import type { PeerContext } from '../peer/context.js';
 
 /** An enhanced status code (RFC 3463) and a short text: the outcome of one recipient. */
 export interface DeliveryResult {
@@ -44,6 +45,8 @@ export type StepResult =
 /** The node-local environment every module may use. */
 export interface DeliveryEnv {
   readonly alloc: AllocationContext;
+  /** links to other nodes, for recipients homed there; null: this delivery came over a link */
+  readonly peer: PeerContext | null;
   /** the MTA's sendmail command (pigeon.yaml `sendmail`) */
   readonly sendmail: string;
   readonly hostname: string;

@@ -16,6 +16,7 @@ import type { AuthInstance } from '../modules.js';
 import { resolveMailUser, type MailUser } from '../mailuser.js';
 import { Penalty } from './penalty.js';
 import { AppError } from '../errors.js';
+import { createPeerContext, type PeerContext } from '../peer/context.js';
 
 export interface ProxyEnv {
   instance: Instance;
@@ -25,6 +26,8 @@ export interface ProxyEnv {
   tls: SecureContext | null;
   readonly mailUser: MailUser;
   readonly penalty: Penalty;
+  /** peer links to other nodes (the node registry, this node's credentials) */
+  readonly peer: PeerContext;
 }
 
 export function loadTls(instance: Instance): SecureContext | null {
@@ -52,6 +55,7 @@ export function createProxyEnv(configPath: string | undefined, opts: { logToStde
     tls: loadTls(instance),
     mailUser: resolveMailUser(instance.config.mail_user),
     penalty: new Penalty(instance.config.limits.auth_failure_delay_ms),
+    peer: createPeerContext(instance, store),
   };
 }
 

@@ -15,7 +15,7 @@ import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
 import { ImapFramer, parseCommand, ParseError, argString, type Arg, type Frame, type Command } from './imap-framer.js';
 import { checkLogin, logLogin, logDisconnect, plaintextAllowed, type LoginState } from './login.js';
-import { route, relay } from './router.js';
+import { route, runSession } from './router.js';
 import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, PREAUTH_ABSOLUTE_MS, SASL_MAX_LINE, ID_MAX_PAIRS, ID_MAX_FIELD, ID_MAX_VALUE } from '../limits.js';
 
 const BASE_CAPS = 'IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL-';
@@ -317,8 +317,7 @@ export class ImapSession {
     logLogin(env, conn, this.st, address);
     clearTimeout(this.absTimer);
     const leftover = this.framer.rest();
-    const res = await relay(conn, rt.session, leftover);
-    env.log.log('info', `imap(${address})`, res.in < 0 ? 'Disconnected: Logged out (socket handed to the backend)' : `Disconnected: Logged out in=${res.in} out=${res.out}`, { session: this.st.sid });
+    await runSession(env, 'imap', address, this.st.sid, conn, rt.session, leftover);
     return true;
   }
 }

@@ -11,7 +11,7 @@ import type { ProxyEnv } from './env.js';
 import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
 import { checkLogin, logLogin, logDisconnect, plaintextAllowed, type LoginState } from './login.js';
-import { route, relay } from './router.js';
+import { route, runSession } from './router.js';
 import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, POP3_MAX_LINE, PREAUTH_ABSOLUTE_MS, SASL_MAX_LINE } from '../limits.js';
 
 export class Pop3Session {
@@ -263,8 +263,7 @@ export class Pop3Session {
     clearTimeout(this.absTimer);
     const leftover = this.buf;
     this.buf = Buffer.alloc(0);
-    const res = await relay(conn, rt.session, leftover);
-    env.log.log('info', `pop3(${address})`, res.in < 0 ? 'Disconnected: Logged out (socket handed to the backend)' : `Disconnected: Logged out in=${res.in} out=${res.out}`, { session: this.st.sid });
+    await runSession(env, 'pop3', address, this.st.sid, conn, rt.session, leftover);
     return true;
   }
 }

@@ -15,8 +15,15 @@ import { placeUser } from '../allocation.js';
 import { BACKENDS } from '../registry.js';
 import { BackendError, type BackendSession } from '../../backends/types.js';
 import { isAppError } from '../errors.js';
+import { trackSession } from './live.js';
+import { startPeerSession, relayPeer, type PeerSession } from '../../backends/peer.js';
 
-export type RouteResult = { ok: true; session: BackendSession; backend: string } | { ok: false; reason: string };
+export type RouteResult = { ok: true; session: BackendSession | PeerSession; backend: string } | { ok: false; reason: string };
+
+export interface RouteOptions {
+  /** false on a node that received the session over a peer link: never forward it again */
+  readonly forward: boolean;
+}
 
 const HANDOFF_MAX_INPUT = 16 * 1024;
 
@@ -25,17 +32,40 @@ function quotaOf(u: ResolvedUser): number {
   return typeof q === 'number' && Number.isFinite(q) && q > 0 ? Math.floor(q) : 0;
 }
 
-export async function route(env: ProxyEnv, protocol: 'imap' | 'pop3', u: ResolvedUser, conn: ClientConn, sid: string, tag: string | null, leftover: () => Buffer): Promise<RouteResult> {
+export async function route(
+  env: ProxyEnv,
+  protocol: 'imap' | 'pop3',
+  u: ResolvedUser,
+  conn: ClientConn,
+  sid: string,
+  tag: string | null,
+  leftover: () => Buffer,
+  opts: RouteOptions = { forward: true },
+): Promise<RouteResult> {
+  if (u.user.movingTo !== null) return { ok: false, reason: `mailbox of ${u.user.address} is being moved to node ${u.user.movingTo}; try again in a moment` };
   const backendName = String(u.config[`${protocol}.backend`]?.value ?? 'dovecot');
   const backend = BACKENDS.get(backendName);
   if (!backend) return { ok: false, reason: `backend ${backendName} is not available on this node (known: ${[...BACKENDS.keys()].join(', ')})` };
   let placement;
   try {
-    placement = await placeUser({ store: env.store, node: env.instance.config.node, mailRoot: env.instance.mailRoot, mailUser: env.mailUser }, u.user, u.config);
+    placement = await placeUser(
+      { store: env.store, node: env.instance.config.node, mailRoot: env.instance.mailRoot, mailUser: env.mailUser, nodes: env.peer.nodes },
+      u.user,
+      u.config,
+    );
   } catch (e) {
     return { ok: false, reason: isAppError(e) ? e.message : `allocation failed: ${String(e)}` };
   }
-  if (placement.kind === 'remote') return { ok: false, reason: `mailbox is on node ${placement.node}; no peer link to it is configured` };
+  if (placement.kind === 'remote') {
+    if (!opts.forward) return { ok: false, reason: `mailbox of ${u.user.address} is on node ${placement.node}, not here (hand-offs are not forwarded again)` };
+    try {
+      const session = await startPeerSession(env.peer, placement.node, protocol, u, conn, sid, tag);
+      env.log.log('info', `${protocol}(${u.user.address})`, `Handed off to node ${placement.node}:`, { rip: conn.peer.rip, session: sid });
+      return { ok: true, session, backend: `peer:${placement.node}` };
+    } catch (e) {
+      return { ok: false, reason: isAppError(e) ? e.message : `peer link to ${placement.node} failed: ${String(e)}` };
+    }
+  }
   let handoff: { socket: import('node:stream').Duplex; input: Buffer } | null = null;
   const sock = conn.handoffSocket();
   if (sock && env.instance.config.handoff) {
@@ -65,8 +95,34 @@ export async function route(env: ProxyEnv, protocol: 'imap' | 'pop3', u: Resolve
   }
 }
 
+/** End a running session from outside (user moved away): the backend is told to stop, a link is cut. */
+export function stopSession(s: BackendSession | PeerSession): void {
+  if ('kind' in s) s.socket.destroy();
+  else s.child.kill('SIGTERM');
+}
+
+/** Relay a routed session to its end, registered in the live-session table, with its log lines. */
+export async function runSession(
+  env: ProxyEnv,
+  protocol: 'imap' | 'pop3',
+  address: string,
+  sid: string,
+  conn: ClientConn,
+  s: BackendSession | PeerSession,
+  leftover: Buffer,
+): Promise<void> {
+  const untrack = trackSession(address, () => stopSession(s));
+  try {
+    const res = await relay(conn, s, leftover, (why) => env.log.log('warn', `${protocol}(${address})`, `Peer link to node ${'kind' in s ? s.node : '?'} lost: ${why}:`, { session: sid }));
+    env.log.log('info', `${protocol}(${address})`, res.in < 0 ? 'Disconnected: Logged out (socket handed to the backend)' : `Disconnected: Logged out in=${res.in} out=${res.out}`, { session: sid });
+  } finally {
+    untrack();
+  }
+}
+
 /** Relay until either side ends. Resolves with byte counts when both are closed. */
-export function relay(conn: ClientConn, s: BackendSession, leftover: Buffer): Promise<{ in: number; out: number; exit: number | null }> {
+export function relay(conn: ClientConn, s: BackendSession | PeerSession, leftover: Buffer, onLinkLost: (why: string) => void = () => {}): Promise<{ in: number; out: number; exit: number | null }> {
+  if ('kind' in s) return relayPeer(conn, s, leftover, onLinkLost);
   if (s.handedOff) return waitHandedOff(conn, s);
   const { input, output, pending } = conn.detach();
   const child = s.child;

@@ -1,0 +1,34 @@
+/**
+ * NAME        src/peer/context — what a process needs to open peer links (kept light: no TLS code)
+ * DESCRIPTION This node's name, the cached node registry and, on first use, its certificate, key
+ *             and the cluster CA (checked by certs/verify.ts). `pigeon deliver` builds one per
+ *             message without paying for it unless a recipient lives on another node.
+ */
+import type { Instance } from '../instance.js';
+import type { Store } from '../store.js';
+import { NodeDirectory } from '../nodes.js';
+import { loadNodeCredentials, type NodeCredentials } from '../../certs/verify.js';
+
+export interface PeerContext {
+  readonly node: string;
+  readonly nodes: NodeDirectory;
+  readonly connectTimeoutMs: number;
+  readonly handoffTimeoutMs: number;
+  /** this node's certificate, key and the cluster CA (read and checked on first use) */
+  credentials(): NodeCredentials;
+}
+
+export function createPeerContext(instance: Instance, store: Store, nodes?: NodeDirectory): PeerContext {
+  let creds: NodeCredentials | null = null;
+  return {
+    node: instance.config.node,
+    nodes: nodes ?? new NodeDirectory(store),
+    connectTimeoutMs: instance.config.peer.connect_timeout_s * 1000,
+    handoffTimeoutMs: instance.config.peer.handoff_timeout_s * 1000,
+    credentials(): NodeCredentials {
+      creds ??= loadNodeCredentials(instance.tls, instance.config.node);
+      return creds;
+    },
+  };
+}
+

@@ -1,0 +1,79 @@
+/**
+ * NAME        src/peer/deliver — hand one recipient's message to its home node's mailstore
+ * DESCRIPTION Used by the mailstore module when the recipient lives on another node: a `deliver`
+ *             hand-off (user, resolved config, envelope), then the message bytes, then the home
+ *             node's one-line result. The result is what the MTA gets, so mail is acknowledged
+ *             only after the home node has it on disk. A link lost before the answer defers the
+ *             message (4.4.2): the MTA retries; at worst the home node stored it and the retry
+ *             duplicates it — never a loss.
+ */
+import type { TLSSocket } from 'node:tls';
+import type { RecipientRequest, DeliveryResult } from '../delivery/types.js';
+import type { PeerContext } from './context.js';
+import { sendHandOff, linkSessionId } from './link.js';
+import { wireUser, wireConfig, readLine } from './protocol.js';
+import { isAppError } from '../errors.js';
+
+/** How long the home node may take to store a message once it has all of it. */
+const STORE_ANSWER_MS = 300_000;
+
+function write(sock: TLSSocket, b: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (sock.destroyed) {
+      reject(new Error('link closed'));
+      return;
+    }
+    if (sock.write(b)) resolve();
+    else {
+      const onDrain = (): void => {
+        sock.off('close', onClose);
+        resolve();
+      };
+      const onClose = (): void => {
+        sock.off('drain', onDrain);
+        reject(new Error('link closed while sending the message'));
+      };
+      sock.once('drain', onDrain);
+      sock.once('close', onClose);
+    }
+  });
+}
+
+export async function deliverViaPeer(ctx: PeerContext, node: string, req: RecipientRequest): Promise<DeliveryResult> {
+  const m = req.message;
+  const sep = Buffer.from('\n');
+  const size = m.head.length + sep.length + m.bodySize;
+  let sock: TLSSocket;
+  try {
+    sock = await sendHandOff(
+      ctx,
+      node,
+      {
+        kind: 'deliver',
+        user: wireUser(req.user),
+        config: wireConfig(req.config),
+        client: null,
+        session: linkSessionId(),
+        tag: null,
+        hops: 1,
+        deliver: { rcpt: req.rcpt, sender: req.sender, detail: req.detail, original: req.original, mailbox: req.mailbox, size },
+      },
+      ctx.handoffTimeoutMs,
+    );
+  } catch (e) {
+    return { dsn: '4.4.1', text: `mailbox of ${req.user.address} is on node ${node}: ${isAppError(e) ? e.message : String(e)}` };
+  }
+  try {
+    await write(sock, m.head);
+    await write(sock, sep);
+    for await (const c of m.body()) await write(sock, c);
+    const line = await readLine(sock, 4096, STORE_ANSWER_MS);
+    const r = JSON.parse(line.toString('utf8')) as { dsn?: unknown; text?: unknown };
+    if (typeof r.dsn !== 'string' || !/^[245]\.\d{1,3}\.\d{1,3}$/.test(r.dsn)) return { dsn: '4.4.2', text: `node ${node} answered the delivery with garbage` };
+    return { dsn: r.dsn, text: String(r.text ?? '').replace(/[\r\n]/g, ' ').slice(0, 400) };
+  } catch (e) {
+    return { dsn: '4.4.2', text: `link to node ${node} lost before it confirmed the delivery: ${(e as Error).message}` };
+  } finally {
+    sock.destroy();
+  }
+}

@@ -1,0 +1,71 @@
+/**
+ * NAME        src/peer/duties — what `pigeon serve` does as a cluster member
+ * DESCRIPTION At start (once, before workers fork) `registerAtStart` checks this node's certificate
+ *             against the cluster CA and registers the node: name, peer address (peer.advertise,
+ *             else the peer= listener's), fingerprint, certificate expiry. A new node joins this
+ *             way, without touching the others. In every worker `startDuties` refreshes the cached
+ *             registry every second (links of disabled or removed nodes close), keeps `last_seen`
+ *             fresh every HEARTBEAT_S seconds, and ends sessions of users being moved.
+ * DIAGNOSTICS AppError CONFIG_INVALID (certificate), NODE_CONFLICT, NODE_REMOVED: serve exits 78.
+ */
+import cluster from 'node:cluster';
+import type { Instance } from '../instance.js';
+import { Store } from '../store.js';
+import { openDb } from '../db.js';
+import { AppError } from '../errors.js';
+import { registerSelf, heartbeat, HEARTBEAT_S } from '../nodes.js';
+import { loadNodeCredentials } from '../../certs/verify.js';
+import { watchMoves } from '../proxy/live.js';
+import type { ProxyEnv } from '../proxy/env.js';
+
+export const REGISTRY_REFRESH_MS = 1000;
+const EXPIRY_WARN_DAYS = 30;
+
+/** The address other nodes use to reach this one, or null without a peer listener. */
+export function peerAddress(instance: Instance): string | null {
+  if (instance.config.peer.advertise !== null) return instance.config.peer.advertise;
+  const l = instance.config.listen.find((x) => x.protocol === 'peer');
+  if (!l || l.host === null) return null;
+  if (l.port === 0) throw new AppError('CONFIG_INVALID', `${instance.file}: the peer listener needs a fixed port (other nodes connect to it), not ${l.host}:0`);
+  if (l.host === '0.0.0.0' || l.host === '::' || l.host === '') {
+    throw new AppError('CONFIG_INVALID', `${instance.file}: peer listener on ${l.host}:${l.port} is not an address other nodes can reach; set peer.advertise: HOST:PORT`);
+  }
+  return l.host.includes(':') ? `[${l.host}]:${l.port}` : `${l.host}:${l.port}`;
+}
+
+export function registerAtStart(instance: Instance): { lines: string[] } {
+  const creds = loadNodeCredentials(instance.tls, instance.config.node);
+  const store = new Store(openDb(instance.dbPath), instance.dbPath);
+  const lines: string[] = [];
+  try {
+    const r = registerSelf(
+      store,
+      { name: instance.config.node, fingerprint: creds.fingerprint, certExpires: creds.notAfter.toISOString(), peerAddress: peerAddress(instance) },
+      { heartbeat: true },
+    );
+    if (r.created) lines.push(`node ${instance.config.node} registered in the cluster`);
+    if (r.promoted) lines.push(`node ${instance.config.node} now uses its re-issued certificate`);
+    if (r.state === 'disabled') lines.push(`warning: node ${instance.config.node} is disabled in the cluster: other nodes refuse its links ("pigeon node enable ${instance.config.node}")`);
+    const days = Math.floor((creds.notAfter.getTime() - Date.now()) / 86400_000);
+    if (days < EXPIRY_WARN_DAYS) lines.push(`warning: this node's certificate expires in ${days} days; re-issue it with "pigeon cert issue ${instance.config.node} --out DIR" on the CA holder`);
+  } finally {
+    store.close();
+  }
+  return { lines };
+}
+
+/** Per worker: registry refresh, heartbeat (first worker only), ending sessions of moved users. */
+export function startDuties(env: ProxyEnv): void {
+  env.peer.nodes.start(REGISTRY_REFRESH_MS, (e) => env.log.log('warn', 'peer', `node registry refresh failed: ${e instanceof Error ? e.message : String(e)}`));
+  if (!cluster.isWorker || cluster.worker?.id === 1) {
+    const t = setInterval(() => {
+      try {
+        heartbeat(env.store, env.instance.config.node);
+      } catch (e) {
+        env.log.log('warn', 'peer', `heartbeat failed: ${e instanceof Error ? e.message : String(e)}`);
+      }
+    }, HEARTBEAT_S * 1000);
+    t.unref();
+  }
+  watchMoves(env.store, REGISTRY_REFRESH_MS, (address, n) => env.log.log('info', `imap(${address})`, `Ended ${n} session(s): mailbox is being moved`));
+}

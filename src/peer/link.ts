@@ -1,0 +1,129 @@
+/**
+ * NAME        src/peer/link — the sending side of a peer link: connect, verify, hand off
+ * DESCRIPTION `openLink` connects to a registered node's peer address with mutual TLS 1.3: this
+ *             node's host certificate as the client certificate, only the cluster CA trusted, the
+ *             server certificate must name the target node and match its registered fingerprint.
+ *             `sendHandOff` seals the hand-off to that TLS session and waits for the one-line
+ *             answer. Connection attempts: up to PEER_CONNECT_ATTEMPTS, 1 s apart, only while the
+ *             target refuses or resets (a restarting node); each within peer.connect_timeout_s.
+ * DIAGNOSTICS AppError PEER_UNAVAILABLE (not registered, disabled, no address, down, timeout),
+ *             PEER_REFUSED (the target refused the hand-off: code and text from its answer).
+ */
+import { connect, type TLSSocket } from 'node:tls';
+import { randomBytes } from 'node:crypto';
+import { certNodeName } from '../../certs/verify.js';
+import type { PeerContext } from './context.js';
+import { AppError } from '../errors.js';
+import { count } from '../metrics.js';
+import { PEER_PROTOCOL, HANDOFF_MAX_BYTES, newNonce, sealHandOff, readLine, type HandOff, type Reply } from './protocol.js';
+
+export const PEER_CONNECT_ATTEMPTS = 3;
+
+/** Split `host:port` / `[v6]:port`. */
+export function splitHostPort(a: string): { host: string; port: number } {
+  const m = /^\[([^\]]+)\]:(\d+)$/.exec(a) ?? /^([^:]+):(\d+)$/.exec(a);
+  if (!m || m[1] === undefined || m[2] === undefined) throw new AppError('PEER_UNAVAILABLE', `bad peer address ${JSON.stringify(a)}`);
+  return { host: m[1], port: Number(m[2]) };
+}
+
+function connectOnce(ctx: PeerContext, target: string, host: string, port: number): Promise<TLSSocket> {
+  const c = ctx.credentials();
+  return new Promise((resolve, reject) => {
+    const sock = connect({
+      host,
+      port,
+      ca: c.ca,
+      cert: c.cert,
+      key: c.key,
+      minVersion: 'TLSv1.3',
+      maxVersion: 'TLSv1.3',
+      // the certificate must name the node we mean to reach, whatever address it answers on
+      checkServerIdentity: (_h, cert) => (cert.subject.CN === target ? undefined : new Error(`peer at ${host}:${port} presented node ${cert.subject.CN}, expected ${target}`)),
+    });
+    const t = setTimeout(() => {
+      sock.destroy();
+      reject(Object.assign(new Error(`no TLS link to ${target} at ${host}:${port} within ${ctx.connectTimeoutMs / 1000}s`), { code: 'ETIMEDOUT' }));
+    }, ctx.connectTimeoutMs);
+    sock.once('secureConnect', () => {
+      clearTimeout(t);
+      resolve(sock);
+    });
+    sock.once('error', (e) => {
+      clearTimeout(t);
+      sock.destroy();
+      reject(e);
+    });
+  });
+}
+
+/** A verified TLS link to `target`'s peer listener. */
+export async function openLink(ctx: PeerContext, target: string): Promise<TLSSocket> {
+  const n = ctx.nodes.get(target);
+  if (!n) throw new AppError('PEER_UNAVAILABLE', `node ${target} is not registered`);
+  if (n.state !== 'active') throw new AppError('PEER_UNAVAILABLE', `node ${target} is ${n.state}`);
+  if (n.peerAddress === null) throw new AppError('PEER_UNAVAILABLE', `node ${target} has no peer address (is it running "pigeon serve" with a peer= listener?)`);
+  const { host, port } = splitHostPort(n.peerAddress);
+  let last: Error = new Error('no attempt');
+  for (let i = 0; i < PEER_CONNECT_ATTEMPTS; i++) {
+    if (i > 0) await new Promise((r) => setTimeout(r, 1000));
+    let sock: TLSSocket;
+    try {
+      sock = await connectOnce(ctx, target, host, port);
+    } catch (e) {
+      last = e as Error;
+      const code = (e as NodeJS.ErrnoException).code ?? '';
+      if (code === 'ECONNREFUSED' || code === 'ECONNRESET') continue;
+      break;
+    }
+    const x = sock.getPeerX509Certificate();
+    const fp = x?.fingerprint256 ?? '';
+    const chk = ctx.nodes.check(target, fp);
+    if (!x || certNodeName(x) !== target || !chk.ok) {
+      sock.destroy();
+      throw new AppError('PEER_UNAVAILABLE', `node ${target} at ${n.peerAddress} presented a certificate that is not its registered one${chk.ok ? '' : `: ${chk.reason}`}`);
+    }
+    sock.setNoDelay(true);
+    return sock;
+  }
+  const code = (last as NodeJS.ErrnoException).code;
+  throw new AppError('PEER_UNAVAILABLE', `node ${target} at ${n.peerAddress} is unreachable: ${code ?? last.message}`);
+}
+
+export type HandOffRequest = Omit<HandOff, 'proto' | 'from' | 'to' | 'nonce' | 'ts'>;
+
+/**
+ * Open a link to `target`, send the hand-off, wait for its answer (up to `answerMs`).
+ * Resolves with the socket after {"ok":true}; the caller owns it from then on.
+ */
+export async function sendHandOff(ctx: PeerContext, target: string, req: HandOffRequest, answerMs: number): Promise<TLSSocket> {
+  const sock = await openLink(ctx, target);
+  const h: HandOff = { proto: PEER_PROTOCOL, from: ctx.node, to: target, nonce: newNonce(), ts: Date.now(), ...req };
+  sock.write(sealHandOff(sock, h));
+  let line: Buffer;
+  try {
+    line = await readLine(sock, HANDOFF_MAX_BYTES, answerMs);
+  } catch (e) {
+    sock.destroy();
+    count('pigeon_peer_handoffs_sent_total', { kind: req.kind, result: 'no-answer' });
+    throw new AppError('PEER_UNAVAILABLE', `node ${target} did not answer the hand-off: ${(e as Error).message}`);
+  }
+  let r: Reply;
+  try {
+    r = JSON.parse(line.toString('utf8')) as Reply;
+  } catch {
+    sock.destroy();
+    throw new AppError('PEER_UNAVAILABLE', `node ${target} answered the hand-off with garbage`);
+  }
+  if (r.ok !== true) {
+    sock.destroy();
+    count('pigeon_peer_handoffs_sent_total', { kind: req.kind, result: 'refused' });
+    throw new AppError('PEER_REFUSED', `node ${target} refused the hand-off (${String(r.code ?? '?')}): ${String(r.text ?? '')}`);
+  }
+  count('pigeon_peer_handoffs_sent_total', { kind: req.kind, result: 'ok' });
+  return sock;
+}
+
+/** A session id for links that do not come from a client session (deliveries). */
+export function linkSessionId(): string {
+  return randomBytes(12).toString('base64');
+}

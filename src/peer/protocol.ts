@@ -1,0 +1,222 @@
+/**
+ * NAME        src/peer/protocol — the hand-off message of the peer link (pigeon-peer/1)
+ * DESCRIPTION A link is one mutual-TLS 1.3 connection between two registered nodes carrying one
+ *             session. The sending node writes one line:
+ *                 {"body": "<JSON of the HandOff>", "mac": "<hex>"}\n
+ *             mac = HMAC-SHA256(key = TLS exporter (label EXPORTER-pigeon-peer-handoff, context =
+ *             the nonce, 32 bytes), data = body). The exporter is unique to this TLS session, so a
+ *             hand-off recorded from one link fails on any other, and any altered byte fails the
+ *             mac. The receiver also rejects a nonce seen before, a timestamp outside ±60 s, a hop
+ *             count past HOP_LIMIT, and a hand-off not addressed to it or not sent by the node the
+ *             certificate names. It answers one line, {"ok":true} or {"ok":false,"code","text"};
+ *             after ok, IMAP/POP3 bytes flow both ways unframed; a delivery sends `size` message
+ *             bytes and gets one more line {"dsn","text"}.
+ *             The hand-off carries the user's identity, allocation and resolved configuration:
+ *             never a password, hash or key (`wireUser` drops the password field).
+ */
+import { z } from 'zod';
+import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
+import type { TLSSocket } from 'node:tls';
+import type { Duplex } from 'node:stream';
+import type { UserRecord } from '../store.js';
+import type { Effective } from '../resolve.js';
+import type { Json } from '../settings.js';
+
+export const PEER_PROTOCOL = 'pigeon-peer/1';
+export const HOP_LIMIT = 7;
+export const HANDOFF_MAX_BYTES = 256 * 1024;
+export const NONCE_LIFE_MS = 30_000;
+export const CLOCK_SKEW_MS = 60_000;
+const EXPORTER_LABEL = 'EXPORTER-pigeon-peer-handoff';
+
+const json: z.ZodType<Json> = z.lazy(() => z.union([z.null(), z.boolean(), z.number(), z.string(), z.array(json), z.record(z.string(), json)]));
+
+const allocation = z.strictObject({ format: z.enum(['maildir', 'mbox']), path: z.string().min(1).max(4096), node: z.string().max(63).optional() });
+
+const wireUserSchema = z.strictObject({
+  id: z.number().int(),
+  address: z.string().min(3).max(320),
+  domain: z.string().min(1).max(255),
+  domainId: z.number().int(),
+  state: z.enum(['active', 'disabled']),
+  home: z.string().max(63).nullable(),
+  allocation: allocation.nullable(),
+  version: z.number().int(),
+  created: z.string().max(64),
+  movingTo: z.string().max(63).nullable(),
+});
+
+const clientSchema = z.strictObject({
+  rip: z.string().max(64),
+  rport: z.number().int().min(0).max(65535),
+  lip: z.string().max(64),
+  lport: z.number().int().min(0).max(65535),
+  tls: z.boolean(),
+});
+
+const deliverSchema = z.strictObject({
+  rcpt: z.string().min(3).max(320),
+  sender: z.string().max(320),
+  detail: z.string().max(320).nullable(),
+  original: z.string().max(320).nullable(),
+  mailbox: z.string().max(1024).nullable(),
+  size: z.number().int().min(0).max(2 ** 40),
+});
+
+export const handOffSchema = z.strictObject({
+  proto: z.literal(PEER_PROTOCOL),
+  kind: z.enum(['imap', 'pop3', 'deliver']),
+  from: z.string().min(1).max(63),
+  to: z.string().min(1).max(63),
+  user: wireUserSchema,
+  config: z.record(z.string().max(128), z.strictObject({ value: json, from: z.enum(['default', 'global', 'domain', 'user']) })),
+  client: clientSchema.nullable(),
+  session: z.string().min(1).max(64),
+  tag: z.string().max(126).nullable(),
+  hops: z.number().int(),
+  nonce: z.string().regex(/^[A-Za-z0-9+/]{43}=$/, '256-bit base64 nonce'),
+  ts: z.number().int(),
+  deliver: deliverSchema.nullable(),
+});
+
+export type HandOff = z.output<typeof handOffSchema>;
+export type WireUser = HandOff['user'];
+export type HandOffKind = HandOff['kind'];
+
+export interface Reply {
+  readonly ok: boolean;
+  readonly code?: string;
+  readonly text?: string;
+}
+
+/** The user as it may cross the network: everything but the password. */
+export function wireUser(u: UserRecord): WireUser {
+  return {
+    id: u.id,
+    address: u.address,
+    domain: u.domain,
+    domainId: u.domainId,
+    state: u.state,
+    home: u.home,
+    allocation: u.allocation ? { format: u.allocation.format, path: u.allocation.path, ...(u.allocation.node !== undefined ? { node: u.allocation.node } : {}) } : null,
+    version: u.version,
+    created: u.created,
+    movingTo: u.movingTo,
+  };
+}
+
+export function fromWireUser(w: WireUser): UserRecord {
+  const a = w.allocation;
+  return { ...w, password: null, allocation: a === null ? null : { format: a.format, path: a.path, ...(a.node !== undefined ? { node: a.node } : {}) } };
+}
+
+export function wireConfig(e: Effective): HandOff['config'] {
+  const out: HandOff['config'] = {};
+  for (const [k, v] of Object.entries(e)) out[k] = { value: v.value, from: v.from };
+  return out;
+}
+
+export function fromWireConfig(c: HandOff['config']): Effective {
+  const out: Effective = {};
+  for (const [k, v] of Object.entries(c)) out[k] = { value: v.value, from: v.from, ignored: [] };
+  return out;
+}
+
+export function newNonce(): string {
+  return randomBytes(32).toString('base64');
+}
+
+function macKey(sock: TLSSocket, nonce: string): Buffer {
+  return sock.exportKeyingMaterial(32, EXPORTER_LABEL, Buffer.from(nonce, 'base64'));
+}
+
+/** The line the sending node writes: body + mac bound to this TLS session. */
+export function sealHandOff(sock: TLSSocket, h: HandOff): Buffer {
+  const body = JSON.stringify(h);
+  const mac = createHmac('sha256', macKey(sock, h.nonce)).update(body).digest('hex');
+  return Buffer.from(`${JSON.stringify({ body, mac })}\n`);
+}
+
+export type Opened = { ok: true; handOff: HandOff } | { ok: false; code: string; text: string };
+
+/** Check a received line's framing, mac (against this TLS session) and schema. */
+export function openHandOff(sock: TLSSocket, line: Buffer): Opened {
+  let outer: unknown;
+  try {
+    outer = JSON.parse(line.toString('utf8'));
+  } catch {
+    return { ok: false, code: 'malformed', text: 'hand-off is not JSON' };
+  }
+  if (typeof outer !== 'object' || outer === null || !('body' in outer) || !('mac' in outer) || typeof outer.body !== 'string' || typeof outer.mac !== 'string') {
+    return { ok: false, code: 'malformed', text: 'hand-off needs body and mac' };
+  }
+  let inner: unknown;
+  try {
+    inner = JSON.parse(outer.body);
+  } catch {
+    return { ok: false, code: 'malformed', text: 'hand-off body is not JSON' };
+  }
+  const nonce = typeof inner === 'object' && inner !== null && 'nonce' in inner && typeof inner.nonce === 'string' ? inner.nonce : '';
+  if (!/^[A-Za-z0-9+/]{43}=$/.test(nonce)) return { ok: false, code: 'malformed', text: 'hand-off nonce missing or not 256 bits' };
+  const want = createHmac('sha256', macKey(sock, nonce)).update(outer.body).digest();
+  const got = /^[0-9a-f]{64}$/.test(outer.mac) ? Buffer.from(outer.mac, 'hex') : Buffer.alloc(32);
+  if (!timingSafeEqual(want, got)) return { ok: false, code: 'bad-mac', text: 'hand-off mac does not match this TLS session (replayed or altered)' };
+  const r = handOffSchema.safeParse(inner);
+  if (!r.success) return { ok: false, code: 'malformed', text: `hand-off invalid: ${r.error.issues.slice(0, 3).map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}` };
+  return { ok: true, handOff: r.data };
+}
+
+/** Nonces seen in the last NONCE_LIFE_MS + skew: a nonce is accepted once. */
+export class NonceCache {
+  private seen = new Map<string, number>();
+
+  /** true when new (and remembers it); false when seen before */
+  admit(nonce: string, now = Date.now()): boolean {
+    if (this.seen.size > 10_000) for (const [n, t] of this.seen) if (now - t > NONCE_LIFE_MS + CLOCK_SKEW_MS) this.seen.delete(n);
+    const t = this.seen.get(nonce);
+    if (t !== undefined && now - t <= NONCE_LIFE_MS + CLOCK_SKEW_MS) return false;
+    this.seen.set(nonce, now);
+    return true;
+  }
+}
+
+/**
+ * Read one LF-terminated line of at most `max` bytes within `timeoutMs`; bytes after it are put
+ * back (unshift) for whoever reads next. Rejects on EOF, overlong line or timeout.
+ */
+export function readLine(s: Duplex, max: number, timeoutMs: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    let buf: Buffer = Buffer.alloc(0);
+    const done = (e: Error | null, v?: Buffer): void => {
+      clearTimeout(t);
+      s.off('data', onData);
+      s.off('end', onEnd);
+      s.off('close', onEnd);
+      s.off('error', onError);
+      s.pause();
+      if (e) reject(e);
+      else resolve(v ?? Buffer.alloc(0));
+    };
+    const onData = (c: Buffer): void => {
+      buf = buf.length === 0 ? c : Buffer.concat([buf, c]);
+      const nl = buf.indexOf(0x0a);
+      if (nl >= 0) {
+        const rest = buf.subarray(nl + 1);
+        done(null, buf.subarray(0, nl));
+        if (rest.length > 0) s.unshift(rest);
+      } else if (buf.length > max) done(new Error(`line longer than ${max} bytes`));
+    };
+    const onEnd = (): void => done(new Error('connection closed'));
+    const onError = (e: Error): void => done(e);
+    const t = setTimeout(() => done(new Error(`no complete line within ${timeoutMs / 1000}s`)), timeoutMs);
+    s.on('data', onData);
+    s.once('end', onEnd);
+    s.once('close', onEnd);
+    s.once('error', onError);
+    s.resume();
+  });
+}
+
+export function replyLine(r: Reply | Record<string, Json>): Buffer {
+  return Buffer.from(`${JSON.stringify(r)}\n`);
+}
