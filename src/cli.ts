@@ -42,7 +42,7 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
     .option('--node <name>', 'this node\'s name', 'node1')
     .option('--listen <proto=host:port>', 'listener (repeatable): imap imaps pop3 pop3s lmtp peer metrics', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--db <url>', 'database: sqlite:PATH or PATH (default sqlite:pigeon.db inside DIR)')
-    .option('--ca-from <dir>', 'take the cluster CA from another instance instead of creating one')
+    .option('--ca-from <dir>', 'join an existing cluster CA: a directory from "pigeon cert issue NODE --out DIR" (its node.crt becomes this node\'s), or another instance holding certs/ca.key (a certificate is issued here)')
     .option('--demo', 'also add domain example.test and user demo@example.test with a printed password')
     .description('create an instance: config file, database, cluster CA and host certificate, mail root')
     .action(async (dir, o) => {
@@ -64,6 +64,7 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
   const cmd = commandOf(argv);
   const deliveryOnly = cmd === 'deliver' || cmd === 'lmtp';
   if (!deliveryOnly) (await import('./commands/admin.js')).registerAdmin(program as unknown as Command, cfg);
+  if (!deliveryOnly) (await import('./commands/cluster.js')).registerCluster(program as unknown as Command, cfg);
   if (!deliveryOnly) (await import('./commands/proxy.js')).registerProxy(program as unknown as Command, cfg);
   (await import('./commands/delivery.js')).registerDelivery(program as unknown as Command, cfg);
   return program;

@@ -5,14 +5,24 @@
  *             (migrated), DIR/certs/ca.crt (+ ca.key when this instance made the CA) and this node's
  *             DIR/certs/node.crt + node.key, and registers the node. Refuses to touch an existing
  *             instance. On failure, removes only what it created.
+ *             --ca-from DIR takes one of two things: another instance (DIR/certs/ca.crt + ca.key:
+ *             a fresh host certificate is issued here), or what `pigeon cert issue NODE --out DIR`
+ *             wrote on the CA holder (ca.crt, node.crt, node.key, no CA key: that certificate,
+ *             verified to name --node and to come from that CA, becomes this node's).
+ * DIAGNOSTICS NODE_CONFLICT (78) when --node is already registered with another certificate,
+ *             NODE_REMOVED (78) for a revoked certificate, CONFIG_INVALID (78) for an issued
+ *             certificate that names another node, is from another CA, or has expired.
  */
-import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync, chmodSync, chownSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync, chmodSync, chownSync } from 'node:fs';
 import { resolveMailUser } from './mailuser.js';
-import { join, resolve, isAbsolute } from 'node:path';
+import { dirname, join, resolve, isAbsolute } from 'node:path';
 import { AppError } from './errors.js';
 import { openDb, parseDbUrl } from './db.js';
 import { parseListen, type Listener } from './instance.js';
-import { createCa, issueHostCert, writeKeyPair, readKeyPair, fingerprint } from '../certs/ca.js';
+import { Store } from './store.js';
+import { checkNodeName, registerSelf } from './nodes.js';
+import { createCa, issueHostCert, writeKeyPair, readKeyPair, type KeyPair } from '../certs/ca.js';
+import { loadNodeCredentials, verifyHostCert } from '../certs/verify.js';
 
 export interface InitOptions {
   readonly dir: string;
@@ -110,11 +120,56 @@ limits:
 `;
 }
 
+type CaFrom = { kind: 'ca'; ca: KeyPair } | { kind: 'issued'; caPem: string; host: KeyPair };
+
+/**
+ * What --ca-from DIR holds: another instance's CA (DIR/certs/ca.crt + ca.key, or DIR/ca.crt +
+ * ca.key), or a `pigeon cert issue` output (DIR/ca.crt + node.crt + node.key), checked now so
+ * that nothing is created for a certificate that cannot work.
+ */
+function readCaFrom(src: string, node: string): CaFrom {
+  const certDir = existsSync(join(src, 'certs')) ? join(src, 'certs') : src;
+  const f = (n: string): string => join(certDir, n);
+  if (existsSync(f('ca.key'))) {
+    try {
+      return { kind: 'ca', ca: readKeyPair(f('ca.crt'), f('ca.key')) };
+    } catch (e) {
+      throw new AppError('CONFIG_MISSING', `--ca-from ${src}: cannot read ${f('ca.crt')} and ${f('ca.key')} (${(e as NodeJS.ErrnoException).code ?? 'error'})`);
+    }
+  }
+  if (existsSync(f('node.crt')) || existsSync(f('node.key'))) {
+    const files = { ca: f('ca.crt'), cert: f('node.crt'), key: f('node.key') };
+    try {
+      loadNodeCredentials(files, node);
+    } catch (e) {
+      const hint = `issue one for this node on the CA holder: pigeon cert issue ${node} --out DIR`;
+      throw new AppError((e as AppError).code ?? 'CONFIG_INVALID', `--ca-from ${src}: ${(e as Error).message}; ${hint}`);
+    }
+    return { kind: 'issued', caPem: readFileSync(files.ca, 'utf8'), host: readKeyPair(files.cert, files.key) };
+  }
+  throw new AppError(
+    'CONFIG_MISSING',
+    `--ca-from ${src}: needs either certs/ca.crt + certs/ca.key (an instance holding the cluster CA: a certificate is issued here) or ca.crt + node.crt + node.key (written by "pigeon cert issue ${node} --out DIR" on the CA holder)`,
+  );
+}
+
+/** Undo this run's registration in a shared database (a later step of init failed). */
+function unregister(dbPath: string, r: { name: string; fingerprint: string }): void {
+  try {
+    const db = openDb(dbPath);
+    try {
+      db.prepare('DELETE FROM nodes WHERE name = ? AND fingerprint = ? AND last_seen IS NULL').run(r.name, r.fingerprint);
+    } finally {
+      db.close();
+    }
+  } catch {
+    /* the original error matters more */
+  }
+}
+
 export function initInstance(o: InitOptions): { dir: string; dbPath: string; created: string[] } {
   const dir = resolve(o.dir);
-  if (!/^[a-z0-9][a-z0-9.-]{0,62}$/i.test(o.node)) {
-    throw new AppError('USAGE', `invalid node name ${JSON.stringify(o.node)}: letters, digits, dots and hyphens`);
-  }
+  checkNodeName(o.node);
   o.listen.forEach((l) => {
     try {
       return parseListen(l);
@@ -137,18 +192,13 @@ export function initInstance(o: InitOptions): { dir: string; dbPath: string; cre
   }
   const dbPath = isAbsolute(dbFile) ? dbFile : join(dir, dbFile);
   const dbExisted = existsSync(dbPath);
-  let caPair = null as ReturnType<typeof readKeyPair> | null;
-  if (o.caFrom !== undefined) {
-    const src = resolve(o.caFrom);
-    const certDir = existsSync(join(src, 'certs')) ? join(src, 'certs') : src;
-    try {
-      caPair = readKeyPair(join(certDir, 'ca.crt'), join(certDir, 'ca.key'));
-    } catch {
-      throw new AppError('CONFIG_MISSING', `--ca-from ${src}: needs certs/ca.crt and certs/ca.key (the CA key is required to issue this node's certificate)`);
-    }
+  if (dirname(dbPath) !== dir && !existsSync(dirname(dbPath))) {
+    throw new AppError('CONFIG_MISSING', `--db ${dbUrl}: directory ${dirname(dbPath)} does not exist${isAbsolute(dbFile) ? '' : ` (a relative --db is relative to ${dir}; give a shared database as an absolute path)`}`);
   }
+  const from = o.caFrom === undefined ? null : readCaFrom(resolve(o.caFrom), o.node);
   const dirExisted = existsSync(dir);
   const created: string[] = [];
+  let registered: { name: string; fingerprint: string } | null = null;
   try {
     mkdirSync(join(dir, 'certs'), { recursive: true, mode: 0o750 });
     mkdirSync(join(dir, 'conf.d'), { recursive: true });
@@ -158,23 +208,29 @@ export function initInstance(o: InitOptions): { dir: string; dbPath: string; cre
     chmodSync(join(dir, 'mail'), 0o770);
     const mu = resolveMailUser('mail');
     if (mu.switchTo) chownSync(join(dir, 'mail'), mu.uid, mu.gid);
-    const ca = caPair ?? createCa(o.node);
-    if (caPair) {
-      writeFileSync(join(dir, 'certs', 'ca.crt'), ca.certPem, { mode: 0o644, flag: 'wx' });
+    let host: KeyPair;
+    let caPem: string;
+    if (from?.kind === 'issued') {
+      // a certificate from `pigeon cert issue`: this node's own, no CA key here
+      caPem = from.caPem;
+      host = from.host;
+      writeFileSync(join(dir, 'certs', 'ca.crt'), caPem, { mode: 0o644, flag: 'wx' });
     } else {
-      writeKeyPair(ca, join(dir, 'certs', 'ca.crt'), join(dir, 'certs', 'ca.key'));
+      const ca = from?.ca ?? createCa(o.node);
+      caPem = ca.certPem;
+      if (from) writeFileSync(join(dir, 'certs', 'ca.crt'), ca.certPem, { mode: 0o644, flag: 'wx' });
+      else writeKeyPair(ca, join(dir, 'certs', 'ca.crt'), join(dir, 'certs', 'ca.key'));
+      host = issueHostCert(ca, o.node, ['localhost', '127.0.0.1', '::1']);
     }
-    const host = issueHostCert(ca, o.node, ['localhost', '127.0.0.1', '::1']);
     writeKeyPair(host, join(dir, 'certs', 'node.crt'), join(dir, 'certs', 'node.key'));
+    const info = verifyHostCert(host.certPem, caPem, o.node);
     writeFileSync(join(dir, 'conf.d', 'README'), '# Drop-in files *.yaml here are merged over ../pigeon.yaml in lexical order.\n');
-    const db = openDb(dbPath, { create: true });
+    const store = new Store(openDb(dbPath, { create: true }), dbPath);
     try {
-      db.prepare(
-        `INSERT INTO nodes (name, fingerprint, state, last_seen) VALUES (?, ?, 'active', strftime('%Y-%m-%dT%H:%M:%SZ','now'))
-         ON CONFLICT (name) DO UPDATE SET fingerprint = excluded.fingerprint, state = 'active'`,
-      ).run(o.node, fingerprint(host.certPem));
+      const r = registerSelf(store, { name: o.node, fingerprint: info.fingerprint, certExpires: info.notAfter.toISOString(), peerAddress: null }, { heartbeat: false });
+      if (r.created) registered = { name: o.node, fingerprint: info.fingerprint };
     } finally {
-      db.close();
+      store.close();
     }
     writeFileSync(join(dir, 'pigeon.yaml'), configText({ node: o.node, db: dbUrl, listen: o.listen }), { flag: 'wx', mode: 0o640 });
     created.push(join(dir, 'pigeon.yaml'));
@@ -183,6 +239,7 @@ export function initInstance(o: InitOptions): { dir: string; dbPath: string; cre
     if (!dirExisted) rmSync(dir, { recursive: true, force: true });
     else for (const p of ['certs', 'conf.d', 'mail', 'pigeon.yaml']) rmSync(join(dir, p), { recursive: true, force: true });
     if (!dbExisted) for (const s of ['', '-wal', '-shm']) rmSync(dbPath + s, { force: true });
+    else if (registered) unregister(dbPath, registered);
     throw e;
   }
   return { dir, dbPath, created };

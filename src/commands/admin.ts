@@ -1,5 +1,6 @@
 /**
- * NAME        src/commands/admin — domain, user, config, auth test, pw, node: the admin CLI
+ * NAME        src/commands/admin — domain, user, config, auth test, pw: the admin CLI
+ *             (cluster commands, node and cert, live in src/commands/cluster.ts)
  * DESCRIPTION Every write is one transaction (src/store.ts). Output is plain text for people,
  *             or JSON with --json for scripts (shapes settled in DESIGN.md).
  */
@@ -367,7 +368,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       console.log(`configuration OK: ${instance.files.join(', ')}; database ${instance.dbPath}`);
     });
 
-  // ---- auth test, pw, node -------------------------------------------------------------
+  // ---- auth test, pw -------------------------------------------------------------------
   const auth = program.command('auth').description('authentication');
   auth
     .command('test')
@@ -401,17 +402,6 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       if (!isScheme(o.scheme)) throw new AppError('USAGE', `unknown scheme ${o.scheme}`);
       if (o.scheme === 'PLAIN') console.error('pigeon: warning: {PLAIN} stores the password readable by anyone who can read the database');
       console.log(await hashPassword(readStdinLine('password'), o.scheme));
-    });
-  const node = program.command('node').description('cluster membership');
-  node
-    .command('list')
-    .option('--json', 'JSON output')
-    .description('list registered nodes')
-    .action((o) => {
-      const { store } = openCtx(cfg());
-      const ns = store.db.prepare<[], { name: string; peer_address: string | null; fingerprint: string | null; state: string; last_seen: string | null }>('SELECT * FROM nodes ORDER BY name').all();
-      if (o.json) printJson(ns);
-      else for (const n of ns) console.log(`${n.name}\t${n.state}\t${n.peer_address ?? '-'}\tlast seen ${n.last_seen ?? 'never'}`);
     });
 }
 
