@@ -47,6 +47,7 @@ export async function startPeerSession(
       tag,
       hops: 1,
       deliver: null,
+      move: null,
     },
     BACKEND_START_MS + ctx.handoffTimeoutMs,
   );

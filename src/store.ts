@@ -281,6 +281,21 @@ export class Store {
     });
   }
 
+  /** Mark (or clear) a move in progress; compare-and-set on the version like casAllocation. */
+  casMoving(id: number, expectedVersion: number, to: string | null): boolean {
+    return this.write(() => this.db.prepare('UPDATE users SET moving_to = ?, version = version + 1 WHERE id = ? AND version = ?').run(to, id, expectedVersion).changes === 1);
+  }
+
+  /** The end of a move: new home and allocation, move mark cleared, in one transaction. */
+  casMoved(id: number, expectedVersion: number, home: string, allocation: Allocation): boolean {
+    return this.write(
+      () =>
+        this.db
+          .prepare('UPDATE users SET home = ?, allocation = ?, moving_to = NULL, version = version + 1 WHERE id = ? AND version = ?')
+          .run(home, JSON.stringify(allocation), id, expectedVersion).changes === 1,
+    );
+  }
+
   // ---- settings ------------------------------------------------------------------------
 
   private scopeId(ref: ScopeRef): number {

@@ -82,6 +82,29 @@ function table(rows: readonly (readonly string[])[]): string {
 }
 
 export function registerCluster(program: Command, cfg: ConfigOpt): void {
+  // ---- user move ----------------------------------------------------------------------
+  const userCmd = (program.commands.find((c) => c.name() === 'user') as Command | undefined) ?? program.command('user').description('users');
+  userCmd
+    .command('move')
+    .argument('<address>', 'the user')
+    .requiredOption('--to <node>', 'the node that will hold the mailbox')
+    .option('--settle <seconds>', 'wait this long after pausing the user before copying (default 3)', '3')
+    .description('move a mailbox to another node: pause, copy over the peer link, switch home atomically, copy late mail')
+    .action(async (address: string, o: { to: string; settle: string }) => {
+      checkNodeName(o.to);
+      if (!/^\d{1,3}$/.test(o.settle)) throw new AppError('USAGE', `--settle: expected seconds 0-999, got ${JSON.stringify(o.settle)}`);
+      const { instance, store } = openCtx(cfg());
+      const [{ createPeerContext }, { moveUser }] = await Promise.all([import('../peer/context.js'), import('../peer/move.js')]);
+      const ctx = createPeerContext(instance, store);
+      const r = await moveUser(store, ctx, instance.mailRoot, address, o.to, Number(o.settle) * 1000, (line) => console.log(line));
+      if (r.allocation === null) console.log(`${address}: no mailbox yet; home set to ${r.to}`);
+      else {
+        console.log(`moved ${address} from ${r.from ?? '-'} to ${r.to}: ${r.files} files, ${r.bytes} bytes${r.late > 0 ? `, ${r.late} late message(s) copied after the switch` : ''}`);
+        console.log(`the old copy stays on ${r.from ?? '-'} at ${r.oldPath ?? '-'}; remove it when satisfied`);
+      }
+    });
+
+
   // ---- cert issue ---------------------------------------------------------------------
   const cert = program.command('cert').description('cluster host certificates (on the CA holder)');
   cert

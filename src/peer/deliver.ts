@@ -57,6 +57,7 @@ export async function deliverViaPeer(ctx: PeerContext, node: string, req: Recipi
         tag: null,
         hops: 1,
         deliver: { rcpt: req.rcpt, sender: req.sender, detail: req.detail, original: req.original, mailbox: req.mailbox, size },
+        move: null,
       },
       ctx.handoffTimeoutMs,
     );

@@ -39,6 +39,14 @@ export function admissible(h: HandOff, me: string, sender: string, nonces: Nonce
   if (h.hops < 1 || h.hops > HOP_LIMIT) return { code: 'hops', text: `hop count ${h.hops} outside 1..${HOP_LIMIT} (a forwarding loop?)` };
   if (Math.abs(now - h.ts) > CLOCK_SKEW_MS) return { code: 'stale', text: `hand-off timestamp is ${Math.round((now - h.ts) / 1000)}s off (clock skew over ${CLOCK_SKEW_MS / 1000}s, or a replay)` };
   if (!nonces.admit(h.nonce, now)) return { code: 'replay', text: 'hand-off nonce already used' };
+  if (h.kind === 'move-out' || h.kind === 'move-in') {
+    const mv = h.move;
+    if (!mv) return { code: 'malformed', text: 'move without move fields' };
+    if (h.kind === 'move-out' && mv.from !== me) return { code: 'not-home', text: `move-out is for node ${mv.from}, this is ${me}` };
+    if (h.kind === 'move-in' && (mv.to !== me || mv.from !== sender)) return { code: 'addressee', text: `move-in of ${h.user.address} from ${mv.from} to ${mv.to} does not match this link (${sender} → ${me})` };
+    if (mv.pass === 1 && h.user.movingTo !== mv.to) return { code: 'not-moving', text: `user ${h.user.address} is not marked as moving to ${mv.to}` };
+    return null;
+  }
   if (h.user.home !== me) return { code: 'not-home', text: `user ${h.user.address} does not live on this node (home ${h.user.home ?? 'none'})` };
   if (h.user.state !== 'active') return { code: 'disabled', text: `user ${h.user.address} is disabled` };
   if (h.user.movingTo !== null) return { code: 'moving', text: `user ${h.user.address} is being moved to ${h.user.movingTo}` };
@@ -136,7 +144,12 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
     const h = o.handOff;
     count('pigeon_peer_handoffs_received_total', { kind: h.kind, result: 'accepted' });
     if (h.kind === 'deliver') await receiveDelivery(sock, h, name);
-    else await receiveSession(sock, h, name);
+    else if (h.kind === 'move-in' || h.kind === 'move-out') {
+      const m = await import('./move.js');
+      log('info', `peer(${h.user.address})`, `${h.kind} pass ${h.move?.pass ?? '?'} requested by ${name} (${h.move?.from ?? '?'} → ${h.move?.to ?? '?'})`);
+      if (h.kind === 'move-in') await m.receiveMailbox(sock, h, env.instance.mailRoot, env.mailUser);
+      else await m.serveMoveOut(sock, h, env.peer, env.instance.mailRoot);
+    } else await receiveSession(sock, h, name);
   }
 
   async function receiveSession(sock: TLSSocket, h: HandOff, from: string): Promise<void> {

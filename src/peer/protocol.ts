@@ -63,9 +63,16 @@ const deliverSchema = z.strictObject({
   size: z.number().int().min(0).max(2 ** 40),
 });
 
+const moveSchema = z.strictObject({
+  from: z.string().min(1).max(63),
+  to: z.string().min(1).max(63),
+  pass: z.union([z.literal(1), z.literal(2)]),
+  source: allocation,
+});
+
 export const handOffSchema = z.strictObject({
   proto: z.literal(PEER_PROTOCOL),
-  kind: z.enum(['imap', 'pop3', 'deliver']),
+  kind: z.enum(['imap', 'pop3', 'deliver', 'move-out', 'move-in']),
   from: z.string().min(1).max(63),
   to: z.string().min(1).max(63),
   user: wireUserSchema,
@@ -77,11 +84,13 @@ export const handOffSchema = z.strictObject({
   nonce: z.string().regex(/^[A-Za-z0-9+/]{43}=$/, '256-bit base64 nonce'),
   ts: z.number().int(),
   deliver: deliverSchema.nullable(),
+  move: moveSchema.nullable().default(null),
 });
 
 export type HandOff = z.output<typeof handOffSchema>;
 export type WireUser = HandOff['user'];
 export type HandOffKind = HandOff['kind'];
+export type MoveSpec = NonNullable<HandOff['move']>;
 
 export interface Reply {
   readonly ok: boolean;
