@@ -23,7 +23,7 @@ import { isUp, usersPerNode, type NodeDirectory } from './nodes.js';
 
 export type Placement =
   | { readonly kind: 'local'; readonly allocation: Allocation }
-  | { readonly kind: 'remote'; readonly node: string; readonly allocation: Allocation | null };
+  | { readonly kind: 'remote'; readonly node: string; readonly allocation: Allocation | null; readonly user: UserRecord };
 
 export interface AllocationContext {
   readonly store: Store;
@@ -137,7 +137,7 @@ function fewestNode(ctx: AllocationContext): string {
  * `config` is the user's effective config (read once by the caller).
  */
 export async function placeUser(ctx: AllocationContext, user: UserRecord, config: Effective): Promise<Placement> {
-  if (user.home !== null && user.home !== ctx.node) return { kind: 'remote', node: user.home, allocation: user.allocation };
+  if (user.home !== null && user.home !== ctx.node) return { kind: 'remote', node: user.home, allocation: user.allocation, user };
   if (user.allocation !== null) {
     // allocated here: make sure it exists on disk (a restored database, a purged box)
     ensureMailbox(user.allocation, ctx.mailUser);
@@ -152,14 +152,15 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
     const target = fewestNode(ctx);
     if (target !== ctx.node) {
       // reserve the user for that node; it allocates the mailbox itself when the session or mail arrives
-      if (ctx.store.casAllocation(user.id, user.version, target, null)) return { kind: 'remote', node: target, allocation: null };
+      const won = ctx.store.casAllocation(user.id, user.version, target, null);
       const fresh = ctx.store.mustUser(user.address);
+      if (won) return { kind: 'remote', node: target, allocation: null, user: fresh };
       return placeUser(ctx, fresh, config);
     }
   }
   const attempt = (): Placement | null => {
     const fresh = ctx.store.mustUser(user.address);
-    if (fresh.home !== null && fresh.home !== ctx.node) return { kind: 'remote', node: fresh.home, allocation: fresh.allocation };
+    if (fresh.home !== null && fresh.home !== ctx.node) return { kind: 'remote', node: fresh.home, allocation: fresh.allocation, user: fresh };
     if (fresh.allocation !== null) return { kind: 'local', allocation: fresh.allocation };
     const allocation: Allocation = { format, path: mailboxPath(ctx.mailRoot, fresh.address, format), node: ctx.node };
     const existed = existsSync(allocation.path);

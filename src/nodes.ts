@@ -38,6 +38,7 @@ interface DbRow {
 /** A node is up when it was seen within this many seconds (serve refreshes every HEARTBEAT_S). */
 export const HEARTBEAT_S = 10;
 export const UP_WITHIN_S = 3 * HEARTBEAT_S;
+const MISS_REFRESH_MS = 250;
 
 const NAME_RE = /^[a-z0-9][a-z0-9.-]{0,62}$/i;
 
@@ -233,9 +234,21 @@ export class NodeDirectory {
     if (this.loadedAt === 0) this.refresh();
   }
 
+  /**
+   * A node that just joined (or just got a peer address) may be newer than this view: on a miss,
+   * re-read the registry once, at most every MISS_REFRESH_MS (a stranger cannot force a read storm).
+   */
+  private refreshOnMiss(): boolean {
+    if (Date.now() - this.loadedAt < MISS_REFRESH_MS) return false;
+    this.refresh();
+    return true;
+  }
+
   get(name: string): NodeRow | null {
     this.ensure();
-    return this.nodes.get(name) ?? null;
+    const n = this.nodes.get(name);
+    if ((!n || n.peerAddress === null || n.state !== 'active') && this.refreshOnMiss()) return this.nodes.get(name) ?? null;
+    return n ?? null;
   }
 
   all(): NodeRow[] {
@@ -249,6 +262,12 @@ export class NodeDirectory {
    */
   check(name: string, fingerprint: string): PeerCheck {
     this.ensure();
+    const first = this.checkCached(name, fingerprint);
+    if (first.ok || this.revoked.has(fingerprint) || !this.refreshOnMiss()) return first;
+    return this.checkCached(name, fingerprint);
+  }
+
+  private checkCached(name: string, fingerprint: string): PeerCheck {
     if (this.revoked.has(fingerprint)) return { ok: false, reason: `certificate of ${name} is revoked (node removed)` };
     const n = this.nodes.get(name);
     if (!n) return { ok: false, reason: `node ${name} is not registered` };

@@ -66,7 +66,8 @@ const mailstore: DeliveryModule = {
           what: `node ${node}`,
           commit: async () => {
             const { deliverViaPeer } = await import('../peer/deliver.js');
-            const r = await deliverViaPeer(peer, node, req);
+            // the record as the allocation left it (a lost race or a placement changed the home)
+            const r = await deliverViaPeer(peer, node, { ...req, user: placement.user });
             if (!r.dsn.startsWith('2')) throw Object.assign(new Error(r.text), { result: r });
           },
           abort: async () => undefined,

@@ -79,7 +79,8 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
     cert: creds.cert,
     key: creds.key,
     requestCert: true,
-    rejectUnauthorized: true,
+    // checked in handle() before a byte is read, so the refusal can be logged with its reason
+    rejectUnauthorized: false,
     minVersion: 'TLSv1.3',
     maxVersion: 'TLSv1.3',
     handshakeTimeout: 15_000,
@@ -106,6 +107,12 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
 
   async function handle(sock: TLSSocket): Promise<void> {
     const rip = unmap(sock.remoteAddress);
+    if (!sock.authorized) {
+      count('pigeon_peer_links_refused_total', { reason: 'certificate' });
+      log('warn', 'peer', `Refused link (certificate: ${String(sock.authorizationError ?? 'not verified')}):`, { rip });
+      sock.destroy();
+      return;
+    }
     const x = sock.getPeerX509Certificate();
     if (!x) {
       log('warn', 'peer', 'Refused link (no client certificate):', { rip });

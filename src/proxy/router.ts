@@ -59,7 +59,7 @@ export async function route(
   if (placement.kind === 'remote') {
     if (!opts.forward) return { ok: false, reason: `mailbox of ${u.user.address} is on node ${placement.node}, not here (hand-offs are not forwarded again)` };
     try {
-      const session = await startPeerSession(env.peer, placement.node, protocol, u, conn, sid, tag);
+      const session = await startPeerSession(env.peer, placement.node, protocol, { user: placement.user, config: u.config }, conn, sid, tag);
       env.log.log('info', `${protocol}(${u.user.address})`, `Handed off to node ${placement.node}:`, { rip: conn.peer.rip, session: sid });
       return { ok: true, session, backend: `peer:${placement.node}` };
     } catch (e) {

@@ -1,0 +1,451 @@
+// Three nodes on 127.0.0.2, .3 and .4 sharing one SQLite database, each a real `pigeon serve` with
+// imap, pop3, lmtp, peer and metrics listeners and its own mail root served by the real Dovecot:
+// a client at A reads a mailbox homed on C (imapflow and POP3) and C provably did no password check
+// and no user read; mail delivered at A lands on C; many concurrent first deliveries for one new
+// user split across the nodes make one mailbox; the fewest placement; a fourth node joins while
+// the others run; a user moves while mail keeps arriving; and the faults: foreign CA, expired and
+// wrong-key certificates, replayed/altered hand-offs, a user that does not live here, hop loops, a
+// stalled hand-off, disabled and removed nodes, a name taken twice, a home node that dies.
+import t from 'tap';
+import { ImapFlow } from 'imapflow';
+import { readFileSync, readdirSync, existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import { spawnSync } from 'node:child_process';
+import { makeNode, metrics, wireTo, lmtpSend, type ClusterNode } from './helpers/cluster.js';
+import { pigeon, CLI } from './helpers/instance.js';
+import { requireProgram } from './helpers/programs.js';
+import { startCli } from './helpers/cli.js';
+import { createCa, issueHostCert, readKeyPair } from '../certs/ca.js';
+import { sealHandOff, newNonce, PEER_PROTOCOL, type HandOff } from '../src/peer/protocol.js';
+
+const DOMAIN = 'example.test';
+
+function imap(n: ClusterNode, user: string, pass = 'secret'): ImapFlow {
+  return new ImapFlow({ host: n.ip, port: n.ports['imap'] ?? 0, secure: false, doSTARTTLS: false, auth: { user, pass }, logger: false, emitLogs: false, connectionTimeout: 10_000 });
+}
+
+function mailFiles(n: ClusterNode, user: string): string[] {
+  const d = join(n.dir, 'mail', DOMAIN, user.split('@')[0] ?? '');
+  if (!existsSync(d)) return [];
+  return ['new', 'cur'].flatMap((s) => (existsSync(join(d, s)) ? readdirSync(join(d, s)).map((f) => join(d, s, f)) : []));
+}
+
+function msg(subject: string, body = 'hello'): string {
+  return `From: bob@example.test\r\nTo: someone@example.test\r\nSubject: ${subject}\r\nMessage-ID: <${subject.replace(/\W/g, '')}.${Math.random().toString(36).slice(2)}@test>\r\n\r\n${body}\r\n`;
+}
+
+function userRow(n: ClusterNode, address: string): { home: string | null; allocation: { path: string } | null } {
+  const r = n.run(['user', 'show', address, '--json']);
+  return JSON.parse(r.stdout) as { home: string | null; allocation: { path: string } | null };
+}
+
+/** A TLS link to a node's peer port with the given credentials (a test acting as a peer). */
+async function rawLink(to: ClusterNode, cert: string | Buffer, key: string | Buffer, ca: Buffer): Promise<{ sock: TLSSocket | null; error: string | null }> {
+  return new Promise((resolve) => {
+    const sock = tlsConnect({ host: to.ip, port: to.peerPort, cert, key, ca, minVersion: 'TLSv1.3', checkServerIdentity: () => undefined });
+    const t = setTimeout(() => {
+      sock.destroy();
+      resolve({ sock: null, error: 'timeout' });
+    }, 5000);
+    sock.once('secureConnect', () => {
+      clearTimeout(t);
+      resolve({ sock, error: null });
+    });
+    sock.once('error', (e) => {
+      clearTimeout(t);
+      resolve({ sock: null, error: e.message });
+    });
+  });
+}
+
+/** First line the peer answers (or null when it closes without one). */
+function answer(sock: TLSSocket, ms = 5000): Promise<string | null> {
+  return new Promise((resolve) => {
+    let buf = '';
+    const done = (v: string | null): void => {
+      clearTimeout(t);
+      resolve(v);
+    };
+    const t = setTimeout(() => done(null), ms);
+    sock.setEncoding('utf8');
+    sock.on('data', (d: string) => {
+      buf += d;
+      const nl = buf.indexOf('\n');
+      if (nl >= 0) done(buf.slice(0, nl));
+    });
+    sock.once('close', () => done(buf.includes('\n') ? (buf.split('\n')[0] ?? null) : null));
+    sock.on('error', () => undefined);
+  });
+}
+
+async function until(what: () => boolean, ms = 10_000): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (!what() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  return what();
+}
+
+t.test('cluster of three nodes on one machine', async (t) => {
+  if (!requireProgram(t, '/usr/lib/dovecot/imap', 'dovecot-imapd')) return;
+  if (!requireProgram(t, '/usr/lib/dovecot/pop3', 'dovecot-pop3d')) return;
+  const base = t.testdir({});
+  const A = await makeNode(t, base, 'A', '127.0.0.2', null, null);
+  const db = join(A.dir, 'pigeon.db');
+  const B = await makeNode(t, base, 'B', '127.0.0.3', db, A.dir);
+  const C = await makeNode(t, base, 'C', '127.0.0.4', db, A.dir);
+  const caPem = readFileSync(join(A.dir, 'certs', 'ca.crt'));
+  const clusterCa = readKeyPair(join(A.dir, 'certs', 'ca.crt'), join(A.dir, 'certs', 'ca.key'));
+  const aCert = readFileSync(join(A.dir, 'certs', 'node.crt'));
+  const aKey = readFileSync(join(A.dir, 'certs', 'node.key'));
+  A.run(['domain', 'add', DOMAIN]);
+  for (const [u, home] of [
+    ['alice', 'C'],
+    ['bob', 'B'],
+    ['anna', 'A'],
+    ['race', null],
+    ['fewest', null],
+    ['mover', 'C'],
+  ] as const) {
+    const r = A.run(['user', 'add', `${u}@${DOMAIN}`, '--password-stdin', ...(home ? ['--home', home] : [])], 'secret\n');
+    t.equal(r.status, 0, `user ${u} added`);
+  }
+  A.run(['config', 'set', '--domain', DOMAIN, 'mailstore.creator', 'cas']);
+  await Promise.all([A.start(), B.start(), C.start()]);
+
+  await t.test('every node registered itself and is up', async (t) => {
+    const r = A.run(['node', 'list', '--json']);
+    const ns = JSON.parse(r.stdout) as { name: string; health: string; peer_address: string }[];
+    t.same(
+      ns.map((n) => [n.name, n.health, n.peer_address]),
+      [
+        ['A', 'up', `127.0.0.2:${A.peerPort}`],
+        ['B', 'up', `127.0.0.3:${B.peerPort}`],
+        ['C', 'up', `127.0.0.4:${C.peerPort}`],
+      ],
+    );
+  });
+
+  await t.test('mail delivered at A for a user homed on C lands in C\'s Maildir, after C stored it', async (t) => {
+    const r = await lmtpSend(A, [`alice@${DOMAIN}`], msg('first for alice', 'stored on C'));
+    t.match(r[0], /^250 2\.0\.0 /, 'A answers 250 once C has stored it');
+    const files = mailFiles(C, 'alice@example.test');
+    t.equal(files.length, 1, 'one message in C/mail/example.test/alice');
+    t.match(readFileSync(files[0] ?? '', 'utf8'), /Delivered-To: alice@example\.test[\s\S]*stored on C/);
+    t.equal(mailFiles(A, 'alice@example.test').length + mailFiles(B, 'alice@example.test').length, 0, 'nothing on A or B');
+    t.match(userRow(A, 'alice@example.test').allocation?.path ?? '', /\/C\/mail\/example\.test\/alice$/, 'allocation recorded on C');
+    const d = spawnSync(process.execPath, [CLI, '-c', B.dir, 'deliver', '-f', 'carol@example.test', `alice@${DOMAIN}`], { input: msg('via pigeon deliver at B'), encoding: 'utf8' });
+    t.equal(d.status, 0, `pigeon deliver at B exits 0 (${d.stderr})`);
+    t.equal(mailFiles(C, 'alice@example.test').length, 2, 'the pipe delivery at B also landed on C');
+  });
+
+  await t.test('a client at A reads alice\'s mailbox on C (imapflow, POP3); C did no password check and no user read', async (t) => {
+    const before = await metrics(C);
+    const c = imap(A, `alice@${DOMAIN}`);
+    await c.connect();
+    const lock = await c.getMailboxLock('INBOX');
+    const subjects: string[] = [];
+    for await (const m of c.fetch('1:*', { envelope: true })) subjects.push(m.envelope?.subject ?? '');
+    lock.release();
+    await c.logout();
+    t.same(subjects.sort(), ['first for alice', 'via pigeon deliver at B']);
+    const w = await wireTo(A.ip, A.ports['pop3'] ?? 0);
+    await w.until(/^\+OK/m);
+    w.write(`USER alice@${DOMAIN}\r\nPASS secret\r\n`);
+    t.match(await w.until(/Logged in/), /\+OK Logged in/);
+    w.write('STAT\r\n');
+    t.match(await w.until(/\+OK \d+/), /\+OK 2 /, 'POP3 STAT through A shows C\'s two messages');
+    w.write('RETR 1\r\n');
+    t.match(await w.until(/\r\n\.\r\n/), /stored on C/);
+    w.write('QUIT\r\n');
+    await w.waitClosed();
+    const after = await metrics(C);
+    t.equal(after.get('pigeon_db_user_reads_total') ?? 0, before.get('pigeon_db_user_reads_total') ?? 0, 'C read no user from the database');
+    t.equal(after.get('pigeon_password_checks_total') ?? 0, 0, 'C checked no password');
+    t.equal((after.get('pigeon_peer_handoffs_received_total{kind="imap",result="accepted"}') ?? 0) - (before.get('pigeon_peer_handoffs_received_total{kind="imap",result="accepted"}') ?? 0), 1);
+    t.equal((after.get('pigeon_peer_handoffs_received_total{kind="pop3",result="accepted"}') ?? 0) - (before.get('pigeon_peer_handoffs_received_total{kind="pop3",result="accepted"}') ?? 0), 1);
+    t.ok((await metrics(A)).get('pigeon_password_checks_total') ?? 0 >= 2, 'A did the password checks');
+    t.match(A.log(), /imap\(alice@example\.test\): Handed off to node C/);
+    t.match(C.log(), /imap\(alice@example\.test\): Login: from=A, method=peer/);
+    t.notMatch(C.log() + A.log(), /secret/, 'no password in any log');
+  });
+
+  await t.test('many concurrent first deliveries for one new user, split across nodes: one mailbox', async (t) => {
+    const nodes = [A, B, C];
+    const sends = Array.from({ length: 30 }, (_, i) => lmtpSend(nodes[i % 3] as ClusterNode, [`race@${DOMAIN}`], msg(`race ${i}`)));
+    const replies = (await Promise.all(sends)).map((r) => r[0] ?? '');
+    t.same(replies.filter((r) => !r.startsWith('250')), [], 'all 30 accepted');
+    const row = userRow(A, `race@${DOMAIN}`);
+    t.ok(row.home, `home decided: ${String(row.home)}`);
+    const counts = nodes.map((n) => mailFiles(n, `race@${DOMAIN}`).length);
+    t.same(counts.filter((c) => c > 0), [30], `all 30 messages in one mailbox (per node: ${counts.join(', ')})`);
+    for (const n of nodes) {
+      if (n.name === row.home) continue;
+      t.notOk(existsSync(join(n.dir, 'mail', DOMAIN, 'race')), `no leftover allocation on ${n.name}`);
+    }
+  });
+
+  await t.test('placement "fewest": a new user is allocated on the node with the fewest users', async (t) => {
+    const perNode = new Map<string, number>();
+    for (const u of JSON.parse(A.run(['user', 'list', DOMAIN, '--json']).stdout) as { home: string | null }[]) if (u.home) perNode.set(u.home, (perNode.get(u.home) ?? 0) + 1);
+    const expect = ['A', 'B', 'C'].sort((x, y) => (perNode.get(x) ?? 0) - (perNode.get(y) ?? 0) || x.localeCompare(y))[0];
+    t.equal(A.run(['config', 'set', '--user', `fewest@${DOMAIN}`, 'mailstore.placement', 'fewest']).status, 0);
+    const r = await lmtpSend(A, [`fewest@${DOMAIN}`], msg('placed'));
+    t.match(r[0], /^250/);
+    t.equal(userRow(A, `fewest@${DOMAIN}`).home, expect, `placed on ${String(expect)} (users per node before: ${JSON.stringify([...perNode])})`);
+    const holder = [A, B, C].find((n) => n.name === expect) as ClusterNode;
+    t.equal(mailFiles(holder, `fewest@${DOMAIN}`).length, 1, 'and the message is there');
+  });
+
+  await t.test('peer link faults', async (t) => {
+    const aliceHandOff = (over: Partial<HandOff> = {}): HandOff => ({
+      proto: PEER_PROTOCOL,
+      kind: 'imap',
+      from: 'A',
+      to: 'C',
+      user: { id: 1, address: `alice@${DOMAIN}`, domain: DOMAIN, domainId: 1, state: 'active', home: 'C', allocation: null, version: 1, created: '', movingTo: null },
+      config: {},
+      client: { rip: '192.0.2.1', rport: 1, lip: '192.0.2.2', lport: 143, tls: false },
+      session: 'testsession0001',
+      tag: 'a1',
+      hops: 1,
+      nonce: newNonce(),
+      ts: Date.now(),
+      deliver: null,
+      move: null,
+      ...over,
+    });
+
+    await t.test('a certificate from another CA: TLS refused, logged', async (t) => {
+      const other = createCa('elsewhere');
+      const kp = issueHostCert(other, 'A', ['127.0.0.2']);
+      const l = await rawLink(C, kp.certPem, kp.keyPem, caPem);
+      const got = l.sock ? await answer(l.sock) : null;
+      t.notOk(got?.includes('"ok":true'), `no link (${l.error ?? String(got)})`);
+      t.ok(await until(() => /Refused link \(certificate: UNABLE_TO_VERIFY/.test(C.log())), 'C logs the refused TLS link');
+    });
+
+    await t.test('an expired certificate from the cluster CA: refused', async (t) => {
+      const kp = issueHostCert(clusterCa, 'A', [], { notBefore: new Date(Date.now() - 10 * 86400_000), notAfter: new Date(Date.now() - 86400_000) });
+      const l = await rawLink(C, kp.certPem, kp.keyPem, caPem);
+      const got = l.sock ? await answer(l.sock) : null;
+      t.notOk(got?.includes('"ok":true'), `no link (${l.error ?? String(got)})`);
+      t.ok(await until(() => /Refused link \(certificate: CERT_HAS_EXPIRED/.test(C.log())), 'C logs the expired certificate');
+    });
+
+    await t.test('a registered name with the wrong key: refused with a reason', async (t) => {
+      const kp = issueHostCert(clusterCa, 'B', []);
+      const l = await rawLink(C, kp.certPem, kp.keyPem, caPem);
+      t.ok(l.sock, 'TLS itself succeeds (same CA)');
+      const got = l.sock ? await answer(l.sock) : null;
+      t.match(got, /"ok":false.*does not match its registered fingerprint/);
+      t.match(C.log(), /Refused link from B: certificate of B does not match/);
+    });
+
+    await t.test('a replayed hand-off (another TLS session) and an altered one: refused', async (t) => {
+      const first = await rawLink(C, aCert, aKey, caPem);
+      if (!first.sock) throw new Error(first.error ?? 'no link');
+      const line = sealHandOff(first.sock, aliceHandOff());
+      first.sock.write(line);
+      t.match(await answer(first.sock), /"ok":true/, 'the genuine hand-off is accepted');
+      first.sock.destroy();
+      const second = await rawLink(C, aCert, aKey, caPem);
+      if (!second.sock) throw new Error(second.error ?? 'no link');
+      second.sock.write(line);
+      t.match(await answer(second.sock), /"ok":false,"code":"bad-mac"/, 'the same bytes on another TLS session are refused');
+      const third = await rawLink(C, aCert, aKey, caPem);
+      if (!third.sock) throw new Error(third.error ?? 'no link');
+      const sealed = JSON.parse(sealHandOff(third.sock, aliceHandOff()).toString()) as { body: string; mac: string };
+      const altered = { body: sealed.body.replace('"tag":"a1"', '"tag":"a2"'), mac: sealed.mac };
+      third.sock.write(`${JSON.stringify(altered)}\n`);
+      t.match(await answer(third.sock), /"code":"bad-mac"/, 'an altered body is refused');
+      const nonce = newNonce();
+      const fourth = await rawLink(C, aCert, aKey, caPem);
+      const fifth = await rawLink(C, aCert, aKey, caPem);
+      if (!fourth.sock || !fifth.sock) throw new Error('no link');
+      fourth.sock.write(sealHandOff(fourth.sock, aliceHandOff({ nonce, kind: 'pop3', tag: null })));
+      t.match(await answer(fourth.sock), /"ok":true/);
+      fourth.sock.destroy();
+      fifth.sock.write(sealHandOff(fifth.sock, aliceHandOff({ nonce, kind: 'pop3', tag: null })));
+      t.match(await answer(fifth.sock), /"code":"replay"/, 'a nonce used once is refused, even re-sealed');
+      fifth.sock.destroy();
+      const stale = await rawLink(C, aCert, aKey, caPem);
+      if (!stale.sock) throw new Error('no link');
+      stale.sock.write(sealHandOff(stale.sock, aliceHandOff({ ts: Date.now() - 120_000 })));
+      t.match(await answer(stale.sock), /"code":"stale"/, 'a hand-off two minutes old is refused');
+    });
+
+    await t.test('a hand-off for a user who does not live here, a hop loop, a lying sender', async (t) => {
+      const cases: [Partial<HandOff>, RegExp][] = [
+        [{ user: { ...aliceHandOff().user, address: `bob@${DOMAIN}`, home: 'B' } }, /"code":"not-home"/],
+        [{ hops: 8 }, /"code":"hops"/],
+        [{ from: 'B' }, /"code":"sender"/],
+        [{ to: 'B' }, /"code":"addressee"/],
+      ];
+      for (const [over, re] of cases) {
+        const l = await rawLink(C, aCert, aKey, caPem);
+        if (!l.sock) throw new Error('no link');
+        l.sock.write(sealHandOff(l.sock, aliceHandOff(over)));
+        t.match(await answer(l.sock), re);
+      }
+      t.match(C.log(), /Refused hand-off from A: hops: hop count 8 outside 1\.\.7/, 'the loop is logged');
+      const l = await rawLink(C, aCert, aKey, caPem);
+      if (!l.sock) throw new Error('no link');
+      l.sock.write('{"body":"not json"\n');
+      t.match(await answer(l.sock), /"ok":false/, 'garbage is refused, not a crash');
+    });
+
+    await t.test('a peer that stalls mid-hand-off is cut off after peer.handoff_timeout_s', async (t) => {
+      const l = await rawLink(C, aCert, aKey, caPem);
+      if (!l.sock) throw new Error('no link');
+      l.sock.write('{"body":"{\\"proto\\":');
+      const start = Date.now();
+      const closed = await new Promise<boolean>((res) => {
+        const tm = setTimeout(() => res(false), 8000);
+        l.sock?.once('close', () => {
+          clearTimeout(tm);
+          res(true);
+        });
+        l.sock?.resume();
+      });
+      t.ok(closed, `closed after ${Date.now() - start} ms`);
+      t.match(C.log(), /Hand-off from A failed: no complete line within 2s/);
+      const c = imap(A, `alice@${DOMAIN}`);
+      await c.connect();
+      t.ok(c.authenticated, 'C still serves');
+      await c.logout();
+    });
+  });
+
+  await t.test('a fourth node joins while the others run', async (t) => {
+    const out = join(base, 'd-cert');
+    const issued = A.run(['cert', 'issue', 'D', '--out', out]);
+    t.equal(issued.status, 0, issued.stderr);
+    const D = await makeNode(t, base, 'D', '127.0.0.5', db, out);
+    await D.start();
+    t.equal(A.run(['user', 'add', `dave@${DOMAIN}`, '--password-stdin', '--home', 'D'], 'secret\n').status, 0);
+    t.match((await lmtpSend(B, [`dave@${DOMAIN}`], msg('hello dave')))[0], /^250 2\.0\.0 /, 'B delivers to D without a restart');
+    const c = imap(A, `dave@${DOMAIN}`);
+    await c.connect();
+    const st = await c.status('INBOX', { messages: true });
+    await c.logout();
+    t.equal(st ? st.messages : -1, 1, 'a client at A reads dave\'s mailbox on D');
+    const ns = JSON.parse(A.run(['node', 'list', '--json']).stdout) as { name: string; health: string }[];
+    t.same(ns.find((n) => n.name === 'D')?.health, 'up');
+
+    await t.test('disabling a node closes its links at once and refuses new ones; enabling restores', async (t) => {
+      const c = imap(A, `alice@${DOMAIN}`);
+      await c.connect();
+      const closed = new Promise<void>((res) => c.once('close', () => res()));
+      t.equal(D.run(['node', 'disable', 'A']).status, 0);
+      const gone = await Promise.race([closed.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 5000))]);
+      t.ok(gone, 'the session A had relayed to C was cut');
+      t.match(C.log(), /Closing link from A: node A is disabled/);
+      const again = imap(A, `alice@${DOMAIN}`);
+      await t.rejects(again.connect(), 'a new login at A for a user on C fails while A is disabled');
+      t.match(A.log(), /Backend failure: node C refused the hand-off \(refused\)|Backend failure: .*A is disabled/);
+      t.equal(D.run(['node', 'enable', 'A']).status, 0);
+      await new Promise((r) => setTimeout(r, 1500));
+      const back = imap(A, `alice@${DOMAIN}`);
+      await back.connect();
+      t.ok(back.authenticated, 'after enable, A reaches C again');
+      await back.logout();
+    });
+
+    await t.test('a removed node that comes back is refused', async (t) => {
+      const user = A.run(['user', 'del', `dave@${DOMAIN}`]);
+      t.equal(user.status, 0);
+      await D.stop();
+      const rm = A.run(['node', 'remove', 'D']);
+      t.equal(rm.status, 0, rm.stderr);
+      const r = await D.startFails();
+      t.equal(r.code, 78, 'serve on the removed node exits 78');
+      t.match(r.stderr, /revoked when node D was removed/);
+      const l = await rawLink(C, readFileSync(join(D.dir, 'certs', 'node.crt')), readFileSync(join(D.dir, 'certs', 'node.key')), caPem);
+      const got = l.sock ? await answer(l.sock) : null;
+      t.match(got, /"ok":false.*revoked/, 'its certificate is refused on the peer link');
+    });
+  });
+
+  await t.test('two nodes with one name: the second refuses to start', async (t) => {
+    const E = await makeNode(t, base, 'E', '127.0.0.6', db, A.dir);
+    const yaml = readFileSync(join(E.dir, 'pigeon.yaml'), 'utf8').replace(/^node: "E"$/m, 'node: "B"');
+    spawnSync('sh', ['-c', `cat > ${join(E.dir, 'pigeon.yaml')}`], { input: yaml });
+    const r = await E.startFails();
+    t.equal(r.code, 78);
+    t.match(r.stderr, /certificate names node "E", expected "B"/);
+    const other = join(base, 'F');
+    const init = pigeon(null, ['init', other, '--node', 'B', '--db', db, '--ca-from', A.dir]);
+    t.equal(init.status, 78, 'init of a second B is refused');
+    t.match(init.stderr, /already registered with another certificate/);
+  });
+
+  await t.test('moving a user while mail keeps arriving loses nothing', async (t) => {
+    for (let i = 0; i < 5; i++) t.match((await lmtpSend(A, [`mover@${DOMAIN}`], msg(`before ${i}`)))[0], /^250/);
+    t.equal(mailFiles(C, `mover@${DOMAIN}`).length, 5);
+    const session = imap(C, `mover@${DOMAIN}`);
+    await session.connect();
+    const ended = new Promise<void>((res) => session.once('close', () => res()));
+    let stop = false;
+    let sent = 5;
+    const deferred: string[] = [];
+    const sender = (async () => {
+      let i = 0;
+      while (!stop) {
+        const subject = `during ${i++}`;
+        // an MTA: retry a deferred message until it is accepted
+        for (;;) {
+          const r = (await lmtpSend(A, [`mover@${DOMAIN}`], msg(subject)))[0] ?? '';
+          if (r.startsWith('250')) break;
+          deferred.push(r);
+          await new Promise((res) => setTimeout(res, 300));
+        }
+        sent++;
+        await new Promise((res) => setTimeout(res, 50));
+      }
+    })();
+    await new Promise((r) => setTimeout(r, 300));
+    // not spawnSync: the "MTA" above keeps delivering while the move runs
+    const mv = await startCli(['-c', A.dir, 'user', 'move', `mover@${DOMAIN}`, '--to', 'B', '--settle', '2']);
+    t.equal(mv.code, 0, mv.err);
+    t.match(mv.out, /moved mover@example\.test from C to B/);
+    await new Promise((r) => setTimeout(r, 500));
+    stop = true;
+    await sender;
+    t.ok(await Promise.race([ended.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 3000))]), 'the session on the old home was ended');
+    t.ok(deferred.length > 0 && deferred.every((d) => /^4\d\d 4\.2\.0 .*being moved/.test(d)), `deliveries during the copy were deferred (4.2.0), ${deferred.length} times`);
+    t.equal(userRow(A, `mover@${DOMAIN}`).home, 'B');
+    const c = imap(A, `mover@${DOMAIN}`);
+    await c.connect();
+    const st = await c.status('INBOX', { messages: true });
+    await c.logout();
+    t.equal(st ? st.messages : -1, sent, `all ${sent} messages are in the mailbox on B, read through A`);
+    t.equal(mailFiles(B, `mover@${DOMAIN}`).length, sent);
+  });
+
+  await t.test('the home node dies mid-session and stays down: clear temporary failures, A keeps serving', async (t) => {
+    const c = imap(A, `alice@${DOMAIN}`);
+    await c.connect();
+    const closed = new Promise<void>((res) => c.once('close', () => res()));
+    await C.stop('SIGKILL');
+    t.ok(await Promise.race([closed.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 5000))]), 'the client at A is disconnected');
+    const w = await wireTo(A.ip, A.ports['imap'] ?? 0);
+    await w.until(/^\* OK/m);
+    w.write(`a1 LOGIN alice@${DOMAIN} secret\r\n`);
+    t.match(await w.until(/^a1 /m, 15_000), /a1 NO \[UNAVAILABLE\]/, 'IMAP login for a user on C: NO [UNAVAILABLE]');
+    w.write('a2 LOGOUT\r\n');
+    const p = await wireTo(A.ip, A.ports['pop3'] ?? 0);
+    await p.until(/^\+OK/m);
+    p.write(`USER alice@${DOMAIN}\r\nPASS secret\r\n`);
+    t.match(await p.until(/^-ERR/m, 15_000), /-ERR \[SYS\/TEMP\]/, 'POP3: -ERR [SYS/TEMP]');
+    const r = await lmtpSend(A, [`alice@${DOMAIN}`], msg('while C is down'));
+    t.match(r[0], /^4\d\d 4\.4\.1 .*node C/, 'LMTP: temporary failure, the MTA retries');
+    const d = spawnSync(process.execPath, [CLI, '-c', A.dir, 'deliver', `alice@${DOMAIN}`], { input: msg('pipe while C is down'), encoding: 'utf8' });
+    t.equal(d.status, 75, 'pigeon deliver exits 75 (EX_TEMPFAIL)');
+    const anna = imap(A, `anna@${DOMAIN}`);
+    await anna.connect();
+    t.ok(anna.authenticated, 'a user homed on A still logs in at A');
+    await anna.logout();
+    await C.start();
+    t.match((await lmtpSend(A, [`alice@${DOMAIN}`], msg('after C is back')))[0], /^250/, 'once C is back, mail flows again');
+  });
+});

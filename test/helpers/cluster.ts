@@ -1,0 +1,165 @@
+// Several nodes on one machine: each its own instance and `pigeon serve`, on 127.0.0.N, sharing
+// one SQLite database and one cluster CA (node A's), made with the real CLI.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { writeFileSync, readFileSync, existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { createServer, connect } from 'node:net';
+import type { Test } from 'tap';
+import { pigeon, CLI, type Run } from './instance.js';
+import { Wire } from './wire.js';
+import { Dialog, dataOf } from './delivery-lmtp.js';
+
+export interface ClusterNode {
+  readonly name: string;
+  readonly ip: string;
+  readonly dir: string;
+  readonly peerPort: number;
+  ports: Record<string, number>;
+  child: ChildProcess | null;
+  log(): string;
+  run(args: string[], input?: string): Run;
+  start(): Promise<void>;
+  /** start and expect `pigeon serve` to refuse (exit code and stderr) */
+  startFails(): Promise<{ code: number | null; stderr: string }>;
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+/** A free TCP port on `ip`. */
+export function freePortOn(ip: string): Promise<number> {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.once('error', rej);
+    s.listen(0, ip, () => {
+      const a = s.address();
+      const p = typeof a === 'object' && a ? a.port : 0;
+      s.close(() => res(p));
+    });
+  });
+}
+
+export const CLUSTER_CONF = `log:\n  level: debug\n  file: pigeon.log\nlimits:\n  auth_failure_delay_ms: 50\npeer:\n  handoff_timeout_s: 2\n  connect_timeout_s: 3\n`;
+
+/**
+ * Create node `name` on `ip`. The first node (no `caFrom`) makes the CA and the database; the
+ * others join with `--ca-from` (an instance with the CA key, or a `pigeon cert issue` directory).
+ */
+export async function makeNode(t: Test, base: string, name: string, ip: string, db: string | null, caFrom: string | null): Promise<ClusterNode> {
+  const dir = join(base, name);
+  const peerPort = await freePortOn(ip);
+  const args = ['init', dir, '--node', name, '--listen', `imap=${ip}:0`, '--listen', `pop3=${ip}:0`, '--listen', `lmtp=${ip}:0`, '--listen', `peer=${ip}:${peerPort}`, '--listen', `metrics=${ip}:0`];
+  if (db) args.push('--db', db);
+  if (caFrom) args.push('--ca-from', caFrom);
+  const r = pigeon(null, args);
+  if (r.status !== 0) throw new Error(`init ${name}: ${r.stderr}`);
+  writeFileSync(join(dir, 'conf.d', '50-test.yaml'), CLUSTER_CONF);
+  const node: ClusterNode = {
+    name,
+    ip,
+    dir,
+    peerPort,
+    ports: {},
+    child: null,
+    log: () => (existsSync(join(dir, 'pigeon.log')) ? readFileSync(join(dir, 'pigeon.log'), 'utf8') : ''),
+    run: (a, input) => pigeon(dir, a, input),
+    async start() {
+      const child = spawn(process.execPath, [CLI, '-c', dir, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      node.child = child;
+      let err = '';
+      await new Promise<void>((res, rej) => {
+        const timer = setTimeout(() => rej(new Error(`serve ${name} did not start: ${err}`)), 20_000);
+        child.stderr?.setEncoding('utf8');
+        child.stderr?.on('data', (s: string) => {
+          err += s;
+          for (const m of err.matchAll(/listening (\w+) \S+:(\d+)/g)) node.ports[m[1] ?? ''] = Number(m[2]);
+          if (/pigeon: ready/.test(err)) {
+            clearTimeout(timer);
+            res();
+          }
+        });
+        child.once('exit', (c) => {
+          clearTimeout(timer);
+          rej(new Error(`serve ${name} exited ${c}: ${err}`));
+        });
+      });
+    },
+    startFails() {
+      const child = spawn(process.execPath, [CLI, '-c', dir, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let err = '';
+      child.stderr?.setEncoding('utf8');
+      child.stderr?.on('data', (s: string) => (err += s));
+      return new Promise((res) => {
+        const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
+        child.once('exit', (code) => {
+          clearTimeout(timer);
+          res({ code, stderr: err });
+        });
+      });
+    },
+    stop(signal = 'SIGTERM') {
+      const child = node.child;
+      node.child = null;
+      return new Promise<void>((res) => {
+        if (!child || child.exitCode !== null || child.signalCode !== null) return res();
+        child.once('exit', () => res());
+        child.kill(signal);
+        setTimeout(() => child.kill('SIGKILL'), 12_000).unref();
+      });
+    },
+  };
+  t.teardown(() => node.stop('SIGKILL'));
+  return node;
+}
+
+/** Counters from a node's metrics listener. */
+export async function metrics(n: ClusterNode): Promise<Map<string, number>> {
+  const r = await fetch(`http://${n.ip}:${n.ports['metrics'] ?? 0}/metrics`);
+  const text = await r.text();
+  const m = new Map<string, number>();
+  for (const line of text.split('\n')) {
+    const x = /^(\w+)(?:\{(.*)\})? (\d+)$/.exec(line);
+    if (!x) continue;
+    const labels = (x[2] ?? '')
+      .split(',')
+      .filter((l) => l !== '' && !l.startsWith('node=') && !l.startsWith('worker='))
+      .join(',');
+    m.set(labels ? `${x[1]}{${labels}}` : (x[1] ?? ''), Number(x[3]));
+  }
+  return m;
+}
+
+export async function wireTo(ip: string, port: number): Promise<Wire> {
+  const s = connect(port, ip);
+  await new Promise<void>((res, rej) => {
+    s.once('connect', () => res());
+    s.once('error', rej);
+  });
+  return new Wire(s);
+}
+
+/** Deliver one message over LMTP to node `n`; returns the reply line of each recipient. */
+export async function lmtpSend(n: ClusterNode, rcpts: readonly string[], msg: string, from = 'bob@example.test'): Promise<string[]> {
+  const s = connect(n.ports['lmtp'] ?? 0, n.ip);
+  await new Promise<void>((res, rej) => {
+    s.once('connect', () => res());
+    s.once('error', rej);
+  });
+  const d = Dialog.of(s);
+  try {
+    await d.line();
+    await d.cmd('LHLO test.example');
+    const mf = await d.cmd(`MAIL FROM:<${from}>`);
+    if (!mf.startsWith('250')) return rcpts.map(() => mf);
+    const rr: string[] = [];
+    for (const r of rcpts) rr.push(await d.cmd(`RCPT TO:<${r}>`));
+    if (!rr.some((x) => x.startsWith('250'))) return rr;
+    const data = await d.cmd('DATA');
+    if (!data.startsWith('354')) return rcpts.map(() => data);
+    d.send(dataOf(msg));
+    const out: string[] = [];
+    for (const x of rr) out.push(x.startsWith('250') ? await d.line(120_000) : x);
+    d.send('QUIT\r\n');
+    return out;
+  } finally {
+    setTimeout(() => s.destroy(), 200).unref();
+  }
+}
