@@ -66,6 +66,9 @@ ${yamlListen(ls, o.listen)}
 peer:
   # HOST:PORT other nodes connect to; null = the peer= listener's own address
   advertise: null
+  # who is trusted at the other end of a link, after the CA check: registry = a registered,
+  # enabled node with this certificate's fingerprint (modules: certs/trust.ts)
+  trust: registry
   # a peer must send its whole hand-off within this time
   handoff_timeout_s: 10
   # connecting to another node gives up after this time (the client gets [UNAVAILABLE])

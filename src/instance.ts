@@ -94,6 +94,8 @@ export const fileSchema = z.strictObject({
         .regex(/^(\[[0-9a-f:.]+\]|[a-z0-9.-]+):\d{1,5}$/i, 'expected HOST:PORT')
         .nullable()
         .default(null),
+      // which trust module decides about the node at the other end (certs/trust.ts)
+      trust: z.enum(['registry']).default('registry'),
       handoff_timeout_s: z.number().int().min(1).max(300).default(10),
       connect_timeout_s: z.number().int().min(1).max(300).default(10),
     })

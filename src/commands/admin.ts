@@ -41,6 +41,7 @@ function userJson(u: UserRecord): Record<string, Json> {
     state: u.state,
     home: u.home,
     allocation: u.allocation === null ? null : { ...u.allocation },
+    moving_to: u.movingTo,
     password_scheme: scheme,
     version: u.version,
     created: u.created,

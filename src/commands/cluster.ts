@@ -178,7 +178,7 @@ DIR/node.key (0600) and records the certificate in the shared database:
           console.log(`next, on the new node: pigeon init NEWDIR --node ${name} --ca-from ${out} --db ${instance.dbPath} --listen peer=HOST:PORT --listen imap=HOST:PORT ...`);
         } else {
           console.log(`node ${name} already exists: the new certificate is accepted next to its current one`);
-          console.log(`next: install ${files.cert} + ${files.key} as node ${name}'s tls.cert/tls.key and restart (or SIGHUP) pigeon serve there; both certificates are accepted until it registers with the new one`);
+          console.log(`next: install ${files.cert} + ${files.key} as node ${name}'s tls.cert/tls.key and restart pigeon serve there (the peer link reads its certificate at start); both certificates are accepted until it registers with the new one`);
         }
       } finally {
         store.close();

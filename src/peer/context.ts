@@ -8,12 +8,15 @@ import type { Instance } from '../instance.js';
 import type { Store } from '../store.js';
 import { NodeDirectory } from '../nodes.js';
 import { loadNodeCredentials, type NodeCredentials } from '../../certs/verify.js';
+import { trustModule, type PeerTrust } from '../../certs/trust.js';
 
 export interface PeerContext {
   readonly node: string;
   readonly nodes: NodeDirectory;
   readonly connectTimeoutMs: number;
   readonly handoffTimeoutMs: number;
+  /** the trust module of peer.trust */
+  readonly trust: PeerTrust;
   /** this node's certificate, key and the cluster CA (read and checked on first use) */
   credentials(): NodeCredentials;
 }
@@ -25,6 +28,7 @@ export function createPeerContext(instance: Instance, store: Store, nodes?: Node
     nodes: nodes ?? new NodeDirectory(store),
     connectTimeoutMs: instance.config.peer.connect_timeout_s * 1000,
     handoffTimeoutMs: instance.config.peer.handoff_timeout_s * 1000,
+    trust: trustModule(instance.config.peer.trust),
     credentials(): NodeCredentials {
       creds ??= loadNodeCredentials(instance.tls, instance.config.node);
       return creds;

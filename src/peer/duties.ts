@@ -8,7 +8,6 @@
  *             fresh every HEARTBEAT_S seconds, and ends sessions of users being moved.
  * DIAGNOSTICS AppError CONFIG_INVALID (certificate), NODE_CONFLICT, NODE_REMOVED: serve exits 78.
  */
-import cluster from 'node:cluster';
 import type { Instance } from '../instance.js';
 import { Store } from '../store.js';
 import { openDb } from '../db.js';
@@ -54,18 +53,17 @@ export function registerAtStart(instance: Instance): { lines: string[] } {
   return { lines };
 }
 
-/** Per worker: registry refresh, heartbeat (first worker only), ending sessions of moved users. */
+/** Per worker: registry refresh, heartbeat, ending sessions of moved users. */
 export function startDuties(env: ProxyEnv): void {
   env.peer.nodes.start(REGISTRY_REFRESH_MS, (e) => env.log.log('warn', 'peer', `node registry refresh failed: ${e instanceof Error ? e.message : String(e)}`));
-  if (!cluster.isWorker || cluster.worker?.id === 1) {
-    const t = setInterval(() => {
-      try {
-        heartbeat(env.store, env.instance.config.node);
-      } catch (e) {
-        env.log.log('warn', 'peer', `heartbeat failed: ${e instanceof Error ? e.message : String(e)}`);
-      }
-    }, HEARTBEAT_S * 1000);
-    t.unref();
-  }
+  // every worker beats (one UPDATE per HEARTBEAT_S each): the node stays "up" while any worker lives
+  const t = setInterval(() => {
+    try {
+      heartbeat(env.store, env.instance.config.node);
+    } catch (e) {
+      env.log.log('warn', 'peer', `heartbeat failed: ${e instanceof Error ? e.message : String(e)}`);
+    }
+  }, HEARTBEAT_S * 1000);
+  t.unref();
   watchMoves(env.store, REGISTRY_REFRESH_MS, (address, n) => env.log.log('info', `imap(${address})`, `Ended ${n} session(s): mailbox is being moved`));
 }

@@ -77,7 +77,7 @@ export async function openLink(ctx: PeerContext, target: string): Promise<TLSSoc
     }
     const x = sock.getPeerX509Certificate();
     const fp = x?.fingerprint256 ?? '';
-    const chk = ctx.nodes.check(target, fp);
+    const chk = x ? ctx.trust.check(ctx.nodes, { name: certNodeName(x), fingerprint: fp, certificate: x }) : { ok: false as const, reason: 'no certificate' };
     if (!x || certNodeName(x) !== target || !chk.ok) {
       sock.destroy();
       throw new AppError('PEER_UNAVAILABLE', `node ${target} at ${n.peerAddress} presented a certificate that is not its registered one${chk.ok ? '' : `: ${chk.reason}`}`);

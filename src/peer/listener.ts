@@ -6,7 +6,8 @@
  *             enabled, with that certificate's fingerprint (NodeDirectory.check, from the cached
  *             registry: no database read per link). Then one hand-off (src/peer/protocol.ts),
  *             within peer.handoff_timeout_s, checked for mac, freshness, replay, addressee,
- *             sender, hop count and home node. For imap/pop3 this node starts its local backend
+ *             sender, hop count and home node. Who is trusted is the trust module's decision
+ *             (peer.trust, certs/trust.ts; default `registry`). For imap/pop3 this node starts its local backend
  *             from what it received — no authentication, no user lookup — answers {"ok":true} and
  *             relays. For a delivery it runs its own mailstore module and answers only after the
  *             message is durably stored (file fsync, rename, directory fsync).
@@ -17,6 +18,7 @@
  */
 import { createServer, type Server, type TLSSocket } from 'node:tls';
 import type { Readable } from 'node:stream';
+import type { X509Certificate } from 'node:crypto';
 import type { Listener } from '../instance.js';
 import type { ProxyEnv } from '../proxy/env.js';
 import { ClientConn, unmap } from '../proxy/conn.js';
@@ -30,6 +32,7 @@ interface Link {
   readonly sock: TLSSocket;
   readonly node: string;
   readonly fingerprint: string;
+  readonly certificate: X509Certificate;
 }
 
 /** The hand-off checks that do not need the TLS session (mac is checked by openHandOff). */
@@ -65,7 +68,7 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
 
   env.peer.nodes.onRefresh(() => {
     for (const k of links) {
-      const chk = env.peer.nodes.check(k.node, k.fingerprint);
+      const chk = env.peer.trust.check(env.peer.nodes, { name: k.node, fingerprint: k.fingerprint, certificate: k.certificate });
       if (!chk.ok) {
         log('warn', 'peer', `Closing link from ${k.node}: ${chk.reason}`);
         k.sock.destroy();
@@ -120,14 +123,14 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
       return;
     }
     const name = certNodeName(x);
-    const chk = env.peer.nodes.check(name, x.fingerprint256);
+    const chk = env.peer.trust.check(env.peer.nodes, { name, fingerprint: x.fingerprint256, certificate: x });
     if (!chk.ok) {
       count('pigeon_peer_links_refused_total', { reason: 'registry' });
       log('warn', 'peer', `Refused link from ${name}: ${chk.reason}:`, { rip });
       refuse(sock, 'refused', chk.reason);
       return;
     }
-    const link: Link = { sock, node: name, fingerprint: x.fingerprint256 };
+    const link: Link = { sock, node: name, fingerprint: x.fingerprint256, certificate: x };
     links.add(link);
     sock.once('close', () => links.delete(link));
     let line: Buffer;
