@@ -8,7 +8,7 @@
 // stalled hand-off, disabled and removed nodes, a name taken twice, a home node that dies.
 import t from 'tap';
 import { ImapFlow } from 'imapflow';
-import { readFileSync, readdirSync, existsSync } from 'node:fs';
+import { readFileSync, readdirSync, existsSync, copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { spawnSync } from 'node:child_process';
@@ -360,6 +360,7 @@ t.test('cluster of three nodes on one machine', async (t) => {
       const r = await D.startFails();
       t.equal(r.code, 78, 'serve on the removed node exits 78');
       t.match(r.stderr, /revoked when node D was removed/);
+      await new Promise((res) => setTimeout(res, 1500)); // the others re-read the registry each second
       const l = await rawLink(C, readFileSync(join(D.dir, 'certs', 'node.crt')), readFileSync(join(D.dir, 'certs', 'node.key')), caPem);
       const got = l.sock ? await answer(l.sock) : null;
       t.match(got, /"ok":false.*revoked/, 'its certificate is refused on the peer link');
@@ -420,6 +421,34 @@ t.test('cluster of three nodes on one machine', async (t) => {
     await c.logout();
     t.equal(st ? st.messages : -1, sent, `all ${sent} messages are in the mailbox on B, read through A`);
     t.equal(mailFiles(B, `mover@${DOMAIN}`).length, sent);
+  });
+
+  await t.test('re-issuing a node certificate before expiry: both accepted until the node restarts with the new one', async (t) => {
+    const out = join(base, 'b-reissue');
+    const r = A.run(['cert', 'issue', 'B', '--out', out, '--days', '10']);
+    t.equal(r.status, 0, r.stderr);
+    const oldCert = readFileSync(join(B.dir, 'certs', 'node.crt'));
+    const oldKey = readFileSync(join(B.dir, 'certs', 'node.key'));
+    const bobAtA = async (): Promise<number> => {
+      const c = imap(A, `bob@${DOMAIN}`);
+      await c.connect();
+      const st = await c.status('INBOX', { messages: true });
+      await c.logout();
+      return st ? (st.messages ?? -1) : -1;
+    };
+    t.equal(await bobAtA(), 0, 'B still serves with its current certificate');
+    copyFileSync(join(out, 'node.crt'), join(B.dir, 'certs', 'node.crt'));
+    copyFileSync(join(out, 'node.key'), join(B.dir, 'certs', 'node.key'));
+    await B.stop();
+    await B.start();
+    t.match(B.startErr, /node B now uses its re-issued certificate/);
+    t.match(B.startErr, /certificate expires in 9 days; re-issue it/, 'a warning while expiry is near');
+    t.equal(await bobAtA(), 0, 'A reaches B with the new certificate');
+    t.match((await lmtpSend(C, [`bob@${DOMAIN}`], msg('to bob after re-issue')))[0], /^250/, 'and C delivers to B');
+    await new Promise((r) => setTimeout(r, 1500)); // every node re-reads the registry each second
+    const old = await rawLink(C, oldCert, oldKey, caPem);
+    const got = old.sock ? await answer(old.sock) : null;
+    t.match(got, /"ok":false.*does not match its registered fingerprint/, 'the replaced certificate is no longer accepted');
   });
 
   await t.test('the home node dies mid-session and stays down: clear temporary failures, A keeps serving', async (t) => {

@@ -16,6 +16,8 @@ export interface ClusterNode {
   readonly peerPort: number;
   ports: Record<string, number>;
   child: ChildProcess | null;
+  /** what the last `start()` printed on stderr */
+  startErr: string;
   log(): string;
   run(args: string[], input?: string): Run;
   start(): Promise<void>;
@@ -59,6 +61,7 @@ export async function makeNode(t: Test, base: string, name: string, ip: string, 
     peerPort,
     ports: {},
     child: null,
+    startErr: '',
     log: () => (existsSync(join(dir, 'pigeon.log')) ? readFileSync(join(dir, 'pigeon.log'), 'utf8') : ''),
     run: (a, input) => pigeon(dir, a, input),
     async start() {
@@ -70,6 +73,7 @@ export async function makeNode(t: Test, base: string, name: string, ip: string, 
         child.stderr?.setEncoding('utf8');
         child.stderr?.on('data', (s: string) => {
           err += s;
+          node.startErr = err;
           for (const m of err.matchAll(/listening (\w+) \S+:(\d+)/g)) node.ports[m[1] ?? ''] = Number(m[2]);
           if (/pigeon: ready/.test(err)) {
             clearTimeout(timer);
