@@ -11,33 +11,12 @@ import type { TLSSocket } from 'node:tls';
 import type { RecipientRequest, DeliveryResult } from '../delivery/types.js';
 import type { PeerContext } from './context.js';
 import { sendHandOff, linkSessionId } from './link.js';
-import { wireUser, wireConfig, readLine } from './protocol.js';
+import { wireUser, wireConfig, readLine, writeAll } from './protocol.js';
 import { isAppError } from '../errors.js';
 
 /** How long the home node may take to store a message once it has all of it. */
 const STORE_ANSWER_MS = 300_000;
 
-function write(sock: TLSSocket, b: Buffer): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (sock.destroyed) {
-      reject(new Error('link closed'));
-      return;
-    }
-    if (sock.write(b)) resolve();
-    else {
-      const onDrain = (): void => {
-        sock.off('close', onClose);
-        resolve();
-      };
-      const onClose = (): void => {
-        sock.off('drain', onDrain);
-        reject(new Error('link closed while sending the message'));
-      };
-      sock.once('drain', onDrain);
-      sock.once('close', onClose);
-    }
-  });
-}
 
 export async function deliverViaPeer(ctx: PeerContext, node: string, req: RecipientRequest): Promise<DeliveryResult> {
   const m = req.message;
@@ -65,9 +44,9 @@ export async function deliverViaPeer(ctx: PeerContext, node: string, req: Recipi
     return { dsn: '4.4.1', text: `mailbox of ${req.user.address} is on node ${node}: ${isAppError(e) ? e.message : String(e)}` };
   }
   try {
-    await write(sock, m.head);
-    await write(sock, sep);
-    for await (const c of m.body()) await write(sock, c);
+    await writeAll(sock, m.head);
+    await writeAll(sock, sep);
+    for await (const c of m.body()) await writeAll(sock, c);
     const line = await readLine(sock, 4096, STORE_ANSWER_MS);
     const r = JSON.parse(line.toString('utf8')) as { dsn?: unknown; text?: unknown };
     if (typeof r.dsn !== 'string' || !/^[245]\.\d{1,3}\.\d{1,3}$/.test(r.dsn)) return { dsn: '4.4.2', text: `node ${node} answered the delivery with garbage` };

@@ -26,7 +26,7 @@ import { route, runSession } from '../proxy/router.js';
 import { certNodeName } from '../../certs/verify.js';
 import { count } from '../metrics.js';
 import { slice } from '../modules.js';
-import { HOP_LIMIT, HANDOFF_MAX_BYTES, CLOCK_SKEW_MS, NonceCache, openHandOff, readLine, replyLine, fromWireUser, fromWireConfig, type HandOff } from './protocol.js';
+import { HOP_LIMIT, HANDOFF_MAX_BYTES, CLOCK_SKEW_MS, NonceCache, openHandOff, readLine, replyLine, nextWithin, fromWireUser, fromWireConfig, type HandOff } from './protocol.js';
 
 interface Link {
   readonly sock: TLSSocket;
@@ -232,13 +232,7 @@ async function* exactly(sock: Readable, size: number, stallMs: number): AsyncIte
   if (left === 0) return;
   const it = sock[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
   while (left > 0) {
-    let timer: NodeJS.Timeout | undefined;
-    const next = await Promise.race([
-      it.next(),
-      new Promise<never>((_, rej) => {
-        timer = setTimeout(() => rej(new Error(`message stalled with ${left} bytes to go`)), stallMs);
-      }),
-    ]).finally(() => clearTimeout(timer));
+    const next = await nextWithin(it, stallMs, `message stalled with ${left} bytes to go`);
     if (next.done) throw new Error(`link closed with ${left} message bytes to go`);
     const c = next.value;
     if (c.length <= left) {

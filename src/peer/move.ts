@@ -23,7 +23,7 @@ import type { Allocation, UserRecord } from '../store.js';
 import type { MailUser } from '../mailuser.js';
 import type { PeerContext } from './context.js';
 import { sendHandOff, linkSessionId } from './link.js';
-import { wireUser, readLine, replyLine, type HandOff, type MoveSpec, type WireUser } from './protocol.js';
+import { wireUser, readLine, replyLine, writeAll, nextWithin, type HandOff, type MoveSpec, type WireUser } from './protocol.js';
 import { mailboxPath } from '../allocation.js';
 import { AppError } from '../errors.js';
 
@@ -57,22 +57,6 @@ export function mailboxFiles(root: string, pass: 1 | 2): string[] {
   return out.sort();
 }
 
-function write(sock: TLSSocket, b: Buffer): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (sock.destroyed) return reject(new Error('link closed'));
-    if (sock.write(b)) return resolve();
-    const onDrain = (): void => {
-      sock.off('close', onClose);
-      resolve();
-    };
-    const onClose = (): void => {
-      sock.off('drain', onDrain);
-      reject(new Error('link closed while sending'));
-    };
-    sock.once('drain', onDrain);
-    sock.once('close', onClose);
-  });
-}
 
 /** Stream the Maildir at `source` to node `to` (run on the old home). */
 export async function exportMailbox(ctx: PeerContext, user: WireUser, source: Allocation, to: string, pass: 1 | 2, mailRoot: string): Promise<MoveResult> {
@@ -92,13 +76,13 @@ export async function exportMailbox(ctx: PeerContext, user: WireUser, source: Al
       if (!fh) continue; // expunged meanwhile
       try {
         const size = (await fh.stat()).size;
-        await write(sock, Buffer.from(`${JSON.stringify({ path: f, size })}\n`));
+        await writeAll(sock, Buffer.from(`${JSON.stringify({ path: f, size })}\n`));
         let left = size;
         const buf = Buffer.allocUnsafe(256 * 1024);
         while (left > 0) {
           const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, left), size - left);
           if (bytesRead <= 0) throw new Error(`${f} shrank while copying`);
-          await write(sock, Buffer.from(buf.subarray(0, bytesRead)));
+          await writeAll(sock, Buffer.from(buf.subarray(0, bytesRead)));
           left -= bytesRead;
         }
         bytes += size;
@@ -106,7 +90,7 @@ export async function exportMailbox(ctx: PeerContext, user: WireUser, source: Al
         await fh.close();
       }
     }
-    await write(sock, Buffer.from(`${JSON.stringify({ end: true })}\n`));
+    await writeAll(sock, Buffer.from(`${JSON.stringify({ end: true })}\n`));
     const line = await readLine(sock, FILE_LINE_MAX, 300_000);
     const r = JSON.parse(line.toString('utf8')) as { ok?: boolean; text?: string; files?: number; allocation?: Allocation };
     if (r.ok !== true || !r.allocation) throw new AppError('PEER_REFUSED', `node ${to} did not take the mailbox: ${r.text ?? 'no reason given'}`);
@@ -120,13 +104,7 @@ export async function exportMailbox(ctx: PeerContext, user: WireUser, source: Al
 async function take(it: AsyncIterator<Buffer>, sock: Readable, n: number, sink: (b: Buffer) => Promise<void>): Promise<void> {
   let left = n;
   while (left > 0) {
-    let timer: NodeJS.Timeout | undefined;
-    const next = await Promise.race([
-      it.next(),
-      new Promise<never>((_, rej) => {
-        timer = setTimeout(() => rej(new Error('copy stalled')), STALL_MS);
-      }),
-    ]).finally(() => clearTimeout(timer));
+    const next = await nextWithin(it, STALL_MS, 'copy stalled');
     if (next.done) throw new Error('link closed in the middle of a file');
     const c = next.value;
     if (c.length <= left) {
@@ -150,13 +128,7 @@ async function line(it: AsyncIterator<Buffer>, sock: Readable): Promise<string> 
       return buf.subarray(0, nl).toString('utf8');
     }
     if (buf.length > FILE_LINE_MAX) throw new Error('file header line too long');
-    let timer: NodeJS.Timeout | undefined;
-    const next = await Promise.race([
-      it.next(),
-      new Promise<never>((_, rej) => {
-        timer = setTimeout(() => rej(new Error('copy stalled')), STALL_MS);
-      }),
-    ]).finally(() => clearTimeout(timer));
+    const next = await nextWithin(it, STALL_MS, 'copy stalled');
     if (next.done) throw new Error('link closed before the end of the mailbox');
     buf = Buffer.concat([buf, next.value]);
   }

@@ -229,3 +229,36 @@ export function readLine(s: Duplex, max: number, timeoutMs: number): Promise<Buf
 export function replyLine(r: Reply | Record<string, Json>): Buffer {
   return Buffer.from(`${JSON.stringify(r)}\n`);
 }
+
+/** Write with backpressure; rejects if the link closes first. */
+export function writeAll(sock: Duplex, b: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (sock.destroyed) return reject(new Error('link closed'));
+    if (sock.write(b)) return resolve();
+    const onDrain = (): void => {
+      sock.off('close', onClose);
+      resolve();
+    };
+    const onClose = (): void => {
+      sock.off('drain', onDrain);
+      reject(new Error('link closed while sending'));
+    };
+    sock.once('drain', onDrain);
+    sock.once('close', onClose);
+  });
+}
+
+/** The next chunk of an async iterator, or a rejection after `ms` without one. */
+export async function nextWithin(it: AsyncIterator<Buffer>, ms: number, what: string): Promise<IteratorResult<Buffer>> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([
+      it.next(),
+      new Promise<never>((_, rej) => {
+        timer = setTimeout(() => rej(new Error(what)), ms);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
