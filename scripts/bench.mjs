@@ -9,6 +9,9 @@
  *               bench-config.mjs    cost of one effective-config read (the SQL read per login/delivery)
  *               bench-proxy.mjs     login c=1/c=32, FETCH plain/TLS, POP3 RETR, idle memory:
  *                                   `pigeon serve` vs a private Dovecot master, same run
+ *               bench-cluster.mjs   two nodes (127.0.0.2, 127.0.0.3, one database): login latency
+ *                                   and FETCH/RETR MiB/s for a mailbox on the node the client
+ *                                   reached vs one on the other node, through the peer link
  *               bench-delivery.mjs  pigeon deliver / LMTP / dovecot-lda / fsync bound
  *               bench-limits.mjs    one loopback TCP stream, fsync'd create+rename rate
  *             and prints one table (PigeonDeliver | reference | ratio | target), also written as
@@ -42,6 +45,7 @@ const q = QUICK ? ['--quick'] : [];
 const BENCHES = [
   { name: 'bench-config.mjs', args: ['--iterations', QUICK ? '3000' : '20000'], limit: 60, json: 'stdout' },
   { name: 'bench-proxy.mjs', args: [...q], limit: QUICK ? 100 : 1200, json: 'file' },
+  { name: 'bench-cluster.mjs', args: [...q], limit: QUICK ? 150 : 900, json: 'file' },
   { name: 'bench-delivery.mjs', args: ['--n', QUICK ? '12' : '200', '--concurrency', '4'], limit: QUICK ? 60 : 600, json: 'stdout' },
   { name: 'bench-limits.mjs', args: [...q], limit: 120, json: 'file' },
 ];
@@ -173,6 +177,16 @@ if (dl) {
   row('deliver 4 KB, 1 conn: pigeon LMTP vs fsync bound', 'msg/s', dl.pigeon_lmtp?.one_connection?.per_second, bound, 'fsync create+rename, 1 stream', 0.8, 'higher');
   row(`deliver 4 KB, ${dl.pigeon_lmtp?.parallel?.concurrency ?? conc} conns: pigeon LMTP vs fsync bound`, 'msg/s', dl.pigeon_lmtp?.parallel?.per_second, dl.fsync_bound?.parallel?.per_second, `fsync create+rename, ${dl.fsync_bound?.parallel?.concurrency ?? conc} streams`, 0.8, 'higher');
 }
+const cl = runs['bench-cluster.mjs'].data;
+if (cl) {
+  if (cl.login) {
+    row('cluster login c=1: LOGIN→OK p50, mailbox on another node vs local', 'ms', cl.login.peer.p50_ms, cl.login.local.p50_ms, 'mailbox on the node reached', null);
+    row('cluster login c=1: LOGIN→OK p90, mailbox on another node vs local', 'ms', cl.login.peer.p90_ms, cl.login.local.p90_ms, 'mailbox on the node reached', null);
+  }
+  if (cl.fetch) row('cluster FETCH 20 MiB plain: through the peer link vs local', 'MiB/s', cl.fetch.peer.MiBps, cl.fetch.local.MiBps, 'mailbox on the node reached, handed off', null);
+  if (cl.fetch && cl.fetch_tls_local) row('cluster FETCH 20 MiB: through the peer link vs local over imaps', 'MiB/s', cl.fetch.peer.MiBps, cl.fetch_tls_local.MiBps, 'mailbox on the node reached, imaps relayed', null);
+  if (cl.pop3_retr) row('cluster POP3 RETR 20 MiB plain: through the peer link vs local', 'MiB/s', cl.pop3_retr.peer.MiBps, cl.pop3_retr.local.MiBps, 'mailbox on the node reached, handed off', null);
+}
 if (lim) {
   rows.push({ workload: 'limit: one loopback TCP stream', unit: 'MiB/s', pigeon: null, reference: lim.tcp_stream_MiBps.median, reference_name: 'machine', ratio: null, target: '', met: '' });
   rows.push({ workload: "limit: fsync'd create+rename, 1 stream", unit: '/s', pigeon: null, reference: lim.fsync_create_rename_per_s.sequential, reference_name: 'machine', ratio: null, target: '', met: '' });
@@ -194,6 +208,7 @@ const notes = [
   px ? `idle rows: PSS growth of the proxy's processes (pigeon serve primary + workers; ${px.idle.map((i) => `${i.proxy_workers} workers at ${i.sessions}`).join(', ')}) over their idle baseline, per session; plain sessions are handed to Dovecot, so the proxy keeps only the socket and Dovecot's stderr pipe` : null,
   px?.lmtp_skipped ? `LMTP vs Dovecot's lmtp skipped: ${px.lmtp_skipped}` : null,
   px?.lmtp_c1 ? 'LMTP rows: pigeon serve\'s lmtp listener vs Dovecot\'s lmtp service (same master, static userdb), 4 KB messages into the same Maildir, MAIL/RCPT/DATA pipelined' : null,
+  cl ? `cluster rows: bench-cluster.mjs, nodes A (127.0.0.2) and B (127.0.0.3) sharing one SQLite database, pigeon serve --workers ${cl.setup?.nodes?.match(/--workers (\d+)/)?.[1] ?? '?'} each; the client always connects to A; PigeonDeliver column = mailbox on B, reached through the peer link (mutual TLS 1.3), reference = mailbox on A; ratio = peer / local; medians of ${cl.setup?.rounds ?? '?'} rounds alternating which user goes first` : null,
   dl ? `delivery rows: bench-delivery.mjs (${dl.message_bytes}-byte messages, one recipient; Dovecot's own LMTP: the LMTP rows above)` : null,
   ...Object.entries(runs)
     .filter(([, r]) => !r.ok)
