@@ -466,6 +466,12 @@ t.test('cluster of three nodes on one machine', async (t) => {
     await p.until(/^\+OK/m);
     p.write(`USER alice@${DOMAIN}\r\nPASS secret\r\n`);
     t.match(await p.until(/^-ERR/m, 15_000), /-ERR \[SYS\/TEMP\]/, 'POP3: -ERR [SYS/TEMP]');
+    p.write('QUIT\r\n');
+    t.ok(
+      await until(() => /imap-login: Disconnected \(internal failure, 1 successful auths in \d+ secs\): user=<alice@example\.test>/.test(A.log()) && /pop3-login: Disconnected \(internal failure/.test(A.log())),
+      'the right password with an unreachable home is logged as an internal failure',
+    );
+    t.notMatch(A.log(), /Disconnected \(auth failed[^\n]*user=<alice@example\.test>/, 'never as "auth failed" (fail2ban would ban a real user)');
     const r = await lmtpSend(A, [`alice@${DOMAIN}`], msg('while C is down'));
     t.match(r[0], /^4\d\d 4\.4\.1 .*node C/, 'LMTP: temporary failure, the MTA retries');
     const d = spawnSync(process.execPath, [CLI, '-c', A.dir, 'deliver', `alice@${DOMAIN}`], { input: msg('pipe while C is down'), encoding: 'utf8' });

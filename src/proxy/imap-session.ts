@@ -295,6 +295,7 @@ export class ImapSession {
     const { conn, env } = this;
     if (/[\r\n\0]/.test(user) || user.length === 0 || user.length > 256) {
       this.st.attempts++;
+      this.st.lastOutcome = 'failed';
       conn.write(`${tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n`);
       return this.afterFailure();
     }
@@ -310,6 +311,7 @@ export class ImapSession {
     const address = r.user.user.address;
     const rt = await route(env, 'imap', r.user, conn, this.st.sid, tag, () => this.framer.rest());
     if (!rt.ok) {
+      this.st.lastOutcome = 'backend';
       env.log.log('error', `imap(${address})`, `Backend failure: ${rt.reason}:`, { rip: conn.peer.rip, session: this.st.sid });
       conn.write(`${tag} NO [UNAVAILABLE] Internal error occurred. Refer to server log for more information.\r\n`);
       return false;

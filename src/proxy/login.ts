@@ -43,6 +43,10 @@ export interface LoginState {
   attempts: number;
   lastUser: string | null;
   lastMethod: string | null;
+  /** how the last login attempt ended: a disconnect after `backend` or `tempfail` is no auth failure (fail2ban) */
+  lastOutcome?: 'failed' | 'tempfail' | 'backend' | 'ok';
+  /** logins that authenticated (whatever happened next) */
+  successes?: number;
 }
 
 export function logFields(conn: ClientConn, st: LoginState, extra: Record<string, string | number | boolean | null> = {}): Record<string, string | number | boolean | null> {
@@ -75,14 +79,18 @@ export async function checkLogin(env: ProxyEnv, conn: ClientConn, st: LoginState
     r = { ok: false as const, why: 'tempfail' as const, detail: e instanceof Error ? e.message : 'auth error' };
   }
   if (r.ok) {
+    st.lastOutcome = 'ok';
+    st.successes = (st.successes ?? 0) + 1;
     env.penalty.success(conn.peer.rip);
     for (const w of r.warnings) env.log.log('warn', `${st.proto}-login`, w);
     return { kind: 'ok', user: r.user };
   }
   if (r.why === 'tempfail') {
+    st.lastOutcome = 'tempfail';
     env.log.log('error', `${st.proto}-login`, `Temporary authentication failure: ${r.detail}:`, logFields(conn, st));
     return { kind: 'tempfail', detail: r.detail };
   }
+  st.lastOutcome = 'failed';
   const delay = env.penalty.fail(conn.peer.rip);
   env.log.log('info', `${st.proto}-login`, `auth failed (${r.why}):`, logFields(conn, st));
   if (delay > 0) await new Promise((res) => setTimeout(res, delay));
@@ -96,8 +104,11 @@ export function logLogin(env: ProxyEnv, conn: ClientConn, st: LoginState, addres
 
 export function logDisconnect(env: ProxyEnv, conn: ClientConn, st: LoginState, why: string): void {
   const secs = Math.round((Date.now() - st.started) / 1000);
-  const reason =
-    st.attempts === 0 ? `no auth attempts in ${secs} secs` : why === 'auth failed' ? `auth failed, ${st.attempts} attempts in ${secs} secs` : `${why}`;
+  let reason = st.attempts === 0 ? `no auth attempts in ${secs} secs` : why === 'auth failed' ? `auth failed, ${st.attempts} attempts in ${secs} secs` : `${why}`;
+  // Dovecot's wording when the password was right but the session could not start: not an auth failure
+  if (why === 'auth failed' && (st.lastOutcome === 'backend' || st.lastOutcome === 'tempfail' || st.lastOutcome === 'ok')) {
+    reason = st.lastOutcome === 'tempfail' ? `auth unavailable, ${st.attempts} attempts in ${secs} secs` : `internal failure, ${st.successes ?? 0} successful auths in ${secs} secs`;
+  }
   env.log.log('info', `${st.proto}-login`, `Disconnected (${reason}):`, logFields(conn, st));
 }
 

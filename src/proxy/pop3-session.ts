@@ -212,6 +212,7 @@ export class Pop3Session {
       const parts = r.toString('utf8').split('\0');
       if (parts.length !== 3 || (parts[0] !== '' && parts[0] !== parts[1])) {
         this.st.attempts++;
+        this.st.lastOutcome = 'failed';
         conn.write('-ERR [AUTH] Authentication failed.\r\n');
         return this.afterFailure();
       }
@@ -236,6 +237,7 @@ export class Pop3Session {
     const { conn, env } = this;
     if (/[\r\n\0]/.test(user) || user.length === 0 || user.length > 256) {
       this.st.attempts++;
+      this.st.lastOutcome = 'failed';
       conn.write('-ERR [AUTH] Authentication failed.\r\n');
       return this.afterFailure();
     }
@@ -255,6 +257,7 @@ export class Pop3Session {
       return b;
     });
     if (!rt.ok) {
+      this.st.lastOutcome = 'backend';
       env.log.log('error', `pop3(${address})`, `Backend failure: ${rt.reason}:`, { rip: conn.peer.rip, session: this.st.sid });
       conn.write('-ERR [SYS/TEMP] Internal error occurred. Refer to server log for more information.\r\n');
       return false;
