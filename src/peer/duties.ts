@@ -55,6 +55,7 @@ export function registerAtStart(instance: Instance): { lines: string[] } {
 
 /** Per worker: registry refresh, heartbeat, ending sessions of moved users. */
 export function startDuties(env: ProxyEnv): void {
+  env.peer.prewarm = true;
   env.peer.nodes.start(REGISTRY_REFRESH_MS, (e) => env.log.log('warn', 'peer', `node registry refresh failed: ${e instanceof Error ? e.message : String(e)}`));
   // every worker beats (one UPDATE per HEARTBEAT_S each): the node stays "up" while any worker lives
   const t = setInterval(() => {

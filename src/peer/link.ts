@@ -10,6 +10,7 @@
  *             PEER_REFUSED (the target refused the hand-off: code and text from its answer).
  */
 import { connect, type TLSSocket } from 'node:tls';
+import type { X509Certificate } from 'node:crypto';
 import { randomBytes } from 'node:crypto';
 import { certNodeName } from '../../certs/verify.js';
 import type { PeerContext } from './context.js';
@@ -27,14 +28,13 @@ export function splitHostPort(a: string): { host: string; port: number } {
 }
 
 function connectOnce(ctx: PeerContext, target: string, host: string, port: number): Promise<TLSSocket> {
-  const c = ctx.credentials();
   return new Promise((resolve, reject) => {
     const sock = connect({
       host,
       port,
-      ca: c.ca,
-      cert: c.cert,
-      key: c.key,
+      secureContext: ctx.clientContext(),
+      // every link is a full handshake: both ends see and check the other's certificate (no resumption)
+      session: undefined,
       minVersion: 'TLSv1.3',
       maxVersion: 'TLSv1.3',
       // the certificate must name the node we mean to reach, whatever address it answers on
@@ -56,8 +56,19 @@ function connectOnce(ctx: PeerContext, target: string, host: string, port: numbe
   });
 }
 
-/** A verified TLS link to `target`'s peer listener. */
-export async function openLink(ctx: PeerContext, target: string): Promise<TLSSocket> {
+/** Is the certificate on this link the registered one of `target`? Refusal reason, or null. */
+function verifyPeer(ctx: PeerContext, target: string, x: X509Certificate | undefined): string | null {
+  if (!x) return 'no certificate';
+  if (certNodeName(x) !== target) return `it names node ${certNodeName(x)}`;
+  const chk = ctx.trust.check(ctx.nodes, { name: target, fingerprint: x.fingerprint256, certificate: x });
+  return chk.ok ? null : chk.reason;
+}
+
+// the certificate each link was verified with (Node stops returning it once a TLS 1.3 session ticket arrives)
+const certs = new WeakMap<TLSSocket, X509Certificate>();
+
+/** A fresh, verified link: registry lookup, connect (with retries), certificate check. */
+async function dial(ctx: PeerContext, target: string): Promise<TLSSocket> {
   const n = ctx.nodes.get(target);
   if (!n) throw new AppError('PEER_UNAVAILABLE', `node ${target} is not registered`);
   if (n.state !== 'active') throw new AppError('PEER_UNAVAILABLE', `node ${target} is ${n.state}`);
@@ -76,17 +87,85 @@ export async function openLink(ctx: PeerContext, target: string): Promise<TLSSoc
       break;
     }
     const x = sock.getPeerX509Certificate();
-    const fp = x?.fingerprint256 ?? '';
-    const chk = x ? ctx.trust.check(ctx.nodes, { name: certNodeName(x), fingerprint: fp, certificate: x }) : { ok: false as const, reason: 'no certificate' };
-    if (!x || certNodeName(x) !== target || !chk.ok) {
+    const bad = verifyPeer(ctx, target, x);
+    if (bad !== null || !x) {
       sock.destroy();
-      throw new AppError('PEER_UNAVAILABLE', `node ${target} at ${n.peerAddress} presented a certificate that is not its registered one${chk.ok ? '' : `: ${chk.reason}`}`);
+      throw new AppError('PEER_UNAVAILABLE', `node ${target} at ${n.peerAddress} presented a certificate that is not its registered one: ${bad ?? 'none'}`);
     }
     sock.setNoDelay(true);
+    certs.set(sock, x);
     return sock;
   }
   const code = (last as NodeJS.ErrnoException).code;
   throw new AppError('PEER_UNAVAILABLE', `node ${target} at ${n.peerAddress} is unreachable: ${code ?? last.message}`);
+}
+
+/*
+ * Spare links (daemon only, ctx.prewarm): after a link to a node is used, one more is opened in
+ * the background, so the next session to that node skips the TLS handshake (~5 ms with RSA keys).
+ * A spare carries nothing until taken (each link still carries exactly one hand-off, sealed to its
+ * own TLS session); it is re-checked against the registry when taken, and dropped unused after
+ * half the peer's hand-off timeout (the receiving node closes idle links at that timeout). Idle
+ * nodes keep no spares: a spare is only replaced when one is used.
+ */
+interface Spare {
+  readonly sock: TLSSocket;
+  readonly timer: NodeJS.Timeout;
+}
+const spares = new WeakMap<PeerContext, Map<string, Spare | 'opening'>>();
+
+function spareMap(ctx: PeerContext): Map<string, Spare | 'opening'> {
+  let m = spares.get(ctx);
+  if (!m) {
+    m = new Map();
+    spares.set(ctx, m);
+  }
+  return m;
+}
+
+function takeSpare(ctx: PeerContext, target: string): TLSSocket | null {
+  const m = spareMap(ctx);
+  const sp = m.get(target);
+  if (!sp || sp === 'opening') return null;
+  m.delete(target);
+  clearTimeout(sp.timer);
+  sp.sock.ref();
+  // the registry may have changed since the spare was opened: check again
+  if (sp.sock.destroyed || !sp.sock.writable || verifyPeer(ctx, target, certs.get(sp.sock)) !== null) {
+    sp.sock.destroy();
+    return null;
+  }
+  return sp.sock;
+}
+
+function prewarm(ctx: PeerContext, target: string): void {
+  const m = spareMap(ctx);
+  if (!ctx.prewarm || m.has(target)) return;
+  m.set(target, 'opening');
+  dial(ctx, target).then(
+    (sock) => {
+      sock.unref();
+      sock.on('error', () => undefined);
+      const timer = setTimeout(() => {
+        if (m.get(target) === spare) m.delete(target);
+        sock.destroy();
+      }, Math.max(500, ctx.handoffTimeoutMs / 2));
+      timer.unref();
+      const spare: Spare = { sock, timer };
+      sock.once('close', () => {
+        if (m.get(target) === spare) m.delete(target);
+      });
+      m.set(target, spare);
+    },
+    () => m.delete(target),
+  );
+}
+
+/** A verified TLS link to `target`'s peer listener (a spare one when there is one). */
+export async function openLink(ctx: PeerContext, target: string): Promise<TLSSocket> {
+  const sock = takeSpare(ctx, target) ?? (await dial(ctx, target));
+  prewarm(ctx, target);
+  return sock;
 }
 
 export type HandOffRequest = Omit<HandOff, 'proto' | 'from' | 'to' | 'nonce' | 'ts'>;

@@ -137,6 +137,11 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
     try {
       line = await readLine(sock, HANDOFF_MAX_BYTES, env.peer.handoffTimeoutMs);
     } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EMPTY') {
+        env.log.log('debug', 'peer', `Link from ${name} closed unused:`, { rip });
+        sock.destroy();
+        return;
+      }
       count('pigeon_peer_handoffs_received_total', { kind: 'unknown', result: 'incomplete' });
       log('warn', 'peer', `Hand-off from ${name} failed: ${(e as Error).message}:`, { rip });
       sock.destroy();

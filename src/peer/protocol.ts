@@ -215,7 +215,8 @@ export function readLine(s: Duplex, max: number, timeoutMs: number): Promise<Buf
         if (rest.length > 0) s.unshift(rest);
       } else if (buf.length > max) done(new Error(`line longer than ${max} bytes`));
     };
-    const onEnd = (): void => done(new Error('connection closed'));
+    // closed before a single byte: an unused link (a spare dropped by its node), not a fault
+    const onEnd = (): void => done(Object.assign(new Error('connection closed'), { code: buf.length === 0 ? 'EMPTY' : 'EOF' }));
     const onError = (e: Error): void => done(e);
     const t = setTimeout(() => done(new Error(`no complete line within ${timeoutMs / 1000}s`)), timeoutMs);
     s.on('data', onData);
