@@ -13,6 +13,7 @@ import { parseDocument, LineCounter, isMap, isSeq, type Node } from 'yaml';
 import { z } from 'zod';
 import { AppError } from './errors.js';
 import { parseDbUrl } from './db.js';
+import { TRUST } from '../certs/trust.js';
 
 export const PROTOCOLS = ['imap', 'imaps', 'pop3', 'pop3s', 'lmtp', 'peer', 'metrics'] as const;
 export type Protocol = (typeof PROTOCOLS)[number];
@@ -95,7 +96,10 @@ export const fileSchema = z.strictObject({
         .nullable()
         .default(null),
       // which trust module decides about the node at the other end (certs/trust.ts)
-      trust: z.enum(['registry']).default('registry'),
+      trust: z
+        .string()
+        .refine((v) => TRUST.has(v), { message: `unknown trust module; known: ${[...TRUST.keys()].join(', ')}` })
+        .default('registry'),
       handoff_timeout_s: z.number().int().min(1).max(300).default(10),
       connect_timeout_s: z.number().int().min(1).max(300).default(10),
     })

@@ -74,6 +74,7 @@ async function dial(ctx: PeerContext, target: string): Promise<TLSSocket> {
   if (n.state !== 'active') throw new AppError('PEER_UNAVAILABLE', `node ${target} is ${n.state}`);
   if (n.peerAddress === null) throw new AppError('PEER_UNAVAILABLE', `node ${target} has no peer address (is it running "pigeon serve" with a peer= listener?)`);
   const { host, port } = splitHostPort(n.peerAddress);
+  ctx.clientContext(); // this node's certificate and key: a clear error when they cannot be read
   let last: Error = new Error('no attempt');
   for (let i = 0; i < PEER_CONNECT_ATTEMPTS; i++) {
     if (i > 0) await new Promise((r) => setTimeout(r, 1000));
@@ -97,7 +98,7 @@ async function dial(ctx: PeerContext, target: string): Promise<TLSSocket> {
     return sock;
   }
   const code = (last as NodeJS.ErrnoException).code;
-  throw new AppError('PEER_UNAVAILABLE', `node ${target} at ${n.peerAddress} is unreachable: ${code ?? last.message}`);
+  throw new AppError('PEER_UNAVAILABLE', `node ${target} at ${n.peerAddress} is unreachable: ${typeof code === 'string' && /^E[A-Z]+$/.test(code) ? code : last.message}`);
 }
 
 /*
