@@ -274,12 +274,13 @@ t.test('cluster of three nodes on one machine', async (t) => {
       t.match(await answer(stale.sock), /"code":"stale"/, 'a hand-off two minutes old is refused');
     });
 
-    await t.test('a hand-off for a user who does not live here, a hop loop, a lying sender', async (t) => {
+    await t.test('a hand-off for a user who does not live here, a hop loop, a lying sender, a mailbox outside the mail root', async (t) => {
       const cases: [Partial<HandOff>, RegExp][] = [
         [{ user: { ...aliceHandOff().user, address: `bob@${DOMAIN}`, home: 'B' } }, /"code":"not-home"/],
         [{ hops: 8 }, /"code":"hops"/],
         [{ from: 'B' }, /"code":"sender"/],
         [{ to: 'B' }, /"code":"addressee"/],
+        [{ user: { ...aliceHandOff().user, allocation: { format: 'maildir', path: '/etc/pigeon-test-nowhere', node: 'C' } } }, /"code":"allocation"/],
       ];
       for (const [over, re] of cases) {
         const l = await rawLink(C, aCert, aKey, caPem);

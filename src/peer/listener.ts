@@ -36,7 +36,7 @@ interface Link {
 }
 
 /** The hand-off checks that do not need the TLS session (mac is checked by openHandOff). */
-export function admissible(h: HandOff, me: string, sender: string, nonces: NonceCache, now = Date.now()): { code: string; text: string } | null {
+export function admissible(h: HandOff, me: string, sender: string, nonces: NonceCache, mailRoot: string, now = Date.now()): { code: string; text: string } | null {
   if (h.from !== sender) return { code: 'sender', text: `hand-off claims to come from ${h.from} but the certificate is ${sender}'s` };
   if (h.to !== me) return { code: 'addressee', text: `hand-off is addressed to node ${h.to}, this is ${me}` };
   if (h.hops < 1 || h.hops > HOP_LIMIT) return { code: 'hops', text: `hop count ${h.hops} outside 1..${HOP_LIMIT} (a forwarding loop?)` };
@@ -49,6 +49,10 @@ export function admissible(h: HandOff, me: string, sender: string, nonces: Nonce
     if (h.kind === 'move-in' && (mv.to !== me || mv.from !== sender)) return { code: 'addressee', text: `move-in of ${h.user.address} from ${mv.from} to ${mv.to} does not match this link (${sender} → ${me})` };
     if (mv.pass === 1 && h.user.movingTo !== mv.to) return { code: 'not-moving', text: `user ${h.user.address} is not marked as moving to ${mv.to}` };
     return null;
+  }
+  const a = h.user.allocation;
+  if (a !== null && (!a.path.startsWith(`${mailRoot}/`) || (a.node !== undefined && a.node !== me))) {
+    return { code: 'allocation', text: `mailbox ${a.path} of ${h.user.address} is not in this node's mail root ${mailRoot}` };
   }
   if (h.user.home !== me) return { code: 'not-home', text: `user ${h.user.address} does not live on this node (home ${h.user.home ?? 'none'})` };
   if (h.user.state !== 'active') return { code: 'disabled', text: `user ${h.user.address} is disabled` };
@@ -148,7 +152,7 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
       return;
     }
     const o = openHandOff(sock, line);
-    const bad = o.ok ? admissible(o.handOff, me, name, nonces) : { code: o.code, text: o.text };
+    const bad = o.ok ? admissible(o.handOff, me, name, nonces, env.instance.mailRoot) : { code: o.code, text: o.text };
     if (!o.ok || bad) {
       const b = bad ?? { code: '?', text: '?' };
       count('pigeon_peer_handoffs_received_total', { kind: o.ok ? o.handOff.kind : 'unknown', result: b.code });
