@@ -16,6 +16,7 @@ import { makeNode, metrics, wireTo, lmtpSend, type ClusterNode } from './helpers
 import { pigeon, CLI } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
 import { startCli } from './helpers/cli.js';
+import { courierBinaries } from './helpers/backends.js';
 import { createCa, issueHostCert, readKeyPair } from '../certs/ca.js';
 import { sealHandOff, newNonce, PEER_PROTOCOL, type HandOff } from '../src/peer/protocol.js';
 
@@ -105,6 +106,7 @@ t.test('cluster of three nodes on one machine', async (t) => {
     ['race', null],
     ['fewest', null],
     ['mover', 'C'],
+    ['cora', 'B'],
   ] as const) {
     const r = A.run(['user', 'add', `${u}@${DOMAIN}`, '--password-stdin', ...(home ? ['--home', home] : [])], 'secret\n');
     t.equal(r.status, 0, `user ${u} added`);
@@ -167,6 +169,24 @@ t.test('cluster of three nodes on one machine', async (t) => {
     t.match(A.log(), /imap\(alice@example\.test\): Handed off to node C/);
     t.match(C.log(), /imap\(alice@example\.test\): Login: from=A, method=peer/);
     t.notMatch(C.log() + A.log(), /secret/, 'no password in any log');
+  });
+
+  await t.test('a user on Courier at B, reached at A: the home node starts its own backend', async (t) => {
+    const bin = courierBinaries();
+    if (!requireProgram(t, bin.imapd, 'courier-imap (.deb unpacked by scripts/install-deps.sh)')) return;
+    if (!requireProgram(t, '/usr/libexec/gam_server', 'gamin')) return;
+    for (const k of ['imap.backend', 'pop3.backend']) t.equal(A.run(['config', 'set', '--user', `cora@${DOMAIN}`, k, 'courier']).status, 0);
+    t.match((await lmtpSend(C, [`cora@${DOMAIN}`], msg('for cora on courier')))[0], /^250/);
+    t.equal(mailFiles(B, `cora@${DOMAIN}`).length, 1, 'stored on B');
+    const c = imap(A, `cora@${DOMAIN}`);
+    await c.connect();
+    const lock = await c.getMailboxLock('INBOX');
+    const subjects: string[] = [];
+    for await (const m of c.fetch('1:*', { envelope: true })) subjects.push(m.envelope?.subject ?? '');
+    lock.release();
+    await c.logout();
+    t.same(subjects, ['for cora on courier'], 'read through A, served by Courier on B');
+    t.match(B.log(), /imap\(cora@example\.test\): Login: from=A, method=peer/);
   });
 
   await t.test('many concurrent first deliveries for one new user, split across nodes: one mailbox', async (t) => {

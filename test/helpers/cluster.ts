@@ -8,6 +8,7 @@ import type { Test } from 'tap';
 import { pigeon, CLI, type Run } from './instance.js';
 import { Wire } from './wire.js';
 import { Dialog, dataOf } from './delivery-lmtp.js';
+import { courierBinaries } from './backends.js';
 
 export interface ClusterNode {
   readonly name: string;
@@ -54,6 +55,8 @@ export async function makeNode(t: Test, base: string, name: string, ip: string, 
   const r = pigeon(null, args);
   if (r.status !== 0) throw new Error(`init ${name}: ${r.stderr}`);
   writeFileSync(join(dir, 'conf.d', '50-test.yaml'), CLUSTER_CONF);
+  const courier = courierBinaries();
+  writeFileSync(join(dir, 'conf.d', '40-courier.yaml'), `courier:\n  imapd: ${courier.imapd}\n  pop3d: ${courier.pop3d}\n`);
   const node: ClusterNode = {
     name,
     ip,
