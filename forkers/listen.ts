@@ -7,7 +7,8 @@
  *             stderr or log.file.
  *             Limits: PREAUTH_CONNS_PER_IP concurrent connections per client address and
  *             MAX_CONNECTIONS in all, per worker.
- *             SIGTERM: stop accepting, let sessions end (up to 10 s), exit 0.
+ *             SIGTERM: stop accepting, let sessions end (up to 10 s; also those received over
+ *             peer links), exit 0.
  *             SIGHUP: re-read pigeon.yaml; on success swap the TLS certificate and log settings,
  *             keep every session; on error log it and keep the old configuration.
  * DIAGNOSTICS exit 78 on a bad configuration at start, 75 when a port cannot be bound.
@@ -28,6 +29,7 @@ import { socketConn } from './inetd.js';
 import { ImapSession } from '../src/proxy/imap-session.js';
 import { Pop3Session } from '../src/proxy/pop3-session.js';
 import { unmap } from '../src/proxy/conn.js';
+import { liveCount } from '../src/proxy/live.js';
 import { PREAUTH_CONNS_PER_IP, MAX_CONNECTIONS } from '../src/limits.js';
 import type { Forker } from './types.js';
 
@@ -171,7 +173,8 @@ async function runWorker(makeEnv: () => ProxyEnv, configPath: string | undefined
       }, 10_000);
       deadline.unref();
       const check = setInterval(() => {
-        if (sockets.size === 0) {
+        // client connections here, and sessions received over peer links (tracked in src/proxy/live.ts)
+        if (sockets.size === 0 && liveCount() === 0) {
           clearInterval(check);
           clearTimeout(deadline);
           resolve(0);
