@@ -29,18 +29,14 @@
  *             (scripts/bench.mjs reads it: keys login, fetch, pop3_retr, each {local, peer, ratio}).
  */
 import { spawnSync, spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync, chmodSync, chownSync, readFileSync, rmSync, readdirSync, existsSync } from 'node:fs';
-import { connect, createServer } from 'node:net';
-import { connect as tlsConnect } from 'node:tls';
+import { mkdtempSync, writeFileSync, chmodSync, chownSync, readFileSync, existsSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { tmpdir, cpus } from 'node:os';
+import { option, sleep, tree, cleanupAtExit, stopServe, freePort, quantile, median, r2, open, until, GREETING, drain } from './bench-lib.mjs';
 
 const argv = process.argv.slice(2);
-const opt = (name, d) => {
-  const i = argv.indexOf(`--${name}`);
-  return i >= 0 ? argv[i + 1] : d;
-};
+const opt = option(argv);
 const QUICK = argv.includes('--quick');
 const ROUNDS = Number(opt('rounds', QUICK ? 3 : 5));
 const WORKERS = Number(opt('workers', 1)); // per node: two nodes share the machine
@@ -81,59 +77,7 @@ const MAIL_UID = (() => {
 const base = mkdtempSync(join(tmpdir(), 'pigeon-bench-cluster-'));
 chmodSync(base, 0o755); // Dovecot runs as the mail uid and must reach the mailboxes below it
 const roots = []; // serve processes whose whole tree is killed at exit
-function procTable() {
-  const t = new Map();
-  for (const d of readdirSync('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      const s = readFileSync(`/proc/${d}/stat`, 'latin1');
-      const r = s.lastIndexOf(')');
-      const f = s.slice(r + 2).split(' ');
-      t.set(Number(d), { pid: Number(d), ppid: Number(f[1]), state: f[0] });
-    } catch {
-      /* gone */
-    }
-  }
-  return t;
-}
-function tree(root) {
-  const t = procTable();
-  const kids = new Map();
-  for (const p of t.values()) {
-    if (!kids.has(p.ppid)) kids.set(p.ppid, []);
-    kids.get(p.ppid).push(p);
-  }
-  const out = t.has(root) ? [t.get(root)] : [];
-  const st = [root];
-  while (st.length) {
-    for (const k of kids.get(st.pop()) ?? []) {
-      out.push(k);
-      st.push(k.pid);
-    }
-  }
-  return out.filter((p) => p.state !== 'Z');
-}
-let cleaned = false;
-function cleanup() {
-  if (cleaned) return;
-  cleaned = true;
-  for (const r of roots) {
-    for (const p of tree(r.pid)) {
-      try {
-        process.kill(p.pid, 'SIGKILL');
-      } catch {
-        /* gone */
-      }
-    }
-  }
-  try {
-    rmSync(base, { recursive: true, force: true });
-  } catch {
-    /* best effort */
-  }
-}
-process.on('exit', cleanup);
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(130));
+cleanupAtExit(base, roots);
 function logTails() {
   for (const n of Object.keys(HOSTS)) {
     const f = join(base, n, 'pigeon.log');
@@ -158,69 +102,6 @@ setTimeout(() => {
 }, (QUICK ? 150 : 900) * 1000).unref();
 
 // ---------------------------------------------------------------- helpers
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const freePort = (host) =>
-  new Promise((res, rej) => {
-    const s = createServer();
-    s.once('error', rej);
-    s.listen(0, host, () => {
-      const p = s.address().port;
-      s.close(() => res(p));
-    });
-  });
-const quantile = (a, p) => {
-  const s = [...a].sort((x, y) => x - y);
-  return s[Math.min(s.length - 1, Math.max(0, Math.ceil(p * s.length) - 1))];
-};
-const median = (a) => quantile(a, 0.5);
-const r2 = (x) => (x === null || x === undefined || Number.isNaN(x) ? null : Math.round(x * 100) / 100);
-
-function open(host, port, { tls = false } = {}) {
-  return new Promise((resolve, reject) => {
-    const s = tls ? tlsConnect({ host, port, localAddress: '127.0.0.1', rejectUnauthorized: false }) : connect({ host, port, localAddress: '127.0.0.1' });
-    const c = { s, buf: '', waiter: null, sink: null, closed: false, err: null };
-    s.setNoDelay(true);
-    s.on('data', (d) => {
-      if (c.sink) return c.sink(d);
-      c.buf += d.toString('latin1');
-      c.waiter?.();
-    });
-    s.on('error', (e) => {
-      c.err = e;
-      c.waiter?.();
-      reject(e);
-    });
-    s.on('close', () => {
-      c.closed = true;
-      c.waiter?.();
-    });
-    s.once(tls ? 'secureConnect' : 'connect', () => resolve(c));
-  });
-}
-function until(c, re, ms = 60_000) {
-  return new Promise((res, rej) => {
-    const t = setTimeout(() => {
-      c.waiter = null;
-      rej(new Error(`timeout waiting for ${re}: ${JSON.stringify(c.buf.slice(-200))}`));
-    }, ms);
-    const check = () => {
-      const m = re.exec(c.buf);
-      if (m) {
-        c.waiter = null;
-        clearTimeout(t);
-        const out = c.buf.slice(0, m.index + m[0].length);
-        c.buf = c.buf.slice(m.index + m[0].length);
-        res(out);
-      } else if (c.closed || c.err) {
-        c.waiter = null;
-        clearTimeout(t);
-        rej(new Error(`connection closed waiting for ${re}: ${JSON.stringify(c.buf.slice(-200))} ${c.err?.message ?? ''}`));
-      } else c.waiter = check;
-    };
-    check();
-  });
-}
-const GREETING = /^\* OK[^\r\n]*\r\n/m;
 /** greeting, then LOGIN → tagged OK; returns the ms from sending LOGIN to the tagged OK */
 async function imapLogin(c, user) {
   await until(c, GREETING);
@@ -277,7 +158,7 @@ for (const [n, user] of [
   ['A', USERS.local],
   ['B', USERS.peer],
 ]) {
-  const c = await open(HOSTS[n], ports[n].imap);
+  const c = await open(ports[n].imap, { host: HOSTS[n], localAddress: '127.0.0.1', noDelay: true });
   await imapLogin(c, user);
   c.s.write('b LOGOUT\r\n');
   await until(c, /^b OK[^\r\n]*\r\n/m);
@@ -303,7 +184,7 @@ for (const [side, user] of Object.entries(USERS)) {
 // login through A may need a moment
 for (let i = 0; ; i++) {
   try {
-    const c = await open(HOSTS.A, ports.A.imap);
+    const c = await open(ports.A.imap, { host: HOSTS.A, localAddress: '127.0.0.1', noDelay: true });
     await imapLogin(c, USERS.peer);
     c.s.destroy();
     break;
@@ -337,7 +218,7 @@ function summarise(per) {
 // ---------------------------------------------------------------- login
 async function loginCycle(user) {
   const t0 = process.hrtime.bigint();
-  const c = await open(HOSTS.A, ports.A.imap);
+  const c = await open(ports.A.imap, { host: HOSTS.A, localAddress: '127.0.0.1', noDelay: true });
   const loginMs = await imapLogin(c, user);
   const connectToReady = Number(process.hrtime.bigint() - t0) / 1e6;
   c.s.write('b LOGOUT\r\n');
@@ -359,30 +240,8 @@ async function loginRound(user) {
 }
 
 // ---------------------------------------------------------------- large FETCH, POP3 RETR
-async function drain(c, write, done) {
-  // count bytes without buffering the literal (the client must not be the bottleneck)
-  let bytes = 0;
-  let tail = '';
-  const t0 = process.hrtime.bigint();
-  await new Promise((res, rej) => {
-    const t = setTimeout(() => rej(new Error('transfer timed out')), 60_000);
-    c.sink = (d) => {
-      bytes += d.length;
-      tail = (tail + d.subarray(-200).toString('latin1')).slice(-200);
-      if (done.test(tail)) {
-        clearTimeout(t);
-        res();
-      }
-    };
-    c.s.once('close', () => rej(new Error('closed during transfer')));
-    write();
-  });
-  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
-  c.sink = null;
-  return { MiBps: bytes / secs / 1048576, bytes };
-}
 async function fetchRound(user, { tls = false } = {}) {
-  const c = await open(HOSTS.A, tls ? ports.A.imaps : ports.A.imap, { tls });
+  const c = await open(tls ? ports.A.imaps : ports.A.imap, { host: HOSTS.A, localAddress: '127.0.0.1', noDelay: true, tls });
   await imapLogin(c, user);
   c.s.write('b SELECT INBOX\r\n');
   await until(c, /^b OK[^\r\n]*\r\n/m);
@@ -396,7 +255,7 @@ async function fetchRound(user, { tls = false } = {}) {
   return { MiBps: median(rates) };
 }
 async function retrRound(user) {
-  const c = await open(HOSTS.A, ports.A.pop3);
+  const c = await open(ports.A.pop3, { host: HOSTS.A, localAddress: '127.0.0.1', noDelay: true });
   await until(c, /^\+OK[^\r\n]*\r\n/m);
   c.s.write(`USER ${user}\r\n`);
   await until(c, /^\+OK[^\r\n]*\r\n/m);
@@ -489,11 +348,6 @@ results.peer_handoffs = {
   }
 }
 // gracefully: --cpu-prof (BENCH_SERVE_NODE_ARGS) profiles are written at exit
-async function stopServe(p) {
-  p.kill('SIGTERM');
-  const t0 = Date.now();
-  while (tree(p.pid).length > 0 && Date.now() - t0 < 15_000) await sleep(100);
-}
 await Promise.all(Object.values(serve).map(stopServe));
 const logWarnings = {};
 for (const n of Object.keys(HOSTS)) {

@@ -24,16 +24,12 @@
  */
 import { spawnSync, spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync, mkdirSync, chmodSync, chownSync, readFileSync, rmSync, readdirSync, existsSync } from 'node:fs';
-import { connect, createServer } from 'node:net';
-import { connect as tlsConnect } from 'node:tls';
 import { join } from 'node:path';
 import { tmpdir, cpus } from 'node:os';
+import { option, sleep, tree, cleanupAtExit, stopServe, freePort, quantile, median, r2, open, until, GREETING, drain } from './bench-lib.mjs';
 
 const argv = process.argv.slice(2);
-const opt = (name, d) => {
-  const i = argv.indexOf(`--${name}`);
-  return i >= 0 ? argv[i + 1] : d;
-};
+const opt = option(argv);
 const QUICK = argv.includes('--quick');
 const ROUNDS = Number(opt('rounds', QUICK ? 3 : 5));
 const WORKERS = Number(opt('workers', cpus().length));
@@ -65,60 +61,7 @@ if (process.getuid?.() !== 0) {
 const base = mkdtempSync(join(tmpdir(), 'pigeon-bench-'));
 chmodSync(base, 0o755);
 const roots = []; // child processes whose whole tree is killed at exit
-function procTable() {
-  const t = new Map();
-  for (const d of readdirSync('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      const s = readFileSync(`/proc/${d}/stat`, 'latin1');
-      const r = s.lastIndexOf(')');
-      const f = s.slice(r + 2).split(' ');
-      t.set(Number(d), { pid: Number(d), comm: s.slice(s.indexOf('(') + 1, r), ppid: Number(f[1]), state: f[0] });
-    } catch {
-      /* gone */
-    }
-  }
-  return t;
-}
-function tree(root) {
-  const t = procTable();
-  const kids = new Map();
-  for (const p of t.values()) {
-    if (!kids.has(p.ppid)) kids.set(p.ppid, []);
-    kids.get(p.ppid).push(p);
-  }
-  const out = t.has(root) ? [t.get(root)] : [];
-  const st = [root];
-  while (st.length) {
-    for (const k of kids.get(st.pop()) ?? []) {
-      out.push(k);
-      st.push(k.pid);
-    }
-  }
-  return out.filter((p) => p.state !== 'Z');
-}
-let cleaned = false;
-function cleanup() {
-  if (cleaned) return;
-  cleaned = true;
-  for (const r of roots) {
-    const pids = tree(r.pid).map((p) => p.pid);
-    for (const pid of pids) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        /* gone */
-      }
-    }
-  }
-  try {
-    rmSync(base, { recursive: true, force: true });
-  } catch {
-    /* best effort */
-  }
-}
-process.on('exit', cleanup);
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(130));
+cleanupAtExit(base, roots);
 function logTails() {
   for (const f of [join(base, 'inst', 'pigeon.log'), join(base, 'dovecot', 'dovecot.log')]) {
     try {
@@ -142,69 +85,8 @@ setTimeout(() => {
 }, (QUICK ? 120 : 1200) * 1000).unref();
 
 // ---------------------------------------------------------------- helpers
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const freePort = () =>
-  new Promise((res) => {
-    const s = createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const p = s.address().port;
-      s.close(() => res(p));
-    });
-  });
-const quantile = (a, p) => {
-  const s = [...a].sort((x, y) => x - y);
-  return s[Math.min(s.length - 1, Math.max(0, Math.ceil(p * s.length) - 1))];
-};
-const median = (a) => quantile(a, 0.5);
-const r2 = (x) => (x === null || x === undefined || Number.isNaN(x) ? null : Math.round(x * 100) / 100);
 // the i-th distinct client address (127.1.0.1 …): at most a few connections per address
 const srcAddr = (i) => `127.${1 + Math.floor(i / 62500)}.${Math.floor(i / 250) % 250}.${1 + (i % 250)}`;
-
-function open(port, { tls = false, localAddress } = {}) {
-  return new Promise((resolve, reject) => {
-    const s = tls ? tlsConnect({ host: '127.0.0.1', port, localAddress, rejectUnauthorized: false }) : connect({ host: '127.0.0.1', port, localAddress });
-    const c = { s, buf: '', waiter: null, sink: null, closed: false, err: null };
-    s.on('data', (d) => {
-      if (c.sink) return c.sink(d);
-      c.buf += d.toString('latin1');
-      c.waiter?.();
-    });
-    s.on('error', (e) => {
-      c.err = e;
-      c.waiter?.();
-      reject(e);
-    });
-    s.on('close', () => {
-      c.closed = true;
-      c.waiter?.();
-    });
-    s.once(tls ? 'secureConnect' : 'connect', () => resolve(c));
-  });
-}
-function until(c, re, ms = 60_000) {
-  return new Promise((res, rej) => {
-    const t = setTimeout(() => {
-      c.waiter = null;
-      rej(new Error(`timeout waiting for ${re}: ${JSON.stringify(c.buf.slice(-200))}`));
-    }, ms);
-    const check = () => {
-      const m = re.exec(c.buf);
-      if (m) {
-        c.waiter = null;
-        clearTimeout(t);
-        const out = c.buf.slice(0, m.index + m[0].length);
-        c.buf = c.buf.slice(m.index + m[0].length);
-        res(out);
-      } else if (c.closed || c.err) {
-        c.waiter = null;
-        clearTimeout(t);
-        rej(new Error(`connection closed waiting for ${re}: ${JSON.stringify(c.buf.slice(-200))} ${c.err?.message ?? ''}`));
-      } else c.waiter = check;
-    };
-    check();
-  });
-}
-const GREETING = /^\* OK[^\r\n]*\r\n/m;
 async function imapLogin(c) {
   await until(c, GREETING);
   c.s.write(`a LOGIN ${USER} ${PASS}\r\n`);
@@ -283,18 +165,6 @@ function gcServe(p) {
   } catch {
     log(`GC through the inspector failed: ${r.stderr.slice(0, 300)}`);
     return null;
-  }
-}
-async function stopServe(p) {
-  p.kill('SIGTERM');
-  const t0 = Date.now();
-  while (tree(p.pid).length > 0 && Date.now() - t0 < 15_000) await sleep(100);
-  for (const q of tree(p.pid)) {
-    try {
-      process.kill(q.pid, 'SIGKILL');
-    } catch {
-      /* gone */
-    }
   }
 }
 serveP = await startServe(WORKERS);
@@ -502,28 +372,6 @@ if (ONLY.has('login')) {
 }
 
 // ---------------------------------------------------------------- large FETCH, POP3 RETR
-async function drain(c, write, done) {
-  // count bytes without buffering the literal (the client must not be the bottleneck)
-  let bytes = 0;
-  let tail = '';
-  const t0 = process.hrtime.bigint();
-  await new Promise((res, rej) => {
-    const t = setTimeout(() => rej(new Error('transfer timed out')), 60_000);
-    c.sink = (d) => {
-      bytes += d.length;
-      tail = (tail + d.subarray(-200).toString('latin1')).slice(-200);
-      if (done.test(tail)) {
-        clearTimeout(t);
-        res();
-      }
-    };
-    c.s.once('close', () => rej(new Error('closed during transfer')));
-    write();
-  });
-  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
-  c.sink = null;
-  return { MiBps: bytes / secs / 1048576, bytes };
-}
 async function fetchRound(port, tls) {
   const c = await open(port, { tls, localAddress: srcAddr(1) });
   await imapLogin(c);
