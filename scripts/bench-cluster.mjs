@@ -33,7 +33,7 @@ import { mkdtempSync, writeFileSync, chmodSync, chownSync, readFileSync, existsS
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { tmpdir, cpus } from 'node:os';
-import { option, sleep, tree, cleanupAtExit, stopServe, freePort, quantile, median, r2, open, until, GREETING, drain } from './bench-lib.mjs';
+import { option, sleep, tree, cleanupAtExit, failLoudly, stopServe, freePort, quantile, median, r2, open, until, GREETING, drain } from './bench-lib.mjs';
 
 const argv = process.argv.slice(2);
 const opt = option(argv);
@@ -88,18 +88,7 @@ function logTails() {
     }
   }
 }
-for (const ev of ['uncaughtException', 'unhandledRejection']) {
-  process.on(ev, (e) => {
-    console.error('bench-cluster: failed:', e?.stack ?? e);
-    logTails();
-    process.exit(1);
-  });
-}
-setTimeout(() => {
-  console.error('bench-cluster: time limit reached, giving up');
-  logTails();
-  process.exit(1);
-}, (QUICK ? 150 : 900) * 1000).unref();
+failLoudly('bench-cluster', logTails, (QUICK ? 150 : 900));
 
 // ---------------------------------------------------------------- helpers
 /** greeting, then LOGIN → tagged OK; returns the ms from sending LOGIN to the tagged OK */

@@ -176,3 +176,19 @@ export async function drain(c, write, done) {
   c.sink = null;
   return { MiBps: bytes / secs / 1048576, bytes };
 }
+
+/** Any uncaught failure or the time limit: print `name: failed`, the log tails, exit 1. */
+export function failLoudly(name, logTails, limitSeconds) {
+  for (const ev of ['uncaughtException', 'unhandledRejection']) {
+    process.on(ev, (e) => {
+      console.error(`${name}: failed:`, e?.stack ?? e);
+      logTails();
+      process.exit(1);
+    });
+  }
+  setTimeout(() => {
+    console.error(`${name}: time limit reached, giving up`);
+    logTails();
+    process.exit(1);
+  }, limitSeconds * 1000).unref();
+}

@@ -26,7 +26,7 @@ import { spawnSync, spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync, mkdirSync, chmodSync, chownSync, readFileSync, rmSync, readdirSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { tmpdir, cpus } from 'node:os';
-import { option, sleep, tree, cleanupAtExit, stopServe, freePort, quantile, median, r2, open, until, GREETING, drain } from './bench-lib.mjs';
+import { option, sleep, tree, cleanupAtExit, failLoudly, stopServe, freePort, quantile, median, r2, open, until, GREETING, drain } from './bench-lib.mjs';
 
 const argv = process.argv.slice(2);
 const opt = option(argv);
@@ -72,17 +72,7 @@ function logTails() {
     }
   }
 }
-for (const ev of ['uncaughtException', 'unhandledRejection']) {
-  process.on(ev, (e) => {
-    console.error('bench-proxy: failed:', e?.stack ?? e);
-    logTails();
-    process.exit(1);
-  });
-}
-setTimeout(() => {
-  console.error('bench-proxy: time limit reached, giving up');
-  process.exit(1);
-}, (QUICK ? 120 : 1200) * 1000).unref();
+failLoudly('bench-proxy', logTails, (QUICK ? 120 : 1200));
 
 // ---------------------------------------------------------------- helpers
 // the i-th distinct client address (127.1.0.1 …): at most a few connections per address

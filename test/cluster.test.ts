@@ -26,6 +26,18 @@ function imap(n: ClusterNode, user: string, pass = 'secret'): ImapFlow {
   return new ImapFlow({ host: n.ip, port: n.ports['imap'] ?? 0, secure: false, doSTARTTLS: false, auth: { user, pass }, logger: false, emitLogs: false, connectionTimeout: 10_000 });
 }
 
+/** Log in at node `n` with imapflow and list the subjects in INBOX. */
+async function subjectsAt(n: ClusterNode, user: string): Promise<string[]> {
+  const c = imap(n, user);
+  await c.connect();
+  const lock = await c.getMailboxLock('INBOX');
+  const subjects: string[] = [];
+  for await (const m of c.fetch('1:*', { envelope: true })) subjects.push(m.envelope?.subject ?? '');
+  lock.release();
+  await c.logout();
+  return subjects;
+}
+
 function mailFiles(n: ClusterNode, user: string): string[] {
   const d = join(n.dir, 'mail', DOMAIN, user.split('@')[0] ?? '');
   if (!existsSync(d)) return [];
@@ -142,13 +154,7 @@ t.test('cluster of three nodes on one machine', async (t) => {
 
   await t.test('a client at A reads alice\'s mailbox on C (imapflow, POP3); C did no password check and no user read', async (t) => {
     const before = await metrics(C);
-    const c = imap(A, `alice@${DOMAIN}`);
-    await c.connect();
-    const lock = await c.getMailboxLock('INBOX');
-    const subjects: string[] = [];
-    for await (const m of c.fetch('1:*', { envelope: true })) subjects.push(m.envelope?.subject ?? '');
-    lock.release();
-    await c.logout();
+    const subjects = await subjectsAt(A, `alice@${DOMAIN}`);
     t.same(subjects.sort(), ['first for alice', 'via pigeon deliver at B']);
     const w = await wireTo(A.ip, A.ports['pop3'] ?? 0);
     await w.until(/^\+OK/m);
@@ -165,7 +171,7 @@ t.test('cluster of three nodes on one machine', async (t) => {
     t.equal(after.get('pigeon_password_checks_total') ?? 0, 0, 'C checked no password');
     t.equal((after.get('pigeon_peer_handoffs_received_total{kind="imap",result="accepted"}') ?? 0) - (before.get('pigeon_peer_handoffs_received_total{kind="imap",result="accepted"}') ?? 0), 1);
     t.equal((after.get('pigeon_peer_handoffs_received_total{kind="pop3",result="accepted"}') ?? 0) - (before.get('pigeon_peer_handoffs_received_total{kind="pop3",result="accepted"}') ?? 0), 1);
-    t.ok((await metrics(A)).get('pigeon_password_checks_total') ?? 0 >= 2, 'A did the password checks');
+    t.ok(((await metrics(A)).get('pigeon_password_checks_total') ?? 0) >= 2, 'A did the password checks');
     t.match(A.log(), /imap\(alice@example\.test\): Handed off to node C/);
     t.match(C.log(), /imap\(alice@example\.test\): Login: from=A, method=peer/);
     t.notMatch(C.log() + A.log(), /secret/, 'no password in any log');
@@ -178,13 +184,7 @@ t.test('cluster of three nodes on one machine', async (t) => {
     for (const k of ['imap.backend', 'pop3.backend']) t.equal(A.run(['config', 'set', '--user', `cora@${DOMAIN}`, k, 'courier']).status, 0);
     t.match((await lmtpSend(C, [`cora@${DOMAIN}`], msg('for cora on courier')))[0], /^250/);
     t.equal(mailFiles(B, `cora@${DOMAIN}`).length, 1, 'stored on B');
-    const c = imap(A, `cora@${DOMAIN}`);
-    await c.connect();
-    const lock = await c.getMailboxLock('INBOX');
-    const subjects: string[] = [];
-    for await (const m of c.fetch('1:*', { envelope: true })) subjects.push(m.envelope?.subject ?? '');
-    lock.release();
-    await c.logout();
+    const subjects = await subjectsAt(A, `cora@${DOMAIN}`);
     t.same(subjects, ['for cora on courier'], 'read through A, served by Courier on B');
     t.match(B.log(), /imap\(cora@example\.test\): Login: from=A, method=peer/);
   });
