@@ -17,7 +17,6 @@
  *             from NODE: code: text`, `peer(user): Login: from=NODE, rip=…, session=…`.
  */
 import { createServer, type Server, type TLSSocket } from 'node:tls';
-import type { Readable } from 'node:stream';
 import type { X509Certificate } from 'node:crypto';
 import type { Listener } from '../instance.js';
 import type { ProxyEnv } from '../proxy/env.js';
@@ -26,7 +25,7 @@ import { route, runSession } from '../proxy/router.js';
 import { certNodeName } from '../../certs/verify.js';
 import { count } from '../metrics.js';
 import { slice } from '../modules.js';
-import { HOP_LIMIT, HANDOFF_MAX_BYTES, CLOCK_SKEW_MS, NonceCache, openHandOff, readLine, replyLine, nextWithin, fromWireUser, fromWireConfig, type HandOff } from './protocol.js';
+import { HOP_LIMIT, HANDOFF_MAX_BYTES, CLOCK_SKEW_MS, NonceCache, openHandOff, readLine, replyLine, exactBytes, fromWireUser, fromWireConfig, type HandOff } from './protocol.js';
 
 interface Link {
   readonly sock: TLSSocket;
@@ -202,7 +201,7 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
     const denv = makeDeliveryEnv(env.instance, env.store, env.log, 'lmtp', null);
     let message;
     try {
-      message = await spool(exactly(sock, d.size, env.peer.handoffTimeoutMs * 6), { limit: spoolLimit([config['mailstore.max_size']?.value]) });
+      message = await spool(exactBytes(sock[Symbol.asyncIterator]() as AsyncIterator<Buffer>, sock, d.size, env.peer.handoffTimeoutMs * 6), { limit: spoolLimit([config['mailstore.max_size']?.value]) });
     } catch (e) {
       log('warn', `lmtp(${user.address})`, `Delivery from ${from} aborted: ${(e as Error).message}`, { session: h.session });
       sock.destroy();
@@ -233,23 +232,4 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
   }
 
   return server;
-}
-
-/** Exactly `size` bytes from the link (the message), then stop; fails on EOF or a stall. */
-async function* exactly(sock: Readable, size: number, stallMs: number): AsyncIterable<Buffer> {
-  let left = size;
-  if (left === 0) return;
-  const it = sock[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
-  while (left > 0) {
-    const next = await nextWithin(it, stallMs, `message stalled with ${left} bytes to go`);
-    if (next.done) throw new Error(`link closed with ${left} message bytes to go`);
-    const c = next.value;
-    if (c.length <= left) {
-      left -= c.length;
-      yield c;
-    } else {
-      yield c.subarray(0, left);
-      left = 0;
-    }
-  }
 }

@@ -23,7 +23,7 @@ import type { Allocation, UserRecord } from '../store.js';
 import type { MailUser } from '../mailuser.js';
 import type { PeerContext } from './context.js';
 import { sendHandOff, linkSessionId } from './link.js';
-import { wireUser, readLine, replyLine, writeAll, nextWithin, type HandOff, type MoveSpec, type WireUser } from './protocol.js';
+import { wireUser, readLine, replyLine, writeAll, nextWithin, exactBytes, type HandOff, type MoveSpec, type WireUser } from './protocol.js';
 import { mailboxPath } from '../allocation.js';
 import { AppError } from '../errors.js';
 
@@ -100,23 +100,6 @@ export async function exportMailbox(ctx: PeerContext, user: WireUser, source: Al
   }
 }
 
-/** Exactly `n` bytes from the link. */
-async function take(it: AsyncIterator<Buffer>, sock: Readable, n: number, sink: (b: Buffer) => Promise<void>): Promise<void> {
-  let left = n;
-  while (left > 0) {
-    const next = await nextWithin(it, STALL_MS, 'copy stalled');
-    if (next.done) throw new Error('link closed in the middle of a file');
-    const c = next.value;
-    if (c.length <= left) {
-      await sink(c);
-      left -= c.length;
-    } else {
-      await sink(c.subarray(0, left));
-      sock.unshift(c.subarray(left));
-      left = 0;
-    }
-  }
-}
 
 /** Read one header line through the same iterator (so no byte is lost between files). */
 async function line(it: AsyncIterator<Buffer>, sock: Readable): Promise<string> {
@@ -192,16 +175,14 @@ export async function receiveMailbox(sock: TLSSocket, h: HandOff, mailRoot: stri
       // pass 1 over an old copy: the source's flags win; drop the old file under another name
       if (mv.pass === 1 && isMail) for (const old of present(folder).get(base) ?? []) if (old !== dest) await unlink(old).catch(() => undefined);
       if (skip) {
-        await take(it, sock, size, async () => undefined);
+        for await (const _ of exactBytes(it, sock, size, STALL_MS)) void _; // already here: skip its bytes
         continue;
       }
       mkdirs(parent);
       const tmp = `${dest}.pigeon-move-${process.pid}`;
       const fh = await open(tmp, 'w', 0o600);
       try {
-        await take(it, sock, size, async (b) => {
-          await fh.write(b);
-        });
+        for await (const b of exactBytes(it, sock, size, STALL_MS)) await fh.write(b);
         await fh.sync();
       } finally {
         await fh.close();

@@ -17,7 +17,7 @@
 import { z } from 'zod';
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
-import type { Duplex } from 'node:stream';
+import type { Duplex, Readable } from 'node:stream';
 import type { UserRecord } from '../store.js';
 import type { Effective } from '../resolve.js';
 import type { Json } from '../settings.js';
@@ -261,5 +261,26 @@ export async function nextWithin(it: AsyncIterator<Buffer>, ms: number, what: st
     ]);
   } finally {
     clearTimeout(timer);
+  }
+}
+
+/**
+ * Exactly `n` bytes from `sock` (read through `it`, the socket's one async iterator), as chunks;
+ * bytes past them are put back for the next reader. Fails on EOF or `stallMs` without data.
+ */
+export async function* exactBytes(it: AsyncIterator<Buffer>, sock: Readable, n: number, stallMs: number): AsyncIterable<Buffer> {
+  let left = n;
+  while (left > 0) {
+    const next = await nextWithin(it, stallMs, `stalled with ${left} bytes to go`);
+    if (next.done) throw new Error(`link closed with ${left} bytes to go`);
+    const c = next.value;
+    if (c.length <= left) {
+      left -= c.length;
+      yield c;
+    } else {
+      yield c.subarray(0, left);
+      sock.unshift(c.subarray(left));
+      left = 0;
+    }
   }
 }
