@@ -60,6 +60,10 @@ export interface Validity {
 }
 
 export const HOST_CERT_DAYS = 825;
+/** Warn (serve, node list) when a host certificate expires within this many days. */
+export const EXPIRY_WARN_DAYS = 30;
+/** Names every host certificate carries besides the node name (this host on loopback). */
+export const LOOPBACK_NAMES: readonly string[] = ['localhost', '127.0.0.1', '::1'];
 
 export function issueHostCert(ca: KeyPair, nodeName: string, extraNames: readonly string[] = [], validity: Validity = {}): KeyPair {
   const caCert = forge.pki.certificateFromPem(ca.certPem);

@@ -21,7 +21,7 @@ import { openDb, parseDbUrl } from './db.js';
 import { parseListen, type Listener } from './instance.js';
 import { Store } from './store.js';
 import { checkNodeName, registerSelf } from './nodes.js';
-import { createCa, issueHostCert, writeKeyPair, readKeyPair, type KeyPair } from '../certs/ca.js';
+import { createCa, issueHostCert, writeKeyPair, readKeyPair, LOOPBACK_NAMES, type KeyPair } from '../certs/ca.js';
 import { loadNodeCredentials, verifyHostCert } from '../certs/verify.js';
 
 export interface InitOptions {
@@ -223,7 +223,7 @@ export function initInstance(o: InitOptions): { dir: string; dbPath: string; cre
       caPem = ca.certPem;
       if (from) writeFileSync(join(dir, 'certs', 'ca.crt'), ca.certPem, { mode: 0o644, flag: 'wx' });
       else writeKeyPair(ca, join(dir, 'certs', 'ca.crt'), join(dir, 'certs', 'ca.key'));
-      host = issueHostCert(ca, o.node, ['localhost', '127.0.0.1', '::1']);
+      host = issueHostCert(ca, o.node, LOOPBACK_NAMES);
     }
     writeKeyPair(host, join(dir, 'certs', 'node.crt'), join(dir, 'certs', 'node.key'));
     const info = verifyHostCert(host.certPem, caPem, o.node);

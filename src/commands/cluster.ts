@@ -19,17 +19,13 @@ import type { Command } from '@commander-js/extra-typings';
 import { AppError } from '../errors.js';
 import { openCtx } from '../context.js';
 import { printJson } from '../io.js';
-import { issueHostCert, HOST_CERT_DAYS, type KeyPair } from '../../certs/ca.js';
+import { issueHostCert, HOST_CERT_DAYS, EXPIRY_WARN_DAYS, LOOPBACK_NAMES, type KeyPair } from '../../certs/ca.js';
 import { verifyHostCert } from '../../certs/verify.js';
 import { announceCertificate, checkNodeName, isUp, listNodes, removeNode, setNodeState, usersPerNode, type NodeRow } from '../nodes.js';
 
 type ConfigOpt = () => string | undefined;
 
-/** Host names and addresses every host certificate carries besides the node name. */
-const LOOPBACK_NAMES = ['localhost', '127.0.0.1', '::1'] as const;
 const MAX_DAYS = 3650;
-/** `node list` warns about certificates that expire within this many days. */
-export const EXPIRY_WARN_DAYS = 30;
 
 function parseDays(s: string | undefined): number {
   if (s === undefined) return HOST_CERT_DAYS;

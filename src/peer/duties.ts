@@ -14,11 +14,11 @@ import { openDb } from '../db.js';
 import { AppError } from '../errors.js';
 import { registerSelf, heartbeat, HEARTBEAT_S } from '../nodes.js';
 import { loadNodeCredentials } from '../../certs/verify.js';
+import { EXPIRY_WARN_DAYS } from '../../certs/ca.js';
 import { watchMoves } from '../proxy/live.js';
 import type { ProxyEnv } from '../proxy/env.js';
 
 export const REGISTRY_REFRESH_MS = 1000;
-const EXPIRY_WARN_DAYS = 30;
 
 /** The address other nodes use to reach this one, or null without a peer listener. */
 export function peerAddress(instance: Instance): string | null {

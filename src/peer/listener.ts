@@ -186,19 +186,21 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
     await runSession(env, proto, u.user.address, h.session, conn, rt.session, Buffer.alloc(0));
   }
 
+  // the delivery side, loaded and built on the first delivery received (mail user looked up once);
+  // null peer: a received message is never forwarded again; the logger follows SIGHUP reloads
+  const loadKit = async () => {
+    const [msg, ms, de] = await Promise.all([import('../delivery/message.js'), import('../delivery/mailstore.js'), import('../delivery/env.js')]);
+    return { spool: msg.spool, mailstore: ms.default, spoolLimit: ms.spoolLimit, denv: de.makeDeliveryEnv(env.instance, env.store, { log: (...a) => env.log.log(...a) }, 'lmtp', null) };
+  };
+  let kit: ReturnType<typeof loadKit> | null = null;
+
   async function receiveDelivery(sock: TLSSocket, h: HandOff, from: string): Promise<void> {
     const d = h.deliver;
     if (!d) return;
-    const [{ spool }, mailstore, { makeDeliveryEnv }, { spoolLimit }] = await Promise.all([
-      import('../delivery/message.js'),
-      import('../delivery/mailstore.js').then((m) => m.default),
-      import('../delivery/env.js'),
-      import('../delivery/mailstore.js'),
-    ]);
+    const { spool, mailstore, spoolLimit, denv } = await (kit ??= loadKit());
     const user = fromWireUser(h.user);
     const config = fromWireConfig(h.config);
     sock.write(replyLine({ ok: true }));
-    const denv = makeDeliveryEnv(env.instance, env.store, env.log, 'lmtp', null);
     let message;
     try {
       message = await spool(exactBytes(sock[Symbol.asyncIterator]() as AsyncIterator<Buffer>, sock, d.size, env.peer.handoffTimeoutMs * 6), { limit: spoolLimit([config['mailstore.max_size']?.value]) });
