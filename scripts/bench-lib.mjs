@@ -192,3 +192,35 @@ export function failLoudly(name, logTails, limitSeconds) {
     process.exit(1);
   }, limitSeconds * 1000).unref();
 }
+
+/**
+ * In a selected IMAP session: FETCH message 1 `count` + 1 times (the first warms the session up —
+ * page cache, buffers — and is not counted); median MiB/s. Each transfer must be ≥ `minBytes`.
+ */
+export async function fetchRate(c, count, minBytes) {
+  const rates = [];
+  for (let i = 0; i <= count; i++) {
+    const r = await drain(c, () => c.s.write(`f${i} FETCH 1 BODY.PEEK[]\r\n`), new RegExp(`\\r\\nf${i} OK[^\\r]*\\r\\n$`));
+    if (r.bytes < minBytes) throw new Error(`FETCH returned ${r.bytes} bytes`);
+    if (i > 0) rates.push(r.MiBps);
+  }
+  return median(rates);
+}
+
+/** POP3: log in, RETR 1 `count` + 1 times (the first not counted), QUIT; median MiB/s. */
+export async function retrRate(c, user, pass, count, minBytes) {
+  await until(c, /^\+OK[^\r\n]*\r\n/m);
+  c.s.write(`USER ${user}\r\n`);
+  await until(c, /^\+OK[^\r\n]*\r\n/m);
+  c.s.write(`PASS ${pass}\r\n`);
+  const r = await until(c, /^[+-](OK|ERR)[^\r\n]*\r\n/m);
+  if (!r.startsWith('+OK')) throw new Error(`POP3 login of ${user} failed: ${r}`);
+  const rates = [];
+  for (let i = 0; i <= count; i++) {
+    const x = await drain(c, () => c.s.write('RETR 1\r\n'), /\r\n\.\r\n$/);
+    if (x.bytes < minBytes) throw new Error(`RETR returned ${x.bytes} bytes`);
+    if (i > 0) rates.push(x.MiBps);
+  }
+  c.s.write('QUIT\r\n');
+  return median(rates);
+}

@@ -26,7 +26,7 @@ import { spawnSync, spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync, mkdirSync, chmodSync, chownSync, readFileSync, rmSync, readdirSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { tmpdir, cpus } from 'node:os';
-import { option, sleep, tree, cleanupAtExit, failLoudly, stopServe, freePort, quantile, median, r2, open, until, GREETING, drain } from './bench-lib.mjs';
+import { option, sleep, tree, cleanupAtExit, failLoudly, stopServe, freePort, quantile, median, r2, open, until, GREETING, fetchRate, retrRate } from './bench-lib.mjs';
 
 const argv = process.argv.slice(2);
 const opt = option(argv);
@@ -367,33 +367,15 @@ async function fetchRound(port, tls) {
   await imapLogin(c);
   c.s.write('b SELECT INBOX\r\n');
   await until(c, /^b OK[^\r\n]*\r\n/m);
-  const rates = [];
-  // the first FETCH of a session warms it up (page cache, buffers) and is not counted
-  for (let i = 0; i <= FETCHES; i++) {
-    const r = await drain(c, () => c.s.write(`f${i} FETCH 1 BODY.PEEK[]\r\n`), new RegExp(`\\r\\nf${i} OK[^\\r]*\\r\\n$`));
-    if (r.bytes < FETCH_MB * 1048576) throw new Error(`FETCH returned ${r.bytes} bytes`);
-    if (i > 0) rates.push(r.MiBps);
-  }
+  const MiBps = await fetchRate(c, FETCHES, FETCH_MB * 1048576);
   c.s.destroy();
-  return { MiBps: median(rates) };
+  return { MiBps };
 }
 async function retrRound(port) {
   const c = await open(port, { localAddress: srcAddr(2) });
-  await until(c, /^\+OK[^\r\n]*\r\n/m);
-  c.s.write(`USER ${USER}\r\n`);
-  await until(c, /^\+OK[^\r\n]*\r\n/m);
-  c.s.write(`PASS ${PASS}\r\n`);
-  const r = await until(c, /^[+-](OK|ERR)[^\r\n]*\r\n/m);
-  if (!r.startsWith('+OK')) throw new Error(`POP3 login failed: ${r}`);
-  const rates = [];
-  for (let i = 0; i <= FETCHES; i++) {
-    const x = await drain(c, () => c.s.write('RETR 1\r\n'), /\r\n\.\r\n$/);
-    if (x.bytes < FETCH_MB * 1048576) throw new Error(`RETR returned ${x.bytes} bytes`);
-    if (i > 0) rates.push(x.MiBps);
-  }
-  c.s.write('QUIT\r\n');
+  const MiBps = await retrRate(c, USER, PASS, FETCHES, FETCH_MB * 1048576);
   c.s.destroy();
-  return { MiBps: median(rates) };
+  return { MiBps };
 }
 if (ONLY.has('fetch')) {
   log(`FETCH ${FETCH_MB} MiB plain`);
