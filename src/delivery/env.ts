@@ -24,6 +24,7 @@ export function makeDeliveryEnv(instance: Instance, store: Store, logger: Logger
     alloc: { store, node: instance.config.node, mailRoot: instance.mailRoot, mailUser, ...(p ? { nodes: p.nodes } : {}) },
     sendmail: instance.config.sendmail,
     hostname: hostname() || 'localhost',
+    lockWaitMs: instance.config.limits.mda_lock_wait_s * 1000,
     log: (level, msg, fields) => {
       const user = fields?.['user'];
       logger.log(level, typeof user === 'string' ? `${service}(${user})` : service, msg, fields ? { ...fields, user: undefined } : undefined);
