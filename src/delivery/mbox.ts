@@ -24,6 +24,7 @@ import { dirname } from 'node:path';
 import type { Allocation } from '../store.js';
 import { fsFailure, overQuota, type Held, type MdaModule, type StoreRequest } from './mda.js';
 import type { DeliveryResult } from './types.js';
+import { notice } from './notice.js';
 import { baseOf, checkDir, createExclusive, openChecked } from '../writer/safe-fs.js';
 
 // fs-native-extensions: fcntl(F_OFD_SETLK) on Linux (a maintained addon with prebuilt binaries;
@@ -115,8 +116,9 @@ const locked = (path: string): DeliveryResult => ({ dsn: '4.2.0', text: `mailbox
 
 /** The fcntl write lock on the open mbox, polled until `deadline`. */
 async function takeFcntl(fd: number, path: string, deadline: number): Promise<DeliveryResult | null> {
-  for (;;) {
+  for (let i = 0; ; i++) {
     if (fsx().tryLock(fd)) return null;
+    if (i === 0) notice('mbox: waiting for the fcntl lock another process holds', { mailbox: path });
     if (Date.now() >= deadline) return locked(path);
     await sleep(Math.min(50 + Math.random() * 100, Math.max(1, deadline - Date.now())));
   }
@@ -124,6 +126,7 @@ async function takeFcntl(fd: number, path: string, deadline: number): Promise<De
 
 async function takeDotlock(path: string, deadline: number): Promise<string | DeliveryResult> {
   const lock = `${path}.lock`;
+  let waited = false;
   for (;;) {
     try {
       const fh = await createExclusive(lock);
@@ -141,6 +144,8 @@ async function takeDotlock(path: string, deadline: number): Promise<string | Del
     try {
       const st = await lstat(lock);
       if (Date.now() - st.mtimeMs > STALE_LOCK_MS) await unlink(lock);
+      else if (!waited) notice('mbox: waiting for the dotlock another process holds', { mailbox: path });
+      waited = true;
     } catch {
       /* gone meanwhile */
     }

@@ -68,7 +68,8 @@ export interface RecipientInput {
 function loopCheck(rcpt: string, user: string, m: Spooled): DeliveryResult | null {
   // pipe(8) flags=D... writes Delivered-To for this delivery above the topmost Received: not a loop
   const dt = loopDeliveredTo(m);
-  if (dt.includes(rcpt) || dt.includes(user)) return { dsn: '5.4.6', text: `<${rcpt}>: mail forwarding loop (Delivered-To: ${rcpt} already present)` };
+  const seen = dt.find((a) => a === rcpt || a === user);
+  if (seen !== undefined) return { dsn: '5.4.6', text: `<${rcpt}>: mail forwarding loop (Delivered-To: ${seen} already present)` };
   if (dt.length > MAX_HOPS) return { dsn: '5.4.6', text: `<${rcpt}>: mail forwarding loop (${dt.length} Delivered-To fields)` };
   return null;
 }

@@ -29,6 +29,7 @@ import type { MailUser } from '../mailuser.js';
 import type { DeliveryResult } from '../delivery/types.js';
 import type { StoreRequest } from '../delivery/mda.js';
 import { LocalWriter, type MailWriter, type MailboxRef, type Stored } from './local-writer.js';
+import { notice } from '../delivery/notice.js';
 import { toChunks, type ChildMessage, type ParentMessage, type WireError } from './wire.js';
 
 export type { MailWriter, MailboxRef, Stored } from './local-writer.js';
@@ -113,6 +114,10 @@ class ChildWriter implements MailWriter {
   private onMessage(m: ChildMessage): void {
     if (m.t === 'fault') {
       process.kill(process.pid, 'SIGKILL');
+      return;
+    }
+    if (m.t === 'notice') {
+      notice(m.msg, m.fields);
       return;
     }
     const p = this.pending.get(m.id);

@@ -4,7 +4,8 @@
  *             arguments, and for operations with a body its first chunk), `data` (the next chunk,
  *             sent only after the child's `pull`; `end` after the last one; `error` when the
  *             parent could not read the body). child → parent: `pull`, `done` with the value,
- *             `fail` with an error code and message, `fault` (a PIGEON_FAULT step was reached).
+ *             `fail` with an error code and message, `fault` (a PIGEON_FAULT step was reached),
+ *             `notice` (src/delivery/notice.ts, for the parent's log).
  *             Plain data only; Buffers pass as bytes with `serialization: 'advanced'`.
  */
 export interface WireError {
@@ -20,7 +21,8 @@ export type ChildMessage =
   | { readonly t: 'pull'; readonly id: number }
   | { readonly t: 'done'; readonly id: number; readonly value: unknown }
   | { readonly t: 'fail'; readonly id: number; readonly error: WireError }
-  | { readonly t: 'fault'; readonly step: string };
+  | { readonly t: 'fault'; readonly step: string }
+  | { readonly t: 'notice'; readonly msg: string; readonly fields: Record<string, string | number> };
 
 /** Largest body chunk on the channel. */
 export const CHUNK = 256 * 1024;

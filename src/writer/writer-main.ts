@@ -11,6 +11,7 @@
 import { LocalWriter } from './local-writer.js';
 import { asBuffer, type ChildMessage, type ParentMessage } from './wire.js';
 import { reportFaultsTo } from '../delivery/fault.js';
+import { onNotice } from '../delivery/notice.js';
 
 /** A body arriving from the parent, pulled one chunk at a time. */
 class PulledBody implements AsyncIterable<Buffer> {
@@ -77,6 +78,7 @@ const send = (m: ChildMessage): void => {
   if (process.connected) process.send?.(m);
 };
 reportFaultsTo((step) => send({ t: 'fault', step }));
+onNotice((msg, fields) => send({ t: 'notice', msg, fields }));
 
 const writer = new LocalWriter();
 const bodies = new Map<number, PulledBody>();
