@@ -15,7 +15,7 @@
  * DIAGNOSTICS AppError PEER_UNAVAILABLE (a node is down), TEMPFAIL (user changed meanwhile),
  *             USAGE (mbox mailboxes: not supported by move in this version).
  */
-import { readdirSync, existsSync } from 'node:fs';
+import { readdirSync, existsSync, constants } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { join, dirname, relative, sep, normalize, isAbsolute } from 'node:path';
 import type { TLSSocket } from 'node:tls';
@@ -74,10 +74,13 @@ export async function exportMailbox(ctx: PeerContext, user: WireUser, source: Al
   try {
     let bytes = 0;
     for (const f of files) {
-      const fh = await open(join(source.path, f), 'r').catch(() => null);
+      // no link is followed (a symlink swapped in after the directory walk fails with ELOOP)
+      const fh = await open(join(source.path, f), constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK).catch(() => null);
       if (!fh) continue; // expunged meanwhile
       try {
-        const size = (await fh.stat()).size;
+        const st = await fh.stat();
+        if (!st.isFile()) continue;
+        const size = st.size;
         await writeAll(sock, Buffer.from(`${JSON.stringify({ path: f, size })}\n`));
         let left = size;
         const buf = Buffer.allocUnsafe(256 * 1024);

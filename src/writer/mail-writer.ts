@@ -34,7 +34,9 @@ import { toChunks, type ChildMessage, type ParentMessage, type WireError } from 
 
 export type { MailWriter, MailboxRef, Stored } from './local-writer.js';
 
-const MAIN = fileURLToPath(new URL('./writer-main.js', import.meta.url));
+// the child's entry beside this module; when this module runs from source (tests load src/*.ts
+// through a TypeScript loader) the compiled one in dist/, which plain node can run as the mail user
+const MAIN = fileURLToPath(new URL(import.meta.url.endsWith('.ts') ? '../../dist/src/writer/writer-main.js' : './writer-main.js', import.meta.url));
 
 interface Pending {
   readonly resolve: (v: unknown) => void;
@@ -89,7 +91,8 @@ class ChildWriter implements MailWriter {
     const gone = (why: string): void => {
       if (this.child !== child) return;
       this.child = null;
-      const last = this.stderrTail.trim().split('\n').filter((l) => l.trim() !== '').pop();
+      const lines = this.stderrTail.split('\n').filter((l) => l.trim() !== '');
+      const last = lines.find((l) => /Error|refusing|not started/.test(l)) ?? lines.pop();
       const err = new Error(`mail writer (uid ${this.mu.uid}) ${why}${last ? `: ${last.slice(0, 300)}` : ''}`);
       for (const [id, p] of this.pending) {
         this.pending.delete(id);
