@@ -172,6 +172,15 @@ t.test('LMTP to pigeon serve (root): links refused with 451 4.2.0 and an error l
   const pid = /P(\d+)Q/.exec(name)?.[1] ?? '';
   t.match(readFileSync(`/proc/${pid}/status`, 'utf8'), new RegExp(`\\nUid:\\s+${MAIL_UID}\\s+${MAIL_UID}\\s+${MAIL_UID}\\s+${MAIL_UID}\\n`), 'the writing process runs as the mail user (real, effective, saved, fs uid)');
 
+  // the writer dies (kill -9): the next delivery starts a new one, again as the mail user
+  process.kill(Number(pid), 'SIGKILL');
+  await until('the log line of the dead writer', served.stderr, new RegExp(`mail writer \\(uid ${MAIL_UID}, pid ${pid}\\) (exited with SIGKILL|closed its channel); a new one starts with the next write`));
+  t.match(await lmtp(BOB, 'after restart'), /^250 2\.0\.0 /, 'delivered after the writer was killed');
+  const again = files(join(maildirOf(inst, BOB), 'new')).find((f) => f !== name) ?? '';
+  const pid2 = /P(\d+)Q/.exec(again)?.[1] ?? '';
+  t.not(pid2, pid, 'by a new writer process');
+  t.match(readFileSync(`/proc/${pid2}/status`, 'utf8'), new RegExp(`\\nUid:\\s+${MAIL_UID}\\s`), 'which runs as the mail user too');
+
   const target = join(dir, 'root-only');
   const content = rootFile(target);
   unlinkSync(mbox);

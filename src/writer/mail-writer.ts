@@ -42,6 +42,8 @@ interface Pending {
   readonly resolve: (v: unknown) => void;
   readonly reject: (e: Error) => void;
   readonly body: AsyncIterator<Buffer> | null;
+  /** the child the request went to */
+  readonly child: ChildProcess;
 }
 
 function errorOf(w: WireError): Error {
@@ -88,18 +90,25 @@ class ChildWriter implements MailWriter {
       this.stderrTail = (this.stderrTail + s).slice(-2000);
     });
     child.on('message', (m: ChildMessage) => this.onMessage(m));
+    let over = false;
     const gone = (why: string): void => {
-      if (this.child !== child) return;
-      this.child = null;
+      if (over) return;
+      over = true;
+      if (this.child === child) this.child = null;
       const lines = this.stderrTail.split('\n').filter((l) => l.trim() !== '');
       const last = lines.find((l) => /Error|refusing|not started/.test(l)) ?? lines.pop();
-      const err = new Error(`mail writer (uid ${this.mu.uid}) ${why}${last ? `: ${last.slice(0, 300)}` : ''}`);
+      const text = `mail writer (uid ${this.mu.uid}, pid ${child.pid ?? '?'}) ${why}${last ? `: ${last.slice(0, 300)}` : ''}`;
+      notice(`${text}; a new one starts with the next write`, {});
+      const err = new Error(text);
       for (const [id, p] of this.pending) {
+        if (p.child !== child) continue;
         this.pending.delete(id);
         p.reject(err);
       }
+      this.updateRef();
     };
     child.on('exit', (code, sig) => gone(`exited with ${sig ?? code}`));
+    child.on('disconnect', () => gone('closed its channel'));
     child.on('error', (e) => gone(`failed: ${e.message}`));
     child.unref();
     this.child = child;
@@ -154,7 +163,7 @@ class ChildWriter implements MailWriter {
   }
 
   private async call<T>(op: string, args: readonly unknown[], body?: AsyncIterable<Buffer>): Promise<T> {
-    const child = this.child ?? this.start();
+    const child = this.child?.connected === true ? this.child : this.start();
     const id = this.nextId++;
     const it = body ? toChunks(body)[Symbol.asyncIterator]() : null;
     // the first chunk goes with the request: a small message is one round trip
@@ -164,7 +173,7 @@ class ChildWriter implements MailWriter {
       first = n.done ? { data: null, end: true } : { data: n.value, end: false };
     }
     return new Promise<T>((resolve, reject) => {
-      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, body: it });
+      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, body: it, child });
       this.updateRef();
       if (this.child !== child || !child.connected) {
         this.pending.delete(id);
