@@ -67,11 +67,17 @@ export async function ensureMailbox(a: Allocation, mu: MailUser, mailRoot: strin
   if (!present) await createMailbox(a, mu, mailRoot);
 }
 
-async function withLock<T>(ctx: AllocationContext, fn: () => Promise<T>): Promise<T> {
+/**
+ * Run `fn` holding the allocation lock. `settled` is asked before every try: once another
+ * allocator finished, waiting for the lock is pointless (its answer is returned instead).
+ */
+async function withLock<T>(ctx: AllocationContext, fn: () => Promise<T>, settled: () => T | null): Promise<T> {
   const lock = join(ctx.mailRoot, '.pigeon-allocate.lock');
   const w = mailWriter(ctx.mailUser);
   const deadline = Date.now() + LOCK_WAIT_MS;
   for (;;) {
+    const done = settled();
+    if (done !== null) return done;
     let taken: boolean;
     try {
       // a lock older than the wait time belongs to a dead process: the writer removes it
@@ -126,10 +132,16 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
       return placeUser(ctx, fresh, config);
     }
   }
-  const attempt = async (): Promise<Placement | null> => {
+  const settled = (): Placement | null => {
     const fresh = ctx.store.mustUser(user.address);
     if (fresh.home !== null && fresh.home !== ctx.node) return { kind: 'remote', node: fresh.home, allocation: fresh.allocation, user: fresh };
     if (fresh.allocation !== null) return { kind: 'local', allocation: fresh.allocation };
+    return null;
+  };
+  const attempt = async (): Promise<Placement | null> => {
+    const now = settled();
+    if (now !== null) return now;
+    const fresh = ctx.store.mustUser(user.address);
     const allocation: Allocation = { format, path: mailboxPath(ctx.mailRoot, fresh.address, format), node: ctx.node };
     const existed = existsSync(allocation.path);
     await createMailbox(allocation, ctx.mailUser, ctx.mailRoot);
@@ -139,7 +151,7 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
     return null; // re-read
   };
   for (let i = 0; i < 3; i++) {
-    const p = creator === 'lock' ? await withLock(ctx, attempt) : await attempt();
+    const p = creator === 'lock' ? await withLock(ctx, attempt, settled) : await attempt();
     if (p) {
       if (p.kind === 'local') await ensureMailbox(p.allocation, ctx.mailUser, ctx.mailRoot);
       return p;

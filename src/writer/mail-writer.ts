@@ -144,11 +144,20 @@ class ChildWriter implements MailWriter {
     else p.reject(errorOf(m.error));
   }
 
-  private send(m: ParentMessage): void {
-    const c = this.child;
-    if (!c?.connected) return;
-    c.send(m, (e: Error | null) => {
-      if (e) this.pending.get(m.id)?.reject(e);
+  private send(child: ChildProcess, m: ParentMessage): void {
+    const fail = (e: Error): void => {
+      const p = this.pending.get(m.id);
+      if (!p) return;
+      this.pending.delete(m.id);
+      this.updateRef();
+      p.reject(e);
+    };
+    if (!child.connected) {
+      fail(new Error(`mail writer (uid ${this.mu.uid}) is not running`));
+      return;
+    }
+    child.send(m, (e: Error | null) => {
+      if (e) fail(e);
     });
   }
 
@@ -156,9 +165,9 @@ class ChildWriter implements MailWriter {
     if (!p.body) return;
     try {
       const n = await p.body.next();
-      this.send(n.done ? { t: 'data', id, data: null, end: true } : { t: 'data', id, data: n.value, end: false });
+      this.send(p.child, n.done ? { t: 'data', id, data: null, end: true } : { t: 'data', id, data: n.value, end: false });
     } catch (e) {
-      this.send({ t: 'data', id, data: null, end: true, error: (e as NodeJS.ErrnoException).code ?? (e instanceof Error ? e.message : 'read error') });
+      this.send(p.child, { t: 'data', id, data: null, end: true, error: (e as NodeJS.ErrnoException).code ?? (e instanceof Error ? e.message : 'read error') });
     }
   }
 
@@ -175,12 +184,7 @@ class ChildWriter implements MailWriter {
     return new Promise<T>((resolve, reject) => {
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, body: it, child });
       this.updateRef();
-      if (this.child !== child || !child.connected) {
-        this.pending.delete(id);
-        reject(new Error(`mail writer (uid ${this.mu.uid}) is not running`));
-        return;
-      }
-      this.send({ t: 'call', id, op, args: [...args], ...(first ? { data: first.data, end: first.end } : {}) });
+      this.send(child, { t: 'call', id, op, args: [...args], ...(first ? { data: first.data, end: first.end } : {}) });
     });
   }
 
