@@ -16,25 +16,30 @@
  *             scratch; client data reaches Dovecot only as env values checked for CR/LF/NUL.
  */
 import { spawn } from 'node:child_process';
-import { mkdirSync, existsSync, chownSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { dirname, basename, join } from 'node:path';
 import type { Backend, BackendRequest, BackendSession } from './types.js';
 import { BackendError, pipeStderr } from './types.js';
 import { BACKEND_START_MS } from '../src/limits.js';
+import { mailWriter } from '../src/writer/mail-writer.js';
 
 function safe(v: string): string {
   if (/[\r\n\0]/.test(v)) throw new BackendError({ kind: 'protocol', detail: 'refusing CR/LF/NUL in backend parameters' });
   return v;
 }
 
-export function mailLocation(req: BackendRequest): { location: string; home: string } {
+export async function mailLocation(req: BackendRequest): Promise<{ location: string; home: string }> {
   const a = req.allocation;
   if (a.format === 'maildir') return { location: `maildir:${a.path}`, home: a.path };
-  // mbox: INBOX is the allocated file; other folders live in a sibling directory
+  // mbox: INBOX is the allocated file; other folders live in a sibling directory, created by the
+  // mail writer (as the mail user, no link followed: a symlink there is refused, not followed)
   const folders = join(dirname(a.path), `${basename(a.path)}.folders`);
   if (!existsSync(folders)) {
-    mkdirSync(folders, { recursive: true, mode: 0o700 });
-    if (req.mailUser.switchTo) chownSync(folders, req.mailUser.uid, req.mailUser.gid);
+    try {
+      await mailWriter(req.mailUser).ensureDir(dirname(a.path), folders);
+    } catch (e) {
+      throw new BackendError({ kind: 'start-failed', detail: `cannot create the mbox folder directory ${folders}: ${(e as Error).message}` });
+    }
   }
   return { location: `mbox:${folders}:INBOX=${a.path}`, home: folders };
 }
@@ -75,7 +80,7 @@ async function firstLine(req: BackendRequest, child: ReturnType<typeof spawn>): 
 
 
 async function start(req: BackendRequest): Promise<BackendSession> {
-  const { location, home } = mailLocation(req);
+  const { location, home } = await mailLocation(req);
   const bin = req.protocol === 'imap' ? req.binaries.imap : req.binaries.pop3;
   const prefix = `%s(%u)<%{pid}><${req.sessionId.replace(/%/g, '%%')}>: `;
   const args = ['-O', '-o', `mail_location=${safe(location)}`, '-o', `mail_log_prefix=${prefix}`, '-o', 'log_path=/dev/stderr', '-o', 'ssl=no'];

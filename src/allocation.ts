@@ -11,15 +11,18 @@
  *             Whoever loses a race re-reads the row and uses the winner's allocation, so two nodes
  *             never create two mailboxes for one user. Layout: MAILROOT/DOMAIN/LOCAL (maildir, with
  *             cur/new/tmp) or MAILROOT/DOMAIN/LOCAL.mbox (mbox file).
+ *             Every directory and file is created by the mail writer (src/writer/mail-writer.ts),
+ *             as the mail user and without following symbolic links, also the lock file.
  * DIAGNOSTICS AllocationError: 'not-allocated' (creator none), 'tempfail' (lock busy, race lost twice).
  */
-import { mkdirSync, openSync, closeSync, writeFileSync, unlinkSync, existsSync, chownSync, statSync, rmdirSync } from 'node:fs';
-import { join, dirname } from 'node:path';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
 import type { Store, UserRecord, Allocation } from './store.js';
 import type { Effective } from './resolve.js';
 import type { MailUser } from './mailuser.js';
 import { AppError } from './errors.js';
 import { isUp, usersPerNode, type NodeDirectory } from './nodes.js';
+import { mailWriter } from './writer/mail-writer.js';
 
 export type Placement =
   | { readonly kind: 'local'; readonly allocation: Allocation }
@@ -50,75 +53,46 @@ export function mailboxPath(mailRoot: string, address: string, format: 'maildir'
   return join(mailRoot, domain, format === 'mbox' ? `${local}.mbox` : local);
 }
 
-function own(path: string, mu: MailUser): void {
-  if (mu.switchTo) chownSync(path, mu.uid, mu.gid);
-}
-
-/** Create the mailbox on disk (idempotent), owned by the mail user. */
-export function createMailbox(a: Allocation, mu: MailUser): void {
-  const parent = dirname(a.path);
-  if (!existsSync(parent)) {
-    mkdirSync(parent, { recursive: true, mode: 0o770 });
-    own(parent, mu);
-  }
-  if (a.format === 'maildir') {
-    mkdirSync(a.path, { recursive: true, mode: 0o700 });
-    own(a.path, mu);
-    for (const d of ['cur', 'new', 'tmp']) {
-      mkdirSync(join(a.path, d), { recursive: true, mode: 0o700 });
-      own(join(a.path, d), mu);
-    }
-  } else if (!existsSync(a.path)) {
-    writeFileSync(a.path, '', { mode: 0o600, flag: 'a' });
-    own(a.path, mu);
-  }
+/**
+ * Create the mailbox on disk (idempotent), owned by the mail user: the mail writer creates it
+ * (as the mail user, in a child process when pigeon runs as root), without following links.
+ */
+export async function createMailbox(a: Pick<Allocation, 'format' | 'path'>, mu: MailUser, mailRoot: string): Promise<void> {
+  await mailWriter(mu).createMailbox(a, mailRoot);
 }
 
 /** Create the mailbox only when it is missing: the per-login/per-delivery path does no writes. */
-export function ensureMailbox(a: Allocation, mu: MailUser): void {
+export async function ensureMailbox(a: Allocation, mu: MailUser, mailRoot: string): Promise<void> {
   const present = a.format === 'maildir' ? ['cur', 'new', 'tmp'].every((d) => existsSync(join(a.path, d))) : existsSync(a.path);
-  if (!present) createMailbox(a, mu);
+  if (!present) await createMailbox(a, mu, mailRoot);
 }
 
-/** Remove a mailbox that holds nothing (a lost allocation race); anything with mail stays. */
-function discardEmpty(a: Allocation): void {
-  try {
-    if (a.format === 'maildir') {
-      for (const d of ['cur', 'new', 'tmp']) rmdirSync(join(a.path, d));
-      rmdirSync(a.path);
-    } else if (statSync(a.path).size === 0) unlinkSync(a.path);
-  } catch {
-    /* not empty, or already gone: leave it */
-  }
-}
-
-async function withLock<T>(mailRoot: string, fn: () => T): Promise<T> {
-  const lock = join(mailRoot, '.pigeon-allocate.lock');
+/**
+ * Run `fn` holding the allocation lock. `settled` is asked before every try: once another
+ * allocator finished, waiting for the lock is pointless (its answer is returned instead).
+ */
+async function withLock<T>(ctx: AllocationContext, fn: () => Promise<T>, settled: () => T | null): Promise<T> {
+  const lock = join(ctx.mailRoot, '.pigeon-allocate.lock');
+  const w = mailWriter(ctx.mailUser);
   const deadline = Date.now() + LOCK_WAIT_MS;
   for (;;) {
+    const done = settled();
+    if (done !== null) return done;
+    let taken: boolean;
     try {
-      closeSync(openSync(lock, 'wx', 0o600));
-      break;
+      // a lock older than the wait time belongs to a dead process: the writer removes it
+      taken = await w.takeLock(ctx.mailRoot, lock, LOCK_WAIT_MS);
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw new AppError('TEMPFAIL', `cannot take allocation lock ${lock}: ${(e as NodeJS.ErrnoException).code ?? 'error'}`);
-      // a lock older than the wait time belongs to a dead process
-      try {
-        if (Date.now() - statSync(lock).mtimeMs > LOCK_WAIT_MS) unlinkSync(lock);
-      } catch {
-        /* raced with its owner: retry */
-      }
-      if (Date.now() > deadline) throw new AppError('TEMPFAIL', `allocation lock ${lock} busy for ${LOCK_WAIT_MS / 1000}s`);
-      await sleep(20 + Math.random() * 30);
+      throw new AppError('TEMPFAIL', `cannot take allocation lock ${lock}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
     }
+    if (taken) break;
+    if (Date.now() > deadline) throw new AppError('TEMPFAIL', `allocation lock ${lock} busy for ${LOCK_WAIT_MS / 1000}s`);
+    await sleep(20 + Math.random() * 30);
   }
   try {
-    return fn();
+    return await fn();
   } finally {
-    try {
-      unlinkSync(lock);
-    } catch {
-      /* already gone */
-    }
+    await w.removeFile(ctx.mailRoot, lock).catch(() => undefined);
   }
 }
 
@@ -140,7 +114,7 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
   if (user.home !== null && user.home !== ctx.node) return { kind: 'remote', node: user.home, allocation: user.allocation, user };
   if (user.allocation !== null) {
     // allocated here: make sure it exists on disk (a restored database, a purged box)
-    ensureMailbox(user.allocation, ctx.mailUser);
+    await ensureMailbox(user.allocation, ctx.mailUser, ctx.mailRoot);
     return { kind: 'local', allocation: user.allocation };
   }
   const creator = String(config['mailstore.creator']?.value ?? 'lock');
@@ -158,22 +132,28 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
       return placeUser(ctx, fresh, config);
     }
   }
-  const attempt = (): Placement | null => {
+  const settled = (): Placement | null => {
     const fresh = ctx.store.mustUser(user.address);
     if (fresh.home !== null && fresh.home !== ctx.node) return { kind: 'remote', node: fresh.home, allocation: fresh.allocation, user: fresh };
     if (fresh.allocation !== null) return { kind: 'local', allocation: fresh.allocation };
+    return null;
+  };
+  const attempt = async (): Promise<Placement | null> => {
+    const now = settled();
+    if (now !== null) return now;
+    const fresh = ctx.store.mustUser(user.address);
     const allocation: Allocation = { format, path: mailboxPath(ctx.mailRoot, fresh.address, format), node: ctx.node };
     const existed = existsSync(allocation.path);
-    createMailbox(allocation, ctx.mailUser);
+    await createMailbox(allocation, ctx.mailUser, ctx.mailRoot);
     if (ctx.store.casAllocation(fresh.id, fresh.version, ctx.node, allocation)) return { kind: 'local', allocation };
     // lost the race: discard the empty mailbox we just created unless it is the winner's too
-    if (!existed && ctx.store.getUser(fresh.address)?.allocation?.path !== allocation.path) discardEmpty(allocation);
+    if (!existed && ctx.store.getUser(fresh.address)?.allocation?.path !== allocation.path) await mailWriter(ctx.mailUser).discardEmpty(allocation, ctx.mailRoot);
     return null; // re-read
   };
   for (let i = 0; i < 3; i++) {
-    const p = creator === 'lock' ? await withLock(ctx.mailRoot, attempt) : attempt();
+    const p = creator === 'lock' ? await withLock(ctx, attempt, settled) : await attempt();
     if (p) {
-      if (p.kind === 'local') ensureMailbox(p.allocation, ctx.mailUser);
+      if (p.kind === 'local') await ensureMailbox(p.allocation, ctx.mailUser, ctx.mailRoot);
       return p;
     }
   }

@@ -120,6 +120,8 @@ limits:
   preauth_timeout_s: 60
   # longest pre-auth command line in bytes
   max_line: 8192
+  # mbox delivery: longest wait for the mailbox locks (fcntl + dotlock), then 4.2.0 (retry)
+  mda_lock_wait_s: 20
 `;
 }
 

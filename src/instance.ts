@@ -114,6 +114,8 @@ export const fileSchema = z.strictObject({
       auth_failure_delay_ms: z.number().int().min(0).max(60000).default(2000),
       preauth_timeout_s: z.number().int().min(1).max(3600).default(60),
       max_line: z.number().int().min(512).max(65536).default(8192),
+      // mbox delivery: wait for the fcntl lock and the dotlock at most this long, then 4.2.0
+      mda_lock_wait_s: z.number().int().min(1).max(600).default(20),
     })
     .prefault({}),
 });

@@ -9,6 +9,10 @@ import { cli, makeInstance, setUser, maildirOf, files, msg, MAIL_UID } from './h
 
 const ALICE = 'alice@example.test';
 
+// every `pigeon deliver` run as root (as here) forks its mail-writer child: on 2 shared cores
+// under a second copy of the suite this file needs more than the default 180 s
+t.setTimeout(360_000);
+
 /** A sendmail that records argv and stdin, exiting with $SENDMAIL_EXIT (file) or 0. */
 function recorder(dir: string): { script: string; calls: () => { args: string[]; input: string }[]; failWith: (code: number) => void } {
   const spool = join(dir, 'sendmail-calls');

@@ -7,6 +7,10 @@ import { cli, cliAsync, makeInstance, setUser, maildirOf, files, msg, dovecotRea
 
 const ALICE = 'alice@example.test';
 
+// every `pigeon deliver` run as root (as here) forks its mail-writer child: on 2 shared cores
+// under a second copy of the suite this file needs more than the default 180 s
+t.setTimeout(360_000);
+
 t.test('delivers into a Maildir that Dovecot serves, with Return-Path and Delivered-To', async (t) => {
   const inst = makeInstance(t.testdir());
   const r = cli(inst, ['deliver', '-f', 'bob@remote.test', '-a', ALICE, '--', ALICE], msg({ subject: 'first', body: 'line one\nFrom here on\n' }));
@@ -86,6 +90,28 @@ t.test('mail loop: Delivered-To naming the recipient → 5.4.6, nothing stored',
   t.equal(r2.code, 65);
   t.match(r2.stdout, /^5\.4\.6 /);
   t.equal(files(join(maildirOf(inst, ALICE), 'new')).length, 0);
+});
+
+t.test('Postfix pipe(8) flags=D trace block above the topmost Received: is this delivery, not a loop', async (t) => {
+  const inst = makeInstance(t.testdir());
+  // what pipe(8) flags=DRhu hands over: its block (R, O, D), then Postfix's Received:
+  const pipeBlock = 'Return-Path: <bob@remote.test>\nX-Original-To: alice@example.test\nDelivered-To: alice@example.test\nReceived: from client.remote.test by mx.example.test (Postfix) with ESMTP id 4ABC\n';
+  const clean = cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], pipeBlock + msg({ subject: 'clean' }));
+  t.equal(clean.code, 0, `delivered: ${clean.stdout}`);
+  const { messages } = await dovecotRead(`maildir:${maildirOf(inst, ALICE)}`);
+  const text = messages[0]?.body.toString() ?? '';
+  t.equal(text.match(/^Delivered-To:/gm)?.length, 1, 'one Delivered-To (pipe(8) wrote it; pigeon does not repeat it)');
+  t.equal(text.match(/^Return-Path:/gm)?.length, 1, 'one Return-Path');
+  t.match(text, /^Return-Path: <bob@remote\.test>\r\nX-Original-To: alice@example\.test\r\nDelivered-To: alice@example\.test\r\nReceived: /);
+  // the same block, with the recipient's Delivered-To further down, below a Received: a real loop
+  const looped = cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], `${pipeBlock}Delivered-To: alice@example.test\nReceived: from a.test by b.test\n${msg({ subject: 'loop' })}`);
+  t.equal(looped.code, 65);
+  t.match(looped.stdout, /^5\.4\.6 <alice@example\.test>: mail forwarding loop \(Delivered-To: alice@example\.test already present\)/);
+  // a Delivered-To at the top NOT followed by Received: is not pipe(8)'s block: it counts
+  const noReceived = cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], `Delivered-To: alice@example.test\n${msg({ subject: 'top' })}`);
+  t.equal(noReceived.code, 65);
+  const box = maildirOf(inst, ALICE);
+  t.equal(files(join(box, 'new')).length + files(join(box, 'cur')).length, 1, 'only the clean message stored');
 });
 
 t.test('odd messages: no headers, bare LF, CRLF, NUL, 8-bit, no final newline, empty', async (t) => {

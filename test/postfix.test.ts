@@ -59,7 +59,8 @@ pigeon-lmtp unix -      n       n       -       -       spawn
   await waitFor('delivery to the three mailboxes', () => boxes.every((b) => files(join(b, 'new')).length === 1));
   await waitFor('Postfix log lines', () => {
     const l = pf.log();
-    return /nobody@pipe\.test.*status=bounced/.test(l) && /nobody@lmtp\.test.*status=bounced/.test(l) && /full@pipe\.test.*status=bounced/.test(l) && /full@lmtp\.test.*status=deferred/.test(l);
+    // every recipient's outcome is logged (Postfix logs "sent" after the mailbox has the message)
+    return ['alice@pipe', 'alice@lmtp', 'alice@spawn', 'nobody@pipe', 'nobody@lmtp', 'full@pipe', 'full@lmtp'].every((u) => new RegExp(`to=<${u}\\.test>.*status=`).test(l));
   });
   const log = pf.log();
   t.match(log, /to=<alice@pipe\.test>.*relay=pigeon.*status=sent/, 'pipe: sent');
@@ -98,4 +99,51 @@ pigeon-lmtp unix -      n       n       -       -       spawn
   // stop both before tap removes the test directory (its teardown runs first)
   pf.stop();
   await served.stop();
+});
+
+t.test('Postfix pipe flags=DRhu (the dovecot-lda master.cf line): delivered; a Delivered-To below Received still bounces 5.4.6', async (t) => {
+  const dir = t.testdir();
+  const inst = makeInstance(dir, []);
+  ok(cli(inst, ['domain', 'add', 'drhu.test']), 'domain');
+  ok(cli(inst, ['user', 'add', 'alice@drhu.test', '--password-stdin'], 'pw\n'), 'user');
+  spawnSync('chown', ['-R', 'mail:mail', inst]);
+  const smtpPort = await freePort();
+  const pf = startPostfix({
+    dir,
+    smtpPort,
+    main: `virtual_mailbox_domains = drhu.test
+virtual_mailbox_maps = static:ok
+virtual_transport = pigeon:
+pigeon_destination_recipient_limit = 1`,
+    master: `pigeon    unix  -       n       n       -       -       pipe
+  flags=DRhu user=mail argv=${process.execPath} ${CLI} -c ${inst} deliver -f \${sender} -a \${original_recipient} -d \${recipient}`,
+  });
+  t.teardown(() => pf.stop());
+  const box = maildirOf(inst, 'alice@drhu.test');
+  const submit = async (rcpt: string, m: string): Promise<void> => {
+    const r = await smtpSubmit(smtpPort, 'bob@remote.test', [rcpt], m);
+    t.match(r[r.length - 2] ?? '', /^250 /, `queued: ${r.join(' | ')}`);
+  };
+  await submit('alice@drhu.test', msg({ to: 'alice@drhu.test', subject: 'clean' }));
+  await waitFor('the clean message', () => /to=<alice@drhu\.test>.*status=(sent|bounced|deferred)/.test(pf.log()));
+  t.match(pf.log(), /to=<alice@drhu\.test>.*relay=pigeon.*status=sent/, 'flags=DRhu: sent, not bounced as a loop');
+  const { messages } = await dovecotRead(`maildir:${box}`);
+  t.equal(messages.length, 1);
+  const text = messages[0]?.body.toString() ?? '';
+  t.equal(text.match(/^Delivered-To: alice@drhu\.test\r$/gm)?.length, 1, 'exactly one Delivered-To (pipe(8)\'s)');
+  t.equal(text.match(/^Return-Path:/gm)?.length, 1, 'one Return-Path');
+  t.match(text, /^Return-Path: <bob@remote\.test>\r\nDelivered-To: alice@drhu\.test\r\nReceived: /, 'trace block above the topmost Received:');
+
+  // the message already carried the user's Delivered-To below its Received: (it was delivered
+  // here before and came back): pigeon's own check bounces it, also for the +detail address
+  // that pipe(8)'s check (same recipient only) lets through
+  const looped = msg({ to: 'alice@drhu.test', subject: 'looped', headers: 'Received: from old.hop by drhu.test\nDelivered-To: alice@drhu.test\n' });
+  await submit('alice+tag@drhu.test', looped);
+  await submit('alice@drhu.test', looped);
+  await waitFor('both looped messages bounced', () => /to=<alice\+tag@drhu\.test>.*status=bounced/.test(pf.log()) && (pf.log().match(/to=<alice@drhu\.test>.*status=/g) ?? []).length >= 2);
+  const log = pf.log();
+  t.match(log, /to=<alice\+tag@drhu\.test>.*dsn=5\.4\.6.*status=bounced \(<alice\+tag@drhu\.test>: mail forwarding loop \(Delivered-To: alice@drhu\.test already present\)/, 'pigeon: 5.4.6 for the address below Received:');
+  t.match(log, /to=<alice@drhu\.test>.*dsn=5\.4\.6.*status=bounced/, 'same recipient: bounced 5.4.6');
+  t.equal(files(join(box, 'new')).length + files(join(box, 'cur')).length, 1, 'nothing stored from the loops');
+  pf.stop();
 });

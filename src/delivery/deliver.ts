@@ -96,7 +96,7 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
       } catch (e) {
         return fail({ dsn: '4.3.0', text: `cannot read the message: ${(e as NodeJS.ErrnoException).code ?? (e instanceof Error ? e.message : String(e))}` });
       }
-      fault('spooled');
+      await fault('spooled');
       if (sender === null) sender = parseSender(message.get('return-path')[0] ?? '') ?? '';
       for (const r of ok) {
         const res = await deliverRecipient({ resolved: r, sender, original: a.original ?? null, mailbox: a.mailbox ?? null, message }, env);

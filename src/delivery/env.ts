@@ -2,7 +2,8 @@
  * NAME        src/delivery/env — the node-local delivery environment (shared by deliver and LMTP)
  * DESCRIPTION Built once per process from the instance: allocation context (store, node, mail
  *             root, mail user), the sendmail command, the host name used in Maildir file names,
- *             and a logger bound to a prefix (`deliver(user)` / `lmtp(user)` lines, Dovecot style).
+ *             and a logger bound to a prefix (`deliver(user)` / `lmtp(user)` lines, Dovecot style);
+ *             notices of the MDA modules (src/delivery/notice.ts) go to the same log.
  */
 import { hostname } from 'node:os';
 import type { Instance } from '../instance.js';
@@ -10,6 +11,7 @@ import type { Store } from '../store.js';
 import type { Logger } from '../log.js';
 import { resolveMailUser } from '../mailuser.js';
 import type { DeliveryEnv } from './types.js';
+import { onNotice } from './notice.js';
 import { createPeerContext, type PeerContext } from '../peer/context.js';
 
 /**
@@ -19,11 +21,13 @@ import { createPeerContext, type PeerContext } from '../peer/context.js';
 export function makeDeliveryEnv(instance: Instance, store: Store, logger: Logger, service: 'deliver' | 'lmtp', peer?: PeerContext | null): DeliveryEnv {
   const mailUser = resolveMailUser(instance.config.mail_user);
   const p = peer === undefined ? createPeerContext(instance, store) : peer;
+  onNotice((msg, fields) => logger.log('info', service, msg, fields));
   return {
     peer: p,
     alloc: { store, node: instance.config.node, mailRoot: instance.mailRoot, mailUser, ...(p ? { nodes: p.nodes } : {}) },
     sendmail: instance.config.sendmail,
     hostname: hostname() || 'localhost',
+    lockWaitMs: instance.config.limits.mda_lock_wait_s * 1000,
     log: (level, msg, fields) => {
       const user = fields?.['user'];
       logger.log(level, typeof user === 'string' ? `${service}(${user})` : service, msg, fields ? { ...fields, user: undefined } : undefined);

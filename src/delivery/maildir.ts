@@ -3,24 +3,35 @@
  * DESCRIPTION Delivery writes tmp/NAME with an exclusive create, fsyncs it, and on commit renames
  *             it into new/ and fsyncs new/ — only then is the message acknowledged. NAME is
  *             Dovecot's form `SECS.MUSECSPpidQn.host,S=size,W=vsize`, so Dovecot and the quota
- *             scan never need to stat it. A kill -9 at any point leaves at most a file in tmp/
- *             (Dovecot removes those after 36 hours), never a partial one in new/.
+ *             scan never need to stat it. A kill -9 at any point leaves at most a file in tmp/,
+ *             never a partial one in new/.
+ *             tmp/ clean-up (Maildir's rule): files in tmp/ untouched for 36 hours are leftovers
+ *             of killed deliveries and are removed, at most once per hour per tmp/ directory (a
+ *             stamp file `tmp/.pigeon-tmp-clean` remembers the last scan across processes).
  *             `+detail` (or -m) selects an existing Maildir++ folder `.detail`; a missing one means
  *             INBOX (folders are never created by mail from outside).
  *             Quota: Maildir++ `maildirsize` (src/delivery/quota.ts).
- * SECURITY    Files are 0600 and owned by the mail user (chown when running as root).
+ * SECURITY    `store` runs in the mail writer, as the mail user (src/writer/mail-writer.ts): files
+ *             are 0600 and owned by the mail user because the mail user creates them. tmp/, new/
+ *             and the folder must be reached from the mail root without a symbolic link
+ *             (src/writer/safe-fs.ts checkDir); a link there defers the message (4.2.0).
  */
-import { existsSync, readdirSync, statSync } from 'node:fs';
-import { open, rename, unlink } from 'node:fs/promises';
+import { existsSync, readdirSync, statSync, lstatSync, constants } from 'node:fs';
+import { readdir, lstat, rename, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { createMailbox } from '../allocation.js';
 import type { Allocation } from '../store.js';
-import { deliveredParts } from './message.js';
 import { readUsage, addUsage } from './quota.js';
 import { fault } from './fault.js';
-import { fsFailure, overQuota, type MdaModule, type MdaPrepared, type MdaRequest } from './mda.js';
+import { fsFailure, overQuota, type Held, type MdaModule, type StoreRequest } from './mda.js';
 import type { DeliveryResult } from './types.js';
+import { baseOf, checkDir, createExclusive, fsyncDir, openChecked } from '../writer/safe-fs.js';
+
+/** Maildir's rule: a file in tmp/ untouched this long is a leftover (Dovecot, qmail: 36 hours). */
+export const TMP_MAX_AGE_MS = 36 * 3600_000;
+/** A tmp/ directory is scanned for leftovers at most this often. */
+export const TMP_SCAN_EVERY_MS = 3600_000;
+export const TMP_STAMP = '.pigeon-tmp-clean';
 
 let counter = 0;
 
@@ -51,35 +62,87 @@ export function findFolder(root: string, name: string): string | null {
   return null;
 }
 
-async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
+// per process (a long-lived writer): tmp/ directories scanned recently
+const scanned = new Map<string, number>();
+
+/** Remove leftovers older than TMP_MAX_AGE_MS from `tmp`, at most once per TMP_SCAN_EVERY_MS. */
+export async function cleanTmp(tmp: string, now = Date.now()): Promise<number> {
+  const last = scanned.get(tmp);
+  if (last !== undefined && now - last < TMP_SCAN_EVERY_MS) return 0;
+  const stamp = join(tmp, TMP_STAMP);
   try {
-    await fh.sync();
+    const st = lstatSync(stamp);
+    if (st.isFile() && now - st.mtimeMs < TMP_SCAN_EVERY_MS && st.mtimeMs <= now) {
+      scanned.set(tmp, st.mtimeMs);
+      return 0;
+    }
+  } catch {
+    /* no stamp yet */
+  }
+  scanned.set(tmp, now);
+  if (scanned.size > 10_000) scanned.clear(); // a bound for a long-lived writer serving many boxes
+  const fh = (await createExclusive(stamp)) ?? (await openChecked(stamp, constants.O_WRONLY, 0, { singleLink: true }));
+  try {
+    await fh.utimes(now / 1000, now / 1000);
   } finally {
     await fh.close();
   }
+  let removed = 0;
+  for (const name of await readdir(tmp)) {
+    if (name === TMP_STAMP) continue;
+    const p = join(tmp, name);
+    try {
+      const st = await lstat(p);
+      if (st.isDirectory()) continue;
+      if (now - Math.max(st.mtimeMs, st.atimeMs) > TMP_MAX_AGE_MS) {
+        await unlink(p);
+        removed++;
+      }
+    } catch {
+      /* gone meanwhile */
+    }
+  }
+  return removed;
 }
 
-async function prepare(req: MdaRequest): Promise<MdaPrepared | DeliveryResult> {
-  const root = req.allocation.path;
+async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<Held | DeliveryResult> {
+  const root = req.path;
+  const base = baseOf(req.mailRoot, root);
   const folderDir = req.folder === null ? null : findFolder(root, req.folder);
   const dir = folderDir === null ? root : join(root, folderDir);
-  const parts = deliveredParts(req.message, req.trace);
-  if (req.quota > 0) {
-    const used = readUsage(root, req.quota, req.mailUser);
-    const full = overQuota(req, used.bytes, parts.size);
-    if (full) return full;
+  const tmpDir = join(dir, 'tmp');
+  const newDir = join(dir, 'new');
+  try {
+    checkDir(base, root);
+    checkDir(base, tmpDir);
+    checkDir(base, newDir);
+  } catch (e) {
+    return fsFailure(e, `open ${folderDir ?? 'INBOX'}`);
   }
-  const name = uniqueName(req.hostname, parts.size, parts.size + parts.lines);
-  const tmp = join(dir, 'tmp', name);
+  if (req.quota > 0) {
+    try {
+      const used = await readUsage(root, req.quota);
+      const full = overQuota(req, used.bytes, req.size);
+      if (full) return full;
+    } catch (e) {
+      return fsFailure(e, 'maildirsize');
+    }
+  }
+  try {
+    await cleanTmp(tmpDir);
+  } catch {
+    /* a failed clean-up never stops a delivery; it is retried in an hour */
+  }
+  const name = uniqueName(req.hostname, req.size, req.vsize);
+  const tmp = join(tmpDir, name);
   let fh;
   try {
-    fh = await open(tmp, 'wx', 0o600);
+    fh = await createExclusive(tmp);
+    if (!fh) throw Object.assign(new Error(`${tmp} exists`), { code: 'EEXIST' });
   } catch (e) {
     return fsFailure(e, `create ${join(folderDir ?? '', 'tmp')}`);
   }
   try {
-    if (req.mailUser.switchTo) await fh.chown(req.mailUser.uid, req.mailUser.gid);
     let pos = 0;
     const w = async (b: Buffer): Promise<void> => {
       let off = 0;
@@ -89,38 +152,39 @@ async function prepare(req: MdaRequest): Promise<MdaPrepared | DeliveryResult> {
         pos += bytesWritten;
       }
     };
-    await w(parts.prefix);
-    fault('tmp-partial');
-    for await (const chunk of req.message.body(true)) await w(chunk);
+    await w(req.prefix);
+    await fault('tmp-partial');
+    for await (const chunk of body) await w(chunk);
     await fh.sync();
     await fh.close();
-    fault('tmp-synced');
+    await fault('tmp-synced');
   } catch (e) {
     await fh.close().catch(() => undefined);
     await unlink(tmp).catch(() => undefined);
     return fsFailure(e, 'write tmp');
   }
-  const target = join(dir, 'new', name);
+  const target = join(newDir, name);
   return {
     what: `maildir ${target}`,
     folder: folderDir === null ? 'INBOX' : folderDir.slice(1),
-    size: parts.size,
+    size: req.size,
     async commit() {
       try {
+        checkDir(base, newDir);
         await rename(tmp, target);
       } catch (e) {
         await unlink(tmp).catch(() => undefined);
         throw Object.assign(new Error(`rename into new/: ${(e as NodeJS.ErrnoException).code ?? 'error'}`), { result: fsFailure(e, 'rename into new') });
       }
-      fault('renamed');
+      await fault('renamed');
       try {
-        await fsyncDir(join(dir, 'new'));
+        await fsyncDir(newDir);
       } catch (e) {
         // the rename may not be durable: say so, Postfix retries (a duplicate beats a loss)
         await unlink(target).catch(() => undefined);
         throw Object.assign(new Error('fsync new/'), { result: fsFailure(e, 'fsync new') });
       }
-      if (req.quota > 0) addUsage(root, parts.size, 1);
+      if (req.quota > 0) await addUsage(root, req.size, 1);
     },
     async abort() {
       await unlink(tmp).catch(() => undefined);
@@ -137,8 +201,7 @@ const maildir: MdaModule = {
       return false;
     }
   },
-  allocate: createMailbox,
-  prepare,
+  store,
 };
 
 export default maildir;

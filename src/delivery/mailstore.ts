@@ -3,20 +3,25 @@
  * DESCRIPTION Finds (or lazily allocates, through the creator module chosen in
  *             `mailstore.creator`) the user's mailbox with src/allocation.ts `placeUser` — the same
  *             function the proxy uses, so Dovecot is started on exactly this path — then hands the
- *             message to the MDA module of the mailbox's format (src/delivery/maildir.ts, mbox.ts).
+ *             message to the MDA module of the mailbox's format (src/delivery/maildir.ts, mbox.ts),
+ *             which runs in the mail writer (src/writer/mail-writer.ts): as the mail user, in a
+ *             child process when pigeon runs as root.
  *             Skipped when an earlier module (forward with keep=false) took the message.
  * CONFIG      mailstore.enabled, format, creator, quota, quota_full, max_size, detail
  * DIAGNOSTICS 5.3.4 too big; 5.2.2 / 4.2.2 over quota; 4.3.x file system; 4.2.1 creator none and
- *             no mailbox; 4.2.0 mailbox being moved; 4.4.x home node unreachable. A mailbox on
+ *             no mailbox; 4.2.0 mailbox being moved, locked, or unsafe (a symbolic or hard link
+ *             where the mailbox, tmp/, new/ or a lock file should be: logged as an error, the
+ *             link is never followed); 4.4.x home node unreachable. A mailbox on
  *             another node is stored there over a peer link (src/peer/deliver.ts).
  */
 import type { Json } from '../settings.js';
 import { placeUser } from '../allocation.js';
 import { isAppError } from '../errors.js';
 import { MDA_MODULES } from './registry-mda.js';
-import { traceHeaders } from './message.js';
+import { traceHeaders, deliveredParts, hasPipeDeliveredTo } from './message.js';
 import { fsFailure } from './mda.js';
-import type { DeliveryModule, StepResult } from './types.js';
+import { mailWriter } from '../writer/mail-writer.js';
+import type { DeliveryModule, DeliveryResult, StepResult } from './types.js';
 
 const num = (v: Json | undefined, d: number): number => (typeof v === 'number' ? v : d);
 
@@ -77,29 +82,57 @@ const mailstore: DeliveryModule = {
     const a = placement.allocation;
     const mda = MDA_MODULES.get(a.format);
     if (!mda) return { kind: 'fail', result: { dsn: '4.3.5', text: `unknown mailbox format ${a.format}` } };
+    const writer = mailWriter(env.alloc.mailUser);
+    const refused = (r: DeliveryResult): StepResult => {
+      if (r.text.startsWith('Mailbox unsafe')) env.log('error', 'mailstore: refused to write through a link or special file', { user: req.user.address, mailbox: a.path, status: `${r.dsn} ${r.text}` });
+      return { kind: 'fail', result: r };
+    };
     if (!mda.isAllocated(a)) {
       try {
-        mda.allocate(a, env.alloc.mailUser);
+        await writer.createMailbox(a, env.alloc.mailRoot);
       } catch (e) {
-        return { kind: 'fail', result: fsFailure(e, 'create mailbox') };
+        return refused(fsFailure(e, 'create mailbox'));
       }
     }
     const folder = req.mailbox ?? (settings['detail'] === false ? null : req.detail);
     const qf = settings['quota_full'] === 'defer' ? 'defer' : 'bounce';
-    const r = await mda.prepare({
-      allocation: a,
-      mailUser: env.alloc.mailUser,
-      message: req.message,
-      trace: traceHeaders(req.sender, req.rcpt),
-      folder,
-      quota: num(settings['quota'], 0),
-      quotaFull: qf,
-      sender: req.sender,
-      hostname: env.hostname,
-    });
-    if ('dsn' in r) return { kind: 'fail', result: r };
-    env.log('debug', 'mailstore: prepared', { user: req.user.address, file: r.what });
-    return { kind: 'continue', prepared: r };
+    const parts = deliveredParts(req.message, traceHeaders(req.sender, req.rcpt, !hasPipeDeliveredTo(req.message, req.rcpt)));
+    let r;
+    try {
+      r = await writer.store(
+        {
+          format: a.format,
+          path: a.path,
+          mailRoot: env.alloc.mailRoot,
+          folder,
+          quota: num(settings['quota'], 0),
+          quotaFull: qf,
+          sender: req.sender,
+          hostname: env.hostname,
+          prefix: parts.prefix,
+          size: parts.size,
+          vsize: parts.size + parts.lines,
+          lockWaitMs: env.lockWaitMs,
+        },
+        req.message.body(true),
+      );
+    } catch (e) {
+      return { kind: 'fail', result: { dsn: '4.3.0', text: `Temporary delivery failure (${e instanceof Error ? e.message : String(e)})` } };
+    }
+    if ('dsn' in r) return refused(r);
+    const stored = r;
+    env.log('debug', 'mailstore: prepared', { user: req.user.address, file: stored.what });
+    return {
+      kind: 'continue',
+      prepared: {
+        what: stored.what,
+        commit: async () => {
+          const f = await writer.commit(stored.handle);
+          if (f) throw Object.assign(new Error(f.text), { result: f });
+        },
+        abort: () => writer.abort(stored.handle),
+      },
+    };
   },
 };
 

@@ -1,49 +1,71 @@
 /**
  * NAME        src/delivery/mda — the contract of the mailstore's MDA modules (maildir, mbox)
- * DESCRIPTION An MDA module knows one mailbox format: whether a user's mailbox exists, how to
- *             create it (lazily, idempotently, owned by the mail user), and how to deliver into
- *             it in two steps (prepare = write and fsync; commit = make visible). Registered by
- *             name in src/delivery/registry.ts; `mailstore.format` chooses one.
+ * DESCRIPTION An MDA module knows one mailbox format: whether a user's mailbox exists, and how to
+ *             deliver into it in two steps (store = write and fsync; commit = make visible).
+ *             `store` runs inside the mail writer (src/writer/mail-writer.ts) — as the mail user,
+ *             in a child process when pigeon runs as root — so its request is plain data and the
+ *             message body arrives as a stream of chunks. Registered by name in
+ *             src/delivery/registry-mda.ts; `mailstore.format` chooses one.
  *             Errors of the file system map to enhanced status codes here, once.
  */
 import type { Allocation } from '../store.js';
-import type { MailUser } from '../mailuser.js';
-import type { Spooled } from './message.js';
-import type { DeliveryResult, Prepared } from './types.js';
+import type { DeliveryResult } from './types.js';
 
-export interface MdaRequest {
-  readonly allocation: Allocation;
-  readonly mailUser: MailUser;
-  readonly message: Spooled;
-  /** trace header lines (Return-Path, Delivered-To) */
-  readonly trace: Buffer;
+/** What the writer needs to store one message (plain data: it may cross a process boundary). */
+export interface StoreRequest {
+  readonly format: 'maildir' | 'mbox';
+  /** the mailbox: Maildir directory or mbox file */
+  readonly path: string;
+  /** the node's mail root: no symbolic link is followed below it */
+  readonly mailRoot: string;
   /** folder asked for by +detail or -m, delivered into only when it exists */
   readonly folder: string | null;
   readonly quota: number;
   readonly quotaFull: 'bounce' | 'defer';
   readonly sender: string;
   readonly hostname: string;
+  /** trace header lines, the message's header section and the blank line */
+  readonly prefix: Buffer;
+  /** bytes on disk (LF line ends) and with CRLF (Maildir S= / W=) */
+  readonly size: number;
+  readonly vsize: number;
+  /** mbox: how long to wait for the fcntl lock and the dotlock (limits.mda_lock_wait_s) */
+  readonly lockWaitMs: number;
 }
 
-export type MdaPrepared = Prepared & { readonly folder: string; readonly size: number };
+/** A stored, not yet visible message, held by the writer until commit or abort. */
+export interface Held {
+  readonly what: string;
+  readonly folder: string;
+  readonly size: number;
+  commit(): Promise<void>;
+  abort(): Promise<void>;
+}
 
 export interface MdaModule {
   readonly name: 'maildir' | 'mbox';
   isAllocated(a: Allocation): boolean;
-  allocate(a: Allocation, mu: MailUser): void;
-  prepare(req: MdaRequest): Promise<MdaPrepared | DeliveryResult>;
+  /** Runs in the mail writer: write the message (prefix + body chunks) durably, not yet visible. */
+  store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<Held | DeliveryResult>;
 }
 
-export function overQuota(req: MdaRequest, used: number, size: number): DeliveryResult | null {
+export function overQuota(req: Pick<StoreRequest, 'quota' | 'quotaFull'>, used: number, size: number): DeliveryResult | null {
   if (req.quota <= 0 || used + size <= req.quota) return null;
   return req.quotaFull === 'defer'
     ? { dsn: '4.2.2', text: `Mailbox full (quota ${req.quota} bytes exceeded); try again later` }
     : { dsn: '5.2.2', text: `Mailbox full (quota ${req.quota} bytes exceeded)` };
 }
 
-/** A file-system error during delivery → a temporary status (nothing is ever bounced for it). */
+/**
+ * A file-system error during delivery → a temporary status (nothing is ever bounced for it).
+ * A refused link or special file (EUNSAFE, ELOOP) is 4.2.0 "Mailbox unsafe" with the path.
+ */
 export function fsFailure(e: unknown, what: string): DeliveryResult {
-  const code = (e as NodeJS.ErrnoException).code ?? 'error';
+  const code = (e as NodeJS.ErrnoException | null)?.code ?? 'error';
+  if (code === 'EUNSAFE' || code === 'ELOOP') {
+    const detail = e instanceof Error ? e.message : 'symbolic link';
+    return { dsn: '4.2.0', text: `Mailbox unsafe, not delivering (${what}: ${detail})` };
+  }
   if (code === 'ENOSPC' || code === 'EDQUOT') return { dsn: '4.3.1', text: `Mail system full (${what}: ${code})` };
   if (code === 'EROFS' || code === 'EACCES' || code === 'EPERM') return { dsn: '4.3.0', text: `Mailbox not writable (${what}: ${code})` };
   return { dsn: '4.3.0', text: `Temporary delivery failure (${what}: ${code})` };

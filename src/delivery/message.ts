@@ -286,14 +286,44 @@ async function* bodyIterator(mem: readonly Buffer[], fh: FileHandle | null, tota
   }
 }
 
+/** The trace fields Postfix pipe(8) prepends (R: Return-Path, O: X-Original-To, D: Delivered-To). */
+const PIPE_TRACE = new Set(['return-path', 'x-original-to', 'delivered-to']);
+
+/**
+ * How many fields at the top of the header section are pipe(8)'s own trace block: only trace
+ * fields, directly followed by the topmost Received: (Postfix always adds one before the queue).
+ * Those were added by this very delivery (flags=D...), so they are not a sign of a loop.
+ */
+export function pipeTraceFields(fields: readonly HeaderField[]): number {
+  let n = 0;
+  while (n < fields.length && PIPE_TRACE.has(fields[n]?.name ?? '')) n++;
+  return n > 0 && fields[n]?.name === 'received' ? n : 0;
+}
+
+/** The Delivered-To addresses that count for loop detection (lower case, without <>). */
+export function loopDeliveredTo(m: Pick<Spooled, 'fields'>): string[] {
+  return m.fields
+    .slice(pipeTraceFields(m.fields))
+    .filter((f) => f.name === 'delivered-to')
+    .map((f) => f.value.replace(/^<|>$/g, '').trim().toLowerCase());
+}
+
+/** True when pipe(8)'s block at the top already says `Delivered-To: rcpt` (flag D): ours would repeat it. */
+export function hasPipeDeliveredTo(m: Pick<Spooled, 'fields'>, rcpt: string): boolean {
+  return m.fields
+    .slice(0, pipeTraceFields(m.fields))
+    .some((f) => f.name === 'delivered-to' && f.value.replace(/^<|>$/g, '').trim().toLowerCase() === rcpt.toLowerCase());
+}
+
 /** Quote an address for a trace header: `<>` for the null sender. */
 export function angle(addr: string): string {
   return `<${addr.replace(/[\r\n<>]/g, '')}>`;
 }
 
-/** The lines a delivery prepends: Return-Path and Delivered-To. */
-export function traceHeaders(sender: string, rcpt: string): Buffer {
-  return Buffer.from(`Return-Path: ${angle(sender)}\nDelivered-To: ${rcpt.replace(/[\r\n]/g, '')}\n`, 'latin1');
+/** The lines a delivery prepends: Return-Path and (unless pipe(8) already wrote it) Delivered-To. */
+export function traceHeaders(sender: string, rcpt: string, deliveredTo = true): Buffer {
+  const dt = deliveredTo ? `Delivered-To: ${rcpt.replace(/[\r\n]/g, '')}\n` : '';
+  return Buffer.from(`Return-Path: ${angle(sender)}\n${dt}`, 'latin1');
 }
 
 /** The bytes of the message as delivered: trace + head + blank line + body. */

@@ -3,7 +3,9 @@
  * DESCRIPTION `resolveRecipient` does the one configuration read per recipient
  *             (Store.lookup + resolve), `user+detail@domain` falling back to `user@domain`.
  *             `deliverRecipient` checks for a mail loop (a Delivered-To naming the recipient:
- *             5.4.6; more than MAX_HOPS Delivered-To fields: 5.4.6), then runs every module whose
+ *             5.4.6; more than MAX_HOPS Delivered-To fields: 5.4.6) — not counting the trace block
+ *             Postfix pipe(8) with flags=D prepends above the topmost Received: (it belongs to this
+ *             very delivery; pipe(8) did its own loop check before) — then runs every module whose
  *             effective `enabled` is true in phase order. Store-phase modules prepare; if all
  *             succeeded their commits run in order; the first failure aborts whatever is not yet
  *             committed and decides the outcome. Notify-phase modules run after that, only for a
@@ -19,7 +21,7 @@ import { normaliseAddress, splitDetail } from '../address.js';
 import { isAppError } from '../errors.js';
 import { RUN_ORDER } from './registry.js';
 import type { DeliveryEnv, DeliveryResult, Prepared, RecipientRequest } from './types.js';
-import type { Spooled } from './message.js';
+import { loopDeliveredTo, type Spooled } from './message.js';
 
 export const MAX_HOPS = 30;
 
@@ -64,8 +66,10 @@ export interface RecipientInput {
 }
 
 function loopCheck(rcpt: string, user: string, m: Spooled): DeliveryResult | null {
-  const dt = m.get('delivered-to').map((v) => v.replace(/^<|>$/g, '').trim().toLowerCase());
-  if (dt.includes(rcpt) || dt.includes(user)) return { dsn: '5.4.6', text: `<${rcpt}>: mail forwarding loop (Delivered-To: ${rcpt} already present)` };
+  // pipe(8) flags=D... writes Delivered-To for this delivery above the topmost Received: not a loop
+  const dt = loopDeliveredTo(m);
+  const seen = dt.find((a) => a === rcpt || a === user);
+  if (seen !== undefined) return { dsn: '5.4.6', text: `<${rcpt}>: mail forwarding loop (Delivered-To: ${seen} already present)` };
   if (dt.length > MAX_HOPS) return { dsn: '5.4.6', text: `<${rcpt}>: mail forwarding loop (${dt.length} Delivered-To fields)` };
   return null;
 }

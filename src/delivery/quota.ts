@@ -6,10 +6,15 @@
  *             the file name, else stat) when it is missing, longer than 5120 bytes, or its limit
  *             line differs from the configured limit. Updates are single O_APPEND writes, so
  *             concurrent deliveries never lose one another's lines.
+ * SECURITY    Runs in the mail writer (as the mail user). `maildirsize` is opened with O_NOFOLLOW
+ *             and must be a regular file with one link (src/writer/safe-fs.ts); a symlinked or
+ *             hard-linked one is never read or appended to: it is recalculated, and the rename
+ *             replaces the link itself (its target is left alone).
  */
-import { readFileSync, readdirSync, statSync, writeFileSync, renameSync, openSync, writeSync, closeSync, fchownSync, constants } from 'node:fs';
+import { readdirSync, statSync, constants } from 'node:fs';
+import { rename, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { MailUser } from '../mailuser.js';
+import { openChecked, createExclusive } from '../writer/safe-fs.js';
 
 const MAX_FILE = 5120;
 
@@ -60,13 +65,28 @@ export function scanMaildir(root: string): QuotaUsage {
 }
 
 /** Current usage from maildirsize, recalculated when it is missing, stale or too long. */
-export function readUsage(root: string, limit: number, mu: MailUser): QuotaUsage {
+export async function readUsage(root: string, limit: number): Promise<QuotaUsage> {
   const file = join(root, 'maildirsize');
   let text: string | null = null;
+  let fh;
   try {
-    if (statSync(file).size <= MAX_FILE) text = readFileSync(file, 'latin1');
-  } catch {
-    text = null;
+    fh = await openChecked(file, constants.O_RDONLY, 0, { singleLink: true });
+  } catch (e) {
+    // missing, or a link / special file in its place: recalculate, and the rename replaces it
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code !== 'ENOENT' && code !== 'EUNSAFE') throw e;
+  }
+  if (fh) {
+    try {
+      const size = (await fh.stat()).size;
+      if (size <= MAX_FILE) {
+        const buf = Buffer.alloc(size);
+        const { bytesRead } = await fh.read(buf, 0, size, 0);
+        text = buf.subarray(0, bytesRead).toString('latin1');
+      }
+    } finally {
+      await fh.close();
+    }
   }
   if (text !== null) {
     const lines = text.split('\n');
@@ -88,41 +108,44 @@ export function readUsage(root: string, limit: number, mu: MailUser): QuotaUsage
       if (ok) return { bytes, count };
     }
   }
-  return recalculate(root, limit, mu);
+  return recalculate(root, limit);
 }
 
-/** Rewrite maildirsize from the messages (tmp file + rename). */
-export function recalculate(root: string, limit: number, mu: MailUser): QuotaUsage {
+/** Rewrite maildirsize from the messages (new file in tmp/ + rename: a link in its place is replaced, not followed). */
+export async function recalculate(root: string, limit: number): Promise<QuotaUsage> {
   const u = scanMaildir(root);
   const tmp = join(root, 'tmp', `maildirsize.${process.pid}.${Date.now()}`);
   try {
-    writeFileSync(tmp, `${limit}S\n${u.bytes} ${u.count}\n`, { mode: 0o600 });
-    if (mu.switchTo) {
-      const fd = openSync(tmp, 'r');
+    const fh = await createExclusive(tmp);
+    if (fh) {
       try {
-        fchownSync(fd, mu.uid, mu.gid);
+        await fh.write(`${limit}S\n${u.bytes} ${u.count}\n`);
       } finally {
-        closeSync(fd);
+        await fh.close();
       }
+      await rename(tmp, join(root, 'maildirsize'));
     }
-    renameSync(tmp, join(root, 'maildirsize'));
   } catch {
+    await unlink(tmp).catch(() => undefined);
     /* a quota file we cannot write is recalculated next time */
   }
   return u;
 }
 
 /** Account one delivered message (single O_APPEND write). */
-export function addUsage(root: string, bytes: number, count: number): void {
+export async function addUsage(root: string, bytes: number, count: number): Promise<void> {
+  let fh;
   try {
     // no O_CREAT: a missing file is recalculated (with its limit line) on the next delivery
-    const fd = openSync(join(root, 'maildirsize'), constants.O_WRONLY | constants.O_APPEND);
-    try {
-      writeSync(fd, `${bytes} ${count}\n`);
-    } finally {
-      closeSync(fd);
-    }
+    fh = await openChecked(join(root, 'maildirsize'), constants.O_WRONLY | constants.O_APPEND, 0, { singleLink: true });
   } catch {
-    /* missing file: recalculated on the next delivery */
+    return; /* missing (recalculated next time) or unsafe (refused by the next delivery's readUsage) */
+  }
+  try {
+    await fh.write(`${bytes} ${count}\n`);
+  } catch {
+    /* recalculated when it no longer adds up */
+  } finally {
+    await fh.close();
   }
 }

@@ -50,6 +50,8 @@ export interface DeliveryEnv {
   /** the MTA's sendmail command (pigeon.yaml `sendmail`) */
   readonly sendmail: string;
   readonly hostname: string;
+  /** how long an mbox delivery waits for the mailbox locks (pigeon.yaml limits.mda_lock_wait_s) */
+  readonly lockWaitMs: number;
   readonly log: (level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Record<string, string | number | boolean | null | undefined>) => void;
 }
 

@@ -8,16 +8,15 @@
  *             X-Auto-Response-Suppress OOF/All; a message that does not name the recipient in
  *             To/Cc/Bcc. At most once per sender per `vacation.days`: a state file per
  *             (recipient, sender hash) under MAIL_ROOT/.pigeon-vacation, created with O_EXCL and
- *             re-armed by its mtime. The reply goes through the MTA's sendmail with the null
+ *             re-armed by its mtime, written by the mail writer as the mail user
+ *             (src/delivery/vacation-state.ts). The reply goes through the MTA's sendmail with the null
  *             envelope sender, `Auto-Submitted: auto-replied`, In-Reply-To/References.
  * CONFIG      vacation.enabled, subject, body, days
  */
-import { mkdirSync, openSync, closeSync, statSync, utimesSync, chownSync } from 'node:fs';
-import { join } from 'node:path';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { sendmail } from './sendmail.js';
 import type { Spooled } from './message.js';
-import type { MailUser } from '../mailuser.js';
+import { mailWriter } from '../writer/mail-writer.js';
 import type { DeliveryModule, RecipientRequest, StepResult } from './types.js';
 
 const ROBOT = /^(mailer-daemon|postmaster|listserv|majordomo|mailman|owner-.*|.*-request|.*-bounces?|.*-owner|no-?reply|bounce.*|root)$/i;
@@ -37,36 +36,6 @@ export function whyNoReply(req: Pick<RecipientRequest, 'sender' | 'rcpt' | 'user
   const named = [...m.get('to'), ...m.get('cc'), ...m.get('bcc'), ...m.get('resent-to'), ...m.get('resent-cc')].join(',').toLowerCase();
   if (!mine.some((a) => named.includes(a))) return 'recipient not in To/Cc';
   return null;
-}
-
-/**
- * True when this (recipient, sender) pair is due a reply now; arms the interval. `owner` (when
- * running as root) gets what is created, so deliveries as the mail user (pipe) can use it too.
- */
-export function dueNow(root: string, rel: readonly string[], sender: string, days: number, owner: MailUser): boolean {
-  let dir = root;
-  for (const part of rel) {
-    dir = join(dir, part);
-    try {
-      mkdirSync(dir, { mode: 0o700 });
-      if (owner.switchTo) chownSync(dir, owner.uid, owner.gid);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-    }
-  }
-  const f = join(dir, createHash('sha256').update(sender.toLowerCase()).digest('hex').slice(0, 32));
-  try {
-    closeSync(openSync(f, 'wx', 0o600));
-    if (owner.switchTo) chownSync(f, owner.uid, owner.gid);
-    return true;
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-  }
-  const age = Date.now() - statSync(f).mtimeMs;
-  if (age < days * 86_400_000) return false;
-  const now = new Date();
-  utimesSync(f, now, now);
-  return true;
 }
 
 function encodeWord(s: string): string {
@@ -89,7 +58,7 @@ const vacation: DeliveryModule = {
     const days = typeof settings['days'] === 'number' ? settings['days'] : 7;
     const at = req.user.address.lastIndexOf('@');
     const rel = ['.pigeon-vacation', req.user.address.slice(at + 1), req.user.address.slice(0, at)];
-    if (!dueNow(env.alloc.mailRoot, rel, req.sender, days, env.alloc.mailUser)) {
+    if (!(await mailWriter(env.alloc.mailUser).vacationDue(env.alloc.mailRoot, rel, req.sender, days))) {
       env.log('debug', 'vacation: already answered', { user: req.user.address, to: req.sender });
       return { kind: 'continue' };
     }

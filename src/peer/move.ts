@@ -6,7 +6,8 @@
  *             2. After a settle time, the old home streams the Maildir to NODE over a peer link
  *                (`move-out` asks it to when the command runs elsewhere; `move-in` carries the
  *                files). NODE writes each file to a temporary name, fsyncs it, renames it, fsyncs
- *                the directories, and only then answers with the new allocation.
+ *                the directories, and only then answers with the new allocation. NODE's writes
+ *                are made by its mail writer (as the mail user, no link followed).
  *             3. One transaction switches home and allocation and clears `moving_to`.
  *             4. A second pass copies messages that reached the old mailbox late (a delivery that
  *                was already past its checks), skipping those NODE already has (same Maildir base
@@ -14,8 +15,8 @@
  * DIAGNOSTICS AppError PEER_UNAVAILABLE (a node is down), TEMPFAIL (user changed meanwhile),
  *             USAGE (mbox mailboxes: not supported by move in this version).
  */
-import { mkdirSync, readdirSync, chownSync, existsSync } from 'node:fs';
-import { open, rename, unlink } from 'node:fs/promises';
+import { readdirSync, existsSync, constants } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { join, dirname, relative, sep, normalize, isAbsolute } from 'node:path';
 import type { TLSSocket } from 'node:tls';
 import type { Readable } from 'node:stream';
@@ -26,6 +27,7 @@ import { sendHandOff, linkSessionId } from './link.js';
 import { wireUser, readLine, replyLine, writeAll, nextWithin, exactBytes, type HandOff, type MoveSpec, type WireUser } from './protocol.js';
 import { mailboxPath } from '../allocation.js';
 import { AppError } from '../errors.js';
+import { mailWriter } from '../writer/mail-writer.js';
 
 const FILE_LINE_MAX = 8192;
 const STALL_MS = 60_000;
@@ -72,10 +74,13 @@ export async function exportMailbox(ctx: PeerContext, user: WireUser, source: Al
   try {
     let bytes = 0;
     for (const f of files) {
-      const fh = await open(join(source.path, f), 'r').catch(() => null);
+      // no link is followed (a symlink swapped in after the directory walk fails with ELOOP)
+      const fh = await open(join(source.path, f), constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK).catch(() => null);
       if (!fh) continue; // expunged meanwhile
       try {
-        const size = (await fh.stat()).size;
+        const st = await fh.stat();
+        if (!st.isFile()) continue;
+        const size = st.size;
         await writeAll(sock, Buffer.from(`${JSON.stringify({ path: f, size })}\n`));
         let left = size;
         const buf = Buffer.allocUnsafe(256 * 1024);
@@ -124,20 +129,15 @@ function safeRelative(p: string): string | null {
   return n;
 }
 
-/** The new node's side: write the files into this node's mailbox of the user, durably. */
+/**
+ * The new node's side: write the files into this node's mailbox of the user, durably. Every
+ * write goes through the mail writer (src/writer/mail-writer.ts): as the mail user, no link
+ * followed below the mail root.
+ */
 export async function receiveMailbox(sock: TLSSocket, h: HandOff, mailRoot: string, mu: MailUser): Promise<void> {
   const mv = h.move as MoveSpec;
   const allocation: Allocation = { format: 'maildir', path: mailboxPath(mailRoot, h.user.address, 'maildir'), node: mv.to };
-  const own = (p: string): void => {
-    if (mu.switchTo) chownSync(p, mu.uid, mu.gid);
-  };
-  const mkdirs = (d: string): void => {
-    if (existsSync(d)) return;
-    mkdirs(dirname(d));
-    mkdirSync(d, { mode: 0o700 });
-    own(d);
-  };
-  for (const d of ['cur', 'new', 'tmp']) mkdirs(join(allocation.path, d));
+  const w = mailWriter(mu);
   const dirs = new Set<string>();
   // folder → Maildir base name → files with that base already here (an old copy from an earlier move)
   const known = new Map<string, Map<string, string[]>>();
@@ -154,10 +154,11 @@ export async function receiveMailbox(sock: TLSSocket, h: HandOff, mailRoot: stri
     }
     return s;
   };
-  sock.write(replyLine({ ok: true }));
   const it = sock[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
   let files = 0;
   try {
+    await w.createMailbox(allocation, mailRoot);
+    sock.write(replyLine({ ok: true }));
     for (;;) {
       const hdr = JSON.parse(await line(it, sock)) as { path?: unknown; size?: unknown; end?: unknown };
       if (hdr.end === true) break;
@@ -173,30 +174,16 @@ export async function receiveMailbox(sock: TLSSocket, h: HandOff, mailRoot: stri
       const base = baseOf(rel.split(sep).pop() ?? '');
       if (mv.pass === 2 && isMail) skip = present(folder).has(base);
       // pass 1 over an old copy: the source's flags win; drop the old file under another name
-      if (mv.pass === 1 && isMail) for (const old of present(folder).get(base) ?? []) if (old !== dest) await unlink(old).catch(() => undefined);
+      if (mv.pass === 1 && isMail) for (const old of present(folder).get(base) ?? []) if (old !== dest) await w.removeFile(mailRoot, old).catch(() => undefined);
       if (skip) {
         for await (const _ of exactBytes(it, sock, size, STALL_MS)) void _; // already here: skip its bytes
         continue;
       }
-      mkdirs(parent);
-      const tmp = `${dest}.pigeon-move-${process.pid}`;
-      const fh = await open(tmp, 'w', 0o600);
-      try {
-        for await (const b of exactBytes(it, sock, size, STALL_MS)) await fh.write(b);
-        await fh.sync();
-      } finally {
-        await fh.close();
-      }
-      own(tmp);
-      await rename(tmp, dest);
+      await w.putFile(mailRoot, dest, exactBytes(it, sock, size, STALL_MS));
       dirs.add(parent);
       files++;
     }
-    for (const d of dirs) {
-      const fh = await open(d, 'r');
-      await fh.sync();
-      await fh.close();
-    }
+    for (const d of dirs) await w.syncDir(mailRoot, d);
     sock.end(replyLine({ ok: true, files, allocation: { ...allocation } }));
   } catch (e) {
     sock.end(replyLine({ ok: false, text: (e as Error).message }));

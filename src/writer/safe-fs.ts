@@ -1,0 +1,110 @@
+/**
+ * NAME        src/writer/safe-fs — open and create files under the mail root without following links
+ * DESCRIPTION Everything the delivery agent writes under the mail root goes through here:
+ *             - a directory it writes into must be reached from the mail root without a symbolic
+ *               link (realpath of the directory = realpath of the mail root + the relative path),
+ *               so a symlinked DOMAIN, mailbox, tmp/, new/ or folder is refused;
+ *             - a file it opens is opened with O_NOFOLLOW (a symlink fails with ELOOP) and
+ *               O_NONBLOCK (a FIFO cannot make it hang), then fstat'ed: it must be a regular file,
+ *               and a file opened to append or rewrite (mbox, maildirsize, vacation state, lock
+ *               files) must have exactly one link, so a hard link to another file is refused too;
+ *             - a file it creates is created with O_CREAT|O_EXCL, which never follows a link.
+ *             A refusal is an UnsafePathError (code EUNSAFE); ELOOP from O_NOFOLLOW is reported the
+ *             same way by src/delivery/mda.ts fsFailure: the delivery is deferred (4.2.0).
+ *             A mailbox outside the mail root (provisioned elsewhere) is checked from its parent.
+ * SECURITY    These checks hold for any uid; the writes themselves run as the mail user
+ *             (src/writer/mail-writer.ts), so even a race between check and use can only make the
+ *             mail user write where the mail user may write anyway.
+ */
+import { constants, realpathSync, lstatSync } from 'node:fs';
+import { open, mkdir, type FileHandle } from 'node:fs/promises';
+import { dirname, join, relative, isAbsolute, sep } from 'node:path';
+
+export class UnsafePathError extends Error {
+  readonly code = 'EUNSAFE';
+}
+
+const isUnder = (base: string, p: string): boolean => {
+  const rel = relative(base, p);
+  return rel !== '' && !rel.startsWith('..') && !isAbsolute(rel) && !rel.split(sep).includes('..');
+};
+
+/**
+ * The trusted directory paths below which links are refused: the mail root when `box` lies under
+ * it, else the mailbox's parent directory.
+ */
+export function baseOf(mailRoot: string, box: string): string {
+  return isUnder(mailRoot, box) ? mailRoot : dirname(box);
+}
+
+/** `dir` must be a directory reached from `base` through no symbolic link. Throws ENOENT when missing. */
+export function checkDir(base: string, dir: string): void {
+  if (dir === base) return;
+  if (!isUnder(base, dir)) throw new UnsafePathError(`${dir} is not below ${base}`);
+  const real = realpathSync.native(dir);
+  const want = join(realpathSync.native(base), relative(base, dir));
+  if (real !== want) throw new UnsafePathError(`${dir} is reached through a symbolic link (it resolves to ${real})`);
+  if (!lstatSync(dir).isDirectory()) throw new UnsafePathError(`${dir} is not a directory`);
+}
+
+/** mkdir -p below `base` (mode for what it creates), then checkDir on the result. */
+export async function ensureDir(base: string, dir: string, mode = 0o700): Promise<void> {
+  if (dir !== base) {
+    if (!isUnder(base, dir)) throw new UnsafePathError(`${dir} is not below ${base}`);
+    const parent = dirname(dir);
+    if (parent !== base) await ensureDir(base, parent, mode);
+    try {
+      await mkdir(dir, { mode });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+  }
+  checkDir(base, dir);
+}
+
+const NOFOLLOW = constants.O_NOFOLLOW | constants.O_NONBLOCK;
+
+export interface OpenChecks {
+  /** refuse a file with more than one link (anything opened to append or rewrite) */
+  readonly singleLink: boolean;
+}
+
+/** Open an existing file (or create it with O_CREAT in `flags`) without following a link; check what was opened. */
+export async function openChecked(path: string, flags: number, mode: number, checks: OpenChecks): Promise<FileHandle> {
+  let fh: FileHandle;
+  try {
+    fh = await open(path, flags | NOFOLLOW, mode);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ELOOP') throw new UnsafePathError(`${path} is a symbolic link`);
+    throw e;
+  }
+  try {
+    const st = await fh.stat();
+    if (!st.isFile()) throw new UnsafePathError(`${path} is not a regular file`);
+    if (checks.singleLink && st.nlink !== 1) throw new UnsafePathError(`${path} has ${st.nlink} hard links`);
+  } catch (e) {
+    await fh.close().catch(() => undefined);
+    throw e;
+  }
+  return fh;
+}
+
+/** Create a new file exclusively (O_EXCL never follows a link); null when it exists. */
+export async function createExclusive(path: string, mode = 0o600): Promise<FileHandle | null> {
+  try {
+    return await open(path, constants.O_CREAT | constants.O_EXCL | constants.O_RDWR | NOFOLLOW, mode);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') return null;
+    throw e;
+  }
+}
+
+/** fsync a directory (after a rename or create in it). */
+export async function fsyncDir(dir: string): Promise<void> {
+  const fh = await open(dir, constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW);
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
