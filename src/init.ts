@@ -120,6 +120,8 @@ limits:
   preauth_timeout_s: 60
   # longest pre-auth command line in bytes
   max_line: 8192
+  # a TLS handshake (imaps/pop3s, STARTTLS/STLS) must finish within this many seconds
+  tls_handshake_timeout_s: 15
 `;
 }
 

@@ -114,6 +114,7 @@ export const fileSchema = z.strictObject({
       auth_failure_delay_ms: z.number().int().min(0).max(60000).default(2000),
       preauth_timeout_s: z.number().int().min(1).max(3600).default(60),
       max_line: z.number().int().min(512).max(65536).default(8192),
+      tls_handshake_timeout_s: z.number().int().min(1).max(180).default(15),
     })
     .prefault({}),
 });
