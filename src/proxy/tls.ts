@@ -35,7 +35,8 @@ export function implicitTlsOptions(instance: Instance, protocol: MailProtocol, f
   return {
     ...files,
     minVersion: 'TLSv1.2' as const,
-    handshakeTimeout: handshakeTimeoutMs(instance),
+    // Node's own (idle) timer only backs up guardHandshakes' absolute deadline
+    handshakeTimeout: handshakeTimeoutMs(instance) + 1000,
     ALPNCallback: alpnCallback(protocol),
   };
 }
