@@ -34,6 +34,8 @@ export interface AuthRequest {
   readonly password: Uint8Array;
   readonly service: 'imap' | 'pop3' | 'test';
   readonly rip?: string;
+  /** epoch ms: a locked database is waited for until then, then tempfail (default: one busy timeout from now) */
+  readonly deadline?: number;
 }
 
 export type AuthResult =

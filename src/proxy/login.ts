@@ -12,24 +12,41 @@ import type { ProxyEnv } from './env.js';
 import type { ClientConn } from './conn.js';
 import type { AuthResult, ResolvedUser } from '../modules.js';
 import { resolve } from '../resolve.js';
+import { BUSY_TIMEOUT_MS } from '../db.js';
 
 export type Proto = 'imap' | 'pop3';
 
 let policyCache: { at: number; value: string } | null = null;
+let refreshing = false;
+const POLICY_TTL_MS = 5000;
 
-/** login.plaintext (global scope only), cached for 5 s so a pre-auth session costs no DB read. */
-export function plaintextPolicy(env: ProxyEnv): string {
+function readPolicy(env: ProxyEnv): void {
   const now = Date.now();
-  if (policyCache && now - policyCache.at < 5000) return policyCache.value;
-  let value = 'loopback';
   try {
-    const v = resolve(env.store.rowsFor({ scope: 'global', name: null }))['login.plaintext']?.value;
-    if (typeof v === 'string') value = v;
+    // never waits for a lock: a locked database keeps the value we have
+    const v = env.store.tryNow(() => resolve(env.store.rowsFor({ scope: 'global', name: null }))['login.plaintext']?.value);
+    policyCache = { at: now, value: typeof v === 'string' ? v : 'loopback' };
   } catch {
-    value = policyCache?.value ?? 'loopback';
+    policyCache = { at: now, value: policyCache?.value ?? 'loopback' };
   }
-  policyCache = { at: now, value };
-  return value;
+}
+
+/**
+ * login.plaintext (global scope only). A greeting or a LOGIN never waits on the database: the
+ * value is read without waiting for a lock (the first time) and then kept for 5 s, refreshed
+ * after it was used; while the database is locked the last value (or the default, loopback)
+ * stays in force.
+ */
+export function plaintextPolicy(env: ProxyEnv): string {
+  if (policyCache === null) readPolicy(env);
+  else if (Date.now() - policyCache.at >= POLICY_TTL_MS && !refreshing) {
+    refreshing = true;
+    setImmediate(() => {
+      refreshing = false;
+      readPolicy(env);
+    });
+  }
+  return policyCache?.value ?? 'loopback';
 }
 
 export function plaintextAllowed(env: ProxyEnv, conn: ClientConn): boolean {
@@ -119,11 +136,18 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
   if (creds.kind === 'malformed') return refuse(env, conn, st, creds.why);
   const user = userName(creds.user);
   if (user === null) return refuse(env, conn, st, 'invalid user name');
+  // the whole login (password check, and the mailbox allocation that may follow) waits at most
+  // one busy timeout for a locked database
+  const deadline = Date.now() + BUSY_TIMEOUT_MS;
   let r: AuthResult;
   try {
-    r = await env.auth.authenticate({ user, password: creds.password, service: st.proto, rip: conn.peer.rip });
+    r = await env.auth.authenticate({ user, password: creds.password, service: st.proto, rip: conn.peer.rip, deadline });
   } catch (e) {
     r = { ok: false, why: 'tempfail', detail: e instanceof Error ? e.message : 'auth error' };
+  }
+  if (r.ok && needsAllocation(env, r.user) && !(await env.store.writableWithin(deadline))) {
+    // the router would allocate the mailbox with a write that blocks the process: answer now
+    r = { ok: false, why: 'tempfail', detail: `database ${env.store.file} is locked by another process; cannot allocate the mailbox of ${r.user.user.address}` };
   }
   if (r.ok) {
     st.lastOutcome = 'ok';
@@ -138,6 +162,11 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
     return { kind: 'tempfail', detail: r.detail };
   }
   return refuse(env, conn, st, r.why);
+}
+
+/** Will routing this user write to the database (a first login allocates the mailbox)? */
+function needsAllocation(env: ProxyEnv, u: ResolvedUser): boolean {
+  return u.user.allocation === null && (u.user.home === null || u.user.home === env.instance.config.node);
 }
 
 async function refuse(env: ProxyEnv, conn: ClientConn, st: LoginState, why: string): Promise<LoginOutcome> {
