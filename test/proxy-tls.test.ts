@@ -48,6 +48,10 @@ function tlsClient(p: number, alpn: string[] | null): Promise<string> {
 }
 
 t.test('implicit TLS (serve): a connection without a handshake is closed at the deadline', async (t) => {
+  // a session that did its handshake is no longer held to the deadline
+  const done = tlsConnect({ port: port('imaps'), host: '127.0.0.1', ca: [ca], servername: 'localhost' });
+  const early = new Wire(done);
+  t.match(await early.until(/\r\n/), /^\* OK/, 'a client that completed its handshake is greeted');
   for (const p of ['imaps', 'pop3s']) {
     for (const trickle of [false, true]) {
       const w = await Wire.open(port(p));
@@ -57,6 +61,9 @@ t.test('implicit TLS (serve): a connection without a handshake is closed at the 
       w.close();
     }
   }
+  early.write('a1 NOOP\r\n');
+  t.match(await early.until(/a1 .*\r\n/), /a1 OK/, 'the completed TLS session is still served after four deadlines passed');
+  early.close();
   const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
   t.match(log, /imap-login: Disconnected \(TLS handshaking: no handshake within 1 s\): rip=127\.0\.0\.1/, 'logged with the reason');
 });
