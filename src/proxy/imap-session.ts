@@ -19,7 +19,7 @@ import type { ProxyEnv } from './env.js';
 import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
 import { ImapFramer, parseCommand, ParseError, argBytes, argAscii, peekCommand, type Arg, type Frame, type Command } from './imap-framer.js';
-import { authenticate, logLogin, logDisconnect, plaintextAllowed, type Credentials, type LoginState } from './login.js';
+import { authenticate, logLogin, logDisconnect, plaintextAllowed, plainCredentials, saslBase64, type Credentials, type LoginState } from './login.js';
 import { route, runSession } from './router.js';
 import { alpnCallback, handshakeTimeoutMs } from './tls.js';
 import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, PREAUTH_ABSOLUTE_MS, SASL_MAX_LINE, ID_MAX_PAIRS, ID_MAX_FIELD, ID_MAX_VALUE } from '../limits.js';
@@ -34,24 +34,6 @@ const PRIVACY = 'NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non
 
 /** One SASL response: data, `*` (cancel), bad base64, a terminal framing error, or the client gone. */
 type SaslLine = { kind: 'data'; data: Buffer } | { kind: 'cancel' } | { kind: 'bad' } | { kind: 'fatal'; text: string } | { kind: 'eof' };
-
-const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
-
-function decodeBase64(s: string): Buffer | null {
-  if (s === '=') return Buffer.alloc(0);
-  return s.length % 4 === 0 && BASE64.test(s) ? Buffer.from(s, 'base64') : null;
-}
-
-/** Split a SASL PLAIN message (authzid NUL authcid NUL passwd), bytes kept as they are. */
-export function plainCredentials(msg: Buffer): Credentials {
-  const a = msg.indexOf(0);
-  const b = a < 0 ? -1 : msg.indexOf(0, a + 1);
-  if (a < 0 || b < 0 || msg.indexOf(0, b + 1) >= 0) return { kind: 'malformed', why: 'malformed PLAIN message', user: null };
-  const authz = msg.subarray(0, a);
-  const user = msg.subarray(a + 1, b);
-  if (authz.length > 0 && !authz.equals(user)) return { kind: 'malformed', why: 'authorization identity differs', user };
-  return { kind: 'password', user, password: msg.subarray(b + 1) };
-}
 
 export class ImapSession {
   private readonly framer: ImapFramer;
@@ -274,7 +256,7 @@ export class ImapSession {
       if (f?.kind === 'line') {
         const s = f.line.toString('latin1').trim();
         if (s === '*') return { kind: 'cancel' };
-        const data = s === '' ? Buffer.alloc(0) : decodeBase64(s);
+        const data = s === '' ? Buffer.alloc(0) : saslBase64(s);
         return data === null ? { kind: 'bad' } : { kind: 'data', data };
       }
       if (!(await this.more())) return { kind: 'eof' };
@@ -288,7 +270,7 @@ export class ImapSession {
   private async step(tag: string, initial: string | null, prompt: string): Promise<Buffer | boolean> {
     let r: SaslLine;
     if (initial !== null) {
-      const data = decodeBase64(initial);
+      const data = saslBase64(initial);
       r = data === null ? { kind: 'bad' } : { kind: 'data', data };
     } else {
       this.conn.write(`+ ${prompt}\r\n`);

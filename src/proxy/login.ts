@@ -94,6 +94,25 @@ export type Credentials =
   | { readonly kind: 'password'; readonly user: Uint8Array; readonly password: Uint8Array }
   | { readonly kind: 'malformed'; readonly why: string; readonly user: Uint8Array | null };
 
+const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
+
+/** A SASL response or initial response (RFC 4648 base64, `=` for empty); null when it is not base64. */
+export function saslBase64(s: string): Buffer | null {
+  if (s === '=') return Buffer.alloc(0);
+  return s.length % 4 === 0 && BASE64.test(s) ? Buffer.from(s, 'base64') : null;
+}
+
+/** Split a SASL PLAIN message (authzid NUL authcid NUL passwd), bytes kept as they are. */
+export function plainCredentials(msg: Buffer): Credentials {
+  const a = msg.indexOf(0);
+  const b = a < 0 ? -1 : msg.indexOf(0, a + 1);
+  if (a < 0 || b < 0 || msg.indexOf(0, b + 1) >= 0) return { kind: 'malformed', why: 'malformed PLAIN message', user: null };
+  const authz = msg.subarray(0, a);
+  const user = msg.subarray(a + 1, b);
+  if (authz.length > 0 && !authz.equals(user)) return { kind: 'malformed', why: 'authorization identity differs', user };
+  return { kind: 'password', user, password: msg.subarray(b + 1) };
+}
+
 const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
 const MAX_USER_BYTES = 256;
 

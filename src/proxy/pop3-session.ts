@@ -13,20 +13,12 @@
 import type { ProxyEnv } from './env.js';
 import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
-import { authenticate, logLogin, logDisconnect, plaintextAllowed, type Credentials, type LoginState } from './login.js';
-import { plainCredentials } from './imap-session.js';
+import { authenticate, logLogin, logDisconnect, plaintextAllowed, plainCredentials, saslBase64, type Credentials, type LoginState } from './login.js';
 import { route, runSession } from './router.js';
 import { alpnCallback, handshakeTimeoutMs } from './tls.js';
 import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, POP3_MAX_LINE, PREAUTH_ABSOLUTE_MS, SASL_MAX_LINE } from '../limits.js';
 
 const PRIVACY = '-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n';
-const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
-
-function decodeBase64(s: string): Buffer | null {
-  if (s === '=') return Buffer.alloc(0);
-  return s.length % 4 === 0 && BASE64.test(s) ? Buffer.from(s, 'base64') : null;
-}
-
 type Line = { kind: 'line'; line: Buffer } | { kind: 'too-long' } | { kind: 'eof' };
 
 export class Pop3Session {
@@ -202,7 +194,7 @@ export class Pop3Session {
    */
   private async step(initial: string | undefined, prompt: string): Promise<Buffer | boolean> {
     let data: Buffer | null;
-    if (initial !== undefined) data = decodeBase64(initial);
+    if (initial !== undefined) data = saslBase64(initial);
     else {
       this.conn.write(`+ ${prompt}\r\n`);
       const r = await this.line(SASL_MAX_LINE);
@@ -219,7 +211,7 @@ export class Pop3Session {
         this.conn.write('-ERR Authentication aborted by client.\r\n');
         return false;
       }
-      data = s === '' ? Buffer.alloc(0) : decodeBase64(s);
+      data = s === '' ? Buffer.alloc(0) : saslBase64(s);
     }
     if (data === null) return this.badCommand('Invalid base64 data.');
     return data;
