@@ -2,7 +2,9 @@
  * NAME        auth/database — password authentication against the configuration database
  * DESCRIPTION One read (user + settings), then the stored hash is verified. Unknown users cost the
  *             same as wrong passwords (a dummy verify of the default scheme). At most
- *             MAX_CONCURRENT_VERIFIES hash computations run at once per process.
+ *             MAX_CONCURRENT_VERIFIES hash computations run at once per process. A locked
+ *             database is waited for until the request's deadline (one busy timeout), between
+ *             tries, never by blocking the process.
  * DIAGNOSTICS tempfail for a locked/missing database or an unusable stored hash: never "success",
  *             never "wrong password" for a server-side problem.
  * SECURITY    No password or hash in any result, log field or error text.
@@ -14,6 +16,7 @@ import { normaliseAddress } from '../src/address.js';
 import { isAppError } from '../src/errors.js';
 import { verifyPassword, dummyVerify, parseHash } from './schemes.js';
 import { count } from '../src/metrics.js';
+import { BUSY_TIMEOUT_MS } from '../src/db.js';
 
 const MAX_CONCURRENT_VERIFIES = 4;
 let running = 0;
@@ -53,9 +56,10 @@ export function databaseAuth(store: Store, chain: readonly PasswordSource[] = [d
         await limited(() => dummyVerify(req.password));
         return { ok: false, why: 'unknown-user' };
       }
+      const deadline = req.deadline ?? Date.now() + BUSY_TIMEOUT_MS;
       let found;
       try {
-        found = store.lookup(address);
+        found = await store.within(() => store.lookup(address), deadline);
       } catch (e) {
         return { ok: false, why: 'tempfail', detail: isAppError(e) ? e.message : 'database error' };
       }
@@ -90,15 +94,20 @@ export function databaseAuth(store: Store, chain: readonly PasswordSource[] = [d
       if (!found) {
         // authenticated by a provisioning source (passwd-file): add the user when its domain exists
         try {
+          if (!(await store.writableWithin(deadline))) return { ok: false, why: 'tempfail', detail: `database ${store.file} is locked by another process; try again` };
           store.addUser(address, null, null);
           warnings.push(`user ${address} added to the database from ${source.name}`);
-          found = store.lookup(address);
+          found = await store.within(() => store.lookup(address), deadline);
         } catch (e) {
           if (!isAppError(e) || e.code !== 'DUPLICATE') {
             if (isAppError(e) && e.code === 'NO_SUCH_DOMAIN') return { ok: false, why: 'unknown-user' };
             return { ok: false, why: 'tempfail', detail: isAppError(e) ? e.message : 'database error' };
           }
-          found = store.lookup(address);
+          try {
+            found = await store.within(() => store.lookup(address), deadline);
+          } catch (e2) {
+            return { ok: false, why: 'tempfail', detail: isAppError(e2) ? e2.message : 'database error' };
+          }
         }
         if (!found) return { ok: false, why: 'tempfail', detail: `user ${address} vanished` };
       }

@@ -2,20 +2,22 @@
  * NAME        auth/schemes — password hash schemes, Dovecot-compatible `{SCHEME}` strings
  * SYNOPSIS    pigeon pw -s ARGON2ID ; pigeon user import passwd-file FILE
  * DESCRIPTION New passwords are stored as {ARGON2ID} (@node-rs/argon2). Verified as admins bring
- *             them from Dovecot: ARGON2ID, ARGON2I (@node-rs/argon2), BLF-CRYPT (bcryptjs),
+ *             them from Dovecot: ARGON2ID, ARGON2I (@node-rs/argon2), BLF-CRYPT (@node-rs/bcrypt),
  *             SHA512-CRYPT, SHA256-CRYPT (Drepper's SHA-crypt on node:crypto, as glibc's crypt(3)),
  *             SSHA512, SSHA256 (node:crypto), PLAIN (warned
  *             as unsafe). Imported hashes with absurd cost parameters are refused before any work
  *             (LIMITS.md): SHA-crypt rounds <= 100000, bcrypt cost <= 14, argon2 m <= 256 MiB,
  *             t <= 10, p <= 4.
+ *             A password is bytes (Uint8Array), exactly as the client sent them: never a string
+ *             decoded from the wire, so two different byte strings can never verify alike.
  * SECURITY    Comparisons are timing-safe; `dummyVerify` costs what a real verify of a new password
  *             costs, so an unknown user cannot be told from a wrong password by timing. No password
  *             or hash ever appears in an error message.
  */
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import argon2 from '@node-rs/argon2';
-import type { Algorithm } from '@node-rs/argon2';
-import bcrypt from 'bcryptjs';
+import type { Algorithm, Version } from '@node-rs/argon2';
+import bcrypt from '@node-rs/bcrypt';
 import { AppError } from '../src/errors.js';
 
 export const SCHEMES = ['ARGON2ID', 'ARGON2I', 'BLF-CRYPT', 'SHA512-CRYPT', 'SHA256-CRYPT', 'SSHA512', 'SSHA256', 'PLAIN'] as const;
@@ -70,7 +72,7 @@ function checkCost(p: ParsedHash): void {
       return;
     }
     case 'BLF-CRYPT': {
-      const m = /^\$2[abxy]?\$(\d{2})\$[./A-Za-z0-9]{53}$/.exec(v);
+      const m = /^\$2[abxy]\$(\d{2})\$[./A-Za-z0-9]{53}$/.exec(v);
       if (!m) throw new AppError('PASSWORD_SCHEME', 'malformed {BLF-CRYPT} hash (expected $2y$NN$ and 53 characters)');
       const cost = Number(m[1]);
       if (cost > LIMITS.BCRYPT_MAX_COST || cost < 4) {
@@ -111,21 +113,21 @@ function digestEqual(a: Buffer, b: Buffer): boolean {
   return timingSafeEqual(ha, hb) && a.length === b.length;
 }
 
-/** Verify a password against a stored `{SCHEME}hash`. Throws AppError for unusable hashes. */
-export async function verifyPassword(stored: string, password: string): Promise<boolean> {
+/** Verify a password (bytes) against a stored `{SCHEME}hash`. Throws AppError for unusable hashes. */
+export async function verifyPassword(stored: string, password: Uint8Array): Promise<boolean> {
   const p = parseHash(stored);
-  const pw = Buffer.from(password, 'utf8');
+  const pw = Buffer.from(password.buffer, password.byteOffset, password.byteLength);
   switch (p.scheme) {
     case 'ARGON2ID':
     case 'ARGON2I':
-      try {
-        return await argon2.verify(p.value, pw);
-      } catch {
-        return false;
-      }
+      return argon2Verify(p, pw);
     case 'BLF-CRYPT':
-      // bcryptjs knows $2a$/$2b$; $2y$ is the same algorithm (PHP/Dovecot naming)
-      return bcrypt.compare(password, p.value.replace(/^\$2[xy]\$/, '$2b$'));
+      // the bytes themselves (bcryptjs took a JS string); $2y$ is $2b$ under its PHP/Dovecot name
+      try {
+        return await bcrypt.verify(pw, p.value);
+      } catch {
+        throw new AppError('PASSWORD_SCHEME', 'malformed {BLF-CRYPT} hash');
+      }
     case 'SHA512-CRYPT':
     case 'SHA256-CRYPT': {
       const computed = shaCrypt(pw, p.value.slice(0, p.value.lastIndexOf('$')));
@@ -145,28 +147,70 @@ export async function verifyPassword(stored: string, password: string): Promise<
   }
 }
 
-/** Make a new hash in `scheme` (default ARGON2ID), as `doveadm pw -s SCHEME` would print it. */
-export async function hashPassword(password: string, scheme: Scheme = 'ARGON2ID'): Promise<string> {
-  if (/[\r\n\0]/.test(password)) throw new AppError('INVALID_VALUE', 'passwords may not contain CR, LF or NUL');
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
+
+// the PHC string of an argon2 hash; no `v=` means version 0x10 (the reference implementation's rule)
+const ARGON2_PHC = /^\$(argon2id|argon2i)\$(?:v=(\d+)\$)?m=(\d+),t=(\d+),p=(\d+)\$([A-Za-z0-9+/]+)={0,2}\$([A-Za-z0-9+/]+)={0,2}$/;
+const ARGON2_V10 = 0 as Version;
+const ARGON2_V13 = 1 as Version;
+
+/**
+ * argon2 verification of the password bytes: the hash is recomputed with the stored parameters
+ * (@node-rs/argon2's hashRaw takes any bytes; its verify() refuses passwords that are not UTF-8)
+ * and compared in constant time.
+ */
+async function argon2Verify(p: ParsedHash, pw: Buffer): Promise<boolean> {
+  const m = ARGON2_PHC.exec(p.value);
+  if (!m || m[3] === undefined || m[4] === undefined || m[5] === undefined || m[6] === undefined || m[7] === undefined) {
+    throw new AppError('PASSWORD_SCHEME', `malformed {${p.scheme}} hash`);
+  }
+  const version = m[2] === undefined || m[2] === '16' ? ARGON2_V10 : m[2] === '19' ? ARGON2_V13 : null;
+  const salt = Buffer.from(m[6], 'base64');
+  const expected = Buffer.from(m[7], 'base64');
+  if (version === null || salt.length < 8 || expected.length < 4) throw new AppError('PASSWORD_SCHEME', `malformed {${p.scheme}} hash (version, salt or digest)`);
+  const raw = await argon2.hashRaw(pw, {
+    algorithm: m[1] === 'argon2id' ? ALG_ARGON2ID : ALG_ARGON2I,
+    version,
+    memoryCost: Number(m[3]),
+    timeCost: Number(m[4]),
+    parallelism: Number(m[5]),
+    outputLen: expected.length,
+    salt,
+  });
+  return timingSafeEqual(raw, expected);
+}
+
+/** Make a new hash of `password` (bytes) in `scheme` (default ARGON2ID), as `doveadm pw -s SCHEME` would print it. */
+export async function hashPassword(password: Uint8Array, scheme: Scheme = 'ARGON2ID'): Promise<string> {
+  const pw = Buffer.from(password.buffer, password.byteOffset, password.byteLength);
+  if (pw.includes(0x0d) || pw.includes(0x0a) || pw.includes(0x00)) throw new AppError('INVALID_VALUE', 'passwords may not contain CR, LF or NUL');
   switch (scheme) {
     case 'ARGON2ID':
-      return `{ARGON2ID}${await argon2.hash(password, { ...ARGON2_NEW, algorithm: ALG_ARGON2ID })}`;
+      return `{ARGON2ID}${await argon2.hash(pw, { ...ARGON2_NEW, algorithm: ALG_ARGON2ID })}`;
     case 'ARGON2I':
-      return `{ARGON2I}${await argon2.hash(password, { ...ARGON2_NEW, algorithm: ALG_ARGON2I })}`;
+      return `{ARGON2I}${await argon2.hash(pw, { ...ARGON2_NEW, algorithm: ALG_ARGON2I })}`;
     case 'BLF-CRYPT':
-      return `{BLF-CRYPT}${(await bcrypt.hash(password, 10)).replace(/^\$2b\$/, '$2y$')}`;
+      return `{BLF-CRYPT}${(await bcrypt.hash(pw, 10)).replace(/^\$2b\$/, '$2y$')}`;
     case 'SHA512-CRYPT':
-      return `{SHA512-CRYPT}${shaCrypt(Buffer.from(password, 'utf8'), `$6$${salt16()}`)}`;
+      return `{SHA512-CRYPT}${shaCrypt(pw, `$6$${salt16()}`)}`;
     case 'SHA256-CRYPT':
-      return `{SHA256-CRYPT}${shaCrypt(Buffer.from(password, 'utf8'), `$5$${salt16()}`)}`;
+      return `{SHA256-CRYPT}${shaCrypt(pw, `$5$${salt16()}`)}`;
     case 'SSHA512':
     case 'SSHA256': {
       const alg = scheme === 'SSHA512' ? 'sha512' : 'sha256';
       const salt = randomBytes(8);
-      return `{${scheme}}${Buffer.concat([createHash(alg).update(password).update(salt).digest(), salt]).toString('base64')}`;
+      return `{${scheme}}${Buffer.concat([createHash(alg).update(pw).update(salt).digest(), salt]).toString('base64')}`;
     }
-    case 'PLAIN':
-      return `{PLAIN}${password}`;
+    case 'PLAIN': {
+      // the stored value is text: only a password that is valid UTF-8 can be kept as it is
+      let text: string;
+      try {
+        text = STRICT_UTF8.decode(pw);
+      } catch {
+        throw new AppError('INVALID_VALUE', '{PLAIN} can store only passwords that are valid UTF-8; use another scheme');
+      }
+      return `{PLAIN}${text}`;
+    }
   }
 }
 
@@ -234,8 +278,8 @@ function salt16(): string {
 
 let dummy: Promise<string> | null = null;
 /** Spend what verifying a freshly made password costs; always false. For unknown users. */
-export async function dummyVerify(password: string): Promise<false> {
-  dummy ??= hashPassword(randomBytes(16).toString('hex'));
+export async function dummyVerify(password: Uint8Array): Promise<false> {
+  dummy ??= hashPassword(Buffer.from(randomBytes(16).toString('hex')));
   await verifyPassword(await dummy, password);
   return false;
 }

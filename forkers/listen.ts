@@ -19,6 +19,7 @@ import cluster from 'node:cluster';
 cluster.schedulingPolicy = cluster.SCHED_NONE;
 import { createServer, type Server, type Socket } from 'node:net';
 import { createServer as createTlsServer, type TLSSocket, type Server as TlsServer } from 'node:tls';
+import { implicitTlsOptions, guardHandshakes } from '../src/proxy/tls.js';
 import { readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import type { ProxyEnv } from '../src/proxy/env.js';
@@ -125,11 +126,10 @@ async function runWorker(makeEnv: () => ProxyEnv, configPath: string | undefined
     if (l.protocol === 'imap' || l.protocol === 'pop3') server = createServer({ pauseOnConnect: true }, accept(l.protocol, false));
     else if (l.protocol === 'imaps' || l.protocol === 'pop3s') {
       const proto = l.protocol === 'imaps' ? 'imap' : 'pop3';
-      server = createTlsServer({ ...tlsFiles(env), minVersion: 'TLSv1.2', handshakeTimeout: 15_000 }, accept(proto, true));
+      // handshake deadline and ALPN (src/proxy/tls.ts); failed handshakes are logged and closed there
+      server = createTlsServer(implicitTlsOptions(env.instance, proto, tlsFiles(env)), accept(proto, true));
       tlsServers.push(server as TlsServer);
-      server.on('tlsClientError', (e: Error, s: TLSSocket) => {
-        env.log.log('info', `${proto}-login`, `Disconnected (TLS handshaking: ${e.message.split('\n')[0] ?? ''}):`, { rip: unmap(s.remoteAddress) });
-      });
+      guardHandshakes(server as TlsServer, proto, () => env);
     } else if (extra) server = extra(l, env);
     if (!server) {
       env.log.log('warn', 'master', `listener ${l.protocol} is not served by this version; skipped`);

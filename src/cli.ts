@@ -53,7 +53,7 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
         const store = new Store(openDb(r.dbPath), r.dbPath);
         const pw = randomBytes(9).toString('base64url');
         store.addDomain('example.test');
-        store.addUser('demo@example.test', await hashPassword(pw), null);
+        store.addUser('demo@example.test', await hashPassword(Buffer.from(pw)), null);
         store.close();
         console.log(`demo user: demo@example.test  password: ${pw}`);
       }

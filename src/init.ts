@@ -122,6 +122,8 @@ limits:
   max_line: 8192
   # mbox delivery: longest wait for the mailbox locks (fcntl + dotlock), then 4.2.0 (retry)
   mda_lock_wait_s: 20
+  # a TLS handshake (imaps/pop3s, STARTTLS/STLS) must finish within this many seconds
+  tls_handshake_timeout_s: 15
 `;
 }
 

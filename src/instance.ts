@@ -116,6 +116,7 @@ export const fileSchema = z.strictObject({
       max_line: z.number().int().min(512).max(65536).default(8192),
       // mbox delivery: wait for the fcntl lock and the dotlock at most this long, then 4.2.0
       mda_lock_wait_s: z.number().int().min(1).max(600).default(20),
+      tls_handshake_timeout_s: z.number().int().min(1).max(180).default(15),
     })
     .prefault({}),
 });

@@ -4,7 +4,8 @@
  *             user=<a@b>, method=PLAIN, rip=1.2.3.4, lip=5.6.7.8, session=<x>`. Destination is
  *             stderr (daemon, CLI) or an append-only file (`log.file`; inetd and Postfix modes,
  *             where stderr is the client socket). Client data only ever goes into fields, which
- *             are sanitised (no CR/LF/control characters).
+ *             are sanitised (no CR/LF/control characters); the message and prefix are made one
+ *             line too (an OpenSSL error text ends in a newline), so a record is always one line.
  * SECURITY    Never logs a password, hash or key: callers pass no such field, and fields named
  *             pass/password/secret are replaced by "<hidden>".
  */
@@ -20,6 +21,14 @@ export interface Logger {
 
 export function clean(s: string): string {
   return s.replace(/[\x00-\x1f\x7f]/g, '?').slice(0, 512);
+}
+
+/** A message on one line: line breaks and tabs become spaces, other control characters '?'. */
+export function oneLine(s: string): string {
+  return s
+    .replace(/[\r\n\t]+/g, ' ')
+    .replace(/[\x00-\x1f\x7f]/g, '?')
+    .trim();
 }
 
 export function formatFields(fields: Record<string, string | number | boolean | null | undefined>): string {
@@ -57,7 +66,8 @@ export function createLogger(opts: { level: Level; file?: string | null; sink?: 
       if (ORDER[level] < min) return;
       const f = fields ? formatFields(fields) : '';
       const lvl = level === 'info' ? '' : `${level === 'warn' ? 'Warning' : level === 'error' ? 'Error' : 'Debug'}: `;
-      write(`${new Date().toISOString()} pigeon[${process.pid}]: ${prefix}: ${lvl}${msg}${f ? `${msg.endsWith(':') ? ' ' : ': '}${f}` : ''}\n`);
+      const m = oneLine(msg);
+      write(`${new Date().toISOString()} pigeon[${process.pid}]: ${oneLine(prefix)}: ${lvl}${m}${f ? `${m.endsWith(':') ? ' ' : ': '}${f}` : ''}\n`);
     },
   };
 }

@@ -25,11 +25,17 @@ export interface ResolvedUser {
   readonly config: Effective;
 }
 
+/**
+ * One authentication. `user` is text the session has checked (valid UTF-8, no CR/LF/NUL);
+ * `password` is the bytes the client sent, never decoded: they go to the hash as they are.
+ */
 export interface AuthRequest {
   readonly user: string;
-  readonly password: string;
+  readonly password: Uint8Array;
   readonly service: 'imap' | 'pop3' | 'test';
   readonly rip?: string;
+  /** epoch ms: a locked database is waited for until then, then tempfail (default: one busy timeout from now) */
+  readonly deadline?: number;
 }
 
 export type AuthResult =

@@ -212,7 +212,8 @@ export class NodeDirectory {
     if (this.timer) return;
     this.timer = setInterval(() => {
       try {
-        this.refresh();
+        // no waiting for a locked database (it would stall the process): the next round retries
+        this.store.tryNow(() => this.refresh());
       } catch (e) {
         onError(e);
       }

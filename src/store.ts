@@ -5,9 +5,12 @@
  *             every setting and the allocation (the mailbox stays where it is).
  *             `lookup(address)` is the one read per login or delivery: the user row and every
  *             setting row that applies to it, in one statement.
+ *             better-sqlite3 waits for a lock synchronously (busy timeout 5 s), stalling every
+ *             session of the process: `tryNow` does not wait, `within` / `writableWithin` wait
+ *             between tries without blocking (the proxy's login path, up to one busy timeout).
  */
 import type { DB } from './db.js';
-import { mapDbError } from './db.js';
+import { mapDbError, BUSY_TIMEOUT_MS } from './db.js';
 import { AppError } from './errors.js';
 import { normaliseAddress, normaliseDomain } from './address.js';
 import type { Json, Scope } from './settings.js';
@@ -130,6 +133,56 @@ export class Store {
       return this.db.transaction(fn).deferred();
     } catch (e) {
       throw mapDbError(e, this.file);
+    }
+  }
+
+  /**
+   * Run `fn` without waiting for a lock (busy timeout 0): DB_LOCKED at once instead of blocking
+   * the whole process for the busy timeout (better-sqlite3 waits synchronously). For periodic
+   * work that can simply try again, and as the step of `within`.
+   */
+  tryNow<T>(fn: () => T): T {
+    this.db.pragma('busy_timeout = 0');
+    try {
+      return fn();
+    } catch (e) {
+      throw mapDbError(e, this.file);
+    } finally {
+      this.db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+    }
+  }
+
+  /**
+   * `fn` as soon as the database lets it run, retried until `deadline` (epoch ms) while it is
+   * locked, waiting between tries without blocking the event loop: other sessions of this
+   * process go on meanwhile. Throws DB_LOCKED after the deadline.
+   */
+  async within<T>(fn: () => T, deadline: number): Promise<T> {
+    for (let pause = 5; ; pause = Math.min(pause * 2, 50)) {
+      try {
+        return this.tryNow(fn);
+      } catch (e) {
+        if (!(e instanceof AppError) || e.code !== 'DB_LOCKED' || Date.now() + pause > deadline) throw e;
+      }
+      await new Promise((r) => setTimeout(r, pause));
+    }
+  }
+
+  /**
+   * Wait (without blocking the event loop) until a write transaction could start, up to
+   * `deadline`; false when the database stayed locked. Taken and released at once: the write
+   * that follows then rarely waits at all.
+   */
+  async writableWithin(deadline: number): Promise<boolean> {
+    try {
+      await this.within(() => {
+        this.db.exec('BEGIN IMMEDIATE');
+        this.db.exec('ROLLBACK');
+      }, deadline);
+      return true;
+    } catch (e) {
+      if (e instanceof AppError && e.code === 'DB_LOCKED') return false;
+      throw e;
     }
   }
 

@@ -13,6 +13,8 @@ import { openDb } from '../src/db.js';
 import { Store } from '../src/store.js';
 
 const PASSWORDS = ['correct horse 42', 'pässwörd-ÄÖÜ-日本語-🐦'];
+/** a password as the bytes a client sends (UTF-8 here) */
+const b = (s: string): Buffer => Buffer.from(s, 'utf8');
 
 function dovePw(scheme: string, password: string, extra: string[] = []): string {
   const r = spawnSync('doveadm', ['pw', '-s', scheme, ...extra, '-p', password], { encoding: 'utf8' });
@@ -52,10 +54,10 @@ t.test('hashes made by doveadm pw -s SCHEME verify; wrong passwords do not', asy
   for (const scheme of SCHEMES) {
     for (const pw of PASSWORDS) {
       const hash = dovePw(scheme, pw);
-      t.equal(await verifyPassword(hash, pw), true, `${scheme} ${JSON.stringify(pw)}: right password verifies`);
-      t.equal(await verifyPassword(hash, `${pw}x`), false, `${scheme}: password + 1 char refused`);
-      t.equal(await verifyPassword(hash, pw.slice(0, -1)), false, `${scheme}: password - 1 char refused`);
-      t.equal(await verifyPassword(hash, pw.toUpperCase()), false, `${scheme}: upper-cased password refused`);
+      t.equal(await verifyPassword(hash, b(pw)), true, `${scheme} ${JSON.stringify(pw)}: right password verifies`);
+      t.equal(await verifyPassword(hash, b(`${pw}x`)), false, `${scheme}: password + 1 char refused`);
+      t.equal(await verifyPassword(hash, b(pw.slice(0, -1))), false, `${scheme}: password - 1 char refused`);
+      t.equal(await verifyPassword(hash, b(pw.toUpperCase())), false, `${scheme}: upper-cased password refused`);
     }
   }
 });
@@ -69,8 +71,8 @@ t.test('doveadm hashes with non-default rounds/cost verify', async (t) => {
   ] as const) {
     const hash = dovePw(scheme, pw, ['-r', rounds]);
     t.match(hash, rounds === '6' ? /\$2y\$06\$/ : /\$rounds=20000\$/, `${scheme} hash carries the cost`);
-    t.equal(await verifyPassword(hash, pw), true, `${scheme} -r ${rounds}: verifies`);
-    t.equal(await verifyPassword(hash, 'wrong'), false, `${scheme} -r ${rounds}: wrong refused`);
+    t.equal(await verifyPassword(hash, b(pw)), true, `${scheme} -r ${rounds}: verifies`);
+    t.equal(await verifyPassword(hash, b('wrong')), false, `${scheme} -r ${rounds}: wrong refused`);
   }
 });
 
@@ -81,35 +83,57 @@ t.test('SHA-crypt at password lengths around the digest size (32 and 64 bytes)',
     for (const len of [1, 31, 32, 33, 63, 64, 65, 96, 128, 129]) {
       const pw = 'k'.repeat(len);
       const theirs = dovePw(scheme, pw);
-      t.equal(await verifyPassword(theirs, pw), true, `${scheme} ${len} bytes: doveadm hash verifies`);
-      t.equal(await verifyPassword(theirs, `${pw}k`), false, `${scheme} ${len} bytes: one byte more refused`);
-      const ours = await hashPassword(pw, scheme);
+      t.equal(await verifyPassword(theirs, b(pw)), true, `${scheme} ${len} bytes: doveadm hash verifies`);
+      t.equal(await verifyPassword(theirs, b(`${pw}k`)), false, `${scheme} ${len} bytes: one byte more refused`);
+      const ours = await hashPassword(b(pw), scheme);
       t.equal(doveVerifies(ours, pw), true, `${scheme} ${len} bytes: doveadm verifies our hash`);
     }
     const multi = 'é'.repeat(16); // 32 bytes of UTF-8 in 16 characters
-    t.equal(await verifyPassword(dovePw(scheme, multi), multi), true, `${scheme}: 16 two-byte characters`);
+    t.equal(await verifyPassword(dovePw(scheme, multi), b(multi)), true, `${scheme}: 16 two-byte characters`);
   }
 });
 
 t.test('hashes we make verify with doveadm pw -t', async (t) => {
   for (const scheme of SCHEMES) {
     for (const pw of PASSWORDS) {
-      const hash = await hashPassword(pw, scheme);
+      const hash = await hashPassword(b(pw), scheme);
       t.ok(hash.startsWith(`{${scheme}}`), `${scheme}: {SCHEME} prefix`);
       t.equal(doveVerifies(hash, pw), true, `${scheme} ${JSON.stringify(pw)}: doveadm verifies our hash`);
       t.equal(doveVerifies(hash, `${pw}!`), false, `${scheme}: doveadm refuses a wrong password against it`);
-      t.equal(await verifyPassword(hash, pw), true, `${scheme}: we verify our own hash`);
+      t.equal(await verifyPassword(hash, b(pw)), true, `${scheme}: we verify our own hash`);
     }
   }
-  const def = await hashPassword('x');
+  const def = await hashPassword(b('x'));
   t.match(def, /^\{ARGON2ID\}\$argon2id\$/, 'new passwords default to ARGON2ID');
-  const a = await hashPassword('same', 'SSHA512');
-  const b = await hashPassword('same', 'SSHA512');
-  t.not(a, b, 'salted: two hashes of one password differ');
+  const first = await hashPassword(b('same'), 'SSHA512');
+  const second = await hashPassword(b('same'), 'SSHA512');
+  t.not(first, second, 'salted: two hashes of one password differ');
+});
+
+t.test('passwords are bytes: every scheme tells pass\\xfe from pass\\xff (both "pass\\uFFFD" after a lossy decode)', async (t) => {
+  const stored = Buffer.from('pass\xfe', 'latin1');
+  const other = Buffer.from('pass\xff', 'latin1');
+  for (const scheme of SCHEMES) {
+    if (scheme === 'PLAIN') {
+      await rejects(t, () => hashPassword(stored, scheme), 'INVALID_VALUE', '{PLAIN} of bytes that are not UTF-8');
+      continue;
+    }
+    const hash = await hashPassword(stored, scheme);
+    t.equal(await verifyPassword(hash, stored), true, `${scheme}: the stored bytes verify`);
+    t.equal(await verifyPassword(hash, other), false, `${scheme}: other bytes do not`);
+    t.equal(await verifyPassword(hash, Buffer.from('pass\ufffd', 'utf8')), false, `${scheme}: nor the replacement character`);
+  }
+  // a doveadm argon2 hash of a UTF-8 password: verified over the bytes (not through @node-rs/argon2's UTF-8-only verify)
+  for (const scheme of ['ARGON2ID', 'ARGON2I'] as const) {
+    const pw = PASSWORDS[1] as string;
+    const hash = dovePw(scheme, pw);
+    t.equal(await verifyPassword(hash, b(pw)), true, `${scheme} from doveadm: verifies`);
+    t.equal(await verifyPassword(hash, Buffer.concat([b(pw), Buffer.from([0xff])])), false, `${scheme} from doveadm: one byte more refused`);
+  }
 });
 
 t.test('passwords with CR, LF or NUL are refused when hashing', async (t) => {
-  for (const bad of ['a\nb', 'a\rb', 'a\0b']) await rejects(t, () => hashPassword(bad), 'INVALID_VALUE', JSON.stringify(bad));
+  for (const bad of ['a\nb', 'a\rb', 'a\0b']) await rejects(t, () => hashPassword(b(bad)), 'INVALID_VALUE', JSON.stringify(bad));
 });
 
 t.test('absurd cost parameters are refused before any work, with PASSWORD_COST', async (t) => {
@@ -135,7 +159,7 @@ t.test('absurd cost parameters are refused before any work, with PASSWORD_COST',
   for (const [what, hash] of cases) {
     t.not(hash, sha512, `${what}: the crafted hash differs from the original`);
     const start = process.hrtime.bigint();
-    const msg = await rejects(t, () => verifyPassword(hash, pw), 'PASSWORD_COST', `verify ${what}`);
+    const msg = await rejects(t, () => verifyPassword(hash, b(pw)), 'PASSWORD_COST', `verify ${what}`);
     const ms = Number(process.hrtime.bigint() - start) / 1e6;
     t.ok(ms < 500, `${what}: refused in ${ms.toFixed(1)} ms, without doing the work`);
     await rejects(t, () => parseHash(hash), 'PASSWORD_COST', `parse ${what}`);
@@ -159,14 +183,14 @@ t.test('unknown schemes are refused with PASSWORD_SCHEME, naming the scheme, nev
   ];
   for (const [scheme, hash] of cases) {
     const body = hash.slice(hash.indexOf('}') + 1);
-    const msg = await rejects(t, () => verifyPassword(hash, 'pw'), 'PASSWORD_SCHEME', `{${scheme}}`);
+    const msg = await rejects(t, () => verifyPassword(hash, b('pw')), 'PASSWORD_SCHEME', `{${scheme}}`);
     t.match(msg, `{${scheme}}`, `message names {${scheme}}`);
     t.match(msg, 'ARGON2ID', 'message lists the supported schemes');
     t.notOk(msg.includes(body), 'message does not contain the hash');
   }
-  const msg = await rejects(t, () => verifyPassword('no-prefix-secret-hash-text', 'pw'), 'PASSWORD_SCHEME', 'no {SCHEME} prefix');
+  const msg = await rejects(t, () => verifyPassword('no-prefix-secret-hash-text', b('pw')), 'PASSWORD_SCHEME', 'no {SCHEME} prefix');
   t.notOk(msg.includes('no-prefix-secret-hash-text'), 'message does not contain the hash');
-  const bad = await rejects(t, () => verifyPassword('{SHA512-CRYPT}$6$salt$tooshort!!notbase64', 'pw'), 'PASSWORD_SCHEME', 'malformed SHA512-CRYPT');
+  const bad = await rejects(t, () => verifyPassword('{SHA512-CRYPT}$6$salt$tooshort!!notbase64', b('pw')), 'PASSWORD_SCHEME', 'malformed SHA512-CRYPT');
   t.notOk(bad.includes('tooshort'), 'malformed-hash message does not contain the hash');
 });
 
@@ -181,11 +205,11 @@ t.test('authenticate(): outcomes, and an unknown user costs about what a wrong p
   const store = new Store(openDb(file, { create: true }), file);
   t.teardown(() => store.close());
   store.addDomain('example.test');
-  store.addUser('alice@example.test', await hashPassword('secret'), null);
+  store.addUser('alice@example.test', await hashPassword(b('secret')), null);
   store.addUser('imported@example.test', dovePw('SHA512-CRYPT', 'old-secret'), null);
   store.addUser('absurd@example.test', dovePw('SHA512-CRYPT', 'x').replace('$6$', '$6$rounds=999999$'), null);
   const auth = databaseAuth(store);
-  const login = (user: string, password: string) => auth.authenticate({ user, password, service: 'imap' });
+  const login = (user: string, password: string) => auth.authenticate({ user, password: b(password), service: 'imap' });
 
   const ok = await login('Alice@Example.TEST', 'secret');
   t.equal(ok.ok, true, 'right password: ok (address normalised)');
@@ -252,7 +276,7 @@ t.test('at most 4 hash verifications run at once, even when a new login arrives 
   store.addDomain('example.test');
   store.addUser('a@example.test', '{PLAIN}x', null);
   const auth = limitedAuth(store);
-  const login = () => auth.authenticate({ user: 'a@example.test', password: 'y', service: 'imap' });
+  const login = () => auth.authenticate({ user: 'a@example.test', password: b('y'), service: 'imap' });
   const all: Promise<unknown>[] = [];
   for (let i = 0; i < 5; i++) all.push(login());
   await new Promise((r) => setImmediate(r));

@@ -10,7 +10,7 @@ import type { Command } from '@commander-js/extra-typings';
 import { Option } from '@commander-js/extra-typings';
 import { AppError } from '../errors.js';
 import { openCtx } from '../context.js';
-import { readStdinLine, printJson } from '../io.js';
+import { readStdinBytes, printJson } from '../io.js';
 import { hashPassword, parseHash, isScheme, SCHEMES } from '../../auth/schemes.js';
 import { databaseAuth } from '../../auth/database.js';
 import { lookupKey, CATALOG } from '../catalog.js';
@@ -129,7 +129,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       const { store } = openCtx(cfg());
       normaliseAddress(address);
       const generated = o.passwordStdin ? null : randomBytes(12).toString('base64url');
-      const pw = generated ?? readStdinLine('password');
+      const pw = generated !== null ? Buffer.from(generated) : readStdinBytes('password');
       if (o.home !== undefined && !/^[a-z0-9][a-z0-9.-]{0,62}$/i.test(o.home)) throw new AppError('USAGE', `--home: invalid node name ${JSON.stringify(o.home)}`);
       const u = store.addUser(address, await hashPassword(pw), o.home ?? null);
       if (o.json) printJson({ ...userJson(u), ...(generated ? { password: generated } : {}) });
@@ -143,7 +143,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .action(async (address) => {
       const { store } = openCtx(cfg());
       store.mustUser(address);
-      store.setPassword(address, await hashPassword(readStdinLine('password')));
+      store.setPassword(address, await hashPassword(readStdinBytes('password')));
       console.log(`password of ${normaliseAddress(address).address} changed`);
     });
   for (const [verb, state] of [['disable', 'disabled'], ['enable', 'active']] as const) {
@@ -379,7 +379,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .action(async (address, o) => {
       const service = o.service;
       if (service !== 'imap' && service !== 'pop3' && service !== 'test') throw new AppError('USAGE', '--service must be imap, pop3 or test');
-      const pw = readStdinLine('password');
+      const pw = readStdinBytes('password');
       const { store, instance } = openCtx(cfg());
       const { authChain } = await import('../proxy/env.js');
       const r = await databaseAuth(store, authChain(instance)).authenticate({ user: address, password: pw, service });
@@ -402,7 +402,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .action(async (o) => {
       if (!isScheme(o.scheme)) throw new AppError('USAGE', `unknown scheme ${o.scheme}`);
       if (o.scheme === 'PLAIN') console.error('pigeon: warning: {PLAIN} stores the password readable by anyone who can read the database');
-      console.log(await hashPassword(readStdinLine('password'), o.scheme));
+      console.log(await hashPassword(readStdinBytes('password'), o.scheme));
     });
 }
 

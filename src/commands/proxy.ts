@@ -57,8 +57,9 @@ async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTl
   const conn = forker.connection();
   if (implicitTls) {
     if (!env.tls) throw new AppError('CONFIG_INVALID', 'no TLS certificate configured');
+    const { alpnCallback, handshakeTimeoutMs } = await import('../proxy/tls.js');
     try {
-      await conn.startTls(env.tls);
+      await conn.startTls(env.tls, { timeoutMs: handshakeTimeoutMs(env.instance), alpn: alpnCallback(proto) });
     } catch (e) {
       env.log.log('info', `${proto}-login`, `Disconnected (TLS handshaking: ${(e as Error).message}):`, { rip: conn.peer.rip });
       return EX.OK;

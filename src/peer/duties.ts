@@ -60,7 +60,8 @@ export function startDuties(env: ProxyEnv): void {
   // every worker beats (one UPDATE per HEARTBEAT_S each): the node stays "up" while any worker lives
   const t = setInterval(() => {
     try {
-      heartbeat(env.store, env.instance.config.node);
+      // never wait for a locked database here: it would stall every session of this worker
+      env.store.tryNow(() => heartbeat(env.store, env.instance.config.node));
     } catch (e) {
       env.log.log('warn', 'peer', `heartbeat failed: ${e instanceof Error ? e.message : String(e)}`);
     }

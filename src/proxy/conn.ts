@@ -4,11 +4,11 @@
  *             read()/write()/startTls()/detach(). Reading is pull-based: the session asks for the
  *             next chunk only when the current command has settled, so a flooding client is
  *             paused by TCP backpressure. startTls() drops every byte received before the
- *             handshake (STARTTLS injection) and continues on the TLS socket.
+ *             handshake (STARTTLS injection) and continues on the TLS socket; a handshake that
+ *             fails, is refused (ALPN) or misses its deadline destroys the connection.
  */
 import { TLSSocket, type SecureContext } from 'node:tls';
 import type { Duplex } from 'node:stream';
-import { TLS_HANDSHAKE_MS } from '../limits.js';
 
 export interface Peer {
   readonly rip: string;
@@ -112,22 +112,39 @@ export class ClientConn {
     return s.destroyed === true || s.writableEnded === true;
   }
 
-  /** Upgrade to TLS. Bytes received before the handshake are discarded by the caller's framer. */
-  async startTls(context: SecureContext): Promise<void> {
+  /**
+   * Upgrade to TLS. Bytes received before the handshake are dropped here (and by the caller's
+   * framer). `alpn` chooses the protocol a client offering ALPN must offer (src/proxy/tls.ts);
+   * the handshake must end within `timeoutMs`, else the connection is destroyed.
+   */
+  async startTls(context: SecureContext, opts: { timeoutMs: number; alpn: (arg: { servername: string; protocols: string[] }) => string | undefined }): Promise<void> {
     this.unattach();
     this.chunks = [];
-    const tls = new TLSSocket(this.stream, { isServer: true, secureContext: context, minVersion: 'TLSv1.2' } as ConstructorParameters<typeof TLSSocket>[1]);
-    await new Promise<void>((resolve, reject) => {
-      const t = setTimeout(() => reject(new Error('TLS handshake timed out')), TLS_HANDSHAKE_MS);
-      tls.once('secure', () => {
-        clearTimeout(t);
-        resolve();
+    const raw = this.stream;
+    const tls = new TLSSocket(raw, { isServer: true, secureContext: context, minVersion: 'TLSv1.2', ALPNCallback: opts.alpn } as ConstructorParameters<typeof TLSSocket>[1]);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        const t = setTimeout(() => reject(new Error(`no handshake within ${Math.round(opts.timeoutMs / 1000)} s`)), opts.timeoutMs);
+        tls.once('secure', () => {
+          clearTimeout(t);
+          resolve();
+        });
+        tls.once('error', (e) => {
+          clearTimeout(t);
+          reject(e);
+        });
+        tls.once('close', () => {
+          clearTimeout(t);
+          reject(new Error('connection closed'));
+        });
       });
-      tls.once('error', (e) => {
-        clearTimeout(t);
-        reject(e);
-      });
-    });
+    } catch (e) {
+      tls.on('error', () => {});
+      tls.destroy();
+      raw.destroy();
+      this.ended = true;
+      throw e;
+    }
     this.stream = tls;
     this.output = tls;
     this.secure = true;

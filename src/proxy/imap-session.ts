@@ -1,28 +1,39 @@
 /**
  * NAME        src/proxy/imap-session — IMAP4rev1 before authentication (RFC 3501/9051)
  * DESCRIPTION State not-authenticated: CAPABILITY, NOOP, LOGOUT, STARTTLS, LOGIN, AUTHENTICATE
- *             (PLAIN, LOGIN; SASL-IR; `*` cancels), ID (RFC 2971). The next command is read only
- *             when the current one has settled. After a successful login the backend answers the
- *             client's tag itself (`OK [CAPABILITY …] Logged in`) and the proxy only relays bytes.
- *             Phases for logs: banner → login → relay.
- * DIAGNOSTICS [AUTHENTICATIONFAILED] for wrong credentials, [UNAVAILABLE] for any outage (database,
- *             backend), [PRIVACYREQUIRED] for plaintext auth without TLS where not allowed.
- *             Limits (src/limits.ts): line/literal size, 3 bad commands, 3 failed logins,
- *             pre-auth idle and absolute timeouts — each ends with one `* BYE`.
+ *             (PLAIN, LOGIN; SASL-IR; `*` cancels), ID (RFC 2971), ENABLE (answered and ignored,
+ *             as Dovecot does). The next command is read only when the current one has settled.
+ *             A synchronising literal is invited (`+ OK`) only for a command that takes one
+ *             before login (LOGIN, ID); any other gets its tagged answer instead. After a
+ *             successful login the backend answers the client's tag itself (`OK [CAPABILITY …]
+ *             Logged in`) and the proxy only relays bytes. STARTTLS discards everything the client
+ *             sent before the handshake. Phases for logs: banner → login → relay.
+ * DIAGNOSTICS [AUTHENTICATIONFAILED] for every refused authentication (after the failure delay),
+ *             [UNAVAILABLE] for any outage (database, backend), [PRIVACYREQUIRED] for plaintext
+ *             auth without TLS where not allowed. Limits (src/limits.ts): command and SASL line
+ *             size, literal size, `(` nesting, 3 bad commands, 3 failed logins, pre-auth idle and
+ *             absolute timeouts — each ends with one `* BYE`. Every other error is answered and
+ *             the session reads on.
  */
 import type { ProxyEnv } from './env.js';
 import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
-import { ImapFramer, parseCommand, ParseError, argString, type Arg, type Frame, type Command } from './imap-framer.js';
-import { checkLogin, logLogin, logDisconnect, plaintextAllowed, type LoginState } from './login.js';
+import { ImapFramer, parseCommand, ParseError, argBytes, argAscii, peekCommand, type Arg, type Frame, type Command } from './imap-framer.js';
+import { authenticate, logLogin, logDisconnect, plaintextAllowed, plainCredentials, saslBase64, type Credentials, type LoginState } from './login.js';
 import { route, runSession } from './router.js';
+import { alpnCallback, handshakeTimeoutMs } from './tls.js';
 import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, PREAUTH_ABSOLUTE_MS, SASL_MAX_LINE, ID_MAX_PAIRS, ID_MAX_FIELD, ID_MAX_VALUE } from '../limits.js';
 
 const BASE_CAPS = 'IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL-';
+/** commands that may carry a literal before login; any other is refused instead of invited */
+const TAKES_LITERAL = new Set(['LOGIN', 'ID']);
+/** commands of the authenticated state: "log in first", not "unknown" */
+const AFTER_LOGIN = new Set(['SELECT', 'EXAMINE', 'LIST', 'LSUB', 'STATUS', 'FETCH', 'APPEND', 'CREATE', 'DELETE', 'RENAME', 'SUBSCRIBE', 'UNSUBSCRIBE', 'IDLE', 'NAMESPACE', 'GETQUOTAROOT', 'SEARCH', 'STORE', 'COPY', 'MOVE', 'UID', 'EXPUNGE', 'CLOSE', 'UNSELECT', 'CHECK']);
 
-export function quote(s: string): string {
-  return `"${s.replace(/[\\"]/g, (c) => `\\${c}`)}"`;
-}
+const PRIVACY = 'NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.';
+
+/** One SASL response: data, `*` (cancel), bad base64, a terminal framing error, or the client gone. */
+type SaslLine = { kind: 'data'; data: Buffer } | { kind: 'cancel' } | { kind: 'bad' } | { kind: 'fatal'; text: string } | { kind: 'eof' };
 
 export class ImapSession {
   private readonly framer: ImapFramer;
@@ -32,6 +43,8 @@ export class ImapSession {
   private idleTimer: NodeJS.Timeout | null = null;
   private readonly absTimer: NodeJS.Timeout;
   private timedOut = false;
+  /** the connection went to a backend: it is the relay's now */
+  private relayed = false;
   private readonly env: ProxyEnv;
   private readonly conn: ClientConn;
 
@@ -56,16 +69,22 @@ export class ImapSession {
     return c;
   }
 
+  /** Wait for more bytes from the client; false at EOF or timeout. */
+  private async more(): Promise<boolean> {
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    this.idleTimer = setTimeout(() => this.timeout(), this.env.instance.config.limits.preauth_timeout_s * 1000);
+    const chunk = await this.conn.read();
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    if (chunk === null || this.timedOut) return false;
+    this.framer.feed(chunk);
+    return true;
+  }
+
   private async nextFrame(): Promise<Frame | null> {
     for (;;) {
       const f = this.framer.next();
       if (f) return f;
-      if (this.idleTimer) clearTimeout(this.idleTimer);
-      this.idleTimer = setTimeout(() => this.timeout(), this.env.instance.config.limits.preauth_timeout_s * 1000);
-      const chunk = await this.conn.read();
-      if (this.idleTimer) clearTimeout(this.idleTimer);
-      if (chunk === null || this.timedOut) return null;
-      this.framer.feed(chunk);
+      if (!(await this.more())) return null;
     }
   }
 
@@ -76,7 +95,21 @@ export class ImapSession {
     } finally {
       clearTimeout(this.absTimer);
       if (this.idleTimer) clearTimeout(this.idleTimer);
+      // every way out of the pre-auth loop closes the connection (a relayed one is the relay's)
+      if (!this.relayed) this.conn.end();
     }
+  }
+
+  /** The client went away (or timed out): log why, close. */
+  private gone(): void {
+    logDisconnect(this.env, this.conn, this.st, this.st.attempts > 0 ? 'auth failed' : this.timedOut ? 'inactivity' : 'no auth attempts');
+    this.conn.end();
+  }
+
+  /** A limit was hit: one final `* BYE`, then close. */
+  private bye(text: string): void {
+    this.env.log.log('info', 'imap-login', `Disconnected (${text}):`, { rip: this.conn.peer.rip, lip: this.conn.peer.lip, session: this.st.sid });
+    this.conn.end(`* BYE ${text}\r\n`);
   }
 
   private async loop(): Promise<void> {
@@ -84,20 +117,11 @@ export class ImapSession {
     conn.write(`* OK [CAPABILITY ${this.capabilities()}] PigeonDeliver ready.\r\n`);
     for (;;) {
       const f = await this.nextFrame();
-      if (f === null) {
-        if (!this.timedOut) logDisconnect(this.env, conn, this.st, this.st.attempts > 0 ? 'auth failed' : 'no auth attempts');
-        else logDisconnect(this.env, conn, this.st, this.st.attempts > 0 ? 'auth failed' : 'inactivity');
-        conn.end();
-        return;
-      }
+      if (f === null) return this.gone();
+      if (f.kind === 'error') return this.bye(f.text);
       if (f.kind === 'continue') {
-        conn.write('+ OK\r\n');
+        if (this.literalRefused(f.parts)) return;
         continue;
-      }
-      if (f.kind === 'error') {
-        this.env.log.log('info', 'imap-login', `Disconnected (${f.text}):`, { rip: conn.peer.rip, lip: conn.peer.lip, session: this.st.sid });
-        conn.end(`* BYE ${f.text}\r\n`);
-        return;
       }
       if (++this.commands > MAX_PREAUTH_COMMANDS) {
         conn.end('* BYE Too many commands before login.\r\n');
@@ -114,6 +138,29 @@ export class ImapSession {
       const done = await this.dispatch(cmd);
       if (done) return;
     }
+  }
+
+  /**
+   * A synchronising literal was announced: invite it (`+ OK`) only for a command that takes one
+   * before login; otherwise answer the tag now, so the client never sends the literal. True when
+   * the session is over (too many bad commands).
+   */
+  private literalRefused(parts: readonly Buffer[]): boolean {
+    const head = peekCommand(parts[0]);
+    if (head && TAKES_LITERAL.has(head.name)) {
+      if (head.name === 'LOGIN' && !plaintextAllowed(this.env, this.conn)) {
+        // never invite a password in clear text
+        this.framer.refuse();
+        this.conn.write(`${head.tag} ${PRIVACY}\r\n`);
+        return false;
+      }
+      this.framer.accept();
+      this.conn.write('+ OK\r\n');
+      return false;
+    }
+    this.framer.refuse();
+    if (!head) return this.badCommand(null, 'Error in IMAP command: Invalid tag');
+    return this.badCommand(head.tag, AFTER_LOGIN.has(head.name) ? 'Please log in first.' : 'Unknown command.');
   }
 
   /** Answer BAD; true when the session is over (too many). */
@@ -145,6 +192,10 @@ export class ImapSession {
         return true;
       case 'ID':
         return this.id(cmd);
+      case 'ENABLE':
+        // RFC 5161 allows ENABLE only after login; Dovecot answers it anyway, and so do we
+        conn.write(`* ENABLED\r\n${t} OK ENABLE ignored in non-authenticated state.\r\n`);
+        return false;
       case 'STARTTLS': {
         if (conn.secure) return this.badCommand(t, 'TLS is already active.');
         if (!conn.canTls || !env.tls) {
@@ -154,42 +205,29 @@ export class ImapSession {
         conn.write(`${t} OK Begin TLS negotiation now.\r\n`);
         this.framer.rest(); // commands pipelined after STARTTLS are discarded, never answered inside TLS
         try {
-          await conn.startTls(env.tls);
+          await conn.startTls(env.tls, { timeoutMs: handshakeTimeoutMs(env.instance), alpn: alpnCallback('imap') });
         } catch (e) {
           env.log.log('info', 'imap-login', `Disconnected (TLS handshaking: ${(e as Error).message}):`, { rip: conn.peer.rip, lip: conn.peer.lip, session: this.st.sid });
-          conn.end();
           return true;
         }
         return false;
       }
       case 'LOGIN': {
         if (cmd.args.length !== 2) return this.badCommand(t, 'LOGIN expects user and password.');
-        const user = argString(cmd.args[0]);
-        const pass = argString(cmd.args[1]);
-        if (user === null || pass === null) return this.badCommand(t, 'LOGIN expects user and password.');
+        const user = argBytes(cmd.args[0]);
+        const password = argBytes(cmd.args[1]);
+        if (user === null || password === null) return this.badCommand(t, 'LOGIN expects user and password.');
         if (!plaintextAllowed(env, conn)) {
-          conn.write(`${t} NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n`);
-          env.log.log('info', 'imap-login', 'Aborted login (tried to use disallowed plaintext auth):', { user, rip: conn.peer.rip, lip: conn.peer.lip, session: this.st.sid });
+          conn.write(`${t} ${PRIVACY}\r\n`);
+          env.log.log('info', 'imap-login', 'Aborted login (tried to use disallowed plaintext auth):', { rip: conn.peer.rip, lip: conn.peer.lip, session: this.st.sid });
           return false;
         }
-        return this.login(t, user, pass, 'PLAIN');
+        return this.login(t, { kind: 'password', user, password }, 'PLAIN');
       }
       case 'AUTHENTICATE':
         return this.authenticate(cmd);
-      case 'SELECT':
-      case 'EXAMINE':
-      case 'LIST':
-      case 'LSUB':
-      case 'STATUS':
-      case 'FETCH':
-      case 'APPEND':
-      case 'CREATE':
-      case 'DELETE':
-      case 'ENABLE':
-      case 'IDLE':
-        return this.badCommand(t, 'Please log in first.');
       default:
-        return this.badCommand(t, 'Unknown command.');
+        return this.badCommand(t, AFTER_LOGIN.has(cmd.name) ? 'Please log in first.' : 'Unknown command.');
     }
   }
 
@@ -199,9 +237,9 @@ export class ImapSession {
     if (a.type === 'list') {
       if (a.items.length % 2 !== 0 || a.items.length > ID_MAX_PAIRS * 2) return this.badCommand(cmd.tag, 'Invalid ID parameters.');
       for (let i = 0; i < a.items.length; i += 2) {
-        const k = argString(a.items[i]);
+        const k = argBytes(a.items[i]);
         const v: Arg | undefined = a.items[i + 1];
-        if (k === null || k.length > ID_MAX_FIELD || (v && v.type !== 'nil' && (argString(v)?.length ?? ID_MAX_VALUE + 1) > ID_MAX_VALUE)) {
+        if (k === null || k.length > ID_MAX_FIELD || (v && v.type !== 'nil' && (argBytes(v)?.length ?? ID_MAX_VALUE + 1) > ID_MAX_VALUE)) {
           return this.badCommand(cmd.tag, 'Invalid ID parameters.');
         }
       }
@@ -210,76 +248,76 @@ export class ImapSession {
     return false;
   }
 
-  /** Read one SASL response line; null when cancelled (`*`) or the client went away. */
-  private async saslLine(): Promise<Buffer | 'cancel' | 'bad' | null> {
-    const f = await this.nextFrame();
-    if (!f) return null;
-    if (f.kind !== 'command' || f.parts.length !== 1) return 'bad';
-    const line = f.parts[0] ?? Buffer.alloc(0);
-    if (line.length > SASL_MAX_LINE) return 'bad';
-    const s = line.toString('latin1').trim();
-    if (s === '*') return 'cancel';
-    if (!/^[A-Za-z0-9+/]*={0,2}$/.test(s)) return 'bad';
-    return Buffer.from(s, 'base64');
+  /** Read one SASL response line (raw: no literal or list syntax). */
+  private async saslLine(): Promise<SaslLine> {
+    for (;;) {
+      const f = this.framer.nextLine(SASL_MAX_LINE);
+      if (f?.kind === 'error') return { kind: 'fatal', text: f.text };
+      if (f?.kind === 'line') {
+        const s = f.line.toString('latin1').trim();
+        if (s === '*') return { kind: 'cancel' };
+        const data = s === '' ? Buffer.alloc(0) : saslBase64(s);
+        return data === null ? { kind: 'bad' } : { kind: 'data', data };
+      }
+      if (!(await this.more())) return { kind: 'eof' };
+    }
+  }
+
+  /**
+   * One SASL step: the initial response when given, else a `+ prompt` and the client's line.
+   * Returns the data, or true/false as from dispatch when the step ended the command.
+   */
+  private async step(tag: string, initial: string | null, prompt: string): Promise<Buffer | boolean> {
+    let r: SaslLine;
+    if (initial !== null) {
+      const data = saslBase64(initial);
+      r = data === null ? { kind: 'bad' } : { kind: 'data', data };
+    } else {
+      this.conn.write(`+ ${prompt}\r\n`);
+      r = await this.saslLine();
+    }
+    switch (r.kind) {
+      case 'data':
+        return r.data;
+      case 'eof':
+        this.gone();
+        return true;
+      case 'fatal':
+        this.bye(r.text);
+        return true;
+      case 'cancel':
+        this.conn.write(`${tag} BAD Authentication aborted by client.\r\n`);
+        return false;
+      case 'bad':
+        return this.badCommand(tag, 'Invalid base64 data in continued response.');
+    }
   }
 
   private async authenticate(cmd: Command): Promise<boolean> {
     const { conn, env } = this;
     const t = cmd.tag;
-    const mech = argString(cmd.args[0])?.toUpperCase();
+    const mech = argAscii(cmd.args[0])?.toUpperCase();
     if (!mech || cmd.args.length > 2) return this.badCommand(t, 'AUTHENTICATE expects a mechanism.');
     if (mech !== 'PLAIN' && mech !== 'LOGIN') {
       conn.write(`${t} NO Unsupported authentication mechanism.\r\n`);
       return false;
     }
     if (!plaintextAllowed(env, conn)) {
-      conn.write(`${t} NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n`);
+      conn.write(`${t} ${PRIVACY}\r\n`);
       return false;
     }
-    const irRaw = argString(cmd.args[1]);
-    const decode = (s: string): Buffer | null => (s === '=' ? Buffer.alloc(0) : /^[A-Za-z0-9+/]+={0,2}$/.test(s) ? Buffer.from(s, 'base64') : null);
-    const ask = async (prompt: string): Promise<Buffer | 'cancel' | 'bad' | null> => {
-      conn.write(`+ ${prompt}\r\n`);
-      return this.saslLine();
-    };
-    let user: string;
-    let pass: string;
+    const ir = cmd.args.length === 2 ? argAscii(cmd.args[1]) : null;
+    if (cmd.args.length === 2 && ir === null) return this.badCommand(t, 'Invalid base64 data in initial response.');
     if (mech === 'PLAIN') {
-      let resp: Buffer | 'cancel' | 'bad' | null;
-      if (irRaw !== null) resp = decode(irRaw) ?? 'bad';
-      else resp = await ask('');
-      if (resp === null) return true;
-      if (resp === 'cancel') {
-        conn.write(`${t} BAD Authentication aborted by client.\r\n`);
-        return false;
-      }
-      if (resp === 'bad') return this.badCommand(t, 'Invalid base64 data in continued response.');
-      const parts = resp.toString('utf8').split('\0');
-      if (parts.length !== 3 || (parts[0] !== '' && parts[0] !== parts[1])) {
-        conn.write(`${t} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n`);
-        return this.afterFailure();
-      }
-      user = parts[1] ?? '';
-      pass = parts[2] ?? '';
-    } else {
-      let u: Buffer | 'cancel' | 'bad' | null = irRaw !== null ? (decode(irRaw) ?? 'bad') : await ask('VXNlcm5hbWU6');
-      if (u === null) return true;
-      if (u === 'cancel' || u === 'bad') {
-        if (u === 'bad') return this.badCommand(t, 'Invalid base64 data in continued response.');
-        conn.write(`${t} BAD Authentication aborted by client.\r\n`);
-        return false;
-      }
-      const p = await ask('UGFzc3dvcmQ6');
-      if (p === null) return true;
-      if (p === 'cancel' || p === 'bad') {
-        if (p === 'bad') return this.badCommand(t, 'Invalid base64 data in continued response.');
-        conn.write(`${t} BAD Authentication aborted by client.\r\n`);
-        return false;
-      }
-      user = u.toString('utf8');
-      pass = p.toString('utf8');
+      const msg = await this.step(t, ir, '');
+      if (typeof msg === 'boolean') return msg;
+      return this.login(t, plainCredentials(msg), 'PLAIN');
     }
-    return this.login(t, user, pass, mech);
+    const user = await this.step(t, ir, 'VXNlcm5hbWU6');
+    if (typeof user === 'boolean') return user;
+    const password = await this.step(t, null, 'UGFzc3dvcmQ6');
+    if (typeof password === 'boolean') return password;
+    return this.login(t, { kind: 'password', user, password }, 'LOGIN');
   }
 
   private afterFailure(): boolean {
@@ -291,15 +329,9 @@ export class ImapSession {
     return false;
   }
 
-  private async login(tag: string, user: string, pass: string, method: string): Promise<boolean> {
+  private async login(tag: string, creds: Credentials, method: string): Promise<boolean> {
     const { conn, env } = this;
-    if (/[\r\n\0]/.test(user) || user.length === 0 || user.length > 256) {
-      this.st.attempts++;
-      this.st.lastOutcome = 'failed';
-      conn.write(`${tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n`);
-      return this.afterFailure();
-    }
-    const r = await checkLogin(env, conn, this.st, user, pass, method);
+    const r = await authenticate(env, conn, this.st, creds, method);
     if (r.kind === 'tempfail') {
       conn.write(`${tag} NO [UNAVAILABLE] Temporary authentication failure.\r\n`);
       return false;
@@ -319,6 +351,7 @@ export class ImapSession {
     logLogin(env, conn, this.st, address);
     clearTimeout(this.absTimer);
     const leftover = this.framer.rest();
+    this.relayed = true;
     await runSession(env, 'imap', address, this.st.sid, conn, rt.session, leftover);
     return true;
   }

@@ -47,7 +47,7 @@ export function watchMoves(store: Store, ms: number, onEnd: (address: string, n:
     if (live.size === 0) return;
     let rows: { address: string }[];
     try {
-      rows = stmt.all();
+      rows = store.tryNow(() => stmt.all()); // never wait for a lock: that would stall every session
     } catch {
       return; // database busy: next round
     }

@@ -2,32 +2,51 @@
  * NAME        src/proxy/login — the part of a login IMAP and POP3 share
  * DESCRIPTION Plaintext policy (login.plaintext, global scope), one authentication through the
  *             auth module (one database read), failure delay with the per-IP penalty, the log
- *             lines admins and fail2ban read, then the router.
+ *             lines admins and fail2ban read, then the router. Every use of the penalty table is
+ *             here, awaited (the table may live in another process).
+ *             User names arrive as bytes and must be valid UTF-8; passwords stay bytes.
  * SECURITY    No backend is started unless authentication succeeded. A throw inside
  *             authentication answers tempfail, never success.
  */
 import type { ProxyEnv } from './env.js';
 import type { ClientConn } from './conn.js';
-import type { ResolvedUser } from '../modules.js';
+import type { AuthResult, ResolvedUser } from '../modules.js';
 import { resolve } from '../resolve.js';
+import { BUSY_TIMEOUT_MS } from '../db.js';
 
 export type Proto = 'imap' | 'pop3';
 
 let policyCache: { at: number; value: string } | null = null;
+let refreshing = false;
+const POLICY_TTL_MS = 5000;
 
-/** login.plaintext (global scope only), cached for 5 s so a pre-auth session costs no DB read. */
-export function plaintextPolicy(env: ProxyEnv): string {
+function readPolicy(env: ProxyEnv): void {
   const now = Date.now();
-  if (policyCache && now - policyCache.at < 5000) return policyCache.value;
-  let value = 'loopback';
   try {
-    const v = resolve(env.store.rowsFor({ scope: 'global', name: null }))['login.plaintext']?.value;
-    if (typeof v === 'string') value = v;
+    // never waits for a lock: a locked database keeps the value we have
+    const v = env.store.tryNow(() => resolve(env.store.rowsFor({ scope: 'global', name: null }))['login.plaintext']?.value);
+    policyCache = { at: now, value: typeof v === 'string' ? v : 'loopback' };
   } catch {
-    value = policyCache?.value ?? 'loopback';
+    policyCache = { at: now, value: policyCache?.value ?? 'loopback' };
   }
-  policyCache = { at: now, value };
-  return value;
+}
+
+/**
+ * login.plaintext (global scope only). A greeting or a LOGIN never waits on the database: the
+ * value is read without waiting for a lock (the first time) and then kept for 5 s, refreshed
+ * after it was used; while the database is locked the last value (or the default, loopback)
+ * stays in force.
+ */
+export function plaintextPolicy(env: ProxyEnv): string {
+  if (policyCache === null) readPolicy(env);
+  else if (Date.now() - policyCache.at >= POLICY_TTL_MS && !refreshing) {
+    refreshing = true;
+    setImmediate(() => {
+      refreshing = false;
+      readPolicy(env);
+    });
+  }
+  return policyCache?.value ?? 'loopback';
 }
 
 export function plaintextAllowed(env: ProxyEnv, conn: ClientConn): boolean {
@@ -63,25 +82,96 @@ export function logFields(conn: ClientConn, st: LoginState, extra: Record<string
 
 export type LoginOutcome =
   | { kind: 'ok'; user: ResolvedUser }
-  | { kind: 'failed' } // bad credentials, unknown or disabled user: same answer
+  | { kind: 'failed' } // bad credentials, unknown or disabled user, malformed message: same answer
   | { kind: 'tempfail'; detail: string };
 
-export async function checkLogin(env: ProxyEnv, conn: ClientConn, st: LoginState, user: string, password: string, method: string): Promise<LoginOutcome> {
-  st.attempts++;
-  st.lastUser = user.replace(/[\x00-\x1f]/g, '?').slice(0, 256);
-  st.lastMethod = method;
-  const wait = env.penalty.pending(conn.peer.rip);
-  if (wait > 0) await new Promise((r) => setTimeout(r, wait));
-  let r;
+/**
+ * What a client offered. `malformed`: a SASL message that names no usable identity (PLAIN
+ * without two NULs, an authorization identity other than the authentication identity); it is
+ * refused like a wrong password, never at once.
+ */
+export type Credentials =
+  | { readonly kind: 'password'; readonly user: Uint8Array; readonly password: Uint8Array }
+  | { readonly kind: 'malformed'; readonly why: string; readonly user: Uint8Array | null };
+
+const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
+
+/** A SASL response or initial response (RFC 4648 base64, `=` for empty); null when it is not base64. */
+export function saslBase64(s: string): Buffer | null {
+  if (s === '=') return Buffer.alloc(0);
+  return s.length % 4 === 0 && BASE64.test(s) ? Buffer.from(s, 'base64') : null;
+}
+
+/** Split a SASL PLAIN message (authzid NUL authcid NUL passwd), bytes kept as they are. */
+export function plainCredentials(msg: Buffer): Credentials {
+  const a = msg.indexOf(0);
+  const b = a < 0 ? -1 : msg.indexOf(0, a + 1);
+  if (a < 0 || b < 0 || msg.indexOf(0, b + 1) >= 0) return { kind: 'malformed', why: 'malformed PLAIN message', user: null };
+  const authz = msg.subarray(0, a);
+  const user = msg.subarray(a + 1, b);
+  if (authz.length > 0 && !authz.equals(user)) return { kind: 'malformed', why: 'authorization identity differs', user };
+  return { kind: 'password', user, password: msg.subarray(b + 1) };
+}
+
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
+const MAX_USER_BYTES = 256;
+
+/** A user name as text: valid UTF-8, 1..256 bytes, no control characters; else null. */
+export function userName(bytes: Uint8Array): string | null {
+  if (bytes.length === 0 || bytes.length > MAX_USER_BYTES) return null;
+  let s: string;
   try {
-    r = await env.auth.authenticate({ user, password, service: st.proto, rip: conn.peer.rip });
+    s = STRICT_UTF8.decode(bytes);
+  } catch {
+    return null;
+  }
+  return /[\x00-\x1f\x7f]/.test(s) ? null : s;
+}
+
+/** The user name as it may appear in a log line (never used to authenticate). */
+function shownUser(bytes: Uint8Array | null): string {
+  if (bytes === null) return '';
+  return Buffer.from(bytes.buffer, bytes.byteOffset, Math.min(bytes.byteLength, MAX_USER_BYTES))
+    .toString('utf8')
+    .replace(/[\x00-\x1f\x7f\ufffd]/g, '?');
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/**
+ * Every authentication of both protocols, and every refusal, goes through here: one attempt
+ * counted, the per-IP pending penalty waited, then either success, tempfail (an outage, no
+ * delay), or refusal — and every refusal (malformed message, bad user name, unknown user, wrong
+ * password, disabled user) pays the same failure delay and the same penalty.
+ */
+export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginState, creds: Credentials, method: string): Promise<LoginOutcome> {
+  st.attempts++;
+  st.lastUser = shownUser(creds.user);
+  st.lastMethod = method;
+  const wait = await env.penalty.pending(conn.peer.rip);
+  if (wait > 0) await sleep(wait);
+  if (creds.kind === 'malformed') return refuse(env, conn, st, creds.why);
+  const user = userName(creds.user);
+  if (user === null) return refuse(env, conn, st, 'invalid user name');
+  // the whole login (password check, and the mailbox allocation that may follow) waits at most
+  // one busy timeout for a locked database
+  const deadline = Date.now() + BUSY_TIMEOUT_MS;
+  let r: AuthResult;
+  try {
+    r = await env.auth.authenticate({ user, password: creds.password, service: st.proto, rip: conn.peer.rip, deadline });
   } catch (e) {
-    r = { ok: false as const, why: 'tempfail' as const, detail: e instanceof Error ? e.message : 'auth error' };
+    r = { ok: false, why: 'tempfail', detail: e instanceof Error ? e.message : 'auth error' };
+  }
+  if (r.ok && needsAllocation(env, r.user) && !(await env.store.writableWithin(deadline))) {
+    // the router would allocate the mailbox with a write that blocks the process: answer now
+    r = { ok: false, why: 'tempfail', detail: `database ${env.store.file} is locked by another process; cannot allocate the mailbox of ${r.user.user.address}` };
   }
   if (r.ok) {
     st.lastOutcome = 'ok';
     st.successes = (st.successes ?? 0) + 1;
-    env.penalty.success(conn.peer.rip);
+    await env.penalty.success(conn.peer.rip);
     for (const w of r.warnings) env.log.log('warn', `${st.proto}-login`, w);
     return { kind: 'ok', user: r.user };
   }
@@ -90,10 +180,19 @@ export async function checkLogin(env: ProxyEnv, conn: ClientConn, st: LoginState
     env.log.log('error', `${st.proto}-login`, `Temporary authentication failure: ${r.detail}:`, logFields(conn, st));
     return { kind: 'tempfail', detail: r.detail };
   }
+  return refuse(env, conn, st, r.why);
+}
+
+/** Will routing this user write to the database (a first login allocates the mailbox)? */
+function needsAllocation(env: ProxyEnv, u: ResolvedUser): boolean {
+  return u.user.allocation === null && (u.user.home === null || u.user.home === env.instance.config.node);
+}
+
+async function refuse(env: ProxyEnv, conn: ClientConn, st: LoginState, why: string): Promise<LoginOutcome> {
   st.lastOutcome = 'failed';
-  const delay = env.penalty.fail(conn.peer.rip);
-  env.log.log('info', `${st.proto}-login`, `auth failed (${r.why}):`, logFields(conn, st));
-  if (delay > 0) await new Promise((res) => setTimeout(res, delay));
+  const delay = await env.penalty.fail(conn.peer.rip);
+  env.log.log('info', `${st.proto}-login`, `auth failed (${why}):`, logFields(conn, st));
+  if (delay > 0) await sleep(delay);
   return { kind: 'failed' };
 }
 

@@ -3,24 +3,33 @@
  * DESCRIPTION AUTHORIZATION state: CAPA, STLS, USER/PASS, AUTH PLAIN/LOGIN (initial response, `*`
  *             cancels), QUIT. After login the backend is started, greeted with NOOP, and the client
  *             gets `+OK Logged in.`; then bytes are relayed (TRANSACTION/UPDATE are the backend's).
- * DIAGNOSTICS -ERR [AUTH] for credentials and privacy refusals, -ERR [SYS/TEMP] for outages.
- *             Lines over 255 bytes (8 KiB for SASL responses), 3 bad commands, 3 failed logins,
- *             or the pre-auth timeout end the session with one -ERR.
+ *             Lines are bytes: user names must be valid UTF-8, passwords go to the hash as sent.
+ *             STLS forgets everything said before it (a USER, pipelined input).
+ * DIAGNOSTICS -ERR [AUTH] for credentials (every refusal after the failure delay) and privacy
+ *             refusals, -ERR [SYS/TEMP] for outages. Lines over 255 octets with their CRLF
+ *             (8 KiB for SASL responses), 3 bad commands, 3 failed logins, or the pre-auth timeout
+ *             end the session with one -ERR. Every other error is answered and the session reads on.
  */
 import type { ProxyEnv } from './env.js';
 import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
-import { checkLogin, logLogin, logDisconnect, plaintextAllowed, type LoginState } from './login.js';
+import { authenticate, logLogin, logDisconnect, plaintextAllowed, plainCredentials, saslBase64, type Credentials, type LoginState } from './login.js';
 import { route, runSession } from './router.js';
+import { alpnCallback, handshakeTimeoutMs } from './tls.js';
 import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, POP3_MAX_LINE, PREAUTH_ABSOLUTE_MS, SASL_MAX_LINE } from '../limits.js';
+
+const PRIVACY = '-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n';
+type Line = { kind: 'line'; line: Buffer } | { kind: 'too-long' } | { kind: 'eof' };
 
 export class Pop3Session {
   private buf: Buffer = Buffer.alloc(0);
   private readonly st: LoginState;
   private bad = 0;
   private commands = 0;
-  private user: string | null = null;
+  /** the USER given before PASS (bytes as sent); forgotten at STLS */
+  private user: Buffer | null = null;
   private timedOut = false;
+  private relayed = false;
   private idleTimer: NodeJS.Timeout | null = null;
   private readonly absTimer: NodeJS.Timeout;
   private readonly env: ProxyEnv;
@@ -39,23 +48,24 @@ export class Pop3Session {
     this.conn.abort();
   }
 
-  /** Next line (without CRLF), 'too-long', or null at EOF. */
-  private async line(max: number): Promise<string | 'too-long' | null> {
+  /** Next line (without its CRLF); `max` counts the whole line, CRLF included. */
+  private async line(max: number): Promise<Line> {
     for (;;) {
       const nl = this.buf.indexOf(0x0a);
       if (nl >= 0) {
+        if (nl + 1 > max) return { kind: 'too-long' };
         let l = this.buf.subarray(0, nl);
         this.buf = this.buf.subarray(nl + 1);
         if (l.length && l[l.length - 1] === 0x0d) l = l.subarray(0, l.length - 1);
-        if (l.length > max) return 'too-long';
-        return l.toString('utf8');
+        return { kind: 'line', line: l };
       }
-      if (this.buf.length > max + 2) return 'too-long';
+      // even a bare LF would not fit any more
+      if (this.buf.length >= max) return { kind: 'too-long' };
       if (this.idleTimer) clearTimeout(this.idleTimer);
       this.idleTimer = setTimeout(() => this.timeout(), this.env.instance.config.limits.preauth_timeout_s * 1000);
       const c = await this.conn.read();
       if (this.idleTimer) clearTimeout(this.idleTimer);
-      if (c === null || this.timedOut) return null;
+      if (c === null || this.timedOut) return { kind: 'eof' };
       this.buf = this.buf.length ? Buffer.concat([this.buf, c]) : c;
     }
   }
@@ -74,6 +84,8 @@ export class Pop3Session {
     } finally {
       clearTimeout(this.absTimer);
       if (this.idleTimer) clearTimeout(this.idleTimer);
+      // every way out of the pre-auth loop closes the connection (a relayed one is the relay's)
+      if (!this.relayed) this.conn.end();
     }
   }
 
@@ -82,25 +94,28 @@ export class Pop3Session {
     logDisconnect(this.env, this.conn, this.st, why);
   }
 
+  /** The client went away (or timed out): log why, close. */
+  private gone(): void {
+    logDisconnect(this.env, this.conn, this.st, this.st.attempts > 0 ? 'auth failed' : this.timedOut ? 'inactivity' : 'no auth attempts');
+    this.conn.end();
+  }
+
   private async loop(): Promise<void> {
     const { conn, env } = this;
     conn.write('+OK PigeonDeliver ready.\r\n');
     for (;;) {
-      const l = await this.line(POP3_MAX_LINE);
-      if (l === null) {
-        logDisconnect(env, conn, this.st, this.st.attempts > 0 ? 'auth failed' : this.timedOut ? 'inactivity' : 'no auth attempts');
-        conn.end();
-        return;
-      }
-      if (l === 'too-long') return this.bye('Line too long.', 'line too long');
+      const r = await this.line(POP3_MAX_LINE);
+      if (r.kind === 'eof') return this.gone();
+      if (r.kind === 'too-long') return this.bye('Line too long.', 'line too long');
       if (++this.commands > MAX_PREAUTH_COMMANDS) return this.bye('Too many commands before login.', 'too many commands');
-      const sp = l.indexOf(' ');
-      const verb = (sp < 0 ? l : l.slice(0, sp)).toUpperCase();
-      const arg = sp < 0 ? '' : l.slice(sp + 1);
-      if (l.includes('\0')) {
+      const l = r.line;
+      if (l.includes(0)) {
         if (this.badCommand('NUL byte in command.')) return;
         continue;
       }
+      const sp = l.indexOf(0x20);
+      const verb = (sp < 0 ? l : l.subarray(0, sp)).toString('latin1').toUpperCase();
+      const arg = sp < 0 ? Buffer.alloc(0) : l.subarray(sp + 1);
       switch (verb) {
         case 'CAPA':
           conn.write(this.caps());
@@ -122,25 +137,26 @@ export class Pop3Session {
             break;
           }
           conn.write('+OK Begin TLS negotiation now.\r\n');
-          this.buf = Buffer.alloc(0); // pipelined commands after STLS are discarded
+          // nothing said before the handshake counts inside TLS: pipelined commands, a USER
+          this.buf = Buffer.alloc(0);
+          this.user = null;
           try {
-            await conn.startTls(env.tls);
+            await conn.startTls(env.tls, { timeoutMs: handshakeTimeoutMs(env.instance), alpn: alpnCallback('pop3') });
           } catch (e) {
             env.log.log('info', 'pop3-login', `Disconnected (TLS handshaking: ${(e as Error).message}):`, { rip: conn.peer.rip, session: this.st.sid });
-            conn.end();
             return;
           }
           break;
         case 'USER':
           if (!plaintextAllowed(env, conn)) {
-            conn.write('-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n');
+            conn.write(PRIVACY);
             break;
           }
-          if (arg === '') {
+          if (arg.length === 0) {
             if (this.badCommand('USER expects a user name.')) return;
             break;
           }
-          this.user = arg;
+          this.user = Buffer.from(arg);
           conn.write('+OK\r\n');
           break;
         case 'PASS': {
@@ -148,13 +164,13 @@ export class Pop3Session {
             conn.write('-ERR No username given.\r\n');
             break;
           }
-          const u = this.user;
+          const user = this.user;
           this.user = null;
-          if (await this.login(u, arg, 'PLAIN')) return;
+          if (await this.login({ kind: 'password', user, password: arg }, 'PLAIN')) return;
           break;
         }
         case 'AUTH':
-          if (await this.auth(arg)) return;
+          if (await this.auth(arg.toString('latin1'))) return;
           break;
         default:
           if (this.badCommand('Unknown command.')) return;
@@ -172,9 +188,38 @@ export class Pop3Session {
     return false;
   }
 
+  /**
+   * One SASL step: the initial response when given, else a `+ prompt` and the client's line.
+   * Returns the data, or true (session over) / false (command answered) when the step ended it.
+   */
+  private async step(initial: string | undefined, prompt: string): Promise<Buffer | boolean> {
+    let data: Buffer | null;
+    if (initial !== undefined) data = saslBase64(initial);
+    else {
+      this.conn.write(`+ ${prompt}\r\n`);
+      const r = await this.line(SASL_MAX_LINE);
+      if (r.kind === 'eof') {
+        this.gone();
+        return true;
+      }
+      if (r.kind === 'too-long') {
+        this.bye('Line too long.', 'line too long');
+        return true;
+      }
+      const s = r.line.toString('latin1').trim();
+      if (s === '*') {
+        this.conn.write('-ERR Authentication aborted by client.\r\n');
+        return false;
+      }
+      data = s === '' ? Buffer.alloc(0) : saslBase64(s);
+    }
+    if (data === null) return this.badCommand('Invalid base64 data.');
+    return data;
+  }
+
   private async auth(arg: string): Promise<boolean> {
     const { conn, env } = this;
-    const [mechRaw, ir] = arg.split(' ');
+    const [mechRaw, ir, extra] = arg.split(' ');
     const mech = (mechRaw ?? '').toUpperCase();
     if (mech === '') {
       conn.write('+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n');
@@ -184,45 +229,21 @@ export class Pop3Session {
       conn.write('-ERR Unsupported authentication mechanism.\r\n');
       return false;
     }
+    if (extra !== undefined) return this.badCommand('AUTH expects a mechanism and at most an initial response.');
     if (!plaintextAllowed(env, conn)) {
-      conn.write('-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n');
+      conn.write(PRIVACY);
       return false;
     }
-    const decode = (s: string): Buffer | null => (s === '=' ? Buffer.alloc(0) : /^[A-Za-z0-9+/]+={0,2}$/.test(s) ? Buffer.from(s, 'base64') : null);
-    const ask = async (prompt: string): Promise<Buffer | 'cancel' | 'bad' | null> => {
-      conn.write(`+ ${prompt}\r\n`);
-      const l = await this.line(SASL_MAX_LINE);
-      if (l === null) return null;
-      if (l === 'too-long') return 'bad';
-      if (l.trim() === '*') return 'cancel';
-      return decode(l.trim()) ?? 'bad';
-    };
-    const handle = (r: Buffer | 'cancel' | 'bad' | null): Buffer | boolean => {
-      if (r === null) return true;
-      if (r === 'cancel') {
-        conn.write('-ERR Authentication aborted by client.\r\n');
-        return false;
-      }
-      if (r === 'bad') return this.badCommand('Invalid base64 data.');
-      return r;
-    };
     if (mech === 'PLAIN') {
-      const r = handle(ir !== undefined ? (decode(ir) ?? 'bad') : await ask(''));
-      if (typeof r === 'boolean') return r;
-      const parts = r.toString('utf8').split('\0');
-      if (parts.length !== 3 || (parts[0] !== '' && parts[0] !== parts[1])) {
-        this.st.attempts++;
-        this.st.lastOutcome = 'failed';
-        conn.write('-ERR [AUTH] Authentication failed.\r\n');
-        return this.afterFailure();
-      }
-      return this.login(parts[1] ?? '', parts[2] ?? '', 'PLAIN');
+      const msg = await this.step(ir, '');
+      if (typeof msg === 'boolean') return msg;
+      return this.login(plainCredentials(msg), 'PLAIN');
     }
-    const u = handle(ir !== undefined ? (decode(ir) ?? 'bad') : await ask('VXNlcm5hbWU6'));
-    if (typeof u === 'boolean') return u;
-    const p = handle(await ask('UGFzc3dvcmQ6'));
-    if (typeof p === 'boolean') return p;
-    return this.login(u.toString('utf8'), p.toString('utf8'), 'LOGIN');
+    const user = await this.step(ir, 'VXNlcm5hbWU6');
+    if (typeof user === 'boolean') return user;
+    const password = await this.step(undefined, 'UGFzc3dvcmQ6');
+    if (typeof password === 'boolean') return password;
+    return this.login({ kind: 'password', user, password }, 'LOGIN');
   }
 
   private afterFailure(): boolean {
@@ -233,15 +254,9 @@ export class Pop3Session {
     return false;
   }
 
-  private async login(user: string, pass: string, method: string): Promise<boolean> {
+  private async login(creds: Credentials, method: string): Promise<boolean> {
     const { conn, env } = this;
-    if (/[\r\n\0]/.test(user) || user.length === 0 || user.length > 256) {
-      this.st.attempts++;
-      this.st.lastOutcome = 'failed';
-      conn.write('-ERR [AUTH] Authentication failed.\r\n');
-      return this.afterFailure();
-    }
-    const r = await checkLogin(env, conn, this.st, user, pass, method);
+    const r = await authenticate(env, conn, this.st, creds, method);
     if (r.kind === 'tempfail') {
       conn.write('-ERR [SYS/TEMP] Temporary authentication failure.\r\n');
       return false;
@@ -266,6 +281,7 @@ export class Pop3Session {
     clearTimeout(this.absTimer);
     const leftover = this.buf;
     this.buf = Buffer.alloc(0);
+    this.relayed = true;
     await runSession(env, 'pop3', address, this.st.sid, conn, rt.session, leftover);
     return true;
   }
