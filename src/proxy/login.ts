@@ -70,7 +70,7 @@ export async function checkLogin(env: ProxyEnv, conn: ClientConn, st: LoginState
   st.attempts++;
   st.lastUser = user.replace(/[\x00-\x1f]/g, '?').slice(0, 256);
   st.lastMethod = method;
-  const wait = env.penalty.pending(conn.peer.rip);
+  const wait = await env.penalty.pending(conn.peer.rip);
   if (wait > 0) await new Promise((r) => setTimeout(r, wait));
   let r;
   try {
@@ -81,7 +81,7 @@ export async function checkLogin(env: ProxyEnv, conn: ClientConn, st: LoginState
   if (r.ok) {
     st.lastOutcome = 'ok';
     st.successes = (st.successes ?? 0) + 1;
-    env.penalty.success(conn.peer.rip);
+    await env.penalty.success(conn.peer.rip);
     for (const w of r.warnings) env.log.log('warn', `${st.proto}-login`, w);
     return { kind: 'ok', user: r.user };
   }
@@ -91,7 +91,7 @@ export async function checkLogin(env: ProxyEnv, conn: ClientConn, st: LoginState
     return { kind: 'tempfail', detail: r.detail };
   }
   st.lastOutcome = 'failed';
-  const delay = env.penalty.fail(conn.peer.rip);
+  const delay = await env.penalty.fail(conn.peer.rip);
   env.log.log('info', `${st.proto}-login`, `auth failed (${r.why}):`, logFields(conn, st));
   if (delay > 0) await new Promise((res) => setTimeout(res, delay));
   return { kind: 'failed' };
