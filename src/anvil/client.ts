@@ -33,6 +33,8 @@ export interface AnvilClientOptions {
   readonly autostart: boolean;
   /** the started service logs here (log.file), if set */
   readonly logFile?: string | null;
+  /** the service's program (default: main.js beside this module) */
+  readonly servicePath?: string;
 }
 
 export type OpenResult = { admitted: true } | { admitted: false; why: string };
@@ -199,7 +201,7 @@ export class AnvilClient {
         s.penaltyClear(body.key);
         return {};
       case 'list':
-        return { conns: s.list(body.user === undefined ? {} : { user: body.user }).map(({ owner: _o, ...r }: ConnRecord) => r), counts: s.counts(now) };
+        return { pid: process.pid, conns: s.list(body.user === undefined ? {} : { user: body.user }).map(({ owner: _o, ...r }: ConnRecord) => r), counts: s.counts(now) };
     }
   }
 
@@ -247,7 +249,7 @@ export class AnvilClient {
 
   /** Start the service detached; null when it (or another one) is now serving, else why not. */
   private start(): Promise<string | null> {
-    const args = [MAIN, this.opts.runDir, '--idle-ms', String(ANVIL_IDLE_MS)];
+    const args = [this.opts.servicePath ?? MAIN, this.opts.runDir, '--idle-ms', String(ANVIL_IDLE_MS)];
     if (this.opts.logFile) args.push('--log', this.opts.logFile);
     return new Promise((resolve) => {
       let child;

@@ -13,7 +13,7 @@
  *               conn.login   {conn, user, session, max_userip} → {ok} | {ok:false, why, count?}
  *               conn.logout  {conn}   conn.held {conn, held}   conn.close {conn}   → {}
  *               penalty.get  {key} → {count, age_ms}   penalty.fail {key} → {count}   penalty.clear {key} → {}
- *               list         {user?}                       → {conns: [record…], counts}
+ *               list         {user?}                       → {pid, conns: [record…], counts}
  *             Records are plain objects (owner pid, conn, ip, proto, state, held, user, session,
  *             since), so `who`, `kick` and metrics are new ops over the same records.
  * SECURITY    A line longer than ANVIL_MAX_LINE or one that does not parse ends the connection.
@@ -72,7 +72,7 @@ export interface Results {
   'penalty.get': { count: number; age_ms: number };
   'penalty.fail': { count: number };
   'penalty.clear': Record<string, never>;
-  list: { conns: ListedRecord[]; counts: { preauth: number; sessions: number; held: number; penalties: number } };
+  list: { pid: number; conns: ListedRecord[]; counts: { preauth: number; sessions: number; held: number; penalties: number } };
 }
 
 export const replySchema = z.union([

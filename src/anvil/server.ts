@@ -228,7 +228,7 @@ function serveOn(server: Server, path: string, opts: ServeOptions): AnvilServer 
           session: r.session,
           since: r.since,
         }));
-        return { conns, counts: state.counts(now) } satisfies Results['list'];
+        return { pid: process.pid, conns, counts: state.counts(now) } satisfies Results['list'];
       }
     }
   };
