@@ -146,6 +146,7 @@ export async function runSession(
   const untrack = trackSession(address, () => stopSession(s));
   try {
     const res = await relay(conn, s, leftover, (why) => env.log.log('warn', `${protocol}(${address})`, `Peer link to node ${'kind' in s ? s.node : '?'} lost: ${why}:`, { session: sid }));
+    slotOf(conn)?.close(); // before the logout line: a client that saw it may log in again at once
     env.log.log('info', `${protocol}(${address})`, res.in < 0 ? 'Disconnected: Logged out (socket handed to the backend)' : `Disconnected: Logged out in=${res.in} out=${res.out}`, { session: sid });
   } finally {
     untrack();
