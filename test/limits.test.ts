@@ -137,6 +137,9 @@ t.test('one address, two workers: logged-in sessions never count per IP', async 
   const opened = await Promise.all(clients.map((c) => c.mailboxOpen('INBOX').then(() => true, () => false)));
   t.equal(opened.filter(Boolean).length, 50, 'and all 50 sessions work at once');
   t.notMatch(logText(inst), /Too many connections|Connection refused|evicted/, 'nothing was refused or evicted');
+  // end every session and the daemon here, so no backend writes into the test directory as it goes
+  await Promise.all(clients.map((c) => c.logout().catch(() => {})));
+  await srv.stop();
 });
 
 t.test('one address, default limits: 100 unauthenticated connections at once are all served', async (t) => {
@@ -218,6 +221,10 @@ t.test('user+IP: the 11th session of one user from one address is refused, a clo
   await logLines(inst, /imap\(user0@example\.test\): Disconnected: Logged out/, 1);
   w.write('a2 LOGIN user0@example.test pw\r\n');
   t.match(await w.until(/a2 .*\r\n/), /a2 OK \[CAPABILITY/, 'the same connection logs in once a session has ended');
+  w.write('a3 LOGOUT\r\n');
+  await w.until(/a3 OK/);
+  await Promise.all(ten.map((c) => c.logout().catch(() => {})));
+  await srv.stop();
 });
 
 t.test('global limit: counts what the proxy holds; handed-off sessions do not; the oldest unauthenticated is evicted', async (t) => {
@@ -259,6 +266,9 @@ t.test('global limit: counts what the proxy holds; handed-off sessions do not; t
   t.match(await first.until(/BYE.*\r\n/), /\* BYE Connection limit reached/, 'the next one evicts the oldest unauthenticated connection');
   second.write('n1 NOOP\r\n');
   t.match(await second.until(/n1 .*\r\n/), /n1 OK/);
+  second.close();
+  await Promise.all(all.map((c) => c.logout().catch(() => {})));
+  await srv.stop();
 });
 
 t.test('failure delay: doubles per failure from one address across the workers', async (t) => {

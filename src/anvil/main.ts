@@ -5,12 +5,13 @@
  * DESCRIPTION Takes over RUN_DIR/anvil.sock (src/anvil/server.ts) and serves it until idle. When
  *             fd 3 is a pipe (the starter's), writes one line there, then closes it: `ready`
  *             (this process serves), `taken` (another service already does) or `error: …`.
- *             Loads no configuration: every limit comes with the requests.
+ *             Loads no configuration: every limit comes with the requests. Logs to --log FILE
+ *             (log.file) only while that file exists.
  * DIAGNOSTICS exit 0 when idle, taken, or its socket was removed; 75 when it cannot serve.
  * SECURITY    Started with /dev/null on fds 0-2 (never the client socket of an inetd process),
  *             in its own session, cwd /.
  */
-import { appendFileSync, closeSync, fstatSync, writeSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, writeSync } from 'node:fs';
 import { openRunDir } from './run-dir.js';
 import { ownService, type AnvilLog } from './server.js';
 import { ANVIL_IDLE_MS } from '../limits.js';
@@ -38,10 +39,17 @@ async function main(argv: readonly string[]): Promise<number> {
     tell('error: usage: main.js RUN_DIR [--idle-ms N] [--log FILE]');
     return 64;
   }
+  // appends to the log file only while it exists: the service never creates a file outside
+  // run_dir (nor re-creates the log of an instance that is being removed)
   const log: AnvilLog = (level, msg) => {
     if (logFile === null) return;
     try {
-      appendFileSync(logFile, `${new Date().toISOString()} pigeon[${process.pid}]: anvil: ${level === 'info' ? '' : `${level === 'warn' ? 'Warning' : 'Error'}: `}${msg}\n`);
+      const fd = openSync(logFile, constants.O_WRONLY | constants.O_APPEND);
+      try {
+        writeSync(fd, `${new Date().toISOString()} pigeon[${process.pid}]: anvil: ${level === 'info' ? '' : `${level === 'warn' ? 'Warning' : 'Error'}: `}${msg}\n`);
+      } finally {
+        closeSync(fd);
+      }
     } catch {
       /* a log we cannot write must not stop the service */
     }
