@@ -4,15 +4,15 @@
 // an idle service exits, a removed socket stops it, and a client that cannot reach any service
 // falls back to per-process state and says so once.
 import t from 'tap';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, rmSync, statSync } from 'node:fs';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { connect } from 'node:net';
 import { clientKey, NetworkList, canonicalIp } from '../src/ip.js';
 import { AnvilState } from '../src/anvil/state.js';
 import { AnvilClient } from '../src/anvil/client.js';
 import { openRunDir } from '../src/anvil/run-dir.js';
-import { ROOT } from './helpers/instance.js';
+import { ROOT, CLI, makeInstance } from './helpers/instance.js';
 
 const MAIN = join(ROOT, 'dist', 'src', 'anvil', 'main.js');
 
@@ -211,4 +211,19 @@ t.test('client: starts the service when none runs, in a run directory it creates
   t.ok(list.pid > 0 && list.pid !== process.pid, 'a service process of its own');
   client.shutdown();
   process.kill(list.pid, 'SIGTERM');
+});
+
+t.test('a one-shot process whose run_dir is unusable still logs users in, and says why once', async (t) => {
+  const inst = makeInstance(t, { users: { 'alice@example.test': 'pw' } });
+  const open = join(inst.dir, 'open-run');
+  mkdirSync(open);
+  chmodSync(open, 0o777);
+  writeFileSync(join(inst.dir, 'conf.d', '60-run.yaml'), `run_dir: ${open}\n`);
+  const r = spawnSync(process.execPath, [CLI, '-c', inst.dir, 'imap', '--forker', 'stdio'], { input: 'a1 LOGIN alice@example.test wrong\r\na2 LOGIN alice@example.test pw\r\na3 LOGOUT\r\n', encoding: 'utf8' });
+  t.equal(r.status, 0);
+  t.match(r.stdout, /a1 NO \[AUTHENTICATIONFAILED\][\s\S]*a2 OK \[CAPABILITY/, 'the failure delay still applies (per process) and the login works');
+  const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
+  const warnings = log.split('\n').filter((l) => /anvil: Warning: run_dir .*open-run: writable by its group and others \(mode 777\).*per process until it is back/.test(l));
+  t.equal(warnings.length, 1, 'one warning for the whole session');
+  t.notOk(existsSync(join(open, 'anvil.sock')), 'no socket in a directory anyone can write to');
 });

@@ -57,7 +57,7 @@ export function openRunDir(path: string, opts: { create: boolean }): RunDir {
     : st.uid !== me && st.uid !== 0
       ? `owned by uid ${st.uid}, neither this user (${me}) nor root`
       : (st.mode & 0o022) !== 0
-        ? `writable by ${(st.mode & 0o020) !== 0 ? 'its group' : 'others'} (mode ${(st.mode & 0o7777).toString(8)}); only its owner may write there`
+        ? `writable by ${[(st.mode & 0o020) !== 0 ? 'its group' : '', (st.mode & 0o002) !== 0 ? 'others' : ''].filter((w) => w !== '').join(' and ')} (mode ${(st.mode & 0o7777).toString(8)}); only its owner may write there`
         : null;
   if (why !== null) {
     closeSync(fd);
