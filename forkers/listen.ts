@@ -131,6 +131,7 @@ async function supervise(n: number): Promise<number> {
   const stopAll = (signal: NodeJS.Signals): void => {
     stopping = true;
     for (const w of live) w.process.kill(signal);
+    if (live.size === 0) allExited?.();
   };
   const fork = (): void => {
     const w = cluster.fork();
@@ -148,7 +149,9 @@ async function supervise(n: number): Promise<number> {
         return;
       }
       process.stderr.write(`pigeon: worker ${w.process.pid} exited (${code ?? sig}); restarting\n`);
-      setTimeout(fork, 1000);
+      setTimeout(() => {
+        if (!stopping) fork();
+      }, 1000);
     });
   };
   for (let i = 0; i < n; i++) fork();

@@ -81,6 +81,16 @@ async function nodeState(t: Test, inst: Inst): Promise<Results['list']> {
   return l;
 }
 
+/** Wait until the node state satisfies `ok` (a worker's update reaches the service a moment after its client saw the answer). */
+async function nodeStateUntil(t: Test, inst: Inst, ok: (l: Results['list']) => boolean, ms = 10_000): Promise<Results['list']> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const l = await nodeState(t, inst);
+    if (ok(l) || Date.now() > deadline) return l;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
 function logText(inst: Inst): string {
   return readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
 }
@@ -241,7 +251,9 @@ t.test('global limit: counts what the proxy holds; handed-off sessions do not; t
     await c.connect();
     all.push(c);
   }
-  t.equal((await nodeState(t, inst)).counts.held, 0, 'six sessions handed to Dovecot: none held by the proxy');
+  const handed = await nodeStateUntil(t, inst, (l) => l.counts.held === 0);
+  t.equal(handed.counts.held, 0, 'six sessions handed to Dovecot: none held by the proxy');
+  t.equal(handed.counts.sessions, 6, 'and the six are known to the node (who/kick)');
   // four TLS sessions: relayed through the proxy, so counted
   const relayed: ImapFlow[] = [];
   for (const u of users.slice(6, 10)) {
