@@ -4,16 +4,17 @@
 // from one address are fine by default, the per-IP limit evicts the oldest, trusted networks are
 // exempt, the user+IP limit refuses the 11th session, the global limit counts what the proxy
 // holds (not sessions handed to Dovecot), the failure delay doubles across workers and across
-// one-shot inetd processes; and `serve` with a port in use exits 75 with one line.
+// one-shot inetd and Postfix spawn processes; and `serve` with a port in use exits 75 with one line.
 import t, { type Test } from 'tap';
 import { ImapFlow } from 'imapflow';
-import { readFileSync, writeFileSync, existsSync } from 'node:fs';
+import { readFileSync, writeFileSync, existsSync, chownSync, statSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawn, spawnSync, execFileSync } from 'node:child_process';
 import { createServer } from 'node:net';
 import { makeInstance, serve, freePort, CLI, type Inst } from './helpers/instance.js';
 import { Wire } from './helpers/wire.js';
 import { requireProgram } from './helpers/programs.js';
+import { startPostfix } from './helpers/postfix.js';
 import { openDb } from '../src/db.js';
 import { Store } from '../src/store.js';
 import { hashPassword } from '../auth/schemes.js';
@@ -350,6 +351,44 @@ t.test('failure delay: doubles across one-shot processes under openbsd-inetd', a
   t.equal(st.counts.penalties, 1, 'one penalty entry, for 127.0.0.1');
   const services = execFileSync('pgrep', ['-f', `pigeon-anvil ${join(inst.dir, 'run')}`], { encoding: 'utf8' }).trim().split('\n');
   t.same(services, [String(st.pid)], 'one node state service for the instance');
+});
+
+t.test('failure delay: doubles across Postfix spawn(8) processes running as an unprivileged user', async (t) => {
+  if (!requireProgram(t, '/usr/sbin/postfix', 'postfix')) return;
+  const inst = makeInstance(t, {});
+  writeFileSync(join(inst.dir, 'conf.d', '60-delay.yaml'), 'limits:\n  auth_failure_delay_ms: 200\n');
+  await addUsers(inst, 1);
+  // spawn(8) refuses root: pigeon runs as `mail`, which then owns the instance (and its run_dir)
+  const chown = (p: string): void => {
+    chownSync(p, 8, 8);
+    if (statSync(p).isDirectory()) for (const e of readdirSync(p)) chown(join(p, e));
+  };
+  chown(inst.dir);
+  const port = await freePort();
+  startPostfix(t, `127.0.0.1:${port} inet n n n - 100 spawn -o command_time_limit=86400s -o daemon_timeout=86400s user=mail argv=${process.execPath} ${CLI} -c ${inst.dir} imap --forker postfix\n`);
+  const deadline = Date.now() + 15_000;
+  for (;;) {
+    try {
+      const w = await Wire.open(port);
+      await w.until(/\r\n/);
+      w.close();
+      break;
+    } catch (e) {
+      if (Date.now() > deadline) throw e;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  const a = await failOnce(port, inst, 1);
+  const b = await failOnce(port, inst, 2);
+  t.ok(a.ms >= 200, `first failure ${a.ms} ms`);
+  t.ok(b.ms >= 400, `second failure, another process: ${b.ms} ms (2x)`);
+  t.not(a.pid, b.pid, 'two processes');
+  const run = join(inst.dir, 'run');
+  t.equal(statSync(run).uid, 8, 'run_dir created by the spawn user');
+  const pids = spawnSync('pgrep', ['-f', `pigeon-anvil ${run}`], { encoding: 'utf8' }).stdout.trim().split('\n').filter((x) => x !== '');
+  t.teardown(() => pids.forEach((p) => process.kill(Number(p), 'SIGTERM')));
+  t.equal(pids.length, 1, 'one node state service');
+  t.match(readFileSync(`/proc/${pids[0] ?? 0}/status`, 'utf8'), /^Uid:\s+8\s/m, 'running as the spawn user, not root');
 });
 
 t.test('serve with a port in use: exit 75, one line, nothing left running', async (t) => {
