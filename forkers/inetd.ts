@@ -5,6 +5,9 @@
  * DESCRIPTION fds 0, 1 and 2 are the client socket: peer addresses come from it, and nothing but
  *             protocol is ever written to stdout or stderr (logs go to log.file or syslog).
  *             `--tls` makes it an implicit-TLS port (imaps/pop3s).
+ *             Each process is one client of the node state service (src/anvil), which the first
+ *             of them starts: limits and failure delays count across processes
+ *             (src/commands/proxy.ts takes the connection's slot before the greeting).
  */
 import { Socket } from 'node:net';
 import { ClientConn, unmap, isLoopback } from '../src/proxy/conn.js';

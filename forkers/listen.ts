@@ -5,13 +5,19 @@
  *             delivery agent provides it), in N worker processes sharing the ports (node:cluster;
  *             default one per core). Stays in the foreground (systemd Type=exec) and logs to
  *             stderr or log.file.
- *             Limits: PREAUTH_CONNS_PER_IP concurrent connections per client address and
- *             MAX_CONNECTIONS in all, per worker.
+ *             The primary process owns the node state service (src/anvil/server.ts) before any
+ *             listener opens: connection limits and failure penalties are node-wide, shared by
+ *             the workers and by one-shot inetd / Postfix spawn processes of the same instance.
+ *             Each TCP connection asks it for a slot when accepted (src/proxy/slots.ts; on TLS
+ *             ports before the handshake): limits.preauth_per_ip, limits.max_connections, with
+ *             the oldest unauthenticated connection evicted when full.
  *             SIGTERM: stop accepting, let sessions end (up to 10 s; also those received over
  *             peer links), exit 0.
  *             SIGHUP: re-read pigeon.yaml; on success swap the TLS certificate and log settings,
  *             keep every session; on error log it and keep the old configuration.
- * DIAGNOSTICS exit 78 on a bad configuration at start, 75 when a port cannot be bound.
+ * DIAGNOSTICS exit 78 on a bad configuration at start; 75 with one line on stderr
+ *             (`pigeon: error: cannot listen on imap=HOST:PORT: EADDRINUSE`) when a listener
+ *             cannot be opened, whatever the worker count: every worker is stopped first.
  */
 import cluster from 'node:cluster';
 
@@ -24,14 +30,17 @@ import { readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import type { ProxyEnv } from '../src/proxy/env.js';
 import { loadTls } from '../src/proxy/env.js';
-import { loadInstance, type Listener } from '../src/instance.js';
+import { loadInstance, type Instance, type Listener } from '../src/instance.js';
 import { createLogger } from '../src/log.js';
 import { socketConn } from './inetd.js';
 import { ImapSession } from '../src/proxy/imap-session.js';
 import { Pop3Session } from '../src/proxy/pop3-session.js';
-import { unmap } from '../src/proxy/conn.js';
+import { unmap, type ClientConn } from '../src/proxy/conn.js';
 import { liveCount } from '../src/proxy/live.js';
-import { PREAUTH_CONNS_PER_IP, MAX_CONNECTIONS } from '../src/limits.js';
+import { admit, attachSlot, limitReply, type Slot } from '../src/proxy/slots.js';
+import { openRunDir } from '../src/anvil/run-dir.js';
+import { ownService, type AnvilServer } from '../src/anvil/server.js';
+import { AppError, isAppError } from '../src/errors.js';
 import type { Forker } from './types.js';
 
 export type ExtraListener = (l: Listener, env: ProxyEnv) => Server | null;
@@ -47,41 +56,123 @@ function tlsFiles(env: ProxyEnv): { cert: Buffer; key: Buffer } {
   return { cert: readFileSync(env.instance.tls.cert), key: readFileSync(env.instance.tls.key) };
 }
 
-/** Run the daemon. In the primary with workers > 1 this forks and supervises. */
+/**
+ * Run the daemon. The primary owns the node state service, then forks and supervises (workers
+ * > 1) or serves itself. A start-up failure (a listener that cannot be opened) is an AppError:
+ * thrown in the primary, reported to the primary by a worker.
+ */
 export async function serve(makeEnv: () => ProxyEnv, configPath: string | undefined, workers: number, extra: ExtraListener | null): Promise<number> {
   const n = workers > 0 ? workers : availableParallelism();
-  if (n > 1 && cluster.isPrimary) return supervise(n, configPath);
-  return runWorker(makeEnv, configPath, extra);
+  if (cluster.isWorker) {
+    try {
+      return await runWorker(makeEnv, configPath, extra);
+    } catch (e) {
+      if (!isAppError(e)) throw e;
+      // the primary says it (once for all workers) and stops the others
+      await new Promise<void>((resolve) => {
+        if (!process.send?.({ pigeon: 'fatal', text: e.message, exit: e.exit } satisfies Fatal, () => resolve())) resolve();
+      });
+      return e.exit;
+    }
+  }
+  // refuse to start half-configured: errors exit 78 before the service, listeners or workers
+  const instance = loadInstance(configPath);
+  const anvil = await ownNodeService(instance);
+  try {
+    if (n > 1) return await supervise(n);
+    return await runWorker(makeEnv, configPath, extra);
+  } finally {
+    anvil?.close();
+  }
 }
 
-async function supervise(n: number, configPath: string | undefined): Promise<number> {
-  loadInstance(configPath); // refuse to start half-configured: errors exit 78 before forking
+interface Fatal {
+  readonly pigeon: 'fatal';
+  readonly text: string;
+  readonly exit: number;
+}
+
+function isFatal(m: unknown): m is Fatal {
+  return typeof m === 'object' && m !== null && (m as { pigeon?: unknown }).pigeon === 'fatal' && typeof (m as { text?: unknown }).text === 'string' && typeof (m as { exit?: unknown }).exit === 'number';
+}
+
+/** The node state service, owned by this (primary) process; null when one runs already or none can. */
+async function ownNodeService(instance: Instance): Promise<AnvilServer | null> {
+  const log = createLogger({ level: instance.config.log.level, file: instance.logFile });
+  try {
+    const dir = openRunDir(instance.runDir, { create: true });
+    if (!dir.mine) {
+      dir.close();
+      log.log('info', 'anvil', `run_dir ${instance.runDir} belongs to another user: using the node state service running there, if any`);
+      return null;
+    }
+    const r = await ownService(dir, {
+      log: (level, msg) => log.log(level, 'anvil', msg),
+      idleMs: null,
+      onStop: (why) => log.log('error', 'anvil', `node state service stopped (${why}); processes fall back to per-process limits`),
+    });
+    if (r.kind === 'taken') {
+      dir.close();
+      log.log('info', 'anvil', `a node state service already runs in ${instance.runDir}: the workers use it`);
+      return null;
+    }
+    log.log('info', 'anvil', `node state service listening in ${instance.runDir} (pid ${process.pid})`);
+    return r.server;
+  } catch (e) {
+    log.log('warn', 'anvil', `${e instanceof Error ? e.message : String(e)}; limits and failure delays are per process`);
+    return null;
+  }
+}
+
+async function supervise(n: number): Promise<number> {
   let stopping = false;
+  let fatal: Fatal | null = null;
+  const live = new Set<ReturnType<typeof cluster.fork>>();
+  let allExited: (() => void) | null = null;
+  const stopAll = (signal: NodeJS.Signals): void => {
+    stopping = true;
+    for (const w of live) w.process.kill(signal);
+    if (live.size === 0) allExited?.();
+  };
   const fork = (): void => {
     const w = cluster.fork();
+    live.add(w);
+    w.on('message', (m: unknown) => {
+      if (!isFatal(m) || fatal !== null) return;
+      fatal = m;
+      process.stderr.write(`pigeon: error: ${m.text}\n`);
+      stopAll('SIGTERM');
+    });
     w.on('exit', (code, sig) => {
-      if (stopping) return;
+      live.delete(w);
+      if (stopping) {
+        if (live.size === 0) allExited?.();
+        return;
+      }
       process.stderr.write(`pigeon: worker ${w.process.pid} exited (${code ?? sig}); restarting\n`);
-      setTimeout(fork, 1000);
+      setTimeout(() => {
+        if (!stopping) fork();
+      }, 1000);
     });
   };
   for (let i = 0; i < n; i++) fork();
-  return new Promise<number>((resolve) => {
-    process.on('SIGTERM', () => {
-      stopping = true;
-      for (const w of Object.values(cluster.workers ?? {})) w?.process.kill('SIGTERM');
-      const check = setInterval(() => {
-        if (Object.keys(cluster.workers ?? {}).length === 0) {
-          clearInterval(check);
-          resolve(0);
-        }
-      }, 100);
-    });
+  await new Promise<void>((resolve) => {
+    allExited = resolve;
+    process.on('SIGTERM', () => stopAll('SIGTERM'));
     process.on('SIGINT', () => process.emit('SIGTERM'));
     process.on('SIGHUP', () => {
-      for (const w of Object.values(cluster.workers ?? {})) w?.process.kill('SIGHUP');
+      for (const w of live) w.process.kill('SIGHUP');
     });
   });
+  return fatal === null ? 0 : (fatal as Fatal).exit;
+}
+
+/** A TCP connection waiting for (or holding) its slot in the node-wide limits. */
+interface Admitted {
+  /** the slot, or null when refused or closed meanwhile */
+  readonly slot: Promise<Slot | null>;
+  /** the session's connection, once it runs (eviction then ends it in protocol) */
+  conn: ClientConn | null;
 }
 
 async function runWorker(makeEnv: () => ProxyEnv, configPath: string | undefined, extra: ExtraListener | null): Promise<number> {
@@ -89,22 +180,50 @@ async function runWorker(makeEnv: () => ProxyEnv, configPath: string | undefined
   const servers: Server[] = [];
   const tlsServers: TlsServer[] = [];
   const sockets = new Set<Socket>();
-  const perIp = new Map<string, number>();
-  let total = 0;
+  /** TLS connections between TCP accept and the end of the handshake, by client address:port */
+  const handshaking = new Map<string, Admitted>();
 
-  const accept = (proto: 'imap' | 'pop3', secure: boolean) => (sock: Socket | TLSSocket) => {
-    const ip = unmap(sock.remoteAddress);
-    const count = (perIp.get(ip) ?? 0) + 1;
-    if (count > PREAUTH_CONNS_PER_IP || total + 1 > MAX_CONNECTIONS) {
-      env.log.log('warn', `${proto}-login`, `Connection refused (${count > PREAUTH_CONNS_PER_IP ? 'too many connections from this IP' : 'too many connections'}):`, { rip: ip });
-      sock.end(proto === 'imap' ? '* BYE Too many connections, try again later.\r\n' : '-ERR [SYS/TEMP] Too many connections, try again later.\r\n');
-      return;
-    }
-    perIp.set(ip, count);
-    total++;
-    sockets.add(sock);
+  /** Ask the node for a slot for a new TCP connection; refuse or close it when there is none. */
+  const admitTcp = (proto: 'imap' | 'pop3', raw: Socket, tls: boolean): Admitted => {
+    const ip = unmap(raw.remoteAddress);
+    let closed = false;
+    let slot: Slot | null = null;
+    sockets.add(raw);
+    raw.on('error', () => {});
+    raw.once('close', () => {
+      closed = true;
+      sockets.delete(raw);
+      slot?.close();
+    });
+    const adm: Admitted = {
+      conn: null,
+      slot: admit(env, ip, proto, () => {
+        env.log.log('info', `${proto}-login`, 'Disconnected (connection limit reached: evicted as the oldest connection that had not logged in):', { rip: ip, lport: raw.localPort ?? 0 });
+        if (adm.conn) adm.conn.end(limitReply(proto, 'evicted'));
+        else raw.destroy();
+      }).then((a) => {
+        if (!a.admitted) {
+          env.log.log('warn', `${proto}-login`, `Connection refused (${a.why === 'max_connections' ? 'too many connections: limits.max_connections, none unauthenticated to evict' : a.why}):`, { rip: ip });
+          if (tls) raw.destroy(); // no TLS yet: nothing can be said
+          else raw.end(limitReply(proto, 'refused'));
+          return null;
+        }
+        if (closed) {
+          a.slot.close();
+          return null;
+        }
+        slot = a.slot;
+        return a.slot;
+      }),
+    };
+    return adm;
+  };
+
+  const runSession = (proto: 'imap' | 'pop3', sock: Socket | TLSSocket, secure: boolean, adm: Admitted, slot: Slot): void => {
     sock.on('error', () => {});
     const conn = socketConn(sock, secure);
+    attachSlot(conn, slot);
+    adm.conn = conn;
     const session = proto === 'imap' ? new ImapSession(env, conn) : new Pop3Session(env, conn);
     session
       .run()
@@ -112,22 +231,44 @@ async function runWorker(makeEnv: () => ProxyEnv, configPath: string | undefined
         env.log.log('error', `${proto}-login`, `session failed: ${e instanceof Error ? e.message : String(e)}`);
         sock.destroy();
       })
-      .finally(() => {
-        sockets.delete(sock);
-        total--;
-        const c = (perIp.get(ip) ?? 1) - 1;
-        if (c <= 0) perIp.delete(ip);
-        else perIp.set(ip, c);
-      });
+      .finally(() => slot.close());
   };
 
+  const acceptPlain = (proto: 'imap' | 'pop3') => (sock: Socket) => {
+    const adm = admitTcp(proto, sock, false);
+    void adm.slot.then((slot) => {
+      if (slot) runSession(proto, sock, false, adm, slot);
+    });
+  };
+  const peerKey = (s: Socket): string => `${s.remoteAddress ?? ''}|${s.remotePort ?? 0}`;
+  const acceptTls = (proto: 'imap' | 'pop3') => (sock: TLSSocket) => {
+    const k = peerKey(sock);
+    const adm = handshaking.get(k);
+    handshaking.delete(k);
+    if (!adm) {
+      sock.destroy();
+      return;
+    }
+    void adm.slot.then((slot) => {
+      if (slot && !sock.destroyed) runSession(proto, sock, true, adm, slot);
+      else sock.destroy();
+    });
+  };
+
+  const banners: string[] = [];
   for (const l of env.instance.config.listen) {
     let server: Server | null = null;
-    if (l.protocol === 'imap' || l.protocol === 'pop3') server = createServer({ pauseOnConnect: true }, accept(l.protocol, false));
+    if (l.protocol === 'imap' || l.protocol === 'pop3') server = createServer({ pauseOnConnect: true }, acceptPlain(l.protocol));
     else if (l.protocol === 'imaps' || l.protocol === 'pop3s') {
       const proto = l.protocol === 'imaps' ? 'imap' : 'pop3';
       // handshake deadline and ALPN (src/proxy/tls.ts); failed handshakes are logged and closed there
-      server = createTlsServer(implicitTlsOptions(env.instance, proto, tlsFiles(env)), accept(proto, true));
+      server = createTlsServer(implicitTlsOptions(env.instance, proto, tlsFiles(env)), acceptTls(proto));
+      // the slot is taken at TCP accept, so connections still in the handshake count too
+      server.on('connection', (raw: Socket) => {
+        const k = peerKey(raw);
+        handshaking.set(k, admitTcp(proto, raw, true));
+        raw.once('close', () => handshaking.delete(k));
+      });
       tlsServers.push(server as TlsServer);
       guardHandshakes(server as TlsServer, proto, () => env);
     } else if (extra) server = extra(l, env);
@@ -141,13 +282,14 @@ async function runWorker(makeEnv: () => ProxyEnv, configPath: string | undefined
       if (l.path !== null) s.listen(l.path, resolve);
       else s.listen(l.port, l.host, resolve);
     }).catch((e: NodeJS.ErrnoException) => {
-      throw Object.assign(new Error(`cannot listen on ${l.protocol}=${l.path ?? `${l.host}:${l.port}`}: ${e.code ?? e.message}`), { exit: 75 });
+      for (const o of servers) o.close();
+      throw new AppError('TEMPFAIL', `cannot listen on ${l.protocol}=${l.path ?? `${l.host}:${l.port}`}: ${e.code ?? e.message}`);
     });
     servers.push(s);
-    if (!cluster.isWorker || cluster.worker?.id === 1) process.stderr.write(`pigeon: listening ${l.protocol} ${addr(l, s)}\n`);
+    banners.push(`pigeon: listening ${l.protocol} ${addr(l, s)}\n`);
   }
   if (servers.length === 0) env.log.log('warn', 'master', 'no listeners configured (add --listen at init or listen: in pigeon.yaml)');
-  if (!cluster.isWorker || cluster.worker?.id === 1) process.stderr.write(`pigeon: ready (${servers.length} listeners)\n`);
+  if (!cluster.isWorker || cluster.worker?.id === 1) process.stderr.write(`${banners.join('')}pigeon: ready (${servers.length} listeners)\n`);
   env.log.log('info', 'master', `pigeon started (pid ${process.pid}${cluster.isWorker ? `, worker ${cluster.worker?.id ?? '?'}` : ''}, ${servers.length} listeners)`);
 
   process.on('SIGHUP', () => {

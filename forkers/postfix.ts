@@ -6,6 +6,8 @@
  *                 user=mail argv=/usr/local/bin/pigeon -c /etc/pigeon imap --forker postfix
  * DESCRIPTION spawn(8) gives the client socket on fds 0, 1 and 2, like inetd; the program runs as
  *             `user=` (never root). The environment holds only MAIL_CONFIG, LANG, TZ and PATH.
+ *             Limits and failure delays are shared through the node state service in run_dir,
+ *             which that user must own (or reach through its group) — see src/anvil/run-dir.ts.
  */
 import { Socket } from 'node:net';
 import { socketConn } from './inetd.js';

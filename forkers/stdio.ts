@@ -3,10 +3,12 @@
  * SYNOPSIS    pigeon imap --forker stdio ; ssh host pigeon pop3 --forker stdio ; tests
  * DESCRIPTION The client is local (a pipe): plaintext login allowed unless login.plaintext=never;
  *             no STARTTLS (there is no socket to wrap). The client address comes from SSH_CLIENT
- *             when set. Logs never go to stdout.
+ *             when set (parsed; anything else counts as a local pipe, exempt from the per-IP limit).
+ *             Logs never go to stdout.
  */
 import { Duplex } from 'node:stream';
-import { ClientConn, unmap } from '../src/proxy/conn.js';
+import { ClientConn } from '../src/proxy/conn.js';
+import { parseIp } from '../src/ip.js';
 import type { OneShotForker } from './types.js';
 
 export default {
@@ -20,7 +22,8 @@ export default {
     return new ClientConn({
       input,
       output: process.stdout,
-      peer: { rip: unmap(ssh[0]) || '', rport: Number(ssh[1] ?? 0) || 0, lip: '', lport: Number(ssh[2] ?? 0) || 0 },
+      // an address that does not parse is no address (it would key limits and penalties)
+      peer: { rip: parseIp(ssh[0] ?? '')?.toString() ?? '', rport: Number(ssh[1] ?? 0) || 0, lip: '', lport: Number(ssh[2] ?? 0) || 0 },
       secure: false,
       local: true,
       canTls: false,

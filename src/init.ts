@@ -113,9 +113,19 @@ log:
   # where stderr is the client's socket); relative to this directory
   file: null
 
+# Runtime files of this node: the socket of the node state service ("anvil"), which holds the
+# connection counts and failure penalties every process of the node shares (serve's workers,
+# inetd and Postfix spawn processes). Relative to this directory; created mode 0700 by the
+# first process that needs it. Processes running as other users share it only through its group.
+run_dir: run
+
+# Node-wide limits (all processes of this node together). A full limit is answered with one
+# line (* BYE / -ERR) and the connection closes; see README "Connection limits".
 limits:
-  # delay before answering a failed login
+  # delay before answering a failed login; doubles per failure from one address (IPv6: /48)
   auth_failure_delay_ms: 2000
+  # ... up to this
+  auth_failure_delay_max_ms: 15000
   # a client must log in within this many seconds of idling
   preauth_timeout_s: 60
   # longest pre-auth command line in bytes
@@ -124,6 +134,16 @@ limits:
   mda_lock_wait_s: 20
   # a TLS handshake (imaps/pop3s, STARTTLS/STLS) must finish within this many seconds
   tls_handshake_timeout_s: 15
+  # clients in these networks (CIDR) are exempt from preauth_per_ip, e.g. [192.0.2.10/32, 2001:db8::/48]
+  trusted_networks: []
+  # connections not logged in yet, per client address (logged-in sessions never count);
+  # when full, the oldest of that address is closed
+  preauth_per_ip: 200
+  # connections the proxy holds (not logged in yet, or relayed); sessions handed to
+  # Dovecot/Courier count against them, not here. When full, the oldest not logged in is closed
+  max_connections: 1000
+  # logged-in sessions of one user from one address (Dovecot's mail_max_userip_connections)
+  max_userip_connections: 10
 `;
 }
 

@@ -14,6 +14,8 @@ import { z } from 'zod';
 import { AppError } from './errors.js';
 import { parseDbUrl } from './db.js';
 import { TRUST } from '../certs/trust.js';
+import { parseNetwork } from './ip.js';
+import { AUTH_FAILURE_DELAY_MS, AUTH_PENALTY_MAX_MS, PREAUTH_CONNS_PER_IP, MAX_CONNECTIONS, MAX_USERIP_CONNECTIONS } from './limits.js';
 
 export const PROTOCOLS = ['imap', 'imaps', 'pop3', 'pop3s', 'lmtp', 'peer', 'metrics'] as const;
 export type Protocol = (typeof PROTOCOLS)[number];
@@ -60,6 +62,16 @@ const listenSchema = z.string().transform((s, ctx) => {
 });
 
 const path = z.string().min(1).refine((s) => !/[\0\n]/.test(s), 'no NUL or newline in paths');
+
+const cidr = z.string().transform((s, ctx) => {
+  try {
+    parseNetwork(s);
+    return s;
+  } catch (e) {
+    ctx.addIssue({ code: 'custom', message: (e as Error).message });
+    return z.NEVER;
+  }
+});
 
 export const fileSchema = z.strictObject({
   node: z.string().regex(/^[a-z0-9][a-z0-9.-]{0,62}$/i, 'node names are letters, digits, dots and hyphens').default('node1'),
@@ -109,14 +121,26 @@ export const fileSchema = z.strictObject({
   log: z
     .strictObject({ level: z.enum(['debug', 'info', 'warn', 'error']).default('info'), file: z.string().nullable().default(null) })
     .prefault({}),
+  // node-local runtime files: the node state service's socket (src/anvil)
+  run_dir: path.default('run'),
+  // node-wide limits (LIMITS.md; src/limits.ts holds the defaults)
   limits: z
     .strictObject({
-      auth_failure_delay_ms: z.number().int().min(0).max(60000).default(2000),
+      auth_failure_delay_ms: z.number().int().min(0).max(60000).default(AUTH_FAILURE_DELAY_MS),
+      auth_failure_delay_max_ms: z.number().int().min(0).max(300000).default(AUTH_PENALTY_MAX_MS),
       preauth_timeout_s: z.number().int().min(1).max(3600).default(60),
       max_line: z.number().int().min(512).max(65536).default(8192),
       // mbox delivery: wait for the fcntl lock and the dotlock at most this long, then 4.2.0
       mda_lock_wait_s: z.number().int().min(1).max(600).default(20),
       tls_handshake_timeout_s: z.number().int().min(1).max(180).default(15),
+      trusted_networks: z.array(cidr).default([]),
+      preauth_per_ip: z.number().int().min(1).max(1_000_000).default(PREAUTH_CONNS_PER_IP),
+      max_connections: z.number().int().min(1).max(1_000_000).default(MAX_CONNECTIONS),
+      max_userip_connections: z.number().int().min(1).max(1_000_000).default(MAX_USERIP_CONNECTIONS),
+    })
+    .refine((l) => l.auth_failure_delay_max_ms >= l.auth_failure_delay_ms, {
+      message: 'must be at least auth_failure_delay_ms',
+      path: ['auth_failure_delay_max_ms'],
     })
     .prefault({}),
 });
@@ -132,6 +156,8 @@ export interface Instance {
   readonly mailRoot: string;
   /** absolute log file path, or null for stderr */
   readonly logFile: string | null;
+  /** absolute run_dir: the node state service's socket */
+  readonly runDir: string;
   readonly tls: { readonly cert: string; readonly key: string; readonly ca: string; readonly caKey: string };
 }
 
@@ -243,6 +269,7 @@ export function loadInstance(c: string | undefined): Instance {
     dbPath,
     mailRoot: abs(config.mail_root),
     logFile: config.log.file === null || config.log.file === '' ? null : abs(config.log.file),
+    runDir: abs(config.run_dir),
     tls: { cert: abs(config.tls.cert), key: abs(config.tls.key), ca: abs(config.tls.ca), caKey: abs(config.tls.ca_key) },
   };
 }

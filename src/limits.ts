@@ -2,7 +2,8 @@
  * NAME        src/limits — every protocol limit, in one place (LIMITS.md)
  * DESCRIPTION A violation sends one final reply (`* BYE`, `-ERR`) and closes the connection.
  *             Values an admin may tune are also in pigeon.yaml `limits:` (line length, failure
- *             delay, pre-auth timeout); these are the defaults and the hard caps.
+ *             delay and its cap, pre-auth timeout, connection limits); these are the defaults
+ *             and the hard caps.
  */
 export const IMAP_MAX_LINE = 8192; // pre-auth command incl. CRLFs and inline literals
 export const IMAP_MAX_NONSYNC_LITERAL = 4096; // LITERAL- (RFC 7888)
@@ -20,9 +21,20 @@ export const PREAUTH_IDLE_MS = 60_000;
 export const PREAUTH_ABSOLUTE_MS = 180_000;
 export const BACKEND_START_MS = 30_000;
 export const AUTH_FAILURE_DELAY_MS = 2_000;
-export const AUTH_PENALTY_MAX_MS = 15_000;
-export const AUTH_PENALTY_RESET_MS = 29_000;
-export const PREAUTH_CONNS_PER_IP = 20;
+export const AUTH_PENALTY_MAX_MS = 15_000; // default of limits.auth_failure_delay_max_ms
+export const AUTH_PENALTY_RESET_MS = 29_000; // a client key's failures are forgotten this long after the last one
+// node-wide (src/anvil), defaults of limits.preauth_per_ip, .max_connections, .max_userip_connections:
+// a webmail server's 100 concurrent logins from one address fit twice; one address never takes
+// more than a fifth of the node
+export const PREAUTH_CONNS_PER_IP = 200;
 export const MAX_CONNECTIONS = 1_000;
+export const MAX_USERIP_CONNECTIONS = 10; // Dovecot's mail_max_userip_connections
+// the node state service (src/anvil)
+export const ANVIL_MAX_LINE = 65_536; // one request or reply
+export const ANVIL_REQUEST_MS = 5_000; // no answer: the service counts as unreachable (generous: an overloaded host is not an outage)
+export const ANVIL_START_MS = 5_000; // an auto-started service must be ready within this
+export const ANVIL_RETRY_MS = 5_000; // after a failure, per-process state this long before retrying
+export const ANVIL_IDLE_MS = 30_000; // an auto-started service exits after this long with no client and no live penalty
+export const ANVIL_CHECK_MS = 2_000; // how often the service checks that its socket is still its own
 export const POSTAUTH_IDLE_IMAP_MS = 30 * 60_000;
 export const POSTAUTH_IDLE_POP3_MS = 10 * 60_000;

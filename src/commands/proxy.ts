@@ -5,6 +5,9 @@
  *             In the one-session modes stdout (and, for inetd/postfix, stderr) is the protocol:
  *             a startup failure is answered in protocol (`* BYE [UNAVAILABLE]`, `-ERR [SYS/TEMP]`)
  *             and logged to log.file or syslog, never printed.
+ *             Every session first takes its slot in the node-wide limits (src/proxy/slots.ts): a
+ *             one-shot process reaches the node state service, starting it when none runs.
+ *             `serve` exits 75 with one line when a listener cannot be opened.
  */
 import type { Command } from '@commander-js/extra-typings';
 import { Option } from '@commander-js/extra-typings';
@@ -45,7 +48,7 @@ async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTl
   const { syslogSink, createLogger } = await import('../log.js');
   let env: ProxyEnv;
   try {
-    env = createProxyEnv(cfg, { logToStderr: !forker.stdioIsProtocol });
+    env = createProxyEnv(cfg, { logToStderr: !forker.stdioIsProtocol, role: forker.name });
   } catch (e) {
     const msg = isAppError(e) ? e.message : String(e);
     const line = proto === 'imap' ? '* BYE [UNAVAILABLE] Server configuration error, see the server log.\r\n' : '-ERR [SYS/TEMP] Server configuration error, see the server log.\r\n';
@@ -55,19 +58,39 @@ async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTl
     return isAppError(e) ? e.exit : EX.CONFIG;
   }
   const conn = forker.connection();
-  if (implicitTls) {
-    if (!env.tls) throw new AppError('CONFIG_INVALID', 'no TLS certificate configured');
-    const { alpnCallback, handshakeTimeoutMs } = await import('../proxy/tls.js');
-    try {
-      await conn.startTls(env.tls, { timeoutMs: handshakeTimeoutMs(env.instance), alpn: alpnCallback(proto) });
-    } catch (e) {
-      env.log.log('info', `${proto}-login`, `Disconnected (TLS handshaking: ${(e as Error).message}):`, { rip: conn.peer.rip });
-      return EX.OK;
-    }
+  // this connection's place in the node-wide limits (the node state service, started if none runs)
+  const { admit, attachSlot, limitReply } = await import('../proxy/slots.js');
+  let tlsUp = false;
+  const a = await admit(env, conn.peer.rip, proto, () => {
+    env.log.log('info', `${proto}-login`, 'Disconnected (connection limit reached: evicted as the oldest connection that had not logged in):', { rip: conn.peer.rip });
+    conn.end(implicitTls && !tlsUp ? undefined : limitReply(proto, 'evicted'));
+  });
+  if (!a.admitted) {
+    env.log.log('warn', `${proto}-login`, `Connection refused (${a.why === 'max_connections' ? 'too many connections: limits.max_connections, none unauthenticated to evict' : a.why}):`, { rip: conn.peer.rip });
+    conn.end(implicitTls ? undefined : limitReply(proto, 'refused'));
+    env.anvil.shutdown();
+    return EX.OK;
   }
-  const session = proto === 'imap' ? new (await import('../proxy/imap-session.js')).ImapSession(env, conn) : new (await import('../proxy/pop3-session.js')).Pop3Session(env, conn);
-  await session.run();
-  return EX.OK;
+  attachSlot(conn, a.slot);
+  try {
+    if (implicitTls) {
+      if (!env.tls) throw new AppError('CONFIG_INVALID', 'no TLS certificate configured');
+      const { alpnCallback, handshakeTimeoutMs } = await import('../proxy/tls.js');
+      try {
+        await conn.startTls(env.tls, { timeoutMs: handshakeTimeoutMs(env.instance), alpn: alpnCallback(proto) });
+        tlsUp = true;
+      } catch (e) {
+        env.log.log('info', `${proto}-login`, `Disconnected (TLS handshaking: ${(e as Error).message}):`, { rip: conn.peer.rip });
+        return EX.OK;
+      }
+    }
+    const session = proto === 'imap' ? new (await import('../proxy/imap-session.js')).ImapSession(env, conn) : new (await import('../proxy/pop3-session.js')).Pop3Session(env, conn);
+    await session.run();
+    return EX.OK;
+  } finally {
+    a.slot.close();
+    env.anvil.shutdown();
+  }
 }
 
 export function registerProxy(program: Command, cfg: () => string | undefined): void {
@@ -89,11 +112,19 @@ export function registerProxy(program: Command, cfg: () => string | undefined): 
         for (const l of registerAtStart(loadInstance(cfg())).lines) process.stderr.write(`pigeon: ${l}\n`);
       }
       const makeEnv = (): ProxyEnv => {
-        const env = createProxyEnv(cfg(), { logToStderr: true });
+        const env = createProxyEnv(cfg(), { logToStderr: true, role: 'worker' });
         startDuties(env);
         return env;
       };
-      const code = await serve(makeEnv, cfg(), o.workers ?? 0, await extraListeners());
+      let code: number;
+      try {
+        code = await serve(makeEnv, cfg(), o.workers ?? 0, await extraListeners());
+      } catch (e) {
+        // a start-up failure (a listener that cannot be opened): one line, and nothing left running
+        if (!isAppError(e)) throw e;
+        process.stderr.write(`pigeon: error: ${e.message}\n`);
+        code = e.exit;
+      }
       process.exit(code);
     });
   for (const proto of ['imap', 'pop3'] as const) {

@@ -1,5 +1,6 @@
 /**
- * NAME        src/proxy/env — what every proxy session shares: instance, database, auth, TLS, logs
+ * NAME        src/proxy/env — what every proxy session shares: instance, database, auth, TLS, logs,
+ *             and the link to the node state service (connection limits, failure penalties)
  */
 import { createSecureContext, type SecureContext } from 'node:tls';
 import { readFileSync } from 'node:fs';
@@ -15,6 +16,7 @@ import { isAbsolute, join } from 'node:path';
 import type { AuthInstance } from '../modules.js';
 import { resolveMailUser, type MailUser } from '../mailuser.js';
 import { Penalty } from './penalty.js';
+import { AnvilClient } from '../anvil/client.js';
 import { AppError } from '../errors.js';
 import { createPeerContext, type PeerContext } from '../peer/context.js';
 
@@ -25,7 +27,10 @@ export interface ProxyEnv {
   readonly auth: AuthInstance;
   tls: SecureContext | null;
   readonly mailUser: MailUser;
+  /** auth failure delay per client address, node-wide: `await` each method */
   readonly penalty: Penalty;
+  /** the node state service (src/anvil): connection slots, penalties; per process when unreachable */
+  readonly anvil: AnvilClient;
   /** peer links to other nodes (the node registry, this node's credentials) */
   readonly peer: PeerContext;
 }
@@ -38,7 +43,7 @@ export function loadTls(instance: Instance): SecureContext | null {
   }
 }
 
-export function createProxyEnv(configPath: string | undefined, opts: { logToStderr: boolean }): ProxyEnv {
+export function createProxyEnv(configPath: string | undefined, opts: { logToStderr: boolean; role: string }): ProxyEnv {
   const instance = loadInstance(configPath);
   let log: Logger;
   if (instance.logFile !== null || opts.logToStderr) log = createLogger({ level: instance.config.log.level, file: instance.logFile });
@@ -47,16 +52,25 @@ export function createProxyEnv(configPath: string | undefined, opts: { logToStde
     log = createLogger({ level: instance.config.log.level, sink: sink ?? (() => {}) });
   }
   const store = new Store(openDb(instance.dbPath), instance.dbPath);
-  return {
+  const anvil = new AnvilClient({
+    runDir: instance.runDir,
+    role: opts.role,
+    autostart: true,
+    logFile: instance.logFile,
+    log: (level, msg) => env.log.log(level, 'anvil', msg),
+  });
+  const env: ProxyEnv = {
     instance,
     store,
     log,
     auth: databaseAuth(store, authChain(instance)),
     tls: loadTls(instance),
     mailUser: resolveMailUser(instance.config.mail_user),
-    penalty: new Penalty(instance.config.limits.auth_failure_delay_ms),
+    penalty: new Penalty(anvil, () => env.instance.config.limits),
+    anvil,
     peer: createPeerContext(instance, store),
   };
+  return env;
 }
 
 /** Dovecot-style session id: 12 random bytes, base64 (16 characters). */

@@ -342,6 +342,10 @@ export class ImapSession {
     }
     const address = r.user.user.address;
     const rt = await route(env, 'imap', r.user, conn, this.st.sid, tag, () => this.framer.rest());
+    if (!rt.ok && rt.reply !== undefined) {
+      conn.write(rt.reply); // a limit (user+IP): the router logged it
+      return false;
+    }
     if (!rt.ok) {
       this.st.lastOutcome = 'backend';
       env.log.log('error', `imap(${address})`, `Backend failure: ${rt.reason}:`, { rip: conn.peer.rip, session: this.st.sid });

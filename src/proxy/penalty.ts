@@ -1,48 +1,58 @@
 /**
- * NAME        src/proxy/penalty — auth failure delay, growing per client IP
- * DESCRIPTION Like Dovecot's anvil penalty: the first failure from an IP waits the base delay,
- *             then 2x, 4x ... up to AUTH_PENALTY_MAX_MS; forgotten after AUTH_PENALTY_RESET_MS
- *             without failures. Shared by every connection in this process (serve), so parallel
- *             connections from one address do not escape it. IPv6 addresses count per /64.
+ * NAME        src/proxy/penalty — auth failure delay, growing per client address, node-wide
+ * DESCRIPTION Like Dovecot's anvil penalty: the first failure from an address waits the base
+ *             delay (limits.auth_failure_delay_ms), then 2x, 4x ... up to
+ *             limits.auth_failure_delay_max_ms; from the third failure on, the next attempt also
+ *             waits before its password is checked. Forgotten AUTH_PENALTY_RESET_MS after the
+ *             last failure, and at once by a successful login from that address.
+ *             The counts live in the node state service (src/anvil), so every process of the
+ *             node sees them: parallel connections, serve workers, and one-shot inetd / Postfix
+ *             spawn processes. They are counted per client key (src/ip.ts): the IPv4 address,
+ *             or the IPv6 /48, computed from the parsed address.
+ *             Settings are read at each call, so a SIGHUP reload applies to the next failure.
  */
-import { AUTH_PENALTY_MAX_MS, AUTH_PENALTY_RESET_MS } from '../limits.js';
+import { clientKey } from '../ip.js';
 
-function key(ip: string): string {
-  if (!ip.includes(':')) return ip;
-  return ip.split(':').slice(0, 4).join(':');
+export interface PenaltyStore {
+  penaltyGet(key: string): Promise<{ count: number; ageMs: number }>;
+  penaltyFail(key: string): Promise<number>;
+  penaltyClear(key: string): Promise<void>;
+}
+
+export interface PenaltySettings {
+  readonly auth_failure_delay_ms: number;
+  readonly auth_failure_delay_max_ms: number;
 }
 
 export class Penalty {
-  private readonly table = new Map<string, { count: number; last: number }>();
-  private readonly base: number;
-  constructor(baseMs: number) {
-    this.base = baseMs;
+  private readonly store: PenaltyStore;
+  private readonly settings: () => PenaltySettings;
+  constructor(store: PenaltyStore, settings: () => PenaltySettings) {
+    this.store = store;
+    this.settings = settings;
   }
 
-  /** Record a failure and return how long to wait before answering. */
-  fail(ip: string): number {
-    const k = key(ip);
-    const now = Date.now();
-    const e = this.table.get(k);
-    const count = e && now - e.last < AUTH_PENALTY_RESET_MS ? e.count + 1 : 1;
-    this.table.set(k, { count, last: now });
-    if (this.table.size > 100_000) this.prune(now);
-    if (this.base === 0) return 0;
-    return Math.min(this.base * 2 ** (count - 1), Math.max(AUTH_PENALTY_MAX_MS, this.base));
+  /** base · 2^(n-1), at most the cap (never below the base) */
+  private delay(exponent: number): number {
+    const { auth_failure_delay_ms: base, auth_failure_delay_max_ms: cap } = this.settings();
+    if (base === 0) return 0;
+    return Math.min(base * 2 ** exponent, Math.max(cap, base));
   }
 
-  /** Current wait for an IP before even checking a password (0 when clean). */
-  pending(ip: string): number {
-    const e = this.table.get(key(ip));
-    if (!e || Date.now() - e.last >= AUTH_PENALTY_RESET_MS || e.count < 3 || this.base === 0) return 0;
-    return Math.min(this.base * 2 ** (e.count - 3), AUTH_PENALTY_MAX_MS);
+  /** Record a failure and return how long to wait before answering it. */
+  async fail(ip: string): Promise<number> {
+    const count = await this.store.penaltyFail(clientKey(ip));
+    return this.delay(count - 1);
   }
 
-  success(ip: string): void {
-    this.table.delete(key(ip));
+  /** How long an address waits before its next password is even checked (0 below 3 failures). */
+  async pending(ip: string): Promise<number> {
+    const { count } = await this.store.penaltyGet(clientKey(ip));
+    return count < 3 ? 0 : this.delay(count - 3);
   }
 
-  private prune(now: number): void {
-    for (const [k, v] of this.table) if (now - v.last >= AUTH_PENALTY_RESET_MS) this.table.delete(k);
+  /** A successful login: the address starts clean. */
+  async success(ip: string): Promise<void> {
+    await this.store.penaltyClear(clientKey(ip));
   }
 }

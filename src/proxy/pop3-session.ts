@@ -271,6 +271,10 @@ export class Pop3Session {
       this.buf = Buffer.alloc(0);
       return b;
     });
+    if (!rt.ok && rt.reply !== undefined) {
+      conn.write(rt.reply); // a limit (user+IP): the router logged it
+      return false;
+    }
     if (!rt.ok) {
       this.st.lastOutcome = 'backend';
       env.log.log('error', `pop3(${address})`, `Backend failure: ${rt.reason}:`, { rip: conn.peer.rip, session: this.st.sid });

@@ -5,7 +5,9 @@
  *             function delivery uses, so a first login creates exactly the mailbox the first mail
  *             would. Relay joins client and backend with stream.pipeline both ways (backpressure
  *             and errors propagate); when either side ends the other is closed and no child is
- *             left behind.
+ *             left behind. Before a backend starts, the client's connection takes a user+IP slot
+ *             (src/proxy/slots.ts; limits.max_userip_connections), given back when the session
+ *             ends or does not start.
  */
 import { pipeline } from 'node:stream';
 import type { ResolvedUser } from '../modules.js';
@@ -17,8 +19,12 @@ import { BackendError, type BackendSession } from '../../backends/types.js';
 import { isAppError } from '../errors.js';
 import { trackSession } from './live.js';
 import { startPeerSession, relayPeer, type PeerSession } from '../../backends/peer.js';
+import { slotOf } from './slots.js';
 
-export type RouteResult = { ok: true; session: BackendSession | PeerSession; backend: string } | { ok: false; reason: string };
+export type RouteResult =
+  | { ok: true; session: BackendSession | PeerSession; backend: string }
+  /** `reply`: the client's answer when it is not an internal failure (a limit), already logged */
+  | { ok: false; reason: string; reply?: string };
 
 export interface RouteOptions {
   /** false on a node that received the session over a peer link: never forward it again */
@@ -43,6 +49,32 @@ export async function route(
   opts: RouteOptions = { forward: true },
 ): Promise<RouteResult> {
   if (u.user.movingTo !== null) return { ok: false, reason: `mailbox of ${u.user.address} is being moved to node ${u.user.movingTo}; try again in a moment` };
+  // sessions per user+IP (limits.max_userip_connections), before any backend starts
+  const slot = opts.forward ? slotOf(conn) : null;
+  if (slot) {
+    const l = await slot.login(u.user.address, sid);
+    if (!l.ok) {
+      const text = `Maximum number of connections from user+IP exceeded (mail_max_userip_connections=${l.max})`;
+      env.log.log('info', `${protocol}-login`, `${text}:`, { user: u.user.address, rip: conn.peer.rip, lip: conn.peer.lip, session: sid });
+      return { ok: false, reason: text, reply: protocol === 'imap' ? `${tag ?? '*'} NO [LIMIT] ${text}\r\n` : `-ERR [IN-USE] ${text}\r\n` };
+    }
+  }
+  const r = await startRoute(env, protocol, u, conn, sid, tag, leftover, opts);
+  if (!r.ok) slot?.logout();
+  else if (slot && !('kind' in r.session) && r.session.handedOff) slot.handedOff();
+  return r;
+}
+
+async function startRoute(
+  env: ProxyEnv,
+  protocol: 'imap' | 'pop3',
+  u: ResolvedUser,
+  conn: ClientConn,
+  sid: string,
+  tag: string | null,
+  leftover: () => Buffer,
+  opts: RouteOptions,
+): Promise<RouteResult> {
   const backendName = String(u.config[`${protocol}.backend`]?.value ?? 'dovecot');
   const backend = BACKENDS.get(backendName);
   if (!backend) return { ok: false, reason: `backend ${backendName} is not available on this node (known: ${[...BACKENDS.keys()].join(', ')})` };
@@ -114,9 +146,12 @@ export async function runSession(
   const untrack = trackSession(address, () => stopSession(s));
   try {
     const res = await relay(conn, s, leftover, (why) => env.log.log('warn', `${protocol}(${address})`, `Peer link to node ${'kind' in s ? s.node : '?'} lost: ${why}:`, { session: sid }));
+    slotOf(conn)?.close(); // before the logout line: a client that saw it may log in again at once
     env.log.log('info', `${protocol}(${address})`, res.in < 0 ? 'Disconnected: Logged out (socket handed to the backend)' : `Disconnected: Logged out in=${res.in} out=${res.out}`, { session: sid });
   } finally {
     untrack();
+    // the user+IP slot and the connection slot end with the session
+    slotOf(conn)?.close();
   }
 }
 

@@ -1,0 +1,111 @@
+/**
+ * NAME        src/anvil/protocol — the node state service's wire format
+ * DESCRIPTION Newline-delimited JSON on a unix stream socket. A client sends requests
+ *             `{"id":N,"op":"…",…}` and gets one reply per request, `{"id":N,"result":{…}}` or
+ *             `{"id":N,"error":"…"}`, in any order. The service may also send events to a
+ *             client: `{"ev":"end","conn":"…","reason":"evicted"}` asks the owner to close that
+ *             connection (later also `kicked`, for `pigeon kick`).
+ *             Requests (version 1):
+ *               hello        {pid, role}                   → {pid, version}
+ *               conn.open    {conn, ip, proto, trusted, max_per_ip, max_total}
+ *                                                          → {admitted, evicted} | {admitted:false, why}
+ *               conn.restore {record}                      → {}
+ *               conn.login   {conn, user, session, max_userip} → {ok} | {ok:false, why, count?}
+ *               conn.logout  {conn}   conn.held {conn, held}   conn.close {conn}   → {}
+ *               penalty.get  {key} → {count, age_ms}   penalty.fail {key} → {count}   penalty.clear {key} → {}
+ *               list         {user?}                       → {pid, conns: [record…], counts}
+ *             Records are plain objects (owner pid, conn, ip, proto, state, held, user, session,
+ *             since), so `who`, `kick` and metrics are new ops over the same records.
+ * SECURITY    A line longer than ANVIL_MAX_LINE or one that does not parse ends the connection.
+ *             Who may connect is decided by the socket's directory and mode (src/anvil/run-dir.ts).
+ */
+import { z } from 'zod';
+
+export const PROTOCOL_VERSION = 1;
+
+const str = z.string().max(1024);
+const count = z.number().int().min(0).max(100_000_000);
+
+export const recordSchema = z.object({
+  conn: str,
+  ip: str,
+  proto: str,
+  trusted: z.boolean(),
+  state: z.enum(['preauth', 'session']),
+  held: z.boolean(),
+  user: str.nullable(),
+  session: str.nullable(),
+  since: z.number(),
+});
+export type WireRecord = z.output<typeof recordSchema>;
+
+export const requestSchema = z.discriminatedUnion('op', [
+  z.object({ id: count, op: z.literal('hello'), pid: count, role: str }),
+  z.object({ id: count, op: z.literal('conn.open'), conn: str, ip: str, proto: str, trusted: z.boolean(), max_per_ip: count, max_total: count }),
+  z.object({ id: count, op: z.literal('conn.restore'), record: recordSchema }),
+  z.object({ id: count, op: z.literal('conn.login'), conn: str, user: str, session: str, max_userip: count }),
+  z.object({ id: count, op: z.literal('conn.logout'), conn: str }),
+  z.object({ id: count, op: z.literal('conn.held'), conn: str, held: z.boolean() }),
+  z.object({ id: count, op: z.literal('conn.close'), conn: str }),
+  z.object({ id: count, op: z.literal('penalty.get'), key: str }),
+  z.object({ id: count, op: z.literal('penalty.fail'), key: str }),
+  z.object({ id: count, op: z.literal('penalty.clear'), key: str }),
+  z.object({ id: count, op: z.literal('list'), user: str.optional() }),
+]);
+export type Request = z.output<typeof requestSchema>;
+export type Op = Request['op'];
+/** a request as a client writes it (the client adds the id) */
+export type RequestBody = Request extends infer R ? (R extends { id: number } ? Omit<R, 'id'> : never) : never;
+
+export interface ListedRecord extends WireRecord {
+  pid: number;
+}
+
+export interface Results {
+  hello: { pid: number; version: number };
+  'conn.open': { admitted: true; evicted: number } | { admitted: false; why: string };
+  'conn.restore': Record<string, never>;
+  'conn.login': { ok: true } | { ok: false; why: 'userip'; count: number } | { ok: false; why: 'gone' };
+  'conn.logout': Record<string, never>;
+  'conn.held': Record<string, never>;
+  'conn.close': Record<string, never>;
+  'penalty.get': { count: number; age_ms: number };
+  'penalty.fail': { count: number };
+  'penalty.clear': Record<string, never>;
+  list: { pid: number; conns: ListedRecord[]; counts: { preauth: number; sessions: number; held: number; penalties: number } };
+}
+
+export const replySchema = z.union([
+  z.object({ id: count, result: z.record(z.string(), z.unknown()) }),
+  z.object({ id: count, error: z.string() }),
+  z.object({ ev: z.literal('end'), conn: str, reason: str }),
+]);
+export type Reply = z.output<typeof replySchema>;
+
+/** Splits a byte stream into lines; refuses a line longer than `max` bytes. */
+export class LineReader {
+  private buf: Buffer = Buffer.alloc(0);
+  private readonly max: number;
+  constructor(max: number) {
+    this.max = max;
+  }
+
+  /** Lines completed by `chunk`; throws when a line exceeds the limit. */
+  push(chunk: Buffer): string[] {
+    this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk]);
+    const out: string[] = [];
+    for (;;) {
+      const nl = this.buf.indexOf(0x0a);
+      if (nl < 0) break;
+      if (nl > this.max) throw new Error(`line longer than ${this.max} bytes`);
+      out.push(this.buf.subarray(0, nl).toString('utf8'));
+      this.buf = this.buf.subarray(nl + 1);
+    }
+    if (this.buf.length > this.max) throw new Error(`line longer than ${this.max} bytes`);
+    return out;
+  }
+}
+
+export function encode(msg: object): string {
+  return `${JSON.stringify(msg)}\n`;
+}

@@ -1,0 +1,274 @@
+/**
+ * NAME        src/anvil/state — the node's connection records and failure penalties (no I/O)
+ * DESCRIPTION One record per client connection a process of the node holds, keyed by the
+ *             owner (one connection to the anvil service, i.e. one process) and the owner's
+ *             connection id. A record is `preauth` (not logged in yet) or `session` (logged in,
+ *             with user and session id); `held` says whether the proxy itself still holds the
+ *             client's socket (pre-auth, relayed, forwarded to another node) or handed it to the
+ *             backend (then it counts against the backend, not against us).
+ *             Counts:
+ *               per IP       preauth records of untrusted addresses (limits.preauth_per_ip)
+ *               in all       preauth records + held sessions (limits.max_connections)
+ *               per user+IP  sessions of one user from one address (limits.max_userip_connections)
+ *             When a per-IP or the global count is full, the oldest preauth record (of that
+ *             address, or of the node) is evicted: removed here and reported to the caller, who
+ *             tells its owner to close that connection. With nothing to evict a new connection
+ *             is refused. Records of an owner that goes away are dropped with it.
+ *             Penalties: failures per client key (src/ip.ts clientKey) and when the last one was;
+ *             forgotten AUTH_PENALTY_RESET_MS after the last failure.
+ *             Records carry what `pigeon who` / `kick` and metrics need (pid, protocol, user,
+ *             session, since), so those are queries over this table.
+ */
+import { AUTH_PENALTY_RESET_MS } from '../limits.js';
+
+export type ConnState = 'preauth' | 'session';
+
+export interface ConnRecord {
+  /** the anvil connection (process) that holds it */
+  readonly owner: number;
+  readonly pid: number;
+  readonly conn: string;
+  readonly ip: string;
+  readonly proto: string;
+  readonly trusted: boolean;
+  state: ConnState;
+  held: boolean;
+  user: string | null;
+  session: string | null;
+  readonly since: number;
+}
+
+export interface ConnLimits {
+  /** preauth connections per untrusted address */
+  readonly perIp: number;
+  /** preauth connections and held sessions, node-wide */
+  readonly total: number;
+}
+
+export type OpenResult = { admitted: true; evicted: ConnRecord[] } | { admitted: false; why: 'max_connections' | 'duplicate' };
+export type LoginResult = { ok: true } | { ok: false; why: 'userip'; count: number } | { ok: false; why: 'gone' };
+
+export interface Counts {
+  preauth: number;
+  sessions: number;
+  held: number;
+  penalties: number;
+}
+
+const PENALTY_TABLE_MAX = 100_000;
+
+function userIpKey(user: string, ip: string): string {
+  return `${user}\0${ip}`;
+}
+
+export class AnvilState {
+  private readonly records = new Map<string, ConnRecord>();
+  /** preauth records of untrusted addresses, by address, oldest first (Set keeps insertion order) */
+  private readonly preauthByIp = new Map<string, Set<string>>();
+  /** every preauth record, oldest first */
+  private readonly preauthAll = new Set<string>();
+  private readonly byOwner = new Map<number, Set<string>>();
+  private readonly userIp = new Map<string, number>();
+  private heldSessions = 0;
+  private readonly penalties = new Map<string, { count: number; last: number }>();
+
+  private static key(owner: number, conn: string): string {
+    return `${owner}\0${conn}`;
+  }
+
+  /** Admit a new connection, evicting the oldest unauthenticated one where a limit is full. */
+  open(owner: number, pid: number, conn: string, c: { ip: string; proto: string; trusted: boolean }, limits: ConnLimits, now: number): OpenResult {
+    const k = AnvilState.key(owner, conn);
+    if (this.records.has(k)) return { admitted: false, why: 'duplicate' };
+    const evicted: ConnRecord[] = [];
+    if (!c.trusted) {
+      const mine = this.preauthByIp.get(c.ip);
+      while (mine && mine.size >= limits.perIp && mine.size > 0) {
+        const oldest = mine.values().next().value as string;
+        evicted.push(this.remove(oldest));
+      }
+    }
+    while (this.total() >= limits.total) {
+      const oldest = this.preauthAll.values().next();
+      if (oldest.done === true) break;
+      evicted.push(this.remove(oldest.value));
+    }
+    if (this.total() >= limits.total) return { admitted: false, why: 'max_connections' };
+    this.insert({ owner, pid, conn, ip: c.ip, proto: c.proto, trusted: c.trusted, state: 'preauth', held: true, user: null, session: null, since: now });
+    return { admitted: true, evicted };
+  }
+
+  /** Put back a record an owner held while the service was unreachable (no limits applied). */
+  restore(r: ConnRecord): void {
+    const k = AnvilState.key(r.owner, r.conn);
+    if (this.records.has(k)) this.remove(k);
+    this.insert({ ...r });
+  }
+
+  /** Logged in: check and take a user+IP slot; the record stops counting per IP. */
+  login(owner: number, conn: string, user: string, session: string, maxUserIp: number): LoginResult {
+    const r = this.records.get(AnvilState.key(owner, conn));
+    if (!r) return { ok: false, why: 'gone' };
+    if (r.state === 'session') this.logout(owner, conn);
+    const n = this.userIp.get(userIpKey(user, r.ip)) ?? 0;
+    if (n >= maxUserIp) return { ok: false, why: 'userip', count: n };
+    this.leavePreauth(r);
+    r.user = user;
+    r.session = session;
+    this.enterSession(r);
+    return { ok: true };
+  }
+
+  /** A login that did not lead to a session (backend failure): back to preauth. */
+  logout(owner: number, conn: string): void {
+    const r = this.records.get(AnvilState.key(owner, conn));
+    if (!r || r.state !== 'session') return;
+    this.leaveSession(r);
+    r.user = null;
+    r.session = null;
+    this.enterPreauth(r);
+  }
+
+  /** Whether the proxy still holds the client's socket (false: handed to the backend). */
+  setHeld(owner: number, conn: string, held: boolean): void {
+    const r = this.records.get(AnvilState.key(owner, conn));
+    if (!r || r.held === held) return;
+    if (r.state === 'session') this.heldSessions += held ? 1 : -1;
+    r.held = held;
+  }
+
+  close(owner: number, conn: string): void {
+    const k = AnvilState.key(owner, conn);
+    if (this.records.has(k)) this.remove(k);
+  }
+
+  /** The owner went away: all its records go. */
+  dropOwner(owner: number): number {
+    const ks = this.byOwner.get(owner);
+    if (!ks) return 0;
+    const n = ks.size;
+    for (const k of [...ks]) this.remove(k);
+    return n;
+  }
+
+  list(filter: { user?: string } = {}): ConnRecord[] {
+    const out: ConnRecord[] = [];
+    for (const r of this.records.values()) if (filter.user === undefined || r.user === filter.user) out.push({ ...r });
+    return out;
+  }
+
+  counts(now: number): Counts {
+    return { preauth: this.preauthAll.size, sessions: this.records.size - this.preauthAll.size, held: this.heldSessions, penalties: this.livePenalties(now) };
+  }
+
+  /** Connections counted against limits.max_connections. */
+  total(): number {
+    return this.preauthAll.size + this.heldSessions;
+  }
+
+  connections(): number {
+    return this.records.size;
+  }
+
+  // ---- penalties
+
+  penaltyGet(key: string, now: number): { count: number; ageMs: number } {
+    const e = this.penalties.get(key);
+    if (!e || now - e.last >= AUTH_PENALTY_RESET_MS) return { count: 0, ageMs: 0 };
+    return { count: e.count, ageMs: now - e.last };
+  }
+
+  penaltyFail(key: string, now: number): number {
+    const e = this.penalties.get(key);
+    const count = e && now - e.last < AUTH_PENALTY_RESET_MS ? e.count + 1 : 1;
+    this.penalties.delete(key); // re-insert: the table stays ordered by last failure
+    this.penalties.set(key, { count, last: now });
+    if (this.penalties.size > PENALTY_TABLE_MAX) this.prunePenalties(now);
+    return count;
+  }
+
+  penaltyClear(key: string): void {
+    this.penalties.delete(key);
+  }
+
+  /** Penalties not yet forgotten (the service stays up while any is). */
+  livePenalties(now: number): number {
+    this.prunePenalties(now);
+    return this.penalties.size;
+  }
+
+  private prunePenalties(now: number): void {
+    // ordered by last failure: stop at the first one still live
+    for (const [k, v] of this.penalties) {
+      if (now - v.last < AUTH_PENALTY_RESET_MS) break;
+      this.penalties.delete(k);
+    }
+  }
+
+  // ---- bookkeeping
+
+  private insert(r: ConnRecord): void {
+    const k = AnvilState.key(r.owner, r.conn);
+    this.records.set(k, r);
+    let o = this.byOwner.get(r.owner);
+    if (!o) {
+      o = new Set();
+      this.byOwner.set(r.owner, o);
+    }
+    o.add(k);
+    if (r.state === 'preauth') this.enterPreauth(r);
+    else this.enterSession(r);
+  }
+
+  private remove(k: string): ConnRecord {
+    const r = this.records.get(k);
+    if (!r) throw new Error(`anvil: no record ${k}`);
+    if (r.state === 'preauth') this.leavePreauth(r);
+    else this.leaveSession(r);
+    this.records.delete(k);
+    const o = this.byOwner.get(r.owner);
+    o?.delete(k);
+    if (o && o.size === 0) this.byOwner.delete(r.owner);
+    return r;
+  }
+
+  private enterPreauth(r: ConnRecord): void {
+    const k = AnvilState.key(r.owner, r.conn);
+    r.state = 'preauth';
+    this.preauthAll.add(k);
+    if (r.trusted) return;
+    let s = this.preauthByIp.get(r.ip);
+    if (!s) {
+      s = new Set();
+      this.preauthByIp.set(r.ip, s);
+    }
+    s.add(k);
+  }
+
+  private leavePreauth(r: ConnRecord): void {
+    const k = AnvilState.key(r.owner, r.conn);
+    this.preauthAll.delete(k);
+    const s = this.preauthByIp.get(r.ip);
+    s?.delete(k);
+    if (s && s.size === 0) this.preauthByIp.delete(r.ip);
+  }
+
+  private enterSession(r: ConnRecord): void {
+    r.state = 'session';
+    if (r.held) this.heldSessions++;
+    if (r.user !== null) {
+      const uk = userIpKey(r.user, r.ip);
+      this.userIp.set(uk, (this.userIp.get(uk) ?? 0) + 1);
+    }
+  }
+
+  private leaveSession(r: ConnRecord): void {
+    if (r.held) this.heldSessions--;
+    if (r.user !== null) {
+      const uk = userIpKey(r.user, r.ip);
+      const n = (this.userIp.get(uk) ?? 1) - 1;
+      if (n <= 0) this.userIp.delete(uk);
+      else this.userIp.set(uk, n);
+    }
+  }
+}

@@ -1,0 +1,79 @@
+/**
+ * NAME        src/ip — client addresses, parsed (never split as text)
+ * DESCRIPTION `clientKey` is the key the auth-failure penalty counts under: an IPv4 address as
+ *             itself, an IPv6 address by its /48 prefix (Dovecot's anvil does the same: one site
+ *             gets a /48), an IPv4-mapped IPv6 address as the IPv4 address. The prefix is taken
+ *             from the parsed 128-bit address, so `2001:db8::1`, `2001:db8::2` and
+ *             `2001:db8:0:1::5` share one key and `2001:db9::1` has its own.
+ *             `NetworkList` holds a CIDR list (limits.trusted_networks) and answers membership.
+ *             Parsing is ipaddr.js (well-kept, the parser Express uses); node's net.BlockList
+ *             answers membership but cannot give a prefix.
+ * SECURITY    Anything that does not parse as an address keys as itself and matches no network.
+ */
+import ipaddr from 'ipaddr.js';
+
+type Addr = ipaddr.IPv4 | ipaddr.IPv6;
+
+/** The address, with an IPv4-mapped IPv6 address turned into IPv4; null when it does not parse. */
+export function parseIp(text: string): Addr | null {
+  if (!ipaddr.isValid(text)) return null;
+  let a: Addr;
+  try {
+    a = ipaddr.parse(text);
+  } catch {
+    return null;
+  }
+  if (a.kind() === 'ipv6' && (a as ipaddr.IPv6).isIPv4MappedAddress()) return (a as ipaddr.IPv6).toIPv4Address();
+  return a;
+}
+
+/** Canonical text of an address (IPv4-mapped unmapped), or the input when it is no address. */
+export function canonicalIp(text: string): string {
+  return parseIp(text)?.toString() ?? text;
+}
+
+/** IPv6 prefix the penalty counts under (LIMITS.md: per IP, /48). */
+export const IPV6_PENALTY_PREFIX = 48;
+
+/** The penalty key of a client address: IPv4 itself, IPv6 its /48 network. */
+export function clientKey(text: string): string {
+  const a = parseIp(text);
+  if (a === null) return text;
+  if (a.kind() === 'ipv4') return a.toString();
+  const parts = (a as ipaddr.IPv6).parts.slice();
+  const keep = IPV6_PENALTY_PREFIX;
+  for (let i = 0; i < 8; i++) {
+    const bits = Math.max(0, Math.min(16, keep - i * 16));
+    const mask = bits === 0 ? 0 : (0xffff << (16 - bits)) & 0xffff;
+    parts[i] = (parts[i] ?? 0) & mask;
+  }
+  return `${new ipaddr.IPv6(parts).toString()}/${keep}`;
+}
+
+/** Parse `ADDR/BITS` or a single address (a /32 or /128); throws with a readable message. */
+export function parseNetwork(text: string): [Addr, number] {
+  const slash = text.indexOf('/');
+  if (slash < 0) {
+    const a = parseIp(text);
+    if (a === null) throw new Error(`${JSON.stringify(text)} is not an IP address or CIDR network`);
+    return [a, a.kind() === 'ipv4' ? 32 : 128];
+  }
+  if (!ipaddr.isValidCIDR(text)) throw new Error(`${JSON.stringify(text)} is not a CIDR network (ADDR/BITS)`);
+  const [a, bits] = ipaddr.parseCIDR(text);
+  if (a.kind() === 'ipv6' && (a as ipaddr.IPv6).isIPv4MappedAddress() && bits >= 96) return [(a as ipaddr.IPv6).toIPv4Address(), bits - 96];
+  return [a, bits];
+}
+
+export class NetworkList {
+  private readonly nets: readonly [Addr, number][];
+  constructor(cidrs: readonly string[]) {
+    this.nets = cidrs.map(parseNetwork);
+  }
+
+  /** true when the address is inside one of the networks */
+  has(ip: string): boolean {
+    const a = parseIp(ip);
+    if (a === null) return false;
+    return this.nets.some(([net, bits]) => net.kind() === a.kind() && a.match(net, bits));
+  }
+}

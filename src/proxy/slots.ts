@@ -1,0 +1,99 @@
+/**
+ * NAME        src/proxy/slots — a client connection's place in the node-wide limits
+ * DESCRIPTION `admit` asks the node state service (src/anvil) for a slot when a client connects:
+ *             limits.preauth_per_ip for unauthenticated connections from one address (addresses
+ *             in limits.trusted_networks and local pipes are exempt) and limits.max_connections
+ *             for all the proxy holds; a full limit evicts the oldest unauthenticated connection
+ *             (its owner gets `onEnd('evicted')`), and with none to evict the new one is refused.
+ *             After authentication `login` takes a user+IP slot (limits.max_userip_connections),
+ *             `handedOff` says the backend now holds the socket (it stops counting against
+ *             max_connections), `logout` returns to pre-auth after a session that did not start,
+ *             `close` frees the slot. Slots are found from the ClientConn (`slotOf`), so the
+ *             router needs no extra parameters; a session received over a peer link has none
+ *             (the node the client connected to counted it).
+ * SECURITY    Limits come from pigeon.yaml at each call (a SIGHUP reload applies to the next
+ *             connection). A limits service that cannot be reached falls back to per-process
+ *             state (src/anvil/client.ts), never to refusing everyone.
+ */
+import type { ProxyEnv } from './env.js';
+import type { ClientConn } from './conn.js';
+import type { FileConfig } from '../instance.js';
+import { NetworkList, canonicalIp } from '../ip.js';
+
+export interface Slot {
+  readonly id: string;
+  readonly ip: string;
+  /** take a user+IP slot: 'ok', or 'limit' with the configured maximum */
+  login(user: string, session: string): Promise<{ ok: true } | { ok: false; max: number }>;
+  /** the session did not start: back to pre-auth */
+  logout(): void;
+  /** the backend holds the client's socket now */
+  handedOff(): void;
+  close(): void;
+}
+
+export type Admission = { admitted: true; slot: Slot } | { admitted: false; why: string };
+
+const trustedCache = new WeakMap<FileConfig['limits'], NetworkList>();
+
+/** limits.trusted_networks of the current configuration, parsed once per (re)load. */
+export function trustedNetworks(env: ProxyEnv): NetworkList {
+  const l = env.instance.config.limits;
+  let n = trustedCache.get(l);
+  if (!n) {
+    n = new NetworkList(l.trusted_networks);
+    trustedCache.set(l, n);
+  }
+  return n;
+}
+
+/** Ask for a slot for a new client connection from `ip` ('' for a local pipe). */
+export async function admit(env: ProxyEnv, clientIp: string, proto: string, onEnd: (reason: string) => void): Promise<Admission> {
+  const a = env.anvil;
+  const ip = canonicalIp(clientIp);
+  const limits = env.instance.config.limits;
+  const id = a.connId();
+  const trusted = ip === '' || trustedNetworks(env).has(ip);
+  const r = await a.open(id, { ip, proto, trusted }, { perIp: limits.preauth_per_ip, total: limits.max_connections }, onEnd);
+  if (!r.admitted) return { admitted: false, why: r.why };
+  let closed = false;
+  const slot: Slot = {
+    id,
+    ip,
+    async login(user, session) {
+      const max = env.instance.config.limits.max_userip_connections;
+      const l = await a.login(id, user, session, max);
+      // a connection evicted meanwhile is about to close: let it, its session is not counted
+      if (l.ok || l.why === 'gone') return { ok: true };
+      return { ok: false, max };
+    },
+    logout() {
+      if (!closed) void a.logout(id);
+    },
+    handedOff() {
+      if (!closed) void a.held(id, false);
+    },
+    close() {
+      if (closed) return;
+      closed = true;
+      void a.close(id);
+    },
+  };
+  return { admitted: true, slot };
+}
+
+const slots = new WeakMap<ClientConn, Slot>();
+
+export function attachSlot(conn: ClientConn, slot: Slot): void {
+  slots.set(conn, slot);
+}
+
+export function slotOf(conn: ClientConn): Slot | null {
+  return slots.get(conn) ?? null;
+}
+
+/** The one reply a client gets when its connection is refused or evicted by a connection limit. */
+export function limitReply(proto: 'imap' | 'pop3', kind: 'refused' | 'evicted'): string {
+  const text = kind === 'refused' ? 'Too many connections, try again later.' : 'Connection limit reached: closing the oldest connection that has not logged in.';
+  return proto === 'imap' ? `* BYE ${text}\r\n` : `-ERR [SYS/TEMP] ${text}\r\n`;
+}
