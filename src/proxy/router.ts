@@ -5,7 +5,9 @@
  *             function delivery uses, so a first login creates exactly the mailbox the first mail
  *             would. Relay joins client and backend with stream.pipeline both ways (backpressure
  *             and errors propagate); when either side ends the other is closed and no child is
- *             left behind.
+ *             left behind. A hand-off (the plain client socket given to the backend itself)
+ *             starts only after the backend's start() put on the wire whatever the client must
+ *             see first (backends/types.ts prepareHandoff).
  */
 import { pipeline } from 'node:stream';
 import type { ResolvedUser } from '../modules.js';
@@ -178,10 +180,9 @@ export function relay(conn: ClientConn, s: BackendSession | PeerSession, leftove
   });
 }
 
-/** The backend owns the socket: send our greeting (POP3), wait for it to exit, then close ours. */
+/** The backend owns the socket (start() already wrote what had to come first): wait for it to exit, then close ours. */
 function waitHandedOff(conn: ClientConn, s: BackendSession): Promise<{ in: number; out: number; exit: number | null }> {
   const sock = conn.raw;
-  if (s.greeting.length > 0) sock.write(s.greeting);
   return new Promise((resolve) => {
     const done = (code: number | null): void => {
       // Dovecot exits 89 on a fatal init error without a word to the client (imap)
