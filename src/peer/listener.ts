@@ -98,8 +98,6 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
   server.on('secureConnection', (sock: TLSSocket) => {
     sock.on('error', () => undefined);
     sock.setNoDelay(true);
-    // the session layers (framing, relay pipelines) each watch close/error on the one socket
-    sock.setMaxListeners(32);
     void handle(sock).catch((e: unknown) => {
       log('error', 'peer', `link failed: ${e instanceof Error ? e.message : String(e)}`);
       sock.destroy();

@@ -3,13 +3,12 @@
  * DESCRIPTION Reads nothing from the database itself: the caller passes the user and effective
  *             config from the one auth read. Allocation goes through src/allocation.ts, the same
  *             function delivery uses, so a first login creates exactly the mailbox the first mail
- *             would. Relay joins client and backend with stream.pipeline both ways (backpressure
- *             and errors propagate); when either side ends the other is closed and no child is
- *             left behind. A hand-off (the plain client socket given to the backend itself)
- *             starts only after the backend's start() put on the wire whatever the client must
- *             see first (backends/types.ts prepareHandoff).
+ *             would. Relay joins client and backend both ways (src/proxy/splice.ts: backpressure
+ *             both ways, one watcher per stream); when either side ends the other is closed and
+ *             no child is left behind. A hand-off (the plain client socket given to the backend
+ *             itself) starts only after the backend's start() has put on the wire whatever the
+ *             client must see first (backends/types.ts prepareHandoff).
  */
-import { pipeline } from 'node:stream';
 import type { ResolvedUser } from '../modules.js';
 import type { ProxyEnv } from './env.js';
 import type { ClientConn } from './conn.js';
@@ -18,6 +17,8 @@ import { BACKENDS } from '../registry.js';
 import { BackendError, type BackendSession } from '../../backends/types.js';
 import { isAppError } from '../errors.js';
 import { trackSession } from './live.js';
+import { splice } from './splice.js';
+import type { Writable } from 'node:stream';
 import { startPeerSession, relayPeer, type PeerSession } from '../../backends/peer.js';
 
 export type RouteResult = { ok: true; session: BackendSession | PeerSession; backend: string } | { ok: false; reason: string };
@@ -128,54 +129,59 @@ export function relay(conn: ClientConn, s: BackendSession | PeerSession, leftove
   if (s.handedOff) return waitHandedOff(conn, s);
   const { input, output, pending } = conn.detach();
   const child = s.child;
-  let bytesIn = 0;
-  let bytesOut = 0;
+  const { stdin, stdout } = child;
   return new Promise((resolve) => {
+    if (!stdin || !stdout) {
+      child.kill('SIGKILL');
+      resolve({ in: 0, out: 0, exit: null });
+      return;
+    }
     let exitCode: number | null = null;
+    let exited = false;
+    let answered = false;
+    let clientGone = false;
     let finished = false;
+    let early = 0;
     const finish = (): void => {
       if (finished) return;
       finished = true;
-      resolve({ in: bytesIn, out: bytesOut, exit: exitCode });
+      resolve({ in: early + counts.bytesIn, out: counts.bytesOut, exit: exitCode });
     };
     output.write(s.greeting);
-    if (leftover.length > 0) {
-      bytesIn += leftover.length;
-      child.stdin?.write(leftover);
+    for (const p of [leftover, ...pending]) {
+      if (p.length === 0) continue;
+      early += p.length;
+      stdin.write(p);
     }
-    for (const p of pending) {
-      bytesIn += p.length;
-      child.stdin?.write(p);
-    }
-    input.on('data', (c: Buffer) => {
-      bytesIn += c.length;
-    });
-    child.stdout?.on('data', (c: Buffer) => {
-      bytesOut += c.length;
-    });
-    if (child.stdin) pipeline(input, child.stdin, () => child.stdin?.destroy());
-    if (child.stdout) {
-      pipeline(child.stdout, output as NodeJS.WritableStream, () => {
-        input.destroy();
-      });
-    }
-    input.resume();
+    const counts = splice(
+      { client: { input, output: output as Writable }, backend: { input: stdin, output: stdout } },
+      {
+        clientEnded: () => {
+          // client gone: the backend saw EOF on stdin; give it a moment to leave, then make sure
+          clientGone = true;
+          if (!stdin.writableEnded) stdin.destroy();
+          if (exited) return finish();
+          const t = setTimeout(() => child.kill('SIGTERM'), 2000);
+          t.unref();
+          child.once('exit', () => clearTimeout(t));
+        },
+        // the backend said its last word and the client's socket has it: close our side
+        backendEnded: () => {
+          answered = true;
+          input.destroy();
+          if (exited) finish();
+        },
+      },
+    );
     child.once('exit', (code) => {
       exitCode = code;
+      exited = true;
+      if (answered || clientGone) return finish();
+      // its stdout normally ends with it (backendEnded); if something else holds the pipe open, do not wait for ever
       setTimeout(() => {
         input.destroy();
         finish();
-      }, 50);
-    });
-    input.once('close', () => {
-      // client gone: give the backend a moment to see EOF, then make sure it is gone
-      const t = setTimeout(() => child.kill('SIGTERM'), 2000);
-      t.unref();
-      child.once('exit', () => {
-        clearTimeout(t);
-        finish();
-      });
-      if (child.exitCode !== null || child.signalCode !== null) finish();
+      }, 2000).unref();
     });
   });
 }
