@@ -25,9 +25,21 @@ export interface Inst {
   addUser(address: string, password: string): void;
 }
 
+/**
+ * t.testdir(), removed only after every teardown of `t` has run. tap removes a testdir before the
+ * teardowns registered after it was made; a daemon still writing there (heartbeats, log lines)
+ * then fails the removal with ENOTEMPTY, and the teardowns that would stop it never run (the file
+ * hangs until its timeout). Teardowns registered before the testdir run before the removal, and
+ * tap runs them all in one go, so one registered first puts every later one before it too.
+ */
+export function scratchDir(t: Test): string {
+  t.teardown(() => undefined);
+  return t.testdir({});
+}
+
 /** A fresh instance with listeners on port 0, a log file, a short failure delay, and users. */
 export function makeInstance(t: Test, opts: { listen?: string[]; users?: Record<string, string>; conf?: string } = {}): Inst {
-  const base = t.testdir({});
+  const base = scratchDir(t);
   const dir = join(base, 'inst');
   const init = ['init', dir, '--node', 'test1'];
   for (const l of opts.listen ?? []) init.push('--listen', l);
