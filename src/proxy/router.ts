@@ -139,13 +139,17 @@ export function relay(conn: ClientConn, s: BackendSession | PeerSession, leftove
     let exitCode: number | null = null;
     let exited = false;
     let answered = false;
-    let clientGone = false;
     let finished = false;
     let early = 0;
     const finish = (): void => {
       if (finished) return;
       finished = true;
       resolve({ in: early + counts.bytesIn, out: counts.bytesOut, exit: exitCode });
+    };
+    // done when the child has exited and its last words reached the client (or cannot any more)
+    const settle = (): void => {
+      const o = output as Writable;
+      if (exited && (answered || o.destroyed || o.writableFinished)) finish();
     };
     output.write(s.greeting);
     for (const p of [leftover, ...pending]) {
@@ -157,31 +161,34 @@ export function relay(conn: ClientConn, s: BackendSession | PeerSession, leftove
       { client: { input, output: output as Writable }, backend: { input: stdin, output: stdout } },
       {
         clientEnded: () => {
-          // client gone: the backend saw EOF on stdin; give it a moment to leave, then make sure
-          clientGone = true;
+          // the client stopped sending: the backend sees EOF; give it a moment to leave, then make sure
           if (!stdin.writableEnded) stdin.destroy();
-          if (exited) return finish();
-          const t = setTimeout(() => child.kill('SIGTERM'), 2000);
-          t.unref();
-          child.once('exit', () => clearTimeout(t));
+          if (!exited) {
+            const t = setTimeout(() => child.kill('SIGTERM'), 2000);
+            t.unref();
+            child.once('exit', () => clearTimeout(t));
+          }
+          settle();
         },
         // the backend said its last word and the client's socket has it: close our side
         backendEnded: () => {
           answered = true;
           input.destroy();
-          if (exited) finish();
+          settle();
         },
       },
     );
     child.once('exit', (code) => {
       exitCode = code;
       exited = true;
-      if (answered || clientGone) return finish();
+      settle();
       // its stdout normally ends with it (backendEnded); if something else holds the pipe open, do not wait for ever
-      setTimeout(() => {
-        input.destroy();
-        finish();
-      }, 2000).unref();
+      if (!finished) {
+        setTimeout(() => {
+          input.destroy();
+          finish();
+        }, 2000).unref();
+      }
     });
   });
 }
