@@ -23,6 +23,7 @@ import { readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import type { ProxyEnv } from '../src/proxy/env.js';
 import { loadTls } from '../src/proxy/env.js';
+import type { SniCallback } from '../src/client-tls.js';
 import { loadInstance, type Listener } from '../src/instance.js';
 import { createLogger } from '../src/log.js';
 import { socketConn } from './inetd.js';
@@ -125,7 +126,9 @@ async function runWorker(makeEnv: () => ProxyEnv, configPath: string | undefined
     if (l.protocol === 'imap' || l.protocol === 'pop3') server = createServer({ pauseOnConnect: true }, accept(l.protocol, false));
     else if (l.protocol === 'imaps' || l.protocol === 'pop3s') {
       const proto = l.protocol === 'imaps' ? 'imap' : 'pop3';
-      server = createTlsServer({ ...tlsFiles(env), minVersion: 'TLSv1.2', handshakeTimeout: 15_000 }, accept(proto, true));
+      // tls.sni: the current configuration's choice (SIGHUP swaps env.tls)
+      const SNICallback: SniCallback = (name, cb) => (env.tls ? env.tls.SNICallback(name, cb) : cb(null, undefined));
+      server = createTlsServer({ ...tlsFiles(env), minVersion: 'TLSv1.2', handshakeTimeout: 15_000, SNICallback }, accept(proto, true));
       tlsServers.push(server as TlsServer);
       server.on('tlsClientError', (e: Error, s: TLSSocket) => {
         env.log.log('info', `${proto}-login`, `Disconnected (TLS handshaking: ${e.message.split('\n')[0] ?? ''}):`, { rip: unmap(s.remoteAddress) });

@@ -62,7 +62,7 @@ mail_user: mail
 # imap imaps pop3 pop3s lmtp peer metrics; lmtp may also be a unix socket path (lmtp=/run/x.sock).
 ${yamlListen(ls, o.listen)}
 # The cluster link (peer= listener): other nodes hand sessions and mail for this node's users
-# over mutual TLS 1.3 with certificates from the cluster CA (tls.ca).
+# over mutual TLS 1.3 with node certificates (peer.cert) from the cluster CA (tls.ca).
 peer:
   # HOST:PORT other nodes connect to; null = the peer= listener's own address
   advertise: null
@@ -73,6 +73,10 @@ peer:
   handoff_timeout_s: 10
   # connecting to another node gives up after this time (the client gets [UNAVAILABLE])
   connect_timeout_s: 10
+  # this node's certificate from the cluster CA (pigeon init / pigeon cert issue): peer links
+  # only, never shown to mail clients (they see tls.cert)
+  cert: certs/node.crt
+  key: certs/node.key
 
 # After login on plain TCP, give the client's socket itself to Dovecot (no copy in between).
 # false: always relay through the proxy (byte counts in the logout line).
@@ -85,10 +89,18 @@ auth:
   chain: [database]
   passwd_file: null
 
-# TLS: this node's certificate (client-facing TLS and peer links) and the cluster CA.
+# TLS for clients (STARTTLS/STLS, imaps/pop3s): the certificate mail clients see. This node's
+# certificate works out of the box; for real clients use one for your mail host name, e.g. a
+# public one (any CA). SIGHUP to "pigeon serve" reloads these files.
 tls:
   cert: certs/node.crt
   key: certs/node.key
+  # per host name a client asks for (SNI), when one address serves several names:
+  # sni:
+  #   mail.example.org: { cert: /etc/ssl/mail.example.org.crt, key: /etc/ssl/mail.example.org.key }
+  #   "*.example.net": { cert: /etc/ssl/example.net.crt, key: /etc/ssl/example.net.key }
+  sni: {}
+  # the cluster CA: it issues node certificates (peer.cert) and is the only CA peer links trust
   ca: certs/ca.crt
   # the CA key is needed only where new node certificates are issued
   ca_key: certs/ca.key

@@ -61,6 +61,9 @@ const listenSchema = z.string().transform((s, ctx) => {
 
 const path = z.string().min(1).refine((s) => !/[\0\n]/.test(s), 'no NUL or newline in paths');
 
+/** A tls.sni key: a DNS name, or `*.` and a DNS name (a wildcard for one label). */
+export const SNI_NAME = /^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/i;
+
 export const fileSchema = z.strictObject({
   node: z.string().regex(/^[a-z0-9][a-z0-9.-]{0,62}$/i, 'node names are letters, digits, dots and hyphens').default('node1'),
   database: z.string().min(1).default('sqlite:pigeon.db'),
@@ -75,10 +78,14 @@ export const fileSchema = z.strictObject({
     })
     .refine((a) => !a.chain.includes('passwd-file') || a.passwd_file !== null, { message: 'chain has passwd-file but auth.passwd_file is not set', path: ['passwd_file'] })
     .prefault({}),
+  // what IMAP/POP3 clients see (STARTTLS/STLS, imaps/pop3s); any CA, e.g. a public certificate
   tls: z
     .strictObject({
       cert: path.default('certs/node.crt'),
       key: path.default('certs/node.key'),
+      // per host name the client asks for (SNI): an exact name, or *.example.org for one label
+      sni: z.record(z.string().regex(SNI_NAME, 'a host name (a.example.org) or *.example.org'), z.strictObject({ cert: path, key: path })).default({}),
+      // the cluster CA: it issues the node certificates (peer.cert), trusted on peer links
       ca: path.default('certs/ca.crt'),
       ca_key: path.default('certs/ca.key'),
     })
@@ -102,6 +109,9 @@ export const fileSchema = z.strictObject({
         .default('registry'),
       handoff_timeout_s: z.number().int().min(1).max(300).default(10),
       connect_timeout_s: z.number().int().min(1).max(300).default(10),
+      // this node's certificate from the cluster CA (tls.ca), for peer links only
+      cert: path.default('certs/node.crt'),
+      key: path.default('certs/node.key'),
     })
     .prefault({}),
   // node-local: the MTA's sendmail command (forward and vacation re-inject mail through it)
@@ -129,7 +139,16 @@ export interface Instance {
   readonly mailRoot: string;
   /** absolute log file path, or null for stderr */
   readonly logFile: string | null;
-  readonly tls: { readonly cert: string; readonly key: string; readonly ca: string; readonly caKey: string };
+  /** client-facing TLS (tls.cert/tls.key, tls.sni), and the cluster CA (tls.ca/tls.ca_key); absolute paths */
+  readonly tls: {
+    readonly cert: string;
+    readonly key: string;
+    readonly sni: readonly { readonly name: string; readonly cert: string; readonly key: string }[];
+    readonly ca: string;
+    readonly caKey: string;
+  };
+  /** the node certificate for peer links (peer.cert/peer.key) and the cluster CA that issued it */
+  readonly peerTls: { readonly cert: string; readonly key: string; readonly ca: string };
 }
 
 /** Where the instance is: -c, then PIGEON_CONFIG, then /etc/pigeon. A directory means DIR/pigeon.yaml. */
@@ -182,6 +201,8 @@ function loadFile(file: string): Record<string, unknown> {
         p = [...issue.path, issue.keys[0] ?? ''];
         msg = `unknown key${issue.keys.length > 1 ? 's' : ''} ${issue.keys.join(', ')}`;
       }
+      // a map key that is not allowed (tls.sni names): its own rule's message
+      if (issue.code === 'invalid_key') msg = issue.issues[0]?.message ?? msg;
       const node = nodeAt(doc, p);
       // for an unknown key point at the key itself
       let offset = node?.range?.[0] ?? 0;
@@ -240,6 +261,13 @@ export function loadInstance(c: string | undefined): Instance {
     dbPath,
     mailRoot: abs(config.mail_root),
     logFile: config.log.file === null || config.log.file === '' ? null : abs(config.log.file),
-    tls: { cert: abs(config.tls.cert), key: abs(config.tls.key), ca: abs(config.tls.ca), caKey: abs(config.tls.ca_key) },
+    tls: {
+      cert: abs(config.tls.cert),
+      key: abs(config.tls.key),
+      sni: Object.entries(config.tls.sni).map(([name, p]) => ({ name: name.toLowerCase(), cert: abs(p.cert), key: abs(p.key) })),
+      ca: abs(config.tls.ca),
+      caKey: abs(config.tls.ca_key),
+    },
+    peerTls: { cert: abs(config.peer.cert), key: abs(config.peer.key), ca: abs(config.tls.ca) },
   };
 }

@@ -2,6 +2,7 @@
  * The instance configuration and its database as an admin meets them through the CLI:
  * pigeon.yaml errors name file:line:col and exit 78; conf.d drop-ins merge in lexical order; a
  * missing, read-only, foreign or locked database gets its own clear message and exit code.
+ * `config test` also checks the certificate pairs (tls.*, tls.sni, peer.*).
  * Needs `npx tsc -p tsconfig.json` first (npm test does it).
  */
 import t from 'tap';
@@ -10,6 +11,7 @@ import { chmodSync, cpSync, existsSync, readFileSync, rmSync, writeFileSync, cop
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { loadInstance } from '../src/instance.js';
+import { createCa, issueHostCert, writeKeyPair } from '../certs/ca.js';
 
 import { CLI_JS as CLI, cleanEnv, runCli, startCli, type CliRun } from './helpers/cli.js';
 
@@ -127,7 +129,8 @@ t.test('conf.d drop-ins merge in lexical order; an error names the drop-in', asy
   writeFileSync(join(dir, 'conf.d', 'ignored.txt'), 'this: [is not yaml\n');
   const r = run(['-c', dir, 'config', 'test']);
   t.equal(r.code, 0, `config test exits 0 ${r.err}`);
-  const files = r.out.slice(r.out.indexOf(':') + 1, r.out.indexOf(';')).split(',').map((s) => s.trim());
+  const ok = r.out.split('\n').find((l) => l.startsWith('configuration OK:')) ?? '';
+  const files = ok.slice(ok.indexOf(':') + 1, ok.indexOf(';')).split(',').map((s) => s.trim());
   t.same(files, [join(dir, 'pigeon.yaml'), join(dir, 'conf.d', '10-first.yaml'), join(dir, 'conf.d', '9-last.yaml')], 'files read in lexical order; only *.yaml');
   t.match(r.out, `database ${join(dir, 'from-9.db')}`, 'the last drop-in wins');
   t.equal(run(['-c', dir, 'domain', 'add', 'dropin.test']).code, 0, 'commands use the merged database setting');
@@ -258,4 +261,49 @@ t.test('locked database: a writer waits for the busy timeout, then exits 75', as
   clearTimeout(release);
   t.equal(child.code, 0, `a writer that finds the lock released within the timeout succeeds ${child.err}`);
   t.same(domains(join(dir2, 'pigeon.db')), ['waited.test']);
+});
+
+t.test('config test checks the certificates clients see (tls.cert, tls.sni) and the node certificate (peer.cert)', async (t) => {
+  const dir = instance();
+  const DAY = 86400_000;
+  // a "public" CA, not the cluster's: what an admin buys or gets from ACME
+  const pub = createCa('public');
+  const pair = (name: string, file: string, validity: { notBefore?: Date; notAfter?: Date } = {}): void =>
+    writeKeyPair(issueHostCert(pub, name, [name], validity), join(dir, `${file}.crt`), join(dir, `${file}.key`));
+  pair('mail.example.org', 'mail');
+  pair('imap.example.net', 'net');
+  pair('old.example.org', 'old', { notBefore: new Date(Date.now() - 10 * DAY), notAfter: new Date(Date.now() - DAY) });
+  pair('soon.example.org', 'soon', { notAfter: new Date(Date.now() + 5 * DAY) });
+  const conf = (text: string): Run => {
+    writeFileSync(join(dir, 'conf.d', '60-tls.yaml'), text);
+    return run(['-c', dir, 'config', 'test']);
+  };
+
+  const good = conf('tls:\n  cert: mail.crt\n  key: mail.key\n  sni:\n    imap.example.net: { cert: net.crt, key: net.key }\n');
+  t.equal(good.code, 0, `a public certificate for clients and an SNI entry: OK (${good.err})`);
+  t.match(good.out, new RegExp(`^tls: ${join(dir, 'mail.crt')} \\(mail\\.example\\.org;`, 'm'), 'names the client certificate and its names');
+  t.match(good.out, /^tls\.sni\.imap\.example\.net: .*net\.crt \(imap\.example\.net;/m, 'and the SNI entry');
+  t.match(good.out, new RegExp(`^peer: ${join(dir, 'certs', 'node.crt')} \\(node cfg1 from the cluster CA`, 'm'), 'peer links keep the node certificate');
+
+  const mismatch = conf('tls:\n  cert: mail.crt\n  key: net.key\n');
+  t.equal(mismatch.code, 78, 'a key that is not the certificate\'s: exit 78');
+  t.match(mismatch.err, `pigeon: error: tls.key: ${join(dir, 'net.key')} is not the private key of ${join(dir, 'mail.crt')}`);
+
+  const expired = conf('tls:\n  cert: old.crt\n  key: old.key\n');
+  t.equal(expired.code, 78, 'an expired client certificate: exit 78');
+  t.match(expired.err, new RegExp(`tls\\.cert: ${join(dir, 'old.crt')} expired on \\d{4}-`));
+
+  const soon = conf('tls:\n  cert: soon.crt\n  key: soon.key\n');
+  t.equal(soon.code, 0, 'a certificate that expires soon still works');
+  t.match(soon.err, /pigeon: warning: tls\.cert: .*soon\.crt expires in [45] days/, 'with a warning');
+
+  const two = conf('tls:\n  sni:\n    x.example.org: { cert: missing.crt, key: missing.key }\npeer:\n  cert: mail.crt\n  key: mail.key\n');
+  t.equal(two.code, 78, 'an unreadable SNI pair and a peer certificate from another CA: exit 78');
+  t.match(two.err, `tls.sni.x.example.org.cert: cannot read ${join(dir, 'missing.crt')}: ENOENT`, 'the SNI entry is named');
+  t.match(two.err, /peer\.cert\/peer\.key: .*mail\.crt: certificate of mail\.example\.org was not issued by this cluster's CA/, 'the peer pair must come from the cluster CA');
+  t.match(two.err, /configuration test failed: 2 problems/, 'every problem is reported, not only the first');
+
+  const badName = conf('tls:\n  sni:\n    "mail example": { cert: mail.crt, key: mail.key }\n');
+  t.equal(badName.code, 78, 'an SNI key that is not a host name: exit 78');
+  t.match(badName.err, /60-tls\.yaml:\d+:\d+: tls\.sni\.mail example: a host name/);
 });

@@ -6,7 +6,8 @@
  *             paused by TCP backpressure. startTls() drops every byte received before the
  *             handshake (STARTTLS injection) and continues on the TLS socket.
  */
-import { TLSSocket, type SecureContext } from 'node:tls';
+import { TLSSocket } from 'node:tls';
+import type { ClientTls } from '../client-tls.js';
 import type { Duplex } from 'node:stream';
 import { TLS_HANDSHAKE_MS } from '../limits.js';
 
@@ -113,10 +114,10 @@ export class ClientConn {
   }
 
   /** Upgrade to TLS. Bytes received before the handshake are discarded by the caller's framer. */
-  async startTls(context: SecureContext): Promise<void> {
+  async startTls(server: ClientTls): Promise<void> {
     this.unattach();
     this.chunks = [];
-    const tls = new TLSSocket(this.stream, { isServer: true, secureContext: context, minVersion: 'TLSv1.2' } as ConstructorParameters<typeof TLSSocket>[1]);
+    const tls = new TLSSocket(this.stream, { isServer: true, secureContext: server.secureContext, SNICallback: server.SNICallback, minVersion: 'TLSv1.2' } as ConstructorParameters<typeof TLSSocket>[1]);
     await new Promise<void>((resolve, reject) => {
       const t = setTimeout(() => reject(new Error('TLS handshake timed out')), TLS_HANDSHAKE_MS);
       tls.once('secure', () => {

@@ -1,8 +1,6 @@
 /**
  * NAME        src/proxy/env — what every proxy session shares: instance, database, auth, TLS, logs
  */
-import { createSecureContext, type SecureContext } from 'node:tls';
-import { readFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import type { Instance } from '../instance.js';
 import { loadInstance } from '../instance.js';
@@ -15,27 +13,24 @@ import { isAbsolute, join } from 'node:path';
 import type { AuthInstance } from '../modules.js';
 import { resolveMailUser, type MailUser } from '../mailuser.js';
 import { Penalty } from './penalty.js';
-import { AppError } from '../errors.js';
 import { createPeerContext, type PeerContext } from '../peer/context.js';
+import { loadClientTls, type ClientTls } from '../client-tls.js';
 
 export interface ProxyEnv {
   instance: Instance;
   readonly store: Store;
   log: Logger;
   readonly auth: AuthInstance;
-  tls: SecureContext | null;
+  /** what clients see on STARTTLS/STLS and imaps/pop3s (tls.cert/tls.key, tls.sni) */
+  tls: ClientTls | null;
   readonly mailUser: MailUser;
   readonly penalty: Penalty;
   /** peer links to other nodes (the node registry, this node's credentials) */
   readonly peer: PeerContext;
 }
 
-export function loadTls(instance: Instance): SecureContext | null {
-  try {
-    return createSecureContext({ cert: readFileSync(instance.tls.cert), key: readFileSync(instance.tls.key), minVersion: 'TLSv1.2' });
-  } catch (e) {
-    throw new AppError('CONFIG_INVALID', `tls: cannot load ${instance.tls.cert} / ${instance.tls.key}: ${(e as Error).message.split('\n')[0]}`);
-  }
+export function loadTls(instance: Instance): ClientTls | null {
+  return loadClientTls(instance.tls);
 }
 
 export function createProxyEnv(configPath: string | undefined, opts: { logToStderr: boolean }): ProxyEnv {
