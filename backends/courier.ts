@@ -271,4 +271,9 @@ export default {
   binaries: (config) => ({ imap: config.courier.imapd, pop3: config.courier.pop3d }),
   acceptsHandoff: (protocol, input) => protocol === 'pop3' && input.length === 0,
   start,
+  // imapd prints its version; courierpop3d has none, but refuses a Maildir that is not there
+  probe: {
+    imap: { setting: 'courier.imapd', args: ['--version'], expect: /Courier-IMAP/, what: "Courier's imapd (Debian courier-imap)" },
+    pop3: { setting: 'courier.pop3d', args: ['/nonexistent/pigeon-config-test'], expect: /^-ERR chdir \/nonexistent\/pigeon-config-test failed/m, what: "Courier's courierpop3d (Debian courier-pop)" },
+  },
 } satisfies Backend;

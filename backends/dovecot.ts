@@ -151,4 +151,9 @@ export default {
   // CLIENT_INPUT replays whatever the proxy already read (the router caps its size)
   acceptsHandoff: () => true,
   start,
+  // standalone without USER: "Fatal: USER environment missing", exit 89 (backends.md §1.1)
+  probe: {
+    imap: { setting: 'dovecot.imap', args: [], expect: /USER environment missing/, what: "Dovecot's imap (Debian dovecot-imapd)" },
+    pop3: { setting: 'dovecot.pop3', args: [], expect: /USER environment missing/, what: "Dovecot's pop3 (Debian dovecot-pop3d)" },
+  },
 } satisfies Backend;

@@ -64,6 +64,22 @@ export interface Backend {
    */
   acceptsHandoff(protocol: 'imap' | 'pop3', input: Buffer): boolean;
   start(req: BackendRequest): Promise<BackendSession>;
+  /**
+   * How `pigeon config test` checks that this node's binary can start, with no user and no
+   * mailbox: run it with these arguments (empty environment, stdin /dev/null, cwd /, as the
+   * mail user); what it prints (stdout and stderr) must match `expect`. A binary whose libraries
+   * do not load, or another program at that path, fails the match.
+   */
+  readonly probe: Readonly<Record<'imap' | 'pop3', BinaryProbe>>;
+}
+
+export interface BinaryProbe {
+  /** the pigeon.yaml key of this binary's path */
+  readonly setting: string;
+  readonly args: readonly string[];
+  readonly expect: RegExp;
+  /** what the binary is, for messages (with the Debian package) */
+  readonly what: string;
 }
 
 export class BackendError extends Error {

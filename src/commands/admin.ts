@@ -362,13 +362,15 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     });
   config
     .command('test')
-    .description('check the configuration files, the database and the certificates; exit 0 when usable')
+    .description('check the configuration files, the database, the certificates and the backend binaries in use; exit 0 when usable')
     .action(async () => {
       const { instance, store } = openCtx(cfg());
       store.listDomains();
       const check = await import('../config-check.js');
+      const { resolveMailUser } = await import('../mailuser.js');
       const r: import('../config-check.js').CheckReport = { lines: [], warnings: [], problems: [] };
       check.checkCertificates(instance, r);
+      check.checkBackends(instance, store, resolveMailUser(instance.config.mail_user), r);
       for (const l of r.lines) console.log(l);
       for (const w of r.warnings) console.error(`pigeon: warning: ${w}`);
       if (r.problems.length > 0) {

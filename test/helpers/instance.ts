@@ -73,8 +73,8 @@ export async function serve(t: Test, inst: Inst, workers = 1): Promise<Served> {
   const child = spawn(process.execPath, [CLI, '-c', inst.dir, 'serve', '--workers', String(workers)], { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   const ports: Record<string, number> = {};
-  const expected = pigeon(inst.dir, ['config', 'test']).status === 0 ? null : 'config';
-  if (expected) throw new Error('bad config');
+  // no `config test` first: it also fails on backend binaries that tests break on purpose, and a
+  // configuration serve cannot load makes it exit 78, which rejects below with its stderr
   await new Promise<void>((res, rej) => {
     const timer = setTimeout(() => rej(new Error(`serve did not start: ${err}`)), 20_000);
     child.stderr?.setEncoding('utf8');
