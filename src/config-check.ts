@@ -8,7 +8,7 @@
  *             or not yet placed. Each binary must exist, be executable and start: it is run once
  *             as the mail user with the backend's probe arguments (backends/types.ts), so a
  *             missing shared library, a wrong program or a bad path shows here, not as
- *             `[UNAVAILABLE]` at a user's login.
+ *             `[UNAVAILABLE]` at a user's login. And where the one-session modes will log.
  * DIAGNOSTICS Returns report lines, warnings (certificates expiring within 30 days) and problems;
  *             the command exits 78 when there is a problem.
  * SECURITY    Probes run with an empty environment as the mail user, never as root; nothing
@@ -26,6 +26,7 @@ import { checkPair, clientPairs } from './client-tls.js';
 import { loadNodeCredentials } from '../certs/verify.js';
 import { EXPIRY_WARN_DAYS } from '../certs/ca.js';
 import { isAppError } from './errors.js';
+import { syslogUnavailable } from './log.js';
 
 export interface CheckReport {
   readonly lines: string[];
@@ -154,3 +155,13 @@ export function checkBackends(instance: Instance, store: Store, mailUser: MailUs
   }
 }
 
+/** Where the one-session modes (inetd, Postfix spawn, stdio) log. */
+export function checkLog(instance: Instance, r: CheckReport): void {
+  if (instance.logFile !== null) {
+    r.lines.push(`log: ${instance.logFile} (log.file)`);
+    return;
+  }
+  const why = syslogUnavailable(instance.config.log.syslog_socket);
+  if (why === null) r.lines.push(`log: pigeon serve to stderr; inetd, Postfix spawn and stdio sessions to syslog through ${instance.config.log.syslog_socket}`);
+  else r.lines.push(`log: pigeon serve to stderr; inetd, Postfix spawn and stdio sessions to ${instance.logFallback} (log.fallback_file): ${why}`);
+}

@@ -125,9 +125,14 @@ sendmail: /usr/sbin/sendmail
 log:
   # debug | info | warn | error
   level: info
-  # append log lines to this file instead of stderr (needed under inetd and Postfix spawn,
-  # where stderr is the client's socket); relative to this directory
+  # append log lines to this file instead of stderr; relative to this directory
   file: null
+  # without log.file, the one-session modes (inetd, Postfix spawn, stdio: stderr is the client's
+  # socket there) log to syslog (facility mail, tag pigeon) through this socket ...
+  syslog_socket: /dev/log
+  # ... or, when it does not exist (no syslog daemon), append to this file, which then starts
+  # with a line saying so; relative to this directory
+  fallback_file: pigeon.log
 
 limits:
   # delay before answering a failed login

@@ -117,7 +117,14 @@ export const fileSchema = z.strictObject({
   // node-local: the MTA's sendmail command (forward and vacation re-inject mail through it)
   sendmail: path.default('/usr/sbin/sendmail'),
   log: z
-    .strictObject({ level: z.enum(['debug', 'info', 'warn', 'error']).default('info'), file: z.string().nullable().default(null) })
+    .strictObject({
+      level: z.enum(['debug', 'info', 'warn', 'error']).default('info'),
+      file: z.string().nullable().default(null),
+      // inetd and Postfix spawn without log.file: syslog through this socket when it exists ...
+      syslog_socket: path.default('/dev/log'),
+      // ... else this file (relative to the instance directory), with one line saying why
+      fallback_file: path.default('pigeon.log'),
+    })
     .prefault({}),
   limits: z
     .strictObject({
@@ -139,6 +146,8 @@ export interface Instance {
   readonly mailRoot: string;
   /** absolute log file path, or null for stderr */
   readonly logFile: string | null;
+  /** where one-session modes log when there is neither log.file nor a syslog socket (absolute) */
+  readonly logFallback: string;
   /** client-facing TLS (tls.cert/tls.key, tls.sni), and the cluster CA (tls.ca/tls.ca_key); absolute paths */
   readonly tls: {
     readonly cert: string;
@@ -261,6 +270,7 @@ export function loadInstance(c: string | undefined): Instance {
     dbPath,
     mailRoot: abs(config.mail_root),
     logFile: config.log.file === null || config.log.file === '' ? null : abs(config.log.file),
+    logFallback: abs(config.log.fallback_file),
     tls: {
       cert: abs(config.tls.cert),
       key: abs(config.tls.key),

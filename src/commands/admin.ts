@@ -371,6 +371,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       const r: import('../config-check.js').CheckReport = { lines: [], warnings: [], problems: [] };
       check.checkCertificates(instance, r);
       check.checkBackends(instance, store, resolveMailUser(instance.config.mail_user), r);
+      check.checkLog(instance, r);
       for (const l of r.lines) console.log(l);
       for (const w of r.warnings) console.error(`pigeon: warning: ${w}`);
       if (r.problems.length > 0) {

@@ -6,7 +6,7 @@ import type { Instance } from '../instance.js';
 import { loadInstance } from '../instance.js';
 import { Store } from '../store.js';
 import { openDb } from '../db.js';
-import { createLogger, syslogSink, type Logger } from '../log.js';
+import { createLogger, syslogOrFileSink, type Logger } from '../log.js';
 import { databaseAuth, databaseSource, type PasswordSource } from '../../auth/database.js';
 import { passwdFileSource } from '../../auth/passwd-file.js';
 import { isAbsolute, join } from 'node:path';
@@ -37,10 +37,7 @@ export function createProxyEnv(configPath: string | undefined, opts: { logToStde
   const instance = loadInstance(configPath);
   let log: Logger;
   if (instance.logFile !== null || opts.logToStderr) log = createLogger({ level: instance.config.log.level, file: instance.logFile });
-  else {
-    const sink = syslogSink();
-    log = createLogger({ level: instance.config.log.level, sink: sink ?? (() => {}) });
-  }
+  else log = createLogger({ level: instance.config.log.level, sink: syslogOrFileSink(instance.config.log.syslog_socket, instance.logFallback) });
   const store = new Store(openDb(instance.dbPath), instance.dbPath);
   return {
     instance,
