@@ -32,7 +32,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { Socket } from 'node:net';
 import type { Backend, BackendRequest, BackendSession } from './types.js';
-import { BackendError, pipeStderr } from './types.js';
+import { BackendError, pipeStderr, prepareHandoff, checkExecutable } from './types.js';
 import { BACKEND_START_MS } from '../src/limits.js';
 
 /** Debian's /etc/courier/imapd IMAP_CAPABILITY (Courier adds ENABLE UTF8=ACCEPT, and ACL with IMAP_ACL=1). */
@@ -221,15 +221,24 @@ async function startPop3(req: BackendRequest, bin: string, env: Record<string, s
   const what = `courier pop3d (${bin})`;
   if (req.handoff) {
     // courierpop3d greets the client itself; the router hands off only when nothing was pipelined.
-    // Courier leaves Nagle on: its greeting would wait for the ACK of our last reply (~40 ms)
-    (req.handoff.socket as Partial<Socket>).setNoDelay?.(true);
-    const child = spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: [req.handoff.socket, req.handoff.socket, 'pipe'] });
-    pipeStderr(req, child, `, session=<${req.sessionId}>`);
-    await new Promise<void>((resolve, reject) => {
-      child.once('spawn', () => resolve());
-      child.once('error', (e) => reject(new BackendError({ kind: 'start-failed', detail: `cannot start ${what}: ${e.message}` })));
-    });
-    return { child, greeting: Buffer.alloc(0), handedOff: true };
+    // Our earlier replies must be on the wire before Courier writes to the socket; if the client
+    // sent more while they were flushed, Courier (no CLIENT_INPUT) cannot be given those bytes:
+    // they go back in front and the session is relayed through pipes instead.
+    checkExecutable(bin, what);
+    const sock = req.handoff.socket;
+    const late = await prepareHandoff(sock, Buffer.alloc(0), BACKEND_START_MS);
+    if (late.length > 0) sock.unshift(late);
+    else {
+      // Courier leaves Nagle on: its greeting would wait for the ACK of our last reply (~40 ms)
+      (sock as Partial<Socket>).setNoDelay?.(true);
+      const child = spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: [sock, sock, 'pipe'] });
+      pipeStderr(req, child, `, session=<${req.sessionId}>`);
+      await new Promise<void>((resolve, reject) => {
+        child.once('spawn', () => resolve());
+        child.once('error', (e) => reject(new BackendError({ kind: 'start-failed', detail: `cannot start ${what}: ${e.message}` })));
+      });
+      return { child, greeting: Buffer.alloc(0), handedOff: true };
+    }
   }
   const child = spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: ['pipe', 'pipe', 'pipe'] });
   child.stdin.on('error', () => {});
@@ -262,4 +271,9 @@ export default {
   binaries: (config) => ({ imap: config.courier.imapd, pop3: config.courier.pop3d }),
   acceptsHandoff: (protocol, input) => protocol === 'pop3' && input.length === 0,
   start,
+  // imapd prints its version; courierpop3d has none, but refuses a Maildir that is not there
+  probe: {
+    imap: { setting: 'courier.imapd', args: ['--version'], expect: /Courier-IMAP/, what: "Courier's imapd (Debian courier-imap)" },
+    pop3: { setting: 'courier.pop3d', args: ['/nonexistent/pigeon-config-test'], expect: /^-ERR chdir \/nonexistent\/pigeon-config-test failed/m, what: "Courier's courierpop3d (Debian courier-pop)" },
+  },
 } satisfies Backend;

@@ -19,7 +19,7 @@ import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { dirname, basename, join } from 'node:path';
 import type { Backend, BackendRequest, BackendSession } from './types.js';
-import { BackendError, pipeStderr } from './types.js';
+import { BackendError, pipeStderr, prepareHandoff, checkExecutable, HANDOFF_MAX_REPLAY } from './types.js';
 import { BACKEND_START_MS } from '../src/limits.js';
 import { mailWriter } from '../src/writer/mail-writer.js';
 
@@ -95,20 +95,34 @@ async function start(req: BackendRequest): Promise<BackendSession> {
   const opts = req.mailUser.switchTo ? { uid: req.mailUser.uid, gid: req.mailUser.gid } : {};
   if (req.handoff) {
     // hand the client socket itself to Dovecot; bytes already read are replayed via CLIENT_INPUT
-    // (imap: flag '0', tag, NUL, pipelined bytes; pop3: the pipelined bytes)
-    if (req.protocol === 'imap') {
-      delete env['IMAPLOGINTAG'];
-      env['CLIENT_INPUT'] = Buffer.concat([Buffer.from(`0${req.tag ?? ''}\0`, 'latin1'), req.handoff.input]).toString('base64');
-    } else if (req.handoff.input.length > 0) {
-      env['CLIENT_INPUT'] = req.handoff.input.toString('base64');
+    // (imap: flag '0', tag, NUL, pipelined bytes; pop3: the pipelined bytes). Standalone pop3 sends
+    // no login answer: ours must be on the wire before Dovecot can answer what the client
+    // pipelined after PASS. A missing binary is found before we say "+OK Logged in.".
+    checkExecutable(bin, `dovecot ${req.protocol}`);
+    const first = Buffer.from(req.protocol === 'pop3' ? '+OK Logged in.\r\n' : '');
+    const sock = req.handoff.socket;
+    const late = await prepareHandoff(sock, first, BACKEND_START_MS);
+    const input = Buffer.concat([req.handoff.input, late]);
+    try {
+      if (input.length > HANDOFF_MAX_REPLAY) throw new BackendError({ kind: 'protocol', detail: `client sent ${input.length} bytes after the login before dovecot ${req.protocol} started` });
+      if (req.protocol === 'imap') {
+        delete env['IMAPLOGINTAG'];
+        env['CLIENT_INPUT'] = Buffer.concat([Buffer.from(`0${req.tag ?? ''}\0`, 'latin1'), input]).toString('base64');
+      } else if (input.length > 0) {
+        env['CLIENT_INPUT'] = input.toString('base64');
+      }
+      const child = spawn(bin, args, { ...opts, env, cwd: home, stdio: [sock, sock, 'pipe'] });
+      pipeStderr(req, child);
+      await new Promise<void>((resolve, reject) => {
+        child.once('spawn', () => resolve());
+        child.once('error', (e) => reject(new BackendError({ kind: 'start-failed', detail: `cannot start dovecot ${req.protocol}: ${e.message}` })));
+      });
+      return { child, greeting: Buffer.alloc(0), handedOff: true };
+    } catch (e) {
+      // the router reads the client again: what it sent meanwhile goes back in front
+      if (late.length > 0) sock.unshift(late);
+      throw e;
     }
-    const child = spawn(bin, args, { ...opts, env, cwd: home, stdio: [req.handoff.socket, req.handoff.socket, 'pipe'] });
-    pipeStderr(req, child);
-    await new Promise<void>((resolve, reject) => {
-      child.once('spawn', () => resolve());
-      child.once('error', (e) => reject(new BackendError({ kind: 'start-failed', detail: `cannot start dovecot ${req.protocol}: ${e.message}` })));
-    });
-    return { child, greeting: Buffer.from(req.protocol === 'pop3' ? '+OK Logged in.\r\n' : ''), handedOff: true };
   }
   const child = spawn(bin, args, { ...opts, env, cwd: home, stdio: ['pipe', 'pipe', 'pipe'] });
   child.stdin.on('error', () => {});
@@ -142,4 +156,9 @@ export default {
   // CLIENT_INPUT replays whatever the proxy already read (the router caps its size)
   acceptsHandoff: () => true,
   start,
+  // standalone without USER: "Fatal: USER environment missing", exit 89 (backends.md §1.1)
+  probe: {
+    imap: { setting: 'dovecot.imap', args: [], expect: /USER environment missing/, what: "Dovecot's imap (Debian dovecot-imapd)" },
+    pop3: { setting: 'dovecot.pop3', args: [], expect: /USER environment missing/, what: "Dovecot's pop3 (Debian dovecot-pop3d)" },
+  },
 } satisfies Backend;

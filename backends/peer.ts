@@ -10,7 +10,7 @@
  * DIAGNOSTICS AppError PEER_UNAVAILABLE / PEER_REFUSED from the link; the router answers
  *             `NO [UNAVAILABLE]` / `-ERR [SYS/TEMP]`.
  */
-import { pipeline } from 'node:stream';
+import type { Writable } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import type { ResolvedUser } from '../src/modules.js';
 import type { ClientConn } from '../src/proxy/conn.js';
@@ -18,6 +18,7 @@ import { sendHandOff } from '../src/peer/link.js';
 import type { PeerContext } from '../src/peer/context.js';
 import { wireUser, wireConfig } from '../src/peer/protocol.js';
 import { BACKEND_START_MS } from '../src/limits.js';
+import { splice } from '../src/proxy/splice.js';
 
 export interface PeerSession {
   readonly kind: 'peer';
@@ -58,44 +59,40 @@ export async function startPeerSession(
 export function relayPeer(conn: ClientConn, s: PeerSession, leftover: Buffer, onLinkLost: (why: string) => void): Promise<{ in: number; out: number; exit: number | null }> {
   const { input, output, pending } = conn.detach();
   const link = s.socket;
-  let bytesIn = 0;
-  let bytesOut = 0;
   return new Promise((resolve) => {
     let finished = false;
+    let early = 0;
     const finish = (): void => {
       if (finished) return;
       finished = true;
       input.destroy();
       link.destroy();
-      resolve({ in: bytesIn, out: bytesOut, exit: null });
+      resolve({ in: early + counts.bytesIn, out: counts.bytesOut, exit: null });
     };
     for (const b of [leftover, ...pending]) {
       if (b.length === 0) continue;
-      bytesIn += b.length;
+      early += b.length;
       link.write(b);
     }
-    input.on('data', (c: Buffer) => {
-      bytesIn += c.length;
-    });
-    link.on('data', (c: Buffer) => {
-      bytesOut += c.length;
-    });
     let clientGone = false;
-    input.once('close', () => {
-      clientGone = true;
-    });
     link.once('error', (e) => {
       if (!clientGone) onLinkLost(e.message);
     });
-    pipeline(input, link, () => {
-      // client closed: let the home node see EOF, then make sure the link is gone
-      setTimeout(finish, 2000).unref();
-      link.end();
-    });
-    pipeline(link, output as NodeJS.WritableStream, () => {
-      (output as NodeJS.WritableStream & { destroy?: () => void }).destroy?.();
-      finish();
-    });
-    input.resume();
+    const counts = splice(
+      { client: { input, output: output as Writable }, backend: { input: link, output: link } },
+      {
+        clientEnded: () => {
+          // client closed: let the home node see EOF, then make sure the link is gone
+          clientGone = true;
+          if (!link.writableEnded) link.end();
+          setTimeout(finish, 2000).unref();
+        },
+        // the home node's last bytes reached the client's socket
+        backendEnded: () => {
+          (output as Writable).destroy();
+          finish();
+        },
+      },
+    );
   });
 }

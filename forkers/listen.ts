@@ -30,6 +30,7 @@ import { readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import type { ProxyEnv } from '../src/proxy/env.js';
 import { loadTls } from '../src/proxy/env.js';
+import type { SniCallback } from '../src/client-tls.js';
 import { loadInstance, type Instance, type Listener } from '../src/instance.js';
 import { createLogger } from '../src/log.js';
 import { socketConn } from './inetd.js';
@@ -261,8 +262,10 @@ async function runWorker(makeEnv: () => ProxyEnv, configPath: string | undefined
     if (l.protocol === 'imap' || l.protocol === 'pop3') server = createServer({ pauseOnConnect: true }, acceptPlain(l.protocol));
     else if (l.protocol === 'imaps' || l.protocol === 'pop3s') {
       const proto = l.protocol === 'imaps' ? 'imap' : 'pop3';
+      // tls.sni: the current configuration's choice (SIGHUP swaps env.tls)
+      const SNICallback: SniCallback = (name, cb) => (env.tls ? env.tls.SNICallback(name, cb) : cb(null, undefined));
       // handshake deadline and ALPN (src/proxy/tls.ts); failed handshakes are logged and closed there
-      server = createTlsServer(implicitTlsOptions(env.instance, proto, tlsFiles(env)), acceptTls(proto));
+      server = createTlsServer({ ...implicitTlsOptions(env.instance, proto, tlsFiles(env)), SNICallback }, acceptTls(proto));
       // the slot is taken at TCP accept, so connections still in the handshake count too
       server.on('connection', (raw: Socket) => {
         const k = peerKey(raw);

@@ -3,7 +3,7 @@
 // message in the mailbox, and `pigeon serve` on loopback (IMAP 10143, POP3 10110, IMAPS 10993,
 // POP3S 10995, LMTP 10024). Re-running reuses the instance. Ctrl-C stops it.
 import { spawnSync, spawn } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync, openSync, writeSync, fsyncSync, closeSync, renameSync, chownSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync, openSync, writeSync, fsyncSync, closeSync, renameSync, chownSync, realpathSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -72,6 +72,15 @@ if (!existsSync(join(dir, 'pigeon.yaml'))) {
   store.close();
 }
 const password = readFileSync(pwFile, 'utf8').trim();
+// how to call this clone's CLI from a shell: `pigeon` when the PATH leads here (the set-up line links it)
+const onPath = (process.env.PATH ?? '').split(':').some((d) => {
+  try {
+    return d !== '' && realpathSync(join(d, 'pigeon')) === realpathSync(cli);
+  } catch {
+    return false;
+  }
+});
+const pigeonCmd = onPath ? 'pigeon' : `node ${cli}`;
 console.log(`PigeonDeliver demo instance: ${dir}
 user: demo@example.test   password: ${password}
 
@@ -80,7 +89,7 @@ Try, in another terminal:
   curl -s 'pop3://127.0.0.1:10110/1' -u 'demo@example.test:${password}'
   curl -sk 'imaps://127.0.0.1:10993/INBOX' -u 'demo@example.test:${password}' -X 'STATUS INBOX (MESSAGES)'
   curl -sk --ssl-reqd 'pop3://127.0.0.1:10110/' -u 'demo@example.test:${password}'
-  node dist/src/cli.js -c ${dir} config show demo@example.test --explain
+  ${pigeonCmd} -c ${dir} config show demo@example.test --explain
 Stop with Ctrl-C.
 `);
 const child = spawn(process.execPath, [cli, '-c', dir, 'serve'], { stdio: 'inherit' });

@@ -4,7 +4,8 @@
 # DESCRIPTION Installs Debian's dovecot-imapd, dovecot-pop3d, postfix, openbsd-inetd, python3,
 #             curl, Courier's libraries and gamin (COURIER_LIBS) with apt-get when run as root
 #             (otherwise prints the packages to install and stops), extracts Courier's imapd/pop3d .debs into .cache/courier (they conflict with
-#             Dovecot in apt), then runs `npm install` and builds with `npm run build`.
+#             Dovecot in apt), then runs `npm install`, builds with `npm run build` and puts
+#             `pigeon` on the PATH (scripts/link-pigeon.sh: as root a symlink in /usr/local/bin).
 #             Used by README's two set-up lines and by .ci/run, so all three stay in step.
 set -eu
 cd "$(dirname "$0")/.."
@@ -57,3 +58,6 @@ if [ ! -d node_modules ] || [ package.json -nt node_modules/.package-lock.json ]
   npm install --no-audit --no-fund --loglevel=error
 fi
 npm run --silent build
+# the pigeon command: as root /usr/local/bin/pigeon -> this clone's dist/src/cli.js (never
+# replacing anything that is not a link into a pigeon clone); otherwise the command to run
+sh scripts/link-pigeon.sh

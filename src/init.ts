@@ -9,11 +9,15 @@
  *             a fresh host certificate is issued here), or what `pigeon cert issue NODE --out DIR`
  *             wrote on the CA holder (ca.crt, node.crt, node.key, no CA key: that certificate,
  *             verified to name --node and to come from that CA, becomes this node's).
+ *             Courier's paths in pigeon.yaml are Debian's when courier-imap/courier-pop are
+ *             installed, else this clone's .cache/courier when scripts/install-deps.sh unpacked
+ *             them there (findCourier).
  * DIAGNOSTICS NODE_CONFLICT (78) when --node is already registered with another certificate,
  *             NODE_REMOVED (78) for a revoked certificate, CONFIG_INVALID (78) for an issued
  *             certificate that names another node, is from another CA, or has expired.
  */
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync, chmodSync, chownSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync, chmodSync, chownSync, accessSync, constants } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { resolveMailUser } from './mailuser.js';
 import { dirname, join, resolve, isAbsolute } from 'node:path';
 import { AppError } from './errors.js';
@@ -37,7 +41,7 @@ function yamlListen(ls: readonly Listener[], raw: readonly string[]): string {
   return `listen:\n${raw.map((r) => `  - ${JSON.stringify(r)}\n`).join('')}`;
 }
 
-export function configText(o: { node: string; db: string; listen: readonly string[] }): string {
+export function configText(o: { node: string; db: string; listen: readonly string[]; courier: CourierPaths }): string {
   const ls = o.listen.map(parseListen);
   return `# PigeonDeliver instance configuration (pigeon.yaml).
 # Files in conf.d/*.yaml are merged over this one in lexical order (maps merge, lists replace).
@@ -62,7 +66,7 @@ mail_user: mail
 # imap imaps pop3 pop3s lmtp peer metrics; lmtp may also be a unix socket path (lmtp=/run/x.sock).
 ${yamlListen(ls, o.listen)}
 # The cluster link (peer= listener): other nodes hand sessions and mail for this node's users
-# over mutual TLS 1.3 with certificates from the cluster CA (tls.ca).
+# over mutual TLS 1.3 with node certificates (peer.cert) from the cluster CA (tls.ca).
 peer:
   # HOST:PORT other nodes connect to; null = the peer= listener's own address
   advertise: null
@@ -73,6 +77,10 @@ peer:
   handoff_timeout_s: 10
   # connecting to another node gives up after this time (the client gets [UNAVAILABLE])
   connect_timeout_s: 10
+  # this node's certificate from the cluster CA (pigeon init / pigeon cert issue): peer links
+  # only, never shown to mail clients (they see tls.cert)
+  cert: certs/node.crt
+  key: certs/node.key
 
 # After login on plain TCP, give the client's socket itself to Dovecot (no copy in between).
 # false: always relay through the proxy (byte counts in the logout line).
@@ -85,10 +93,18 @@ auth:
   chain: [database]
   passwd_file: null
 
-# TLS: this node's certificate (client-facing TLS and peer links) and the cluster CA.
+# TLS for clients (STARTTLS/STLS, imaps/pop3s): the certificate mail clients see. This node's
+# certificate works out of the box; for real clients use one for your mail host name, e.g. a
+# public one (any CA). SIGHUP to "pigeon serve" reloads these files.
 tls:
   cert: certs/node.crt
   key: certs/node.key
+  # per host name a client asks for (SNI), when one address serves several names:
+  # sni:
+  #   mail.example.org: { cert: /etc/ssl/mail.example.org.crt, key: /etc/ssl/mail.example.org.key }
+  #   "*.example.net": { cert: /etc/ssl/example.net.crt, key: /etc/ssl/example.net.key }
+  sni: {}
+  # the cluster CA: it issues node certificates (peer.cert) and is the only CA peer links trust
   ca: certs/ca.crt
   # the CA key is needed only where new node certificates are issued
   ca_key: certs/ca.key
@@ -98,10 +114,10 @@ dovecot:
   imap: /usr/lib/dovecot/imap
   pop3: /usr/lib/dovecot/pop3
 # Courier-IMAP (Debian courier-imap / courier-pop): the imapd and courierpop3d programs themselves,
-# not the couriertcpd start scripts in /usr/lib/courier.
+# not the couriertcpd start scripts in /usr/lib/courier.${o.courier.note}
 courier:
-  imapd: /usr/bin/imapd
-  pop3d: /usr/lib/courier/courier/courierpop3d
+  imapd: ${o.courier.imapd}
+  pop3d: ${o.courier.pop3d}
 
 # The MTA's sendmail command: the delivery modules forward and vacation re-inject mail through it.
 sendmail: /usr/sbin/sendmail
@@ -109,9 +125,14 @@ sendmail: /usr/sbin/sendmail
 log:
   # debug | info | warn | error
   level: info
-  # append log lines to this file instead of stderr (needed under inetd and Postfix spawn,
-  # where stderr is the client's socket); relative to this directory
+  # append log lines to this file instead of stderr; relative to this directory
   file: null
+  # without log.file, the one-session modes (inetd, Postfix spawn, stdio: stderr is the client's
+  # socket there) log to syslog (facility mail, tag pigeon) through this socket ...
+  syslog_socket: /dev/log
+  # ... or, when it does not exist (no syslog daemon), append to this file, which then starts
+  # with a line saying so; relative to this directory
+  fallback_file: pigeon.log
 
 # Runtime files of this node: the socket of the node state service ("anvil"), which holds the
 # connection counts and failure penalties every process of the node shares (serve's workers,
@@ -145,6 +166,38 @@ limits:
   # logged-in sessions of one user from one address (Dovecot's mail_max_userip_connections)
   max_userip_connections: 10
 `;
+}
+
+export interface CourierPaths {
+  readonly imapd: string;
+  readonly pop3d: string;
+  /** a comment line (or '') saying where the paths were found */
+  readonly note: string;
+}
+
+export const DEBIAN_COURIER = { imapd: '/usr/bin/imapd', pop3d: '/usr/lib/courier/courier/courierpop3d' } as const;
+
+/**
+ * Courier's programs on this machine: Debian's packages when installed; else the .debs that
+ * scripts/install-deps.sh unpacked into this clone's .cache/courier (they conflict with Dovecot
+ * in apt); else Debian's paths (`pigeon config test` says when a user needs them and they are
+ * missing).
+ */
+export function findCourier(root = resolve(fileURLToPath(new URL('../..', import.meta.url)))): CourierPaths {
+  const ok = (p: string): boolean => {
+    try {
+      accessSync(p, constants.X_OK);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  if (ok(DEBIAN_COURIER.imapd) && ok(DEBIAN_COURIER.pop3d)) return { ...DEBIAN_COURIER, note: '' };
+  const cache = { imapd: join(root, '.cache', 'courier', 'usr', 'bin', 'imapd'), pop3d: join(root, '.cache', 'courier', 'usr', 'lib', 'courier', 'courier', 'courierpop3d') };
+  if (ok(cache.imapd) && ok(cache.pop3d)) {
+    return { ...cache, note: `\n# Found unpacked by scripts/install-deps.sh in ${join(root, '.cache', 'courier')} (Debian's packages\n# install ${DEBIAN_COURIER.imapd} and ${DEBIAN_COURIER.pop3d}).` };
+  }
+  return { ...DEBIAN_COURIER, note: '' };
 }
 
 type CaFrom = { kind: 'ca'; ca: KeyPair } | { kind: 'issued'; caPem: string; host: KeyPair };
@@ -259,7 +312,7 @@ export function initInstance(o: InitOptions): { dir: string; dbPath: string; cre
     } finally {
       store.close();
     }
-    writeFileSync(join(dir, 'pigeon.yaml'), configText({ node: o.node, db: dbUrl, listen: o.listen }), { flag: 'wx', mode: 0o640 });
+    writeFileSync(join(dir, 'pigeon.yaml'), configText({ node: o.node, db: dbUrl, listen: o.listen, courier: findCourier() }), { flag: 'wx', mode: 0o640 });
     created.push(join(dir, 'pigeon.yaml'));
   } catch (e) {
     // remove only what this run created

@@ -72,6 +72,8 @@ const cidr = z.string().transform((s, ctx) => {
     return z.NEVER;
   }
 });
+/** A tls.sni key: a DNS name, or `*.` and a DNS name (a wildcard for one label). */
+export const SNI_NAME = /^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/i;
 
 export const fileSchema = z.strictObject({
   node: z.string().regex(/^[a-z0-9][a-z0-9.-]{0,62}$/i, 'node names are letters, digits, dots and hyphens').default('node1'),
@@ -87,10 +89,14 @@ export const fileSchema = z.strictObject({
     })
     .refine((a) => !a.chain.includes('passwd-file') || a.passwd_file !== null, { message: 'chain has passwd-file but auth.passwd_file is not set', path: ['passwd_file'] })
     .prefault({}),
+  // what IMAP/POP3 clients see (STARTTLS/STLS, imaps/pop3s); any CA, e.g. a public certificate
   tls: z
     .strictObject({
       cert: path.default('certs/node.crt'),
       key: path.default('certs/node.key'),
+      // per host name the client asks for (SNI): an exact name, or *.example.org for one label
+      sni: z.record(z.string().regex(SNI_NAME, 'a host name (a.example.org) or *.example.org'), z.strictObject({ cert: path, key: path })).default({}),
+      // the cluster CA: it issues the node certificates (peer.cert), trusted on peer links
       ca: path.default('certs/ca.crt'),
       ca_key: path.default('certs/ca.key'),
     })
@@ -114,12 +120,22 @@ export const fileSchema = z.strictObject({
         .default('registry'),
       handoff_timeout_s: z.number().int().min(1).max(300).default(10),
       connect_timeout_s: z.number().int().min(1).max(300).default(10),
+      // this node's certificate from the cluster CA (tls.ca), for peer links only
+      cert: path.default('certs/node.crt'),
+      key: path.default('certs/node.key'),
     })
     .prefault({}),
   // node-local: the MTA's sendmail command (forward and vacation re-inject mail through it)
   sendmail: path.default('/usr/sbin/sendmail'),
   log: z
-    .strictObject({ level: z.enum(['debug', 'info', 'warn', 'error']).default('info'), file: z.string().nullable().default(null) })
+    .strictObject({
+      level: z.enum(['debug', 'info', 'warn', 'error']).default('info'),
+      file: z.string().nullable().default(null),
+      // inetd and Postfix spawn without log.file: syslog through this socket when it exists ...
+      syslog_socket: path.default('/dev/log'),
+      // ... else this file (relative to the instance directory), with one line saying why
+      fallback_file: path.default('pigeon.log'),
+    })
     .prefault({}),
   // node-local runtime files: the node state service's socket (src/anvil)
   run_dir: path.default('run'),
@@ -158,7 +174,18 @@ export interface Instance {
   readonly logFile: string | null;
   /** absolute run_dir: the node state service's socket */
   readonly runDir: string;
-  readonly tls: { readonly cert: string; readonly key: string; readonly ca: string; readonly caKey: string };
+  /** where one-session modes log when there is neither log.file nor a syslog socket (absolute) */
+  readonly logFallback: string;
+  /** client-facing TLS (tls.cert/tls.key, tls.sni), and the cluster CA (tls.ca/tls.ca_key); absolute paths */
+  readonly tls: {
+    readonly cert: string;
+    readonly key: string;
+    readonly sni: readonly { readonly name: string; readonly cert: string; readonly key: string }[];
+    readonly ca: string;
+    readonly caKey: string;
+  };
+  /** the node certificate for peer links (peer.cert/peer.key) and the cluster CA that issued it */
+  readonly peerTls: { readonly cert: string; readonly key: string; readonly ca: string };
 }
 
 /** Where the instance is: -c, then PIGEON_CONFIG, then /etc/pigeon. A directory means DIR/pigeon.yaml. */
@@ -211,6 +238,8 @@ function loadFile(file: string): Record<string, unknown> {
         p = [...issue.path, issue.keys[0] ?? ''];
         msg = `unknown key${issue.keys.length > 1 ? 's' : ''} ${issue.keys.join(', ')}`;
       }
+      // a map key that is not allowed (tls.sni names): its own rule's message
+      if (issue.code === 'invalid_key') msg = issue.issues[0]?.message ?? msg;
       const node = nodeAt(doc, p);
       // for an unknown key point at the key itself
       let offset = node?.range?.[0] ?? 0;
@@ -270,6 +299,14 @@ export function loadInstance(c: string | undefined): Instance {
     mailRoot: abs(config.mail_root),
     logFile: config.log.file === null || config.log.file === '' ? null : abs(config.log.file),
     runDir: abs(config.run_dir),
-    tls: { cert: abs(config.tls.cert), key: abs(config.tls.key), ca: abs(config.tls.ca), caKey: abs(config.tls.ca_key) },
+    logFallback: abs(config.log.fallback_file),
+    tls: {
+      cert: abs(config.tls.cert),
+      key: abs(config.tls.key),
+      sni: Object.entries(config.tls.sni).map(([name, p]) => ({ name: name.toLowerCase(), cert: abs(p.cert), key: abs(p.key) })),
+      ca: abs(config.tls.ca),
+      caKey: abs(config.tls.ca_key),
+    },
+    peerTls: { cert: abs(config.peer.cert), key: abs(config.peer.key), ca: abs(config.tls.ca) },
   };
 }

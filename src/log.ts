@@ -2,14 +2,16 @@
  * NAME        src/log — one line per event, in the text mail admins already grep
  * DESCRIPTION Lines look like Dovecot's: `2026-12-03T10:00:00.000Z pigeon[123]: imap-login: Login:
  *             user=<a@b>, method=PLAIN, rip=1.2.3.4, lip=5.6.7.8, session=<x>`. Destination is
- *             stderr (daemon, CLI) or an append-only file (`log.file`; inetd and Postfix modes,
- *             where stderr is the client socket). Client data only ever goes into fields, which
- *             are sanitised (no CR/LF/control characters); the message and prefix are made one
- *             line too (an OpenSSL error text ends in a newline), so a record is always one line.
+ *             stderr (daemon, CLI) or an append-only file (`log.file`); in inetd and Postfix
+ *             modes, where stderr is the client socket, without log.file: syslog when its socket
+ *             (log.syslog_socket) exists, else log.fallback_file, which says why in its first line.
+ *             Client data only ever goes into fields, which are sanitised (no CR/LF/control
+ *             characters); the message and prefix are made one line too (an OpenSSL error text
+ *             ends in a newline), so a record is always one line.
  * SECURITY    Never logs a password, hash or key: callers pass no such field, and fields named
  *             pass/password/secret are replaced by "<hidden>".
  */
-import { appendFileSync, existsSync } from 'node:fs';
+import { appendFileSync, existsSync, statSync, openSync, writeSync, constants } from 'node:fs';
 import { spawn, type ChildProcess } from 'node:child_process';
 
 export type Level = 'debug' | 'info' | 'warn' | 'error';
@@ -73,17 +75,37 @@ export function createLogger(opts: { level: Level; file?: string | null; sink?: 
 }
 
 /**
- * Syslog (facility mail, tag pigeon) through the system's logger(1), for inetd and Postfix modes
- * where stderr is the client's socket. One logger process per pigeon process; it never keeps
- * pigeon alive. Returns null when logger(1) is not installed.
+ * Why syslog cannot take our lines through `socket`, or null when it can: the socket must exist
+ * and be a socket (logger(1) drops lines without a word when it is missing), and logger(1) must
+ * be installed.
  */
-export function syslogSink(): ((line: string) => void) | null {
-  const bin = ['/usr/bin/logger', '/bin/logger'].find((p) => existsSync(p));
-  if (!bin) return null;
+export function syslogUnavailable(socket: string): string | null {
+  let st;
+  try {
+    st = statSync(socket);
+  } catch (e) {
+    return `no syslog socket at ${socket} (${(e as NodeJS.ErrnoException).code ?? 'error'})`;
+  }
+  if (!st.isSocket()) return `${socket} is not a socket`;
+  if (!LOGGER.some((p) => existsSync(p))) return 'logger(1) is not installed (Debian bsdutils)';
+  return null;
+}
+
+const LOGGER = ['/usr/bin/logger', '/bin/logger'];
+
+/**
+ * Syslog (facility mail, tag pigeon) through the system's logger(1), writing to `socket`, for
+ * inetd and Postfix modes where stderr is the client's socket. One logger process per pigeon
+ * process; it never keeps pigeon alive. Returns null when syslog is unavailable (see
+ * syslogUnavailable): then use syslogOrFileSink.
+ */
+export function syslogSink(socket = '/dev/log'): ((line: string) => void) | null {
+  const bin = LOGGER.find((p) => existsSync(p));
+  if (!bin || syslogUnavailable(socket) !== null) return null;
   let child: ChildProcess | null = null;
   return (line: string) => {
     if (!child) {
-      child = spawn(bin, ['-t', 'pigeon', '--id', String(process.pid), '-p', 'mail.info'], { stdio: ['pipe', 'ignore', 'ignore'], detached: false });
+      child = spawn(bin, ['-t', 'pigeon', `--id=${process.pid}`, '-p', 'mail.info', '-u', socket], { stdio: ['pipe', 'ignore', 'ignore'], detached: false });
       child.on('error', () => {});
       child.stdin?.on('error', () => {});
       child.unref();
@@ -92,4 +114,53 @@ export function syslogSink(): ((line: string) => void) | null {
     // logger adds its own timestamp and tag
     child.stdin?.write(line.replace(/^\S+ pigeon\[\d+\]: /, ''));
   };
+}
+
+/**
+ * Append lines to `file` (opened once: no symlink followed, mode 0640). The process that creates
+ * the file writes `notice` into it first: said once per file, not once per session (under inetd
+ * every connection is a process). A file that cannot be opened drops the lines, as a full disk
+ * would: a session never fails for its log.
+ */
+export function fileSink(file: string, notice: string | null = null): (line: string) => void {
+  let fd: number | null = null;
+  let failed = false;
+  const open = (): number | null => {
+    if (fd !== null || failed) return fd;
+    const flags = constants.O_WRONLY | constants.O_APPEND | constants.O_NOFOLLOW;
+    try {
+      fd = openSync(file, flags | constants.O_CREAT | constants.O_EXCL, 0o640);
+      if (notice !== null) writeSync(fd, `${new Date().toISOString()} pigeon[${process.pid}]: log: ${notice}\n`);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') failed = true;
+      else {
+        try {
+          fd = openSync(file, flags);
+        } catch {
+          failed = true;
+        }
+      }
+    }
+    return fd;
+  };
+  return (line: string) => {
+    const f = open();
+    if (f === null) return;
+    try {
+      writeSync(f, line);
+    } catch {
+      /* a log file we cannot write must not kill a session */
+    }
+  };
+}
+
+/**
+ * Where the one-session modes (inetd, Postfix spawn) log without log.file: syslog through
+ * `socket`, else `fallback` — log lines never vanish because a machine (a container, a chroot)
+ * has no syslog daemon. The fallback file starts with one line saying why.
+ */
+export function syslogOrFileSink(socket: string, fallback: string): (line: string) => void {
+  const why = syslogUnavailable(socket);
+  const sink = why === null ? syslogSink(socket) : null;
+  return sink ?? fileSink(fallback, `${why ?? 'syslog unavailable'}: logging to ${fallback} instead (log.fallback_file; set log.file, or log.syslog_socket)`);
 }

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { spawnSync } from 'node:child_process';
 import { makeNode, metrics, wireTo, lmtpSend, type ClusterNode } from './helpers/cluster.js';
-import { pigeon, CLI } from './helpers/instance.js';
+import { pigeon, CLI, scratchDir } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
 import { startCli } from './helpers/cli.js';
 import { courierBinaries } from './helpers/backends.js';
@@ -101,7 +101,7 @@ async function until(what: () => boolean, ms = 10_000): Promise<boolean> {
 t.test('cluster of three nodes on one machine', async (t) => {
   if (!requireProgram(t, '/usr/lib/dovecot/imap', 'dovecot-imapd')) return;
   if (!requireProgram(t, '/usr/lib/dovecot/pop3', 'dovecot-pop3d')) return;
-  const base = t.testdir({});
+  const base = scratchDir(t);
   const A = await makeNode(t, base, 'A', '127.0.0.2', null, null);
   const db = join(A.dir, 'pigeon.db');
   const B = await makeNode(t, base, 'B', '127.0.0.3', db, A.dir);

@@ -88,6 +88,34 @@ for (const backend of BACKENDS) {
       await w.waitClosed();
     });
 
+    t.test('PASS with many pipelined commands, 96 logins, 16 at a time: the login answer is always first', async (t) => {
+      // Dovecot's POP3 hand-off: the proxy writes "+OK Logged in." and Dovecot, spawned on the
+      // same socket, answers the pipelined commands; the proxy's line must be on the wire before
+      // Dovecot starts. Parallel logins keep the proxy's event loop busy, as a loaded CI box does.
+      const STATS = 20;
+      const once = async (): Promise<string[]> => {
+        const w = await Wire.open(port);
+        try {
+          await w.until(/\r\n/);
+          w.write('USER alice@example.test\r\n');
+          await w.until(/\r\n/);
+          w.write(`PASS secret\r\n${'STAT\r\n'.repeat(STATS)}QUIT\r\n`);
+          const all = await w.until(/(\+OK.*\r\n){22}/, 30_000);
+          return all.split('\r\n').slice(0, STATS + 2);
+        } finally {
+          w.close();
+        }
+      };
+      const misordered: string[] = [];
+      for (let round = 0; round < 6; round++) {
+        for (const lines of await Promise.all(Array.from({ length: 16 }, once))) {
+          const ok = LOGGED_IN.test(lines[0] ?? '') && lines.slice(1, STATS + 1).every((l) => /^\+OK \d+ \d+$/.test(l)) && /^\+OK/.test(lines[STATS + 1] ?? '');
+          if (!ok) misordered.push(lines.slice(0, 3).join(' | '));
+        }
+      }
+      t.same(misordered, [], 'every session: the login answer, 20 STAT answers, the QUIT answer, in that order');
+    });
+
     t.test('STLS then login; implicit TLS port', async (t) => {
       const w = await Wire.open(port);
       t.teardown(() => w.close());

@@ -30,3 +30,20 @@ t.test('the shared install script installs what the tests drive', async (t) => {
   t.match(sh, /dpkg -x/, 'and extracts them into the project cache');
   t.match(sh, /npm install/, 'installs the npm packages');
 });
+
+t.test('README says near the top how to get the pigeon command, and the set-up line does it', async (t) => {
+  const top = readme.slice(0, readme.indexOf('\n## '));
+  t.match(top, /\/usr\/local\/bin\/pigeon/, 'where the command comes from, before the first section');
+  t.match(top, 'ln -sfn "$PWD/dist/src/cli.js" /usr/local/bin/pigeon', 'and the one command when the set-up line could not link it');
+  t.notMatch(readme, /chmod \+x dist\/src\/cli\.js/, 'no stale chmod step (npm run build marks cli.js executable)');
+  const sh = readFileSync(join(ROOT, 'scripts', 'install-deps.sh'), 'utf8');
+  t.ok(sh.indexOf('sh scripts/link-pigeon.sh') > sh.indexOf('npm run --silent build'), 'install-deps.sh links pigeon after the build');
+});
+
+t.test("README's Courier paths are the ones the set-up line unpacks", async (t) => {
+  const sh = readFileSync(join(ROOT, 'scripts', 'install-deps.sh'), 'utf8');
+  for (const p of ['.cache/courier/usr/bin/imapd', '.cache/courier/usr/lib/courier/courier/courierpop3d']) {
+    t.match(readme, p, `README names ${p}`);
+    t.match(sh, `[ -x ${p} ]`, 'install-deps.sh checks the same path after dpkg -x');
+  }
+});

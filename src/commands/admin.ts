@@ -362,10 +362,22 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     });
   config
     .command('test')
-    .description('check the configuration files and the database; exit 0 when usable')
-    .action(() => {
+    .description('check the configuration files, the database, the certificates and the backend binaries in use; exit 0 when usable')
+    .action(async () => {
       const { instance, store } = openCtx(cfg());
       store.listDomains();
+      const check = await import('../config-check.js');
+      const { resolveMailUser } = await import('../mailuser.js');
+      const r: import('../config-check.js').CheckReport = { lines: [], warnings: [], problems: [] };
+      check.checkCertificates(instance, r);
+      check.checkBackends(instance, store, resolveMailUser(instance.config.mail_user), r);
+      check.checkLog(instance, r);
+      for (const l of r.lines) console.log(l);
+      for (const w of r.warnings) console.error(`pigeon: warning: ${w}`);
+      if (r.problems.length > 0) {
+        for (const p of r.problems) console.error(`pigeon: error: ${p}`);
+        throw new AppError('CONFIG_INVALID', `configuration test failed: ${r.problems.length} problem${r.problems.length > 1 ? 's' : ''} (above)`);
+      }
       console.log(`configuration OK: ${instance.files.join(', ')}; database ${instance.dbPath}`);
     });
 

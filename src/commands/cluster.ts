@@ -116,7 +116,7 @@ Runs on the CA holder (the instance with tls.ca_key). Writes DIR/ca.crt, DIR/nod
 DIR/node.key (0600) and records the certificate in the shared database:
   - a new node: it joins with  pigeon init NEWDIR --node NODE --ca-from DIR --db SHARED_DB
   - an existing node (re-issue): the new certificate is accepted next to the current one; install
-    node.crt + node.key as that node's tls.cert/tls.key and restart pigeon serve there.`,
+    node.crt + node.key as that node's peer.cert/peer.key and restart pigeon serve there.`,
     )
     .action((nodeName, o) => {
       const name = checkNodeName(nodeName);
@@ -174,7 +174,7 @@ DIR/node.key (0600) and records the certificate in the shared database:
           console.log(`next, on the new node: pigeon init NEWDIR --node ${name} --ca-from ${out} --db ${instance.dbPath} --listen peer=HOST:PORT --listen imap=HOST:PORT ...`);
         } else {
           console.log(`node ${name} already exists: the new certificate is accepted next to its current one`);
-          console.log(`next: install ${files.cert} + ${files.key} as node ${name}'s tls.cert/tls.key and restart pigeon serve there (the peer link reads its certificate at start); both certificates are accepted until it registers with the new one`);
+          console.log(`next: install ${files.cert} + ${files.key} as node ${name}'s peer.cert/peer.key and restart pigeon serve there (the peer link reads its certificate at start); both certificates are accepted until it registers with the new one`);
         }
       } finally {
         store.close();

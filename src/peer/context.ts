@@ -1,8 +1,10 @@
 /**
  * NAME        src/peer/context — what a process needs to open peer links (kept light: no TLS code)
- * DESCRIPTION This node's name, the cached node registry and, on first use, its certificate, key
- *             and the cluster CA (checked by certs/verify.ts). `pigeon deliver` builds one per
- *             message without paying for it unless a recipient lives on another node.
+ * DESCRIPTION This node's name, the cached node registry and, on first use, its node certificate
+ *             and key (peer.cert/peer.key: from the cluster CA, used for peer links only — clients
+ *             see tls.cert/tls.key) and the cluster CA (tls.ca), checked by certs/verify.ts.
+ *             `pigeon deliver` builds one per message without paying for it unless a recipient
+ *             lives on another node.
  */
 import { createSecureContext, type SecureContext } from 'node:tls';
 import type { Instance } from '../instance.js';
@@ -37,7 +39,7 @@ export function createPeerContext(instance: Instance, store: Store, nodes?: Node
     handoffTimeoutMs: instance.config.peer.handoff_timeout_s * 1000,
     trust: trustModule(instance.config.peer.trust),
     credentials(): NodeCredentials {
-      creds ??= loadNodeCredentials(instance.tls, instance.config.node);
+      creds ??= loadNodeCredentials(instance.peerTls, instance.config.node);
       return creds;
     },
     clientContext(): SecureContext {

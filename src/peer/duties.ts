@@ -33,7 +33,7 @@ export function peerAddress(instance: Instance): string | null {
 }
 
 export function registerAtStart(instance: Instance): { lines: string[] } {
-  const creds = loadNodeCredentials(instance.tls, instance.config.node);
+  const creds = loadNodeCredentials(instance.peerTls, instance.config.node);
   const store = new Store(openDb(instance.dbPath), instance.dbPath);
   const lines: string[] = [];
   try {

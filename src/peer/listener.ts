@@ -1,7 +1,8 @@
 /**
  * NAME        src/peer/listener — the `peer` listener of `pigeon serve`: receive hand-offs
  * SYNOPSIS    pigeon.yaml: listen: ["peer=10.0.0.3:4190"]   (peer.advertise when behind NAT)
- * DESCRIPTION TLS 1.3 only; the client must present a host certificate issued by the cluster CA
+ * DESCRIPTION TLS 1.3 only, with this node's peer.cert/peer.key (never the client-facing tls.cert);
+ *             the client must present a host certificate issued by the cluster CA
  *             (node:tls checks chain and dates), and the node it names must be registered,
  *             enabled, with that certificate's fingerprint (NodeDirectory.check, from the cached
  *             registry: no database read per link). Then one hand-off (src/peer/protocol.ts),
@@ -98,8 +99,6 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
   server.on('secureConnection', (sock: TLSSocket) => {
     sock.on('error', () => undefined);
     sock.setNoDelay(true);
-    // the session layers (framing, relay pipelines) each watch close/error on the one socket
-    sock.setMaxListeners(32);
     void handle(sock).catch((e: unknown) => {
       log('error', 'peer', `link failed: ${e instanceof Error ? e.message : String(e)}`);
       sock.destroy();

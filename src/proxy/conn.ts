@@ -7,7 +7,8 @@
  *             handshake (STARTTLS injection) and continues on the TLS socket; a handshake that
  *             fails, is refused (ALPN) or misses its deadline destroys the connection.
  */
-import { TLSSocket, type SecureContext } from 'node:tls';
+import { TLSSocket } from 'node:tls';
+import type { ClientTls } from '../client-tls.js';
 import type { Duplex } from 'node:stream';
 
 export interface Peer {
@@ -117,11 +118,11 @@ export class ClientConn {
    * framer). `alpn` chooses the protocol a client offering ALPN must offer (src/proxy/tls.ts);
    * the handshake must end within `timeoutMs`, else the connection is destroyed.
    */
-  async startTls(context: SecureContext, opts: { timeoutMs: number; alpn: (arg: { servername: string; protocols: string[] }) => string | undefined }): Promise<void> {
+  async startTls(server: ClientTls, opts: { timeoutMs: number; alpn: (arg: { servername: string; protocols: string[] }) => string | undefined }): Promise<void> {
     this.unattach();
     this.chunks = [];
     const raw = this.stream;
-    const tls = new TLSSocket(raw, { isServer: true, secureContext: context, minVersion: 'TLSv1.2', ALPNCallback: opts.alpn } as ConstructorParameters<typeof TLSSocket>[1]);
+    const tls = new TLSSocket(raw, { isServer: true, secureContext: server.secureContext, SNICallback: server.SNICallback, minVersion: 'TLSv1.2', ALPNCallback: opts.alpn } as ConstructorParameters<typeof TLSSocket>[1]);
     try {
       await new Promise<void>((resolve, reject) => {
         const t = setTimeout(() => reject(new Error(`no handshake within ${Math.round(opts.timeoutMs / 1000)} s`)), opts.timeoutMs);

@@ -2,14 +2,12 @@
  * NAME        src/proxy/env — what every proxy session shares: instance, database, auth, TLS, logs,
  *             and the link to the node state service (connection limits, failure penalties)
  */
-import { createSecureContext, type SecureContext } from 'node:tls';
-import { readFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import type { Instance } from '../instance.js';
 import { loadInstance } from '../instance.js';
 import { Store } from '../store.js';
 import { openDb } from '../db.js';
-import { createLogger, syslogSink, type Logger } from '../log.js';
+import { createLogger, syslogOrFileSink, type Logger } from '../log.js';
 import { databaseAuth, databaseSource, type PasswordSource } from '../../auth/database.js';
 import { passwdFileSource } from '../../auth/passwd-file.js';
 import { isAbsolute, join } from 'node:path';
@@ -17,15 +15,16 @@ import type { AuthInstance } from '../modules.js';
 import { resolveMailUser, type MailUser } from '../mailuser.js';
 import { Penalty } from './penalty.js';
 import { AnvilClient } from '../anvil/client.js';
-import { AppError } from '../errors.js';
 import { createPeerContext, type PeerContext } from '../peer/context.js';
+import { loadClientTls, type ClientTls } from '../client-tls.js';
 
 export interface ProxyEnv {
   instance: Instance;
   readonly store: Store;
   log: Logger;
   readonly auth: AuthInstance;
-  tls: SecureContext | null;
+  /** what clients see on STARTTLS/STLS and imaps/pop3s (tls.cert/tls.key, tls.sni) */
+  tls: ClientTls | null;
   readonly mailUser: MailUser;
   /** auth failure delay per client address, node-wide: `await` each method */
   readonly penalty: Penalty;
@@ -35,22 +34,15 @@ export interface ProxyEnv {
   readonly peer: PeerContext;
 }
 
-export function loadTls(instance: Instance): SecureContext | null {
-  try {
-    return createSecureContext({ cert: readFileSync(instance.tls.cert), key: readFileSync(instance.tls.key), minVersion: 'TLSv1.2' });
-  } catch (e) {
-    throw new AppError('CONFIG_INVALID', `tls: cannot load ${instance.tls.cert} / ${instance.tls.key}: ${(e as Error).message.split('\n')[0]}`);
-  }
+export function loadTls(instance: Instance): ClientTls | null {
+  return loadClientTls(instance.tls);
 }
 
 export function createProxyEnv(configPath: string | undefined, opts: { logToStderr: boolean; role: string }): ProxyEnv {
   const instance = loadInstance(configPath);
   let log: Logger;
   if (instance.logFile !== null || opts.logToStderr) log = createLogger({ level: instance.config.log.level, file: instance.logFile });
-  else {
-    const sink = syslogSink();
-    log = createLogger({ level: instance.config.log.level, sink: sink ?? (() => {}) });
-  }
+  else log = createLogger({ level: instance.config.log.level, sink: syslogOrFileSink(instance.config.log.syslog_socket, instance.logFallback) });
   const store = new Store(openDb(instance.dbPath), instance.dbPath);
   const anvil = new AnvilClient({
     runDir: instance.runDir,

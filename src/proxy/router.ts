@@ -3,13 +3,14 @@
  * DESCRIPTION Reads nothing from the database itself: the caller passes the user and effective
  *             config from the one auth read. Allocation goes through src/allocation.ts, the same
  *             function delivery uses, so a first login creates exactly the mailbox the first mail
- *             would. Relay joins client and backend with stream.pipeline both ways (backpressure
- *             and errors propagate); when either side ends the other is closed and no child is
- *             left behind. Before a backend starts, the client's connection takes a user+IP slot
- *             (src/proxy/slots.ts; limits.max_userip_connections), given back when the session
- *             ends or does not start.
+ *             would. Relay joins client and backend both ways (src/proxy/splice.ts: backpressure
+ *             both ways, one watcher per stream); when either side ends the other is closed and
+ *             no child is left behind. A hand-off (the plain client socket given to the backend
+ *             itself) starts only after the backend's start() has put on the wire whatever the
+ *             client must see first (backends/types.ts prepareHandoff). Before a backend starts,
+ *             the client's connection takes a user+IP slot (src/proxy/slots.ts;
+ *             limits.max_userip_connections), given back when the session ends or does not start.
  */
-import { pipeline } from 'node:stream';
 import type { ResolvedUser } from '../modules.js';
 import type { ProxyEnv } from './env.js';
 import type { ClientConn } from './conn.js';
@@ -18,6 +19,8 @@ import { BACKENDS } from '../registry.js';
 import { BackendError, type BackendSession } from '../../backends/types.js';
 import { isAppError } from '../errors.js';
 import { trackSession } from './live.js';
+import { splice } from './splice.js';
+import type { Writable } from 'node:stream';
 import { startPeerSession, relayPeer, type PeerSession } from '../../backends/peer.js';
 import { slotOf } from './slots.js';
 
@@ -161,62 +164,73 @@ export function relay(conn: ClientConn, s: BackendSession | PeerSession, leftove
   if (s.handedOff) return waitHandedOff(conn, s);
   const { input, output, pending } = conn.detach();
   const child = s.child;
-  let bytesIn = 0;
-  let bytesOut = 0;
+  const { stdin, stdout } = child;
   return new Promise((resolve) => {
+    if (!stdin || !stdout) {
+      child.kill('SIGKILL');
+      resolve({ in: 0, out: 0, exit: null });
+      return;
+    }
     let exitCode: number | null = null;
+    let exited = false;
+    let answered = false;
     let finished = false;
+    let early = 0;
     const finish = (): void => {
       if (finished) return;
       finished = true;
-      resolve({ in: bytesIn, out: bytesOut, exit: exitCode });
+      resolve({ in: early + counts.bytesIn, out: counts.bytesOut, exit: exitCode });
+    };
+    // done when the child has exited and its last words reached the client (or cannot any more)
+    const settle = (): void => {
+      const o = output as Writable;
+      if (exited && (answered || o.destroyed || o.writableFinished)) finish();
     };
     output.write(s.greeting);
-    if (leftover.length > 0) {
-      bytesIn += leftover.length;
-      child.stdin?.write(leftover);
+    for (const p of [leftover, ...pending]) {
+      if (p.length === 0) continue;
+      early += p.length;
+      stdin.write(p);
     }
-    for (const p of pending) {
-      bytesIn += p.length;
-      child.stdin?.write(p);
-    }
-    input.on('data', (c: Buffer) => {
-      bytesIn += c.length;
-    });
-    child.stdout?.on('data', (c: Buffer) => {
-      bytesOut += c.length;
-    });
-    if (child.stdin) pipeline(input, child.stdin, () => child.stdin?.destroy());
-    if (child.stdout) {
-      pipeline(child.stdout, output as NodeJS.WritableStream, () => {
-        input.destroy();
-      });
-    }
-    input.resume();
+    const counts = splice(
+      { client: { input, output: output as Writable }, backend: { input: stdin, output: stdout } },
+      {
+        clientEnded: () => {
+          // the client stopped sending: the backend sees EOF; give it a moment to leave, then make sure
+          if (!stdin.writableEnded) stdin.destroy();
+          if (!exited) {
+            const t = setTimeout(() => child.kill('SIGTERM'), 2000);
+            t.unref();
+            child.once('exit', () => clearTimeout(t));
+          }
+          settle();
+        },
+        // the backend said its last word and the client's socket has it: close our side
+        backendEnded: () => {
+          answered = true;
+          input.destroy();
+          settle();
+        },
+      },
+    );
     child.once('exit', (code) => {
       exitCode = code;
-      setTimeout(() => {
-        input.destroy();
-        finish();
-      }, 50);
-    });
-    input.once('close', () => {
-      // client gone: give the backend a moment to see EOF, then make sure it is gone
-      const t = setTimeout(() => child.kill('SIGTERM'), 2000);
-      t.unref();
-      child.once('exit', () => {
-        clearTimeout(t);
-        finish();
-      });
-      if (child.exitCode !== null || child.signalCode !== null) finish();
+      exited = true;
+      settle();
+      // its stdout normally ends with it (backendEnded); if something else holds the pipe open, do not wait for ever
+      if (!finished) {
+        setTimeout(() => {
+          input.destroy();
+          finish();
+        }, 2000).unref();
+      }
     });
   });
 }
 
-/** The backend owns the socket: send our greeting (POP3), wait for it to exit, then close ours. */
+/** The backend owns the socket (start() already wrote what had to come first): wait for it to exit, then close ours. */
 function waitHandedOff(conn: ClientConn, s: BackendSession): Promise<{ in: number; out: number; exit: number | null }> {
   const sock = conn.raw;
-  if (s.greeting.length > 0) sock.write(s.greeting);
   return new Promise((resolve) => {
     const done = (code: number | null): void => {
       // Dovecot exits 89 on a fatal init error without a word to the client (imap)

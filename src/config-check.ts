@@ -1,0 +1,167 @@
+/**
+ * NAME        src/config-check — what `pigeon config test` checks beyond parsing the files
+ * DESCRIPTION After the files parsed and the database opened: the certificate pairs (tls.cert/
+ *             tls.key and every tls.sni entry: readable, the key belongs to the certificate,
+ *             valid now; peer.cert/peer.key: also issued by the cluster CA and naming this node),
+ *             and the binaries of every backend that a setting selects for someone this node may
+ *             serve — the global value (or the default), every domain's, and the users homed here
+ *             or not yet placed. Each binary must exist, be executable and start: it is run once
+ *             as the mail user with the backend's probe arguments (backends/types.ts), so a
+ *             missing shared library, a wrong program or a bad path shows here, not as
+ *             `[UNAVAILABLE]` at a user's login. And where the one-session modes will log.
+ * DIAGNOSTICS Returns report lines, warnings (certificates expiring within 30 days) and problems;
+ *             the command exits 78 when there is a problem.
+ * SECURITY    Probes run with an empty environment as the mail user, never as root; nothing
+ *             from the database reaches a command line.
+ */
+import { spawnSync } from 'node:child_process';
+import { accessSync, statSync, constants } from 'node:fs';
+import type { Instance } from './instance.js';
+import type { Store } from './store.js';
+import type { MailUser } from './mailuser.js';
+import type { Backend } from '../backends/types.js';
+import { BACKENDS } from './registry.js';
+import { resolve } from './resolve.js';
+import { checkPair, clientPairs } from './client-tls.js';
+import { loadNodeCredentials } from '../certs/verify.js';
+import { EXPIRY_WARN_DAYS } from '../certs/ca.js';
+import { isAppError } from './errors.js';
+import { syslogUnavailable } from './log.js';
+
+export interface CheckReport {
+  readonly lines: string[];
+  readonly warnings: string[];
+  readonly problems: string[];
+}
+
+const PROTOCOLS = ['imap', 'pop3'] as const;
+type Proto = (typeof PROTOCOLS)[number];
+const PROBE_MS = 10_000;
+
+function days(to: Date, now: Date): number {
+  return Math.floor((to.getTime() - now.getTime()) / 86400_000);
+}
+
+/** Certificates: what clients see (tls, tls.sni) and the node certificate of peer links (peer). */
+export function checkCertificates(instance: Instance, r: CheckReport, now = new Date()): void {
+  for (const p of clientPairs(instance.tls)) {
+    try {
+      const info = checkPair(p, now);
+      r.lines.push(`${p.setting}: ${p.cert} (${info.names.length > 0 ? info.names.join(', ') : info.subject}; issuer ${info.issuer}; expires ${info.notAfter.toISOString().slice(0, 10)})`);
+      const d = days(info.notAfter, now);
+      if (d < EXPIRY_WARN_DAYS) r.warnings.push(`${p.setting}.cert: ${p.cert} expires in ${d} days`);
+    } catch (e) {
+      r.problems.push(isAppError(e) ? e.message : String(e));
+    }
+  }
+  try {
+    const c = loadNodeCredentials(instance.peerTls, instance.config.node);
+    r.lines.push(`peer: ${instance.peerTls.cert} (node ${c.name} from the cluster CA ${instance.peerTls.ca}; expires ${c.notAfter.toISOString().slice(0, 10)})`);
+    const d = days(c.notAfter, now);
+    if (d < EXPIRY_WARN_DAYS) r.warnings.push(`peer.cert: ${instance.peerTls.cert} expires in ${d} days; re-issue it with "pigeon cert issue ${c.name} --out DIR" on the CA holder`);
+  } catch (e) {
+    r.problems.push(`peer.cert/peer.key: ${isAppError(e) ? e.message : String(e)}`);
+  }
+}
+
+/**
+ * Which backend each scope selects, per protocol: backend name → the scopes that select it
+ * ("default", "global", "domain D", "user U"). Users homed on other nodes are not this node's.
+ */
+export function selectedBackends(store: Store, node: string): Map<string, { protocol: Proto; backend: string; by: string[] }> {
+  const out = new Map<string, { protocol: Proto; backend: string; by: string[] }>();
+  const note = (protocol: Proto, backend: string, by: string): void => {
+    const k = `${protocol} ${backend}`;
+    const e = out.get(k) ?? { protocol, backend, by: [] };
+    e.by.push(by);
+    out.set(k, e);
+  };
+  const valueOf = (eff: ReturnType<typeof resolve>, p: Proto): { backend: string; from: string } => {
+    const e = eff[`${p}.backend`];
+    return { backend: String(e?.value ?? 'dovecot'), from: e?.from ?? 'default' };
+  };
+  const global = resolve(store.rowsFor({ scope: 'global', name: null }));
+  for (const p of PROTOCOLS) {
+    const g = valueOf(global, p);
+    note(p, g.backend, g.from === 'default' ? 'default' : 'global');
+  }
+  const perDomain = new Map<string, ReturnType<typeof resolve>>();
+  for (const d of store.listDomains()) {
+    const eff = resolve(store.rowsFor({ scope: 'domain', name: d.name }));
+    perDomain.set(d.name, eff);
+    for (const p of PROTOCOLS) {
+      const v = valueOf(eff, p);
+      if (v.backend !== valueOf(global, p).backend) note(p, v.backend, `domain ${d.name}`);
+    }
+  }
+  for (const u of store.listUsers()) {
+    if (u.home !== null && u.home !== node) continue;
+    const l = store.lookup(u.address);
+    if (!l) continue;
+    const eff = resolve(l.rows);
+    const dom = perDomain.get(u.domain) ?? global;
+    for (const p of PROTOCOLS) {
+      const v = valueOf(eff, p);
+      if (v.backend !== valueOf(dom, p).backend) note(p, v.backend, `user ${u.address}`);
+    }
+  }
+  return out;
+}
+
+/** Run a backend binary's probe; the problem, or null when it started as expected. */
+export function probeBinary(backend: Backend, protocol: Proto, bin: string, mailUser: MailUser): string | null {
+  const probe = backend.probe[protocol];
+  try {
+    accessSync(bin, constants.X_OK);
+    if (!statSync(bin).isFile()) return `${bin} is not a file`;
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code ?? 'error';
+    return `${bin}: ${code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'not executable' : code}`;
+  }
+  const r = spawnSync(bin, [...probe.args], {
+    cwd: '/',
+    env: { PATH: '/usr/bin:/bin' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+    timeout: PROBE_MS,
+    encoding: 'latin1',
+    ...(mailUser.switchTo ? { uid: mailUser.uid, gid: mailUser.gid } : {}),
+  });
+  if (r.error) {
+    const code = (r.error as NodeJS.ErrnoException).code;
+    return code === 'ETIMEDOUT' ? `${bin} did not finish within ${PROBE_MS / 1000}s when run as ${bin} ${probe.args.join(' ')}` : `${bin} cannot be run: ${code ?? r.error.message}`;
+  }
+  const said = `${r.stdout}${r.stderr}`;
+  const first = said.split('\n').find((l) => l.trim() !== '')?.trim().slice(0, 200) ?? '(nothing)';
+  if (/error while loading shared libraries|cannot open shared object/.test(said)) return `${bin} cannot start: ${first}`;
+  if (!probe.expect.test(said)) return `${bin} does not behave like ${probe.what}: run as "${[bin, ...probe.args].join(' ')}" it printed: ${first} (exit ${r.status ?? r.signal})`;
+  return null;
+}
+
+/** The binaries of every backend some scope selects on this node. */
+export function checkBackends(instance: Instance, store: Store, mailUser: MailUser, r: CheckReport): void {
+  for (const { protocol, backend: name, by } of selectedBackends(store, instance.config.node).values()) {
+    const who = by.length > 4 ? `${by.slice(0, 4).join(', ')}, … (${by.length} in all)` : by.join(', ');
+    const backend = BACKENDS.get(name);
+    if (!backend) {
+      r.problems.push(`${protocol}.backend = ${name} (${who}): no such backend on this node (known: ${[...BACKENDS.keys()].join(', ')})`);
+      continue;
+    }
+    const bins = backend.binaries(instance.config);
+    const bin = protocol === 'imap' ? bins.imap : bins.pop3;
+    const key = backend.probe[protocol].setting;
+    const problem = probeBinary(backend, protocol, bin, mailUser);
+    if (problem) r.problems.push(`${key}: ${problem}; selected by ${protocol}.backend = ${name} (${who}): those logins would get ${protocol === 'imap' ? 'NO [UNAVAILABLE]' : '-ERR [SYS/TEMP]'}`);
+    else r.lines.push(`${protocol}.backend ${name}: ${bin} starts (${who})`);
+  }
+}
+
+/** Where the one-session modes (inetd, Postfix spawn, stdio) log. */
+export function checkLog(instance: Instance, r: CheckReport): void {
+  if (instance.logFile !== null) {
+    r.lines.push(`log: ${instance.logFile} (log.file)`);
+    return;
+  }
+  const why = syslogUnavailable(instance.config.log.syslog_socket);
+  if (why === null) r.lines.push(`log: pigeon serve to stderr; inetd, Postfix spawn and stdio sessions to syslog through ${instance.config.log.syslog_socket}`);
+  else r.lines.push(`log: pigeon serve to stderr; inetd, Postfix spawn and stdio sessions to ${instance.logFallback} (log.fallback_file): ${why}`);
+}

@@ -1,0 +1,80 @@
+// The set-up line leaves a working `pigeon` command: scripts/link-pigeon.sh (run by
+// scripts/install-deps.sh after the build) links BINDIR/pigeon to this clone's dist/src/cli.js,
+// only where nothing is, or where a link into a pigeon clone is; anything else is left alone and
+// the one command to run is printed; as another user it only prints that command. BINDIR is a
+// test directory here (PIGEON_BINDIR), never the machine's /usr/local/bin.
+import t from 'tap';
+import { spawnSync } from 'node:child_process';
+import { existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, symlinkSync, writeFileSync, chmodSync } from 'node:fs';
+import { join } from 'node:path';
+import { ROOT, scratchDir } from './helpers/instance.js';
+
+const CLI = join(ROOT, 'dist', 'src', 'cli.js');
+const VERSION = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
+
+function link(bindir: string, opts: { uid?: number } = {}): { code: number | null; err: string } {
+  const r = spawnSync('sh', [join(ROOT, 'scripts', 'link-pigeon.sh')], {
+    encoding: 'utf8',
+    env: { PATH: `${bindir}:/usr/bin:/bin`, PIGEON_BINDIR: bindir },
+    ...(opts.uid !== undefined ? { uid: opts.uid, gid: opts.uid } : {}),
+  });
+  return { code: r.status, err: r.stderr };
+}
+
+t.test('as root: a link where nothing is; the command works; running it again changes nothing', { skip: process.getuid?.() !== 0 ? 'needs root' : false }, async (t) => {
+  const bin = join(scratchDir(t), 'bin');
+  mkdirSync(bin);
+  const r = link(bin);
+  t.equal(r.code, 0, r.err);
+  t.equal(readlinkSync(join(bin, 'pigeon')), CLI, `${bin}/pigeon -> this clone's dist/src/cli.js`);
+  const v = spawnSync('pigeon', ['--version'], { encoding: 'utf8', env: { PATH: `${bin}:${process.env['PATH'] ?? ''}` } });
+  t.equal(v.stdout.trim(), VERSION, '`pigeon --version` runs through the PATH');
+  const again = link(bin);
+  t.equal(again.code, 0);
+  t.match(again.err, 'already points to');
+});
+
+t.test('as root: a link into another pigeon clone is replaced; anything else is left alone', { skip: process.getuid?.() !== 0 ? 'needs root' : false }, async (t) => {
+  const base = scratchDir(t);
+  // another checkout of pigeon (as after a move of the clone)
+  const other = join(base, 'other-clone');
+  mkdirSync(join(other, 'dist', 'src'), { recursive: true });
+  writeFileSync(join(other, 'package.json'), '{\n  "name": "pigeon-deliver",\n  "version": "0.0.1"\n}\n');
+  writeFileSync(join(other, 'dist', 'src', 'cli.js'), '#!/usr/bin/env node\n', { mode: 0o755 });
+  const b1 = join(base, 'b1');
+  mkdirSync(b1);
+  symlinkSync(join(other, 'dist', 'src', 'cli.js'), join(b1, 'pigeon'));
+  const r1 = link(b1);
+  t.equal(r1.code, 0);
+  t.equal(readlinkSync(join(b1, 'pigeon')), CLI, 'the link into the other clone now points here');
+  t.match(r1.err, `it pointed to another pigeon clone: ${join(other, 'dist', 'src', 'cli.js')}`);
+
+  // an unrelated program called pigeon
+  const b2 = join(base, 'b2');
+  mkdirSync(b2);
+  writeFileSync(join(b2, 'pigeon'), '#!/bin/sh\necho not ours\n');
+  chmodSync(join(b2, 'pigeon'), 0o755);
+  const r2 = link(b2);
+  t.equal(r2.code, 0);
+  t.notOk(lstatSync(join(b2, 'pigeon')).isSymbolicLink(), 'a program that is not ours stays');
+  t.equal(readFileSync(join(b2, 'pigeon'), 'utf8'), '#!/bin/sh\necho not ours\n', 'unchanged');
+  t.match(r2.err, `run as root:  ln -sfn ${CLI} ${join(b2, 'pigeon')}`, 'and the one command to run is printed');
+
+  // a link to something else
+  const b3 = join(base, 'b3');
+  mkdirSync(b3);
+  symlinkSync('/bin/true', join(b3, 'pigeon'));
+  const r3 = link(b3);
+  t.equal(readlinkSync(join(b3, 'pigeon')), '/bin/true', 'a link to another program stays');
+  t.match(r3.err, 'not a pigeon clone');
+});
+
+t.test('as another user: nothing is linked, the command to run is printed', { skip: process.getuid?.() !== 0 ? 'needs root to switch user' : false }, async (t) => {
+  const bin = join(scratchDir(t), 'bin');
+  mkdirSync(bin);
+  chmodSync(bin, 0o777);
+  const r = link(bin, { uid: 8 });
+  t.equal(r.code, 0, r.err);
+  t.notOk(existsSync(join(bin, 'pigeon')), 'no link made');
+  t.match(r.err, `link-pigeon: to get the pigeon command, run as root:  ln -sfn ${CLI} ${join(bin, 'pigeon')}`);
+});
