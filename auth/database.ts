@@ -30,7 +30,7 @@ const database: AuthSource<null> = {
         return { kind: 'tempfail', detail: isAppError(e) ? `stored password of ${address}: ${e.message}` : 'password verification failed' };
       }
       if (!ok) return { kind: 'bad' };
-      return (await isPlain(stored)) ? { kind: 'ok', warnings: [`user ${address} has a {PLAIN} password; set a new one`] } : { kind: 'ok' };
+      return isPlain(stored) ? { kind: 'ok', warnings: [`user ${address} has a {PLAIN} password; set a new one`] } : { kind: 'ok' };
     },
   }),
 };

@@ -4,11 +4,12 @@
  *             `spendDummy` costs what verifying a new password costs (an unknown user must take
  *             as long as a wrong password). At most MAX_CONCURRENT_VERIFIES run at once per
  *             process, whichever source asks: a flood of logins cannot take every core.
- *             The hash code (native argon2/bcrypt) is loaded on first use only, so processes that
- *             never check a password (deliver, LMTP) do not pay for it.
+ *             The native hash code (argon2/bcrypt) loads on first use only (auth/schemes.ts), so
+ *             processes that never check a password (deliver, LMTP) do not pay for it.
  * SECURITY    No password or hash in any error text (auth/schemes.ts guarantees it).
  */
 import { count } from '../src/metrics.js';
+import { verifyPassword, parseHash, dummyVerify } from './schemes.js';
 
 const MAX_CONCURRENT_VERIFIES = 4;
 let running = 0;
@@ -30,7 +31,6 @@ async function limited<T>(fn: () => Promise<T>): Promise<T> {
 
 /** Is `password` right for the stored `{SCHEME}hash`? Throws AppError for an unusable hash. */
 export async function verifyStored(stored: string, password: Uint8Array): Promise<boolean> {
-  const { verifyPassword, parseHash } = await import('./schemes.js');
   parseHash(stored); // an unusable hash is refused before any work, and outside the limit
   count('pigeon_password_checks_total');
   return limited(() => verifyPassword(stored, password));
@@ -38,13 +38,11 @@ export async function verifyStored(stored: string, password: Uint8Array): Promis
 
 /** Spend one verification's time for nothing (unknown users); always false. */
 export async function spendDummy(password: Uint8Array): Promise<false> {
-  const { dummyVerify } = await import('./schemes.js');
   return limited(() => dummyVerify(password));
 }
 
 /** Is the stored hash a readable `{PLAIN}` password (worth a warning)? */
-export async function isPlain(stored: string): Promise<boolean> {
-  const { parseHash } = await import('./schemes.js');
+export function isPlain(stored: string): boolean {
   try {
     return parseHash(stored).scheme === 'PLAIN';
   } catch {
