@@ -18,7 +18,7 @@ import type { Store } from '../src/store.js';
 import type { AuthSourceInstance } from './types.js';
 import { resolve } from '../src/resolve.js';
 import { normaliseAddress } from '../src/address.js';
-import { isAppError } from '../src/errors.js';
+import { AppError, isAppError } from '../src/errors.js';
 import { BUSY_TIMEOUT_MS } from '../src/store.js';
 import { spendDummy } from './verify.js';
 import { authSource } from './registry.js';
@@ -102,7 +102,18 @@ export async function createAuth(auth: Readonly<Record<string, unknown>>, store:
   const chain: NamedSource[] = [];
   for (const name of names) {
     const src = await authSource(name, auth, dir);
-    chain.push({ name, source: src.create(src.parseConfig(auth, true), { store, dir }) });
+    let config: unknown;
+    try {
+      config = src.parseConfig(auth, true);
+    } catch (e) {
+      // the source names the key (`passwd_file: …`); a module from outside may throw a plain Error
+      throw new AppError('CONFIG_INVALID', `auth.${e instanceof Error ? e.message : String(e)}`);
+    }
+    try {
+      chain.push({ name, source: src.create(config, { store, dir }) });
+    } catch (e) {
+      throw new AppError('CONFIG_INVALID', `auth source ${name} cannot start: ${e instanceof Error ? e.message : String(e)}`);
+    }
   }
   return authChain(store, chain);
 }

@@ -85,12 +85,15 @@ peer:
 # false: always relay through the proxy (byte counts in the logout line).
 handoff: true
 
-# Password sources, tried in order: the first that knows a user decides (database, passwd-file).
-# passwd-file: a Dovecot passwd-file (user@domain:{SCHEME}hash:...); users it authenticates are
-# added to the database (no password) when their domain exists there.
+# Password sources, tried in order: the first that knows a user decides (database, passwd-file,
+# or a source of auth.modules). passwd-file: a Dovecot passwd-file (user@domain:{SCHEME}hash:...);
+# users it authenticates are added to the database (no password) when their domain exists there.
+# modules: sources kept outside pigeon, NAME: /path/to/source.js (root-owned), settings under
+# auth.NAME (README "Writing an auth source").
 auth:
   chain: [database]
   passwd_file: null
+  modules: {}
 
 # TLS for clients (STARTTLS/STLS, imaps/pop3s): the certificate mail clients see. This node's
 # certificate works out of the box; for real clients use one for your mail host name, e.g. a
