@@ -178,13 +178,6 @@ export function parseDbUrl(url: string): DbTarget {
   return { kind: 'sqlite', path: url };
 }
 
-/** The absolute SQLite file a URL names (relative to `baseDir`), or null for a server database. */
-export function sqlitePath(url: string, baseDir: string): string | null {
-  const t = parseDbUrl(url);
-  if (t.kind !== 'sqlite') return null;
-  return isAbsolute(t.path) ? t.path : join(baseDir, t.path);
-}
-
 interface PostgresModule {
   open(url: string, opts: OpenOptions): Promise<Store>;
 }

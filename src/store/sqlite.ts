@@ -98,7 +98,7 @@ function sqliteCode(e: unknown): string {
 }
 
 /** Translate a SQLite error into the AppError an admin can act on. */
-export function mapDbError(e: unknown, file: string): unknown {
+function mapDbError(e: unknown, file: string): unknown {
   const code = sqliteCode(e);
   if (code.startsWith('SQLITE_BUSY') || code.startsWith('SQLITE_LOCKED')) {
     return new AppError('DB_LOCKED', `database ${file} is locked by another process; try again`, { cause: e });
