@@ -15,10 +15,17 @@
  *             or hash ever appears in an error message.
  */
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
-import argon2 from '@node-rs/argon2';
 import type { Algorithm, Version } from '@node-rs/argon2';
-import bcrypt from '@node-rs/bcrypt';
 import { AppError } from '../src/errors.js';
+
+// the native hash libraries load on first use (~50 ms): a process that checks no password
+// (deliver, LMTP, most CLI commands) never pays for them
+type Argon2 = typeof import('@node-rs/argon2');
+type Bcrypt = typeof import('@node-rs/bcrypt');
+let argon2Lib: Promise<Argon2> | null = null;
+let bcryptLib: Promise<Bcrypt> | null = null;
+const argon2 = (): Promise<Argon2> => (argon2Lib ??= import('@node-rs/argon2').then((m) => (m as { default?: Argon2 }).default ?? m));
+const bcrypt = (): Promise<Bcrypt> => (bcryptLib ??= import('@node-rs/bcrypt').then((m) => (m as { default?: Bcrypt }).default ?? m));
 
 export const SCHEMES = ['ARGON2ID', 'ARGON2I', 'BLF-CRYPT', 'SHA512-CRYPT', 'SHA256-CRYPT', 'SSHA512', 'SSHA256', 'PLAIN'] as const;
 export type Scheme = (typeof SCHEMES)[number];
@@ -124,7 +131,7 @@ export async function verifyPassword(stored: string, password: Uint8Array): Prom
     case 'BLF-CRYPT':
       // the bytes themselves (bcryptjs took a JS string); $2y$ is $2b$ under its PHP/Dovecot name
       try {
-        return await bcrypt.verify(pw, p.value);
+        return await (await bcrypt()).verify(pw, p.value);
       } catch {
         throw new AppError('PASSWORD_SCHEME', 'malformed {BLF-CRYPT} hash');
       }
@@ -168,7 +175,7 @@ async function argon2Verify(p: ParsedHash, pw: Buffer): Promise<boolean> {
   const salt = Buffer.from(m[6], 'base64');
   const expected = Buffer.from(m[7], 'base64');
   if (version === null || salt.length < 8 || expected.length < 4) throw new AppError('PASSWORD_SCHEME', `malformed {${p.scheme}} hash (version, salt or digest)`);
-  const raw = await argon2.hashRaw(pw, {
+  const raw = await (await argon2()).hashRaw(pw, {
     algorithm: m[1] === 'argon2id' ? ALG_ARGON2ID : ALG_ARGON2I,
     version,
     memoryCost: Number(m[3]),
@@ -186,11 +193,11 @@ export async function hashPassword(password: Uint8Array, scheme: Scheme = 'ARGON
   if (pw.includes(0x0d) || pw.includes(0x0a) || pw.includes(0x00)) throw new AppError('INVALID_VALUE', 'passwords may not contain CR, LF or NUL');
   switch (scheme) {
     case 'ARGON2ID':
-      return `{ARGON2ID}${await argon2.hash(pw, { ...ARGON2_NEW, algorithm: ALG_ARGON2ID })}`;
+      return `{ARGON2ID}${await (await argon2()).hash(pw, { ...ARGON2_NEW, algorithm: ALG_ARGON2ID })}`;
     case 'ARGON2I':
-      return `{ARGON2I}${await argon2.hash(pw, { ...ARGON2_NEW, algorithm: ALG_ARGON2I })}`;
+      return `{ARGON2I}${await (await argon2()).hash(pw, { ...ARGON2_NEW, algorithm: ALG_ARGON2I })}`;
     case 'BLF-CRYPT':
-      return `{BLF-CRYPT}${(await bcrypt.hash(pw, 10)).replace(/^\$2b\$/, '$2y$')}`;
+      return `{BLF-CRYPT}${(await (await bcrypt()).hash(pw, 10)).replace(/^\$2b\$/, '$2y$')}`;
     case 'SHA512-CRYPT':
       return `{SHA512-CRYPT}${shaCrypt(pw, `$6$${salt16()}`)}`;
     case 'SHA256-CRYPT':

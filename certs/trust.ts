@@ -27,7 +27,7 @@ export interface PeerTrust {
   readonly kind: 'trust';
   readonly name: string;
   readonly summary: string;
-  check(nodes: NodeDirectory, claim: PeerClaim): PeerCheck;
+  check(nodes: NodeDirectory, claim: PeerClaim): Promise<PeerCheck>;
 }
 
 export const TRUST: ReadonlyMap<string, PeerTrust> = new Map([[registryTrust.name, registryTrust]]);

@@ -62,7 +62,7 @@ function tlsFiles(env: ProxyEnv): { cert: Buffer; key: Buffer } {
  * > 1) or serves itself. A start-up failure (a listener that cannot be opened) is an AppError:
  * thrown in the primary, reported to the primary by a worker.
  */
-export async function serve(makeEnv: () => ProxyEnv, configPath: string | undefined, workers: number, extra: ExtraListener | null): Promise<number> {
+export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string | undefined, workers: number, extra: ExtraListener | null): Promise<number> {
   const n = workers > 0 ? workers : availableParallelism();
   if (cluster.isWorker) {
     try {
@@ -176,8 +176,8 @@ interface Admitted {
   conn: ClientConn | null;
 }
 
-async function runWorker(makeEnv: () => ProxyEnv, configPath: string | undefined, extra: ExtraListener | null): Promise<number> {
-  const env = makeEnv();
+async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | undefined, extra: ExtraListener | null): Promise<number> {
+  const env = await makeEnv();
   const servers: Server[] = [];
   const tlsServers: TlsServer[] = [];
   const sockets = new Set<Socket>();

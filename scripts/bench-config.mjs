@@ -4,7 +4,8 @@
  * SYNOPSIS    node scripts/bench-config.mjs [--iterations N] [--users N]   (after npx tsc -p tsconfig.json)
  * DESCRIPTION Builds a throw-away instance (pigeon init) with a few hundred users in 20 domains and a
  *             realistic number of settings rows at each scope, then times what a login or a delivery
- *             does once per user: `store.lookup(address)` (the one SQL read) + `resolve(rows)`.
+ *             does once per user: `await store.lookup(address)` (the one SQL read, through the asynchronous store) +
+ *             `resolve(rows)`.
  *             Prints median, p90, p99 (microseconds) and ops/s, as one JSON line and one human line.
  *             A benchmark, not a test: it asserts nothing.
  */
@@ -25,7 +26,6 @@ let mods;
 try {
   mods = {
     init: await import('../dist/src/init.js'),
-    db: await import('../dist/src/db.js'),
     store: await import('../dist/src/store.js'),
     resolve: await import('../dist/src/resolve.js'),
   };
@@ -36,70 +36,70 @@ try {
 
 const root = mkdtempSync(join(tmpdir(), 'pigeon-bench-'));
 try {
-  const { dbPath } = mods.init.initInstance({ dir: join(root, 'inst'), node: 'bench1', listen: [], db: undefined, caFrom: undefined });
-  const store = new mods.store.Store(mods.db.openDb(dbPath), dbPath);
+  const { dbPath } = await mods.init.initInstance({ dir: join(root, 'inst'), node: 'bench1', listen: [], db: undefined, caFrom: undefined });
+  const store = await mods.store.openStore(dbPath);
   // one real hash for everyone: row size as in production without hashing hundreds of passwords
   const hash = '{ARGON2ID}$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$0123456789abcdefghijklmnopqrstuvwxyzABCDE';
   const G = { scope: 'global', name: null };
   const rows = { global: 0, domain: 0, user: 0 };
-  const set = (ref, module, key, value, flags = []) => {
-    store.setSetting(ref, module, key, value, flags);
+  const set = async (ref, module, key, value, flags = []) => {
+    await store.setSetting(ref, module, key, value, flags);
     rows[ref.scope]++;
   };
   // global: a site policy, one forced value, one module nobody may configure
-  set(G, 'login', 'plaintext', 'never');
-  set(G, 'mailstore', 'format', 'maildir');
-  set(G, 'mailstore', 'creator', 'cas');
-  set(G, 'mailstore', 'quota', 1_000_000_000, ['override']);
-  set(G, 'vacation', 'days', 7);
-  set(G, 'forward', 'keep', true);
-  set(G, 'imap', 'backend', 'dovecot');
-  set(G, 'pop3', 'backend', 'dovecot');
+  await set(G, 'login', 'plaintext', 'never');
+  await set(G, 'mailstore', 'format', 'maildir');
+  await set(G, 'mailstore', 'creator', 'cas');
+  await set(G, 'mailstore', 'quota', 1_000_000_000, ['override']);
+  await set(G, 'vacation', 'days', 7);
+  await set(G, 'forward', 'keep', true);
+  await set(G, 'imap', 'backend', 'dovecot');
+  await set(G, 'pop3', 'backend', 'dovecot');
   const addresses = [];
   for (let d = 0; d < DOMAINS; d++) {
     const domain = `domain${d}.example`;
-    store.addDomain(domain);
+    await store.addDomain(domain);
     const D = { scope: 'domain', name: domain };
-    set(D, 'mailstore', 'quota', 500_000_000 + d);
-    set(D, 'imap', 'backend', d % 3 === 0 ? 'courier' : 'dovecot');
-    if (d % 4 === 0) set(D, 'forward', '*', null, ['ignore']);
-    if (d % 5 === 0) set(D, 'vacation', 'subject', `Away from ${domain}`, ['override']);
+    await set(D, 'mailstore', 'quota', 500_000_000 + d);
+    await set(D, 'imap', 'backend', d % 3 === 0 ? 'courier' : 'dovecot');
+    if (d % 4 === 0) await set(D, 'forward', '*', null, ['ignore']);
+    if (d % 5 === 0) await set(D, 'vacation', 'subject', `Away from ${domain}`, ['override']);
     for (let u = 0; u < USERS_PER_DOMAIN; u++) {
       const address = `user${u}@${domain}`;
-      store.addUser(address, hash, u % 2 === 0 ? 'bench1' : null);
+      await store.addUser(address, hash, u % 2 === 0 ? 'bench1' : null);
       addresses.push(address);
       const U = { scope: 'user', name: address };
       if (u % 3 === 0) {
-        set(U, 'vacation', 'enabled', true);
-        set(U, 'vacation', 'body', 'I am away until Monday. For urgent matters write to the office.');
+        await set(U, 'vacation', 'enabled', true);
+        await set(U, 'vacation', 'body', 'I am away until Monday. For urgent matters write to the office.');
       }
       if (u % 4 === 1) {
-        set(U, 'forward', 'enabled', true);
-        set(U, 'forward', 'to', [`${u}@elsewhere.example`, `backup${u}@elsewhere.example`]);
+        await set(U, 'forward', 'enabled', true);
+        await set(U, 'forward', 'to', [`${u}@elsewhere.example`, `backup${u}@elsewhere.example`]);
       }
-      if (u % 5 === 2) set(U, 'mailstore', 'quota', 2_000_000_000);
+      if (u % 5 === 2) await set(U, 'mailstore', 'quota', 2_000_000_000);
     }
   }
 
-  const read = (address) => {
-    const l = store.lookup(address);
+  const read = async (address) => {
+    const l = await store.lookup(address);
     if (!l) throw new Error(`lookup(${address}) found nothing`);
     return mods.resolve.resolve(l.rows);
   };
   // sanity: the read does what a login needs
-  const sample = read(addresses[0]);
+  const sample = await read(addresses[0]);
   if (sample['mailstore.quota']?.from !== 'global' || sample['vacation.enabled']?.value !== true) {
     throw new Error('unexpected effective config in the benchmark instance');
   }
 
-  for (let i = 0; i < WARMUP; i++) read(addresses[(i * 7919) % addresses.length]);
+  for (let i = 0; i < WARMUP; i++) await read(addresses[(i * 7919) % addresses.length]);
   const us = new Float64Array(ITERATIONS);
   const lookupUs = new Float64Array(ITERATIONS);
   const t0 = process.hrtime.bigint();
   for (let i = 0; i < ITERATIONS; i++) {
     const address = addresses[(i * 7919) % addresses.length];
     const a = process.hrtime.bigint();
-    const l = store.lookup(address);
+    const l = await store.lookup(address);
     const b = process.hrtime.bigint();
     mods.resolve.resolve(l.rows);
     const c = process.hrtime.bigint();
@@ -107,7 +107,7 @@ try {
     lookupUs[i] = Number(b - a) / 1000;
   }
   const totalS = Number(process.hrtime.bigint() - t0) / 1e9;
-  store.close();
+  await store.close();
 
   const pct = (xs, p) => {
     const s = Float64Array.from(xs).sort();

@@ -87,11 +87,10 @@ const deliverPar = await pool(N, C, deliverJob);
 // --- LMTP ----------------------------------------------------------------------------------
 const serverCode = `
   const { loadInstance } = await import(${JSON.stringify(join(ROOT, 'dist/src/instance.js'))});
-  const { openDb } = await import(${JSON.stringify(join(ROOT, 'dist/src/db.js'))});
-  const { Store } = await import(${JSON.stringify(join(ROOT, 'dist/src/store.js'))});
+  const { openStore } = await import(${JSON.stringify(join(ROOT, 'dist/src/store.js'))});
   const { createLmtpServer, listenLmtp } = await import(${JSON.stringify(join(ROOT, 'dist/src/delivery/lmtp.js'))});
   const instance = loadInstance(${JSON.stringify(inst)});
-  const store = new Store(openDb(instance.dbPath), instance.dbPath);
+  const store = await openStore(instance.config.database, { baseDir: instance.dir });
   const srv = await listenLmtp(createLmtpServer({ instance, store, logger: { log() {} } }), { host: '127.0.0.1', port: 0, path: null });
   process.stdout.write(srv.address().port + '\\n');
 `;

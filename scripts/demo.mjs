@@ -35,14 +35,13 @@ if (!existsSync(join(dir, 'pigeon.yaml'))) {
   writeFileSync(pwFile, `${password}\n`, { mode: 0o600 });
   // the welcome message, written the way the delivery agent writes: allocate, tmp/ -> fsync -> new/
   const { loadInstance } = await import(join(root, 'dist/src/instance.js'));
-  const { openDb } = await import(join(root, 'dist/src/db.js'));
-  const { Store } = await import(join(root, 'dist/src/store.js'));
+  const { openStore } = await import(join(root, 'dist/src/store.js'));
   const { resolve: resolveCfg } = await import(join(root, 'dist/src/resolve.js'));
   const { placeUser } = await import(join(root, 'dist/src/allocation.js'));
   const { resolveMailUser } = await import(join(root, 'dist/src/mailuser.js'));
   const inst = loadInstance(dir);
-  const store = new Store(openDb(inst.dbPath), inst.dbPath);
-  const found = store.lookup('demo@example.test');
+  const store = await openStore(inst.config.database, { baseDir: inst.dir });
+  const found = await store.lookup('demo@example.test');
   const mailUser = resolveMailUser(inst.config.mail_user);
   const p = await placeUser({ store, node: inst.config.node, mailRoot: inst.mailRoot, mailUser }, found.user, resolveCfg(found.rows));
   const msg = [
@@ -69,7 +68,7 @@ if (!existsSync(join(dir, 'pigeon.yaml'))) {
   closeSync(fd);
   if (mailUser.switchTo) chownSync(tmp, mailUser.uid, mailUser.gid);
   renameSync(tmp, join(p.allocation.path, 'new', `${name},S=${Buffer.byteLength(msg)}`));
-  store.close();
+  await store.close();
 }
 const password = readFileSync(pwFile, 'utf8').trim();
 // how to call this clone's CLI from a shell: `pigeon` when the PATH leads here (the set-up line links it)

@@ -4,8 +4,9 @@
  * DESCRIPTION `placeUser` returns the mailbox of a user: local (format + absolute path) or on another
  *             node. A user without a home is allocated lazily on first login or first mail, on
  *             this node, by the creator module chosen in `mailstore.creator`:
- *               lock  an exclusive lock file under the mail root serialises allocators on this host,
- *                     then compare-and-set in the database;
+ *               lock  the database's lock for this user (PostgreSQL: an advisory lock, cluster-wide)
+ *                     or, where it has none (SQLite: every node shares one host), an exclusive lock
+ *                     file under the mail root; then compare-and-set in the database;
  *               cas   compare-and-set on the user's version column only (nodes on several hosts);
  *               none  nothing is created: an unallocated user is an error (pre-provisioned boxes).
  *             Whoever loses a race re-reads the row and uses the winner's allocation, so two nodes
@@ -21,7 +22,7 @@ import type { Store, UserRecord, Allocation } from './store.js';
 import type { Effective } from './resolve.js';
 import type { MailUser } from './mailuser.js';
 import { AppError } from './errors.js';
-import { isUp, usersPerNode, type NodeDirectory } from './nodes.js';
+import { isUp, type NodeDirectory } from './nodes.js';
 import { mailWriter } from './writer/mail-writer.js';
 
 export type Placement =
@@ -71,12 +72,17 @@ export async function ensureMailbox(a: Allocation, mu: MailUser, mailRoot: strin
  * Run `fn` holding the allocation lock. `settled` is asked before every try: once another
  * allocator finished, waiting for the lock is pointless (its answer is returned instead).
  */
-async function withLock<T>(ctx: AllocationContext, fn: () => Promise<T>, settled: () => T | null): Promise<T> {
+async function withLock<T>(ctx: AllocationContext, userId: number, fn: () => Promise<T>, settled: () => Promise<T | null>): Promise<T> {
+  if (ctx.store.userLock !== null) {
+    const done = await settled();
+    if (done !== null) return done;
+    return ctx.store.userLock(userId, LOCK_WAIT_MS, fn);
+  }
   const lock = join(ctx.mailRoot, '.pigeon-allocate.lock');
   const w = mailWriter(ctx.mailUser);
   const deadline = Date.now() + LOCK_WAIT_MS;
   for (;;) {
-    const done = settled();
+    const done = await settled();
     if (done !== null) return done;
     let taken: boolean;
     try {
@@ -97,10 +103,10 @@ async function withLock<T>(ctx: AllocationContext, fn: () => Promise<T>, settled
 }
 
 /** The active, running node with the fewest users (ties: by name); this node when alone. */
-function fewestNode(ctx: AllocationContext): string {
-  const counts = usersPerNode(ctx.store);
+async function fewestNode(ctx: AllocationContext): Promise<string> {
+  const counts = await ctx.store.usersPerNode();
   const now = Date.now();
-  const candidates = (ctx.nodes?.all() ?? []).filter((n) => n.state === 'active' && n.peerAddress !== null && (n.name === ctx.node || isUp(n, now)));
+  const candidates = ((await ctx.nodes?.all()) ?? []).filter((n) => n.state === 'active' && n.peerAddress !== null && (n.name === ctx.node || isUp(n, now)));
   if (!candidates.some((n) => n.name === ctx.node)) return ctx.node;
   candidates.sort((a, b) => (counts.get(a.name) ?? 0) - (counts.get(b.name) ?? 0) || a.name.localeCompare(b.name));
   return candidates[0]?.name ?? ctx.node;
@@ -123,35 +129,43 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
     throw new AppError('NO_SUCH_USER', `mailbox of ${user.address} is not allocated and mailstore.creator is none`);
   }
   if (user.home === null && config['mailstore.placement']?.value === 'fewest' && ctx.nodes) {
-    const target = fewestNode(ctx);
+    const target = await fewestNode(ctx);
     if (target !== ctx.node) {
       // reserve the user for that node; it allocates the mailbox itself when the session or mail arrives
-      const won = ctx.store.casAllocation(user.id, user.version, target, null);
-      const fresh = ctx.store.mustUser(user.address);
+      const won = await ctx.store.casAllocation(user.id, user.version, target, null);
+      const fresh = await ctx.store.mustUser(user.address);
       if (won) return { kind: 'remote', node: target, allocation: null, user: fresh };
       return placeUser(ctx, fresh, config);
     }
   }
-  const settled = (): Placement | null => {
-    const fresh = ctx.store.mustUser(user.address);
+  const settled = async (): Promise<Placement | null> => {
+    const fresh = await ctx.store.mustUser(user.address);
     if (fresh.home !== null && fresh.home !== ctx.node) return { kind: 'remote', node: fresh.home, allocation: fresh.allocation, user: fresh };
     if (fresh.allocation !== null) return { kind: 'local', allocation: fresh.allocation };
     return null;
   };
   const attempt = async (): Promise<Placement | null> => {
-    const now = settled();
+    const now = await settled();
     if (now !== null) return now;
-    const fresh = ctx.store.mustUser(user.address);
+    const fresh = await ctx.store.mustUser(user.address);
     const allocation: Allocation = { format, path: mailboxPath(ctx.mailRoot, fresh.address, format), node: ctx.node };
     const existed = existsSync(allocation.path);
     await createMailbox(allocation, ctx.mailUser, ctx.mailRoot);
-    if (ctx.store.casAllocation(fresh.id, fresh.version, ctx.node, allocation)) return { kind: 'local', allocation };
+    let won: boolean;
+    try {
+      won = await ctx.store.casAllocation(fresh.id, fresh.version, ctx.node, allocation);
+    } catch (e) {
+      // the database stayed locked or went away: leave no empty mailbox that nothing records
+      if (!existed) await mailWriter(ctx.mailUser).discardEmpty(allocation, ctx.mailRoot).catch(() => undefined);
+      throw e;
+    }
+    if (won) return { kind: 'local', allocation };
     // lost the race: discard the empty mailbox we just created unless it is the winner's too
-    if (!existed && ctx.store.getUser(fresh.address)?.allocation?.path !== allocation.path) await mailWriter(ctx.mailUser).discardEmpty(allocation, ctx.mailRoot);
+    if (!existed && (await ctx.store.getUser(fresh.address))?.allocation?.path !== allocation.path) await mailWriter(ctx.mailUser).discardEmpty(allocation, ctx.mailRoot);
     return null; // re-read
   };
   for (let i = 0; i < 3; i++) {
-    const p = creator === 'lock' ? await withLock(ctx, attempt, settled) : await attempt();
+    const p = creator === 'lock' ? await withLock(ctx, user.id, attempt, settled) : await attempt();
     if (p) {
       if (p.kind === 'local') await ensureMailbox(p.allocation, ctx.mailUser, ctx.mailRoot);
       return p;

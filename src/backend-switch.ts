@@ -12,7 +12,7 @@
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Allocation, ScopeRef, Store, UserRecord } from './store.js';
-import { resolve } from './resolve.js';
+import { resolve, type SettingRow } from './resolve.js';
 
 const WATCHED = new Set(['imap.backend', 'pop3.backend']);
 const DEFAULT_BACKEND = 'dovecot';
@@ -35,20 +35,32 @@ export function holdsMessages(a: Allocation): boolean {
   return false;
 }
 
-function usersIn(store: Store, ref: ScopeRef): UserRecord[] {
+async function usersIn(store: Store, ref: ScopeRef): Promise<UserRecord[]> {
   if (ref.scope === 'user') {
-    const u = ref.name === null ? null : store.getUser(ref.name);
+    const u = ref.name === null ? null : await store.getUser(ref.name);
     return u ? [u] : [];
   }
   return ref.scope === 'domain' && ref.name !== null ? store.listUsers(ref.name) : store.listUsers();
 }
 
-function effectiveBackends(store: Store, users: readonly UserRecord[], name: string): Map<string, string> {
+type NamedRow = SettingRow & { name: string | null };
+
+/** Every row that can decide `module.key` (its own rows and the module's ignores), at any scope. */
+export async function decidingRows(store: Store, name: string): Promise<NamedRow[]> {
+  const [module = '', key = ''] = name.split('.');
+  const [own, ignores] = await Promise.all([store.settingRows(module, key), store.settingRows(module, '*')]);
+  return [...own, ...ignores];
+}
+
+/** The rows of `rows` that apply to a domain (domain null: global only) or to one user. */
+export function rowsOf(rows: readonly NamedRow[], domain: string | null, address: string | null = null): SettingRow[] {
+  return rows.filter((r) => r.scope === 'global' || (r.scope === 'domain' && r.name === domain) || (r.scope === 'user' && address !== null && r.name === address));
+}
+
+async function effectiveBackends(store: Store, users: readonly UserRecord[], name: string): Promise<Map<string, string>> {
+  const rows = await decidingRows(store, name);
   const out = new Map<string, string>();
-  for (const u of users) {
-    const l = store.lookup(u.address);
-    if (l) out.set(u.address, String(resolve(l.rows)[name]?.value ?? DEFAULT_BACKEND));
-  }
+  for (const u of users) out.set(u.address, String(resolve(rowsOf(rows, u.domain, u.address))[name]?.value ?? DEFAULT_BACKEND));
   return out;
 }
 
@@ -56,15 +68,15 @@ function effectiveBackends(store: Store, users: readonly UserRecord[], name: str
  * Run `change` (the settings write); return warning lines for mailboxes with mail whose
  * effective `name` (imap.backend / pop3.backend) it changed. Other keys: just run it.
  */
-export function withBackendSwitchCheck(store: Store, ref: ScopeRef, name: string, change: () => void): string[] {
+export async function withBackendSwitchCheck(store: Store, ref: ScopeRef, name: string, change: () => Promise<void>): Promise<string[]> {
   if (!WATCHED.has(name)) {
-    change();
+    await change();
     return [];
   }
-  const users = usersIn(store, ref).filter((u) => u.allocation !== null);
-  const before = effectiveBackends(store, users, name);
-  change();
-  const after = effectiveBackends(store, users, name);
+  const users = (await usersIn(store, ref)).filter((u) => u.allocation !== null);
+  const before = await effectiveBackends(store, users, name);
+  await change();
+  const after = await effectiveBackends(store, users, name);
   const moved: string[] = [];
   const mboxToCourier: string[] = [];
   const froms = new Set<string>();

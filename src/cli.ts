@@ -8,8 +8,7 @@
  */
 import { Command, CommanderError } from '@commander-js/extra-typings';
 import { EX, isAppError } from './errors.js';
-import { openDb } from './db.js';
-import { Store } from './store.js';
+import { openStore } from './store.js';
 import { hashPassword } from '../auth/schemes.js';
 import { randomBytes } from 'node:crypto';
 
@@ -47,14 +46,17 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
     .description('create an instance: config file, database, cluster CA and host certificate, mail root')
     .action(async (dir, o) => {
       const { initInstance } = await import('./init.js');
-      const r = initInstance({ dir, node: o.node, listen: o.listen, db: o.db, caFrom: o.caFrom });
+      const r = await initInstance({ dir, node: o.node, listen: o.listen, db: o.db, caFrom: o.caFrom });
       console.log(`instance created in ${r.dir}\n  config:   ${r.dir}/pigeon.yaml\n  database: ${r.dbPath}\n  certs:    ${r.dir}/certs/\n  mail:     ${r.dir}/mail/`);
       if (o.demo) {
-        const store = new Store(openDb(r.dbPath), r.dbPath);
+        const store = await openStore(r.dbUrl, { baseDir: r.dir });
         const pw = randomBytes(9).toString('base64url');
-        store.addDomain('example.test');
-        store.addUser('demo@example.test', await hashPassword(Buffer.from(pw)), null);
-        store.close();
+        try {
+          await store.addDomain('example.test');
+          await store.addUser('demo@example.test', await hashPassword(Buffer.from(pw)), null);
+        } finally {
+          await store.close();
+        }
         console.log(`demo user: demo@example.test  password: ${pw}`);
       }
       console.log(`next: pigeon -c ${r.dir} domain add example.org; pigeon -c ${r.dir} user add alice@example.org`);

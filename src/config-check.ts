@@ -21,7 +21,8 @@ import type { Store } from './store.js';
 import type { MailUser } from './mailuser.js';
 import type { Backend } from '../backends/types.js';
 import { BACKENDS } from './registry.js';
-import { resolve } from './resolve.js';
+import { resolve, type SettingRow } from './resolve.js';
+import { decidingRows, rowsOf } from './backend-switch.js';
 import { checkPair, clientPairs } from './client-tls.js';
 import { loadNodeCredentials } from '../certs/verify.js';
 import { EXPIRY_WARN_DAYS } from '../certs/ca.js';
@@ -68,7 +69,7 @@ export function checkCertificates(instance: Instance, r: CheckReport, now = new 
  * Which backend each scope selects, per protocol: backend name → the scopes that select it
  * ("default", "global", "domain D", "user U"). Users homed on other nodes are not this node's.
  */
-export function selectedBackends(store: Store, node: string): Map<string, { protocol: Proto; backend: string; by: string[] }> {
+export async function selectedBackends(store: Store, node: string): Promise<Map<string, { protocol: Proto; backend: string; by: string[] }>> {
   const out = new Map<string, { protocol: Proto; backend: string; by: string[] }>();
   const note = (protocol: Proto, backend: string, by: string): void => {
     const k = `${protocol} ${backend}`;
@@ -76,33 +77,26 @@ export function selectedBackends(store: Store, node: string): Map<string, { prot
     e.by.push(by);
     out.set(k, e);
   };
-  const valueOf = (eff: ReturnType<typeof resolve>, p: Proto): { backend: string; from: string } => {
-    const e = eff[`${p}.backend`];
+  const valueOf = (rows: readonly SettingRow[], p: Proto): { backend: string; from: string } => {
+    const e = resolve(rows)[`${p}.backend`];
     return { backend: String(e?.value ?? 'dovecot'), from: e?.from ?? 'default' };
   };
-  const global = resolve(store.rowsFor({ scope: 'global', name: null }));
   for (const p of PROTOCOLS) {
-    const g = valueOf(global, p);
+    // only the rows that can decide p.backend, at every scope (not a read per user)
+    const rows = await decidingRows(store, `${p}.backend`);
+    const g = valueOf(rowsOf(rows, null), p);
     note(p, g.backend, g.from === 'default' ? 'default' : 'global');
-  }
-  const perDomain = new Map<string, ReturnType<typeof resolve>>();
-  for (const d of store.listDomains()) {
-    const eff = resolve(store.rowsFor({ scope: 'domain', name: d.name }));
-    perDomain.set(d.name, eff);
-    for (const p of PROTOCOLS) {
-      const v = valueOf(eff, p);
-      if (v.backend !== valueOf(global, p).backend) note(p, v.backend, `domain ${d.name}`);
+    const domains = new Set(rows.filter((r) => r.scope === 'domain' && r.name !== null).map((r) => r.name as string));
+    for (const d of [...domains].sort()) {
+      const v = valueOf(rowsOf(rows, d), p);
+      if (v.backend !== g.backend) note(p, v.backend, `domain ${d}`);
     }
-  }
-  for (const u of store.listUsers()) {
-    if (u.home !== null && u.home !== node) continue;
-    const l = store.lookup(u.address);
-    if (!l) continue;
-    const eff = resolve(l.rows);
-    const dom = perDomain.get(u.domain) ?? global;
-    for (const p of PROTOCOLS) {
-      const v = valueOf(eff, p);
-      if (v.backend !== valueOf(dom, p).backend) note(p, v.backend, `user ${u.address}`);
+    const users = new Set(rows.filter((r) => r.scope === 'user' && r.name !== null).map((r) => r.name as string));
+    for (const address of [...users].sort()) {
+      const u = await store.getUser(address);
+      if (!u || (u.home !== null && u.home !== node)) continue;
+      const v = valueOf(rowsOf(rows, u.domain, u.address), p);
+      if (v.backend !== valueOf(rowsOf(rows, u.domain), p).backend) note(p, v.backend, `user ${u.address}`);
     }
   }
   return out;
@@ -138,8 +132,8 @@ export function probeBinary(backend: Backend, protocol: Proto, bin: string, mail
 }
 
 /** The binaries of every backend some scope selects on this node. */
-export function checkBackends(instance: Instance, store: Store, mailUser: MailUser, r: CheckReport): void {
-  for (const { protocol, backend: name, by } of selectedBackends(store, instance.config.node).values()) {
+export async function checkBackends(instance: Instance, store: Store, mailUser: MailUser, r: CheckReport): Promise<void> {
+  for (const { protocol, backend: name, by } of (await selectedBackends(store, instance.config.node)).values()) {
     const who = by.length > 4 ? `${by.slice(0, 4).join(', ')}, … (${by.length} in all)` : by.join(', ');
     const backend = BACKENDS.get(name);
     if (!backend) {

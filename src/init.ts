@@ -21,10 +21,9 @@ import { fileURLToPath } from 'node:url';
 import { resolveMailUser } from './mailuser.js';
 import { dirname, join, resolve, isAbsolute } from 'node:path';
 import { AppError } from './errors.js';
-import { openDb, parseDbUrl } from './db.js';
 import { parseListen, type Listener } from './instance.js';
-import { Store } from './store.js';
-import { checkNodeName, registerSelf } from './nodes.js';
+import { openStore, parseDbUrl, redactUrl, type DbTarget } from './store.js';
+import { checkNodeName } from './nodes.js';
 import { createCa, issueHostCert, writeKeyPair, readKeyPair, LOOPBACK_NAMES, type KeyPair } from '../certs/ca.js';
 import { loadNodeCredentials, verifyHostCert } from '../certs/verify.js';
 
@@ -86,12 +85,15 @@ peer:
 # false: always relay through the proxy (byte counts in the logout line).
 handoff: true
 
-# Password sources, tried in order: the first that knows a user decides (database, passwd-file).
-# passwd-file: a Dovecot passwd-file (user@domain:{SCHEME}hash:...); users it authenticates are
-# added to the database (no password) when their domain exists there.
+# Password sources, tried in order: the first that knows a user decides (database, passwd-file,
+# or a source of auth.modules). passwd-file: a Dovecot passwd-file (user@domain:{SCHEME}hash:...);
+# users it authenticates are added to the database (no password) when their domain exists there.
+# modules: sources kept outside pigeon, NAME: /path/to/source.js (root-owned), settings under
+# auth.NAME (README "Writing an auth source").
 auth:
   chain: [database]
   passwd_file: null
+  modules: {}
 
 # TLS for clients (STARTTLS/STLS, imaps/pop3s): the certificate mail clients see. This node's
 # certificate works out of the box; for real clients use one for your mail host name, e.g. a
@@ -234,20 +236,21 @@ function readCaFrom(src: string, node: string): CaFrom {
 }
 
 /** Undo this run's registration in a shared database (a later step of init failed). */
-function unregister(dbPath: string, r: { name: string; fingerprint: string }): void {
+async function unregister(dbUrl: string, dir: string, r: { name: string; fingerprint: string }): Promise<void> {
   try {
-    const db = openDb(dbPath);
+    const store = await openStore(dbUrl, { baseDir: dir });
     try {
-      db.prepare('DELETE FROM nodes WHERE name = ? AND fingerprint = ? AND last_seen IS NULL').run(r.name, r.fingerprint);
+      await store.unregisterUnseen(r.name, r.fingerprint);
     } finally {
-      db.close();
+      await store.close();
     }
   } catch {
     /* the original error matters more */
   }
 }
 
-export function initInstance(o: InitOptions): { dir: string; dbPath: string; created: string[] } {
+/** `dbPath`: the SQLite file, or the server database's URL without its password (for messages). */
+export async function initInstance(o: InitOptions): Promise<{ dir: string; dbPath: string; dbUrl: string; created: string[] }> {
   const dir = resolve(o.dir);
   checkNodeName(o.node);
   o.listen.forEach((l) => {
@@ -264,16 +267,17 @@ export function initInstance(o: InitOptions): { dir: string; dbPath: string; cre
     throw new AppError('INSTANCE_EXISTS', `${dir} exists and is not empty; choose a new or empty directory`);
   }
   const dbUrl = o.db ?? 'sqlite:pigeon.db';
-  let dbFile: string;
+  let target: DbTarget;
   try {
-    dbFile = parseDbUrl(dbUrl).path;
+    target = parseDbUrl(dbUrl);
   } catch (e) {
     throw new AppError('USAGE', `--db: ${(e as Error).message}`);
   }
-  const dbPath = isAbsolute(dbFile) ? dbFile : join(dir, dbFile);
-  const dbExisted = existsSync(dbPath);
-  if (dirname(dbPath) !== dir && !existsSync(dirname(dbPath))) {
-    throw new AppError('CONFIG_MISSING', `--db ${dbUrl}: directory ${dirname(dbPath)} does not exist${isAbsolute(dbFile) ? '' : ` (a relative --db is relative to ${dir}; give a shared database as an absolute path)`}`);
+  const dbFile = target.kind === 'sqlite' ? target.path : null;
+  const dbPath = dbFile === null ? null : isAbsolute(dbFile) ? dbFile : join(dir, dbFile);
+  const dbExisted = dbPath === null || existsSync(dbPath);
+  if (dbPath !== null && dirname(dbPath) !== dir && !existsSync(dirname(dbPath))) {
+    throw new AppError('CONFIG_MISSING', `--db ${dbUrl}: directory ${dirname(dbPath)} does not exist${isAbsolute(dbFile ?? '') ? '' : ` (a relative --db is relative to ${dir}; give a shared database as an absolute path)`}`);
   }
   const from = o.caFrom === undefined ? null : readCaFrom(resolve(o.caFrom), o.node);
   const dirExisted = existsSync(dir);
@@ -305,12 +309,12 @@ export function initInstance(o: InitOptions): { dir: string; dbPath: string; cre
     writeKeyPair(host, join(dir, 'certs', 'node.crt'), join(dir, 'certs', 'node.key'));
     const info = verifyHostCert(host.certPem, caPem, o.node);
     writeFileSync(join(dir, 'conf.d', 'README'), '# Drop-in files *.yaml here are merged over ../pigeon.yaml in lexical order.\n');
-    const store = new Store(openDb(dbPath, { create: true }), dbPath);
+    const store = await openStore(dbUrl, { create: true, baseDir: dir });
     try {
-      const r = registerSelf(store, { name: o.node, fingerprint: info.fingerprint, certExpires: info.notAfter.toISOString(), peerAddress: null }, { heartbeat: false });
+      const r = await store.registerSelf({ name: o.node, fingerprint: info.fingerprint, certExpires: info.notAfter.toISOString(), peerAddress: null }, { heartbeat: false });
       if (r.created) registered = { name: o.node, fingerprint: info.fingerprint };
     } finally {
-      store.close();
+      await store.close();
     }
     writeFileSync(join(dir, 'pigeon.yaml'), configText({ node: o.node, db: dbUrl, listen: o.listen, courier: findCourier() }), { flag: 'wx', mode: 0o640 });
     created.push(join(dir, 'pigeon.yaml'));
@@ -318,9 +322,9 @@ export function initInstance(o: InitOptions): { dir: string; dbPath: string; cre
     // remove only what this run created
     if (!dirExisted) rmSync(dir, { recursive: true, force: true });
     else for (const p of ['certs', 'conf.d', 'mail', 'pigeon.yaml']) rmSync(join(dir, p), { recursive: true, force: true });
-    if (!dbExisted) for (const s of ['', '-wal', '-shm']) rmSync(dbPath + s, { force: true });
-    else if (registered) unregister(dbPath, registered);
+    if (!dbExisted && dbPath !== null) for (const s of ['', '-wal', '-shm']) rmSync(dbPath + s, { force: true });
+    else if (registered) await unregister(dbUrl, dir, registered);
     throw e;
   }
-  return { dir, dbPath, created };
+  return { dir, dbPath: dbPath ?? redactUrl(dbUrl), dbUrl, created };
 }

@@ -12,7 +12,8 @@ import { dirname, join, resolve, isAbsolute } from 'node:path';
 import { parseDocument, LineCounter, isMap, isSeq, type Node } from 'yaml';
 import { z } from 'zod';
 import { AppError } from './errors.js';
-import { parseDbUrl } from './db.js';
+import { parseDbUrl, redactUrl } from './store.js';
+import { checkAuthSection, SOURCE_NAME } from '../auth/registry.js';
 import { TRUST } from '../certs/trust.js';
 import { parseNetwork } from './ip.js';
 import { AUTH_FAILURE_DELAY_MS, AUTH_PENALTY_MAX_MS, PREAUTH_CONNS_PER_IP, MAX_CONNECTIONS, MAX_USERIP_CONNECTIONS } from './limits.js';
@@ -82,12 +83,16 @@ export const fileSchema = z.strictObject({
   mail_user: z.string().min(1).default('mail'),
   listen: z.array(listenSchema).default([]),
   handoff: z.boolean().default(true),
+  // password sources (auth/registry.ts): the chain, modules from outside this tree, and each
+  // source's own keys, checked by the source itself
   auth: z
-    .strictObject({
-      chain: z.array(z.enum(['database', 'passwd-file'])).min(1).default(['database']),
-      passwd_file: path.nullable().default(null),
+    .looseObject({
+      chain: z.array(z.string()).min(1).default(['database']),
+      modules: z.record(z.string().regex(SOURCE_NAME, 'an auth source name is lower-case letters, digits and hyphens'), path).default({}),
     })
-    .refine((a) => !a.chain.includes('passwd-file') || a.passwd_file !== null, { message: 'chain has passwd-file but auth.passwd_file is not set', path: ['passwd_file'] })
+    .superRefine((a, ctx) => {
+      for (const [p, message] of checkAuthSection(a)) ctx.addIssue({ code: 'custom', path: p, message });
+    })
     .prefault({}),
   // what IMAP/POP3 clients see (STARTTLS/STLS, imaps/pop3s); any CA, e.g. a public certificate
   tls: z
@@ -168,6 +173,7 @@ export interface Instance {
   readonly file: string;
   readonly files: readonly string[];
   readonly config: FileConfig;
+  /** the SQLite file (absolute), or the server database's URL without its password: for messages */
   readonly dbPath: string;
   readonly mailRoot: string;
   /** absolute log file path, or null for stderr */
@@ -286,7 +292,8 @@ export function loadInstance(c: string | undefined): Instance {
   const abs = (p: string): string => (isAbsolute(p) ? p : join(dir, p));
   let dbPath: string;
   try {
-    dbPath = abs(parseDbUrl(config.database).path);
+    const t = parseDbUrl(config.database);
+    dbPath = t.kind === 'sqlite' ? abs(t.path) : redactUrl(t.url);
   } catch (e) {
     throw new AppError('CONFIG_INVALID', `${file}: database: ${(e as Error).message}`);
   }

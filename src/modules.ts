@@ -2,22 +2,12 @@
  * NAME        src/modules — the typed contracts every module implements
  * DESCRIPTION One module per file, registered by name in src/registry.ts. A module knows only its
  *             own configuration (`settings` = its slice of the user's effective config).
+ *             `AuthInstance` is what a login asks (auth/chain.ts builds it from the auth sources
+ *             of auth/registry.ts, whose contract is auth/types.ts).
  */
 import type { Json } from './settings.js';
-import type { Store, UserRecord } from './store.js';
+import type { UserRecord } from './store.js';
 import type { Effective } from './resolve.js';
-
-export interface Module<K extends string, I> {
-  readonly kind: K;
-  readonly name: string;
-  readonly summary: string;
-  create(ctx: ModuleContext): I;
-}
-
-export interface ModuleContext {
-  readonly store: Store;
-  readonly log: (level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Record<string, string | number | boolean>) => void;
-}
 
 /** A user after authentication: identity plus the resolved configuration, read once. */
 export interface ResolvedUser {
@@ -46,7 +36,6 @@ export type AuthResult =
 export interface AuthInstance {
   authenticate(req: AuthRequest): Promise<AuthResult>;
 }
-export type AuthModule = Module<'auth', AuthInstance>;
 
 /** A module's slice of the effective config: `{ key: value }` for `module.key`. */
 export function slice(cfg: Effective, module: string): Record<string, Json> {

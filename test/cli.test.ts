@@ -9,8 +9,7 @@ import { createHash, X509Certificate } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
-import { openDb } from '../src/db.js';
-import { Store, type Allocation } from '../src/store.js';
+import { openStore, type Allocation } from '../src/store.js';
 import { SCHEMES } from '../auth/schemes.js';
 import { resolve } from '../src/resolve.js';
 
@@ -71,13 +70,13 @@ function userCount(dbPath: string): number {
 }
 
 /** Give a user a home and a mailbox allocation, as the mailstore would (compare-and-set). */
-function allocate(dbPath: string, address: string, alloc: Allocation): void {
-  const store = new Store(openDb(dbPath), dbPath);
+async function allocate(dbPath: string, address: string, alloc: Allocation): Promise<void> {
+  const store = await openStore(dbPath);
   try {
-    const u = store.mustUser(address);
-    if (!store.casAllocation(u.id, u.version, NODE, alloc)) throw new Error('allocation lost a race');
+    const u = await store.mustUser(address);
+    if (!(await store.casAllocation(u.id, u.version, NODE, alloc))) throw new Error('allocation lost a race');
   } finally {
-    store.close();
+    await store.close();
   }
 }
 
@@ -225,12 +224,12 @@ t.test('user add --password-stdin, duplicates, bad input, user show --json', asy
 type Explained = Record<string, { value: unknown; from: string; ignored: { from: string; value: unknown }[] }>;
 
 /** The database state read in-process (the CLI's own `config show` output is checked separately). */
-function effective(address: string): Explained {
-  const store = new Store(openDb(db), db);
+async function effective(address: string): Promise<Explained> {
+  const store = await openStore(db);
   try {
-    return resolve(store.lookup(address)?.rows ?? []) as Explained;
+    return resolve((await store.lookup(address))?.rows ?? []) as Explained;
   } finally {
-    store.close();
+    await store.close();
   }
 }
 
@@ -276,7 +275,7 @@ t.test('config set / unset / show --explain --json', async (t) => {
   const forced = run([...C, 'config', 'set', '--user', 'alice@example.test', 'mailstore.quota', '3500']);
   t.equal(forced.code, 0, 'setting a forced key at user scope succeeds');
   t.match(forced.err, /warning: .*mailstore\.quota.*no effect.*domain.*override/, 'warns: the domain forces it');
-  e = effective('alice@example.test');
+  e = await effective('alice@example.test');
   t.match(e['mailstore.quota'], { value: 2000, from: 'domain', ignored: [{ from: 'user', value: 3500 }] }, 'domain override wins, user row listed as ignored');
 
   t.equal(run([...C, 'config', 'set', '--global', 'mailstore.quota', '1000', '--override']).code, 0);
@@ -304,7 +303,7 @@ t.test('config set / unset / show --explain --json', async (t) => {
     [0, 0, 0],
     'unset',
   );
-  e = effective('alice@example.test');
+  e = await effective('alice@example.test');
   t.same(e['mailstore.quota'], { value: 3600, from: 'user', ignored: [] }, 'user row wins again after the overrides are unset');
   t.same(e['forward.to'], { value: ['a@x.test', 'b@y.test'], from: 'user', ignored: [] }, 'user forward rows live again');
 
@@ -340,7 +339,7 @@ t.test('config set / unset / show --explain --json', async (t) => {
     [65, 65, 65, 64, 64, 64, 67, 67, 67],
     'enum not in list, not a boolean, below minimum: 65; global-only key at user scope, --override at user scope, two scopes: 64; missing domain, missing user, show of a missing user: 67',
   );
-  e = effective('alice@example.test');
+  e = await effective('alice@example.test');
   t.same(e['mailstore.quota'], { value: 3600, from: 'user', ignored: [] }, 'refused commands changed nothing');
   t.same(e['mailstore.format'], { value: 'maildir', from: 'default', ignored: [] });
   t.same(e['login.plaintext'], { value: 'loopback', from: 'default', ignored: [] });
@@ -468,7 +467,7 @@ t.test('rename keeps settings, password and allocation; delete leaves or purges 
   const mbox = join(inst, 'mail', 'example.test', 'ren');
   mkdirSync(join(mbox, 'cur'), { recursive: true });
   writeFileSync(join(mbox, 'cur', '1700000000.M1P1.host:2,S'), 'Subject: hi\n\nkeep me\n');
-  allocate(db, 'ren@example.test', { format: 'maildir', path: mbox });
+  await allocate(db, 'ren@example.test', { format: 'maildir', path: mbox });
   const before = { home: NODE, allocation: { format: 'maildir', path: mbox } };
 
   const [r, dr] = await runAll([[[...C, 'user', 'rename', 'ren@example.test', 'renamed@example.test']], [[...C, 'domain', 'rename', 'old.test', 'new.test']]]);
@@ -502,7 +501,7 @@ t.test('rename keeps settings, password and allocation; delete leaves or purges 
   const pbox = join(inst, 'mail', 'example.test', 'pur');
   mkdirSync(join(pbox, 'new'), { recursive: true });
   writeFileSync(join(pbox, 'new', '1700000001.M2P2.host'), 'Subject: bye\n\n');
-  allocate(db, 'pur@example.test', { format: 'maildir', path: pbox });
+  await allocate(db, 'pur@example.test', { format: 'maildir', path: pbox });
   const [del, purge, dd] = await runAll([
     [[...C, 'user', 'del', 'renamed@example.test']],
     [[...C, 'user', 'del', 'pur@example.test', '--purge']],
@@ -521,12 +520,12 @@ t.test('rename keeps settings, password and allocation; delete leaves or purges 
   t.equal(dd?.code, 65, 'domain del while users exist exits 65');
   t.match(dd?.err, /still has 1 user/);
 
-  const store = new Store(openDb(db), db);
-  t.equal(store.getUser('renamed@example.test'), null, 'the deleted user is gone');
-  t.equal(store.getUser('pur@example.test'), null, 'the purged user is gone');
-  t.equal(store.lookup('renamed@example.test'), null, 'with its settings');
-  t.ok(store.getUser('dora@new.test')?.password, 'the refused domain del left its user intact');
-  store.close();
+  const store = await openStore(db);
+  t.equal(await store.getUser('renamed@example.test'), null, 'the deleted user is gone');
+  t.equal(await store.getUser('pur@example.test'), null, 'the purged user is gone');
+  t.equal(await store.lookup('renamed@example.test'), null, 'with its settings');
+  t.ok((await store.getUser('dora@new.test'))?.password, 'the refused domain del left its user intact');
+  await store.close();
   t.equal(run([...C, 'user', 'del', 'dora@new.test']).code, 0);
   t.equal(run([...C, 'domain', 'del', 'new.test']).code, 0, 'empty now: deleted');
   t.equal(run([...C, 'user', 'del', 'dora@new.test']).code, 67, 'deleting a missing user exits 67');

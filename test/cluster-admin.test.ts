@@ -11,9 +11,7 @@ import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, statSyn
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { issueHostCert, readKeyPair, writeKeyPair } from '../certs/ca.js';
-import { openDb } from '../src/db.js';
-import { Store } from '../src/store.js';
-import { registerSelf } from '../src/nodes.js';
+import { openStore } from '../src/store.js';
 import { runCli, type CliRun } from './helpers/cli.js';
 
 const day = 86400_000;
@@ -248,13 +246,19 @@ t.test('node disable / enable', async (t) => {
 
 t.test('node list: columns, health, expiry warning, users, --json fields', async (t) => {
   // alpha heartbeats (as pigeon serve does); beta was seen an hour ago; a short certificate for gamma
-  const store = new Store(openDb(shared), shared);
+  const store = await openStore(shared);
   try {
     const alpha = certOf(join(A, 'certs', 'node.crt'));
-    registerSelf(store, { name: 'alpha', fingerprint: alpha.fingerprint256, certExpires: new Date(alpha.validTo).toISOString(), peerAddress: '127.0.0.1:7001' }, { heartbeat: true });
-    store.db.prepare(`UPDATE nodes SET last_seen = ?, peer_address = '127.0.0.1:7002' WHERE name = 'beta'`).run(new Date(Date.now() - 3600_000).toISOString().replace(/\.\d+Z$/, 'Z'));
+    await store.registerSelf({ name: 'alpha', fingerprint: alpha.fingerprint256, certExpires: new Date(alpha.validTo).toISOString(), peerAddress: '127.0.0.1:7001' }, { heartbeat: true });
   } finally {
-    store.close();
+    await store.close();
+  }
+  // beta was last seen an hour ago: a state no pigeon command makes, so set it in the file directly
+  const raw = new Database(shared);
+  try {
+    raw.prepare(`UPDATE nodes SET last_seen = ?, peer_address = '127.0.0.1:7002' WHERE name = 'beta'`).run(new Date(Date.now() - 3600_000).toISOString().replace(/\.\d+Z$/, 'Z'));
+  } finally {
+    raw.close();
   }
   const g = run([...CA, 'cert', 'issue', 'gamma', '--out', join(root, 'issued-gamma'), '--days', '10']);
   t.equal(g.code, 0, `cert issue --days 10 ${g.err}`);
@@ -297,13 +301,13 @@ t.test('cert issue for an existing node: the next certificate, current one kept'
   t.match(run([...CA, 'node', 'list']).out, /^alpha\s.*\[re-issued: restart pending\]/m, 'the text list says a restart is pending');
 
   // what `pigeon serve` does when it restarts with the new certificate
-  const store = new Store(openDb(shared), shared);
+  const store = await openStore(shared);
   try {
     const x = certOf(join(out2, 'node.crt'));
-    const reg = registerSelf(store, { name: 'alpha', fingerprint: newFp, certExpires: new Date(x.validTo).toISOString(), peerAddress: null }, { heartbeat: true });
+    const reg = await store.registerSelf({ name: 'alpha', fingerprint: newFp, certExpires: new Date(x.validTo).toISOString(), peerAddress: null }, { heartbeat: true });
     t.equal(reg.promoted, true, 'the next certificate is promoted on registration');
   } finally {
-    store.close();
+    await store.close();
   }
   const after = byName(nodes(A), 'alpha');
   t.equal(after?.fingerprint, newFp, 'now the current certificate');

@@ -15,8 +15,7 @@ import { makeInstance, serve, freePort, CLI, type Inst } from './helpers/instanc
 import { Wire } from './helpers/wire.js';
 import { requireProgram } from './helpers/programs.js';
 import { startPostfix } from './helpers/postfix.js';
-import { openDb } from '../src/db.js';
-import { Store } from '../src/store.js';
+import { openStore } from '../src/store.js';
 import { hashPassword } from '../auth/schemes.js';
 import { AnvilClient } from '../src/anvil/client.js';
 import type { Results } from '../src/anvil/protocol.js';
@@ -24,15 +23,15 @@ import type { Results } from '../src/anvil/protocol.js';
 /** `n` users user0..user(n-1)@example.test with password `pw` (one cheap hash, written directly). */
 async function addUsers(inst: Inst, n: number): Promise<string[]> {
   const db = join(inst.dir, 'pigeon.db');
-  const store = new Store(openDb(db), db);
+  const store = await openStore(db);
   try {
     const hash = await hashPassword(Buffer.from('pw'), 'SSHA256');
-    store.addDomain('example.test');
+    await store.addDomain('example.test');
     const users = Array.from({ length: n }, (_, i) => `user${i}@example.test`);
-    for (const u of users) store.addUser(u, hash, null);
+    for (const u of users) await store.addUser(u, hash, null);
     return users;
   } finally {
-    store.close();
+    await store.close();
   }
 }
 

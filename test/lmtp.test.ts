@@ -8,8 +8,7 @@ import { join } from 'node:path';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { loadInstance } from '../src/instance.js';
-import { openDb } from '../src/db.js';
-import { Store } from '../src/store.js';
+import { openStore } from '../src/store.js';
 import { createLogger } from '../src/log.js';
 import { createLmtpServer, listenLmtp } from '../src/delivery/lmtp.js';
 import { CLI, makeInstance, setUser, maildirOf, files, msg, dovecotRead } from './helpers/delivery-env.js';
@@ -18,9 +17,9 @@ import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
 const ALICE = 'alice@example.test';
 const CAROL = 'carol@example.test';
 
-function serverFor(inst: string, t: { teardown: (f: () => void | Promise<void>) => void }) {
+async function serverFor(inst: string, t: { teardown: (f: () => void | Promise<void>) => void }) {
   const instance = loadInstance(inst);
-  const store = new Store(openDb(instance.dbPath), instance.dbPath);
+  const store = await openStore(instance.config.database, { baseDir: instance.dir });
   const lines: string[] = [];
   const logger = createLogger({ level: 'debug', sink: (l) => lines.push(l) });
   const server = createLmtpServer({ instance, store, logger });
@@ -38,7 +37,7 @@ function connect(opts: net.NetConnectOpts): Promise<net.Socket> {
 t.test('per-recipient replies after DATA, duplicate RCPT, unknown user, over quota', async (t) => {
   const inst = makeInstance(t.testdir(), [ALICE, CAROL]);
   setUser(inst, CAROL, 'mailstore.quota', '100');
-  const { server, lines } = serverFor(inst, t);
+  const { server, lines } = await serverFor(inst, t);
   const srv = await listenLmtp(server, { host: '127.0.0.1', port: 0, path: null });
   t.teardown(() => srv.close());
   const port = (srv.address() as net.AddressInfo).port;
@@ -85,7 +84,7 @@ t.test('unix socket listener; transient failure is 451 for that recipient only',
   const dir = t.testdir();
   const inst = makeInstance(dir, [ALICE, CAROL]);
   setUser(inst, CAROL, 'mailstore.creator', 'none'); // never allocated → 4.2.1, deferred
-  const { server } = serverFor(inst, t);
+  const { server } = await serverFor(inst, t);
   // sun_path is limited to 108 bytes: keep the socket path short
   const sdir = mkdtempSync(join(tmpdir(), 'plmtp-'));
   t.teardown(() => rmSync(sdir, { recursive: true, force: true }));
@@ -165,7 +164,7 @@ t.test('pigeon lmtp --forker inetd (TCP socket on fd 0)', async (t) => {
 
 t.test('client gone in the middle of DATA: nothing stored, the server keeps serving', async (t) => {
   const inst = makeInstance(t.testdir());
-  const { server } = serverFor(inst, t);
+  const { server } = await serverFor(inst, t);
   const srv = await listenLmtp(server, { host: '127.0.0.1', port: 0, path: null });
   t.teardown(() => srv.close());
   const port = (srv.address() as net.AddressInfo).port;

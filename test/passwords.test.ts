@@ -7,10 +7,9 @@ import t, { type Test } from 'tap';
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { verifyPassword, hashPassword, parseHash, SCHEMES, LIMITS } from '../auth/schemes.js';
-import { databaseAuth } from '../auth/database.js';
+import { createAuth } from '../auth/chain.js';
 import { AppError } from '../src/errors.js';
-import { openDb } from '../src/db.js';
-import { Store } from '../src/store.js';
+import { openStore } from '../src/store.js';
 
 const PASSWORDS = ['correct horse 42', 'pässwörd-ÄÖÜ-日本語-🐦'];
 /** a password as the bytes a client sends (UTF-8 here) */
@@ -202,13 +201,13 @@ function median(xs: number[]): number {
 t.test('authenticate(): outcomes, and an unknown user costs about what a wrong password costs', async (t) => {
   const dir = t.testdir();
   const file = join(dir, 'pigeon.db');
-  const store = new Store(openDb(file, { create: true }), file);
+  const store = await openStore(file, { create: true });
   t.teardown(() => store.close());
-  store.addDomain('example.test');
-  store.addUser('alice@example.test', await hashPassword(b('secret')), null);
-  store.addUser('imported@example.test', dovePw('SHA512-CRYPT', 'old-secret'), null);
-  store.addUser('absurd@example.test', dovePw('SHA512-CRYPT', 'x').replace('$6$', '$6$rounds=999999$'), null);
-  const auth = databaseAuth(store);
+  await store.addDomain('example.test');
+  await store.addUser('alice@example.test', await hashPassword(b('secret')), null);
+  await store.addUser('imported@example.test', dovePw('SHA512-CRYPT', 'old-secret'), null);
+  await store.addUser('absurd@example.test', dovePw('SHA512-CRYPT', 'x').replace('$6$', '$6$rounds=999999$'), null);
+  const auth = await createAuth({ chain: ['database'] }, store, dir);
   const login = (user: string, password: string) => auth.authenticate({ user, password: b(password), service: 'imap' });
 
   const ok = await login('Alice@Example.TEST', 'secret');
@@ -265,21 +264,18 @@ t.test('at most 4 hash verifications run at once, even when a new login arrives 
     pending.push({ promise, finish });
     return promise;
   };
+  // the limiter every auth source verifies through (auth/verify.ts), with the hash functions replaced
   const schemes = await import('../auth/schemes.js');
-  const { databaseAuth: limitedAuth } = await t.mockImport<typeof import('../auth/database.js')>('../auth/database.js', {
+  const { verifyStored, spendDummy } = await t.mockImport<typeof import('../auth/verify.js')>('../auth/verify.js', {
     '../auth/schemes.js': { ...schemes, verifyPassword: fakeVerify, dummyVerify: fakeVerify },
   });
-  const dir = t.testdir();
-  const file = join(dir, 'pigeon.db');
-  const store = new Store(openDb(file, { create: true }), file);
-  t.teardown(() => store.close());
-  store.addDomain('example.test');
-  store.addUser('a@example.test', '{PLAIN}x', null);
-  const auth = limitedAuth(store);
-  const login = () => auth.authenticate({ user: 'a@example.test', password: b('y'), service: 'imap' });
+  // a login's verification: a stored hash (database, passwd-file) or the dummy for an unknown user
+  let n = 0;
+  const login = (): Promise<boolean> => (n++ % 2 === 0 ? verifyStored('{PLAIN}x', b('y')) : spendDummy(b('y')));
   const all: Promise<unknown>[] = [];
   for (let i = 0; i < 5; i++) all.push(login());
-  await new Promise((r) => setImmediate(r));
+  const settle = (): Promise<void> => new Promise((r) => setImmediate(r));
+  await settle();
   t.equal(active, 4, 'four verifications run, the fifth login waits');
   // finish the first verification, and start a new login in the very reaction that follows it
   const first = pending.shift();
@@ -288,12 +284,12 @@ t.test('at most 4 hash verifications run at once, even when a new login arrives 
     all.push(login());
   });
   first.finish();
-  await new Promise((r) => setImmediate(r));
+  await settle();
   t.ok(max <= 4, `never more than 4 at once (saw ${max})`);
   // drain everything
   for (let p = pending.shift(); p; p = pending.shift()) {
     p.finish();
-    await new Promise((r) => setImmediate(r));
+    await settle();
   }
   await Promise.all(all);
   t.equal(active, 0, 'all finished');

@@ -12,7 +12,6 @@ import { AppError } from '../errors.js';
 import { openCtx } from '../context.js';
 import { readStdinBytes, printJson } from '../io.js';
 import { hashPassword, parseHash, isScheme, SCHEMES } from '../../auth/schemes.js';
-import { databaseAuth } from '../../auth/database.js';
 import { lookupKey, CATALOG } from '../catalog.js';
 import { parseValue, describeType, type Json } from '../settings.js';
 import { resolve, forcedBy, values, type Effective, type Flag } from '../resolve.js';
@@ -82,26 +81,26 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .command('add')
     .argument('<name>', 'domain name (IDN allowed; stored as punycode)')
     .description('add a domain')
-    .action((name) => {
-      const { store } = openCtx(cfg());
-      console.log(`domain ${store.addDomain(name)} added`);
+    .action(async (name) => {
+      const { store } = await openCtx(cfg());
+      console.log(`domain ${await store.addDomain(name)} added`);
     });
   domain
     .command('del')
     .argument('<name>')
     .description('delete an empty domain and its settings')
-    .action((name) => {
-      const { store } = openCtx(cfg());
-      store.delDomain(name);
+    .action(async (name) => {
+      const { store } = await openCtx(cfg());
+      await store.delDomain(name);
       console.log(`domain ${normaliseDomain(name)} deleted`);
     });
   domain
     .command('list')
     .option('--json', 'JSON output')
     .description('list domains')
-    .action((o) => {
-      const { store } = openCtx(cfg());
-      const ds = store.listDomains();
+    .action(async (o) => {
+      const { store } = await openCtx(cfg());
+      const ds = await store.listDomains();
       if (o.json) printJson(ds);
       else for (const d of ds) console.log(`${d.name}\t${d.users} user(s)`);
     });
@@ -110,9 +109,9 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .argument('<old>')
     .argument('<new>')
     .description('rename a domain; its users, their settings and mailboxes move with it')
-    .action((a, b) => {
-      const { store } = openCtx(cfg());
-      const r = store.renameDomain(a, b);
+    .action(async (a, b) => {
+      const { store } = await openCtx(cfg());
+      const r = await store.renameDomain(a, b);
       console.log(`domain ${normaliseDomain(a)} renamed to ${normaliseDomain(b)} (${r.users} user(s) renamed; mailboxes stay where they are)`);
     });
 
@@ -126,12 +125,12 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .option('--json', 'JSON output')
     .description('add a user; without --password-stdin a random password is generated and printed')
     .action(async (address, o) => {
-      const { store } = openCtx(cfg());
+      const { store } = await openCtx(cfg());
       normaliseAddress(address);
       const generated = o.passwordStdin ? null : randomBytes(12).toString('base64url');
       const pw = generated !== null ? Buffer.from(generated) : readStdinBytes('password');
       if (o.home !== undefined && !/^[a-z0-9][a-z0-9.-]{0,62}$/i.test(o.home)) throw new AppError('USAGE', `--home: invalid node name ${JSON.stringify(o.home)}`);
-      const u = store.addUser(address, await hashPassword(pw), o.home ?? null);
+      const u = await store.addUser(address, await hashPassword(pw), o.home ?? null);
       if (o.json) printJson({ ...userJson(u), ...(generated ? { password: generated } : {}) });
       else console.log(`user ${u.address} added${generated ? `\npassword: ${generated}` : ''}`);
     });
@@ -141,9 +140,9 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .option('--password-stdin', 'read the password from one line of stdin (default)')
     .description('set a new password (read from stdin)')
     .action(async (address) => {
-      const { store } = openCtx(cfg());
-      store.mustUser(address);
-      store.setPassword(address, await hashPassword(readStdinBytes('password')));
+      const { store } = await openCtx(cfg());
+      await store.mustUser(address);
+      await store.setPassword(address, await hashPassword(readStdinBytes('password')));
       console.log(`password of ${normaliseAddress(address).address} changed`);
     });
   for (const [verb, state] of [['disable', 'disabled'], ['enable', 'active']] as const) {
@@ -151,9 +150,9 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       .command(verb)
       .argument('<address>')
       .description(`${verb} logins and deliveries of a user (data is kept)`)
-      .action((address) => {
-        const { store } = openCtx(cfg());
-        store.setState(address, state);
+      .action(async (address) => {
+        const { store } = await openCtx(cfg());
+        await store.setState(address, state);
         console.log(`user ${normaliseAddress(address).address} ${state}`);
       });
   }
@@ -162,9 +161,9 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .argument('<address>')
     .option('--purge', 'also delete the mailbox and all its mail')
     .description('delete a user and their settings; the mailbox stays unless --purge')
-    .action((address, o) => {
-      const { store } = openCtx(cfg());
-      const u = store.delUser(address);
+    .action(async (address, o) => {
+      const { store } = await openCtx(cfg());
+      const u = await store.delUser(address);
       const path = u.allocation?.path;
       if (path === undefined || !existsSync(path)) {
         console.log(`user ${u.address} deleted (no mailbox)`);
@@ -180,9 +179,9 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .argument('[domain]')
     .option('--json', 'JSON output')
     .description('list users, optionally of one domain')
-    .action((d, o) => {
-      const { store } = openCtx(cfg());
-      const us = store.listUsers(d);
+    .action(async (d, o) => {
+      const { store } = await openCtx(cfg());
+      const us = await store.listUsers(d);
       if (o.json) printJson(us.map(userJson));
       else for (const u of us) console.log(`${u.address}\t${u.state}\thome=${u.home ?? '-'}`);
     });
@@ -191,9 +190,9 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .argument('<address>')
     .option('--json', 'JSON output')
     .description('show a user: state, home node, mailbox allocation')
-    .action((address, o) => {
-      const { store } = openCtx(cfg());
-      const j = userJson(store.mustUser(address));
+    .action(async (address, o) => {
+      const { store } = await openCtx(cfg());
+      const j = userJson(await store.mustUser(address));
       if (o.json) printJson(j);
       else for (const [k, v] of Object.entries(j)) console.log(`${k}: ${typeof v === 'string' ? v : JSON.stringify(v)}`);
     });
@@ -202,9 +201,9 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .argument('<old>')
     .argument('<new>')
     .description('rename a user; settings and mailbox (allocation) stay with the user')
-    .action((a, b) => {
-      const { store } = openCtx(cfg());
-      const u = store.renameUser(a, b);
+    .action(async (a, b) => {
+      const { store } = await openCtx(cfg());
+      const u = await store.renameUser(a, b);
       console.log(`user ${normaliseAddress(a).address} renamed to ${u.address}${u.allocation ? `; mailbox stays at ${u.allocation.path}` : ''}`);
     });
   user
@@ -214,9 +213,9 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .option('--domain <domain>', 'domain for entries without @domain')
     .option('--create-domains', 'add missing domains instead of refusing')
     .description('import users with their password hashes kept as they are (all or nothing)')
-    .action((format, file, o) => {
+    .action(async (format, file, o) => {
       if (format !== 'passwd-file') throw new AppError('USAGE', `unknown import format ${JSON.stringify(format)}; supported: passwd-file`);
-      const { store } = openCtx(cfg());
+      const { store } = await openCtx(cfg());
       let text: string;
       try {
         text = readFileSync(file, 'utf8');
@@ -245,19 +244,8 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
         if (entries.some((x) => x.address === addr.address)) throw new AppError('DUPLICATE', `${where}: ${addr.address} appears twice`);
         entries.push({ address: addr.address, domain: addr.domain, hash });
       });
-      const created: string[] = [];
-      store.write(() => {
-        const domains = new Set(store.listDomains().map((d) => d.name));
-        for (const e of entries) {
-          if (!domains.has(e.domain)) {
-            if (!o.createDomains) throw new AppError('NO_SUCH_DOMAIN', `domain ${e.domain} does not exist (add it, or use --create-domains)`);
-            store.addDomain(e.domain);
-            domains.add(e.domain);
-            created.push(e.domain);
-          }
-          store.addUser(e.address, e.hash, null);
-        }
-      });
+      // all or nothing: one transaction in the store
+      const created = (await store.importUsers(entries, o.createDomains ?? false)).createdDomains;
       console.log(`imported ${entries.length} user(s)${created.length ? `; created domain(s) ${created.join(', ')}` : ''}`);
     });
 
@@ -281,7 +269,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .option('--ignore', 'with MODULE.*: ignore every narrower setting of MODULE (global/domain only)')
     .description('set a setting at one scope')
     .addHelpText('after', `\nModules and keys:\n${[...CATALOG.values()].map((m) => Object.entries(m.keys).map(([k, s]) => `  ${m.module}.${k} (${describeType(s)}, default ${JSON.stringify(s.default)}): ${s.doc}`).join('\n')).join('\n')}`)
-    .action((name, value, o) => {
+    .action(async (name, value, o) => {
       const ref = pickScope(o);
       const k = lookupKey(name, true);
       const flags: Flag[] = [];
@@ -295,7 +283,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
         throw new AppError('USAGE', `${k.module}.* is only valid with --ignore`);
       }
       if (o.override) flags.push('override');
-      const { store } = openCtx(cfg());
+      const { store } = await openCtx(cfg());
       let v: Json = null;
       if (k.spec) {
         if (value === undefined) throw new AppError('USAGE', `missing value for ${name}`);
@@ -304,12 +292,12 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
         v = parseValue(name, k.spec, value);
       }
       // imap.backend / pop3.backend: warn when mailboxes with mail change backend (UIDs change)
-      const switchWarnings = withBackendSwitchCheck(store, ref, `${k.module}.${k.key}`, () => store.setSetting(ref, k.module, k.key, v, flags));
+      const switchWarnings = await withBackendSwitchCheck(store, ref, `${k.module}.${k.key}`, () => store.setSetting(ref, k.module, k.key, v, flags));
       for (const w of switchWarnings) console.error(`pigeon: warning: ${w}`);
       const where = ref.scope === 'global' ? 'global' : `${ref.scope} ${ref.name ?? ''}`;
       console.log(`${name} ${k.key === '*' ? 'ignored below' : `= ${show(v)} at`} ${where}${flags.length ? ` [${flags.join(',')}]` : ''}`);
       if (ref.scope !== 'global') {
-        const f = forcedBy(store.rowsFor(ref), ref.scope, k.module, k.key);
+        const f = forcedBy(await store.rowsFor(ref), ref.scope, k.module, k.key);
         if (f) {
           console.error(
             `pigeon: warning: ${name} at ${where} has no effect: ${f.reason === 'override' ? `${f.scope} scope forces it (override)` : `${f.scope} scope ignores ${k.module}.* below it`}`,
@@ -324,13 +312,13 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .option('--domain <domain>')
     .option('--user <address>')
     .description('remove a setting row (the broader scope or default applies again)')
-    .action((name, o) => {
+    .action(async (name, o) => {
       const ref = pickScope(o);
       const k = lookupKey(name, true);
-      const { store } = openCtx(cfg());
+      const { store } = await openCtx(cfg());
       let removed = false;
-      const switchWarnings = withBackendSwitchCheck(store, ref, `${k.module}.${k.key}`, () => {
-        removed = store.unsetSetting(ref, k.module, k.key);
+      const switchWarnings = await withBackendSwitchCheck(store, ref, `${k.module}.${k.key}`, async () => {
+        removed = await store.unsetSetting(ref, k.module, k.key);
       });
       for (const w of switchWarnings) console.error(`pigeon: warning: ${w}`);
       console.log(removed ? `${name} unset at ${ref.scope}${ref.name ? ` ${ref.name}` : ''}` : `${name} was not set at ${ref.scope}${ref.name ? ` ${ref.name}` : ''}`);
@@ -341,9 +329,9 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .option('--explain', 'show where each value comes from and what it overrides')
     .option('--json', 'JSON output: {"module.key": value} or, with --explain, {value, from, ignored}')
     .description('the effective settings of a user')
-    .action((address, o) => {
-      const { store } = openCtx(cfg());
-      const l = store.lookup(normaliseAddress(address).address);
+    .action(async (address, o) => {
+      const { store } = await openCtx(cfg());
+      const l = await store.lookup(normaliseAddress(address).address);
       if (!l) throw new AppError('NO_SUCH_USER', `no such user: ${normaliseAddress(address).address}`);
       const eff = resolve(l.rows);
       if (o.json) printJson(o.explain ? eff : values(eff));
@@ -353,7 +341,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .command('keys')
     .option('--json', 'JSON output')
     .description('list every module key with its type, default and meaning')
-    .action((o) => {
+    .action(async (o) => {
       const out = [...CATALOG.values()].flatMap((m) =>
         Object.entries(m.keys).map(([k, s]) => ({ key: `${m.module}.${k}`, type: describeType(s), default: s.default, scopes: s.scopes ?? ['global', 'domain', 'user'], doc: s.doc })),
       );
@@ -364,13 +352,13 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .command('test')
     .description('check the configuration files, the database, the certificates and the backend binaries in use; exit 0 when usable')
     .action(async () => {
-      const { instance, store } = openCtx(cfg());
-      store.listDomains();
+      const { instance, store } = await openCtx(cfg());
+      await store.listDomains();
       const check = await import('../config-check.js');
       const { resolveMailUser } = await import('../mailuser.js');
       const r: import('../config-check.js').CheckReport = { lines: [], warnings: [], problems: [] };
       check.checkCertificates(instance, r);
-      check.checkBackends(instance, store, resolveMailUser(instance.config.mail_user), r);
+      await check.checkBackends(instance, store, resolveMailUser(instance.config.mail_user), r);
       check.checkLog(instance, r);
       for (const l of r.lines) console.log(l);
       for (const w of r.warnings) console.error(`pigeon: warning: ${w}`);
@@ -392,9 +380,9 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       const service = o.service;
       if (service !== 'imap' && service !== 'pop3' && service !== 'test') throw new AppError('USAGE', '--service must be imap, pop3 or test');
       const pw = readStdinBytes('password');
-      const { store, instance } = openCtx(cfg());
-      const { authChain } = await import('../proxy/env.js');
-      const r = await databaseAuth(store, authChain(instance)).authenticate({ user: address, password: pw, service });
+      const { store, instance } = await openCtx(cfg());
+      const { createAuth } = await import('../../auth/chain.js');
+      const r = await (await createAuth(instance.config.auth, store, instance.dir)).authenticate({ user: address, password: pw, service });
       if (!r.ok) {
         if (r.why === 'tempfail') throw new AppError('TEMPFAIL', `passdb: ${address} auth temporarily failed: ${r.detail}`);
         console.log(`passdb: ${address} auth failed (${r.why})`);

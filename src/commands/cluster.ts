@@ -21,7 +21,7 @@ import { openCtx } from '../context.js';
 import { printJson } from '../io.js';
 import { issueHostCert, HOST_CERT_DAYS, EXPIRY_WARN_DAYS, LOOPBACK_NAMES, type KeyPair } from '../../certs/ca.js';
 import { verifyHostCert } from '../../certs/verify.js';
-import { announceCertificate, checkNodeName, isUp, listNodes, removeNode, setNodeState, usersPerNode, type NodeRow } from '../nodes.js';
+import { checkNodeName, isUp, type NodeRow } from '../nodes.js';
 
 type ConfigOpt = () => string | undefined;
 
@@ -89,7 +89,7 @@ export function registerCluster(program: Command, cfg: ConfigOpt): void {
     .action(async (address: string, o: { to: string; settle: string }) => {
       checkNodeName(o.to);
       if (!/^\d{1,3}$/.test(o.settle)) throw new AppError('USAGE', `--settle: expected seconds 0-999, got ${JSON.stringify(o.settle)}`);
-      const { instance, store } = openCtx(cfg());
+      const { instance, store } = await openCtx(cfg());
       const [{ createPeerContext }, { moveUser }] = await Promise.all([import('../peer/context.js'), import('../peer/move.js')]);
       const ctx = createPeerContext(instance, store);
       const r = await moveUser(store, ctx, instance.mailRoot, address, o.to, Number(o.settle) * 1000, (line) => console.log(line));
@@ -118,11 +118,11 @@ DIR/node.key (0600) and records the certificate in the shared database:
   - an existing node (re-issue): the new certificate is accepted next to the current one; install
     node.crt + node.key as that node's peer.cert/peer.key and restart pigeon serve there.`,
     )
-    .action((nodeName, o) => {
+    .action(async (nodeName, o) => {
       const name = checkNodeName(nodeName);
       const days = parseDays(o.days);
       const out = resolve(o.out);
-      const { instance, store } = openCtx(cfg());
+      const { instance, store } = await openCtx(cfg());
       try {
         const ca = readCa(instance.tls.ca, instance.tls.caKey);
         const files = { ca: join(out, 'ca.crt'), cert: join(out, 'node.crt'), key: join(out, 'node.key') };
@@ -154,7 +154,7 @@ DIR/node.key (0600) and records the certificate in the shared database:
         }
         let kind: 'new' | 'next';
         try {
-          kind = announceCertificate(store, name, info.fingerprint, info.notAfter.toISOString());
+          kind = await store.announceCertificate(name, info.fingerprint, info.notAfter.toISOString());
         } catch (e) {
           // an unannounced certificate is useless: leave no files behind that look usable
           for (const f of written) rmSync(f, { force: true });
@@ -177,7 +177,7 @@ DIR/node.key (0600) and records the certificate in the shared database:
           console.log(`next: install ${files.cert} + ${files.key} as node ${name}'s peer.cert/peer.key and restart pigeon serve there (the peer link reads its certificate at start); both certificates are accepted until it registers with the new one`);
         }
       } finally {
-        store.close();
+        await store.close();
       }
     });
 
@@ -187,12 +187,12 @@ DIR/node.key (0600) and records the certificate in the shared database:
     .command('list')
     .option('--json', 'JSON output: [{name, state, health, peer_address, last_seen, cert_expires, fingerprint, next_fingerprint, users}]')
     .description('list the nodes of the cluster: state, health, peer address, certificate expiry, users')
-    .action((o) => {
-      const { store } = openCtx(cfg());
+    .action(async (o) => {
+      const { store } = await openCtx(cfg());
       const now = Date.now();
-      const ns = listNodes(store);
-      const users = usersPerNode(store);
-      store.close();
+      const ns = await store.listNodes();
+      const users = await store.usersPerNode();
+      await store.close();
       if (o.json) {
         printJson(
           ns.map((n) => ({
@@ -229,12 +229,12 @@ DIR/node.key (0600) and records the certificate in the shared database:
       .command(verb)
       .argument('<name>')
       .description(verb === 'disable' ? 'stop accepting a node on peer links (its users and mail are kept)' : 'accept a disabled node on peer links again')
-      .action((name) => {
-        const { store } = openCtx(cfg());
+      .action(async (name) => {
+        const { store } = await openCtx(cfg());
         try {
-          setNodeState(store, checkNodeName(name), state);
+          await store.setNodeState(checkNodeName(name), state);
         } finally {
-          store.close();
+          await store.close();
         }
         console.log(
           verb === 'disable'
@@ -247,13 +247,13 @@ DIR/node.key (0600) and records the certificate in the shared database:
     .command('remove')
     .argument('<name>')
     .description('remove a node for good: its certificates are revoked (refused while users live there)')
-    .action((name) => {
-      const { instance, store } = openCtx(cfg());
+    .action(async (name) => {
+      const { instance, store } = await openCtx(cfg());
       let revoked: number;
       try {
-        revoked = removeNode(store, checkNodeName(name)).revoked;
+        revoked = (await store.removeNode(checkNodeName(name))).revoked;
       } finally {
-        store.close();
+        await store.close();
       }
       console.log(`node ${name} removed; ${revoked} certificate(s) revoked: it cannot rejoin with them (issue a new one with "pigeon cert issue ${name} --out DIR")`);
       if (name === instance.config.node) console.error(`pigeon: warning: ${name} is this instance's own node: its "pigeon serve" will refuse to start with the revoked certificate`);

@@ -11,8 +11,7 @@ import { EX } from '../errors.js';
 import { runDeliver, inputOf } from '../delivery/deliver.js';
 import { statusLine } from '../delivery/outcome.js';
 import { loadInstance } from '../instance.js';
-import { openDb } from '../db.js';
-import { Store } from '../store.js';
+import { openStore } from '../store.js';
 import { createLogger } from '../log.js';
 import { silentLogger } from '../delivery/env.js';
 
@@ -88,13 +87,13 @@ master.cf:  pigeon unix - n n - - pipe flags=Rq user=mail argv=/usr/local/bin/pi
       const instance = loadInstance(cfg());
       // stdout is the protocol: log to log.file or nowhere
       const logger = instance.logFile ? createLogger({ level: instance.config.log.level, file: instance.logFile }) : silentLogger;
-      const store = new Store(openDb(instance.dbPath), instance.dbPath);
+      const store = await openStore(instance.config.database, { baseDir: instance.dir });
       const server = createLmtpServer({ instance, store, logger });
       const socket = stdioSocket(o.forker);
       await new Promise<void>((resolve) => {
         socket.once('close', () => resolve());
         handleLmtpSocket(server, socket);
       });
-      store.close();
+      await store.close();
     });
 }

@@ -48,7 +48,7 @@ async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTl
   const { syslogSink, createLogger } = await import('../log.js');
   let env: ProxyEnv;
   try {
-    env = createProxyEnv(cfg, { logToStderr: !forker.stdioIsProtocol, role: forker.name });
+    env = await createProxyEnv(cfg, { logToStderr: !forker.stdioIsProtocol, role: forker.name });
   } catch (e) {
     const msg = isAppError(e) ? e.message : String(e);
     const line = proto === 'imap' ? '* BYE [UNAVAILABLE] Server configuration error, see the server log.\r\n' : '-ERR [SYS/TEMP] Server configuration error, see the server log.\r\n';
@@ -109,10 +109,10 @@ export function registerProxy(program: Command, cfg: () => string | undefined): 
       if (cluster.isPrimary) {
         // once, before any worker: check the certificate and join (or refresh) the node registry
         const { loadInstance } = await import('../instance.js');
-        for (const l of registerAtStart(loadInstance(cfg())).lines) process.stderr.write(`pigeon: ${l}\n`);
+        for (const l of (await registerAtStart(loadInstance(cfg()))).lines) process.stderr.write(`pigeon: ${l}\n`);
       }
-      const makeEnv = (): ProxyEnv => {
-        const env = createProxyEnv(cfg(), { logToStderr: true, role: 'worker' });
+      const makeEnv = async (): Promise<ProxyEnv> => {
+        const env = await createProxyEnv(cfg(), { logToStderr: true, role: 'worker' });
         startDuties(env);
         return env;
       };

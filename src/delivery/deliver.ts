@@ -16,8 +16,7 @@
  */
 import { createReadStream } from 'node:fs';
 import { loadInstance } from '../instance.js';
-import { openDb } from '../db.js';
-import { Store } from '../store.js';
+import { openStore, type Store } from '../store.js';
 import { createLogger } from '../log.js';
 import { isAppError, EX, type ExitCode } from '../errors.js';
 import { spool, type Spooled } from './message.js';
@@ -70,9 +69,9 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
   const logger = instance.logFile ? createLogger({ level: instance.config.log.level, file: instance.logFile }) : silentLogger;
   let store: Store;
   try {
-    store = new Store(openDb(instance.dbPath), instance.dbPath);
+    store = await openStore(instance.config.database, { baseDir: instance.dir });
   } catch (e) {
-    const locked = isAppError(e) && e.code === 'DB_LOCKED';
+    const locked = isAppError(e) && e.temporary;
     logger.log('error', 'deliver', 'cannot open the configuration database', { error: e instanceof Error ? e.message : String(e) });
     return fail({ dsn: locked ? '4.3.0' : '4.3.5', text: `configuration database unavailable: ${isAppError(e) ? e.message : 'error'}` });
   }
@@ -82,7 +81,7 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
     const seen = new Set<string>();
     const resolved: Resolved[] = [];
     for (const r of a.recipients) {
-      const x = resolveRecipient(store, r);
+      const x = await resolveRecipient(store, r);
       if (seen.has(x.rcpt)) continue; // a duplicate recipient gets one copy
       seen.add(x.rcpt);
       resolved.push(x);
@@ -108,7 +107,7 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
     return s.dsn.startsWith('2') ? { code: EX.OK, line: null } : fail(s);
   } finally {
     await message?.close();
-    store.close();
+    await store.close();
   }
 }
 

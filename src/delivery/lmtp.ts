@@ -88,14 +88,18 @@ export function createLmtpServer(o: LmtpServerOptions): SMTPServer {
       cb();
     },
     onRcptTo(address, session, cb) {
-      const r = resolveRecipient(o.store, address.address);
-      if (!r.ok) {
-        env.log('info', 'rejected', { user: r.rcpt, status: statusLine(r.result) });
-        cb(smtpError(r.result));
-        return;
-      }
-      txOf(session).rcpts.push(r);
-      cb();
+      resolveRecipient(o.store, address.address).then(
+        (r) => {
+          if (!r.ok) {
+            env.log('info', 'rejected', { user: r.rcpt, status: statusLine(r.result) });
+            cb(smtpError(r.result));
+            return;
+          }
+          txOf(session).rcpts.push(r);
+          cb();
+        },
+        (e: unknown) => cb(smtpError({ dsn: '4.3.0', text: `configuration lookup failed: ${e instanceof Error ? e.message : 'internal error'}` })),
+      );
     },
     onData(stream: SMTPServerDataStream, session, cb) {
       const t = txOf(session);

@@ -30,7 +30,7 @@ export type Resolved =
   | { readonly ok: false; readonly rcpt: string; readonly result: DeliveryResult };
 
 /** Who `rcpt` is: the one database read for this recipient. */
-export function resolveRecipient(store: Store, rcptRaw: string): Resolved {
+export async function resolveRecipient(store: Store, rcptRaw: string): Promise<Resolved> {
   const shown = rcptRaw.replace(/[\r\n\0]/g, '').slice(0, 320);
   let a;
   try {
@@ -39,12 +39,12 @@ export function resolveRecipient(store: Store, rcptRaw: string): Resolved {
     return { ok: false, rcpt: shown, result: { dsn: '5.1.3', text: `<${shown}>: bad recipient address syntax` } };
   }
   try {
-    let found = store.lookup(a.address);
+    let found = await store.lookup(a.address);
     let detail: string | null = null;
     if (!found) {
       const s = splitDetail(a);
       if (s.detail !== null || s.base.address !== a.address) {
-        found = store.lookup(s.base.address);
+        found = await store.lookup(s.base.address);
         detail = s.detail;
       }
     }
@@ -52,6 +52,7 @@ export function resolveRecipient(store: Store, rcptRaw: string): Resolved {
     if (found.user.state !== 'active') return { ok: false, rcpt: a.address, result: { dsn: '5.2.1', text: `<${a.address}>: mailbox disabled` } };
     return { ok: true, rcpt: a.address, user: found.user, config: resolve(found.rows), detail };
   } catch (e) {
+    if (isAppError(e) && e.code === 'DB_UNAVAILABLE') return { ok: false, rcpt: a.address, result: { dsn: '4.3.0', text: `<${a.address}>: configuration database unavailable; try again later` } };
     if (isAppError(e) && e.code === 'DB_LOCKED') return { ok: false, rcpt: a.address, result: { dsn: '4.3.0', text: `<${a.address}>: configuration database busy; try again later` } };
     return { ok: false, rcpt: a.address, result: { dsn: '4.3.0', text: `<${a.address}>: configuration lookup failed: ${isAppError(e) ? e.message : 'internal error'}` } };
   }

@@ -9,10 +9,9 @@
  * DIAGNOSTICS AppError CONFIG_INVALID (certificate), NODE_CONFLICT, NODE_REMOVED: serve exits 78.
  */
 import type { Instance } from '../instance.js';
-import { Store } from '../store.js';
-import { openDb } from '../db.js';
+import { openStore } from '../store.js';
 import { AppError } from '../errors.js';
-import { registerSelf, heartbeat, HEARTBEAT_S } from '../nodes.js';
+import { HEARTBEAT_S } from '../nodes.js';
 import { loadNodeCredentials } from '../../certs/verify.js';
 import { EXPIRY_WARN_DAYS } from '../../certs/ca.js';
 import { watchMoves } from '../proxy/live.js';
@@ -32,13 +31,12 @@ export function peerAddress(instance: Instance): string | null {
   return l.host.includes(':') ? `[${l.host}]:${l.port}` : `${l.host}:${l.port}`;
 }
 
-export function registerAtStart(instance: Instance): { lines: string[] } {
+export async function registerAtStart(instance: Instance): Promise<{ lines: string[] }> {
   const creds = loadNodeCredentials(instance.peerTls, instance.config.node);
-  const store = new Store(openDb(instance.dbPath), instance.dbPath);
+  const store = await openStore(instance.config.database, { baseDir: instance.dir });
   const lines: string[] = [];
   try {
-    const r = registerSelf(
-      store,
+    const r = await store.registerSelf(
       { name: instance.config.node, fingerprint: creds.fingerprint, certExpires: creds.notAfter.toISOString(), peerAddress: peerAddress(instance) },
       { heartbeat: true },
     );
@@ -48,7 +46,7 @@ export function registerAtStart(instance: Instance): { lines: string[] } {
     const days = Math.floor((creds.notAfter.getTime() - Date.now()) / 86400_000);
     if (days < EXPIRY_WARN_DAYS) lines.push(`warning: this node's certificate expires in ${days} days; re-issue it with "pigeon cert issue ${instance.config.node} --out DIR" on the CA holder`);
   } finally {
-    store.close();
+    await store.close();
   }
   return { lines };
 }
@@ -58,13 +56,19 @@ export function startDuties(env: ProxyEnv): void {
   env.peer.prewarm = true;
   env.peer.nodes.start(REGISTRY_REFRESH_MS, (e) => env.log.log('warn', 'peer', `node registry refresh failed: ${e instanceof Error ? e.message : String(e)}`));
   // every worker beats (one UPDATE per HEARTBEAT_S each): the node stays "up" while any worker lives
+  let beating = false;
   const t = setInterval(() => {
-    try {
-      // never wait for a locked database here: it would stall every session of this worker
-      env.store.tryNow(() => heartbeat(env.store, env.instance.config.node));
-    } catch (e) {
-      env.log.log('warn', 'peer', `heartbeat failed: ${e instanceof Error ? e.message : String(e)}`);
-    }
+    if (beating) return; // the last one still waits for a locked database (without blocking anything)
+    beating = true;
+    env.store.heartbeat(env.instance.config.node).then(
+      () => {
+        beating = false;
+      },
+      (e: unknown) => {
+        beating = false;
+        env.log.log('warn', 'peer', `heartbeat failed: ${e instanceof Error ? e.message : String(e)}`);
+      },
+    );
   }, HEARTBEAT_S * 1000);
   t.unref();
   watchMoves(env.store, REGISTRY_REFRESH_MS, (address, n) => env.log.log('info', `imap(${address})`, `Ended ${n} session(s): mailbox is being moved`));

@@ -57,10 +57,10 @@ function connectOnce(ctx: PeerContext, target: string, host: string, port: numbe
 }
 
 /** Is the certificate on this link the registered one of `target`? Refusal reason, or null. */
-function verifyPeer(ctx: PeerContext, target: string, x: X509Certificate | undefined): string | null {
+async function verifyPeer(ctx: PeerContext, target: string, x: X509Certificate | undefined): Promise<string | null> {
   if (!x) return 'no certificate';
   if (certNodeName(x) !== target) return `it names node ${certNodeName(x)}`;
-  const chk = ctx.trust.check(ctx.nodes, { name: target, fingerprint: x.fingerprint256, certificate: x });
+  const chk = await ctx.trust.check(ctx.nodes, { name: target, fingerprint: x.fingerprint256, certificate: x });
   return chk.ok ? null : chk.reason;
 }
 
@@ -69,7 +69,7 @@ const certs = new WeakMap<TLSSocket, X509Certificate>();
 
 /** A fresh, verified link: registry lookup, connect (with retries), certificate check. */
 async function dial(ctx: PeerContext, target: string): Promise<TLSSocket> {
-  const n = ctx.nodes.get(target);
+  const n = await ctx.nodes.get(target);
   if (!n) throw new AppError('PEER_UNAVAILABLE', `node ${target} is not registered`);
   if (n.state !== 'active') throw new AppError('PEER_UNAVAILABLE', `node ${target} is ${n.state}`);
   if (n.peerAddress === null) throw new AppError('PEER_UNAVAILABLE', `node ${target} has no peer address (is it running "pigeon serve" with a peer= listener?)`);
@@ -88,7 +88,7 @@ async function dial(ctx: PeerContext, target: string): Promise<TLSSocket> {
       break;
     }
     const x = sock.getPeerX509Certificate();
-    const bad = verifyPeer(ctx, target, x);
+    const bad = await verifyPeer(ctx, target, x);
     if (bad !== null || !x) {
       sock.destroy();
       throw new AppError('PEER_UNAVAILABLE', `node ${target} at ${n.peerAddress} presented a certificate that is not its registered one: ${bad ?? 'none'}`);
@@ -124,7 +124,7 @@ function spareMap(ctx: PeerContext): Map<string, Spare | 'opening'> {
   return m;
 }
 
-function takeSpare(ctx: PeerContext, target: string): TLSSocket | null {
+async function takeSpare(ctx: PeerContext, target: string): Promise<TLSSocket | null> {
   const m = spareMap(ctx);
   const sp = m.get(target);
   if (!sp || sp === 'opening') return null;
@@ -132,7 +132,7 @@ function takeSpare(ctx: PeerContext, target: string): TLSSocket | null {
   clearTimeout(sp.timer);
   sp.sock.ref();
   // the registry may have changed since the spare was opened: check again
-  if (sp.sock.destroyed || !sp.sock.writable || verifyPeer(ctx, target, certs.get(sp.sock)) !== null) {
+  if (sp.sock.destroyed || !sp.sock.writable || (await verifyPeer(ctx, target, certs.get(sp.sock))) !== null) {
     sp.sock.destroy();
     return null;
   }
@@ -164,7 +164,7 @@ function prewarm(ctx: PeerContext, target: string): void {
 
 /** A verified TLS link to `target`'s peer listener (a spare one when there is one). */
 export async function openLink(ctx: PeerContext, target: string): Promise<TLSSocket> {
-  const sock = takeSpare(ctx, target) ?? (await dial(ctx, target));
+  const sock = (await takeSpare(ctx, target)) ?? (await dial(ctx, target));
   prewarm(ctx, target);
   return sock;
 }

@@ -72,12 +72,15 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
 
   env.peer.nodes.onRefresh(() => {
     for (const k of links) {
-      const chk = env.peer.trust.check(env.peer.nodes, { name: k.node, fingerprint: k.fingerprint, certificate: k.certificate });
-      if (!chk.ok) {
-        log('warn', 'peer', `Closing link from ${k.node}: ${chk.reason}`);
-        k.sock.destroy();
-        links.delete(k);
-      }
+      void env.peer.trust.check(env.peer.nodes, { name: k.node, fingerprint: k.fingerprint, certificate: k.certificate }).then(
+        (chk) => {
+          if (chk.ok || !links.has(k)) return;
+          log('warn', 'peer', `Closing link from ${k.node}: ${chk.reason}`);
+          k.sock.destroy();
+          links.delete(k);
+        },
+        () => undefined, // the registry cannot be read now: the link stays until a refresh says otherwise
+      );
     }
   });
 
@@ -125,7 +128,12 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
       return;
     }
     const name = certNodeName(x);
-    const chk = env.peer.trust.check(env.peer.nodes, { name, fingerprint: x.fingerprint256, certificate: x });
+    let chk;
+    try {
+      chk = await env.peer.trust.check(env.peer.nodes, { name, fingerprint: x.fingerprint256, certificate: x });
+    } catch (e) {
+      chk = { ok: false as const, reason: `node registry unavailable: ${e instanceof Error ? e.message : String(e)}` };
+    }
     if (!chk.ok) {
       count('pigeon_peer_links_refused_total', { reason: 'registry' });
       log('warn', 'peer', `Refused link from ${name}: ${chk.reason}:`, { rip });

@@ -244,15 +244,15 @@ export async function moveUser(
   settleMs: number,
   say: (s: string) => void,
 ): Promise<MoveReport> {
-  const u = store.mustUser(address);
-  const target = ctx.nodes.get(to);
+  const u = await store.mustUser(address);
+  const target = await ctx.nodes.get(to);
   if (!target) throw new AppError('NO_SUCH_NODE', `no such node: ${to} (see "pigeon node list")`);
   if (target.state !== 'active') throw new AppError('PEER_UNAVAILABLE', `node ${to} is ${target.state}`);
   if (u.movingTo !== null && u.movingTo !== to) throw new AppError('TEMPFAIL', `${u.address} is already being moved to ${u.movingTo}`);
   if (u.home === to && u.movingTo === null) throw new AppError('USAGE', `${u.address} already lives on node ${to}`);
   if (u.home === null || u.allocation === null) {
     // nothing stored anywhere yet: only the home changes
-    if (!store.casAllocation(u.id, u.version, to, null)) throw new AppError('TEMPFAIL', `${u.address} changed meanwhile; try again`);
+    if (!(await store.casAllocation(u.id, u.version, to, null))) throw new AppError('TEMPFAIL', `${u.address} changed meanwhile; try again`);
     return { from: u.home, to, files: 0, bytes: 0, late: 0, oldPath: null, allocation: null };
   }
   if (u.allocation.format !== 'maildir') throw new AppError('USAGE', `user move copies maildir mailboxes only (${u.address} uses ${u.allocation.format})`);
@@ -260,8 +260,8 @@ export async function moveUser(
   const source = u.allocation;
   let marked = u;
   if (u.movingTo === null) {
-    if (!store.casMoving(u.id, u.version, to)) throw new AppError('TEMPFAIL', `${u.address} changed meanwhile; try again`);
-    marked = store.mustUser(address);
+    if (!(await store.casMoving(u.id, u.version, to))) throw new AppError('TEMPFAIL', `${u.address} changed meanwhile; try again`);
+    marked = await store.mustUser(address);
     say(`${u.address}: new sessions and deliveries paused; ending running sessions`);
     await new Promise((r) => setTimeout(r, settleMs));
   }
@@ -272,21 +272,21 @@ export async function moveUser(
     first = await copy(1, marked);
   } catch (e) {
     // leave the user where it was: clear the mark so mail flows to the old home again
-    const now = store.mustUser(address);
-    store.casMoving(now.id, now.version, null);
+    const now = await store.mustUser(address);
+    await store.casMoving(now.id, now.version, null);
     throw e;
   }
   say(`${u.address}: copied ${first.files} files (${first.bytes} bytes) from ${from} to ${to}`);
-  const now = store.mustUser(address);
-  if (!store.casMoved(now.id, now.version, to, first.allocation)) {
-    const again = store.mustUser(address);
-    store.casMoving(again.id, again.version, null);
+  const now = await store.mustUser(address);
+  if (!(await store.casMoved(now.id, now.version, to, first.allocation))) {
+    const again = await store.mustUser(address);
+    await store.casMoving(again.id, again.version, null);
     throw new AppError('TEMPFAIL', `${u.address} changed during the move; the home stays ${from}; try again`);
   }
   say(`${u.address}: home is now ${to}`);
   let late = 0;
   try {
-    const second = await copy(2, store.mustUser(address));
+    const second = await copy(2, await store.mustUser(address));
     late = second.files;
   } catch (e) {
     say(`warning: the second pass (mail that reached ${from} late) failed: ${(e as Error).message}; run the move's copy again or check ${from}:${source.path}`);

@@ -5,12 +5,10 @@
 import { randomBytes } from 'node:crypto';
 import type { Instance } from '../instance.js';
 import { loadInstance } from '../instance.js';
-import { Store } from '../store.js';
-import { openDb } from '../db.js';
+import { openStore, type Store } from '../store.js';
 import { createLogger, syslogOrFileSink, type Logger } from '../log.js';
-import { databaseAuth, databaseSource, type PasswordSource } from '../../auth/database.js';
-import { passwdFileSource } from '../../auth/passwd-file.js';
-import { isAbsolute, join } from 'node:path';
+import { createAuth } from '../../auth/chain.js';
+import { primePlaintextPolicy } from './login.js';
 import type { AuthInstance } from '../modules.js';
 import { resolveMailUser, type MailUser } from '../mailuser.js';
 import { Penalty } from './penalty.js';
@@ -38,12 +36,19 @@ export function loadTls(instance: Instance): ClientTls | null {
   return loadClientTls(instance.tls);
 }
 
-export function createProxyEnv(configPath: string | undefined, opts: { logToStderr: boolean; role: string }): ProxyEnv {
+export async function createProxyEnv(configPath: string | undefined, opts: { logToStderr: boolean; role: string }): Promise<ProxyEnv> {
   const instance = loadInstance(configPath);
   let log: Logger;
   if (instance.logFile !== null || opts.logToStderr) log = createLogger({ level: instance.config.log.level, file: instance.logFile });
   else log = createLogger({ level: instance.config.log.level, sink: syslogOrFileSink(instance.config.log.syslog_socket, instance.logFallback) });
-  const store = new Store(openDb(instance.dbPath), instance.dbPath);
+  const store = await openStore(instance.config.database, { baseDir: instance.dir });
+  let auth: AuthInstance;
+  try {
+    auth = await createAuth(instance.config.auth, store, instance.dir);
+  } catch (e) {
+    await store.close();
+    throw e;
+  }
   const anvil = new AnvilClient({
     runDir: instance.runDir,
     role: opts.role,
@@ -55,25 +60,18 @@ export function createProxyEnv(configPath: string | undefined, opts: { logToStde
     instance,
     store,
     log,
-    auth: databaseAuth(store, authChain(instance)),
+    auth,
     tls: loadTls(instance),
     mailUser: resolveMailUser(instance.config.mail_user),
     penalty: new Penalty(anvil, () => env.instance.config.limits),
     anvil,
     peer: createPeerContext(instance, store),
   };
+  await primePlaintextPolicy(env);
   return env;
 }
 
 /** Dovecot-style session id: 12 random bytes, base64 (16 characters). */
 export function sessionId(): string {
   return randomBytes(12).toString('base64');
-}
-
-/** The configured chain of password sources (auth.chain in pigeon.yaml). */
-export function authChain(instance: Instance): PasswordSource[] {
-  const file = instance.config.auth.passwd_file;
-  return instance.config.auth.chain.map((name) =>
-    name === 'database' ? databaseSource : passwdFileSource(file === null ? '' : isAbsolute(file) ? file : join(instance.dir, file)),
-  );
 }

@@ -341,7 +341,7 @@ export class ImapSession {
       return this.afterFailure();
     }
     const address = r.user.user.address;
-    const rt = await route(env, 'imap', r.user, conn, this.st.sid, tag, () => this.framer.rest());
+    const rt = await route(env, 'imap', r.user, conn, this.st.sid, tag, () => this.framer.rest(), { forward: true, deadline: r.deadline });
     if (!rt.ok && rt.reply !== undefined) {
       conn.write(rt.reply); // a limit (user+IP): the router logged it
       return false;

@@ -1,8 +1,8 @@
 /**
  * NAME        src/proxy/live — the sessions running in this process, by user
  * DESCRIPTION Each relayed session registers how to end it. `endUser` ends every session of a user
- *             (a `pigeon user move` switching the mailbox's home); the daemon polls the database
- *             for users being moved (`watchMoves`) and ends theirs, so no session keeps writing to
+ *             (a `pigeon user move` switching the mailbox's home); the daemon asks the store for
+ *             users being moved (`watchMoves`: polled, and on change notifications) and ends theirs, so no session keeps writing to
  *             a mailbox that is being copied away.
  */
 import type { Store } from '../store.js';
@@ -40,22 +40,43 @@ export function endUser(address: string): number {
   return ends.length;
 }
 
-/** Every `ms`: end the sessions of users whose mailbox is being moved. */
-export function watchMoves(store: Store, ms: number, onEnd: (address: string, n: number) => void): NodeJS.Timeout {
-  const stmt = store.db.prepare<[], { address: string }>('SELECT address FROM users WHERE moving_to IS NOT NULL');
+/**
+ * Every `ms`, and at once when the store reports a user change: end the sessions of users whose
+ * mailbox is being moved. Returns a function that stops watching.
+ */
+export function watchMoves(store: Store, ms: number, onEnd: (address: string, n: number) => void): () => void {
+  let busy = false;
+  const sweep = (addresses: readonly string[]): void => {
+    for (const a of addresses) {
+      const n = endUser(a);
+      if (n > 0) onEnd(a, n);
+    }
+  };
   const t = setInterval(() => {
-    if (live.size === 0) return;
-    let rows: { address: string }[];
-    try {
-      rows = store.tryNow(() => stmt.all()); // never wait for a lock: that would stall every session
-    } catch {
-      return; // database busy: next round
-    }
-    for (const r of rows) {
-      const n = endUser(r.address);
-      if (n > 0) onEnd(r.address, n);
-    }
+    if (live.size === 0 || busy) return;
+    busy = true;
+    store.movingUsers().then(
+      (as) => {
+        busy = false;
+        sweep(as);
+      },
+      () => {
+        busy = false; // database busy or away: next round
+      },
+    );
   }, ms);
   t.unref();
-  return t;
+  const unsubscribe = store.onChange((c) => {
+    if (c.kind !== 'user' || !live.has(c.address)) return;
+    void store.getUser(c.address).then(
+      (u) => {
+        if (u?.movingTo != null) sweep([c.address]);
+      },
+      () => undefined,
+    );
+  });
+  return () => {
+    clearInterval(t);
+    unsubscribe();
+  };
 }

@@ -12,7 +12,7 @@ import type { ProxyEnv } from './env.js';
 import type { ClientConn } from './conn.js';
 import type { AuthResult, ResolvedUser } from '../modules.js';
 import { resolve } from '../resolve.js';
-import { BUSY_TIMEOUT_MS } from '../db.js';
+import { BUSY_TIMEOUT_MS } from '../store.js';
 
 export type Proto = 'imap' | 'pop3';
 
@@ -20,30 +20,34 @@ let policyCache: { at: number; value: string } | null = null;
 let refreshing = false;
 const POLICY_TTL_MS = 5000;
 
-function readPolicy(env: ProxyEnv): void {
+async function readPolicy(env: ProxyEnv): Promise<void> {
   const now = Date.now();
   try {
-    // never waits for a lock: a locked database keeps the value we have
-    const v = env.store.tryNow(() => resolve(env.store.rowsFor({ scope: 'global', name: null }))['login.plaintext']?.value);
+    // never waits for a lock (one try: the deadline is now): a locked database keeps the value we have
+    const rows = await env.store.withDeadline(now).rowsFor({ scope: 'global', name: null });
+    const v = resolve(rows)['login.plaintext']?.value;
     policyCache = { at: now, value: typeof v === 'string' ? v : 'loopback' };
   } catch {
     policyCache = { at: now, value: policyCache?.value ?? 'loopback' };
   }
 }
 
+/** Read login.plaintext once before the first session (createProxyEnv). */
+export async function primePlaintextPolicy(env: ProxyEnv): Promise<void> {
+  if (policyCache === null) await readPolicy(env);
+}
+
 /**
  * login.plaintext (global scope only). A greeting or a LOGIN never waits on the database: the
- * value is read without waiting for a lock (the first time) and then kept for 5 s, refreshed
- * after it was used; while the database is locked the last value (or the default, loopback)
- * stays in force.
+ * value was read when the process started (without waiting for a lock), is kept for 5 s and then
+ * refreshed in the background after it was used; while the database is locked the last value
+ * (or the default, loopback) stays in force.
  */
 export function plaintextPolicy(env: ProxyEnv): string {
-  if (policyCache === null) readPolicy(env);
-  else if (Date.now() - policyCache.at >= POLICY_TTL_MS && !refreshing) {
+  if (policyCache !== null && Date.now() - policyCache.at >= POLICY_TTL_MS && !refreshing) {
     refreshing = true;
-    setImmediate(() => {
+    void readPolicy(env).finally(() => {
       refreshing = false;
-      readPolicy(env);
     });
   }
   return policyCache?.value ?? 'loopback';
@@ -81,7 +85,8 @@ export function logFields(conn: ClientConn, st: LoginState, extra: Record<string
 }
 
 export type LoginOutcome =
-  | { kind: 'ok'; user: ResolvedUser }
+  /** `deadline`: what is left of the login's one busy timeout, for the mailbox allocation (route) */
+  | { kind: 'ok'; user: ResolvedUser; deadline: number }
   | { kind: 'failed' } // bad credentials, unknown or disabled user, malformed message: same answer
   | { kind: 'tempfail'; detail: string };
 
@@ -155,8 +160,8 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
   if (creds.kind === 'malformed') return refuse(env, conn, st, creds.why);
   const user = userName(creds.user);
   if (user === null) return refuse(env, conn, st, 'invalid user name');
-  // the whole login (password check, and the mailbox allocation that may follow) waits at most
-  // one busy timeout for a locked database
+  // the whole login (password check, and the mailbox allocation that may follow in the router)
+  // waits at most one busy timeout for a locked database
   const deadline = Date.now() + BUSY_TIMEOUT_MS;
   let r: AuthResult;
   try {
@@ -164,16 +169,12 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
   } catch (e) {
     r = { ok: false, why: 'tempfail', detail: e instanceof Error ? e.message : 'auth error' };
   }
-  if (r.ok && needsAllocation(env, r.user) && !(await env.store.writableWithin(deadline))) {
-    // the router would allocate the mailbox with a write that blocks the process: answer now
-    r = { ok: false, why: 'tempfail', detail: `database ${env.store.file} is locked by another process; cannot allocate the mailbox of ${r.user.user.address}` };
-  }
   if (r.ok) {
     st.lastOutcome = 'ok';
     st.successes = (st.successes ?? 0) + 1;
     await env.penalty.success(conn.peer.rip);
     for (const w of r.warnings) env.log.log('warn', `${st.proto}-login`, w);
-    return { kind: 'ok', user: r.user };
+    return { kind: 'ok', user: r.user, deadline };
   }
   if (r.why === 'tempfail') {
     st.lastOutcome = 'tempfail';
@@ -181,11 +182,6 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
     return { kind: 'tempfail', detail: r.detail };
   }
   return refuse(env, conn, st, r.why);
-}
-
-/** Will routing this user write to the database (a first login allocates the mailbox)? */
-function needsAllocation(env: ProxyEnv, u: ResolvedUser): boolean {
-  return u.user.allocation === null && (u.user.home === null || u.user.home === env.instance.config.node);
 }
 
 async function refuse(env: ProxyEnv, conn: ClientConn, st: LoginState, why: string): Promise<LoginOutcome> {

@@ -270,7 +270,7 @@ export class Pop3Session {
       const b = this.buf;
       this.buf = Buffer.alloc(0);
       return b;
-    });
+    }, { forward: true, deadline: r.deadline });
     if (!rt.ok && rt.reply !== undefined) {
       conn.write(rt.reply); // a limit (user+IP): the router logged it
       return false;

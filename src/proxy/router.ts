@@ -32,6 +32,8 @@ export type RouteResult =
 export interface RouteOptions {
   /** false on a node that received the session over a peer link: never forward it again */
   readonly forward: boolean;
+  /** epoch ms: a locked database is waited for until then (the login's one busy timeout) */
+  readonly deadline?: number;
 }
 
 const HANDOFF_MAX_INPUT = 16 * 1024;
@@ -84,7 +86,7 @@ async function startRoute(
   let placement;
   try {
     placement = await placeUser(
-      { store: env.store, node: env.instance.config.node, mailRoot: env.instance.mailRoot, mailUser: env.mailUser, nodes: env.peer.nodes },
+      { store: opts.deadline === undefined ? env.store : env.store.withDeadline(opts.deadline), node: env.instance.config.node, mailRoot: env.instance.mailRoot, mailUser: env.mailUser, nodes: env.peer.nodes },
       u.user,
       u.config,
     );

@@ -1,0 +1,119 @@
+/**
+ * NAME        auth/chain — one login's authentication: the user read once, then `auth.chain`
+ * DESCRIPTION `createAuth` builds the sources of `auth.chain` (auth/registry.ts) and returns the
+ *             AuthInstance the proxy, `pigeon auth test` and the tests use. Per request: the user
+ *             and every setting row that applies are read in one statement (Store.lookup), waiting
+ *             for a locked database at most until the request's deadline; then each source in
+ *             order until one knows the user (`ok`, `bad` or `tempfail` decide; `unknown` passes
+ *             on). When none knows the user a dummy verification is paid, so an unknown user
+ *             costs what a wrong password costs. A user that a provisioning source (passwd-file)
+ *             authenticated and the database lacks is added to it when its domain exists.
+ * DIAGNOSTICS tempfail for a database that stays locked or unreachable, a source that is
+ *             unavailable or throws: never "success", never "wrong password" for a server fault.
+ * SECURITY    No password or hash in any result, log field or error text; the password stays the
+ *             client's bytes.
+ */
+import type { AuthInstance, AuthRequest, AuthResult } from '../src/modules.js';
+import type { Store } from '../src/store.js';
+import type { AuthSourceInstance } from './types.js';
+import { resolve } from '../src/resolve.js';
+import { normaliseAddress } from '../src/address.js';
+import { AppError, isAppError } from '../src/errors.js';
+import { BUSY_TIMEOUT_MS } from '../src/store.js';
+import { spendDummy } from './verify.js';
+import { authSource } from './registry.js';
+
+export interface NamedSource {
+  readonly name: string;
+  readonly source: AuthSourceInstance;
+}
+
+function dbFailure(e: unknown): AuthResult {
+  return { ok: false, why: 'tempfail', detail: isAppError(e) ? e.message : 'database error' };
+}
+
+/** The chain over ready source instances (the registry's, or a test's). */
+export function authChain(store: Store, chain: readonly NamedSource[]): AuthInstance {
+  return {
+    async authenticate(req: AuthRequest): Promise<AuthResult> {
+      let address: string;
+      try {
+        address = normaliseAddress(req.user).address;
+      } catch {
+        await spendDummy(req.password);
+        return { ok: false, why: 'unknown-user' };
+      }
+      const db = store.withDeadline(req.deadline ?? Date.now() + BUSY_TIMEOUT_MS);
+      let found;
+      try {
+        found = await db.lookup(address);
+      } catch (e) {
+        return dbFailure(e);
+      }
+      let decided: NamedSource | null = null;
+      const warnings: string[] = [];
+      for (const s of chain) {
+        let v;
+        try {
+          v = await s.source.authenticate(address, req.password, found?.user ?? null);
+        } catch (e) {
+          // a source that throws has failed, not refused: never a wrong password, never success
+          return { ok: false, why: 'tempfail', detail: `auth source ${s.name} failed: ${e instanceof Error ? (e.message.split('\n')[0] ?? '') : 'error'}` };
+        }
+        if (v.kind === 'unknown') continue;
+        if (v.kind === 'tempfail') return { ok: false, why: 'tempfail', detail: v.detail };
+        if (v.kind === 'bad') return { ok: false, why: 'bad-credentials' };
+        warnings.push(...(v.warnings ?? []));
+        decided = s;
+        break;
+      }
+      if (decided === null) {
+        await spendDummy(req.password);
+        return { ok: false, why: 'unknown-user' };
+      }
+      if (!found) {
+        if (!decided.source.provisions) return { ok: false, why: 'unknown-user' };
+        // authenticated by a provisioning source (passwd-file): add the user when its domain exists
+        try {
+          await db.addUser(address, null, null);
+          warnings.push(`user ${address} added to the database from ${decided.name}`);
+        } catch (e) {
+          if (isAppError(e) && e.code === 'NO_SUCH_DOMAIN') return { ok: false, why: 'unknown-user' };
+          if (!isAppError(e) || e.code !== 'DUPLICATE') return dbFailure(e);
+        }
+        try {
+          found = await db.lookup(address);
+        } catch (e) {
+          return dbFailure(e);
+        }
+        if (!found) return { ok: false, why: 'tempfail', detail: `user ${address} vanished` };
+      }
+      const config = resolve(found.rows);
+      if (found.user.state !== 'active' || config['login.enabled']?.value === false) return { ok: false, why: 'disabled' };
+      if (req.service !== 'test' && config[`${req.service}.enabled`]?.value === false) return { ok: false, why: 'disabled' };
+      return { ok: true, user: { user: found.user, config }, warnings };
+    },
+  };
+}
+
+/** The chain of pigeon.yaml's `auth:` section (its sources created once, per process). */
+export async function createAuth(auth: Readonly<Record<string, unknown>>, store: Store, dir: string): Promise<AuthInstance> {
+  const names = Array.isArray(auth['chain']) ? (auth['chain'] as string[]) : ['database'];
+  const chain: NamedSource[] = [];
+  for (const name of names) {
+    const src = await authSource(name, auth, dir);
+    let config: unknown;
+    try {
+      config = src.parseConfig(auth, true);
+    } catch (e) {
+      // the source names the key (`passwd_file: …`); a module from outside may throw a plain Error
+      throw new AppError('CONFIG_INVALID', `auth.${e instanceof Error ? e.message : String(e)}`);
+    }
+    try {
+      chain.push({ name, source: src.create(config, { store, dir }) });
+    } catch (e) {
+      throw new AppError('CONFIG_INVALID', `auth source ${name} cannot start: ${e instanceof Error ? e.message : String(e)}`);
+    }
+  }
+  return authChain(store, chain);
+}

@@ -1,0 +1,51 @@
+/**
+ * NAME        auth/verify — stored-hash verification for auth sources, at most 4 at once
+ * DESCRIPTION `verifyStored` checks a password against a `{SCHEME}hash` (auth/schemes.ts);
+ *             `spendDummy` costs what verifying a new password costs (an unknown user must take
+ *             as long as a wrong password). At most MAX_CONCURRENT_VERIFIES run at once per
+ *             process, whichever source asks: a flood of logins cannot take every core.
+ *             The native hash code (argon2/bcrypt) loads on first use only (auth/schemes.ts), so
+ *             processes that never check a password (deliver, LMTP) do not pay for it.
+ * SECURITY    No password or hash in any error text (auth/schemes.ts guarantees it).
+ */
+import { count } from '../src/metrics.js';
+import { verifyPassword, parseHash, dummyVerify } from './schemes.js';
+
+const MAX_CONCURRENT_VERIFIES = 4;
+let running = 0;
+const waiting: (() => void)[] = [];
+
+async function limited<T>(fn: () => Promise<T>): Promise<T> {
+  // a finishing call hands its slot straight to the first waiter, so a call arriving in between
+  // cannot take it too (that let a fifth verification run)
+  if (running >= MAX_CONCURRENT_VERIFIES) await new Promise<void>((r) => waiting.push(r));
+  else running++;
+  try {
+    return await fn();
+  } finally {
+    const next = waiting.shift();
+    if (next) next();
+    else running--;
+  }
+}
+
+/** Is `password` right for the stored `{SCHEME}hash`? Throws AppError for an unusable hash. */
+export async function verifyStored(stored: string, password: Uint8Array): Promise<boolean> {
+  parseHash(stored); // an unusable hash is refused before any work, and outside the limit
+  count('pigeon_password_checks_total');
+  return limited(() => verifyPassword(stored, password));
+}
+
+/** Spend one verification's time for nothing (unknown users); always false. */
+export async function spendDummy(password: Uint8Array): Promise<false> {
+  return limited(() => dummyVerify(password));
+}
+
+/** Is the stored hash a readable `{PLAIN}` password (worth a warning)? */
+export function isPlain(stored: string): boolean {
+  try {
+    return parseHash(stored).scheme === 'PLAIN';
+  } catch {
+    return false;
+  }
+}
