@@ -360,6 +360,8 @@ for (const f of FACTORIES) {
       await a.registerSelf(ME, { heartbeat: true });
       await a.addDomain('example.test');
       await a.addUser('alice@example.test', 'h', null);
+      // one subscription for the whole test: the store LISTENs while it has a subscriber
+      b.onChange(() => undefined);
       // subscribe, then make changes until one arrives: from then on the subscription is live
       let live = false;
       const ready = nextChange(b, (c) => c.kind === 'nodes', 10_000).then(() => (live = true));

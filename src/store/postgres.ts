@@ -263,9 +263,14 @@ class PostgresStore implements ConfigStore {
   private downSince = 0;
   private closed = false;
   private readonly subscribers = new Set<(c: StoreChange) => void>();
-  private listening: { unlisten: () => Promise<void> } | null = null;
+  /** options shared by every pool of this store */
+  private readonly base: Options;
+  /** the LISTEN connection (one, of its own), made on the first onChange */
+  private listenSql: Sql | null = null;
+  private listenState: 'off' | 'starting' | 'live' = 'off';
+  private listenLostWhileStarting = false;
+  private everListened = false;
   private listenTimer: NodeJS.Timeout | null = null;
-  private listenStarting = false;
 
   constructor(url: PgUrl, o: ResolvedOptions) {
     this.where = url.where;
@@ -300,6 +305,7 @@ class PostgresStore implements ConfigStore {
         idle_in_transaction_session_timeout: Math.max(10_000, 2 * o.queryTimeoutMs),
       },
     };
+    this.base = base;
     this.sql = postgres({ ...base, max: o.poolMax, min: o.poolMin });
     this.lockSql = postgres({ ...base, max: o.lockPoolMax, min: 0, idle_timeout: 30, prepare: false, queue_timeout: 0 });
   }
@@ -308,7 +314,7 @@ class PostgresStore implements ConfigStore {
 
   private up(): void {
     if (this.state === 'down') {
-      this.o.log('info', `database ${this.where} is available again (unavailable for ${Math.round((Date.now() - this.downSince) / 1000)} s)`);
+      this.o.log('info', `database ${this.where} is available again (after ${Math.round((Date.now() - this.downSince) / 1000)} s out of service)`);
     }
     this.state = 'up';
   }
@@ -347,7 +353,9 @@ class PostgresStore implements ConfigStore {
     this.closed = true;
     if (this.listenTimer) clearTimeout(this.listenTimer);
     this.subscribers.clear();
-    await Promise.all([this.sql.end({ timeout: 5 }), this.lockSql.end({ timeout: 5 })]);
+    const l = this.listenSql;
+    this.listenSql = null;
+    await Promise.all([this.sql.end({ timeout: 5 }), this.lockSql.end({ timeout: 5 }), l?.end({ timeout: 1 })]);
   }
 
   // ---- domains ----------------------------------------------------------------------------
@@ -820,11 +828,15 @@ class PostgresStore implements ConfigStore {
     this.listen(0);
     return () => {
       this.subscribers.delete(fn);
-      if (this.subscribers.size === 0 && this.listening) {
-        const l = this.listening;
-        this.listening = null;
-        l.unlisten().catch(() => undefined);
-      }
+      if (this.subscribers.size > 0) return;
+      // the last one gone: no LISTEN connection keeps the process alive any more
+      const l = this.listenSql;
+      this.listenSql = null;
+      this.listenState = 'off';
+      this.everListened = false;
+      if (this.listenTimer) clearTimeout(this.listenTimer);
+      this.listenTimer = null;
+      l?.end({ timeout: 1 }).catch(() => undefined);
     };
   }
 
@@ -838,51 +850,76 @@ class PostgresStore implements ConfigStore {
     }
   }
 
-  private onNotify(payload: string): void {
+  private onNotify(channel: string, payload: string): void {
+    if (channel !== CHANGE_CHANNEL) return;
     if (payload === 'nodes') this.emit({ kind: 'nodes' });
     else if (payload.startsWith('user:')) this.emit({ kind: 'user', address: payload.slice(5) });
   }
 
-  /** LISTEN (again, after `attempt` failures); the client re-listens by itself after a drop. */
+  /**
+   * LISTEN on the store's own one-connection pool; when that connection closes, LISTEN again
+   * (the pool reconnects, to the new primary after a fail-over), pausing between failed tries.
+   * Every LISTEN but the very first tells subscribers { kind: 'nodes' }: what changed meanwhile
+   * was not notified.
+   */
   private listen(attempt: number): void {
-    if (this.closed || this.listening || this.listenStarting || this.subscribers.size === 0) return;
-    this.listenStarting = true;
-    let first = true;
-    this.sql
-      .listen(
-        CHANGE_CHANNEL,
-        (payload) => this.onNotify(payload),
-        () => {
-          // called after the first LISTEN and after every re-LISTEN on a new connection
-          if (!first) {
-            this.up();
-            this.emit({ kind: 'nodes' });
-          }
-          first = false;
+    if (this.closed || this.listenState !== 'off' || this.subscribers.size === 0 || this.listenTimer) return;
+    this.listenState = 'starting';
+    this.listenLostWhileStarting = false;
+    if (this.listenSql === null) {
+      // while subscribed, the LISTEN connection (and a pending re-LISTEN) keeps the process alive
+      const pool: Sql = postgres({
+        ...this.base,
+        max: 1,
+        min: 0,
+        idle_timeout: null,
+        max_lifetime: null,
+        prepare: false,
+        unref_sockets: false,
+        onnotify: (channel, payload) => this.onNotify(channel, payload),
+        onclose: () => {
+          if (this.listenSql === pool) this.listenLost();
         },
-      )
-      .then(
-        (meta) => {
-          this.listenStarting = false;
-          if (this.closed || this.subscribers.size === 0) {
-            meta.unlisten().catch(() => undefined);
-            return;
-          }
-          this.listening = { unlisten: meta.unlisten };
-          if (attempt > 0) this.emit({ kind: 'nodes' }); // what changed while we could not listen
-        },
-        (e: unknown) => {
-          this.listenStarting = false;
-          this.fail(e);
-          if (this.closed) return;
-          const pause = Math.min(this.o.reconnectMaxMs, 20 * 2 ** attempt);
-          this.listenTimer = setTimeout(() => {
+      });
+      this.listenSql = pool;
+    }
+    const pool = this.listenSql;
+    pool`LISTEN pigeon_change`.then(
+      () => {
+        if (this.listenSql !== pool) return;
+        if (this.listenLostWhileStarting) {
+          this.listenState = 'off';
+          this.listen(attempt + 1);
+          return;
+        }
+        this.listenState = 'live';
+        if (this.everListened || attempt > 0) {
+          this.up();
+          this.emit({ kind: 'nodes' });
+        }
+        this.everListened = true;
+      },
+      (e: unknown) => {
+        if (this.listenSql !== pool) return;
+        this.listenState = 'off';
+        this.fail(e);
+        if (this.closed) return;
+        this.listenTimer = setTimeout(
+          () => {
             this.listenTimer = null;
             this.listen(attempt + 1);
-          }, pause);
-          this.listenTimer.unref();
-        },
-      );
+          },
+          Math.min(this.o.reconnectMaxMs, 20 * 2 ** attempt),
+        );
+      },
+    );
+  }
+
+  private listenLost(): void {
+    if (this.listenState === 'starting') this.listenLostWhileStarting = true;
+    if (this.listenState !== 'live') return;
+    this.listenState = 'off';
+    this.listen(1);
   }
 
   // ---- schema and copy --------------------------------------------------------------------

@@ -6,8 +6,8 @@
 // which `promote` turns into a primary, for failover tests. Debian's `postgresql` package
 // provides the binaries; a missing one fails loudly with the package name (requireProgram), or is
 // a SKIP with PIGEON_TEST_ALLOW_MISSING=1.
-import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, chownSync, rmSync, readFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, chownSync, rmSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
 import type { Test } from 'tap';
@@ -31,6 +31,15 @@ export interface PgServer {
   addStandby(): Promise<PgServer>;
   /** promote a standby to primary (pg_ctl promote -w) */
   promote(): Promise<void>;
+  /** a long-running psql on the socket (to hold a lock or a transaction open) */
+  session(t: Test, db?: string): PsqlSession;
+}
+
+export interface PsqlSession {
+  send(sql: string): void;
+  /** resolves when stdout has a line matching `re` */
+  until(re: RegExp): Promise<string>;
+  close(): Promise<void>;
 }
 
 interface Ids {
@@ -56,8 +65,8 @@ function pgUser(): Ids {
   throw new Error('no system user "postgres" (install the Debian package postgresql)');
 }
 
-function run(bin: string, args: string[], ids: Ids, input?: string): { status: number | null; out: string } {
-  const r = spawnSync(bin, args, { uid: ids.uid, gid: ids.gid, encoding: 'utf8', timeout: 120_000, cwd: '/', input });
+function run(bin: string, args: string[], ids: Ids): { status: number | null; out: string } {
+  const r = spawnSync(bin, args, { uid: ids.uid, gid: ids.gid, encoding: 'utf8', timeout: 120_000, cwd: '/' });
   return { status: r.status, out: `${r.stdout ?? ''}${r.stderr ?? ''}${r.error ? String(r.error) : ''}` };
 }
 
@@ -67,11 +76,11 @@ export function havePostgres(t: Test): boolean {
   return requireProgram(t, bin === null ? '/usr/lib/postgresql/VERSION/bin/initdb' : join(bin, 'initdb'), 'postgresql');
 }
 
-function server(t: Test, b: string, ids: Ids, root: string, dataDir: string, host: string, port: number, password: string | null): PgServer {
+function server(t: Test, b: string, ids: Ids, root: string, dataDir: string, host: string, port: number, password: string | null, tls: boolean): PgServer {
   const logFile = join(root, 'server.log');
   const ctl = (args: string[]): { status: number | null; out: string } => run(join(b, 'pg_ctl'), ['-D', dataDir, ...args], ids);
   // fsync off: a test server need not survive a power cut; a quick checkpoint keeps a standby close
-  const options = `-k ${root} -p ${port} -c listen_addresses=${host} -c fsync=off -c wal_level=replica -c max_wal_senders=4 -c max_connections=200 -c hot_standby=on`;
+  const options = `-k ${root} -p ${port} -c listen_addresses=${host} -c fsync=off -c wal_level=replica -c max_wal_senders=4 -c max_connections=200 -c hot_standby=on${tls ? ' -c ssl=on' : ''}`;
   const auth = password === null ? '' : `:${encodeURIComponent(password)}`;
   const srv: PgServer = {
     url: `postgres://pigeon${auth}@${host.includes(':') ? `[${host}]` : host}:${port}/pigeon`,
@@ -113,7 +122,7 @@ function server(t: Test, b: string, ids: Ids, root: string, dataDir: string, hos
       });
       if (bb.status !== 0) throw new Error(`pg_basebackup failed: ${bb.stderr}`);
       const sport = await freePort();
-      const standby = server(t, b, ids, sroot, sdata, host, sport, password);
+      const standby = server(t, b, ids, sroot, sdata, host, sport, password, tls);
       await standby.start();
       t.teardown(() => standby.stop('immediate'));
       return standby;
@@ -121,6 +130,50 @@ function server(t: Test, b: string, ids: Ids, root: string, dataDir: string, hos
     async promote() {
       const r = ctl(['-w', '-t', '60', 'promote']);
       if (r.status !== 0) throw new Error(`pg_ctl promote failed: ${r.out}`);
+    },
+    session(t: Test, db = 'pigeon') {
+      const child = spawn(join(b, 'psql'), ['-h', root, '-p', String(port), '-U', 'pigeon', '-d', db, '-At', '-v', 'ON_ERROR_STOP=1'], {
+        uid: ids.uid,
+        gid: ids.gid,
+        cwd: '/',
+        stdio: ['pipe', 'pipe', 'pipe'],
+        env: { ...process.env, PGPASSWORD: password ?? '' },
+      });
+      let out = '';
+      let err = '';
+      const waiters: { re: RegExp; res: (l: string) => void }[] = [];
+      const check = (): void => {
+        for (const w of [...waiters]) {
+          const line = out.split('\n').find((l) => w.re.test(l));
+          if (line !== undefined) {
+            waiters.splice(waiters.indexOf(w), 1);
+            w.res(line);
+          }
+        }
+      };
+      child.stdout.setEncoding('utf8').on('data', (d: string) => {
+        out += d;
+        check();
+      });
+      child.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
+      const exited = new Promise<void>((r) => child.once('close', () => r()));
+      t.teardown(() => {
+        child.kill('SIGKILL');
+        return exited;
+      });
+      return {
+        send: (sql: string) => void child.stdin.write(`${sql}\n`),
+        until: (re: RegExp) =>
+          new Promise<string>((res, rej) => {
+            waiters.push({ re, res });
+            check();
+            void exited.then(() => rej(new Error(`psql ended before ${String(re)}: ${err}`)));
+          }),
+        close: async () => {
+          child.stdin.end();
+          await exited;
+        },
+      };
     },
   };
   return srv;
@@ -131,7 +184,7 @@ function server(t: Test, b: string, ids: Ids, root: string, dataDir: string, hos
  * PostgreSQL is not installed. With `password`, TCP logins need it (scram-sha-256); the unix
  * socket stays trust, for psql.
  */
-export async function startPostgres(t: Test, opts: { host?: string; port?: number; password?: string } = {}): Promise<PgServer | null> {
+export async function startPostgres(t: Test, opts: { host?: string; port?: number; password?: string; tls?: { certPem: string; keyPem: string } } = {}): Promise<PgServer | null> {
   if (!havePostgres(t)) return null;
   const b = binDir() as string;
   const ids = pgUser();
@@ -141,14 +194,29 @@ export async function startPostgres(t: Test, opts: { host?: string; port?: numbe
   const host = opts.host ?? '127.0.0.1';
   const port = opts.port ?? (await freePort());
   const password = opts.password ?? null;
+  const pwfile = join(root, 'pw');
+  if (password !== null) {
+    writeFileSync(pwfile, `${password}\n`, { mode: 0o600 });
+    chownSync(pwfile, ids.uid, ids.gid);
+  }
   const init = run(
     join(b, 'initdb'),
-    ['-D', dataDir, '-A', 'trust', '-U', 'pigeon', '--no-sync', '-E', 'UTF8', '--locale=C', ...(password === null ? [] : ['--pwfile=/dev/stdin', '--auth-host=scram-sha-256'])],
+    ['-D', dataDir, '-A', 'trust', '-U', 'pigeon', '--no-sync', '-E', 'UTF8', '--locale=C', ...(password === null ? [] : [`--pwfile=${pwfile}`, '--auth-host=scram-sha-256'])],
     ids,
-    password === null ? undefined : `${password}\n`,
   );
+  rmSync(pwfile, { force: true });
   if (init.status !== 0) throw new Error(`initdb failed: ${init.out}`);
-  const srv = server(t, b, ids, root, dataDir, host, port, password);
+  if (opts.tls) {
+    // ssl=on reads server.crt / server.key from the data directory; the key must be the owner's only
+    for (const [f, pem, mode] of [
+      ['server.crt', opts.tls.certPem, 0o644],
+      ['server.key', opts.tls.keyPem, 0o600],
+    ] as const) {
+      writeFileSync(join(dataDir, f), pem, { mode });
+      chownSync(join(dataDir, f), ids.uid, ids.gid);
+    }
+  }
+  const srv = server(t, b, ids, root, dataDir, host, port, password, opts.tls !== undefined);
   await srv.start();
   t.teardown(async () => {
     await srv.stop('immediate');
