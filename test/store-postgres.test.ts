@@ -6,7 +6,7 @@
 import t, { type Test } from 'tap';
 import { inspect } from 'node:util';
 import { createServer, type Socket } from 'node:net';
-import { writeFileSync, chmodSync } from 'node:fs';
+import { writeFileSync, chmodSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { AppError } from '../src/errors.js';
 import type { ConfigStore, StoreChange } from '../src/store/types.js';
@@ -14,7 +14,7 @@ import { openPostgresStore, type PostgresStoreOptions } from '../src/store/postg
 import { parsePgUrl, redactUrl } from '../src/store/pg-url.js';
 import { createCa, issueHostCert } from '../certs/ca.js';
 import { startPostgres, havePostgres } from './helpers/postgres.js';
-import { scratchDir } from './helpers/instance.js';
+import { scratchDir, ROOT } from './helpers/instance.js';
 
 const SECRET = 'Zq7-s3cr3t-pw';
 
@@ -51,6 +51,12 @@ async function untilWorks<T>(ms: number, fn: () => Promise<T>): Promise<{ value:
     await new Promise((r) => setTimeout(r, 100)); // pacing between tries, not a synchronisation
   }
 }
+
+t.test('the set-up line installs PostgreSQL (the servers these tests start)', async (t) => {
+  const sh = readFileSync(join(ROOT, 'scripts', 'install-deps.sh'), 'utf8');
+  t.match(sh, /^NEED="[^"]*\bpostgresql\b/m, 'in the package list');
+  t.match(sh, /bin\/initdb .*missing="\$missing postgresql"/, 'and checked like dovecot');
+});
 
 t.test('URL forms', async (t) => {
   t.match(parsePgUrl('postgres://pigeon@db1.example.net/pigeon'), {
