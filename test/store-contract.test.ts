@@ -9,6 +9,8 @@ import { AppError } from '../src/errors.js';
 import type { ConfigStore, StoreChange } from '../src/store/types.js';
 import { openPostgresStore } from '../src/store/postgres.js';
 import { startPostgres, type PgServer } from './helpers/postgres.js';
+import { scratchDir } from './helpers/instance.js';
+import { join } from 'node:path';
 
 interface Fresh {
   /** a store on this test's database; the first call's store is migrated unless `migrated: false` */
@@ -52,9 +54,31 @@ function postgresFactory(): Factory {
   };
 }
 
+/** a store in one file per test database (SQLite); `open(path)` opens, creating the file */
+function fileFactory(name: string, openFile: (path: string) => Promise<ConfigStore>): Factory {
+  let n = 0;
+  return {
+    name,
+    setup: async () => true,
+    async fresh(t, opts = {}) {
+      const file = join(scratchDir(t), `store-${++n}.db`);
+      let first = true;
+      return {
+        async open() {
+          const s = await openFile(file);
+          t.teardown(() => s.close());
+          if (first && opts.migrated !== false) await s.migrate();
+          first = false;
+          return s;
+        },
+      };
+    },
+  };
+}
+
 const FACTORIES: Factory[] = [
   postgresFactory(),
-  // the SQLite store (src/store/sqlite.ts) joins here: sqliteFactory(),
+  // the SQLite store joins with one line, e.g. fileFactory('sqlite', (path) => openStore(`sqlite:${path}`)),
 ];
 
 async function code(p: Promise<unknown>): Promise<string> {

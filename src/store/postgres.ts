@@ -18,7 +18,9 @@
  *             - `userLock` is a session-level advisory lock (class USER_LOCK, the user id) on a
  *               connection reserved from a separate small pool (so the holder's own queries
  *               never wait for the connection it holds), waited for in slices shorter than the
- *               statement timeout until `waitMs`, then AppError TEMPFAIL;
+ *               statement timeout until `waitMs`, then AppError TEMPFAIL (the server drops the
+ *               lock with the session: a holder whose connection dies loses it, so what the
+ *               holder writes must still be a cas* write, as the creators' are);
  *             - `onChange`: LISTEN pigeon_change on a connection of its own (the triggers of
  *               src/store/pg-migrations.ts); after every reconnect of that connection
  *               subscribers get { kind: 'nodes' }, since notifications may have been lost.
