@@ -1,7 +1,9 @@
 // A private PostgreSQL server for one test file: initdb into a temporary directory and pg_ctl start
 // as the unprivileged `postgres` system user (PostgreSQL refuses to run as root), on a unix socket
-// in that directory and a loopback TCP port, trust authentication for the role `pigeon` (or
-// scram-sha-256 with a password, for the tests of password sources). Stopped (immediate) and
+// in that directory and a loopback TCP port (the directory is named after the test process, and
+// servers left behind by a test process that was killed are stopped by the next start), trust
+// authentication for the role `pigeon` (or scram-sha-256 with a password, for the tests of
+// password sources). Stopped (immediate) and
 // removed at teardown. `addStandby` makes a streaming standby (pg_basebackup -R) on its own port,
 // which `promote` turns into a primary, for failover tests. Debian's `postgresql` package
 // provides the binaries; a missing one fails loudly with the package name (requireProgram), or is
@@ -108,9 +110,14 @@ function server(t: Test, b: string, ids: Ids, root: string, dataDir: string, hos
     },
     log: () => (existsSync(logFile) ? readFileSync(logFile, 'utf8') : ''),
     async addStandby() {
-      const sroot = mkdtempSync(join(tmpdir(), 'pigeon-pg-standby-'));
+      const sroot = mkdtempSync(join(tmpdir(), `pigeon-pg-${process.pid}-standby-`));
       chownSync(sroot, ids.uid, ids.gid);
-      t.teardown(() => rmSync(sroot, { recursive: true, force: true }));
+      let standby: PgServer | null = null;
+      // one teardown, stop first: a data directory removed before pg_ctl stop leaves the server running
+      t.teardown(async () => {
+        await standby?.stop('immediate');
+        rmSync(sroot, { recursive: true, force: true });
+      });
       const sdata = join(sroot, 'data');
       const bb = spawnSync(join(b, 'pg_basebackup'), ['-h', root, '-p', String(port), '-U', 'pigeon', '-D', sdata, '-R', '-X', 'stream', '-c', 'fast'], {
         encoding: 'utf8',
@@ -122,10 +129,10 @@ function server(t: Test, b: string, ids: Ids, root: string, dataDir: string, hos
       });
       if (bb.status !== 0) throw new Error(`pg_basebackup failed: ${bb.stderr}`);
       const sport = await freePort();
-      const standby = server(t, b, ids, sroot, sdata, host, sport, password, tls);
-      await standby.start();
-      t.teardown(() => standby.stop('immediate'));
-      return standby;
+      const sb = server(t, b, ids, sroot, sdata, host, sport, password, tls);
+      await sb.start();
+      standby = sb;
+      return sb;
     },
     async promote() {
       const r = ctl(['-w', '-t', '60', 'promote']);
@@ -179,6 +186,30 @@ function server(t: Test, b: string, ids: Ids, root: string, dataDir: string, hos
   return srv;
 }
 
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Servers of a test process that is gone (killed at its timeout, before its teardowns ran): stop
+ * them and remove their directories. Directories are named pigeon-pg-PID-…, so a server of a test
+ * file still running (two suites at once) is never touched.
+ */
+function reapOrphans(b: string, ids: Ids): void {
+  for (const name of readdirSync(tmpdir())) {
+    const m = /^pigeon-pg-(\d+)-/.exec(name);
+    if (!m || alive(Number(m[1]))) continue;
+    const dir = join(tmpdir(), name);
+    if (existsSync(join(dir, 'data', 'postmaster.pid'))) run(join(b, 'pg_ctl'), ['-D', join(dir, 'data'), '-m', 'immediate', '-w', 'stop'], ids);
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 /**
  * Start a private server; null (after a failed assertion, or a SKIP with the opt-out) when
  * PostgreSQL is not installed. With `password`, TCP logins need it (scram-sha-256); the unix
@@ -188,7 +219,8 @@ export async function startPostgres(t: Test, opts: { host?: string; port?: numbe
   if (!havePostgres(t)) return null;
   const b = binDir() as string;
   const ids = pgUser();
-  const root = mkdtempSync(join(tmpdir(), 'pigeon-pg-'));
+  reapOrphans(b, ids);
+  const root = mkdtempSync(join(tmpdir(), `pigeon-pg-${process.pid}-`));
   chownSync(root, ids.uid, ids.gid);
   const dataDir = join(root, 'data');
   const host = opts.host ?? '127.0.0.1';
@@ -205,7 +237,10 @@ export async function startPostgres(t: Test, opts: { host?: string; port?: numbe
     ids,
   );
   rmSync(pwfile, { force: true });
-  if (init.status !== 0) throw new Error(`initdb failed: ${init.out}`);
+  if (init.status !== 0) {
+    rmSync(root, { recursive: true, force: true });
+    throw new Error(`initdb failed: ${init.out}`);
+  }
   if (opts.tls) {
     // ssl=on reads server.crt / server.key from the data directory; the key must be the owner's only
     for (const [f, pem, mode] of [
