@@ -4,6 +4,7 @@
 // second node), which the races and the notifications need. PostgreSQL runs on a private server
 // started for this file (test/helpers/postgres.ts). The SQLite store joins by one line in
 // FACTORIES.
+import { openStore } from '../src/store.js';
 import t, { type Test } from 'tap';
 import { AppError } from '../src/errors.js';
 import type { ConfigStore, StoreChange } from '../src/store/types.js';
@@ -78,7 +79,7 @@ function fileFactory(name: string, openFile: (path: string) => Promise<ConfigSto
 
 const FACTORIES: Factory[] = [
   postgresFactory(),
-  // the SQLite store joins with one line, e.g. fileFactory('sqlite', (path) => openStore(`sqlite:${path}`)),
+  fileFactory('sqlite', (path) => openStore(`sqlite:${path}`, { create: true })),
 ];
 
 async function code(p: Promise<unknown>): Promise<string> {
@@ -390,7 +391,8 @@ for (const f of FACTORIES) {
       let live = false;
       const ready = nextChange(b, (c) => c.kind === 'nodes', 10_000).then(() => (live = true));
       for (let i = 0; !live && i < 100; i++) {
-        await a.setNodeState('n1', i % 2 === 0 ? 'disabled' : 'active');
+        // a new value every time (toggling a state back and forth can look unchanged to a poller)
+        await a.announceCertificate('n1', `AA:${String(i).padStart(2, '0')}`, '2030-01-01T00:00:00Z');
         await Promise.race([ready, new Promise((r) => setTimeout(r, 100))]);
       }
       await ready;

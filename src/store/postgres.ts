@@ -312,6 +312,15 @@ class PostgresStore implements ConfigStore {
     this.lockSql = postgres({ ...base, max: o.lockPoolMax, min: 0, idle_timeout: 30, prepare: false, queue_timeout: 0 });
   }
 
+  /**
+   * A view whose operations give up at `deadline` (epoch ms) with DB_UNAVAILABLE, for a login's
+   * one budget. The server-side statement may still finish; every write is a single transaction
+   * or a compare-and-set, so a caller that gave up and retries never half-applies anything.
+   */
+  withDeadline(deadline: number): ConfigStore {
+    return deadlineView(this, deadline);
+  }
+
   // ---- state and errors -------------------------------------------------------------------
 
   private up(): void {
@@ -1002,6 +1011,44 @@ class PostgresStore implements ConfigStore {
       }
     });
   }
+}
+
+/** Methods of a view that are not bounded by its deadline. */
+const UNBOUNDED = new Set<PropertyKey>(['kind', 'where', 'close', 'onChange', 'withDeadline', 'userLock']);
+
+function deadlineView(store: ConfigStore, deadline: number): ConfigStore {
+  return new Proxy(store, {
+    get(target, prop, receiver) {
+      if (prop === 'close') return async () => undefined; // a view owns no connection
+      if (prop === 'withDeadline') return (d: number) => deadlineView(target, Math.min(d, deadline));
+      const v: unknown = Reflect.get(target, prop, receiver);
+      if (typeof v !== 'function' || UNBOUNDED.has(prop)) return v;
+      return (...args: unknown[]) => {
+        const left = deadline - Date.now();
+        const p = (v as (...a: unknown[]) => Promise<unknown>).apply(target, args);
+        if (left <= 0) return p; // one try, no waiting beyond the store's own timeouts
+        let timer: NodeJS.Timeout | undefined;
+        const late = new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new AppError('DB_UNAVAILABLE', `database ${target.where} did not answer in time`)), left);
+        });
+        return Promise.race([p, late]).finally(() => clearTimeout(timer));
+      };
+    },
+  });
+}
+
+/** The entry src/store.ts `openStore` loads for postgres:// URLs; `create` (pigeon init) migrates. */
+export async function open(url: string, opts: { readonly create?: boolean; readonly pg?: PostgresStoreOptions } = {}): Promise<ConfigStore> {
+  const store = await openPostgresStore(url, opts.pg ?? {});
+  if (opts.create === true) {
+    try {
+      await store.migrate();
+    } catch (e) {
+      await store.close();
+      throw e;
+    }
+  }
+  return store;
 }
 
 /**
