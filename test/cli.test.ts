@@ -6,7 +6,7 @@
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
 import { createHash, X509Certificate } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { chownSync, existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { openDb } from '../src/db.js';
@@ -502,6 +502,8 @@ t.test('rename keeps settings, password and allocation; delete leaves or purges 
   const pbox = join(inst, 'mail', 'example.test', 'pur');
   mkdirSync(join(pbox, 'new'), { recursive: true });
   writeFileSync(join(pbox, 'new', '1700000001.M2P2.host'), 'Subject: bye\n\n');
+  // owned by the mail user, as the mail writer makes them: purge runs as that user
+  for (const p of [join(inst, 'mail', 'example.test'), pbox, join(pbox, 'new'), join(pbox, 'new', '1700000001.M2P2.host')]) chownSync(p, 8, 8);
   allocate(db, 'pur@example.test', { format: 'maildir', path: pbox });
   const [del, purge, dd] = await runAll([
     [[...C, 'user', 'del', 'renamed@example.test']],

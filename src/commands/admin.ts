@@ -4,7 +4,7 @@
  * DESCRIPTION Every write is one transaction (src/store.ts). Output is plain text for people,
  *             or JSON with --json for scripts (shapes settled in DESIGN.md).
  */
-import { existsSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import type { Command } from '@commander-js/extra-typings';
 import { Option } from '@commander-js/extra-typings';
@@ -162,14 +162,23 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .argument('<address>')
     .option('--purge', 'also delete the mailbox and all its mail')
     .description('delete a user and their settings; the mailbox stays unless --purge')
-    .action((address, o) => {
-      const { store } = openCtx(cfg());
+    .action(async (address, o) => {
+      const { store, instance } = openCtx(cfg());
       const u = store.delUser(address);
       const path = u.allocation?.path;
-      if (path === undefined || !existsSync(path)) {
+      if (u.allocation === null || path === undefined || !existsSync(path)) {
         console.log(`user ${u.address} deleted (no mailbox)`);
+      } else if (o.purge && u.home !== null && u.home !== instance.config.node) {
+        throw new AppError('IO', `user ${u.address} deleted; mailbox ${path} not purged: it is on node ${u.home} (purge it there)`);
       } else if (o.purge) {
-        rmSync(path, { recursive: true, force: true });
+        // never as root: the mail writer removes it as the mail user, following no link
+        const { mailWriter } = await import('../writer/mail-writer.js');
+        const { resolveMailUser } = await import('../mailuser.js');
+        try {
+          await mailWriter(resolveMailUser(instance.config.mail_user)).purgeMailbox(u.allocation, instance.mailRoot);
+        } catch (e) {
+          throw new AppError('IO', `user ${u.address} deleted; mailbox ${path} not purged: ${e instanceof Error ? e.message : String(e)}`);
+        }
         console.log(`user ${u.address} deleted; mailbox ${path} purged`);
       } else {
         console.log(`user ${u.address} deleted; mailbox left in place at ${path}${hasMail(path) ? ' (it holds mail)' : ''}; delete it with --purge or by hand`);
