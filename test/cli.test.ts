@@ -415,12 +415,30 @@ t.test('user import passwd-file: hashes kept; bad entries refused with file:line
   writeFileSync(cost, `carol@example.test:${carol}\ndave@example.test:${dave.replace(/\$2y\$\d\d\$/, '$2y$20$')}\n`);
   const clash = join(dir, 'clash.passwd');
   writeFileSync(clash, `carol@example.test:${carol}\nalice@example.test:${erin}\n`);
-  const [r1, r2, r3, r4] = await runAll([
+  // the file is read as bytes: a user name that is not UTF-8 is refused by file:line, and a hash
+  // keeps its exact bytes, so one that is not ASCII ({SCHEME} strings are) is refused too
+  const latin1Name = join(dir, 'latin1-name.passwd');
+  writeFileSync(latin1Name, Buffer.concat([Buffer.from(`carol@example.test:${carol}\n`), Buffer.from('b'), Buffer.from([0xe9]), Buffer.from(`a@example.test:${erin}\n`)]));
+  const latin1Hash = join(dir, 'latin1-hash.passwd');
+  writeFileSync(latin1Hash, Buffer.concat([Buffer.from(`carol@example.test:${carol}\n# \n`), Buffer.from('pia@example.test:{PLAIN}p'), Buffer.from([0xe4]), Buffer.from('ss::::::\n')]));
+  const utf8Hash = join(dir, 'utf8-hash.passwd');
+  writeFileSync(utf8Hash, `ute@example.test:{PLAIN}pässwörd\n`);
+  const [r1, r2, r3, r4, n1, n2, n3] = await runAll([
     [[...C, 'user', 'import', 'passwd-file', md5]],
     [[...C, 'user', 'import', 'passwd-file', cost]],
     [[...C, 'user', 'import', 'passwd-file', clash]],
     [[...C, 'user', 'import', 'passwd-file', join(dir, 'missing')]],
+    [[...C, 'user', 'import', 'passwd-file', latin1Name]],
+    [[...C, 'user', 'import', 'passwd-file', latin1Hash]],
+    [[...C, 'user', 'import', 'passwd-file', utf8Hash]],
   ]);
+  t.equal(n1?.code, 65, `a user name that is not UTF-8 exits 65 ${n1?.err}`);
+  t.match(n1?.err, `${latin1Name}:2: the user name is not valid UTF-8`, 'names file:line and why');
+  t.equal(n2?.code, 65, `a hash with a byte that is not ASCII exits 65 (it was stored with U+FFFD in its place) ${n2?.err}`);
+  t.match(n2?.err, `${latin1Hash}:3: pia@example.test: the password hash is not printable ASCII`);
+  t.notMatch(n2?.err, /ss::/, 'the hash is not shown');
+  t.equal(n3?.code, 65, `a UTF-8 hash is refused too ${n3?.err}`);
+  t.match(n3?.err, `${utf8Hash}:1: ute@example.test: the password hash is not printable ASCII`);
   t.equal(r1?.code, 65, 'unknown scheme exits 65');
   t.match(r1?.err, `${md5}:4:`, 'names file:line');
   t.match(r1?.err, '{MD5-CRYPT}', 'names the scheme');
@@ -433,7 +451,8 @@ t.test('user import passwd-file: hashes kept; bad entries refused with file:line
   t.equal(userCount(db), before, 'nothing imported (all or nothing: not even carol, line 1)');
 
   const good = join(dir, 'good.passwd');
-  writeFileSync(good, `# Dovecot passwd-file\ncarol@example.test:${carol}:1000:1000::/home/carol::\ndave:${dave}::::::\nerin:${erin}\n`);
+  // bytes after the hash are not read: a Latin-1 gecos field does not matter
+  writeFileSync(good, Buffer.concat([Buffer.from(`# Dovecot passwd-file\ncarol@example.test:${carol}:1000:1000:J`), Buffer.from([0xfc]), Buffer.from(`rgen:/home/carol::\ndave:${dave}::::::\nerin:${erin}\n`)]));
   const r5 = run([...C, 'user', 'import', 'passwd-file', good, '--domain', 'example.test']);
   t.equal(r5.code, 0, `import exits 0 ${r5.err}`);
   t.match(r5.out, /imported 3 user/);

@@ -11,19 +11,18 @@
  *             broken pigeon must never bounce mail. On failure it prints exactly one line,
  *             beginning with the enhanced status code (`5.1.1 <x@y>: user unknown`), which
  *             pipe(8) prefers over the exit status. Nothing else is written to stdout/stderr:
- *             logs go to `log.file`, or nowhere.
+ *             logs go to `log.file`, else syslog, else `log.fallback_file` (src/delivery/env.ts).
  * SECURITY    Runs as the pipe(8) `user=`; as root it chowns what it writes to `mail_user`.
  */
 import { createReadStream } from 'node:fs';
 import { loadInstance } from '../instance.js';
 import { openDb } from '../db.js';
 import { Store } from '../store.js';
-import { createLogger } from '../log.js';
 import { isAppError, EX, type ExitCode } from '../errors.js';
 import { spool, type Spooled } from './message.js';
 import { resolveRecipient, deliverRecipient, type Resolved } from './pipeline.js';
 import { spoolLimit } from './mailstore.js';
-import { makeDeliveryEnv, silentLogger } from './env.js';
+import { makeDeliveryEnv, deliveryLogger } from './env.js';
 import { exitCodeOf, statusLine, summarise } from './outcome.js';
 import type { DeliveryResult } from './types.js';
 import { fault } from './fault.js';
@@ -67,7 +66,7 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
   } catch (e) {
     return fail({ dsn: '4.3.5', text: `configuration error: ${isAppError(e) ? e.message : String(e)}` });
   }
-  const logger = instance.logFile ? createLogger({ level: instance.config.log.level, file: instance.logFile }) : silentLogger;
+  const logger = deliveryLogger(instance);
   let store: Store;
   try {
     store = new Store(openDb(instance.dbPath), instance.dbPath);
