@@ -1,4 +1,5 @@
-// The node state service on its own: client keys from parsed addresses (IPv6 /48), trusted
+// The node state service on its own: client keys from parsed addresses (IPv6 /48) and the
+// proxy's loopback test on them (src/proxy/conn.ts), trusted
 // networks, the record table (per-IP eviction, global eviction, user+IP slots), and the service
 // process itself — two starters at once end with one service, a stale socket file is replaced,
 // an idle service exits, a removed socket stops it, and a client that cannot reach any service
@@ -9,6 +10,7 @@ import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, write
 import { join } from 'node:path';
 import { connect } from 'node:net';
 import { clientKey, NetworkList, canonicalIp } from '../src/ip.js';
+import { isLoopback, unmap } from '../src/proxy/conn.js';
 import { AnvilState } from '../src/anvil/state.js';
 import { AnvilClient } from '../src/anvil/client.js';
 import { openRunDir } from '../src/anvil/run-dir.js';
@@ -28,6 +30,18 @@ t.test('penalty keys come from the parsed address: IPv6 /48, IPv4-mapped as IPv4
   t.not(clientKey('192.0.2.7'), clientKey('192.0.2.8'), 'IPv4 addresses are counted one by one');
   t.equal(clientKey(''), '', 'no address (a local pipe) keys as itself');
   t.equal(canonicalIp('::ffff:10.1.2.3'), '10.1.2.3');
+});
+
+t.test('connection addresses are parsed, not matched as text: the loopback test and the logged form', async (t) => {
+  // login.plaintext=loopback trusts exactly these: 127.0.0.0/8 and ::1, however spelled
+  for (const a of ['127.0.0.1', '127.5.6.7', '::1', '0:0:0:0:0:0:0:1', '0000::0001', '::ffff:127.0.0.1', '::ffff:7f00:1', '::FFFF:127.0.0.2']) t.ok(isLoopback(unmap(a)), `${a} is loopback`);
+  for (const a of ['10.0.0.1', '::ffff:10.0.0.1', '::2', 'fe80::1', '2001:db8::1', '128.0.0.1', '::127.0.0.1', 'localhost', '127.0.0.1.example']) t.notOk(isLoopback(unmap(a)), `${a} is not loopback`);
+  t.ok(isLoopback(unmap(undefined)), 'no address (a unix socket) is local');
+  t.equal(unmap('::ffff:7f00:1'), '127.0.0.1', 'an IPv4-mapped address in hex is logged as IPv4');
+  t.equal(unmap('::FFFF:192.0.2.7'), '192.0.2.7', 'in upper case too');
+  t.equal(unmap('2001:0DB8:0000:0000:0000:0000:0000:0001'), '2001:db8::1', 'IPv6 in its canonical form');
+  t.equal(unmap('::127.0.0.1'), '::7f00:1', 'an IPv4-compatible address (::/96, as inet_ntop prints it) is no IPv4-mapped one');
+  t.not(clientKey('::192.0.2.7'), clientKey('192.0.2.7'), 'nor does it share the IPv4 address\'s penalty');
 });
 
 t.test('trusted networks: CIDR lists of both families, mapped addresses, bad entries refused', async (t) => {
