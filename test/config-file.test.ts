@@ -157,6 +157,11 @@ t.test('conf.d drop-ins merge in lexical order; an error names the drop-in', asy
   const unk = run(['-c', dir, 'config', 'test']);
   t.equal(unk.code, 78);
   t.match(unk.err, /50-bad\.yaml:1:1: nodes: unknown key nodes/, 'an unknown key in a drop-in names it');
+  // a path that is not UTF-8 (Latin-1 é): refused by file:line, never read as U+FFFD
+  writeFileSync(join(dir, 'conf.d', '50-bad.yaml'), Buffer.concat([Buffer.from('# mail root\nmail_root: /srv/caf'), Buffer.from([0xe9]), Buffer.from('/mail\n')]));
+  const enc = run(['-c', dir, 'config', 'test']);
+  t.equal(enc.code, 78, `a drop-in that is not UTF-8: exit 78 ${enc.err}`);
+  t.match(enc.err, `${join(dir, 'conf.d', '50-bad.yaml')}:2: not valid UTF-8`, 'names the file and line');
 });
 
 t.test('missing configuration: exit 78', async (t) => {
