@@ -14,7 +14,8 @@ import { isLoopback, unmap } from '../src/proxy/conn.js';
 import { AnvilState } from '../src/anvil/state.js';
 import { AnvilClient } from '../src/anvil/client.js';
 import { openRunDir } from '../src/anvil/run-dir.js';
-import { ROOT, CLI, makeInstance } from './helpers/instance.js';
+import { ROOT, CLI, makeInstance, scratchDir } from './helpers/instance.js';
+import { owned } from './helpers/reaper.js';
 
 const MAIN = join(ROOT, 'dist', 'src', 'anvil', 'main.js');
 
@@ -111,7 +112,7 @@ t.test('records: sessions per user+IP', async (t) => {
 
 /** Start the service as a one-shot process would: detached main.js, its answer on fd 3. */
 function startService(dir: string, idleMs = 60_000): { child: ChildProcess; said: Promise<string> } {
-  const child = spawn(process.execPath, [MAIN, dir, '--idle-ms', String(idleMs)], { stdio: ['ignore', 'ignore', 'inherit', 'pipe'] });
+  const child = owned(spawn(process.execPath, [MAIN, dir, '--idle-ms', String(idleMs)], { stdio: ['ignore', 'ignore', 'inherit', 'pipe'], detached: true }));
   const pipe = child.stdio[3];
   const said = new Promise<string>((resolve) => {
     let s = '';
@@ -132,7 +133,7 @@ function newClient(dir: string, autostart = false): { client: AnvilClient; logs:
 }
 
 t.test('service: two starters at once end with one service', async (t) => {
-  const dir = join(t.testdir(), 'run');
+  const dir = join(scratchDir(t), 'run');
   mkdirSync(dir, { mode: 0o700 });
   const a = startService(dir);
   const b = startService(dir);
@@ -159,7 +160,7 @@ t.test('service: two starters at once end with one service', async (t) => {
 });
 
 t.test('service: a stale socket file is replaced; a removed socket stops the service', async (t) => {
-  const dir = join(t.testdir(), 'run');
+  const dir = join(scratchDir(t), 'run');
   mkdirSync(dir, { mode: 0o700 });
   // a service that was killed leaves its socket file behind
   const killed = startService(dir);
@@ -184,7 +185,7 @@ t.test('service: a stale socket file is replaced; a removed socket stops the ser
 });
 
 t.test('service: an auto-started service exits when idle', async (t) => {
-  const dir = join(t.testdir(), 'run');
+  const dir = join(scratchDir(t), 'run');
   mkdirSync(dir, { mode: 0o700 });
   const s = startService(dir, 0);
   t.teardown(() => s.child.kill());
@@ -197,7 +198,7 @@ t.test('service: an auto-started service exits when idle', async (t) => {
 });
 
 t.test('client: no service reachable → per-process state, logged once, nothing refused', async (t) => {
-  const base = t.testdir();
+  const base = scratchDir(t);
   const open = join(base, 'world-writable');
   mkdirSync(open);
   chmodSync(open, 0o777);
@@ -213,7 +214,7 @@ t.test('client: no service reachable → per-process state, logged once, nothing
 });
 
 t.test('client: starts the service when none runs, in a run directory it creates', async (t) => {
-  const dir = join(t.testdir(), 'run');
+  const dir = join(scratchDir(t), 'run');
   const { client, logs } = newClient(dir, true);
   t.teardown(() => client.shutdown());
   t.equal(await client.penaltyFail('192.0.2.1'), 1);

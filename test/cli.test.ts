@@ -15,6 +15,7 @@ import { SCHEMES } from '../auth/schemes.js';
 import { resolve } from '../src/resolve.js';
 
 import { runCli, startCli, type CliRun } from './helpers/cli.js';
+import { scratchDir } from './helpers/instance.js';
 const NODE = 'node-a.example.net';
 
 type Run = CliRun;
@@ -94,7 +95,7 @@ function digestTree(dir: string): Record<string, string> {
   return out;
 }
 
-const root = t.testdir();
+const root = scratchDir(t);
 const inst = join(root, 'inst');
 const db = join(inst, 'pigeon.db');
 const C = ['-c', inst];
@@ -402,7 +403,7 @@ t.test('pw -s SCHEME: Dovecot verifies every hash', async (t) => {
 });
 
 t.test('user import passwd-file: hashes kept; bad entries refused with file:line, nothing imported', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const dove = (s: string, p: string): string => spawnSync('doveadm', ['pw', '-s', s, '-p', p], { encoding: 'utf8' }).stdout.trim();
   const carol = dove('SHA512-CRYPT', 'carol-pw');
   const dave = dove('BLF-CRYPT', 'dave-pw');

@@ -15,6 +15,7 @@ import { openDb } from '../src/db.js';
 import { Store } from '../src/store.js';
 import { registerSelf } from '../src/nodes.js';
 import { runCli, type CliRun } from './helpers/cli.js';
+import { scratchDir } from './helpers/instance.js';
 
 const day = 86400_000;
 
@@ -68,7 +69,7 @@ function mode(p: string): number {
   return statSync(p).mode & 0o777;
 }
 
-const root = t.testdir();
+const root = scratchDir(t);
 const A = join(root, 'alpha'); // the CA holder
 const shared = join(A, 'pigeon.db');
 const B = join(root, 'beta'); // joins with an issued certificate

@@ -7,6 +7,7 @@ import { writeFileSync, readFileSync, readdirSync, existsSync, chmodSync, mkdirS
 import { join } from 'node:path';
 import { cli, makeInstance, setUser, maildirOf, files, msg, MAIL_UID } from './helpers/delivery-env.js';
 import { recorder, withSendmail } from './helpers/sendmail.js';
+import { scratchDir } from './helpers/instance.js';
 
 const ALICE = 'alice@example.test';
 
@@ -15,7 +16,7 @@ const ALICE = 'alice@example.test';
 t.setTimeout(360_000);
 
 t.test('forward: keep a copy or not, through sendmail, loop-safe', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir);
   const sm = recorder(dir);
   withSendmail(inst, sm.script);
@@ -57,7 +58,7 @@ t.test('forward: keep a copy or not, through sendmail, loop-safe', async (t) => 
 });
 
 t.test('nothing enabled → defer, never drop', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   setUser(inst, ALICE, 'mailstore.enabled', 'false');
   const r = cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg());
   t.equal(r.code, 75);
@@ -65,7 +66,7 @@ t.test('nothing enabled → defer, never drop', async (t) => {
 });
 
 t.test('vacation: RFC 3834 rules, once per sender per interval, reply through sendmail', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir);
   const sm = recorder(dir);
   withSendmail(inst, sm.script);
@@ -117,7 +118,7 @@ t.test('vacation: RFC 3834 rules, once per sender per interval, reply through se
 });
 
 t.test('modules follow the configuration layer: domain override and ignore', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir);
   const sm = recorder(dir);
   withSendmail(inst, sm.script);

@@ -4,15 +4,26 @@ import t from 'tap';
 import { mkdirSync, chownSync, readFileSync, writeFileSync, existsSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { cli, cliAsync, makeInstance, setUser, maildirOf, files, msg, dovecotRead, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
+import { scratchDir } from './helpers/instance.js';
 
 const ALICE = 'alice@example.test';
+
+/** Wait until `re` appears in the log file (the event); false only after a minute (a hang). */
+async function logged(file: string, re: RegExp, ms = 60_000): Promise<boolean> {
+  const end = Date.now() + ms;
+  for (;;) {
+    if (existsSync(file) && re.test(readFileSync(file, 'utf8'))) return true;
+    if (Date.now() > end) return false;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
 
 // every `pigeon deliver` run as root (as here) forks its mail-writer child: on 2 shared cores
 // under a second copy of the suite this file needs more than the default 180 s
 t.setTimeout(360_000);
 
 t.test('delivers into a Maildir that Dovecot serves, with Return-Path and Delivered-To', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   const r = cli(inst, ['deliver', '-f', 'bob@remote.test', '-a', ALICE, '--', ALICE], msg({ subject: 'first', body: 'line one\nFrom here on\n' }));
   t.equal(r.code, 0, r.stdout + r.stderr);
   t.equal(r.stdout + r.stderr, '', 'no output on success');
@@ -34,7 +45,7 @@ t.test('delivers into a Maildir that Dovecot serves, with Return-Path and Delive
 });
 
 t.test('unknown, disabled and malformed recipients; bad sender', async (t) => {
-  const inst = makeInstance(t.testdir(), [ALICE, 'carol@example.test']);
+  const inst = makeInstance(scratchDir(t), [ALICE, 'carol@example.test']);
   let r = cli(inst, ['deliver', '-f', 'bob@remote.test', 'nobody@example.test'], msg());
   t.equal(r.code, 67);
   t.equal(r.stdout, '5.1.1 <nobody@example.test>: user unknown\n', 'exactly one line, enhanced code first');
@@ -64,7 +75,7 @@ t.test('unknown, disabled and malformed recipients; bad sender', async (t) => {
 });
 
 t.test('empty sender, -d, duplicate recipients, Return-Path fallback', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   let r = cli(inst, ['deliver', '-f', '', '-d', ALICE], msg({ subject: 'bounce' }));
   t.equal(r.code, 0, r.stdout);
   r = cli(inst, ['deliver', '-f', '<>', ALICE, 'Alice@Example.TEST', ALICE], msg({ subject: 'dup' }));
@@ -81,7 +92,7 @@ t.test('empty sender, -d, duplicate recipients, Return-Path fallback', async (t)
 });
 
 t.test('mail loop: Delivered-To naming the recipient → 5.4.6, nothing stored', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   const r = cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ headers: 'Delivered-To: alice@example.test\n' }));
   t.equal(r.code, 65);
   t.match(r.stdout, /^5\.4\.6 .*loop/);
@@ -93,7 +104,7 @@ t.test('mail loop: Delivered-To naming the recipient → 5.4.6, nothing stored',
 });
 
 t.test('Postfix pipe(8) flags=D trace block above the topmost Received: is this delivery, not a loop', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   // what pipe(8) flags=DRhu hands over: its block (R, O, D), then Postfix's Received:
   const pipeBlock = 'Return-Path: <bob@remote.test>\nX-Original-To: alice@example.test\nDelivered-To: alice@example.test\nReceived: from client.remote.test by mx.example.test (Postfix) with ESMTP id 4ABC\n';
   const clean = cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], pipeBlock + msg({ subject: 'clean' }));
@@ -115,7 +126,7 @@ t.test('Postfix pipe(8) flags=D trace block above the topmost Received: is this 
 });
 
 t.test('odd messages: no headers, bare LF, CRLF, NUL, 8-bit, no final newline, empty', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   const cases: [string, Buffer, RegExp | ((s: Buffer) => boolean)][] = [
     ['no headers', Buffer.from('just a body line\nand another\n'), /\r\n\r\njust a body line\r\nand another\r\n$/],
     ['header block without blank line', Buffer.from('Subject: x\nthis is not a header\n'), /Subject: x\r\n\r\nthis is not a header\r\n$/],
@@ -142,7 +153,7 @@ t.test('odd messages: no headers, bare LF, CRLF, NUL, 8-bit, no final newline, e
 });
 
 t.test('+detail into an existing folder; missing folder → INBOX; detail=false → INBOX; -m', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   // first mail allocates the box; then the user creates folder "Lists" (as Dovecot would)
   t.equal(cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg()).code, 0);
   const box = maildirOf(inst, ALICE);
@@ -164,7 +175,7 @@ t.test('+detail into an existing folder; missing folder → INBOX; detail=false 
 });
 
 t.test('quota: maildirsize as Dovecot/Courier keep it; bounce or defer, configurable', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   setUser(inst, ALICE, 'mailstore.quota', '2000');
   t.equal(cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ body: 'a'.repeat(500) + '\n' })).code, 0);
   const box = maildirOf(inst, ALICE);
@@ -205,7 +216,7 @@ async function dovecotReadQuota(box: string): Promise<{ transcript: string }> {
 }
 
 t.test('message size limit: 5.3.4 above mailstore.max_size', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   setUser(inst, ALICE, 'mailstore.max_size', '1000');
   const r = cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ body: 'x'.repeat(5000) + '\n' }));
   t.equal(r.code, 65);
@@ -214,7 +225,7 @@ t.test('message size limit: 5.3.4 above mailstore.max_size', async (t) => {
 });
 
 t.test('mbox format: dotlock, mboxrd quoting, Dovecot reads it', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir);
   cli(inst, ['config', 'set', '--domain', 'example.test', 'mailstore.format', 'mbox']);
   t.equal(cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ subject: 'm1', body: 'From the start\n>From quoted\nplain\n' })).code, 0);
@@ -227,12 +238,15 @@ t.test('mbox format: dotlock, mboxrd quoting, Dovecot reads it', async (t) => {
   t.match(raw, /\n>From the start\n>From quoted\nplain\n\nFrom MAILER-DAEMON /);
   t.ok(raw.endsWith('no newline at end\n\n'));
   t.notOk(existsSync(`${file}.lock`), 'dotlock released');
-  // a held dotlock makes the delivery wait, then succeed when it goes away
+  // a held dotlock makes the delivery wait (it says so in the log), then succeed when it goes away
+  const log = join(dir, 'pigeon.log');
+  writeFileSync(join(inst, 'conf.d', '50-log.yaml'), `log:\n  file: ${JSON.stringify(log)}\n`);
   writeFileSync(`${file}.lock`, '1\n');
-  setTimeout(() => unlinkSync(`${file}.lock`), 1000);
-  const t0 = Date.now();
-  t.equal((await cliAsync(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ subject: 'm3' }))).code, 0);
-  t.ok(Date.now() - t0 >= 900, 'waited for the dotlock');
+  const waiting = cliAsync(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ subject: 'm3' }));
+  t.ok(await logged(log, /deliver: mbox: waiting for the dotlock another process holds/), 'the delivery waits for the dotlock');
+  t.notMatch(readFileSync(file, 'latin1'), /Subject: m3/, 'nothing appended while it is held');
+  unlinkSync(`${file}.lock`);
+  t.equal((await waiting).code, 0, 'delivered once the dotlock is gone');
   const root = join(dir, 'dovecot-mbox');
   mkdirSync(root);
   chownSync(root, MAIL_UID, MAIL_GID);

@@ -12,6 +12,7 @@ import { cli, makeInstance, msg } from './helpers/delivery-env.js';
 import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
 import { CLI, scratchDir } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
+import { owned } from './helpers/reaper.js';
 
 const ALICE = 'alice@example.test';
 
@@ -45,7 +46,7 @@ async function syslogd(t: Test): Promise<{ socket: string; text: () => string } 
   const socket = join(sdir, 'log');
   const out = join(sdir, 'received');
   const py = `import socket,sys\ns=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\ns.bind(sys.argv[1])\nprint("ready",flush=True)\nwith open(sys.argv[2],"ab",buffering=0) as f:\n  while True: f.write(s.recv(65536)+b"\\n")\n`;
-  const rx = spawn('/usr/bin/python3', ['-c', py, socket, out], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const rx = owned(spawn('/usr/bin/python3', ['-c', py, socket, out], { stdio: ['ignore', 'pipe', 'inherit'], detached: true }));
   t.teardown(() => {
     rx.kill('SIGKILL');
   });

@@ -11,6 +11,7 @@ import { databaseAuth } from '../auth/database.js';
 import { AppError } from '../src/errors.js';
 import { openDb } from '../src/db.js';
 import { Store } from '../src/store.js';
+import { scratchDir } from './helpers/instance.js';
 
 const PASSWORDS = ['correct horse 42', 'pässwörd-ÄÖÜ-日本語-🐦'];
 /** a password as the bytes a client sends (UTF-8 here) */
@@ -200,7 +201,7 @@ function median(xs: number[]): number {
 }
 
 t.test('authenticate(): outcomes, and an unknown user costs about what a wrong password costs', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const file = join(dir, 'pigeon.db');
   const store = new Store(openDb(file, { create: true }), file);
   t.teardown(() => store.close());
@@ -269,7 +270,7 @@ t.test('at most 4 hash verifications run at once, even when a new login arrives 
   const { databaseAuth: limitedAuth } = await t.mockImport<typeof import('../auth/database.js')>('../auth/database.js', {
     '../auth/schemes.js': { ...schemes, verifyPassword: fakeVerify, dummyVerify: fakeVerify },
   });
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const file = join(dir, 'pigeon.db');
   const store = new Store(openDb(file, { create: true }), file);
   t.teardown(() => store.close());

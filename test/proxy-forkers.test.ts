@@ -9,8 +9,9 @@ import { Wire } from './helpers/wire.js';
 import { requireProgram } from './helpers/programs.js';
 import { startPostfix } from './helpers/postfix.js';
 import { BACKENDS, useBackend, type BackendName } from './helpers/backends.js';
+import { owned } from './helpers/reaper.js';
 
-async function waitPort(port: number, ms = 15_000): Promise<Wire> {
+async function waitPort(port: number, ms = 60_000): Promise<Wire> {
   const deadline = Date.now() + ms;
   for (;;) {
     try {
@@ -78,7 +79,7 @@ for (const backend of BACKENDS) {
         `127.0.0.1:${port} stream tcp nowait.2000 root ${process.execPath} node ${CLI} -c ${inst.dir} imap --forker inetd\n` +
           `127.0.0.1:${pport} stream tcp nowait.2000 root ${process.execPath} node ${CLI} -c ${inst.dir} pop3 --forker inetd\n`,
       );
-      const inetd = spawn('/usr/sbin/inetd', ['-d', conf], { stdio: 'ignore' });
+      const inetd = owned(spawn('/usr/sbin/inetd', ['-d', conf], { stdio: 'ignore', detached: true }));
       t.teardown(() => {
         inetd.kill('SIGTERM');
       });

@@ -78,7 +78,7 @@ for (const backend of BACKENDS) {
       await other.connect();
       await other.append('INBOX', message('while idling', 'x'));
       await other.logout();
-      const count = await Promise.race([seen, new Promise<number>((res) => setTimeout(() => res(-1), 15000))]);
+      const count = await Promise.race([seen, new Promise<number>((res) => setTimeout(() => res(-1), 60_000).unref())]);
       t.equal(count, before + 1, 'IDLE reports the new message');
       lock.release();
       void idle;
