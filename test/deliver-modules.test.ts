@@ -3,7 +3,7 @@
 // (user / domain / override / ignore). sendmail here is a recording script; the real Postfix
 // sendmail is exercised in postfix.test.ts.
 import t from 'tap';
-import { writeFileSync, readFileSync, readdirSync, existsSync, chmodSync, mkdirSync, statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { cli, makeInstance, setUser, maildirOf, files, msg, MAIL_UID } from './helpers/delivery-env.js';
 import { recorder, withSendmail } from './helpers/sendmail.js';
