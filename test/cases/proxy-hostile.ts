@@ -1,15 +1,17 @@
 // The proxy under hostile and broken input (LIMITS.md): framing, STARTTLS injection, SASL,
 // brute force, timeouts, and backends that fail to start or die — once per backend (Dovecot,
 // Courier), parameterised. After each case the proxy still serves a normal login.
+// The cases, for one backend: test/proxy-hostile-dovecot.test.ts and test/proxy-hostile-courier.test.ts run them
+// as files of their own, so tap runs the two backends side by side.
 import t, { type Test } from 'tap';
 import { readFileSync, writeFileSync, existsSync, chmodSync, chownSync } from 'node:fs';
 import { join } from 'node:path';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { makeInstance, serve, CLI } from './helpers/instance.js';
-import { Wire } from './helpers/wire.js';
-import { BACKENDS, useBackend, binaryConf } from './helpers/backends.js';
+import { makeInstance, serve, CLI } from '../helpers/instance.js';
+import { Wire } from '../helpers/wire.js';
+import { type BackendName, useBackend, binaryConf } from '../helpers/backends.js';
 
-for (const backend of BACKENDS) {
+export default function cases(backend: BackendName): void {
   t.test(`backend ${backend}`, async (t) => {
     const inst = makeInstance(t, { listen: ['imap=127.0.0.1:0'], users: { 'alice@example.test': 'secret' } });
     if (!useBackend(t, inst, backend)) return;
