@@ -17,6 +17,10 @@ import { registerSelf } from '../src/nodes.js';
 import { runCli, type CliRun } from './helpers/cli.js';
 import { scratchDir } from './helpers/instance.js';
 
+// tap's per-file timeout for this file: it ran 60 s alone on a lightly loaded machine, and two
+// suites at once on 2 cores make a file take 2-3 times as long (the default is 180 s, .taprc)
+t.setTimeout(300_000);
+
 const day = 86400_000;
 
 function run(args: readonly string[], input = ''): CliRun {

@@ -20,6 +20,10 @@ import { courierBinaries } from './helpers/backends.js';
 import { createCa, issueHostCert, readKeyPair } from '../certs/ca.js';
 import { sealHandOff, newNonce, PEER_PROTOCOL, type HandOff } from '../src/peer/protocol.js';
 
+// tap's per-file timeout for this file: it ran 76 s alone on a lightly loaded machine, and two
+// suites at once on 2 cores make a file take 2-3 times as long (the default is 180 s, .taprc)
+t.setTimeout(420_000);
+
 const DOMAIN = 'example.test';
 
 // How long any single step may take before the test calls it a hang. Not a pace: every wait

@@ -13,6 +13,10 @@ import { courierBinaries } from './helpers/backends.js';
 import { CLI_JS as CLI, cleanEnv, runCli, type CliRun } from './helpers/cli.js';
 import { scratchDir } from './helpers/instance.js';
 
+// tap's per-file timeout for this file: it ran 37 s alone on a lightly loaded machine, and two
+// suites at once on 2 cores make a file take 2-3 times as long (the default is 180 s, .taprc)
+t.setTimeout(240_000);
+
 type Run = CliRun;
 const run = runCli;
 

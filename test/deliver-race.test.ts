@@ -5,6 +5,10 @@ import { join } from 'node:path';
 import { cli, cliAsync, makeInstance, maildirOf, files, msg, dovecotRead, setUser } from './helpers/delivery-env.js';
 import { scratchDir } from './helpers/instance.js';
 
+// tap's per-file timeout for this file: it ran 47 s alone on a lightly loaded machine, and two
+// suites at once on 2 cores make a file take 2-3 times as long (the default is 180 s, .taprc)
+t.setTimeout(300_000);
+
 // 16 at once (there were 50: every `pigeon deliver` as root is two node processes, and 100 of them
 // at once on 2 shared cores proved nothing more than 32, but made every run of the suite slower and
 // pushed allocation-lock waits past their 20 s bound under a second suite)

@@ -13,6 +13,10 @@ import { spawn } from 'node:child_process';
 import { owned } from './helpers/reaper.js';
 import { scratchDir } from './helpers/instance.js';
 
+// tap's per-file timeout for this file: it ran 50 s alone on a lightly loaded machine, and two
+// suites at once on 2 cores make a file take 2-3 times as long (the default is 180 s, .taprc)
+t.setTimeout(300_000);
+
 const ALICE = 'alice@example.test';
 const BOB = 'bob@example.test';
 

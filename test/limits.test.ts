@@ -22,6 +22,10 @@ import { AnvilClient } from '../src/anvil/client.js';
 import type { Results } from '../src/anvil/protocol.js';
 import { owned } from './helpers/reaper.js';
 
+// tap's per-file timeout for this file: it ran 76 s alone on a lightly loaded machine, and two
+// suites at once on 2 cores make a file take 2-3 times as long (the default is 180 s, .taprc)
+t.setTimeout(420_000);
+
 /** `n` users user0..user(n-1)@example.test with password `pw` (one cheap hash, written directly). */
 async function addUsers(inst: Inst, n: number): Promise<string[]> {
   const db = join(inst.dir, 'pigeon.db');
