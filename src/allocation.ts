@@ -150,7 +150,15 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
     const fresh = await ctx.store.mustUser(user.address);
     const allocation: Allocation = { format, path: mailboxPath(ctx.mailRoot, fresh.address, format), node: ctx.node };
     const existed = existsSync(allocation.path);
-    await createMailbox(allocation, ctx.mailUser, ctx.mailRoot);
+    try {
+      await createMailbox(allocation, ctx.mailUser, ctx.mailRoot);
+    } catch (e) {
+      // another allocator of this node lost its race and discarded the empty box we were filling
+      // in (cas: nothing serialises them): the race is decided by then, so take the winner's answer
+      const decided = await settled();
+      if (decided !== null) return decided;
+      throw e;
+    }
     let won: boolean;
     try {
       won = await ctx.store.casAllocation(fresh.id, fresh.version, ctx.node, allocation);
