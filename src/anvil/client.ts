@@ -16,8 +16,9 @@
 import { connect, type Socket } from 'node:net';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { AnvilState, type ConnLimits, type ConnRecord, type LoginResult } from './state.js';
+import { AnvilState, type ConnLimits, type LoginResult } from './state.js';
 import { LineReader, encode, replySchema, type Results, type RequestBody, type WireRecord } from './protocol.js';
+import { answer } from './answer.js';
 import { openRunDir, RunDirError, type RunDir } from './run-dir.js';
 import { SOCKET_NAME } from './server.js';
 import { ANVIL_IDLE_MS, ANVIL_MAX_LINE, ANVIL_REQUEST_MS, ANVIL_RETRY_MS, ANVIL_START_MS } from '../limits.js';
@@ -165,44 +166,8 @@ export class AnvilClient {
 
   /** Answer a request from the per-process state. */
   private runLocal(body: RequestBody): object {
-    const now = Date.now();
-    const s = this.local;
-    switch (body.op) {
-      case 'hello':
-        return { pid: process.pid, version: 1 };
-      case 'conn.open': {
-        const r = s.open(SELF, process.pid, body.conn, { ip: body.ip, proto: body.proto, trusted: body.trusted }, { perIp: body.max_per_ip, total: body.max_total }, now);
-        if (!r.admitted) return { admitted: false, why: r.why };
-        // evicting here is evicting one of our own connections: after this request returns
-        for (const ev of r.evicted) setImmediate(() => this.ended(ev.conn, 'evicted'));
-        return { admitted: true, evicted: r.evicted.length };
-      }
-      case 'conn.restore':
-        s.restore({ ...body.record, owner: SELF, pid: process.pid });
-        return {};
-      case 'conn.login':
-        return s.login(SELF, body.conn, body.user, body.session, body.max_userip);
-      case 'conn.logout':
-        s.logout(SELF, body.conn);
-        return {};
-      case 'conn.held':
-        s.setHeld(SELF, body.conn, body.held);
-        return {};
-      case 'conn.close':
-        s.close(SELF, body.conn);
-        return {};
-      case 'penalty.get': {
-        const p = s.penaltyGet(body.key, now);
-        return { count: p.count, age_ms: p.ageMs };
-      }
-      case 'penalty.fail':
-        return { count: s.penaltyFail(body.key, now) };
-      case 'penalty.clear':
-        s.penaltyClear(body.key);
-        return {};
-      case 'list':
-        return { pid: process.pid, conns: s.list(body.user === undefined ? {} : { user: body.user }).map(({ owner: _o, ...r }: ConnRecord) => r), counts: s.counts(now) };
-    }
+    // evicting here is evicting one of our own connections: after this request returns
+    return answer(this.local, SELF, process.pid, body, Date.now(), (ev) => setImmediate(() => this.ended(ev.conn, 'evicted')));
   }
 
   private ended(conn: string, reason: string): void {

@@ -19,7 +19,8 @@
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { closeSync, openSync, readFileSync, statSync, unlinkSync, writeSync } from 'node:fs';
 import { AnvilState } from './state.js';
-import { LineReader, encode, requestSchema, PROTOCOL_VERSION, type Request, type Results, type ListedRecord } from './protocol.js';
+import { LineReader, encode, requestSchema, type Request } from './protocol.js';
+import { answer } from './answer.js';
 import type { RunDir } from './run-dir.js';
 import { RunDirError } from './run-dir.js';
 import { ANVIL_CHECK_MS, ANVIL_MAX_LINE } from '../limits.js';
@@ -178,59 +179,9 @@ function serveOn(server: Server, path: string, opts: ServeOptions): AnvilServer 
   };
 
   const handle = (owner: number, req: Request): object => {
-    const now = Date.now();
-    switch (req.op) {
-      case 'hello': {
-        const c = clients.get(owner);
-        if (c) c.pid = req.pid;
-        return { pid: process.pid, version: PROTOCOL_VERSION } satisfies Results['hello'];
-      }
-      case 'conn.open': {
-        const pid = clients.get(owner)?.pid ?? 0;
-        const r = state.open(owner, pid, req.conn, { ip: req.ip, proto: req.proto, trusted: req.trusted }, { perIp: req.max_per_ip, total: req.max_total }, now);
-        if (!r.admitted) return { admitted: false, why: r.why } satisfies Results['conn.open'];
-        for (const ev of r.evicted) send(ev.owner, { ev: 'end', conn: ev.conn, reason: 'evicted' });
-        return { admitted: true, evicted: r.evicted.length } satisfies Results['conn.open'];
-      }
-      case 'conn.restore':
-        state.restore({ ...req.record, owner, pid: clients.get(owner)?.pid ?? 0 });
-        return {};
-      case 'conn.login':
-        return state.login(owner, req.conn, req.user, req.session, req.max_userip) satisfies Results['conn.login'];
-      case 'conn.logout':
-        state.logout(owner, req.conn);
-        return {};
-      case 'conn.held':
-        state.setHeld(owner, req.conn, req.held);
-        return {};
-      case 'conn.close':
-        state.close(owner, req.conn);
-        return {};
-      case 'penalty.get': {
-        const p = state.penaltyGet(req.key, now);
-        return { count: p.count, age_ms: p.ageMs } satisfies Results['penalty.get'];
-      }
-      case 'penalty.fail':
-        return { count: state.penaltyFail(req.key, now) } satisfies Results['penalty.fail'];
-      case 'penalty.clear':
-        state.penaltyClear(req.key);
-        return {};
-      case 'list': {
-        const conns: ListedRecord[] = state.list(req.user === undefined ? {} : { user: req.user }).map((r) => ({
-          pid: r.pid,
-          conn: r.conn,
-          ip: r.ip,
-          proto: r.proto,
-          trusted: r.trusted,
-          state: r.state,
-          held: r.held,
-          user: r.user,
-          session: r.session,
-          since: r.since,
-        }));
-        return { pid: process.pid, conns, counts: state.counts(now) } satisfies Results['list'];
-      }
-    }
+    const c = clients.get(owner);
+    if (req.op === 'hello' && c) c.pid = req.pid;
+    return answer(state, owner, c?.pid ?? 0, req, Date.now(), (ev) => send(ev.owner, { ev: 'end', conn: ev.conn, reason: 'evicted' }));
   };
 
   server.on('connection', (sock: Socket) => {

@@ -49,6 +49,7 @@ import { count } from '../metrics.js';
 import type { Scope } from '../settings.js';
 import type { ConfigStore, StoreChange, SchemaStatus, TableDump, Allocation, UserRecord, ScopeRef, NodeRow, NodeState, SelfRegistration, Flag, SettingRow, Json } from './types.js';
 import { parsePgUrl, type PgUrl } from './pg-url.js';
+import { toUser, toSetting, toNode, type UserRow, type SettingDbRow, type NodeDbRow } from './rows.js';
 import { mapPgError } from './pg-errors.js';
 import { PG_SCHEMA_VERSION, PG_MIN_USABLE_VERSION, migrateIn, schemaVersion } from './pg-migrations.js';
 
@@ -162,79 +163,6 @@ function readCa(file: string): Buffer {
 }
 
 // ---- rows -------------------------------------------------------------------------------
-
-interface UserRow {
-  id: number;
-  address: string;
-  domain: string;
-  domain_id: number;
-  password: string | null;
-  state: 'active' | 'disabled';
-  home: string | null;
-  allocation: string | null;
-  version: number;
-  created: string;
-  moving_to: string | null;
-}
-
-interface SettingDbRow {
-  scope: Scope;
-  module: string;
-  key: string;
-  value: string;
-  flags: string;
-}
-
-interface NodeDbRow {
-  name: string;
-  peer_address: string | null;
-  fingerprint: string | null;
-  next_fingerprint: string | null;
-  state: string;
-  last_seen: string | null;
-  cert_expires: string | null;
-}
-
-function toUser(r: UserRow): UserRecord {
-  let allocation: Allocation | null = null;
-  if (r.allocation) {
-    const a: unknown = JSON.parse(r.allocation);
-    if (typeof a === 'object' && a !== null && 'format' in a && 'path' in a) allocation = a as Allocation;
-  }
-  return {
-    id: r.id,
-    address: r.address,
-    domain: r.domain,
-    domainId: r.domain_id,
-    password: r.password,
-    state: r.state,
-    home: r.home,
-    allocation,
-    version: r.version,
-    created: r.created,
-    movingTo: r.moving_to ?? null,
-  };
-}
-
-function parseFlags(s: string): Flag[] {
-  return s.split(',').filter((f): f is Flag => f === 'override' || f === 'ignore');
-}
-
-function toSetting(r: SettingDbRow): SettingRow {
-  return { scope: r.scope, module: r.module, key: r.key, value: JSON.parse(r.value) as Json, flags: parseFlags(r.flags) };
-}
-
-function toNode(r: NodeDbRow): NodeRow {
-  return {
-    name: r.name,
-    peerAddress: r.peer_address,
-    fingerprint: r.fingerprint,
-    nextFingerprint: r.next_fingerprint,
-    state: r.state === 'disabled' ? 'disabled' : 'active',
-    lastSeen: r.last_seen,
-    certExpires: r.cert_expires,
-  };
-}
 
 /** every table and column `dump`/`load` move, in SQLite's column names; key = the order of rows */
 const TABLES = {

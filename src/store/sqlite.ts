@@ -26,6 +26,7 @@ import { normaliseAddress, normaliseDomain } from '../address.js';
 import { count } from '../metrics.js';
 import type { Scope } from '../settings.js';
 import type { Json, Flag, SettingRow, NodeRow, NodeState, SelfRegistration } from '../store.js';
+import { toUser, toSetting, toNode, type UserRow, type SettingDbRow, type NodeDbRow } from './rows.js';
 import { BUSY_TIMEOUT_MS, type Allocation, type OpenOptions, type SchemaStatus, type ScopeRef, type Store, type StoreChange, type TableDump, type UserRecord } from '../store.js';
 
 type DB = Database.Database;
@@ -142,80 +143,7 @@ async function retrying<T>(file: string, deadline: number | null, fn: () => T): 
   }
 }
 
-interface UserRow {
-  id: number;
-  address: string;
-  domain: string;
-  domain_id: number;
-  password: string | null;
-  state: 'active' | 'disabled';
-  home: string | null;
-  allocation: string | null;
-  version: number;
-  created: string;
-  moving_to: string | null;
-}
-
-interface SettingDbRow {
-  scope: Scope;
-  module: string;
-  key: string;
-  value: string;
-  flags: string;
-}
-
-interface NodeDbRow {
-  name: string;
-  peer_address: string | null;
-  fingerprint: string | null;
-  next_fingerprint: string | null;
-  state: string;
-  last_seen: string | null;
-  cert_expires: string | null;
-}
-
 type LookupRow = UserRow & { s_scope: Scope | null; s_module: string | null; s_key: string | null; s_value: string | null; s_flags: string | null };
-
-function parseFlags(s: string): Flag[] {
-  return s.split(',').filter((f): f is Flag => f === 'override' || f === 'ignore');
-}
-
-function toSetting(r: SettingDbRow): SettingRow {
-  return { scope: r.scope, module: r.module, key: r.key, value: JSON.parse(r.value) as Json, flags: parseFlags(r.flags) };
-}
-
-function toUser(r: UserRow): UserRecord {
-  let allocation: Allocation | null = null;
-  if (r.allocation) {
-    const a: unknown = JSON.parse(r.allocation);
-    if (typeof a === 'object' && a !== null && 'format' in a && 'path' in a) allocation = a as Allocation;
-  }
-  return {
-    id: r.id,
-    address: r.address,
-    domain: r.domain,
-    domainId: r.domain_id,
-    password: r.password,
-    state: r.state,
-    home: r.home,
-    allocation,
-    version: r.version,
-    created: r.created,
-    movingTo: r.moving_to ?? null,
-  };
-}
-
-function toNode(r: NodeDbRow): NodeRow {
-  return {
-    name: r.name,
-    peerAddress: r.peer_address,
-    fingerprint: r.fingerprint,
-    nextFingerprint: r.next_fingerprint,
-    state: r.state === 'disabled' ? 'disabled' : 'active',
-    lastSeen: r.last_seen,
-    certExpires: r.cert_expires,
-  };
-}
 
 const USER_SELECT = `SELECT u.id, u.address, d.name AS domain, u.domain_id, u.password, u.state, u.home,
   u.allocation, u.version, u.created, u.moving_to FROM users u JOIN domains d ON d.id = u.domain_id`;

@@ -1,0 +1,82 @@
+/**
+ * NAME        src/store/rows — the row shapes both stores read, and their conversion to records
+ * DESCRIPTION SQLite (src/store/sqlite.ts) and PostgreSQL (src/store/postgres.ts) keep the same
+ *             tables and columns; a row read from either becomes the same UserRecord, SettingRow
+ *             or NodeRow here (allocation and setting values are JSON text in both).
+ */
+import type { Scope } from '../settings.js';
+import type { Allocation, UserRecord, NodeRow, Flag, SettingRow, Json } from './types.js';
+
+export interface UserRow {
+  id: number;
+  address: string;
+  domain: string;
+  domain_id: number;
+  password: string | null;
+  state: 'active' | 'disabled';
+  home: string | null;
+  allocation: string | null;
+  version: number;
+  created: string;
+  moving_to: string | null;
+}
+
+export interface SettingDbRow {
+  scope: Scope;
+  module: string;
+  key: string;
+  value: string;
+  flags: string;
+}
+
+export interface NodeDbRow {
+  name: string;
+  peer_address: string | null;
+  fingerprint: string | null;
+  next_fingerprint: string | null;
+  state: string;
+  last_seen: string | null;
+  cert_expires: string | null;
+}
+
+export function toUser(r: UserRow): UserRecord {
+  let allocation: Allocation | null = null;
+  if (r.allocation) {
+    const a: unknown = JSON.parse(r.allocation);
+    if (typeof a === 'object' && a !== null && 'format' in a && 'path' in a) allocation = a as Allocation;
+  }
+  return {
+    id: r.id,
+    address: r.address,
+    domain: r.domain,
+    domainId: r.domain_id,
+    password: r.password,
+    state: r.state,
+    home: r.home,
+    allocation,
+    version: r.version,
+    created: r.created,
+    movingTo: r.moving_to ?? null,
+  };
+}
+
+export function parseFlags(s: string): Flag[] {
+  return s.split(',').filter((f): f is Flag => f === 'override' || f === 'ignore');
+}
+
+export function toSetting(r: SettingDbRow): SettingRow {
+  return { scope: r.scope, module: r.module, key: r.key, value: JSON.parse(r.value) as Json, flags: parseFlags(r.flags) };
+}
+
+export function toNode(r: NodeDbRow): NodeRow {
+  return {
+    name: r.name,
+    peerAddress: r.peer_address,
+    fingerprint: r.fingerprint,
+    nextFingerprint: r.next_fingerprint,
+    state: r.state === 'disabled' ? 'disabled' : 'active',
+    lastSeen: r.last_seen,
+    certExpires: r.cert_expires,
+  };
+}
+
