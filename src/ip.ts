@@ -27,6 +27,17 @@ export function parseIp(text: string): Addr | null {
   return a;
 }
 
+/** A socket's address as logs and limits use it: `::ffff:1.2.3.4` is 1.2.3.4; '' for none. */
+export function unmapIp(ip: string | undefined): string {
+  if (!ip) return '';
+  return ip.startsWith('::ffff:') && ip.includes('.') ? ip.slice(7) : ip;
+}
+
+/** Loopback, or no address at all (a local pipe). */
+export function isLoopback(ip: string): boolean {
+  return ip === '' || ip === '::1' || ip.startsWith('127.');
+}
+
 /** Canonical text of an address (IPv4-mapped unmapped), or the input when it is no address. */
 export function canonicalIp(text: string): string {
   return parseIp(text)?.toString() ?? text;

@@ -38,3 +38,17 @@ export const ANVIL_IDLE_MS = 30_000; // an auto-started service exits after this
 export const ANVIL_CHECK_MS = 2_000; // how often the service checks that its socket is still its own
 export const POSTAUTH_IDLE_IMAP_MS = 30 * 60_000;
 export const POSTAUTH_IDLE_POP3_MS = 10 * 60_000;
+// delivery
+export const MAX_MESSAGE_SIZE = 64 * 1024 * 1024; // default of mailstore.max_size: larger is 552 5.3.4
+export const ALLOCATION_LOCK_WAIT_MS = 20_000; // creator `lock`: how long a first login or mail waits for another allocator
+// backends and the relay
+export const RELAY_GRACE_MS = 2_000; // a backend whose client left gets this long to go, then SIGTERM / the link is cut
+export const HANDOFF_MAX_INPUT = 16 * 1024; // bytes pipelined after the login that still allow a hand-off of the socket
+export const HANDOFF_MAX_REPLAY = 64 * 1024; // most bytes a hand-off replays to Dovecot (CLIENT_INPUT is one environment string)
+export const BACKEND_MAX_LINE = 65_536; // a backend's greeting or capability line
+// defaults of pigeon.yaml settings that are not in `limits:`
+export const MDA_LOCK_WAIT_MS = 20_000; // limits.mda_lock_wait_s: an mbox delivery waits this long for the locks, then 4.2.0
+export const TLS_HANDSHAKE_MS = 15_000; // limits.tls_handshake_timeout_s
+export const PEER_HANDOFF_MS = 10_000; // peer.handoff_timeout_s: a peer must send its whole hand-off within this
+export const PEER_CONNECT_MS = 10_000; // peer.connect_timeout_s
+export const PEER_TLS_HANDSHAKE_MS = 15_000; // a node connecting to the peer listener must finish its TLS handshake within this

@@ -15,9 +15,15 @@ import { sendmail } from './sendmail.js';
 import type { DeliveryModule, StepResult } from './types.js';
 
 const forward: DeliveryModule = {
+  kind: 'delivery',
   name: 'forward',
   phase: 'store',
   summary: 'forwards mail to other addresses through the MTA',
+  settings: {
+    enabled: { type: 'boolean', default: false, doc: 'forward incoming mail' },
+    to: { type: 'string-list', default: [], doc: 'addresses to forward to (comma-separated or JSON list)' },
+    keep: { type: 'boolean', default: true, doc: 'also keep a copy in the mailbox' },
+  },
   async run(req, settings, env): Promise<StepResult> {
     const raw = Array.isArray(settings['to']) ? settings['to'] : [];
     const targets: string[] = [];

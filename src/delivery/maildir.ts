@@ -193,7 +193,9 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
 }
 
 const maildir: MdaModule = {
+  kind: 'mda',
   name: 'maildir',
+  summary: 'Maildir++ (tmp → new, fsync; maildirsize quota; folders as .NAME)',
   isAllocated(a: Allocation): boolean {
     try {
       return statSync(join(a.path, 'new')).isDirectory() && statSync(join(a.path, 'tmp')).isDirectory();

@@ -241,7 +241,9 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
 }
 
 const mbox: MdaModule = {
+  kind: 'mda',
   name: 'mbox',
+  summary: 'one mbox file, fcntl + dotlock as Dovecot takes them, From_ quoting',
   isAllocated(a: Allocation): boolean {
     return existsSync(a.path);
   },
