@@ -51,6 +51,9 @@ export const ERROR_CODES = {
   NODE_BUSY: EX.DATAERR,
   PEER_UNAVAILABLE: EX.TEMPFAIL,
   PEER_REFUSED: EX.TEMPFAIL,
+  BACKEND_START: EX.TEMPFAIL,
+  BACKEND_TIMEOUT: EX.TEMPFAIL,
+  BACKEND_PROTOCOL: EX.TEMPFAIL,
 } as const satisfies Record<string, ExitCode>;
 export type ErrorCode = keyof typeof ERROR_CODES;
 
@@ -70,4 +73,9 @@ export class AppError extends Error {
 
 export function isAppError(e: unknown): e is AppError {
   return e instanceof AppError;
+}
+
+/** Is `s` one of the codes above (an AppError sent between processes as its code)? */
+export function isErrorCode(s: string): s is ErrorCode {
+  return Object.prototype.hasOwnProperty.call(ERROR_CODES, s);
 }

@@ -107,14 +107,14 @@ function backendSection(parse: (raw: unknown) => unknown) {
       const m = /^([a-z0-9_.]+): (.*)$/s.exec(msg);
       ctx.addIssue({ code: 'custom', message: m?.[2] ?? msg, path: m?.[1] !== undefined ? m[1].split('.') : [] });
     }
-  });
+  }).optional();
 }
 
 /** Sections owned by backends: the registered ones, and those of backends named in `modules.backend` (checked when loaded). */
 function sectionsOf(declared: readonly string[]): Record<string, z.ZodType> {
   const out: Record<string, z.ZodType> = {};
   for (const b of BACKENDS.all()) if (b.section) out[b.section.key] = backendSection(b.section.parse.bind(b.section));
-  for (const name of declared) out[name] ??= z.unknown();
+  for (const name of declared) out[name] ??= z.unknown().optional();
   return out;
 }
 

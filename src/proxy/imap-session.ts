@@ -342,8 +342,8 @@ export class ImapSession {
     }
     const address = r.user.user.address;
     const rt = await route(env, 'imap', r.user, conn, this.st.sid, tag, () => this.framer.rest(), { forward: true, deadline: r.deadline });
-    if (!rt.ok && rt.reply !== undefined) {
-      conn.write(rt.reply); // a limit (user+IP): the router logged it
+    if (!rt.ok && rt.limit !== undefined) {
+      conn.write(`${tag} NO [LIMIT] ${rt.reason}\r\n`); // a limit (user+IP): the router logged it
       return false;
     }
     if (!rt.ok) {

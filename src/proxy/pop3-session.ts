@@ -271,8 +271,8 @@ export class Pop3Session {
       this.buf = Buffer.alloc(0);
       return b;
     }, { forward: true, deadline: r.deadline });
-    if (!rt.ok && rt.reply !== undefined) {
-      conn.write(rt.reply); // a limit (user+IP): the router logged it
+    if (!rt.ok && rt.limit !== undefined) {
+      conn.write(`-ERR [IN-USE] ${rt.reason}\r\n`); // a limit (user+IP): the router logged it
       return false;
     }
     if (!rt.ok) {
