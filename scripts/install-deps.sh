@@ -1,9 +1,10 @@
 #!/bin/sh
 # NAME        scripts/install-deps.sh — install everything PigeonDeliver and its tests need
 # SYNOPSIS    sh scripts/install-deps.sh [--no-system]
-# DESCRIPTION Installs Debian's dovecot-imapd, dovecot-pop3d, postfix, openbsd-inetd, python3,
-#             curl, Courier's libraries and gamin (COURIER_LIBS) with apt-get when run as root
-#             (otherwise prints the packages to install and stops), extracts Courier's imapd/pop3d .debs into .cache/courier (they conflict with
+# DESCRIPTION Installs Debian's dovecot-imapd, dovecot-pop3d, postfix, openbsd-inetd, postgresql
+#             (the tests start private servers with its initdb/pg_ctl; the packaged cluster is not
+#             needed and may stay stopped), python3, curl, Courier's libraries and gamin
+#             (COURIER_LIBS) with apt-get when run as root (otherwise prints the packages to install and stops), extracts Courier's imapd/pop3d .debs into .cache/courier (they conflict with
 #             Dovecot in apt), then runs `npm install`, builds with `npm run build` and puts
 #             `pigeon` on the PATH (scripts/link-pigeon.sh: as root a symlink in /usr/local/bin).
 #             Used by README's two set-up lines and by .ci/run, so all three stay in step.
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 # libgamin0 (libfam.so.0), libgdbm6, libidn12, and gamin (gam_server in /usr/libexec, where libfam
 # looks for it: without it every Courier IMAP login waits ~1.2 s and IDLE cannot push new mail).
 COURIER_LIBS="courier-base courier-authlib gamin libgamin0 libcourier-unicode4 libgdbm6 libidn12"
-NEED="dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix openbsd-inetd curl python3 $COURIER_LIBS"
+NEED="dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix openbsd-inetd postgresql curl python3 $COURIER_LIBS"
 if [ "${1:-}" != "--no-system" ]; then
   missing=""
   [ -x /usr/lib/dovecot/imap ] || missing="$missing dovecot-imapd"
@@ -21,6 +22,8 @@ if [ "${1:-}" != "--no-system" ]; then
   [ -x /usr/lib/dovecot/pop3 ] || missing="$missing dovecot-pop3d"
   [ -x /usr/sbin/postfix ] || missing="$missing postfix"
   [ -x /usr/sbin/inetd ] || missing="$missing openbsd-inetd"
+  # PostgreSQL: initdb of any installed major version (Debian puts it under /usr/lib/postgresql/N/bin)
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
   command -v curl >/dev/null 2>&1 || missing="$missing curl"
   for p in $COURIER_LIBS; do
     dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$missing $p"

@@ -14,11 +14,20 @@ import ipaddr from 'ipaddr.js';
 
 type Addr = ipaddr.IPv4 | ipaddr.IPv6;
 
+// `::a.b.c.d` is the (deprecated) IPv4-compatible address ::/96, which is how inet_ntop prints
+// one; ipaddr.js reads it as the IPv4-mapped ::ffff:a.b.c.d, so `::127.0.0.1` would be loopback
+const IPV4_COMPATIBLE = /^::(\d{1,3}(?:\.\d{1,3}){3})$/;
+
 /** The address, with an IPv4-mapped IPv6 address turned into IPv4; null when it does not parse. */
 export function parseIp(text: string): Addr | null {
   if (!ipaddr.isValid(text)) return null;
   let a: Addr;
   try {
+    const compat = IPV4_COMPATIBLE.exec(text);
+    if (compat?.[1] !== undefined) {
+      const o = ipaddr.IPv4.parse(compat[1]).octets;
+      return new ipaddr.IPv6([0, 0, 0, 0, 0, 0, ((o[0] ?? 0) << 8) | (o[1] ?? 0), ((o[2] ?? 0) << 8) | (o[3] ?? 0)]);
+    }
     a = ipaddr.parse(text);
   } catch {
     return null;
@@ -27,15 +36,23 @@ export function parseIp(text: string): Addr | null {
   return a;
 }
 
-/** A socket's address as logs and limits use it: `::ffff:1.2.3.4` is 1.2.3.4; '' for none. */
+/**
+ * A socket's address as the logs and limits use it: parsed, an IPv4-mapped IPv6 address as IPv4
+ * (`::ffff:127.0.0.1` and `::ffff:7f00:1` alike), IPv6 in its canonical form; '' when there is
+ * none (a unix socket or a pipe).
+ */
 export function unmapIp(ip: string | undefined): string {
   if (!ip) return '';
-  return ip.startsWith('::ffff:') && ip.includes('.') ? ip.slice(7) : ip;
+  return canonicalIp(ip);
 }
 
-/** Loopback, or no address at all (a local pipe). */
+/**
+ * Is the client on this host? A loopback address (127.0.0.0/8, ::1 however written, either of them
+ * IPv4-mapped), or no address at all (a unix socket or a pipe). Text that is no address is not.
+ */
 export function isLoopback(ip: string): boolean {
-  return ip === '' || ip === '::1' || ip.startsWith('127.');
+  if (ip === '') return true;
+  return parseIp(ip)?.range() === 'loopback';
 }
 
 /** Canonical text of an address (IPv4-mapped unmapped), or the input when it is no address. */

@@ -12,8 +12,7 @@ import { runDeliver, inputOf } from '../delivery/deliver.js';
 import { statusLine } from '../delivery/outcome.js';
 import { loadInstance } from '../instance.js';
 import { openStore } from '../store.js';
-import { createLogger } from '../log.js';
-import { silentLogger } from '../delivery/env.js';
+import { deliveryLogger } from '../delivery/env.js';
 import { remoteStore } from '../peer/remote-store.js';
 import { FORKERS, oneShotForkers } from '../../forkers/registry.js';
 import { isOneShot } from '../../forkers/types.js';
@@ -100,8 +99,8 @@ master.cf:  pigeon unix - n n - - pipe flags=Rq user=mail argv=/usr/local/bin/pi
       const socket = forker.transport().stream;
       const instance = loadInstance(cfg());
       await loadModules(instance);
-      // stdout is the protocol: log to log.file or nowhere
-      const logger = instance.logFile ? createLogger({ level: instance.config.log.level, file: instance.logFile }) : silentLogger;
+      // stdout (and under spawn/inetd stderr) is the protocol: log.file, syslog or log.fallback_file
+      const logger = deliveryLogger(instance);
       const store = await openStore(instance.config.database, { baseDir: instance.dir });
       const nodes = new NodeDirectory(store);
       const server = createLmtpServer({ instance, store, logger, remote: remoteStore(instance, store, nodes), nodes });

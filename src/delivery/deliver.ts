@@ -12,18 +12,17 @@
  *             broken pigeon must never bounce mail. On failure it prints exactly one line,
  *             beginning with the enhanced status code (`5.1.1 <x@y>: user unknown`), which
  *             pipe(8) prefers over the exit status. Nothing else is written to stdout/stderr:
- *             logs go to `log.file`, or nowhere.
+ *             logs go to `log.file`, else syslog, else `log.fallback_file` (src/delivery/env.ts).
  * SECURITY    Runs as the pipe(8) `user=`; as root it chowns what it writes to `mail_user`.
  */
 import { createReadStream } from 'node:fs';
 import { loadInstance } from '../instance.js';
 import { openStore, type Store } from '../store.js';
-import { createLogger } from '../log.js';
 import { isAppError, EX, type ExitCode } from '../errors.js';
 import { loadModules } from '../module-files.js';
 import { NodeDirectory } from '../nodes.js';
 import { resolveRecipient, deliverMessage, parseSender, type Accepted } from './driver.js';
-import { makeDeliveryEnv, silentLogger } from './env.js';
+import { makeDeliveryEnv, deliveryLogger } from './env.js';
 import { exitCodeOf, statusLine, summarise } from './outcome.js';
 import type { DeliveryResult, RemoteStore } from './types.js';
 
@@ -52,7 +51,9 @@ const fail = (r: DeliveryResult): DeliverOutcome => ({ code: exitCodeOf(r), line
 export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
   if (a.recipients.length === 0) return fail({ dsn: '4.3.5', text: 'no recipient on the command line (check the pipe argv in master.cf)' });
   const sender: string | null = a.sender === undefined ? null : parseSender(a.sender);
-  if (a.sender !== undefined && sender === null) return fail({ dsn: '5.1.7', text: `bad sender address syntax: ${JSON.stringify(a.sender.slice(0, 100))}` });
+  if (a.sender !== undefined && sender === null) {
+    return fail({ dsn: '5.1.7', text: a.sender.includes('\ufffd') ? 'bad sender address: not UTF-8' : `bad sender address syntax: ${JSON.stringify(a.sender.slice(0, 100))}` });
+  }
   if (a.mailbox !== undefined && /[\0\r\n/]/.test(a.mailbox)) return fail({ dsn: '5.2.0', text: 'bad -m mailbox name' });
 
   let instance;
@@ -62,7 +63,7 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
   } catch (e) {
     return fail({ dsn: '4.3.5', text: `configuration error: ${isAppError(e) ? e.message : String(e)}` });
   }
-  const logger = instance.logFile ? createLogger({ level: instance.config.log.level, file: instance.logFile }) : silentLogger;
+  const logger = deliveryLogger(instance);
   let store: Store;
   try {
     store = await openStore(instance.config.database, { baseDir: instance.dir });

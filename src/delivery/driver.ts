@@ -14,7 +14,7 @@
  *             temporary status (src/delivery/mda.ts fsFailure); nothing else throws.
  */
 import type { DeliveryEnv, DeliveryResult } from './types.js';
-import { spool, type Spooled } from './message.js';
+import { spool, headerText, type Spooled } from './message.js';
 import { deliverRecipient, type Resolved } from './pipeline.js';
 import { spoolLimit } from './mailstore.js';
 import { fsFailure } from './mda.js';
@@ -40,12 +40,16 @@ export interface Transaction {
   readonly via?: string;
 }
 
-/** Normalise an envelope sender: '' for the null sender; null if unusable. */
+/**
+ * Normalise an envelope sender: '' for the null sender; null if unusable. U+FFFD is refused: node
+ * puts it in place of argv bytes that are not UTF-8 (and smtp-server in place of such bytes in
+ * MAIL FROM), so a sender holding it is not the address the MTA gave.
+ */
 export function parseSender(s: string): string | null {
   const v = s.trim().replace(/^<(.*)>$/, '$1').trim();
   // pipe(8) expands the null sender to MAILER-DAEMON unless null_sender= is set
   if (v === '' || v.toUpperCase() === 'MAILER-DAEMON') return '';
-  if (/[\s\0<>]/.test(v) || v.length > 320) return null;
+  if (/[\s\0<>\ufffd]/.test(v) || v.length > 320) return null;
   return v;
 }
 
@@ -73,7 +77,9 @@ export async function deliverMessage(env: DeliveryEnv, input: AsyncIterable<Buff
   }
   try {
     await fault('spooled');
-    const sender = tx.sender ?? parseSender(message.get('return-path')[0] ?? '') ?? '';
+    // the Return-Path's bytes as UTF-8 (it becomes the envelope sender of forwards and the
+    // recipient of a vacation reply); one that is not UTF-8 counts as the null sender
+    const sender = tx.sender ?? parseSender(headerText(message.get('return-path')[0] ?? '') ?? '') ?? '';
     for (const r of tx.recipients) {
       if (results.has(r.rcpt)) continue; // a duplicate recipient: one copy, the same answer
       const res = await deliverRecipient({ resolved: r, sender, original: tx.original, mailbox: tx.mailbox, message, ...(tx.via !== undefined ? { via: tx.via } : {}) }, env, tx.only);

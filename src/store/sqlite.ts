@@ -12,7 +12,7 @@
  *             event loop, until one busy timeout (BUSY_TIMEOUT_MS) has passed or the deadline of a
  *             `withDeadline` view; then DB_LOCKED (75).
  *             `onChange`: SQLite has no notifications, so while anyone listens the store polls
- *             every second (`PRAGMA data_version`, then the registry and the moving users only when
+ *             every second (`PRAGMA data_version`, then the registry and every user row's version only when
  *             something was committed) and reports what changed.
  * DIAGNOSTICS DB_LOCKED (75, retry later); DB_READONLY / DB_MISSING / DB_SCHEMA (78, fix the
  *             configuration); NO_SUCH_USER, NO_SUCH_DOMAIN, DUPLICATE, DOMAIN_NOT_EMPTY,
@@ -252,6 +252,8 @@ class Conn {
       nodes: db.prepare<[], NodeDbRow>('SELECT * FROM nodes ORDER BY name'),
       revoked: db.prepare<[], { fingerprint: string }>('SELECT fingerprint FROM revoked ORDER BY fingerprint'),
       moving: db.prepare<[], { address: string; moving_to: string }>('SELECT address, moving_to FROM users WHERE moving_to IS NOT NULL ORDER BY address'),
+      // every user's row version (bumped by every change of the row): what onChange compares
+      userVersions: db.prepare<[], { id: number; address: string; version: number }>('SELECT id, address, version FROM users'),
       dataVersion: db.prepare<[], { data_version: number }>('PRAGMA data_version'),
     };
   }
@@ -409,12 +411,12 @@ export class SqliteStore implements Store {
 
   // ---- domains -------------------------------------------------------------------------
 
-  addDomain(name: string): Promise<string> {
+  async addDomain(name: string): Promise<string> {
     const n = normaliseDomain(name);
     return this.write(() => this.addDomainNow(n));
   }
 
-  listDomains(): Promise<{ name: string; users: number; created: string }[]> {
+  async listDomains(): Promise<{ name: string; users: number; created: string }[]> {
     return this.run(() =>
       this.c.db
         .prepare<[], { name: string; users: number; created: string }>(
@@ -425,7 +427,7 @@ export class SqliteStore implements Store {
   }
 
   /** Rename a domain: every user address moves with it; settings and mailboxes stay attached. */
-  renameDomain(from: string, to: string): Promise<{ users: number }> {
+  async renameDomain(from: string, to: string): Promise<{ users: number }> {
     const a = normaliseDomain(from);
     const b = normaliseDomain(to);
     return this.write(() => {
@@ -440,7 +442,7 @@ export class SqliteStore implements Store {
   }
 
   /** Delete a domain and its settings. Refused while it has users, so no mailbox is orphaned silently. */
-  delDomain(name: string): Promise<void> {
+  async delDomain(name: string): Promise<void> {
     const n = normaliseDomain(name);
     return this.write(() => {
       const id = this.domainIdNow(n);
@@ -455,7 +457,7 @@ export class SqliteStore implements Store {
 
   // ---- users ---------------------------------------------------------------------------
 
-  getUser(address: string): Promise<UserRecord | null> {
+  async getUser(address: string): Promise<UserRecord | null> {
     const a = normaliseAddress(address).address;
     count('pigeon_db_user_reads_total');
     return this.run(() => {
@@ -470,12 +472,12 @@ export class SqliteStore implements Store {
     return u;
   }
 
-  addUser(address: string, password: string | null, home: string | null): Promise<UserRecord> {
+  async addUser(address: string, password: string | null, home: string | null): Promise<UserRecord> {
     normaliseAddress(address);
     return this.write(() => this.addUserNow(address, password, home));
   }
 
-  importUsers(entries: readonly { address: string; hash: string }[], createDomains: boolean): Promise<{ createdDomains: string[] }> {
+  async importUsers(entries: readonly { address: string; hash: string }[], createDomains: boolean): Promise<{ createdDomains: string[] }> {
     return this.write(() => {
       const createdDomains: string[] = [];
       for (const e of entries) {
@@ -491,21 +493,21 @@ export class SqliteStore implements Store {
     });
   }
 
-  setPassword(address: string, hash: string): Promise<void> {
+  async setPassword(address: string, hash: string): Promise<void> {
     return this.write(() => {
       const u = this.mustUserNow(address);
       this.c.db.prepare('UPDATE users SET password = ?, version = version + 1 WHERE id = ?').run(hash, u.id);
     });
   }
 
-  setState(address: string, state: 'active' | 'disabled'): Promise<void> {
+  async setState(address: string, state: 'active' | 'disabled'): Promise<void> {
     return this.write(() => {
       const u = this.mustUserNow(address);
       this.c.db.prepare('UPDATE users SET state = ?, version = version + 1 WHERE id = ?').run(state, u.id);
     });
   }
 
-  listUsers(domain?: string): Promise<UserRecord[]> {
+  async listUsers(domain?: string): Promise<UserRecord[]> {
     return this.read(() => {
       if (domain === undefined) return this.c.db.prepare<[], UserRow>(`${USER_SELECT} ORDER BY d.name, u.address`).all().map(toUser);
       const id = this.domainIdNow(domain);
@@ -514,7 +516,7 @@ export class SqliteStore implements Store {
   }
 
   /** Rename a user; the allocation (mailbox path) and all settings stay with the user. */
-  renameUser(from: string, to: string): Promise<UserRecord> {
+  async renameUser(from: string, to: string): Promise<UserRecord> {
     const b = normaliseAddress(to);
     return this.write(() => {
       const u = this.mustUserNow(from);
@@ -527,7 +529,7 @@ export class SqliteStore implements Store {
   }
 
   /** Delete a user and their settings; returns the record so the caller can say where the mailbox is. */
-  delUser(address: string): Promise<UserRecord> {
+  async delUser(address: string): Promise<UserRecord> {
     return this.write(() => {
       const u = this.mustUserNow(address);
       this.c.db.prepare("DELETE FROM settings WHERE scope = 'user' AND scope_id = ?").run(u.id);
@@ -540,7 +542,7 @@ export class SqliteStore implements Store {
    * Compare-and-set of a user's home and allocation: succeeds only if the row still has
    * `expectedVersion` (two nodes racing to allocate the same new user: one wins, one re-reads).
    */
-  casAllocation(id: number, expectedVersion: number, home: string | null, allocation: Allocation | null): Promise<boolean> {
+  async casAllocation(id: number, expectedVersion: number, home: string | null, allocation: Allocation | null): Promise<boolean> {
     return this.write(
       () =>
         this.c.db
@@ -550,12 +552,12 @@ export class SqliteStore implements Store {
   }
 
   /** Mark (or clear) a move in progress; compare-and-set on the version like casAllocation. */
-  casMoving(id: number, expectedVersion: number, to: string | null): Promise<boolean> {
+  async casMoving(id: number, expectedVersion: number, to: string | null): Promise<boolean> {
     return this.write(() => this.c.db.prepare('UPDATE users SET moving_to = ?, version = version + 1 WHERE id = ? AND version = ?').run(to, id, expectedVersion).changes === 1);
   }
 
   /** The end of a move: new home and allocation, move mark cleared, in one transaction. */
-  casMoved(id: number, expectedVersion: number, home: string, allocation: Allocation): Promise<boolean> {
+  async casMoved(id: number, expectedVersion: number, home: string, allocation: Allocation): Promise<boolean> {
     return this.write(
       () =>
         this.c.db
@@ -564,13 +566,13 @@ export class SqliteStore implements Store {
     );
   }
 
-  movingUsers(): Promise<string[]> {
+  async movingUsers(): Promise<string[]> {
     return this.run(() => this.c.stmts.moving.all().map((r) => r.address));
   }
 
   // ---- settings ------------------------------------------------------------------------
 
-  setSetting(ref: ScopeRef, module: string, key: string, value: Json, flags: readonly Flag[]): Promise<void> {
+  async setSetting(ref: ScopeRef, module: string, key: string, value: Json, flags: readonly Flag[]): Promise<void> {
     return this.write(() => {
       const id = this.scopeIdNow(ref);
       this.c.db
@@ -582,7 +584,7 @@ export class SqliteStore implements Store {
     });
   }
 
-  unsetSetting(ref: ScopeRef, module: string, key: string): Promise<boolean> {
+  async unsetSetting(ref: ScopeRef, module: string, key: string): Promise<boolean> {
     return this.write(() => {
       const id = this.scopeIdNow(ref);
       return this.c.db.prepare('DELETE FROM settings WHERE scope = ? AND scope_id = ? AND module = ? AND key = ?').run(ref.scope, id, module, key).changes > 0;
@@ -590,7 +592,7 @@ export class SqliteStore implements Store {
   }
 
   /** Rows that apply at a scope: global, plus the domain, plus the user (as a user would see). */
-  rowsFor(ref: ScopeRef): Promise<SettingRow[]> {
+  async rowsFor(ref: ScopeRef): Promise<SettingRow[]> {
     return this.read(() => {
       if (ref.scope === 'user') {
         const l = this.lookupNow(normaliseAddress(ref.name ?? '').address);
@@ -603,12 +605,12 @@ export class SqliteStore implements Store {
   }
 
   /** The one read per login or delivery: the user and every setting row that applies. */
-  lookup(address: string): Promise<{ user: UserRecord; rows: SettingRow[] } | null> {
+  async lookup(address: string): Promise<{ user: UserRecord; rows: SettingRow[] } | null> {
     count('pigeon_db_user_reads_total');
     return this.run(() => this.lookupNow(address));
   }
 
-  settingRows(module: string, key: string): Promise<(SettingRow & { name: string | null })[]> {
+  async settingRows(module: string, key: string): Promise<(SettingRow & { name: string | null })[]> {
     return this.run(() =>
       this.c.db
         .prepare<[string, string], SettingDbRow & { name: string | null }>(
@@ -624,23 +626,23 @@ export class SqliteStore implements Store {
 
   // ---- nodes ---------------------------------------------------------------------------
 
-  listNodes(): Promise<NodeRow[]> {
+  async listNodes(): Promise<NodeRow[]> {
     return this.run(() => this.c.stmts.nodes.all().map(toNode));
   }
 
-  getNode(name: string): Promise<NodeRow | null> {
+  async getNode(name: string): Promise<NodeRow | null> {
     return this.run(() => {
       const r = this.c.stmts.node.get(name);
       return r ? toNode(r) : null;
     });
   }
 
-  revokedFingerprints(): Promise<Set<string>> {
+  async revokedFingerprints(): Promise<Set<string>> {
     return this.run(() => new Set(this.c.stmts.revoked.all().map((r) => r.fingerprint)));
   }
 
   /** How many users each node holds (for `node list` and the `fewest` placement). */
-  usersPerNode(): Promise<Map<string, number>> {
+  async usersPerNode(): Promise<Map<string, number>> {
     return this.run(() => {
       const rows = this.c.db.prepare<[], { home: string; n: number }>('SELECT home, count(*) AS n FROM users WHERE home IS NOT NULL GROUP BY home').all();
       return new Map(rows.map((r) => [r.home, r.n]));
@@ -653,7 +655,7 @@ export class SqliteStore implements Store {
    * certificate (two nodes with one name), unless the certificate is that row's announced next one
    * (`pigeon cert issue` re-issue), which is then promoted.
    */
-  registerSelf(me: SelfRegistration, opts: { heartbeat: boolean }): Promise<{ created: boolean; promoted: boolean; state: NodeState }> {
+  async registerSelf(me: SelfRegistration, opts: { heartbeat: boolean }): Promise<{ created: boolean; promoted: boolean; state: NodeState }> {
     const db = this.c.db;
     return this.write(() => {
       const rev = db.prepare<[string], { node: string; at: string }>('SELECT node, at FROM revoked WHERE fingerprint = ?').get(me.fingerprint);
@@ -684,20 +686,20 @@ export class SqliteStore implements Store {
     });
   }
 
-  unregisterUnseen(name: string, fingerprint: string): Promise<void> {
+  async unregisterUnseen(name: string, fingerprint: string): Promise<void> {
     return this.write(() => {
       this.c.db.prepare('DELETE FROM nodes WHERE name = ? AND fingerprint = ? AND last_seen IS NULL').run(name, fingerprint);
     });
   }
 
-  heartbeat(name: string): Promise<void> {
+  async heartbeat(name: string): Promise<void> {
     return this.write(() => {
       this.c.db.prepare(`UPDATE nodes SET last_seen = ${NOW} WHERE name = ?`).run(name);
     });
   }
 
   /** `pigeon cert issue`: the new certificate becomes acceptable next to the current one. */
-  announceCertificate(name: string, fingerprint: string, certExpires: string): Promise<'new' | 'next'> {
+  async announceCertificate(name: string, fingerprint: string, certExpires: string): Promise<'new' | 'next'> {
     return this.write(() => {
       if (!this.c.stmts.node.get(name)) {
         this.c.db.prepare(`INSERT INTO nodes (name, fingerprint, state, cert_expires) VALUES (?, ?, 'active', ?)`).run(name, fingerprint, certExpires);
@@ -708,7 +710,7 @@ export class SqliteStore implements Store {
     });
   }
 
-  setNodeState(name: string, state: NodeState): Promise<NodeRow> {
+  async setNodeState(name: string, state: NodeState): Promise<NodeRow> {
     return this.write(() => {
       const r = this.c.db.prepare(`UPDATE nodes SET state = ? WHERE name = ?`).run(state, name);
       if (r.changes === 0) throw new AppError('NO_SUCH_NODE', `no such node: ${name} (see "pigeon node list")`);
@@ -720,7 +722,7 @@ export class SqliteStore implements Store {
    * Remove a node: its certificates are revoked for good and its row deleted. Refused while users
    * live there (their mail would become unreachable): move them first.
    */
-  removeNode(name: string): Promise<{ revoked: number }> {
+  async removeNode(name: string): Promise<{ revoked: number }> {
     const db = this.c.db;
     return this.write(() => {
       const row = this.c.stmts.node.get(name);
@@ -753,9 +755,15 @@ export class SqliteStore implements Store {
         const changes: StoreChange[] = [];
         if (seen !== null && now.registry !== seen.registry) changes.push({ kind: 'nodes' });
         if (seen !== null) {
-          const before = seen.moving;
-          for (const [a, to] of now.moving) if (before.get(a) !== to) changes.push({ kind: 'user', address: a });
-          for (const a of before.keys()) if (!now.moving.has(a)) changes.push({ kind: 'user', address: a });
+          // a user row changed (password, state, home, allocation, move, rename) or went away
+          const before = seen.users;
+          for (const [id, u] of now.users) {
+            const b = before.get(id);
+            if (b !== undefined && b.version === u.version && b.address === u.address) continue;
+            changes.push({ kind: 'user', address: u.address });
+            if (b !== undefined && b.address !== u.address) changes.push({ kind: 'user', address: b.address });
+          }
+          for (const [id, b] of before) if (!now.users.has(id)) changes.push({ kind: 'user', address: b.address });
         }
         seen = now;
         for (const ch of changes) for (const l of [...c.listeners]) l(ch);
@@ -784,7 +792,7 @@ export class SqliteStore implements Store {
         .transaction(() => ({
           version,
           registry: JSON.stringify([c.stmts.nodes.all().map(({ last_seen: _l, ...rest }) => rest), c.stmts.revoked.all()]),
-          moving: new Map(c.stmts.moving.all().map((r) => [r.address, r.moving_to])),
+          users: new Map(c.stmts.userVersions.all().map((r) => [r.id, { address: r.address, version: r.version }])),
         }))
         .deferred();
     } catch {
@@ -794,7 +802,7 @@ export class SqliteStore implements Store {
 
   // ---- schema and copy ------------------------------------------------------------------
 
-  schemaStatus(): Promise<SchemaStatus> {
+  async schemaStatus(): Promise<SchemaStatus> {
     return this.run(() => ({ version: userVersion(this.c.db, this.c.file), minUsable: MIN_USABLE_VERSION, latest: SCHEMA_VERSION }));
   }
 
@@ -804,7 +812,7 @@ export class SqliteStore implements Store {
     return { from, to: await this.run(() => userVersion(this.c.db, this.c.file)) };
   }
 
-  dump(): Promise<TableDump[]> {
+  async dump(): Promise<TableDump[]> {
     return this.read(() =>
       TABLE_ORDER.map((table) => ({
         table,
@@ -813,11 +821,11 @@ export class SqliteStore implements Store {
     );
   }
 
-  load(tables: readonly TableDump[]): Promise<void> {
+  async load(tables: readonly TableDump[]): Promise<void> {
     return this.write(() => {
       for (const t of TABLE_ORDER) {
         const n = this.c.db.prepare<[], { n: number }>(`SELECT count(*) AS n FROM ${t}`).get()?.n ?? 0;
-        if (n > 0) throw new AppError('USAGE', `database ${this.c.file} is not empty (table ${t} has ${n} row(s)); copy into an empty database only`);
+        if (n > 0) throw new AppError('DUPLICATE', `database ${this.c.file} is not empty (table ${t} has ${n} row(s)); copy into an empty database only`);
       }
       for (const t of TABLE_ORDER) {
         const dump = tables.find((x) => x.table === t);
@@ -826,7 +834,7 @@ export class SqliteStore implements Store {
         const ins = this.c.db.prepare(`INSERT INTO ${t} (${cols.join(', ')}) VALUES (${cols.map(() => '?').join(', ')})`);
         for (const row of dump.rows) {
           const unknown = Object.keys(row).filter((k) => !cols.includes(k));
-          if (unknown.length > 0) throw new AppError('USAGE', `table ${t}: unknown column(s) ${unknown.join(', ')}`);
+          if (unknown.length > 0) throw new AppError('INVALID_VALUE', `table ${t}: unknown column(s) ${unknown.join(', ')}`);
           ins.run(...cols.map((k) => row[k] ?? null));
         }
       }
@@ -837,5 +845,5 @@ export class SqliteStore implements Store {
 interface Snapshot {
   readonly version: string;
   readonly registry: string;
-  readonly moving: Map<string, string>;
+  readonly users: Map<number, { readonly address: string; readonly version: number }>;
 }
