@@ -1,7 +1,6 @@
 /** The instance + database a command works on, opened once per CLI run. */
 import { loadInstance, type Instance } from './instance.js';
 import { openStore, type Store } from './store.js';
-import { loadModules } from './module-files.js';
 
 export interface Ctx {
   readonly instance: Instance;
@@ -10,8 +9,6 @@ export interface Ctx {
 
 export async function openCtx(config: string | undefined): Promise<Ctx> {
   const instance = loadInstance(config);
-  // the modules pigeon.yaml names join the registries (settings catalog, backend choices) first
-  await loadModules(instance);
   const store = await openStore(instance.config.database, { baseDir: instance.dir });
   return { instance, store };
 }

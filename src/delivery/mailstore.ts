@@ -112,7 +112,7 @@ const mailstore: DeliveryModule = {
     }
     const folder = req.mailbox ?? (settings['detail'] === false ? null : req.detail);
     const qf = settings['quota_full'] === 'defer' ? 'defer' : 'bounce';
-    const parts = deliveredParts(req.message, traceHeaders(req.sender, req.rcpt, !hasPipeDeliveredTo(req.message, req.rcpt)));
+    const parts = deliveredParts(req.message, Buffer.concat([traceHeaders(req.sender, req.rcpt, !hasPipeDeliveredTo(req.message, req.rcpt)), ...req.added]));
     let r;
     try {
       r = await writer.store(

@@ -88,7 +88,14 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, 
   const { resolved: r, message } = input;
   const loop = loopCheck(r.rcpt, r.user.address, message);
   if (loop) return loop;
+  const added: Buffer[] = [];
   const req: RecipientRequest = {
+    added,
+    addHeader(name, value) {
+      if (!/^[\x21-\x39\x3b-\x7e]{1,76}$/.test(name)) throw new Error(`not a header field name: ${JSON.stringify(name.slice(0, 80))}`);
+      if (/[\r\n\0]/.test(value)) throw new Error(`header ${name}: no CR, LF or NUL in a value`);
+      added.push(Buffer.from(`${name}: ${value}\n`, 'utf8'));
+    },
     rcpt: r.rcpt,
     user: r.user,
     config: r.config,

@@ -81,6 +81,13 @@ export interface RecipientRequest {
   readonly mailbox: string | null;
   /** decisions of earlier modules: forward with keep=false clears it */
   keep: boolean;
+  /** header lines modules added (`Name: value` + LF, UTF-8), stored above the message's own header */
+  readonly added: readonly Buffer[];
+  /**
+   * Add a header line to this recipient's copy (the mailbox here or on the home node). `name` is a
+   * header field name (RFC 5322 ftext), `value` holds no CR, LF or NUL; else it throws.
+   */
+  addHeader(name: string, value: string): void;
 }
 
 export interface DeliveryModule extends ModuleBase<'delivery'> {

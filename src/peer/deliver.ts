@@ -21,7 +21,9 @@ const STORE_ANSWER_MS = 300_000;
 export async function deliverViaPeer(ctx: PeerContext, node: string, req: RecipientRequest): Promise<DeliveryResult> {
   const m = req.message;
   const sep = Buffer.from('\n');
-  const size = m.head.length + sep.length + m.bodySize;
+  // header lines this node's modules added travel above the message's own header
+  const head = Buffer.concat([...req.added, m.head]);
+  const size = head.length + sep.length + m.bodySize;
   let sock: TLSSocket;
   try {
     sock = await sendHandOff(
@@ -44,7 +46,7 @@ export async function deliverViaPeer(ctx: PeerContext, node: string, req: Recipi
     return { dsn: '4.4.1', text: `mailbox of ${req.user.address} is on node ${node}: ${isAppError(e) ? e.message : String(e)}` };
   }
   try {
-    await writeAll(sock, m.head);
+    await writeAll(sock, head);
     await writeAll(sock, sep);
     for await (const c of m.body()) await writeAll(sock, c);
     const line = await readLine(sock, 4096, STORE_ANSWER_MS);
