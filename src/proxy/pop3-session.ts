@@ -16,13 +16,14 @@ import type { ClientConn } from './conn.js';
 import { authenticate, logLogin, logDisconnect, plaintextAllowed, plainCredentials, saslBase64, type Credentials, type LoginState } from './login.js';
 import { route, runSession } from './router.js';
 import { alpnCallback, handshakeTimeoutMs } from './tls.js';
+import { Pop3Framer, type Pop3Frame } from './pop3-framer.js';
 import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, POP3_MAX_LINE, PREAUTH_ABSOLUTE_MS, SASL_MAX_LINE } from '../limits.js';
 
 const PRIVACY = '-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n';
-type Line = { kind: 'line'; line: Buffer } | { kind: 'too-long' } | { kind: 'eof' };
+type Line = Pop3Frame | { readonly kind: 'eof' };
 
 export class Pop3Session {
-  private buf: Buffer = Buffer.alloc(0);
+  private readonly framer = new Pop3Framer();
   private readonly st: LoginState;
   private bad = 0;
   private commands = 0;
@@ -51,22 +52,14 @@ export class Pop3Session {
   /** Next line (without its CRLF); `max` counts the whole line, CRLF included. */
   private async line(max: number): Promise<Line> {
     for (;;) {
-      const nl = this.buf.indexOf(0x0a);
-      if (nl >= 0) {
-        if (nl + 1 > max) return { kind: 'too-long' };
-        let l = this.buf.subarray(0, nl);
-        this.buf = this.buf.subarray(nl + 1);
-        if (l.length && l[l.length - 1] === 0x0d) l = l.subarray(0, l.length - 1);
-        return { kind: 'line', line: l };
-      }
-      // even a bare LF would not fit any more
-      if (this.buf.length >= max) return { kind: 'too-long' };
+      const f = this.framer.next(max);
+      if (f !== null) return f;
       if (this.idleTimer) clearTimeout(this.idleTimer);
       this.idleTimer = setTimeout(() => this.timeout(), this.env.instance.config.limits.preauth_timeout_s * 1000);
       const c = await this.conn.read();
       if (this.idleTimer) clearTimeout(this.idleTimer);
       if (c === null || this.timedOut) return { kind: 'eof' };
-      this.buf = this.buf.length ? Buffer.concat([this.buf, c]) : c;
+      this.framer.feed(c);
     }
   }
 
@@ -138,7 +131,7 @@ export class Pop3Session {
           }
           conn.write('+OK Begin TLS negotiation now.\r\n');
           // nothing said before the handshake counts inside TLS: pipelined commands, a USER
-          this.buf = Buffer.alloc(0);
+          this.framer.rest();
           this.user = null;
           try {
             await conn.startTls(env.tls, { timeoutMs: handshakeTimeoutMs(env.instance), alpn: alpnCallback('pop3') });
@@ -266,11 +259,7 @@ export class Pop3Session {
       return this.afterFailure();
     }
     const address = r.user.user.address;
-    const rt = await route(env, 'pop3', r.user, conn, this.st.sid, null, () => {
-      const b = this.buf;
-      this.buf = Buffer.alloc(0);
-      return b;
-    }, { forward: true, deadline: r.deadline });
+    const rt = await route(env, 'pop3', r.user, conn, this.st.sid, null, () => this.framer.rest(), { forward: true, deadline: r.deadline });
     if (!rt.ok && rt.limit !== undefined) {
       conn.write(`-ERR [IN-USE] ${rt.reason}\r\n`); // a limit (user+IP): the router logged it
       return false;
@@ -283,8 +272,7 @@ export class Pop3Session {
     }
     logLogin(env, conn, this.st, address);
     clearTimeout(this.absTimer);
-    const leftover = this.buf;
-    this.buf = Buffer.alloc(0);
+    const leftover = this.framer.rest();
     this.relayed = true;
     await runSession(env, 'pop3', address, this.st.sid, conn, rt.session, leftover);
     return true;
