@@ -11,9 +11,9 @@
  * resolve() must agree with it for every combination and every order of the input rows.
  */
 import t from 'tap';
-import { resolve, values, forcedBy, type SettingRow, type Flag } from '../src/resolve.js';
-import { catalog } from '../src/catalog.js';
-import type { Json, Scope } from '../src/settings.js';
+import { resolve, values, forcedBy, type SettingRow, type Flag } from '../../src/resolve.js';
+import { catalog } from '../../src/catalog.js';
+import type { Json, Scope } from '../../src/settings.js';
 
 const SCOPES: readonly Scope[] = ['global', 'domain', 'user'];
 const MODULE = 'mailstore';
