@@ -14,6 +14,7 @@
  * SECURITY    Probes run with an empty environment as the mail user, never as root; nothing
  *             from the database reaches a command line.
  */
+import { BACKEND_PROBE_MS } from './limits.js';
 import { spawnSync } from 'node:child_process';
 import { accessSync, statSync, constants } from 'node:fs';
 import type { Instance } from './instance.js';
@@ -37,7 +38,6 @@ export interface CheckReport {
 
 const PROTOCOLS = ['imap', 'pop3'] as const;
 type Proto = (typeof PROTOCOLS)[number];
-const PROBE_MS = 10_000;
 
 function days(to: Date, now: Date): number {
   return Math.floor((to.getTime() - now.getTime()) / 86400_000);
@@ -115,13 +115,13 @@ export function probeBinary(probe: BinaryProbe<unknown>, bin: string, mailUser: 
     cwd: '/',
     env: { PATH: '/usr/bin:/bin' },
     stdio: ['ignore', 'pipe', 'pipe'],
-    timeout: PROBE_MS,
+    timeout: BACKEND_PROBE_MS,
     encoding: 'latin1',
     ...(mailUser.switchTo ? { uid: mailUser.uid, gid: mailUser.gid } : {}),
   });
   if (r.error) {
     const code = (r.error as NodeJS.ErrnoException).code;
-    return code === 'ETIMEDOUT' ? `${bin} did not finish within ${PROBE_MS / 1000}s when run as ${bin} ${probe.args.join(' ')}` : `${bin} cannot be run: ${code ?? r.error.message}`;
+    return code === 'ETIMEDOUT' ? `${bin} did not finish within ${BACKEND_PROBE_MS / 1000}s when run as ${bin} ${probe.args.join(' ')}` : `${bin} cannot be run: ${code ?? r.error.message}`;
   }
   const said = `${r.stdout}${r.stderr}`;
   const first = said.split('\n').find((l) => l.trim() !== '')?.trim().slice(0, 200) ?? '(nothing)';

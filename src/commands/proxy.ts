@@ -16,7 +16,7 @@ import type { ExtraListener } from '../../forkers/listen.js';
 import type { PeerContext } from '../peer/context.js';
 import type { DeliveryEnv } from '../delivery/types.js';
 import { oneShotForkers } from '../../forkers/registry.js';
-import { AppError, EX, isAppError } from '../errors.js';
+import { AppError, EX, isAppError, replyCode } from '../errors.js';
 
 /**
  * `serve` opens lmtp=, peer= and metrics= listeners through their own modules (imported only for
@@ -78,7 +78,9 @@ async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTl
     env = await createProxyEnv(cfg, { logToStderr: !forker.stdioIsProtocol, role: forker.name });
   } catch (e) {
     const msg = isAppError(e) ? e.message : String(e);
-    const line = proto === 'imap' ? '* BYE [UNAVAILABLE] Server configuration error, see the server log.\r\n' : '-ERR [SYS/TEMP] Server configuration error, see the server log.\r\n';
+    // a configuration error (or any start-up failure) is temporary for the client: [UNAVAILABLE], [SYS/TEMP]
+    const code = replyCode(e, proto);
+    const line = proto === 'imap' ? `* BYE [${code}] Server configuration error, see the server log.\r\n` : `-ERR [${code}] Server configuration error, see the server log.\r\n`;
     process.stdout.write(line);
     createLogger({ level: 'info', sink: syslogSink() ?? (() => {}) }).log('error', `${proto}-login`, `fatal: ${msg}`);
     if (forker.name === 'stdio') process.stderr.write(`pigeon: error: ${msg}\n`);

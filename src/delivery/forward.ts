@@ -9,6 +9,7 @@
  *             mailbox rename, so a failed forward defers the whole recipient with nothing stored.
  * CONFIG      forward.enabled, forward.to, forward.keep
  */
+import { mailError } from '../errors.js';
 import { normaliseAddress } from '../address.js';
 import { deliveredParts } from './message.js';
 import { sendmail } from './sendmail.js';
@@ -58,7 +59,7 @@ const forward: DeliveryModule = {
               yield* req.message.body();
             },
           });
-          if (r) throw Object.assign(new Error(r.text), { result: r });
+          if (r) throw mailError(r);
           env.log('info', 'forward: forwarded', { user: req.user.address, to: targets.join(' ') });
         },
         async abort() {

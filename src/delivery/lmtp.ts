@@ -19,6 +19,7 @@
  * DIAGNOSTICS Spool failure (disk full, ...) → 451/452 for every recipient; a bug → 451 4.3.0.
  * SECURITY    No AUTH, no STARTTLS: listen on loopback or a unix socket only.
  */
+import { LMTP_IDLE_MS } from '../limits.js';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { unlinkSync, existsSync, statSync } from 'node:fs';
@@ -80,7 +81,7 @@ export function createLmtpServer(o: LmtpServerOptions): SMTPServer {
     authOptional: true,
     disableReverseLookup: true,
     logger: false,
-    socketTimeout: o.socketTimeout ?? 300_000,
+    socketTimeout: o.socketTimeout ?? LMTP_IDLE_MS,
     onMailFrom(address, session, cb) {
       // smtp-server decodes the command as UTF-8, with U+FFFD for bytes that are not: such a
       // sender is not the address the client sent (forwards and vacation replies would use it)

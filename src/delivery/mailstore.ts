@@ -16,7 +16,7 @@
  */
 import type { Json } from '../settings.js';
 import { placeUser } from '../allocation.js';
-import { isAppError } from '../errors.js';
+import { isAppError, mailError } from '../errors.js';
 import { MDA_MODULES } from './registry-mda.js';
 import { traceHeaders, deliveredParts, hasPipeDeliveredTo } from './message.js';
 import { fsFailure } from './mda.js';
@@ -89,7 +89,7 @@ const mailstore: DeliveryModule = {
           commit: async () => {
             // the record as the allocation left it (a lost race or a placement changed the home)
             const r = await remote(node, { ...req, user: placement.user });
-            if (!r.dsn.startsWith('2')) throw Object.assign(new Error(r.text), { result: r });
+            if (!r.dsn.startsWith('2')) throw mailError(r);
           },
           abort: async () => undefined,
         },
@@ -144,7 +144,7 @@ const mailstore: DeliveryModule = {
         what: stored.what,
         commit: async () => {
           const f = await writer.commit(stored.handle);
-          if (f) throw Object.assign(new Error(f.text), { result: f });
+          if (f) throw mailError(f);
         },
         abort: () => writer.abort(stored.handle),
       },

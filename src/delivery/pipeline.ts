@@ -18,7 +18,7 @@ import type { Store, UserRecord } from '../store.js';
 import { resolve, type Effective } from '../resolve.js';
 import { slice } from '../modules.js';
 import { normaliseAddress, splitDetail } from '../address.js';
-import { isAppError } from '../errors.js';
+import { isAppError, mailStatusOf } from '../errors.js';
 import { runOrder } from './registry.js';
 import type { DeliveryEnv, DeliveryResult, Prepared, RecipientRequest } from './types.js';
 import { loopDeliveredTo, type Spooled } from './message.js';
@@ -77,10 +77,10 @@ function loopCheck(rcpt: string, user: string, m: Spooled): DeliveryResult | nul
   return null;
 }
 
+/** A step that threw: the mail status it carries (mailError), else a temporary failure naming it. */
 const failureOf = (e: unknown, what: string): DeliveryResult => {
-  const r = (e as { result?: DeliveryResult } | null)?.result;
-  if (r && typeof r.dsn === 'string') return r;
-  return { dsn: '4.3.0', text: `${what}: ${isAppError(e) ? e.message : 'internal error'}` };
+  const r = mailStatusOf(e, what);
+  return isAppError(e) && e.status !== null ? r : { dsn: '4.3.0', text: r.text };
 };
 
 /** Deliver one message to one resolved recipient (`only`: just these modules run). Never throws. */
