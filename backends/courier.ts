@@ -252,6 +252,7 @@ export default {
   name: 'courier',
   summary: "Courier-IMAP imapd / courierpop3d started as Courier's login would, as the mail user",
   serves: 'local',
+  formats: ['maildir'],
   section: {
     key: 'courier',
     parse: sectionParser(sectionSchema),

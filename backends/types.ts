@@ -132,6 +132,8 @@ export interface BinaryProbe<C> {
 
 export interface Backend<C = unknown> extends ModuleBase<'backend'> {
   readonly serves: 'local' | 'remote';
+  /** the mailbox formats a local backend serves (absent: every one); `config set` warns before a user is switched to one that cannot serve their mailbox */
+  readonly formats?: readonly Allocation['format'][];
   readonly section: BackendSection<C> | null;
   /** local backends: how `pigeon config test` checks their binaries, per protocol (null: nothing to check) */
   readonly probe: Readonly<Record<MailProtocol, BinaryProbe<C>>> | null;
