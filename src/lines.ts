@@ -5,14 +5,14 @@
  * DESCRIPTION `LineBuffer` is I/O-free: bytes go in with push(), complete lines come out of
  *             line(max), in order, as Buffers (bytes stay bytes). `max` counts the whole line
  *             with its LF; a line that is, or can only become, longer is `too-long` (the caller
- *             decides whether that is terminal). take(n) hands out exactly n bytes (an IMAP
- *             literal), rest() what is left (pipelined input). Used by the POP3 and IMAP framers,
- *             both ends of the node state service, backend stderr.
+ *             decides whether that is terminal); rest() hands out what is left (pipelined
+ *             input). Used by the POP3 framer, both ends of the node state service (its
+ *             LineReader) and backend stderr.
  *             `StreamLines` reads lines from a Readable the same way, with one deadline for all
  *             of them; close() stops reading and puts the bytes after the last line read back in
  *             front of the stream (unshift), so the next reader (a relay, a body reader) loses
- *             nothing. Used by the backends' first lines, the peer link's hand-off lines and the
- *             mailbox copy of `user move`.
+ *             nothing. Used by the backends' first lines and, through readLine, every line of the
+ *             peer link (hand-offs, answers, `user move`).
  */
 import type { Readable } from 'node:stream';
 
@@ -30,16 +30,6 @@ export class LineBuffer {
     this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk]);
   }
 
-  /** Bytes buffered and not yet handed out. */
-  get length(): number {
-    return this.buf.length;
-  }
-
-  /** Where the next LF is, or -1. */
-  indexOfLf(): number {
-    return this.buf.indexOf(0x0a);
-  }
-
   /** The next complete line of at most `max` bytes (LF included), `too-long`, or null until one is complete. */
   line(max = Number.POSITIVE_INFINITY): LineResult | null {
     const nl = this.buf.indexOf(0x0a);
@@ -49,19 +39,6 @@ export class LineBuffer {
     this.buf = this.buf.subarray(nl + 1);
     const end = nl > 0 && raw[nl - 1] === 0x0d ? nl - 1 : nl;
     return { kind: 'line', line: raw.subarray(0, end), raw };
-  }
-
-  /** Exactly `n` bytes, or null until that many are buffered. */
-  take(n: number): Buffer | null {
-    if (this.buf.length < n) return null;
-    const b = this.buf.subarray(0, n);
-    this.buf = this.buf.subarray(n);
-    return b;
-  }
-
-  /** A view of what is buffered (not consumed). */
-  peek(): Buffer {
-    return this.buf;
   }
 
   /** Everything buffered, handed out and forgotten. */
