@@ -1,8 +1,9 @@
 /**
  * NAME        backends/courier — start Courier-IMAP's imapd / courierpop3d for an authenticated user
  * SYNOPSIS    imap.backend = courier, pop3.backend = courier (any scope: `pigeon config set`);
- *             binaries: courier.imapd / courier.pop3d in pigeon.yaml (Debian: /usr/bin/imapd,
- *             /usr/lib/courier/courier/courierpop3d)
+ *             binaries: this module's section of pigeon.yaml, `courier: { imapd: PATH, pop3d:
+ *             PATH }` (Debian: /usr/bin/imapd, /usr/lib/courier/courier/courierpop3d; `pigeon
+ *             init` writes this clone's .cache/courier instead when only that has them)
  * DESCRIPTION Does what Courier's own imaplogin/pop3login do after authlib said yes: as the mail
  *             user, in the Maildir, exec `imapd MAILDIR` / `courierpop3d MAILDIR` with the
  *             environment couriertcpd + /etc/courier/imapd + authlib would give (AUTHENTICATED,
@@ -21,7 +22,7 @@
  *             Debian: 60 s) — Courier's FAM-driven ENHANCED idle lost events under load.
  * CONFIG      courier.imapd, courier.pop3d (node-local paths); per user: mailstore.quota becomes
  *             MAILDIRQUOTA (Maildir++ `maildirsize`, the same file the delivery agent keeps).
- * DIAGNOSTICS BackendError start-failed (missing/unloadable binary, exit before greeting — the
+ * DIAGNOSTICS backendError start-failed (missing/unloadable binary, exit before greeting — the
  *             message names the path), protocol (unexpected line, `* BYE` from Courier; mbox
  *             mailboxes: Courier serves Maildir only), timeout.
  * SECURITY    Never runs Courier as root (spawned with the mail user's uid/gid); the environment
@@ -31,9 +32,15 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { Socket } from 'node:net';
+import { accessSync, constants } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { join, resolve } from 'node:path';
+import { z } from 'zod';
 import type { Backend, BackendRequest, BackendSession } from './types.js';
-import { BackendError, pipeStderr, prepareHandoff, checkExecutable } from './types.js';
-import { BACKEND_START_MS } from '../src/limits.js';
+import { backendError, safeParam as safe, localMailbox, pipeStderr, prepareHandoff, checkExecutable, childSession, pathSetting, sectionParser } from './types.js';
+import type { MailUser } from '../src/mailuser.js';
+import { BACKEND_START_MS, BACKEND_MAX_LINE } from '../src/limits.js';
+import { StreamLines } from '../src/lines.js';
 
 /** Debian's /etc/courier/imapd IMAP_CAPABILITY (Courier adds ENABLE UTF8=ACCEPT, and ACL with IMAP_ACL=1). */
 export const DEBIAN_IMAP_CAPABILITY = 'IMAP4rev1 UIDPLUS CHILDREN NAMESPACE THREAD=ORDEREDSUBJECT THREAD=REFERENCES SORT QUOTA IDLE';
@@ -63,15 +70,10 @@ const IMAP_ENV: Readonly<Record<string, string>> = {
 const FAM_ALERT = /^\* OK \[ALERT\] Filesystem notification initialization error/;
 const INTERNAL_TAG = 'pigeon0';
 
-function safe(v: string): string {
-  if (/[\r\n\0]/.test(v)) throw new BackendError({ kind: 'protocol', detail: 'refusing CR/LF/NUL in backend parameters' });
-  return v;
-}
-
 function maildirOf(req: BackendRequest): string {
-  const a = req.allocation;
+  const a = localMailbox(req);
   if (a.format !== 'maildir') {
-    throw new BackendError({ kind: 'start-failed', detail: `courier serves Maildir only, and the mailbox of ${req.address} is ${a.format} (${a.path}): set ${req.protocol}.backend dovecot for this user` });
+    throw backendError('start-failed', `courier serves Maildir only, and the mailbox of ${req.address} is ${a.format} (${a.path}): set ${req.protocol}.backend dovecot for this user`);
   }
   return a.path;
 }
@@ -81,10 +83,10 @@ function environment(req: BackendRequest, maildir: string): Record<string, strin
     AUTHENTICATED: safe(req.address),
     AUTHADDR: safe(req.address),
     // imapd silently exits 0 when TCPREMOTEIP/PORT are empty (stdio forker: no peer address)
-    TCPREMOTEIP: safe(req.peer.rip || '127.0.0.1'),
-    TCPREMOTEPORT: String(req.peer.rport),
-    TCPLOCALIP: safe(req.peer.lip || '127.0.0.1'),
-    TCPLOCALPORT: String(req.peer.lport),
+    TCPREMOTEIP: safe(req.client.peer.rip || '127.0.0.1'),
+    TCPREMOTEPORT: String(req.client.peer.rport),
+    TCPLOCALIP: safe(req.client.peer.lip || '127.0.0.1'),
+    TCPLOCALPORT: String(req.client.peer.lport),
     MAILDIR: safe(maildir),
     HOME: safe(maildir),
     PATH: '/usr/bin:/bin',
@@ -96,119 +98,73 @@ function environment(req: BackendRequest, maildir: string): Record<string, strin
 }
 
 
-/** Reads the child's first lines one at a time; what follows the last line read stays unread. */
-class LineReader {
-  private buf = Buffer.alloc(0);
-  private waiter: (() => void) | null = null;
-  private failure: BackendError | null = null;
-  private readonly child: ChildProcess;
-  private readonly what: string;
-  private readonly timer: NodeJS.Timeout;
-  private readonly onData = (c: Buffer): void => {
-    this.buf = Buffer.concat([this.buf, c]);
-    if (this.buf.length > 65536) this.fail(new BackendError({ kind: 'protocol', detail: `overlong line from ${this.what}` }));
-    this.wake();
-  };
-  private readonly onExit = (code: number | null, sig: string | null): void =>
-    this.fail(new BackendError({ kind: 'start-failed', detail: `${this.what} exited with ${code ?? sig} before greeting` }));
-  private readonly onError = (e: Error): void => this.fail(new BackendError({ kind: 'start-failed', detail: `cannot start ${this.what}: ${e.message}` }));
-
-  constructor(child: ChildProcess, what: string) {
-    this.child = child;
-    this.what = what;
-    child.stdout?.on('data', this.onData);
-    child.once('exit', this.onExit);
-    child.once('error', this.onError);
-    this.timer = setTimeout(() => {
-      child.kill('SIGKILL');
-      this.fail(new BackendError({ kind: 'timeout', detail: `${what} did not answer within ${BACKEND_START_MS / 1000}s` }));
-    }, BACKEND_START_MS);
-  }
-
-  private fail(e: BackendError): void {
-    this.failure ??= e;
-    this.wake();
-  }
-
-  private wake(): void {
-    const w = this.waiter;
-    this.waiter = null;
-    w?.();
-  }
-
-  /** The next line, CRLF included. */
-  async line(): Promise<Buffer> {
-    for (;;) {
-      const nl = this.buf.indexOf(0x0a);
-      if (nl >= 0) {
-        const l = this.buf.subarray(0, nl + 1);
-        this.buf = this.buf.subarray(nl + 1);
-        return l;
-      }
-      if (this.failure) throw this.failure;
-      await new Promise<void>((r) => {
-        this.waiter = r;
-      });
-    }
-  }
-
-  /** Stop reading: unread bytes go back in front of the child's stdout for the relay. */
-  close(): void {
-    clearTimeout(this.timer);
-    this.child.stdout?.off('data', this.onData);
-    this.child.off('exit', this.onExit);
-    this.child.off('error', this.onError);
-    this.child.stdout?.pause();
-    if (this.buf.length > 0) this.child.stdout?.unshift(this.buf);
-  }
+/** The child's first lines, one at a time; what follows the last line read stays unread (close()). */
+function lineReader(child: ChildProcess, what: string): StreamLines {
+  const r = new StreamLines(child.stdout as NonNullable<ChildProcess['stdout']>, {
+    max: BACKEND_MAX_LINE,
+    timeoutMs: BACKEND_START_MS,
+    fail: {
+      tooLong: () => backendError('protocol', `overlong line from ${what}`),
+      timeout: (ms) => {
+        child.kill('SIGKILL');
+        return backendError('timeout', `${what} did not answer within ${ms / 1000}s`);
+      },
+      closed: () => backendError('start-failed', `${what} closed its output before greeting`),
+    },
+    endFails: false, // its exit says why
+  });
+  child.once('exit', (code, sig) => r.fail(backendError('start-failed', `${what} exited with ${code ?? sig} before greeting`)));
+  child.once('error', (e) => r.fail(backendError('start-failed', `cannot start ${what}: ${e.message}`)));
+  return r;
 }
 
 function text(l: Buffer): string {
   return l.toString('latin1').replace(/\r?\n$/, '');
 }
 
-function famWarning(req: BackendRequest): void {
+function famWarning(req: BackendRequest, mailUser: MailUser): void {
   req.logLine(
-    `Warning: courier imapd could not reach gam_server (FAM): every login waits ~1.2 s; install Debian's gamin (/usr/libexec/gam_server) and give uid ${req.mailUser.uid} a passwd entry`,
+    `Warning: courier imapd could not reach gam_server (FAM): every login waits ~1.2 s; install Debian's gamin (/usr/libexec/gam_server) and give uid ${mailUser.uid} a passwd entry`,
   );
 }
 
-async function startImap(req: BackendRequest, bin: string, env: Record<string, string>, maildir: string, opts: { uid?: number; gid?: number }): Promise<BackendSession> {
+async function startImap(req: BackendRequest, bin: string, env: Record<string, string>, maildir: string, mailUser: MailUser): Promise<BackendSession> {
+  const opts = mailUser.switchTo ? { uid: mailUser.uid, gid: mailUser.gid } : {};
   const tag = req.tag;
   if (tag !== null) {
-    if (!/^[\x21-\x7e]+$/.test(tag) || /[(){%*"\\\]+]/.test(tag)) throw new BackendError({ kind: 'protocol', detail: 'login tag is not an IMAP atom' });
+    if (!/^[\x21-\x7e]+$/.test(tag) || /[(){%*"\\\]+]/.test(tag)) throw backendError('protocol', 'login tag is not an IMAP atom');
     env['IMAPLOGINTAG'] = tag;
   }
   const what = `courier imapd (${bin})`;
   const child = spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: ['pipe', 'pipe', 'pipe'] });
   child.stdin.on('error', () => {});
   pipeStderr(req, child, `, session=<${req.sessionId}>`);
-  const r = new LineReader(child, what);
+  const r = lineReader(child, what);
   try {
     // 1. Courier's answer to the login: `<tag> OK LOGIN Ok.` (or `* PREAUTH Ready.` without a tag)
     for (;;) {
-      const l = text(await r.line());
+      const l = text((await r.line()).raw);
       if (FAM_ALERT.test(l)) {
-        famWarning(req);
+        famWarning(req, mailUser);
         continue;
       }
       if (tag === null ? l.startsWith('* PREAUTH') : l.startsWith(`${tag} OK`)) break;
       if (l.startsWith('* OK')) continue;
-      throw new BackendError({ kind: 'protocol', detail: `unexpected greeting from ${what}: ${l.slice(0, 200)}` });
+      throw backendError('protocol', `unexpected greeting from ${what}: ${l.slice(0, 200)}`);
     }
     // 2. its real post-login capabilities
     child.stdin.write(`${INTERNAL_TAG} CAPABILITY\r\n`);
     let caps: string | null = null;
     for (;;) {
-      const l = text(await r.line());
+      const l = text((await r.line()).raw);
       const m = /^\* CAPABILITY (.+)$/i.exec(l);
       if (m?.[1] !== undefined) caps = m[1].trim();
       else if (l.startsWith(`${INTERNAL_TAG} OK`)) break;
-      else if (l.startsWith(`${INTERNAL_TAG} `) || l.startsWith('* BYE')) throw new BackendError({ kind: 'protocol', detail: `${what} answered CAPABILITY with: ${l.slice(0, 200)}` });
+      else if (l.startsWith(`${INTERNAL_TAG} `) || l.startsWith('* BYE')) throw backendError('protocol', `${what} answered CAPABILITY with: ${l.slice(0, 200)}`);
     }
-    if (caps === null) throw new BackendError({ kind: 'protocol', detail: `${what} listed no capabilities` });
+    if (caps === null) throw backendError('protocol', `${what} listed no capabilities`);
     const greeting = tag === null ? `* PREAUTH [CAPABILITY ${caps}] Logged in as ${req.address}\r\n` : `${tag} OK [CAPABILITY ${caps}] Logged in\r\n`;
-    return { child, greeting: Buffer.from(greeting, 'latin1'), handedOff: false };
+    return childSession(child, Buffer.from(greeting, 'latin1'), false);
   } catch (e) {
     child.kill('SIGKILL');
     throw e;
@@ -217,7 +173,8 @@ async function startImap(req: BackendRequest, bin: string, env: Record<string, s
   }
 }
 
-async function startPop3(req: BackendRequest, bin: string, env: Record<string, string>, maildir: string, opts: { uid?: number; gid?: number }): Promise<BackendSession> {
+async function startPop3(req: BackendRequest, bin: string, env: Record<string, string>, maildir: string, mailUser: MailUser): Promise<BackendSession> {
+  const opts = mailUser.switchTo ? { uid: mailUser.uid, gid: mailUser.gid } : {};
   const what = `courier pop3d (${bin})`;
   if (req.handoff) {
     // courierpop3d greets the client itself; the router hands off only when nothing was pipelined.
@@ -235,19 +192,19 @@ async function startPop3(req: BackendRequest, bin: string, env: Record<string, s
       pipeStderr(req, child, `, session=<${req.sessionId}>`);
       await new Promise<void>((resolve, reject) => {
         child.once('spawn', () => resolve());
-        child.once('error', (e) => reject(new BackendError({ kind: 'start-failed', detail: `cannot start ${what}: ${e.message}` })));
+        child.once('error', (e) => reject(backendError('start-failed', `cannot start ${what}: ${e.message}`)));
       });
-      return { child, greeting: Buffer.alloc(0), handedOff: true };
+      return childSession(child, Buffer.alloc(0), true);
     }
   }
   const child = spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: ['pipe', 'pipe', 'pipe'] });
   child.stdin.on('error', () => {});
   pipeStderr(req, child, `, session=<${req.sessionId}>`);
-  const r = new LineReader(child, what);
+  const r = lineReader(child, what);
   try {
-    const l = await r.line();
-    if (!text(l).startsWith('+OK')) throw new BackendError({ kind: 'protocol', detail: `unexpected greeting from ${what}: ${text(l).slice(0, 200)}` });
-    return { child, greeting: l, handedOff: false };
+    const l = (await r.line()).raw;
+    if (!text(l).startsWith('+OK')) throw backendError('protocol', `unexpected greeting from ${what}: ${text(l).slice(0, 200)}`);
+    return childSession(child, l, false);
   } catch (e) {
     child.kill('SIGKILL');
     throw e;
@@ -256,24 +213,66 @@ async function startPop3(req: BackendRequest, bin: string, env: Record<string, s
   }
 }
 
-async function start(req: BackendRequest): Promise<BackendSession> {
+async function start(req: BackendRequest, bins: Binaries, mailUser: MailUser): Promise<BackendSession> {
   const maildir = maildirOf(req);
   const env = environment(req, maildir);
-  const bin = req.protocol === 'imap' ? req.binaries.imap : req.binaries.pop3;
-  const opts = req.mailUser.switchTo ? { uid: req.mailUser.uid, gid: req.mailUser.gid } : {};
-  return req.protocol === 'imap' ? startImap(req, bin, env, maildir, opts) : startPop3(req, bin, env, maildir, opts);
+  return req.protocol === 'imap' ? startImap(req, bins.imapd, env, maildir, mailUser) : startPop3(req, bins.pop3d, env, maildir, mailUser);
 }
+
+export const DEBIAN_COURIER = { imapd: '/usr/bin/imapd', pop3d: '/usr/lib/courier/courier/courierpop3d' } as const;
+
+/**
+ * Courier's programs on this machine, for `pigeon init`: Debian's packages when installed; else
+ * the .debs that scripts/install-deps.sh unpacked into this clone's .cache/courier (they
+ * conflict with Dovecot in apt); else Debian's paths (`pigeon config test` says when a user
+ * needs them and they are missing). `note`: a comment line saying where they were found, or ''.
+ */
+export function findCourier(root = resolve(fileURLToPath(new URL('..', import.meta.url)), import.meta.url.includes('/dist/') ? '..' : '.')): { imapd: string; pop3d: string; note: string } {
+  const ok = (p: string): boolean => {
+    try {
+      accessSync(p, constants.X_OK);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  if (ok(DEBIAN_COURIER.imapd) && ok(DEBIAN_COURIER.pop3d)) return { ...DEBIAN_COURIER, note: '' };
+  const cache = { imapd: join(root, '.cache', 'courier', 'usr', 'bin', 'imapd'), pop3d: join(root, '.cache', 'courier', 'usr', 'lib', 'courier', 'courier', 'courierpop3d') };
+  if (ok(cache.imapd) && ok(cache.pop3d)) {
+    return { ...cache, note: `\n# Found unpacked by scripts/install-deps.sh in ${join(root, '.cache', 'courier')} (Debian's packages\n# install ${DEBIAN_COURIER.imapd} and ${DEBIAN_COURIER.pop3d}).` };
+  }
+  return { ...DEBIAN_COURIER, note: '' };
+}
+
+const sectionSchema = z.strictObject({ imapd: pathSetting.default(DEBIAN_COURIER.imapd), pop3d: pathSetting.default(DEBIAN_COURIER.pop3d) }).prefault({});
+type Binaries = z.output<typeof sectionSchema>;
 
 export default {
   kind: 'backend',
   name: 'courier',
   summary: "Courier-IMAP imapd / courierpop3d started as Courier's login would, as the mail user",
-  binaries: (config) => ({ imap: config.courier.imapd, pop3: config.courier.pop3d }),
-  acceptsHandoff: (protocol, input) => protocol === 'pop3' && input.length === 0,
-  start,
+  serves: 'local',
+  formats: ['maildir'],
+  section: {
+    key: 'courier',
+    parse: sectionParser(sectionSchema),
+    template: () => {
+      const c = findCourier();
+      return `# Courier-IMAP (Debian courier-imap / courier-pop): the imapd and courierpop3d programs themselves,
+# not the couriertcpd start scripts in /usr/lib/courier: imap.backend / pop3.backend = courier.${c.note}
+courier:
+  imapd: ${c.imapd}
+  pop3d: ${c.pop3d}
+`;
+    },
+  },
+  create: (bins, ctx) => ({
+    acceptsHandoff: (protocol, input) => protocol === 'pop3' && input.length === 0,
+    start: (req) => start(req, bins, ctx.mailUser),
+  }),
   // imapd prints its version; courierpop3d has none, but refuses a Maildir that is not there
   probe: {
-    imap: { setting: 'courier.imapd', args: ['--version'], expect: /Courier-IMAP/, what: "Courier's imapd (Debian courier-imap)" },
-    pop3: { setting: 'courier.pop3d', args: ['/nonexistent/pigeon-config-test'], expect: /^-ERR chdir \/nonexistent\/pigeon-config-test failed/m, what: "Courier's courierpop3d (Debian courier-pop)" },
+    imap: { setting: 'courier.imapd', path: (b) => b.imapd, args: ['--version'], expect: /Courier-IMAP/, what: "Courier's imapd (Debian courier-imap)" },
+    pop3: { setting: 'courier.pop3d', path: (b) => b.pop3d, args: ['/nonexistent/pigeon-config-test'], expect: /^-ERR chdir \/nonexistent\/pigeon-config-test failed/m, what: "Courier's courierpop3d (Debian courier-pop)" },
   },
-} satisfies Backend;
+} satisfies Backend<Binaries>;

@@ -1,6 +1,7 @@
 /**
  * NAME        backends/dovecot — start Dovecot's imap/pop3 for an authenticated user
- * SYNOPSIS    imap.backend = dovecot (default); binaries: dovecot.imap / dovecot.pop3 in pigeon.yaml
+ * SYNOPSIS    imap.backend = dovecot (default); pigeon.yaml section (this module's):
+ *               dovecot: { imap: /usr/lib/dovecot/imap, pop3: /usr/lib/dovecot/pop3 }
  * DESCRIPTION Runs `/usr/lib/dovecot/imap -O -o mail_location=…` standalone (no master, no passdb,
  *             no userdb) as the mail user with env USER, HOME, IP, LOCAL_IP and IMAPLOGINTAG, so
  *             Dovecot itself answers the client's login tag with its real post-login
@@ -9,90 +10,91 @@
  *             Our session id and the client address go into Dovecot's log prefix.
  *             On plain TCP the client socket itself becomes Dovecot's stdin/stdout (no copy; the
  *             bytes already read are replayed with CLIENT_INPUT); behind TLS or on pipes the
- *             proxy relays through pipes.
- * DIAGNOSTICS BackendError start-failed (exit before greeting, e.g. 89 on init failure), timeout,
- *             protocol (unexpected first line).
+ *             proxy relays.
+ * DIAGNOSTICS start-failed (exit before greeting, e.g. 89 on init failure), timeout, protocol
+ *             (unexpected first line): backendError (backends/types.ts). A handed-off imap that
+ *             exits 89 said nothing to the client: the proxy sends it `* BYE [UNAVAILABLE]`.
  * SECURITY    Never runs Dovecot as root (backends.md §1.7); the environment is built from
  *             scratch; client data reaches Dovecot only as env values checked for CR/LF/NUL.
  */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { dirname, basename, join } from 'node:path';
+import { z } from 'zod';
 import type { Backend, BackendRequest, BackendSession } from './types.js';
-import { BackendError, pipeStderr, prepareHandoff, checkExecutable, HANDOFF_MAX_REPLAY } from './types.js';
-import { BACKEND_START_MS } from '../src/limits.js';
+import { backendError, safeParam as safe, localMailbox, pipeStderr, prepareHandoff, checkExecutable, childSession, pathSetting, sectionParser } from './types.js';
+import type { MailUser } from '../src/mailuser.js';
+import { BACKEND_START_MS, BACKEND_MAX_LINE, HANDOFF_MAX_REPLAY } from '../src/limits.js';
+import { StreamLines } from '../src/lines.js';
 import { mailWriter } from '../src/writer/mail-writer.js';
 
-function safe(v: string): string {
-  if (/[\r\n\0]/.test(v)) throw new BackendError({ kind: 'protocol', detail: 'refusing CR/LF/NUL in backend parameters' });
-  return v;
-}
+const DEFAULTS = { imap: '/usr/lib/dovecot/imap', pop3: '/usr/lib/dovecot/pop3' } as const;
+const sectionSchema = z.strictObject({ imap: pathSetting.default(DEFAULTS.imap), pop3: pathSetting.default(DEFAULTS.pop3) }).prefault({});
+type Binaries = z.output<typeof sectionSchema>;
 
-export async function mailLocation(req: BackendRequest): Promise<{ location: string; home: string }> {
-  const a = req.allocation;
+export async function mailLocation(req: BackendRequest, mailUser: MailUser): Promise<{ location: string; home: string }> {
+  const a = localMailbox(req);
   if (a.format === 'maildir') return { location: `maildir:${a.path}`, home: a.path };
   // mbox: INBOX is the allocated file; other folders live in a sibling directory, created by the
   // mail writer (as the mail user, no link followed: a symlink there is refused, not followed)
   const folders = join(dirname(a.path), `${basename(a.path)}.folders`);
   if (!existsSync(folders)) {
     try {
-      await mailWriter(req.mailUser).ensureDir(dirname(a.path), folders);
+      await mailWriter(mailUser).ensureDir(dirname(a.path), folders);
     } catch (e) {
-      throw new BackendError({ kind: 'start-failed', detail: `cannot create the mbox folder directory ${folders}: ${(e as Error).message}` });
+      throw backendError('start-failed', `cannot create the mbox folder directory ${folders}: ${(e as Error).message}`);
     }
   }
   return { location: `mbox:${folders}:INBOX=${a.path}`, home: folders };
 }
 
-async function firstLine(req: BackendRequest, child: ReturnType<typeof spawn>): Promise<Buffer> {
-  return new Promise<Buffer>((resolve, reject) => {
-    let buf = Buffer.alloc(0);
-    const done = (e: Error | null, v?: Buffer): void => {
-      clearTimeout(t);
-      child.stdout?.off('data', onData);
-      child.off('exit', onExit);
-      child.off('error', onError);
-      if (e) reject(e);
-      else resolve(v ?? Buffer.alloc(0));
-    };
-    const onData = (c: Buffer): void => {
-      buf = Buffer.concat([buf, c]);
-      const nl = buf.indexOf(0x0a);
-      if (nl >= 0) {
-        child.stdout?.pause();
-        const rest = buf.subarray(nl + 1);
-        if (rest.length > 0) child.stdout?.unshift(rest);
-        done(null, buf.subarray(0, nl + 1));
-      } else if (buf.length > 65536) done(new BackendError({ kind: 'protocol', detail: 'overlong first line from Dovecot' }));
-    };
-    const onExit = (code: number | null, sig: string | null): void =>
-      done(new BackendError({ kind: 'start-failed', detail: `dovecot ${req.protocol} exited with ${code ?? sig} before greeting` }));
-    const onError = (e: Error): void => done(new BackendError({ kind: 'start-failed', detail: `cannot start dovecot ${req.protocol}: ${e.message}` }));
-    const t = setTimeout(() => {
-      child.kill('SIGKILL');
-      done(new BackendError({ kind: 'timeout', detail: `dovecot ${req.protocol} did not answer within ${BACKEND_START_MS / 1000}s` }));
-    }, BACKEND_START_MS);
-    child.stdout?.on('data', onData);
-    child.once('exit', onExit);
-    child.once('error', onError);
+/** Dovecot's first line on its stdout (the login answer, or the answer to our NOOP), with its CRLF. */
+async function firstLine(req: BackendRequest, child: ChildProcess): Promise<Buffer> {
+  const what = `dovecot ${req.protocol}`;
+  const r = new StreamLines(child.stdout as NonNullable<ChildProcess['stdout']>, {
+    max: BACKEND_MAX_LINE,
+    timeoutMs: BACKEND_START_MS,
+    fail: {
+      tooLong: () => backendError('protocol', `overlong first line from ${what}`),
+      timeout: (ms) => {
+        child.kill('SIGKILL');
+        return backendError('timeout', `${what} did not answer within ${ms / 1000}s`);
+      },
+      closed: () => backendError('start-failed', `${what} closed its output before greeting`),
+    },
+    endFails: false, // its exit says why
   });
+  const onExit = (code: number | null, sig: string | null): void => r.fail(backendError('start-failed', `${what} exited with ${code ?? sig} before greeting`));
+  const onError = (e: Error): void => r.fail(backendError('start-failed', `cannot start ${what}: ${e.message}`));
+  child.once('exit', onExit);
+  child.once('error', onError);
+  try {
+    return (await r.line()).raw;
+  } finally {
+    child.off('exit', onExit);
+    child.off('error', onError);
+    r.close();
+  }
 }
 
+/** Dovecot exits 89 on a fatal init error without a word to the client (imap). */
+const imapLastWords = (code: number | null): string | undefined =>
+  code === 89 ? '* BYE [UNAVAILABLE] Internal error occurred. Refer to server log for more information.\r\n' : undefined;
 
-async function start(req: BackendRequest): Promise<BackendSession> {
-  const { location, home } = await mailLocation(req);
-  const bin = req.protocol === 'imap' ? req.binaries.imap : req.binaries.pop3;
+async function start(req: BackendRequest, bins: Binaries, mailUser: MailUser): Promise<BackendSession> {
+  const { location, home } = await mailLocation(req, mailUser);
+  const bin = req.protocol === 'imap' ? bins.imap : bins.pop3;
   const prefix = `%s(%u)<%{pid}><${req.sessionId.replace(/%/g, '%%')}>: `;
   const args = ['-O', '-o', `mail_location=${safe(location)}`, '-o', `mail_log_prefix=${prefix}`, '-o', 'log_path=/dev/stderr', '-o', 'ssl=no'];
   const env: Record<string, string> = {
     USER: safe(req.address),
     HOME: safe(home),
-    IP: safe(req.peer.rip),
-    LOCAL_IP: safe(req.peer.lip),
+    IP: safe(req.client.peer.rip),
+    LOCAL_IP: safe(req.client.peer.lip),
     PATH: '/usr/bin:/bin',
   };
   if (req.protocol === 'imap' && req.tag !== null) env['IMAPLOGINTAG'] = safe(req.tag);
-  const opts = req.mailUser.switchTo ? { uid: req.mailUser.uid, gid: req.mailUser.gid } : {};
+  const opts = mailUser.switchTo ? { uid: mailUser.uid, gid: mailUser.gid } : {};
   if (req.handoff) {
     // hand the client socket itself to Dovecot; bytes already read are replayed via CLIENT_INPUT
     // (imap: flag '0', tag, NUL, pipelined bytes; pop3: the pipelined bytes). Standalone pop3 sends
@@ -104,7 +106,7 @@ async function start(req: BackendRequest): Promise<BackendSession> {
     const late = await prepareHandoff(sock, first, BACKEND_START_MS);
     const input = Buffer.concat([req.handoff.input, late]);
     try {
-      if (input.length > HANDOFF_MAX_REPLAY) throw new BackendError({ kind: 'protocol', detail: `client sent ${input.length} bytes after the login before dovecot ${req.protocol} started` });
+      if (input.length > HANDOFF_MAX_REPLAY) throw backendError('protocol', `client sent ${input.length} bytes after the login before dovecot ${req.protocol} started`);
       if (req.protocol === 'imap') {
         delete env['IMAPLOGINTAG'];
         env['CLIENT_INPUT'] = Buffer.concat([Buffer.from(`0${req.tag ?? ''}\0`, 'latin1'), input]).toString('base64');
@@ -115,9 +117,9 @@ async function start(req: BackendRequest): Promise<BackendSession> {
       pipeStderr(req, child);
       await new Promise<void>((resolve, reject) => {
         child.once('spawn', () => resolve());
-        child.once('error', (e) => reject(new BackendError({ kind: 'start-failed', detail: `cannot start dovecot ${req.protocol}: ${e.message}` })));
+        child.once('error', (e) => reject(backendError('start-failed', `cannot start dovecot ${req.protocol}: ${e.message}`)));
       });
-      return { child, greeting: Buffer.alloc(0), handedOff: true };
+      return childSession(child, Buffer.alloc(0), true, req.protocol === 'imap' ? imapLastWords : undefined);
     } catch (e) {
       // the router reads the client again: what it sent meanwhile goes back in front
       if (late.length > 0) sock.unshift(late);
@@ -132,16 +134,16 @@ async function start(req: BackendRequest): Promise<BackendSession> {
       const line = await firstLine(req, child);
       const tag = req.tag ?? '*';
       if (!line.toString('latin1').startsWith(tag === '*' ? '* PREAUTH' : `${tag} OK`)) {
-        throw new BackendError({ kind: 'protocol', detail: `unexpected greeting from dovecot imap: ${line.toString('latin1').trim().slice(0, 100)}` });
+        throw backendError('protocol', `unexpected greeting from dovecot imap: ${line.toString('latin1').trim().slice(0, 100)}`);
       }
-      return { child, greeting: line, handedOff: false };
+      return childSession(child, line, false);
     }
     child.stdin.write('NOOP\r\n');
     const line = await firstLine(req, child);
     if (!line.toString('latin1').startsWith('+OK')) {
-      throw new BackendError({ kind: 'protocol', detail: `dovecot pop3 answered NOOP with: ${line.toString('latin1').trim().slice(0, 100)}` });
+      throw backendError('protocol', `dovecot pop3 answered NOOP with: ${line.toString('latin1').trim().slice(0, 100)}`);
     }
-    return { child, greeting: Buffer.from('+OK Logged in.\r\n'), handedOff: false };
+    return childSession(child, Buffer.from('+OK Logged in.\r\n'), false);
   } catch (e) {
     child.kill('SIGKILL');
     throw e;
@@ -152,13 +154,24 @@ export default {
   kind: 'backend',
   name: 'dovecot',
   summary: 'Dovecot imap/pop3 started standalone, pre-authenticated, as the mail user',
-  binaries: (config) => ({ imap: config.dovecot.imap, pop3: config.dovecot.pop3 }),
-  // CLIENT_INPUT replays whatever the proxy already read (the router caps its size)
-  acceptsHandoff: () => true,
-  start,
+  serves: 'local',
+  section: {
+    key: 'dovecot',
+    parse: sectionParser(sectionSchema),
+    template: () => `# Dovecot's imap and pop3 programs (Debian dovecot-imapd, dovecot-pop3d): imap.backend = dovecot.
+dovecot:
+  imap: ${DEFAULTS.imap}
+  pop3: ${DEFAULTS.pop3}
+`,
+  },
+  create: (bins, ctx) => ({
+    // CLIENT_INPUT replays whatever the proxy already read (the router caps its size)
+    acceptsHandoff: () => true,
+    start: (req) => start(req, bins, ctx.mailUser),
+  }),
   // standalone without USER: "Fatal: USER environment missing", exit 89 (backends.md §1.1)
   probe: {
-    imap: { setting: 'dovecot.imap', args: [], expect: /USER environment missing/, what: "Dovecot's imap (Debian dovecot-imapd)" },
-    pop3: { setting: 'dovecot.pop3', args: [], expect: /USER environment missing/, what: "Dovecot's pop3 (Debian dovecot-pop3d)" },
+    imap: { setting: 'dovecot.imap', path: (b) => b.imap, args: [], expect: /USER environment missing/, what: "Dovecot's imap (Debian dovecot-imapd)" },
+    pop3: { setting: 'dovecot.pop3', path: (b) => b.pop3, args: [], expect: /USER environment missing/, what: "Dovecot's pop3 (Debian dovecot-pop3d)" },
   },
-} satisfies Backend;
+} satisfies Backend<Binaries>;

@@ -1,98 +1,99 @@
 /**
- * NAME        backends/peer — an authenticated session whose mailbox lives on another node
- * DESCRIPTION The router uses this when the user's home is another node: it hands the session over
- *             a peer link (src/peer/link.ts) carrying the user, the resolved configuration, the
- *             client's address and TLS state, the session id and the IMAP login tag. The home node
- *             starts its local Dovecot/Courier from that (no second authentication, no database
- *             read) and its answer to the login tag comes back through the link, so the client
- *             sees the home node's own `OK [CAPABILITY …] Logged in`. Then bytes are relayed both
- *             ways until either side ends; a link that dies ends the client's session.
+ * NAME        backends/peer — the backend for a mailbox that lives on another node (the peer link)
+ * DESCRIPTION `serves: 'remote'`: the router uses it when the user's home is another node. It
+ *             hands the session over a peer link (src/peer/link.ts) carrying the user, the
+ *             resolved configuration, the client's address and TLS state, the session id and the
+ *             IMAP login tag. The home node starts its local Dovecot/Courier from that (no second
+ *             authentication, no database read) and its answer to the login tag comes back
+ *             through the link, so the client sees the home node's own `OK [CAPABILITY …] Logged
+ *             in`. Then the relay joins client and link until either side ends; a link that dies
+ *             ends the client's session. Settings: the `peer:` section of pigeon.yaml (the node's
+ *             cluster link, shared with the delivery agent and the peer listener: src/peer/).
+ *             The link module is loaded, and this node's credentials read, on the first session
+ *             that needs them; the daemon keeps a spare link per node in use (ctx.daemon).
  * DIAGNOSTICS AppError PEER_UNAVAILABLE / PEER_REFUSED from the link; the router answers
- *             `NO [UNAVAILABLE]` / `-ERR [SYS/TEMP]`.
+ *             `NO [UNAVAILABLE]` / `-ERR [SYS/TEMP]`. A link lost mid-session is logged
+ *             (`Peer link to node N lost: …`).
  */
-import type { Writable } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
-import type { ResolvedUser } from '../src/modules.js';
-import type { ClientConn } from '../src/proxy/conn.js';
-import { sendHandOff } from '../src/peer/link.js';
+import type { Backend, BackendContext, BackendEnd, BackendRequest, BackendSession } from './types.js';
 import type { PeerContext } from '../src/peer/context.js';
-import { wireUser, wireConfig } from '../src/peer/protocol.js';
-import { BACKEND_START_MS } from '../src/limits.js';
-import { splice } from '../src/proxy/splice.js';
+import { BACKEND_START_MS, RELAY_GRACE_MS } from '../src/limits.js';
 
-export interface PeerSession {
-  readonly kind: 'peer';
-  readonly node: string;
-  readonly socket: TLSSocket;
+function linkSession(node: string, link: TLSSocket): BackendSession {
+  let clientGone = false;
+  let lost: string | null = null;
+  link.on('error', (e) => {
+    if (!clientGone) lost ??= `Peer link to node ${node} lost: ${e.message}`;
+  });
+  const ended = new Promise<BackendEnd>((resolve) => {
+    const done = (): void => resolve({ exit: null, ...(lost !== null ? { lost } : {}) });
+    if (link.destroyed) done();
+    else link.once('close', done);
+  });
+  return {
+    greeting: Buffer.alloc(0),
+    handedOff: false,
+    input: link,
+    output: link,
+    ended,
+    clientEnded() {
+      // the client closed: let the home node see EOF, then make sure the link is gone
+      clientGone = true;
+      if (!link.writableEnded) link.end();
+      setTimeout(() => link.destroy(), RELAY_GRACE_MS).unref();
+    },
+    stop() {
+      link.destroy();
+    },
+  };
 }
 
-/** Hand the logged-in session to `node`; resolves once that node has its backend running. */
-export async function startPeerSession(
-  ctx: PeerContext,
-  node: string,
-  protocol: 'imap' | 'pop3',
-  u: ResolvedUser,
-  conn: ClientConn,
-  sessionId: string,
-  tag: string | null,
-): Promise<PeerSession> {
+async function start(peer: PeerContext, req: BackendRequest): Promise<BackendSession> {
+  const [{ sendHandOff }, { wireUser, wireConfig }] = await Promise.all([import('../src/peer/link.js'), import('../src/peer/protocol.js')]);
+  const p = req.client.peer;
   const socket = await sendHandOff(
-    ctx,
-    node,
+    peer,
+    req.node,
     {
-      kind: protocol,
-      user: wireUser(u.user),
-      config: wireConfig(u.config),
-      client: { rip: conn.peer.rip, rport: conn.peer.rport, lip: conn.peer.lip, lport: conn.peer.lport, tls: conn.secure },
-      session: sessionId,
-      tag,
+      kind: req.protocol,
+      user: wireUser(req.user.user),
+      config: wireConfig(req.user.config),
+      client: { rip: p.rip, rport: p.rport, lip: p.lip, lport: p.lport, tls: req.client.secure },
+      session: req.sessionId,
+      tag: req.tag,
       hops: 1,
       deliver: null,
       move: null,
     },
-    BACKEND_START_MS + ctx.handoffTimeoutMs,
+    BACKEND_START_MS + peer.handoffTimeoutMs,
   );
-  return { kind: 'peer', node, socket };
+  return linkSession(req.node, socket);
 }
 
-/** Relay client ↔ link until either ends. Byte counts are of the client side. */
-export function relayPeer(conn: ClientConn, s: PeerSession, leftover: Buffer, onLinkLost: (why: string) => void): Promise<{ in: number; out: number; exit: number | null }> {
-  const { input, output, pending } = conn.detach();
-  const link = s.socket;
-  return new Promise((resolve) => {
-    let finished = false;
-    let early = 0;
-    const finish = (): void => {
-      if (finished) return;
-      finished = true;
-      input.destroy();
-      link.destroy();
-      resolve({ in: early + counts.bytesIn, out: counts.bytesOut, exit: null });
-    };
-    for (const b of [leftover, ...pending]) {
-      if (b.length === 0) continue;
-      early += b.length;
-      link.write(b);
-    }
-    let clientGone = false;
-    link.once('error', (e) => {
-      if (!clientGone) onLinkLost(e.message);
-    });
-    const counts = splice(
-      { client: { input, output: output as Writable }, backend: { input: link, output: link } },
-      {
-        clientEnded: () => {
-          // client closed: let the home node see EOF, then make sure the link is gone
-          clientGone = true;
-          if (!link.writableEnded) link.end();
-          setTimeout(finish, 2000).unref();
-        },
-        // the home node's last bytes reached the client's socket
-        backendEnded: () => {
-          (output as Writable).destroy();
-          finish();
-        },
-      },
-    );
-  });
+/** This process's peer context for sessions, built on first use. */
+function peerOf(ctx: BackendContext): () => Promise<PeerContext> {
+  let made: Promise<PeerContext> | null = null;
+  return () =>
+    (made ??= import('../src/peer/context.js').then(({ createPeerContext }) => {
+      const c = createPeerContext(ctx.instance, ctx.store, ctx.nodes);
+      c.prewarm = ctx.daemon;
+      return c;
+    }));
 }
+
+export default {
+  kind: 'backend',
+  name: 'peer',
+  summary: "the node that holds the user's mailbox, over a mutual-TLS peer link",
+  serves: 'remote',
+  section: null,
+  probe: null,
+  create(_config, ctx) {
+    const peer = peerOf(ctx);
+    return {
+      acceptsHandoff: () => false,
+      start: async (req) => start(await peer(), req),
+    };
+  },
+} satisfies Backend<null>;

@@ -8,11 +8,14 @@
  *             Built in: `registry` (certs/trust-registry.ts): the certificate must belong to a
  *             registered, enabled node with that fingerprint and not be revoked.
  *             To add one (say, trust only certificates whose SAN carries a given DNS suffix, or ask
- *             an external service): write certs/trust-NAME.ts exporting a PeerTrust, add it to
- *             TRUST below; the settings it needs go in its own file-config section.
+ *             an external service): write certs/trust-NAME.ts exporting a PeerTrust and add it to
+ *             TRUST below, or keep the file elsewhere and name it in pigeon.yaml
+ *             `modules.trust` (src/module-files.ts).
  */
 import type { X509Certificate } from 'node:crypto';
 import type { NodeDirectory, PeerCheck } from '../src/nodes.js';
+import { Registry, type ModuleBase } from '../src/modules.js';
+import { AppError } from '../src/errors.js';
 import { registryTrust } from './trust-registry.js';
 
 export interface PeerClaim {
@@ -23,17 +26,14 @@ export interface PeerClaim {
   readonly certificate: X509Certificate;
 }
 
-export interface PeerTrust {
-  readonly kind: 'trust';
-  readonly name: string;
-  readonly summary: string;
+export interface PeerTrust extends ModuleBase<'trust'> {
   check(nodes: NodeDirectory, claim: PeerClaim): Promise<PeerCheck>;
 }
 
-export const TRUST: ReadonlyMap<string, PeerTrust> = new Map([[registryTrust.name, registryTrust]]);
+export const TRUST = new Registry<PeerTrust>('trust', [registryTrust], (t) => (typeof t.check !== 'function' ? ['no check()'] : []));
 
 export function trustModule(name: string): PeerTrust {
   const t = TRUST.get(name);
-  if (!t) throw new Error(`unknown peer.trust module ${JSON.stringify(name)}; known: ${[...TRUST.keys()].join(', ')}`);
+  if (!t) throw new AppError('CONFIG_INVALID', `peer.trust: unknown trust module ${JSON.stringify(name)}; known: ${TRUST.names().join(', ')}`);
   return t;
 }

@@ -25,28 +25,22 @@ import cluster from 'node:cluster';
 cluster.schedulingPolicy = cluster.SCHED_NONE;
 import { createServer, type Server, type Socket } from 'node:net';
 import { createServer as createTlsServer, type TLSSocket, type Server as TlsServer } from 'node:tls';
-import { implicitTlsOptions, guardHandshakes } from '../src/proxy/tls.js';
 import { readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import type { ProxyEnv } from '../src/proxy/env.js';
-import { loadTls } from '../src/proxy/env.js';
 import type { SniCallback } from '../src/client-tls.js';
-import { loadInstance, type Instance, type Listener } from '../src/instance.js';
-import { createLogger } from '../src/log.js';
-import { socketConn } from './inetd.js';
-import { ImapSession } from '../src/proxy/imap-session.js';
-import { Pop3Session } from '../src/proxy/pop3-session.js';
-import { unmap, type ClientConn } from '../src/proxy/conn.js';
-import { liveCount } from '../src/proxy/live.js';
-import { admit, attachSlot, limitReply, type Slot } from '../src/proxy/slots.js';
-import { openRunDir } from '../src/anvil/run-dir.js';
-import { ownService, type AnvilServer } from '../src/anvil/server.js';
-import { AppError, isAppError } from '../src/errors.js';
+import type { Instance, Listener } from '../src/instance.js';
+import type { ClientConn } from '../src/proxy/conn.js';
+import type { Slot } from '../src/proxy/slots.js';
+import type { AnvilServer } from '../src/anvil/server.js';
+import { AppError, isAppError, isErrorCode, type ErrorCode } from '../src/errors.js';
 import type { Forker } from './types.js';
+import { socketTransport } from './inetd.js';
 
 export type ExtraListener = (l: Listener, env: ProxyEnv) => Server | null;
 
-export const forker = { kind: 'forker', name: 'listen', summary: 'standalone daemon: every listener of the config', stdioIsProtocol: false } satisfies Forker;
+/** The forker module; the daemon's code is loaded only when `pigeon serve` runs. */
+export default { kind: 'forker', name: 'listen', summary: 'standalone daemon: every listener of the config', stdioIsProtocol: false } satisfies Forker;
 
 function addr(l: Listener, s: Server): string {
   const a = s.address();
@@ -71,12 +65,13 @@ export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string
       if (!isAppError(e)) throw e;
       // the primary says it (once for all workers) and stops the others
       await new Promise<void>((resolve) => {
-        if (!process.send?.({ pigeon: 'fatal', text: e.message, exit: e.exit } satisfies Fatal, () => resolve())) resolve();
+        if (!process.send?.({ pigeon: 'fatal', code: e.code, text: e.message } satisfies Fatal, () => resolve())) resolve();
       });
       return e.exit;
     }
   }
   // refuse to start half-configured: errors exit 78 before the service, listeners or workers
+  const { loadInstance } = await import('../src/instance.js');
   const instance = loadInstance(configPath);
   const anvil = await ownNodeService(instance);
   try {
@@ -87,18 +82,22 @@ export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string
   }
 }
 
+/** A worker's start-up failure, sent to the primary: the AppError's code and message. */
 interface Fatal {
   readonly pigeon: 'fatal';
+  readonly code: ErrorCode;
   readonly text: string;
-  readonly exit: number;
 }
 
-function isFatal(m: unknown): m is Fatal {
-  return typeof m === 'object' && m !== null && (m as { pigeon?: unknown }).pigeon === 'fatal' && typeof (m as { text?: unknown }).text === 'string' && typeof (m as { exit?: unknown }).exit === 'number';
+function fatalError(m: unknown): AppError | null {
+  if (typeof m !== 'object' || m === null || (m as { pigeon?: unknown }).pigeon !== 'fatal') return null;
+  const { code, text } = m as { code?: unknown; text?: unknown };
+  return typeof code === 'string' && isErrorCode(code) && typeof text === 'string' ? new AppError(code, text) : null;
 }
 
 /** The node state service, owned by this (primary) process; null when one runs already or none can. */
 async function ownNodeService(instance: Instance): Promise<AnvilServer | null> {
+  const [{ createLogger }, { openRunDir }, { ownService }] = await Promise.all([import('../src/log.js'), import('../src/anvil/run-dir.js'), import('../src/anvil/server.js')]);
   const log = createLogger({ level: instance.config.log.level, file: instance.logFile });
   try {
     const dir = openRunDir(instance.runDir, { create: true });
@@ -127,7 +126,7 @@ async function ownNodeService(instance: Instance): Promise<AnvilServer | null> {
 
 async function supervise(n: number): Promise<number> {
   let stopping = false;
-  let fatal: Fatal | null = null;
+  let fatal: AppError | null = null;
   const live = new Set<ReturnType<typeof cluster.fork>>();
   let allExited: (() => void) | null = null;
   const stopAll = (signal: NodeJS.Signals): void => {
@@ -139,9 +138,10 @@ async function supervise(n: number): Promise<number> {
     const w = cluster.fork();
     live.add(w);
     w.on('message', (m: unknown) => {
-      if (!isFatal(m) || fatal !== null) return;
-      fatal = m;
-      process.stderr.write(`pigeon: error: ${m.text}\n`);
+      const e = fatalError(m);
+      if (e === null || fatal !== null) return;
+      fatal = e;
+      process.stderr.write(`pigeon: error: ${e.message}\n`);
       stopAll('SIGTERM');
     });
     w.on('exit', (code, sig) => {
@@ -165,7 +165,7 @@ async function supervise(n: number): Promise<number> {
       for (const w of live) w.process.kill('SIGHUP');
     });
   });
-  return fatal === null ? 0 : (fatal as Fatal).exit;
+  return fatal === null ? 0 : (fatal as AppError).exit;
 }
 
 /** A TCP connection waiting for (or holding) its slot in the node-wide limits. */
@@ -177,6 +177,17 @@ interface Admitted {
 }
 
 async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | undefined, extra: ExtraListener | null): Promise<number> {
+  const [{ implicitTlsOptions, guardHandshakes }, { loadClientTls }, { loadInstance }, { createLogger }, { ClientConn }, { unmapIp }, { liveCount }, { admit, attachSlot, limitReply }, sessions] = await Promise.all([
+    import('../src/proxy/tls.js'),
+    import('../src/client-tls.js'),
+    import('../src/instance.js'),
+    import('../src/log.js'),
+    import('../src/proxy/conn.js'),
+    import('../src/ip.js'),
+    import('../src/proxy/live.js'),
+    import('../src/proxy/slots.js'),
+    import('../src/proxy/sessions.js'),
+  ]);
   const env = await makeEnv();
   const servers: Server[] = [];
   const tlsServers: TlsServer[] = [];
@@ -186,7 +197,7 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
 
   /** Ask the node for a slot for a new TCP connection; refuse or close it when there is none. */
   const admitTcp = (proto: 'imap' | 'pop3', raw: Socket, tls: boolean): Admitted => {
-    const ip = unmap(raw.remoteAddress);
+    const ip = unmapIp(raw.remoteAddress);
     let closed = false;
     let slot: Slot | null = null;
     sockets.add(raw);
@@ -222,12 +233,11 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
 
   const runSession = (proto: 'imap' | 'pop3', sock: Socket | TLSSocket, secure: boolean, adm: Admitted, slot: Slot): void => {
     sock.on('error', () => {});
-    const conn = socketConn(sock, secure);
+    const conn = new ClientConn({ ...socketTransport(sock, secure), secure });
     attachSlot(conn, slot);
     adm.conn = conn;
-    const session = proto === 'imap' ? new ImapSession(env, conn) : new Pop3Session(env, conn);
-    session
-      .run()
+    sessions
+      .runSession(env, proto, conn)
       .catch((e: unknown) => {
         env.log.log('error', `${proto}-login`, `session failed: ${e instanceof Error ? e.message : String(e)}`);
         sock.destroy();
@@ -298,7 +308,7 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
   process.on('SIGHUP', () => {
     try {
       const inst = loadInstance(configPath);
-      const tls = loadTls(inst);
+      const tls = loadClientTls(inst.tls);
       env.tls = tls;
       env.instance = inst;
       for (const s of tlsServers) s.setSecureContext({ ...tlsFiles(env), minVersion: 'TLSv1.2' });

@@ -9,17 +9,13 @@
  *             Limits and failure delays are shared through the node state service in run_dir,
  *             which that user must own (or reach through its group) — see src/anvil/run-dir.ts.
  */
-import { Socket } from 'node:net';
-import { socketConn } from './inetd.js';
 import type { OneShotForker } from './types.js';
-import type { ClientConn } from '../src/proxy/conn.js';
+import { socketTransport, inheritedSocket } from './inetd.js';
 
 export default {
   kind: 'forker',
   name: 'postfix',
   summary: 'one session under Postfix spawn(8): the socket on fds 0/1/2',
   stdioIsProtocol: true,
-  connection(): ClientConn {
-    return socketConn(new Socket({ fd: 0, readable: true, writable: true }), false);
-  },
+  transport: () => socketTransport(inheritedSocket('postfix'), false),
 } satisfies OneShotForker;

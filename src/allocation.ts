@@ -3,18 +3,15 @@
  *             delivery agent share
  * DESCRIPTION `placeUser` returns the mailbox of a user: local (format + absolute path) or on another
  *             node. A user without a home is allocated lazily on first login or first mail, on
- *             this node, by the creator module chosen in `mailstore.creator`:
- *               lock  the database's lock for this user (PostgreSQL: an advisory lock, cluster-wide)
- *                     or, where it has none (SQLite: every node shares one host), an exclusive lock
- *                     file under the mail root; then compare-and-set in the database;
- *               cas   compare-and-set on the user's version column only (nodes on several hosts);
- *               none  nothing is created: an unallocated user is an error (pre-provisioned boxes).
+ *             this node, under the creator module chosen in `mailstore.creator`
+ *             (src/creators/: lock, cas, none; contract src/creators/types.ts).
  *             Whoever loses a race re-reads the row and uses the winner's allocation, so two nodes
  *             never create two mailboxes for one user. Layout: MAILROOT/DOMAIN/LOCAL (maildir, with
  *             cur/new/tmp) or MAILROOT/DOMAIN/LOCAL.mbox (mbox file).
  *             Every directory and file is created by the mail writer (src/writer/mail-writer.ts),
  *             as the mail user and without following symbolic links, also the lock file.
- * DIAGNOSTICS AllocationError: 'not-allocated' (creator none), 'tempfail' (lock busy, race lost twice).
+ * DIAGNOSTICS AppError NO_SUCH_USER (creator none), TEMPFAIL (lock busy, race lost three times),
+ *             CONFIG_INVALID (mailstore.creator names no creator module of this node).
  */
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
@@ -24,6 +21,7 @@ import type { MailUser } from './mailuser.js';
 import { AppError } from './errors.js';
 import { isUp, type NodeDirectory } from './nodes.js';
 import { mailWriter } from './writer/mail-writer.js';
+import { CREATORS } from './creators/registry.js';
 
 export type Placement =
   | { readonly kind: 'local'; readonly allocation: Allocation }
@@ -36,12 +34,6 @@ export interface AllocationContext {
   readonly mailUser: MailUser;
   /** the cluster's nodes, for `mailstore.placement = fewest` (absent: always this node) */
   readonly nodes?: NodeDirectory;
-}
-
-const LOCK_WAIT_MS = 20_000;
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }
 
 /** The path a new mailbox of this user gets. Local part and domain are already normalised. */
@@ -68,40 +60,6 @@ export async function ensureMailbox(a: Allocation, mu: MailUser, mailRoot: strin
   if (!present) await createMailbox(a, mu, mailRoot);
 }
 
-/**
- * Run `fn` holding the allocation lock. `settled` is asked before every try: once another
- * allocator finished, waiting for the lock is pointless (its answer is returned instead).
- */
-async function withLock<T>(ctx: AllocationContext, userId: number, fn: () => Promise<T>, settled: () => Promise<T | null>): Promise<T> {
-  if (ctx.store.userLock !== null) {
-    const done = await settled();
-    if (done !== null) return done;
-    return ctx.store.userLock(userId, LOCK_WAIT_MS, fn);
-  }
-  const lock = join(ctx.mailRoot, '.pigeon-allocate.lock');
-  const w = mailWriter(ctx.mailUser);
-  const deadline = Date.now() + LOCK_WAIT_MS;
-  for (;;) {
-    const done = await settled();
-    if (done !== null) return done;
-    let taken: boolean;
-    try {
-      // a lock older than the wait time belongs to a dead process: the writer removes it
-      taken = await w.takeLock(ctx.mailRoot, lock, LOCK_WAIT_MS);
-    } catch (e) {
-      throw new AppError('TEMPFAIL', `cannot take allocation lock ${lock}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
-    }
-    if (taken) break;
-    if (Date.now() > deadline) throw new AppError('TEMPFAIL', `allocation lock ${lock} busy for ${LOCK_WAIT_MS / 1000}s`);
-    await sleep(20 + Math.random() * 30);
-  }
-  try {
-    return await fn();
-  } finally {
-    await w.removeFile(ctx.mailRoot, lock).catch(() => undefined);
-  }
-}
-
 /** The active, running node with the fewest users (ties: by name); this node when alone. */
 async function fewestNode(ctx: AllocationContext): Promise<string> {
   const counts = await ctx.store.usersPerNode();
@@ -123,10 +81,12 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
     await ensureMailbox(user.allocation, ctx.mailUser, ctx.mailRoot);
     return { kind: 'local', allocation: user.allocation };
   }
-  const creator = String(config['mailstore.creator']?.value ?? 'lock');
+  const creatorName = String(config['mailstore.creator']?.value ?? 'lock');
+  const creator = CREATORS.get(creatorName);
+  if (!creator) throw new AppError('CONFIG_INVALID', `mailstore.creator ${JSON.stringify(creatorName)} of ${user.address}: no such creator module on this node (known: ${CREATORS.names().join(', ')})`);
   const format = config['mailstore.format']?.value === 'mbox' ? 'mbox' : 'maildir';
-  if (creator === 'none') {
-    throw new AppError('NO_SUCH_USER', `mailbox of ${user.address} is not allocated and mailstore.creator is none`);
+  if (!creator.creates) {
+    throw new AppError('NO_SUCH_USER', `mailbox of ${user.address} is not allocated and mailstore.creator is ${creator.name}`);
   }
   if (user.home === null && config['mailstore.placement']?.value === 'fewest' && ctx.nodes) {
     const target = await fewestNode(ctx);
@@ -173,7 +133,7 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
     return null; // re-read
   };
   for (let i = 0; i < 3; i++) {
-    const p = creator === 'lock' ? await withLock(ctx, user.id, attempt, settled) : await attempt();
+    const p = await creator.exclusive(ctx, user, attempt, settled);
     if (p) {
       if (p.kind === 'local') await ensureMailbox(p.allocation, ctx.mailUser, ctx.mailRoot);
       return p;

@@ -6,9 +6,10 @@
  *             UIDVALIDITY and new POP3 UIDLs, so every client downloads everything again
  *             (../shared/backends.md §2.6). `config set`/`unset` of imap.backend or pop3.backend
  *             compares each affected user's effective backend before and after the change and
- *             names the mailboxes that already hold messages (and mbox users switched to Courier,
- *             which serves Maildir only). The change itself is always made: this only warns.
+ *             names the mailboxes that already hold messages (and those switched to a backend that
+ *             does not serve their mailbox format: its `formats`, backends/types.ts). The change itself is always made: this only warns.
  */
+import { BACKENDS } from '../backends/registry.js';
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Allocation, ScopeRef, Store, UserRecord } from './store.js';
@@ -78,14 +79,16 @@ export async function withBackendSwitchCheck(store: Store, ref: ScopeRef, name: 
   await change();
   const after = await effectiveBackends(store, users, name);
   const moved: string[] = [];
-  const mboxToCourier: string[] = [];
+  /** backend → the users switched to it whose mailbox format it does not serve */
+  const unservable = new Map<string, string[]>();
   const froms = new Set<string>();
   let to = '';
   for (const u of users) {
     const b = before.get(u.address);
     const a = after.get(u.address);
     if (b === undefined || a === undefined || a === b || u.allocation === null) continue;
-    if (a === 'courier' && u.allocation.format === 'mbox') mboxToCourier.push(u.address);
+    const formats = BACKENDS.get(a)?.formats;
+    if (formats !== undefined && !formats.includes(u.allocation.format)) unservable.set(a, [...(unservable.get(a) ?? []), u.address]);
     if (!holdsMessages(u.allocation)) continue;
     moved.push(u.address);
     froms.add(b);
@@ -101,8 +104,8 @@ export async function withBackendSwitchCheck(store: Store, ref: ScopeRef, name: 
         '(Dovecot and Courier keep separate UID databases); undo with the previous value if that was not intended',
     );
   }
-  if (mboxToCourier.length > 0) {
-    lines.push(`${name}: Courier serves Maildir only; these mbox mailboxes cannot log in with it: ${named(mboxToCourier)}`);
+  for (const [b, users] of unservable) {
+    lines.push(`${name}: ${b} serves ${(BACKENDS.get(b)?.formats ?? []).join(' and ')} mailboxes only; these mailboxes cannot log in with it: ${named(users)}`);
   }
   return lines;
 }

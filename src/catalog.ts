@@ -1,27 +1,82 @@
 /**
- * NAME        src/catalog — every module that has per-user settings, registered by name
- * DESCRIPTION Static map, no directory scanning. Each module's keys live in that module's own file;
- *             this file only lists them. Adding a module is adding one file and one line here.
+ * NAME        src/catalog — every per-user setting, derived from the registries
+ * DESCRIPTION The settings modules are the proxy's own (login, imap, pop3) and one per delivery
+ *             module (src/delivery/registry.ts), whose keys each module declares in its own file.
+ *             A key declared `{ type: 'module', kind }` becomes an enum of the names registered
+ *             now (mailstore.format: the MDA modules, mailstore.creator: the creators,
+ *             imap.backend / pop3.backend: the local backends). Rebuilt when a registry gains a
+ *             module from a file (src/module-files.ts), so `config set`, `config keys` and the
+ *             resolver always see what this process can run.
  */
-import type { SettingsSpec, KeySpec } from './settings.js';
+import type { SettingsDecl, SettingsSpec, KeySpec, KeyDecl } from './settings.js';
+import type { Kind } from './modules.js';
 import { AppError } from './errors.js';
 import { loginSettings } from './login-settings.js';
 import { imapSettings, pop3Settings } from './backend-settings.js';
-import { mailstoreSettings } from './delivery/mailstore-settings.js';
-import { forwardSettings } from './delivery/forward-settings.js';
-import { vacationSettings } from './delivery/vacation-settings.js';
+import { DELIVERY_MODULES } from './delivery/registry.js';
+import { MDA_MODULES } from './delivery/registry-mda.js';
+import { CREATORS } from './creators/registry.js';
+import { BACKENDS, localBackends } from '../backends/registry.js';
 
-export const CATALOG: ReadonlyMap<string, SettingsSpec> = new Map(
-  [loginSettings, imapSettings, pop3Settings, mailstoreSettings, forwardSettings, vacationSettings].map((s) => [s.module, s]),
-);
+/** the settings modules that are not delivery modules */
+export const CORE_SETTINGS: readonly SettingsDecl[] = [loginSettings, imapSettings, pop3Settings];
+
+/** The names a `{ type: 'module', kind }` key accepts now. */
+export function choicesOf(kind: Kind): string[] {
+  switch (kind) {
+    case 'mda':
+      return MDA_MODULES.names();
+    case 'creator':
+      return CREATORS.names();
+    case 'backend':
+      return localBackends().map((b) => b.name);
+    case 'delivery':
+      return DELIVERY_MODULES.names();
+    default:
+      return [];
+  }
+}
+
+function specOf(k: KeyDecl): KeySpec {
+  if (k.type !== 'module') return k;
+  const { kind, ...rest } = k;
+  return { ...rest, type: 'enum', values: choicesOf(kind) };
+}
+
+function build(): ReadonlyMap<string, SettingsSpec> {
+  const decls: SettingsDecl[] = [...CORE_SETTINGS, ...DELIVERY_MODULES.all().map((m) => ({ module: m.name, summary: m.summary, keys: m.settings }))];
+  return new Map(decls.map((d) => [d.module, { module: d.module, summary: d.summary, keys: Object.fromEntries(Object.entries(d.keys).map(([k, v]) => [k, specOf(v)])) }]));
+}
+
+let cached: ReadonlyMap<string, SettingsSpec> | null = null;
+for (const r of [DELIVERY_MODULES, MDA_MODULES, CREATORS, BACKENDS]) r.onChange(() => (cached = null));
+
+/** Every settings module by name, with its keys. */
+export function catalog(): ReadonlyMap<string, SettingsSpec> {
+  cached ??= build();
+  return cached;
+}
+
+/** What is wrong with the catalog: a key whose default names no registered module. */
+export function catalogProblems(): string[] {
+  const out: string[] = [];
+  for (const s of catalog().values()) {
+    for (const [k, spec] of Object.entries(s.keys)) {
+      if (spec.type === 'enum' && typeof spec.default === 'string' && !spec.values.includes(spec.default)) {
+        out.push(`setting ${s.module}.${k}: default ${JSON.stringify(spec.default)} is none of ${spec.values.join(', ') || '(no module registered)'}`);
+      }
+    }
+  }
+  return out;
+}
 
 export function moduleNames(): string[] {
-  return [...CATALOG.keys()];
+  return [...catalog().keys()];
 }
 
 export function allKeys(): string[] {
   const out: string[] = [];
-  for (const s of CATALOG.values()) for (const k of Object.keys(s.keys)) out.push(`${s.module}.${k}`);
+  for (const s of catalog().values()) for (const k of Object.keys(s.keys)) out.push(`${s.module}.${k}`);
   return out;
 }
 
@@ -30,7 +85,7 @@ export function lookupKey(name: string, allowStar = false): { module: string; ke
   const dot = name.indexOf('.');
   const module = dot < 0 ? name : name.slice(0, dot);
   const key = dot < 0 ? '' : name.slice(dot + 1);
-  const mod = CATALOG.get(module);
+  const mod = catalog().get(module);
   if (!mod) {
     throw new AppError('UNKNOWN_KEY', `unknown module "${module}" in ${JSON.stringify(name)}; modules: ${moduleNames().join(', ')}`);
   }

@@ -14,6 +14,9 @@ import { randomBytes } from 'node:crypto';
 
 export const VERSION = '0.1.0';
 
+/** Commands that load the modules of pigeon.yaml themselves, or run before there is an instance. */
+const SELF_LOADING = new Set(['init', 'deliver', 'lmtp', 'imap', 'pop3', 'serve']);
+
 /** The command word of argv (after global options), to load only what that command needs. */
 function commandOf(argv: readonly string[]): string | null {
   for (let i = 2; i < argv.length; i++) {
@@ -63,6 +66,25 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
     });
 
   // `deliver` runs once per message under Postfix: load only the delivery commands for it
+  // The modules pigeon.yaml names (`modules:`, src/module-files.ts) join the registries, and every
+  // registry passes its self-check, before any command uses them (the settings catalog, the values
+  // of imap.backend): a broken module stops the command with one line. init makes the instance;
+  // the one-session, delivery and daemon commands load them themselves (each answers a broken
+  // module in its own protocol). Files that do not load are the command's own error to report.
+  program.hook('preAction', async (_program, action) => {
+    let top: { name(): string; parent: unknown } = action;
+    while (top.parent !== program && top.parent !== null) top = top.parent as typeof top;
+    if (SELF_LOADING.has(top.name())) return;
+    const { loadInstance } = await import('./instance.js');
+    let instance;
+    try {
+      instance = loadInstance(cfg());
+    } catch {
+      return;
+    }
+    await (await import('./module-files.js')).loadModules(instance);
+  });
+
   const cmd = commandOf(argv);
   const deliveryOnly = cmd === 'deliver' || cmd === 'lmtp';
   if (!deliveryOnly) (await import('./commands/admin.js')).registerAdmin(program as unknown as Command, cfg);

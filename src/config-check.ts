@@ -14,13 +14,14 @@
  * SECURITY    Probes run with an empty environment as the mail user, never as root; nothing
  *             from the database reaches a command line.
  */
+import { BACKEND_PROBE_MS } from './limits.js';
 import { spawnSync } from 'node:child_process';
 import { accessSync, statSync, constants } from 'node:fs';
 import type { Instance } from './instance.js';
 import type { Store } from './store.js';
 import type { MailUser } from './mailuser.js';
-import type { Backend } from '../backends/types.js';
-import { BACKENDS } from './registry.js';
+import type { BinaryProbe } from '../backends/types.js';
+import { BACKENDS, localBackends, backendConfig } from '../backends/registry.js';
 import { resolve, type SettingRow } from './resolve.js';
 import { decidingRows, rowsOf } from './backend-switch.js';
 import { checkPair, clientPairs } from './client-tls.js';
@@ -37,7 +38,6 @@ export interface CheckReport {
 
 const PROTOCOLS = ['imap', 'pop3'] as const;
 type Proto = (typeof PROTOCOLS)[number];
-const PROBE_MS = 10_000;
 
 function days(to: Date, now: Date): number {
   return Math.floor((to.getTime() - now.getTime()) / 86400_000);
@@ -103,8 +103,7 @@ export async function selectedBackends(store: Store, node: string): Promise<Map<
 }
 
 /** Run a backend binary's probe; the problem, or null when it started as expected. */
-export function probeBinary(backend: Backend, protocol: Proto, bin: string, mailUser: MailUser): string | null {
-  const probe = backend.probe[protocol];
+export function probeBinary(probe: BinaryProbe<unknown>, bin: string, mailUser: MailUser): string | null {
   try {
     accessSync(bin, constants.X_OK);
     if (!statSync(bin).isFile()) return `${bin} is not a file`;
@@ -116,13 +115,13 @@ export function probeBinary(backend: Backend, protocol: Proto, bin: string, mail
     cwd: '/',
     env: { PATH: '/usr/bin:/bin' },
     stdio: ['ignore', 'pipe', 'pipe'],
-    timeout: PROBE_MS,
+    timeout: BACKEND_PROBE_MS,
     encoding: 'latin1',
     ...(mailUser.switchTo ? { uid: mailUser.uid, gid: mailUser.gid } : {}),
   });
   if (r.error) {
     const code = (r.error as NodeJS.ErrnoException).code;
-    return code === 'ETIMEDOUT' ? `${bin} did not finish within ${PROBE_MS / 1000}s when run as ${bin} ${probe.args.join(' ')}` : `${bin} cannot be run: ${code ?? r.error.message}`;
+    return code === 'ETIMEDOUT' ? `${bin} did not finish within ${BACKEND_PROBE_MS / 1000}s when run as ${bin} ${probe.args.join(' ')}` : `${bin} cannot be run: ${code ?? r.error.message}`;
   }
   const said = `${r.stdout}${r.stderr}`;
   const first = said.split('\n').find((l) => l.trim() !== '')?.trim().slice(0, 200) ?? '(nothing)';
@@ -136,14 +135,18 @@ export async function checkBackends(instance: Instance, store: Store, mailUser: 
   for (const { protocol, backend: name, by } of (await selectedBackends(store, instance.config.node)).values()) {
     const who = by.length > 4 ? `${by.slice(0, 4).join(', ')}, … (${by.length} in all)` : by.join(', ');
     const backend = BACKENDS.get(name);
-    if (!backend) {
-      r.problems.push(`${protocol}.backend = ${name} (${who}): no such backend on this node (known: ${[...BACKENDS.keys()].join(', ')})`);
+    if (!backend || backend.serves !== 'local') {
+      r.problems.push(`${protocol}.backend = ${name} (${who}): no such backend on this node (known: ${localBackends().map((b) => b.name).join(', ')})`);
       continue;
     }
-    const bins = backend.binaries(instance.config);
-    const bin = protocol === 'imap' ? bins.imap : bins.pop3;
-    const key = backend.probe[protocol].setting;
-    const problem = probeBinary(backend, protocol, bin, mailUser);
+    const probe = backend.probe?.[protocol];
+    if (!probe) {
+      r.lines.push(`${protocol}.backend ${name}: nothing to probe (${who})`);
+      continue;
+    }
+    const bin = probe.path(backendConfig(backend, instance.raw));
+    const key = probe.setting;
+    const problem = probeBinary(probe, bin, mailUser);
     if (problem) r.problems.push(`${key}: ${problem}; selected by ${protocol}.backend = ${name} (${who}): those logins would get ${protocol === 'imap' ? 'NO [UNAVAILABLE]' : '-ERR [SYS/TEMP]'}`);
     else r.lines.push(`${protocol}.backend ${name}: ${bin} starts (${who})`);
   }

@@ -9,15 +9,15 @@
  *             a fresh host certificate is issued here), or what `pigeon cert issue NODE --out DIR`
  *             wrote on the CA holder (ca.crt, node.crt, node.key, no CA key: that certificate,
  *             verified to name --node and to come from that CA, becomes this node's).
- *             Courier's paths in pigeon.yaml are Debian's when courier-imap/courier-pop are
- *             installed, else this clone's .cache/courier when scripts/install-deps.sh unpacked
- *             them there (findCourier).
+ *             The backends' sections of pigeon.yaml are theirs (backends/registry.ts): Courier's
+ *             paths are Debian's when courier-imap/courier-pop are installed, else this clone's
+ *             .cache/courier when scripts/install-deps.sh unpacked them there (backends/courier.ts).
  * DIAGNOSTICS NODE_CONFLICT (78) when --node is already registered with another certificate,
  *             NODE_REMOVED (78) for a revoked certificate, CONFIG_INVALID (78) for an issued
  *             certificate that names another node, is from another CA, or has expired.
  */
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, rmdirSync, writeFileSync, chmodSync, chownSync, accessSync, constants } from 'node:fs';
-import { fileURLToPath } from 'node:url';
+import { BACKENDS } from '../backends/registry.js';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, rmdirSync, writeFileSync, chmodSync, chownSync } from 'node:fs';
 import { resolveMailUser } from './mailuser.js';
 import { dirname, join, resolve, isAbsolute } from 'node:path';
 import { AppError } from './errors.js';
@@ -50,7 +50,14 @@ function yamlListen(ls: readonly Listener[], raw: readonly string[]): string {
   return `listen:\n${raw.map((r) => `  - ${JSON.stringify(r)}\n`).join('')}`;
 }
 
-export function configText(o: { node: string; db: string; listen: readonly string[]; courier: CourierPaths }): string {
+/** The pigeon.yaml sections of the registered backends, as each writes its own (backends/*.ts). */
+function backendSections(): string {
+  return BACKENDS.all()
+    .flatMap((b) => (b.section === null ? [] : [b.section.template()]))
+    .join('');
+}
+
+export function configText(o: { node: string; db: string; listen: readonly string[] }): string {
   const ls = o.listen.map(parseListen);
   return `# PigeonDeliver instance configuration (pigeon.yaml).
 # Files in conf.d/*.yaml are merged over this one in lexical order (maps merge, lists replace).
@@ -121,16 +128,8 @@ tls:
   # the CA key is needed only where new node certificates are issued
   ca_key: certs/ca.key
 
-# Local backends, started for a user after login (Debian's paths).
-dovecot:
-  imap: /usr/lib/dovecot/imap
-  pop3: /usr/lib/dovecot/pop3
-# Courier-IMAP (Debian courier-imap / courier-pop): the imapd and courierpop3d programs themselves,
-# not the couriertcpd start scripts in /usr/lib/courier.${o.courier.note}
-courier:
-  imapd: ${o.courier.imapd}
-  pop3d: ${o.courier.pop3d}
-
+# Local backends, started for a user after login: each backend's own section (backends/registry.ts).
+${backendSections()}
 # The MTA's sendmail command: the delivery modules forward and vacation re-inject mail through it.
 sendmail: /usr/sbin/sendmail
 
@@ -178,38 +177,6 @@ limits:
   # logged-in sessions of one user from one address (Dovecot's mail_max_userip_connections)
   max_userip_connections: 10
 `;
-}
-
-export interface CourierPaths {
-  readonly imapd: string;
-  readonly pop3d: string;
-  /** a comment line (or '') saying where the paths were found */
-  readonly note: string;
-}
-
-export const DEBIAN_COURIER = { imapd: '/usr/bin/imapd', pop3d: '/usr/lib/courier/courier/courierpop3d' } as const;
-
-/**
- * Courier's programs on this machine: Debian's packages when installed; else the .debs that
- * scripts/install-deps.sh unpacked into this clone's .cache/courier (they conflict with Dovecot
- * in apt); else Debian's paths (`pigeon config test` says when a user needs them and they are
- * missing).
- */
-export function findCourier(root = resolve(fileURLToPath(new URL('../..', import.meta.url)))): CourierPaths {
-  const ok = (p: string): boolean => {
-    try {
-      accessSync(p, constants.X_OK);
-      return true;
-    } catch {
-      return false;
-    }
-  };
-  if (ok(DEBIAN_COURIER.imapd) && ok(DEBIAN_COURIER.pop3d)) return { ...DEBIAN_COURIER, note: '' };
-  const cache = { imapd: join(root, '.cache', 'courier', 'usr', 'bin', 'imapd'), pop3d: join(root, '.cache', 'courier', 'usr', 'lib', 'courier', 'courier', 'courierpop3d') };
-  if (ok(cache.imapd) && ok(cache.pop3d)) {
-    return { ...cache, note: `\n# Found unpacked by scripts/install-deps.sh in ${join(root, '.cache', 'courier')} (Debian's packages\n# install ${DEBIAN_COURIER.imapd} and ${DEBIAN_COURIER.pop3d}).` };
-  }
-  return { ...DEBIAN_COURIER, note: '' };
 }
 
 type CaFrom = { kind: 'ca'; ca: KeyPair } | { kind: 'issued'; caPem: string; host: KeyPair };
@@ -326,7 +293,7 @@ export async function initInstance(o: InitOptions): Promise<{ dir: string; dbPat
     } finally {
       await store.close();
     }
-    writeFileSync(join(dir, 'pigeon.yaml'), configText({ node: o.node, db: dbUrl, listen: o.listen, courier: findCourier() }), { flag: 'wx', mode: 0o640 });
+    writeFileSync(join(dir, 'pigeon.yaml'), configText({ node: o.node, db: dbUrl, listen: o.listen }), { flag: 'wx', mode: 0o640 });
     created.push(join(dir, 'pigeon.yaml'));
   } catch (e) {
     // remove only what this run created. The mail root belongs to the mail user from its chown on:

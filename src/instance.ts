@@ -5,6 +5,11 @@
  *             order (maps merge, lists and scalars replace). Every file is checked on its own, so an
  *             error names the file, line, column and key. Relative paths are relative to the
  *             instance directory. Defaults are applied once, here.
+ *             The file's shape comes from the registries: each backend with settings of its own
+ *             owns a section (backends/registry.ts: `dovecot:`, `courier:`, parsed by the backend
+ *             itself), `peer.trust` names a trust module, `auth:` is checked by the auth sources,
+ *             and `modules:` names modules kept outside this tree (src/module-files.ts loads
+ *             them; a backend named there may own the section of its name).
  * DIAGNOSTICS CONFIG_INVALID / CONFIG_MISSING, exit 78: `file:line:col: key: message`.
  */
 import { readFileSync, readdirSync, existsSync, statSync } from 'node:fs';
@@ -15,8 +20,22 @@ import { AppError } from './errors.js';
 import { parseDbUrl, redactUrl } from './store.js';
 import { checkAuthSection, SOURCE_NAME } from '../auth/registry.js';
 import { TRUST } from '../certs/trust.js';
+import { BACKENDS } from '../backends/registry.js';
+import { MODULE_NAME, FILE_MODULE_KINDS, type FileModuleKind } from './modules.js';
 import { parseNetwork } from './ip.js';
-import { AUTH_FAILURE_DELAY_MS, AUTH_PENALTY_MAX_MS, PREAUTH_CONNS_PER_IP, MAX_CONNECTIONS, MAX_USERIP_CONNECTIONS } from './limits.js';
+import {
+  AUTH_FAILURE_DELAY_MS,
+  AUTH_PENALTY_MAX_MS,
+  PREAUTH_CONNS_PER_IP,
+  MAX_CONNECTIONS,
+  MAX_USERIP_CONNECTIONS,
+  PREAUTH_IDLE_MS,
+  IMAP_MAX_LINE,
+  MDA_LOCK_WAIT_MS,
+  TLS_HANDSHAKE_MS,
+  PEER_HANDOFF_MS,
+  PEER_CONNECT_MS,
+} from './limits.js';
 
 export const PROTOCOLS = ['imap', 'imaps', 'pop3', 'pop3s', 'lmtp', 'peer', 'metrics'] as const;
 export type Protocol = (typeof PROTOCOLS)[number];
@@ -76,7 +95,30 @@ const cidr = z.string().transform((s, ctx) => {
 /** A tls.sni key: a DNS name, or `*.` and a DNS name (a wildcard for one label). */
 export const SNI_NAME = /^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/i;
 
-export const fileSchema = z.strictObject({
+const moduleFiles = z.record(z.string().regex(MODULE_NAME, 'a module name is lower-case letters, digits and hyphens'), path).default({});
+
+/** A registered backend's own section: its parse() checks it; an error names the key below the section. */
+function backendSection(parse: (raw: unknown) => unknown) {
+  return z.unknown().superRefine((v, ctx) => {
+    try {
+      parse(v);
+    } catch (e) {
+      const msg = e instanceof Error ? e.message : String(e);
+      const m = /^([a-z0-9_.]+): (.*)$/s.exec(msg);
+      ctx.addIssue({ code: 'custom', message: m?.[2] ?? msg, path: m?.[1] !== undefined ? m[1].split('.') : [] });
+    }
+  }).optional();
+}
+
+/** Sections owned by backends: the registered ones, and those of backends named in `modules.backend` (checked when loaded). */
+function sectionsOf(declared: readonly string[]): Record<string, z.ZodType> {
+  const out: Record<string, z.ZodType> = {};
+  for (const b of BACKENDS.all()) if (b.section) out[b.section.key] = backendSection(b.section.parse.bind(b.section));
+  for (const name of declared) out[name] ??= z.unknown().optional();
+  return out;
+}
+
+const baseShape = {
   node: z.string().regex(/^[a-z0-9][a-z0-9.-]{0,62}$/i, 'node names are letters, digits, dots and hyphens').default('node1'),
   database: z.string().min(1).default('sqlite:pigeon.db'),
   mail_root: path.default('mail'),
@@ -106,10 +148,8 @@ export const fileSchema = z.strictObject({
       ca_key: path.default('certs/ca.key'),
     })
     .prefault({}),
-  dovecot: z.strictObject({ imap: path.default('/usr/lib/dovecot/imap'), pop3: path.default('/usr/lib/dovecot/pop3') }).prefault({}),
-  courier: z
-    .strictObject({ imapd: path.default('/usr/bin/imapd'), pop3d: path.default('/usr/lib/courier/courier/courierpop3d') })
-    .prefault({}),
+  // modules kept outside this tree, per kind: NAME: /path/to/module.js (src/module-files.ts)
+  modules: z.strictObject(Object.fromEntries(FILE_MODULE_KINDS.map((k) => [k, moduleFiles])) as Record<FileModuleKind, typeof moduleFiles>).prefault({}),
   // the cluster link: where other nodes reach this one (default: the peer= listener's address)
   peer: z
     .strictObject({
@@ -118,13 +158,10 @@ export const fileSchema = z.strictObject({
         .regex(/^(\[[0-9a-f:.]+\]|[a-z0-9.-]+):\d{1,5}$/i, 'expected HOST:PORT')
         .nullable()
         .default(null),
-      // which trust module decides about the node at the other end (certs/trust.ts)
-      trust: z
-        .string()
-        .refine((v) => TRUST.has(v), { message: `unknown trust module; known: ${[...TRUST.keys()].join(', ')}` })
-        .default('registry'),
-      handoff_timeout_s: z.number().int().min(1).max(300).default(10),
-      connect_timeout_s: z.number().int().min(1).max(300).default(10),
+      // which trust module decides about the node at the other end (certs/trust.ts; checked below)
+      trust: z.string().default('registry'),
+      handoff_timeout_s: z.number().int().min(1).max(300).default(PEER_HANDOFF_MS / 1000),
+      connect_timeout_s: z.number().int().min(1).max(300).default(PEER_CONNECT_MS / 1000),
       // this node's certificate from the cluster CA (tls.ca), for peer links only
       cert: path.default('certs/node.crt'),
       key: path.default('certs/node.key'),
@@ -149,11 +186,11 @@ export const fileSchema = z.strictObject({
     .strictObject({
       auth_failure_delay_ms: z.number().int().min(0).max(60000).default(AUTH_FAILURE_DELAY_MS),
       auth_failure_delay_max_ms: z.number().int().min(0).max(300000).default(AUTH_PENALTY_MAX_MS),
-      preauth_timeout_s: z.number().int().min(1).max(3600).default(60),
-      max_line: z.number().int().min(512).max(65536).default(8192),
+      preauth_timeout_s: z.number().int().min(1).max(3600).default(PREAUTH_IDLE_MS / 1000),
+      max_line: z.number().int().min(512).max(65536).default(IMAP_MAX_LINE),
       // mbox delivery: wait for the fcntl lock and the dotlock at most this long, then 4.2.0
-      mda_lock_wait_s: z.number().int().min(1).max(600).default(20),
-      tls_handshake_timeout_s: z.number().int().min(1).max(180).default(15),
+      mda_lock_wait_s: z.number().int().min(1).max(600).default(MDA_LOCK_WAIT_MS / 1000),
+      tls_handshake_timeout_s: z.number().int().min(1).max(180).default(TLS_HANDSHAKE_MS / 1000),
       trusted_networks: z.array(cidr).default([]),
       preauth_per_ip: z.number().int().min(1).max(1_000_000).default(PREAUTH_CONNS_PER_IP),
       max_connections: z.number().int().min(1).max(1_000_000).default(MAX_CONNECTIONS),
@@ -164,7 +201,30 @@ export const fileSchema = z.strictObject({
       path: ['auth_failure_delay_max_ms'],
     })
     .prefault({}),
-});
+};
+
+/** Names of modules the files declare for `kind` (pre-scan: they may own a section). */
+function declaredIn(raws: readonly Record<string, unknown>[], kind: FileModuleKind): string[] {
+  const out = new Set<string>();
+  for (const r of raws) {
+    const m = r['modules'];
+    const k = m !== null && typeof m === 'object' ? (m as Record<string, unknown>)[kind] : undefined;
+    if (k !== null && typeof k === 'object') for (const n of Object.keys(k)) out.add(n);
+  }
+  return [...out];
+}
+
+/** The schema of pigeon.yaml with the sections of the registered backends (and of those `declared` in modules.backend). */
+export function fileSchemaFor(declared: { backend?: readonly string[]; trust?: readonly string[] } = {}) {
+  const trusts = [...TRUST.names(), ...(declared.trust ?? [])];
+  return z
+    .strictObject({ ...baseShape, ...sectionsOf(declared.backend ?? []) })
+    .superRefine((c, ctx) => {
+      if (!trusts.includes(c.peer.trust)) ctx.addIssue({ code: 'custom', path: ['peer', 'trust'], message: `unknown trust module; known: ${trusts.join(', ')}` });
+    });
+}
+
+export const fileSchema = fileSchemaFor();
 
 export type FileConfig = z.output<typeof fileSchema>;
 
@@ -173,6 +233,8 @@ export interface Instance {
   readonly file: string;
   readonly files: readonly string[];
   readonly config: FileConfig;
+  /** the merged files as written (a backend's section: backendConfig in backends/registry.ts) */
+  readonly raw: Readonly<Record<string, unknown>>;
   /** the SQLite file (absolute), or the server database's URL without its password: for messages */
   readonly dbPath: string;
   readonly mailRoot: string;
@@ -236,8 +298,8 @@ function firstInvalidUtf8Line(data: Buffer): number {
   return 1;
 }
 
-/** Parse one YAML file into a plain object, or throw CONFIG_INVALID with file:line:col. */
-function loadFile(file: string): Record<string, unknown> {
+/** Read and parse one YAML file into a plain object, or throw CONFIG_INVALID with file:line:col. */
+function readYaml(file: string): { data: Record<string, unknown>; doc: ReturnType<typeof parseDocument>; lc: LineCounter } {
   let bytes: Buffer;
   try {
     bytes = readFileSync(file);
@@ -260,7 +322,13 @@ function loadFile(file: string): Record<string, unknown> {
   if (typeof data !== 'object' || data === null || Array.isArray(data)) {
     throw new AppError('CONFIG_INVALID', `${file}:1:1: the configuration must be a mapping of keys`);
   }
-  const r = fileSchema.safeParse(data);
+  return { data: data as Record<string, unknown>, doc, lc };
+}
+
+/** Check one file on its own against `schema`; throw CONFIG_INVALID with file:line:col and key. */
+function checkFile(file: string, y: ReturnType<typeof readYaml>, schema: ReturnType<typeof fileSchemaFor>): void {
+  const { data, doc, lc } = y;
+  const r = schema.safeParse(data);
   if (!r.success) {
     const issue = r.error.issues[0];
     if (issue) {
@@ -288,7 +356,6 @@ function loadFile(file: string): Record<string, unknown> {
       throw new AppError('CONFIG_INVALID', `${posOf(lc, file, offset)}: ${p.map(String).join('.') || '(top)'}: ${msg}`);
     }
   }
-  return data as Record<string, unknown>;
 }
 
 function merge(a: Record<string, unknown>, b: Record<string, unknown>): Record<string, unknown> {
@@ -310,9 +377,13 @@ export function loadInstance(c: string | undefined): Instance {
   if (existsSync(confd)) {
     for (const f of readdirSync(confd).filter((f) => f.endsWith('.yaml') || f.endsWith('.yml')).sort()) files.push(join(confd, f));
   }
+  const yamls = files.map((f) => readYaml(f));
+  const raws = yamls.map((y) => y.data);
+  const schema = fileSchemaFor({ backend: declaredIn(raws, 'backend'), trust: declaredIn(raws, 'trust') });
+  yamls.forEach((y, i) => checkFile(files[i] ?? '', y, schema));
   let raw: Record<string, unknown> = {};
-  for (const f of files) raw = merge(raw, loadFile(f));
-  const r = fileSchema.safeParse(raw);
+  for (const d of raws) raw = merge(raw, d);
+  const r = schema.safeParse(raw);
   if (!r.success) throw new AppError('CONFIG_INVALID', `${file}: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
   const config = r.data;
   const abs = (p: string): string => (isAbsolute(p) ? p : join(dir, p));
@@ -328,6 +399,7 @@ export function loadInstance(c: string | undefined): Instance {
     file,
     files,
     config,
+    raw,
     dbPath,
     mailRoot: abs(config.mail_root),
     logFile: config.log.file === null || config.log.file === '' ? null : abs(config.log.file),

@@ -36,6 +36,25 @@ export function parseIp(text: string): Addr | null {
   return a;
 }
 
+/**
+ * A socket's address as the logs and limits use it: parsed, an IPv4-mapped IPv6 address as IPv4
+ * (`::ffff:127.0.0.1` and `::ffff:7f00:1` alike), IPv6 in its canonical form; '' when there is
+ * none (a unix socket or a pipe).
+ */
+export function unmapIp(ip: string | undefined): string {
+  if (!ip) return '';
+  return canonicalIp(ip);
+}
+
+/**
+ * Is the client on this host? A loopback address (127.0.0.0/8, ::1 however written, either of them
+ * IPv4-mapped), or no address at all (a unix socket or a pipe). Text that is no address is not.
+ */
+export function isLoopback(ip: string): boolean {
+  if (ip === '') return true;
+  return parseIp(ip)?.range() === 'loopback';
+}
+
 /** Canonical text of an address (IPv4-mapped unmapped), or the input when it is no address. */
 export function canonicalIp(text: string): string {
   return parseIp(text)?.toString() ?? text;

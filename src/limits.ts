@@ -36,5 +36,26 @@ export const ANVIL_START_MS = 5_000; // an auto-started service must be ready wi
 export const ANVIL_RETRY_MS = 5_000; // after a failure, per-process state this long before retrying
 export const ANVIL_IDLE_MS = 30_000; // an auto-started service exits after this long with no client and no live penalty
 export const ANVIL_CHECK_MS = 2_000; // how often the service checks that its socket is still its own
-export const POSTAUTH_IDLE_IMAP_MS = 30 * 60_000;
-export const POSTAUTH_IDLE_POP3_MS = 10 * 60_000;
+// delivery
+export const LMTP_IDLE_MS = 300_000; // an LMTP session that sends nothing for this long is closed (421)
+export const MBOX_STALE_LOCK_MS = 300_000; // an mbox dotlock older than this belongs to a dead process and is removed
+export const MAX_MESSAGE_SIZE = 64 * 1024 * 1024; // default of mailstore.max_size: larger is 552 5.3.4
+export const ALLOCATION_LOCK_WAIT_MS = 20_000; // creator `lock`: how long a first login or mail waits for another allocator
+// backends and the relay
+export const RELAY_GRACE_MS = 2_000; // a backend whose client left gets this long to go, then SIGTERM / the link is cut
+export const HANDOFF_MAX_INPUT = 16 * 1024; // bytes pipelined after the login that still allow a hand-off of the socket
+export const HANDOFF_MAX_REPLAY = 64 * 1024; // most bytes a hand-off replays to Dovecot (CLIENT_INPUT is one environment string)
+export const BACKEND_MAX_LINE = 65_536; // a backend's greeting or capability line
+export const BACKEND_PROBE_MS = 10_000; // `pigeon config test`: a backend binary must finish its probe within this
+// the peer link (delivery and mailbox moves)
+export const PEER_STORE_ANSWER_MS = 300_000; // the home node must confirm a delivery within this once it has the message
+export const MOVE_STALL_MS = 60_000; // a mailbox copy in which no byte moves for this long is abandoned
+export const MOVE_ANSWER_MS = 300_000; // the receiving node confirms a copied mailbox within this
+export const MOVE_OUT_MS = 600_000; // the node that holds a mailbox must have sent it (move-out) within this
+export const MOVE_LINE_MAX = 8192; // one file header line of a mailbox copy
+// defaults of pigeon.yaml settings that are not in `limits:`
+export const MDA_LOCK_WAIT_MS = 20_000; // limits.mda_lock_wait_s: an mbox delivery waits this long for the locks, then 4.2.0
+export const TLS_HANDSHAKE_MS = 15_000; // limits.tls_handshake_timeout_s
+export const PEER_HANDOFF_MS = 10_000; // peer.handoff_timeout_s: a peer must send its whole hand-off within this
+export const PEER_CONNECT_MS = 10_000; // peer.connect_timeout_s
+export const PEER_TLS_HANDSHAKE_MS = 15_000; // a node connecting to the peer listener must finish its TLS handshake within this

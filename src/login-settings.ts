@@ -1,5 +1,5 @@
 /** Node-wide login policy (global scope only): who may send a password without TLS. */
-import type { SettingsSpec } from './settings.js';
+import type { SettingsDecl } from './settings.js';
 
 export const loginSettings = {
   module: 'login',
@@ -14,4 +14,4 @@ export const loginSettings = {
     },
     enabled: { type: 'boolean', default: true, doc: 'whether this user or domain may log in at all' },
   },
-} as const satisfies SettingsSpec;
+} as const satisfies SettingsDecl;

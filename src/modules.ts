@@ -1,13 +1,120 @@
 /**
- * NAME        src/modules — the typed contracts every module implements
- * DESCRIPTION One module per file, registered by name in src/registry.ts. A module knows only its
- *             own configuration (`settings` = its slice of the user's effective config).
- *             `AuthInstance` is what a login asks (auth/chain.ts builds it from the auth sources
- *             of auth/registry.ts, whose contract is auth/types.ts).
+ * NAME        src/modules — what every module shares, and the registry of one kind
+ * DESCRIPTION A module is one file whose default export is an object of its kind's contract:
+ *               delivery  src/delivery/types.ts   registry src/delivery/registry.ts
+ *               mda       src/delivery/mda.ts     registry src/delivery/registry-mda.ts
+ *               creator   src/creators/types.ts   registry src/creators/registry.ts
+ *               backend   backends/types.ts       registry backends/registry.ts
+ *               forker    forkers/types.ts        registry forkers/registry.ts
+ *               auth      auth/types.ts           registry auth/registry.ts
+ *               trust     certs/trust.ts          registry certs/trust.ts
+ *             Each contract extends `ModuleBase` (kind, name, summary) and knows only its own
+ *             configuration. A kind's `Registry` holds the built-in modules (a static list: no
+ *             directory scanning) and those an instance names in pigeon.yaml `modules:` (loaded by
+ *             src/module-files.ts). Settings, choices and configuration sections are derived from
+ *             the registries (src/catalog.ts, src/instance.ts, the CLI); `checkModule` is the
+ *             self-check every module passes when it is registered (src/registries.ts).
+ *             `AuthInstance` is what a login asks (auth/chain.ts builds it from the auth sources).
  */
 import type { Json } from './settings.js';
 import type { UserRecord } from './store.js';
 import type { Effective } from './resolve.js';
+
+export const KINDS = ['delivery', 'mda', 'creator', 'backend', 'forker', 'auth', 'trust'] as const;
+export type Kind = (typeof KINDS)[number];
+
+/**
+ * The kinds pigeon.yaml `modules:` may name files for (src/module-files.ts). Auth sources have
+ * their own `auth.modules`; MDA modules run inside the mail writer child and forkers before the
+ * configuration is read, so both are built in only.
+ */
+export const FILE_MODULE_KINDS = ['delivery', 'creator', 'backend', 'trust'] as const;
+export type FileModuleKind = (typeof FILE_MODULE_KINDS)[number];
+
+/** What every module of every kind has. */
+export interface ModuleBase<K extends Kind = Kind> {
+  readonly kind: K;
+  /** the name configuration uses (a setting's value, a chain entry, a `--forker` choice) */
+  readonly name: string;
+  readonly summary: string;
+}
+
+/** A module name: lower-case letters, digits and hyphens, starting with a letter. */
+export const MODULE_NAME = /^[a-z][a-z0-9-]{0,30}$/;
+
+/**
+ * The modules of one kind, by name: the built-ins first, in their order (the order matters for
+ * delivery modules), then any loaded from files. `check` is the kind's self-check of one module:
+ * what is wrong with it, or nothing.
+ */
+export class Registry<M extends ModuleBase> {
+  readonly kind: M['kind'];
+  private readonly byName = new Map<string, M>();
+  private readonly fromFile = new Map<string, string>();
+  private readonly check: (m: M, registry: Registry<M>) => string[];
+  private readonly listeners: (() => void)[] = [];
+
+  constructor(kind: M['kind'], builtins: readonly M[], check: (m: M, registry: Registry<M>) => string[] = () => []) {
+    this.kind = kind;
+    this.check = check;
+    for (const m of builtins) this.byName.set(m.name, m);
+  }
+
+  get(name: string): M | undefined {
+    return this.byName.get(name);
+  }
+
+  has(name: string): boolean {
+    return this.byName.has(name);
+  }
+
+  names(): string[] {
+    return [...this.byName.keys()];
+  }
+
+  all(): M[] {
+    return [...this.byName.values()];
+  }
+
+  /** The file a module was loaded from, or null for a built-in one. */
+  origin(name: string): string | null {
+    return this.fromFile.get(name) ?? null;
+  }
+
+  /** What is wrong with each module (its self-check, and the checks every module passes). */
+  problems(): string[] {
+    const out: string[] = [];
+    for (const m of this.byName.values()) for (const p of this.problemsOf(m)) out.push(`${this.kind} module ${m.name}${this.fromFile.has(m.name) ? ` (${this.fromFile.get(m.name) ?? ''})` : ''}: ${p}`);
+    return out;
+  }
+
+  private problemsOf(m: M): string[] {
+    const out: string[] = [];
+    if (m.kind !== this.kind) out.push(`kind is ${JSON.stringify(m.kind)}, expected ${JSON.stringify(this.kind)}`);
+    if (typeof m.name !== 'string' || !MODULE_NAME.test(m.name)) out.push('a module name is lower-case letters, digits and hyphens');
+    if (typeof m.summary !== 'string' || m.summary === '') out.push('no summary');
+    if (out.length > 0) return out;
+    return this.check(m, this);
+  }
+
+  /**
+   * Add a module loaded from `file` (src/module-files.ts). Refused, with the reason, when the
+   * name is taken or the module fails its kind's self-check; the registry is then unchanged.
+   */
+  add(m: M, file: string): void {
+    if (this.byName.has(m.name)) throw new Error(`${m.name} is ${this.fromFile.has(m.name) ? 'already loaded' : `a built-in ${this.kind} module`}`);
+    const bad = this.problemsOf(m);
+    if (bad.length > 0) throw new Error(bad.join('; '));
+    this.byName.set(m.name, m);
+    this.fromFile.set(m.name, file);
+    for (const l of this.listeners) l();
+  }
+
+  /** Called after every `add` (derived views such as the settings catalog rebuild). */
+  onChange(f: () => void): void {
+    this.listeners.push(f);
+  }
+}
 
 /** A user after authentication: identity plus the resolved configuration, read once. */
 export interface ResolvedUser {

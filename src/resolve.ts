@@ -7,7 +7,7 @@
  *             The result keeps, per key, where the value came from and which rows lost and why.
  */
 import type { Json, Scope } from './settings.js';
-import { CATALOG } from './catalog.js';
+import { catalog } from './catalog.js';
 
 export type Flag = 'override' | 'ignore';
 
@@ -56,7 +56,7 @@ export function resolve(rows: readonly SettingRow[]): Effective {
     if (list) list.push(r);
     else byKey.set(name, [r]);
   }
-  for (const spec of CATALOG.values()) {
+  for (const spec of catalog().values()) {
     const ig = ignoreAt.get(spec.module);
     for (const [key, ks] of Object.entries(spec.keys)) {
       const name = `${spec.module}.${key}`;

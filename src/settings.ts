@@ -2,9 +2,13 @@
  * NAME        src/settings — how a module declares its per-user settings
  * DESCRIPTION A module lists its keys once: type, default, which scopes may set it, and a one-line
  *             description. The CLI validates `config set` against it (a typo is refused with the
- *             list of valid keys); the resolver fills defaults from it.
+ *             list of valid keys); the resolver fills defaults from it. A key whose value names a
+ *             module of another kind (`mailstore.format` an MDA, `imap.backend` a backend) is
+ *             declared `{ type: 'module', kind }`: the settings catalog (src/catalog.ts) turns it
+ *             into the list of the names registered now.
  */
 import { AppError } from './errors.js';
+import type { Kind } from './modules.js';
 
 export type Json = null | boolean | number | string | Json[] | { [k: string]: Json };
 
@@ -28,6 +32,30 @@ export interface SettingsSpec {
   readonly module: string;
   readonly summary: string;
   readonly keys: Readonly<Record<string, KeySpec>>;
+}
+
+/** A key as a module declares it: a KeySpec, or the name of a registered module of `kind`. */
+export type KeyDecl = KeySpec | ({ readonly type: 'module'; readonly kind: Kind } & Omit<KeySpec, 'type'>);
+
+/** A module's settings as it declares them (src/catalog.ts makes a SettingsSpec of them). */
+export interface SettingsDecl {
+  readonly module: string;
+  readonly summary: string;
+  readonly keys: Readonly<Record<string, KeyDecl>>;
+}
+
+/** What is wrong with a module's declared keys (the registries' self-check). */
+export function declProblems(keys: Readonly<Record<string, KeyDecl>> | undefined): string[] {
+  if (keys === null || typeof keys !== 'object') return ['declares no settings'];
+  const out: string[] = [];
+  const enabled = keys['enabled'];
+  if (!enabled || enabled.type !== 'boolean') out.push('its settings have no boolean key "enabled" (it would never run)');
+  for (const [k, spec] of Object.entries(keys)) {
+    if (!/^[a-z][a-z0-9_]{0,40}$/.test(k)) out.push(`setting ${JSON.stringify(k)}: a key is lower-case letters, digits and underscores`);
+    else if (spec === null || typeof spec !== 'object' || typeof spec.doc !== 'string') out.push(`setting ${k}: no doc`);
+    else if (spec.type !== 'module' && !checkValue(spec, spec.default)) out.push(`setting ${k}: default ${JSON.stringify(spec.default)} is not a ${typeName(spec)}`);
+  }
+  return out;
 }
 
 function typeName(k: KeyType): string {

@@ -10,7 +10,7 @@ import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, write
 import { join } from 'node:path';
 import { connect } from 'node:net';
 import { clientKey, NetworkList, canonicalIp } from '../src/ip.js';
-import { isLoopback, unmap } from '../src/proxy/conn.js';
+import { isLoopback, unmapIp as unmap } from '../src/ip.js';
 import { AnvilState } from '../src/anvil/state.js';
 import { AnvilClient } from '../src/anvil/client.js';
 import { openRunDir } from '../src/anvil/run-dir.js';

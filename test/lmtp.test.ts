@@ -23,7 +23,7 @@ async function serverFor(inst: string, t: { teardown: (f: () => void | Promise<v
   const store = await openStore(instance.config.database, { baseDir: instance.dir });
   const lines: string[] = [];
   const logger = createLogger({ level: 'debug', sink: (l) => lines.push(l) });
-  const server = createLmtpServer({ instance, store, logger });
+  const server = createLmtpServer({ instance, store, logger, remote: null });
   t.teardown(() => store.close());
   return { server, lines };
 }

@@ -19,6 +19,7 @@
  * SECURITY    A line longer than ANVIL_MAX_LINE or one that does not parse ends the connection.
  *             Who may connect is decided by the socket's directory and mode (src/anvil/run-dir.ts).
  */
+import { LineBuffer } from '../lines.js';
 import { z } from 'zod';
 
 export const PROTOCOL_VERSION = 1;
@@ -82,9 +83,9 @@ export const replySchema = z.union([
 ]);
 export type Reply = z.output<typeof replySchema>;
 
-/** Splits a byte stream into lines; refuses a line longer than `max` bytes. */
+/** Splits a byte stream into lines (the one line reader, src/lines.ts); refuses a line longer than `max` bytes. */
 export class LineReader {
-  private buf: Buffer = Buffer.alloc(0);
+  private readonly lines = new LineBuffer();
   private readonly max: number;
   constructor(max: number) {
     this.max = max;
@@ -92,16 +93,12 @@ export class LineReader {
 
   /** Lines completed by `chunk`; throws when a line exceeds the limit. */
   push(chunk: Buffer): string[] {
-    this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk]);
+    this.lines.push(chunk);
     const out: string[] = [];
-    for (;;) {
-      const nl = this.buf.indexOf(0x0a);
-      if (nl < 0) break;
-      if (nl > this.max) throw new Error(`line longer than ${this.max} bytes`);
-      out.push(this.buf.subarray(0, nl).toString('utf8'));
-      this.buf = this.buf.subarray(nl + 1);
+    for (let r = this.lines.line(this.max + 1); r !== null; r = this.lines.line(this.max + 1)) {
+      if (r.kind === 'too-long') throw new Error(`line longer than ${this.max} bytes`);
+      out.push(r.line.toString('utf8'));
     }
-    if (this.buf.length > this.max) throw new Error(`line longer than ${this.max} bytes`);
     return out;
   }
 }

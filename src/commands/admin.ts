@@ -12,7 +12,7 @@ import { AppError } from '../errors.js';
 import { openCtx } from '../context.js';
 import { readStdinBytes, printJson } from '../io.js';
 import { hashPassword, parseHash, isScheme, SCHEMES } from '../../auth/schemes.js';
-import { lookupKey, CATALOG } from '../catalog.js';
+import { lookupKey, catalog } from '../catalog.js';
 import { parseValue, describeType, type Json } from '../settings.js';
 import { resolve, forcedBy, values, type Effective, type Flag } from '../resolve.js';
 import type { ScopeRef, UserRecord } from '../store.js';
@@ -313,7 +313,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .option('--override', 'force this value on every narrower scope (global/domain only)')
     .option('--ignore', 'with MODULE.*: ignore every narrower setting of MODULE (global/domain only)')
     .description('set a setting at one scope')
-    .addHelpText('after', `\nModules and keys:\n${[...CATALOG.values()].map((m) => Object.entries(m.keys).map(([k, s]) => `  ${m.module}.${k} (${describeType(s)}, default ${JSON.stringify(s.default)}): ${s.doc}`).join('\n')).join('\n')}`)
+    .addHelpText('after', `\nModules and keys:\n${[...catalog().values()].map((m) => Object.entries(m.keys).map(([k, s]) => `  ${m.module}.${k} (${describeType(s)}, default ${JSON.stringify(s.default)}): ${s.doc}`).join('\n')).join('\n')}`)
     .action(async (name, value, o) => {
       const ref = pickScope(o);
       const k = lookupKey(name, true);
@@ -387,7 +387,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .option('--json', 'JSON output')
     .description('list every module key with its type, default and meaning')
     .action(async (o) => {
-      const out = [...CATALOG.values()].flatMap((m) =>
+      const out = [...catalog().values()].flatMap((m) =>
         Object.entries(m.keys).map(([k, s]) => ({ key: `${m.module}.${k}`, type: describeType(s), default: s.default, scopes: s.scopes ?? ['global', 'domain', 'user'], doc: s.doc })),
       );
       if (o.json) printJson(out);

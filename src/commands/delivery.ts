@@ -7,12 +7,16 @@
  */
 import type { Command } from '@commander-js/extra-typings';
 import { Option, CommanderError } from '@commander-js/extra-typings';
-import { EX } from '../errors.js';
+import { AppError, EX } from '../errors.js';
 import { runDeliver, inputOf } from '../delivery/deliver.js';
 import { statusLine } from '../delivery/outcome.js';
 import { loadInstance } from '../instance.js';
 import { openStore } from '../store.js';
 import { deliveryLogger } from '../delivery/env.js';
+import { remoteStore } from '../peer/remote-store.js';
+import { FORKERS, oneShotForkers } from '../../forkers/registry.js';
+import { isOneShot } from '../../forkers/types.js';
+import { NodeDirectory } from '../nodes.js';
 
 let answered = false;
 /** Print the one status line (at most once) and set the exit code. */
@@ -68,6 +72,8 @@ master.cf:  pigeon unix - n n - - pipe flags=Rq user=mail argv=/usr/local/bin/pi
           mailbox: o.mailbox,
           recipients: [...o.destination, ...recipients],
           input: inputOf(o.path),
+          // recipients homed on other nodes: the peer link, loaded only when one is
+          remote: (instance, store, nodes) => remoteStore(instance, store, nodes),
         });
         answer(r.code, r.line);
       } catch (e) {
@@ -79,16 +85,25 @@ master.cf:  pigeon unix - n n - - pipe flags=Rq user=mail argv=/usr/local/bin/pi
   program
     .command('lmtp')
     .description('serve one LMTP session on stdin/stdout (Postfix spawn, inetd, swaks --pipe)')
-    .addOption(new Option('--forker <forker>', 'how the session arrives: stdio (stdin/stdout, pipe or socket) or inetd (fd 0 is the socket)').choices(['stdio', 'inetd'] as const).default('stdio' as const))
+    .addOption(
+      new Option('--forker <forker>', `how the session arrives: ${oneShotForkers().map((f) => `${f.name} (${f.summary})`).join('; ')}`)
+        .choices(oneShotForkers().map((f) => f.name))
+        .default('stdio'),
+    )
     .action(async (o) => {
       // loaded here only: keeps smtp-server off the start-up path of every `pigeon deliver`
-      const { createLmtpServer, handleLmtpSocket, stdioSocket } = await import('../delivery/lmtp.js');
+      const { createLmtpServer, handleLmtpSocket } = await import('../delivery/lmtp.js');
+      const { loadModules } = await import('../module-files.js');
+      const forker = FORKERS.get(o.forker);
+      if (!forker || !isOneShot(forker)) throw new AppError('USAGE', `unknown forker ${JSON.stringify(o.forker)}`);
+      const socket = forker.transport().stream;
       const instance = loadInstance(cfg());
+      await loadModules(instance);
       // stdout (and under spawn/inetd stderr) is the protocol: log.file, syslog or log.fallback_file
       const logger = deliveryLogger(instance);
       const store = await openStore(instance.config.database, { baseDir: instance.dir });
-      const server = createLmtpServer({ instance, store, logger });
-      const socket = stdioSocket(o.forker);
+      const nodes = new NodeDirectory(store);
+      const server = createLmtpServer({ instance, store, logger, remote: remoteStore(instance, store, nodes), nodes });
       await new Promise<void>((resolve) => {
         socket.once('close', () => resolve());
         handleLmtpSocket(server, socket);

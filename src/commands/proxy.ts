@@ -13,37 +13,64 @@ import type { Command } from '@commander-js/extra-typings';
 import { Option } from '@commander-js/extra-typings';
 import type { ProxyEnv } from '../proxy/env.js';
 import type { ExtraListener } from '../../forkers/listen.js';
-import type { OneShotForker } from '../../forkers/types.js';
-import { AppError, EX, isAppError } from '../errors.js';
+import type { PeerContext } from '../peer/context.js';
+import type { DeliveryEnv } from '../delivery/types.js';
+import { oneShotForkers } from '../../forkers/registry.js';
+import { AppError, EX, isAppError, replyCode } from '../errors.js';
 
-// The proxy stack is imported when a proxy command runs, so admin commands start fast.
-async function forkers(): Promise<ReadonlyMap<string, OneShotForker>> {
-  const [stdio, inetd, postfix] = await Promise.all([import('../../forkers/stdio.js'), import('../../forkers/inetd.js'), import('../../forkers/postfix.js')]);
-  return new Map<string, OneShotForker>([
-    [stdio.default.name, stdio.default],
-    [inetd.default.name, inetd.default],
-    [postfix.default.name, postfix.default],
-  ]);
-}
-
-/** `serve` opens lmtp=, peer= and metrics= listeners through their own modules (imported only for serve). */
+/**
+ * `serve` opens lmtp=, peer= and metrics= listeners through their own modules (imported only for
+ * serve). This is where the daemon joins them: the peer listener hands received sessions to the
+ * proxy (src/proxy/received.ts) and received messages to the delivery driver
+ * (src/delivery/receive.ts); LMTP stores mail for other nodes over the worker's peer links.
+ */
 async function extraListeners(): Promise<ExtraListener> {
-  const [{ lmtpListener }, { peerListener }, { metricsServer }, cluster] = await Promise.all([
+  const [{ lmtpListener }, { peerListener }, { metricsServer }, cluster, { createPeerContext }, { remoteStore }, { receiveSession }, { receiveDelivery }, { makeDeliveryEnv }] = await Promise.all([
     import('../delivery/lmtp-listener.js'),
     import('../peer/listener.js'),
     import('../metrics.js'),
     import('node:cluster'),
+    import('../peer/context.js'),
+    import('../peer/remote-store.js'),
+    import('../proxy/received.js'),
+    import('../delivery/receive.js'),
+    import('../delivery/env.js'),
   ]);
+  // one peer context per worker: its spare links serve every listener of the worker
+  const peers = new WeakMap<ProxyEnv, PeerContext>();
+  const peerOf = (env: ProxyEnv): PeerContext => {
+    let p = peers.get(env);
+    if (!p) {
+      p = createPeerContext(env.instance, env.store, env.nodes);
+      p.prewarm = true;
+      peers.set(env, p);
+    }
+    return p;
+  };
+  // the delivery side of received messages, built on the first one (mail user looked up once);
+  // no RemoteStore: a received message is never forwarded again; the logger follows SIGHUP reloads
+  const received = new WeakMap<ProxyEnv, DeliveryEnv>();
+  const deliveryEnvOf = (env: ProxyEnv): DeliveryEnv => {
+    let d = received.get(env);
+    if (!d) {
+      d = makeDeliveryEnv(env.instance, env.store, { log: (...a) => env.log.log(...a) }, 'lmtp', null, env.nodes);
+      received.set(env, d);
+    }
+    return d;
+  };
   return (l, env) => {
     if (l.protocol === 'metrics') return metricsServer({ node: env.instance.config.node, worker: String(cluster.default.worker?.id ?? 0) });
-    return lmtpListener(l, env) ?? peerListener(l, env);
+    if (l.protocol === 'lmtp') return lmtpListener(l, env, remoteStore(env.instance, env.store, env.nodes, peerOf(env)));
+    return peerListener(l, env, peerOf(env), {
+      session: (s) => receiveSession(env, s),
+      delivery: (d) => receiveDelivery(deliveryEnvOf(env), d),
+    });
   };
 }
 
 async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTls: boolean, cfg: string | undefined): Promise<number> {
-  const all = await forkers();
-  const forker = all.get(forkerName);
-  if (!forker) throw new AppError('USAGE', `unknown forker ${JSON.stringify(forkerName)}; one of: ${[...all.keys()].join(', ')}`);
+  const forker = oneShotForkers().find((f) => f.name === forkerName);
+  if (!forker) throw new AppError('USAGE', `unknown forker ${JSON.stringify(forkerName)}; one of: ${oneShotForkers().map((f) => f.name).join(', ')}`);
   const { createProxyEnv } = await import('../proxy/env.js');
   const { syslogSink, createLogger } = await import('../log.js');
   let env: ProxyEnv;
@@ -51,13 +78,16 @@ async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTl
     env = await createProxyEnv(cfg, { logToStderr: !forker.stdioIsProtocol, role: forker.name });
   } catch (e) {
     const msg = isAppError(e) ? e.message : String(e);
-    const line = proto === 'imap' ? '* BYE [UNAVAILABLE] Server configuration error, see the server log.\r\n' : '-ERR [SYS/TEMP] Server configuration error, see the server log.\r\n';
+    // a configuration error (or any start-up failure) is temporary for the client: [UNAVAILABLE], [SYS/TEMP]
+    const code = replyCode(e, proto);
+    const line = proto === 'imap' ? `* BYE [${code}] Server configuration error, see the server log.\r\n` : `-ERR [${code}] Server configuration error, see the server log.\r\n`;
     process.stdout.write(line);
     createLogger({ level: 'info', sink: syslogSink() ?? (() => {}) }).log('error', `${proto}-login`, `fatal: ${msg}`);
     if (forker.name === 'stdio') process.stderr.write(`pigeon: error: ${msg}\n`);
     return isAppError(e) ? e.exit : EX.CONFIG;
   }
-  const conn = forker.connection();
+  const { ClientConn } = await import('../proxy/conn.js');
+  const conn = new ClientConn({ ...forker.transport(), secure: false });
   // this connection's place in the node-wide limits (the node state service, started if none runs)
   const { admit, attachSlot, limitReply } = await import('../proxy/slots.js');
   let tlsUp = false;
@@ -84,8 +114,7 @@ async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTl
         return EX.OK;
       }
     }
-    const session = proto === 'imap' ? new (await import('../proxy/imap-session.js')).ImapSession(env, conn) : new (await import('../proxy/pop3-session.js')).Pop3Session(env, conn);
-    await session.run();
+    await (await import('../proxy/sessions.js')).runSession(env, proto, conn);
     return EX.OK;
   } finally {
     a.slot.close();
@@ -104,7 +133,8 @@ export function registerProxy(program: Command, cfg: () => string | undefined): 
     .action(async (o) => {
       const { serve } = await import('../../forkers/listen.js');
       const { createProxyEnv } = await import('../proxy/env.js');
-      const { registerAtStart, startDuties } = await import('../peer/duties.js');
+      const { registerAtStart, startDuties, REGISTRY_REFRESH_MS } = await import('../peer/duties.js');
+      const { watchMoves } = await import('../proxy/live.js');
       const cluster = (await import('node:cluster')).default;
       if (cluster.isPrimary) {
         // once, before any worker: check the certificate and join (or refresh) the node registry
@@ -112,8 +142,10 @@ export function registerProxy(program: Command, cfg: () => string | undefined): 
         for (const l of (await registerAtStart(loadInstance(cfg()))).lines) process.stderr.write(`pigeon: ${l}\n`);
       }
       const makeEnv = async (): Promise<ProxyEnv> => {
-        const env = await createProxyEnv(cfg(), { logToStderr: true, role: 'worker' });
+        const env = await createProxyEnv(cfg(), { logToStderr: true, role: 'worker', daemon: true });
         startDuties(env);
+        // sessions of users whose mailbox is being moved end (they log in again on the new node)
+        watchMoves(env.store, REGISTRY_REFRESH_MS, (address, n) => env.log.log('info', `imap(${address})`, `Ended ${n} session(s): mailbox is being moved`));
         return env;
       };
       let code: number;
@@ -130,7 +162,7 @@ export function registerProxy(program: Command, cfg: () => string | undefined): 
   for (const proto of ['imap', 'pop3'] as const) {
     program
       .command(proto)
-      .addOption(new Option('--forker <name>', 'what the session runs on').choices(['stdio', 'inetd', 'postfix']).default('stdio'))
+      .addOption(new Option('--forker <name>', 'what the session runs on').choices(oneShotForkers().map((f) => f.name)).default('stdio'))
       .option('--tls', `implicit TLS on the inherited socket (${proto}s)`)
       .description(`one ${proto.toUpperCase()} session on the inherited stdin/stdout (inetd.conf, master.cf spawn, ssh, tests)`)
       .action(async (o) => {

@@ -2,8 +2,9 @@
  * NAME        src/delivery/deliver — `pigeon deliver`: the MDA for Postfix pipe(8)
  * SYNOPSIS    pigeon [-c DIR] deliver [-f SENDER] [-a ORIGINAL] [-m FOLDER] [-p FILE] [-d RCPT]... [--] [RCPT...]
  * DESCRIPTION Resolves every recipient first (one configuration read each; an unknown one is
- *             answered without reading the message), spools the message from stdin (or -p FILE),
- *             then runs the delivery pipeline per recipient. dovecot-lda's -d/-a/-f/-m/-e/-p are
+ *             answered without reading the message), then hands the message from stdin (or -p
+ *             FILE) to the delivery driver (src/delivery/driver.ts, shared with LMTP and the peer
+ *             receiver), which spools it once and runs the pipeline per recipient. dovecot-lda's -d/-a/-f/-m/-e/-p are
  *             accepted. Without -f the sender is taken from the message's Return-Path.
  * DIAGNOSTICS Exit 0 delivered; 67 unknown user (5.1.1); 65 unusable input (5.1.3, 5.3.4, 5.4.6,
  *             ...); 73 over quota (5.2.2); 75 every temporary failure, including configuration
@@ -18,13 +19,14 @@ import { createReadStream } from 'node:fs';
 import { loadInstance } from '../instance.js';
 import { openStore, type Store } from '../store.js';
 import { isAppError, EX, type ExitCode } from '../errors.js';
-import { spool, headerText, type Spooled } from './message.js';
-import { resolveRecipient, deliverRecipient, type Resolved } from './pipeline.js';
-import { spoolLimit } from './mailstore.js';
+import { loadModules } from '../module-files.js';
+import { NodeDirectory } from '../nodes.js';
+import { resolveRecipient, deliverMessage, parseSender, type Accepted } from './driver.js';
 import { makeDeliveryEnv, deliveryLogger } from './env.js';
 import { exitCodeOf, statusLine, summarise } from './outcome.js';
-import type { DeliveryResult } from './types.js';
-import { fault } from './fault.js';
+import type { DeliveryResult, RemoteStore } from './types.js';
+
+export { parseSender } from './driver.js';
 
 export interface DeliverArgs {
   readonly config: string | undefined;
@@ -34,6 +36,8 @@ export interface DeliverArgs {
   readonly recipients: readonly string[];
   /** the message; default stdin */
   readonly input: AsyncIterable<Buffer>;
+  /** recipients homed on other nodes (the peer link, built on first use) */
+  readonly remote: (instance: import('../instance.js').Instance, store: Store, nodes: NodeDirectory) => RemoteStore;
 }
 
 export interface DeliverOutcome {
@@ -44,22 +48,9 @@ export interface DeliverOutcome {
 
 const fail = (r: DeliveryResult): DeliverOutcome => ({ code: exitCodeOf(r), line: statusLine(r) });
 
-/**
- * Normalise an envelope sender: '' for the null sender; null if unusable. U+FFFD is refused: node
- * puts it in place of argv bytes that are not UTF-8 (and smtp-server in place of such bytes in
- * MAIL FROM), so a sender holding it is not the address the MTA gave.
- */
-export function parseSender(s: string): string | null {
-  const v = s.trim().replace(/^<(.*)>$/, '$1').trim();
-  // pipe(8) expands the null sender to MAILER-DAEMON unless null_sender= is set
-  if (v === '' || v.toUpperCase() === 'MAILER-DAEMON') return '';
-  if (/[\s\0<>\ufffd]/.test(v) || v.length > 320) return null;
-  return v;
-}
-
 export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
   if (a.recipients.length === 0) return fail({ dsn: '4.3.5', text: 'no recipient on the command line (check the pipe argv in master.cf)' });
-  let sender: string | null = a.sender === undefined ? null : parseSender(a.sender);
+  const sender: string | null = a.sender === undefined ? null : parseSender(a.sender);
   if (a.sender !== undefined && sender === null) {
     return fail({ dsn: '5.1.7', text: a.sender.includes('\ufffd') ? 'bad sender address: not UTF-8' : `bad sender address syntax: ${JSON.stringify(a.sender.slice(0, 100))}` });
   }
@@ -68,6 +59,7 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
   let instance;
   try {
     instance = loadInstance(a.config);
+    await loadModules(instance);
   } catch (e) {
     return fail({ dsn: '4.3.5', text: `configuration error: ${isAppError(e) ? e.message : String(e)}` });
   }
@@ -80,40 +72,30 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
     logger.log('error', 'deliver', 'cannot open the configuration database', { error: e instanceof Error ? e.message : String(e) });
     return fail({ dsn: locked ? '4.3.0' : '4.3.5', text: `configuration database unavailable: ${isAppError(e) ? e.message : 'error'}` });
   }
-  let message: Spooled | null = null;
   try {
-    const env = makeDeliveryEnv(instance, store, logger, 'deliver');
+    const nodes = new NodeDirectory(store);
+    const env = makeDeliveryEnv(instance, store, logger, 'deliver', a.remote(instance, store, nodes), nodes);
+    const results: DeliveryResult[] = [];
+    const accepted: Accepted[] = [];
     const seen = new Set<string>();
-    const resolved: Resolved[] = [];
     for (const r of a.recipients) {
       const x = await resolveRecipient(store, r);
       if (seen.has(x.rcpt)) continue; // a duplicate recipient gets one copy
       seen.add(x.rcpt);
-      resolved.push(x);
-      if (!x.ok) env.log('info', 'rejected', { user: x.rcpt, status: statusLine(x.result) });
+      if (x.ok) accepted.push(x);
+      else {
+        env.log('info', 'rejected', { user: x.rcpt, status: statusLine(x.result) });
+        results.push(x.result);
+      }
     }
-    const ok = resolved.filter((x): x is Extract<Resolved, { ok: true }> => x.ok);
-    const results: DeliveryResult[] = resolved.flatMap((x) => (x.ok ? [] : [x.result]));
-    if (ok.length > 0) {
-      try {
-        message = await spool(a.input, { limit: spoolLimit(ok.map((x) => x.config['mailstore.max_size']?.value)) });
-      } catch (e) {
-        return fail({ dsn: '4.3.0', text: `cannot read the message: ${(e as NodeJS.ErrnoException).code ?? (e instanceof Error ? e.message : String(e))}` });
-      }
-      await fault('spooled');
-      // the Return-Path's bytes as UTF-8 (it becomes the envelope sender of forwards and the
-      // recipient of a vacation reply); one that is not UTF-8 counts as the null sender
-      if (sender === null) sender = parseSender(headerText(message.get('return-path')[0] ?? '') ?? '') ?? '';
-      for (const r of ok) {
-        const res = await deliverRecipient({ resolved: r, sender, original: a.original ?? null, mailbox: a.mailbox ?? null, message }, env);
-        if (!res.dsn.startsWith('2')) env.log(res.dsn.startsWith('4') ? 'warn' : 'info', res.dsn.startsWith('4') ? 'deferred' : 'rejected', { user: r.rcpt, status: statusLine(res) });
-        results.push(res);
-      }
+    // the message is read only when someone can take it
+    if (accepted.length > 0) {
+      const delivered = await deliverMessage(env, a.input, { sender, original: a.original ?? null, mailbox: a.mailbox ?? null, recipients: accepted });
+      for (const x of accepted) results.push(delivered.get(x.rcpt) ?? { dsn: '4.3.0', text: 'internal error' });
     }
     const s = summarise(results);
     return s.dsn.startsWith('2') ? { code: EX.OK, line: null } : fail(s);
   } finally {
-    await message?.close();
     await store.close();
   }
 }

@@ -1,30 +1,28 @@
 /**
- * NAME        src/delivery/env — the node-local delivery environment (shared by deliver and LMTP)
+ * NAME        src/delivery/env — the node-local delivery environment (deliver, LMTP, peer receiver)
  * DESCRIPTION Built once per process from the instance: allocation context (store, node, mail
- *             root, mail user), the sendmail command, the host name used in Maildir file names,
- *             and a logger bound to a prefix (`deliver(user)` / `lmtp(user)` lines, Dovecot style);
- *             notices of the MDA modules (src/delivery/notice.ts) go to the same log.
+ *             root, mail user, the cluster's nodes), the sendmail command, the host name used in
+ *             Maildir file names, how recipients homed on other nodes are stored (`remote`, given
+ *             by the caller: the peer link, built on its first use; null where a message must
+ *             never travel again), and a logger bound to a prefix (`deliver(user)` / `lmtp(user)`
+ *             lines, Dovecot style); notices of the MDA modules (src/delivery/notice.ts) go to the
+ *             same log.
  */
 import { hostname } from 'node:os';
 import type { Instance } from '../instance.js';
 import type { Store } from '../store.js';
 import { createLogger, syslogOrFileSink, type Logger } from '../log.js';
+import type { NodeDirectory } from '../nodes.js';
 import { resolveMailUser } from '../mailuser.js';
-import type { DeliveryEnv } from './types.js';
+import type { DeliveryEnv, RemoteStore } from './types.js';
 import { onNotice } from './notice.js';
-import { createPeerContext, type PeerContext } from '../peer/context.js';
 
-/**
- * `peer`: links to other nodes for users homed there (default: a context of its own, loaded on first
- * use); null where mail must never be forwarded again (a delivery received over a peer link).
- */
-export function makeDeliveryEnv(instance: Instance, store: Store, logger: Logger, service: 'deliver' | 'lmtp', peer?: PeerContext | null): DeliveryEnv {
+export function makeDeliveryEnv(instance: Instance, store: Store, logger: Logger, service: 'deliver' | 'lmtp', remote: RemoteStore | null, nodes?: NodeDirectory): DeliveryEnv {
   const mailUser = resolveMailUser(instance.config.mail_user);
-  const p = peer === undefined ? createPeerContext(instance, store) : peer;
   onNotice((msg, fields) => logger.log('info', service, msg, fields));
   return {
-    peer: p,
-    alloc: { store, node: instance.config.node, mailRoot: instance.mailRoot, mailUser, ...(p ? { nodes: p.nodes } : {}) },
+    remote,
+    alloc: { store, node: instance.config.node, mailRoot: instance.mailRoot, mailUser, ...(nodes ? { nodes } : {}) },
     sendmail: instance.config.sendmail,
     hostname: hostname() || 'localhost',
     lockWaitMs: instance.config.limits.mda_lock_wait_s * 1000,

@@ -9,15 +9,22 @@
  *             mailbox rename, so a failed forward defers the whole recipient with nothing stored.
  * CONFIG      forward.enabled, forward.to, forward.keep
  */
+import { mailError } from '../errors.js';
 import { normaliseAddress } from '../address.js';
 import { deliveredParts } from './message.js';
 import { sendmail } from './sendmail.js';
 import type { DeliveryModule, StepResult } from './types.js';
 
 const forward: DeliveryModule = {
+  kind: 'delivery',
   name: 'forward',
   phase: 'store',
   summary: 'forwards mail to other addresses through the MTA',
+  settings: {
+    enabled: { type: 'boolean', default: false, doc: 'forward incoming mail' },
+    to: { type: 'string-list', default: [], doc: 'addresses to forward to (comma-separated or JSON list)' },
+    keep: { type: 'boolean', default: true, doc: 'also keep a copy in the mailbox' },
+  },
   async run(req, settings, env): Promise<StepResult> {
     const raw = Array.isArray(settings['to']) ? settings['to'] : [];
     const targets: string[] = [];
@@ -52,7 +59,7 @@ const forward: DeliveryModule = {
               yield* req.message.body();
             },
           });
-          if (r) throw Object.assign(new Error(r.text), { result: r });
+          if (r) throw mailError(r);
           env.log('info', 'forward: forwarded', { user: req.user.address, to: targets.join(' ') });
         },
         async abort() {

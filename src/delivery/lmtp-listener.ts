@@ -1,25 +1,36 @@
 /**
  * NAME        src/delivery/lmtp-listener — the `lmtp` listener of `pigeon serve`
  * SYNOPSIS    pigeon.yaml: listen: ["lmtp=127.0.0.1:24"] or ["lmtp=/var/spool/postfix/private/pigeon-lmtp"]
- * DESCRIPTION Registered with the proxy's `setExtraListener` hook (src/commands/proxy.ts): for an
- *             lmtp listener it returns a net.Server (serve listens on it) whose connections go to
- *             one shared LMTP server (src/delivery/lmtp.ts) built on the daemon's store. The LMTP
- *             module is loaded on first use, so `pigeon deliver` never pays for smtp-server. A
- *             stale unix socket file left by a previous run is removed first. Logging follows the
- *             daemon's logger, also after a SIGHUP reload.
+ * DESCRIPTION For an lmtp listener `pigeon serve` (src/commands/proxy.ts) gets a net.Server here
+ *             whose connections go to one shared LMTP server (src/delivery/lmtp.ts) built on the
+ *             daemon's store, nodes and peer links. The LMTP module is loaded on first use, so
+ *             `pigeon deliver` never pays for smtp-server. A stale unix socket file left by a
+ *             previous run is removed first. Logging follows the daemon's logger, also after a
+ *             SIGHUP reload.
  * SECURITY    LMTP has no authentication: listen on loopback or a unix socket only.
  */
 import net from 'node:net';
 import { existsSync, statSync, unlinkSync } from 'node:fs';
-import type { Listener } from '../instance.js';
-import type { ProxyEnv } from '../proxy/env.js';
+import type { Instance, Listener } from '../instance.js';
+import type { Store } from '../store.js';
+import type { Logger } from '../log.js';
+import type { NodeDirectory } from '../nodes.js';
+import type { RemoteStore } from './types.js';
 
-export function lmtpListener(l: Listener, env: ProxyEnv): net.Server | null {
+/** What the daemon shares with its LMTP server (read at each use: a reload swaps instance and log). */
+export interface LmtpDaemon {
+  readonly instance: Instance;
+  readonly store: Store;
+  readonly log: Logger;
+  readonly nodes: NodeDirectory;
+}
+
+export function lmtpListener(l: Listener, env: LmtpDaemon, remote: RemoteStore): net.Server | null {
   if (l.protocol !== 'lmtp') return null;
   if (l.path !== null && existsSync(l.path) && statSync(l.path).isSocket()) unlinkSync(l.path);
   const ready = import('./lmtp.js').then((m) => ({
     m,
-    server: m.createLmtpServer({ instance: env.instance, store: env.store, logger: { log: (...a) => env.log.log(...a) }, peer: env.peer }),
+    server: m.createLmtpServer({ instance: env.instance, store: env.store, logger: { log: (...a) => env.log.log(...a) }, remote, nodes: env.nodes }),
   }));
   return net.createServer({ pauseOnConnect: true }, (sock) => {
     sock.on('error', () => undefined);

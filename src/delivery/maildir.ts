@@ -16,6 +16,7 @@
  *             and the folder must be reached from the mail root without a symbolic link
  *             (src/writer/safe-fs.ts checkDir); a link there defers the message (4.2.0).
  */
+import { mailError } from '../errors.js';
 import { existsSync, readdirSync, statSync, lstatSync, constants } from 'node:fs';
 import { readdir, lstat, rename, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -174,7 +175,7 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
         await rename(tmp, target);
       } catch (e) {
         await unlink(tmp).catch(() => undefined);
-        throw Object.assign(new Error(`rename into new/: ${(e as NodeJS.ErrnoException).code ?? 'error'}`), { result: fsFailure(e, 'rename into new') });
+        throw mailError(fsFailure(e, 'rename into new'));
       }
       await fault('renamed');
       try {
@@ -182,7 +183,7 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
       } catch (e) {
         // the rename may not be durable: say so, Postfix retries (a duplicate beats a loss)
         await unlink(target).catch(() => undefined);
-        throw Object.assign(new Error('fsync new/'), { result: fsFailure(e, 'fsync new') });
+        throw mailError(fsFailure(e, 'fsync new'));
       }
       if (req.quota > 0) await addUsage(root, req.size, 1);
     },
@@ -193,7 +194,9 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
 }
 
 const maildir: MdaModule = {
+  kind: 'mda',
   name: 'maildir',
+  summary: 'Maildir++ (tmp → new, fsync; maildirsize quota; folders as .NAME)',
   isAllocated(a: Allocation): boolean {
     try {
       return statSync(join(a.path, 'new')).isDirectory() && statSync(join(a.path, 'tmp')).isDirectory();

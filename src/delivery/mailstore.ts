@@ -12,14 +12,15 @@
  *             no mailbox; 4.2.0 mailbox being moved, locked, or unsafe (a symbolic or hard link
  *             where the mailbox, tmp/, new/ or a lock file should be: logged as an error, the
  *             link is never followed); 4.4.x home node unreachable. A mailbox on
- *             another node is stored there over a peer link (src/peer/deliver.ts).
+ *             another node is stored there by the environment's RemoteStore (the peer link).
  */
 import type { Json } from '../settings.js';
 import { placeUser } from '../allocation.js';
-import { isAppError } from '../errors.js';
+import { isAppError, mailError } from '../errors.js';
 import { MDA_MODULES } from './registry-mda.js';
 import { traceHeaders, deliveredParts, hasPipeDeliveredTo } from './message.js';
 import { fsFailure } from './mda.js';
+import { MAX_MESSAGE_SIZE } from '../limits.js';
 import { mailWriter } from '../writer/mail-writer.js';
 import type { DeliveryModule, DeliveryResult, StepResult } from './types.js';
 
@@ -29,7 +30,7 @@ const num = (v: Json | undefined, d: number): number => (typeof v === 'number' ?
 export function spoolLimit(maxSizes: readonly (Json | undefined)[]): number {
   let m = 0;
   for (const v of maxSizes) {
-    const n = num(v, 67108864);
+    const n = num(v, MAX_MESSAGE_SIZE);
     if (n === 0) return 0;
     m = Math.max(m, n);
   }
@@ -37,12 +38,28 @@ export function spoolLimit(maxSizes: readonly (Json | undefined)[]): number {
 }
 
 const mailstore: DeliveryModule = {
+  kind: 'delivery',
   name: 'mailstore',
   phase: 'store',
-  summary: 'stores mail in the user\'s mailbox (maildir or mbox)',
+  summary: "stores mail in the user's mailbox (maildir or mbox)",
+  settings: {
+    enabled: { type: 'boolean', default: true, doc: 'store incoming mail in the mailbox' },
+    format: { type: 'module', kind: 'mda', default: 'maildir', doc: 'MDA module: mailbox format' },
+    creator: { type: 'module', kind: 'creator', default: 'lock', doc: 'creator module: how a new mailbox is allocated (lock, cas, or none = must exist)' },
+    placement: {
+      type: 'enum',
+      values: ['local', 'fewest'],
+      default: 'local',
+      doc: 'where a new mailbox is allocated: on the node that first needs it (local), or on the running node with the fewest users (fewest)',
+    },
+    quota: { type: 'integer', min: 0, default: 0, doc: 'mailbox quota in bytes (Maildir++ maildirsize); 0 = unlimited' },
+    quota_full: { type: 'enum', values: ['bounce', 'defer'], default: 'bounce', doc: 'over quota: bounce (552 5.2.2) or defer and retry later (452 4.2.2)' },
+    max_size: { type: 'integer', min: 0, default: MAX_MESSAGE_SIZE, doc: 'largest message accepted in bytes (552 5.3.4 above it); 0 = unlimited' },
+    detail: { type: 'boolean', default: true, doc: 'deliver user+folder@domain into folder when it exists' },
+  },
   async run(req, settings, env): Promise<StepResult> {
     if (!req.keep) return { kind: 'continue' };
-    const max = num(settings['max_size'], 67108864);
+    const max = num(settings['max_size'], MAX_MESSAGE_SIZE);
     if (req.message.oversized || (max > 0 && req.message.size > max)) {
       return { kind: 'fail', result: { dsn: '5.3.4', text: `Message too big for mailbox (limit ${max} bytes)` } };
     }
@@ -61,19 +78,18 @@ const mailstore: DeliveryModule = {
       return { kind: 'fail', result: fsFailure(e, 'allocate mailbox') };
     }
     if (placement.kind === 'remote') {
-      const peer = env.peer;
+      const remote = env.remote;
       const node = placement.node;
-      if (peer === null) return { kind: 'fail', result: { dsn: '4.3.0', text: `mailbox of ${req.user.address} is on node ${node}, not on this node` } };
+      if (remote === null) return { kind: 'fail', result: { dsn: '4.3.0', text: `mailbox of ${req.user.address} is on node ${node}, not on this node` } };
       // the home node stores it; acknowledged only once it answers (after its fsync)
       return {
         kind: 'continue',
         prepared: {
           what: `node ${node}`,
           commit: async () => {
-            const { deliverViaPeer } = await import('../peer/deliver.js');
             // the record as the allocation left it (a lost race or a placement changed the home)
-            const r = await deliverViaPeer(peer, node, { ...req, user: placement.user });
-            if (!r.dsn.startsWith('2')) throw Object.assign(new Error(r.text), { result: r });
+            const r = await remote(node, { ...req, user: placement.user });
+            if (!r.dsn.startsWith('2')) throw mailError(r);
           },
           abort: async () => undefined,
         },
@@ -96,7 +112,7 @@ const mailstore: DeliveryModule = {
     }
     const folder = req.mailbox ?? (settings['detail'] === false ? null : req.detail);
     const qf = settings['quota_full'] === 'defer' ? 'defer' : 'bounce';
-    const parts = deliveredParts(req.message, traceHeaders(req.sender, req.rcpt, !hasPipeDeliveredTo(req.message, req.rcpt)));
+    const parts = deliveredParts(req.message, Buffer.concat([traceHeaders(req.sender, req.rcpt, !hasPipeDeliveredTo(req.message, req.rcpt)), ...req.added]));
     let r;
     try {
       r = await writer.store(
@@ -128,7 +144,7 @@ const mailstore: DeliveryModule = {
         what: stored.what,
         commit: async () => {
           const f = await writer.commit(stored.handle);
-          if (f) throw Object.assign(new Error(f.text), { result: f });
+          if (f) throw mailError(f);
         },
         abort: () => writer.abort(stored.handle),
       },

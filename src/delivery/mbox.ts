@@ -17,6 +17,7 @@
  *             O_EXCL; the directory must be reached without a symbolic link (src/writer/safe-fs.ts).
  *             Anything else defers the message (4.2.0) and leaves the file it points to alone.
  */
+import { MBOX_STALE_LOCK_MS } from '../limits.js';
 import { existsSync, constants } from 'node:fs';
 import { lstat, unlink } from 'node:fs/promises';
 import { createRequire } from 'node:module';
@@ -38,7 +39,6 @@ const fsx = (): FcntlLocks => (fsxLoaded ??= createRequire(import.meta.url)('fs-
 
 /** Default of limits.mda_lock_wait_s, in ms (LIMITS.md: Postfix waits 20 × 1 s). */
 export const MDA_LOCK_WAIT_MS = 20_000;
-const STALE_LOCK_MS = 300_000;
 
 const GT = Buffer.from('>');
 const FROM = Buffer.from('From ');
@@ -143,7 +143,7 @@ async function takeDotlock(path: string, deadline: number): Promise<string | Del
     }
     try {
       const st = await lstat(lock);
-      if (Date.now() - st.mtimeMs > STALE_LOCK_MS) await unlink(lock);
+      if (Date.now() - st.mtimeMs > MBOX_STALE_LOCK_MS) await unlink(lock);
       else if (!waited) notice('mbox: waiting for the dotlock another process holds', { mailbox: path });
       waited = true;
     } catch {
@@ -241,7 +241,9 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
 }
 
 const mbox: MdaModule = {
+  kind: 'mda',
   name: 'mbox',
+  summary: 'one mbox file, fcntl + dotlock as Dovecot takes them, From_ quoting',
   isAllocated(a: Allocation): boolean {
     return existsSync(a.path);
   },

@@ -5,10 +5,13 @@
  *             `store` runs inside the mail writer (src/writer/mail-writer.ts) — as the mail user,
  *             in a child process when pigeon runs as root — so its request is plain data and the
  *             message body arrives as a stream of chunks. Registered by name in
- *             src/delivery/registry-mda.ts; `mailstore.format` chooses one.
+ *             src/delivery/registry-mda.ts; `mailstore.format` chooses one. Its name is a mailbox
+ *             format of `Allocation` (src/store.ts): a new format is also a value there, because
+ *             the database, the peer link and every backend carry or read it.
  *             Errors of the file system map to enhanced status codes here, once.
  */
 import type { Allocation } from '../store.js';
+import type { ModuleBase } from '../modules.js';
 import type { DeliveryResult } from './types.js';
 
 /** What the writer needs to store one message (plain data: it may cross a process boundary). */
@@ -42,8 +45,9 @@ export interface Held {
   abort(): Promise<void>;
 }
 
-export interface MdaModule {
-  readonly name: 'maildir' | 'mbox';
+export interface MdaModule extends ModuleBase<'mda'> {
+  /** the mailbox format it writes: an allocation's format (stored in the database, carried on peer links, read by every backend) */
+  readonly name: Allocation['format'];
   isAllocated(a: Allocation): boolean;
   /** Runs in the mail writer: write the message (prefix + body chunks) durably, not yet visible. */
   store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<Held | DeliveryResult>;

@@ -18,8 +18,8 @@ import type { Store, UserRecord } from '../store.js';
 import { resolve, type Effective } from '../resolve.js';
 import { slice } from '../modules.js';
 import { normaliseAddress, splitDetail } from '../address.js';
-import { isAppError } from '../errors.js';
-import { RUN_ORDER } from './registry.js';
+import { isAppError, mailStatusOf } from '../errors.js';
+import { runOrder } from './registry.js';
 import type { DeliveryEnv, DeliveryResult, Prepared, RecipientRequest } from './types.js';
 import { loopDeliveredTo, type Spooled } from './message.js';
 
@@ -64,6 +64,8 @@ export interface RecipientInput {
   readonly original: string | null;
   readonly mailbox: string | null;
   readonly message: Spooled;
+  /** the node the message came from over a peer link (log) */
+  readonly via?: string;
 }
 
 function loopCheck(rcpt: string, user: string, m: Spooled): DeliveryResult | null {
@@ -75,18 +77,25 @@ function loopCheck(rcpt: string, user: string, m: Spooled): DeliveryResult | nul
   return null;
 }
 
+/** A step that threw: the mail status it carries (mailError), else a temporary failure naming it. */
 const failureOf = (e: unknown, what: string): DeliveryResult => {
-  const r = (e as { result?: DeliveryResult } | null)?.result;
-  if (r && typeof r.dsn === 'string') return r;
-  return { dsn: '4.3.0', text: `${what}: ${isAppError(e) ? e.message : 'internal error'}` };
+  const r = mailStatusOf(e, what);
+  return isAppError(e) && e.status !== null ? r : { dsn: '4.3.0', text: r.text };
 };
 
-/** Deliver one message to one resolved recipient. Never throws. */
-export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv): Promise<DeliveryResult> {
+/** Deliver one message to one resolved recipient (`only`: just these modules run). Never throws. */
+export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, only?: ReadonlySet<string>): Promise<DeliveryResult> {
   const { resolved: r, message } = input;
   const loop = loopCheck(r.rcpt, r.user.address, message);
   if (loop) return loop;
+  const added: Buffer[] = [];
   const req: RecipientRequest = {
+    added,
+    addHeader(name, value) {
+      if (!/^[\x21-\x39\x3b-\x7e]{1,76}$/.test(name)) throw new Error(`not a header field name: ${JSON.stringify(name.slice(0, 80))}`);
+      if (/[\r\n\0]/.test(value)) throw new Error(`header ${name}: no CR, LF or NUL in a value`);
+      added.push(Buffer.from(`${name}: ${value}\n`, 'utf8'));
+    },
     rcpt: r.rcpt,
     user: r.user,
     config: r.config,
@@ -97,7 +106,7 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv):
     mailbox: input.mailbox,
     keep: true,
   };
-  const enabled = RUN_ORDER.filter((m) => r.config[`${m.name}.enabled`]?.value === true);
+  const enabled = runOrder().filter((m) => r.config[`${m.name}.enabled`]?.value === true && (only === undefined || only.has(m.name)));
   const prepared: Prepared[] = [];
   const abortAll = async (from: number): Promise<void> => {
     for (const p of prepared.slice(from).reverse()) await p.abort().catch(() => undefined);
@@ -141,6 +150,6 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv):
       env.log('warn', `${m.name}: failed (message already delivered)`, { user: r.user.address, error: e instanceof Error ? e.message : String(e) });
     }
   }
-  env.log('info', 'delivered', { user: r.rcpt, from: input.sender === '' ? '<>' : input.sender, msgid: message.get('message-id')[0] ?? null, size: message.size, to: done.join('; ') });
+  env.log('info', 'delivered', { user: r.rcpt, from: input.sender === '' ? '<>' : input.sender, via: input.via ?? null, msgid: message.get('message-id')[0] ?? null, size: message.size, to: done.join('; ') });
   return { dsn: '2.0.0', text: `<${r.rcpt}> Saved` };
 }

@@ -1,20 +1,35 @@
 /**
- * NAME        src/delivery/registry — the delivery modules, by name (= settings module name)
+ * NAME        src/delivery/registry — the delivery modules, by name (= their settings module)
  * DESCRIPTION Static list, no directory scanning. Modules run in phase order (scan, store,
- *             notify); within a phase in the order listed here. forward comes before mailstore
- *             so that `forward.keep = false` can skip the store, and so that its sendmail commit
- *             runs before the mailbox rename (see src/delivery/types.ts).
- *             Adding a module: one file, one line here, its settings in src/catalog.ts.
+ *             notify); within a phase in the order listed here, then those loaded from files
+ *             (pigeon.yaml `modules.delivery`) in the order they were declared. forward comes
+ *             before mailstore so that `forward.keep = false` can skip the store, and so that its
+ *             sendmail commit runs before the mailbox rename (see src/delivery/types.ts).
+ *             Adding a module: its file (settings included) and one line here. The self-check
+ *             refuses a module without a boolean `enabled` key (it would never run), an unknown
+ *             phase, or a name another settings module uses.
  */
 import type { DeliveryModule } from './types.js';
 import { PHASES } from './types.js';
+import { Registry } from '../modules.js';
+import { declProblems } from '../settings.js';
 import forward from './forward.js';
 import mailstore from './mailstore.js';
 import vacation from './vacation.js';
 
-const LIST: readonly DeliveryModule[] = [forward, mailstore, vacation];
+/** settings modules that are not delivery modules (src/catalog.ts): a delivery module may not take their name */
+export const RESERVED_SETTINGS = ['login', 'imap', 'pop3'];
 
-export const DELIVERY_MODULES: ReadonlyMap<string, DeliveryModule> = new Map(LIST.map((m) => [m.name, m]));
+export const DELIVERY_MODULES = new Registry<DeliveryModule>('delivery', [forward, mailstore, vacation], (m) => {
+  const out = declProblems(m.settings);
+  if (!PHASES.includes(m.phase)) out.push(`phase ${JSON.stringify(m.phase)} is not one of ${PHASES.join(', ')}`);
+  if (typeof m.run !== 'function') out.push('no run()');
+  if (RESERVED_SETTINGS.includes(m.name)) out.push(`${m.name} is the name of a settings module that is not a delivery module`);
+  return out;
+});
 
 /** Every module in run order. */
-export const RUN_ORDER: readonly DeliveryModule[] = PHASES.flatMap((p) => LIST.filter((m) => m.phase === p));
+export function runOrder(): readonly DeliveryModule[] {
+  const all = DELIVERY_MODULES.all();
+  return PHASES.flatMap((p) => all.filter((m) => m.phase === p));
+}

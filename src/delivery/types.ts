@@ -1,9 +1,11 @@
 /**
  * NAME        src/delivery/types — the typed contracts of the delivery pipeline
  * DESCRIPTION A delivery module (mailstore, forward, vacation, ...) is one file exporting a
- *             `DeliveryModule`, registered by name in src/delivery/registry.ts. It runs for a
- *             recipient iff its effective `enabled` is true, in phase order scan → store → notify,
- *             and sees only its own settings slice.
+ *             `DeliveryModule`, registered by name in src/delivery/registry.ts (or named in
+ *             pigeon.yaml `modules.delivery`). It declares its per-user settings itself
+ *             (`settings`: the keys of `NAME.*`, `enabled` among them), runs for a recipient iff
+ *             its effective `enabled` is true, in phase order scan → store → notify, and sees only
+ *             its own settings slice.
  *             Two steps keep "delivered" and "deferred" exclusive: `run` prepares (writes the
  *             message into tmp/, checks quota, validates forward targets) and may fail; the
  *             pipeline then runs every prepared `commit` in module order (the fallible ones, such
@@ -11,12 +13,12 @@
  *             the first commit aborts every prepared step, so nothing is visible. Notify-phase
  *             modules run after the commits and can no longer change the outcome.
  */
-import type { Json } from '../settings.js';
+import type { Json, KeyDecl } from '../settings.js';
 import type { UserRecord } from '../store.js';
 import type { Effective } from '../resolve.js';
 import type { AllocationContext } from '../allocation.js';
+import type { ModuleBase } from '../modules.js';
 import type { Spooled } from './message.js';
-import type { PeerContext } from '../peer/context.js';
 
 /** An enhanced status code (RFC 3463) and a short text: the outcome of one recipient. */
 export interface DeliveryResult {
@@ -42,11 +44,17 @@ export type StepResult =
   | { readonly kind: 'continue'; readonly prepared?: Prepared; readonly keep?: boolean }
   | { readonly kind: 'fail'; readonly result: DeliveryResult };
 
+/**
+ * Store one recipient's message on the node that holds its mailbox (over the peer link, built on
+ * first use); resolves with that node's answer, given only after its fsync.
+ */
+export type RemoteStore = (node: string, req: RecipientRequest) => Promise<DeliveryResult>;
+
 /** The node-local environment every module may use. */
 export interface DeliveryEnv {
   readonly alloc: AllocationContext;
-  /** links to other nodes, for recipients homed there; null: this delivery came over a link */
-  readonly peer: PeerContext | null;
+  /** recipients homed on other nodes; null: this delivery came over a link (never forwarded again) */
+  readonly remote: RemoteStore | null;
   /** the MTA's sendmail command (pigeon.yaml `sendmail`) */
   readonly sendmail: string;
   readonly hostname: string;
@@ -73,11 +81,19 @@ export interface RecipientRequest {
   readonly mailbox: string | null;
   /** decisions of earlier modules: forward with keep=false clears it */
   keep: boolean;
+  /** header lines modules added (`Name: value` + LF, UTF-8), stored above the message's own header */
+  readonly added: readonly Buffer[];
+  /**
+   * Add a header line to this recipient's copy (the mailbox here or on the home node). `name` is a
+   * header field name (RFC 5322 ftext), `value` holds no CR, LF or NUL; else it throws.
+   */
+  addHeader(name: string, value: string): void;
 }
 
-export interface DeliveryModule {
-  readonly name: string;
+export interface DeliveryModule extends ModuleBase<'delivery'> {
   readonly phase: Phase;
-  readonly summary: string;
+  /** its per-user settings `NAME.KEY` (the settings catalog lists them); `enabled` decides whether it runs */
+  readonly settings: Readonly<Record<string, KeyDecl>>;
+  /** `settings`: the recipient's effective values of this module's keys */
   run(req: RecipientRequest, settings: Readonly<Record<string, Json>>, env: DeliveryEnv): Promise<StepResult>;
 }

@@ -45,9 +45,16 @@ function encodeWord(s: string): string {
 const clean = (s: string): string => s.replace(/[\r\n\0]/g, ' ');
 
 const vacation: DeliveryModule = {
+  kind: 'delivery',
   name: 'vacation',
   phase: 'notify',
   summary: 'answers mail with an absence notice (RFC 3834)',
+  settings: {
+    enabled: { type: 'boolean', default: false, doc: 'send an auto-reply' },
+    subject: { type: 'string', default: 'Out of office', doc: 'subject of the reply' },
+    body: { type: 'string', default: 'I am away and will read your message when I return.', doc: 'text of the reply' },
+    days: { type: 'integer', min: 1, max: 365, default: 7, doc: 'reply at most once per sender in this many days' },
+  },
   async run(req, settings, env): Promise<StepResult> {
     const m = req.message;
     const why = whyNoReply(req, m);

@@ -7,6 +7,7 @@
  *             message (4.4.2): the MTA retries; at worst the home node stored it and the retry
  *             duplicates it — never a loss.
  */
+import { PEER_STORE_ANSWER_MS } from '../limits.js';
 import type { TLSSocket } from 'node:tls';
 import type { RecipientRequest, DeliveryResult } from '../delivery/types.js';
 import type { PeerContext } from './context.js';
@@ -14,14 +15,14 @@ import { sendHandOff, linkSessionId } from './link.js';
 import { wireUser, wireConfig, readLine, writeAll } from './protocol.js';
 import { isAppError } from '../errors.js';
 
-/** How long the home node may take to store a message once it has all of it. */
-const STORE_ANSWER_MS = 300_000;
 
 
 export async function deliverViaPeer(ctx: PeerContext, node: string, req: RecipientRequest): Promise<DeliveryResult> {
   const m = req.message;
   const sep = Buffer.from('\n');
-  const size = m.head.length + sep.length + m.bodySize;
+  // header lines this node's modules added travel above the message's own header
+  const head = Buffer.concat([...req.added, m.head]);
+  const size = head.length + sep.length + m.bodySize;
   let sock: TLSSocket;
   try {
     sock = await sendHandOff(
@@ -44,10 +45,10 @@ export async function deliverViaPeer(ctx: PeerContext, node: string, req: Recipi
     return { dsn: '4.4.1', text: `mailbox of ${req.user.address} is on node ${node}: ${isAppError(e) ? e.message : String(e)}` };
   }
   try {
-    await writeAll(sock, m.head);
+    await writeAll(sock, head);
     await writeAll(sock, sep);
     for await (const c of m.body()) await writeAll(sock, c);
-    const line = await readLine(sock, 4096, STORE_ANSWER_MS);
+    const line = await readLine(sock, 4096, PEER_STORE_ANSWER_MS);
     const r = JSON.parse(line.toString('utf8')) as { dsn?: unknown; text?: unknown };
     if (typeof r.dsn !== 'string' || !/^[245]\.\d{1,3}\.\d{1,3}$/.test(r.dsn)) return { dsn: '4.4.2', text: `node ${node} answered the delivery with garbage` };
     return { dsn: r.dsn, text: String(r.text ?? '').replace(/[\r\n]/g, ' ').slice(0, 400) };

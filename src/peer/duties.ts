@@ -4,18 +4,18 @@
  *             against the cluster CA and registers the node: name, peer address (peer.advertise,
  *             else the peer= listener's), fingerprint, certificate expiry. A new node joins this
  *             way, without touching the others. In every worker `startDuties` refreshes the cached
- *             registry every second (links of disabled or removed nodes close), keeps `last_seen`
- *             fresh every HEARTBEAT_S seconds, and ends sessions of users being moved.
+ *             registry every second (links of disabled or removed nodes close) and keeps
+ *             `last_seen` fresh every HEARTBEAT_S seconds.
  * DIAGNOSTICS AppError CONFIG_INVALID (certificate), NODE_CONFLICT, NODE_REMOVED: serve exits 78.
  */
 import type { Instance } from '../instance.js';
-import { openStore } from '../store.js';
+import type { Logger } from '../log.js';
+import type { NodeDirectory } from '../nodes.js';
+import { openStore, type Store } from '../store.js';
 import { AppError } from '../errors.js';
 import { HEARTBEAT_S } from '../nodes.js';
 import { loadNodeCredentials } from '../../certs/verify.js';
 import { EXPIRY_WARN_DAYS } from '../../certs/ca.js';
-import { watchMoves } from '../proxy/live.js';
-import type { ProxyEnv } from '../proxy/env.js';
 
 export const REGISTRY_REFRESH_MS = 1000;
 
@@ -51,10 +51,9 @@ export async function registerAtStart(instance: Instance): Promise<{ lines: stri
   return { lines };
 }
 
-/** Per worker: registry refresh, heartbeat, ending sessions of moved users. */
-export function startDuties(env: ProxyEnv): void {
-  env.peer.prewarm = true;
-  env.peer.nodes.start(REGISTRY_REFRESH_MS, (e) => env.log.log('warn', 'peer', `node registry refresh failed: ${e instanceof Error ? e.message : String(e)}`));
+/** Per worker: registry refresh and heartbeat (read at each use: a reload swaps instance and log). */
+export function startDuties(env: { readonly instance: Instance; readonly store: Store; readonly nodes: NodeDirectory; readonly log: Logger }): void {
+  env.nodes.start(REGISTRY_REFRESH_MS, (e) => env.log.log('warn', 'peer', `node registry refresh failed: ${e instanceof Error ? e.message : String(e)}`));
   // every worker beats (one UPDATE per HEARTBEAT_S each): the node stays "up" while any worker lives
   let beating = false;
   const t = setInterval(() => {
@@ -71,5 +70,4 @@ export function startDuties(env: ProxyEnv): void {
     );
   }, HEARTBEAT_S * 1000);
   t.unref();
-  watchMoves(env.store, REGISTRY_REFRESH_MS, (address, n) => env.log.log('info', `imap(${address})`, `Ended ${n} session(s): mailbox is being moved`));
 }

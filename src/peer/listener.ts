@@ -8,10 +8,14 @@
  *             registry: no database read per link). Then one hand-off (src/peer/protocol.ts),
  *             within peer.handoff_timeout_s, checked for mac, freshness, replay, addressee,
  *             sender, hop count and home node. Who is trusted is the trust module's decision
- *             (peer.trust, certs/trust.ts; default `registry`). For imap/pop3 this node starts its local backend
- *             from what it received — no authentication, no user lookup — answers {"ok":true} and
- *             relays. For a delivery it runs its own mailstore module and answers only after the
- *             message is durably stored (file fsync, rename, directory fsync).
+ *             (peer.trust, certs/trust.ts; default `registry`). What an accepted hand-off becomes
+ *             is the caller's (`pigeon serve` wires it, src/commands/proxy.ts): for imap/pop3 the
+ *             proxy starts its local backend from what was received — no authentication, no user
+ *             lookup — (src/proxy/received.ts), the listener answers {"ok":true} when it runs, and
+ *             the relay takes the link; for a delivery the delivery driver runs this node's
+ *             mailstore (src/delivery/receive.ts) and the listener answers only after the message
+ *             is durably stored (file fsync, rename, directory fsync). Moves stay here
+ *             (src/peer/move.ts).
  *             Every refresh of the registry re-checks the open links: a node disabled or removed
  *             loses its links at once.
  * DIAGNOSTICS Log lines `peer: Refused link from NODE (rip=…): reason`, `peer: Refused hand-off
@@ -19,20 +23,71 @@
  */
 import { createServer, type Server, type TLSSocket } from 'node:tls';
 import type { X509Certificate } from 'node:crypto';
-import type { Listener } from '../instance.js';
-import type { ProxyEnv } from '../proxy/env.js';
-import { ClientConn, unmap } from '../proxy/conn.js';
-import { route, runSession } from '../proxy/router.js';
+import type { Instance, Listener } from '../instance.js';
+import type { Logger } from '../log.js';
+import type { MailUser } from '../mailuser.js';
+import type { UserRecord } from '../store.js';
+import type { Effective } from '../resolve.js';
+import type { ResolvedUser } from '../modules.js';
+import type { DeliveryResult } from '../delivery/types.js';
+import type { PeerContext } from './context.js';
 import { certNodeName } from '../../certs/verify.js';
 import { count } from '../metrics.js';
-import { slice } from '../modules.js';
+import { unmapIp } from '../ip.js';
 import { HOP_LIMIT, HANDOFF_MAX_BYTES, CLOCK_SKEW_MS, NonceCache, openHandOff, readLine, replyLine, exactBytes, fromWireUser, fromWireConfig, type HandOff } from './protocol.js';
+import { PEER_TLS_HANDSHAKE_MS } from '../limits.js';
 
 interface Link {
   readonly sock: TLSSocket;
   readonly node: string;
   readonly fingerprint: string;
   readonly certificate: X509Certificate;
+}
+
+/** An IMAP/POP3 session another node handed over; the proxy runs it (src/proxy/received.ts). */
+export interface ReceivedSession {
+  readonly sock: TLSSocket;
+  readonly protocol: 'imap' | 'pop3';
+  readonly user: ResolvedUser;
+  /** the client as the sending node saw it */
+  readonly client: { readonly rip: string; readonly rport: number; readonly lip: string; readonly lport: number; readonly tls: boolean };
+  readonly session: string;
+  readonly tag: string | null;
+  /** the sending node */
+  readonly from: string;
+  /** the backend runs: the sending node is told, and the link carries the session from now on */
+  accept(): void;
+  /** the session cannot start here: the sending node is told why, the link closes */
+  refuse(code: string, text: string): void;
+}
+
+/** A message another node hands over for one of this node's users (src/delivery/receive.ts stores it). */
+export interface ReceivedDelivery {
+  readonly from: string;
+  readonly session: string;
+  readonly rcpt: string;
+  readonly sender: string;
+  readonly detail: string | null;
+  readonly original: string | null;
+  readonly mailbox: string | null;
+  readonly user: UserRecord;
+  readonly config: Effective;
+  /** the message: exactly its announced size, read from the link */
+  readonly body: AsyncIterable<Buffer>;
+}
+
+/** What `pigeon serve` does with an accepted hand-off. */
+export interface PeerHandlers {
+  session(s: ReceivedSession): Promise<void>;
+  /** the answer goes back to the sending node, which acknowledges the mail only for a 2.x.x; a throw drops the link (it defers) */
+  delivery(d: ReceivedDelivery): Promise<DeliveryResult>;
+}
+
+/** What the listener reads from the daemon at each use (a reload swaps instance and log). */
+export interface PeerListenerEnv {
+  readonly instance: Instance;
+  readonly log: Logger;
+  readonly mailUser: MailUser;
 }
 
 /** The hand-off checks that do not need the TLS session (mac is checked by openHandOff). */
@@ -61,18 +116,18 @@ export function admissible(h: HandOff, me: string, sender: string, nonces: Nonce
   return null;
 }
 
-export function peerListener(l: Listener, env: ProxyEnv): Server | null {
+export function peerListener(l: Listener, env: PeerListenerEnv, peer: PeerContext, handlers: PeerHandlers): Server | null {
   if (l.protocol !== 'peer') return null;
-  const creds = env.peer.credentials();
+  const creds = peer.credentials();
   const me = env.instance.config.node;
   const nonces = new NonceCache();
   const links = new Set<Link>();
   const log = (level: 'info' | 'warn' | 'error', prefix: string, msg: string, fields?: Record<string, string | number | boolean | null>): void =>
     env.log.log(level, prefix, msg, fields);
 
-  env.peer.nodes.onRefresh(() => {
+  peer.nodes.onRefresh(() => {
     for (const k of links) {
-      void env.peer.trust.check(env.peer.nodes, { name: k.node, fingerprint: k.fingerprint, certificate: k.certificate }).then(
+      void peer.trust.check(peer.nodes, { name: k.node, fingerprint: k.fingerprint, certificate: k.certificate }).then(
         (chk) => {
           if (chk.ok || !links.has(k)) return;
           log('warn', 'peer', `Closing link from ${k.node}: ${chk.reason}`);
@@ -93,11 +148,11 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
     rejectUnauthorized: false,
     minVersion: 'TLSv1.3',
     maxVersion: 'TLSv1.3',
-    handshakeTimeout: 15_000,
+    handshakeTimeout: PEER_TLS_HANDSHAKE_MS,
   });
   server.on('tlsClientError', (e: Error, s: TLSSocket) => {
     count('pigeon_peer_links_refused_total', { reason: 'tls' });
-    log('warn', 'peer', `Refused link (TLS: ${e.message.split('\n')[0] ?? ''}):`, { rip: unmap(s.remoteAddress) });
+    log('warn', 'peer', `Refused link (TLS: ${e.message.split('\n')[0] ?? ''}):`, { rip: unmapIp(s.remoteAddress) });
   });
   server.on('secureConnection', (sock: TLSSocket) => {
     sock.on('error', () => undefined);
@@ -114,7 +169,7 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
   };
 
   async function handle(sock: TLSSocket): Promise<void> {
-    const rip = unmap(sock.remoteAddress);
+    const rip = unmapIp(sock.remoteAddress);
     if (!sock.authorized) {
       count('pigeon_peer_links_refused_total', { reason: 'certificate' });
       log('warn', 'peer', `Refused link (certificate: ${String(sock.authorizationError ?? 'not verified')}):`, { rip });
@@ -130,7 +185,7 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
     const name = certNodeName(x);
     let chk;
     try {
-      chk = await env.peer.trust.check(env.peer.nodes, { name, fingerprint: x.fingerprint256, certificate: x });
+      chk = await peer.trust.check(peer.nodes, { name, fingerprint: x.fingerprint256, certificate: x });
     } catch (e) {
       chk = { ok: false as const, reason: `node registry unavailable: ${e instanceof Error ? e.message : String(e)}` };
     }
@@ -145,7 +200,7 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
     sock.once('close', () => links.delete(link));
     let line: Buffer;
     try {
-      line = await readLine(sock, HANDOFF_MAX_BYTES, env.peer.handoffTimeoutMs);
+      line = await readLine(sock, HANDOFF_MAX_BYTES, peer.handoffTimeoutMs);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'EMPTY') {
         env.log.log('debug', 'peer', `Link from ${name} closed unused:`, { rip });
@@ -173,70 +228,48 @@ export function peerListener(l: Listener, env: ProxyEnv): Server | null {
       const m = await import('./move.js');
       log('info', `peer(${h.user.address})`, `${h.kind} pass ${h.move?.pass ?? '?'} requested by ${name} (${h.move?.from ?? '?'} → ${h.move?.to ?? '?'})`);
       if (h.kind === 'move-in') await m.receiveMailbox(sock, h, env.instance.mailRoot, env.mailUser);
-      else await m.serveMoveOut(sock, h, env.peer, env.instance.mailRoot);
+      else await m.serveMoveOut(sock, h, peer, env.instance.mailRoot);
     } else await receiveSession(sock, h, name);
   }
 
   async function receiveSession(sock: TLSSocket, h: HandOff, from: string): Promise<void> {
-    const proto = h.kind === 'pop3' ? 'pop3' : 'imap';
     const c = h.client ?? { rip: '', rport: 0, lip: '', lport: 0, tls: false };
-    const conn = new ClientConn({ input: sock, peer: { rip: c.rip, rport: c.rport, lip: c.lip, lport: c.lport }, secure: true, local: false, canTls: false });
-    const u = { user: fromWireUser(h.user), config: fromWireConfig(h.config) };
-    const rt = await route(env, proto, u, conn, h.session, h.tag, () => Buffer.alloc(0), { forward: false });
-    if (!rt.ok) {
-      log('error', `${proto}(${u.user.address})`, `Backend failure for a session from ${from}: ${rt.reason}:`, { rip: c.rip, session: h.session });
-      refuse(sock, 'unavailable', rt.reason);
-      return;
-    }
-    sock.write(replyLine({ ok: true }));
-    log('info', `${proto}(${u.user.address})`, `Login: from=${from}, method=peer:`, { rip: c.rip, lip: c.lip, TLS: c.tls, session: h.session });
-    await runSession(env, proto, u.user.address, h.session, conn, rt.session, Buffer.alloc(0));
+    await handlers.session({
+      sock,
+      protocol: h.kind === 'pop3' ? 'pop3' : 'imap',
+      user: { user: fromWireUser(h.user), config: fromWireConfig(h.config) },
+      client: c,
+      session: h.session,
+      tag: h.tag,
+      from,
+      accept: () => sock.write(replyLine({ ok: true })),
+      refuse: (code, text) => refuse(sock, code, text),
+    });
   }
-
-  // the delivery side, loaded and built on the first delivery received (mail user looked up once);
-  // null peer: a received message is never forwarded again; the logger follows SIGHUP reloads
-  const loadKit = async () => {
-    const [msg, ms, de] = await Promise.all([import('../delivery/message.js'), import('../delivery/mailstore.js'), import('../delivery/env.js')]);
-    return { spool: msg.spool, mailstore: ms.default, spoolLimit: ms.spoolLimit, denv: de.makeDeliveryEnv(env.instance, env.store, { log: (...a) => env.log.log(...a) }, 'lmtp', null) };
-  };
-  let kit: ReturnType<typeof loadKit> | null = null;
 
   async function receiveDelivery(sock: TLSSocket, h: HandOff, from: string): Promise<void> {
     const d = h.deliver;
     if (!d) return;
-    const { spool, mailstore, spoolLimit, denv } = await (kit ??= loadKit());
-    const user = fromWireUser(h.user);
-    const config = fromWireConfig(h.config);
     sock.write(replyLine({ ok: true }));
-    let message;
+    let result: DeliveryResult;
     try {
-      message = await spool(exactBytes(sock[Symbol.asyncIterator]() as AsyncIterator<Buffer>, sock, d.size, env.peer.handoffTimeoutMs * 6), { limit: spoolLimit([config['mailstore.max_size']?.value]) });
+      result = await handlers.delivery({
+        from,
+        session: h.session,
+        rcpt: d.rcpt,
+        sender: d.sender,
+        detail: d.detail,
+        original: d.original,
+        mailbox: d.mailbox,
+        user: fromWireUser(h.user),
+        config: fromWireConfig(h.config),
+        body: exactBytes(sock[Symbol.asyncIterator]() as AsyncIterator<Buffer>, sock, d.size, peer.handoffTimeoutMs * 6),
+      });
     } catch (e) {
-      log('warn', `lmtp(${user.address})`, `Delivery from ${from} aborted: ${(e as Error).message}`, { session: h.session });
+      log('warn', `lmtp(${h.user.address})`, `Delivery from ${from} aborted: ${e instanceof Error ? e.message : String(e)}`, { session: h.session });
       sock.destroy();
       return;
     }
-    let result: { dsn: string; text: string };
-    try {
-      const req = { rcpt: d.rcpt, user, config, detail: d.detail, original: d.original, sender: d.sender, message, mailbox: d.mailbox, keep: true };
-      const step = await mailstore.run(req, slice(config, 'mailstore'), denv);
-      if (step.kind === 'fail') result = step.result;
-      else if (!step.prepared) result = { dsn: '4.3.5', text: 'mailstore stored nothing' };
-      else {
-        try {
-          await step.prepared.commit();
-          result = { dsn: '2.0.0', text: `<${d.rcpt}> Saved on ${me}` };
-          denv.log('info', 'delivered', { user: d.rcpt, from: d.sender === '' ? '<>' : d.sender, via: from, size: message.size, to: step.prepared.what });
-        } catch (e) {
-          await step.prepared.abort().catch(() => undefined);
-          const r = (e as { result?: { dsn: string; text: string } } | null)?.result;
-          result = r ?? { dsn: '4.3.0', text: `store failed: ${(e as Error).message}` };
-        }
-      }
-    } finally {
-      await message.close();
-    }
-    if (!result.dsn.startsWith('2')) denv.log('warn', 'deferred', { user: d.rcpt, via: from, status: `${result.dsn} ${result.text}` });
     sock.end(replyLine({ dsn: result.dsn, text: result.text }));
   }
 

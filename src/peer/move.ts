@@ -15,6 +15,7 @@
  * DIAGNOSTICS AppError PEER_UNAVAILABLE (a node is down), TEMPFAIL (user changed meanwhile),
  *             USAGE (mbox mailboxes: not supported by move in this version).
  */
+import { MOVE_LINE_MAX, MOVE_STALL_MS, MOVE_ANSWER_MS, MOVE_OUT_MS } from '../limits.js';
 import { readdirSync, existsSync, constants } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { join, dirname, relative, sep, normalize, isAbsolute } from 'node:path';
@@ -29,8 +30,6 @@ import { mailboxPath } from '../allocation.js';
 import { AppError } from '../errors.js';
 import { mailWriter } from '../writer/mail-writer.js';
 
-const FILE_LINE_MAX = 8192;
-const STALL_MS = 60_000;
 
 export interface MoveResult {
   readonly files: number;
@@ -96,7 +95,7 @@ export async function exportMailbox(ctx: PeerContext, user: WireUser, source: Al
       }
     }
     await writeAll(sock, Buffer.from(`${JSON.stringify({ end: true })}\n`));
-    const line = await readLine(sock, FILE_LINE_MAX, 300_000);
+    const line = await readLine(sock, MOVE_LINE_MAX, MOVE_ANSWER_MS);
     const r = JSON.parse(line.toString('utf8')) as { ok?: boolean; text?: string; files?: number; allocation?: Allocation };
     if (r.ok !== true || !r.allocation) throw new AppError('PEER_REFUSED', `node ${to} did not take the mailbox: ${r.text ?? 'no reason given'}`);
     return { files: r.files ?? files.length, bytes, allocation: r.allocation };
@@ -115,8 +114,8 @@ async function line(it: AsyncIterator<Buffer>, sock: Readable): Promise<string> 
       if (nl + 1 < buf.length) sock.unshift(buf.subarray(nl + 1));
       return buf.subarray(0, nl).toString('utf8');
     }
-    if (buf.length > FILE_LINE_MAX) throw new Error('file header line too long');
-    const next = await nextWithin(it, STALL_MS, 'copy stalled');
+    if (buf.length > MOVE_LINE_MAX) throw new Error('file header line too long');
+    const next = await nextWithin(it, MOVE_STALL_MS, 'copy stalled');
     if (next.done) throw new Error('link closed before the end of the mailbox');
     buf = Buffer.concat([buf, next.value]);
   }
@@ -176,10 +175,10 @@ export async function receiveMailbox(sock: TLSSocket, h: HandOff, mailRoot: stri
       // pass 1 over an old copy: the source's flags win; drop the old file under another name
       if (mv.pass === 1 && isMail) for (const old of present(folder).get(base) ?? []) if (old !== dest) await w.removeFile(mailRoot, old).catch(() => undefined);
       if (skip) {
-        for await (const _ of exactBytes(it, sock, size, STALL_MS)) void _; // already here: skip its bytes
+        for await (const _ of exactBytes(it, sock, size, MOVE_STALL_MS)) void _; // already here: skip its bytes
         continue;
       }
-      await w.putFile(mailRoot, dest, exactBytes(it, sock, size, STALL_MS));
+      await w.putFile(mailRoot, dest, exactBytes(it, sock, size, MOVE_STALL_MS));
       dirs.add(parent);
       files++;
     }
@@ -212,7 +211,7 @@ export async function requestMoveOut(ctx: PeerContext, user: UserRecord, source:
     ctx.handoffTimeoutMs,
   );
   try {
-    const l = await readLine(sock, FILE_LINE_MAX, 600_000);
+    const l = await readLine(sock, MOVE_LINE_MAX, MOVE_OUT_MS);
     const r = JSON.parse(l.toString('utf8')) as { ok?: boolean; text?: string; files?: number; bytes?: number; allocation?: Allocation };
     if (r.ok !== true || !r.allocation) throw new AppError('PEER_REFUSED', `moving the mailbox from ${from} to ${to} failed: ${r.text ?? 'no reason given'}`);
     return { files: r.files ?? 0, bytes: r.bytes ?? 0, allocation: r.allocation };

@@ -14,6 +14,7 @@
  *             The hand-off carries the user's identity, allocation and resolved configuration:
  *             never a password, hash or key (`wireUser` drops the password field).
  */
+import { readLine as readStreamLine } from '../lines.js';
 import { z } from 'zod';
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
@@ -190,40 +191,20 @@ export class NonceCache {
 }
 
 /**
- * Read one LF-terminated line of at most `max` bytes within `timeoutMs`; bytes after it are put
- * back (unshift) for whoever reads next. Rejects on EOF, overlong line or timeout.
+ * Read one LF-terminated line of at most `max` bytes within `timeoutMs` (the one line reader,
+ * src/lines.ts); bytes after it are put back (unshift) for whoever reads next. Rejects on EOF,
+ * overlong line or timeout; a link closed before a single byte rejects with code EMPTY (an unused
+ * link: a spare dropped by its node, not a fault), after some with EOF.
  */
 export function readLine(s: Duplex, max: number, timeoutMs: number): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    let buf: Buffer = Buffer.alloc(0);
-    const done = (e: Error | null, v?: Buffer): void => {
-      clearTimeout(t);
-      s.off('data', onData);
-      s.off('end', onEnd);
-      s.off('close', onEnd);
-      s.off('error', onError);
-      s.pause();
-      if (e) reject(e);
-      else resolve(v ?? Buffer.alloc(0));
-    };
-    const onData = (c: Buffer): void => {
-      buf = buf.length === 0 ? c : Buffer.concat([buf, c]);
-      const nl = buf.indexOf(0x0a);
-      if (nl >= 0) {
-        const rest = buf.subarray(nl + 1);
-        done(null, buf.subarray(0, nl));
-        if (rest.length > 0) s.unshift(rest);
-      } else if (buf.length > max) done(new Error(`line longer than ${max} bytes`));
-    };
-    // closed before a single byte: an unused link (a spare dropped by its node), not a fault
-    const onEnd = (): void => done(Object.assign(new Error('connection closed'), { code: buf.length === 0 ? 'EMPTY' : 'EOF' }));
-    const onError = (e: Error): void => done(e);
-    const t = setTimeout(() => done(new Error(`no complete line within ${timeoutMs / 1000}s`)), timeoutMs);
-    s.on('data', onData);
-    s.once('end', onEnd);
-    s.once('close', onEnd);
-    s.once('error', onError);
-    s.resume();
+  return readStreamLine(s, {
+    max: max + 1, // the line and its LF
+    timeoutMs,
+    fail: {
+      tooLong: () => new Error(`line longer than ${max} bytes`),
+      timeout: () => new Error(`no complete line within ${timeoutMs / 1000}s`),
+      closed: (empty) => Object.assign(new Error('connection closed'), { code: empty ? 'EMPTY' : 'EOF' }),
+    },
   });
 }
 

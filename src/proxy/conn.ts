@@ -1,6 +1,6 @@
 /**
  * NAME        src/proxy/conn — one client connection, as the sessions see it
- * DESCRIPTION Wraps whatever a forker produced (TCP socket, TLS socket, stdin/stdout pair) behind
+ * DESCRIPTION Wraps whatever a forker produced (TCP socket, TLS socket, stdin/stdout duplex) behind
  *             read()/write()/startTls()/detach(). Reading is pull-based: the session asks for the
  *             next chunk only when the current command has settled, so a flooding client is
  *             paused by TCP backpressure. startTls() drops every byte received before the
@@ -10,7 +10,6 @@
 import { TLSSocket } from 'node:tls';
 import type { ClientTls } from '../client-tls.js';
 import type { Duplex } from 'node:stream';
-import { canonicalIp, parseIp } from '../ip.js';
 
 export interface Peer {
   readonly rip: string;
@@ -19,28 +18,8 @@ export interface Peer {
   readonly lport: number;
 }
 
-/**
- * A socket's address as the logs and limits use it: parsed (src/ip.ts), an IPv4-mapped IPv6
- * address as IPv4 (`::ffff:127.0.0.1` and `::ffff:7f00:1` alike), IPv6 in its canonical form;
- * '' when there is none (a unix socket or a pipe).
- */
-export function unmap(ip: string | undefined): string {
-  if (!ip) return '';
-  return canonicalIp(ip);
-}
-
-/**
- * Is the client on this host? A loopback address (127.0.0.0/8, ::1 however written, either of them
- * IPv4-mapped), or no address at all (a unix socket or a pipe). Text that is no address is not.
- */
-export function isLoopback(ip: string): boolean {
-  if (ip === '') return true;
-  return parseIp(ip)?.range() === 'loopback';
-}
-
 export class ClientConn {
   private stream: Duplex;
-  private output: Duplex | NodeJS.WritableStream;
   private chunks: Buffer[] = [];
   private ended = false;
   private waiter: (() => void) | null = null;
@@ -63,9 +42,9 @@ export class ClientConn {
   /** STARTTLS is possible (a socket, not a pipe) */
   readonly canTls: boolean;
 
-  constructor(opts: { input: Duplex; output?: NodeJS.WritableStream; peer: Peer; secure: boolean; local: boolean; canTls: boolean }) {
-    this.stream = opts.input;
-    this.output = opts.output ?? opts.input;
+  /** `stream`: the connection (a forker's Transport, forkers/types.ts); `secure`: TLS already */
+  constructor(opts: { stream: Duplex; peer: Peer; secure: boolean; local: boolean; canTls: boolean }) {
+    this.stream = opts.stream;
     this.peer = opts.peer;
     this.secure = opts.secure;
     this.local = opts.local;
@@ -116,12 +95,11 @@ export class ClientConn {
   write(data: string | Buffer): void {
     const b = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
     this.bytesOut += b.length;
-    if (!this.closed()) this.output.write(b);
+    if (!this.closed()) this.stream.write(b);
   }
 
   closed(): boolean {
-    const s = this.output as { destroyed?: boolean; writableEnded?: boolean };
-    return s.destroyed === true || s.writableEnded === true;
+    return this.stream.destroyed || this.stream.writableEnded;
   }
 
   /**
@@ -158,13 +136,12 @@ export class ClientConn {
       throw e;
     }
     this.stream = tls;
-    this.output = tls;
     this.secure = true;
     this.attach();
   }
 
   /** Stop reading; return the stream (and any chunks read but not consumed) for relaying. */
-  detach(): { input: Duplex; output: NodeJS.WritableStream; pending: Buffer[] } {
+  detach(): { stream: Duplex; pending: Buffer[] } {
     this.unattach();
     const pending = this.chunks;
     this.chunks = [];
@@ -172,7 +149,7 @@ export class ClientConn {
     for (let c: unknown = this.stream.read(); c !== null; c = this.stream.read()) {
       if (Buffer.isBuffer(c)) pending.push(c);
     }
-    return { input: this.stream, output: this.output, pending };
+    return { stream: this.stream, pending };
   }
 
   /** Put bytes back in front of the input and read again (a hand-off that did not happen). */
@@ -199,9 +176,8 @@ export class ClientConn {
 
   end(final?: string): void {
     if (final !== undefined) this.write(final);
-    const o = this.output as NodeJS.WritableStream & { destroy?: () => void };
-    if (!this.closed()) o.end();
-    if (this.stream !== this.output) this.stream.destroy();
-    setTimeout(() => o.destroy?.(), 1000).unref();
+    const s = this.stream;
+    if (!this.closed()) s.end();
+    setTimeout(() => s.destroy(), 1000).unref();
   }
 }

@@ -1,6 +1,10 @@
 /**
  * NAME        src/proxy/env — what every proxy session shares: instance, database, auth, TLS, logs,
- *             and the link to the node state service (connection limits, failure penalties)
+ *             the link to the node state service (connection limits, failure penalties), the
+ *             cluster's nodes and this process's backend instances
+ * DESCRIPTION Built once per process (createProxyEnv), after the modules pigeon.yaml names
+ *             (src/module-files.ts) are loaded. Backends are created on first use, with this
+ *             instance's sections, and again after a reload changed the instance.
  */
 import { randomBytes } from 'node:crypto';
 import type { Instance } from '../instance.js';
@@ -13,8 +17,11 @@ import type { AuthInstance } from '../modules.js';
 import { resolveMailUser, type MailUser } from '../mailuser.js';
 import { Penalty } from './penalty.js';
 import { AnvilClient } from '../anvil/client.js';
-import { createPeerContext, type PeerContext } from '../peer/context.js';
+import { NodeDirectory } from '../nodes.js';
 import { loadClientTls, type ClientTls } from '../client-tls.js';
+import { loadModules } from '../module-files.js';
+import type { Backend, BackendInstance } from '../../backends/types.js';
+import { backendConfig } from '../../backends/registry.js';
 
 export interface ProxyEnv {
   instance: Instance;
@@ -28,16 +35,15 @@ export interface ProxyEnv {
   readonly penalty: Penalty;
   /** the node state service (src/anvil): connection slots, penalties; per process when unreachable */
   readonly anvil: AnvilClient;
-  /** peer links to other nodes (the node registry, this node's credentials) */
-  readonly peer: PeerContext;
+  /** the cluster's nodes (cached; the daemon refreshes it) */
+  readonly nodes: NodeDirectory;
+  /** this process's instance of a backend (created on first use, with the current instance's settings) */
+  backend(b: Backend): BackendInstance;
 }
 
-export function loadTls(instance: Instance): ClientTls | null {
-  return loadClientTls(instance.tls);
-}
-
-export async function createProxyEnv(configPath: string | undefined, opts: { logToStderr: boolean; role: string }): Promise<ProxyEnv> {
+export async function createProxyEnv(configPath: string | undefined, opts: { logToStderr: boolean; role: string; daemon?: boolean }): Promise<ProxyEnv> {
   const instance = loadInstance(configPath);
+  await loadModules(instance);
   let log: Logger;
   if (instance.logFile !== null || opts.logToStderr) log = createLogger({ level: instance.config.log.level, file: instance.logFile });
   else log = createLogger({ level: instance.config.log.level, sink: syslogOrFileSink(instance.config.log.syslog_socket, instance.logFallback) });
@@ -56,16 +62,28 @@ export async function createProxyEnv(configPath: string | undefined, opts: { log
     logFile: instance.logFile,
     log: (level, msg) => env.log.log(level, 'anvil', msg),
   });
+  const nodes = new NodeDirectory(store);
+  const backends = new WeakMap<Instance, Map<string, BackendInstance>>();
   const env: ProxyEnv = {
     instance,
     store,
     log,
     auth,
-    tls: loadTls(instance),
+    tls: loadClientTls(instance.tls),
     mailUser: resolveMailUser(instance.config.mail_user),
     penalty: new Penalty(anvil, () => env.instance.config.limits),
     anvil,
-    peer: createPeerContext(instance, store),
+    nodes,
+    backend(b) {
+      let m = backends.get(env.instance);
+      if (!m) backends.set(env.instance, (m = new Map()));
+      let i = m.get(b.name);
+      if (!i) {
+        i = b.create(backendConfig(b, env.instance.raw), { instance: env.instance, store, nodes, mailUser: env.mailUser, daemon: opts.daemon === true });
+        m.set(b.name, i);
+      }
+      return i;
+    },
   };
   await primePlaintextPolicy(env);
   return env;

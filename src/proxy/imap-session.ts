@@ -19,10 +19,9 @@ import type { ProxyEnv } from './env.js';
 import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
 import { ImapFramer, parseCommand, ParseError, argBytes, argAscii, peekCommand, type Arg, type Frame, type Command } from './imap-framer.js';
-import { authenticate, logLogin, logDisconnect, plaintextAllowed, plainCredentials, saslBase64, type Credentials, type LoginState } from './login.js';
-import { route, runSession } from './router.js';
+import { loginAndRelay, saslCredentials, PreauthReader, logDisconnect, plaintextAllowed, saslBase64, type Credentials, type LoginState } from './login.js';
 import { alpnCallback, handshakeTimeoutMs } from './tls.js';
-import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, PREAUTH_ABSOLUTE_MS, SASL_MAX_LINE, ID_MAX_PAIRS, ID_MAX_FIELD, ID_MAX_VALUE } from '../limits.js';
+import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, SASL_MAX_LINE, ID_MAX_PAIRS, ID_MAX_FIELD, ID_MAX_VALUE } from '../limits.js';
 
 const BASE_CAPS = 'IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL-';
 /** commands that may carry a literal before login; any other is refused instead of invited */
@@ -40,9 +39,7 @@ export class ImapSession {
   private readonly st: LoginState;
   private bad = 0;
   private commands = 0;
-  private idleTimer: NodeJS.Timeout | null = null;
-  private readonly absTimer: NodeJS.Timeout;
-  private timedOut = false;
+  private readonly reader: PreauthReader;
   /** the connection went to a backend: it is the relay's now */
   private relayed = false;
   private readonly env: ProxyEnv;
@@ -53,13 +50,7 @@ export class ImapSession {
     this.conn = conn;
     this.framer = new ImapFramer(env.instance.config.limits.max_line);
     this.st = { proto: 'imap', sid: sessionId(), started: Date.now(), attempts: 0, lastUser: null, lastMethod: null };
-    this.absTimer = setTimeout(() => this.timeout(), PREAUTH_ABSOLUTE_MS);
-  }
-
-  private timeout(): void {
-    this.timedOut = true;
-    this.conn.write('* BYE Disconnected for inactivity.\r\n');
-    this.conn.abort();
+    this.reader = new PreauthReader(env, conn, '* BYE Disconnected for inactivity.\r\n');
   }
 
   capabilities(): string {
@@ -71,11 +62,8 @@ export class ImapSession {
 
   /** Wait for more bytes from the client; false at EOF or timeout. */
   private async more(): Promise<boolean> {
-    if (this.idleTimer) clearTimeout(this.idleTimer);
-    this.idleTimer = setTimeout(() => this.timeout(), this.env.instance.config.limits.preauth_timeout_s * 1000);
-    const chunk = await this.conn.read();
-    if (this.idleTimer) clearTimeout(this.idleTimer);
-    if (chunk === null || this.timedOut) return false;
+    const chunk = await this.reader.read();
+    if (chunk === null) return false;
     this.framer.feed(chunk);
     return true;
   }
@@ -90,20 +78,13 @@ export class ImapSession {
 
   /** Run the session to its end (logout, disconnect, or the end of the relayed backend session). */
   async run(): Promise<void> {
-    try {
-      await this.loop();
-    } finally {
-      clearTimeout(this.absTimer);
-      if (this.idleTimer) clearTimeout(this.idleTimer);
-      // every way out of the pre-auth loop closes the connection (a relayed one is the relay's)
-      if (!this.relayed) this.conn.end();
-    }
+    // every way out of the pre-auth loop closes the connection (a relayed one is the relay's)
+    await this.reader.run(() => this.loop(), () => this.relayed);
   }
 
   /** The client went away (or timed out): log why, close. */
   private gone(): void {
-    logDisconnect(this.env, this.conn, this.st, this.st.attempts > 0 ? 'auth failed' : this.timedOut ? 'inactivity' : 'no auth attempts');
-    this.conn.end();
+    this.reader.gone(this.st);
   }
 
   /** A limit was hit: one final `* BYE`, then close. */
@@ -308,16 +289,8 @@ export class ImapSession {
     }
     const ir = cmd.args.length === 2 ? argAscii(cmd.args[1]) : null;
     if (cmd.args.length === 2 && ir === null) return this.badCommand(t, 'Invalid base64 data in initial response.');
-    if (mech === 'PLAIN') {
-      const msg = await this.step(t, ir, '');
-      if (typeof msg === 'boolean') return msg;
-      return this.login(t, plainCredentials(msg), 'PLAIN');
-    }
-    const user = await this.step(t, ir, 'VXNlcm5hbWU6');
-    if (typeof user === 'boolean') return user;
-    const password = await this.step(t, null, 'UGFzc3dvcmQ6');
-    if (typeof password === 'boolean') return password;
-    return this.login(t, { kind: 'password', user, password }, 'LOGIN');
+    const x = await saslCredentials(mech, ir, (initial, prompt) => this.step(t, initial, prompt));
+    return 'ended' in x ? x.ended : this.login(t, x.creds, mech);
   }
 
   private afterFailure(): boolean {
@@ -330,33 +303,20 @@ export class ImapSession {
   }
 
   private async login(tag: string, creds: Credentials, method: string): Promise<boolean> {
-    const { conn, env } = this;
-    const r = await authenticate(env, conn, this.st, creds, method);
-    if (r.kind === 'tempfail') {
-      conn.write(`${tag} NO [UNAVAILABLE] Temporary authentication failure.\r\n`);
-      return false;
-    }
-    if (r.kind === 'failed') {
-      conn.write(`${tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n`);
-      return this.afterFailure();
-    }
-    const address = r.user.user.address;
-    const rt = await route(env, 'imap', r.user, conn, this.st.sid, tag, () => this.framer.rest(), { forward: true, deadline: r.deadline });
-    if (!rt.ok && rt.reply !== undefined) {
-      conn.write(rt.reply); // a limit (user+IP): the router logged it
-      return false;
-    }
-    if (!rt.ok) {
-      this.st.lastOutcome = 'backend';
-      env.log.log('error', `imap(${address})`, `Backend failure: ${rt.reason}:`, { rip: conn.peer.rip, session: this.st.sid });
-      conn.write(`${tag} NO [UNAVAILABLE] Internal error occurred. Refer to server log for more information.\r\n`);
-      return false;
-    }
-    logLogin(env, conn, this.st, address);
-    clearTimeout(this.absTimer);
-    const leftover = this.framer.rest();
-    this.relayed = true;
-    await runSession(env, 'imap', address, this.st.sid, conn, rt.session, leftover);
-    return true;
+    const r = await loginAndRelay(this.env, this.conn, this.st, creds, method, {
+      tag,
+      leftover: () => this.framer.rest(),
+      replies: {
+        tempfail: `${tag} NO [UNAVAILABLE] Temporary authentication failure.\r\n`,
+        failed: `${tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n`,
+        limit: (reason) => `${tag} NO [LIMIT] ${reason}\r\n`,
+        unavailable: `${tag} NO [UNAVAILABLE] Internal error occurred. Refer to server log for more information.\r\n`,
+      },
+      relaying: () => {
+        this.reader.stop();
+        this.relayed = true;
+      },
+    });
+    return r === 'failed' ? this.afterFailure() : r === 'relayed';
   }
 }

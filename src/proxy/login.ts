@@ -13,6 +13,8 @@ import type { ClientConn } from './conn.js';
 import type { AuthResult, ResolvedUser } from '../modules.js';
 import { resolve } from '../resolve.js';
 import { BUSY_TIMEOUT_MS } from '../store.js';
+import { route, runSession } from './router.js';
+import { PREAUTH_ABSOLUTE_MS } from '../limits.js';
 
 export type Proto = 'imap' | 'pop3';
 
@@ -190,6 +192,144 @@ async function refuse(env: ProxyEnv, conn: ClientConn, st: LoginState, why: stri
   env.log.log('info', `${st.proto}-login`, `auth failed (${why}):`, logFields(conn, st));
   if (delay > 0) await sleep(delay);
   return { kind: 'failed' };
+}
+
+/**
+ * The client's bytes before login, under the two pre-auth timers both protocols keep: an idle one
+ * (limits.preauth_timeout_s) while waiting for more, and an absolute one (PREAUTH_ABSOLUTE_MS).
+ * When either trips the client gets `bye` and the connection is cut.
+ */
+export class PreauthReader {
+  private idle: NodeJS.Timeout | null = null;
+  private readonly absolute: NodeJS.Timeout;
+  private readonly env: ProxyEnv;
+  private readonly conn: ClientConn;
+  private readonly bye: string;
+  /** a timer tripped (the disconnect is logged as inactivity) */
+  timedOut = false;
+
+  constructor(env: ProxyEnv, conn: ClientConn, bye: string) {
+    this.env = env;
+    this.conn = conn;
+    this.bye = bye;
+    this.absolute = setTimeout(() => this.timeout(), PREAUTH_ABSOLUTE_MS);
+  }
+
+  private timeout(): void {
+    this.timedOut = true;
+    this.conn.write(this.bye);
+    this.conn.abort();
+  }
+
+  /** The client's next bytes; null at EOF or when a timer tripped. */
+  async read(): Promise<Buffer | null> {
+    if (this.idle) clearTimeout(this.idle);
+    this.idle = setTimeout(() => this.timeout(), this.env.instance.config.limits.preauth_timeout_s * 1000);
+    const c = await this.conn.read();
+    clearTimeout(this.idle);
+    this.idle = null;
+    return c === null || this.timedOut ? null : c;
+  }
+
+  /** The session logged in or ended: no timer runs any more. */
+  stop(): void {
+    clearTimeout(this.absolute);
+    if (this.idle) clearTimeout(this.idle);
+  }
+
+  /**
+   * Run a session's pre-auth `loop` to its end: then the timers stop, and a connection that did
+   * not go to a backend (`relayed()` false) is closed — the relay owns the others.
+   */
+  async run(loop: () => Promise<void>, relayed: () => boolean): Promise<void> {
+    try {
+      await loop();
+    } finally {
+      this.stop();
+      if (!relayed()) this.conn.end();
+    }
+  }
+
+  /** The client went away (or a timer tripped): log why, close. */
+  gone(st: LoginState): void {
+    logDisconnect(this.env, this.conn, st, st.attempts > 0 ? 'auth failed' : this.timedOut ? 'inactivity' : 'no auth attempts');
+    this.conn.end();
+  }
+}
+
+/**
+ * The credentials of a SASL PLAIN or LOGIN exchange (RFC 4616; the LOGIN draft's two prompts,
+ * `Username:` and `Password:`). `step(initial, prompt)` runs one round in the protocol's framing:
+ * the initial response when there is one, else the prompt and the client's answer; it returns
+ * the decoded bytes, or the protocol's own verdict when the round ended the command.
+ */
+export async function saslCredentials<V>(
+  mech: 'PLAIN' | 'LOGIN',
+  initial: string | null,
+  step: (initial: string | null, prompt: string) => Promise<Buffer | V>,
+): Promise<{ readonly creds: Credentials } | { readonly ended: V }> {
+  if (mech === 'PLAIN') {
+    const msg = await step(initial, '');
+    return Buffer.isBuffer(msg) ? { creds: plainCredentials(msg) } : { ended: msg };
+  }
+  const user = await step(initial, 'VXNlcm5hbWU6');
+  if (!Buffer.isBuffer(user)) return { ended: user };
+  const password = await step(null, 'UGFzc3dvcmQ6');
+  if (!Buffer.isBuffer(password)) return { ended: password };
+  return { creds: { kind: 'password', user, password } };
+}
+
+/** How a protocol words the answers of the login tail (the decisions are shared, below). */
+export interface LoginReplies {
+  readonly tempfail: string;
+  readonly failed: string;
+  /** the user+IP limit refused the session (already logged by the router) */
+  limit(reason: string): string;
+  /** the backend could not start */
+  readonly unavailable: string;
+}
+
+/**
+ * The login tail IMAP and POP3 share: authenticate (one database read), then route the user to a
+ * backend — on this node or the home node — and, once it runs, log the login and relay until the
+ * session ends. `relaying` is called just before the relay takes the connection (the session
+ * stops its pre-auth timers). Returns `failed` (a refusal: the caller counts it against
+ * MAX_AUTH_FAILURES), `answered` (a temporary failure or a limit, answered: the session goes
+ * on) or `relayed` (the session is over).
+ */
+export async function loginAndRelay(
+  env: ProxyEnv,
+  conn: ClientConn,
+  st: LoginState,
+  creds: Credentials,
+  method: string,
+  o: { readonly tag: string | null; readonly leftover: () => Buffer; readonly replies: LoginReplies; readonly relaying: () => void },
+): Promise<'failed' | 'answered' | 'relayed'> {
+  const r = await authenticate(env, conn, st, creds, method);
+  if (r.kind === 'tempfail') {
+    conn.write(o.replies.tempfail);
+    return 'answered';
+  }
+  if (r.kind === 'failed') {
+    conn.write(o.replies.failed);
+    return 'failed';
+  }
+  const address = r.user.user.address;
+  const rt = await route(env, st.proto, r.user, conn, st.sid, o.tag, o.leftover, { forward: true, deadline: r.deadline });
+  if (!rt.ok && rt.limit !== undefined) {
+    conn.write(o.replies.limit(rt.reason));
+    return 'answered';
+  }
+  if (!rt.ok) {
+    st.lastOutcome = 'backend';
+    env.log.log('error', `${st.proto}(${address})`, `Backend failure: ${rt.reason}:`, { rip: conn.peer.rip, session: st.sid });
+    conn.write(o.replies.unavailable);
+    return 'answered';
+  }
+  logLogin(env, conn, st, address);
+  o.relaying();
+  await runSession(env, st.proto, address, st.sid, conn, rt.session, o.leftover());
+  return 'relayed';
 }
 
 export function logLogin(env: ProxyEnv, conn: ClientConn, st: LoginState, address: string): void {

@@ -13,25 +13,23 @@
 import type { ProxyEnv } from './env.js';
 import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
-import { authenticate, logLogin, logDisconnect, plaintextAllowed, plainCredentials, saslBase64, type Credentials, type LoginState } from './login.js';
-import { route, runSession } from './router.js';
+import { loginAndRelay, saslCredentials, PreauthReader, logDisconnect, plaintextAllowed, saslBase64, type Credentials, type LoginState } from './login.js';
 import { alpnCallback, handshakeTimeoutMs } from './tls.js';
-import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, POP3_MAX_LINE, PREAUTH_ABSOLUTE_MS, SASL_MAX_LINE } from '../limits.js';
+import { Pop3Framer, type Pop3Frame } from './pop3-framer.js';
+import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, POP3_MAX_LINE, SASL_MAX_LINE } from '../limits.js';
 
 const PRIVACY = '-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n';
-type Line = { kind: 'line'; line: Buffer } | { kind: 'too-long' } | { kind: 'eof' };
+type Line = Pop3Frame | { readonly kind: 'eof' };
 
 export class Pop3Session {
-  private buf: Buffer = Buffer.alloc(0);
+  private readonly framer = new Pop3Framer();
   private readonly st: LoginState;
   private bad = 0;
   private commands = 0;
   /** the USER given before PASS (bytes as sent); forgotten at STLS */
   private user: Buffer | null = null;
-  private timedOut = false;
   private relayed = false;
-  private idleTimer: NodeJS.Timeout | null = null;
-  private readonly absTimer: NodeJS.Timeout;
+  private readonly reader: PreauthReader;
   private readonly env: ProxyEnv;
   private readonly conn: ClientConn;
 
@@ -39,34 +37,17 @@ export class Pop3Session {
     this.env = env;
     this.conn = conn;
     this.st = { proto: 'pop3', sid: sessionId(), started: Date.now(), attempts: 0, lastUser: null, lastMethod: null };
-    this.absTimer = setTimeout(() => this.timeout(), PREAUTH_ABSOLUTE_MS);
-  }
-
-  private timeout(): void {
-    this.timedOut = true;
-    this.conn.write('-ERR Disconnected for inactivity.\r\n');
-    this.conn.abort();
+    this.reader = new PreauthReader(env, conn, '-ERR Disconnected for inactivity.\r\n');
   }
 
   /** Next line (without its CRLF); `max` counts the whole line, CRLF included. */
   private async line(max: number): Promise<Line> {
     for (;;) {
-      const nl = this.buf.indexOf(0x0a);
-      if (nl >= 0) {
-        if (nl + 1 > max) return { kind: 'too-long' };
-        let l = this.buf.subarray(0, nl);
-        this.buf = this.buf.subarray(nl + 1);
-        if (l.length && l[l.length - 1] === 0x0d) l = l.subarray(0, l.length - 1);
-        return { kind: 'line', line: l };
-      }
-      // even a bare LF would not fit any more
-      if (this.buf.length >= max) return { kind: 'too-long' };
-      if (this.idleTimer) clearTimeout(this.idleTimer);
-      this.idleTimer = setTimeout(() => this.timeout(), this.env.instance.config.limits.preauth_timeout_s * 1000);
-      const c = await this.conn.read();
-      if (this.idleTimer) clearTimeout(this.idleTimer);
-      if (c === null || this.timedOut) return { kind: 'eof' };
-      this.buf = this.buf.length ? Buffer.concat([this.buf, c]) : c;
+      const f = this.framer.next(max);
+      if (f !== null) return f;
+      const c = await this.reader.read();
+      if (c === null) return { kind: 'eof' };
+      this.framer.feed(c);
     }
   }
 
@@ -79,14 +60,8 @@ export class Pop3Session {
   }
 
   async run(): Promise<void> {
-    try {
-      await this.loop();
-    } finally {
-      clearTimeout(this.absTimer);
-      if (this.idleTimer) clearTimeout(this.idleTimer);
-      // every way out of the pre-auth loop closes the connection (a relayed one is the relay's)
-      if (!this.relayed) this.conn.end();
-    }
+    // every way out of the pre-auth loop closes the connection (a relayed one is the relay's)
+    await this.reader.run(() => this.loop(), () => this.relayed);
   }
 
   private bye(text: string, why: string): void {
@@ -96,8 +71,7 @@ export class Pop3Session {
 
   /** The client went away (or timed out): log why, close. */
   private gone(): void {
-    logDisconnect(this.env, this.conn, this.st, this.st.attempts > 0 ? 'auth failed' : this.timedOut ? 'inactivity' : 'no auth attempts');
-    this.conn.end();
+    this.reader.gone(this.st);
   }
 
   private async loop(): Promise<void> {
@@ -138,7 +112,7 @@ export class Pop3Session {
           }
           conn.write('+OK Begin TLS negotiation now.\r\n');
           // nothing said before the handshake counts inside TLS: pipelined commands, a USER
-          this.buf = Buffer.alloc(0);
+          this.framer.rest();
           this.user = null;
           try {
             await conn.startTls(env.tls, { timeoutMs: handshakeTimeoutMs(env.instance), alpn: alpnCallback('pop3') });
@@ -234,16 +208,8 @@ export class Pop3Session {
       conn.write(PRIVACY);
       return false;
     }
-    if (mech === 'PLAIN') {
-      const msg = await this.step(ir, '');
-      if (typeof msg === 'boolean') return msg;
-      return this.login(plainCredentials(msg), 'PLAIN');
-    }
-    const user = await this.step(ir, 'VXNlcm5hbWU6');
-    if (typeof user === 'boolean') return user;
-    const password = await this.step(undefined, 'UGFzc3dvcmQ6');
-    if (typeof password === 'boolean') return password;
-    return this.login({ kind: 'password', user, password }, 'LOGIN');
+    const x = await saslCredentials(mech, ir ?? null, (initial, prompt) => this.step(initial ?? undefined, prompt));
+    return 'ended' in x ? x.ended : this.login(x.creds, mech);
   }
 
   private afterFailure(): boolean {
@@ -255,38 +221,20 @@ export class Pop3Session {
   }
 
   private async login(creds: Credentials, method: string): Promise<boolean> {
-    const { conn, env } = this;
-    const r = await authenticate(env, conn, this.st, creds, method);
-    if (r.kind === 'tempfail') {
-      conn.write('-ERR [SYS/TEMP] Temporary authentication failure.\r\n');
-      return false;
-    }
-    if (r.kind === 'failed') {
-      conn.write('-ERR [AUTH] Authentication failed.\r\n');
-      return this.afterFailure();
-    }
-    const address = r.user.user.address;
-    const rt = await route(env, 'pop3', r.user, conn, this.st.sid, null, () => {
-      const b = this.buf;
-      this.buf = Buffer.alloc(0);
-      return b;
-    }, { forward: true, deadline: r.deadline });
-    if (!rt.ok && rt.reply !== undefined) {
-      conn.write(rt.reply); // a limit (user+IP): the router logged it
-      return false;
-    }
-    if (!rt.ok) {
-      this.st.lastOutcome = 'backend';
-      env.log.log('error', `pop3(${address})`, `Backend failure: ${rt.reason}:`, { rip: conn.peer.rip, session: this.st.sid });
-      conn.write('-ERR [SYS/TEMP] Internal error occurred. Refer to server log for more information.\r\n');
-      return false;
-    }
-    logLogin(env, conn, this.st, address);
-    clearTimeout(this.absTimer);
-    const leftover = this.buf;
-    this.buf = Buffer.alloc(0);
-    this.relayed = true;
-    await runSession(env, 'pop3', address, this.st.sid, conn, rt.session, leftover);
-    return true;
+    const r = await loginAndRelay(this.env, this.conn, this.st, creds, method, {
+      tag: null,
+      leftover: () => this.framer.rest(),
+      replies: {
+        tempfail: '-ERR [SYS/TEMP] Temporary authentication failure.\r\n',
+        failed: '-ERR [AUTH] Authentication failed.\r\n',
+        limit: (reason) => `-ERR [IN-USE] ${reason}\r\n`,
+        unavailable: '-ERR [SYS/TEMP] Internal error occurred. Refer to server log for more information.\r\n',
+      },
+      relaying: () => {
+        this.reader.stop();
+        this.relayed = true;
+      },
+    });
+    return r === 'failed' ? this.afterFailure() : r === 'relayed';
   }
 }

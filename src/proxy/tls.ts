@@ -16,7 +16,7 @@ import type { Server as TlsServer, TLSSocket } from 'node:tls';
 import type { Socket } from 'node:net';
 import type { Instance } from '../instance.js';
 import type { Logger } from '../log.js';
-import { unmap } from './conn.js';
+import { unmapIp } from '../ip.js';
 
 export type MailProtocol = 'imap' | 'pop3';
 
@@ -57,7 +57,7 @@ export function guardHandshakes(server: TlsServer, protocol: MailProtocol, curre
     const k = key(raw);
     const timer = setTimeout(() => {
       pending.delete(k);
-      failed(unmap(raw.remoteAddress), `no handshake within ${current().instance.config.limits.tls_handshake_timeout_s} s`);
+      failed(unmapIp(raw.remoteAddress), `no handshake within ${current().instance.config.limits.tls_handshake_timeout_s} s`);
       raw.destroy();
     }, handshakeTimeoutMs(current().instance));
     pending.set(k, { timer, raw });
@@ -81,7 +81,7 @@ export function guardHandshakes(server: TlsServer, protocol: MailProtocol, curre
     if (p) {
       clearTimeout(p.timer);
       pending.delete(key(s));
-      failed(unmap(s.remoteAddress), e.message);
+      failed(unmapIp(s.remoteAddress), e.message);
     }
     s.destroy();
   });

@@ -11,6 +11,7 @@
  *             child (src/writer/writer-main.ts) when pigeon runs as root.
  * SECURITY    Never chowns and never switches users: whoever runs this code owns what it creates.
  */
+import { isAppError } from '../errors.js';
 import { constants } from 'node:fs';
 import { rmdir, unlink, lstat, rename, open, rm } from 'node:fs/promises';
 import { dirname, join, basename } from 'node:path';
@@ -105,8 +106,7 @@ export class LocalWriter implements MailWriter {
       await h.commit();
       return null;
     } catch (e) {
-      const r = (e as { result?: DeliveryResult } | null)?.result;
-      return r ?? { dsn: '4.3.0', text: `commit failed: ${e instanceof Error ? e.message : String(e)}` };
+      return isAppError(e) && e.status !== null ? e.status : { dsn: '4.3.0', text: `commit failed: ${e instanceof Error ? e.message : String(e)}` };
     }
   }
 

@@ -256,6 +256,10 @@ export default function cases(backend: BackendName): void {
         t.match(log, /imap\(mona@example\.test\): Error: Backend failure: start-failed: courier serves Maildir only, and the mailbox of mona@example\.test is mbox \(\S+mona\.mbox\)/);
       } else {
         t.match(r, /^m1 OK \[CAPABILITY/);
+        // the backend declares the formats it serves (backends/types.ts formats): config set warns
+        const sw = inst.run(['config', 'set', '--user', 'mona@example.test', 'imap.backend', 'courier']);
+        t.match(sw.stderr, /pigeon: warning: imap\.backend: courier serves maildir mailboxes only; these mailboxes cannot log in with it: mona@example\.test/, 'switching an mbox user to Courier warns');
+        t.equal(inst.run(['config', 'set', '--user', 'mona@example.test', 'imap.backend', 'dovecot']).status, 0);
       }
       w.write('m2 LOGOUT\r\n');
       await w.until(/m2 .*\r\n/);

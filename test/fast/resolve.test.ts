@@ -11,15 +11,15 @@
  * resolve() must agree with it for every combination and every order of the input rows.
  */
 import t from 'tap';
-import { resolve, values, forcedBy, type SettingRow, type Flag } from '../src/resolve.js';
-import { CATALOG } from '../src/catalog.js';
-import type { Json, Scope } from '../src/settings.js';
+import { resolve, values, forcedBy, type SettingRow, type Flag } from '../../src/resolve.js';
+import { catalog } from '../../src/catalog.js';
+import type { Json, Scope } from '../../src/settings.js';
 
 const SCOPES: readonly Scope[] = ['global', 'domain', 'user'];
 const MODULE = 'mailstore';
 const KEY = 'quota';
 const NAME = `${MODULE}.${KEY}`;
-const DEFAULT = CATALOG.get(MODULE)?.keys[KEY]?.default;
+const DEFAULT = catalog().get(MODULE)?.keys[KEY]?.default;
 const VALUE: Record<Scope, number> = { global: 1000, domain: 2000, user: 3000 };
 
 type RowKind = 'absent' | 'plain' | 'override';
@@ -146,7 +146,7 @@ t.test('resolve() over every combination of scopes, override and ignore', async 
 t.test('every registered key appears, with its default, when there are no rows', async (t) => {
   const eff = resolve([]);
   const keys: string[] = [];
-  for (const m of CATALOG.values()) for (const [k, spec] of Object.entries(m.keys)) {
+  for (const m of catalog().values()) for (const [k, spec] of Object.entries(m.keys)) {
     keys.push(`${m.module}.${k}`);
     t.same(eff[`${m.module}.${k}`], { value: spec.default, from: 'default', ignored: [] }, `${m.module}.${k}`);
   }

@@ -1,0 +1,15 @@
+/**
+ * NAME        src/proxy/sessions — one client connection's IMAP or POP3 session, by protocol
+ * DESCRIPTION What every forker runs on a connection it produced (`pigeon serve`'s listeners,
+ *             `pigeon imap|pop3 --forker …`): the protocol's session class, run to its end.
+ *             Loaded only by the proxy commands (the sessions pull in auth and the backends).
+ */
+import type { ProxyEnv } from './env.js';
+import type { ClientConn } from './conn.js';
+import type { MailProtocol } from '../../backends/types.js';
+import { ImapSession } from './imap-session.js';
+import { Pop3Session } from './pop3-session.js';
+
+export function runSession(env: ProxyEnv, protocol: MailProtocol, conn: ClientConn): Promise<void> {
+  return (protocol === 'imap' ? new ImapSession(env, conn) : new Pop3Session(env, conn)).run();
+}
