@@ -10,7 +10,7 @@ import { makeInstance, freePort, CLI, type Inst } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
 import { Wire } from './helpers/wire.js';
 import { spawn } from 'node:child_process';
-import { owned } from './helpers/reaper.js';
+import { owned, stopGroup } from './helpers/reaper.js';
 
 async function waitPort(port: number, ms = 60_000): Promise<Wire> {
   const deadline = Date.now() + ms;
@@ -41,9 +41,7 @@ async function inetd(t: Test, inst: Inst): Promise<number> {
   const conf = join(inst.dir, 'inetd.conf');
   writeFileSync(conf, `127.0.0.1:${port} stream tcp nowait.2000 root ${process.execPath} node ${CLI} -c ${inst.dir} imap --forker inetd\n`);
   const d = owned(spawn('/usr/sbin/inetd', ['-d', conf], { stdio: 'ignore', detached: true }));
-  t.teardown(() => {
-    d.kill('SIGTERM');
-  });
+  t.teardown(() => stopGroup(d));
   return port;
 }
 

@@ -19,7 +19,7 @@ import { openStore } from '../src/store.js';
 import { hashPassword } from '../auth/schemes.js';
 import { AnvilClient } from '../src/anvil/client.js';
 import type { Results } from '../src/anvil/protocol.js';
-import { owned } from './helpers/reaper.js';
+import { owned, stopGroup } from './helpers/reaper.js';
 
 // tap's per-file timeout for this file: it ran 76 s alone on a lightly loaded machine, and two
 // suites at once on 2 cores make a file take 2-3 times as long (the default is 180 s, .taprc)
@@ -323,9 +323,7 @@ t.test('failure delay: doubles across one-shot processes under openbsd-inetd', a
   const conf = join(inst.dir, 'inetd.conf');
   writeFileSync(conf, `127.0.0.1:${port} stream tcp nowait.2000 root ${process.execPath} node ${CLI} -c ${inst.dir} imap --forker inetd\n`);
   const inetd = owned(spawn('/usr/sbin/inetd', ['-d', conf], { stdio: 'ignore', detached: true }));
-  t.teardown(() => {
-    inetd.kill('SIGTERM');
-  });
+  t.teardown(() => stopGroup(inetd));
   const deadline = Date.now() + 60_000; // the program starts and binds: seconds under load
   for (;;) {
     try {

@@ -10,7 +10,7 @@ import { makeInstance, serve, freePort, CLI } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
 import { Wire } from './helpers/wire.js';
 import { spawn } from 'node:child_process';
-import { owned } from './helpers/reaper.js';
+import { owned, stopGroup } from './helpers/reaper.js';
 
 // The deadline applies to every handshake here, the genuine ones too: 3 s leaves them room under
 // two suites at once on 2 cores (1 s did not). A close "at the deadline" is checked from below
@@ -133,9 +133,7 @@ t.test('openbsd-inetd with --forker inetd --tls: a connection without a handshak
   const conf = join(inst.dir, 'inetd.conf');
   writeFileSync(conf, `127.0.0.1:${iport} stream tcp nowait.2000 root ${process.execPath} node ${CLI} -c ${inst.dir} imap --forker inetd --tls\n`);
   const inetd = owned(spawn('/usr/sbin/inetd', ['-d', conf], { stdio: 'ignore', detached: true }));
-  t.teardown(() => {
-    inetd.kill('SIGTERM');
-  });
+  t.teardown(() => stopGroup(inetd));
   // inetd binds its port after it started: connect until it accepts
   let w: Wire | null = null;
   const end = Date.now() + UPPER_MS;

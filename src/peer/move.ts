@@ -25,6 +25,7 @@ import type { Allocation, UserRecord } from '../store.js';
 import type { MailUser } from '../mailuser.js';
 import type { PeerContext } from './context.js';
 import { sendHandOff, linkSessionId } from './link.js';
+import { LineBuffer } from '../lines.js';
 import { wireUser, readLine, replyLine, writeAll, nextWithin, exactBytes, type HandOff, type MoveSpec, type WireUser } from './protocol.js';
 import { mailboxPath } from '../allocation.js';
 import { AppError } from '../errors.js';
@@ -107,17 +108,19 @@ export async function exportMailbox(ctx: PeerContext, user: WireUser, source: Al
 
 /** Read one header line through the same iterator (so no byte is lost between files). */
 async function line(it: AsyncIterator<Buffer>, sock: Readable): Promise<string> {
-  let buf = Buffer.alloc(0);
+  const b = new LineBuffer();
   for (;;) {
-    const nl = buf.indexOf(0x0a);
-    if (nl >= 0) {
-      if (nl + 1 < buf.length) sock.unshift(buf.subarray(nl + 1));
-      return buf.subarray(0, nl).toString('utf8');
+    const r = b.line(MOVE_LINE_MAX);
+    if (r?.kind === 'too-long') throw new Error('file header line too long');
+    if (r?.kind === 'line') {
+      // the file's bytes that came with the header go back in front of the stream
+      const rest = b.rest();
+      if (rest.length > 0) sock.unshift(rest);
+      return r.line.toString('utf8');
     }
-    if (buf.length > MOVE_LINE_MAX) throw new Error('file header line too long');
     const next = await nextWithin(it, MOVE_STALL_MS, 'copy stalled');
     if (next.done) throw new Error('link closed before the end of the mailbox');
-    buf = Buffer.concat([buf, next.value]);
+    b.push(next.value);
   }
 }
 

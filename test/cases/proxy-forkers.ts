@@ -11,7 +11,7 @@ import { Wire } from '../helpers/wire.js';
 import { requireProgram } from '../helpers/programs.js';
 import { startPostfix } from '../helpers/postfix.js';
 import { useBackend, type BackendName } from '../helpers/backends.js';
-import { owned } from '../helpers/reaper.js';
+import { owned, stopGroup } from '../helpers/reaper.js';
 
 async function waitPort(port: number, ms = 60_000): Promise<Wire> {
   const deadline = Date.now() + ms;
@@ -82,9 +82,7 @@ export default function cases(backend: BackendName): void {
           `127.0.0.1:${pport} stream tcp nowait.2000 root ${process.execPath} node ${CLI} -c ${inst.dir} pop3 --forker inetd\n`,
       );
       const inetd = owned(spawn('/usr/sbin/inetd', ['-d', conf], { stdio: 'ignore', detached: true }));
-      t.teardown(() => {
-        inetd.kill('SIGTERM');
-      });
+      t.teardown(() => stopGroup(inetd));
       const w = await waitPort(port);
       await imapRoundTrip(t, backend, w, 'alice@example.test', 'pw');
       const p = await waitPort(pport);

@@ -92,3 +92,32 @@ export function owned<T extends ChildProcess>(child: T): T {
   });
   return child;
 }
+
+/**
+ * Stop an owned child and everything in its process group (inetd and the sessions it forked,
+ * which outlive inetd itself), and resolve once the group is empty: a teardown that returned
+ * earlier let tap remove the instance while a session still wrote its logout line there
+ * (ENOTEMPTY). SIGKILL after `graceMs`.
+ */
+export function stopGroup(child: ChildProcess, graceMs = 5000): Promise<void> {
+  const pid = child.pid;
+  if (pid === undefined) return Promise.resolve();
+  const signal = (s: NodeJS.Signals | 0): boolean => {
+    try {
+      process.kill(-pid, s);
+      return true;
+    } catch {
+      return false; // the group is empty
+    }
+  };
+  if (!signal('SIGTERM')) return Promise.resolve();
+  const killAt = Date.now() + graceMs;
+  return new Promise<void>((res) => {
+    const check = (): void => {
+      if (!signal(0)) return res();
+      if (Date.now() > killAt) signal('SIGKILL');
+      setTimeout(check, 50);
+    };
+    check();
+  });
+}
