@@ -56,6 +56,9 @@ export const ERROR_CODES = {
   NODE_BUSY: EX.DATAERR,
   PEER_UNAVAILABLE: EX.TEMPFAIL,
   PEER_REFUSED: EX.TEMPFAIL,
+  /** a peer link closed before its line was complete (PEER_UNUSED: before a single byte, a spare link dropped) */
+  PEER_CLOSED: EX.TEMPFAIL,
+  PEER_UNUSED: EX.TEMPFAIL,
   BACKEND_START: EX.TEMPFAIL,
   BACKEND_TIMEOUT: EX.TEMPFAIL,
   BACKEND_PROTOCOL: EX.TEMPFAIL,

@@ -42,7 +42,7 @@ function connectOnce(ctx: PeerContext, target: string, host: string, port: numbe
     });
     const t = setTimeout(() => {
       sock.destroy();
-      reject(Object.assign(new Error(`no TLS link to ${target} at ${host}:${port} within ${ctx.connectTimeoutMs / 1000}s`), { code: 'ETIMEDOUT' }));
+      reject(new AppError('PEER_UNAVAILABLE', `no TLS link to ${target} at ${host}:${port} within ${ctx.connectTimeoutMs / 1000}s`));
     }, ctx.connectTimeoutMs);
     sock.once('secureConnect', () => {
       clearTimeout(t);

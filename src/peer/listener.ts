@@ -35,6 +35,7 @@ import { certNodeName } from '../../certs/verify.js';
 import { count } from '../metrics.js';
 import { unmapIp } from '../ip.js';
 import { HOP_LIMIT, HANDOFF_MAX_BYTES, CLOCK_SKEW_MS, NonceCache, openHandOff, readLine, replyLine, exactBytes, fromWireUser, fromWireConfig, type HandOff } from './protocol.js';
+import { isAppError } from '../errors.js';
 import { PEER_TLS_HANDSHAKE_MS } from '../limits.js';
 
 interface Link {
@@ -202,7 +203,7 @@ export function peerListener(l: Listener, env: PeerListenerEnv, peer: PeerContex
     try {
       line = await readLine(sock, HANDOFF_MAX_BYTES, peer.handoffTimeoutMs);
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'EMPTY') {
+      if (isAppError(e) && e.code === 'PEER_UNUSED') {
         env.log.log('debug', 'peer', `Link from ${name} closed unused:`, { rip });
         sock.destroy();
         return;

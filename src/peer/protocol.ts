@@ -14,6 +14,7 @@
  *             The hand-off carries the user's identity, allocation and resolved configuration:
  *             never a password, hash or key (`wireUser` drops the password field).
  */
+import { AppError } from '../errors.js';
 import { readLine as readStreamLine } from '../lines.js';
 import { z } from 'zod';
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
@@ -193,8 +194,8 @@ export class NonceCache {
 /**
  * Read one LF-terminated line of at most `max` bytes within `timeoutMs` (the one line reader,
  * src/lines.ts); bytes after it are put back (unshift) for whoever reads next. Rejects on EOF,
- * overlong line or timeout; a link closed before a single byte rejects with code EMPTY (an unused
- * link: a spare dropped by its node, not a fault), after some with EOF.
+ * overlong line or timeout; a link closed before a single byte rejects with PEER_UNUSED (an unused
+ * link: a spare dropped by its node, not a fault), after some with PEER_CLOSED.
  */
 export function readLine(s: Duplex, max: number, timeoutMs: number): Promise<Buffer> {
   return readStreamLine(s, {
@@ -203,7 +204,7 @@ export function readLine(s: Duplex, max: number, timeoutMs: number): Promise<Buf
     fail: {
       tooLong: () => new Error(`line longer than ${max} bytes`),
       timeout: () => new Error(`no complete line within ${timeoutMs / 1000}s`),
-      closed: (empty) => Object.assign(new Error('connection closed'), { code: empty ? 'EMPTY' : 'EOF' }),
+      closed: (empty) => new AppError(empty ? 'PEER_UNUSED' : 'PEER_CLOSED', 'connection closed'),
     },
   });
 }
