@@ -12,11 +12,11 @@ import { dirname, join, resolve, isAbsolute } from 'node:path';
 import { parseDocument, LineCounter, isMap, isSeq, type Node } from 'yaml';
 import { z } from 'zod';
 import { AppError } from './errors.js';
-import { parseDbUrl, redactUrl } from './store.js';
+import { parseDbUrl, redactUrl, type ServerDbOptions } from './store.js';
 import { checkAuthSection, SOURCE_NAME } from '../auth/registry.js';
 import { TRUST } from '../certs/trust.js';
 import { parseNetwork } from './ip.js';
-import { AUTH_FAILURE_DELAY_MS, AUTH_PENALTY_MAX_MS, PREAUTH_CONNS_PER_IP, MAX_CONNECTIONS, MAX_USERIP_CONNECTIONS } from './limits.js';
+import { PG_POOL_SIZE, PG_CONNECT_TIMEOUT_S, PG_STATEMENT_TIMEOUT_S, AUTH_FAILURE_DELAY_MS, AUTH_PENALTY_MAX_MS, PREAUTH_CONNS_PER_IP, MAX_CONNECTIONS, MAX_USERIP_CONNECTIONS } from './limits.js';
 
 export const PROTOCOLS = ['imap', 'imaps', 'pop3', 'pop3s', 'lmtp', 'peer', 'metrics'] as const;
 export type Protocol = (typeof PROTOCOLS)[number];
@@ -79,6 +79,12 @@ export const SNI_NAME = /^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([
 export const fileSchema = z.strictObject({
   node: z.string().regex(/^[a-z0-9][a-z0-9.-]{0,62}$/i, 'node names are letters, digits, dots and hyphens').default('node1'),
   database: z.string().min(1).default('sqlite:pigeon.db'),
+  // a database server (postgres://…): where its password is (first line; mode 0600 or 0640),
+  // and this node's connection settings (per process: serve's workers each have their own pool)
+  database_password_file: path.nullable().default(null),
+  database_pool_size: z.number().int().min(1).max(100).default(PG_POOL_SIZE),
+  database_connect_timeout_s: z.number().int().min(1).max(300).default(PG_CONNECT_TIMEOUT_S),
+  database_statement_timeout_s: z.number().int().min(1).max(300).default(PG_STATEMENT_TIMEOUT_S),
   mail_root: path.default('mail'),
   mail_user: z.string().min(1).default('mail'),
   listen: z.array(listenSchema).default([]),
@@ -175,6 +181,8 @@ export interface Instance {
   readonly config: FileConfig;
   /** the SQLite file (absolute), or the server database's URL without its password: for messages */
   readonly dbPath: string;
+  /** a database server's node-local settings (database_password_file absolute, pool, timeouts) */
+  readonly dbOptions: ServerDbOptions;
   readonly mailRoot: string;
   /** absolute log file path, or null for stderr */
   readonly logFile: string | null;
@@ -297,12 +305,19 @@ export function loadInstance(c: string | undefined): Instance {
   } catch (e) {
     throw new AppError('CONFIG_INVALID', `${file}: database: ${(e as Error).message}`);
   }
+  const dbOptions: ServerDbOptions = {
+    passwordFile: config.database_password_file === null ? null : abs(config.database_password_file),
+    poolMax: config.database_pool_size,
+    connectTimeoutMs: config.database_connect_timeout_s * 1000,
+    statementTimeoutMs: config.database_statement_timeout_s * 1000,
+  };
   return {
     dir,
     file,
     files,
     config,
     dbPath,
+    dbOptions,
     mailRoot: abs(config.mail_root),
     logFile: config.log.file === null || config.log.file === '' ? null : abs(config.log.file),
     runDir: abs(config.run_dir),

@@ -38,3 +38,8 @@ export const ANVIL_IDLE_MS = 30_000; // an auto-started service exits after this
 export const ANVIL_CHECK_MS = 2_000; // how often the service checks that its socket is still its own
 export const POSTAUTH_IDLE_IMAP_MS = 30 * 60_000;
 export const POSTAUTH_IDLE_POP3_MS = 10 * 60_000;
+// a database server (PostgreSQL), per process, defaults of pigeon.yaml database_pool_size,
+// database_connect_timeout_s (per host of the URL) and database_statement_timeout_s
+export const PG_POOL_SIZE = 4;
+export const PG_CONNECT_TIMEOUT_S = 5;
+export const PG_STATEMENT_TIMEOUT_S = 5;

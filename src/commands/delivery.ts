@@ -11,7 +11,7 @@ import { EX } from '../errors.js';
 import { runDeliver, inputOf } from '../delivery/deliver.js';
 import { statusLine } from '../delivery/outcome.js';
 import { loadInstance } from '../instance.js';
-import { openStore } from '../store.js';
+import { openInstanceStore } from '../context.js';
 import { createLogger } from '../log.js';
 import { silentLogger } from '../delivery/env.js';
 
@@ -87,7 +87,7 @@ master.cf:  pigeon unix - n n - - pipe flags=Rq user=mail argv=/usr/local/bin/pi
       const instance = loadInstance(cfg());
       // stdout is the protocol: log to log.file or nowhere
       const logger = instance.logFile ? createLogger({ level: instance.config.log.level, file: instance.logFile }) : silentLogger;
-      const store = await openStore(instance.config.database, { baseDir: instance.dir });
+      const store = await openInstanceStore(instance, { log: (level, m) => logger.log(level, 'database', m) });
       const server = createLmtpServer({ instance, store, logger });
       const socket = stdioSocket(o.forker);
       await new Promise<void>((resolve) => {

@@ -9,7 +9,7 @@
  * DIAGNOSTICS AppError CONFIG_INVALID (certificate), NODE_CONFLICT, NODE_REMOVED: serve exits 78.
  */
 import type { Instance } from '../instance.js';
-import { openStore } from '../store.js';
+import { openInstanceStore } from '../context.js';
 import { AppError } from '../errors.js';
 import { HEARTBEAT_S } from '../nodes.js';
 import { loadNodeCredentials } from '../../certs/verify.js';
@@ -33,7 +33,8 @@ export function peerAddress(instance: Instance): string | null {
 
 export async function registerAtStart(instance: Instance): Promise<{ lines: string[] }> {
   const creds = loadNodeCredentials(instance.peerTls, instance.config.node);
-  const store = await openStore(instance.config.database, { baseDir: instance.dir });
+  // the schema must be one this code can run on (checked once, before any worker starts)
+  const store = await openInstanceStore(instance, { checkSchema: true });
   const lines: string[] = [];
   try {
     const r = await store.registerSelf(

@@ -46,8 +46,9 @@ import { readFileSync, statSync } from 'node:fs';
 import { AppError } from '../errors.js';
 import { normaliseAddress, normaliseDomain } from '../address.js';
 import { count } from '../metrics.js';
+import { PG_POOL_SIZE, PG_CONNECT_TIMEOUT_S, PG_STATEMENT_TIMEOUT_S } from '../limits.js';
 import type { Scope } from '../settings.js';
-import type { ConfigStore, StoreChange, SchemaStatus, TableDump, Allocation, UserRecord, ScopeRef, NodeRow, NodeState, SelfRegistration, Flag, SettingRow, Json } from './types.js';
+import type { ConfigStore, StoreChange, SchemaStatus, ServerInfo, TableDump, Allocation, UserRecord, ScopeRef, NodeRow, NodeState, SelfRegistration, Flag, SettingRow, Json } from './types.js';
 import { parsePgUrl, type PgUrl } from './pg-url.js';
 import { mapPgError } from './pg-errors.js';
 import { PG_SCHEMA_VERSION, PG_MIN_USABLE_VERSION, migrateIn, schemaVersion } from './pg-migrations.js';
@@ -79,9 +80,9 @@ interface ResolvedOptions {
 }
 
 export const PG_DEFAULTS = {
-  connectTimeoutMs: 5000,
-  statementTimeoutMs: 5000,
-  poolMax: 4,
+  connectTimeoutMs: PG_CONNECT_TIMEOUT_S * 1000,
+  statementTimeoutMs: PG_STATEMENT_TIMEOUT_S * 1000,
+  poolMax: PG_POOL_SIZE,
   poolMin: 1,
   lockPoolMax: 8,
   reconnectMaxMs: 1000,
@@ -257,6 +258,8 @@ function pgCode(e: unknown): string {
 class PostgresStore implements ConfigStore {
   readonly kind = 'postgres' as const;
   readonly where: string;
+  /** the unix socket file, when the URL names a socket directory */
+  private readonly socket: string | null;
   private readonly sql: Sql;
   /** reserved connections holding user locks; separate, so a holder's queries never wait for it */
   private readonly lockSql: Sql;
@@ -276,6 +279,7 @@ class PostgresStore implements ConfigStore {
 
   constructor(url: PgUrl, o: ResolvedOptions) {
     this.where = url.where;
+    this.socket = url.socketDir === null ? null : `${url.socketDir}/.s.PGSQL.${url.socketPort}`;
     this.o = o;
     const passwordFile = o.passwordFile;
     if (passwordFile !== null && url.password !== null) {
@@ -934,6 +938,17 @@ class PostgresStore implements ConfigStore {
   }
 
   // ---- schema and copy --------------------------------------------------------------------
+
+  async serverInfo(): Promise<ServerInfo> {
+    return this.op(async () => {
+      const [r] = await this.sql<{ v: string; standby: boolean; addr: string | null; port: number | null; usr: string; db: string }[]>`
+        SELECT current_setting('server_version') AS v, pg_is_in_recovery() AS standby, host(inet_server_addr()) AS addr,
+               inet_server_port() AS port, current_user AS usr, current_database() AS db`;
+      if (!r) throw new AppError('DB_UNAVAILABLE', `database ${this.where}: no answer`);
+      const server = r.addr === null ? `unix socket ${this.socket ?? ''}`.trim() : `${r.addr.includes(':') ? `[${r.addr}]` : r.addr}:${r.port ?? ''}`;
+      return { engine: `PostgreSQL ${r.v}`, role: r.standby ? 'standby' : 'primary', server, user: r.usr, database: r.db };
+    });
+  }
 
   async schemaStatus(): Promise<SchemaStatus> {
     return this.op(async () => ({ version: await schemaVersion(this.sql), minUsable: PG_MIN_USABLE_VERSION, latest: PG_SCHEMA_VERSION }));
