@@ -4,7 +4,9 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { createInterface } from 'node:readline';
 
-const build = spawnSync('npx', ['tsc', '-p', 'tsconfig.json'], { stdio: 'inherit' });
+// the same build as `npm run build` (it also makes dist/src/cli.js executable, which the
+// set-up line's `pigeon` link and test/install-link.test.ts rely on)
+const build = spawnSync('npm', ['run', '--silent', 'build'], { stdio: 'inherit' });
 if (build.status !== 0) {
   console.log('0 passed, 1 failed (build)');
   process.exit(1);

@@ -19,7 +19,7 @@
  *             NODE_REMOVED (78) for a revoked certificate, CONFIG_INVALID (78) for an issued
  *             certificate that names another node, is from another CA, or has expired.
  */
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync, chmodSync, chownSync, accessSync, constants } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, rmdirSync, writeFileSync, chmodSync, chownSync, accessSync, constants } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { resolveMailUser } from './mailuser.js';
 import { dirname, join, resolve, isAbsolute } from 'node:path';
@@ -29,6 +29,16 @@ import { openStore, parseDbUrl, redactUrl, type DbTarget, type OpenOptions } fro
 import { checkNodeName } from './nodes.js';
 import { createCa, issueHostCert, writeKeyPair, readKeyPair, LOOPBACK_NAMES, type KeyPair } from '../certs/ca.js';
 import { loadNodeCredentials, verifyHostCert } from '../certs/verify.js';
+
+/** rmdir: true when `dir` is gone (or was never there), false when it is not empty. */
+function removeEmptyDir(dir: string): boolean {
+  try {
+    rmdirSync(dir);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'ENOENT';
+  }
+}
 
 export interface InitOptions {
   readonly dir: string;
@@ -348,9 +358,13 @@ export async function initInstance(o: InitOptions): Promise<{ dir: string; dbPat
     });
     created.push(join(dir, 'pigeon.yaml'));
   } catch (e) {
-    // remove only what this run created
-    if (!dirExisted) rmSync(dir, { recursive: true, force: true });
-    else for (const p of ['certs', 'conf.d', 'mail', 'pigeon.yaml']) rmSync(join(dir, p), { recursive: true, force: true });
+    // remove only what this run created. The mail root belongs to the mail user from its chown on:
+    // root removes it only while it is still empty (rmdir), never recursively — whatever the mail
+    // user put there in the meantime stays, and no link in it is ever followed by root
+    const mailGone = removeEmptyDir(join(dir, 'mail'));
+    // the rest is root's own: a directory this run made holds nothing else once the mail root is gone
+    if (!dirExisted && mailGone) rmSync(dir, { recursive: true, force: true });
+    else for (const p of ['certs', 'conf.d', 'pigeon.yaml']) rmSync(join(dir, p), { recursive: true, force: true });
     if (!dbExisted && dbPath !== null) for (const s of ['', '-wal', '-shm']) rmSync(dbPath + s, { force: true });
     else if (registered) await unregister(dbUrl, openOpts, registered);
     throw e;

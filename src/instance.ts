@@ -226,13 +226,39 @@ function nodeAt(doc: ReturnType<typeof parseDocument>, p: readonly PropertyKey[]
   return null;
 }
 
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
+
+/** The number of the first line of `data` that is not valid UTF-8. */
+function firstInvalidUtf8Line(data: Buffer): number {
+  let start = 0;
+  for (let n = 1; start <= data.length; n++) {
+    let end = data.indexOf(0x0a, start);
+    if (end < 0) end = data.length;
+    try {
+      STRICT_UTF8.decode(data.subarray(start, end));
+    } catch {
+      return n;
+    }
+    start = end + 1;
+  }
+  return 1;
+}
+
 /** Parse one YAML file into a plain object, or throw CONFIG_INVALID with file:line:col. */
 function loadFile(file: string): Record<string, unknown> {
-  let text: string;
+  let bytes: Buffer;
   try {
-    text = readFileSync(file, 'utf8');
+    bytes = readFileSync(file);
   } catch (e) {
     throw new AppError('CONFIG_MISSING', `${file}: cannot read: ${(e as NodeJS.ErrnoException).code ?? String(e)}`);
+  }
+  // paths and names come from here: bytes that are not UTF-8 are refused, never made U+FFFD
+  let text: string;
+  try {
+    text = STRICT_UTF8.decode(bytes);
+  } catch {
+    const bad = firstInvalidUtf8Line(bytes);
+    throw new AppError('CONFIG_INVALID', `${file}:${bad}: not valid UTF-8 (YAML files are UTF-8 text)`);
   }
   const lc = new LineCounter();
   const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false, uniqueKeys: true });

@@ -14,11 +14,20 @@ import ipaddr from 'ipaddr.js';
 
 type Addr = ipaddr.IPv4 | ipaddr.IPv6;
 
+// `::a.b.c.d` is the (deprecated) IPv4-compatible address ::/96, which is how inet_ntop prints
+// one; ipaddr.js reads it as the IPv4-mapped ::ffff:a.b.c.d, so `::127.0.0.1` would be loopback
+const IPV4_COMPATIBLE = /^::(\d{1,3}(?:\.\d{1,3}){3})$/;
+
 /** The address, with an IPv4-mapped IPv6 address turned into IPv4; null when it does not parse. */
 export function parseIp(text: string): Addr | null {
   if (!ipaddr.isValid(text)) return null;
   let a: Addr;
   try {
+    const compat = IPV4_COMPATIBLE.exec(text);
+    if (compat?.[1] !== undefined) {
+      const o = ipaddr.IPv4.parse(compat[1]).octets;
+      return new ipaddr.IPv6([0, 0, 0, 0, 0, 0, ((o[0] ?? 0) << 8) | (o[1] ?? 0), ((o[2] ?? 0) << 8) | (o[3] ?? 0)]);
+    }
     a = ipaddr.parse(text);
   } catch {
     return null;

@@ -1,4 +1,5 @@
-// The node state service on its own: client keys from parsed addresses (IPv6 /48), trusted
+// The node state service on its own: client keys from parsed addresses (IPv6 /48) and the
+// proxy's loopback test on them (src/proxy/conn.ts), trusted
 // networks, the record table (per-IP eviction, global eviction, user+IP slots), and the service
 // process itself — two starters at once end with one service, a stale socket file is replaced,
 // an idle service exits, a removed socket stops it, and a client that cannot reach any service
@@ -9,10 +10,12 @@ import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, write
 import { join } from 'node:path';
 import { connect } from 'node:net';
 import { clientKey, NetworkList, canonicalIp } from '../src/ip.js';
+import { isLoopback, unmap } from '../src/proxy/conn.js';
 import { AnvilState } from '../src/anvil/state.js';
 import { AnvilClient } from '../src/anvil/client.js';
 import { openRunDir } from '../src/anvil/run-dir.js';
-import { ROOT, CLI, makeInstance } from './helpers/instance.js';
+import { ROOT, CLI, makeInstance, scratchDir } from './helpers/instance.js';
+import { owned } from './helpers/reaper.js';
 
 const MAIN = join(ROOT, 'dist', 'src', 'anvil', 'main.js');
 
@@ -28,6 +31,18 @@ t.test('penalty keys come from the parsed address: IPv6 /48, IPv4-mapped as IPv4
   t.not(clientKey('192.0.2.7'), clientKey('192.0.2.8'), 'IPv4 addresses are counted one by one');
   t.equal(clientKey(''), '', 'no address (a local pipe) keys as itself');
   t.equal(canonicalIp('::ffff:10.1.2.3'), '10.1.2.3');
+});
+
+t.test('connection addresses are parsed, not matched as text: the loopback test and the logged form', async (t) => {
+  // login.plaintext=loopback trusts exactly these: 127.0.0.0/8 and ::1, however spelled
+  for (const a of ['127.0.0.1', '127.5.6.7', '::1', '0:0:0:0:0:0:0:1', '0000::0001', '::ffff:127.0.0.1', '::ffff:7f00:1', '::FFFF:127.0.0.2']) t.ok(isLoopback(unmap(a)), `${a} is loopback`);
+  for (const a of ['10.0.0.1', '::ffff:10.0.0.1', '::2', 'fe80::1', '2001:db8::1', '128.0.0.1', '::127.0.0.1', 'localhost', '127.0.0.1.example']) t.notOk(isLoopback(unmap(a)), `${a} is not loopback`);
+  t.ok(isLoopback(unmap(undefined)), 'no address (a unix socket) is local');
+  t.equal(unmap('::ffff:7f00:1'), '127.0.0.1', 'an IPv4-mapped address in hex is logged as IPv4');
+  t.equal(unmap('::FFFF:192.0.2.7'), '192.0.2.7', 'in upper case too');
+  t.equal(unmap('2001:0DB8:0000:0000:0000:0000:0000:0001'), '2001:db8::1', 'IPv6 in its canonical form');
+  t.equal(unmap('::127.0.0.1'), '::7f00:1', 'an IPv4-compatible address (::/96, as inet_ntop prints it) is no IPv4-mapped one');
+  t.not(clientKey('::192.0.2.7'), clientKey('192.0.2.7'), 'nor does it share the IPv4 address\'s penalty');
 });
 
 t.test('trusted networks: CIDR lists of both families, mapped addresses, bad entries refused', async (t) => {
@@ -97,7 +112,7 @@ t.test('records: sessions per user+IP', async (t) => {
 
 /** Start the service as a one-shot process would: detached main.js, its answer on fd 3. */
 function startService(dir: string, idleMs = 60_000): { child: ChildProcess; said: Promise<string> } {
-  const child = spawn(process.execPath, [MAIN, dir, '--idle-ms', String(idleMs)], { stdio: ['ignore', 'ignore', 'inherit', 'pipe'] });
+  const child = owned(spawn(process.execPath, [MAIN, dir, '--idle-ms', String(idleMs)], { stdio: ['ignore', 'ignore', 'inherit', 'pipe'], detached: true }));
   const pipe = child.stdio[3];
   const said = new Promise<string>((resolve) => {
     let s = '';
@@ -118,7 +133,7 @@ function newClient(dir: string, autostart = false): { client: AnvilClient; logs:
 }
 
 t.test('service: two starters at once end with one service', async (t) => {
-  const dir = join(t.testdir(), 'run');
+  const dir = join(scratchDir(t), 'run');
   mkdirSync(dir, { mode: 0o700 });
   const a = startService(dir);
   const b = startService(dir);
@@ -145,7 +160,7 @@ t.test('service: two starters at once end with one service', async (t) => {
 });
 
 t.test('service: a stale socket file is replaced; a removed socket stops the service', async (t) => {
-  const dir = join(t.testdir(), 'run');
+  const dir = join(scratchDir(t), 'run');
   mkdirSync(dir, { mode: 0o700 });
   // a service that was killed leaves its socket file behind
   const killed = startService(dir);
@@ -170,7 +185,7 @@ t.test('service: a stale socket file is replaced; a removed socket stops the ser
 });
 
 t.test('service: an auto-started service exits when idle', async (t) => {
-  const dir = join(t.testdir(), 'run');
+  const dir = join(scratchDir(t), 'run');
   mkdirSync(dir, { mode: 0o700 });
   const s = startService(dir, 0);
   t.teardown(() => s.child.kill());
@@ -183,7 +198,7 @@ t.test('service: an auto-started service exits when idle', async (t) => {
 });
 
 t.test('client: no service reachable → per-process state, logged once, nothing refused', async (t) => {
-  const base = t.testdir();
+  const base = scratchDir(t);
   const open = join(base, 'world-writable');
   mkdirSync(open);
   chmodSync(open, 0o777);
@@ -199,7 +214,7 @@ t.test('client: no service reachable → per-process state, logged once, nothing
 });
 
 t.test('client: starts the service when none runs, in a run directory it creates', async (t) => {
-  const dir = join(t.testdir(), 'run');
+  const dir = join(scratchDir(t), 'run');
   const { client, logs } = newClient(dir, true);
   t.teardown(() => client.shutdown());
   t.equal(await client.penaltyFail('192.0.2.1'), 1);

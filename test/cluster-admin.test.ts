@@ -13,6 +13,11 @@ import Database from 'better-sqlite3';
 import { issueHostCert, readKeyPair, writeKeyPair } from '../certs/ca.js';
 import { openStore } from '../src/store.js';
 import { runCli, type CliRun } from './helpers/cli.js';
+import { scratchDir } from './helpers/instance.js';
+
+// tap's per-file timeout for this file: it ran 60 s alone on a lightly loaded machine, and two
+// suites at once on 2 cores make a file take 2-3 times as long (the default is 180 s, .taprc)
+t.setTimeout(300_000);
 
 const day = 86400_000;
 
@@ -66,7 +71,7 @@ function mode(p: string): number {
   return statSync(p).mode & 0o777;
 }
 
-const root = t.testdir();
+const root = scratchDir(t);
 const A = join(root, 'alpha'); // the CA holder
 const shared = join(A, 'pigeon.db');
 const B = join(root, 'beta'); // joins with an issued certificate

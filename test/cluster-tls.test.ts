@@ -19,7 +19,7 @@ const BODY = `${'0123456789abcdefghijklmnopqrstuvwxyz'.repeat(2)}..\r\n`.repeat(
 const MESSAGE = `From: bob@example.test\r\nTo: alice@example.test\r\nSubject: big\r\nMessage-ID: <big.tls@example.test>\r\n\r\n${BODY}`;
 
 /** Wait until `what()` holds (a log line written by a daemon). */
-async function until(what: () => boolean, ms = 20_000): Promise<boolean> {
+async function until(what: () => boolean, ms = 60_000): Promise<boolean> {
   const deadline = Date.now() + ms;
   while (!what() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
   return what();

@@ -20,10 +20,19 @@ import { courierBinaries } from './helpers/backends.js';
 import { createCa, issueHostCert, readKeyPair } from '../certs/ca.js';
 import { sealHandOff, newNonce, PEER_PROTOCOL, type HandOff } from '../src/peer/protocol.js';
 
+// tap's per-file timeout for this file: it ran 76 s alone on a lightly loaded machine, and two
+// suites at once on 2 cores make a file take 2-3 times as long (the default is 180 s, .taprc)
+t.setTimeout(420_000);
+
 const DOMAIN = 'example.test';
 
+// How long any single step may take before the test calls it a hang. Not a pace: every wait
+// below ends on its event (a close, an answer, a log line); two suites at once on 2 cores make
+// a step take seconds, which a bound of a few seconds turned into failures.
+const BOUND_MS = 60_000;
+
 function imap(n: ClusterNode, user: string, pass = 'secret'): ImapFlow {
-  return new ImapFlow({ host: n.ip, port: n.ports['imap'] ?? 0, secure: false, doSTARTTLS: false, auth: { user, pass }, logger: false, emitLogs: false, connectionTimeout: 10_000 });
+  return new ImapFlow({ host: n.ip, port: n.ports['imap'] ?? 0, secure: false, doSTARTTLS: false, auth: { user, pass }, logger: false, emitLogs: false, connectionTimeout: BOUND_MS });
 }
 
 /** Log in at node `n` with imapflow and list the subjects in INBOX. */
@@ -60,7 +69,7 @@ async function rawLink(to: ClusterNode, cert: string | Buffer, key: string | Buf
     const t = setTimeout(() => {
       sock.destroy();
       resolve({ sock: null, error: 'timeout' });
-    }, 5000);
+    }, BOUND_MS);
     sock.once('secureConnect', () => {
       clearTimeout(t);
       resolve({ sock, error: null });
@@ -73,7 +82,7 @@ async function rawLink(to: ClusterNode, cert: string | Buffer, key: string | Buf
 }
 
 /** First line the peer answers (or null when it closes without one). */
-function answer(sock: TLSSocket, ms = 5000): Promise<string | null> {
+function answer(sock: TLSSocket, ms = BOUND_MS): Promise<string | null> {
   return new Promise((resolve) => {
     let buf = '';
     const done = (v: string | null): void => {
@@ -92,10 +101,25 @@ function answer(sock: TLSSocket, ms = 5000): Promise<string | null> {
   });
 }
 
-async function until(what: () => boolean, ms = 10_000): Promise<boolean> {
+/** Poll until `what()` holds (a log line, a state): the event itself, bounded only against a hang. */
+async function until(what: () => boolean | Promise<boolean>, ms = BOUND_MS): Promise<boolean> {
   const deadline = Date.now() + ms;
-  while (!what() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  while (!(await what()) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
   return what();
+}
+
+/** `p` settles within BOUND_MS: true; else false (a hang, reported as a failure, not a tap timeout). */
+function within(p: Promise<unknown>): Promise<boolean> {
+  return Promise.race([p.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), BOUND_MS).unref())]);
+}
+
+/** A peer's first answer on a fresh link with these credentials (null when TLS itself failed). */
+async function linkAnswer(to: ClusterNode, cert: string | Buffer, key: string | Buffer, ca: Buffer): Promise<string | null> {
+  const l = await rawLink(to, cert, key, ca);
+  if (!l.sock) return null;
+  const a = await answer(l.sock);
+  l.sock.destroy();
+  return a;
 }
 
 t.test('cluster of three nodes on one machine', async (t) => {
@@ -320,16 +344,15 @@ t.test('cluster of three nodes on one machine', async (t) => {
       if (!l.sock) throw new Error('no link');
       l.sock.write('{"body":"{\\"proto\\":');
       const start = Date.now();
-      const closed = await new Promise<boolean>((res) => {
-        const tm = setTimeout(() => res(false), 8000);
-        l.sock?.once('close', () => {
-          clearTimeout(tm);
-          res(true);
-        });
-        l.sock?.resume();
-      });
-      t.ok(closed, `closed after ${Date.now() - start} ms`);
-      t.match(C.log(), /Hand-off from A failed: no complete line within 2s/);
+      const closed = await within(
+        new Promise<void>((res) => {
+          l.sock?.once('close', () => res());
+          l.sock?.resume();
+        }),
+      );
+      const ms = Date.now() - start;
+      t.ok(closed, `closed after ${ms} ms (peer.handoff_timeout_s is 10)`);
+      t.ok(await until(() => /Hand-off from A failed: no complete line within 10s/.test(C.log())), 'C logs why');
       const c = imap(A, `alice@${DOMAIN}`);
       await c.connect();
       t.ok(c.authenticated, 'C still serves');
@@ -358,18 +381,23 @@ t.test('cluster of three nodes on one machine', async (t) => {
       await c.connect();
       const closed = new Promise<void>((res) => c.once('close', () => res()));
       t.equal(D.run(['node', 'disable', 'A']).status, 0);
-      const gone = await Promise.race([closed.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 5000))]);
-      t.ok(gone, 'the session A had relayed to C was cut');
+      t.ok(await within(closed), 'the session A had relayed to C was cut');
       t.match(C.log(), /Closing link from A: node A is disabled/);
       const again = imap(A, `alice@${DOMAIN}`);
       await t.rejects(again.connect(), 'a new login at A for a user on C fails while A is disabled');
       t.match(A.log(), /Backend failure: node C refused the hand-off \(refused\)|Backend failure: .*A is disabled/);
       t.equal(D.run(['node', 'enable', 'A']).status, 0);
-      await new Promise((r) => setTimeout(r, 1500));
-      const back = imap(A, `alice@${DOMAIN}`);
-      await back.connect();
-      t.ok(back.authenticated, 'after enable, A reaches C again');
-      await back.logout();
+      // C notices when it re-reads the registry (each second): log in until it has
+      const back = await until(async () => {
+        const c = imap(A, `alice@${DOMAIN}`);
+        const ok = await c.connect().then(
+          () => c.authenticated === true,
+          () => false,
+        );
+        if (ok) await c.logout();
+        return ok;
+      });
+      t.ok(back, 'after enable, A reaches C again');
     });
 
     await t.test('a removed node that comes back is refused', async (t) => {
@@ -381,9 +409,9 @@ t.test('cluster of three nodes on one machine', async (t) => {
       const r = await D.startFails();
       t.equal(r.code, 78, 'serve on the removed node exits 78');
       t.match(r.stderr, /revoked when node D was removed/);
-      await new Promise((res) => setTimeout(res, 1500)); // the others re-read the registry each second
-      const l = await rawLink(C, readFileSync(join(D.dir, 'certs', 'node.crt')), readFileSync(join(D.dir, 'certs', 'node.key')), caPem);
-      const got = l.sock ? await answer(l.sock) : null;
+      // the others re-read the registry each second: link until C has
+      let got: string | null = null;
+      await until(async () => /revoked/.test((got = await linkAnswer(C, readFileSync(join(D.dir, 'certs', 'node.crt')), readFileSync(join(D.dir, 'certs', 'node.key')), caPem)) ?? ''));
       t.match(got, /"ok":false.*revoked/, 'its certificate is refused on the peer link');
     });
   });
@@ -419,21 +447,23 @@ t.test('cluster of three nodes on one machine', async (t) => {
           const r = (await lmtpSend(A, [`mover@${DOMAIN}`], msg(subject)))[0] ?? '';
           if (r.startsWith('250')) break;
           deferred.push(r);
-          await new Promise((res) => setTimeout(res, 300));
+          await new Promise((res) => setTimeout(res, 300)); // the MTA's retry pace, not a wait for anything
         }
         sent++;
-        await new Promise((res) => setTimeout(res, 50));
       }
     })();
-    await new Promise((r) => setTimeout(r, 300));
-    // not spawnSync: the "MTA" above keeps delivering while the move runs
-    const mv = await startCli(['-c', A.dir, 'user', 'move', `mover@${DOMAIN}`, '--to', 'B', '--settle', '2']);
+    // not spawnSync: the "MTA" above keeps delivering while the move runs. The settle time (the
+    // user is marked moving, deliveries defer) is long enough for the MTA to hit it under load
+    const moving = startCli(['-c', A.dir, 'user', 'move', `mover@${DOMAIN}`, '--to', 'B', '--settle', '10']);
+    t.ok(await until(() => deferred.length > 0), 'a delivery during the move was deferred');
+    const mv = await moving;
     t.equal(mv.code, 0, mv.err);
     t.match(mv.out, /moved mover@example\.test from C to B/);
-    await new Promise((r) => setTimeout(r, 500));
+    const sentAtMove = sent;
+    t.ok(await until(() => sent > sentAtMove + 1), 'deliveries go on after the move');
     stop = true;
     await sender;
-    t.ok(await Promise.race([ended.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 3000))]), 'the session on the old home was ended');
+    t.ok(await within(ended), 'the session on the old home was ended');
     t.ok(deferred.length > 0 && deferred.every((d) => /^4\d\d 4\.2\.0 .*being moved/.test(d)), `deliveries during the copy were deferred (4.2.0), ${deferred.length} times`);
     t.equal(userRow(A, `mover@${DOMAIN}`).home, 'B');
     const c = imap(A, `mover@${DOMAIN}`);
@@ -466,9 +496,9 @@ t.test('cluster of three nodes on one machine', async (t) => {
     t.match(B.startErr, /certificate expires in 9 days; re-issue it/, 'a warning while expiry is near');
     t.equal(await bobAtA(), 0, 'A reaches B with the new certificate');
     t.match((await lmtpSend(C, [`bob@${DOMAIN}`], msg('to bob after re-issue')))[0], /^250/, 'and C delivers to B');
-    await new Promise((r) => setTimeout(r, 1500)); // every node re-reads the registry each second
-    const old = await rawLink(C, oldCert, oldKey, caPem);
-    const got = old.sock ? await answer(old.sock) : null;
+    // every node re-reads the registry each second: link until C has
+    let got: string | null = null;
+    await until(async () => /registered fingerprint/.test((got = await linkAnswer(C, oldCert, oldKey, caPem)) ?? ''));
     t.match(got, /"ok":false.*does not match its registered fingerprint/, 'the replaced certificate is no longer accepted');
   });
 
@@ -477,16 +507,16 @@ t.test('cluster of three nodes on one machine', async (t) => {
     await c.connect();
     const closed = new Promise<void>((res) => c.once('close', () => res()));
     await C.stop('SIGKILL');
-    t.ok(await Promise.race([closed.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 5000))]), 'the client at A is disconnected');
+    t.ok(await within(closed), 'the client at A is disconnected');
     const w = await wireTo(A.ip, A.ports['imap'] ?? 0);
     await w.until(/^\* OK/m);
     w.write(`a1 LOGIN alice@${DOMAIN} secret\r\n`);
-    t.match(await w.until(/^a1 /m, 15_000), /a1 NO \[UNAVAILABLE\]/, 'IMAP login for a user on C: NO [UNAVAILABLE]');
+    t.match(await w.until(/^a1 /m, BOUND_MS), /a1 NO \[UNAVAILABLE\]/, 'IMAP login for a user on C: NO [UNAVAILABLE]');
     w.write('a2 LOGOUT\r\n');
     const p = await wireTo(A.ip, A.ports['pop3'] ?? 0);
     await p.until(/^\+OK/m);
     p.write(`USER alice@${DOMAIN}\r\nPASS secret\r\n`);
-    t.match(await p.until(/^-ERR/m, 15_000), /-ERR \[SYS\/TEMP\]/, 'POP3: -ERR [SYS/TEMP]');
+    t.match(await p.until(/^-ERR/m, BOUND_MS), /-ERR \[SYS\/TEMP\]/, 'POP3: -ERR [SYS/TEMP]');
     p.write('QUIT\r\n');
     t.ok(
       await until(() => /imap-login: Disconnected \(internal failure, 1 successful auths in \d+ secs\): user=<alice@example\.test>/.test(A.log()) && /pop3-login: Disconnected \(internal failure/.test(A.log())),

@@ -13,11 +13,12 @@ import { openStore as open, type Store } from '../src/store.js';
 import { resolve } from '../src/resolve.js';
 
 import { CLI_JS as CLI, cleanEnv, startCli, type CliRun } from './helpers/cli.js';
+import { scratchDir } from './helpers/instance.js';
 
 type Run = CliRun;
 const start = startCli;
 
-const root = t.testdir();
+const root = scratchDir(t);
 const inst = join(root, 'inst');
 const dbFile = join(inst, 'pigeon.db');
 const C = ['-c', inst];

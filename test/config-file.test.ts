@@ -2,8 +2,7 @@
  * The instance configuration and its database as an admin meets them through the CLI:
  * pigeon.yaml errors name file:line:col and exit 78; conf.d drop-ins merge in lexical order; a
  * missing, read-only, foreign or locked database gets its own clear message and exit code.
- * `config test` also checks the certificate pairs (tls.*, tls.sni, peer.*) and starts the
- * binary of every backend some scope selects; a fresh instance serves a Courier user as it is.
+ * (What `config test` checks beyond the files: config-test.test.ts.)
  * Needs `npx tsc -p tsconfig.json` first (npm test does it).
  */
 import t from 'tap';
@@ -12,17 +11,15 @@ import { chmodSync, cpSync, existsSync, readFileSync, rmSync, writeFileSync, cop
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { loadInstance } from '../src/instance.js';
-import { createCa, issueHostCert, writeKeyPair } from '../certs/ca.js';
-import { requireProgram } from './helpers/programs.js';
-import { courierBinaries } from './helpers/backends.js';
 
 import { CLI_JS as CLI, cleanEnv, runCli, startCli, type CliRun } from './helpers/cli.js';
+import { scratchDir } from './helpers/instance.js';
 
 type Run = CliRun;
 const run = runCli;
 const runAsync = (args: readonly string[]): Promise<Run> => startCli(args);
 
-const root = t.testdir();
+const root = scratchDir(t);
 const template = join(root, 'template');
 const init = run(['init', template, '--node', 'cfg1', '--listen', 'imap=127.0.0.1:1143']);
 if (init.code !== 0) throw new Error(`pigeon init failed: ${init.err}`);
@@ -157,6 +154,11 @@ t.test('conf.d drop-ins merge in lexical order; an error names the drop-in', asy
   const unk = run(['-c', dir, 'config', 'test']);
   t.equal(unk.code, 78);
   t.match(unk.err, /50-bad\.yaml:1:1: nodes: unknown key nodes/, 'an unknown key in a drop-in names it');
+  // a path that is not UTF-8 (Latin-1 é): refused by file:line, never read as U+FFFD
+  writeFileSync(join(dir, 'conf.d', '50-bad.yaml'), Buffer.concat([Buffer.from('# mail root\nmail_root: /srv/caf'), Buffer.from([0xe9]), Buffer.from('/mail\n')]));
+  const enc = run(['-c', dir, 'config', 'test']);
+  t.equal(enc.code, 78, `a drop-in that is not UTF-8: exit 78 ${enc.err}`);
+  t.match(enc.err, `${join(dir, 'conf.d', '50-bad.yaml')}:2: not valid UTF-8`, 'names the file and line');
 });
 
 t.test('missing configuration: exit 78', async (t) => {
@@ -241,9 +243,11 @@ t.test('locked database: a writer waits for the busy timeout, then exits 75', as
   t.equal(r.code, 75, 'exit 75 (try again later)');
   t.match(r.err, `database ${dbFile} is locked`, 'says the database is locked');
   t.ok(r.ms >= 4500, `waited for the 5 s busy timeout first (${r.ms} ms)`);
-  t.ok(r.ms < 30000, 'and did not hang');
   const rd = run(['-c', dir, 'domain', 'list']);
   t.equal(rd.code, 0, 'readers are not blocked by a writer (WAL)');
+  // a command without a wait (its start-up alone takes seconds under load) + the 5 s timeout,
+  // with room for the load to change between the two
+  t.ok(r.ms < rd.ms + 5000 + 20_000, `and did not hang (${r.ms} ms; ${rd.ms} ms for a command that does not wait)`);
   holder.prepare('ROLLBACK').run();
   const w = run(['-c', dir, 'domain', 'add', 'locked.test']);
   t.equal(w.code, 0, 'once the lock is gone the same command succeeds');
@@ -264,126 +268,4 @@ t.test('locked database: a writer waits for the busy timeout, then exits 75', as
   clearTimeout(release);
   t.equal(child.code, 0, `a writer that finds the lock released within the timeout succeeds ${child.err}`);
   t.same(domains(join(dir2, 'pigeon.db')), ['waited.test']);
-});
-
-t.test('config test checks the certificates clients see (tls.cert, tls.sni) and the node certificate (peer.cert)', async (t) => {
-  const dir = instance();
-  const DAY = 86400_000;
-  // a "public" CA, not the cluster's: what an admin buys or gets from ACME
-  const pub = createCa('public');
-  const pair = (name: string, file: string, validity: { notBefore?: Date; notAfter?: Date } = {}): void =>
-    writeKeyPair(issueHostCert(pub, name, [name], validity), join(dir, `${file}.crt`), join(dir, `${file}.key`));
-  pair('mail.example.org', 'mail');
-  pair('imap.example.net', 'net');
-  pair('old.example.org', 'old', { notBefore: new Date(Date.now() - 10 * DAY), notAfter: new Date(Date.now() - DAY) });
-  pair('soon.example.org', 'soon', { notAfter: new Date(Date.now() + 5 * DAY) });
-  const conf = (text: string): Run => {
-    writeFileSync(join(dir, 'conf.d', '60-tls.yaml'), text);
-    return run(['-c', dir, 'config', 'test']);
-  };
-
-  const good = conf('tls:\n  cert: mail.crt\n  key: mail.key\n  sni:\n    imap.example.net: { cert: net.crt, key: net.key }\n');
-  t.equal(good.code, 0, `a public certificate for clients and an SNI entry: OK (${good.err})`);
-  t.match(good.out, new RegExp(`^tls: ${join(dir, 'mail.crt')} \\(mail\\.example\\.org;`, 'm'), 'names the client certificate and its names');
-  t.match(good.out, /^tls\.sni\.imap\.example\.net: .*net\.crt \(imap\.example\.net;/m, 'and the SNI entry');
-  t.match(good.out, new RegExp(`^peer: ${join(dir, 'certs', 'node.crt')} \\(node cfg1 from the cluster CA`, 'm'), 'peer links keep the node certificate');
-
-  const mismatch = conf('tls:\n  cert: mail.crt\n  key: net.key\n');
-  t.equal(mismatch.code, 78, 'a key that is not the certificate\'s: exit 78');
-  t.match(mismatch.err, `pigeon: error: tls.key: ${join(dir, 'net.key')} is not the private key of ${join(dir, 'mail.crt')}`);
-
-  const expired = conf('tls:\n  cert: old.crt\n  key: old.key\n');
-  t.equal(expired.code, 78, 'an expired client certificate: exit 78');
-  t.match(expired.err, new RegExp(`tls\\.cert: ${join(dir, 'old.crt')} expired on \\d{4}-`));
-
-  const soon = conf('tls:\n  cert: soon.crt\n  key: soon.key\n');
-  t.equal(soon.code, 0, 'a certificate that expires soon still works');
-  t.match(soon.err, /pigeon: warning: tls\.cert: .*soon\.crt expires in [45] days/, 'with a warning');
-
-  const two = conf('tls:\n  sni:\n    x.example.org: { cert: missing.crt, key: missing.key }\npeer:\n  cert: mail.crt\n  key: mail.key\n');
-  t.equal(two.code, 78, 'an unreadable SNI pair and a peer certificate from another CA: exit 78');
-  t.match(two.err, `tls.sni.x.example.org.cert: cannot read ${join(dir, 'missing.crt')}: ENOENT`, 'the SNI entry is named');
-  t.match(two.err, /peer\.cert\/peer\.key: .*mail\.crt: certificate of mail\.example\.org was not issued by this cluster's CA/, 'the peer pair must come from the cluster CA');
-  t.match(two.err, /configuration test failed: 2 problems/, 'every problem is reported, not only the first');
-
-  const badName = conf('tls:\n  sni:\n    "mail example": { cert: mail.crt, key: mail.key }\n');
-  t.equal(badName.code, 78, 'an SNI key that is not a host name: exit 78');
-  t.match(badName.err, /60-tls\.yaml:\d+:\d+: tls\.sni\.mail example: a host name/);
-});
-
-t.test('config test starts the binary of every backend some scope selects, and names who selects it', async (t) => {
-  const dir = instance();
-  const C = ['-c', dir];
-  for (const a of [
-    ['domain', 'add', 'example.org'],
-    ['domain', 'add', 'example.net'],
-  ]) run([...C, ...a]);
-  for (const [u, home] of [
-    ['u1@example.org', null],
-    ['far@example.net', 'other-node'],
-  ] as const) {
-    const r = run([...C, 'user', 'add', u, '--password-stdin', ...(home ? ['--home', home] : [])], { input: 'pw\n' });
-    t.equal(r.code, 0, r.err);
-  }
-  const courier = courierBinaries();
-  if (!requireProgram(t, courier.imapd, 'courier-imap (.deb unpacked by scripts/install-deps.sh)')) return;
-  const fake = join(dir, 'fake-pop3d.sh');
-  writeFileSync(fake, '#!/bin/sh\nexit 0\n');
-  chmodSync(fake, 0o755);
-  // a copy of Courier's imapd whose library cannot be found: the loader refuses to start it
-  const broken = join(dir, 'imapd-broken');
-  const elf = readFileSync(courier.imapd);
-  const at = elf.indexOf('libfam.so.0\0');
-  t.ok(at > 0, 'imapd links libfam.so.0');
-  elf.write('libfam.so.9', at, 'latin1');
-  writeFileSync(broken, elf, { mode: 0o755 });
-
-  const base = run([...C, 'config', 'test']);
-  t.equal(base.code, 0, `nobody uses Courier: only Dovecot is checked (${base.err})`);
-  t.match(base.out, /^imap\.backend dovecot: \/usr\/lib\/dovecot\/imap starts \(default\)$/m);
-  t.notMatch(base.out, /courier/, 'Courier is not checked while nobody selects it');
-
-  t.equal(run([...C, 'config', 'set', '--domain', 'example.org', 'imap.backend', 'courier']).code, 0);
-  t.equal(run([...C, 'config', 'set', '--user', 'u1@example.org', 'pop3.backend', 'courier']).code, 0);
-  // a user homed on another node: that node's binaries, not ours
-  t.equal(run([...C, 'config', 'set', '--user', 'far@example.net', 'imap.backend', 'courier']).code, 0);
-  writeFileSync(join(dir, 'conf.d', '60-courier.yaml'), `courier:\n  imapd: ${join(dir, 'no-such-imapd')}\n  pop3d: ${fake}\n`);
-  const bad = run([...C, 'config', 'test']);
-  t.equal(bad.code, 78, 'binaries that cannot serve the users who select them: exit 78');
-  t.match(bad.err, `pigeon: error: courier.imapd: ${join(dir, 'no-such-imapd')}: no such file; selected by imap.backend = courier (domain example.org): those logins would get NO [UNAVAILABLE]`, 'a missing binary, with the scope that selects it');
-  t.notMatch(bad.err, /far@example\.net/, 'the user homed on another node does not count here');
-  t.match(bad.err, `pigeon: error: courier.pop3d: ${fake} does not behave like Courier's courierpop3d`, 'another program at the path');
-  t.match(bad.err, /selected by pop3\.backend = courier \(user u1@example\.org\)/);
-  t.notMatch(bad.out, /configuration OK/, 'never OK with a problem');
-
-  writeFileSync(join(dir, 'conf.d', '60-courier.yaml'), `courier:\n  imapd: ${broken}\n  pop3d: ${courier.pop3d}\n`);
-  const lib = run([...C, 'config', 'test']);
-  t.equal(lib.code, 78, 'a binary whose libraries do not load: exit 78');
-  t.match(lib.err, `courier.imapd: ${broken} cannot start: `, 'it was started, not only looked at');
-  t.match(lib.err, /libfam\.so\.9/, 'and the loader\'s reason is shown');
-
-  writeFileSync(join(dir, 'conf.d', '60-courier.yaml'), `courier:\n  imapd: ${courier.imapd}\n  pop3d: ${courier.pop3d}\n`);
-  const good = run([...C, 'config', 'test']);
-  t.equal(good.code, 0, `working paths: OK (${good.err})`);
-  t.match(good.out, new RegExp(`^imap\\.backend courier: ${courier.imapd} starts \\(domain example\\.org\\)$`, 'm'));
-  t.match(good.out, new RegExp(`^pop3\\.backend courier: ${courier.pop3d} starts \\(user u1@example\\.org\\)$`, 'm'));
-});
-
-t.test('a fresh instance serves a Courier user as it is (init finds Courier; config test agrees with the login)', async (t) => {
-  const courier = courierBinaries();
-  if (!requireProgram(t, courier.imapd, 'courier-imap (.deb unpacked by scripts/install-deps.sh)')) return;
-  if (!requireProgram(t, courier.pop3d, 'courier-pop (.deb unpacked by scripts/install-deps.sh)')) return;
-  const dir = join(root, 'fresh-courier');
-  t.equal(run(['init', dir, '--node', 'fresh']).code, 0);
-  const C = ['-c', dir];
-  run([...C, 'domain', 'add', 'example.test']);
-  run([...C, 'user', 'add', 'cora@example.test', '--password-stdin'], { input: 'c0ra\n' });
-  for (const k of ['imap.backend', 'pop3.backend']) t.equal(run([...C, 'config', 'set', '--global', k, 'courier']).code, 0);
-  t.match(readFileSync(join(dir, 'pigeon.yaml'), 'utf8'), `imapd: ${courier.imapd}`, "pigeon.yaml names this machine's imapd");
-  const ct = run([...C, 'config', 'test']);
-  t.equal(ct.code, 0, `config test: OK (${ct.err})`);
-  const imap = spawnSync(process.execPath, [CLI, ...C, 'imap', '--forker', 'stdio'], { input: 'a1 LOGIN cora@example.test c0ra\r\na2 LOGOUT\r\n', encoding: 'utf8', env: cleanEnv() });
-  t.match(imap.stdout, /a1 OK \[CAPABILITY [^\]]*QUOTA[^\]]*\] Logged in/, "the login is answered with Courier's capabilities, no [UNAVAILABLE]");
-  const pop3 = spawnSync(process.execPath, [CLI, ...C, 'pop3', '--forker', 'stdio'], { input: 'USER cora@example.test\r\nPASS c0ra\r\nQUIT\r\n', encoding: 'utf8', env: cleanEnv() });
-  t.match(pop3.stdout, /\+OK logged in\.\r\n/, 'courierpop3d greets the POP3 login');
 });

@@ -3,49 +3,20 @@
 // (user / domain / override / ignore). sendmail here is a recording script; the real Postfix
 // sendmail is exercised in postfix.test.ts.
 import t from 'tap';
-import { writeFileSync, readFileSync, readdirSync, existsSync, chmodSync, mkdirSync, statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { cli, makeInstance, setUser, maildirOf, files, msg, MAIL_UID } from './helpers/delivery-env.js';
+import { recorder, withSendmail } from './helpers/sendmail.js';
+import { scratchDir } from './helpers/instance.js';
+
+// tap's per-file timeout for this file: it ran 79 s alone on a lightly loaded machine, and two
+// suites at once on 2 cores make a file take 2-3 times as long (the default is 180 s, .taprc)
+t.setTimeout(420_000);
 
 const ALICE = 'alice@example.test';
 
-// every `pigeon deliver` run as root (as here) forks its mail-writer child: on 2 shared cores
-// under a second copy of the suite this file needs more than the default 180 s
-t.setTimeout(360_000);
-
-/** A sendmail that records argv and stdin, exiting with $SENDMAIL_EXIT (file) or 0. */
-function recorder(dir: string): { script: string; calls: () => { args: string[]; input: string }[]; failWith: (code: number) => void } {
-  const spool = join(dir, 'sendmail-calls');
-  mkdirSync(spool);
-  const script = join(dir, 'sendmail');
-  writeFileSync(
-    script,
-    `#!/bin/sh
-n=$(date +%s%N)$$
-printf '%s\\n' "$@" > "${spool}/$n.args"
-cat > "${spool}/$n.msg"
-[ -f "${dir}/exit" ] && exit $(cat "${dir}/exit")
-exit 0
-`,
-  );
-  chmodSync(script, 0o755);
-  return {
-    script,
-    calls: () =>
-      readdirSync(spool)
-        .filter((f) => f.endsWith('.args'))
-        .sort()
-        .map((f) => ({ args: readFileSync(join(spool, f), 'utf8').trimEnd().split('\n'), input: readFileSync(join(spool, f.replace(/\.args$/, '.msg')), 'utf8') })),
-    failWith: (code) => writeFileSync(join(dir, 'exit'), String(code)),
-  };
-}
-
-function withSendmail(inst: string, script: string): void {
-  writeFileSync(join(inst, 'conf.d', '50-sendmail.yaml'), `sendmail: ${JSON.stringify(script)}\n`);
-}
-
 t.test('forward: keep a copy or not, through sendmail, loop-safe', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir);
   const sm = recorder(dir);
   withSendmail(inst, sm.script);
@@ -87,7 +58,7 @@ t.test('forward: keep a copy or not, through sendmail, loop-safe', async (t) => 
 });
 
 t.test('nothing enabled → defer, never drop', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   setUser(inst, ALICE, 'mailstore.enabled', 'false');
   const r = cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg());
   t.equal(r.code, 75);
@@ -95,7 +66,7 @@ t.test('nothing enabled → defer, never drop', async (t) => {
 });
 
 t.test('vacation: RFC 3834 rules, once per sender per interval, reply through sendmail', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir);
   const sm = recorder(dir);
   withSendmail(inst, sm.script);
@@ -147,7 +118,7 @@ t.test('vacation: RFC 3834 rules, once per sender per interval, reply through se
 });
 
 t.test('modules follow the configuration layer: domain override and ignore', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir);
   const sm = recorder(dir);
   withSendmail(inst, sm.script);

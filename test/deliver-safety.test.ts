@@ -5,11 +5,17 @@
 // bounded wait; Maildir tmp/ leftovers older than 36 hours are removed, at most once an hour.
 import t, { type Test } from 'tap';
 import net from 'node:net';
-import { spawn } from 'node:child_process';
 import { writeFileSync, readFileSync, symlinkSync, linkSync, unlinkSync, statSync, lstatSync, mkdirSync, utimesSync, renameSync, existsSync, chownSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { cli, cliAsync, ok, makeInstance, setUser, maildirOf, files, msg, dovecotRead, startServe, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
+import { spawn } from 'node:child_process';
+import { owned } from './helpers/reaper.js';
+import { scratchDir } from './helpers/instance.js';
+
+// tap's per-file timeout for this file: it ran 50 s alone on a lightly loaded machine, and two
+// suites at once on 2 cores make a file take 2-3 times as long (the default is 180 s, .taprc)
+t.setTimeout(300_000);
 
 const ALICE = 'alice@example.test';
 const BOB = 'bob@example.test';
@@ -47,7 +53,7 @@ async function until(what: string, get: () => string, re: RegExp, ms = 60_000): 
 const readOr = (p: string): string => (existsSync(p) ? readFileSync(p, 'latin1') : '');
 
 t.test('pigeon deliver as root: an mbox that is a symlink or a hard link to a root file is refused (4.2.0), never appended to', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir);
   setUser(inst, ALICE, 'mailstore.format', 'mbox');
   t.equal(cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ subject: 'first' })).code, 0, 'first mail allocates the mbox');
@@ -101,7 +107,7 @@ t.test('pigeon deliver as root: an mbox that is a symlink or a hard link to a ro
 });
 
 t.test('pigeon deliver as root: a symlinked tmp/ or new/ is refused; a symlinked maildirsize is replaced, not followed', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir);
   t.equal(cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg()).code, 0);
   const box = maildirOf(inst, ALICE);
@@ -136,7 +142,7 @@ t.test('pigeon deliver as root: a symlinked tmp/ or new/ is refused; a symlinked
 });
 
 t.test('LMTP to pigeon serve (root): links refused with 451 4.2.0 and an error log line; files written by a mail-user process', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir, [ALICE, BOB]);
   writeFileSync(join(inst, 'conf.d', '50-listen.yaml'), 'listen:\n  - "lmtp=127.0.0.1:0"\n');
   setUser(inst, ALICE, 'mailstore.format', 'mbox');
@@ -205,7 +211,7 @@ t.test('LMTP to pigeon serve (root): links refused with 451 4.2.0 and an error l
 /** python3 holds a POSIX (fcntl) write lock on `path`, as Dovecot does, until released. */
 async function holdFcntlLock(t: Test, path: string): Promise<() => Promise<void>> {
   const code = "import fcntl,sys\nf=open(sys.argv[1],'r+')\nfcntl.lockf(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\nsys.stdin.readline()\n";
-  const c = spawn('python3', ['-c', code, path], { stdio: ['pipe', 'pipe', 'inherit'] });
+  const c = owned(spawn('python3', ['-c', code, path], { stdio: ['pipe', 'pipe', 'inherit'], detached: true }));
   const exited = new Promise<void>((r) => c.once('exit', () => r()));
   t.teardown(() => {
     c.kill('SIGKILL');
@@ -225,7 +231,7 @@ async function holdFcntlLock(t: Test, path: string): Promise<() => Promise<void>
 }
 
 t.test('mbox: a reader\'s fcntl lock makes the delivery wait; released → delivered; held past limits.mda_lock_wait_s → 4.2.0', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir);
   const log = join(dir, 'pigeon.log');
   writeFileSync(join(inst, 'conf.d', '50-log.yaml'), `log:\n  file: ${JSON.stringify(log)}\n`);
@@ -267,7 +273,7 @@ t.test('mbox: a reader\'s fcntl lock makes the delivery wait; released → deliv
 });
 
 t.test('Maildir tmp/: leftovers untouched for 36 hours are removed on delivery, at most once an hour', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   t.equal(cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg()).code, 0);
   const tmp = join(maildirOf(inst, ALICE), 'tmp');
   const stamp = join(tmp, '.pigeon-tmp-clean');

@@ -3,15 +3,16 @@
 // python3 receiver binds, standing in for syslogd's /dev/log), and when it does not, to
 // log.fallback_file, which says once why. Before, logger(1) dropped every line silently.
 import t, { type Test } from 'tap';
-import { spawn } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { makeInstance, freePort, CLI, type Inst } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
 import { Wire } from './helpers/wire.js';
+import { spawn } from 'node:child_process';
+import { owned } from './helpers/reaper.js';
 
-async function waitPort(port: number, ms = 15_000): Promise<Wire> {
+async function waitPort(port: number, ms = 60_000): Promise<Wire> {
   const deadline = Date.now() + ms;
   for (;;) {
     try {
@@ -24,7 +25,7 @@ async function waitPort(port: number, ms = 15_000): Promise<Wire> {
 }
 
 /** Wait until `read()` matches (a log line landing in a file); returns the last text read. */
-async function until(read: () => string, re: RegExp, ms = 20_000): Promise<string> {
+async function until(read: () => string, re: RegExp, ms = 60_000): Promise<string> {
   const deadline = Date.now() + ms;
   let s = read();
   while (!re.test(s) && Date.now() < deadline) {
@@ -39,7 +40,7 @@ async function inetd(t: Test, inst: Inst): Promise<number> {
   const port = await freePort();
   const conf = join(inst.dir, 'inetd.conf');
   writeFileSync(conf, `127.0.0.1:${port} stream tcp nowait.2000 root ${process.execPath} node ${CLI} -c ${inst.dir} imap --forker inetd\n`);
-  const d = spawn('/usr/sbin/inetd', ['-d', conf], { stdio: 'ignore' });
+  const d = owned(spawn('/usr/sbin/inetd', ['-d', conf], { stdio: 'ignore', detached: true }));
   t.teardown(() => {
     d.kill('SIGTERM');
   });
@@ -97,7 +98,7 @@ t.test('a syslog socket: inetd sessions log there, and no fallback file appears'
   const got = join(inst.dir, 'syslog.out');
   // a stand-in for syslogd: bind the datagram socket, append every datagram to a file
   const py = `import socket,sys\ns=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\ns.bind(sys.argv[1])\nprint("ready",flush=True)\nwith open(sys.argv[2],"ab",buffering=0) as f:\n  while True: f.write(s.recv(65536)+b"\\n")\n`;
-  const rx = spawn('/usr/bin/python3', ['-c', py, socket, got], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const rx = owned(spawn('/usr/bin/python3', ['-c', py, socket, got], { stdio: ['ignore', 'pipe', 'inherit'], detached: true }));
   t.teardown(() => {
     rx.kill('SIGKILL');
   });

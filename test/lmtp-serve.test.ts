@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cli, ok, msg, maildirOf, files, startServe } from './helpers/delivery-env.js';
 import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
+import { scratchDir } from './helpers/instance.js';
 
 const ALICE = 'alice@example.test';
 
@@ -18,7 +19,7 @@ function connect(opts: net.NetConnectOpts): Promise<net.Socket> {
 }
 
 t.test('pigeon serve: lmtp=HOST:PORT and lmtp=/socket, then IMAP through the proxy', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const sdir = mkdtempSync(join(tmpdir(), 'pserve-'));
   chmodSync(sdir, 0o755);
   t.teardown(() => rmSync(sdir, { recursive: true, force: true }));

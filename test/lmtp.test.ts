@@ -13,6 +13,7 @@ import { createLogger } from '../src/log.js';
 import { createLmtpServer, listenLmtp } from '../src/delivery/lmtp.js';
 import { CLI, makeInstance, setUser, maildirOf, files, msg, dovecotRead } from './helpers/delivery-env.js';
 import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
+import { scratchDir } from './helpers/instance.js';
 
 const ALICE = 'alice@example.test';
 const CAROL = 'carol@example.test';
@@ -35,7 +36,7 @@ function connect(opts: net.NetConnectOpts): Promise<net.Socket> {
 }
 
 t.test('per-recipient replies after DATA, duplicate RCPT, unknown user, over quota', async (t) => {
-  const inst = makeInstance(t.testdir(), [ALICE, CAROL]);
+  const inst = makeInstance(scratchDir(t), [ALICE, CAROL]);
   setUser(inst, CAROL, 'mailstore.quota', '100');
   const { server, lines } = await serverFor(inst, t);
   const srv = await listenLmtp(server, { host: '127.0.0.1', port: 0, path: null });
@@ -81,7 +82,7 @@ t.test('per-recipient replies after DATA, duplicate RCPT, unknown user, over quo
 });
 
 t.test('unix socket listener; transient failure is 451 for that recipient only', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir, [ALICE, CAROL]);
   setUser(inst, CAROL, 'mailstore.creator', 'none'); // never allocated → 4.2.1, deferred
   const { server } = await serverFor(inst, t);
@@ -117,7 +118,7 @@ function lmtpChild(inst: string, forker: string, stdio: 'pipe' | net.Socket) {
 }
 
 t.test('pigeon lmtp --forker stdio (pipes)', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   const { c, stderr } = lmtpChild(inst, 'stdio', 'pipe');
   const exited = new Promise<number | null>((r) => c.on('close', (code) => r(code)));
   if (!c.stdout || !c.stdin) throw new Error('no pipes');
@@ -137,7 +138,7 @@ t.test('pigeon lmtp --forker stdio (pipes)', async (t) => {
 });
 
 t.test('pigeon lmtp --forker inetd (TCP socket on fd 0)', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   const server = net.createServer();
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
   t.teardown(() => server.close());
@@ -163,7 +164,7 @@ t.test('pigeon lmtp --forker inetd (TCP socket on fd 0)', async (t) => {
 });
 
 t.test('client gone in the middle of DATA: nothing stored, the server keeps serving', async (t) => {
-  const inst = makeInstance(t.testdir());
+  const inst = makeInstance(scratchDir(t));
   const { server } = await serverFor(inst, t);
   const srv = await listenLmtp(server, { host: '127.0.0.1', port: 0, path: null });
   t.teardown(() => srv.close());
@@ -176,10 +177,15 @@ t.test('client gone in the middle of DATA: nothing stored, the server keeps serv
   await d1.cmd('MAIL FROM:<bob@remote.test>');
   await d1.cmd(`RCPT TO:<${ALICE}>`);
   await d1.cmd('DATA');
-  d1.send(`Subject: cut\r\n\r\n${'partial line\r\n'.repeat(20_000)}`); // ~280 KB, no final dot
-  await new Promise((r) => setTimeout(r, 300));
+  // ~280 KB, no final dot: handed to the kernel, then the client is gone
+  await new Promise((r) => s1.write(`Subject: cut\r\n\r\n${'partial line\r\n'.repeat(20_000)}`, r));
   s1.destroy();
-  await new Promise((r) => setTimeout(r, 500));
+  // the server has seen the connection end (the event), then nothing may have been stored
+  for (;;) {
+    const n = await new Promise<number>((res, rej) => srv.getConnections((e, c) => (e ? rej(e) : res(c))));
+    if (n === 0) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
   const box = maildirOf(inst, ALICE);
   t.equal(files(join(box, 'new')).length, 0, 'nothing in new/');
   t.equal(files(join(box, 'tmp')).length, 0, 'nothing in tmp/');

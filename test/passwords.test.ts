@@ -10,6 +10,7 @@ import { verifyPassword, hashPassword, parseHash, SCHEMES, LIMITS } from '../aut
 import { createAuth } from '../auth/chain.js';
 import { AppError } from '../src/errors.js';
 import { openStore } from '../src/store.js';
+import { scratchDir } from './helpers/instance.js';
 
 const PASSWORDS = ['correct horse 42', 'pässwörd-ÄÖÜ-日本語-🐦'];
 /** a password as the bytes a client sends (UTF-8 here) */
@@ -199,7 +200,7 @@ function median(xs: number[]): number {
 }
 
 t.test('authenticate(): outcomes, and an unknown user costs about what a wrong password costs', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const file = join(dir, 'pigeon.db');
   const store = await openStore(file, { create: true });
   t.teardown(() => store.close());

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { writeFileSync } from 'node:fs';
 import { CLI, cli, ok, makeInstance, setUser, maildirOf, files, msg, dovecotRead, sleep, startServe, imapSession } from './helpers/delivery-env.js';
 import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
+import { scratchDir } from './helpers/instance.js';
 
 async function waitFor(what: string, f: () => boolean, ms = 90_000): Promise<void> {
   const end = Date.now() + ms;
@@ -20,7 +21,7 @@ async function waitFor(what: string, f: () => boolean, ms = 90_000): Promise<voi
 }
 
 t.test('Postfix → pipe / lmtp:inet / lmtp:unix+spawn → Maildir → Dovecot', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir, []);
   for (const d of ['pipe.test', 'lmtp.test', 'spawn.test']) ok(cli(inst, ['domain', 'add', d]), d);
   for (const u of ['alice@pipe.test', 'full@pipe.test', 'alice@lmtp.test', 'full@lmtp.test', 'alice@spawn.test']) ok(cli(inst, ['user', 'add', u, '--password-stdin'], 'pw\n'), u);
@@ -102,7 +103,7 @@ pigeon-lmtp unix -      n       n       -       -       spawn
 });
 
 t.test('Postfix pipe flags=DRhu (the dovecot-lda master.cf line): delivered; a Delivered-To below Received still bounces 5.4.6', async (t) => {
-  const dir = t.testdir();
+  const dir = scratchDir(t);
   const inst = makeInstance(dir, []);
   ok(cli(inst, ['domain', 'add', 'drhu.test']), 'domain');
   ok(cli(inst, ['user', 'add', 'alice@drhu.test', '--password-stdin'], 'pw\n'), 'user');

@@ -4,7 +4,7 @@
  * DESCRIPTION Every write is one transaction (src/store.ts). Output is plain text for people,
  *             or JSON with --json for scripts (shapes settled in DESIGN.md).
  */
-import { existsSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import type { Command } from '@commander-js/extra-typings';
 import { Option } from '@commander-js/extra-typings';
@@ -58,6 +58,42 @@ function hasMail(path: string): boolean {
     return false;
   };
   return walk(path, 0);
+}
+
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
+
+/** Text that must be valid UTF-8: refused with its file:line, never decoded with replacement characters. */
+function strictText(b: Buffer, where: string, what: string): string {
+  try {
+    return STRICT_UTF8.decode(b);
+  } catch {
+    throw new AppError('INVALID_VALUE', `${where}: the ${what} is not valid UTF-8`);
+  }
+}
+
+/**
+ * The lines of a Dovecot passwd-file as bytes: for each line its user name and hash fields
+ * (`user:hash:...`), or null for blank and `#` comment lines. The other fields are not read.
+ */
+function passwdFileLines(data: Buffer): ({ name: Buffer; hash: Buffer } | null)[] {
+  const out: ({ name: Buffer; hash: Buffer } | null)[] = [];
+  let start = 0;
+  while (start < data.length) {
+    let end = data.indexOf(0x0a, start);
+    if (end < 0) end = data.length;
+    let line = data.subarray(start, end);
+    start = end + 1;
+    if (line[line.length - 1] === 0x0d) line = line.subarray(0, line.length - 1);
+    const text = line.toString('latin1');
+    if (text.trim() === '' || text.trimStart().startsWith('#')) {
+      out.push(null);
+      continue;
+    }
+    const c1 = line.indexOf(0x3a);
+    const c2 = c1 < 0 ? -1 : line.indexOf(0x3a, c1 + 1);
+    out.push({ name: c1 < 0 ? line : line.subarray(0, c1), hash: c1 < 0 ? Buffer.alloc(0) : line.subarray(c1 + 1, c2 < 0 ? line.length : c2) });
+  }
+  return out;
 }
 
 export function explainText(eff: Effective, explain: boolean): string {
@@ -162,13 +198,22 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .option('--purge', 'also delete the mailbox and all its mail')
     .description('delete a user and their settings; the mailbox stays unless --purge')
     .action(async (address, o) => {
-      const { store } = await openCtx(cfg());
+      const { store, instance } = await openCtx(cfg());
       const u = await store.delUser(address);
       const path = u.allocation?.path;
-      if (path === undefined || !existsSync(path)) {
+      if (u.allocation === null || path === undefined || !existsSync(path)) {
         console.log(`user ${u.address} deleted (no mailbox)`);
+      } else if (o.purge && u.home !== null && u.home !== instance.config.node) {
+        throw new AppError('IO', `user ${u.address} deleted; mailbox ${path} not purged: it is on node ${u.home} (purge it there)`);
       } else if (o.purge) {
-        rmSync(path, { recursive: true, force: true });
+        // never as root: the mail writer removes it as the mail user, following no link
+        const { mailWriter } = await import('../writer/mail-writer.js');
+        const { resolveMailUser } = await import('../mailuser.js');
+        try {
+          await mailWriter(resolveMailUser(instance.config.mail_user)).purgeMailbox(u.allocation, instance.mailRoot);
+        } catch (e) {
+          throw new AppError('IO', `user ${u.address} deleted; mailbox ${path} not purged: ${e instanceof Error ? e.message : String(e)}`);
+        }
         console.log(`user ${u.address} deleted; mailbox ${path} purged`);
       } else {
         console.log(`user ${u.address} deleted; mailbox left in place at ${path}${hasMail(path) ? ' (it holds mail)' : ''}; delete it with --purge or by hand`);
@@ -216,26 +261,26 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .action(async (format, file, o) => {
       if (format !== 'passwd-file') throw new AppError('USAGE', `unknown import format ${JSON.stringify(format)}; supported: passwd-file`);
       const { store } = await openCtx(cfg());
-      let text: string;
+      let data: Buffer;
       try {
-        text = readFileSync(file, 'utf8');
+        data = readFileSync(file);
       } catch (e) {
         throw new AppError('CONFIG_MISSING', `${file}: cannot read (${(e as NodeJS.ErrnoException).code ?? 'error'})`);
       }
       const entries: { address: string; domain: string; hash: string }[] = [];
-      text.split('\n').forEach((raw, i) => {
-        const line = raw.replace(/\r$/, '');
-        if (line.trim() === '' || line.trimStart().startsWith('#')) return;
+      passwdFileLines(data).forEach((line, i) => {
+        if (line === null) return;
         const where = `${file}:${i + 1}`;
-        const f = line.split(':');
-        const name = f[0] ?? '';
-        const hash = f[1] ?? '';
+        const name = strictText(line.name, where, 'user name');
         let addr;
         try {
           addr = normaliseAddress(name.includes('@') ? name : `${name}@${o.domain ?? ''}`);
         } catch (e) {
           throw new AppError('INVALID_ADDRESS', `${where}: ${(e as Error).message}${name.includes('@') ? '' : ' (use --domain for bare user names)'}`);
         }
+        // {SCHEME} strings are ASCII: other bytes are no hash that could be kept exactly as written
+        const hash = line.hash.toString('latin1');
+        if (!/^[\x21-\x7e]*$/.test(hash)) throw new AppError('PASSWORD_SCHEME', `${where}: ${addr.address}: the password hash is not printable ASCII ({SCHEME} strings are)`);
         try {
           parseHash(hash);
         } catch (e) {

@@ -12,8 +12,7 @@ import { runDeliver, inputOf } from '../delivery/deliver.js';
 import { statusLine } from '../delivery/outcome.js';
 import { loadInstance } from '../instance.js';
 import { openInstanceStore } from '../context.js';
-import { createLogger } from '../log.js';
-import { silentLogger } from '../delivery/env.js';
+import { deliveryLogger } from '../delivery/env.js';
 
 let answered = false;
 /** Print the one status line (at most once) and set the exit code. */
@@ -85,8 +84,8 @@ master.cf:  pigeon unix - n n - - pipe flags=Rq user=mail argv=/usr/local/bin/pi
       // loaded here only: keeps smtp-server off the start-up path of every `pigeon deliver`
       const { createLmtpServer, handleLmtpSocket, stdioSocket } = await import('../delivery/lmtp.js');
       const instance = loadInstance(cfg());
-      // stdout is the protocol: log to log.file or nowhere
-      const logger = instance.logFile ? createLogger({ level: instance.config.log.level, file: instance.logFile }) : silentLogger;
+      // stdout (and under spawn/inetd stderr) is the protocol: log.file, syslog or log.fallback_file
+      const logger = deliveryLogger(instance);
       const store = await openInstanceStore(instance, { log: (level, m) => logger.log(level, 'database', m) });
       const server = createLmtpServer({ instance, store, logger });
       const socket = stdioSocket(o.forker);

@@ -11,19 +11,18 @@
  *             broken pigeon must never bounce mail. On failure it prints exactly one line,
  *             beginning with the enhanced status code (`5.1.1 <x@y>: user unknown`), which
  *             pipe(8) prefers over the exit status. Nothing else is written to stdout/stderr:
- *             logs go to `log.file`, or nowhere.
+ *             logs go to `log.file`, else syslog, else `log.fallback_file` (src/delivery/env.ts).
  * SECURITY    Runs as the pipe(8) `user=`; as root it chowns what it writes to `mail_user`.
  */
 import { createReadStream } from 'node:fs';
 import { loadInstance } from '../instance.js';
 import type { Store } from '../store.js';
 import { openInstanceStore } from '../context.js';
-import { createLogger } from '../log.js';
 import { isAppError, EX, type ExitCode } from '../errors.js';
-import { spool, type Spooled } from './message.js';
+import { spool, headerText, type Spooled } from './message.js';
 import { resolveRecipient, deliverRecipient, type Resolved } from './pipeline.js';
 import { spoolLimit } from './mailstore.js';
-import { makeDeliveryEnv, silentLogger } from './env.js';
+import { makeDeliveryEnv, deliveryLogger } from './env.js';
 import { exitCodeOf, statusLine, summarise } from './outcome.js';
 import type { DeliveryResult } from './types.js';
 import { fault } from './fault.js';
@@ -46,19 +45,25 @@ export interface DeliverOutcome {
 
 const fail = (r: DeliveryResult): DeliverOutcome => ({ code: exitCodeOf(r), line: statusLine(r) });
 
-/** Normalise an envelope sender: '' for the null sender; null if unusable. */
+/**
+ * Normalise an envelope sender: '' for the null sender; null if unusable. U+FFFD is refused: node
+ * puts it in place of argv bytes that are not UTF-8 (and smtp-server in place of such bytes in
+ * MAIL FROM), so a sender holding it is not the address the MTA gave.
+ */
 export function parseSender(s: string): string | null {
   const v = s.trim().replace(/^<(.*)>$/, '$1').trim();
   // pipe(8) expands the null sender to MAILER-DAEMON unless null_sender= is set
   if (v === '' || v.toUpperCase() === 'MAILER-DAEMON') return '';
-  if (/[\s\0<>]/.test(v) || v.length > 320) return null;
+  if (/[\s\0<>\ufffd]/.test(v) || v.length > 320) return null;
   return v;
 }
 
 export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
   if (a.recipients.length === 0) return fail({ dsn: '4.3.5', text: 'no recipient on the command line (check the pipe argv in master.cf)' });
   let sender: string | null = a.sender === undefined ? null : parseSender(a.sender);
-  if (a.sender !== undefined && sender === null) return fail({ dsn: '5.1.7', text: `bad sender address syntax: ${JSON.stringify(a.sender.slice(0, 100))}` });
+  if (a.sender !== undefined && sender === null) {
+    return fail({ dsn: '5.1.7', text: a.sender.includes('\ufffd') ? 'bad sender address: not UTF-8' : `bad sender address syntax: ${JSON.stringify(a.sender.slice(0, 100))}` });
+  }
   if (a.mailbox !== undefined && /[\0\r\n/]/.test(a.mailbox)) return fail({ dsn: '5.2.0', text: 'bad -m mailbox name' });
 
   let instance;
@@ -67,7 +72,7 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
   } catch (e) {
     return fail({ dsn: '4.3.5', text: `configuration error: ${isAppError(e) ? e.message : String(e)}` });
   }
-  const logger = instance.logFile ? createLogger({ level: instance.config.log.level, file: instance.logFile }) : silentLogger;
+  const logger = deliveryLogger(instance);
   let store: Store;
   try {
     store = await openInstanceStore(instance, { log: (level, m) => logger.log(level, 'database', m) });
@@ -97,7 +102,9 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
         return fail({ dsn: '4.3.0', text: `cannot read the message: ${(e as NodeJS.ErrnoException).code ?? (e instanceof Error ? e.message : String(e))}` });
       }
       await fault('spooled');
-      if (sender === null) sender = parseSender(message.get('return-path')[0] ?? '') ?? '';
+      // the Return-Path's bytes as UTF-8 (it becomes the envelope sender of forwards and the
+      // recipient of a vacation reply); one that is not UTF-8 counts as the null sender
+      if (sender === null) sender = parseSender(headerText(message.get('return-path')[0] ?? '') ?? '') ?? '';
       for (const r of ok) {
         const res = await deliverRecipient({ resolved: r, sender, original: a.original ?? null, mailbox: a.mailbox ?? null, message }, env);
         if (!res.dsn.startsWith('2')) env.log(res.dsn.startsWith('4') ? 'warn' : 'info', res.dsn.startsWith('4') ? 'deferred' : 'rejected', { user: r.rcpt, status: statusLine(res) });

@@ -8,7 +8,7 @@
 import { hostname } from 'node:os';
 import type { Instance } from '../instance.js';
 import type { Store } from '../store.js';
-import type { Logger } from '../log.js';
+import { createLogger, syslogOrFileSink, type Logger } from '../log.js';
 import { resolveMailUser } from '../mailuser.js';
 import type { DeliveryEnv } from './types.js';
 import { onNotice } from './notice.js';
@@ -35,5 +35,13 @@ export function makeDeliveryEnv(instance: Instance, store: Store, logger: Logger
   };
 }
 
-/** A logger that writes nothing (pipe mode without log.file: stdout/stderr belong to Postfix). */
-export const silentLogger: Logger = { log: () => undefined };
+/**
+ * The log of `pigeon deliver` and `pigeon lmtp`: log.file, else syslog, else log.fallback_file
+ * (src/log.ts syslogOrFileSink, as the one-session IMAP/POP3 modes). Never stdout or stderr:
+ * pipe(8) reads them as the delivery status, and under spawn(8) or inetd they are the client.
+ */
+export function deliveryLogger(instance: Instance): Logger {
+  const level = instance.config.log.level;
+  if (instance.logFile !== null) return createLogger({ level, file: instance.logFile });
+  return createLogger({ level, sink: syslogOrFileSink(instance.config.log.syslog_socket, instance.logFallback) });
+}

@@ -84,6 +84,12 @@ export function createLmtpServer(o: LmtpServerOptions): SMTPServer {
     logger: false,
     socketTimeout: o.socketTimeout ?? 300_000,
     onMailFrom(address, session, cb) {
+      // smtp-server decodes the command as UTF-8, with U+FFFD for bytes that are not: such a
+      // sender is not the address the client sent (forwards and vacation replies would use it)
+      if (address.address.includes('\ufffd')) {
+        cb(smtpError({ dsn: '5.1.7', text: 'bad sender address: not UTF-8' }));
+        return;
+      }
       txOf(session).sender = address.address;
       cb();
     },

@@ -27,6 +27,21 @@ export interface HeaderField {
   readonly value: string;
 }
 
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
+
+/**
+ * A header value as text: values are kept as latin1 strings (one character per byte, for
+ * comparisons); a value that goes anywhere (an envelope address, a header of a reply) must be
+ * its bytes decoded as UTF-8. null when they are not UTF-8.
+ */
+export function headerText(value: string): string | null {
+  try {
+    return STRICT_UTF8.decode(Buffer.from(value, 'latin1'));
+  } catch {
+    return null;
+  }
+}
+
 export interface Spooled {
   /** header lines as received (LF line ends), without the separating blank line */
   readonly head: Buffer;
@@ -320,10 +335,14 @@ export function angle(addr: string): string {
   return `<${addr.replace(/[\r\n<>]/g, '')}>`;
 }
 
-/** The lines a delivery prepends: Return-Path and (unless pipe(8) already wrote it) Delivered-To. */
+/**
+ * The lines a delivery prepends: Return-Path and (unless pipe(8) already wrote it) Delivered-To.
+ * Addresses are text (an SMTPUTF8 sender from -f, MAIL FROM or a UTF-8 Return-Path): written as
+ * UTF-8, the bytes they came as (latin1 would turn ü into one byte and drop anything above U+00FF).
+ */
 export function traceHeaders(sender: string, rcpt: string, deliveredTo = true): Buffer {
   const dt = deliveredTo ? `Delivered-To: ${rcpt.replace(/[\r\n]/g, '')}\n` : '';
-  return Buffer.from(`Return-Path: ${angle(sender)}\n${dt}`, 'latin1');
+  return Buffer.from(`Return-Path: ${angle(sender)}\n${dt}`, 'utf8');
 }
 
 /** The bytes of the message as delivered: trace + head + blank line + body. */

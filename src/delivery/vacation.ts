@@ -15,7 +15,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { sendmail } from './sendmail.js';
-import type { Spooled } from './message.js';
+import { headerText, type Spooled } from './message.js';
 import { mailWriter } from '../writer/mail-writer.js';
 import type { DeliveryModule, RecipientRequest, StepResult } from './types.js';
 
@@ -64,7 +64,8 @@ const vacation: DeliveryModule = {
     }
     const subject = typeof settings['subject'] === 'string' ? settings['subject'] : 'Out of office';
     const body = typeof settings['body'] === 'string' ? settings['body'] : '';
-    const orig = m.get('message-id')[0];
+    // the Message-ID's bytes as they came (a value that is not UTF-8 is left out)
+    const orig = headerText(m.get('message-id')[0] ?? '') || undefined;
     const lines = [
       `From: <${req.user.address}>`,
       `To: <${clean(req.sender)}>`,

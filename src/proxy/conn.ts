@@ -10,6 +10,7 @@
 import { TLSSocket } from 'node:tls';
 import type { ClientTls } from '../client-tls.js';
 import type { Duplex } from 'node:stream';
+import { canonicalIp, parseIp } from '../ip.js';
 
 export interface Peer {
   readonly rip: string;
@@ -18,13 +19,23 @@ export interface Peer {
   readonly lport: number;
 }
 
+/**
+ * A socket's address as the logs and limits use it: parsed (src/ip.ts), an IPv4-mapped IPv6
+ * address as IPv4 (`::ffff:127.0.0.1` and `::ffff:7f00:1` alike), IPv6 in its canonical form;
+ * '' when there is none (a unix socket or a pipe).
+ */
 export function unmap(ip: string | undefined): string {
   if (!ip) return '';
-  return ip.startsWith('::ffff:') && ip.includes('.') ? ip.slice(7) : ip;
+  return canonicalIp(ip);
 }
 
+/**
+ * Is the client on this host? A loopback address (127.0.0.0/8, ::1 however written, either of them
+ * IPv4-mapped), or no address at all (a unix socket or a pipe). Text that is no address is not.
+ */
 export function isLoopback(ip: string): boolean {
-  return ip === '' || ip === '::1' || ip.startsWith('127.');
+  if (ip === '') return true;
+  return parseIp(ip)?.range() === 'loopback';
 }
 
 export class ClientConn {

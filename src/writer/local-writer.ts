@@ -1,9 +1,10 @@
 /**
  * NAME        src/writer/local-writer — the mail writer's operations, run in this process
- * DESCRIPTION Every file-system write the delivery agent, the allocator, the Dovecot backend and a
- *             move-in make under the mail root: create a mailbox (and discard an empty one after a
- *             lost allocation race), store a message (MDA modules), commit or abort it, arm the
- *             vacation interval, make a directory, take a lock file, write a moved file durably.
+ * DESCRIPTION Every file-system write the delivery agent, the allocator, the Dovecot backend, a
+ *             move-in and the admin CLI make under the mail root: create a mailbox (and discard an
+ *             empty one after a lost allocation race), store a message (MDA modules), commit or
+ *             abort it, arm the vacation interval, make a directory, take a lock file, write a
+ *             moved file durably, purge a deleted user's mailbox (`pigeon user del --purge`).
  *             Each one checks its paths with src/writer/safe-fs.ts. Stored messages are held here
  *             by a numeric handle until commit or abort (an mbox keeps its locks meanwhile).
  *             Used directly when pigeon already runs as the mail user, and inside the writer
@@ -11,14 +12,14 @@
  * SECURITY    Never chowns and never switches users: whoever runs this code owns what it creates.
  */
 import { constants } from 'node:fs';
-import { rmdir, unlink, lstat, rename, open } from 'node:fs/promises';
+import { rmdir, unlink, lstat, rename, open, rm } from 'node:fs/promises';
 import { dirname, join, basename } from 'node:path';
 import type { Allocation } from '../store.js';
 import { MDA_MODULES } from '../delivery/registry-mda.js';
 import { dueNow } from '../delivery/vacation-state.js';
 import type { DeliveryResult } from '../delivery/types.js';
 import type { Held, StoreRequest } from '../delivery/mda.js';
-import { baseOf, checkDir, createExclusive, ensureDir, fsyncDir, openChecked } from './safe-fs.js';
+import { baseOf, checkDir, createExclusive, ensureDir, fsyncDir, openChecked, UnsafePathError } from './safe-fs.js';
 
 export type MailboxRef = Pick<Allocation, 'format' | 'path'>;
 
@@ -46,6 +47,12 @@ export interface MailWriter {
   /** write `path` through a temporary name: write, fsync, rename (the caller fsyncs the directory) */
   putFile(base: string, path: string, body: AsyncIterable<Buffer>): Promise<void>;
   syncDir(base: string, dir: string): Promise<void>;
+  /**
+   * Remove a mailbox and everything below it. Its parent must be reached from the mail root
+   * without a symbolic link and the mailbox itself must be no link; links inside it are removed,
+   * never followed. false: there was nothing to remove.
+   */
+  purgeMailbox(a: MailboxRef, mailRoot: string): Promise<boolean>;
 }
 
 export class LocalWriter implements MailWriter {
@@ -182,5 +189,34 @@ export class LocalWriter implements MailWriter {
   async syncDir(base: string, dir: string): Promise<void> {
     checkDir(base, dir);
     await fsyncDir(dir);
+  }
+
+  async purgeMailbox(a: MailboxRef, mailRoot: string): Promise<boolean> {
+    const base = baseOf(mailRoot, a.path);
+    const parent = dirname(a.path);
+    try {
+      checkDir(base, parent);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
+      throw e;
+    }
+    let st;
+    try {
+      st = await lstat(a.path);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
+      throw e;
+    }
+    if (st.isSymbolicLink()) throw new UnsafePathError(`${a.path} is a symbolic link`);
+    if (a.format === 'maildir') {
+      if (!st.isDirectory()) throw new UnsafePathError(`${a.path} is not a directory`);
+      // node's rm removes a link it meets below the mailbox; it never descends through one
+      await rm(a.path, { recursive: true });
+    } else {
+      if (!st.isFile()) throw new UnsafePathError(`${a.path} is not a regular file`);
+      await unlink(a.path);
+    }
+    await fsyncDir(parent);
+    return true;
   }
 }

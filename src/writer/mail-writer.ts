@@ -1,6 +1,7 @@
 /**
  * NAME        src/writer/mail-writer — who writes under the mail root: always the mail user
- * SYNOPSIS    mailWriter(mailUser).store(req, body) / .commit(handle) / .createMailbox(a, root) ...
+ * SYNOPSIS    mailWriter(mailUser).store(req, body) / .commit(handle) / .createMailbox(a, root) /
+ *             .purgeMailbox(a, root) ...
  * DESCRIPTION When pigeon runs as the mail user already (pipe(8) user=mail, a non-root serve), the
  *             operations of src/writer/local-writer.ts run in this process. When it runs as root
  *             (`serve` doing LMTP, logins that allocate, the peer listener; `pigeon deliver` run
@@ -230,6 +231,9 @@ class ChildWriter implements MailWriter {
   }
   syncDir(base: string, dir: string): Promise<void> {
     return this.call('syncDir', [base, dir]);
+  }
+  purgeMailbox(a: MailboxRef, mailRoot: string): Promise<boolean> {
+    return this.call('purgeMailbox', [{ format: a.format, path: a.path }, mailRoot]);
   }
 }
 

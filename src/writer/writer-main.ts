@@ -83,7 +83,7 @@ onNotice((msg, fields) => send({ t: 'notice', msg, fields }));
 const writer = new LocalWriter();
 const bodies = new Map<number, PulledBody>();
 type Op = (...a: unknown[]) => Promise<unknown>;
-const OPS = new Set(['createMailbox', 'discardEmpty', 'store', 'commit', 'abort', 'vacationDue', 'ensureDir', 'takeLock', 'removeFile', 'putFile', 'syncDir']);
+const OPS = new Set(['createMailbox', 'discardEmpty', 'store', 'commit', 'abort', 'vacationDue', 'ensureDir', 'takeLock', 'removeFile', 'putFile', 'syncDir', 'purgeMailbox']);
 
 process.on('message', (m: ParentMessage) => {
   if (m.t === 'data') {

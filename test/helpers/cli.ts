@@ -32,7 +32,7 @@ export function runCli(args: readonly string[], opts: CliOptions = {}): CliRun {
     input: opts.input ?? '',
     encoding: 'utf8',
     env: cleanEnv(opts.env),
-    timeout: 60_000,
+    timeout: 120_000, // a hang; a command takes seconds under load, not minutes
     ...(opts.uid !== undefined ? { uid: opts.uid } : {}),
     ...(opts.gid !== undefined ? { gid: opts.gid } : {}),
   });

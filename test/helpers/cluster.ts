@@ -1,11 +1,12 @@
 // Several nodes on one machine: each its own instance and `pigeon serve`, on 127.0.0.N, sharing
 // one SQLite database and one cluster CA (node A's), made with the real CLI.
 import { spawn, type ChildProcess } from 'node:child_process';
+import { owned } from './reaper.js';
 import { writeFileSync, readFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { createServer, connect } from 'node:net';
 import type { Test } from 'tap';
-import { pigeon, CLI, type Run } from './instance.js';
+import { pigeon, CLI, SERVE_START_MS, type Run } from './instance.js';
 import { Wire } from './wire.js';
 import { Dialog, dataOf } from './delivery-lmtp.js';
 import { courierBinaries } from './backends.js';
@@ -40,7 +41,9 @@ export function freePortOn(ip: string): Promise<number> {
   });
 }
 
-export const CLUSTER_CONF = `log:\n  level: debug\n  file: pigeon.log\nlimits:\n  auth_failure_delay_ms: 50\npeer:\n  handoff_timeout_s: 2\n  connect_timeout_s: 3\n`;
+// peer timeouts stay at their defaults (10 s): a hand-off or a TLS set-up under two test suites
+// at once on 2 cores can take seconds, and a shorter bound made genuine links fail
+export const CLUSTER_CONF = `log:\n  level: debug\n  file: pigeon.log\nlimits:\n  auth_failure_delay_ms: 50\n`;
 
 /**
  * Create node `name` on `ip`. The first node (no `caFrom`) makes the CA and the database; the
@@ -68,11 +71,11 @@ export async function makeNode(t: Test, base: string, name: string, ip: string, 
     log: () => (existsSync(join(dir, 'pigeon.log')) ? readFileSync(join(dir, 'pigeon.log'), 'utf8') : ''),
     run: (a, input) => pigeon(dir, a, input),
     async start() {
-      const child = spawn(process.execPath, [CLI, '-c', dir, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      const child = owned(spawn(process.execPath, [CLI, '-c', dir, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'], detached: true }));
       node.child = child;
       let err = '';
       await new Promise<void>((res, rej) => {
-        const timer = setTimeout(() => rej(new Error(`serve ${name} did not start: ${err}`)), 20_000);
+        const timer = setTimeout(() => rej(new Error(`serve ${name} did not start: ${err}`)), SERVE_START_MS);
         child.stderr?.setEncoding('utf8');
         child.stderr?.on('data', (s: string) => {
           err += s;
@@ -90,12 +93,12 @@ export async function makeNode(t: Test, base: string, name: string, ip: string, 
       });
     },
     startFails() {
-      const child = spawn(process.execPath, [CLI, '-c', dir, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      const child = owned(spawn(process.execPath, [CLI, '-c', dir, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'], detached: true }));
       let err = '';
       child.stderr?.setEncoding('utf8');
       child.stderr?.on('data', (s: string) => (err += s));
       return new Promise((res) => {
-        const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
+        const timer = setTimeout(() => child.kill('SIGKILL'), SERVE_START_MS);
         child.once('exit', (code) => {
           clearTimeout(timer);
           res({ code, stderr: err });

@@ -5,6 +5,8 @@
  */
 import { spawn, spawnSync, type SpawnSyncReturns } from 'node:child_process';
 import { existsSync, readdirSync, appendFileSync } from 'node:fs';
+import { owned } from './reaper.js';
+import { SERVE_START_MS } from './instance.js';
 import { join, resolve } from 'node:path';
 
 export const ROOT = resolve(import.meta.dirname, '..', '..');
@@ -147,7 +149,7 @@ export async function startServe(
   t: { teardown: (f: () => void | Promise<void>) => void },
   inst: string,
 ): Promise<{ ports: Record<string, number>; stderr: () => string; stop: () => Promise<void> }> {
-  const child = spawn(process.execPath, [CLI, '-c', inst, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = owned(spawn(process.execPath, [CLI, '-c', inst, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'], detached: true }));
   const stop = (): Promise<void> =>
     new Promise<void>((res) => {
       if (child.exitCode !== null || child.signalCode !== null) return res();
@@ -159,7 +161,7 @@ export async function startServe(
   let err = '';
   const ports: Record<string, number> = {};
   await new Promise<void>((res, rej) => {
-    const timer = setTimeout(() => rej(new Error(`serve did not start: ${err}`)), 30_000);
+    const timer = setTimeout(() => rej(new Error(`serve did not start: ${err}`)), SERVE_START_MS);
     child.stderr.setEncoding('utf8');
     child.stderr.on('data', (s: string) => {
       err += s;

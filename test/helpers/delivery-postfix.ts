@@ -9,6 +9,7 @@ import { mkdirSync, writeFileSync, readFileSync, existsSync, chownSync, mkdtempS
 import net from 'node:net';
 import { join } from 'node:path';
 import { need } from './delivery-env.js';
+import { hold, release } from './reaper.js';
 
 export function freePort(): Promise<number> {
   return new Promise((res, rej) => {
@@ -49,6 +50,7 @@ export function startPostfix(o: PostfixOptions): Postfix {
   // unix socket paths are limited to 108 bytes: the instance lives in a short temp dir
   const base = mkdtempSync('/tmp/pf-');
   chmodSync(base, 0o755); // postfix and the mail user traverse it
+  hold('dir', base);
   const conf = join(base, 'conf');
   const queue = join(base, 'queue');
   const data = join(base, 'data');
@@ -121,6 +123,7 @@ ${o.master}
 `,
   );
   const check = postfix(conf, 'check');
+  hold('postfix', conf);
   const start = postfix(conf, 'start');
   if (start.status !== 0) throw new Error(`postfix -c ${conf} start failed: ${check.out} ${start.out}`);
   return {
@@ -135,6 +138,8 @@ ${o.master}
         /* no log */
       }
       rmSync(base, { recursive: true, force: true });
+      release('postfix', conf);
+      release('dir', base);
     },
     flush: () => {
       postfix(conf, 'flush');

@@ -1,5 +1,6 @@
 // Test helpers: a real instance made by the real CLI, and `pigeon serve` on port-0 listeners.
-import { spawnSync, spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { owned } from './reaper.js';
 import { writeFileSync, mkdirSync, openSync, writeSync, fsyncSync, closeSync, renameSync, chownSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { createServer } from 'node:net';
@@ -8,6 +9,9 @@ import type { Test } from 'tap';
 export const ROOT = resolve(import.meta.dirname, '..', '..');
 export const CLI = join(ROOT, 'dist', 'src', 'cli.js');
 
+/** How long a `pigeon serve` may take to say "ready" before a helper gives up with its stderr. */
+export const SERVE_START_MS = 120_000;
+
 export interface Run {
   status: number | null;
   stdout: string;
@@ -15,7 +19,7 @@ export interface Run {
 }
 
 export function pigeon(dir: string | null, args: string[], input?: string, env?: NodeJS.ProcessEnv): Run {
-  const r = spawnSync(process.execPath, [CLI, ...(dir ? ['-c', dir] : []), ...args], { input, encoding: 'utf8', env: env ?? process.env, timeout: 60_000 });
+  const r = spawnSync(process.execPath, [CLI, ...(dir ? ['-c', dir] : []), ...args], { input, encoding: 'utf8', env: env ?? process.env, timeout: 120_000 });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -70,13 +74,14 @@ export interface Served {
 
 /** Start `pigeon serve --workers 1` and wait until every listener printed its port. */
 export async function serve(t: Test, inst: Inst, workers = 1): Promise<Served> {
-  const child = spawn(process.execPath, [CLI, '-c', inst.dir, 'serve', '--workers', String(workers)], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = owned(spawn(process.execPath, [CLI, '-c', inst.dir, 'serve', '--workers', String(workers)], { stdio: ['ignore', 'ignore', 'pipe'], detached: true }));
   let err = '';
   const ports: Record<string, number> = {};
   // no `config test` first: it also fails on backend binaries that tests break on purpose, and a
   // configuration serve cannot load makes it exit 78, which rejects below with its stderr
   await new Promise<void>((res, rej) => {
-    const timer = setTimeout(() => rej(new Error(`serve did not start: ${err}`)), 20_000);
+    // a bound only for the message: under two suites at once a start takes tens of seconds
+    const timer = setTimeout(() => rej(new Error(`serve did not start: ${err}`)), SERVE_START_MS);
     child.stderr?.setEncoding('utf8');
     child.stderr?.on('data', (s: string) => {
       err += s;

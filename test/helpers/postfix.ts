@@ -4,6 +4,7 @@ import { mkdirSync, writeFileSync, chownSync, chmodSync, readFileSync, existsSyn
 import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import type { Test } from 'tap';
+import { hold, release } from './reaper.js';
 
 export interface PrivatePostfix {
   dir: string;
@@ -14,7 +15,11 @@ export function startPostfix(t: Test, masterCf: string, mainExtra = ''): Private
   // a short path: Postfix's unix sockets live below the queue directory (sun_path is 108 bytes)
   const dir = mkdtempSync('/tmp/pfx-');
   chmodSync(dir, 0o755);
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  hold('dir', dir);
+  t.teardown(() => {
+    rmSync(dir, { recursive: true, force: true });
+    release('dir', dir);
+  });
   mkdirSync(join(dir, 'queue'), { recursive: true });
   mkdirSync(join(dir, 'data'), { recursive: true });
   const uid = Number(execFileSync('id', ['-u', 'postfix'], { encoding: 'utf8' }).trim());
@@ -36,6 +41,7 @@ maillog_file_prefixes = ${dir}
 ${mainExtra}`,
   );
   writeFileSync(join(dir, 'master.cf'), `postlog unix-dgram n - n - 1 postlogd\n${masterCf}`);
+  hold('postfix', dir);
   execFileSync('script', ['-qc', `postfix -c '${dir}' start`, '/dev/null'], { stdio: 'ignore' });
   t.teardown(() => {
     try {
@@ -43,6 +49,7 @@ ${mainExtra}`,
     } catch {
       /* already stopped */
     }
+    release('postfix', dir);
   });
   return { dir, log: () => (existsSync(join(dir, 'maillog')) ? readFileSync(join(dir, 'maillog'), 'utf8') : '') };
 }

@@ -2,6 +2,9 @@
 import { connect, type Socket } from 'node:net';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 
+/** How long a wait for the peer may take before it counts as a hang. */
+export const WAIT_MS = 60_000;
+
 export class Wire {
   private buf = '';
   private waiters: (() => void)[] = [];
@@ -39,8 +42,12 @@ export class Wire {
   write(s: string | Buffer): void {
     this.sock.write(s);
   }
-  /** Wait until the received text matches `re` (or the socket closes / timeout); returns all text so far and clears it. */
-  async until(re: RegExp, ms = 10_000): Promise<string> {
+  /**
+   * Wait until the received text matches `re` (or the socket closes); returns all text so far and
+   * clears it. `ms` only stops a hang: under two suites at once on 2 cores a login through the
+   * proxy and a backend start can take many seconds.
+   */
+  async until(re: RegExp, ms = WAIT_MS): Promise<string> {
     const deadline = Date.now() + ms;
     while (!re.test(this.buf)) {
       if (this.closed || Date.now() > deadline) break;
@@ -53,7 +60,7 @@ export class Wire {
     this.buf = '';
     return out;
   }
-  async waitClosed(ms = 10_000): Promise<boolean> {
+  async waitClosed(ms = WAIT_MS): Promise<boolean> {
     const deadline = Date.now() + ms;
     while (!this.closed && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
     return this.closed;

@@ -1,16 +1,19 @@
 // The same proxy sessions through the real openbsd-inetd (private inetd.conf), a real Postfix
 // master(8) with a spawn(8) service, and on stdio — once per backend (Dovecot, Courier).
+// The cases, for one backend: test/proxy-forkers-dovecot.test.ts and test/proxy-forkers-courier.test.ts run them
+// as files of their own, so tap runs the two backends side by side.
 import t, { type Test } from 'tap';
 import { writeFileSync, readFileSync, chownSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
-import { makeInstance, freePort, CLI, putMessage, message } from './helpers/instance.js';
-import { Wire } from './helpers/wire.js';
-import { requireProgram } from './helpers/programs.js';
-import { startPostfix } from './helpers/postfix.js';
-import { BACKENDS, useBackend, type BackendName } from './helpers/backends.js';
+import { makeInstance, freePort, CLI, putMessage, message } from '../helpers/instance.js';
+import { Wire } from '../helpers/wire.js';
+import { requireProgram } from '../helpers/programs.js';
+import { startPostfix } from '../helpers/postfix.js';
+import { useBackend, type BackendName } from '../helpers/backends.js';
+import { owned } from '../helpers/reaper.js';
 
-async function waitPort(port: number, ms = 15_000): Promise<Wire> {
+async function waitPort(port: number, ms = 60_000): Promise<Wire> {
   const deadline = Date.now() + ms;
   for (;;) {
     try {
@@ -44,7 +47,7 @@ function prepareMailbox(inst: ReturnType<typeof makeInstance>, user: string): vo
   putMessage(show.allocation.path, message('via forker', 'hello'), st.uid, st.gid);
 }
 
-for (const backend of BACKENDS) {
+export default function cases(backend: BackendName): void {
   t.test(`backend ${backend}`, async (t) => {
     t.test('stdio: a whole IMAP session on stdin/stdout', async (t) => {
       const inst = makeInstance(t, { users: { 'alice@example.test': 'pw' } });
@@ -78,7 +81,7 @@ for (const backend of BACKENDS) {
         `127.0.0.1:${port} stream tcp nowait.2000 root ${process.execPath} node ${CLI} -c ${inst.dir} imap --forker inetd\n` +
           `127.0.0.1:${pport} stream tcp nowait.2000 root ${process.execPath} node ${CLI} -c ${inst.dir} pop3 --forker inetd\n`,
       );
-      const inetd = spawn('/usr/sbin/inetd', ['-d', conf], { stdio: 'ignore' });
+      const inetd = owned(spawn('/usr/sbin/inetd', ['-d', conf], { stdio: 'ignore', detached: true }));
       t.teardown(() => {
         inetd.kill('SIGTERM');
       });

@@ -2,17 +2,19 @@
 // parameterised): LOGIN, AUTHENTICATE PLAIN, LIST, SELECT, FETCH of a message put into the
 // Maildir, APPEND, IDLE, LOGOUT; folders as Maildir++ directories; STARTTLS and implicit TLS
 // verified against the instance CA; wrong password, unknown user, disabled user; an mbox user.
+// The cases, for one backend: test/proxy-imap-dovecot.test.ts and test/proxy-imap-courier.test.ts run them
+// as files of their own, so tap runs the two backends side by side.
 import t from 'tap';
 import { ImapFlow } from 'imapflow';
 import { readFileSync, readdirSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { makeInstance, serve, putMessage, message, CLI } from './helpers/instance.js';
-import { BACKENDS, useBackend } from './helpers/backends.js';
-import { requireProgram } from './helpers/programs.js';
-import { Wire } from './helpers/wire.js';
+import { makeInstance, serve, putMessage, message, CLI } from '../helpers/instance.js';
+import { type BackendName, useBackend } from '../helpers/backends.js';
+import { requireProgram } from '../helpers/programs.js';
+import { Wire } from '../helpers/wire.js';
 
-for (const backend of BACKENDS) {
+export default function cases(backend: BackendName): void {
   t.test(`backend ${backend}`, async (t) => {
     const inst = makeInstance(t, { listen: ['imap=127.0.0.1:0', 'imaps=127.0.0.1:0'], users: { 'alice@example.test': 'secret', 'carol@example.test': 'c4rol' } });
     if (!useBackend(t, inst, backend)) return;
@@ -78,7 +80,7 @@ for (const backend of BACKENDS) {
       await other.connect();
       await other.append('INBOX', message('while idling', 'x'));
       await other.logout();
-      const count = await Promise.race([seen, new Promise<number>((res) => setTimeout(() => res(-1), 15000))]);
+      const count = await Promise.race([seen, new Promise<number>((res) => setTimeout(() => res(-1), 60_000).unref())]);
       t.equal(count, before + 1, 'IDLE reports the new message');
       lock.release();
       void idle;
