@@ -5,8 +5,12 @@
  *             else the peer= listener's), fingerprint, certificate expiry. A new node joins this
  *             way, without touching the others. In every worker `startDuties` refreshes the cached
  *             registry every second (links of disabled or removed nodes close), keeps `last_seen`
- *             fresh every HEARTBEAT_S seconds, and ends sessions of users being moved.
+ *             fresh every HEARTBEAT_S seconds, and ends sessions of users being moved. Registry
+ *             changes arrive through the store's onChange (PostgreSQL: LISTEN/NOTIFY) at once; the
+ *             one-second refresh is the fallback for a lost notification.
  * DIAGNOSTICS AppError CONFIG_INVALID (certificate), NODE_CONFLICT, NODE_REMOVED: serve exits 78.
+ *             A duty that fails while the database is away logs one line when it starts failing
+ *             and one when it works again, not one per try (dutyLog).
  */
 import type { Instance } from '../instance.js';
 import { openInstanceStore } from '../context.js';
@@ -52,10 +56,36 @@ export async function registerAtStart(instance: Instance): Promise<{ lines: stri
   return { lines };
 }
 
+/**
+ * The log of a periodic duty: one line when it starts failing (with the first error), one when
+ * it works again; the tries in between are silent (a database down for an hour is two lines).
+ */
+export function dutyLog(log: (level: 'info' | 'warn', message: string) => void, what: string): { ok(): void; failed(e: unknown): void } {
+  let failing: { since: number; tries: number } | null = null;
+  return {
+    ok() {
+      if (failing === null) return;
+      log('info', `${what} works again (after ${failing.tries} failed tries in ${Math.round((Date.now() - failing.since) / 1000)} s)`);
+      failing = null;
+    },
+    failed(e) {
+      if (failing !== null) {
+        failing.tries++;
+        return;
+      }
+      failing = { since: Date.now(), tries: 1 };
+      log('warn', `${what} failed: ${e instanceof Error ? e.message : String(e)} (retrying; logged again when it works)`);
+    },
+  };
+}
+
 /** Per worker: registry refresh, heartbeat, ending sessions of moved users. */
 export function startDuties(env: ProxyEnv): void {
   env.peer.prewarm = true;
-  env.peer.nodes.start(REGISTRY_REFRESH_MS, (e) => env.log.log('warn', 'peer', `node registry refresh failed: ${e instanceof Error ? e.message : String(e)}`));
+  const registry = dutyLog((level, m) => env.log.log(level, 'peer', m), 'node registry refresh');
+  env.peer.nodes.onRefresh(() => registry.ok());
+  env.peer.nodes.start(REGISTRY_REFRESH_MS, (e) => registry.failed(e));
+  const beat = dutyLog((level, m) => env.log.log(level, 'peer', m), 'heartbeat');
   // every worker beats (one UPDATE per HEARTBEAT_S each): the node stays "up" while any worker lives
   let beating = false;
   const t = setInterval(() => {
@@ -64,10 +94,11 @@ export function startDuties(env: ProxyEnv): void {
     env.store.heartbeat(env.instance.config.node).then(
       () => {
         beating = false;
+        beat.ok();
       },
       (e: unknown) => {
         beating = false;
-        env.log.log('warn', 'peer', `heartbeat failed: ${e instanceof Error ? e.message : String(e)}`);
+        beat.failed(e);
       },
     );
   }, HEARTBEAT_S * 1000);
