@@ -115,6 +115,18 @@ function resolveOptions(o: PostgresStoreOptions, url: PgUrl): ResolvedOptions {
   };
 }
 
+/**
+ * target_session_attrs as the client must be told it. libpq's read-write means "not a hot standby
+ * and not default_transaction_read_only"; postgres.js 4.2 checks only default_transaction_read_only
+ * on servers that report in_hot_standby (PostgreSQL 14+), which is off on a standby, so it took a
+ * standby for read-write (a failover test saw logins served by the not yet promoted standby).
+ * Its 'primary' checks in_hot_standby (or pg_is_in_recovery()): what read-write needs.
+ */
+function clientSessionAttrs(a: PgUrl['targetSessionAttrs']): Options['target_session_attrs'] {
+  if (a === 'any') return null;
+  return a === 'read-write' ? 'primary' : a;
+}
+
 /** The password file's first line; refused when others may read it, or when it is not UTF-8. */
 export function readPasswordFile(file: string): string {
   let st;
@@ -293,7 +305,7 @@ class PostgresStore implements ConfigStore {
       ...(url.user !== null ? { username: url.user } : {}),
       ...(passwordFile !== null ? { password: () => readPasswordFile(passwordFile) } : url.password !== null ? { password: url.password } : {}),
       ssl: sslOption(url),
-      target_session_attrs: url.targetSessionAttrs === 'any' ? null : url.targetSessionAttrs,
+      target_session_attrs: clientSessionAttrs(url.targetSessionAttrs),
       connect_timeout: o.connectTimeoutMs / 1000,
       query_timeout: o.queryTimeoutMs / 1000,
       queue_timeout: o.queryTimeoutMs / 1000,
