@@ -7,7 +7,8 @@
 import t, { type Test } from 'tap';
 import { readFileSync, statSync, writeFileSync, chmodSync } from 'node:fs';
 import { join } from 'node:path';
-import { pigeon, scratchDir, type Run } from './helpers/instance.js';
+import { ImapFlow } from 'imapflow';
+import { pigeon, scratchDir, serve, type Run } from './helpers/instance.js';
 import { startPostgres } from './helpers/postgres.js';
 
 // tap's per-file timeout: about 30 s alone (one server, ~40 CLI runs); two suites at once on 2
@@ -146,6 +147,8 @@ t.test('PostgreSQL from init to db status, migrate and copy', async (t) => {
     ok(t, pigeon(dir, ['user', 'disable', 'b@example.org']), 'user disable');
     ok(t, pigeon(dir, ['config', 'set', 'mailstore.quota', '7000', '--domain', 'example.org']), 'config set (domain)');
     ok(t, pigeon(dir, ['config', 'set', 'mailstore.quota', '3000', '--user', 'a@example.org']), 'config set (user)');
+    const d = pigeon(dir, ['deliver', 'a@example.org'], 'From: x@example.net\r\nSubject: before the copy\r\n\r\nhi\r\n');
+    t.equal(d.status, 0, `a message delivered before the copy (its mailbox allocated) ${d.stdout}`);
     pg.psql('CREATE DATABASE copied');
     const dst = pg.url.replace(/\/pigeon$/, '/copied');
     const c = ok(t, pigeon(null, ['db', 'copy', `sqlite:${join(dir, 'pigeon.db')}`, dst]), 'db copy');
@@ -173,5 +176,20 @@ t.test('PostgreSQL from init to db status, migrate and copy', async (t) => {
     t.equal(auth.status, 0, `the password hash came along: ${auth.stdout}${auth.stderr}`);
     t.match(auth.stdout, 'auth succeeded');
     t.equal(pigeon(dir, ['auth', 'test', 'a@example.org'], 'wrong\n').status, 77, 'and a wrong password still fails (77)');
+
+    // the cluster suite's read check on the copy: a client logs in at the node, now on the
+    // server, and reads the message delivered before the copy (the allocation came along)
+    writeFileSync(join(dir, 'conf.d', '91-listen.yaml'), 'listen:\n  - "imap=127.0.0.1:0"\nlog:\n  file: pigeon.log\n');
+    const s = await serve(t, { dir, run: (a, i) => pigeon(dir, a, i), addUser: () => undefined });
+    const client = new ImapFlow({ host: '127.0.0.1', port: s.ports['imap'] ?? 0, secure: false, doSTARTTLS: false, auth: { user: 'a@example.org', pass: 'pw-a@example.org' }, logger: false });
+    await client.connect();
+    const lock = await client.getMailboxLock('INBOX');
+    const subjects: string[] = [];
+    for await (const m of client.fetch('1:*', { envelope: true })) subjects.push(m.envelope?.subject ?? '');
+    lock.release();
+    await client.logout();
+    t.same(subjects, ['before the copy'], 'IMAP through serve on the copy reads the mail delivered before it');
+    const lmtpLess = pigeon(dir, ['deliver', 'a@example.org'], 'From: x@example.net\r\nSubject: after the copy\r\n\r\nhi\r\n');
+    t.equal(lmtpLess.status, 0, 'and deliveries go on into the same mailbox');
   });
 });
