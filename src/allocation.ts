@@ -182,7 +182,14 @@ async function allocate(ctx: AllocationContext, user: UserRecord, config: Effect
     if (now !== null) return now;
     const allocation: Allocation = { format, path: mailboxPath(ctx.mailRoot, fresh.address, format), node: ctx.node };
     const existed = existsSync(allocation.path);
-    await createMailbox(allocation, ctx.mailUser, ctx.mailRoot);
+    try {
+      await createMailbox(allocation, ctx.mailUser, ctx.mailRoot);
+    } catch (e) {
+      // another process of this node lost its race and discarded the empty mailbox while this one
+      // was creating it (ENOENT): a lost race too, re-read (pigeon deliver processes racing)
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      throw e;
+    }
     let won: boolean;
     try {
       won = await ctx.store.casAllocation(fresh.id, fresh.version, ctx.node, allocation);
