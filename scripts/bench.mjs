@@ -5,6 +5,7 @@
  * SYNOPSIS    npm run bench                  full run (idle rows at 1,000 and 5,000 sessions)
  *             npm run bench -- --quick       under a minute (fewer rounds, 1,000 idle sessions; JSON in $TMPDIR)
  *             npm run bench -- --out FILE    JSON results elsewhere (default bench/results-latest.json)
+ *             npm run bench -- --only bench-db.mjs[,…]   only these scripts (their rows only)
  * DESCRIPTION Builds (tsc), then runs each benchmark script, bounded in time, loopback only:
  *               bench-config.mjs    cost of one effective-config read (the SQL read per login/delivery)
  *               bench-proxy.mjs     login c=1/c=32, FETCH plain/TLS, POP3 RETR, idle memory:
@@ -14,6 +15,8 @@
  *                                   reached vs one on the other node, through the peer link
  *               bench-delivery.mjs  pigeon deliver / LMTP / dovecot-lda / fsync bound
  *               bench-limits.mjs    one loopback TCP stream, fsync'd create+rename rate
+ *               bench-db.mjs        PostgreSQL vs SQLite, same run: login c=32, LMTP, the 30-way
+ *                                   allocation race across two nodes
  *             and prints one table (PigeonDeliver | reference | ratio | target), also written as
  *             JSON with every script's raw output. A failing script is reported and the others
  *             still run; the exit status is then 1.
@@ -27,6 +30,8 @@ import { tmpdir, cpus, loadavg } from 'node:os';
 const argv = process.argv.slice(2);
 const QUICK = argv.includes('--quick');
 const oi = argv.indexOf('--out');
+const ni = argv.indexOf('--only');
+const ONLY = ni >= 0 ? new Set(String(argv[ni + 1]).split(',')) : null;
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const OUT = oi >= 0 ? resolve(argv[oi + 1]) : QUICK ? join(tmpdir(), 'pigeon-bench-results-quick.json') : join(ROOT, 'bench', 'results-latest.json');
 const started = Date.now();
@@ -48,7 +53,8 @@ const BENCHES = [
   { name: 'bench-cluster.mjs', args: [...q], limit: QUICK ? 150 : 900, json: 'file' },
   { name: 'bench-delivery.mjs', args: ['--n', QUICK ? '12' : '200', '--concurrency', '4'], limit: QUICK ? 60 : 600, json: 'stdout' },
   { name: 'bench-limits.mjs', args: [...q], limit: 120, json: 'file' },
-];
+  { name: 'bench-db.mjs', args: [...q], limit: QUICK ? 240 : 900, json: 'file' },
+].filter((b) => !ONLY || ONLY.has(b.name));
 
 function runOne(b) {
   return new Promise((res) => {
@@ -125,7 +131,7 @@ function row(workload, unit, pigeon, reference, refName, target, better) {
   if (target && r !== null) met = better === 'higher' ? (r >= target ? 'met' : 'missed') : r <= target ? 'met' : 'missed';
   rows.push({ workload, unit, pigeon, reference, reference_name: refName, ratio: r === null ? null : Math.round(r * 100) / 100, target: target ? `${better === 'higher' ? '≥' : '≤'} ${target}×` : '', met });
 }
-const px = runs['bench-proxy.mjs'].data;
+const px = runs['bench-proxy.mjs']?.data;
 if (px) {
   for (const [k, c] of [
     ['login_c1', 1],
@@ -164,8 +170,8 @@ if (px) {
     row(`idle ${i.sessions}: everything per session`, 'kB PSS', i.proxy.total_pss_kB_per_session, i.direct.total_pss_kB_per_session, 'Dovecot, all processes', null);
   }
 }
-const dl = runs['bench-delivery.mjs'].data;
-const lim = runs['bench-limits.mjs'].data;
+const dl = runs['bench-delivery.mjs']?.data;
+const lim = runs['bench-limits.mjs']?.data;
 if (dl) {
   const lda = dl.dovecot_lda?.skipped ? null : dl.dovecot_lda;
   const conc = dl.pigeon_deliver?.parallel?.concurrency ?? 4;
@@ -177,7 +183,7 @@ if (dl) {
   row('deliver 4 KB, 1 conn: pigeon LMTP vs fsync bound', 'msg/s', dl.pigeon_lmtp?.one_connection?.per_second, bound, 'fsync create+rename, 1 stream', 0.8, 'higher');
   row(`deliver 4 KB, ${dl.pigeon_lmtp?.parallel?.concurrency ?? conc} conns: pigeon LMTP vs fsync bound`, 'msg/s', dl.pigeon_lmtp?.parallel?.per_second, dl.fsync_bound?.parallel?.per_second, `fsync create+rename, ${dl.fsync_bound?.parallel?.concurrency ?? conc} streams`, 0.8, 'higher');
 }
-const cl = runs['bench-cluster.mjs'].data;
+const cl = runs['bench-cluster.mjs']?.data;
 if (cl) {
   if (cl.login) {
     row('cluster login c=1: LOGIN→OK p50, mailbox on another node vs local', 'ms', cl.login.peer.p50_ms, cl.login.local.p50_ms, 'mailbox on the node reached', null);
@@ -186,6 +192,17 @@ if (cl) {
   if (cl.fetch) row('cluster FETCH 20 MiB plain: through the peer link vs local', 'MiB/s', cl.fetch.peer.MiBps, cl.fetch.local.MiBps, 'mailbox on the node reached, handed off', null);
   if (cl.fetch && cl.fetch_tls_local) row('cluster FETCH 20 MiB: through the peer link vs local over imaps', 'MiB/s', cl.fetch.peer.MiBps, cl.fetch_tls_local.MiBps, 'mailbox on the node reached, imaps relayed', null);
   if (cl.pop3_retr) row('cluster POP3 RETR 20 MiB plain: through the peer link vs local', 'MiB/s', cl.pop3_retr.peer.MiBps, cl.pop3_retr.local.MiBps, 'mailbox on the node reached, handed off', null);
+}
+const db = runs['bench-db.mjs']?.data;
+if (db) {
+  // ratio = PostgreSQL / SQLite; the issue's goal: login within 1.1× of SQLite
+  if (db.login_c32) {
+    row('database login c=32: logins/s, PostgreSQL vs SQLite', '/s', db.login_c32.postgres.per_second, db.login_c32.sqlite.per_second, 'SQLite', 0.91, 'higher');
+    row('database login c=32: p50 latency, PostgreSQL vs SQLite', 'ms', db.login_c32.postgres.p50_ms, db.login_c32.sqlite.p50_ms, 'SQLite', 1.1, 'lower');
+  }
+  if (db.lmtp_c1) row('database LMTP 4 KB, 1 conn: PostgreSQL vs SQLite', 'msg/s', db.lmtp_c1.postgres.per_second, db.lmtp_c1.sqlite.per_second, 'SQLite', null);
+  if (db.lmtp_c4) row('database LMTP 4 KB, 4 conns: PostgreSQL vs SQLite', 'msg/s', db.lmtp_c4.postgres.per_second, db.lmtp_c4.sqlite.per_second, 'SQLite', null);
+  if (db.race30) row('database 30-way allocation race (2 nodes): PostgreSQL vs SQLite', 'ms', db.race30.postgres.ms, db.race30.sqlite.ms, 'SQLite', null);
 }
 if (lim) {
   rows.push({ workload: 'limit: one loopback TCP stream', unit: 'MiB/s', pigeon: null, reference: lim.tcp_stream_MiBps.median, reference_name: 'machine', ratio: null, target: '', met: '' });
@@ -209,6 +226,7 @@ const notes = [
   px?.lmtp_skipped ? `LMTP vs Dovecot's lmtp skipped: ${px.lmtp_skipped}` : null,
   px?.lmtp_c1 ? 'LMTP rows: pigeon serve\'s lmtp listener vs Dovecot\'s lmtp service (same master, static userdb), 4 KB messages into the same Maildir, MAIL/RCPT/DATA pipelined' : null,
   cl ? `cluster rows: bench-cluster.mjs, nodes A (127.0.0.2) and B (127.0.0.3) sharing one SQLite database, pigeon serve --workers ${cl.setup?.nodes?.match(/--workers (\d+)/)?.[1] ?? '?'} each; the client always connects to A; PigeonDeliver column = mailbox on B, reached through the peer link (mutual TLS 1.3), reference = mailbox on A; ratio = peer / local; medians of ${cl.setup?.rounds ?? '?'} rounds alternating which user goes first` : null,
+  db ? `database rows: bench-db.mjs, ${db.setup.postgres} vs SQLite (${db.setup.sqlite}), ${db.setup.nodes}; medians of ${db.setup.rounds} rounds alternating which database goes first; ratio = PostgreSQL / SQLite` : null,
   dl ? `delivery rows: bench-delivery.mjs (${dl.message_bytes}-byte messages, one recipient; Dovecot's own LMTP: the LMTP rows above)` : null,
   ...Object.entries(runs)
     .filter(([, r]) => !r.ok)

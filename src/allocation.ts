@@ -75,12 +75,41 @@ async function fewestNode(ctx: AllocationContext): Promise<string> {
  * `config` is the user's effective config (read once by the caller).
  */
 export async function placeUser(ctx: AllocationContext, user: UserRecord, config: Effective): Promise<Placement> {
+  const known = await placed(ctx, user);
+  if (known !== null) return known;
+  // one allocation per user at a time in this process: concurrent first deliveries here wait for
+  // it and then re-read (a loser discarding its empty mailbox while another attempt of this process
+  // was still creating the same directory failed that delivery with ENOENT)
+  const key = `${ctx.mailRoot}\0${user.id}`;
+  const running = allocating.get(key);
+  if (running) {
+    await running.catch(() => undefined);
+    return placeUser(ctx, await ctx.store.mustUser(user.address), config);
+  }
+  const p = allocate(ctx, user, config);
+  allocating.set(key, p);
+  try {
+    return await p;
+  } finally {
+    if (allocating.get(key) === p) allocating.delete(key);
+  }
+}
+
+/** Where the record says the mailbox is, or null when it has none yet. */
+async function placed(ctx: AllocationContext, user: UserRecord): Promise<Placement | null> {
   if (user.home !== null && user.home !== ctx.node) return { kind: 'remote', node: user.home, allocation: user.allocation, user };
   if (user.allocation !== null) {
     // allocated here: make sure it exists on disk (a restored database, a purged box)
     await ensureMailbox(user.allocation, ctx.mailUser, ctx.mailRoot);
     return { kind: 'local', allocation: user.allocation };
   }
+  return null;
+}
+
+/** In-flight allocations of this process, by mail root and user id. */
+const allocating = new Map<string, Promise<Placement>>();
+
+async function allocate(ctx: AllocationContext, user: UserRecord, config: Effective): Promise<Placement> {
   const creatorName = String(config['mailstore.creator']?.value ?? 'lock');
   const creator = CREATORS.get(creatorName);
   if (!creator) throw new AppError('CONFIG_INVALID', `mailstore.creator ${JSON.stringify(creatorName)} of ${user.address}: no such creator module on this node (known: ${CREATORS.names().join(', ')})`);
@@ -95,28 +124,31 @@ export async function placeUser(ctx: AllocationContext, user: UserRecord, config
       const won = await ctx.store.casAllocation(user.id, user.version, target, null);
       const fresh = await ctx.store.mustUser(user.address);
       if (won) return { kind: 'remote', node: target, allocation: null, user: fresh };
-      return placeUser(ctx, fresh, config);
+      return (await placed(ctx, fresh)) ?? allocate(ctx, fresh, config);
     }
   }
-  const settled = async (): Promise<Placement | null> => {
-    const fresh = await ctx.store.mustUser(user.address);
+  const settledIn = (fresh: UserRecord): Placement | null => {
     if (fresh.home !== null && fresh.home !== ctx.node) return { kind: 'remote', node: fresh.home, allocation: fresh.allocation, user: fresh };
     if (fresh.allocation !== null) return { kind: 'local', allocation: fresh.allocation };
     return null;
   };
+  const settled = async (): Promise<Placement | null> => settledIn(await ctx.store.mustUser(user.address));
   const attempt = async (): Promise<Placement | null> => {
-    const now = await settled();
-    if (now !== null) return now;
+    // one read decides: the compare-and-set below expects the version of the very row that was
+    // checked for a home (a second read could see another node's allocation, one version on,
+    // and the cas would then overwrite it: mail stored on both nodes)
     const fresh = await ctx.store.mustUser(user.address);
+    const now = settledIn(fresh);
+    if (now !== null) return now;
     const allocation: Allocation = { format, path: mailboxPath(ctx.mailRoot, fresh.address, format), node: ctx.node };
     const existed = existsSync(allocation.path);
     try {
       await createMailbox(allocation, ctx.mailUser, ctx.mailRoot);
     } catch (e) {
-      // another allocator of this node lost its race and discarded the empty box we were filling
-      // in (cas: nothing serialises them): the race is decided by then, so take the winner's answer
-      const decided = await settled();
-      if (decided !== null) return decided;
+      // another allocator of this node (another pigeon deliver process) lost its race and
+      // discarded the empty mailbox while this one was creating it (ENOENT): the race is decided
+      // by then: the winner's answer, or one more try
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return settled();
       throw e;
     }
     let won: boolean;

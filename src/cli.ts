@@ -8,7 +8,6 @@
  */
 import { Command, CommanderError } from '@commander-js/extra-typings';
 import { EX, isAppError } from './errors.js';
-import { openStore } from './store.js';
 import { hashPassword } from '../auth/schemes.js';
 import { randomBytes } from 'node:crypto';
 
@@ -43,16 +42,18 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
     .argument('<dir>', 'new instance directory (must not exist or be empty)')
     .option('--node <name>', 'this node\'s name', 'node1')
     .option('--listen <proto=host:port>', 'listener (repeatable): imap imaps pop3 pop3s lmtp peer metrics', (v: string, acc: string[]) => [...acc, v], [] as string[])
-    .option('--db <url>', 'database: sqlite:PATH or PATH (default sqlite:pigeon.db inside DIR)')
+    .option('--db <url>', 'database: sqlite:PATH or PATH (default sqlite:pigeon.db inside DIR), or a PostgreSQL server shared by nodes on several hosts: postgres://USER@HOST[,HOST2]/DB[?sslmode=…&target_session_attrs=read-write] (written into pigeon.yaml, then mode 0600)')
+    .option('--db-password-file <file>', 'the database server\'s password is this file\'s first line (mode 0600 or 0640; written as database_password_file), instead of the URL or ~/.pgpass')
     .option('--ca-from <dir>', 'join an existing cluster CA: a directory from "pigeon cert issue NODE --out DIR" (its node.crt becomes this node\'s), or another instance holding certs/ca.key (a certificate is issued here)')
     .option('--demo', 'also add domain example.test and user demo@example.test with a printed password')
     .description('create an instance: config file, database, cluster CA and host certificate, mail root')
     .action(async (dir, o) => {
       const { initInstance } = await import('./init.js');
-      const r = await initInstance({ dir, node: o.node, listen: o.listen, db: o.db, caFrom: o.caFrom });
+      const r = await initInstance({ dir, node: o.node, listen: o.listen, db: o.db, dbPasswordFile: o.dbPasswordFile, caFrom: o.caFrom });
       console.log(`instance created in ${r.dir}\n  config:   ${r.dir}/pigeon.yaml\n  database: ${r.dbPath}\n  certs:    ${r.dir}/certs/\n  mail:     ${r.dir}/mail/`);
       if (o.demo) {
-        const store = await openStore(r.dbUrl, { baseDir: r.dir });
+        const [{ loadInstance }, { openInstanceStore }] = await Promise.all([import('./instance.js'), import('./context.js')]);
+        const store = await openInstanceStore(loadInstance(r.dir));
         const pw = randomBytes(9).toString('base64url');
         try {
           await store.addDomain('example.test');
@@ -89,6 +90,7 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
   const deliveryOnly = cmd === 'deliver' || cmd === 'lmtp';
   if (!deliveryOnly) (await import('./commands/admin.js')).registerAdmin(program as unknown as Command, cfg);
   if (!deliveryOnly) (await import('./commands/cluster.js')).registerCluster(program as unknown as Command, cfg);
+  if (!deliveryOnly) (await import('./commands/db.js')).registerDb(program as unknown as Command, cfg);
   if (!deliveryOnly) (await import('./commands/proxy.js')).registerProxy(program as unknown as Command, cfg);
   (await import('./commands/delivery.js')).registerDelivery(program as unknown as Command, cfg);
   return program;

@@ -12,6 +12,9 @@
  *             The backends' sections of pigeon.yaml are theirs (backends/registry.ts): Courier's
  *             paths are Debian's when courier-imap/courier-pop are installed, else this clone's
  *             .cache/courier when scripts/install-deps.sh unpacked them there (backends/courier.ts).
+ *             --db postgres://… (a database server shared by nodes on several hosts): the schema
+ *             is created or migrated there, the URL written into pigeon.yaml, which is then mode
+ *             0600 (the URL may hold the password; --db-password-file keeps it out of the URL).
  * DIAGNOSTICS NODE_CONFLICT (78) when --node is already registered with another certificate,
  *             NODE_REMOVED (78) for a revoked certificate, CONFIG_INVALID (78) for an issued
  *             certificate that names another node, is from another CA, or has expired.
@@ -22,7 +25,7 @@ import { resolveMailUser } from './mailuser.js';
 import { dirname, join, resolve, isAbsolute } from 'node:path';
 import { AppError } from './errors.js';
 import { parseListen, type Listener } from './instance.js';
-import { openStore, parseDbUrl, redactUrl, type DbTarget } from './store.js';
+import { openStore, parseDbUrl, redactUrl, type DbTarget, type OpenOptions } from './store.js';
 import { checkNodeName } from './nodes.js';
 import { createCa, issueHostCert, writeKeyPair, readKeyPair, LOOPBACK_NAMES, type KeyPair } from '../certs/ca.js';
 import { loadNodeCredentials, verifyHostCert } from '../certs/verify.js';
@@ -42,6 +45,8 @@ export interface InitOptions {
   readonly node: string;
   readonly listen: readonly string[];
   readonly db: string | undefined;
+  /** database_password_file: the database server's password (first line), instead of the URL */
+  readonly dbPasswordFile?: string | undefined;
   readonly caFrom: string | undefined;
 }
 
@@ -57,8 +62,9 @@ function backendSections(): string {
     .join('');
 }
 
-export function configText(o: { node: string; db: string; listen: readonly string[] }): string {
+export function configText(o: { node: string; db: string; dbPasswordFile?: string | null; listen: readonly string[] }): string {
   const ls = o.listen.map(parseListen);
+  const pwFile = o.dbPasswordFile ?? null;
   return `# PigeonDeliver instance configuration (pigeon.yaml).
 # Files in conf.d/*.yaml are merged over this one in lexical order (maps merge, lists replace).
 # Check it with:  pigeon -c THIS_DIR config test
@@ -68,9 +74,25 @@ export function configText(o: { node: string; db: string; listen: readonly strin
 # This node's name: in its host certificate, the nodes table and every user's "home".
 node: ${JSON.stringify(o.node)}
 
-# Configuration database: sqlite:PATH or a plain path (relative to this directory).
-# Several nodes on one host may share the file.
+# Configuration database: sqlite:PATH or a plain path (relative to this directory; several nodes
+# on one host may share the file), or a PostgreSQL server shared by nodes on several hosts:
+# postgres://USER@HOST[:PORT][,HOST2[:PORT]]/DB[?sslmode=verify-full&sslrootcert=FILE
+# &target_session_attrs=read-write], postgres:///DB?host=/run/postgresql (a unix socket).
+# With a postgres:// URL, "pigeon init" makes this file mode 0600 (the URL may hold the
+# password); better: no password in the URL, and database_password_file below or ~/.pgpass.
 database: ${JSON.stringify(o.db)}
+
+# A database server only (this node's settings; every process has its own connection pool):
+# the password is the first line of this file, which others must not read (0600, or 0640 with
+# the group of the accounts pigeon runs as); null: the URL, ~/.pgpass or PGPASSFILE
+database_password_file: ${pwFile === null ? 'null' : JSON.stringify(pwFile)}
+# connections per process (serve: per worker), kept open and reused
+database_pool_size: 4
+# connecting gives up after this many seconds per host of the URL (then the next host)
+database_connect_timeout_s: 5
+# the server cancels a statement after this many seconds; logins and deliveries then get a
+# temporary failure (NO [UNAVAILABLE], 451 4.3.0), never a hang
+database_statement_timeout_s: 5
 
 # Default mail root: new mailboxes are allocated below it (relative to this directory).
 mail_root: mail
@@ -213,9 +235,9 @@ function readCaFrom(src: string, node: string): CaFrom {
 }
 
 /** Undo this run's registration in a shared database (a later step of init failed). */
-async function unregister(dbUrl: string, dir: string, r: { name: string; fingerprint: string }): Promise<void> {
+async function unregister(dbUrl: string, opts: OpenOptions, r: { name: string; fingerprint: string }): Promise<void> {
   try {
-    const store = await openStore(dbUrl, { baseDir: dir });
+    const store = await openStore(dbUrl, opts);
     try {
       await store.unregisterUnseen(r.name, r.fingerprint);
     } finally {
@@ -250,6 +272,9 @@ export async function initInstance(o: InitOptions): Promise<{ dir: string; dbPat
   } catch (e) {
     throw new AppError('USAGE', `--db: ${(e as Error).message}`);
   }
+  const dbPasswordFile = o.dbPasswordFile === undefined ? null : resolve(o.dbPasswordFile);
+  if (dbPasswordFile !== null && target.kind !== 'postgres') throw new AppError('USAGE', '--db-password-file: only for a database server (--db postgres://…)');
+  const openOpts: OpenOptions = { baseDir: dir, pg: { passwordFile: dbPasswordFile } };
   const dbFile = target.kind === 'sqlite' ? target.path : null;
   const dbPath = dbFile === null ? null : isAbsolute(dbFile) ? dbFile : join(dir, dbFile);
   const dbExisted = dbPath === null || existsSync(dbPath);
@@ -286,14 +311,18 @@ export async function initInstance(o: InitOptions): Promise<{ dir: string; dbPat
     writeKeyPair(host, join(dir, 'certs', 'node.crt'), join(dir, 'certs', 'node.key'));
     const info = verifyHostCert(host.certPem, caPem, o.node);
     writeFileSync(join(dir, 'conf.d', 'README'), '# Drop-in files *.yaml here are merged over ../pigeon.yaml in lexical order.\n');
-    const store = await openStore(dbUrl, { create: true, baseDir: dir });
+    const store = await openStore(dbUrl, { ...openOpts, create: true });
     try {
       const r = await store.registerSelf({ name: o.node, fingerprint: info.fingerprint, certExpires: info.notAfter.toISOString(), peerAddress: null }, { heartbeat: false });
       if (r.created) registered = { name: o.node, fingerprint: info.fingerprint };
     } finally {
       await store.close();
     }
-    writeFileSync(join(dir, 'pigeon.yaml'), configText({ node: o.node, db: dbUrl, listen: o.listen }), { flag: 'wx', mode: 0o640 });
+    // a server URL may carry the database's password: only the owner reads the file then
+    writeFileSync(join(dir, 'pigeon.yaml'), configText({ node: o.node, db: dbUrl, dbPasswordFile, listen: o.listen }), {
+      flag: 'wx',
+      mode: target.kind === 'postgres' ? 0o600 : 0o640,
+    });
     created.push(join(dir, 'pigeon.yaml'));
   } catch (e) {
     // remove only what this run created. The mail root belongs to the mail user from its chown on:
@@ -304,7 +333,7 @@ export async function initInstance(o: InitOptions): Promise<{ dir: string; dbPat
     if (!dirExisted && mailGone) rmSync(dir, { recursive: true, force: true });
     else for (const p of ['certs', 'conf.d', 'pigeon.yaml']) rmSync(join(dir, p), { recursive: true, force: true });
     if (!dbExisted && dbPath !== null) for (const s of ['', '-wal', '-shm']) rmSync(dbPath + s, { force: true });
-    else if (registered) await unregister(dbUrl, dir, registered);
+    else if (registered) await unregister(dbUrl, openOpts, registered);
     throw e;
   }
   return { dir, dbPath: dbPath ?? redactUrl(dbUrl), dbUrl, created };

@@ -17,7 +17,7 @@ import { dirname, join, resolve, isAbsolute } from 'node:path';
 import { parseDocument, LineCounter, isMap, isSeq, type Node } from 'yaml';
 import { z } from 'zod';
 import { AppError } from './errors.js';
-import { parseDbUrl, redactUrl } from './store.js';
+import { parseDbUrl, redactUrl, type ServerDbOptions } from './store.js';
 import { checkAuthSection, SOURCE_NAME } from '../auth/registry.js';
 import { TRUST } from '../certs/trust.js';
 import { BACKENDS } from '../backends/registry.js';
@@ -35,6 +35,9 @@ import {
   TLS_HANDSHAKE_MS,
   PEER_HANDOFF_MS,
   PEER_CONNECT_MS,
+  PG_POOL_SIZE,
+  PG_CONNECT_TIMEOUT_S,
+  PG_STATEMENT_TIMEOUT_S,
 } from './limits.js';
 
 export const PROTOCOLS = ['imap', 'imaps', 'pop3', 'pop3s', 'lmtp', 'peer', 'metrics'] as const;
@@ -121,6 +124,12 @@ function sectionsOf(declared: readonly string[]): Record<string, z.ZodType> {
 const baseShape = {
   node: z.string().regex(/^[a-z0-9][a-z0-9.-]{0,62}$/i, 'node names are letters, digits, dots and hyphens').default('node1'),
   database: z.string().min(1).default('sqlite:pigeon.db'),
+  // a database server (postgres://…): where its password is (first line; mode 0600 or 0640),
+  // and this node's connection settings (per process: serve's workers each have their own pool)
+  database_password_file: path.nullable().default(null),
+  database_pool_size: z.number().int().min(1).max(100).default(PG_POOL_SIZE),
+  database_connect_timeout_s: z.number().int().min(1).max(300).default(PG_CONNECT_TIMEOUT_S),
+  database_statement_timeout_s: z.number().int().min(1).max(300).default(PG_STATEMENT_TIMEOUT_S),
   mail_root: path.default('mail'),
   mail_user: z.string().min(1).default('mail'),
   listen: z.array(listenSchema).default([]),
@@ -237,6 +246,8 @@ export interface Instance {
   readonly raw: Readonly<Record<string, unknown>>;
   /** the SQLite file (absolute), or the server database's URL without its password: for messages */
   readonly dbPath: string;
+  /** a database server's node-local settings (database_password_file absolute, pool, timeouts) */
+  readonly dbOptions: ServerDbOptions;
   readonly mailRoot: string;
   /** absolute log file path, or null for stderr */
   readonly logFile: string | null;
@@ -394,6 +405,12 @@ export function loadInstance(c: string | undefined): Instance {
   } catch (e) {
     throw new AppError('CONFIG_INVALID', `${file}: database: ${(e as Error).message}`);
   }
+  const dbOptions: ServerDbOptions = {
+    passwordFile: config.database_password_file === null ? null : abs(config.database_password_file),
+    poolMax: config.database_pool_size,
+    connectTimeoutMs: config.database_connect_timeout_s * 1000,
+    statementTimeoutMs: config.database_statement_timeout_s * 1000,
+  };
   return {
     dir,
     file,
@@ -401,6 +418,7 @@ export function loadInstance(c: string | undefined): Instance {
     config,
     raw,
     dbPath,
+    dbOptions,
     mailRoot: abs(config.mail_root),
     logFile: config.log.file === null || config.log.file === '' ? null : abs(config.log.file),
     runDir: abs(config.run_dir),

@@ -59,3 +59,8 @@ export const TLS_HANDSHAKE_MS = 15_000; // limits.tls_handshake_timeout_s
 export const PEER_HANDOFF_MS = 10_000; // peer.handoff_timeout_s: a peer must send its whole hand-off within this
 export const PEER_CONNECT_MS = 10_000; // peer.connect_timeout_s
 export const PEER_TLS_HANDSHAKE_MS = 15_000; // a node connecting to the peer listener must finish its TLS handshake within this
+// a database server (PostgreSQL), per process, defaults of pigeon.yaml database_pool_size,
+// database_connect_timeout_s (per host of the URL) and database_statement_timeout_s
+export const PG_POOL_SIZE = 4;
+export const PG_CONNECT_TIMEOUT_S = 5;
+export const PG_STATEMENT_TIMEOUT_S = 5;

@@ -20,10 +20,12 @@
  *             unreachable, failing over, statement timeout), DB_READONLY / DB_MISSING / DB_SCHEMA /
  *             CONFIG_INVALID (78), NO_SUCH_USER, NO_SUCH_DOMAIN, DUPLICATE, DOMAIN_NOT_EMPTY,
  *             NO_SUCH_NODE, NODE_CONFLICT, NODE_REMOVED, NODE_BUSY.
- * SECURITY    No password of the database URL in any message, log line or `where`.
+ * SECURITY    No password of the database URL in any message, log line or `where`: URLs are shown
+ *             only through `redactUrl` (the PostgreSQL URL parser's printable form).
  */
 import { isAbsolute, join } from 'node:path';
 import { AppError } from './errors.js';
+import { isPgUrl, parsePgUrl, redactUrl as maskUrl } from './store/pg-url.js';
 import type { Json, Scope } from './settings.js';
 import type { Flag, SettingRow } from './resolve.js';
 import type { NodeRow, NodeState, SelfRegistration } from './nodes.js';
@@ -61,6 +63,19 @@ export interface ScopeRef {
 
 /** What changed, as LISTEN/NOTIFY (PostgreSQL) or polling (SQLite) reports it. */
 export type StoreChange = { readonly kind: 'nodes' } | { readonly kind: 'user'; readonly address: string };
+
+/** What `pigeon db status` shows about the connection (never a password). */
+export interface ServerInfo {
+  /** the engine and its version, e.g. "PostgreSQL 15.14" or "SQLite 3.50.4" */
+  readonly engine: string;
+  /** primary (read-write), standby (read-only, in recovery), or embedded (a SQLite file) */
+  readonly role: 'primary' | 'standby' | 'embedded';
+  /** the server address this connection reached (host:port or socket), or the file */
+  readonly server: string;
+  /** the database user and database name (PostgreSQL), null for SQLite */
+  readonly user: string | null;
+  readonly database: string | null;
+}
 
 export interface SchemaStatus {
   /** the schema version the database is at */
@@ -146,6 +161,8 @@ export interface Store {
   onChange(fn: (c: StoreChange) => void): () => void;
 
   // schema and copy
+  /** the connection as `pigeon db status` shows it (one round trip) */
+  serverInfo(): Promise<ServerInfo>;
   schemaStatus(): Promise<SchemaStatus>;
   migrate(): Promise<{ from: number; to: number }>;
   dump(): Promise<TableDump[]>;
@@ -153,25 +170,56 @@ export interface Store {
   load(tables: readonly TableDump[]): Promise<void>;
 }
 
+/**
+ * Node-local settings of a database server connection (pigeon.yaml `database_*`), handed to the
+ * PostgreSQL store (src/store/postgres.ts PostgresStoreOptions); SQLite ignores them.
+ */
+export interface ServerDbOptions {
+  /** the password is this file's first line (database_password_file) */
+  readonly passwordFile?: string | null;
+  readonly poolMax?: number;
+  readonly connectTimeoutMs?: number;
+  readonly statementTimeoutMs?: number;
+  /** one line per change of the database's state (available → unavailable → available) */
+  readonly log?: (level: 'info' | 'warn' | 'error', message: string) => void;
+}
+
 export interface OpenOptions {
   /** create the database when it does not exist (`pigeon init`) */
   readonly create?: boolean;
   /** a relative SQLite path is relative to this directory (the instance's) */
   readonly baseDir?: string;
+  /** settings of a server connection (PostgreSQL) */
+  readonly pg?: ServerDbOptions;
 }
 
 export type DbTarget = { readonly kind: 'sqlite'; readonly path: string } | { readonly kind: 'postgres'; readonly url: string };
 
-/** A database URL with any password replaced by ***, for messages. */
+/**
+ * A database URL as it may be shown (messages, logs, `config test`, `init`): a PostgreSQL URL
+ * in the parser's printable form (src/store/pg-url.ts `where`: never the password, wherever it
+ * was written, whatever characters it holds); a URL that does not parse with its user-info part
+ * and any password= parameter masked; a SQLite path as it is.
+ */
 export function redactUrl(url: string): string {
-  return url.replace(/^([a-z][a-z0-9+.-]*:\/\/[^:@/]*):[^@/]*@/i, '$1:***@');
+  if (isPgUrl(url)) {
+    try {
+      return parsePgUrl(url).where;
+    } catch {
+      return maskUrl(url);
+    }
+  }
+  return /^[a-z][a-z0-9+.-]*:\/\//i.test(url) ? maskUrl(url) : url;
 }
 
 /** Parse `--db` / `database:` forms: `sqlite:PATH`, a plain path, `postgres://…`, `postgresql://…`. */
 export function parseDbUrl(url: string): DbTarget {
   if (url === '') throw new AppError('CONFIG_INVALID', 'database URL is empty');
   if (url.startsWith('sqlite:')) return { kind: 'sqlite', path: url.slice('sqlite:'.length).replace(/^\/\/(?=\/)/, '') };
-  if (/^postgres(ql)?:\/\//i.test(url)) return { kind: 'postgres', url };
+  if (isPgUrl(url)) {
+    parsePgUrl(url); // a malformed URL is refused where it is read (init, the configuration), naming the part at fault
+    return { kind: 'postgres', url };
+  }
   if (/^[a-z][a-z0-9+.-]*:\/\//i.test(url)) {
     throw new AppError('CONFIG_INVALID', `database URL ${JSON.stringify(redactUrl(url))}: expected sqlite:PATH, a path, or postgres://…`);
   }
@@ -179,7 +227,30 @@ export function parseDbUrl(url: string): DbTarget {
 }
 
 interface PostgresModule {
-  open(url: string, opts: OpenOptions): Promise<Store>;
+  open(url: string, opts: { readonly create?: boolean; readonly pg?: ServerDbOptions }): Promise<Store>;
+}
+
+/**
+ * Refuse a database whose schema this code cannot run on: older than `minUsable` (run "pigeon db
+ * migrate" once every node runs this release) or newer than `latest` (upgrade pigeon first).
+ * Inside the range it runs as it is: during a rolling upgrade the nodes still on the previous
+ * release keep working on the migrated schema (src/store/pg-migrations.ts ROLLING UPGRADES).
+ */
+export async function checkSchema(store: Store): Promise<SchemaStatus> {
+  const s = await store.schemaStatus();
+  if (s.version === 0) {
+    throw new AppError('DB_SCHEMA', `database ${store.where} has no PigeonDeliver schema yet: run "pigeon db migrate" (or create it with "pigeon init --db URL")`);
+  }
+  if (s.version < s.minUsable) {
+    throw new AppError(
+      'DB_SCHEMA',
+      `database ${store.where} has schema version ${s.version}, older than this pigeon can use (${s.minUsable}..${s.latest}): once every node runs this release, run "pigeon db migrate" once`,
+    );
+  }
+  if (s.version > s.latest) {
+    throw new AppError('DB_SCHEMA', `database ${store.where} has schema version ${s.version}, newer than this pigeon understands (${s.minUsable}..${s.latest}): upgrade pigeon on this node`);
+  }
+  return s;
 }
 
 /** Open the store a URL names (SQLite: migrated to the current schema on open, as always). */
@@ -201,5 +272,5 @@ export async function openStore(url: string, opts: OpenOptions = {}): Promise<St
     }
     throw e;
   }
-  return mod.open(url, opts);
+  return mod.open(url, { ...(opts.create !== undefined ? { create: opts.create } : {}), ...(opts.pg !== undefined ? { pg: opts.pg } : {}) });
 }

@@ -171,7 +171,7 @@ DIR/node.key (0600) and records the certificate in the shared database:
         console.log(`  ${files.ca}\n  ${files.cert}\n  ${files.key} (private key, mode 0600: move it to the node over a secure channel)`);
         if (kind === 'new') {
           console.log(`node ${name} registered (not yet seen)`);
-          console.log(`next, on the new node: pigeon init NEWDIR --node ${name} --ca-from ${out} --db ${instance.dbPath} --listen peer=HOST:PORT --listen imap=HOST:PORT ...`);
+          console.log(`next, on the new node: pigeon init NEWDIR --node ${name} --ca-from ${out} --db ${instance.dbPath}${instance.dbOptions.passwordFile ? ' --db-password-file FILE' : ''} --listen peer=HOST:PORT --listen imap=HOST:PORT ...`);
         } else {
           console.log(`node ${name} already exists: the new certificate is accepted next to its current one`);
           console.log(`next: install ${files.cert} + ${files.key} as node ${name}'s peer.cert/peer.key and restart pigeon serve there (the peer link reads its certificate at start); both certificates are accepted until it registers with the new one`);

@@ -11,7 +11,7 @@ import { AppError, EX } from '../errors.js';
 import { runDeliver, inputOf } from '../delivery/deliver.js';
 import { statusLine } from '../delivery/outcome.js';
 import { loadInstance } from '../instance.js';
-import { openStore } from '../store.js';
+import { openInstanceStore } from '../context.js';
 import { deliveryLogger } from '../delivery/env.js';
 import { remoteStore } from '../peer/remote-store.js';
 import { FORKERS, oneShotForkers } from '../../forkers/registry.js';
@@ -101,7 +101,7 @@ master.cf:  pigeon unix - n n - - pipe flags=Rq user=mail argv=/usr/local/bin/pi
       await loadModules(instance);
       // stdout (and under spawn/inetd stderr) is the protocol: log.file, syslog or log.fallback_file
       const logger = deliveryLogger(instance);
-      const store = await openStore(instance.config.database, { baseDir: instance.dir });
+      const store = await openInstanceStore(instance, { log: (level, m) => logger.log(level, 'database', m) });
       const nodes = new NodeDirectory(store);
       const server = createLmtpServer({ instance, store, logger, remote: remoteStore(instance, store, nodes), nodes });
       await new Promise<void>((resolve) => {

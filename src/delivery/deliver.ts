@@ -17,7 +17,8 @@
  */
 import { createReadStream } from 'node:fs';
 import { loadInstance } from '../instance.js';
-import { openStore, type Store } from '../store.js';
+import type { Store } from '../store.js';
+import { openInstanceStore } from '../context.js';
 import { isAppError, EX, type ExitCode } from '../errors.js';
 import { loadModules } from '../module-files.js';
 import { NodeDirectory } from '../nodes.js';
@@ -66,7 +67,7 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
   const logger = deliveryLogger(instance);
   let store: Store;
   try {
-    store = await openStore(instance.config.database, { baseDir: instance.dir });
+    store = await openInstanceStore(instance, { log: (level, m) => logger.log(level, 'database', m) });
   } catch (e) {
     const locked = isAppError(e) && e.temporary;
     logger.log('error', 'deliver', 'cannot open the configuration database', { error: e instanceof Error ? e.message : String(e) });

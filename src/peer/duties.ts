@@ -4,14 +4,19 @@
  *             against the cluster CA and registers the node: name, peer address (peer.advertise,
  *             else the peer= listener's), fingerprint, certificate expiry. A new node joins this
  *             way, without touching the others. In every worker `startDuties` refreshes the cached
- *             registry every second (links of disabled or removed nodes close) and keeps
- *             `last_seen` fresh every HEARTBEAT_S seconds.
+ *             registry every second (links of disabled or removed nodes close), keeps `last_seen`
+ *             fresh every HEARTBEAT_S seconds. Registry
+ *             changes arrive through the store's onChange (PostgreSQL: LISTEN/NOTIFY) at once; the
+ *             one-second refresh is the fallback for a lost notification.
  * DIAGNOSTICS AppError CONFIG_INVALID (certificate), NODE_CONFLICT, NODE_REMOVED: serve exits 78.
+ *             A duty that fails while the database is away logs one line when it starts failing
+ *             and one when it works again, not one per try (dutyLog).
  */
 import type { Instance } from '../instance.js';
 import type { Logger } from '../log.js';
 import type { NodeDirectory } from '../nodes.js';
-import { openStore, type Store } from '../store.js';
+import type { Store } from '../store.js';
+import { openInstanceStore } from '../context.js';
 import { AppError } from '../errors.js';
 import { HEARTBEAT_S } from '../nodes.js';
 import { loadNodeCredentials } from '../../certs/verify.js';
@@ -33,7 +38,8 @@ export function peerAddress(instance: Instance): string | null {
 
 export async function registerAtStart(instance: Instance): Promise<{ lines: string[] }> {
   const creds = loadNodeCredentials(instance.peerTls, instance.config.node);
-  const store = await openStore(instance.config.database, { baseDir: instance.dir });
+  // the schema must be one this code can run on (checked once, before any worker starts)
+  const store = await openInstanceStore(instance, { checkSchema: true });
   const lines: string[] = [];
   try {
     const r = await store.registerSelf(
@@ -51,9 +57,35 @@ export async function registerAtStart(instance: Instance): Promise<{ lines: stri
   return { lines };
 }
 
+/**
+ * The log of a periodic duty: one line when it starts failing (with the first error), one when
+ * it works again; the tries in between are silent (a database down for an hour is two lines).
+ */
+export function dutyLog(log: (level: 'info' | 'warn', message: string) => void, what: string): { ok(): void; failed(e: unknown): void } {
+  let failing: { since: number; tries: number } | null = null;
+  return {
+    ok() {
+      if (failing === null) return;
+      log('info', `${what} works again (after ${failing.tries} failed tries in ${Math.round((Date.now() - failing.since) / 1000)} s)`);
+      failing = null;
+    },
+    failed(e) {
+      if (failing !== null) {
+        failing.tries++;
+        return;
+      }
+      failing = { since: Date.now(), tries: 1 };
+      log('warn', `${what} failed: ${e instanceof Error ? e.message : String(e)} (retrying; logged again when it works)`);
+    },
+  };
+}
+
 /** Per worker: registry refresh and heartbeat (read at each use: a reload swaps instance and log). */
 export function startDuties(env: { readonly instance: Instance; readonly store: Store; readonly nodes: NodeDirectory; readonly log: Logger }): void {
-  env.nodes.start(REGISTRY_REFRESH_MS, (e) => env.log.log('warn', 'peer', `node registry refresh failed: ${e instanceof Error ? e.message : String(e)}`));
+  const registry = dutyLog((level, m) => env.log.log(level, 'peer', m), 'node registry refresh');
+  env.nodes.onRefresh(() => registry.ok());
+  env.nodes.start(REGISTRY_REFRESH_MS, (e) => registry.failed(e));
+  const beat = dutyLog((level, m) => env.log.log(level, 'peer', m), 'heartbeat');
   // every worker beats (one UPDATE per HEARTBEAT_S each): the node stays "up" while any worker lives
   let beating = false;
   const t = setInterval(() => {
@@ -62,10 +94,11 @@ export function startDuties(env: { readonly instance: Instance; readonly store: 
     env.store.heartbeat(env.instance.config.node).then(
       () => {
         beating = false;
+        beat.ok();
       },
       (e: unknown) => {
         beating = false;
-        env.log.log('warn', 'peer', `heartbeat failed: ${e instanceof Error ? e.message : String(e)}`);
+        beat.failed(e);
       },
     );
   }, HEARTBEAT_S * 1000);

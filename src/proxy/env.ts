@@ -9,7 +9,8 @@
 import { randomBytes } from 'node:crypto';
 import type { Instance } from '../instance.js';
 import { loadInstance } from '../instance.js';
-import { openStore, type Store } from '../store.js';
+import type { Store } from '../store.js';
+import { openInstanceStore } from '../context.js';
 import { createLogger, syslogOrFileSink, type Logger } from '../log.js';
 import { createAuth } from '../../auth/chain.js';
 import { primePlaintextPolicy } from './login.js';
@@ -47,7 +48,9 @@ export async function createProxyEnv(configPath: string | undefined, opts: { log
   let log: Logger;
   if (instance.logFile !== null || opts.logToStderr) log = createLogger({ level: instance.config.log.level, file: instance.logFile });
   else log = createLogger({ level: instance.config.log.level, sink: syslogOrFileSink(instance.config.log.syslog_socket, instance.logFallback) });
-  const store = await openStore(instance.config.database, { baseDir: instance.dir });
+  // a database server's state changes (down, back) are logged once each, through the current logger
+  let current: ProxyEnv | null = null;
+  const store = await openInstanceStore(instance, { log: (level, m) => (current?.log ?? log).log(level, 'database', m) });
   let auth: AuthInstance;
   try {
     auth = await createAuth(instance.config.auth, store, instance.dir);
@@ -85,6 +88,7 @@ export async function createProxyEnv(configPath: string | undefined, opts: { log
       return i;
     },
   };
+  current = env;
   await primePlaintextPolicy(env);
   return env;
 }

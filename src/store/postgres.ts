@@ -46,8 +46,9 @@ import { readFileSync, statSync } from 'node:fs';
 import { AppError } from '../errors.js';
 import { normaliseAddress, normaliseDomain } from '../address.js';
 import { count } from '../metrics.js';
+import { PG_POOL_SIZE, PG_CONNECT_TIMEOUT_S, PG_STATEMENT_TIMEOUT_S } from '../limits.js';
 import type { Scope } from '../settings.js';
-import type { ConfigStore, StoreChange, SchemaStatus, TableDump, Allocation, UserRecord, ScopeRef, NodeRow, NodeState, SelfRegistration, Flag, SettingRow, Json } from './types.js';
+import type { ConfigStore, StoreChange, SchemaStatus, ServerInfo, TableDump, Allocation, UserRecord, ScopeRef, NodeRow, NodeState, SelfRegistration, Flag, SettingRow, Json } from './types.js';
 import { parsePgUrl, type PgUrl } from './pg-url.js';
 import { toUser, toSetting, toNode, type UserRow, type SettingDbRow, type NodeDbRow } from './rows.js';
 import { mapPgError } from './pg-errors.js';
@@ -80,9 +81,9 @@ interface ResolvedOptions {
 }
 
 export const PG_DEFAULTS = {
-  connectTimeoutMs: 5000,
-  statementTimeoutMs: 5000,
-  poolMax: 4,
+  connectTimeoutMs: PG_CONNECT_TIMEOUT_S * 1000,
+  statementTimeoutMs: PG_STATEMENT_TIMEOUT_S * 1000,
+  poolMax: PG_POOL_SIZE,
   poolMin: 1,
   lockPoolMax: 8,
   reconnectMaxMs: 1000,
@@ -113,6 +114,18 @@ function resolveOptions(o: PostgresStoreOptions, url: PgUrl): ResolvedOptions {
     reconnectMaxMs: positive('reconnectMaxMs', o.reconnectMaxMs, PG_DEFAULTS.reconnectMaxMs, 10),
     log: o.log ?? (() => undefined),
   };
+}
+
+/**
+ * target_session_attrs as the client must be told it. libpq's read-write means "not a hot standby
+ * and not default_transaction_read_only"; postgres.js 4.2 checks only default_transaction_read_only
+ * on servers that report in_hot_standby (PostgreSQL 14+), which is off on a standby, so it took a
+ * standby for read-write (a failover test saw logins served by the not yet promoted standby).
+ * Its 'primary' checks in_hot_standby (or pg_is_in_recovery()): what read-write needs.
+ */
+function clientSessionAttrs(a: PgUrl['targetSessionAttrs']): Options['target_session_attrs'] {
+  if (a === 'any') return null;
+  return a === 'read-write' ? 'primary' : a;
 }
 
 /** The password file's first line; refused when others may read it, or when it is not UTF-8. */
@@ -185,12 +198,16 @@ function pgCode(e: unknown): string {
 class PostgresStore implements ConfigStore {
   readonly kind = 'postgres' as const;
   readonly where: string;
+  /** the unix socket file, when the URL names a socket directory */
+  private readonly socket: string | null;
   private readonly sql: Sql;
   /** reserved connections holding user locks; separate, so a holder's queries never wait for it */
   private readonly lockSql: Sql;
   private readonly o: ResolvedOptions;
   private state: 'unknown' | 'up' | 'down' = 'unknown';
   private downSince = 0;
+  /** when the state last became up (after unknown or down) */
+  private upSince = 0;
   private closed = false;
   private readonly subscribers = new Set<(c: StoreChange) => void>();
   /** options shared by every pool of this store */
@@ -204,6 +221,7 @@ class PostgresStore implements ConfigStore {
 
   constructor(url: PgUrl, o: ResolvedOptions) {
     this.where = url.where;
+    this.socket = url.socketDir === null ? null : `${url.socketDir}/.s.PGSQL.${url.socketPort}`;
     this.o = o;
     const passwordFile = o.passwordFile;
     if (passwordFile !== null && url.password !== null) {
@@ -217,7 +235,7 @@ class PostgresStore implements ConfigStore {
       ...(url.user !== null ? { username: url.user } : {}),
       ...(passwordFile !== null ? { password: () => readPasswordFile(passwordFile) } : url.password !== null ? { password: url.password } : {}),
       ssl: sslOption(url),
-      target_session_attrs: url.targetSessionAttrs === 'any' ? null : url.targetSessionAttrs,
+      target_session_attrs: clientSessionAttrs(url.targetSessionAttrs),
       connect_timeout: o.connectTimeoutMs / 1000,
       query_timeout: o.queryTimeoutMs / 1000,
       queue_timeout: o.queryTimeoutMs / 1000,
@@ -255,13 +273,20 @@ class PostgresStore implements ConfigStore {
     if (this.state === 'down') {
       this.o.log('info', `database ${this.where} is available again (after ${Math.round((Date.now() - this.downSince) / 1000)} s out of service)`);
     }
+    if (this.state !== 'up') this.upSince = Date.now();
     this.state = 'up';
   }
 
-  /** Map an error; an outage moves the state to down (logged once). */
-  private fail(e: unknown): unknown {
+  /**
+   * Map an error; an outage moves the state to down (logged once). `started`: when the failed
+   * operation began; one that began before the database was last seen back (a connection
+   * attempt made while it was still starting up) says nothing about now and changes no state
+   * (it logged "available again", then "unavailable: starting up" in the same millisecond).
+   */
+  private fail(e: unknown, started?: number): unknown {
     const m = mapPgError(e, this.where);
     if (m instanceof AppError && m.code === 'DB_UNAVAILABLE') {
+      if (this.state === 'up' && started !== undefined && started < this.upSince) return m;
       if (this.state !== 'down' && !this.closed) {
         this.downSince = Date.now();
         this.o.log('error', `${m.message}; logins and deliveries get a temporary failure until it is back`);
@@ -274,12 +299,13 @@ class PostgresStore implements ConfigStore {
   }
 
   private async op<T>(fn: () => Promise<T>): Promise<T> {
+    const started = Date.now();
     try {
       const r = await fn();
       this.up();
       return r;
     } catch (e) {
-      throw this.fail(e);
+      throw this.fail(e, started);
     }
   }
 
@@ -862,6 +888,17 @@ class PostgresStore implements ConfigStore {
   }
 
   // ---- schema and copy --------------------------------------------------------------------
+
+  async serverInfo(): Promise<ServerInfo> {
+    return this.op(async () => {
+      const [r] = await this.sql<{ v: string; standby: boolean; addr: string | null; port: number | null; usr: string; db: string }[]>`
+        SELECT current_setting('server_version') AS v, pg_is_in_recovery() AS standby, host(inet_server_addr()) AS addr,
+               inet_server_port() AS port, current_user AS usr, current_database() AS db`;
+      if (!r) throw new AppError('DB_UNAVAILABLE', `database ${this.where}: no answer`);
+      const server = r.addr === null ? `unix socket ${this.socket ?? ''}`.trim() : `${r.addr.includes(':') ? `[${r.addr}]` : r.addr}:${r.port ?? ''}`;
+      return { engine: `PostgreSQL ${r.v}`, role: r.standby ? 'standby' : 'primary', server, user: r.usr, database: r.db };
+    });
+  }
 
   async schemaStatus(): Promise<SchemaStatus> {
     return this.op(async () => ({ version: await schemaVersion(this.sql), minUsable: PG_MIN_USABLE_VERSION, latest: PG_SCHEMA_VERSION }));

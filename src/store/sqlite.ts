@@ -27,7 +27,7 @@ import { count } from '../metrics.js';
 import type { Scope } from '../settings.js';
 import type { Json, Flag, SettingRow, NodeRow, NodeState, SelfRegistration } from '../store.js';
 import { toUser, toSetting, toNode, type UserRow, type SettingDbRow, type NodeDbRow } from './rows.js';
-import { BUSY_TIMEOUT_MS, type Allocation, type OpenOptions, type SchemaStatus, type ScopeRef, type Store, type StoreChange, type TableDump, type UserRecord } from '../store.js';
+import { BUSY_TIMEOUT_MS, type Allocation, type OpenOptions, type SchemaStatus, type ServerInfo, type ScopeRef, type Store, type StoreChange, type TableDump, type UserRecord } from '../store.js';
 
 type DB = Database.Database;
 
@@ -729,6 +729,11 @@ export class SqliteStore implements Store {
   }
 
   // ---- schema and copy ------------------------------------------------------------------
+
+  async serverInfo(): Promise<ServerInfo> {
+    const v = await this.run(() => this.c.db.prepare<[], { v: string }>('SELECT sqlite_version() AS v').get()?.v ?? '?');
+    return { engine: `SQLite ${v}`, role: 'embedded', server: this.c.file, user: null, database: null };
+  }
 
   async schemaStatus(): Promise<SchemaStatus> {
     return this.run(() => ({ version: userVersion(this.c.db, this.c.file), minUsable: MIN_USABLE_VERSION, latest: SCHEMA_VERSION }));

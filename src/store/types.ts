@@ -8,6 +8,7 @@ export type {
   Store,
   StoreChange,
   SchemaStatus,
+  ServerInfo,
   TableDump,
   Allocation,
   UserRecord,

@@ -1,5 +1,6 @@
 // Several nodes on one machine: each its own instance and `pigeon serve`, on 127.0.0.N, sharing
-// one SQLite database and one cluster CA (node A's), made with the real CLI.
+// one database (a SQLite file, or a private PostgreSQL server) and one cluster CA (node A's),
+// made with the real CLI.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { owned } from './reaper.js';
 import { writeFileSync, readFileSync, existsSync } from 'node:fs';
@@ -10,6 +11,29 @@ import { pigeon, CLI, SERVE_START_MS, type Run } from './instance.js';
 import { Wire } from './wire.js';
 import { Dialog, dataOf } from './delivery-lmtp.js';
 import { courierBinaries } from './backends.js';
+import { startPostgres, type PgServer } from './postgres.js';
+
+export type DbKind = 'sqlite' | 'postgres';
+
+export interface ClusterDb {
+  /** --db for the first node (null: its own SQLite file, which the others then share) */
+  readonly first: string | null;
+  /** --db for every other node */
+  readonly db: string;
+  /** the server, on PostgreSQL */
+  readonly pg: PgServer | null;
+}
+
+/**
+ * The database the nodes of a cluster test share: node A's SQLite file (base/A/pigeon.db), or a
+ * private PostgreSQL server; null when PostgreSQL is not installed (a failed assertion or SKIP).
+ */
+export async function clusterDb(t: Test, kind: DbKind, base: string): Promise<ClusterDb | null> {
+  if (kind === 'sqlite') return { first: null, db: join(base, 'A', 'pigeon.db'), pg: null };
+  const pg = await startPostgres(t);
+  if (!pg) return null;
+  return { first: pg.url, db: pg.url, pg };
+}
 
 export interface ClusterNode {
   readonly name: string;
@@ -49,7 +73,7 @@ export const CLUSTER_CONF = `log:\n  level: debug\n  file: pigeon.log\nlimits:\n
  * Create node `name` on `ip`. The first node (no `caFrom`) makes the CA and the database; the
  * others join with `--ca-from` (an instance with the CA key, or a `pigeon cert issue` directory).
  */
-export async function makeNode(t: Test, base: string, name: string, ip: string, db: string | null, caFrom: string | null): Promise<ClusterNode> {
+export async function makeNode(t: Test, base: string, name: string, ip: string, db: string | null, caFrom: string | null, extraConf = ''): Promise<ClusterNode> {
   const dir = join(base, name);
   const peerPort = await freePortOn(ip);
   const args = ['init', dir, '--node', name, '--listen', `imap=${ip}:0`, '--listen', `pop3=${ip}:0`, '--listen', `lmtp=${ip}:0`, '--listen', `peer=${ip}:${peerPort}`, '--listen', `metrics=${ip}:0`];
@@ -57,7 +81,7 @@ export async function makeNode(t: Test, base: string, name: string, ip: string, 
   if (caFrom) args.push('--ca-from', caFrom);
   const r = pigeon(null, args);
   if (r.status !== 0) throw new Error(`init ${name}: ${r.stderr}`);
-  writeFileSync(join(dir, 'conf.d', '50-test.yaml'), CLUSTER_CONF);
+  writeFileSync(join(dir, 'conf.d', '50-test.yaml'), CLUSTER_CONF + extraConf);
   const courier = courierBinaries();
   writeFileSync(join(dir, 'conf.d', '40-courier.yaml'), `courier:\n  imapd: ${courier.imapd}\n  pop3d: ${courier.pop3d}\n`);
   const node: ClusterNode = {
