@@ -9,7 +9,7 @@
 // provides the binaries; a missing one fails loudly with the package name (requireProgram), or is
 // a SKIP with PIGEON_TEST_ALLOW_MISSING=1.
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, chownSync, rmSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, chownSync, rmSync, readFileSync, writeFileSync, appendFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
 import type { Test } from 'tap';
@@ -67,8 +67,12 @@ function pgUser(): Ids {
   throw new Error('no system user "postgres" (install the Debian package postgresql)');
 }
 
-function run(bin: string, args: string[], ids: Ids): { status: number | null; out: string } {
-  const r = spawnSync(bin, args, { uid: ids.uid, gid: ids.gid, encoding: 'utf8', timeout: 120_000, cwd: '/' });
+function run(bin: string, args: string[], ids: Ids, netns: string | null = null): { status: number | null; out: string } {
+  // in a network namespace: entered as root (setns), then the server's own user (setpriv)
+  const r =
+    netns === null
+      ? spawnSync(bin, args, { uid: ids.uid, gid: ids.gid, encoding: 'utf8', timeout: 120_000, cwd: '/' })
+      : spawnSync('ip', ['netns', 'exec', netns, 'setpriv', `--reuid=${ids.uid}`, `--regid=${ids.gid}`, '--clear-groups', bin, ...args], { encoding: 'utf8', timeout: 120_000, cwd: '/' });
   return { status: r.status, out: `${r.stdout ?? ''}${r.stderr ?? ''}${r.error ? String(r.error) : ''}` };
 }
 
@@ -78,9 +82,9 @@ export function havePostgres(t: Test): boolean {
   return requireProgram(t, bin === null ? '/usr/lib/postgresql/VERSION/bin/initdb' : join(bin, 'initdb'), 'postgresql');
 }
 
-function server(t: Test, b: string, ids: Ids, root: string, dataDir: string, host: string, port: number, password: string | null, tls: boolean): PgServer {
+function server(t: Test, b: string, ids: Ids, root: string, dataDir: string, host: string, port: number, password: string | null, tls: boolean, netns: string | null = null): PgServer {
   const logFile = join(root, 'server.log');
-  const ctl = (args: string[]): { status: number | null; out: string } => run(join(b, 'pg_ctl'), ['-D', dataDir, ...args], ids);
+  const ctl = (args: string[]): { status: number | null; out: string } => run(join(b, 'pg_ctl'), ['-D', dataDir, ...args], ids, netns);
   // fsync off: a test server need not survive a power cut; a quick checkpoint keeps a standby close
   const options = `-k ${root} -p ${port} -c listen_addresses=${host} -c fsync=off -c wal_level=replica -c max_wal_senders=4 -c max_connections=200 -c hot_standby=on${tls ? ' -c ssl=on' : ''}`;
   const auth = password === null ? '' : `:${encodeURIComponent(password)}`;
@@ -215,7 +219,7 @@ function reapOrphans(b: string, ids: Ids): void {
  * PostgreSQL is not installed. With `password`, TCP logins need it (scram-sha-256); the unix
  * socket stays trust, for psql.
  */
-export async function startPostgres(t: Test, opts: { host?: string; port?: number; password?: string; tls?: { certPem: string; keyPem: string } } = {}): Promise<PgServer | null> {
+export async function startPostgres(t: Test, opts: { host?: string; port?: number; password?: string; tls?: { certPem: string; keyPem: string }; netns?: string } = {}): Promise<PgServer | null> {
   if (!havePostgres(t)) return null;
   const b = binDir() as string;
   const ids = pgUser();
@@ -224,7 +228,7 @@ export async function startPostgres(t: Test, opts: { host?: string; port?: numbe
   chownSync(root, ids.uid, ids.gid);
   const dataDir = join(root, 'data');
   const host = opts.host ?? '127.0.0.1';
-  const port = opts.port ?? (await freePort());
+  const port = opts.port ?? (opts.netns !== undefined ? 5432 : await freePort());
   const password = opts.password ?? null;
   const pwfile = join(root, 'pw');
   if (password !== null) {
@@ -251,7 +255,11 @@ export async function startPostgres(t: Test, opts: { host?: string; port?: numbe
       chownSync(join(dataDir, f), ids.uid, ids.gid);
     }
   }
-  const srv = server(t, b, ids, root, dataDir, host, port, password, opts.tls !== undefined);
+  if (opts.netns !== undefined) {
+    // in a network namespace the nodes connect from their own addresses on the server's subnet
+    appendFileSync(join(dataDir, 'pg_hba.conf'), `host all all samenet ${password === null ? 'trust' : 'scram-sha-256'}\n`);
+  }
+  const srv = server(t, b, ids, root, dataDir, host, port, password, opts.tls !== undefined, opts.netns ?? null);
   await srv.start();
   t.teardown(async () => {
     await srv.stop('immediate');

@@ -6,7 +6,7 @@
 // test process. When that pipe ends — the test process exited or was killed, however — the
 // watchdog stops what is still registered: process groups get SIGTERM, then SIGKILL after 3 s;
 // a private Postfix is stopped with `postfix -c DIR stop`; mounts are unmounted; directories
-// removed. A teardown that stopped a resource itself unregisters it first.
+// removed; network namespaces deleted. A teardown that stopped a resource itself unregisters it first.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 
@@ -39,6 +39,7 @@ process.stdin.on('end', () => {
     for (const g of groups) quiet(() => process.kill(-g, 'SIGKILL'));
     for (const h of all) if (h.kind === 'mount') quiet(() => execFileSync('umount', ['-l', h.arg], { stdio: 'ignore' }));
     for (const h of all) if (h.kind === 'dir') quiet(() => rmSync(h.arg, { recursive: true, force: true }));
+    for (const h of all) if (h.kind === 'netns') quiet(() => execFileSync('ip', ['netns', 'del', h.arg], { stdio: 'ignore' }));
     process.exit(0);
   }, groups.length > 0 ? 3000 : 0);
 });
@@ -57,7 +58,7 @@ function send(line: string): void {
   watchdog.stdin?.write(`${line}\n`);
 }
 
-export type Held = 'group' | 'postfix' | 'mount' | 'dir';
+export type Held = 'group' | 'postfix' | 'mount' | 'dir' | 'netns';
 
 /** Stop (or remove) this when the test process ends without having said `release`. */
 export function hold(kind: Held, arg: string | number): void {
