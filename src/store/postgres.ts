@@ -50,7 +50,7 @@ import { PG_POOL_SIZE, PG_CONNECT_TIMEOUT_S, PG_STATEMENT_TIMEOUT_S } from '../l
 import type { Scope } from '../settings.js';
 import type { ConfigStore, StoreChange, SchemaStatus, ServerInfo, TableDump, Allocation, UserRecord, ScopeRef, NodeRow, NodeState, SelfRegistration, Flag, SettingRow, Json } from './types.js';
 import { parsePgUrl, type PgUrl } from './pg-url.js';
-import { toUser, toSetting, toNode, type UserRow, type SettingDbRow, type NodeDbRow } from './rows.js';
+import { toUser, toSetting, toNode, reRegistration, type UserRow, type SettingDbRow, type NodeDbRow } from './rows.js';
 import { mapPgError } from './pg-errors.js';
 import { PG_SCHEMA_VERSION, PG_MIN_USABLE_VERSION, migrateIn, schemaVersion } from './pg-migrations.js';
 
@@ -710,16 +710,7 @@ class PostgresStore implements ConfigStore {
                  VALUES (${me.name}, ${me.peerAddress}, ${me.fingerprint}, 'active', ${opts.heartbeat ? tx`pigeon_now()` : null}, ${me.certExpires})`;
         return { created: true, promoted: false, state: 'active' as NodeState };
       }
-      let promoted = false;
-      if (row.fingerprint !== me.fingerprint) {
-        if (row.next_fingerprint === me.fingerprint || row.fingerprint === null) promoted = true;
-        else {
-          throw new AppError(
-            'NODE_CONFLICT',
-            `node name ${me.name} is already registered with another certificate (fingerprint ${row.fingerprint.slice(0, 23)}…): two nodes cannot share a name; choose another --node, or re-issue with "pigeon cert issue ${me.name}"`,
-          );
-        }
-      }
+      const promoted = reRegistration(row, me);
       await tx`UPDATE nodes SET fingerprint = ${me.fingerprint},
                  next_fingerprint = CASE WHEN next_fingerprint = ${me.fingerprint} THEN NULL ELSE next_fingerprint END,
                  cert_expires = ${me.certExpires}, peer_address = coalesce(${me.peerAddress}, peer_address),

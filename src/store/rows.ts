@@ -5,7 +5,8 @@
  *             or NodeRow here (allocation and setting values are JSON text in both).
  */
 import type { Scope } from '../settings.js';
-import type { Allocation, UserRecord, NodeRow, Flag, SettingRow, Json } from './types.js';
+import type { Allocation, UserRecord, NodeRow, Flag, SettingRow, Json, SelfRegistration } from './types.js';
+import { AppError } from '../errors.js';
 
 export interface UserRow {
   id: number;
@@ -80,3 +81,17 @@ export function toNode(r: NodeDbRow): NodeRow {
   };
 }
 
+
+/**
+ * A node registering itself again (`registerSelf`): whether its certificate is the re-issued one
+ * recorded as next (or the row had none yet), which it then promotes; the same certificate is no
+ * change. Another certificate under this name is a second node with the same name: NODE_CONFLICT.
+ */
+export function reRegistration(row: Pick<NodeDbRow, 'fingerprint' | 'next_fingerprint'>, me: SelfRegistration): boolean {
+  if (row.fingerprint === me.fingerprint) return false;
+  if (row.next_fingerprint === me.fingerprint || row.fingerprint === null) return true;
+  throw new AppError(
+    'NODE_CONFLICT',
+    `node name ${me.name} is already registered with another certificate (fingerprint ${row.fingerprint.slice(0, 23)}…): two nodes cannot share a name; choose another --node, or re-issue with "pigeon cert issue ${me.name}"`,
+  );
+}

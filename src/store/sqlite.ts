@@ -26,7 +26,7 @@ import { normaliseAddress, normaliseDomain } from '../address.js';
 import { count } from '../metrics.js';
 import type { Scope } from '../settings.js';
 import type { Json, Flag, SettingRow, NodeRow, NodeState, SelfRegistration } from '../store.js';
-import { toUser, toSetting, toNode, type UserRow, type SettingDbRow, type NodeDbRow } from './rows.js';
+import { toUser, toSetting, toNode, reRegistration, type UserRow, type SettingDbRow, type NodeDbRow } from './rows.js';
 import { BUSY_TIMEOUT_MS, type Allocation, type OpenOptions, type SchemaStatus, type ServerInfo, type ScopeRef, type Store, type StoreChange, type TableDump, type UserRecord } from '../store.js';
 
 type DB = Database.Database;
@@ -596,16 +596,7 @@ export class SqliteStore implements Store {
         db.prepare(`INSERT INTO nodes (name, peer_address, fingerprint, state, last_seen, cert_expires) VALUES (?, ?, ?, 'active', ${seen}, ?)`).run(me.name, me.peerAddress, me.fingerprint, me.certExpires);
         return { created: true, promoted: false, state: 'active' as NodeState };
       }
-      let promoted = false;
-      if (row.fingerprint !== me.fingerprint) {
-        if (row.next_fingerprint === me.fingerprint || row.fingerprint === null) promoted = true;
-        else {
-          throw new AppError(
-            'NODE_CONFLICT',
-            `node name ${me.name} is already registered with another certificate (fingerprint ${row.fingerprint.slice(0, 23)}…): two nodes cannot share a name; choose another --node, or re-issue with "pigeon cert issue ${me.name}"`,
-          );
-        }
-      }
+      const promoted = reRegistration(row, me);
       db.prepare(
         `UPDATE nodes SET fingerprint = ?, next_fingerprint = CASE WHEN next_fingerprint = ? THEN NULL ELSE next_fingerprint END,
            cert_expires = ?, peer_address = coalesce(?, peer_address), last_seen = ${opts.heartbeat ? NOW : 'last_seen'} WHERE name = ?`,
