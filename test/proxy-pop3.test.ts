@@ -12,6 +12,9 @@ for (const backend of BACKENDS) {
   t.test(`backend ${backend}`, async (t) => {
     const inst = makeInstance(t, { listen: ['pop3=127.0.0.1:0', 'pop3s=127.0.0.1:0'], users: { 'alice@example.test': 'secret' } });
     if (!useBackend(t, inst, backend)) return;
+    // 16 sessions of one user from one address at once (the pipelining case below): above the
+    // default limits.max_userip_connections of 10, which is not what that case is about
+    writeFileSync(join(inst.dir, 'conf.d', '60-userip.yaml'), 'limits:\n  max_userip_connections: 64\n');
     const srv = await serve(t, inst);
     const port = srv.ports['pop3'] ?? 0;
     const ca = readFileSync(join(inst.dir, 'certs', 'ca.crt'));
