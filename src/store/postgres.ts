@@ -206,8 +206,8 @@ class PostgresStore implements ConfigStore {
   private readonly o: ResolvedOptions;
   private state: 'unknown' | 'up' | 'down' = 'unknown';
   private downSince = 0;
-  /** when the state last became up (after unknown or down) */
-  private upSince = 0;
+  /** when an operation last succeeded */
+  private lastOk = 0;
   private closed = false;
   private readonly subscribers = new Set<(c: StoreChange) => void>();
   /** options shared by every pool of this store */
@@ -273,20 +273,21 @@ class PostgresStore implements ConfigStore {
     if (this.state === 'down') {
       this.o.log('info', `database ${this.where} is available again (after ${Math.round((Date.now() - this.downSince) / 1000)} s out of service)`);
     }
-    if (this.state !== 'up') this.upSince = Date.now();
+    this.lastOk = Date.now();
     this.state = 'up';
   }
 
   /**
    * Map an error; an outage moves the state to down (logged once). `started`: when the failed
-   * operation began; one that began before the database was last seen back (a connection
-   * attempt made while it was still starting up) says nothing about now and changes no state
-   * (it logged "available again", then "unavailable: starting up" in the same millisecond).
+   * operation began; when another operation succeeded after that, the database was reachable
+   * meanwhile and this failure is its connection's (one made while the server was still
+   * starting up, or a pooled one the restart closed): it changes no state (it logged "available
+   * again", then "unavailable: starting up", then "available again" within a second).
    */
   private fail(e: unknown, started?: number): unknown {
     const m = mapPgError(e, this.where);
     if (m instanceof AppError && m.code === 'DB_UNAVAILABLE') {
-      if (this.state === 'up' && started !== undefined && started < this.upSince) return m;
+      if (this.state === 'up' && started !== undefined && started <= this.lastOk) return m;
       if (this.state !== 'down' && !this.closed) {
         this.downSince = Date.now();
         this.o.log('error', `${m.message}; logins and deliveries get a temporary failure until it is back`);
