@@ -28,7 +28,7 @@ import { spawnSync, spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync, chmodSync, chownSync, readFileSync, existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
-import { option, cleanupAtExit, failLoudly, freePort, quantile, median, r2, open, until, GREETING } from './bench-lib.mjs';
+import { option, cleanupAtExit, failLoudly, freePort, quantile, median, r2, open, until, GREETING, lmtpSession } from './bench-lib.mjs';
 
 const argv = process.argv.slice(2);
 const opt = option(argv);
@@ -186,25 +186,8 @@ const MSG4K = (() => {
   while (head.length + body.length + line.length <= 4096) body += line;
   return head + body + 'x'.repeat(4096 - head.length - body.length - 2) + '\r\n';
 })();
-async function lmtpConn(port, host, rcpt, count, w) {
-  const c = await open(port, { host, localAddress: srcAddr(100 + w) });
-  const reply = async (re) => {
-    const r = await until(c, /^\d{3} [^\r\n]*\r\n/m);
-    const last = r.trim().split('\r\n').pop();
-    if (!re.test(last)) throw new Error(`LMTP: unexpected ${JSON.stringify(last)}`);
-  };
-  await reply(/^220 /);
-  c.s.write('LHLO bench.test\r\n');
-  await reply(/^250 /);
-  for (let i = 0; i < count; i++) {
-    c.s.write(`MAIL FROM:<bob@remote.test>\r\nRCPT TO:<${rcpt}>\r\nDATA\r\n`);
-    await reply(/^250 /);
-    await reply(/^250 /);
-    await reply(/^354 /);
-    c.s.write(`${MSG4K}.\r\n`);
-    await reply(/^250 /);
-  }
-  c.s.end('QUIT\r\n');
+function lmtpConn(port, host, rcpt, count, w) {
+  return lmtpSession(port, { host, localAddress: srcAddr(100 + w), rcpt, count, message: MSG4K });
 }
 async function lmtpRound(c, conns) {
   const per = Math.ceil(LMTP_MSGS / conns);

@@ -224,3 +224,28 @@ export async function retrRate(c, user, pass, count, minBytes) {
   c.s.write('QUIT\r\n');
   return median(rates);
 }
+
+/**
+ * One LMTP connection that delivers `count` messages to `rcpt`, pipelined like Postfix's lmtp
+ * client (MAIL, RCPT and DATA in one write): every answer must be the expected one.
+ */
+export async function lmtpSession(port, { host = '127.0.0.1', localAddress, rcpt, count, message }) {
+  const c = await open(port, { host, localAddress });
+  const reply = async (re) => {
+    const r = await until(c, /^\d{3} [^\r\n]*\r\n/m);
+    const last = r.trim().split('\r\n').pop();
+    if (!re.test(last)) throw new Error(`LMTP: unexpected ${JSON.stringify(last)}`);
+  };
+  await reply(/^220 /);
+  c.s.write('LHLO bench.test\r\n');
+  await reply(/^250 /);
+  for (let i = 0; i < count; i++) {
+    c.s.write(`MAIL FROM:<bob@remote.test>\r\nRCPT TO:<${rcpt}>\r\nDATA\r\n`);
+    await reply(/^250 /);
+    await reply(/^250 /);
+    await reply(/^354 /);
+    c.s.write(`${message}.\r\n`);
+    await reply(/^250 /);
+  }
+  c.s.end('QUIT\r\n');
+}

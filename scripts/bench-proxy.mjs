@@ -26,7 +26,7 @@ import { spawnSync, spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync, mkdirSync, chmodSync, chownSync, readFileSync, rmSync, readdirSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { tmpdir, cpus } from 'node:os';
-import { option, sleep, tree, cleanupAtExit, failLoudly, stopServe, freePort, quantile, median, r2, open, until, GREETING, fetchRate, retrRate } from './bench-lib.mjs';
+import { option, sleep, tree, cleanupAtExit, failLoudly, stopServe, freePort, quantile, median, r2, open, until, GREETING, fetchRate, retrRate, lmtpSession } from './bench-lib.mjs';
 
 const argv = process.argv.slice(2);
 const opt = option(argv);
@@ -491,25 +491,8 @@ const MSG4K = (() => {
   while (head.length + body.length + line.length <= 4096) body += line;
   return head + body + 'x'.repeat(4096 - head.length - body.length - 2) + '\r\n';
 })();
-async function lmtpConn(port, count) {
-  const c = await open(port, { localAddress: srcAddr(3) });
-  const reply = async (re) => {
-    const r = await until(c, /^\d{3} [^\r\n]*\r\n/m);
-    if (!re.test(r.trim().split('\r\n').pop())) throw new Error(`LMTP: unexpected ${JSON.stringify(r.slice(-200))}`);
-  };
-  await reply(/^220 /);
-  c.s.write('LHLO bench.test\r\n');
-  await reply(/^250 /);
-  for (let i = 0; i < count; i++) {
-    // pipelined like Postfix's lmtp client
-    c.s.write(`MAIL FROM:<bob@remote.test>\r\nRCPT TO:<${USER}>\r\nDATA\r\n`);
-    await reply(/^250 /);
-    await reply(/^250 /);
-    await reply(/^354 /);
-    c.s.write(`${MSG4K}.\r\n`);
-    await reply(/^250 /);
-  }
-  c.s.end('QUIT\r\n');
+function lmtpConn(port, count) {
+  return lmtpSession(port, { localAddress: srcAddr(3), rcpt: USER, count, message: MSG4K });
 }
 async function lmtpRound(port, conns) {
   const per = Math.ceil(LMTP_MSGS / conns);
