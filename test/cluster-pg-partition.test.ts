@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { CLI, ROOT, SERVE_START_MS, scratchDir } from './helpers/instance.js';
 import { startPostgres } from './helpers/postgres.js';
 import { requireProgram } from './helpers/programs.js';
-import { owned } from './helpers/reaper.js';
+import { owned, stopGroup } from './helpers/reaper.js';
 import { makeLab, canMakeLabs, type Host, type Lab } from './helpers/netns.js';
 
 // tap's per-file timeout: about 60 s alone (a server, two nodes, four cuts with their timeouts);
@@ -77,15 +77,9 @@ function makeNode(lab: Lab, base: string, name: string, host: Host, db: string, 
       });
     },
   };
-  t.teardown(
-    () =>
-      new Promise<void>((res) => {
-        const c = node.child;
-        if (!c || c.exitCode !== null || c.signalCode !== null) return res();
-        c.once('exit', () => res());
-        c.kill('SIGKILL');
-      }),
-  );
+  // serve and everything in its process group (workers, sessions) gone before tap removes the
+  // directory (a worker still writing there made the removal fail with ENOTEMPTY)
+  t.teardown(() => (node.child ? stopGroup(node.child) : undefined));
   return node;
 }
 

@@ -2,7 +2,7 @@
 // one database (a SQLite file, or a private PostgreSQL server) and one cluster CA (node A's),
 // made with the real CLI.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { owned } from './reaper.js';
+import { owned, stopGroup } from './reaper.js';
 import { writeFileSync, readFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { createServer, connect } from 'node:net';
@@ -132,12 +132,15 @@ export async function makeNode(t: Test, base: string, name: string, ip: string, 
     stop(signal = 'SIGTERM') {
       const child = node.child;
       node.child = null;
-      return new Promise<void>((res) => {
+      const exited = new Promise<void>((res) => {
         if (!child || child.exitCode !== null || child.signalCode !== null) return res();
         child.once('exit', () => res());
         child.kill(signal);
         setTimeout(() => child.kill('SIGKILL'), 12_000).unref();
       });
+      // then the rest of its process group (workers, sessions): nothing writes in the node's
+      // directory once this resolves
+      return exited.then(() => (child ? stopGroup(child) : undefined));
     },
   };
   t.teardown(() => node.stop('SIGKILL'));
