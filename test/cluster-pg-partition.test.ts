@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { CLI, ROOT, SERVE_START_MS, scratchDir } from './helpers/instance.js';
 import { startPostgres } from './helpers/postgres.js';
 import { requireProgram } from './helpers/programs.js';
-import { owned, stopGroup } from './helpers/reaper.js';
+import { owned, stopGroup, stopAnvil } from './helpers/reaper.js';
 import { makeLab, canMakeLabs, type Host, type Lab } from './helpers/netns.js';
 
 // tap's per-file timeout: about 60 s alone (a server, two nodes, four cuts with their timeouts);
@@ -79,7 +79,10 @@ function makeNode(lab: Lab, base: string, name: string, host: Host, db: string, 
   };
   // serve and everything in its process group (workers, sessions) gone before tap removes the
   // directory (a worker still writing there made the removal fail with ENOTEMPTY)
-  t.teardown(() => (node.child ? stopGroup(node.child) : undefined));
+  t.teardown(async () => {
+    if (node.child) await stopGroup(node.child);
+    await stopAnvil(dir);
+  });
   return node;
 }
 

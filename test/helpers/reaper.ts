@@ -122,3 +122,36 @@ export function stopGroup(child: ChildProcess, graceMs = 5000): Promise<void> {
     check();
   });
 }
+
+/**
+ * Stop the node state service of the instance in `dir` (run/anvil.lock holds its pid): it runs
+ * detached, in a session of its own, so stopping serve's process group leaves it, and it still
+ * writes in the instance directory while tap removes it (ENOTEMPTY). Resolves once it is gone.
+ */
+export function stopAnvil(dir: string, graceMs = 5000): Promise<void> {
+  let pid = 0;
+  try {
+    pid = Number(readFileSync(`${dir}/run/anvil.lock`, 'utf8').trim());
+  } catch {
+    return Promise.resolve(); // none started
+  }
+  if (!Number.isInteger(pid) || pid <= 1) return Promise.resolve();
+  const signal = (s: NodeJS.Signals | 0): boolean => {
+    try {
+      process.kill(pid, s);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  if (!signal('SIGTERM')) return Promise.resolve();
+  const killAt = Date.now() + graceMs;
+  return new Promise<void>((res) => {
+    const check = (): void => {
+      if (!signal(0)) return res();
+      if (Date.now() > killAt) signal('SIGKILL');
+      setTimeout(check, 50);
+    };
+    check();
+  });
+}
