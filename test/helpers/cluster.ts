@@ -2,7 +2,7 @@
 // one database (a SQLite file, or a private PostgreSQL server) and one cluster CA (node A's),
 // made with the real CLI.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { owned, stopGroup } from './reaper.js';
+import { owned, stopGroup, stopAnvil } from './reaper.js';
 import { writeFileSync, readFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { createServer, connect } from 'node:net';
@@ -140,7 +140,7 @@ export async function makeNode(t: Test, base: string, name: string, ip: string, 
       });
       // then the rest of its process group (workers, sessions): nothing writes in the node's
       // directory once this resolves
-      return exited.then(() => (child ? stopGroup(child) : undefined));
+      return exited.then(() => (child ? stopGroup(child) : undefined)).then(() => stopAnvil(dir));
     },
   };
   t.teardown(() => node.stop('SIGKILL'));
