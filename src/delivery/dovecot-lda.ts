@@ -212,6 +212,7 @@ async function deliver(req: ProgramRequest, env: DeliveryEnv): Promise<DeliveryR
   }
   const o = await run(bin, args, req, home, env.dovecotLda.timeoutMs);
   const r = statusOf(o, req, bin);
+  for (const l of o.lines) env.log('debug', 'dovecot-lda said', { user: req.user, line: logText(l) });
   if (o.sieveFailed !== null && r.dsn.startsWith('2')) {
     env.log('warn', 'sieve: script failed, delivered to INBOX', { user: req.user, script, error: o.sieveFailed });
   }
