@@ -90,7 +90,7 @@ function run(bin: string, args: readonly string[], req: ProgramRequest, home: st
   const child = spawn(bin, args, {
     ...opts,
     cwd: home,
-    env: { USER: req.user, HOME: home, PATH: '/usr/bin:/bin' },
+    env: { USER: req.user, HOME: home, PATH: '/usr/bin:/bin' }, // both checked by deliver()
     stdio: ['pipe', 'ignore', 'pipe'],
   });
   let timedOut = false;
@@ -108,7 +108,8 @@ function run(bin: string, args: readonly string[], req: ProgramRequest, home: st
       return;
     }
     if (/sieve: .*(Failed to compile script|Execution of script .* failed|Failed to open script|script .* is broken)/i.test(s)) sieveFailed ??= logText(s);
-    if (lines.length < 50) lines.push(s);
+    lines.push(s);
+    if (lines.length > 50) lines.shift(); // the last ones say why it failed
   };
   const drain = (): void => {
     for (let l; (l = buf.line(MAX_LINE)); ) {
@@ -188,6 +189,7 @@ async function deliver(req: ProgramRequest, env: DeliveryEnv): Promise<DeliveryR
   const script = scriptPath(slice(req.config, 'sieve')['script'], home);
   let args: string[];
   try {
+    safe('user', req.user);
     if (script !== null && script.includes(';')) throw new Error('sieve.script: ";" refused in a script path');
     const plugins = [...(req.quota > 0 ? ['quota'] : []), ...(script !== null ? ['sieve'] : [])];
     args = [
