@@ -17,7 +17,7 @@
  *             Sieve `reject`: dovecot-lda would mail the rejection itself (also with -e, which only
  *             covers failed saves); instead its sendmail_path is src/delivery/lda-sendmail.ts,
  *             which hands a rejection back to us on stderr (`5.7.1 reason`: pipe(8) exits 77,
- *             LMTP answers 550 for that recipient, and the MTA bounces) and passes every other
+ *             LMTP answers 554 5.7.1 for that recipient, and the MTA bounces) and passes every other
  *             message (redirect, vacation) to the node's sendmail.
  * CONFIG      sieve.script (per user; domain default, forcible with --override); mailstore.quota,
  *             quota_full; pigeon.yaml dovecot.lda, dovecot.lda_timeout_s.
