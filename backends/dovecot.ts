@@ -1,7 +1,10 @@
 /**
  * NAME        backends/dovecot — start Dovecot's imap/pop3 for an authenticated user
  * SYNOPSIS    imap.backend = dovecot (default); pigeon.yaml section (this module's):
- *               dovecot: { imap: /usr/lib/dovecot/imap, pop3: /usr/lib/dovecot/pop3 }
+ *               dovecot: { imap: /usr/lib/dovecot/imap, pop3: /usr/lib/dovecot/pop3,
+ *                          lda: /usr/lib/dovecot/dovecot-lda, lda_timeout_s: 300 }
+ *             (`lda`, `lda_timeout_s`: the delivery program of `mailstore.mda dovecot-lda`,
+ *             src/delivery/dovecot-lda.ts, node-local like the other two)
  * DESCRIPTION Runs `/usr/lib/dovecot/imap -O -o mail_location=…` standalone (no master, no passdb,
  *             no userdb) as the mail user with env USER, HOME, IP, LOCAL_IP and IMAPLOGINTAG, so
  *             Dovecot itself answers the client's login tag with its real post-login
@@ -28,9 +31,18 @@ import { BACKEND_START_MS, BACKEND_MAX_LINE, HANDOFF_MAX_REPLAY } from '../src/l
 import { StreamLines } from '../src/lines.js';
 import { mailWriter } from '../src/writer/mail-writer.js';
 
-const DEFAULTS = { imap: '/usr/lib/dovecot/imap', pop3: '/usr/lib/dovecot/pop3' } as const;
-const sectionSchema = z.strictObject({ imap: pathSetting.default(DEFAULTS.imap), pop3: pathSetting.default(DEFAULTS.pop3) }).prefault({});
-type Binaries = z.output<typeof sectionSchema>;
+const DEFAULTS = { imap: '/usr/lib/dovecot/imap', pop3: '/usr/lib/dovecot/pop3', lda: '/usr/lib/dovecot/dovecot-lda', lda_timeout_s: 300 } as const;
+const sectionSchema = z
+  .strictObject({
+    imap: pathSetting.default(DEFAULTS.imap),
+    pop3: pathSetting.default(DEFAULTS.pop3),
+    lda: pathSetting.default(DEFAULTS.lda),
+    lda_timeout_s: z.number().int().min(1).max(3600).default(DEFAULTS.lda_timeout_s),
+  })
+  .prefault({});
+export type Binaries = z.output<typeof sectionSchema>;
+/** This instance's `dovecot:` section (pigeon.yaml), defaults applied. */
+export const dovecotSection = sectionParser(sectionSchema);
 
 export async function mailLocation(req: BackendRequest, mailUser: MailUser): Promise<{ location: string; home: string }> {
   const a = localMailbox(req);
@@ -157,11 +169,15 @@ export default {
   serves: 'local',
   section: {
     key: 'dovecot',
-    parse: sectionParser(sectionSchema),
+    parse: dovecotSection,
     template: () => `# Dovecot's imap and pop3 programs (Debian dovecot-imapd, dovecot-pop3d): imap.backend = dovecot.
 dovecot:
   imap: ${DEFAULTS.imap}
   pop3: ${DEFAULTS.pop3}
+  # dovecot-lda (Debian dovecot-core), for users with mailstore.mda dovecot-lda (Sieve: dovecot-sieve);
+  # a delivery it has not finished after lda_timeout_s seconds is killed and deferred (4.3.0)
+  lda: ${DEFAULTS.lda}
+  lda_timeout_s: ${DEFAULTS.lda_timeout_s}
 `,
   },
   create: (bins, ctx) => ({

@@ -1,7 +1,8 @@
 /**
  * NAME        src/catalog — every per-user setting, derived from the registries
- * DESCRIPTION The settings modules are the proxy's own (login, imap, pop3) and one per delivery
- *             module (src/delivery/registry.ts), whose keys each module declares in its own file.
+ * DESCRIPTION The settings modules are the proxy's own (login, imap, pop3), one per delivery
+ *             module (src/delivery/registry.ts), whose keys each module declares in its own file,
+ *             and those an MDA program declares (dovecot-lda: sieve.*).
  *             A key declared `{ type: 'module', kind }` becomes an enum of the names registered
  *             now (mailstore.format: the MDA modules, mailstore.creator: the creators,
  *             imap.backend / pop3.backend: the local backends). Rebuilt when a registry gains a
@@ -14,7 +15,7 @@ import { AppError } from './errors.js';
 import { loginSettings } from './login-settings.js';
 import { imapSettings, pop3Settings } from './backend-settings.js';
 import { DELIVERY_MODULES } from './delivery/registry.js';
-import { MDA_MODULES } from './delivery/registry-mda.js';
+import { MDA_MODULES, MDA_PROGRAMS } from './delivery/registry-mda.js';
 import { CREATORS } from './creators/registry.js';
 import { BACKENDS, localBackends } from '../backends/registry.js';
 
@@ -44,7 +45,11 @@ function specOf(k: KeyDecl): KeySpec {
 }
 
 function build(): ReadonlyMap<string, SettingsSpec> {
-  const decls: SettingsDecl[] = [...CORE_SETTINGS, ...DELIVERY_MODULES.all().map((m) => ({ module: m.name, summary: m.summary, keys: m.settings }))];
+  const decls: SettingsDecl[] = [
+    ...CORE_SETTINGS,
+    ...DELIVERY_MODULES.all().map((m) => ({ module: m.name, summary: m.summary, keys: m.settings })),
+    ...MDA_PROGRAMS.all().flatMap((p) => (p.settings ? [p.settings] : [])),
+  ];
   return new Map(decls.map((d) => [d.module, { module: d.module, summary: d.summary, keys: Object.fromEntries(Object.entries(d.keys).map(([k, v]) => [k, specOf(v)])) }]));
 }
 

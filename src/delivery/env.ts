@@ -1,7 +1,8 @@
 /**
  * NAME        src/delivery/env — the node-local delivery environment (deliver, LMTP, peer receiver)
  * DESCRIPTION Built once per process from the instance: allocation context (store, node, mail
- *             root, mail user, the cluster's nodes), the sendmail command, the host name used in
+ *             root, mail user, the cluster's nodes), the sendmail command, dovecot-lda's path and
+ *             time limit (pigeon.yaml `dovecot:`), the host name used in
  *             Maildir file names, how recipients homed on other nodes are stored (`remote`, given
  *             by the caller: the peer link, built on its first use; null where a message must
  *             never travel again), and a logger bound to a prefix (`deliver(user)` / `lmtp(user)`
@@ -16,16 +17,19 @@ import type { NodeDirectory } from '../nodes.js';
 import { resolveMailUser } from '../mailuser.js';
 import type { DeliveryEnv, RemoteStore } from './types.js';
 import { onNotice } from './notice.js';
+import { dovecotSection } from '../../backends/dovecot.js';
 
 export function makeDeliveryEnv(instance: Instance, store: Store, logger: Logger, service: 'deliver' | 'lmtp', remote: RemoteStore | null, nodes?: NodeDirectory): DeliveryEnv {
   const mailUser = resolveMailUser(instance.config.mail_user);
   onNotice((msg, fields) => logger.log('info', service, msg, fields));
+  const dovecot = dovecotSection(instance.raw['dovecot']);
   return {
     remote,
     alloc: { store, node: instance.config.node, mailRoot: instance.mailRoot, mailUser, ...(nodes ? { nodes } : {}) },
     sendmail: instance.config.sendmail,
     hostname: hostname() || 'localhost',
     lockWaitMs: instance.config.limits.mda_lock_wait_s * 1000,
+    dovecotLda: { path: dovecot.lda, timeoutMs: dovecot.lda_timeout_s * 1000 },
     log: (level, msg, fields) => {
       const user = fields?.['user'];
       logger.log(level, typeof user === 'string' ? `${service}(${user})` : service, msg, fields ? { ...fields, user: undefined } : undefined);

@@ -7,7 +7,10 @@
  *             which runs in the mail writer (src/writer/mail-writer.ts): as the mail user, in a
  *             child process when pigeon runs as root.
  *             Skipped when an earlier module (forward with keep=false) took the message.
- * CONFIG      mailstore.enabled, format, creator, quota, quota_full, max_size, detail
+ *             With `mailstore.mda` naming an MDA program (src/delivery/dovecot-lda.ts) instead of
+ *             `builtin`, that program delivers into the placed and created mailbox, as the
+ *             prepared step's commit (after a forward's, as the built-in rename into new/).
+ * CONFIG      mailstore.enabled, format, mda, creator, quota, quota_full, max_size, detail
  * DIAGNOSTICS 5.3.4 too big; 5.2.2 / 4.2.2 over quota; 4.3.x file system; 4.2.1 creator none and
  *             no mailbox; 4.2.0 mailbox being moved, locked, or unsafe (a symbolic or hard link
  *             where the mailbox, tmp/, new/ or a lock file should be: logged as an error, the
@@ -17,7 +20,8 @@
 import type { Json } from '../settings.js';
 import { placeUser } from '../allocation.js';
 import { isAppError, mailError } from '../errors.js';
-import { MDA_MODULES } from './registry-mda.js';
+import { MDA_MODULES, MDA_PROGRAMS, BUILTIN_MDA } from './registry-mda.js';
+import { findFolder } from './maildir.js';
 import { traceHeaders, deliveredParts, hasPipeDeliveredTo } from './message.js';
 import { fsFailure } from './mda.js';
 import { MAX_MESSAGE_SIZE } from '../limits.js';
@@ -45,6 +49,12 @@ const mailstore: DeliveryModule = {
   settings: {
     enabled: { type: 'boolean', default: true, doc: 'store incoming mail in the mailbox' },
     format: { type: 'module', kind: 'mda', default: 'maildir', doc: 'MDA module: mailbox format' },
+    mda: {
+      type: 'enum',
+      values: [BUILTIN_MDA, ...MDA_PROGRAMS.names()],
+      default: BUILTIN_MDA,
+      doc: "who writes the message: builtin (pigeon's own MDA of the format) or dovecot-lda (Dovecot's delivery program, with Sieve: sieve.script; maildir only)",
+    },
     creator: { type: 'module', kind: 'creator', default: 'lock', doc: 'creator module: how a new mailbox is allocated (lock, cas, or none = must exist)' },
     placement: {
       type: 'enum',
@@ -113,6 +123,42 @@ const mailstore: DeliveryModule = {
     const folder = req.mailbox ?? (settings['detail'] === false ? null : req.detail);
     const qf = settings['quota_full'] === 'defer' ? 'defer' : 'bounce';
     const parts = deliveredParts(req.message, Buffer.concat([traceHeaders(req.sender, req.rcpt, !hasPipeDeliveredTo(req.message, req.rcpt)), ...req.added]));
+    const mdaName = typeof settings['mda'] === 'string' ? settings['mda'] : BUILTIN_MDA;
+    if (mdaName !== BUILTIN_MDA) {
+      const program = MDA_PROGRAMS.get(mdaName);
+      if (!program) return { kind: 'fail', result: { dsn: '4.3.5', text: `mailstore.mda: unknown MDA ${mdaName}` } };
+      if (!program.formats.includes(a.format)) {
+        return { kind: 'fail', result: { dsn: '4.3.5', text: `mailstore.mda ${mdaName} cannot deliver into a mailbox of format ${a.format} (${program.formats.join(', ')} only)` } };
+      }
+      // an existing folder only, as the built-in MDA (incoming mail never creates one by +detail)
+      const dir = folder === null || a.format !== 'maildir' ? null : findFolder(a.path, folder);
+      const named = dir !== null && /^\.[\x21-\x7e]+$/.test(dir) && !dir.includes('&') ? dir.slice(1) : null;
+      const request = {
+        allocation: a,
+        user: req.user.address,
+        rcpt: req.rcpt,
+        original: req.original,
+        sender: req.sender,
+        folder: named,
+        quota: num(settings['quota'], 0),
+        quotaFull: qf,
+        config: req.config,
+        mailUser: env.alloc.mailUser,
+        prefix: parts.prefix,
+        body: () => req.message.body(), // fresh chunks: a pipe write keeps a reference until flushed
+      } as const;
+      return {
+        kind: 'continue',
+        prepared: {
+          what: `${mdaName} ${a.path}`,
+          commit: async () => {
+            const r = await program.deliver(request, env);
+            if (!r.dsn.startsWith('2')) throw mailError(r);
+          },
+          abort: async () => undefined,
+        },
+      };
+    }
     let r;
     try {
       r = await writer.store(

@@ -1,6 +1,7 @@
 /**
  * NAME        src/delivery/mda — the contract of the mailstore's MDA modules (maildir, mbox)
- * DESCRIPTION An MDA module knows one mailbox format: whether a user's mailbox exists, and how to
+ * DESCRIPTION Two kinds of MDA module. A built-in one (`mailstore.mda builtin`, the default) knows
+ *             one mailbox format: whether a user's mailbox exists, and how to
  *             deliver into it in two steps (store = write and fsync; commit = make visible).
  *             `store` runs inside the mail writer (src/writer/mail-writer.ts) — as the mail user,
  *             in a child process when pigeon runs as root — so its request is plain data and the
@@ -9,10 +10,17 @@
  *             format of `Allocation` (src/store.ts): a new format is also a value there, because
  *             the database, the peer link and every backend carry or read it.
  *             Errors of the file system map to enhanced status codes here, once.
+ *             An MDA program (`mailstore.mda NAME`, e.g. src/delivery/dovecot-lda.ts) is another
+ *             mail server's own delivery program, run for a mailbox the mailstore already placed
+ *             and created (allocation, creators and quota settings unchanged): one step, the
+ *             message is visible when it answers; it may declare per-user settings of its own.
  */
 import type { Allocation } from '../store.js';
 import type { ModuleBase } from '../modules.js';
-import type { DeliveryResult } from './types.js';
+import type { SettingsDecl } from '../settings.js';
+import type { MailUser } from '../mailuser.js';
+import type { Effective } from '../resolve.js';
+import type { DeliveryEnv, DeliveryResult } from './types.js';
 
 /** What the writer needs to store one message (plain data: it may cross a process boundary). */
 export interface StoreRequest {
@@ -73,4 +81,36 @@ export function fsFailure(e: unknown, what: string): DeliveryResult {
   if (code === 'ENOSPC' || code === 'EDQUOT') return { dsn: '4.3.1', text: `Mail system full (${what}: ${code})` };
   if (code === 'EROFS' || code === 'EACCES' || code === 'EPERM') return { dsn: '4.3.0', text: `Mailbox not writable (${what}: ${code})` };
   return { dsn: '4.3.0', text: `Temporary delivery failure (${what}: ${code})` };
+}
+
+/** What an MDA program is given for one recipient whose mailbox is on this node. */
+export interface ProgramRequest {
+  /** the user's mailbox, already created (format: one of the program's `formats`) */
+  readonly allocation: Allocation;
+  /** the user's address (login name), the envelope recipient as given (+detail), and -a/ORCPT */
+  readonly user: string;
+  readonly rcpt: string;
+  readonly original: string | null;
+  /** envelope sender, '' for the null sender */
+  readonly sender: string;
+  /** an existing folder asked for by +detail or -m (its directory name without the dot), or null */
+  readonly folder: string | null;
+  /** mailstore.quota (0 = none) and mailstore.quota_full */
+  readonly quota: number;
+  readonly quotaFull: 'bounce' | 'defer';
+  /** the recipient's effective configuration (a program reads its own settings' slice) */
+  readonly config: Effective;
+  readonly mailUser: MailUser;
+  /** trace header lines, the message's header section and the blank line; then the body, as often as asked */
+  readonly prefix: Buffer;
+  readonly body: () => AsyncIterable<Buffer>;
+}
+
+export interface MdaProgram extends ModuleBase<'mda'> {
+  /** the mailbox formats it can deliver into */
+  readonly formats: readonly Allocation['format'][];
+  /** per-user settings it reads (a settings module of its own, e.g. `sieve.*`), or null */
+  readonly settings: SettingsDecl | null;
+  /** Deliver one message; never throws (a failure is a temporary status). */
+  deliver(req: ProgramRequest, env: DeliveryEnv): Promise<DeliveryResult>;
 }

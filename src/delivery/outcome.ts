@@ -3,7 +3,7 @@
  * DESCRIPTION pipe(8) reads our one output line: when it begins with an enhanced status code that
  *             code wins over the exit status, so the line always carries it. The exit codes are
  *             the ones Postfix maps the same way (0 sent, 75 deferred, 67 unknown user, 65 bad
- *             input), and every 4.x.x is 75, whatever caused it.
+ *             input, 77 refused by policy: 5.7.x), and every 4.x.x is 75, whatever caused it.
  */
 import { EX, type ExitCode } from '../errors.js';
 import type { DeliveryResult } from './types.js';
@@ -13,6 +13,7 @@ export function exitCodeOf(r: DeliveryResult): ExitCode {
   if (!r.dsn.startsWith('5')) return EX.TEMPFAIL;
   if (r.dsn === '5.1.1' || r.dsn === '5.2.1') return EX.NOUSER;
   if (r.dsn === '5.2.2') return EX.CANTCREAT;
+  if (r.dsn.startsWith('5.7.')) return EX.NOPERM; // refused by policy (a Sieve reject)
   return EX.DATAERR;
 }
 

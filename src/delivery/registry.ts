@@ -16,6 +16,7 @@ import { declProblems } from '../settings.js';
 import forward from './forward.js';
 import mailstore from './mailstore.js';
 import vacation from './vacation.js';
+import { MDA_PROGRAMS } from './registry-mda.js';
 
 /** settings modules that are not delivery modules (src/catalog.ts): a delivery module may not take their name */
 export const RESERVED_SETTINGS = ['login', 'imap', 'pop3'];
@@ -25,6 +26,8 @@ export const DELIVERY_MODULES = new Registry<DeliveryModule>('delivery', [forwar
   if (!PHASES.includes(m.phase)) out.push(`phase ${JSON.stringify(m.phase)} is not one of ${PHASES.join(', ')}`);
   if (typeof m.run !== 'function') out.push('no run()');
   if (RESERVED_SETTINGS.includes(m.name)) out.push(`${m.name} is the name of a settings module that is not a delivery module`);
+  // an MDA program's settings module (dovecot-lda: sieve)
+  if (MDA_PROGRAMS.all().some((p) => p.settings?.module === m.name)) out.push(`${m.name} is the name of the settings module of an MDA program`);
   return out;
 });
 

@@ -60,6 +60,8 @@ export interface DeliveryEnv {
   readonly hostname: string;
   /** how long an mbox delivery waits for the mailbox locks (pigeon.yaml limits.mda_lock_wait_s) */
   readonly lockWaitMs: number;
+  /** Dovecot's delivery program (pigeon.yaml dovecot.lda) and how long one delivery may take (dovecot.lda_timeout_s) */
+  readonly dovecotLda: { readonly path: string; readonly timeoutMs: number };
   readonly log: (level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Record<string, string | number | boolean | null | undefined>) => void;
 }
 
