@@ -14,16 +14,19 @@ import { Registry } from '../src/modules.js';
 import dovecot from './dovecot.js';
 import courier from './courier.js';
 import peer from './peer.js';
+import upstream from './upstream.js';
 
 /** pigeon.yaml keys that are not backend sections (src/instance.ts) */
 export const CORE_SECTIONS = ['node', 'database', 'mail_root', 'mail_user', 'listen', 'handoff', 'auth', 'tls', 'peer', 'sendmail', 'log', 'run_dir', 'limits', 'modules'];
 
-export const BACKENDS = new Registry<Backend>('backend', [dovecot, courier, peer] as Backend[], (b, reg) => {
+export const BACKENDS = new Registry<Backend>('backend', [dovecot, courier, upstream, peer] as Backend[], (b, reg) => {
   const out: string[] = [];
   if (b.serves !== 'local' && b.serves !== 'remote') out.push('serves must be "local" or "remote"');
   if (typeof b.create !== 'function') out.push('no create()');
   if (b.serves === 'remote' && reg.all().some((o) => o !== b && o.serves === 'remote')) out.push('there is already a remote backend');
-  if (b.serves === 'local' && (b.probe === null || typeof b.probe !== 'object' || !b.probe.imap || !b.probe.pop3)) out.push('a local backend needs a probe for imap and pop3 (pigeon config test)');
+  if (b.serves === 'local' && b.external !== true && (b.probe === null || typeof b.probe !== 'object' || !b.probe.imap || !b.probe.pop3)) out.push('a local backend needs a probe for imap and pop3 (pigeon config test)');
+  if (b.external === true && b.serves !== 'local') out.push('an external backend is chosen by imap.backend / pop3.backend: serves must be "local"');
+  if (b.settings !== undefined && (typeof b.settings !== 'object' || b.settings === null || typeof b.settings.module !== 'string' || typeof b.settings.keys !== 'object')) out.push('settings must be a settings declaration');
   if (b.section !== null) {
     const key = b.section.key;
     if (CORE_SECTIONS.includes(key) || reg.all().some((o) => o !== b && o.section?.key === key)) out.push(`its pigeon.yaml section ${JSON.stringify(key)} is taken`);

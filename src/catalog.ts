@@ -1,7 +1,8 @@
 /**
  * NAME        src/catalog — every per-user setting, derived from the registries
  * DESCRIPTION The settings modules are the proxy's own (login, imap, pop3) and one per delivery
- *             module (src/delivery/registry.ts), whose keys each module declares in its own file.
+ *             module (src/delivery/registry.ts), whose keys each module declares in its own file,
+ *             and those of a backend that declares its own (backends/upstream.ts: upstream.*).
  *             A key declared `{ type: 'module', kind }` becomes an enum of the names registered
  *             now (mailstore.format: the MDA modules, mailstore.creator: the creators,
  *             imap.backend / pop3.backend: the local backends). Rebuilt when a registry gains a
@@ -44,7 +45,12 @@ function specOf(k: KeyDecl): KeySpec {
 }
 
 function build(): ReadonlyMap<string, SettingsSpec> {
-  const decls: SettingsDecl[] = [...CORE_SETTINGS, ...DELIVERY_MODULES.all().map((m) => ({ module: m.name, summary: m.summary, keys: m.settings }))];
+  const decls: SettingsDecl[] = [
+    ...CORE_SETTINGS,
+    ...DELIVERY_MODULES.all().map((m) => ({ module: m.name, summary: m.summary, keys: m.settings })),
+    // a backend's own per-user settings (upstream.host, …)
+    ...BACKENDS.all().flatMap((b) => (b.settings !== undefined ? [b.settings] : [])),
+  ];
   return new Map(decls.map((d) => [d.module, { module: d.module, summary: d.summary, keys: Object.fromEntries(Object.entries(d.keys).map(([k, v]) => [k, specOf(v)])) }]));
 }
 
