@@ -97,7 +97,9 @@ t.test('upstream backend in front of an independent Dovecot', async (t) => {
       const line = `${'y'.repeat(76)}\r\n`;
       const big = message('big one', line.repeat(Math.ceil((4 * 1024 * 1024) / line.length)));
       putMessage(md, big);
-      const got = await c.fetchOne('*', { source: true });
+      await c.noop(); // the session learns of it
+      t.equal((c.mailbox as { exists: number }).exists, 3);
+      const got = await c.fetchOne('3', { source: true });
       t.equal(got && got.source?.length, Buffer.byteLength(big), 'the whole 4 MB message');
       t.equal(got && createHash('sha256').update(got.source ?? Buffer.alloc(0)).digest('hex'), createHash('sha256').update(big).digest('hex'), 'byte for byte');
     } finally {
