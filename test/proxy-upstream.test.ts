@@ -29,6 +29,7 @@ t.test('upstream backend in front of an independent Dovecot', async (t) => {
       'gina@local.test': 'gina-upstream',
       'erin@pass.test': 'erin-pw',
       'pop@local.test': 'pop-pw',
+      'nina@local.test': 'nina-pw',
     },
     MASTER,
   );
@@ -116,6 +117,18 @@ t.test('upstream backend in front of an independent Dovecot', async (t) => {
     t.equal(r.status, 0, `curl exit 0 ${r.stderr}`);
     t.match(r.stdout, /Subject: kept upstream/);
     t.match(r.stdout, /upstream body 42/);
+  });
+
+  t.test('upstream.tls none: allowed to a loopback address', async (t) => {
+    inst.addUser('nina@local.test', 'nina-pw');
+    set(['--user', 'nina@local.test'], 'upstream.tls', 'none');
+    set(['--user', 'nina@local.test'], 'upstream.port', String(up.ports.imap));
+    const { w, answer } = await imapLogin('nina@local.test', 'nina-pw');
+    t.teardown(() => w.close());
+    // the login answer carries the upstream's own capabilities
+    t.match(answer, new RegExp(`^a1 OK \\[CAPABILITY [^\\]]*\\b${up.marker}\\b[^\\]]*\\] Logged in\\r\\n`, 'm'));
+    w.write('a2 SELECT INBOX\r\n');
+    t.match(await w.until(/^a2 .*\r\n/m), /^a2 OK/m, 'the session runs');
   });
 
   t.test('passthrough over STARTTLS: a user unknown here logs in with the upstream password', async (t) => {
