@@ -360,7 +360,10 @@ async function pop3Login(d: Dialogue, t: Target, req: BackendRequest, section: S
   const capa = await ok('CAPA\r\n');
   const have = new Set<string>();
   if (capa.startsWith('+OK')) {
-    for (let l = await d.line(); l !== '.'; l = await d.line()) have.add(l.toUpperCase());
+    for (let l = await d.line(); l !== '.'; l = await d.line()) {
+      if (have.size >= MAX_CAPA_LINES) throw fail(t, 'protocol', `more than ${MAX_CAPA_LINES} CAPA lines`);
+      have.add(l.toUpperCase());
+    }
   }
   const { user, password } = await credentialsOf(t, req, section);
   let r: string;
@@ -376,6 +379,9 @@ async function pop3Login(d: Dialogue, t: Target, req: BackendRequest, section: S
   if (/^-ERR \[(SYS\/|IN-USE|LOGIN-DELAY)/i.test(r) || !r.startsWith('-ERR')) throw fail(t, 'start-failed', `login answered ${r.slice(0, 100)}`);
   throw refused(t, r.slice(0, 100));
 }
+
+/** a POP3 server's CAPA answer longer than this is not a POP3 server's */
+const MAX_CAPA_LINES = 100;
 
 function socketSession(t: Target, sock: Socket | TLSSocket, greeting: Buffer): BackendSession {
   let clientGone = false;
@@ -409,6 +415,9 @@ async function start(req: BackendRequest, section: Section): Promise<BackendSess
   const t = targetOf(req);
   const deadline = Date.now() + BACKEND_START_MS;
   const sock = t.tls === 'implicit' ? await secure(t, {}, deadline) : await plain(t, deadline);
+  // errors reach the reader of each step (and the session's own listener); between two steps
+  // (the STARTTLS upgrade) one must not crash the process
+  sock.on('error', () => undefined);
   try {
     if (t.tls === 'none' && !section.allow_plaintext && !isLoopback(unmapIp(sock.remoteAddress))) {
       throw fail(t, 'start-failed', `upstream.tls is none but ${unmapIp(sock.remoteAddress)} is not a loopback address (pigeon.yaml upstream.allow_plaintext allows it)`);
