@@ -34,10 +34,22 @@ t.test('upstream backend in front of an independent Dovecot', async (t) => {
     MASTER,
   );
   if (!up) return;
-  const inst = makeInstance(t, {
-    listen: ['imap=127.0.0.1:0', 'pop3=127.0.0.1:0'],
-    users: { 'alice@local.test': 'secret', 'gina@local.test': 'gina-local', 'pop@local.test': 'pop-pw', 'frank@master.test': 'frank-local' },
-  });
+  const inst = makeInstance(t, { listen: ['imap=127.0.0.1:0', 'pop3=127.0.0.1:0'] });
+  // the local users (a Dovecot passwd-file import: one CLI run for all of them and their domains)
+  const LOCAL: Record<string, string> = {
+    'alice@local.test': 'secret',
+    'gina@local.test': 'gina-local',
+    'pop@local.test': 'pop-pw',
+    'nina@local.test': 'nina-pw',
+    'ivan@local.test': 'pw',
+    'hank@local.test': 'pw',
+    'ida@local.test': 'pw',
+    'frank@master.test': 'frank-local',
+  };
+  const users = join(inst.dir, 'users.passwd');
+  writeFileSync(users, Object.entries(LOCAL).map(([u, p]) => `${u}:{PLAIN}${p}\n`).join(''));
+  const imported = inst.run(['user', 'import', 'passwd-file', users, '--create-domains']);
+  if (imported.status !== 0) throw new Error(`user import: ${imported.stderr}`);
   const masterFile = join(inst.dir, 'upstream-master.pass');
   writeFileSync(masterFile, `${MASTER.password}\n`, { mode: 0o600 });
   writeFileSync(join(inst.dir, 'conf.d', '60-upstream.yaml'), `upstream:\n  master_password_file: ${masterFile}\n`);
@@ -45,18 +57,25 @@ t.test('upstream backend in front of an independent Dovecot', async (t) => {
     const r = inst.run(['config', 'set', ...scope, key, value]);
     if (r.status !== 0) throw new Error(`config set ${key} ${value}: ${r.stderr}`);
   };
-  const onUpstream = (scope: string[], port: number, tls: string, extra: Record<string, string> = {}): void => {
-    for (const [k, v] of Object.entries({ 'imap.backend': 'upstream', 'pop3.backend': 'upstream', 'upstream.host': '127.0.0.1', 'upstream.port': String(port), 'upstream.tls': tls, 'upstream.ca': up.caFile, ...extra })) set(scope, k, v);
+  const setAll = (scope: string[], settings: Record<string, string>): void => {
+    for (const [k, v] of Object.entries(settings)) set(scope, k, v);
   };
-  // local.test: local logins over implicit TLS (users override the port/TLS mode per case)
-  onUpstream(['--domain', 'local.test'], up.ports.imaps, 'implicit');
+  // everyone: the upstream Dovecot over implicit TLS, verified with its CA (scopes below differ)
+  setAll(['--global'], { 'imap.backend': 'upstream', 'pop3.backend': 'upstream', 'upstream.host': '127.0.0.1', 'upstream.port': String(up.ports.imaps), 'upstream.ca': up.caFile });
   // the POP3 user: STLS on the plain POP3 port
-  onUpstream(['--user', 'pop@local.test'], up.ports.pop3, 'starttls');
-  // pass.test: its users exist only upstream
+  setAll(['--user', 'pop@local.test'], { 'upstream.port': String(up.ports.pop3), 'upstream.tls': 'starttls' });
+  // pass.test: its users exist only upstream, STARTTLS
   inst.run(['domain', 'add', 'pass.test']);
-  onUpstream(['--domain', 'pass.test'], up.ports.imap, 'starttls', { 'upstream.login': 'passthrough' });
+  setAll(['--domain', 'pass.test'], { 'upstream.port': String(up.ports.imap), 'upstream.tls': 'starttls', 'upstream.login': 'passthrough' });
   // master.test: the local password is checked, then user*proxymaster goes upstream
-  onUpstream(['--domain', 'master.test'], up.ports.imaps, 'implicit', { 'upstream.login': 'master', 'upstream.master_user': MASTER.user });
+  setAll(['--domain', 'master.test'], { 'upstream.login': 'master', 'upstream.master_user': MASTER.user });
+  // nina: no TLS to the loopback server
+  setAll(['--user', 'nina@local.test'], { 'upstream.tls': 'none', 'upstream.port': String(up.ports.imap) });
+  // broken: a port nothing listens on, a CA that did not sign, an address the certificate does not name
+  const downPort = await freePort();
+  set(['--user', 'ivan@local.test'], 'upstream.port', String(downPort));
+  set(['--user', 'hank@local.test'], 'upstream.ca', up.otherCaFile);
+  set(['--user', 'ida@local.test'], 'upstream.host', '127.0.0.2');
   const srv = await serve(t, inst);
   const imapPort = srv.ports['imap'] ?? 0;
   const pop3Port = srv.ports['pop3'] ?? 0;
@@ -120,9 +139,6 @@ t.test('upstream backend in front of an independent Dovecot', async (t) => {
   });
 
   t.test('upstream.tls none: allowed to a loopback address', async (t) => {
-    inst.addUser('nina@local.test', 'nina-pw');
-    set(['--user', 'nina@local.test'], 'upstream.tls', 'none');
-    set(['--user', 'nina@local.test'], 'upstream.port', String(up.ports.imap));
     const { w, answer } = await imapLogin('nina@local.test', 'nina-pw');
     t.teardown(() => w.close());
     // the login answer carries the upstream's own capabilities
@@ -229,9 +245,7 @@ t.test('upstream backend in front of an independent Dovecot', async (t) => {
   });
 
   /** A user of local.test pointed somewhere broken: the client gets UNAVAILABLE, the log names host:port. */
-  async function unavailable(t: Test, user: string, settings: Record<string, string>, logWhy: RegExp): Promise<void> {
-    inst.addUser(user, 'pw');
-    for (const [k, v] of Object.entries(settings)) set(['--user', user], k, v);
+  async function unavailable(t: Test, user: string, logWhy: RegExp): Promise<void> {
     const { w, answer } = await imapLogin(user, 'pw');
     t.teardown(() => w.close());
     t.match(answer, /^a1 NO \[UNAVAILABLE\]/m);
@@ -244,15 +258,14 @@ t.test('upstream backend in front of an independent Dovecot', async (t) => {
   }
 
   t.test('upstream down: UNAVAILABLE and a log line naming it', async (t) => {
-    const port = await freePort();
-    await unavailable(t, 'ivan@local.test', { 'upstream.port': String(port) }, new RegExp(`Backend failure: start-failed: upstream 127\\.0\\.0\\.1:${port}: connect/TLS failed: ECONNREFUSED`));
+    await unavailable(t, 'ivan@local.test', new RegExp(`Backend failure: start-failed: upstream 127\\.0\\.0\\.1:${downPort}: connect/TLS failed: ECONNREFUSED`));
   });
 
   t.test('a certificate upstream.ca did not sign: UNAVAILABLE', async (t) => {
-    await unavailable(t, 'hank@local.test', { 'upstream.ca': up.otherCaFile }, new RegExp(`Backend failure: start-failed: upstream 127\\.0\\.0\\.1:${up.ports.imaps}: connect/TLS failed: [A-Z_]*(CERT|ISSUER|SIGNATURE)`));
+    await unavailable(t, 'hank@local.test', new RegExp(`Backend failure: start-failed: upstream 127\\.0\\.0\\.1:${up.ports.imaps}: connect/TLS failed: [A-Z_]*(CERT|ISSUER|SIGNATURE)`));
   });
 
   t.test('a certificate that does not name the address connected to: UNAVAILABLE', async (t) => {
-    await unavailable(t, 'ida@local.test', { 'upstream.host': '127.0.0.2' }, /Backend failure: start-failed: upstream 127\.0\.0\.2:\d+: connect\/TLS failed: ERR_TLS_CERT_ALTNAME_INVALID/);
+    await unavailable(t, 'ida@local.test', /Backend failure: start-failed: upstream 127\.0\.0\.2:\d+: connect\/TLS failed: ERR_TLS_CERT_ALTNAME_INVALID/);
   });
 });
