@@ -129,7 +129,13 @@ class Dialogue {
 
   /** The next line, without its CRLF, as latin1 text (answers are ASCII). */
   async line(): Promise<string> {
-    return (await this.reader.line()).line.toString('latin1');
+    try {
+      return (await this.reader.line()).line.toString('latin1');
+    } catch (e) {
+      // a socket error (ECONNRESET …) as it comes: name the server
+      if (e instanceof AppError) throw e;
+      throw fail(this.t, 'start-failed', `connection failed during login: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    }
   }
 
   write(b: Buffer | string): void {
