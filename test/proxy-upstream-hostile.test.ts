@@ -9,12 +9,13 @@ import type { Test } from 'tap';
 import { spawnSync } from 'node:child_process';
 import { createServer, type Server, type Socket } from 'node:net';
 import { readFileSync, writeFileSync } from 'node:fs';
+import { networkInterfaces } from 'node:os';
 import { join } from 'node:path';
 import { makeInstance, serve, CLI } from './helpers/instance.js';
 import { Wire } from './helpers/wire.js';
 
 /** A scripted server: `onLine` gets each line the proxy sends (CRLF stripped, bytes as latin1). */
-async function scripted(t: Test, greeting: string | Buffer, onLine: (s: Socket, line: string) => void): Promise<number> {
+async function scripted(t: Test, greeting: string | Buffer, onLine: (s: Socket, line: string) => void, host = '127.0.0.1'): Promise<number> {
   const sockets = new Set<Socket>();
   const server: Server = createServer((s) => {
     sockets.add(s);
@@ -32,7 +33,7 @@ async function scripted(t: Test, greeting: string | Buffer, onLine: (s: Socket, 
     });
     s.write(greeting);
   });
-  await new Promise<void>((res) => server.listen(0, '127.0.0.1', () => res()));
+  await new Promise<void>((res) => server.listen(0, host, () => res()));
   t.teardown(
     () =>
       new Promise<void>((res) => {
@@ -88,10 +89,16 @@ t.test('upstream servers that misbehave', async (t) => {
   // 4: an overlong greeting (no line end within 64 KiB); 5: hangs up after its greeting
   const longPort = await scripted(t, Buffer.alloc(70_000, 'x'), () => undefined);
   const hangupPort = await scripted(t, '* OK fake\r\n', (s) => s.destroy());
+  // 6: upstream.tls none to an address that is not loopback (this host's own, when it has one)
+  const outside = Object.values(networkInterfaces())
+    .flat()
+    .find((a) => a !== undefined && !a.internal && a.family === 'IPv4')?.address;
+  let plainCalled = false;
+  const plainPort = outside === undefined ? 0 : await scripted(t, '* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] fake\r\n', () => (plainCalled = true), outside);
 
   const inst = makeInstance(t, { listen: ['imap=127.0.0.1:0'] });
   const users = join(inst.dir, 'users.passwd');
-  writeFileSync(users, ['login', 'inject', 'busy', 'long', 'hangup'].map((u) => `${u}@fake.test:{PLAIN}pw\n`).join(''));
+  writeFileSync(users, ['login', 'inject', 'busy', 'long', 'hangup', 'plain'].map((u) => `${u}@fake.test:{PLAIN}pw\n`).join(''));
   const imported = inst.run(['user', 'import', 'passwd-file', users, '--create-domains']);
   if (imported.status !== 0) throw new Error(`user import: ${imported.stderr}`);
   const set = (scope: string[], key: string, value: string): void => {
@@ -105,6 +112,10 @@ t.test('upstream servers that misbehave', async (t) => {
   set(['--user', 'busy@fake.test'], 'upstream.port', String(busyPort));
   set(['--user', 'long@fake.test'], 'upstream.port', String(longPort));
   set(['--user', 'hangup@fake.test'], 'upstream.port', String(hangupPort));
+  if (outside !== undefined) {
+    set(['--user', 'plain@fake.test'], 'upstream.host', outside);
+    set(['--user', 'plain@fake.test'], 'upstream.port', String(plainPort));
+  }
   // the local password of login@fake.test is the 8-bit one too (set as bytes, like a client sends it)
   const pw = spawnSync(process.execPath, [CLI, '-c', inst.dir, 'user', 'passwd', 'login@fake.test', '--password-stdin'], { input: Buffer.concat([PASSWORD, Buffer.from('\n')]), encoding: 'utf8' });
   t.equal(pw.status, 0, pw.stderr);
@@ -151,5 +162,16 @@ t.test('upstream servers that misbehave', async (t) => {
     const gone = await login('hangup@fake.test', Buffer.from('pw'));
     t.match(gone.answer, /^a1 NO \[UNAVAILABLE\]/m);
     t.match(log(), new RegExp(`Backend failure: start-failed: upstream 127\\.0\\.0\\.1:${hangupPort}: the server closed the connection during login`));
+  });
+
+  t.test('upstream.tls none to an address that is not loopback: refused before any credential is sent', async (t) => {
+    if (outside === undefined) {
+      t.pass('this host has no address other than loopback', { skip: 'no non-loopback IPv4 address on this host' });
+      return;
+    }
+    const { answer } = await login('plain@fake.test', Buffer.from('pw'));
+    t.match(answer, /^a1 NO \[UNAVAILABLE\]/m);
+    t.match(log(), new RegExp(`Backend failure: start-failed: upstream ${outside.replace(/\./g, '\\.')}:${plainPort}: upstream\\.tls is none but ${outside.replace(/\./g, '\\.')} is not a loopback address`));
+    t.notOk(plainCalled, 'the server never got a command');
   });
 });
