@@ -98,7 +98,7 @@ t.test('upstream servers that misbehave', async (t) => {
 
   const inst = makeInstance(t, { listen: ['imap=127.0.0.1:0'] });
   const users = join(inst.dir, 'users.passwd');
-  writeFileSync(users, ['login', 'inject', 'busy', 'long', 'hangup', 'plain'].map((u) => `${u}@fake.test:{PLAIN}pw\n`).join(''));
+  writeFileSync(users, [...['login', 'inject', 'busy', 'long', 'hangup', 'plain'].map((u) => `${u}@fake.test:{PLAIN}pw\n`), 'kept@local.test:{PLAIN}pw\n'].join(''));
   const imported = inst.run(['user', 'import', 'passwd-file', users, '--create-domains']);
   if (imported.status !== 0) throw new Error(`user import: ${imported.stderr}`);
   const set = (scope: string[], key: string, value: string): void => {
@@ -173,5 +173,17 @@ t.test('upstream servers that misbehave', async (t) => {
     t.match(answer, /^a1 NO \[UNAVAILABLE\]/m);
     t.match(log(), new RegExp(`Backend failure: start-failed: upstream ${outside.replace(/\./g, '\\.')}:${plainPort}: upstream\\.tls is none but ${outside.replace(/\./g, '\\.')} is not a loopback address`));
     t.notOk(plainCalled, 'the server never got a command');
+  });
+
+  t.test('config set: switching a mailbox that holds mail to upstream warns that its local mail is no longer served', async (t) => {
+    const d = spawnSync(process.execPath, [CLI, '-c', inst.dir, 'deliver', '-f', 'bob@remote.test', 'kept@local.test'], { input: 'Subject: kept here\r\n\r\nlocal mail\r\n', encoding: 'utf8' });
+    t.equal(d.status, 0, `delivered locally ${d.stdout}${d.stderr}`);
+    const to = inst.run(['config', 'set', '--user', 'kept@local.test', 'imap.backend', 'upstream']);
+    t.equal(to.status, 0);
+    t.match(to.stderr, /warning: imap\.backend: 1 mailbox\(es\) on this node that hold mail are now served by the upstream server instead \(upstream\.host\): kept@local\.test\. Their mail here stays on disk/);
+    t.notMatch(to.stderr, /UIDVALIDITY/, 'not a UID database change');
+    const back = inst.run(['config', 'set', '--user', 'kept@local.test', 'imap.backend', 'dovecot']);
+    t.equal(back.status, 0);
+    t.notMatch(back.stderr, /UIDVALIDITY|instead of upstream/, 'switching back says nothing about UIDs');
   });
 });
