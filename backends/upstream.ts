@@ -424,14 +424,17 @@ async function start(req: BackendRequest, section: Section): Promise<BackendSess
   // errors reach the reader of each step (and the session's own listener); between two steps
   // (the STARTTLS upgrade) one must not crash the process
   sock.on('error', () => undefined);
+  let d: Dialogue | null = null;
   try {
     if (t.tls === 'none' && !section.allow_plaintext && !isLoopback(unmapIp(sock.remoteAddress))) {
       throw fail(t, 'start-failed', `upstream.tls is none but ${unmapIp(sock.remoteAddress)} is not a loopback address (pigeon.yaml upstream.allow_plaintext allows it)`);
     }
-    const d = new Dialogue(t, sock, deadline);
+    d = new Dialogue(t, sock, deadline);
     const greeting = await (req.protocol === 'imap' ? imapLogin : pop3Login)(d, t, req, section);
     return socketSession(t, d.done(), greeting);
   } catch (e) {
+    // its timer must not keep a one-session process (inetd, stdio) alive
+    d?.done().destroy();
     sock.destroy();
     throw e;
   }
