@@ -8,6 +8,8 @@
  *             on). When none knows the user a dummy verification is paid, so an unknown user
  *             costs what a wrong password costs. A user that a provisioning source (passwd-file)
  *             authenticated and the database lacks is added to it when its domain exists.
+ *             A login in a domain on `upstream.login passthrough` skips the sources: the
+ *             upstream server decides (auth/passthrough.ts).
  * DIAGNOSTICS tempfail for a database that stays locked or unreachable, a source that is
  *             unavailable or throws: never "success", never "wrong password" for a server fault.
  * SECURITY    No password or hash in any result, log field or error text; the password stays the
@@ -22,6 +24,7 @@ import { AppError, isAppError } from '../src/errors.js';
 import { BUSY_TIMEOUT_MS } from '../src/store.js';
 import { spendDummy } from './verify.js';
 import { authSource } from './registry.js';
+import { passthrough } from './passthrough.js';
 
 export interface NamedSource {
   readonly name: string;
@@ -37,8 +40,9 @@ export function authChain(store: Store, chain: readonly NamedSource[]): AuthInst
   return {
     async authenticate(req: AuthRequest): Promise<AuthResult> {
       let address: string;
+      let domain: string;
       try {
-        address = normaliseAddress(req.user).address;
+        ({ address, domain } = normaliseAddress(req.user));
       } catch {
         await spendDummy(req.password);
         return { ok: false, why: 'unknown-user' };
@@ -49,6 +53,11 @@ export function authChain(store: Store, chain: readonly NamedSource[]): AuthInst
         found = await db.lookup(address);
       } catch (e) {
         return dbFailure(e);
+      }
+      // a domain whose upstream server decides: no local password check (auth/passthrough.ts)
+      if (req.service !== 'test') {
+        const pt = await passthrough(db, address, domain, req.service, found);
+        if (pt !== null) return pt;
       }
       let decided: NamedSource | null = null;
       const warnings: string[] = [];

@@ -26,6 +26,7 @@ import type { Instance } from '../src/instance.js';
 import type { NodeDirectory } from '../src/nodes.js';
 import type { ModuleBase, ResolvedUser } from '../src/modules.js';
 import type { Peer } from '../src/proxy/conn.js';
+import type { SettingsDecl } from '../src/settings.js';
 import { AppError } from '../src/errors.js';
 import { LineBuffer } from '../src/lines.js';
 import { RELAY_GRACE_MS } from '../src/limits.js';
@@ -65,6 +66,11 @@ export interface BackendRequest {
   readonly handoff: { readonly socket: Duplex; readonly input: Buffer } | null;
   /** where the backend's own log lines go */
   readonly logLine: (line: string) => void;
+  /**
+   * The client's login, as the bytes it sent: given to an `external` backend only (it logs in
+   * to the server that holds the mailbox with them), never to any other; never logged.
+   */
+  readonly credentials?: { readonly user: Uint8Array; readonly password: Uint8Array };
 }
 
 /** How a backend session ended. */
@@ -135,6 +141,15 @@ export interface Backend<C = unknown> extends ModuleBase<'backend'> {
   /** the mailbox formats a local backend serves (absent: every one); `config set` warns before a user is switched to one that cannot serve their mailbox */
   readonly formats?: readonly Allocation['format'][];
   readonly section: BackendSection<C> | null;
+  /**
+   * The mailbox lives on a server outside PigeonDeliver (upstream): the router allocates nothing
+   * and never forwards to another node; the backend gets the client's credentials
+   * (BackendRequest.credentials) and may refuse the login (AppError AUTH_FAILED: answered as a
+   * wrong password). It has no binary to probe.
+   */
+  readonly external?: true;
+  /** its per-user settings (`module.key` rows), when it has any: part of the settings catalog (src/catalog.ts) */
+  readonly settings?: SettingsDecl;
   /** local backends: how `pigeon config test` checks their binaries, per protocol (null: nothing to check) */
   readonly probe: Readonly<Record<MailProtocol, BinaryProbe<C>>> | null;
   create(config: C, ctx: BackendContext): BackendInstance;

@@ -14,9 +14,11 @@ cd "$(dirname "$0")/.."
 # libgamin0 (libfam.so.0), libgdbm6, libidn12, and gamin (gam_server in /usr/libexec, where libfam
 # looks for it: without it every Courier IMAP login waits ~1.2 s and IDLE cannot push new mail).
 COURIER_LIBS="courier-base courier-authlib gamin libgamin0 libcourier-unicode4 libgdbm6 libidn12"
-NEED="dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-sieve postfix openbsd-inetd postgresql curl python3 iproute2 util-linux $COURIER_LIBS"
+NEED="dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-sieve postfix openbsd-inetd postgresql curl python3 iproute2 util-linux $COURIER_LIBS"
 if [ "${1:-}" != "--no-system" ]; then
   missing=""
+  # the upstream backend's tests run a second, independent Dovecot (its master: dovecot-core)
+  [ -x /usr/sbin/dovecot ] || missing="$missing dovecot-core"
   [ -x /usr/lib/dovecot/imap ] || missing="$missing dovecot-imapd"
   [ -x /usr/lib/dovecot/lmtp ] || missing="$missing dovecot-lmtpd"
   [ -x /usr/lib/dovecot/pop3 ] || missing="$missing dovecot-pop3d"

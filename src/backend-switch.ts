@@ -7,7 +7,10 @@
  *             (../shared/backends.md §2.6). `config set`/`unset` of imap.backend or pop3.backend
  *             compares each affected user's effective backend before and after the change and
  *             names the mailboxes that already hold messages (and those switched to a backend that
- *             does not serve their mailbox format: its `formats`, backends/types.ts). The change itself is always made: this only warns.
+ *             does not serve their mailbox format: its `formats`, backends/types.ts). A switch to
+ *             an `external` backend (upstream: another server) is no UID change: it warns that
+ *             the local mail is no longer served; a switch back from one says nothing about UIDs.
+ *             The change itself is always made: this only warns.
  */
 import { BACKENDS } from '../backends/registry.js';
 import { existsSync, readdirSync, statSync } from 'node:fs';
@@ -83,6 +86,8 @@ export async function withBackendSwitchCheck(store: Store, ref: ScopeRef, name: 
   const unservable = new Map<string, string[]>();
   const froms = new Set<string>();
   let to = '';
+  /** external backend → the users with local mail switched to it (their mail stays here, unserved) */
+  const away = new Map<string, string[]>();
   for (const u of users) {
     const b = before.get(u.address);
     const a = after.get(u.address);
@@ -90,6 +95,12 @@ export async function withBackendSwitchCheck(store: Store, ref: ScopeRef, name: 
     const formats = BACKENDS.get(a)?.formats;
     if (formats !== undefined && !formats.includes(u.allocation.format)) unservable.set(a, [...(unservable.get(a) ?? []), u.address]);
     if (!holdsMessages(u.allocation)) continue;
+    // another server entirely (upstream): not a UID database change of the same mail
+    if (BACKENDS.get(a)?.external === true) {
+      away.set(a, [...(away.get(a) ?? []), u.address]);
+      continue;
+    }
+    if (BACKENDS.get(b)?.external === true) continue;
     moved.push(u.address);
     froms.add(b);
     to = a;
@@ -103,6 +114,9 @@ export async function withBackendSwitchCheck(store: Store, ref: ScopeRef, name: 
         `${proto} clients will see new ${proto === 'IMAP' ? 'UIDVALIDITY values and re-download every message' : 'UIDLs and download every message again'} ` +
         '(Dovecot and Courier keep separate UID databases); undo with the previous value if that was not intended',
     );
+  }
+  for (const [b, users] of away) {
+    lines.push(`${name}: ${users.length} mailbox(es) on this node that hold mail are now served by the ${b} server instead (upstream.host): ${named(users)}. Their mail here stays on disk, unseen by ${name.startsWith('pop3') ? 'POP3' : 'IMAP'} until switched back; delivery still stores new mail here unless your MTA sends it to that server`);
   }
   for (const [b, users] of unservable) {
     lines.push(`${name}: ${b} serves ${(BACKENDS.get(b)?.formats ?? []).join(' and ')} mailboxes only; these mailboxes cannot log in with it: ${named(users)}`);

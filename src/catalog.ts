@@ -2,7 +2,8 @@
  * NAME        src/catalog — every per-user setting, derived from the registries
  * DESCRIPTION The settings modules are the proxy's own (login, imap, pop3), one per delivery
  *             module (src/delivery/registry.ts), whose keys each module declares in its own file,
- *             and those an MDA program declares (dovecot-lda: sieve.*).
+ *             those of a backend that declares its own (backends/upstream.ts: upstream.*) and
+ *             those an MDA program declares (dovecot-lda: sieve.*).
  *             A key declared `{ type: 'module', kind }` becomes an enum of the names registered
  *             now (mailstore.format: the MDA modules, mailstore.creator: the creators,
  *             imap.backend / pop3.backend: the local backends). Rebuilt when a registry gains a
@@ -44,13 +45,24 @@ function specOf(k: KeyDecl): KeySpec {
   return { ...rest, type: 'enum', values: choicesOf(kind) };
 }
 
-function build(): ReadonlyMap<string, SettingsSpec> {
-  const decls: SettingsDecl[] = [
+/** Every settings declaration: the core's, the delivery modules', the backends' own. */
+function declarations(): SettingsDecl[] {
+  return [
     ...CORE_SETTINGS,
+    // a backend's own per-user settings (upstream.host, …)
+    ...BACKENDS.all().flatMap((b) => (b.settings !== undefined ? [b.settings] : [])),
     ...DELIVERY_MODULES.all().map((m) => ({ module: m.name, summary: m.summary, keys: m.settings })),
     ...MDA_PROGRAMS.all().flatMap((p) => (p.settings ? [p.settings] : [])),
   ];
-  return new Map(decls.map((d) => [d.module, { module: d.module, summary: d.summary, keys: Object.fromEntries(Object.entries(d.keys).map(([k, v]) => [k, specOf(v)])) }]));
+}
+
+function build(): ReadonlyMap<string, SettingsSpec> {
+  const out = new Map<string, SettingsSpec>();
+  for (const d of declarations()) {
+    // a second declaration of a name is a problem (catalogProblems): the first one stays
+    if (!out.has(d.module)) out.set(d.module, { module: d.module, summary: d.summary, keys: Object.fromEntries(Object.entries(d.keys).map(([k, v]) => [k, specOf(v)])) });
+  }
+  return out;
 }
 
 let cached: ReadonlyMap<string, SettingsSpec> | null = null;
@@ -62,9 +74,14 @@ export function catalog(): ReadonlyMap<string, SettingsSpec> {
   return cached;
 }
 
-/** What is wrong with the catalog: a key whose default names no registered module. */
+/** What is wrong with the catalog: a settings module declared twice, a key whose default names no registered module. */
 export function catalogProblems(): string[] {
   const out: string[] = [];
+  const seen = new Set<string>();
+  for (const d of declarations()) {
+    if (seen.has(d.module)) out.push(`settings module ${d.module} is declared twice (a delivery module and a backend, or a core module, share the name)`);
+    seen.add(d.module);
+  }
   for (const s of catalog().values()) {
     for (const [k, spec] of Object.entries(s.keys)) {
       if (spec.type === 'enum' && typeof spec.default === 'string' && !spec.values.includes(spec.default)) {

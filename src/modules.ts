@@ -136,7 +136,8 @@ export interface AuthRequest {
 }
 
 export type AuthResult =
-  | { ok: true; user: ResolvedUser; warnings: string[] }
+  /** `passthrough`: no local password was checked; the upstream server decides (auth/passthrough.ts) */
+  | { ok: true; user: ResolvedUser; warnings: string[]; passthrough?: true }
   | { ok: false; why: 'bad-credentials' | 'unknown-user' | 'disabled' }
   | { ok: false; why: 'tempfail'; detail: string };
 

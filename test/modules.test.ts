@@ -50,7 +50,7 @@ t.test('the dummy backend: a value of imap.backend, a login goes to it', async (
   const { inst } = withModules(t);
   let r = cli(inst, ['config', 'set', '--user', ALICE, 'imap.backend', 'nosuch']);
   t.not(r.code, 0, 'an unknown backend is refused');
-  t.match(r.stderr, /dovecot\|courier\|dummy/, 'the choices include the loaded backend');
+  t.match(r.stderr, /dovecot\|courier\|upstream\|dummy/, 'the choices include the loaded backend');
   setUser(inst, ALICE, 'imap.backend', 'dummy');
   const s = spawnSync(process.execPath, [CLI, '-c', inst, 'imap', '--forker', 'stdio'], { input: 'a LOGIN alice@example.test secret\r\nb NOOP\r\nc LOGOUT\r\n', encoding: 'utf8', timeout: 60_000 });
   t.match(s.stdout, /a OK \[CAPABILITY IMAP4rev1\] Logged in to dummy\r\n/, 'the backend answers the login tag');

@@ -5,6 +5,9 @@
  *             lines admins and fail2ban read, then the router. Every use of the penalty table is
  *             here, awaited (the table may live in another process).
  *             User names arrive as bytes and must be valid UTF-8; passwords stay bytes.
+ *             Upstream (backends/upstream.ts): the password bytes go with the route to the
+ *             external backend only; in a passthrough domain the upstream server's refusal is
+ *             the refusal (same answer, delay and penalty as a wrong password).
  * SECURITY    No backend is started unless authentication succeeded. A throw inside
  *             authentication answers tempfail, never success.
  */
@@ -87,8 +90,11 @@ export function logFields(conn: ClientConn, st: LoginState, extra: Record<string
 }
 
 export type LoginOutcome =
-  /** `deadline`: what is left of the login's one busy timeout, for the mailbox allocation (route) */
-  | { kind: 'ok'; user: ResolvedUser; deadline: number }
+  /**
+   * `deadline`: what is left of the login's one busy timeout, for the mailbox allocation (route);
+   * `passthrough`: no local password was checked, the upstream server decides (loginAndRelay)
+   */
+  | { kind: 'ok'; user: ResolvedUser; deadline: number; passthrough: boolean }
   | { kind: 'failed' } // bad credentials, unknown or disabled user, malformed message: same answer
   | { kind: 'tempfail'; detail: string };
 
@@ -171,12 +177,13 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
   } catch (e) {
     r = { ok: false, why: 'tempfail', detail: e instanceof Error ? e.message : 'auth error' };
   }
+  if (r.ok && r.passthrough === true) return { kind: 'ok', user: r.user, deadline, passthrough: true };
   if (r.ok) {
     st.lastOutcome = 'ok';
     st.successes = (st.successes ?? 0) + 1;
     await env.penalty.success(conn.peer.rip);
     for (const w of r.warnings) env.log.log('warn', `${st.proto}-login`, w);
-    return { kind: 'ok', user: r.user, deadline };
+    return { kind: 'ok', user: r.user, deadline, passthrough: false };
   }
   if (r.why === 'tempfail') {
     st.lastOutcome = 'tempfail';
@@ -315,7 +322,15 @@ export async function loginAndRelay(
     return 'failed';
   }
   const address = r.user.user.address;
-  const rt = await route(env, st.proto, r.user, conn, st.sid, o.tag, o.leftover, { forward: true, deadline: r.deadline });
+  // the password bytes go to the router, which gives them to an external backend (upstream) only
+  const credentials = creds.kind === 'password' ? { credentials: { user: creds.user, password: creds.password } } : {};
+  const rt = await route(env, st.proto, r.user, conn, st.sid, o.tag, o.leftover, { forward: true, deadline: r.deadline, ...credentials });
+  if (!rt.ok && rt.refused === true) {
+    // the upstream server refused them: the same answer, delay and penalty as a wrong password
+    await refuse(env, conn, st, rt.reason);
+    conn.write(o.replies.failed);
+    return 'failed';
+  }
   if (!rt.ok && rt.limit !== undefined) {
     conn.write(o.replies.limit(rt.reason));
     return 'answered';
@@ -325,6 +340,11 @@ export async function loginAndRelay(
     env.log.log('error', `${st.proto}(${address})`, `Backend failure: ${rt.reason}:`, { rip: conn.peer.rip, session: st.sid });
     conn.write(o.replies.unavailable);
     return 'answered';
+  }
+  if (r.passthrough) {
+    st.lastOutcome = 'ok';
+    st.successes = (st.successes ?? 0) + 1;
+    await env.penalty.success(conn.peer.rip);
   }
   logLogin(env, conn, st, address);
   o.relaying();

@@ -11,6 +11,9 @@
  *             client must see first (backends/types.ts prepareHandoff). Before a backend starts,
  *             the client's connection takes a user+IP slot (src/proxy/slots.ts;
  *             limits.max_userip_connections), given back when the session ends or does not start.
+ *             An `external` backend (upstream) allocates nothing and is the only one given the
+ *             client's credentials (RouteOptions.credentials); its server refusing them is
+ *             `refused`, which the login layer answers as a wrong password.
  */
 import type { ResolvedUser } from '../modules.js';
 import type { ProxyEnv } from './env.js';
@@ -27,14 +30,20 @@ import { HANDOFF_MAX_INPUT } from '../limits.js';
 
 export type RouteResult =
   | { ok: true; session: BackendSession; backend: string }
-  /** `limit`: the user+IP limit (its maximum) refused the session, already logged; else an internal failure */
-  | { ok: false; reason: string; limit?: number };
+  /**
+   * `limit`: the user+IP limit (its maximum) refused the session, already logged; `refused`: an
+   * external backend's server refused the credentials (answered as a wrong password); else an
+   * internal failure
+   */
+  | { ok: false; reason: string; limit?: number; refused?: true };
 
 export interface RouteOptions {
   /** false on a node that received the session over a peer link: never forward it again */
   readonly forward: boolean;
   /** epoch ms: a locked database is waited for until then (the login's one busy timeout) */
   readonly deadline?: number;
+  /** the client's login bytes: given to an external backend (upstream) only, never logged */
+  readonly credentials?: { readonly user: Uint8Array; readonly password: Uint8Array };
 }
 
 function quotaOf(u: ResolvedUser): number {
@@ -82,6 +91,7 @@ async function startRoute(
   const name = String(u.config[`${protocol}.backend`]?.value ?? 'dovecot');
   const local = BACKENDS.get(name);
   if (!local || local.serves !== 'local') return { ok: false, reason: `backend ${name} is not available on this node (known: ${localBackends().map((b) => b.name).join(', ')})` };
+  if (local.external === true) return startExternal(env, local, protocol, u, conn, sid, tag, opts);
   let placement;
   try {
     placement = await placeUser(
@@ -128,6 +138,33 @@ async function startRoute(
   } catch (e) {
     if (handoff) conn.reattach(handoff.input);
     return { ok: false, reason: isAppError(e) ? e.message : placement.kind === 'remote' ? `link to node ${placement.node} failed: ${String(e)}` : String(e) };
+  }
+}
+
+/**
+ * A backend whose mailbox is on a server outside PigeonDeliver (upstream): nothing allocated, no
+ * node to forward to; it alone gets the client's credentials, and its server may refuse them.
+ */
+async function startExternal(env: ProxyEnv, backend: Backend, protocol: MailProtocol, u: ResolvedUser, conn: ClientConn, sid: string, tag: string | null, opts: RouteOptions): Promise<RouteResult> {
+  try {
+    const session = await env.backend(backend).start({
+      handoff: null,
+      protocol,
+      user: u,
+      address: u.user.address,
+      node: env.instance.config.node,
+      allocation: null,
+      client: { peer: conn.peer, secure: conn.secure },
+      sessionId: sid,
+      tag,
+      quota: quotaOf(u),
+      logLine: backendLogLine(env, `${protocol}(${u.user.address})`),
+      ...(opts.credentials !== undefined ? { credentials: opts.credentials } : {}),
+    });
+    return { ok: true, session, backend: backend.name };
+  } catch (e) {
+    if (isAppError(e) && e.code === 'AUTH_FAILED') return { ok: false, reason: e.message, refused: true };
+    return { ok: false, reason: isAppError(e) ? e.message : String(e) };
   }
 }
 

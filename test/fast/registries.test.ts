@@ -23,12 +23,12 @@ t.test('choices are derived from the registries', async (t) => {
     const s = keys.get(m)?.keys[k];
     return s?.type === 'enum' ? s.values : null;
   };
-  t.same(values('imap', 'backend'), ['dovecot', 'courier'], 'imap.backend: the local backends');
+  t.same(values('imap', 'backend'), ['dovecot', 'courier', 'upstream'], 'imap.backend: the local backends');
   t.same(values('pop3', 'backend'), localBackends().map((b) => b.name));
   t.same(values('mailstore', 'format'), MDA_MODULES.names(), 'mailstore.format: the MDA modules');
   t.same(values('mailstore', 'creator'), CREATORS.names(), 'mailstore.creator: the creators');
   t.same(values('mailstore', 'mda'), ['builtin', ...MDA_PROGRAMS.names()], 'mailstore.mda: builtin or an MDA program');
-  t.same([...keys.keys()], ['login', 'imap', 'pop3', ...DELIVERY_MODULES.names(), 'sieve'], 'one settings module per delivery module, then those of the MDA programs');
+  t.same([...keys.keys()], ['login', 'imap', 'pop3', 'upstream', ...DELIVERY_MODULES.names(), 'sieve'], 'the upstream backend has its own settings module, one per delivery module, then those of the MDA programs');
   t.same(oneShotForkers().map((f) => f.name), ['stdio', 'inetd', 'postfix'], '--forker choices');
   t.equal(remoteBackend()?.name, 'peer', 'the peer link is the remote backend');
   const dovecot = BACKENDS.get('dovecot') as Backend;
@@ -62,4 +62,9 @@ t.test('a module that breaks its contract is refused, the registry unchanged', a
   DELIVERY_MODULES.add(good, '/x.mjs');
   t.same(Object.keys(catalog().get('stamp')?.keys ?? {}), ['enabled'], 'a module added: its settings join the catalog');
   t.same(registryProblems(), [], 'and the registries still pass');
+  t.throws(() => BACKENDS.add({ ...(BACKENDS.get('upstream') as Backend), name: 'upstream2' }, '/u.mjs'), /settings must be a settings declaration of module "upstream2"/);
+  // last (a registry never forgets a module): a delivery module named like a backend's settings module
+  DELIVERY_MODULES.add({ ...good, name: 'upstream' }, '/z.mjs');
+  t.match(registryProblems(), [/settings module upstream is declared twice/], 'a settings module declared twice is refused, named');
+  t.equal(catalog().get('upstream')?.keys['host']?.type, 'string', "the first declaration (the backend's) stays in force");
 });
