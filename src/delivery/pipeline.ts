@@ -105,6 +105,7 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, 
     message,
     mailbox: input.mailbox,
     keep: true,
+    folder: null,
   };
   const enabled = runOrder().filter((m) => r.config[`${m.name}.enabled`]?.value === true && (only === undefined || only.has(m.name)));
   const prepared: Prepared[] = [];
@@ -124,6 +125,7 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, 
       return step.result;
     }
     if (step.keep === false) req.keep = false;
+    if (step.folder !== undefined) req.folder = step.folder;
     if (step.prepared) prepared.push(step.prepared);
   }
   if (prepared.length === 0) {

@@ -41,7 +41,13 @@ export interface Prepared {
 }
 
 export type StepResult =
-  | { readonly kind: 'continue'; readonly prepared?: Prepared; readonly keep?: boolean }
+  | {
+      readonly kind: 'continue';
+      readonly prepared?: Prepared;
+      readonly keep?: boolean;
+      /** deliver into this folder, created if missing (antivirus quarantine); wins over -m and +detail */
+      readonly folder?: string;
+    }
   | { readonly kind: 'fail'; readonly result: DeliveryResult };
 
 /**
@@ -60,6 +66,8 @@ export interface DeliveryEnv {
   readonly hostname: string;
   /** how long an mbox delivery waits for the mailbox locks (pigeon.yaml limits.mda_lock_wait_s) */
   readonly lockWaitMs: number;
+  /** ClamAV's clamd (pigeon.yaml clamd.address, clamd.timeout_s): the antivirus module scans with it */
+  readonly clamd: { readonly address: string; readonly timeoutMs: number };
   readonly log: (level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Record<string, string | number | boolean | null | undefined>) => void;
 }
 
@@ -81,6 +89,8 @@ export interface RecipientRequest {
   readonly mailbox: string | null;
   /** decisions of earlier modules: forward with keep=false clears it */
   keep: boolean;
+  /** a folder an earlier module chose (antivirus quarantine): the mailstore delivers there, creating it */
+  folder: string | null;
   /** header lines modules added (`Name: value` + LF, UTF-8), stored above the message's own header */
   readonly added: readonly Buffer[];
   /**
