@@ -45,7 +45,7 @@ export function connectOptionsOf(address: string): net.NetConnectOpts | null {
 export function parseAnswer(line: string): ScanResult {
   const l = line.replace(/\r?\n$/, '');
   if (l === 'stream: OK') return { kind: 'clean' };
-  const found = /^stream: (.+) FOUND$/.exec(l);
+  const found = /^stream: ([\s\S]+) FOUND$/.exec(l);
   if (found) {
     const name = (found[1] ?? '').replace(/[^\x21-\x7e]/g, '_').slice(0, SIGNATURE_MAX);
     return name === '' ? { kind: 'error', reason: 'answered FOUND without a name' } : { kind: 'infected', name };
