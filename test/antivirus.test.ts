@@ -26,6 +26,7 @@ t.setTimeout(420_000);
 const ALICE = 'alice@example.test';
 const CAROL = 'carol@example.test';
 const DAVE = 'dave@example.test';
+const ERIN = 'erin@example.test';
 
 /** A message with the EICAR test file as a base64 attachment (how a virus arrives). */
 function infected(subject: string, to = ALICE): string {
@@ -123,25 +124,30 @@ if (clamd) {
     t.equal(files(join(carol, '.Quarantine', 'new')).length + files(join(carol, '.Quarantine', 'cur')).length, 1, 'not in quarantine');
   });
 
-  t.test('notify: one notice per infected message and recipient, through sendmail', async (t) => {
+  t.test('notify: one notice per infected message and recipient, through sendmail; none for a message not delivered', async (t) => {
     const dir = scratchDir(t);
-    const inst = makeInstance(dir, [ALICE, CAROL, DAVE]);
+    const inst = makeInstance(dir, [ALICE, CAROL, DAVE, ERIN]);
     useClamd(inst, clamd.socket);
     const sm = recorder(dir);
     withSendmail(inst, sm.script);
-    for (const u of [ALICE, CAROL, DAVE]) setUser(inst, u, 'antivirus.enabled', 'true');
+    for (const u of [ALICE, CAROL, DAVE, ERIN]) setUser(inst, u, 'antivirus.enabled', 'true');
+    // erin quarantines with a notice, but her mailbox is full: the message is not delivered
+    setUser(inst, ERIN, 'antivirus.action', 'quarantine');
+    setUser(inst, ERIN, 'antivirus.notify', 'true');
+    setUser(inst, ERIN, 'mailstore.quota', '10');
     setUser(inst, ALICE, 'antivirus.notify', 'true');
     setUser(inst, CAROL, 'antivirus.notify', 'true');
     setUser(inst, CAROL, 'antivirus.action', 'quarantine');
     const { send } = await lmtpServer(inst, t);
     // carol twice (a duplicate RCPT is one copy): still one notice for her
-    const replies = await send([ALICE, CAROL, CAROL, DAVE], infected('virus inside'));
+    const replies = await send([ALICE, CAROL, CAROL, DAVE, ERIN], infected('virus inside'));
     t.match(replies[0], /^550 5\.7\.1 /);
     t.match(replies[1], /^250 /);
     t.match(replies[2], /^250 /);
     t.match(replies[3], /^550 5\.7\.1 /, 'dave rejects too, without a notice');
+    t.match(replies[4], /^552 5\.2\.2 /, 'erin: over quota, not delivered');
     const calls = sm.calls();
-    t.equal(calls.length, 2, 'two notices: alice and carol, none for dave');
+    t.equal(calls.length, 2, 'two notices: alice and carol; none for dave (notify off) nor erin (not delivered)');
     const to = calls.map((c) => c.args.slice(-1)[0]).sort();
     t.same(to, [ALICE, CAROL]);
     for (const c of calls) {

@@ -10,7 +10,8 @@
  *             if missing; an mbox mailbox has no folders: INBOX), with the tag header; `tag` —
  *             `X-Virus-Status: Infected (NAME)` and delivered as usual. A clean message gets
  *             `X-Virus-Status: Clean`. With `antivirus.notify` the recipient is sent a short
- *             notice through the MTA's sendmail (null sender), once per message and recipient.
+ *             notice through the MTA's sendmail (null sender), once per message and recipient:
+ *             for a rejected message at once, else only after it was delivered (afterDelivery).
  *             A message larger than `antivirus.max_size` is not sent to clamd: `oversize`
  *             accept delivers it with `X-Virus-Status: Unscanned (...)`, reject answers 552 5.3.4
  *             (permanent: never retried forever).
@@ -146,8 +147,10 @@ const antivirus: DeliveryModule = {
     }
     req.addHeader(STATUS_HEADER, `Infected (${r.name})`);
     const folder = action === 'quarantine' ? str(settings['quarantine_folder'], 'Quarantine') : null;
-    if (wantNotice) await notify(req, env, r.name, folder !== null ? `delivered into your folder ${folder}` : 'delivered, marked as infected');
-    return folder !== null ? { kind: 'continue', folder } : { kind: 'continue' };
+    if (!wantNotice) return folder !== null ? { kind: 'continue', folder } : { kind: 'continue' };
+    // the notice goes out only once the message is in the mailbox (a deferred one is retried)
+    const afterDelivery = (): Promise<void> => notify(req, env, r.name, folder !== null ? `delivered into your folder ${folder}` : 'delivered, marked as infected');
+    return folder !== null ? { kind: 'continue', folder, afterDelivery } : { kind: 'continue', afterDelivery };
   },
 };
 

@@ -47,6 +47,8 @@ export type StepResult =
       readonly keep?: boolean;
       /** deliver into this folder, created if missing (antivirus quarantine); wins over -m and +detail */
       readonly folder?: string;
+      /** runs with the notify phase, only once the message is delivered; a failure is logged (antivirus notice) */
+      readonly afterDelivery?: () => Promise<void>;
     }
   | { readonly kind: 'fail'; readonly result: DeliveryResult };
 
