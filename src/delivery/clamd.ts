@@ -62,6 +62,7 @@ export function clamdScan(target: ClamdTarget, data: AsyncIterable<Buffer>): Pro
   return new Promise<ScanResult>((resolve) => {
     let settled = false;
     let answer = Buffer.alloc(0);
+    let connected = false;
     const sock = net.connect(opts);
     const done = (r: ScanResult): void => {
       if (settled) return;
@@ -71,7 +72,11 @@ export function clamdScan(target: ClamdTarget, data: AsyncIterable<Buffer>): Pro
       resolve(r);
     };
     const timer = setTimeout(() => done({ kind: 'error', reason: `no answer within ${Math.round(target.timeoutMs / 1000)} s` }), target.timeoutMs);
-    sock.on('error', (e: NodeJS.ErrnoException) => done({ kind: 'error', reason: `${e.code ?? 'error'}: ${e.message}` }));
+    sock.on('error', (e: NodeJS.ErrnoException) => {
+      // a clamd that goes away while we still send: the write fails before the read sees the end
+      const gone = connected && (e.code === 'EPIPE' || e.code === 'ECONNRESET');
+      done({ kind: 'error', reason: gone ? `closed the connection before answering (${e.code})` : `${e.code ?? 'error'}: ${e.message}` });
+    });
     sock.on('data', (d: Buffer) => {
       answer = Buffer.concat([answer, d]);
       const nul = answer.indexOf(0);
@@ -96,6 +101,7 @@ export function clamdScan(target: ClamdTarget, data: AsyncIterable<Buffer>): Pro
         sock.on('close', go);
       });
     sock.once('connect', () => {
+      connected = true;
       void (async () => {
         try {
           await write(Buffer.from('zINSTREAM\0', 'latin1'));

@@ -75,3 +75,16 @@ t.test('an answer that never ends is an error, not a hang', async (t) => {
 t.test('a bad address is an error naming it as such', async (t) => {
   t.match(await clamdScan({ address: 'nonsense', timeoutMs: 1000 }, chunks('m')), { kind: 'error', reason: /neither a socket path nor HOST:PORT/ });
 });
+
+t.test('a clamd that goes away while we send: "closed the connection before answering", whatever the socket error', async (t) => {
+  const s = await scripted((sock) => {
+    sock.once('data', () => sock.destroy());
+  });
+  t.teardown(s.close);
+  async function* big(): AsyncIterable<Buffer> {
+    for (let i = 0; i < 64; i++) yield Buffer.alloc(256 * 1024, 0x61);
+  }
+  for (let i = 0; i < 5; i++) {
+    t.match(await clamdScan({ address: s.address, timeoutMs: 10_000 }, big()), { kind: 'error', reason: /^closed the connection before answering/ }, `try ${i + 1}`);
+  }
+});

@@ -24,6 +24,8 @@ export const CLAMD_STREAM_MAX = 1024 * 1024;
 export interface Clamd {
   readonly socket: string;
   readonly log: () => string;
+  /** resolves once the log has `n` lines matching `re` (clamd logs a FOUND after answering) */
+  waitLog(re: RegExp, n: number): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -100,5 +102,21 @@ StreamMaxLength ${CLAMD_STREAM_MAX}
     child.once('exit', exited);
     check();
   });
-  return { socket, log, stop };
+  const count = (re: RegExp): number => log().split('\n').filter((l) => re.test(l)).length;
+  const waitLog = (re: RegExp, n: number): Promise<void> =>
+    new Promise<void>((res, rej) => {
+      if (count(re) >= n) return res();
+      const w = watch(logFile);
+      const timer = setTimeout(() => {
+        w.close();
+        rej(new Error(`clamd log: ${count(re)} of ${n} lines ${re} within 60 s`));
+      }, 60_000);
+      w.on('change', () => {
+        if (count(re) < n) return;
+        clearTimeout(timer);
+        w.close();
+        res();
+      });
+    });
+  return { socket, log, waitLog, stop };
 }
