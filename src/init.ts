@@ -155,6 +155,13 @@ ${backendSections()}
 # The MTA's sendmail command: the delivery modules forward and vacation re-inject mail through it.
 sendmail: /usr/sbin/sendmail
 
+# ClamAV's clamd, for the antivirus delivery module (antivirus.enabled; README "Antivirus").
+clamd:
+  # its unix socket (clamd.conf LocalSocket; Debian: /var/run/clamav/clamd.ctl) or HOST:PORT (TCPSocket)
+  address: /var/run/clamav/clamd.ctl
+  # a scan (connect, send, answer) must finish within this many seconds; else antivirus.on_error decides
+  timeout_s: 30
+
 log:
   # debug | info | warn | error
   level: info

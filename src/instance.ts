@@ -32,6 +32,8 @@ import {
   PREAUTH_IDLE_MS,
   IMAP_MAX_LINE,
   MDA_LOCK_WAIT_MS,
+  CLAMD_ADDRESS,
+  CLAMD_TIMEOUT_S,
   TLS_HANDSHAKE_MS,
   PEER_HANDOFF_MS,
   PEER_CONNECT_MS,
@@ -178,6 +180,16 @@ const baseShape = {
     .prefault({}),
   // node-local: the MTA's sendmail command (forward and vacation re-inject mail through it)
   sendmail: path.default('/usr/sbin/sendmail'),
+  // node-local: ClamAV's clamd for the antivirus delivery module (a unix socket path or HOST:PORT)
+  clamd: z
+    .strictObject({
+      address: z
+        .string()
+        .regex(/^(\/[^\0\r\n]{1,200}|(\[[0-9a-f:.]+\]|[a-z0-9.-]+):\d{1,5})$/i, 'expected a unix socket path (/run/clamav/clamd.ctl) or HOST:PORT')
+        .default(CLAMD_ADDRESS),
+      timeout_s: z.number().int().min(1).max(600).default(CLAMD_TIMEOUT_S),
+    })
+    .prefault({}),
   log: z
     .strictObject({
       level: z.enum(['debug', 'info', 'warn', 'error']).default('info'),

@@ -54,6 +54,8 @@ export const MOVE_ANSWER_MS = 300_000; // the receiving node confirms a copied m
 export const MOVE_OUT_MS = 600_000; // the node that holds a mailbox must have sent it (move-out) within this
 export const MOVE_LINE_MAX = 8192; // one file header line of a mailbox copy
 // defaults of pigeon.yaml settings that are not in `limits:`
+export const CLAMD_ADDRESS = '/var/run/clamav/clamd.ctl'; // clamd.address: Debian's clamd LocalSocket
+export const CLAMD_TIMEOUT_S = 30; // clamd.timeout_s: one scan (connect, send, answer), then antivirus.on_error
 export const MDA_LOCK_WAIT_MS = 20_000; // limits.mda_lock_wait_s: an mbox delivery waits this long for the locks, then 4.2.0
 export const TLS_HANDSHAKE_MS = 15_000; // limits.tls_handshake_timeout_s
 export const PEER_HANDOFF_MS = 10_000; // peer.handoff_timeout_s: a peer must send its whole hand-off within this

@@ -30,6 +30,7 @@ export function makeDeliveryEnv(instance: Instance, store: Store, logger: Logger
     hostname: hostname() || 'localhost',
     lockWaitMs: instance.config.limits.mda_lock_wait_s * 1000,
     dovecotLda: { path: dovecot.lda, timeoutMs: dovecot.lda_timeout_s * 1000 },
+    clamd: { address: instance.config.clamd.address, timeoutMs: instance.config.clamd.timeout_s * 1000 },
     log: (level, msg, fields) => {
       const user = fields?.['user'];
       logger.log(level, typeof user === 'string' ? `${service}(${user})` : service, msg, fields ? { ...fields, user: undefined } : undefined);

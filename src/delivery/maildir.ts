@@ -9,7 +9,8 @@
  *             of killed deliveries and are removed, at most once per hour per tmp/ directory (a
  *             stamp file `tmp/.pigeon-tmp-clean` remembers the last scan across processes).
  *             `+detail` (or -m) selects an existing Maildir++ folder `.detail`; a missing one means
- *             INBOX (folders are never created by mail from outside).
+ *             INBOX (folders are never created by mail from outside). A folder a scan module chose
+ *             (the antivirus quarantine: StoreRequest.createFolder) is created when missing.
  *             Quota: Maildir++ `maildirsize` (src/delivery/quota.ts).
  * SECURITY    `store` runs in the mail writer, as the mail user (src/writer/mail-writer.ts): files
  *             are 0600 and owned by the mail user because the mail user creates them. tmp/, new/
@@ -26,7 +27,7 @@ import { readUsage, addUsage } from './quota.js';
 import { fault } from './fault.js';
 import { fsFailure, overQuota, type Held, type MdaModule, type StoreRequest } from './mda.js';
 import type { DeliveryResult } from './types.js';
-import { baseOf, checkDir, createExclusive, fsyncDir, openChecked } from '../writer/safe-fs.js';
+import { baseOf, checkDir, createExclusive, ensureDir, fsyncDir, openChecked } from '../writer/safe-fs.js';
 
 /** Maildir's rule: a file in tmp/ untouched this long is a leftover (Dovecot, qmail: 36 hours). */
 export const TMP_MAX_AGE_MS = 36 * 3600_000;
@@ -61,6 +62,26 @@ export function findFolder(root: string, name: string): string | null {
     /* unreadable root: deliver to INBOX, which then fails loudly */
   }
   return null;
+}
+
+/** A name findFolder would look up (and createFolder may create): no path, no leading dot, not INBOX. */
+export function validFolderName(name: string): boolean {
+  return name !== '' && !name.includes('/') && !name.startsWith('.') && !/[\0\r\n]/.test(name) && name.toUpperCase() !== 'INBOX';
+}
+
+/**
+ * Create the Maildir++ folder `.NAME` (cur/, new/, tmp/ and the `maildirfolder` marker) below
+ * `root`, as whoever runs this (the mail writer: the mail user). Returns its directory name.
+ */
+export async function createFolder(base: string, root: string, name: string): Promise<string> {
+  const d = `.${name}`;
+  checkDir(base, root);
+  await ensureDir(base, join(root, d));
+  for (const s of ['cur', 'new', 'tmp']) await ensureDir(base, join(root, d, s));
+  const marker = await createExclusive(join(root, d, 'maildirfolder'));
+  await marker?.close();
+  await fsyncDir(root);
+  return d;
 }
 
 // per process (a long-lived writer): tmp/ directories scanned recently
@@ -109,7 +130,14 @@ export async function cleanTmp(tmp: string, now = Date.now()): Promise<number> {
 async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<Held | DeliveryResult> {
   const root = req.path;
   const base = baseOf(req.mailRoot, root);
-  const folderDir = req.folder === null ? null : findFolder(root, req.folder);
+  let folderDir = req.folder === null ? null : findFolder(root, req.folder);
+  if (folderDir === null && req.folder !== null && req.createFolder && validFolderName(req.folder)) {
+    try {
+      folderDir = await createFolder(base, root, req.folder);
+    } catch (e) {
+      return fsFailure(e, `create folder .${req.folder}`);
+    }
+  }
   const dir = folderDir === null ? root : join(root, folderDir);
   const tmpDir = join(dir, 'tmp');
   const newDir = join(dir, 'new');

@@ -120,7 +120,8 @@ const mailstore: DeliveryModule = {
         return refused(fsFailure(e, 'create mailbox'));
       }
     }
-    const folder = req.mailbox ?? (settings['detail'] === false ? null : req.detail);
+    // a folder a scan module chose (quarantine) is created if missing; -m and +detail only select existing ones
+    const folder = req.folder ?? req.mailbox ?? (settings['detail'] === false ? null : req.detail);
     const qf = settings['quota_full'] === 'defer' ? 'defer' : 'bounce';
     const parts = deliveredParts(req.message, Buffer.concat([traceHeaders(req.sender, req.rcpt, !hasPipeDeliveredTo(req.message, req.rcpt)), ...req.added]));
     const mdaName = typeof settings['mda'] === 'string' ? settings['mda'] : BUILTIN_MDA;
@@ -167,6 +168,7 @@ const mailstore: DeliveryModule = {
           path: a.path,
           mailRoot: env.alloc.mailRoot,
           folder,
+          createFolder: req.folder !== null,
           quota: num(settings['quota'], 0),
           quotaFull: qf,
           sender: req.sender,

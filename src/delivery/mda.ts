@@ -31,6 +31,8 @@ export interface StoreRequest {
   readonly mailRoot: string;
   /** folder asked for by +detail or -m, delivered into only when it exists */
   readonly folder: string | null;
+  /** create `folder` when it does not exist (a quarantine folder); else a missing one means INBOX */
+  readonly createFolder: boolean;
   readonly quota: number;
   readonly quotaFull: 'bounce' | 'defer';
   readonly sender: string;

@@ -21,7 +21,8 @@ export function smtpCodeOf(r: DeliveryResult): number {
   const d = r.dsn;
   if (d.startsWith('2')) return 250;
   if (d.startsWith('4')) return d === '4.2.2' || d === '4.3.1' ? 452 : 451;
-  if (d === '5.1.1' || d === '5.2.1' || d === '5.1.3') return 550;
+  // 5.7.1 (a policy refusal: antivirus reject) is 550, as Postfix's smtpd answers a 5.7.1 REJECT
+  if (d === '5.1.1' || d === '5.2.1' || d === '5.1.3' || d === '5.7.1') return 550;
   if (d === '5.2.2' || d === '5.3.4') return 552;
   return 554;
 }

@@ -9,7 +9,8 @@
  *             effective `enabled` is true in phase order. Store-phase modules prepare; if all
  *             succeeded their commits run in order; the first failure aborts whatever is not yet
  *             committed and decides the outcome. Notify-phase modules run after that, only for a
- *             delivered message, and cannot change the outcome. If no module stored or forwarded
+ *             delivered message, and cannot change the outcome; so do the `afterDelivery` steps
+ *             earlier modules asked for (the antivirus notice). If no module stored or forwarded
  *             the message, the recipient is deferred (4.3.5): mail is never dropped silently.
  * DIAGNOSTICS Any exception inside a module becomes 4.3.0 (temporary): nothing is ever bounced
  *             because of a bug.
@@ -105,9 +106,11 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, 
     message,
     mailbox: input.mailbox,
     keep: true,
+    folder: null,
   };
   const enabled = runOrder().filter((m) => r.config[`${m.name}.enabled`]?.value === true && (only === undefined || only.has(m.name)));
   const prepared: Prepared[] = [];
+  const afters: { readonly name: string; readonly run: () => Promise<void> }[] = [];
   const abortAll = async (from: number): Promise<void> => {
     for (const p of prepared.slice(from).reverse()) await p.abort().catch(() => undefined);
   };
@@ -124,6 +127,8 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, 
       return step.result;
     }
     if (step.keep === false) req.keep = false;
+    if (step.folder !== undefined) req.folder = step.folder;
+    if (step.afterDelivery) afters.push({ name: m.name, run: step.afterDelivery });
     if (step.prepared) prepared.push(step.prepared);
   }
   if (prepared.length === 0) {
@@ -141,6 +146,13 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, 
       const f = failureOf(e, p.what);
       if (done.length > 0) env.log('warn', 'delivery: deferred after a partial commit; a retry may duplicate', { user: r.user.address, done: done.join('; ') });
       return f;
+    }
+  }
+  for (const a of afters) {
+    try {
+      await a.run();
+    } catch (e) {
+      env.log('warn', `${a.name}: failed (message already delivered)`, { user: r.user.address, error: e instanceof Error ? e.message : String(e) });
     }
   }
   for (const m of enabled.filter((x) => x.phase === 'notify')) {

@@ -17,11 +17,12 @@ import forward from './forward.js';
 import mailstore from './mailstore.js';
 import vacation from './vacation.js';
 import { MDA_PROGRAMS } from './registry-mda.js';
+import antivirus from './antivirus.js';
 
 /** settings modules that are not delivery modules (src/catalog.ts): a delivery module may not take their name */
 export const RESERVED_SETTINGS = ['login', 'imap', 'pop3'];
 
-export const DELIVERY_MODULES = new Registry<DeliveryModule>('delivery', [forward, mailstore, vacation], (m) => {
+export const DELIVERY_MODULES = new Registry<DeliveryModule>('delivery', [antivirus, forward, mailstore, vacation], (m) => {
   const out = declProblems(m.settings);
   if (!PHASES.includes(m.phase)) out.push(`phase ${JSON.stringify(m.phase)} is not one of ${PHASES.join(', ')}`);
   if (typeof m.run !== 'function') out.push('no run()');

@@ -41,7 +41,15 @@ export interface Prepared {
 }
 
 export type StepResult =
-  | { readonly kind: 'continue'; readonly prepared?: Prepared; readonly keep?: boolean }
+  | {
+      readonly kind: 'continue';
+      readonly prepared?: Prepared;
+      readonly keep?: boolean;
+      /** deliver into this folder, created if missing (antivirus quarantine); wins over -m and +detail */
+      readonly folder?: string;
+      /** runs with the notify phase, only once the message is delivered; a failure is logged (antivirus notice) */
+      readonly afterDelivery?: () => Promise<void>;
+    }
   | { readonly kind: 'fail'; readonly result: DeliveryResult };
 
 /**
@@ -62,6 +70,8 @@ export interface DeliveryEnv {
   readonly lockWaitMs: number;
   /** Dovecot's delivery program (pigeon.yaml dovecot.lda) and how long one delivery may take (dovecot.lda_timeout_s) */
   readonly dovecotLda: { readonly path: string; readonly timeoutMs: number };
+  /** ClamAV's clamd (pigeon.yaml clamd.address, clamd.timeout_s): the antivirus module scans with it */
+  readonly clamd: { readonly address: string; readonly timeoutMs: number };
   readonly log: (level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Record<string, string | number | boolean | null | undefined>) => void;
 }
 
@@ -83,6 +93,8 @@ export interface RecipientRequest {
   readonly mailbox: string | null;
   /** decisions of earlier modules: forward with keep=false clears it */
   keep: boolean;
+  /** a folder an earlier module chose (antivirus quarantine): the mailstore delivers there, creating it */
+  folder: string | null;
   /** header lines modules added (`Name: value` + LF, UTF-8), stored above the message's own header */
   readonly added: readonly Buffer[];
   /**

@@ -36,7 +36,7 @@ export async function deliverViaPeer(ctx: PeerContext, node: string, req: Recipi
         session: linkSessionId(),
         tag: null,
         hops: 1,
-        deliver: { rcpt: req.rcpt, sender: req.sender, detail: req.detail, original: req.original, mailbox: req.mailbox, size },
+        deliver: { rcpt: req.rcpt, sender: req.sender, detail: req.detail, original: req.original, mailbox: req.folder ?? req.mailbox, size },
         move: null,
       },
       ctx.handoffTimeoutMs,
