@@ -30,7 +30,7 @@ import { availableParallelism } from 'node:os';
 import type { ProxyEnv } from '../src/proxy/env.js';
 import type { SniCallback } from '../src/client-tls.js';
 import type { Instance, Listener } from '../src/instance.js';
-import type { ClientConn } from '../src/proxy/conn.js';
+import type { ClientConn, Peer } from '../src/proxy/conn.js';
 import type { Slot } from '../src/proxy/slots.js';
 import type { AnvilServer } from '../src/anvil/server.js';
 import { AppError, isAppError, isErrorCode, type ErrorCode } from '../src/errors.js';
@@ -174,10 +174,12 @@ interface Admitted {
   readonly slot: Promise<Slot | null>;
   /** the session's connection, once it runs (eviction then ends it in protocol) */
   conn: ClientConn | null;
+  /** the client's addresses: the socket's, or those a PROXY header named */
+  readonly peer: Peer;
 }
 
 async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | undefined, extra: ExtraListener | null): Promise<number> {
-  const [{ implicitTlsOptions, guardHandshakes }, { loadClientTls }, { loadInstance }, { createLogger }, { ClientConn }, { unmapIp }, { liveCount }, { admit, attachSlot, limitReply }, sessions] = await Promise.all([
+  const [{ implicitTlsOptions, guardHandshakes }, { loadClientTls }, { loadInstance }, { createLogger }, { ClientConn }, { unmapIp }, { liveCount }, { admit, attachSlot, limitReply }, sessions, { passProxyHeader, socketPeer }] = await Promise.all([
     import('../src/proxy/tls.js'),
     import('../src/client-tls.js'),
     import('../src/instance.js'),
@@ -187,6 +189,7 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
     import('../src/proxy/live.js'),
     import('../src/proxy/slots.js'),
     import('../src/proxy/sessions.js'),
+    import('../src/proxy/proxy-header.js'),
   ]);
   const env = await makeEnv();
   const servers: Server[] = [];
@@ -196,8 +199,8 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
   const handshaking = new Map<string, Admitted>();
 
   /** Ask the node for a slot for a new TCP connection; refuse or close it when there is none. */
-  const admitTcp = (proto: 'imap' | 'pop3', raw: Socket, tls: boolean): Admitted => {
-    const ip = unmapIp(raw.remoteAddress);
+  const admitTcp = (proto: 'imap' | 'pop3', raw: Socket, tls: boolean, peer: Peer): Admitted => {
+    const ip = peer.rip;
     let closed = false;
     let slot: Slot | null = null;
     sockets.add(raw);
@@ -209,8 +212,9 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
     });
     const adm: Admitted = {
       conn: null,
+      peer,
       slot: admit(env, ip, proto, () => {
-        env.log.log('info', `${proto}-login`, 'Disconnected (connection limit reached: evicted as the oldest connection that had not logged in):', { rip: ip, lport: raw.localPort ?? 0 });
+        env.log.log('info', `${proto}-login`, 'Disconnected (connection limit reached: evicted as the oldest connection that had not logged in):', { rip: ip, lport: peer.lport });
         if (adm.conn) adm.conn.end(limitReply(proto, 'evicted'));
         else raw.destroy();
       }).then((a) => {
@@ -233,7 +237,7 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
 
   const runSession = (proto: 'imap' | 'pop3', sock: Socket | TLSSocket, secure: boolean, adm: Admitted, slot: Slot): void => {
     sock.on('error', () => {});
-    const conn = new ClientConn({ ...socketTransport(sock, secure), secure });
+    const conn = new ClientConn({ ...socketTransport(sock, secure, adm.peer), secure });
     attachSlot(conn, slot);
     adm.conn = conn;
     sessions
@@ -245,10 +249,16 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
       .finally(() => slot.close());
   };
 
-  const acceptPlain = (proto: 'imap' | 'pop3') => (sock: Socket) => {
-    const adm = admitTcp(proto, sock, false);
-    void adm.slot.then((slot) => {
-      if (slot) runSession(proto, sock, false, adm, slot);
+  /** The client's addresses: the socket's own, or (a `,proxy` listener) those its PROXY header names; null: refused and closed. */
+  const clientPeer = (proto: 'imap' | 'pop3', sock: Socket, proxied: boolean): Promise<Peer | null> =>
+    proxied ? passProxyHeader(sock, env.instance.config.limits, env.log, `${proto}-login`) : Promise.resolve(socketPeer(sock));
+  const acceptPlain = (proto: 'imap' | 'pop3', proxied: boolean) => (sock: Socket) => {
+    void clientPeer(proto, sock, proxied).then((peer) => {
+      if (!peer) return;
+      const adm = admitTcp(proto, sock, false, peer);
+      void adm.slot.then((slot) => {
+        if (slot) runSession(proto, sock, false, adm, slot);
+      });
     });
   };
   const peerKey = (s: Socket): string => `${s.remoteAddress ?? ''}|${s.remotePort ?? 0}`;
@@ -266,10 +276,14 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
     });
   };
 
+  /** TCP connections of `,proxy` TLS listeners that passed the PROXY gate (admitted there), with the client's addresses */
+  const gated = new WeakMap<Socket, Peer>();
+
   const banners: string[] = [];
   for (const l of env.instance.config.listen) {
     let server: Server | null = null;
-    if (l.protocol === 'imap' || l.protocol === 'pop3') server = createServer({ pauseOnConnect: true }, acceptPlain(l.protocol));
+    let bound: Server | null = null;
+    if (l.protocol === 'imap' || l.protocol === 'pop3') server = createServer({ pauseOnConnect: true }, acceptPlain(l.protocol, l.proxy));
     else if (l.protocol === 'imaps' || l.protocol === 'pop3s') {
       const proto = l.protocol === 'imaps' ? 'imap' : 'pop3';
       // tls.sni: the current configuration's choice (SIGHUP swaps env.tls)
@@ -277,19 +291,35 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
       // handshake deadline and ALPN (src/proxy/tls.ts); failed handshakes are logged and closed there
       server = createTlsServer({ ...implicitTlsOptions(env.instance, proto, tlsFiles(env)), SNICallback }, acceptTls(proto));
       // the slot is taken at TCP accept, so connections still in the handshake count too
-      server.on('connection', (raw: Socket) => {
+      const tlsServer = server as TlsServer;
+      const admitHandshake = (raw: Socket, peer: Peer): void => {
         const k = peerKey(raw);
-        handshaking.set(k, admitTcp(proto, raw, true));
+        handshaking.set(k, admitTcp(proto, raw, true, peer));
         raw.once('close', () => handshaking.delete(k));
+      };
+      server.on('connection', (raw: Socket) => {
+        if (!gated.has(raw)) admitHandshake(raw, socketPeer(raw));
       });
-      tlsServers.push(server as TlsServer);
-      guardHandshakes(server as TlsServer, proto, () => env);
+      tlsServers.push(tlsServer);
+      guardHandshakes(tlsServer, proto, () => env, (raw) => gated.get(raw)?.rip ?? unmapIp(raw.remoteAddress));
+      if (l.proxy) {
+        // the PROXY header comes before the TLS handshake: a plain TCP listener reads it, then
+        // hands the socket (and any bytes after the header) to the TLS server
+        bound = createServer({ pauseOnConnect: true }, (raw) => {
+          void clientPeer(proto, raw, true).then((peer) => {
+            if (!peer || raw.destroyed) return;
+            gated.set(raw, peer);
+            admitHandshake(raw, peer);
+            tlsServer.emit('connection', raw);
+          });
+        });
+      }
     } else if (extra) server = extra(l, env);
     if (!server) {
       env.log.log('warn', 'master', `listener ${l.protocol} is not served by this version; skipped`);
       continue;
     }
-    const s = server;
+    const s = bound ?? server;
     await new Promise<void>((resolve, reject) => {
       s.once('error', reject);
       if (l.path !== null) s.listen(l.path, resolve);
@@ -299,7 +329,7 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
       throw new AppError('TEMPFAIL', `cannot listen on ${l.protocol}=${l.path ?? `${l.host}:${l.port}`}: ${e.code ?? e.message}`);
     });
     servers.push(s);
-    banners.push(`pigeon: listening ${l.protocol} ${addr(l, s)}\n`);
+    banners.push(`pigeon: listening ${l.protocol} ${addr(l, s)}${l.proxy ? ' (PROXY protocol)' : ''}\n`);
   }
   if (servers.length === 0) env.log.log('warn', 'master', 'no listeners configured (add --listen at init or listen: in pigeon.yaml)');
   if (!cluster.isWorker || cluster.worker?.id === 1) process.stderr.write(`${banners.join('')}pigeon: ready (${servers.length} listeners)\n`);

@@ -17,6 +17,8 @@ export const SASL_MAX_LINE = 8192; // one SASL response line incl. CRLF
 export const ID_MAX_PAIRS = 30;
 export const ID_MAX_FIELD = 30;
 export const ID_MAX_VALUE = 1024;
+export const PROXY_V1_MAX = 107; // a PROXY v1 line incl. CRLF (the spec's maximum)
+export const PROXY_V2_MAX = 1500; // a PROXY v2 header incl. its TLVs (HAProxy's own bound: one packet)
 export const PREAUTH_IDLE_MS = 60_000;
 export const PREAUTH_ABSOLUTE_MS = 180_000;
 export const BACKEND_START_MS = 30_000;
@@ -56,6 +58,7 @@ export const MOVE_LINE_MAX = 8192; // one file header line of a mailbox copy
 // defaults of pigeon.yaml settings that are not in `limits:`
 export const MDA_LOCK_WAIT_MS = 20_000; // limits.mda_lock_wait_s: an mbox delivery waits this long for the locks, then 4.2.0
 export const TLS_HANDSHAKE_MS = 15_000; // limits.tls_handshake_timeout_s
+export const PROXY_HEADER_MS = 3_000; // limits.proxy_header_timeout_s: a `,proxy` listener's PROXY header must arrive within this
 export const PEER_HANDOFF_MS = 10_000; // peer.handoff_timeout_s: a peer must send its whole hand-off within this
 export const PEER_CONNECT_MS = 10_000; // peer.connect_timeout_s
 export const PEER_TLS_HANDSHAKE_MS = 15_000; // a node connecting to the peer listener must finish its TLS handshake within this
