@@ -54,6 +54,8 @@ export interface Listener {
   readonly path: string | null;
   /** `,proxy`: every connection starts with a PROXY header (src/proxy/proxy-header.ts), from limits.trusted_proxies only */
   readonly proxy: boolean;
+  /** a socket inherited from systemd (src/systemd.ts): listen on this fd instead of host/port */
+  readonly fd?: number;
 }
 
 /** Protocols whose listener may take `,proxy` (the peer link and metrics may not). */
