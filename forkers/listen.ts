@@ -59,10 +59,17 @@ function listenersOf(configured: readonly Listener[], inherited: readonly Inheri
   return [...configured.filter((l) => !taken.has(l.protocol)), ...inherited.map((i) => ({ protocol: i.protocol, host: '', port: 0, path: null, proxy: i.proxy, fd: i.fd }))];
 }
 
-/** sd_notify, logged through stderr (the daemon's log may not exist yet). */
-async function notify(state: string): Promise<void> {
-  const { sdNotify } = await import('../src/systemd.js');
-  await sdNotify(state, (m) => process.stderr.write(`pigeon: warning: ${m}\n`));
+let notified: Promise<void> = Promise.resolve();
+
+/** sd_notify, in the order called (RELOADING=1 before its READY=1); warnings to stderr (the daemon's log may not exist yet). */
+function notify(state: string): Promise<void> {
+  notified = notified.then(async () => {
+    const { sdNotify } = await import('../src/systemd.js');
+    await sdNotify(state, (m) => process.stderr.write(`pigeon: warning: ${m}\n`));
+  }).catch((e: unknown) => {
+    process.stderr.write(`pigeon: warning: NOTIFY_SOCKET: ${e instanceof Error ? e.message : String(e)}\n`);
+  });
+  return notified;
 }
 
 function tlsFiles(env: ProxyEnv): { cert: Buffer; key: Buffer } {

@@ -1,6 +1,6 @@
 /**
  * NAME        src/init — create an instance directory
- * SYNOPSIS    pigeon init DIR [--node NAME] [--listen PROTO=HOST:PORT]... [--db URL] [--ca-from DIR]
+ * SYNOPSIS    pigeon init DIR [--node NAME] [--listen PROTO=HOST:PORT[,proxy]]... [--db URL] [--ca-from DIR]
  * DESCRIPTION Writes DIR/pigeon.yaml (commented), DIR/conf.d/, DIR/mail/, the SQLite database
  *             (migrated), DIR/certs/ca.crt (+ ca.key when this instance made the CA) and this node's
  *             DIR/certs/node.crt + node.key, and registers the node. Refuses to touch an existing
