@@ -214,7 +214,8 @@ t.test('the failure delay counts per real client address', async (t) => {
   const penalised = await timed('127.0.0.8');
   t.ok(penalised >= 2 * DELAY - 50, `127.0.0.8 waits its penalty and the failure delay (${penalised} ms >= ${2 * DELAY} ms)`);
   const fresh = await timed('127.0.0.9');
-  t.ok(fresh < 2 * DELAY - 100, `127.0.0.9, through the same proxy, waits only the failure delay (${fresh} ms)`);
+  // against the baseline measured here (the penalised address), not a fixed bound: load slows both
+  t.ok(fresh >= DELAY - 50 && fresh < penalised, `127.0.0.9, through the same proxy, waits only the failure delay (${fresh} ms, less than 127.0.0.8's ${penalised} ms)`);
 });
 
 t.test('limits.preauth_per_ip counts the real client address', async (t) => {
