@@ -96,7 +96,9 @@ const imapLastWords = (code: number | null): string | undefined =>
 async function start(req: BackendRequest, bins: Binaries, mailUser: MailUser): Promise<BackendSession> {
   const { location, home } = await mailLocation(req, mailUser);
   const bin = req.protocol === 'imap' ? bins.imap : bins.pop3;
-  const prefix = `%s(%u)<%{pid}><${req.sessionId.replace(/%/g, '%%')}>: `;
+  // the client's address as Dovecot got it (IP; behind a PROXY header, the one it named):
+  // src/proxy/router.ts carries it into our log line as rip=
+  const prefix = `%s(%u)<%{pid}><${req.sessionId.replace(/%/g, '%%')}><rip=%{rip}>: `;
   const args = ['-O', '-o', `mail_location=${safe(location)}`, '-o', `mail_log_prefix=${prefix}`, '-o', 'log_path=/dev/stderr', '-o', 'ssl=no'];
   const env: Record<string, string> = {
     USER: safe(req.address),

@@ -13,18 +13,22 @@
 import { Socket } from 'node:net';
 import { fstatSync } from 'node:fs';
 import type { OneShotForker, Transport } from './types.js';
+import type { Peer } from '../src/proxy/conn.js';
 import { unmapIp, isLoopback } from '../src/ip.js';
 import { AppError } from '../src/errors.js';
 
-/** A connected TCP socket as a transport (also `pigeon serve`'s connections). */
-export function socketTransport(sock: Socket, secure: boolean): Transport {
+/**
+ * A connected TCP socket as a transport (also `pigeon serve`'s connections); `peer`: the client's
+ * addresses when not the socket's own (a PROXY header named them).
+ */
+export function socketTransport(sock: Socket, secure: boolean, peer?: Peer): Transport {
   // small protocol lines both ways: no Nagle delay (a pipelined USER+PASS otherwise stalls 40 ms)
   sock.setNoDelay(true);
-  const rip = unmapIp(sock.remoteAddress);
+  const p = peer ?? { rip: unmapIp(sock.remoteAddress), rport: sock.remotePort ?? 0, lip: unmapIp(sock.localAddress), lport: sock.localPort ?? 0 };
   return {
     stream: sock,
-    peer: { rip, rport: sock.remotePort ?? 0, lip: unmapIp(sock.localAddress), lport: sock.localPort ?? 0 },
-    local: isLoopback(rip),
+    peer: p,
+    local: isLoopback(p.rip),
     canTls: !secure,
   };
 }

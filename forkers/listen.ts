@@ -3,8 +3,12 @@
  * SYNOPSIS    pigeon -c /etc/pigeon serve [--workers N]
  * DESCRIPTION Opens every imap, imaps, pop3 and pop3s listener of pigeon.yaml (and lmtp when the
  *             delivery agent provides it), in N worker processes sharing the ports (node:cluster;
- *             default one per core). Stays in the foreground (systemd Type=exec) and logs to
- *             stderr or log.file.
+ *             default one per core). Stays in the foreground and logs to stderr or log.file.
+ *             Under systemd (src/systemd.ts, contrib/systemd/): sockets passed by socket units
+ *             (LISTEN_FDS) replace the listeners of their protocol, every worker listening on
+ *             the primary's inherited fd through node:cluster; the primary notifies READY=1 once
+ *             every worker has opened its listeners, RELOADING=1 … READY=1 around a SIGHUP
+ *             reload of all workers, and STOPPING=1 on SIGTERM (Type=notify).
  *             The primary process owns the node state service (src/anvil/server.ts) before any
  *             listener opens: connection limits and failure penalties are node-wide, shared by
  *             the workers and by one-shot inetd / Postfix spawn processes of the same instance.
@@ -30,11 +34,12 @@ import { availableParallelism } from 'node:os';
 import type { ProxyEnv } from '../src/proxy/env.js';
 import type { SniCallback } from '../src/client-tls.js';
 import type { Instance, Listener } from '../src/instance.js';
-import type { ClientConn } from '../src/proxy/conn.js';
+import type { ClientConn, Peer } from '../src/proxy/conn.js';
 import type { Slot } from '../src/proxy/slots.js';
 import type { AnvilServer } from '../src/anvil/server.js';
 import { AppError, isAppError, isErrorCode, type ErrorCode } from '../src/errors.js';
 import type { Forker } from './types.js';
+import type { InheritedSocket } from '../src/systemd.js';
 import { socketTransport } from './inetd.js';
 
 export type ExtraListener = (l: Listener, env: ProxyEnv) => Server | null;
@@ -44,7 +49,27 @@ export default { kind: 'forker', name: 'listen', summary: 'standalone daemon: ev
 
 function addr(l: Listener, s: Server): string {
   const a = s.address();
-  return typeof a === 'object' && a !== null ? `${a.address.includes(':') ? `[${a.address}]` : a.address}:${a.port}` : String(a ?? l.path);
+  const where = typeof a === 'object' && a !== null ? `${a.address.includes(':') ? `[${a.address}]` : a.address}:${a.port}` : String(a ?? l.path);
+  return l.fd === undefined ? where : `${where} (inherited fd ${l.fd})`;
+}
+
+/** The listeners to open: pigeon.yaml's, except the protocols systemd passed sockets for, and those. */
+function listenersOf(configured: readonly Listener[], inherited: readonly InheritedSocket[]): Listener[] {
+  const taken = new Set(inherited.map((i) => i.protocol));
+  return [...configured.filter((l) => !taken.has(l.protocol)), ...inherited.map((i) => ({ protocol: i.protocol, host: '', port: 0, path: null, proxy: i.proxy, fd: i.fd }))];
+}
+
+let notified: Promise<void> = Promise.resolve();
+
+/** sd_notify, in the order called (RELOADING=1 before its READY=1); warnings to stderr (the daemon's log may not exist yet). */
+function notify(state: string): Promise<void> {
+  notified = notified.then(async () => {
+    const { sdNotify } = await import('../src/systemd.js');
+    await sdNotify(state, (m) => process.stderr.write(`pigeon: warning: ${m}\n`));
+  }).catch((e: unknown) => {
+    process.stderr.write(`pigeon: warning: NOTIFY_SOCKET: ${e instanceof Error ? e.message : String(e)}\n`);
+  });
+  return notified;
 }
 
 function tlsFiles(env: ProxyEnv): { cert: Buffer; key: Buffer } {
@@ -58,9 +83,10 @@ function tlsFiles(env: ProxyEnv): { cert: Buffer; key: Buffer } {
  */
 export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string | undefined, workers: number, extra: ExtraListener | null): Promise<number> {
   const n = workers > 0 ? workers : availableParallelism();
+  const { takeInheritedSockets } = await import('../src/systemd.js');
   if (cluster.isWorker) {
     try {
-      return await runWorker(makeEnv, configPath, extra);
+      return await runWorker(makeEnv, configPath, extra, takeInheritedSockets());
     } catch (e) {
       if (!isAppError(e)) throw e;
       // the primary says it (once for all workers) and stops the others
@@ -73,10 +99,12 @@ export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string
   // refuse to start half-configured: errors exit 78 before the service, listeners or workers
   const { loadInstance } = await import('../src/instance.js');
   const instance = loadInstance(configPath);
+  // sockets from systemd: taken (and LISTEN_* removed) before any child process exists
+  const inherited = takeInheritedSockets();
   const anvil = await ownNodeService(instance);
   try {
-    if (n > 1) return await supervise(n);
-    return await runWorker(makeEnv, configPath, extra);
+    if (n > 1) return await supervise(n, inherited);
+    return await runWorker(makeEnv, configPath, extra, inherited);
   } finally {
     anvil?.close();
   }
@@ -124,20 +152,52 @@ async function ownNodeService(instance: Instance): Promise<AnvilServer | null> {
   }
 }
 
-async function supervise(n: number): Promise<number> {
+/** What a worker tells the primary besides a fatal start-up error: all its listeners are open, a reload finished. */
+interface WorkerState {
+  readonly pigeon: 'ready' | 'reloaded';
+}
+
+function workerState(m: unknown): WorkerState['pigeon'] | null {
+  const p = typeof m === 'object' && m !== null ? (m as { pigeon?: unknown }).pigeon : undefined;
+  return p === 'ready' || p === 'reloaded' ? p : null;
+}
+
+async function supervise(n: number, inherited: readonly InheritedSocket[]): Promise<number> {
+  const { workerEnv, monotonicUsec } = await import('../src/systemd.js');
   let stopping = false;
+  // readiness: every first worker has opened its listeners; a reload: every worker has reloaded
+  const started = new Set<number>();
+  let announced = false;
+  let reloading: Set<ReturnType<typeof cluster.fork>> | null = null;
+  const reloadStep = (w: ReturnType<typeof cluster.fork> | null): void => {
+    if (reloading === null) return;
+    if (w) reloading.delete(w);
+    if (reloading.size > 0) return;
+    reloading = null;
+    void notify('READY=1\nSTATUS=configuration reloaded');
+  };
   let fatal: AppError | null = null;
   const live = new Set<ReturnType<typeof cluster.fork>>();
   let allExited: (() => void) | null = null;
   const stopAll = (signal: NodeJS.Signals): void => {
+    if (!stopping) void notify('STOPPING=1');
     stopping = true;
     for (const w of live) w.process.kill(signal);
     if (live.size === 0) allExited?.();
   };
   const fork = (): void => {
-    const w = cluster.fork();
+    const w = cluster.fork(workerEnv(inherited));
     live.add(w);
     w.on('message', (m: unknown) => {
+      const state = workerState(m);
+      if (state === 'reloaded') reloadStep(w);
+      if (state === 'ready' && !announced) {
+        started.add(w.id);
+        if (started.size >= n) {
+          announced = true;
+          void notify(`READY=1\nMAINPID=${process.pid}\nSTATUS=${n} workers ready`);
+        }
+      }
       const e = fatalError(m);
       if (e === null || fatal !== null) return;
       fatal = e;
@@ -146,6 +206,7 @@ async function supervise(n: number): Promise<number> {
     });
     w.on('exit', (code, sig) => {
       live.delete(w);
+      reloadStep(w);
       if (stopping) {
         if (live.size === 0) allExited?.();
         return;
@@ -162,7 +223,12 @@ async function supervise(n: number): Promise<number> {
     process.on('SIGTERM', () => stopAll('SIGTERM'));
     process.on('SIGINT', () => process.emit('SIGTERM'));
     process.on('SIGHUP', () => {
+      if (stopping) return;
+      // systemd sees the reload begin here and end when every worker has said it finished
+      void notify(`RELOADING=1\nMONOTONIC_USEC=${monotonicUsec()}`);
+      reloading = new Set(live);
       for (const w of live) w.process.kill('SIGHUP');
+      reloadStep(null);
     });
   });
   return fatal === null ? 0 : (fatal as AppError).exit;
@@ -174,10 +240,12 @@ interface Admitted {
   readonly slot: Promise<Slot | null>;
   /** the session's connection, once it runs (eviction then ends it in protocol) */
   conn: ClientConn | null;
+  /** the client's addresses: the socket's, or those a PROXY header named */
+  readonly peer: Peer;
 }
 
-async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | undefined, extra: ExtraListener | null): Promise<number> {
-  const [{ implicitTlsOptions, guardHandshakes }, { loadClientTls }, { loadInstance }, { createLogger }, { ClientConn }, { unmapIp }, { liveCount }, { admit, attachSlot, limitReply }, sessions] = await Promise.all([
+async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | undefined, extra: ExtraListener | null, inherited: readonly InheritedSocket[]): Promise<number> {
+  const [{ implicitTlsOptions, guardHandshakes }, { loadClientTls }, { loadInstance }, { createLogger }, { ClientConn }, { unmapIp }, { liveCount }, { admit, attachSlot, limitReply }, sessions, { passProxyHeader, socketPeer }, systemd] = await Promise.all([
     import('../src/proxy/tls.js'),
     import('../src/client-tls.js'),
     import('../src/instance.js'),
@@ -187,6 +255,8 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
     import('../src/proxy/live.js'),
     import('../src/proxy/slots.js'),
     import('../src/proxy/sessions.js'),
+    import('../src/proxy/proxy-header.js'),
+    import('../src/systemd.js'),
   ]);
   const env = await makeEnv();
   const servers: Server[] = [];
@@ -196,8 +266,8 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
   const handshaking = new Map<string, Admitted>();
 
   /** Ask the node for a slot for a new TCP connection; refuse or close it when there is none. */
-  const admitTcp = (proto: 'imap' | 'pop3', raw: Socket, tls: boolean): Admitted => {
-    const ip = unmapIp(raw.remoteAddress);
+  const admitTcp = (proto: 'imap' | 'pop3', raw: Socket, tls: boolean, peer: Peer): Admitted => {
+    const ip = peer.rip;
     let closed = false;
     let slot: Slot | null = null;
     sockets.add(raw);
@@ -209,8 +279,9 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
     });
     const adm: Admitted = {
       conn: null,
+      peer,
       slot: admit(env, ip, proto, () => {
-        env.log.log('info', `${proto}-login`, 'Disconnected (connection limit reached: evicted as the oldest connection that had not logged in):', { rip: ip, lport: raw.localPort ?? 0 });
+        env.log.log('info', `${proto}-login`, 'Disconnected (connection limit reached: evicted as the oldest connection that had not logged in):', { rip: ip, lport: peer.lport });
         if (adm.conn) adm.conn.end(limitReply(proto, 'evicted'));
         else raw.destroy();
       }).then((a) => {
@@ -233,7 +304,7 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
 
   const runSession = (proto: 'imap' | 'pop3', sock: Socket | TLSSocket, secure: boolean, adm: Admitted, slot: Slot): void => {
     sock.on('error', () => {});
-    const conn = new ClientConn({ ...socketTransport(sock, secure), secure });
+    const conn = new ClientConn({ ...socketTransport(sock, secure, adm.peer), secure });
     attachSlot(conn, slot);
     adm.conn = conn;
     sessions
@@ -245,10 +316,16 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
       .finally(() => slot.close());
   };
 
-  const acceptPlain = (proto: 'imap' | 'pop3') => (sock: Socket) => {
-    const adm = admitTcp(proto, sock, false);
-    void adm.slot.then((slot) => {
-      if (slot) runSession(proto, sock, false, adm, slot);
+  /** The client's addresses: the socket's own, or (a `,proxy` listener) those its PROXY header names; null: refused and closed. */
+  const clientPeer = (proto: 'imap' | 'pop3', sock: Socket, proxied: boolean): Promise<Peer | null> =>
+    proxied ? passProxyHeader(sock, env.instance.config.limits, env.log, `${proto}-login`) : Promise.resolve(socketPeer(sock));
+  const acceptPlain = (proto: 'imap' | 'pop3', proxied: boolean) => (sock: Socket) => {
+    void clientPeer(proto, sock, proxied).then((peer) => {
+      if (!peer) return;
+      const adm = admitTcp(proto, sock, false, peer);
+      void adm.slot.then((slot) => {
+        if (slot) runSession(proto, sock, false, adm, slot);
+      });
     });
   };
   const peerKey = (s: Socket): string => `${s.remoteAddress ?? ''}|${s.remotePort ?? 0}`;
@@ -266,10 +343,14 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
     });
   };
 
+  /** TCP connections of `,proxy` TLS listeners that passed the PROXY gate (admitted there), with the client's addresses */
+  const gated = new WeakMap<Socket, Peer>();
+
   const banners: string[] = [];
-  for (const l of env.instance.config.listen) {
+  for (const l of listenersOf(env.instance.config.listen, inherited)) {
     let server: Server | null = null;
-    if (l.protocol === 'imap' || l.protocol === 'pop3') server = createServer({ pauseOnConnect: true }, acceptPlain(l.protocol));
+    let bound: Server | null = null;
+    if (l.protocol === 'imap' || l.protocol === 'pop3') server = createServer({ pauseOnConnect: true }, acceptPlain(l.protocol, l.proxy));
     else if (l.protocol === 'imaps' || l.protocol === 'pop3s') {
       const proto = l.protocol === 'imaps' ? 'imap' : 'pop3';
       // tls.sni: the current configuration's choice (SIGHUP swaps env.tls)
@@ -277,35 +358,61 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
       // handshake deadline and ALPN (src/proxy/tls.ts); failed handshakes are logged and closed there
       server = createTlsServer({ ...implicitTlsOptions(env.instance, proto, tlsFiles(env)), SNICallback }, acceptTls(proto));
       // the slot is taken at TCP accept, so connections still in the handshake count too
-      server.on('connection', (raw: Socket) => {
+      const tlsServer = server as TlsServer;
+      const admitHandshake = (raw: Socket, peer: Peer): void => {
         const k = peerKey(raw);
-        handshaking.set(k, admitTcp(proto, raw, true));
+        handshaking.set(k, admitTcp(proto, raw, true, peer));
         raw.once('close', () => handshaking.delete(k));
+      };
+      server.on('connection', (raw: Socket) => {
+        if (!gated.has(raw)) admitHandshake(raw, socketPeer(raw));
       });
-      tlsServers.push(server as TlsServer);
-      guardHandshakes(server as TlsServer, proto, () => env);
+      tlsServers.push(tlsServer);
+      guardHandshakes(tlsServer, proto, () => env, (raw) => gated.get(raw)?.rip ?? unmapIp(raw.remoteAddress));
+      if (l.proxy) {
+        // the PROXY header comes before the TLS handshake: a plain TCP listener reads it, then
+        // hands the socket (and any bytes after the header) to the TLS server
+        bound = createServer({ pauseOnConnect: true }, (raw) => {
+          void clientPeer(proto, raw, true).then((peer) => {
+            if (!peer || raw.destroyed) return;
+            gated.set(raw, peer);
+            admitHandshake(raw, peer);
+            tlsServer.emit('connection', raw);
+          });
+        });
+      }
     } else if (extra) server = extra(l, env);
     if (!server) {
       env.log.log('warn', 'master', `listener ${l.protocol} is not served by this version; skipped`);
       continue;
     }
-    const s = server;
+    const s = bound ?? server;
     await new Promise<void>((resolve, reject) => {
       s.once('error', reject);
-      if (l.path !== null) s.listen(l.path, resolve);
+      // an inherited socket: in a worker, node:cluster has the primary open fd l.fd and share it
+      if (l.fd !== undefined) s.listen({ fd: l.fd }, resolve);
+      else if (l.path !== null) s.listen(l.path, resolve);
       else s.listen(l.port, l.host, resolve);
     }).catch((e: NodeJS.ErrnoException) => {
       for (const o of servers) o.close();
       throw new AppError('TEMPFAIL', `cannot listen on ${l.protocol}=${l.path ?? `${l.host}:${l.port}`}: ${e.code ?? e.message}`);
     });
     servers.push(s);
-    banners.push(`pigeon: listening ${l.protocol} ${addr(l, s)}\n`);
+    banners.push(`pigeon: listening ${l.protocol} ${addr(l, s)}${l.proxy ? ' (PROXY protocol)' : ''}\n`);
   }
   if (servers.length === 0) env.log.log('warn', 'master', 'no listeners configured (add --listen at init or listen: in pigeon.yaml)');
   if (!cluster.isWorker || cluster.worker?.id === 1) process.stderr.write(`${banners.join('')}pigeon: ready (${servers.length} listeners)\n`);
   env.log.log('info', 'master', `pigeon started (pid ${process.pid}${cluster.isWorker ? `, worker ${cluster.worker?.id ?? '?'}` : ''}, ${servers.length} listeners)`);
+  // systemd: the primary says READY=1 once every worker said this (or this process is all there is)
+  const tell = (state: WorkerState['pigeon'], systemd: string): void => {
+    if (cluster.isWorker) process.send?.({ pigeon: state } satisfies WorkerState);
+    else void notify(systemd);
+  };
+  tell('ready', `READY=1\nMAINPID=${process.pid}\nSTATUS=ready`);
 
   process.on('SIGHUP', () => {
+    const { monotonicUsec } = systemd;
+    if (!cluster.isWorker) void notify(`RELOADING=1\nMONOTONIC_USEC=${monotonicUsec()}`);
     try {
       const inst = loadInstance(configPath);
       const tls = loadClientTls(inst.tls);
@@ -317,9 +424,11 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
     } catch (e) {
       env.log.log('error', 'master', `reload failed, keeping the old configuration: ${e instanceof Error ? e.message : String(e)}`);
     }
+    tell('reloaded', 'READY=1\nSTATUS=configuration reloaded');
   });
   return new Promise<number>((resolve) => {
     const stop = (): void => {
+      if (!cluster.isWorker) void notify('STOPPING=1');
       env.log.log('info', 'master', 'stopping: no new connections');
       for (const s of servers) s.close();
       const deadline = setTimeout(() => {

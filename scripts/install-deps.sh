@@ -15,6 +15,9 @@ cd "$(dirname "$0")/.."
 # looks for it: without it every Courier IMAP login waits ~1.2 s and IDLE cannot push new mail).
 COURIER_LIBS="courier-base courier-authlib gamin libgamin0 libcourier-unicode4 libgdbm6 libidn12"
 NEED="dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-sieve postfix openbsd-inetd postgresql curl python3 iproute2 util-linux clamav-daemon $COURIER_LIBS"
+# the PROXY protocol test runs HAProxy in front; the systemd test needs systemd-socket-activate and
+# systemd-analyze (package systemd; a minimal image has no systemd), no PID 1
+NEED="$NEED haproxy systemd"
 if [ "${1:-}" != "--no-system" ]; then
   missing=""
   # the upstream backend's tests run a second, independent Dovecot (its master: dovecot-core)
@@ -34,6 +37,8 @@ if [ "${1:-}" != "--no-system" ]; then
   command -v setpriv >/dev/null 2>&1 || missing="$missing util-linux"
   # the antivirus tests start a private clamd (its own config and test signature: no freshclam)
   [ -x /usr/sbin/clamd ] || missing="$missing clamav-daemon"
+  [ -x /usr/sbin/haproxy ] || missing="$missing haproxy"
+  command -v systemd-socket-activate >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
   for p in $COURIER_LIBS; do
     dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$missing $p"
   done

@@ -41,7 +41,7 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
     .command('init')
     .argument('<dir>', 'new instance directory (must not exist or be empty)')
     .option('--node <name>', 'this node\'s name', 'node1')
-    .option('--listen <proto=host:port>', 'listener (repeatable): imap imaps pop3 pop3s lmtp peer metrics', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--listen <proto=host:port>', 'listener (repeatable): imap imaps pop3 pop3s lmtp peer metrics; PROTO=HOST:PORT,proxy expects a PROXY header (from limits.trusted_proxies)', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--db <url>', 'database: sqlite:PATH or PATH (default sqlite:pigeon.db inside DIR), or a PostgreSQL server shared by nodes on several hosts: postgres://USER@HOST[,HOST2]/DB[?sslmode=…&target_session_attrs=read-write] (written into pigeon.yaml, then mode 0600)')
     .option('--db-password-file <file>', 'the database server\'s password is this file\'s first line (mode 0600 or 0640; written as database_password_file), instead of the URL or ~/.pgpass')
     .option('--ca-from <dir>', 'join an existing cluster CA: a directory from "pigeon cert issue NODE --out DIR" (its node.crt becomes this node\'s), or another instance holding certs/ca.key (a certificate is issued here)')

@@ -1,6 +1,6 @@
 /**
  * NAME        src/init — create an instance directory
- * SYNOPSIS    pigeon init DIR [--node NAME] [--listen PROTO=HOST:PORT]... [--db URL] [--ca-from DIR]
+ * SYNOPSIS    pigeon init DIR [--node NAME] [--listen PROTO=HOST:PORT[,proxy]]... [--db URL] [--ca-from DIR]
  * DESCRIPTION Writes DIR/pigeon.yaml (commented), DIR/conf.d/, DIR/mail/, the SQLite database
  *             (migrated), DIR/certs/ca.crt (+ ca.key when this instance made the CA) and this node's
  *             DIR/certs/node.crt + node.key, and registers the node. Refuses to touch an existing
@@ -197,6 +197,11 @@ limits:
   tls_handshake_timeout_s: 15
   # clients in these networks (CIDR) are exempt from preauth_per_ip, e.g. [192.0.2.10/32, 2001:db8::/48]
   trusted_networks: []
+  # the load balancers (CIDR) that may connect to a listener marked ",proxy"
+  # (listen: ["imap=0.0.0.0:143,proxy"]) and name the client's address in a PROXY header
+  trusted_proxies: []
+  # ... which must arrive within this many seconds of the connection
+  proxy_header_timeout_s: 3
   # connections not logged in yet, per client address (logged-in sessions never count);
   # when full, the oldest of that address is closed
   preauth_per_ip: 200

@@ -35,6 +35,7 @@ import {
   CLAMD_ADDRESS,
   CLAMD_TIMEOUT_S,
   TLS_HANDSHAKE_MS,
+  PROXY_HEADER_MS,
   PEER_HANDOFF_MS,
   PEER_CONNECT_MS,
   PG_POOL_SIZE,
@@ -53,20 +54,31 @@ export interface Listener {
   readonly host: string;
   readonly port: number;
   readonly path: string | null;
+  /** `,proxy`: every connection starts with a PROXY header (src/proxy/proxy-header.ts), from limits.trusted_proxies only */
+  readonly proxy: boolean;
+  /** a socket inherited from systemd (src/systemd.ts): listen on this fd instead of host/port */
+  readonly fd?: number;
 }
 
-/** Parse `PROTO=HOST:PORT` (or `lmtp=/path/to/socket`). */
+/** Protocols whose listener may take `,proxy` (the peer link and metrics may not). */
+export const PROXY_PROTOCOLS: readonly Protocol[] = ['imap', 'imaps', 'pop3', 'pop3s', 'lmtp'];
+
+/** Parse `PROTO=HOST:PORT` (or `lmtp=/path/to/socket`), with `,proxy` after it for a PROXY protocol listener. */
 export function parseListen(spec: string): Listener {
   const eq = spec.indexOf('=');
   const proto = eq < 0 ? '' : spec.slice(0, eq);
-  const addr = eq < 0 ? '' : spec.slice(eq + 1);
+  const proxy = spec.endsWith(',proxy');
+  const addr = eq < 0 ? '' : spec.slice(eq + 1, proxy ? -',proxy'.length : undefined);
   if (!(PROTOCOLS as readonly string[]).includes(proto)) {
     throw new Error(`listener ${JSON.stringify(spec)}: expected PROTO=HOST:PORT with PROTO one of ${PROTOCOLS.join(', ')}`);
   }
   const protocol = proto as Protocol;
+  if (proxy && !PROXY_PROTOCOLS.includes(protocol)) {
+    throw new Error(`listener ${JSON.stringify(spec)}: ,proxy is for ${PROXY_PROTOCOLS.join(', ')} listeners only`);
+  }
   if (addr.startsWith('/')) {
     if (protocol !== 'lmtp') throw new Error(`listener ${JSON.stringify(spec)}: only lmtp may listen on a unix socket`);
-    return { protocol, host: '', port: 0, path: addr };
+    return { protocol, host: '', port: 0, path: addr, proxy };
   }
   const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(addr);
   const host = m?.[1] ?? m?.[2];
@@ -74,7 +86,7 @@ export function parseListen(spec: string): Listener {
   if (!m || host === undefined || !Number.isInteger(port) || port > 65535) {
     throw new Error(`listener ${JSON.stringify(spec)}: expected HOST:PORT (IPv6 as [::1]:PORT), port 0-65535`);
   }
-  return { protocol, host, port, path: null };
+  return { protocol, host, port, path: null, proxy };
 }
 
 const listenSchema = z.string().transform((s, ctx) => {
@@ -213,6 +225,9 @@ const baseShape = {
       mda_lock_wait_s: z.number().int().min(1).max(600).default(MDA_LOCK_WAIT_MS / 1000),
       tls_handshake_timeout_s: z.number().int().min(1).max(180).default(TLS_HANDSHAKE_MS / 1000),
       trusted_networks: z.array(cidr).default([]),
+      // the only addresses a `,proxy` listener accepts connections (and their PROXY header) from
+      trusted_proxies: z.array(cidr).default([]),
+      proxy_header_timeout_s: z.number().int().min(1).max(180).default(PROXY_HEADER_MS / 1000),
       preauth_per_ip: z.number().int().min(1).max(1_000_000).default(PREAUTH_CONNS_PER_IP),
       max_connections: z.number().int().min(1).max(1_000_000).default(MAX_CONNECTIONS),
       max_userip_connections: z.number().int().min(1).max(1_000_000).default(MAX_USERIP_CONNECTIONS),

@@ -7,6 +7,8 @@
  *             `pigeon deliver` never pays for smtp-server. A stale unix socket file left by a
  *             previous run is removed first. Logging follows the daemon's logger, also after a
  *             SIGHUP reload.
+ *             `lmtp=HOST:PORT,proxy`: each connection starts with a PROXY header, accepted only from
+ *             limits.trusted_proxies (src/proxy/proxy-header.ts); its address is the LMTP client's.
  * SECURITY    LMTP has no authentication: listen on loopback or a unix socket only.
  */
 import net from 'node:net';
@@ -16,6 +18,7 @@ import type { Store } from '../store.js';
 import type { Logger } from '../log.js';
 import type { NodeDirectory } from '../nodes.js';
 import type { RemoteStore } from './types.js';
+import { passProxyHeader } from '../proxy/proxy-header.js';
 
 /** What the daemon shares with its LMTP server (read at each use: a reload swaps instance and log). */
 export interface LmtpDaemon {
@@ -34,8 +37,14 @@ export function lmtpListener(l: Listener, env: LmtpDaemon, remote: RemoteStore):
   }));
   return net.createServer({ pauseOnConnect: true }, (sock) => {
     sock.on('error', () => undefined);
-    ready.then(
-      ({ m, server }) => m.handleLmtpSocket(server, sock),
+    // `,proxy`: the client's address from the PROXY header (only from limits.trusted_proxies);
+    // smtp-server's own useProxy is not used: it would take a header from any address
+    const peer = l.proxy ? passProxyHeader(sock, env.instance.config.limits, env.log, 'lmtp') : Promise.resolve(undefined);
+    Promise.all([ready, peer]).then(
+      ([{ m, server }, p]) => {
+        if (p === null) return; // refused and closed (logged)
+        m.handleLmtpSocket(server, sock, p && p.rip !== '' ? { remoteAddress: p.rip, remotePort: p.rport } : undefined);
+      },
       (e: unknown) => {
         env.log.log('error', 'lmtp', `LMTP unavailable: ${e instanceof Error ? e.message : String(e)}`);
         sock.end('421 4.3.0 LMTP service unavailable\r\n');

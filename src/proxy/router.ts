@@ -184,6 +184,14 @@ export async function runSession(env: ProxyEnv, protocol: MailProtocol, address:
 }
 
 /** A backend's stderr → our log. Holds only the prefix string, not the user record (idle memory). */
+/**
+ * A backend's log line in ours, under our prefix: Dovecot's own prefix (`imap(user)<pid><session><rip=IP>: `)
+ * is dropped, the client address it names (the IP Dovecot was given) kept as rip=.
+ */
 function backendLogLine(env: ProxyEnv, prefix: string): (line: string) => void {
-  return (line) => env.log.log('info', prefix, line.replace(/^[^:]*\([^)]*\)(<[^>]*>)*: /, ''));
+  return (line) => {
+    const own = /^[^:]*\([^)]*\)(<[^>]*>)*: /.exec(line)?.[0] ?? '';
+    const rip = /<rip=([0-9a-fA-F:.]+)>/.exec(own)?.[1];
+    env.log.log('info', prefix, line.slice(own.length), rip !== undefined ? { rip } : undefined);
+  };
 }

@@ -45,9 +45,10 @@ export function implicitTlsOptions(instance: Instance, protocol: MailProtocol, f
  * Hold every connection of an implicit-TLS server to the handshake deadline (read from
  * `current()` at each connection, so a reload applies), log each failed handshake once, and
  * destroy its socket. Node's own `handshakeTimeout` only reports (tlsClientError) and restarts
- * with every byte received.
+ * with every byte received. `ripOf`: the client's address for the log (behind a PROXY header,
+ * the one the header named).
  */
-export function guardHandshakes(server: TlsServer, protocol: MailProtocol, current: () => { instance: Instance; log: Logger }): void {
+export function guardHandshakes(server: TlsServer, protocol: MailProtocol, current: () => { instance: Instance; log: Logger }, ripOf: (raw: Socket) => string = (raw) => unmapIp(raw.remoteAddress)): void {
   const pending = new Map<string, { timer: NodeJS.Timeout; raw: Socket }>();
   const key = (s: { remoteAddress?: string | undefined; remotePort?: number | undefined }): string => `${s.remoteAddress ?? ''}|${s.remotePort ?? 0}`;
   const failed = (rip: string, why: string): void => {
@@ -57,7 +58,7 @@ export function guardHandshakes(server: TlsServer, protocol: MailProtocol, curre
     const k = key(raw);
     const timer = setTimeout(() => {
       pending.delete(k);
-      failed(unmapIp(raw.remoteAddress), `no handshake within ${current().instance.config.limits.tls_handshake_timeout_s} s`);
+      failed(ripOf(raw), `no handshake within ${current().instance.config.limits.tls_handshake_timeout_s} s`);
       raw.destroy();
     }, handshakeTimeoutMs(current().instance));
     pending.set(k, { timer, raw });
@@ -81,7 +82,7 @@ export function guardHandshakes(server: TlsServer, protocol: MailProtocol, curre
     if (p) {
       clearTimeout(p.timer);
       pending.delete(key(s));
-      failed(unmapIp(s.remoteAddress), e.message);
+      failed(ripOf(p.raw), e.message);
     }
     s.destroy();
   });
