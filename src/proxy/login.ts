@@ -10,7 +10,8 @@
  */
 import type { ProxyEnv } from './env.js';
 import type { ClientConn } from './conn.js';
-import type { AuthResult, ResolvedUser } from '../modules.js';
+import type { AuthResult, ResolvedUser, Secret } from '../modules.js';
+import { isExchange } from '../modules.js';
 import { resolve } from '../resolve.js';
 import { BUSY_TIMEOUT_MS } from '../store.js';
 import { route, runSession } from './router.js';
@@ -95,10 +96,11 @@ export type LoginOutcome =
 /**
  * What a client offered. `malformed`: a SASL message that names no usable identity (PLAIN
  * without two NULs, an authorization identity other than the authentication identity); it is
- * refused like a wrong password, never at once.
+ * refused like a wrong password, never at once. The password is bytes, or a SCRAM exchange that
+ * the deciding auth source runs against its stored hash (src/proxy/sasl/).
  */
 export type Credentials =
-  | { readonly kind: 'password'; readonly user: Uint8Array; readonly password: Uint8Array }
+  | { readonly kind: 'password'; readonly user: Uint8Array; readonly password: Secret }
   | { readonly kind: 'malformed'; readonly why: string; readonly user: Uint8Array | null };
 
 const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
@@ -176,7 +178,8 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
     st.successes = (st.successes ?? 0) + 1;
     await env.penalty.success(conn.peer.rip);
     for (const w of r.warnings) env.log.log('warn', `${st.proto}-login`, w);
-    return { kind: 'ok', user: r.user, deadline };
+    // an exchange (SCRAM) waited for the client in between: the allocation gets its own busy timeout
+    return { kind: 'ok', user: r.user, deadline: isExchange(creds.password) ? Date.now() + BUSY_TIMEOUT_MS : deadline };
   }
   if (r.why === 'tempfail') {
     st.lastOutcome = 'tempfail';
@@ -279,6 +282,17 @@ export async function saslCredentials<V>(
   return { creds: { kind: 'password', user, password } };
 }
 
+/**
+ * The last rounds of a SASL mechanism (src/proxy/sasl/types.ts): `success` after the login
+ * succeeded, before the backend (SCRAM's server signature), `failure` after the failure delay,
+ * before the NO (RFC 7628's error challenge). Each resolves false when the client ended the
+ * command instead (the session has answered it).
+ */
+export interface SaslTails {
+  readonly success?: () => Promise<boolean>;
+  readonly failure?: () => Promise<boolean>;
+}
+
 /** How a protocol words the answers of the login tail (the decisions are shared, below). */
 export interface LoginReplies {
   readonly tempfail: string;
@@ -303,7 +317,7 @@ export async function loginAndRelay(
   st: LoginState,
   creds: Credentials,
   method: string,
-  o: { readonly tag: string | null; readonly leftover: () => Buffer; readonly replies: LoginReplies; readonly relaying: () => void },
+  o: { readonly tag: string | null; readonly leftover: () => Buffer; readonly replies: LoginReplies; readonly relaying: () => void; readonly sasl?: SaslTails },
 ): Promise<'failed' | 'answered' | 'relayed'> {
   const r = await authenticate(env, conn, st, creds, method);
   if (r.kind === 'tempfail') {
@@ -311,9 +325,10 @@ export async function loginAndRelay(
     return 'answered';
   }
   if (r.kind === 'failed') {
-    conn.write(o.replies.failed);
+    if (!o.sasl?.failure || (await o.sasl.failure())) conn.write(o.replies.failed);
     return 'failed';
   }
+  if (o.sasl?.success && !(await o.sasl.success())) return 'answered';
   const address = r.user.user.address;
   const rt = await route(env, st.proto, r.user, conn, st.sid, o.tag, o.leftover, { forward: true, deadline: r.deadline });
   if (!rt.ok && rt.limit !== undefined) {
