@@ -95,7 +95,9 @@ export async function scramVerifyPlain(rec: ScramRecord, password: Uint8Array): 
 // ---- the server side of one exchange ---------------------------------------------------------
 
 /** Why a client message was refused (for the log; the client sees only a failed login). */
-export class ScramError extends Error {}
+export class ScramError extends Error {
+  override readonly name = 'ScramError';
+}
 
 /** RFC 5802 saslname: `=2C` is `,`, `=3D` is `=`; any other `=` (or a `,`) is malformed. */
 function saslName(s: Buffer): Buffer {
@@ -165,13 +167,14 @@ export class ScramServer {
   /**
    * The server-first message for the user's stored record, or, when there is none (unknown user,
    * a hash that is not SCRAM), for a fake one: `fakeSecret` keyed by the user name gives a salt
-   * that stays the same for that name, so a client cannot tell the cases apart.
+   * that stays the same for that name, so a client cannot tell the cases apart. `serverNonce`
+   * is for test vectors only (default: 18 random bytes).
    */
-  serverFirst(rec: ScramRecord | null, fakeSecret: Buffer): Buffer {
+  serverFirst(rec: ScramRecord | null, fakeSecret: Buffer, serverNonce: string = randomBytes(NONCE_BYTES).toString('base64')): Buffer {
     if (this.bare === null) throw new Error('serverFirst before clientFirst');
     this.rec = rec;
     const salt = rec?.salt ?? hmac(fakeSecret, this.bare.subarray(0, this.bare.indexOf(',r='))).subarray(0, 16);
-    this.nonce = this.clientNonce + randomBytes(NONCE_BYTES).toString('base64');
+    this.nonce = this.clientNonce + serverNonce;
     this.first = `r=${this.nonce},s=${salt.toString('base64')},i=${rec?.iterations ?? SCRAM_NEW_ITERATIONS}`;
     return Buffer.from(this.first, 'latin1');
   }
