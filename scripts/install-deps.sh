@@ -15,6 +15,8 @@ cd "$(dirname "$0")/.."
 # looks for it: without it every Courier IMAP login waits ~1.2 s and IDLE cannot push new mail).
 COURIER_LIBS="courier-base courier-authlib gamin libgamin0 libcourier-unicode4 libgdbm6 libidn12"
 NEED="dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix openbsd-inetd postgresql curl python3 iproute2 util-linux $COURIER_LIBS"
+# SCRAM-SHA-256 logins are tested with an independent SASL client (test/proxy-sasl.test.ts)
+NEED="$NEED gsasl"
 if [ "${1:-}" != "--no-system" ]; then
   missing=""
   [ -x /usr/lib/dovecot/imap ] || missing="$missing dovecot-imapd"
@@ -28,6 +30,7 @@ if [ "${1:-}" != "--no-system" ]; then
   # the partition test: network namespaces and veth (ip), the server's user inside one (setpriv)
   command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
   command -v setpriv >/dev/null 2>&1 || missing="$missing util-linux"
+  command -v gsasl >/dev/null 2>&1 || missing="$missing gsasl"
   for p in $COURIER_LIBS; do
     dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$missing $p"
   done
