@@ -34,10 +34,44 @@ export interface BearerVerifier {
 
 const ALGORITHMS = ['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA', 'Ed25519'];
 
+function jwksPath(config: OAuthConfig, dir: string): string | null {
+  if (config.jwks_file === null) return null;
+  return isAbsolute(config.jwks_file) ? config.jwks_file : join(dir, config.jwks_file);
+}
+
+/**
+ * `pigeon config test`: the JWKS file is readable JSON with at least one usable public key.
+ * Returns the line to print and, when the file cannot work, the problem (logins with a token
+ * would get NO [UNAVAILABLE]); a private key in the file is a warning.
+ */
+export async function checkJwksFile(config: OAuthConfig, dir: string): Promise<{ line: string; problem?: string; warning?: string }> {
+  const file = jwksPath(config, dir);
+  if (file === null) return { line: 'oauth: not configured (OAUTHBEARER and XOAUTH2 not offered)' };
+  let set: JSONWebKeySet;
+  try {
+    set = JSON.parse(await readFile(file, 'utf8')) as JSONWebKeySet;
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    return { line: `oauth.jwks_file: ${file}`, problem: `oauth.jwks_file ${file}: ${code ?? 'not JSON'}; OAUTHBEARER/XOAUTH2 logins would get NO [UNAVAILABLE]` };
+  }
+  const keys = Array.isArray(set?.keys) ? set.keys : null;
+  if (keys === null || keys.length === 0) return { line: `oauth.jwks_file: ${file}`, problem: `oauth.jwks_file ${file}: no "keys" array with a key in it` };
+  try {
+    createLocalJWKSet(set);
+  } catch (e) {
+    return { line: `oauth.jwks_file: ${file}`, problem: `oauth.jwks_file ${file}: not a JWKS (${e instanceof Error ? e.message : 'invalid'})` };
+  }
+  const secret = keys.some((k) => typeof k === 'object' && k !== null && ('d' in k || k.kty === 'oct'));
+  return {
+    line: `oauth.jwks_file: ${file}: ${keys.length} key(s); issuer ${config.issuer ?? '(any)'}, audience ${config.audience ?? '(any)'}, user from claim ${config.username_claim}`,
+    ...(secret ? { warning: `oauth.jwks_file ${file} holds private or symmetric key material: it needs only the identity provider's public keys` } : {}),
+  };
+}
+
 /** A verifier for this node's `oauth:` section, or null when no JWKS file is configured. */
 export function createBearerVerifier(config: OAuthConfig, dir: string): BearerVerifier | null {
-  if (config.jwks_file === null) return null;
-  const file = isAbsolute(config.jwks_file) ? config.jwks_file : join(dir, config.jwks_file);
+  const file = jwksPath(config, dir);
+  if (file === null) return null;
   let cache: { mtimeMs: number; size: number; keys: ReturnType<typeof createLocalJWKSet> } | null = null;
   const keys = async (): Promise<ReturnType<typeof createLocalJWKSet>> => {
     const st = await stat(file);

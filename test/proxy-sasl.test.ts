@@ -7,7 +7,7 @@
 // and XOAUTH2 with JWTs signed here by a key whose public half is in the node's JWKS file.
 import t from 'tap';
 import { spawn } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { ImapFlow } from 'imapflow';
@@ -56,7 +56,7 @@ const imported = inst.run(['user', 'import', 'passwd-file', join(inst.dir, 'user
 if (imported.status !== 0) throw new Error(`import: ${imported.stderr}`);
 
 // the node's JWKS file: the public half of a key the test signs tokens with
-const { privateKey, publicKey } = await generateKeyPair('ES256');
+const { privateKey, publicKey } = await generateKeyPair('ES256', { extractable: true });
 const stranger = await generateKeyPair('ES256');
 writeFileSync(join(inst.dir, 'jwks.json'), JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid: 'k1', alg: 'ES256', use: 'sig' }] }));
 writeFileSync(
@@ -259,4 +259,22 @@ t.test('XOAUTH2, and its error challenge answered with an empty line', async (t)
   t.match(await w.until(/x2 .*\r\n/), /x2 OK \[CAPABILITY IMAP4rev1[^\]]*\] Logged in/, 'a valid token logs in');
   w.write('x3 LOGOUT\r\n');
   await w.until(/x3 /);
+});
+
+t.test('pigeon config test checks the JWKS file', async (t) => {
+  const ok = inst.run(['config', 'test']);
+  t.equal(ok.status, 0, ok.stderr);
+  t.match(ok.stdout, /oauth\.jwks_file: \S+jwks\.json: 1 key\(s\); issuer https:\/\/id\.example\.test, audience mail\.example\.test, user from claim email/);
+  // a drop-in naming a file that is not there (the running serve does not read it: no reload)
+  const dropIn = join(inst.dir, 'conf.d', '99-broken-jwks.yaml');
+  writeFileSync(dropIn, 'oauth:\n  jwks_file: missing.json\n');
+  t.teardown(() => rmSync(dropIn, { force: true }));
+  const bad = inst.run(['config', 'test']);
+  t.equal(bad.status, 78, 'a JWKS file that cannot be read fails the test');
+  t.match(bad.stderr, /oauth\.jwks_file \S+missing\.json: ENOENT; OAUTHBEARER\/XOAUTH2 logins would get NO \[UNAVAILABLE\]/);
+  writeFileSync(join(inst.dir, 'private.json'), JSON.stringify({ keys: [await exportJWK(privateKey)] }));
+  writeFileSync(dropIn, 'oauth:\n  jwks_file: private.json\n');
+  const priv = inst.run(['config', 'test']);
+  t.equal(priv.status, 0, 'a private key still verifies tokens');
+  t.match(priv.stderr, /warning: oauth\.jwks_file \S+ holds private or symmetric key material/);
 });

@@ -407,6 +407,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       check.checkCertificates(instance, r);
       await check.checkBackends(instance, store, resolveMailUser(instance.config.mail_user), r);
       check.checkLog(instance, r);
+      await check.checkOAuth(instance, r);
       for (const l of r.lines) console.log(l);
       for (const w of r.warnings) console.error(`pigeon: warning: ${w}`);
       if (r.problems.length > 0) {
