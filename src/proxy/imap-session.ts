@@ -1,8 +1,8 @@
 /**
  * NAME        src/proxy/imap-session — IMAP4rev1 before authentication (RFC 3501/9051)
  * DESCRIPTION State not-authenticated: CAPABILITY, NOOP, LOGOUT, STARTTLS, LOGIN, AUTHENTICATE
- *             (the node's SASL mechanisms, src/proxy/sasl/; SASL-IR; `*` cancels), ID (RFC 2971), ENABLE (answered and ignored,
- *             as Dovecot does). The next command is read only when the current one has settled.
+ *             (the node's SASL mechanisms, src/proxy/sasl/; SASL-IR; `*` cancels), ID (RFC
+ *             2971), ENABLE (answered and ignored, as Dovecot does). The next command is read only when the current one has settled.
  *             A synchronising literal is invited (`+ OK`) only for a command that takes one
  *             before login (LOGIN, ID); any other gets its tagged answer instead. After a
  *             successful login the backend answers the client's tag itself (`OK [CAPABILITY …]

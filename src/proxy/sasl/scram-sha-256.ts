@@ -34,6 +34,7 @@ const scramSha256: SaslMechanism = {
       return { creds: { kind: 'malformed', why: e instanceof ScramError ? `SCRAM: ${e.message}` : 'SCRAM: malformed message', user: null } };
     }
     let ended: Ended | null = null;
+    let proving = false;
     return {
       creds: {
         kind: 'password',
@@ -42,6 +43,9 @@ const scramSha256: SaslMechanism = {
           kind: 'exchange',
           mechanism: 'SCRAM-SHA-256',
           async prove(stored) {
+            // one exchange per login: a second source asking again gets no second server-first
+            if (proving) return false;
+            proving = true;
             // an unusable or non-SCRAM hash: the exchange goes on with a fake salt (scramRecordOf
             // throws for an unusable hash; auth/verify.ts has refused that before calling)
             const rec = stored === null ? null : scramRecordOf(stored);
