@@ -278,3 +278,33 @@ t.test('pigeon config test checks the JWKS file', async (t) => {
   t.equal(priv.status, 0, 'a private key still verifies tokens');
   t.match(priv.stderr, /warning: oauth\.jwks_file \S+ holds private or symmetric key material/);
 });
+
+t.test('login.plaintext=never: PLAIN, LOGIN and the OAuth two are withdrawn, SCRAM-SHA-256 still works without TLS', async (t) => {
+  t.equal(inst.run(['config', 'set', '--global', 'login.plaintext', 'never']).status, 0);
+  // the proxy re-reads the policy in the background (at most 5 s old): wait for the greeting to change
+  let greeting = '';
+  const deadline = Date.now() + 60_000;
+  while (!/LOGINDISABLED/.test(greeting) && Date.now() < deadline) {
+    const w = await Wire.open(imapPort);
+    greeting = await w.until(/^\* OK.*\r\n/);
+    w.close();
+    if (!/LOGINDISABLED/.test(greeting)) await new Promise((r) => setTimeout(r, 500));
+  }
+  t.match(greeting, /LOGINDISABLED AUTH=SCRAM-SHA-256\]/, 'only SCRAM-SHA-256 is offered on this plaintext connection');
+  t.notMatch(greeting, /AUTH=(PLAIN|LOGIN|OAUTHBEARER|XOAUTH2)/);
+  const plain = await gsaslImap('PLAIN', 'sam@example.test', 'pencil');
+  t.not(plain.code, 0, 'PLAIN is refused');
+  t.match(plain.out, /NO \[PRIVACYREQUIRED\]|does not support|not offered|mechanism/i);
+  const scram = await gsaslImap('SCRAM-SHA-256', 'sam@example.test', 'pencil');
+  t.equal(scram.code, 0, `SCRAM-SHA-256 logs in (${scram.out.slice(-200)})`);
+  t.match(scram.out, /Logged in/);
+  const p = await Wire.open(pop3Port);
+  t.teardown(() => p.close());
+  await p.until(/^\+OK.*\r\n/);
+  p.write('CAPA\r\n');
+  const capa = await p.until(/\r\n\.\r\n/);
+  t.match(capa, /\r\nSASL SCRAM-SHA-256\r\n/);
+  t.notMatch(capa, /\r\nUSER\r\n/);
+  p.write(`AUTH XOAUTH2 ${Buffer.from('x').toString('base64')}\r\n`);
+  t.match(await p.until(/\r\n/), /^-ERR \[AUTH\] Plaintext authentication disallowed/, 'a bearer token is a password: refused without TLS');
+});
