@@ -1,8 +1,9 @@
 /**
- * NAME        src/proxy/sasl/oauth — SASL OAUTHBEARER (RFC 7628) and XOAUTH2 (Google's format)
- * DESCRIPTION OAUTHBEARER: `gs2-header ^A host=… ^A port=… ^A auth=Bearer TOKEN ^A ^A`, the user in the
- *             gs2 authzid (`n,a=user,`) or, when absent, in the token. XOAUTH2:
- *             `user=USER ^A auth=Bearer TOKEN ^A ^A`. The token goes to the shared login as a bearer
+ * NAME        src/proxy/sasl/oauth — what OAUTHBEARER and XOAUTH2 share: message parsing, the login
+ * DESCRIPTION The two mechanisms (src/proxy/sasl/oauthbearer.ts, xoauth2.ts) differ only in their
+ *             message and error challenge. OAUTHBEARER: `gs2-header ^A host=… ^A port=… ^A
+ *             auth=Bearer TOKEN ^A ^A`, the user in the gs2 authzid (`n,a=user,`) or, when absent,
+ *             in the token. XOAUTH2: `user=USER ^A auth=Bearer TOKEN ^A ^A`. The token goes to the shared login as a bearer
  *             secret: auth/chain.ts checks it against `oauth:` (auth/oauth.ts) and that it names the
  *             user. A refusal, after the failure delay, is RFC 7628's error challenge (a JSON
  *             status), which the client answers (`^A` or an empty line), then NO.
@@ -11,7 +12,10 @@
  *             only where login.plaintext allows; the token is never logged.
  */
 import { decodeJwt } from 'jose';
-import type { Ended, SaslMechanism, SaslStart, SaslStep } from './types.js';
+import type { Ended, SaslStart, SaslStep } from './types.js';
+import type { ProxyEnv } from '../env.js';
+
+export type OAuthMessage = { readonly user: Buffer | null; readonly token: string | null };
 
 const SEP = 0x01;
 
@@ -58,10 +62,8 @@ function saslName(b: Buffer): Buffer | null {
   return Buffer.from(s.replace(/=2C/g, ',').replace(/=3D/g, '='), 'latin1');
 }
 
-type Parsed = { readonly user: Buffer | null; readonly token: string | null };
-
 /** The user and token of an OAUTHBEARER message; null for a malformed one. */
-function parseOauthbearer(msg: Buffer): Parsed | null {
+export function parseOauthbearer(msg: Buffer): OAuthMessage | null {
   const c1 = msg.indexOf(0x2c);
   const c2 = c1 < 0 ? -1 : msg.indexOf(0x2c, c1 + 1);
   if (c1 < 0 || c2 < 0 || msg[c2 + 1] !== SEP) return null;
@@ -79,18 +81,19 @@ function parseOauthbearer(msg: Buffer): Parsed | null {
   return { user, token: bearerToken(f.get('auth')) };
 }
 
-function parseXoauth2(msg: Buffer): Parsed | null {
+export function parseXoauth2(msg: Buffer): OAuthMessage | null {
   const f = fields(msg);
   if (f === null) return null;
   const user = f.get('user');
   return { user: user !== undefined && user.length > 0 ? Buffer.from(user) : null, token: bearerToken(f.get('auth')) };
 }
 
-async function start(
+/** One OAuth login: the client's message, the bearer secret for the shared login, the error challenge on refusal. */
+export async function startOAuth(
   name: 'OAUTHBEARER' | 'XOAUTH2',
-  parse: (m: Buffer) => Parsed | null,
+  parse: (m: Buffer) => OAuthMessage | null,
   errorJson: string,
-  env: Parameters<SaslMechanism['start']>[0],
+  env: ProxyEnv,
   initial: string | null,
   step: SaslStep,
 ): Promise<SaslStart> {
@@ -110,15 +113,3 @@ async function start(
   if (user === null) return { creds: { kind: 'malformed', why: `${name}: no user in the message or the token`, user: null }, failure };
   return { creds: { kind: 'password', user, password: { kind: 'bearer', token: p.token } }, failure, ended: () => ended };
 }
-
-export const oauthbearer: SaslMechanism = {
-  name: 'OAUTHBEARER',
-  plaintext: true,
-  start: (env, initial, step) => start('OAUTHBEARER', parseOauthbearer, '{"status":"invalid_token","schemes":"bearer"}', env, initial, step),
-};
-
-export const xoauth2: SaslMechanism = {
-  name: 'XOAUTH2',
-  plaintext: true,
-  start: (env, initial, step) => start('XOAUTH2', parseXoauth2, '{"status":"401","schemes":"bearer"}', env, initial, step),
-};

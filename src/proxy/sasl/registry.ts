@@ -15,7 +15,8 @@ import { plaintextAllowed, type Credentials, type SaslTails } from '../login.js'
 import plain from './plain.js';
 import login from './login.js';
 import scramSha256 from './scram-sha-256.js';
-import { oauthbearer, xoauth2 } from './oauth.js';
+import oauthbearer from './oauthbearer.js';
+import xoauth2 from './xoauth2.js';
 
 const MECHANISMS: ReadonlyMap<MechanismName, SaslMechanism> = new Map([plain, login, scramSha256, oauthbearer, xoauth2].map((m) => [m.name, m]));
 
