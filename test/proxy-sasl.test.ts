@@ -261,6 +261,34 @@ t.test('XOAUTH2, and its error challenge answered with an empty line', async (t)
   await w.until(/x3 /);
 });
 
+t.test('SCRAM exchanges that go wrong: cancel, channel binding asked for, bad base64, a client that leaves', async (t) => {
+  const b64 = (x: string): string => Buffer.from(x, 'latin1').toString('base64');
+  const w = await Wire.open(imapPort);
+  t.teardown(() => w.close());
+  await w.until(/^\* OK.*\r\n/);
+  w.write(`c1 AUTHENTICATE SCRAM-SHA-256 ${b64('n,,n=sam@example.test,r=abcdefgh')}\r\n`);
+  const first = await w.until(/\r\n/);
+  t.match(Buffer.from(first.replace(/^\+ /, '').trim(), 'base64').toString('latin1'), /^r=abcdefgh\S+,s=\S+,i=4096$/, 'server-first carries the nonce, salt and count');
+  w.write('*\r\n');
+  t.match(await w.until(/c1 .*\r\n/), /^c1 BAD Authentication aborted by client\./, '`*` cancels (no second tagged answer)');
+  w.write('c2 NOOP\r\n');
+  t.match(await w.until(/c2 .*\r\n/), /^c2 OK/, 'and the session reads on');
+  w.write(`c3 AUTHENTICATE SCRAM-SHA-256 ${b64('p=tls-server-end-point,,n=sam@example.test,r=abcdefgh')}\r\n`);
+  t.match(await w.until(/c3 .*\r\n/), /^c3 NO \[AUTHENTICATIONFAILED\]/, 'p= (channel binding, -PLUS is not offered) is refused like a wrong password');
+  t.match(await logLine(/auth failed \(SCRAM: channel binding requested, but SCRAM-SHA-256-PLUS is not offered\)/), /auth failed/, 'and the log says why');
+  w.write('c4 AUTHENTICATE SCRAM-SHA-256\r\n');
+  await w.until(/^\+ \r\n/);
+  w.write('not base64!\r\n');
+  t.match(await w.until(/c4 .*\r\n/), /^c4 BAD Invalid base64/, 'bad base64 is a bad command');
+  const p = await Wire.open(pop3Port);
+  t.teardown(() => p.close());
+  await p.until(/^\+OK.*\r\n/);
+  p.write(`AUTH SCRAM-SHA-256 ${b64('n,,n=sam@example.test,r=abcdefgh')}\r\n`);
+  t.match(await p.until(/\r\n/), /^\+ \S+\r\n$/, 'POP3: server-first');
+  p.sock.destroy();
+  t.match(await logLine(/pop3-login: auth failed \(bad-credentials\): user=<sam@example\.test>, method=SCRAM-SHA-256/), /auth failed/, 'a client that leaves mid-exchange counts as a failed login');
+});
+
 t.test('pigeon config test checks the JWKS file', async (t) => {
   const ok = inst.run(['config', 'test']);
   t.equal(ok.status, 0, ok.stderr);
