@@ -10,13 +10,19 @@
  *             authenticated and the database lacks is added to it when its domain exists.
  *             A login in a domain on `upstream.login passthrough` skips the sources: the
  *             upstream server decides (auth/passthrough.ts).
+ *             A SCRAM login's exchange is run by the deciding source against its stored hash
+ *             (an unknown user's on a fake record). A bearer token (OAUTHBEARER, XOAUTH2) asks no
+ *             source: auth/oauth.ts checks it against `oauth:`, it must name the user, and the
+ *             user must be in the database.
  * DIAGNOSTICS tempfail for a database that stays locked or unreachable, a source that is
  *             unavailable or throws: never "success", never "wrong password" for a server fault.
  * SECURITY    No password or hash in any result, log field or error text; the password stays the
  *             client's bytes.
  */
 import type { AuthInstance, AuthRequest, AuthResult } from '../src/modules.js';
-import type { Store } from '../src/store.js';
+import { isBearer } from '../src/modules.js';
+import type { Store, UserRecord } from '../src/store.js';
+import { createBearerVerifier, type BearerVerifier, type OAuthConfig } from './oauth.js';
 import type { AuthSourceInstance } from './types.js';
 import { resolve } from '../src/resolve.js';
 import { normaliseAddress } from '../src/address.js';
@@ -35,16 +41,52 @@ function dbFailure(e: unknown): AuthResult {
   return { ok: false, why: 'tempfail', detail: isAppError(e) ? e.message : 'database error' };
 }
 
-/** The chain over ready source instances (the registry's, or a test's). */
-export function authChain(store: Store, chain: readonly NamedSource[]): AuthInstance {
+/** A user the database holds may log in (active, login and the service enabled)? */
+function admitted(found: { user: UserRecord; rows: Parameters<typeof resolve>[0] }, service: AuthRequest['service'], warnings: string[]): AuthResult {
+  const config = resolve(found.rows);
+  if (found.user.state !== 'active' || config['login.enabled']?.value === false) return { ok: false, why: 'disabled' };
+  if (service !== 'test' && config[`${service}.enabled`]?.value === false) return { ok: false, why: 'disabled' };
+  return { ok: true, user: { user: found.user, config }, warnings };
+}
+
+/**
+ * A bearer token (OAUTHBEARER, XOAUTH2): valid for the address it names (auth/oauth.ts), and
+ * the user must be in the database; no password source is asked.
+ */
+async function bearerLogin(store: Store, bearer: BearerVerifier | null, req: AuthRequest, token: string): Promise<AuthResult> {
+  if (bearer === null) return { ok: false, why: 'bad-credentials' };
+  const v = await bearer.verify(token);
+  if (v.kind === 'tempfail') return { ok: false, why: 'tempfail', detail: v.detail };
+  if (v.kind === 'bad') return { ok: false, why: 'bad-credentials' };
+  let address: string;
+  try {
+    address = normaliseAddress(req.user).address;
+    if (normaliseAddress(v.user).address !== address) return { ok: false, why: 'bad-credentials' };
+  } catch {
+    return { ok: false, why: 'bad-credentials' };
+  }
+  let found;
+  try {
+    found = await store.withDeadline(req.deadline ?? Date.now() + BUSY_TIMEOUT_MS).lookup(address);
+  } catch (e) {
+    return dbFailure(e);
+  }
+  if (!found) return { ok: false, why: 'unknown-user' };
+  return admitted(found, req.service, []);
+}
+
+/** The chain over ready source instances (the registry's, or a test's); `bearer` checks OAuth tokens (none: refused). */
+export function authChain(store: Store, chain: readonly NamedSource[], bearer: BearerVerifier | null = null): AuthInstance {
   return {
     async authenticate(req: AuthRequest): Promise<AuthResult> {
+      const secret = req.password;
+      if (isBearer(secret)) return bearerLogin(store, bearer, req, secret.token);
       let address: string;
       let domain: string;
       try {
         ({ address, domain } = normaliseAddress(req.user));
       } catch {
-        await spendDummy(req.password);
+        await spendDummy(secret);
         return { ok: false, why: 'unknown-user' };
       }
       const db = store.withDeadline(req.deadline ?? Date.now() + BUSY_TIMEOUT_MS);
@@ -57,14 +99,15 @@ export function authChain(store: Store, chain: readonly NamedSource[]): AuthInst
       // a domain whose upstream server decides: no local password check (auth/passthrough.ts)
       if (req.service !== 'test') {
         const pt = await passthrough(db, address, domain, req.service, found);
-        if (pt !== null) return pt;
+        // the upstream server checks a password it is given: a SCRAM exchange carries none to give
+        if (pt !== null) return secret instanceof Uint8Array ? pt : { ok: false, why: 'bad-credentials' };
       }
       let decided: NamedSource | null = null;
       const warnings: string[] = [];
       for (const s of chain) {
         let v;
         try {
-          v = await s.source.authenticate(address, req.password, found?.user ?? null);
+          v = await s.source.authenticate(address, secret, found?.user ?? null);
         } catch (e) {
           // a source that throws has failed, not refused: never a wrong password, never success
           return { ok: false, why: 'tempfail', detail: `auth source ${s.name} failed: ${e instanceof Error ? (e.message.split('\n')[0] ?? '') : 'error'}` };
@@ -77,7 +120,7 @@ export function authChain(store: Store, chain: readonly NamedSource[]): AuthInst
         break;
       }
       if (decided === null) {
-        await spendDummy(req.password);
+        await spendDummy(secret);
         return { ok: false, why: 'unknown-user' };
       }
       if (!found) {
@@ -97,16 +140,13 @@ export function authChain(store: Store, chain: readonly NamedSource[]): AuthInst
         }
         if (!found) return { ok: false, why: 'tempfail', detail: `user ${address} vanished` };
       }
-      const config = resolve(found.rows);
-      if (found.user.state !== 'active' || config['login.enabled']?.value === false) return { ok: false, why: 'disabled' };
-      if (req.service !== 'test' && config[`${req.service}.enabled`]?.value === false) return { ok: false, why: 'disabled' };
-      return { ok: true, user: { user: found.user, config }, warnings };
+      return admitted(found, req.service, warnings);
     },
   };
 }
 
-/** The chain of pigeon.yaml's `auth:` section (its sources created once, per process). */
-export async function createAuth(auth: Readonly<Record<string, unknown>>, store: Store, dir: string): Promise<AuthInstance> {
+/** The chain of pigeon.yaml's `auth:` section (its sources created once, per process), with its `oauth:` section for bearer tokens. */
+export async function createAuth(auth: Readonly<Record<string, unknown>>, store: Store, dir: string, oauth: OAuthConfig | null = null): Promise<AuthInstance> {
   const names = Array.isArray(auth['chain']) ? (auth['chain'] as string[]) : ['database'];
   const chain: NamedSource[] = [];
   for (const name of names) {
@@ -124,5 +164,5 @@ export async function createAuth(auth: Readonly<Record<string, unknown>>, store:
       throw new AppError('CONFIG_INVALID', `auth source ${name} cannot start: ${e instanceof Error ? e.message : String(e)}`);
     }
   }
-  return authChain(store, chain);
+  return authChain(store, chain, oauth === null ? null : createBearerVerifier(oauth, dir));
 }

@@ -10,7 +10,7 @@
  */
 import type { AuthSource } from './types.js';
 import { isAppError } from '../src/errors.js';
-import { verifyStored, isPlain } from './verify.js';
+import { verifySecret, isPlain } from './verify.js';
 
 const database: AuthSource<null> = {
   kind: 'auth',
@@ -25,7 +25,7 @@ const database: AuthSource<null> = {
       if (stored === null) return { kind: 'unknown' };
       let ok: boolean;
       try {
-        ok = await verifyStored(stored, password);
+        ok = await verifySecret(stored, password);
       } catch (e) {
         return { kind: 'tempfail', detail: isAppError(e) ? `stored password of ${address}: ${e.message}` : 'password verification failed' };
       }

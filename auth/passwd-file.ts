@@ -18,7 +18,7 @@ import { readFile, stat } from 'node:fs/promises';
 import { isAbsolute, join } from 'node:path';
 import type { AuthSource } from './types.js';
 import { AppError, isAppError } from '../src/errors.js';
-import { verifyStored } from './verify.js';
+import { verifySecret } from './verify.js';
 
 const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
 
@@ -82,7 +82,7 @@ const passwdFileSource: AuthSource<{ file: string | null }> = {
         }
         if (stored === undefined) return { kind: 'unknown' };
         try {
-          return (await verifyStored(stored, password)) ? { kind: 'ok' } : { kind: 'bad' };
+          return (await verifySecret(stored, password)) ? { kind: 'ok' } : { kind: 'bad' };
         } catch (e) {
           return { kind: 'tempfail', detail: isAppError(e) ? `password of ${address} in ${path}: ${e.message}` : 'password verification failed' };
         }

@@ -4,10 +4,11 @@
  * DESCRIPTION New passwords are stored as {ARGON2ID} (@node-rs/argon2). Verified as admins bring
  *             them from Dovecot: ARGON2ID, ARGON2I (@node-rs/argon2), BLF-CRYPT (@node-rs/bcrypt),
  *             SHA512-CRYPT, SHA256-CRYPT (Drepper's SHA-crypt on node:crypto, as glibc's crypt(3)),
- *             SSHA512, SSHA256 (node:crypto), PLAIN (warned
+ *             SSHA512, SSHA256 (node:crypto), SCRAM-SHA-256 (auth/scram.ts: Dovecot's
+ *             ITER,SALT,STOREDKEY,SERVERKEY; also what SCRAM logins need), PLAIN (warned
  *             as unsafe). Imported hashes with absurd cost parameters are refused before any work
  *             (LIMITS.md): SHA-crypt rounds <= 100000, bcrypt cost <= 14, argon2 m <= 256 MiB,
- *             t <= 10, p <= 4.
+ *             t <= 10, p <= 4, SCRAM iterations <= 100000.
  *             A password is bytes (Uint8Array), exactly as the client sent them: never a string
  *             decoded from the wire, so two different byte strings can never verify alike.
  * SECURITY    Comparisons are timing-safe; `dummyVerify` costs what a real verify of a new password
@@ -17,6 +18,7 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { Algorithm, Version } from '@node-rs/argon2';
 import { AppError } from '../src/errors.js';
+import { parseScram, scramHash, scramVerifyPlain, type ScramRecord } from './scram.js';
 
 // the native hash libraries load on first use (~50 ms): a process that checks no password
 // (deliver, LMTP, most CLI commands) never pays for them
@@ -27,7 +29,7 @@ let bcryptLib: Promise<Bcrypt> | null = null;
 const argon2 = (): Promise<Argon2> => (argon2Lib ??= import('@node-rs/argon2').then((m) => (m as { default?: Argon2 }).default ?? m));
 const bcrypt = (): Promise<Bcrypt> => (bcryptLib ??= import('@node-rs/bcrypt').then((m) => (m as { default?: Bcrypt }).default ?? m));
 
-export const SCHEMES = ['ARGON2ID', 'ARGON2I', 'BLF-CRYPT', 'SHA512-CRYPT', 'SHA256-CRYPT', 'SSHA512', 'SSHA256', 'PLAIN'] as const;
+export const SCHEMES = ['ARGON2ID', 'ARGON2I', 'BLF-CRYPT', 'SHA512-CRYPT', 'SHA256-CRYPT', 'SSHA512', 'SSHA256', 'SCRAM-SHA-256', 'PLAIN'] as const;
 export type Scheme = (typeof SCHEMES)[number];
 
 export const LIMITS = {
@@ -36,6 +38,8 @@ export const LIMITS = {
   ARGON2_MAX_MEMORY_KIB: 256 * 1024,
   ARGON2_MAX_TIME: 10,
   ARGON2_MAX_PARALLELISM: 4,
+  // gsasl --mkpasswd writes 65536; Dovecot 4096
+  SCRAM_MAX_ITERATIONS: 100_000,
 } as const;
 
 /** Parameters of new {ARGON2ID} hashes (OWASP's 19 MiB, t=2, p=1). */
@@ -108,9 +112,18 @@ function checkCost(p: ParsedHash): void {
       if (!/^[A-Za-z0-9+/]+={0,2}$/.test(v) || raw.length <= len) throw new AppError('PASSWORD_SCHEME', `malformed {${p.scheme}} hash (expected base64 of digest and salt)`);
       return;
     }
+    case 'SCRAM-SHA-256':
+      parseScram(v, LIMITS.SCRAM_MAX_ITERATIONS);
+      return;
     case 'PLAIN':
       return;
   }
+}
+
+/** The SCRAM keys of a stored `{SCRAM-SHA-256}` hash, or null for any other scheme. Throws AppError for an unusable hash. */
+export function scramRecordOf(stored: string): ScramRecord | null {
+  const p = parseHash(stored);
+  return p.scheme === 'SCRAM-SHA-256' ? parseScram(p.value, LIMITS.SCRAM_MAX_ITERATIONS) : null;
 }
 
 function digestEqual(a: Buffer, b: Buffer): boolean {
@@ -149,6 +162,8 @@ export async function verifyPassword(stored: string, password: Uint8Array): Prom
       const salt = raw.subarray(len);
       return digestEqual(createHash(alg).update(pw).update(salt).digest(), digest);
     }
+    case 'SCRAM-SHA-256':
+      return scramVerifyPlain(parseScram(p.value, LIMITS.SCRAM_MAX_ITERATIONS), pw);
     case 'PLAIN':
       return digestEqual(pw, Buffer.from(p.value, 'utf8'));
   }
@@ -208,6 +223,8 @@ export async function hashPassword(password: Uint8Array, scheme: Scheme = 'ARGON
       const salt = randomBytes(8);
       return `{${scheme}}${Buffer.concat([createHash(alg).update(pw).update(salt).digest(), salt]).toString('base64')}`;
     }
+    case 'SCRAM-SHA-256':
+      return `{SCRAM-SHA-256}${await scramHash(pw)}`;
     case 'PLAIN': {
       // the stored value is text: only a password that is valid UTF-8 can be kept as it is
       let text: string;

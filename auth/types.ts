@@ -13,10 +13,13 @@
  *             The chain (auth/chain.ts) reads the user from the database once, asks the sources
  *             in order, pays a dummy verification when none knows the user, and provisions users
  *             that a `provisions` source authenticated.
+ *             A SCRAM login brings no password but an exchange (src/modules.ts `Secret`), run
+ *             against the stored hash by auth/verify.ts.
  * SECURITY    The password is the client's bytes, never decoded. A source never logs it, and puts
  *             no password or hash in a verdict's text.
  */
 import type { Store, UserRecord } from '../src/store.js';
+import type { PasswordSecret } from '../src/modules.js';
 
 export type AuthVerdict =
   | { readonly kind: 'ok'; readonly warnings?: readonly string[] }
@@ -35,10 +38,13 @@ export interface AuthSourceInstance {
   /** may the chain add a user this source authenticated to the database (when its domain exists)? */
   readonly provisions: boolean;
   /**
-   * `address` is normalised (lower-case domain, valid UTF-8); `password` is the client's bytes;
-   * `dbUser` is the database's record of the user, null when it has none.
+   * `address` is normalised (lower-case domain, valid UTF-8); `password` is the client's bytes,
+   * or an exchange (SCRAM) to run against the source's stored `{SCHEME}` hash
+   * (auth/verify.ts `verifySecret` does both); `dbUser` is the database's record of the user,
+   * null when it has none. A source that has no stored hash to offer an exchange answers
+   * `unknown` for it.
    */
-  authenticate(address: string, password: Uint8Array, dbUser: UserRecord | null): Promise<AuthVerdict>;
+  authenticate(address: string, password: PasswordSecret, dbUser: UserRecord | null): Promise<AuthVerdict>;
 }
 
 export interface AuthSource<C = unknown> {

@@ -1,6 +1,7 @@
 /**
  * NAME        auth/verify — stored-hash verification for auth sources, at most 4 at once
  * DESCRIPTION `verifyStored` checks a password against a `{SCHEME}hash` (auth/schemes.ts);
+ *             `verifySecret` does the same for a password or runs a SCRAM exchange against it;
  *             `spendDummy` costs what verifying a new password costs (an unknown user must take
  *             as long as a wrong password). At most MAX_CONCURRENT_VERIFIES run at once per
  *             process, whichever source asks: a flood of logins cannot take every core.
@@ -10,6 +11,7 @@
  */
 import { count } from '../src/metrics.js';
 import { verifyPassword, parseHash, dummyVerify } from './schemes.js';
+import { isExchange, type PasswordSecret } from '../src/modules.js';
 
 const MAX_CONCURRENT_VERIFIES = 4;
 let running = 0;
@@ -36,8 +38,27 @@ export async function verifyStored(stored: string, password: Uint8Array): Promis
   return limited(() => verifyPassword(stored, password));
 }
 
-/** Spend one verification's time for nothing (unknown users); always false. */
-export async function spendDummy(password: Uint8Array): Promise<false> {
+/**
+ * Is the secret right for the stored `{SCHEME}hash`? A password is verified as verifyStored
+ * does; an exchange (SCRAM) is run against the hash — outside the limit, since it waits for the
+ * client and costs the server only a few HMACs. Throws AppError for an unusable hash.
+ */
+export async function verifySecret(stored: string, secret: PasswordSecret): Promise<boolean> {
+  if (!isExchange(secret)) return verifyStored(stored, secret);
+  parseHash(stored);
+  count('pigeon_password_checks_total');
+  return secret.prove(stored);
+}
+
+/**
+ * Spend one verification's time for nothing (unknown users); always false. An exchange is run
+ * to its end on a fake record, so an unknown user looks like a wrong password.
+ */
+export async function spendDummy(password: PasswordSecret): Promise<false> {
+  if (isExchange(password)) {
+    await password.prove(null);
+    return false;
+  }
   return limited(() => dummyVerify(password));
 }
 

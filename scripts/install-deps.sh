@@ -18,6 +18,7 @@ NEED="dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-sieve postf
 # the PROXY protocol test runs HAProxy in front; the systemd test needs systemd-socket-activate and
 # systemd-analyze (package systemd; a minimal image has no systemd), no PID 1
 NEED="$NEED haproxy systemd"
+NEED="$NEED gsasl"
 if [ "${1:-}" != "--no-system" ]; then
   missing=""
   # the upstream backend's tests run a second, independent Dovecot (its master: dovecot-core)
@@ -39,6 +40,7 @@ if [ "${1:-}" != "--no-system" ]; then
   [ -x /usr/sbin/clamd ] || missing="$missing clamav-daemon"
   [ -x /usr/sbin/haproxy ] || missing="$missing haproxy"
   command -v systemd-socket-activate >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+  command -v gsasl >/dev/null 2>&1 || missing="$missing gsasl"
   for p in $COURIER_LIBS; do
     dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$missing $p"
   done

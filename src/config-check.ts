@@ -162,3 +162,12 @@ export function checkLog(instance: Instance, r: CheckReport): void {
   if (why === null) r.lines.push(`log: pigeon serve to stderr; inetd, Postfix spawn and stdio sessions to syslog through ${instance.config.log.syslog_socket}`);
   else r.lines.push(`log: pigeon serve to stderr; inetd, Postfix spawn and stdio sessions to ${instance.logFallback} (log.fallback_file): ${why}`);
 }
+
+/** OAUTHBEARER/XOAUTH2: the JWKS file of `oauth:` (auth/oauth.ts). */
+export async function checkOAuth(instance: Instance, r: CheckReport): Promise<void> {
+  const { checkJwksFile } = await import('../auth/oauth.js');
+  const c = await checkJwksFile(instance.config.oauth, instance.dir);
+  r.lines.push(c.line);
+  if (c.problem !== undefined) r.problems.push(c.problem);
+  if (c.warning !== undefined) r.warnings.push(c.warning);
+}

@@ -210,6 +210,23 @@ limits:
   max_connections: 1000
   # logged-in sessions of one user from one address (Dovecot's mail_max_userip_connections)
   max_userip_connections: 10
+
+# SASL mechanisms offered to IMAP/POP3 clients, in this order (node-wide: they are offered before
+# the user is known; README "SASL mechanisms"). null: PLAIN, LOGIN, SCRAM-SHA-256, and OAUTHBEARER,
+# XOAUTH2 when oauth.jwks_file is set. PLAIN, LOGIN and the OAuth two follow login.plaintext.
+sasl:
+  mechanisms: null
+
+# OAUTHBEARER/XOAUTH2: bearer tokens are JWTs signed by a key of this JWKS file (the identity
+# provider's public keys; relative to this directory), unexpired, from this issuer for this
+# audience (null: not checked); the user is the username_claim claim, and must exist here.
+oauth:
+  jwks_file: null
+  issuer: null
+  audience: null
+  username_claim: email
+  # allowed clock difference for exp/nbf, seconds
+  clock_skew_s: 60
 `;
 }
 

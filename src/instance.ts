@@ -42,6 +42,7 @@ import {
   PG_CONNECT_TIMEOUT_S,
   PG_STATEMENT_TIMEOUT_S,
 } from './limits.js';
+import { MECHANISM_NAMES, OAUTH_MECHANISMS } from './proxy/sasl/names.js';
 
 export const PROTOCOLS = ['imap', 'imaps', 'pop3', 'pop3s', 'lmtp', 'peer', 'metrics'] as const;
 export type Protocol = (typeof PROTOCOLS)[number];
@@ -237,6 +238,20 @@ const baseShape = {
       path: ['auth_failure_delay_max_ms'],
     })
     .prefault({}),
+  // SASL mechanisms offered to IMAP/POP3 clients, node-wide (src/proxy/sasl/names.ts); null: the defaults
+  sasl: z
+    .strictObject({ mechanisms: z.array(z.enum(MECHANISM_NAMES)).min(1).nullable().default(null) })
+    .prefault({}),
+  // OAUTHBEARER/XOAUTH2: JWTs checked against this node's JWKS file (auth/oauth.ts)
+  oauth: z
+    .strictObject({
+      jwks_file: path.nullable().default(null),
+      issuer: z.string().min(1).nullable().default(null),
+      audience: z.string().min(1).nullable().default(null),
+      username_claim: z.string().min(1).default('email'),
+      clock_skew_s: z.number().int().min(0).max(600).default(60),
+    })
+    .prefault({}),
 };
 
 /** Names of modules the files declare for `kind` (pre-scan: they may own a section). */
@@ -257,6 +272,8 @@ export function fileSchemaFor(declared: { backend?: readonly string[]; trust?: r
     .strictObject({ ...baseShape, ...sectionsOf(declared.backend ?? []) })
     .superRefine((c, ctx) => {
       if (!trusts.includes(c.peer.trust)) ctx.addIssue({ code: 'custom', path: ['peer', 'trust'], message: `unknown trust module; known: ${trusts.join(', ')}` });
+      const oauthListed = (c.sasl.mechanisms ?? []).filter((m) => OAUTH_MECHANISMS.includes(m));
+      if (oauthListed.length > 0 && c.oauth.jwks_file === null) ctx.addIssue({ code: 'custom', path: ['sasl', 'mechanisms'], message: `${oauthListed.join(', ')} need oauth.jwks_file` });
     });
 }
 

@@ -126,9 +126,39 @@ export interface ResolvedUser {
  * One authentication. `user` is text the session has checked (valid UTF-8, no CR/LF/NUL);
  * `password` is the bytes the client sent, never decoded: they go to the hash as they are.
  */
+/**
+ * What a client proves besides its name: the password's bytes (PLAIN, LOGIN), or a
+ * challenge-response exchange (SCRAM) that the source deciding about the user runs against its
+ * stored `{SCHEME}` hash — `stored` null when it has none to offer (the exchange then runs on a
+ * fake record and fails). `prove` resolves true only when the client proved the password.
+ * A bearer token (OAUTHBEARER, XOAUTH2) is checked by the chain itself (auth/oauth.ts), never
+ * handed to a password source.
+ */
+export type Secret = PasswordSecret | BearerToken;
+/** What a password source sees. */
+export type PasswordSecret = Uint8Array | SecretExchange;
+export interface BearerToken {
+  readonly kind: 'bearer';
+  readonly token: string;
+}
+export interface SecretExchange {
+  readonly kind: 'exchange';
+  /** the SASL mechanism, for log lines */
+  readonly mechanism: string;
+  prove(stored: string | null): Promise<boolean>;
+}
+
+export function isExchange(s: Secret): s is SecretExchange {
+  return !(s instanceof Uint8Array) && s.kind === 'exchange';
+}
+
+export function isBearer(s: Secret): s is BearerToken {
+  return !(s instanceof Uint8Array) && s.kind === 'bearer';
+}
+
 export interface AuthRequest {
   readonly user: string;
-  readonly password: Uint8Array;
+  readonly password: Secret;
   readonly service: 'imap' | 'pop3' | 'test';
   readonly rip?: string;
   /** epoch ms: a locked database is waited for until then, then tempfail (default: one busy timeout from now) */

@@ -158,6 +158,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .argument('<address>', 'user@domain (the domain must exist)')
     .option('--password-stdin', 'read the password from one line of stdin')
     .option('--home <node>', 'node that holds the mailbox (default: allocated on first mail or login)')
+    .addOption(new Option('-s, --scheme <scheme>', 'password scheme (SCRAM-SHA-256: SCRAM logins work too)').choices(SCHEMES).default('ARGON2ID' as const))
     .option('--json', 'JSON output')
     .description('add a user; without --password-stdin a random password is generated and printed')
     .action(async (address, o) => {
@@ -166,7 +167,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       const generated = o.passwordStdin ? null : randomBytes(12).toString('base64url');
       const pw = generated !== null ? Buffer.from(generated) : readStdinBytes('password');
       if (o.home !== undefined && !/^[a-z0-9][a-z0-9.-]{0,62}$/i.test(o.home)) throw new AppError('USAGE', `--home: invalid node name ${JSON.stringify(o.home)}`);
-      const u = await store.addUser(address, await hashPassword(pw), o.home ?? null);
+      const u = await store.addUser(address, await hashPassword(pw, o.scheme), o.home ?? null);
       if (o.json) printJson({ ...userJson(u), ...(generated ? { password: generated } : {}) });
       else console.log(`user ${u.address} added${generated ? `\npassword: ${generated}` : ''}`);
     });
@@ -174,11 +175,12 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     .command('passwd')
     .argument('<address>')
     .option('--password-stdin', 'read the password from one line of stdin (default)')
+    .addOption(new Option('-s, --scheme <scheme>', 'password scheme (SCRAM-SHA-256: SCRAM logins work too)').choices(SCHEMES).default('ARGON2ID' as const))
     .description('set a new password (read from stdin)')
-    .action(async (address) => {
+    .action(async (address, o) => {
       const { store } = await openCtx(cfg());
       await store.mustUser(address);
-      await store.setPassword(address, await hashPassword(readStdinBytes('password')));
+      await store.setPassword(address, await hashPassword(readStdinBytes('password'), o.scheme));
       console.log(`password of ${normaliseAddress(address).address} changed`);
     });
   for (const [verb, state] of [['disable', 'disabled'], ['enable', 'active']] as const) {
@@ -405,6 +407,7 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
       check.checkCertificates(instance, r);
       await check.checkBackends(instance, store, resolveMailUser(instance.config.mail_user), r);
       check.checkLog(instance, r);
+      await check.checkOAuth(instance, r);
       for (const l of r.lines) console.log(l);
       for (const w of r.warnings) console.error(`pigeon: warning: ${w}`);
       if (r.problems.length > 0) {

@@ -53,7 +53,7 @@ export async function createProxyEnv(configPath: string | undefined, opts: { log
   const store = await openInstanceStore(instance, { log: (level, m) => (current?.log ?? log).log(level, 'database', m) });
   let auth: AuthInstance;
   try {
-    auth = await createAuth(instance.config.auth, store, instance.dir);
+    auth = await createAuth(instance.config.auth, store, instance.dir, instance.config.oauth);
   } catch (e) {
     await store.close();
     throw e;

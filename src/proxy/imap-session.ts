@@ -1,8 +1,8 @@
 /**
  * NAME        src/proxy/imap-session — IMAP4rev1 before authentication (RFC 3501/9051)
  * DESCRIPTION State not-authenticated: CAPABILITY, NOOP, LOGOUT, STARTTLS, LOGIN, AUTHENTICATE
- *             (PLAIN, LOGIN; SASL-IR; `*` cancels), ID (RFC 2971), ENABLE (answered and ignored,
- *             as Dovecot does). The next command is read only when the current one has settled.
+ *             (the node's SASL mechanisms, src/proxy/sasl/; SASL-IR; `*` cancels), ID (RFC
+ *             2971), ENABLE (answered and ignored, as Dovecot does). The next command is read only when the current one has settled.
  *             A synchronising literal is invited (`+ OK`) only for a command that takes one
  *             before login (LOGIN, ID); any other gets its tagged answer instead. After a
  *             successful login the backend answers the client's tag itself (`OK [CAPABILITY …]
@@ -19,7 +19,9 @@ import type { ProxyEnv } from './env.js';
 import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
 import { ImapFramer, parseCommand, ParseError, argBytes, argAscii, peekCommand, type Arg, type Frame, type Command } from './imap-framer.js';
-import { loginAndRelay, saslCredentials, PreauthReader, logDisconnect, plaintextAllowed, saslBase64, type Credentials, type LoginState } from './login.js';
+import { loginAndRelay, PreauthReader, logDisconnect, plaintextAllowed, saslBase64, type Credentials, type LoginState, type SaslTails } from './login.js';
+import { mechanismsFor, offeredMechanism, startMechanism } from './sasl/registry.js';
+import type { Ended } from './sasl/types.js';
 import { alpnCallback, handshakeTimeoutMs } from './tls.js';
 import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, SASL_MAX_LINE, ID_MAX_PAIRS, ID_MAX_FIELD, ID_MAX_VALUE } from '../limits.js';
 
@@ -56,7 +58,8 @@ export class ImapSession {
   capabilities(): string {
     let c = BASE_CAPS;
     if (!this.conn.secure && this.conn.canTls && this.env.tls) c += ' STARTTLS';
-    c += plaintextAllowed(this.env, this.conn) ? ' AUTH=PLAIN AUTH=LOGIN' : ' LOGINDISABLED';
+    if (!plaintextAllowed(this.env, this.conn)) c += ' LOGINDISABLED';
+    for (const m of mechanismsFor(this.env, this.conn)) if (m.usable) c += ` AUTH=${m.mechanism.name}`;
     return c;
   }
 
@@ -279,18 +282,19 @@ export class ImapSession {
     const t = cmd.tag;
     const mech = argAscii(cmd.args[0])?.toUpperCase();
     if (!mech || cmd.args.length > 2) return this.badCommand(t, 'AUTHENTICATE expects a mechanism.');
-    if (mech !== 'PLAIN' && mech !== 'LOGIN') {
+    const offered = offeredMechanism(env, conn, mech);
+    if (offered === null) {
       conn.write(`${t} NO Unsupported authentication mechanism.\r\n`);
       return false;
     }
-    if (!plaintextAllowed(env, conn)) {
+    if (!offered.usable) {
       conn.write(`${t} ${PRIVACY}\r\n`);
       return false;
     }
     const ir = cmd.args.length === 2 ? argAscii(cmd.args[1]) : null;
     if (cmd.args.length === 2 && ir === null) return this.badCommand(t, 'Invalid base64 data in initial response.');
-    const x = await saslCredentials(mech, ir, (initial, prompt) => this.step(t, initial, prompt));
-    return 'ended' in x ? x.ended : this.login(t, x.creds, mech);
+    const x = await startMechanism(offered.mechanism, env, ir, (initial, challenge) => this.step(t, initial, challenge.toString('base64')));
+    return 'ended' in x ? x.ended : this.login(t, x.creds, offered.mechanism.name, x.tails, x.over);
   }
 
   private afterFailure(): boolean {
@@ -302,9 +306,11 @@ export class ImapSession {
     return false;
   }
 
-  private async login(tag: string, creds: Credentials, method: string): Promise<boolean> {
+  /** `sasl`/`over`: a SASL mechanism's last rounds, and whether the client ended the command inside them. */
+  private async login(tag: string, creds: Credentials, method: string, sasl: SaslTails = {}, over: () => Ended | null = () => null): Promise<boolean> {
     const r = await loginAndRelay(this.env, this.conn, this.st, creds, method, {
       tag,
+      sasl,
       leftover: () => this.framer.rest(),
       replies: {
         tempfail: `${tag} NO [UNAVAILABLE] Temporary authentication failure.\r\n`,
@@ -317,6 +323,7 @@ export class ImapSession {
         this.relayed = true;
       },
     });
+    if (over() === true) return true;
     return r === 'failed' ? this.afterFailure() : r === 'relayed';
   }
 }

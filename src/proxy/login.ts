@@ -13,7 +13,8 @@
  */
 import type { ProxyEnv } from './env.js';
 import type { ClientConn } from './conn.js';
-import type { AuthResult, ResolvedUser } from '../modules.js';
+import type { AuthResult, ResolvedUser, Secret } from '../modules.js';
+import { isExchange } from '../modules.js';
 import { resolve } from '../resolve.js';
 import { BUSY_TIMEOUT_MS } from '../store.js';
 import { route, runSession } from './router.js';
@@ -101,10 +102,11 @@ export type LoginOutcome =
 /**
  * What a client offered. `malformed`: a SASL message that names no usable identity (PLAIN
  * without two NULs, an authorization identity other than the authentication identity); it is
- * refused like a wrong password, never at once.
+ * refused like a wrong password, never at once. The password is bytes, or a SCRAM exchange that
+ * the deciding auth source runs against its stored hash (src/proxy/sasl/).
  */
 export type Credentials =
-  | { readonly kind: 'password'; readonly user: Uint8Array; readonly password: Uint8Array }
+  | { readonly kind: 'password'; readonly user: Uint8Array; readonly password: Secret }
   | { readonly kind: 'malformed'; readonly why: string; readonly user: Uint8Array | null };
 
 const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
@@ -183,7 +185,8 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
     st.successes = (st.successes ?? 0) + 1;
     await env.penalty.success(conn.peer.rip);
     for (const w of r.warnings) env.log.log('warn', `${st.proto}-login`, w);
-    return { kind: 'ok', user: r.user, deadline, passthrough: false };
+    // an exchange (SCRAM) waited for the client in between: the allocation gets its own busy timeout
+    return { kind: 'ok', user: r.user, deadline: isExchange(creds.password) ? Date.now() + BUSY_TIMEOUT_MS : deadline, passthrough: false };
   }
   if (r.why === 'tempfail') {
     st.lastOutcome = 'tempfail';
@@ -286,6 +289,17 @@ export async function saslCredentials<V>(
   return { creds: { kind: 'password', user, password } };
 }
 
+/**
+ * The last rounds of a SASL mechanism (src/proxy/sasl/types.ts): `success` after the login
+ * succeeded, before the backend (SCRAM's server signature), `failure` after the failure delay,
+ * before the NO (RFC 7628's error challenge). Each resolves false when the client ended the
+ * command instead (the session has answered it).
+ */
+export interface SaslTails {
+  readonly success?: () => Promise<boolean>;
+  readonly failure?: () => Promise<boolean>;
+}
+
 /** How a protocol words the answers of the login tail (the decisions are shared, below). */
 export interface LoginReplies {
   readonly tempfail: string;
@@ -310,7 +324,7 @@ export async function loginAndRelay(
   st: LoginState,
   creds: Credentials,
   method: string,
-  o: { readonly tag: string | null; readonly leftover: () => Buffer; readonly replies: LoginReplies; readonly relaying: () => void },
+  o: { readonly tag: string | null; readonly leftover: () => Buffer; readonly replies: LoginReplies; readonly relaying: () => void; readonly sasl?: SaslTails },
 ): Promise<'failed' | 'answered' | 'relayed'> {
   const r = await authenticate(env, conn, st, creds, method);
   if (r.kind === 'tempfail') {
@@ -318,12 +332,14 @@ export async function loginAndRelay(
     return 'answered';
   }
   if (r.kind === 'failed') {
-    conn.write(o.replies.failed);
+    if (!o.sasl?.failure || (await o.sasl.failure())) conn.write(o.replies.failed);
     return 'failed';
   }
+  if (o.sasl?.success && !(await o.sasl.success())) return 'answered';
   const address = r.user.user.address;
   // the password bytes go to the router, which gives them to an external backend (upstream) only
-  const credentials = creds.kind === 'password' ? { credentials: { user: creds.user, password: creds.password } } : {};
+  // (SCRAM and bearer tokens send no password: an upstream that needs one answers UNAVAILABLE)
+  const credentials = creds.kind === 'password' && creds.password instanceof Uint8Array ? { credentials: { user: creds.user, password: creds.password } } : {};
   const rt = await route(env, st.proto, r.user, conn, st.sid, o.tag, o.leftover, { forward: true, deadline: r.deadline, ...credentials });
   if (!rt.ok && rt.refused === true) {
     // the upstream server refused them: the same answer, delay and penalty as a wrong password

@@ -1,7 +1,7 @@
 /**
  * NAME        src/proxy/pop3-session — POP3 before authentication (RFC 1939, 2449, 2595, 5034, 3206)
- * DESCRIPTION AUTHORIZATION state: CAPA, STLS, USER/PASS, AUTH PLAIN/LOGIN (initial response, `*`
- *             cancels), QUIT. After login the backend is started, greeted with NOOP, and the client
+ * DESCRIPTION AUTHORIZATION state: CAPA, STLS, USER/PASS, AUTH with the node's SASL mechanisms
+ *             (src/proxy/sasl/; initial response, `*` cancels), QUIT. After login the backend is started, greeted with NOOP, and the client
  *             gets `+OK Logged in.`; then bytes are relayed (TRANSACTION/UPDATE are the backend's).
  *             Lines are bytes: user names must be valid UTF-8, passwords go to the hash as sent.
  *             STLS forgets everything said before it (a USER, pipelined input).
@@ -13,7 +13,9 @@
 import type { ProxyEnv } from './env.js';
 import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
-import { loginAndRelay, saslCredentials, PreauthReader, logDisconnect, plaintextAllowed, saslBase64, type Credentials, type LoginState } from './login.js';
+import { loginAndRelay, PreauthReader, logDisconnect, plaintextAllowed, saslBase64, type Credentials, type LoginState, type SaslTails } from './login.js';
+import { mechanismsFor, offeredMechanism, startMechanism } from './sasl/registry.js';
+import type { Ended } from './sasl/types.js';
 import { alpnCallback, handshakeTimeoutMs } from './tls.js';
 import { Pop3Framer, type Pop3Frame } from './pop3-framer.js';
 import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, POP3_MAX_LINE, SASL_MAX_LINE } from '../limits.js';
@@ -55,8 +57,16 @@ export class Pop3Session {
     const allowed = plaintextAllowed(this.env, this.conn);
     const lines = ['CAPA', 'TOP', 'UIDL', 'RESP-CODES', 'PIPELINING', 'AUTH-RESP-CODE'];
     if (!this.conn.secure && this.conn.canTls && this.env.tls) lines.push('STLS');
-    if (allowed) lines.push('USER', 'SASL PLAIN LOGIN');
+    if (allowed) lines.push('USER');
+    const sasl = this.usableMechanisms();
+    if (sasl.length > 0) lines.push(`SASL ${sasl.join(' ')}`);
     return `+OK\r\n${lines.join('\r\n')}\r\n.\r\n`;
+  }
+
+  private usableMechanisms(): string[] {
+    return mechanismsFor(this.env, this.conn)
+      .filter((m) => m.usable)
+      .map((m) => m.mechanism.name);
   }
 
   async run(): Promise<void> {
@@ -196,20 +206,21 @@ export class Pop3Session {
     const [mechRaw, ir, extra] = arg.split(' ');
     const mech = (mechRaw ?? '').toUpperCase();
     if (mech === '') {
-      conn.write('+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n');
+      conn.write(`+OK\r\n${this.usableMechanisms().map((m) => `${m}\r\n`).join('')}.\r\n`);
       return false;
     }
-    if (mech !== 'PLAIN' && mech !== 'LOGIN') {
+    const offered = offeredMechanism(env, conn, mech);
+    if (offered === null) {
       conn.write('-ERR Unsupported authentication mechanism.\r\n');
       return false;
     }
     if (extra !== undefined) return this.badCommand('AUTH expects a mechanism and at most an initial response.');
-    if (!plaintextAllowed(env, conn)) {
+    if (!offered.usable) {
       conn.write(PRIVACY);
       return false;
     }
-    const x = await saslCredentials(mech, ir ?? null, (initial, prompt) => this.step(initial ?? undefined, prompt));
-    return 'ended' in x ? x.ended : this.login(x.creds, mech);
+    const x = await startMechanism(offered.mechanism, env, ir ?? null, (initial, challenge) => this.step(initial ?? undefined, challenge.toString('base64')));
+    return 'ended' in x ? x.ended : this.login(x.creds, offered.mechanism.name, x.tails, x.over);
   }
 
   private afterFailure(): boolean {
@@ -220,9 +231,11 @@ export class Pop3Session {
     return false;
   }
 
-  private async login(creds: Credentials, method: string): Promise<boolean> {
+  /** `sasl`/`over`: a SASL mechanism's last rounds, and whether the client ended the command inside them. */
+  private async login(creds: Credentials, method: string, sasl: SaslTails = {}, over: () => Ended | null = () => null): Promise<boolean> {
     const r = await loginAndRelay(this.env, this.conn, this.st, creds, method, {
       tag: null,
+      sasl,
       leftover: () => this.framer.rest(),
       replies: {
         tempfail: '-ERR [SYS/TEMP] Temporary authentication failure.\r\n',
@@ -235,6 +248,7 @@ export class Pop3Session {
         this.relayed = true;
       },
     });
+    if (over() === true) return true;
     return r === 'failed' ? this.afterFailure() : r === 'relayed';
   }
 }
