@@ -8,7 +8,7 @@
  *             processes that never check a password (deliver, LMTP) do not pay for it.
  * SECURITY    No password or hash in any error text (auth/schemes.ts guarantees it).
  */
-import { count } from '../src/metrics.js';
+import { passwordChecks } from '../src/metrics.js';
 import { verifyPassword, parseHash, dummyVerify } from './schemes.js';
 
 const MAX_CONCURRENT_VERIFIES = 4;
@@ -32,7 +32,7 @@ async function limited<T>(fn: () => Promise<T>): Promise<T> {
 /** Is `password` right for the stored `{SCHEME}hash`? Throws AppError for an unusable hash. */
 export async function verifyStored(stored: string, password: Uint8Array): Promise<boolean> {
   parseHash(stored); // an unusable hash is refused before any work, and outside the limit
-  count('pigeon_password_checks_total');
+  passwordChecks.inc();
   return limited(() => verifyPassword(stored, password));
 }
 

@@ -15,6 +15,7 @@ import { resolve } from '../resolve.js';
 import { BUSY_TIMEOUT_MS } from '../store.js';
 import { route, runSession } from './router.js';
 import { PREAUTH_ABSOLUTE_MS } from '../limits.js';
+import { logins } from '../metrics.js';
 
 export type Proto = 'imap' | 'pop3';
 
@@ -171,6 +172,7 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
   } catch (e) {
     r = { ok: false, why: 'tempfail', detail: e instanceof Error ? e.message : 'auth error' };
   }
+  if (r.ok || r.why === 'tempfail') logins.inc({ protocol: st.proto, result: r.ok ? 'ok' : 'tempfail' });
   if (r.ok) {
     st.lastOutcome = 'ok';
     st.successes = (st.successes ?? 0) + 1;
@@ -188,6 +190,7 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
 
 async function refuse(env: ProxyEnv, conn: ClientConn, st: LoginState, why: string): Promise<LoginOutcome> {
   st.lastOutcome = 'failed';
+  logins.inc({ protocol: st.proto, result: 'failed' });
   const delay = await env.penalty.fail(conn.peer.rip);
   env.log.log('info', `${st.proto}-login`, `auth failed (${why}):`, logFields(conn, st));
   if (delay > 0) await sleep(delay);
