@@ -186,10 +186,10 @@ function clusterCollector(): () => Promise<string> {
         clearTimeout(timer);
         waiting.delete(id);
         const answered = new Registry();
-        answered.setDefaultLabels(nodeLabels);
-        const g = new Gauge({ name: 'pigeon_metrics_workers', help: 'serve workers asked for this scrape, by whether they answered in time', labelNames: ['answered'] as const, registers: [answered] });
-        g.set({ answered: 'yes' }, got.length);
-        g.set({ answered: 'no' }, asked.length - got.length);
+        // (Registry.merge keeps no default labels: the node label is set here)
+        const g = new Gauge({ name: 'pigeon_metrics_workers', help: 'serve workers asked for this scrape, by whether they answered in time', labelNames: ['answered', ...Object.keys(nodeLabels)], registers: [answered] });
+        g.set({ answered: 'yes', ...nodeLabels }, got.length);
+        g.set({ answered: 'no', ...nodeLabels }, asked.length - got.length);
         const merged = Registry.merge([AggregatorRegistry.aggregate(got), answered]);
         merged.metrics().then(resolve, reject);
       };
