@@ -29,9 +29,8 @@ import { createServer, type Server } from 'node:http';
 import cluster from 'node:cluster';
 import type { Worker } from 'node:cluster';
 import { AggregatorRegistry, Counter, Gauge, Histogram, Registry, type MetricObjectWithValues, type MetricValue } from 'prom-client';
+import { METRICS_WORKER_MS } from './limits.js';
 
-/** how long the primary waits for a worker's numbers during one scrape */
-export const METRICS_WORKER_MS = 2000;
 
 /** this process's metrics; in a serve worker, what the primary collects */
 export const registry = new Registry();
