@@ -9,8 +9,8 @@
  *             `handedOff` says the backend now holds the socket (it stops counting against
  *             max_connections), `logout` returns to pre-auth after a session that did not start,
  *             `started` names where the session went and `onKick` how to end it (`pigeon who` /
- *             `pigeon kick`, over the same service), `close` frees the slot. Slots are found from the ClientConn (`slotOf`), so the
- *             router needs no extra parameters; a session received over a peer link has none
+ *             `pigeon kick`, over the same service), `close` frees the slot. Slots are found
+ *             from the ClientConn (`slotOf`), so the router needs no extra parameters; a session received over a peer link has none
  *             (the node the client connected to counted it).
  * SECURITY    Limits come from pigeon.yaml at each call (a SIGHUP reload applies to the next
  *             connection). A limits service that cannot be reached falls back to per-process
