@@ -9,7 +9,7 @@
  *             processes that never check a password (deliver, LMTP) do not pay for it.
  * SECURITY    No password or hash in any error text (auth/schemes.ts guarantees it).
  */
-import { count } from '../src/metrics.js';
+import { passwordChecks } from '../src/metrics.js';
 import { verifyPassword, parseHash, dummyVerify } from './schemes.js';
 import { isExchange, type PasswordSecret } from '../src/modules.js';
 
@@ -34,7 +34,7 @@ async function limited<T>(fn: () => Promise<T>): Promise<T> {
 /** Is `password` right for the stored `{SCHEME}hash`? Throws AppError for an unusable hash. */
 export async function verifyStored(stored: string, password: Uint8Array): Promise<boolean> {
   parseHash(stored); // an unusable hash is refused before any work, and outside the limit
-  count('pigeon_password_checks_total');
+  passwordChecks.inc();
   return limited(() => verifyPassword(stored, password));
 }
 
@@ -46,7 +46,7 @@ export async function verifyStored(stored: string, password: Uint8Array): Promis
 export async function verifySecret(stored: string, secret: PasswordSecret): Promise<boolean> {
   if (!isExchange(secret)) return verifyStored(stored, secret);
   parseHash(stored);
-  count('pigeon_password_checks_total');
+  passwordChecks.inc();
   return secret.prove(stored);
 }
 

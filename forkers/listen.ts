@@ -102,12 +102,34 @@ export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string
   // sockets from systemd: taken (and LISTEN_* removed) before any child process exists
   const inherited = takeInheritedSockets();
   const anvil = await ownNodeService(instance);
+  const metrics: Server[] = [];
   try {
-    if (n > 1) return await supervise(n, inherited);
+    if (n > 1) {
+      // one scrape for the whole process tree: the primary answers with every worker's numbers
+      const { metricsServer, setNode } = await import('../src/metrics.js');
+      setNode(instance.config.node);
+      for (const l of instance.config.listen.filter((x) => x.protocol === 'metrics')) metrics.push(await listenOn(l, metricsServer(true), metrics));
+      return await supervise(n, inherited);
+    }
     return await runWorker(makeEnv, configPath, extra, inherited);
   } finally {
+    for (const s of metrics) s.close();
     anvil?.close();
   }
+}
+
+/** Listen on `l`; a failure closes `opened` and is the one-line TEMPFAIL error of serve. */
+async function listenOn(l: Listener, s: Server, opened: readonly Server[]): Promise<Server> {
+  await new Promise<void>((resolve, reject) => {
+    s.once('error', reject);
+    if (l.path !== null) s.listen(l.path, resolve);
+    else s.listen(l.port, l.host, resolve);
+  }).catch((e: NodeJS.ErrnoException) => {
+    for (const o of opened) o.close();
+    throw new AppError('TEMPFAIL', `cannot listen on ${l.protocol}=${l.path ?? `${l.host}:${l.port}`}: ${e.code ?? e.message}`);
+  });
+  if (!cluster.isWorker) process.stderr.write(`pigeon: listening ${l.protocol} ${addr(l, s)}\n`);
+  return s;
 }
 
 /** A worker's start-up failure, sent to the primary: the AppError's code and message. */
@@ -348,6 +370,8 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
 
   const banners: string[] = [];
   for (const l of listenersOf(env.instance.config.listen, inherited)) {
+    // with workers, the primary serves metrics= for all of them (src/metrics.ts)
+    if (l.protocol === 'metrics' && cluster.isWorker) continue;
     let server: Server | null = null;
     let bound: Server | null = null;
     if (l.protocol === 'imap' || l.protocol === 'pop3') server = createServer({ pauseOnConnect: true }, acceptPlain(l.protocol, l.proxy));

@@ -92,6 +92,7 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
   if (!deliveryOnly) (await import('./commands/cluster.js')).registerCluster(program as unknown as Command, cfg);
   if (!deliveryOnly) (await import('./commands/db.js')).registerDb(program as unknown as Command, cfg);
   if (!deliveryOnly) (await import('./commands/proxy.js')).registerProxy(program as unknown as Command, cfg);
+  if (!deliveryOnly) (await import('./commands/sessions.js')).registerSessions(program as unknown as Command, cfg);
   (await import('./commands/delivery.js')).registerDelivery(program as unknown as Command, cfg);
   return program;
 }

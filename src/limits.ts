@@ -34,6 +34,7 @@ export const MAX_USERIP_CONNECTIONS = 10; // Dovecot's mail_max_userip_connectio
 // the node state service (src/anvil)
 export const ANVIL_MAX_LINE = 65_536; // one request or reply
 export const ANVIL_REQUEST_MS = 5_000; // no answer: the service counts as unreachable (generous: an overloaded host is not an outage)
+export const METRICS_WORKER_MS = 2_000; // a scrape of serve --workers N leaves out a worker that has not answered within this (src/metrics.ts)
 export const ANVIL_START_MS = 5_000; // an auto-started service must be ready within this
 export const ANVIL_RETRY_MS = 5_000; // after a failure, per-process state this long before retrying
 export const ANVIL_IDLE_MS = 30_000; // an auto-started service exits after this long with no client and no live penalty

@@ -4,20 +4,35 @@
  *             state, and a client that cannot reach the service (src/anvil/client.ts) answers its
  *             own requests from a per-process state: both through this one function, so the two
  *             give the same answers to the same requests.
- *             `owner` and `pid` name the process that asked; `evicted` is told every connection
- *             that a `conn.open` pushed out (its owner must end it).
+ *             `owner` and `pid` name the process that asked; `ended` is told every connection
+ *             that a `conn.open` pushed out (`evicted`) or a `kick` removed (`kicked`): its
+ *             owner must end it.
  */
 import type { AnvilState, ConnRecord } from './state.js';
 import { PROTOCOL_VERSION, type RequestBody, type Results, type ListedRecord } from './protocol.js';
 
-export function answer(state: AnvilState, owner: number, pid: number, req: RequestBody, now: number, evicted: (ev: ConnRecord) => void): object {
+/** Whether process `pid` exists (EPERM: it does, under another user). */
+export function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+function listed(r: ConnRecord): ListedRecord {
+  return { pid: r.pid, conn: r.conn, ip: r.ip, proto: r.proto, trusted: r.trusted, state: r.state, held: r.held, user: r.user, session: r.session, backend: r.backend, since: r.since };
+}
+
+export function answer(state: AnvilState, owner: number, pid: number, req: RequestBody, now: number, ended: (ev: ConnRecord, reason: 'evicted' | 'kicked') => void): object {
   switch (req.op) {
     case 'hello':
       return { pid: process.pid, version: PROTOCOL_VERSION } satisfies Results['hello'];
     case 'conn.open': {
       const r = state.open(owner, pid, req.conn, { ip: req.ip, proto: req.proto, trusted: req.trusted }, { perIp: req.max_per_ip, total: req.max_total }, now);
       if (!r.admitted) return { admitted: false, why: r.why } satisfies Results['conn.open'];
-      for (const ev of r.evicted) evicted(ev);
+      for (const ev of r.evicted) ended(ev, 'evicted');
       return { admitted: true, evicted: r.evicted.length } satisfies Results['conn.open'];
     }
     case 'conn.restore':
@@ -43,20 +58,19 @@ export function answer(state: AnvilState, owner: number, pid: number, req: Reque
     case 'penalty.clear':
       state.penaltyClear(req.key);
       return {};
+    case 'conn.backend':
+      state.setBackend(owner, req.conn, req.backend);
+      return {};
     case 'list': {
-      const conns: ListedRecord[] = state.list(req.user === undefined ? {} : { user: req.user }).map((r) => ({
-        pid: r.pid,
-        conn: r.conn,
-        ip: r.ip,
-        proto: r.proto,
-        trusted: r.trusted,
-        state: r.state,
-        held: r.held,
-        user: r.user,
-        session: r.session,
-        since: r.since,
-      }));
+      state.dropDead(pidAlive);
+      const conns = state.list(req.user === undefined ? {} : { user: req.user }).map(listed);
       return { pid: process.pid, conns, counts: state.counts(now) } satisfies Results['list'];
+    }
+    case 'kick': {
+      state.dropDead(pidAlive);
+      const kicked = state.kick(req.user, req.ip ?? null);
+      for (const r of kicked) ended(r, 'kicked');
+      return { kicked: kicked.map(listed) } satisfies Results['kick'];
     }
   }
 }

@@ -10,7 +10,7 @@
  *             next request tries again. The records this process holds are mirrored here and put
  *             back into whichever state answers next (service or local), so a reconnect loses no
  *             connection and no session. A limits service that is down never refuses a login.
- *             Events from the service (`end`: evict a connection) go to the handler registered
+ *             Events from the service (`end`: a connection evicted or kicked) go to the handler registered
  *             with that connection.
  */
 import { connect, type Socket } from 'node:net';
@@ -86,7 +86,7 @@ export class AnvilClient {
     const r = (await this.call({ op: 'conn.open', conn, ip: c.ip, proto: c.proto, trusted: c.trusted, max_per_ip: limits.perIp, max_total: limits.total })) as Results['conn.open'];
     if (r.admitted) {
       // a request answered later than the connection's end must not resurrect it
-      if (this.ends.has(conn)) this.mine.set(conn, { conn, ip: c.ip, proto: c.proto, trusted: c.trusted, state: 'preauth', held: true, user: null, session: null, since: Date.now() });
+      if (this.ends.has(conn)) this.mine.set(conn, { conn, ip: c.ip, proto: c.proto, trusted: c.trusted, state: 'preauth', held: true, user: null, session: null, backend: null, since: Date.now() });
       else void this.call({ op: 'conn.close', conn });
       return { admitted: true };
     }
@@ -103,7 +103,7 @@ export class AnvilClient {
 
   async logout(conn: string): Promise<void> {
     const m = this.mine.get(conn);
-    if (m) Object.assign(m, { state: 'preauth', user: null, session: null });
+    if (m) Object.assign(m, { state: 'preauth', user: null, session: null, backend: null });
     await this.call({ op: 'conn.logout', conn });
   }
 
@@ -111,6 +111,13 @@ export class AnvilClient {
     const m = this.mine.get(conn);
     if (m) m.held = held;
     await this.call({ op: 'conn.held', conn, held });
+  }
+
+  /** The session runs on `backend` (dovecot, courier, peer:NODE): for `pigeon who`. */
+  async backend(conn: string, backend: string): Promise<void> {
+    const m = this.mine.get(conn);
+    if (m) m.backend = backend;
+    await this.call({ op: 'conn.backend', conn, backend });
   }
 
   async close(conn: string): Promise<void> {
@@ -136,6 +143,11 @@ export class AnvilClient {
 
   async list(user?: string): Promise<Results['list']> {
     return (await this.call(user === undefined ? { op: 'list' } : { op: 'list', user })) as Results['list'];
+  }
+
+  /** End the sessions of `user` (from `ip` only, if given) wherever they run on this node. */
+  async kick(user: string, ip?: string): Promise<Results['kick']> {
+    return (await this.call(ip === undefined ? { op: 'kick', user } : { op: 'kick', user, ip })) as Results['kick'];
   }
 
   /** Close the link to the service (the process is ending). */
@@ -167,7 +179,7 @@ export class AnvilClient {
   /** Answer a request from the per-process state. */
   private runLocal(body: RequestBody): object {
     // evicting here is evicting one of our own connections: after this request returns
-    return answer(this.local, SELF, process.pid, body, Date.now(), (ev) => setImmediate(() => this.ended(ev.conn, 'evicted')));
+    return answer(this.local, SELF, process.pid, body, Date.now(), (ev, reason) => setImmediate(() => this.ended(ev.conn, reason)));
   }
 
   private ended(conn: string, reason: string): void {

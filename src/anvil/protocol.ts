@@ -4,7 +4,7 @@
  *             `{"id":N,"op":"…",…}` and gets one reply per request, `{"id":N,"result":{…}}` or
  *             `{"id":N,"error":"…"}`, in any order. The service may also send events to a
  *             client: `{"ev":"end","conn":"…","reason":"evicted"}` asks the owner to close that
- *             connection (later also `kicked`, for `pigeon kick`).
+ *             connection; reason `evicted` (a connection limit) or `kicked` (`pigeon kick`).
  *             Requests (version 1):
  *               hello        {pid, role}                   → {pid, version}
  *               conn.open    {conn, ip, proto, trusted, max_per_ip, max_total}
@@ -13,9 +13,12 @@
  *               conn.login   {conn, user, session, max_userip} → {ok} | {ok:false, why, count?}
  *               conn.logout  {conn}   conn.held {conn, held}   conn.close {conn}   → {}
  *               penalty.get  {key} → {count, age_ms}   penalty.fail {key} → {count}   penalty.clear {key} → {}
+ *               conn.backend {conn, backend}                → {}   (the session runs there)
  *               list         {user?}                       → {pid, conns: [record…], counts}
+ *               kick         {user, ip?}                   → {kicked: [record…]}
  *             Records are plain objects (owner pid, conn, ip, proto, state, held, user, session,
- *             since), so `who`, `kick` and metrics are new ops over the same records.
+ *             backend, since). `list` and `kick` first drop the records of processes that are
+ *             gone (a worker killed while its link was still open).
  * SECURITY    A line longer than ANVIL_MAX_LINE or one that does not parse ends the connection.
  *             Who may connect is decided by the socket's directory and mode (src/anvil/run-dir.ts).
  */
@@ -36,6 +39,8 @@ export const recordSchema = z.object({
   held: z.boolean(),
   user: str.nullable(),
   session: str.nullable(),
+  /** absent from a client of an older version: no backend known */
+  backend: str.nullable().default(null),
   since: z.number(),
 });
 export type WireRecord = z.output<typeof recordSchema>;
@@ -51,7 +56,9 @@ export const requestSchema = z.discriminatedUnion('op', [
   z.object({ id: count, op: z.literal('penalty.get'), key: str }),
   z.object({ id: count, op: z.literal('penalty.fail'), key: str }),
   z.object({ id: count, op: z.literal('penalty.clear'), key: str }),
+  z.object({ id: count, op: z.literal('conn.backend'), conn: str, backend: str }),
   z.object({ id: count, op: z.literal('list'), user: str.optional() }),
+  z.object({ id: count, op: z.literal('kick'), user: str, ip: str.optional() }),
 ]);
 export type Request = z.output<typeof requestSchema>;
 export type Op = Request['op'];
@@ -73,7 +80,9 @@ export interface Results {
   'penalty.get': { count: number; age_ms: number };
   'penalty.fail': { count: number };
   'penalty.clear': Record<string, never>;
+  'conn.backend': Record<string, never>;
   list: { pid: number; conns: ListedRecord[]; counts: { preauth: number; sessions: number; held: number; penalties: number } };
+  kick: { kicked: ListedRecord[] };
 }
 
 export const replySchema = z.union([

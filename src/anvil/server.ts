@@ -181,7 +181,7 @@ function serveOn(server: Server, path: string, opts: ServeOptions): AnvilServer 
   const handle = (owner: number, req: Request): object => {
     const c = clients.get(owner);
     if (req.op === 'hello' && c) c.pid = req.pid;
-    return answer(state, owner, c?.pid ?? 0, req, Date.now(), (ev) => send(ev.owner, { ev: 'end', conn: ev.conn, reason: 'evicted' }));
+    return answer(state, owner, c?.pid ?? 0, req, Date.now(), (ev, reason) => send(ev.owner, { ev: 'end', conn: ev.conn, reason }));
   };
 
   server.on('connection', (sock: Socket) => {

@@ -16,8 +16,10 @@
  *             is refused. Records of an owner that goes away are dropped with it.
  *             Penalties: failures per client key (src/ip.ts clientKey) and when the last one was;
  *             forgotten AUTH_PENALTY_RESET_MS after the last failure.
- *             Records carry what `pigeon who` / `kick` and metrics need (pid, protocol, user,
- *             session, since), so those are queries over this table.
+ *             Records carry what `pigeon who` / `kick` need (pid, protocol, client IP, user,
+ *             session, backend or home node, since): `kick` removes the matching sessions and
+ *             their owners are told to end them; `dropDead` removes the records of a process
+ *             that is gone without closing its link (its pid no longer exists).
  */
 import { AUTH_PENALTY_RESET_MS } from '../limits.js';
 
@@ -35,6 +37,8 @@ export interface ConnRecord {
   held: boolean;
   user: string | null;
   session: string | null;
+  /** where the session went once it runs: the backend (dovecot, courier) or peer:HOME_NODE */
+  backend: string | null;
   readonly since: number;
 }
 
@@ -94,7 +98,7 @@ export class AnvilState {
       evicted.push(this.remove(oldest.value));
     }
     if (this.total() >= limits.total) return { admitted: false, why: 'max_connections' };
-    this.insert({ owner, pid, conn, ip: c.ip, proto: c.proto, trusted: c.trusted, state: 'preauth', held: true, user: null, session: null, since: now });
+    this.insert({ owner, pid, conn, ip: c.ip, proto: c.proto, trusted: c.trusted, state: 'preauth', held: true, user: null, session: null, backend: null, since: now });
     return { admitted: true, evicted };
   }
 
@@ -126,7 +130,41 @@ export class AnvilState {
     this.leaveSession(r);
     r.user = null;
     r.session = null;
+    r.backend = null;
     this.enterPreauth(r);
+  }
+
+  /** The session runs: where it went (shown by `pigeon who`). */
+  setBackend(owner: number, conn: string, backend: string): void {
+    const r = this.records.get(AnvilState.key(owner, conn));
+    if (r && r.state === 'session') r.backend = backend;
+  }
+
+  /**
+   * `pigeon kick`: remove the sessions of `user` (from `ip` only, if given) and return them; the
+   * caller tells each record's owner to end it.
+   */
+  kick(user: string, ip: string | null): ConnRecord[] {
+    const out: ConnRecord[] = [];
+    for (const [k, r] of this.records) if (r.state === 'session' && r.user === user && (ip === null || r.ip === ip)) out.push(this.remove(k));
+    return out;
+  }
+
+  /** Drop the records of owners whose process is gone (`alive(pid)` false); returns how many. */
+  dropDead(alive: (pid: number) => boolean): number {
+    const dead = new Set<number>();
+    const checked = new Map<number, boolean>();
+    for (const r of this.records.values()) {
+      let ok = checked.get(r.pid);
+      if (ok === undefined) {
+        ok = alive(r.pid);
+        checked.set(r.pid, ok);
+      }
+      if (!ok) dead.add(r.owner);
+    }
+    let n = 0;
+    for (const o of dead) n += this.dropOwner(o);
+    return n;
   }
 
   /** Whether the proxy still holds the client's socket (false: handed to the backend). */

@@ -25,11 +25,10 @@ import { AppError, EX, isAppError, replyCode } from '../errors.js';
  * (src/delivery/receive.ts); LMTP stores mail for other nodes over the worker's peer links.
  */
 async function extraListeners(): Promise<ExtraListener> {
-  const [{ lmtpListener }, { peerListener }, { metricsServer }, cluster, { createPeerContext }, { remoteStore }, { receiveSession }, { receiveDelivery }, { makeDeliveryEnv }] = await Promise.all([
+  const [{ lmtpListener }, { peerListener }, { metricsServer }, { createPeerContext }, { remoteStore }, { receiveSession }, { receiveDelivery }, { makeDeliveryEnv }] = await Promise.all([
     import('../delivery/lmtp-listener.js'),
     import('../peer/listener.js'),
     import('../metrics.js'),
-    import('node:cluster'),
     import('../peer/context.js'),
     import('../peer/remote-store.js'),
     import('../proxy/received.js'),
@@ -59,7 +58,8 @@ async function extraListeners(): Promise<ExtraListener> {
     return d;
   };
   return (l, env) => {
-    if (l.protocol === 'metrics') return metricsServer({ node: env.instance.config.node, worker: String(cluster.default.worker?.id ?? 0) });
+    // with --workers 1 only: else the primary serves the sum of all workers (forkers/listen.ts)
+    if (l.protocol === 'metrics') return metricsServer(false);
     if (l.protocol === 'lmtp') return lmtpListener(l, env, remoteStore(env.instance, env.store, env.nodes, peerOf(env)));
     return peerListener(l, env, peerOf(env), {
       session: (s) => receiveSession(env, s),
@@ -143,6 +143,7 @@ export function registerProxy(program: Command, cfg: () => string | undefined): 
       }
       const makeEnv = async (): Promise<ProxyEnv> => {
         const env = await createProxyEnv(cfg(), { logToStderr: true, role: 'worker', daemon: true });
+        (await import('../metrics.js')).setNode(env.instance.config.node);
         startDuties(env);
         // sessions of users whose mailbox is being moved end (they log in again on the new node)
         watchMoves(env.store, REGISTRY_REFRESH_MS, (address, n) => env.log.log('info', `imap(${address})`, `Ended ${n} session(s): mailbox is being moved`));

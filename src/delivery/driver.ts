@@ -20,6 +20,7 @@ import { spoolLimit } from './mailstore.js';
 import { fsFailure } from './mda.js';
 import { statusLine } from './outcome.js';
 import { fault } from './fault.js';
+import { deliveries, deliveryDuration, deliveryStatus } from '../metrics.js';
 
 export { resolveRecipient, type Resolved } from './pipeline.js';
 
@@ -67,12 +68,15 @@ export function logOutcome(env: DeliveryEnv, rcpt: string, r: DeliveryResult, vi
 export async function deliverMessage(env: DeliveryEnv, input: AsyncIterable<Buffer>, tx: Transaction): Promise<ReadonlyMap<string, DeliveryResult>> {
   const results = new Map<string, DeliveryResult>();
   if (tx.recipients.length === 0) return results;
+  const timer = deliveryDuration.startTimer();
   let message: Spooled;
   try {
     message = await spool(input, { limit: spoolLimit(tx.recipients.map((r) => r.config['mailstore.max_size']?.value)) });
   } catch (e) {
     const r = fsFailure(e, 'spool');
     for (const x of tx.recipients) results.set(x.rcpt, r);
+    deliveries.inc({ module: 'spool', status: deliveryStatus(r.dsn) }, results.size);
+    timer();
     return results;
   }
   try {
@@ -88,6 +92,7 @@ export async function deliverMessage(env: DeliveryEnv, input: AsyncIterable<Buff
     }
   } finally {
     await message.close();
+    timer();
   }
   return results;
 }

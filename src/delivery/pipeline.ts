@@ -23,6 +23,13 @@ import { isAppError, mailStatusOf } from '../errors.js';
 import { runOrder } from './registry.js';
 import type { DeliveryEnv, DeliveryResult, Prepared, RecipientRequest } from './types.js';
 import { loopDeliveredTo, type Spooled } from './message.js';
+import { deliveries, deliveryStatus } from '../metrics.js';
+
+/** Count one recipient's result against the module that decided it (metrics). */
+function counted(module: string, r: DeliveryResult): DeliveryResult {
+  deliveries.inc({ module, status: deliveryStatus(r.dsn) });
+  return r;
+}
 
 export const MAX_HOPS = 30;
 
@@ -88,7 +95,7 @@ const failureOf = (e: unknown, what: string): DeliveryResult => {
 export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, only?: ReadonlySet<string>): Promise<DeliveryResult> {
   const { resolved: r, message } = input;
   const loop = loopCheck(r.rcpt, r.user.address, message);
-  if (loop) return loop;
+  if (loop) return counted('pipeline', loop);
   const added: Buffer[] = [];
   const req: RecipientRequest = {
     added,
@@ -111,6 +118,8 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, 
   const enabled = runOrder().filter((m) => r.config[`${m.name}.enabled`]?.value === true && (only === undefined || only.has(m.name)));
   const prepared: Prepared[] = [];
   const afters: { readonly name: string; readonly run: () => Promise<void> }[] = [];
+  /** the module that prepared each entry of `prepared` */
+  const preparedBy: string[] = [];
   const abortAll = async (from: number): Promise<void> => {
     for (const p of prepared.slice(from).reverse()) await p.abort().catch(() => undefined);
   };
@@ -124,15 +133,18 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, 
     }
     if (step.kind === 'fail') {
       await abortAll(0);
-      return step.result;
+      return counted(m.name, step.result);
     }
     if (step.keep === false) req.keep = false;
     if (step.folder !== undefined) req.folder = step.folder;
     if (step.afterDelivery) afters.push({ name: m.name, run: step.afterDelivery });
-    if (step.prepared) prepared.push(step.prepared);
+    if (step.prepared) {
+      prepared.push(step.prepared);
+      preparedBy.push(m.name);
+    }
   }
   if (prepared.length === 0) {
-    return { dsn: '4.3.5', text: `<${r.rcpt}>: no delivery module stored or forwarded the message (check mailstore.enabled / forward.to)` };
+    return counted('pipeline', { dsn: '4.3.5', text: `<${r.rcpt}>: no delivery module stored or forwarded the message (check mailstore.enabled / forward.to)` });
   }
   const done: string[] = [];
   for (let i = 0; i < prepared.length; i++) {
@@ -145,7 +157,7 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, 
       await abortAll(i + 1);
       const f = failureOf(e, p.what);
       if (done.length > 0) env.log('warn', 'delivery: deferred after a partial commit; a retry may duplicate', { user: r.user.address, done: done.join('; ') });
-      return f;
+      return counted(preparedBy[i] ?? 'pipeline', f);
     }
   }
   for (const a of afters) {
@@ -163,5 +175,6 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, 
     }
   }
   env.log('info', 'delivered', { user: r.rcpt, from: input.sender === '' ? '<>' : input.sender, via: input.via ?? null, msgid: message.get('message-id')[0] ?? null, size: message.size, to: done.join('; ') });
+  for (const m of new Set(preparedBy)) deliveries.inc({ module: m, status: 'delivered' });
   return { dsn: '2.0.0', text: `<${r.rcpt}> Saved` };
 }

@@ -15,7 +15,7 @@ import { randomBytes } from 'node:crypto';
 import { certNodeName } from '../../certs/verify.js';
 import type { PeerContext } from './context.js';
 import { AppError } from '../errors.js';
-import { count } from '../metrics.js';
+import { peerHandoffsSent } from '../metrics.js';
 import { PEER_PROTOCOL, HANDOFF_MAX_BYTES, newNonce, sealHandOff, readLine, type HandOff, type Reply } from './protocol.js';
 
 export const PEER_CONNECT_ATTEMPTS = 3;
@@ -184,7 +184,7 @@ export async function sendHandOff(ctx: PeerContext, target: string, req: HandOff
     line = await readLine(sock, HANDOFF_MAX_BYTES, answerMs);
   } catch (e) {
     sock.destroy();
-    count('pigeon_peer_handoffs_sent_total', { kind: req.kind, result: 'no-answer' });
+    peerHandoffsSent.inc({ kind: req.kind, result: 'no-answer' });
     throw new AppError('PEER_UNAVAILABLE', `node ${target} did not answer the hand-off: ${(e as Error).message}`);
   }
   let r: Reply;
@@ -196,10 +196,10 @@ export async function sendHandOff(ctx: PeerContext, target: string, req: HandOff
   }
   if (r.ok !== true) {
     sock.destroy();
-    count('pigeon_peer_handoffs_sent_total', { kind: req.kind, result: 'refused' });
+    peerHandoffsSent.inc({ kind: req.kind, result: 'refused' });
     throw new AppError('PEER_REFUSED', `node ${target} refused the hand-off (${String(r.code ?? '?')}): ${String(r.text ?? '')}`);
   }
-  count('pigeon_peer_handoffs_sent_total', { kind: req.kind, result: 'ok' });
+  peerHandoffsSent.inc({ kind: req.kind, result: 'ok' });
   return sock;
 }
 

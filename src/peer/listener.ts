@@ -32,7 +32,7 @@ import type { ResolvedUser } from '../modules.js';
 import type { DeliveryResult } from '../delivery/types.js';
 import type { PeerContext } from './context.js';
 import { certNodeName } from '../../certs/verify.js';
-import { count } from '../metrics.js';
+import { peerHandoffsReceived, peerLinksRefused } from '../metrics.js';
 import { unmapIp } from '../ip.js';
 import { HOP_LIMIT, HANDOFF_MAX_BYTES, CLOCK_SKEW_MS, NonceCache, openHandOff, readLine, replyLine, exactBytes, fromWireUser, fromWireConfig, type HandOff } from './protocol.js';
 import { isAppError } from '../errors.js';
@@ -152,7 +152,7 @@ export function peerListener(l: Listener, env: PeerListenerEnv, peer: PeerContex
     handshakeTimeout: PEER_TLS_HANDSHAKE_MS,
   });
   server.on('tlsClientError', (e: Error, s: TLSSocket) => {
-    count('pigeon_peer_links_refused_total', { reason: 'tls' });
+    peerLinksRefused.inc({ reason: 'tls' });
     log('warn', 'peer', `Refused link (TLS: ${e.message.split('\n')[0] ?? ''}):`, { rip: unmapIp(s.remoteAddress) });
   });
   server.on('secureConnection', (sock: TLSSocket) => {
@@ -172,7 +172,7 @@ export function peerListener(l: Listener, env: PeerListenerEnv, peer: PeerContex
   async function handle(sock: TLSSocket): Promise<void> {
     const rip = unmapIp(sock.remoteAddress);
     if (!sock.authorized) {
-      count('pigeon_peer_links_refused_total', { reason: 'certificate' });
+      peerLinksRefused.inc({ reason: 'certificate' });
       log('warn', 'peer', `Refused link (certificate: ${String(sock.authorizationError ?? 'not verified')}):`, { rip });
       sock.destroy();
       return;
@@ -191,7 +191,7 @@ export function peerListener(l: Listener, env: PeerListenerEnv, peer: PeerContex
       chk = { ok: false as const, reason: `node registry unavailable: ${e instanceof Error ? e.message : String(e)}` };
     }
     if (!chk.ok) {
-      count('pigeon_peer_links_refused_total', { reason: 'registry' });
+      peerLinksRefused.inc({ reason: 'registry' });
       log('warn', 'peer', `Refused link from ${name}: ${chk.reason}:`, { rip });
       refuse(sock, 'refused', chk.reason);
       return;
@@ -208,7 +208,7 @@ export function peerListener(l: Listener, env: PeerListenerEnv, peer: PeerContex
         sock.destroy();
         return;
       }
-      count('pigeon_peer_handoffs_received_total', { kind: 'unknown', result: 'incomplete' });
+      peerHandoffsReceived.inc({ kind: 'unknown', result: 'incomplete' });
       log('warn', 'peer', `Hand-off from ${name} failed: ${(e as Error).message}:`, { rip });
       sock.destroy();
       return;
@@ -217,13 +217,13 @@ export function peerListener(l: Listener, env: PeerListenerEnv, peer: PeerContex
     const bad = o.ok ? admissible(o.handOff, me, name, nonces, env.instance.mailRoot) : { code: o.code, text: o.text };
     if (!o.ok || bad) {
       const b = bad ?? { code: '?', text: '?' };
-      count('pigeon_peer_handoffs_received_total', { kind: o.ok ? o.handOff.kind : 'unknown', result: b.code });
+      peerHandoffsReceived.inc({ kind: o.ok ? o.handOff.kind : 'unknown', result: b.code });
       log('warn', 'peer', `Refused hand-off from ${name}: ${b.code}: ${b.text}:`, { rip, ...(o.ok ? { user: o.handOff.user.address, session: o.handOff.session } : {}) });
       refuse(sock, b.code, b.text);
       return;
     }
     const h = o.handOff;
-    count('pigeon_peer_handoffs_received_total', { kind: h.kind, result: 'accepted' });
+    peerHandoffsReceived.inc({ kind: h.kind, result: 'accepted' });
     if (h.kind === 'deliver') await receiveDelivery(sock, h, name);
     else if (h.kind === 'move-in' || h.kind === 'move-out') {
       const m = await import('./move.js');

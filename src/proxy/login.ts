@@ -19,6 +19,7 @@ import { resolve } from '../resolve.js';
 import { BUSY_TIMEOUT_MS } from '../store.js';
 import { route, runSession } from './router.js';
 import { PREAUTH_ABSOLUTE_MS } from '../limits.js';
+import { logins } from '../metrics.js';
 
 export type Proto = 'imap' | 'pop3';
 
@@ -180,6 +181,7 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
     r = { ok: false, why: 'tempfail', detail: e instanceof Error ? e.message : 'auth error' };
   }
   if (r.ok && r.passthrough === true) return { kind: 'ok', user: r.user, deadline, passthrough: true };
+  if (r.ok || r.why === 'tempfail') logins.inc({ protocol: st.proto, result: r.ok ? 'ok' : 'tempfail' });
   if (r.ok) {
     st.lastOutcome = 'ok';
     st.successes = (st.successes ?? 0) + 1;
@@ -198,6 +200,7 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
 
 async function refuse(env: ProxyEnv, conn: ClientConn, st: LoginState, why: string): Promise<LoginOutcome> {
   st.lastOutcome = 'failed';
+  logins.inc({ protocol: st.proto, result: 'failed' });
   const delay = await env.penalty.fail(conn.peer.rip);
   env.log.log('info', `${st.proto}-login`, `auth failed (${why}):`, logFields(conn, st));
   if (delay > 0) await sleep(delay);

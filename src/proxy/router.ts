@@ -27,6 +27,10 @@ import { trackSession } from './live.js';
 import { relay } from './relay.js';
 import { slotOf } from './slots.js';
 import { HANDOFF_MAX_INPUT } from '../limits.js';
+import { backendStart, sessions } from '../metrics.js';
+
+/** the backend name of each running session (metrics label, `pigeon who`) */
+const backendNames = new WeakMap<BackendSession, string>();
 
 export type RouteResult =
   | { ok: true; session: BackendSession; backend: string }
@@ -72,9 +76,15 @@ export async function route(
       return { ok: false, reason: text, limit: l.max };
     }
   }
+  const t0 = process.hrtime.bigint();
   const r = await startRoute(env, protocol, u, conn, sid, tag, leftover, opts);
   if (!r.ok) slot?.logout();
-  else if (slot && r.session.handedOff) slot.handedOff();
+  else {
+    backendStart.observe({ protocol, backend: r.backend }, Number(process.hrtime.bigint() - t0) / 1e9);
+    backendNames.set(r.session, r.backend);
+    if (slot && r.session.handedOff) slot.handedOff();
+    slot?.started(r.backend);
+  }
   return r;
 }
 
@@ -171,12 +181,23 @@ async function startExternal(env: ProxyEnv, backend: Backend, protocol: MailProt
 /** Relay a routed session to its end, registered in the live-session table, with its log lines. */
 export async function runSession(env: ProxyEnv, protocol: MailProtocol, address: string, sid: string, conn: ClientConn, s: BackendSession, leftover: Buffer): Promise<void> {
   const untrack = trackSession(address, () => s.stop());
+  const labels = { protocol, backend: backendNames.get(s) ?? 'unknown' };
+  sessions.inc(labels);
+  // `pigeon kick`: the backend is stopped, which ends the relay (and closes the client's socket)
+  let kicked = false;
+  slotOf(conn)?.onKick(() => {
+    kicked = true;
+    env.log.log('info', `${protocol}(${address})`, 'Kicked (pigeon kick):', { rip: conn.peer.rip, session: sid });
+    s.stop();
+  });
   try {
     const res = await relay(conn, s, leftover);
-    if (res.end.lost !== undefined) env.log.log('warn', `${protocol}(${address})`, `${res.end.lost}:`, { session: sid });
+    if (res.end.lost !== undefined && !kicked) env.log.log('warn', `${protocol}(${address})`, `${res.end.lost}:`, { session: sid });
     slotOf(conn)?.close(); // before the logout line: a client that saw it may log in again at once
-    env.log.log('info', `${protocol}(${address})`, res.in < 0 ? 'Disconnected: Logged out (socket handed to the backend)' : `Disconnected: Logged out in=${res.in} out=${res.out}`, { session: sid });
+    const how = kicked ? 'Kicked' : 'Logged out';
+    env.log.log('info', `${protocol}(${address})`, res.in < 0 ? `Disconnected: ${how} (socket handed to the backend)` : `Disconnected: ${how} in=${res.in} out=${res.out}`, { session: sid });
   } finally {
+    sessions.dec(labels);
     untrack();
     // the user+IP slot and the connection slot end with the session
     slotOf(conn)?.close();

@@ -8,8 +8,9 @@
  *             After authentication `login` takes a user+IP slot (limits.max_userip_connections),
  *             `handedOff` says the backend now holds the socket (it stops counting against
  *             max_connections), `logout` returns to pre-auth after a session that did not start,
- *             `close` frees the slot. Slots are found from the ClientConn (`slotOf`), so the
- *             router needs no extra parameters; a session received over a peer link has none
+ *             `started` names where the session went and `onKick` how to end it (`pigeon who` /
+ *             `pigeon kick`, over the same service), `close` frees the slot. Slots are found
+ *             from the ClientConn (`slotOf`), so the router needs no extra parameters; a session received over a peer link has none
  *             (the node the client connected to counted it).
  * SECURITY    Limits come from pigeon.yaml at each call (a SIGHUP reload applies to the next
  *             connection). A limits service that cannot be reached falls back to per-process
@@ -29,6 +30,10 @@ export interface Slot {
   logout(): void;
   /** the backend holds the client's socket now */
   handedOff(): void;
+  /** the session runs on `backend` (dovecot, courier, peer:NODE): for `pigeon who` */
+  started(backend: string): void;
+  /** how to end the running session when `pigeon kick` names it (called at once if it already did) */
+  onKick(end: () => void): void;
   close(): void;
 }
 
@@ -54,7 +59,15 @@ export async function admit(env: ProxyEnv, clientIp: string, proto: string, onEn
   const limits = env.instance.config.limits;
   const id = a.connId();
   const trusted = ip === '' || trustedNetworks(env).has(ip);
-  const r = await a.open(id, { ip, proto, trusted }, { perIp: limits.preauth_per_ip, total: limits.max_connections }, onEnd);
+  // a kick ends the session the way its router said (onKick); an eviction goes to the forker
+  let kick: (() => void) | null = null;
+  let kicked = false;
+  const ended = (reason: string): void => {
+    if (reason !== 'kicked') onEnd(reason);
+    else if (kick) kick();
+    else kicked = true;
+  };
+  const r = await a.open(id, { ip, proto, trusted }, { perIp: limits.preauth_per_ip, total: limits.max_connections }, ended);
   if (!r.admitted) return { admitted: false, why: r.why };
   let closed = false;
   const slot: Slot = {
@@ -72,6 +85,13 @@ export async function admit(env: ProxyEnv, clientIp: string, proto: string, onEn
     },
     handedOff() {
       if (!closed) void a.held(id, false);
+    },
+    started(backend) {
+      if (!closed) void a.backend(id, backend);
+    },
+    onKick(end) {
+      kick = end;
+      if (kicked) end();
     },
     close() {
       if (closed) return;

@@ -45,7 +45,7 @@ import postgres, { type Sql, type TransactionSql, type Options } from 'postgres'
 import { readFileSync, statSync } from 'node:fs';
 import { AppError } from '../errors.js';
 import { normaliseAddress, normaliseDomain } from '../address.js';
-import { count } from '../metrics.js';
+import { countDbError, dbUserReads } from '../metrics.js';
 import { PG_POOL_SIZE, PG_CONNECT_TIMEOUT_S, PG_STATEMENT_TIMEOUT_S } from '../limits.js';
 import type { Scope } from '../settings.js';
 import type { ConfigStore, StoreChange, SchemaStatus, ServerInfo, TableDump, Allocation, UserRecord, ScopeRef, NodeRow, NodeState, SelfRegistration, Flag, SettingRow, Json } from './types.js';
@@ -286,6 +286,7 @@ class PostgresStore implements ConfigStore {
    */
   private fail(e: unknown, started?: number): unknown {
     const m = mapPgError(e, this.where);
+    if (m instanceof AppError && m.code.startsWith('DB_')) countDbError(m);
     if (m instanceof AppError && m.code === 'DB_UNAVAILABLE') {
       if (this.state === 'up' && started !== undefined && started <= this.lastOk) return m;
       if (this.state !== 'down' && !this.closed) {
@@ -408,7 +409,7 @@ class PostgresStore implements ConfigStore {
 
   async getUser(address: string): Promise<UserRecord | null> {
     const a = normaliseAddress(address).address;
-    count('pigeon_db_user_reads_total');
+    dbUserReads.inc();
     return this.op(() => this.userIn(this.sql, a));
   }
 
@@ -625,7 +626,7 @@ class PostgresStore implements ConfigStore {
   }
 
   async lookup(address: string): Promise<{ user: UserRecord; rows: SettingRow[] } | null> {
-    count('pigeon_db_user_reads_total');
+    dbUserReads.inc();
     return this.op(async () => {
       // one statement, prepared once per connection: the user, then every setting row that applies
       const rs = await this.sql<(UserRow & { s_scope: Scope | null; s_module: string | null; s_key: string | null; s_value: string | null; s_flags: string | null })[]>`

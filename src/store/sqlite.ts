@@ -23,7 +23,7 @@ import Database from 'better-sqlite3';
 import { existsSync } from 'node:fs';
 import { AppError } from '../errors.js';
 import { normaliseAddress, normaliseDomain } from '../address.js';
-import { count } from '../metrics.js';
+import { countDbError, dbUserReads } from '../metrics.js';
 import type { Scope } from '../settings.js';
 import type { Json, Flag, SettingRow, NodeRow, NodeState, SelfRegistration } from '../store.js';
 import { toUser, toSetting, toNode, reRegistration, type UserRow, type SettingDbRow, type NodeDbRow } from './rows.js';
@@ -137,7 +137,10 @@ async function retrying<T>(file: string, deadline: number | null, fn: () => T): 
     } catch (e) {
       const m = mapDbError(e, file);
       until ??= Date.now() + BUSY_TIMEOUT_MS;
-      if (!isLocked(m) || Date.now() + pause > until) throw m;
+      if (!isLocked(m) || Date.now() + pause > until) {
+        if (sqliteCode(e) !== '') countDbError(m);
+        throw m;
+      }
     }
     await sleep(pause);
   }
@@ -387,7 +390,7 @@ export class SqliteStore implements Store {
 
   async getUser(address: string): Promise<UserRecord | null> {
     const a = normaliseAddress(address).address;
-    count('pigeon_db_user_reads_total');
+    dbUserReads.inc();
     return this.run(() => {
       const r = this.c.stmts.user.get(a);
       return r ? toUser(r) : null;
@@ -534,7 +537,7 @@ export class SqliteStore implements Store {
 
   /** The one read per login or delivery: the user and every setting row that applies. */
   async lookup(address: string): Promise<{ user: UserRecord; rows: SettingRow[] } | null> {
-    count('pigeon_db_user_reads_total');
+    dbUserReads.inc();
     return this.run(() => this.lookupNow(address));
   }
 
