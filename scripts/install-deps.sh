@@ -1,12 +1,15 @@
 #!/bin/sh
 # NAME        scripts/install-deps.sh — install everything PigeonDeliver and its tests need
 # SYNOPSIS    sh scripts/install-deps.sh [--no-system]
-# DESCRIPTION Installs Debian's dovecot-imapd, dovecot-pop3d, postfix, openbsd-inetd, postgresql
-#             (the tests start private servers with its initdb/pg_ctl; the packaged cluster is not
-#             needed and may stay stopped), python3, curl, Courier's libraries and gamin
-#             (COURIER_LIBS) with apt-get when run as root (otherwise prints the packages to install and stops), extracts Courier's imapd/pop3d .debs into .cache/courier (they conflict with
-#             Dovecot in apt), then runs `npm install`, builds with `npm run build` and puts
-#             `pigeon` on the PATH (scripts/link-pigeon.sh: as root a symlink in /usr/local/bin).
+# DESCRIPTION Installs with apt-get, when run as root (otherwise prints the packages to install and
+#             stops), the Debian packages in NEED: Dovecot (core, imapd, pop3d, lmtpd, sieve),
+#             postfix, openbsd-inetd, postgresql, clamav-daemon, haproxy, systemd, gsasl, curl,
+#             python3, iproute2, util-linux, Courier's libraries and gamin (COURIER_LIBS). The tests
+#             start private servers of their own (initdb/pg_ctl, clamd -c, haproxy -f, a second
+#             dovecot -c); the packaged services are not needed and may stay stopped. Then extracts
+#             Courier's imapd/pop3d .debs into .cache/courier (they conflict with Dovecot in apt),
+#             runs `npm install`, builds with `npm run build` and puts `pigeon` on the PATH
+#             (scripts/link-pigeon.sh: as root a symlink in /usr/local/bin).
 #             Used by README's two set-up lines and by .ci/run, so all three stay in step.
 set -eu
 cd "$(dirname "$0")/.."
