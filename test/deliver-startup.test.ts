@@ -1,0 +1,87 @@
+// What `pigeon deliver` loads: pipe(8) starts one process per message, so a delivery to a local
+// mailbox must load the delivery code only — not commander and the admin command tree, not the
+// password hash libraries, not the peer link (node certificate, TLS) nor the LMTP server. A resolve hook
+// (node's module.register) records every module the process resolves.
+import t from 'tap';
+import { join } from 'node:path';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { CLI, makeInstance, maildirOf, files, msg } from './helpers/delivery-env.js';
+import { scratchDir } from './helpers/instance.js';
+
+t.setTimeout(240_000);
+
+const ALICE = 'alice@example.test';
+
+/** Run `pigeon -c inst ARGS` with a resolve hook; the exit, the output and every URL resolved. */
+function deliverTraced(dir: string, inst: string, args: readonly string[], input: string): { code: number | null; out: string; loaded: string[] } {
+  const hooks = join(dir, 'hooks.mjs');
+  const register = join(dir, 'register.mjs');
+  const log = join(dir, `loaded-${Math.random().toString(36).slice(2)}.txt`);
+  writeFileSync(log, '');
+  writeFileSync(
+    hooks,
+    `import { appendFileSync } from 'node:fs';
+export async function resolve(specifier, context, next) {
+  const r = await next(specifier, context);
+  appendFileSync(process.env.PIGEON_TEST_LOADED, r.url + '\\n');
+  return r;
+}
+`,
+  );
+  writeFileSync(register, `import { register } from 'node:module';\nregister(${JSON.stringify(`file://${hooks}`)});\n`);
+  const r = spawnSync(process.execPath, ['--import', register, CLI, '-c', inst, ...args], { input, env: { ...process.env, PIGEON_TEST_LOADED: log } });
+  return { code: r.status, out: r.stdout.toString() + r.stderr.toString(), loaded: readFileSync(log, 'utf8').split('\n').filter(Boolean) };
+}
+
+t.test('a local delivery loads the delivery code only', async (t) => {
+  const dir = scratchDir(t);
+  const inst = makeInstance(dir);
+  const r = deliverTraced(dir, inst, ['deliver', '-f', 'bob@remote.test', '-a', ALICE, '--', ALICE], msg({ subject: 'traced' }));
+  t.equal(r.code, 0, r.out);
+  t.equal(r.out, '', 'no output on success');
+  t.equal(files(join(maildirOf(inst, ALICE), 'new')).length, 1, 'delivered');
+  t.ok(
+    r.loaded.some((u) => u.endsWith('/dist/src/delivery/deliver.js')),
+    'the hook saw the delivery code (it records what the process loads)',
+  );
+  const unwanted: [RegExp, string][] = [
+    [/\/node_modules\/(commander|@commander-js)\//, 'commander'],
+    [/\/dist\/src\/commands\//, 'the command tree'],
+    [/\/node_modules\/@node-rs\//, 'the password hash libraries'],
+    [/\/dist\/src\/peer\/(context|deliver|link)\.js$/, 'the peer link'],
+    [/\/node_modules\/node-forge\//, 'node-forge'],
+    [/\/node_modules\/smtp-server\//, 'the LMTP server'],
+  ];
+  for (const [re, what] of unwanted) {
+    t.same(
+      r.loaded.filter((u) => re.test(u)),
+      [],
+      `${what} not loaded`,
+    );
+  }
+});
+
+t.test('help, usage errors and the dovecot-lda flags still go through commander, with its texts', async (t) => {
+  const dir = scratchDir(t);
+  const inst = makeInstance(dir, [ALICE, 'carol@example.test']);
+  const help = deliverTraced(dir, inst, ['deliver', '--help'], '');
+  t.equal(help.code, 0);
+  t.match(help.out, /Exit status \(sysexits\)/, 'deliver --help prints the command help');
+  const bad = deliverTraced(dir, inst, ['deliver', '-x', ALICE], msg());
+  t.equal(bad.code, 75, 'a bad command line is a temporary failure (pipe(8) must not bounce)');
+  t.equal(bad.out, "4.3.5 bad deliver command line: unknown option '-x'\n", "commander's message, one line");
+  t.same(files(join(maildirOf(inst, ALICE), 'new')), [], 'nothing delivered');
+  // -d twice, -e, -m for a folder that does not exist (INBOX), --from=, recipient after --
+  const lda = deliverTraced(dir, inst, ['deliver', '--from=bob@remote.test', '-e', '-m', 'Nope', '-d', ALICE, '-d', 'carol@example.test'], msg({ subject: 'lda flags' }));
+  t.equal(lda.code, 0, lda.out);
+  t.equal(files(join(maildirOf(inst, ALICE), 'new')).length, 1, 'first -d delivered');
+  t.equal(files(join(maildirOf(inst, 'carol@example.test'), 'new')).length, 1, 'second -d delivered');
+  t.notOk(lda.loaded.some((u) => /\/node_modules\/(commander|@commander-js)\//.test(u)), 'a plain dovecot-lda command line needs no commander');
+  const none = deliverTraced(dir, inst, ['deliver', '-f', 'bob@remote.test'], msg());
+  t.equal(none.code, 75);
+  t.match(none.out, /^4\.3\.5 no recipient on the command line/);
+  const unknown = deliverTraced(dir, inst, ['deliver', '-f', 'bob@remote.test', '--', 'nobody@example.test'], msg());
+  t.equal(unknown.code, 67);
+  t.equal(unknown.out, '5.1.1 <nobody@example.test>: user unknown\n');
+});
