@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # libgamin0 (libfam.so.0), libgdbm6, libidn12, and gamin (gam_server in /usr/libexec, where libfam
 # looks for it: without it every Courier IMAP login waits ~1.2 s and IDLE cannot push new mail).
 COURIER_LIBS="courier-base courier-authlib gamin libgamin0 libcourier-unicode4 libgdbm6 libidn12"
-NEED="dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix openbsd-inetd postgresql curl python3 iproute2 util-linux $COURIER_LIBS"
+NEED="dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix openbsd-inetd postgresql curl python3 iproute2 util-linux strace $COURIER_LIBS"
 if [ "${1:-}" != "--no-system" ]; then
   missing=""
   [ -x /usr/lib/dovecot/imap ] || missing="$missing dovecot-imapd"
@@ -28,6 +28,8 @@ if [ "${1:-}" != "--no-system" ]; then
   # the partition test: network namespaces and veth (ip), the server's user inside one (setpriv)
   command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
   command -v setpriv >/dev/null 2>&1 || missing="$missing util-linux"
+  # the group-commit test counts fsync(2) calls with strace
+  [ -x /usr/bin/strace ] || missing="$missing strace"
   for p in $COURIER_LIBS; do
     dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$missing $p"
   done
