@@ -4,9 +4,9 @@
 // (node's module.register) records every module the process resolves.
 import t from 'tap';
 import { join } from 'node:path';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync, readdirSync, chownSync, statSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
-import { CLI, makeInstance, maildirOf, files, msg } from './helpers/delivery-env.js';
+import { CLI, makeInstance, maildirOf, files, msg, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { scratchDir } from './helpers/instance.js';
 
 t.setTimeout(240_000);
@@ -84,4 +84,34 @@ t.test('help, usage errors and the dovecot-lda flags still go through commander,
   const unknown = deliverTraced(dir, inst, ['deliver', '-f', 'bob@remote.test', '--', 'nobody@example.test'], msg());
   t.equal(unknown.code, 67);
   t.equal(unknown.out, '5.1.1 <nobody@example.test>: user unknown\n');
+});
+
+t.test('as the mail uid (pipe(8) user=mail): a message spilled to disk is stored byte for byte, in this process', async (t) => {
+  const dir = scratchDir(t);
+  const inst = makeInstance(dir);
+  // the pipe(8) set-up README gives: the mail user writes the database, its directory and the log
+  for (const f of readdirSync(inst)) if (/^pigeon\.(db|log)/.test(f)) chownSync(join(inst, f), MAIL_UID, MAIL_GID);
+  chownSync(inst, MAIL_UID, MAIL_GID);
+  chownSync(join(inst, 'pigeon.yaml'), 0, MAIL_GID);
+  // a body larger than the spool's memory part (1 MiB), every line different: a chunk written
+  // twice or overwritten by the next one cannot go unnoticed
+  const lines: string[] = [];
+  for (let i = 0; lines.length < 60_000; i++) lines.push(`line ${i} ${'abcdefghijklmnopqrstuvwxyz'.slice(i % 26)}${'0123456789'.repeat(3)}`);
+  const body = `${lines.join('\n')}\n`;
+  const r = spawnSync(process.execPath, [CLI, '-c', inst, 'deliver', '-f', 'bob@remote.test', ALICE], {
+    input: msg({ subject: 'big as mail', body }),
+    uid: MAIL_UID,
+    gid: MAIL_GID,
+    maxBuffer: 1 << 20,
+  });
+  t.equal(r.status, 0, r.stdout.toString() + r.stderr.toString());
+  const box = join(maildirOf(inst, ALICE), 'new');
+  const got = files(box);
+  t.equal(got.length, 1, 'delivered');
+  const stored = readFileSync(join(box, got[0] ?? ''));
+  t.equal(statSync(join(box, got[0] ?? '')).uid, MAIL_UID, 'written by the mail user');
+  const at = stored.indexOf('\n\n');
+  t.ok(Buffer.byteLength(body) > 2 * 1024 * 1024, 'the body is over 2 MiB');
+  t.ok(stored.subarray(at + 2).equals(Buffer.from(body)), 'the body on disk is the body sent, byte for byte');
+  t.equal(stored.length, Number(/,S=(\d+)/.exec(got[0] ?? '')?.[1]), 'S= is the size on disk');
 });

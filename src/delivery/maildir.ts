@@ -189,7 +189,8 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
     };
     let first = true;
     for await (const chunk of body) {
-      batch.push(chunk);
+      // a copy: a body read back from the spool file reuses one buffer for every chunk
+      batch.push(Buffer.from(chunk));
       batched += chunk.length;
       if (batched >= WRITE_BATCH) {
         flush();
