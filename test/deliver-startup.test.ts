@@ -102,6 +102,8 @@ t.test('as the mail uid (pipe(8) user=mail): a message spilled to disk is stored
     input: msg({ subject: 'big as mail', body }),
     uid: MAIL_UID,
     gid: MAIL_GID,
+    // pipe(8)'s environment, not the test runner's (its NODE_OPTIONS hooks write as root)
+    env: { PATH: '/usr/bin:/bin' },
     maxBuffer: 1 << 20,
   });
   t.equal(r.status, 0, r.stdout.toString() + r.stderr.toString());
