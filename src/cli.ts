@@ -104,7 +104,15 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
 export async function main(argv: readonly string[]): Promise<number> {
   // a plain `deliver` command line: the delivery entry point alone (src/delivery/deliver-cli.ts)
   if (commandOf(argv) === 'deliver') {
-    const d = await import('./delivery/deliver-cli.js');
+    let d: typeof import('./delivery/deliver-cli.js');
+    try {
+      d = await import('./delivery/deliver-cli.js');
+    } catch (e) {
+      // pipe(8) bounces on any status but 75/71: a broken install defers, with one line
+      const why = (e instanceof Error ? e.message : String(e)).replace(/[\x00-\x1f\x7f]/g, ' ').slice(0, 300);
+      process.stdout.write(`4.3.0 internal error (cannot load the delivery code: ${why})\n`);
+      return EX.TEMPFAIL;
+    }
     const o = d.parseDeliverArgv(argv);
     if (o !== null) {
       await d.deliverCommand(o);

@@ -4,9 +4,9 @@
 // (node's module.register) records every module the process resolves.
 import t from 'tap';
 import { join } from 'node:path';
-import { readFileSync, writeFileSync, readdirSync, chownSync, statSync } from 'node:fs';
+import { readFileSync, writeFileSync, readdirSync, chownSync, statSync, mkdirSync, cpSync, symlinkSync, rmSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
-import { CLI, makeInstance, maildirOf, files, msg, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
+import { CLI, ROOT, makeInstance, maildirOf, files, msg, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { scratchDir } from './helpers/instance.js';
 
 t.setTimeout(240_000);
@@ -116,4 +116,21 @@ t.test('as the mail uid (pipe(8) user=mail): a message spilled to disk is stored
   t.ok(Buffer.byteLength(body) > 2 * 1024 * 1024, 'the body is over 2 MiB');
   t.ok(stored.subarray(at + 2).equals(Buffer.from(body)), 'the body on disk is the body sent, byte for byte');
   t.equal(stored.length, Number(/,S=(\d+)/.exec(got[0] ?? '')?.[1]), 'S= is the size on disk');
+});
+
+t.test('a broken install (a delivery module missing) defers with one line: 75, never a bounce', async (t) => {
+  const dir = scratchDir(t);
+  const inst = makeInstance(dir);
+  // a copy of the built tree with the delivery driver missing, as a half-finished upgrade leaves it
+  const copy = join(dir, 'broken');
+  mkdirSync(copy);
+  cpSync(join(ROOT, 'dist'), join(copy, 'dist'), { recursive: true });
+  cpSync(join(ROOT, 'package.json'), join(copy, 'package.json'));
+  symlinkSync(join(ROOT, 'node_modules'), join(copy, 'node_modules'));
+  rmSync(join(copy, 'dist', 'src', 'delivery', 'deliver.js'));
+  const r = spawnSync(process.execPath, [join(copy, 'dist', 'src', 'cli.js'), '-c', inst, 'deliver', '-f', 'bob@remote.test', ALICE], { input: msg() });
+  t.equal(r.status, 75, 'EX_TEMPFAIL: Postfix keeps the message and retries');
+  t.match(r.stdout.toString(), /^4\.3\.0 internal error \(cannot load the delivery code: [^\n]*deliver\.js[^\n]*\)\n$/, 'one line with the enhanced status code');
+  t.equal(r.stderr.toString(), '', 'nothing else');
+  t.same(files(join(maildirOf(inst, ALICE), 'new')), [], 'nothing delivered');
 });
