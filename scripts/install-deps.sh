@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 # libgamin0 (libfam.so.0), libgdbm6, libidn12, and gamin (gam_server in /usr/libexec, where libfam
 # looks for it: without it every Courier IMAP login waits ~1.2 s and IDLE cannot push new mail).
 COURIER_LIBS="courier-base courier-authlib gamin libgamin0 libcourier-unicode4 libgdbm6 libidn12"
-NEED="dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-sieve postfix openbsd-inetd postgresql curl python3 iproute2 util-linux clamav-daemon $COURIER_LIBS"
+NEED="dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-sieve postfix openbsd-inetd postgresql curl python3 iproute2 util-linux strace clamav-daemon $COURIER_LIBS"
 # the PROXY protocol test runs HAProxy in front; the systemd test needs systemd-socket-activate and
 # systemd-analyze (package systemd; a minimal image has no systemd), no PID 1
 NEED="$NEED haproxy systemd"
@@ -44,6 +44,8 @@ if [ "${1:-}" != "--no-system" ]; then
   [ -x /usr/sbin/haproxy ] || missing="$missing haproxy"
   command -v systemd-socket-activate >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
   command -v gsasl >/dev/null 2>&1 || missing="$missing gsasl"
+  # the group-commit test counts fsync(2) calls with strace
+  [ -x /usr/bin/strace ] || missing="$missing strace"
   for p in $COURIER_LIBS; do
     dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$missing $p"
   done

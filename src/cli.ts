@@ -6,10 +6,14 @@
  *             75 temporary (database locked: retry), 77 auth failed, 78 configuration.
  *             Errors are one line on stderr: "pigeon: error: ...".
  */
-import { Command, CommanderError } from '@commander-js/extra-typings';
+import type { Command } from '@commander-js/extra-typings';
 import { EX, isAppError } from './errors.js';
-import { hashPassword } from '../auth/schemes.js';
 import { randomBytes } from 'node:crypto';
+import { enableCompileCache } from './compile-cache.js';
+
+// commander, the command tree and the password schemes load on demand (dynamic imports below): a
+// `pigeon deliver` under pipe(8) runs once per message and needs none of them
+enableCompileCache();
 
 export const VERSION = '0.1.0';
 
@@ -27,6 +31,7 @@ function commandOf(argv: readonly string[]): string | null {
 }
 
 export async function buildProgram(argv: readonly string[]): Promise<Command<[], { config?: string }>> {
+  const { Command } = await import('@commander-js/extra-typings');
   const program = new Command()
     .name('pigeon')
     .description('PigeonDeliver: IMAP/POP3 modular proxy with an embedded delivery agent')
@@ -52,7 +57,7 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
       const r = await initInstance({ dir, node: o.node, listen: o.listen, db: o.db, dbPasswordFile: o.dbPasswordFile, caFrom: o.caFrom });
       console.log(`instance created in ${r.dir}\n  config:   ${r.dir}/pigeon.yaml\n  database: ${r.dbPath}\n  certs:    ${r.dir}/certs/\n  mail:     ${r.dir}/mail/`);
       if (o.demo) {
-        const [{ loadInstance }, { openInstanceStore }] = await Promise.all([import('./instance.js'), import('./context.js')]);
+        const [{ loadInstance }, { openInstanceStore }, { hashPassword }] = await Promise.all([import('./instance.js'), import('./context.js'), import('../auth/schemes.js')]);
         const store = await openInstanceStore(loadInstance(r.dir));
         const pw = randomBytes(9).toString('base64url');
         try {
@@ -98,7 +103,25 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
+  // a plain `deliver` command line: the delivery entry point alone (src/delivery/deliver-cli.ts)
+  if (commandOf(argv) === 'deliver') {
+    let d: typeof import('./delivery/deliver-cli.js');
+    try {
+      d = await import('./delivery/deliver-cli.js');
+    } catch (e) {
+      // pipe(8) bounces on any status but 75/71: a broken install defers, with one line
+      const why = (e instanceof Error ? e.message : String(e)).replace(/[\x00-\x1f\x7f]/g, ' ').slice(0, 300);
+      process.stdout.write(`4.3.0 internal error (cannot load the delivery code: ${why})\n`);
+      return EX.TEMPFAIL;
+    }
+    const o = d.parseDeliverArgv(argv);
+    if (o !== null) {
+      await d.deliverCommand(o);
+      return typeof process.exitCode === 'number' ? process.exitCode : EX.OK;
+    }
+  }
   const program = await buildProgram(argv);
+  const { CommanderError } = await import('@commander-js/extra-typings');
   try {
     await program.parseAsync(argv as string[]);
     return typeof process.exitCode === 'number' ? process.exitCode : EX.OK;

@@ -8,7 +8,7 @@
 import type { Command } from '@commander-js/extra-typings';
 import { Option, CommanderError } from '@commander-js/extra-typings';
 import { AppError, EX } from '../errors.js';
-import { runDeliver, inputOf } from '../delivery/deliver.js';
+import { deliverCommand, answer } from '../delivery/deliver-cli.js';
 import { statusLine } from '../delivery/outcome.js';
 import { loadInstance } from '../instance.js';
 import { openInstanceStore } from '../context.js';
@@ -17,24 +17,6 @@ import { remoteStore } from '../peer/remote-store.js';
 import { FORKERS, oneShotForkers } from '../../forkers/registry.js';
 import { isOneShot } from '../../forkers/types.js';
 import { NodeDirectory } from '../nodes.js';
-
-let answered = false;
-/** Print the one status line (at most once) and set the exit code. */
-function answer(code: number, line: string | null): void {
-  if (answered) return;
-  answered = true;
-  if (line !== null) process.stdout.write(`${line}\n`);
-  process.exitCode = code;
-}
-
-function tempfailOnCrash(): void {
-  const die = (e: unknown): void => {
-    answer(EX.TEMPFAIL, statusLine({ dsn: '4.3.0', text: `internal error (${e instanceof Error ? e.message : String(e)})` }));
-    process.exit(EX.TEMPFAIL);
-  };
-  process.on('uncaughtException', die);
-  process.on('unhandledRejection', die);
-}
 
 export function registerDelivery(program: Command, cfg: () => string | undefined): void {
   const collect = (v: string, acc: string[]): string[] => [...acc, v];
@@ -63,22 +45,7 @@ master.cf:  pigeon unix - n n - - pipe flags=Rq user=mail argv=/usr/local/bin/pi
       process.exit(EX.TEMPFAIL);
     })
     .action(async (recipients, o) => {
-      tempfailOnCrash();
-      try {
-        const r = await runDeliver({
-          config: cfg(),
-          sender: o.from,
-          original: o.original,
-          mailbox: o.mailbox,
-          recipients: [...o.destination, ...recipients],
-          input: inputOf(o.path),
-          // recipients homed on other nodes: the peer link, loaded only when one is
-          remote: (instance, store, nodes) => remoteStore(instance, store, nodes),
-        });
-        answer(r.code, r.line);
-      } catch (e) {
-        answer(EX.TEMPFAIL, statusLine({ dsn: '4.3.0', text: `internal error (${e instanceof Error ? e.message : String(e)})` }));
-      }
+      await deliverCommand({ config: cfg(), from: o.from, original: o.original, mailbox: o.mailbox, path: o.path, recipients: [...o.destination, ...recipients] });
     });
   void deliver;
 

@@ -13,7 +13,8 @@
  *             beginning with the enhanced status code (`5.1.1 <x@y>: user unknown`), which
  *             pipe(8) prefers over the exit status. Nothing else is written to stdout/stderr:
  *             logs go to `log.file`, else syslog, else `log.fallback_file` (src/delivery/env.ts).
- * SECURITY    Runs as the pipe(8) `user=`; as root it chowns what it writes to `mail_user`.
+ * SECURITY    Runs as the pipe(8) `user=` and then writes mailboxes itself; run as root (by hand)
+ *             its writes go to a child running as `mail_user` (src/writer/mail-writer.ts).
  */
 import { createReadStream } from 'node:fs';
 import { loadInstance } from '../instance.js';

@@ -1,7 +1,12 @@
 /**
  * NAME        src/delivery/maildir — MDA module: Maildir++ (what Dovecot and Courier read)
- * DESCRIPTION Delivery writes tmp/NAME with an exclusive create, fsyncs it, and on commit renames
- *             it into new/ and fsyncs new/ — only then is the message acknowledged. NAME is
+ * DESCRIPTION Delivery writes tmp/NAME with an exclusive create, in one write when the message is
+ *             in memory, fdatasyncs it, and on commit renames it into new/ and fsyncs new/ — only
+ *             then is the message acknowledged. The fsync of new/ is shared by the deliveries
+ *             into the same new/ that renamed before it began (group commit,
+ *             src/writer/safe-fs.ts fsyncDirGrouped); each is answered after the fsync that
+ *             covers its rename. Only the two fsyncs wait on the thread pool: create, write,
+ *             close and rename run in place (metadata and page cache). NAME is
  *             Dovecot's form `SECS.MUSECSPpidQn.host,S=size,W=vsize`, so Dovecot and the quota
  *             scan never need to stat it. A kill -9 at any point leaves at most a file in tmp/,
  *             never a partial one in new/.
@@ -18,8 +23,8 @@
  *             (src/writer/safe-fs.ts checkDir); a link there defers the message (4.2.0).
  */
 import { mailError } from '../errors.js';
-import { existsSync, readdirSync, statSync, lstatSync, constants } from 'node:fs';
-import { readdir, lstat, rename, unlink } from 'node:fs/promises';
+import { existsSync, readdirSync, statSync, lstatSync, constants, writevSync, fdatasync, closeSync, renameSync } from 'node:fs';
+import { readdir, lstat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { Allocation } from '../store.js';
@@ -27,13 +32,37 @@ import { readUsage, addUsage } from './quota.js';
 import { fault } from './fault.js';
 import { fsFailure, overQuota, type Held, type MdaModule, type StoreRequest } from './mda.js';
 import type { DeliveryResult } from './types.js';
-import { baseOf, checkDir, createExclusive, ensureDir, fsyncDir, openChecked } from '../writer/safe-fs.js';
+import { baseOf, checkDir, createExclusive, createExclusiveSync, ensureDir, fsyncDir, fsyncDirGrouped, openChecked } from '../writer/safe-fs.js';
 
 /** Maildir's rule: a file in tmp/ untouched this long is a leftover (Dovecot, qmail: 36 hours). */
 export const TMP_MAX_AGE_MS = 36 * 3600_000;
 /** A tmp/ directory is scanned for leftovers at most this often. */
 export const TMP_SCAN_EVERY_MS = 3600_000;
 export const TMP_STAMP = '.pigeon-tmp-clean';
+
+/** A body spilled to disk is written in batches of this many bytes (one in memory: at once). */
+const WRITE_BATCH = 1024 * 1024;
+
+/** Write all of `bufs` at `pos` (writev, again for what a short write left); the bytes written. */
+function writeAll(fd: number, bufs: readonly Buffer[], pos: number): number {
+  let rest = bufs.filter((b) => b.length > 0);
+  let done = 0;
+  while (rest.length > 0) {
+    let n = writevSync(fd, rest, pos + done);
+    if (n <= 0) throw Object.assign(new Error('write returned 0'), { code: 'EIO' });
+    done += n;
+    const left: Buffer[] = [];
+    for (const b of rest) {
+      if (n >= b.length) n -= b.length;
+      else {
+        left.push(n > 0 ? b.subarray(n) : b);
+        n = 0;
+      }
+    }
+    rest = left;
+  }
+  return done;
+}
 
 let counter = 0;
 
@@ -164,31 +193,55 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
   }
   const name = uniqueName(req.hostname, req.size, req.vsize);
   const tmp = join(tmpDir, name);
-  let fh;
+  // open, write and close are metadata and page-cache operations: done in place, no thread-pool
+  // round trip each; only the fdatasync waits for the disk (off the event loop)
+  let fd: number | null;
   try {
-    fh = await createExclusive(tmp);
-    if (!fh) throw Object.assign(new Error(`${tmp} exists`), { code: 'EEXIST' });
+    fd = createExclusiveSync(tmp);
+    if (fd === null) throw Object.assign(new Error(`${tmp} exists`), { code: 'EEXIST' });
   } catch (e) {
     return fsFailure(e, `create ${join(folderDir ?? '', 'tmp')}`);
   }
+  const file = fd;
+  let closed = false;
   try {
+    // one write for the whole message when it is in memory (trace headers, header section,
+    // body); a body spilled to disk goes in batches of WRITE_BATCH bytes
     let pos = 0;
-    const w = async (b: Buffer): Promise<void> => {
-      let off = 0;
-      while (off < b.length) {
-        const { bytesWritten } = await fh.write(b, off, b.length - off, pos);
-        off += bytesWritten;
-        pos += bytesWritten;
-      }
+    let batch: Buffer[] = [req.prefix];
+    let batched = req.prefix.length;
+    const flush = (): void => {
+      pos += writeAll(file, batch, pos);
+      batch = [];
+      batched = 0;
     };
-    await w(req.prefix);
-    await fault('tmp-partial');
-    for await (const chunk of body) await w(chunk);
-    await fh.sync();
-    await fh.close();
+    let first = true;
+    for await (const chunk of body) {
+      // a copy: a body read back from the spool file reuses one buffer for every chunk
+      batch.push(Buffer.from(chunk));
+      batched += chunk.length;
+      if (batched >= WRITE_BATCH) {
+        flush();
+        if (first) await fault('tmp-partial');
+        first = false;
+      }
+    }
+    flush();
+    if (first) await fault('tmp-partial');
+    // a new file: fdatasync writes its data and the size that reaches it; the name in tmp/ does
+    // not matter (the rename into new/ and the fsync of new/ make it visible and durable)
+    await new Promise<void>((res, rej) => fdatasync(file, (e) => (e ? rej(e) : res())));
+    closed = true;
+    closeSync(file);
     await fault('tmp-synced');
   } catch (e) {
-    await fh.close().catch(() => undefined);
+    if (!closed) {
+      try {
+        closeSync(file);
+      } catch {
+        /* nothing more to do: the file is removed below */
+      }
+    }
     await unlink(tmp).catch(() => undefined);
     return fsFailure(e, 'write tmp');
   }
@@ -200,14 +253,15 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
     async commit() {
       try {
         checkDir(base, newDir);
-        await rename(tmp, target);
+        renameSync(tmp, target);
       } catch (e) {
         await unlink(tmp).catch(() => undefined);
         throw mailError(fsFailure(e, 'rename into new'));
       }
       await fault('renamed');
       try {
-        await fsyncDir(newDir);
+        // shared with every other delivery into new/ that renamed before it began (group commit)
+        await fsyncDirGrouped(newDir);
       } catch (e) {
         // the rename may not be durable: say so, Postfix retries (a duplicate beats a loss)
         await unlink(target).catch(() => undefined);

@@ -10,8 +10,10 @@
  *             seteuid), started on first use, restarted on the next use if it died. Requests are
  *             multiplexed by id over the IPC channel (`serialization: 'advanced'`, so Buffers pass
  *             as bytes). A message body travels in chunks of at most CHUNK bytes, each sent when
- *             the child asks for it (`pull`), so neither side holds more than one chunk of it: a
- *             small message costs one round trip to store and one to commit.
+ *             the child asks for it (`pull`); the parent reads one chunk ahead, so neither side
+ *             holds more than two chunks of it, and the first chunk goes with the request marked
+ *             as the last when it is: a message of one chunk costs one round trip to store and
+ *             one to commit.
  *             A fault step reached in the child (PIGEON_FAULT, tests) kills this process, as if the
  *             delivery had been killed there.
  * DIAGNOSTICS A child that cannot start or dies fails the requests in flight with an Error naming
@@ -50,6 +52,18 @@ interface Pending {
 function errorOf(w: WireError): Error {
   const e = Object.assign(new Error(w.message), { code: w.code });
   return e;
+}
+
+/** `rest` with `first` in front of it. */
+function prepend(first: Buffer, rest: AsyncIterator<Buffer>): AsyncIterator<Buffer> {
+  let given = false;
+  return {
+    next: () => {
+      if (given) return rest.next();
+      given = true;
+      return Promise.resolve({ done: false, value: first });
+    },
+  };
 }
 
 /** The operations, forwarded to a child running as the mail user. */
@@ -175,12 +189,18 @@ class ChildWriter implements MailWriter {
   private async call<T>(op: string, args: readonly unknown[], body?: AsyncIterable<Buffer>): Promise<T> {
     const child = this.child?.connected === true ? this.child : this.start();
     const id = this.nextId++;
-    const it = body ? toChunks(body)[Symbol.asyncIterator]() : null;
-    // the first chunk goes with the request: a small message is one round trip
+    let it: AsyncIterator<Buffer> | null = body ? toChunks(body)[Symbol.asyncIterator]() : null;
+    // the first chunk goes with the request, marked as the last when it is (one chunk ahead is
+    // read to know): a message of one chunk is then one round trip, with no `pull` for its end
     let first: { data: Buffer | null; end: boolean } | null = null;
     if (it) {
       const n = await it.next();
-      first = n.done ? { data: null, end: true } : { data: n.value, end: false };
+      if (n.done) first = { data: null, end: true };
+      else {
+        const ahead = await it.next();
+        first = { data: n.value, end: ahead.done === true };
+        if (ahead.done !== true) it = prepend(ahead.value, it);
+      }
     }
     return new Promise<T>((resolve, reject) => {
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, body: it, child });

@@ -12,11 +12,17 @@
  *             A refusal is an UnsafePathError (code EUNSAFE); ELOOP from O_NOFOLLOW is reported the
  *             same way by src/delivery/mda.ts fsFailure: the delivery is deferred (4.2.0).
  *             A mailbox outside the mail root (provisioned elsewhere) is checked from its parent.
+ *             `fsyncDirGrouped` is group commit for directories: callers whose rename (or create)
+ *             is done join the next fsync of that directory; at most one fsync per directory
+ *             runs at a time, and the next one starts when it ends, for everyone who joined
+ *             meanwhile. A caller's promise settles only after an fsync that began after it
+ *             joined, so each is covered by the fsync it waits for (databases batch their log
+ *             flushes the same way).
  * SECURITY    These checks hold for any uid; the writes themselves run as the mail user
  *             (src/writer/mail-writer.ts), so even a race between check and use can only make the
  *             mail user write where the mail user may write anyway.
  */
-import { constants, realpathSync, lstatSync } from 'node:fs';
+import { constants, realpathSync, lstatSync, openSync } from 'node:fs';
 import { open, mkdir, type FileHandle } from 'node:fs/promises';
 import { dirname, join, relative, isAbsolute, sep } from 'node:path';
 
@@ -99,6 +105,16 @@ export async function createExclusive(path: string, mode = 0o600): Promise<FileH
   }
 }
 
+/** createExclusive, as a file descriptor and without a thread-pool round trip (a metadata operation). */
+export function createExclusiveSync(path: string, mode = 0o600): number | null {
+  try {
+    return openSync(path, constants.O_CREAT | constants.O_EXCL | constants.O_RDWR | NOFOLLOW, mode);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') return null;
+    throw e;
+  }
+}
+
 /** fsync a directory (after a rename or create in it). */
 export async function fsyncDir(dir: string): Promise<void> {
   const fh = await open(dir, constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW);
@@ -107,4 +123,62 @@ export async function fsyncDir(dir: string): Promise<void> {
   } finally {
     await fh.close();
   }
+}
+
+interface DirBatch {
+  readonly promise: Promise<void>;
+  readonly resolve: () => void;
+  readonly reject: (e: unknown) => void;
+}
+
+interface DirSync {
+  /** the fsync in progress, if any */
+  running: boolean;
+  /** who joined since it began: covered by the next fsync */
+  next: DirBatch | null;
+}
+
+const dirSyncs = new Map<string, DirSync>();
+
+function startDirSync(dir: string, st: DirSync): void {
+  const batch = st.next;
+  if (batch === null) {
+    dirSyncs.delete(dir);
+    return;
+  }
+  st.next = null;
+  st.running = true;
+  fsyncDir(dir).then(batch.resolve, batch.reject).finally(() => {
+    st.running = false;
+    startDirSync(dir, st);
+  });
+}
+
+/**
+ * fsync `dir` for a caller whose change in it is complete: joins the next fsync of that directory
+ * (group commit). Settles only after an fsync that started after this call.
+ */
+export function fsyncDirGrouped(dir: string): Promise<void> {
+  let st = dirSyncs.get(dir);
+  if (!st) {
+    st = { running: false, next: null };
+    dirSyncs.set(dir, st);
+  }
+  if (st.next === null) {
+    let resolve!: () => void;
+    let reject!: (e: unknown) => void;
+    const promise = new Promise<void>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    st.next = { promise, resolve, reject };
+    // the first of a batch waits one turn of the event loop, so renames finishing together share it
+    if (!st.running) {
+      const s = st;
+      setImmediate(() => {
+        if (!s.running) startDirSync(dir, s);
+      });
+    }
+  }
+  return st.next.promise;
 }

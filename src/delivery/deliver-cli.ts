@@ -1,0 +1,108 @@
+/**
+ * NAME        src/delivery/deliver-cli — the `pigeon deliver` entry point: argv → runDeliver → exit
+ * SYNOPSIS    pigeon [-c DIR] deliver [-f SENDER] [-a ORIGINAL] [-m FOLDER] [-p FILE] [-e] [-d RCPT]... [--] [RCPT...]
+ * DESCRIPTION pipe(8) starts one process per message, so this path loads only what delivery
+ *             needs: src/cli.ts sends a `deliver` command line here before it loads commander and
+ *             the command tree. `parseDeliverArgv` reads the command line with node's own
+ *             util.parseArgs; whatever it does not take plainly (--help, --version, an unknown
+ *             or ambiguous option, a global option other than -c/--config) is handed back to
+ *             commander (src/commands/delivery.ts), so help, errors and their texts stay
+ *             commander's. Both paths end in `deliverCommand`, the one place that maps the
+ *             outcome to the exit status and the one status line.
+ * DIAGNOSTICS As src/delivery/deliver.ts: 0, 65, 67, 73, and 75 for every temporary failure,
+ *             any uncaught error included (pipe(8) bounces on other non-zero codes); at most one
+ *             line on stdout, beginning with the enhanced status code.
+ * SECURITY    Nothing from the command line is interpreted beyond the option table.
+ * SEE ALSO    src/cli.ts, src/commands/delivery.ts, src/delivery/deliver.ts
+ */
+import { parseArgs } from 'node:util';
+import { EX } from '../errors.js';
+import { runDeliver, inputOf } from './deliver.js';
+import { statusLine } from './outcome.js';
+import { remoteStore } from '../peer/remote-store.js';
+
+/** What `pigeon deliver` was asked to do. */
+export interface DeliverOptions {
+  readonly config: string | undefined;
+  readonly from: string | undefined;
+  readonly original: string | undefined;
+  readonly mailbox: string | undefined;
+  readonly path: string | undefined;
+  /** -d values, then the arguments, in order */
+  readonly recipients: readonly string[];
+}
+
+const DELIVER_OPTIONS = {
+  from: { type: 'string', short: 'f' },
+  original: { type: 'string', short: 'a' },
+  destination: { type: 'string', short: 'd', multiple: true },
+  mailbox: { type: 'string', short: 'm' },
+  path: { type: 'string', short: 'p' },
+  e: { type: 'boolean', short: 'e' },
+} as const;
+
+/**
+ * The options of a plain `[-c DIR] deliver …` command line (`argv` as process.argv), or null
+ * when commander must read it (help, version, anything unusual).
+ */
+export function parseDeliverArgv(argv: readonly string[]): DeliverOptions | null {
+  let config: string | undefined;
+  let i = 2;
+  for (; i < argv.length; i++) {
+    const a = argv[i] ?? '';
+    if (a === 'deliver') break;
+    if ((a === '-c' || a === '--config') && i + 1 < argv.length) config = argv[++i];
+    else if (a.startsWith('--config=')) config = a.slice('--config='.length);
+    else return null;
+  }
+  const rest = argv.slice(i + 1);
+  // commander's words, whatever their position before `--`
+  const end = rest.indexOf('--');
+  if ((end < 0 ? rest : rest.slice(0, end)).some((a) => a === '-h' || a === '--help' || a === '-V' || a === '--version')) return null;
+  let parsed;
+  try {
+    parsed = parseArgs({ args: rest, options: DELIVER_OPTIONS, allowPositionals: true, strict: true });
+  } catch {
+    return null;
+  }
+  const v = parsed.values;
+  return { config, from: v.from, original: v.original, mailbox: v.mailbox, path: v.path, recipients: [...(v.destination ?? []), ...parsed.positionals] };
+}
+
+let answered = false;
+/** Print the one status line (at most once) and set the exit code. */
+export function answer(code: number, line: string | null): void {
+  if (answered) return;
+  answered = true;
+  if (line !== null) process.stdout.write(`${line}\n`);
+  process.exitCode = code;
+}
+
+function tempfailOnCrash(): void {
+  const die = (e: unknown): void => {
+    answer(EX.TEMPFAIL, statusLine({ dsn: '4.3.0', text: `internal error (${e instanceof Error ? e.message : String(e)})` }));
+    process.exit(EX.TEMPFAIL);
+  };
+  process.on('uncaughtException', die);
+  process.on('unhandledRejection', die);
+}
+
+/** Deliver as `o` says; sets process.exitCode and prints at most one line. Never throws. */
+export async function deliverCommand(o: DeliverOptions): Promise<void> {
+  tempfailOnCrash();
+  try {
+    const r = await runDeliver({
+      config: o.config,
+      sender: o.from,
+      original: o.original,
+      mailbox: o.mailbox,
+      recipients: o.recipients,
+      input: inputOf(o.path),
+      // recipients homed on other nodes: the peer link, loaded only when one is
+      remote: (instance, store, nodes) => remoteStore(instance, store, nodes),
+    });
+    answer(r.code, r.line);
+  } catch (e) {
+    answer(EX.TEMPFAIL, statusLine({ dsn: '4.3.0', text: `internal error (${e instanceof Error ? e.message : String(e)})` }));
+  }
+}
