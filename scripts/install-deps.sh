@@ -15,6 +15,8 @@ cd "$(dirname "$0")/.."
 # looks for it: without it every Courier IMAP login waits ~1.2 s and IDLE cannot push new mail).
 COURIER_LIBS="courier-base courier-authlib gamin libgamin0 libcourier-unicode4 libgdbm6 libidn12"
 NEED="dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix openbsd-inetd postgresql curl python3 iproute2 util-linux $COURIER_LIBS"
+# contrib/fail2ban is checked with fail2ban-regex/fail2ban-client; man/ pages are rendered with man(1)
+NEED="$NEED fail2ban man-db"
 if [ "${1:-}" != "--no-system" ]; then
   missing=""
   [ -x /usr/lib/dovecot/imap ] || missing="$missing dovecot-imapd"
@@ -28,6 +30,8 @@ if [ "${1:-}" != "--no-system" ]; then
   # the partition test: network namespaces and veth (ip), the server's user inside one (setpriv)
   command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
   command -v setpriv >/dev/null 2>&1 || missing="$missing util-linux"
+  [ -x /usr/bin/fail2ban-regex ] || missing="$missing fail2ban"
+  [ -x /usr/bin/man ] || missing="$missing man-db"
   for p in $COURIER_LIBS; do
     dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$missing $p"
   done

@@ -13,7 +13,7 @@
 import type { ProxyEnv } from './env.js';
 import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
-import { loginAndRelay, saslCredentials, PreauthReader, logDisconnect, plaintextAllowed, saslBase64, type Credentials, type LoginState } from './login.js';
+import { loginAndRelay, saslCredentials, PreauthReader, logDisconnect, logPlaintextRefused, plaintextAllowed, saslBase64, type Credentials, type LoginState } from './login.js';
 import { alpnCallback, handshakeTimeoutMs } from './tls.js';
 import { Pop3Framer, type Pop3Frame } from './pop3-framer.js';
 import { MAX_BAD_COMMANDS, MAX_AUTH_FAILURES, MAX_PREAUTH_COMMANDS, POP3_MAX_LINE, SASL_MAX_LINE } from '../limits.js';
@@ -124,6 +124,7 @@ export class Pop3Session {
         case 'USER':
           if (!plaintextAllowed(env, conn)) {
             conn.write(PRIVACY);
+            logPlaintextRefused(env, conn, this.st);
             break;
           }
           if (arg.length === 0) {
@@ -206,6 +207,7 @@ export class Pop3Session {
     if (extra !== undefined) return this.badCommand('AUTH expects a mechanism and at most an initial response.');
     if (!plaintextAllowed(env, conn)) {
       conn.write(PRIVACY);
+      logPlaintextRefused(env, conn, this.st);
       return false;
     }
     const x = await saslCredentials(mech, ir ?? null, (initial, prompt) => this.step(initial ?? undefined, prompt));
