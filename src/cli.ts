@@ -10,6 +10,8 @@ import { Command, CommanderError } from '@commander-js/extra-typings';
 import { EX, isAppError } from './errors.js';
 import { hashPassword } from '../auth/schemes.js';
 import { randomBytes } from 'node:crypto';
+import { realpathSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 
 export const VERSION = '0.1.0';
 
@@ -118,12 +120,25 @@ export async function main(argv: readonly string[]): Promise<number> {
   }
 }
 
-main(process.argv).then(
-  (code) => {
-    process.exitCode = code;
-  },
-  (e: unknown) => {
-    process.stderr.write(`pigeon: internal error: ${String(e)}\n`);
-    process.exitCode = EX.SOFTWARE;
-  },
-);
+/** Run as the program (node dist/src/cli.js, or the bin link npm makes to it), not when imported (scripts/gen-man.mjs). */
+function isEntry(): boolean {
+  const arg = process.argv[1];
+  if (arg === undefined) return false;
+  try {
+    return realpathSync(arg) === realpathSync(fileURLToPath(import.meta.url));
+  } catch {
+    return true;
+  }
+}
+
+if (isEntry()) {
+  main(process.argv).then(
+    (code) => {
+      process.exitCode = code;
+    },
+    (e: unknown) => {
+      process.stderr.write(`pigeon: internal error: ${String(e)}\n`);
+      process.exitCode = EX.SOFTWARE;
+    },
+  );
+}
