@@ -32,6 +32,7 @@ cluster.schedulingPolicy = cluster.SCHED_NONE;
 import { createServer, type Server, type Socket } from 'node:net';
 import { createServer as createTlsServer, type TLSSocket, type Server as TlsServer } from 'node:tls';
 import { readFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { availableParallelism } from 'node:os';
 import type { ProxyEnv } from '../src/proxy/env.js';
 import type { SniCallback } from '../src/client-tls.js';
@@ -174,13 +175,18 @@ async function supervise(n: number): Promise<number> {
   return fatal === null ? 0 : (fatal as AppError).exit;
 }
 
-/** A file's bytes, or its error code: a peer certificate replaced on disk is a change. */
+/** A file's SHA-256 (never its bytes: one is a private key), or its error code. */
 function fileState(f: string): string {
   try {
-    return readFileSync(f).toString('base64');
+    return createHash('sha256').update(readFileSync(f)).digest('hex');
   } catch (e) {
     return (e as NodeJS.ErrnoException).code ?? 'error';
   }
+}
+
+/** The peer link's files as they are now: a certificate replaced on disk is a change. */
+export function peerFiles(i: Instance): string {
+  return [i.peerTls.cert, i.peerTls.key, i.peerTls.ca].map((f) => `${f}:${fileState(f)}`).join('\n');
 }
 
 /**
@@ -188,12 +194,8 @@ function fileState(f: string): string {
  * listeners (sockets are open, shared by the workers), the database (its connection and the
  * registry), the node's name and run_dir, the peer link's certificate and settings (verified
  * links are open, and the registry holds the certificate's fingerprint), the modules loaded.
+ * `oldPeer`/`nowPeer`: peerFiles of the running configuration (read when it loaded) and the new one.
  */
-export function peerFiles(i: Instance): string {
-  return [i.peerTls.cert, i.peerTls.key, i.peerTls.ca].map((f) => `${f}:${fileState(f)}`).join('\n');
-}
-
-/** `oldPeer`/`nowPeer`: peerFiles of the running configuration (read when it loaded) and the new one. */
 export function needsRestart(old: Instance, now: Instance, oldPeer: string, nowPeer: string): string[] {
   const out: string[] = [];
   const same = (a: unknown, b: unknown): boolean => JSON.stringify(a) === JSON.stringify(b);
