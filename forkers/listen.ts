@@ -17,8 +17,14 @@
  *             the oldest unauthenticated connection evicted when full.
  *             SIGTERM: stop accepting, let sessions end (up to 10 s; also those received over
  *             peer links), exit 0.
- *             SIGHUP: re-read pigeon.yaml; on success swap the TLS certificate and log settings,
- *             keep every session; on error log it and keep the old configuration.
+ *             SIGHUP (reloadWorker, the one reload entry point): re-read pigeon.yaml and conf.d,
+ *             build the new auth chain, client TLS contexts (tls.cert/key, tls.sni), mail user and
+ *             logger first; only when all of them load, swap them in (settings and limits come
+ *             with the new instance; backends are re-created with their new sections), keep every
+ *             session and the database connection, and log ONE line: `configuration reloaded`,
+ *             naming what changed but needs a restart (listeners, database, node name, run_dir,
+ *             peer certificate and settings, modules). A bad configuration logs an error and
+ *             keeps the old one whole.
  * DIAGNOSTICS exit 78 on a bad configuration at start; 75 with one line on stderr
  *             (`pigeon: error: cannot listen on imap=HOST:PORT: EADDRINUSE`) when a listener
  *             cannot be opened, whatever the worker count: every worker is stopped first.
@@ -30,6 +36,7 @@ cluster.schedulingPolicy = cluster.SCHED_NONE;
 import { createServer, type Server, type Socket } from 'node:net';
 import { createServer as createTlsServer, type TLSSocket, type Server as TlsServer } from 'node:tls';
 import { readFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { availableParallelism } from 'node:os';
 import type { ProxyEnv } from '../src/proxy/env.js';
 import type { SniCallback } from '../src/client-tls.js';
@@ -256,6 +263,40 @@ async function supervise(n: number, inherited: readonly InheritedSocket[]): Prom
   return fatal === null ? 0 : (fatal as AppError).exit;
 }
 
+/** A file's SHA-256 (never its bytes: one is a private key), or its error code. */
+function fileState(f: string): string {
+  try {
+    return createHash('sha256').update(readFileSync(f)).digest('hex');
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code ?? 'error';
+  }
+}
+
+/** The peer link's files as they are now: a certificate replaced on disk is a change. */
+export function peerFiles(i: Instance): string {
+  return [i.peerTls.cert, i.peerTls.key, i.peerTls.ca].map((f) => `${f}:${fileState(f)}`).join('\n');
+}
+
+/**
+ * What differs between two loads of pigeon.yaml that a running daemon cannot take over: the
+ * listeners (sockets are open, shared by the workers), the database (its connection and the
+ * registry), the node's name and run_dir, the peer link's certificate and settings (verified
+ * links are open, and the registry holds the certificate's fingerprint), the modules loaded.
+ * `oldPeer`/`nowPeer`: peerFiles of the running configuration (read when it loaded) and the new one.
+ */
+export function needsRestart(old: Instance, now: Instance, oldPeer: string, nowPeer: string): string[] {
+  const out: string[] = [];
+  const same = (a: unknown, b: unknown): boolean => JSON.stringify(a) === JSON.stringify(b);
+  const spec = (i: Instance): string[] => i.config.listen.map((l) => `${l.protocol}=${l.path ?? `${l.host}:${l.port}`}`);
+  if (!same(spec(old), spec(now))) out.push(`listen (${spec(now).join(' ') || 'none'})`);
+  if (old.dbPath !== now.dbPath || !same(old.dbOptions, now.dbOptions)) out.push('database');
+  if (old.config.node !== now.config.node) out.push(`node (${now.config.node})`);
+  if (old.runDir !== now.runDir) out.push('run_dir');
+  if (!same(old.config.peer, now.config.peer) || oldPeer !== nowPeer) out.push('peer (peer.*, node certificate)');
+  if (!same(old.config.modules, now.config.modules)) out.push('modules');
+  return out;
+}
+
 /** A TCP connection waiting for (or holding) its slot in the node-wide limits. */
 interface Admitted {
   /** the slot, or null when refused or closed meanwhile */
@@ -434,21 +475,48 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
   };
   tell('ready', `READY=1\nMAINPID=${process.pid}\nSTATUS=ready`);
 
-  process.on('SIGHUP', () => {
-    const { monotonicUsec } = systemd;
-    if (!cluster.isWorker) void notify(`RELOADING=1\nMONOTONIC_USEC=${monotonicUsec()}`);
+  const started = env.instance;
+  const startedPeer = peerFiles(started);
+  /**
+   * The reload entry point (SIGHUP): everything new is built before anything is swapped, so a
+   * configuration that does not load leaves the old one whole. Resolves true when it reloaded.
+   */
+  const reloadWorker = async (): Promise<boolean> => {
+    const [{ resolveMailUser }, { createAuth }] = await Promise.all([import('../src/mailuser.js'), import('../auth/chain.js')]);
+    let next: { inst: Instance; tls: ReturnType<typeof loadClientTls>; mailUser: ReturnType<typeof resolveMailUser>; auth: Awaited<ReturnType<typeof createAuth>>; files: { cert: Buffer; key: Buffer } };
     try {
       const inst = loadInstance(configPath);
-      const tls = loadClientTls(inst.tls);
-      env.tls = tls;
-      env.instance = inst;
-      for (const s of tlsServers) s.setSecureContext({ ...tlsFiles(env), minVersion: 'TLSv1.2' });
-      env.log = createLogger({ level: inst.config.log.level, file: inst.logFile });
-      env.log.log('info', 'master', 'configuration reloaded');
+      next = {
+        inst,
+        tls: loadClientTls(inst.tls),
+        mailUser: resolveMailUser(inst.config.mail_user),
+        auth: await createAuth(inst.config.auth, env.store, inst.dir),
+        files: { cert: readFileSync(inst.tls.cert), key: readFileSync(inst.tls.key) },
+      };
     } catch (e) {
       env.log.log('error', 'master', `reload failed, keeping the old configuration: ${e instanceof Error ? e.message : String(e)}`);
+      return false;
     }
-    tell('reloaded', 'READY=1\nSTATUS=configuration reloaded');
+    // compared with what this process started with: a second reload still names what waits
+    const restart = needsRestart(started, next.inst, startedPeer, peerFiles(next.inst));
+    env.instance = next.inst;
+    env.tls = next.tls;
+    env.mailUser = next.mailUser;
+    env.auth = next.auth;
+    for (const s of tlsServers) s.setSecureContext({ ...next.files, minVersion: 'TLSv1.2' });
+    env.log = createLogger({ level: next.inst.config.log.level, file: next.inst.logFile });
+    env.log.log(
+      restart.length > 0 ? 'warn' : 'info',
+      'master',
+      `configuration reloaded (settings, limits, auth chain, TLS certificates, mail user, log, backends)${restart.length > 0 ? `; needs a restart to take effect: ${restart.join('; ')}` : ''}`,
+    );
+    return true;
+  };
+  process.on('SIGHUP', () => {
+    // systemd (Type=notify): RELOADING=1 now, READY=1 once this process reloaded or kept the old
+    // configuration (with workers, the primary says READY=1 when every worker told it so)
+    if (!cluster.isWorker) void notify(`RELOADING=1\nMONOTONIC_USEC=${systemd.monotonicUsec()}`);
+    void reloadWorker().then(() => tell('reloaded', 'READY=1\nSTATUS=configuration reloaded'));
   });
   return new Promise<number>((resolve) => {
     const stop = (): void => {

@@ -22,6 +22,8 @@ NEED="dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-sieve postf
 # systemd-analyze (package systemd; a minimal image has no systemd), no PID 1
 NEED="$NEED haproxy systemd"
 NEED="$NEED gsasl"
+# contrib/fail2ban is checked with fail2ban-regex/fail2ban-client; man/ pages are rendered with man(1)
+NEED="$NEED fail2ban man-db"
 if [ "${1:-}" != "--no-system" ]; then
   missing=""
   # the upstream backend's tests run a second, independent Dovecot (its master: dovecot-core)
@@ -46,6 +48,8 @@ if [ "${1:-}" != "--no-system" ]; then
   command -v gsasl >/dev/null 2>&1 || missing="$missing gsasl"
   # the group-commit test counts fsync(2) calls with strace
   [ -x /usr/bin/strace ] || missing="$missing strace"
+  [ -x /usr/bin/fail2ban-regex ] || missing="$missing fail2ban"
+  [ -x /usr/bin/man ] || missing="$missing man-db"
   for p in $COURIER_LIBS; do
     dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$missing $p"
   done

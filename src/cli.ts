@@ -10,6 +10,8 @@ import type { Command } from '@commander-js/extra-typings';
 import { EX, isAppError } from './errors.js';
 import { randomBytes } from 'node:crypto';
 import { enableCompileCache } from './compile-cache.js';
+import { realpathSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 
 // commander, the command tree and the password schemes load on demand (dynamic imports below): a
 // `pigeon deliver` under pipe(8) runs once per message and needs none of them
@@ -142,12 +144,25 @@ export async function main(argv: readonly string[]): Promise<number> {
   }
 }
 
-main(process.argv).then(
-  (code) => {
-    process.exitCode = code;
-  },
-  (e: unknown) => {
-    process.stderr.write(`pigeon: internal error: ${String(e)}\n`);
-    process.exitCode = EX.SOFTWARE;
-  },
-);
+/** Run as the program (node dist/src/cli.js, or the bin link npm makes to it), not when imported (scripts/gen-man.mjs). */
+function isEntry(): boolean {
+  const arg = process.argv[1];
+  if (arg === undefined) return false;
+  try {
+    return realpathSync(arg) === realpathSync(fileURLToPath(import.meta.url));
+  } catch {
+    return true;
+  }
+}
+
+if (isEntry()) {
+  main(process.argv).then(
+    (code) => {
+      process.exitCode = code;
+    },
+    (e: unknown) => {
+      process.stderr.write(`pigeon: internal error: ${String(e)}\n`);
+      process.exitCode = EX.SOFTWARE;
+    },
+  );
+}

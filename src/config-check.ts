@@ -9,6 +9,12 @@
  *             as the mail user with the backend's probe arguments (backends/types.ts), so a
  *             missing shared library, a wrong program or a bad path shows here, not as
  *             `[UNAVAILABLE]` at a user's login. And where the one-session modes will log.
+ *             `checkStart` is what `pigeon serve` checks before it listens, and `config test`
+ *             runs the same function, so a configuration serve refuses never passes the test:
+ *             this node's certificate (readable, from the cluster CA, naming the node, valid),
+ *             that the cluster registry accepts it (not revoked, not another node's name), the
+ *             peer listener's advertised address, the client TLS pairs (loadable), the mail
+ *             user and the auth chain.
  * DIAGNOSTICS Returns report lines, warnings (certificates expiring within 30 days) and problems;
  *             the command exits 78 when there is a problem.
  * SECURITY    Probes run with an empty environment as the mail user, never as root; nothing
@@ -27,13 +33,91 @@ import { decidingRows, rowsOf } from './backend-switch.js';
 import { checkPair, clientPairs } from './client-tls.js';
 import { loadNodeCredentials } from '../certs/verify.js';
 import { EXPIRY_WARN_DAYS } from '../certs/ca.js';
-import { isAppError } from './errors.js';
+import { AppError, isAppError } from './errors.js';
+import { loadClientTls } from './client-tls.js';
+import { resolveMailUser } from './mailuser.js';
+import { createAuth } from '../auth/chain.js';
+import { peerAddress } from './peer/duties.js';
+import { reRegistration } from './store/rows.js';
+import type { NodeCredentials } from '../certs/verify.js';
 import { syslogUnavailable } from './log.js';
 
 export interface CheckReport {
   readonly lines: string[];
   readonly warnings: string[];
   readonly problems: string[];
+}
+
+/** A problem of checkStart, with the error serve exits with (its code decides the exit status). */
+function problem(r: CheckReport, failures: AppError[], e: unknown, prefix = ''): void {
+  const err = isAppError(e) ? e : new AppError('CONFIG_INVALID', e instanceof Error ? e.message : String(e));
+  r.problems.push(`${prefix}${err.message}`);
+  failures.push(prefix === '' ? err : new AppError(err.code, `${prefix}${err.message}`));
+}
+
+/**
+ * Everything `pigeon serve` checks before it opens a listener (and `config test` with it), on an
+ * open store whose schema was checked. Returns the node credentials (null when they are broken)
+ * and the failures as errors: serve stops with the first one's exit code.
+ */
+export async function checkStart(instance: Instance, store: Store, r: CheckReport): Promise<{ creds: NodeCredentials | null; failures: AppError[] }> {
+  const failures: AppError[] = [];
+  let creds: NodeCredentials | null = null;
+  try {
+    creds = loadNodeCredentials(instance.peerTls, instance.config.node);
+    r.lines.push(`peer: ${instance.peerTls.cert} (node ${creds.name} from the cluster CA ${instance.peerTls.ca}; expires ${creds.notAfter.toISOString().slice(0, 10)})`);
+    const d = days(creds.notAfter, new Date());
+    if (d < EXPIRY_WARN_DAYS) r.warnings.push(`peer.cert: ${instance.peerTls.cert} expires in ${d} days; re-issue it with "pigeon cert issue ${creds.name} --out DIR" on the CA holder`);
+  } catch (e) {
+    problem(r, failures, e, 'peer.cert/peer.key: ');
+  }
+  if (creds !== null) {
+    // what registerSelf would say, without writing: a revoked certificate, or a name another
+    // certificate holds (a re-issued one announced as next is fine)
+    try {
+      const fingerprint = creds.fingerprint;
+      if ((await store.revokedFingerprints()).has(fingerprint)) {
+        throw new AppError('NODE_REMOVED', `${instance.peerTls.cert}: this node's certificate was revoked when the node was removed from the cluster; issue a new certificate with "pigeon cert issue ${instance.config.node} --out DIR" on the CA holder`);
+      }
+      const row = await store.getNode(instance.config.node);
+      if (row !== null) reRegistration({ fingerprint: row.fingerprint, next_fingerprint: row.nextFingerprint }, { name: instance.config.node, fingerprint, certExpires: creds.notAfter.toISOString(), peerAddress: null });
+      r.lines.push(`node ${instance.config.node}: ${row === null ? 'not registered yet (serve registers it)' : `registered, ${row.state}`}`);
+    } catch (e) {
+      problem(r, failures, e, `peer.cert: ${instance.peerTls.cert}: `);
+    }
+  }
+  try {
+    peerAddress(instance);
+  } catch (e) {
+    problem(r, failures, e);
+  }
+  // every client pair (the clearer message of checkPair), then loaded as serve loads them
+  const before = failures.length;
+  for (const p of clientPairs(instance.tls)) {
+    try {
+      checkPair(p, new Date(), { validity: false });
+    } catch (e) {
+      problem(r, failures, e);
+    }
+  }
+  if (failures.length === before) {
+    try {
+      loadClientTls(instance.tls);
+    } catch (e) {
+      problem(r, failures, e);
+    }
+  }
+  try {
+    resolveMailUser(instance.config.mail_user);
+  } catch (e) {
+    problem(r, failures, e, 'mail_user: ');
+  }
+  try {
+    await createAuth(instance.config.auth, store, instance.dir);
+  } catch (e) {
+    problem(r, failures, e, 'auth: ');
+  }
+  return { creds, failures };
 }
 
 const PROTOCOLS = ['imap', 'pop3'] as const;
@@ -43,8 +127,13 @@ function days(to: Date, now: Date): number {
   return Math.floor((to.getTime() - now.getTime()) / 86400_000);
 }
 
-/** Certificates: what clients see (tls, tls.sni) and the node certificate of peer links (peer). */
+/**
+ * The certificates clients see (tls, tls.sni): names, issuer and expiry of each, a warning when it
+ * expires soon, a problem when it is expired or not valid yet. (Unloadable pairs are checkStart's
+ * problems already; they are not said twice.)
+ */
 export function checkCertificates(instance: Instance, r: CheckReport, now = new Date()): void {
+  const said = [...r.problems];
   for (const p of clientPairs(instance.tls)) {
     try {
       const info = checkPair(p, now);
@@ -52,16 +141,9 @@ export function checkCertificates(instance: Instance, r: CheckReport, now = new 
       const d = days(info.notAfter, now);
       if (d < EXPIRY_WARN_DAYS) r.warnings.push(`${p.setting}.cert: ${p.cert} expires in ${d} days`);
     } catch (e) {
-      r.problems.push(isAppError(e) ? e.message : String(e));
+      const m = isAppError(e) ? e.message : String(e);
+      if (!said.some((x) => x.startsWith(`${p.setting}.`) || x.startsWith(`${p.setting}:`))) r.problems.push(m);
     }
-  }
-  try {
-    const c = loadNodeCredentials(instance.peerTls, instance.config.node);
-    r.lines.push(`peer: ${instance.peerTls.cert} (node ${c.name} from the cluster CA ${instance.peerTls.ca}; expires ${c.notAfter.toISOString().slice(0, 10)})`);
-    const d = days(c.notAfter, now);
-    if (d < EXPIRY_WARN_DAYS) r.warnings.push(`peer.cert: ${instance.peerTls.cert} expires in ${d} days; re-issue it with "pigeon cert issue ${c.name} --out DIR" on the CA holder`);
-  } catch (e) {
-    r.problems.push(`peer.cert/peer.key: ${isAppError(e) ? e.message : String(e)}`);
   }
 }
 

@@ -5,6 +5,8 @@
  *             stderr (daemon, CLI) or an append-only file (`log.file`); in inetd and Postfix
  *             modes, where stderr is the client socket, without log.file: syslog when its socket
  *             (log.syslog_socket) exists, else log.fallback_file, which says why in its first line.
+ *             Syslog lines go to facility mail with the line's own priority: error → err,
+ *             warn → warning, info → info, debug → debug (SYSLOG_SEVERITY).
  *             Client data only ever goes into fields, which are sanitised (no CR/LF/control
  *             characters); the message and prefix are made one line too (an OpenSSL error text
  *             ends in a newline), so a record is always one line.
@@ -25,6 +27,13 @@ export function clean(s: string): string {
   return s.replace(/[\x00-\x1f\x7f]/g, '?').slice(0, 512);
 }
 
+/** syslog(3) severities of our levels; the facility is always mail (2) */
+export const SYSLOG_SEVERITY: Record<Level, number> = { error: 3, warn: 4, info: 6, debug: 7 };
+const SYSLOG_MAIL = 2;
+
+/** Where the lines of a logger go: one whole line (ending in a newline) and its level. */
+export type LogSink = (line: string, level: Level) => void;
+
 /** A message on one line: line breaks and tabs become spaces, other control characters '?'. */
 export function oneLine(s: string): string {
   return s
@@ -42,13 +51,14 @@ export function formatFields(fields: Record<string, string | number | boolean | 
       continue;
     }
     if (v === true) parts.push(k);
-    else if (k === 'user' || k === 'session') parts.push(`${k}=<${clean(String(v))}>`);
+    // `<` and `>` frame these fields: inside they would end the field early for a log reader
+    else if (k === 'user' || k === 'session') parts.push(`${k}=<${clean(String(v)).replace(/[<>]/g, '?')}>`);
     else parts.push(`${k}=${clean(String(v))}`);
   }
   return parts.join(', ');
 }
 
-export function createLogger(opts: { level: Level; file?: string | null; sink?: (line: string) => void }): Logger {
+export function createLogger(opts: { level: Level; file?: string | null; sink?: LogSink }): Logger {
   const min = ORDER[opts.level];
   const write =
     opts.sink ??
@@ -69,7 +79,7 @@ export function createLogger(opts: { level: Level; file?: string | null; sink?: 
       const f = fields ? formatFields(fields) : '';
       const lvl = level === 'info' ? '' : `${level === 'warn' ? 'Warning' : level === 'error' ? 'Error' : 'Debug'}: `;
       const m = oneLine(msg);
-      write(`${new Date().toISOString()} pigeon[${process.pid}]: ${oneLine(prefix)}: ${lvl}${m}${f ? `${m.endsWith(':') ? ' ' : ': '}${f}` : ''}\n`);
+      write(`${new Date().toISOString()} pigeon[${process.pid}]: ${oneLine(prefix)}: ${lvl}${m}${f ? `${m.endsWith(':') ? ' ' : ': '}${f}` : ''}\n`, level);
     },
   };
 }
@@ -95,24 +105,25 @@ const LOGGER = ['/usr/bin/logger', '/bin/logger'];
 
 /**
  * Syslog (facility mail, tag pigeon) through the system's logger(1), writing to `socket`, for
- * inetd and Postfix modes where stderr is the client's socket. One logger process per pigeon
- * process; it never keeps pigeon alive. Returns null when syslog is unavailable (see
- * syslogUnavailable): then use syslogOrFileSink.
+ * inetd and Postfix modes where stderr is the client's socket. Each line carries its own
+ * priority (`<PRI>` prefix read by `logger --prio-prefix`): mail.err, mail.warning, mail.info,
+ * mail.debug. One logger process per pigeon process; it never keeps pigeon alive. Returns null
+ * when syslog is unavailable (see syslogUnavailable): then use syslogOrFileSink.
  */
-export function syslogSink(socket = '/dev/log'): ((line: string) => void) | null {
+export function syslogSink(socket = '/dev/log'): LogSink | null {
   const bin = LOGGER.find((p) => existsSync(p));
   if (!bin || syslogUnavailable(socket) !== null) return null;
   let child: ChildProcess | null = null;
-  return (line: string) => {
+  return (line, level) => {
     if (!child) {
-      child = spawn(bin, ['-t', 'pigeon', `--id=${process.pid}`, '-p', 'mail.info', '-u', socket], { stdio: ['pipe', 'ignore', 'ignore'], detached: false });
+      child = spawn(bin, ['-t', 'pigeon', `--id=${process.pid}`, '--prio-prefix', '-p', 'mail.info', '-u', socket], { stdio: ['pipe', 'ignore', 'ignore'], detached: false });
       child.on('error', () => {});
       child.stdin?.on('error', () => {});
       child.unref();
       (child.stdin as unknown as { unref?: () => void } | null)?.unref?.();
     }
-    // logger adds its own timestamp and tag
-    child.stdin?.write(line.replace(/^\S+ pigeon\[\d+\]: /, ''));
+    // logger adds its own timestamp and tag; the priority prefix is read and removed by logger
+    child.stdin?.write(`<${SYSLOG_MAIL * 8 + SYSLOG_SEVERITY[level]}>${line.replace(/^\S+ pigeon\[\d+\]: /, '')}`);
   };
 }
 
@@ -122,7 +133,7 @@ export function syslogSink(socket = '/dev/log'): ((line: string) => void) | null
  * every connection is a process). A file that cannot be opened drops the lines, as a full disk
  * would: a session never fails for its log.
  */
-export function fileSink(file: string, notice: string | null = null): (line: string) => void {
+export function fileSink(file: string, notice: string | null = null): LogSink {
   let fd: number | null = null;
   let failed = false;
   const open = (): number | null => {
@@ -159,7 +170,7 @@ export function fileSink(file: string, notice: string | null = null): (line: str
  * `socket`, else `fallback` — log lines never vanish because a machine (a container, a chroot)
  * has no syslog daemon. The fallback file starts with one line saying why.
  */
-export function syslogOrFileSink(socket: string, fallback: string): (line: string) => void {
+export function syslogOrFileSink(socket: string, fallback: string): LogSink {
   const why = syslogUnavailable(socket);
   const sink = why === null ? syslogSink(socket) : null;
   return sink ?? fileSink(fallback, `${why ?? 'syslog unavailable'}: logging to ${fallback} instead (log.fallback_file; set log.file, or log.syslog_socket)`);

@@ -154,3 +154,37 @@ t.test('a fresh instance serves a Courier user as it is (init finds Courier; con
   const pop3 = spawnSync(process.execPath, [CLI, ...C, 'pop3', '--forker', 'stdio'], { input: 'USER cora@example.test\r\nPASS c0ra\r\nQUIT\r\n', encoding: 'utf8', env: cleanEnv() });
   t.match(pop3.stdout, /\+OK logged in\.\r\n/, 'courierpop3d greets the POP3 login');
 });
+
+t.test('a node.crt that serve refuses fails config test too (one check for both)', async (t) => {
+  // another certificate for this node's name from the cluster CA, issued through a copy of the
+  // instance (its database records the announcement, this one's does not): a second node with
+  // the same name, as far as this instance's registry knows
+  const dir = instance();
+  const other = instance();
+  const out = join(root, `issued${copies}`);
+  const issued = run(['-c', other, 'cert', 'issue', 'cfg1', '--out', out]);
+  t.equal(issued.code, 0, `cert issue (${issued.err})`);
+  cpSync(join(out, 'node.crt'), join(dir, 'certs', 'node.crt'));
+  cpSync(join(out, 'node.key'), join(dir, 'certs', 'node.key'));
+  const serve = run(['-c', dir, 'serve', '--workers', '1']);
+  t.equal(serve.code, 78, `serve refuses it (${serve.err})`);
+  t.match(serve.err, /pigeon: error: .*node name cfg1 is already registered with another certificate/);
+  const ct = run(['-c', dir, 'config', 'test']);
+  t.equal(ct.code, 78, 'config test fails with it');
+  t.match(ct.err, /pigeon: error: peer\.cert: .*node\.crt: node name cfg1 is already registered with another certificate/, 'naming the file and why');
+  t.notMatch(ct.out, /configuration OK/);
+
+  // a peer listener other nodes cannot reach: serve's check, config test's too
+  const dir2 = instance();
+  writeFileSync(join(dir2, 'conf.d', '60-peer.yaml'), 'listen:\n  - peer=0.0.0.0:4190\n');
+  const s2 = run(['-c', dir2, 'serve', '--workers', '1']);
+  t.equal(s2.code, 78, `serve refuses an unreachable peer address (${s2.err})`);
+  const c2 = run(['-c', dir2, 'config', 'test']);
+  t.equal(c2.code, 78, 'and config test fails');
+  t.match(c2.err, /peer listener on 0\.0\.0\.0:4190 is not an address other nodes can reach; set peer\.advertise/);
+
+  // and the untouched instance passes both ways: serve starts (checked by the other files)
+  const ok = run(['-c', instance(), 'config', 'test']);
+  t.equal(ok.code, 0, `an intact instance passes (${ok.err})`);
+  t.match(ok.out, /^node cfg1: registered, active$/m, 'config test says the registry accepts the node');
+});

@@ -397,13 +397,15 @@ export function registerAdmin(program: Command, cfg: ConfigOpt): void {
     });
   config
     .command('test')
-    .description('check the configuration files, the database, the certificates and the backend binaries in use; exit 0 when usable')
+    .description('check what serve checks before it listens (files, certificates and keys, the node\'s registration, database and schema, mail user, auth chain), and the backend binaries in use; exit 0 when usable')
     .action(async () => {
       const { instance, store } = await openCtx(cfg());
       await store.listDomains();
       const check = await import('../config-check.js');
       const { resolveMailUser } = await import('../mailuser.js');
       const r: import('../config-check.js').CheckReport = { lines: [], warnings: [], problems: [] };
+      // what serve checks before it listens (the same function), then what only this command adds
+      await check.checkStart(instance, store, r);
       check.checkCertificates(instance, r);
       await check.checkBackends(instance, store, resolveMailUser(instance.config.mail_user), r);
       check.checkLog(instance, r);

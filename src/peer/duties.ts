@@ -19,7 +19,6 @@ import type { Store } from '../store.js';
 import { openInstanceStore } from '../context.js';
 import { AppError } from '../errors.js';
 import { HEARTBEAT_S } from '../nodes.js';
-import { loadNodeCredentials } from '../../certs/verify.js';
 import { EXPIRY_WARN_DAYS } from '../../certs/ca.js';
 
 export const REGISTRY_REFRESH_MS = 1000;
@@ -36,12 +35,22 @@ export function peerAddress(instance: Instance): string | null {
   return l.host.includes(':') ? `[${l.host}]:${l.port}` : `${l.host}:${l.port}`;
 }
 
+/**
+ * Before any worker: the checks `config test` runs too (src/config-check.ts checkStart), then the
+ * registration. A failed check throws its AppError (every problem named; serve exits 78).
+ */
 export async function registerAtStart(instance: Instance): Promise<{ lines: string[] }> {
-  const creds = loadNodeCredentials(instance.peerTls, instance.config.node);
   // the schema must be one this code can run on (checked once, before any worker starts)
   const store = await openInstanceStore(instance, { checkSchema: true });
   const lines: string[] = [];
   try {
+    const { checkStart } = await import('../config-check.js');
+    const { creds, failures } = await checkStart(instance, store, { lines: [], warnings: [], problems: [] });
+    const first = failures[0];
+    if (first !== undefined || creds === null) {
+      const all = failures.map((f) => f.message);
+      throw new AppError(first?.code ?? 'CONFIG_INVALID', all.length > 1 ? `${all.length} problems (pigeon config test lists them): ${all.join('; ')}` : (all[0] ?? 'node certificate unusable'));
+    }
     const r = await store.registerSelf(
       { name: instance.config.node, fingerprint: creds.fingerprint, certExpires: creds.notAfter.toISOString(), peerAddress: peerAddress(instance) },
       { heartbeat: true },

@@ -28,10 +28,12 @@ export interface ProxyEnv {
   instance: Instance;
   readonly store: Store;
   log: Logger;
-  readonly auth: AuthInstance;
+  /** the auth chain (auth.*); a SIGHUP reload replaces it */
+  auth: AuthInstance;
   /** what clients see on STARTTLS/STLS and imaps/pop3s (tls.cert/tls.key, tls.sni) */
   tls: ClientTls | null;
-  readonly mailUser: MailUser;
+  /** the mail user backends run as (mail_user); a SIGHUP reload replaces it */
+  mailUser: MailUser;
   /** auth failure delay per client address, node-wide: `await` each method */
   readonly penalty: Penalty;
   /** the node state service (src/anvil): connection slots, penalties; per process when unreachable */

@@ -19,7 +19,7 @@ import type { ProxyEnv } from './env.js';
 import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
 import { ImapFramer, parseCommand, ParseError, argBytes, argAscii, peekCommand, type Arg, type Frame, type Command } from './imap-framer.js';
-import { loginAndRelay, PreauthReader, logDisconnect, plaintextAllowed, saslBase64, type Credentials, type LoginState, type SaslTails } from './login.js';
+import { loginAndRelay, PreauthReader, logDisconnect, logPlaintextRefused, plaintextAllowed, saslBase64, type Credentials, type LoginState, type SaslTails } from './login.js';
 import { mechanismsFor, offeredMechanism, startMechanism } from './sasl/registry.js';
 import type { Ended } from './sasl/types.js';
 import { alpnCallback, handshakeTimeoutMs } from './tls.js';
@@ -203,7 +203,7 @@ export class ImapSession {
         if (user === null || password === null) return this.badCommand(t, 'LOGIN expects user and password.');
         if (!plaintextAllowed(env, conn)) {
           conn.write(`${t} ${PRIVACY}\r\n`);
-          env.log.log('info', 'imap-login', 'Aborted login (tried to use disallowed plaintext auth):', { rip: conn.peer.rip, lip: conn.peer.lip, session: this.st.sid });
+          logPlaintextRefused(env, conn, this.st);
           return false;
         }
         return this.login(t, { kind: 'password', user, password }, 'PLAIN');
@@ -289,6 +289,7 @@ export class ImapSession {
     }
     if (!offered.usable) {
       conn.write(`${t} ${PRIVACY}\r\n`);
+      logPlaintextRefused(env, conn, this.st);
       return false;
     }
     const ir = cmd.args.length === 2 ? argAscii(cmd.args[1]) : null;

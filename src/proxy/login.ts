@@ -132,7 +132,11 @@ export function plainCredentials(msg: Buffer): Credentials {
 const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
 const MAX_USER_BYTES = 256;
 
-/** A user name as text: valid UTF-8, 1..256 bytes, no control characters; else null. */
+/**
+ * A user name as text: valid UTF-8, 1..256 bytes, no control characters and no `<` or `>` (no
+ * address has them; in a log line they would end the `user=<…>` field early and let the rest of
+ * the name pose as fields a log filter such as fail2ban reads); else null.
+ */
 export function userName(bytes: Uint8Array): string | null {
   if (bytes.length === 0 || bytes.length > MAX_USER_BYTES) return null;
   let s: string;
@@ -141,15 +145,18 @@ export function userName(bytes: Uint8Array): string | null {
   } catch {
     return null;
   }
-  return /[\x00-\x1f\x7f]/.test(s) ? null : s;
+  return /[\x00-\x1f\x7f<>]/.test(s) ? null : s;
 }
 
-/** The user name as it may appear in a log line (never used to authenticate). */
+/**
+ * The user name as it may appear in a log line (never used to authenticate): control characters,
+ * undecodable bytes and the `<` `>` that frame the field become '?'.
+ */
 function shownUser(bytes: Uint8Array | null): string {
   if (bytes === null) return '';
   return Buffer.from(bytes.buffer, bytes.byteOffset, Math.min(bytes.byteLength, MAX_USER_BYTES))
     .toString('utf8')
-    .replace(/[\x00-\x1f\x7f\ufffd]/g, '?');
+    .replace(/[\x00-\x1f\x7f\ufffd<>]/g, '?');
 }
 
 function sleep(ms: number): Promise<void> {
@@ -369,6 +376,15 @@ export async function loginAndRelay(
   o.relaying();
   await runSession(env, st.proto, address, st.sid, conn, rt.session, o.leftover());
   return 'relayed';
+}
+
+/**
+ * A login refused before any credentials were looked at: plaintext is not allowed on this
+ * connection (login.plaintext). Dovecot's line, which fail2ban's filters count; said the same
+ * way for IMAP LOGIN and AUTHENTICATE and for POP3 USER and AUTH.
+ */
+export function logPlaintextRefused(env: ProxyEnv, conn: ClientConn, st: LoginState): void {
+  env.log.log('info', `${st.proto}-login`, 'Aborted login (tried to use disallowed plaintext auth):', { rip: conn.peer.rip, lip: conn.peer.lip, session: st.sid });
 }
 
 export function logLogin(env: ProxyEnv, conn: ClientConn, st: LoginState, address: string): void {

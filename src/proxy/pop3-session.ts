@@ -13,7 +13,7 @@
 import type { ProxyEnv } from './env.js';
 import { sessionId } from './env.js';
 import type { ClientConn } from './conn.js';
-import { loginAndRelay, PreauthReader, logDisconnect, plaintextAllowed, saslBase64, type Credentials, type LoginState, type SaslTails } from './login.js';
+import { loginAndRelay, PreauthReader, logDisconnect, logPlaintextRefused, plaintextAllowed, saslBase64, type Credentials, type LoginState, type SaslTails } from './login.js';
 import { mechanismsFor, offeredMechanism, startMechanism } from './sasl/registry.js';
 import type { Ended } from './sasl/types.js';
 import { alpnCallback, handshakeTimeoutMs } from './tls.js';
@@ -134,6 +134,7 @@ export class Pop3Session {
         case 'USER':
           if (!plaintextAllowed(env, conn)) {
             conn.write(PRIVACY);
+            logPlaintextRefused(env, conn, this.st);
             break;
           }
           if (arg.length === 0) {
@@ -217,6 +218,7 @@ export class Pop3Session {
     if (extra !== undefined) return this.badCommand('AUTH expects a mechanism and at most an initial response.');
     if (!offered.usable) {
       conn.write(PRIVACY);
+      logPlaintextRefused(env, conn, this.st);
       return false;
     }
     const x = await startMechanism(offered.mechanism, env, ir ?? null, (initial, challenge) => this.step(initial ?? undefined, challenge.toString('base64')));
