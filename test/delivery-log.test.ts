@@ -4,6 +4,7 @@
 // stderr: pipe(8) reads those as the delivery status (one line, only on failure), and under
 // spawn(8) or inetd they are the client's socket. Before, both logged nothing at all.
 import t, { type Test } from 'tap';
+import { untilText } from './helpers/wire.js';
 import { spawn } from 'node:child_process';
 import { writeFileSync, existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -58,17 +59,6 @@ async function syslogd(t: Test): Promise<{ socket: string; text: () => string } 
   return { socket, text: () => read(out) };
 }
 
-/** Wait until `get()` matches (lines landing in a file); the last text read. */
-async function until(get: () => string, re: RegExp, ms = 60_000): Promise<string> {
-  const end = Date.now() + ms;
-  let s = get();
-  while (!re.test(s) && Date.now() < end) {
-    await new Promise((r) => setTimeout(r, 50));
-    s = get();
-  }
-  return s;
-}
-
 t.test('no syslog socket: pigeon deliver logs to log.fallback_file; stdout/stderr carry only the status line', async (t) => {
   const inst = makeInstance(scratchDir(t));
   const missing = join(inst, 'no-syslog', 'log');
@@ -98,7 +88,7 @@ t.test('a syslog socket: pigeon deliver and pigeon lmtp log there, and no fallba
   const s = await lmtpSession(inst, ALICE);
   t.match(s.replies, ['220 ', '250', '250', '250', '354', /^250 2\.0\.0/, '221'], 'the LMTP session delivers');
   t.equal(s.stderr, '', 'nothing on stderr (the client socket under spawn and inetd)');
-  const text = await until(sys.text, /lmtp\(alice@example\.test\): delivered/);
+  const text = await untilText(sys.text, /lmtp\(alice@example\.test\): delivered/);
   t.match(text, /^<22>.*pigeon\[\d+\]: deliver\(alice@example\.test\): delivered: from=bob@remote\.test/m, 'deliver: facility mail, tag pigeon');
   t.match(text, /pigeon\[\d+\]: lmtp\(alice@example\.test\): delivered: from=bob@remote\.test/, 'lmtp too');
   t.notOk(existsSync(join(inst, 'fallback.log')), 'no fallback file while syslog works');

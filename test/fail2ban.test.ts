@@ -13,35 +13,12 @@ import { spawn, spawnSync } from 'node:child_process';
 import { createServer } from 'node:net';
 import { makeInstance, freePort, CLI, ROOT, type Inst } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
-import { Wire } from './helpers/wire.js';
+import { Wire, waitPort, untilText } from './helpers/wire.js';
 import { owned, stopGroup } from './helpers/reaper.js';
 
 const FILTER = join(ROOT, 'contrib', 'fail2ban', 'filter.d', 'pigeon.conf');
 const JAIL = join(ROOT, 'contrib', 'fail2ban', 'jail.d', 'pigeon.conf');
 const b64 = (s: string): string => Buffer.from(s, 'latin1').toString('base64');
-
-async function open(port: number, ms = 60_000): Promise<Wire> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      return await Wire.open(port);
-    } catch (e) {
-      if (Date.now() > deadline) throw e;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-}
-
-/** Wait until `read()` matches (log lines landing in a file or a socket); returns the last text. */
-async function until(read: () => string, re: RegExp, ms = 90_000): Promise<string> {
-  const deadline = Date.now() + ms;
-  let s = read();
-  while (!re.test(s) && Date.now() < deadline) {
-    await new Promise((r) => setTimeout(r, 100));
-    s = read();
-  }
-  return s;
-}
 
 /** inetd running `pigeon -c DIR PROTO --forker inetd` on a fresh port. */
 async function inetd(t: Test, inst: Inst, proto: 'imap' | 'pop3'): Promise<number> {
@@ -61,7 +38,7 @@ async function say(w: Wire, line: string, end: RegExp): Promise<string> {
 
 async function imapSessions(t: Test, port: number): Promise<void> {
   // LOGIN with a wrong password, AUTHENTICATE PLAIN with one: two failures, then LOGOUT
-  let w = await open(port);
+  let w = await waitPort(port);
   await w.until(/\r\n/);
   t.match(await say(w, 'a1 LOGIN alice@example.test wrong', /a1 .*\r\n/), /a1 NO \[AUTHENTICATIONFAILED\]/);
   t.match(await say(w, `a2 AUTHENTICATE PLAIN ${b64('\0alice@example.test\0wrong')}`, /a2 .*\r\n/), /a2 NO \[AUTHENTICATIONFAILED\]/);
@@ -69,7 +46,7 @@ async function imapSessions(t: Test, port: number): Promise<void> {
   await w.waitClosed();
   w.close();
   // AUTHENTICATE LOGIN for an unknown user; LOGIN with a name that carries `>` and fields
-  w = await open(port);
+  w = await waitPort(port);
   await w.until(/\r\n/);
   await say(w, 'b1 AUTHENTICATE LOGIN', /\+ .*\r\n/);
   await say(w, b64('nobody@example.test'), /\+ .*\r\n/);
@@ -79,14 +56,14 @@ async function imapSessions(t: Test, port: number): Promise<void> {
   await w.waitClosed();
   w.close();
   // AUTHENTICATE PLAIN with a control character in the name
-  w = await open(port);
+  w = await waitPort(port);
   await w.until(/\r\n/);
   t.match(await say(w, `c1 AUTHENTICATE PLAIN ${b64('\0al\x01<ice>@example.test\0pw')}`, /c1 .*\r\n/), /c1 NO \[AUTHENTICATIONFAILED\]/, 'a control character and <> in a SASL name: refused');
   await say(w, 'c2 LOGOUT', /c2 .*\r\n/);
   await w.waitClosed();
   w.close();
   // a good login: its lines must not match
-  w = await open(port);
+  w = await waitPort(port);
   await w.until(/\r\n/);
   t.match(await say(w, 'd1 LOGIN alice@example.test pw', /d1 .*\r\n/), /d1 OK/);
   await say(w, 'd2 LOGOUT', /d2 .*\r\n/);
@@ -95,7 +72,7 @@ async function imapSessions(t: Test, port: number): Promise<void> {
 }
 
 async function pop3Sessions(t: Test, port: number): Promise<void> {
-  let w = await open(port);
+  let w = await waitPort(port);
   await w.until(/\r\n/);
   await say(w, 'USER alice@example.test', /\r\n/);
   t.match(await say(w, 'PASS wrong', /\r\n/), /^-ERR \[AUTH\]/);
@@ -103,7 +80,7 @@ async function pop3Sessions(t: Test, port: number): Promise<void> {
   await say(w, 'QUIT', /\r\n/);
   await w.waitClosed();
   w.close();
-  w = await open(port);
+  w = await waitPort(port);
   await w.until(/\r\n/);
   await say(w, 'AUTH LOGIN', /\+ .*\r\n/);
   await say(w, b64('x>y@example.test, rip=6.6.6.6'), /\+ .*\r\n/);
@@ -113,7 +90,7 @@ async function pop3Sessions(t: Test, port: number): Promise<void> {
   await say(w, 'QUIT', /\r\n/);
   await w.waitClosed();
   w.close();
-  w = await open(port);
+  w = await waitPort(port);
   await w.until(/\r\n/);
   await say(w, 'USER alice@example.test', /\r\n/);
   t.match(await say(w, 'PASS pw', /\r\n/), /^\+OK/);
@@ -125,14 +102,14 @@ async function pop3Sessions(t: Test, port: number): Promise<void> {
 /** With login.plaintext never, from loopback: refused before any credentials, in both protocols. */
 async function plaintextRefused(t: Test, inst: Inst, imap: number, pop3: number): Promise<void> {
   t.equal(inst.run(['config', 'set', '--global', 'login.plaintext', 'never']).status, 0);
-  let w = await open(imap);
+  let w = await waitPort(imap);
   await w.until(/\r\n/);
   t.match(await say(w, 'p1 LOGIN alice@example.test pw', /p1 .*\r\n/), /p1 NO \[PRIVACYREQUIRED\]/);
   t.match(await say(w, 'p2 AUTHENTICATE PLAIN', /p2 .*\r\n/), /p2 NO \[PRIVACYREQUIRED\]/);
   await say(w, 'p3 LOGOUT', /p3 .*\r\n/);
   await w.waitClosed();
   w.close();
-  w = await open(pop3);
+  w = await waitPort(pop3);
   await w.until(/\r\n/);
   t.match(await say(w, 'USER alice@example.test', /\r\n/), /^-ERR \[AUTH\] Plaintext/);
   await say(w, 'QUIT', /\r\n/);
@@ -200,7 +177,7 @@ t.test('fail2ban-regex with contrib/fail2ban matches every failure line, in the 
   await pop3Sessions(t, pop3);
   await plaintextRefused(t, inst, imap, pop3);
   const fileFailures = (): number => (existsSync(file) ? readFileSync(file, 'utf8').split('\n').filter((l) => FAILURE.test(l)).length : 0);
-  await until(() => String(fileFailures()), new RegExp(`^${EXPECTED_FAILURES}$`));
+  await untilText(() => String(fileFailures()), new RegExp(`^${EXPECTED_FAILURES}$`));
   checkMatches(t, join(inst.dir, 'f2b-file'), file, 'log.file');
 
   // the syslog form: no log.file; logger(1) writes to a socket this test owns (unix paths are short)
@@ -220,7 +197,7 @@ t.test('fail2ban-regex with contrib/fail2ban matches every failure line, in the 
   await pop3Sessions(t, pop3);
   await plaintextRefused(t, inst, imap, pop3);
   const count = (): number => records.split('\n').filter((l) => FAILURE.test(l)).length;
-  await until(() => String(count()), new RegExp(`^${EXPECTED_FAILURES}$`));
+  await untilText(() => String(count()), new RegExp(`^${EXPECTED_FAILURES}$`));
   t.notOk(existsSync(join(inst.dir, 'fallback.log')), 'syslog took the lines: no fallback file');
   const recs = records.split('\n').filter((l) => l !== '');
   t.ok(recs.every((l) => /^<\d+>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d pigeon\[\d+\]: /.test(l)), 'every record: <PRI>, timestamp, pigeon[pid]');

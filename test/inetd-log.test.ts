@@ -8,32 +8,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { makeInstance, freePort, CLI, type Inst } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
-import { Wire } from './helpers/wire.js';
+import { Wire, waitPort, untilText } from './helpers/wire.js';
 import { spawn } from 'node:child_process';
 import { owned, stopGroup } from './helpers/reaper.js';
-
-async function waitPort(port: number, ms = 60_000): Promise<Wire> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      return await Wire.open(port);
-    } catch (e) {
-      if (Date.now() > deadline) throw e;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-}
-
-/** Wait until `read()` matches (a log line landing in a file); returns the last text read. */
-async function until(read: () => string, re: RegExp, ms = 60_000): Promise<string> {
-  const deadline = Date.now() + ms;
-  let s = read();
-  while (!re.test(s) && Date.now() < deadline) {
-    await new Promise((r) => setTimeout(r, 100));
-    s = read();
-  }
-  return s;
-}
 
 /** inetd running `pigeon -c DIR imap --forker inetd` on a fresh port. */
 async function inetd(t: Test, inst: Inst): Promise<number> {
@@ -75,7 +52,7 @@ t.test('no syslog socket: inetd sessions log to log.fallback_file, which says wh
   t.match(await session(port, 'pw'), /a1 OK .*Logged in/);
   t.match(await session(port, 'wrong'), /a1 NO \[AUTHENTICATIONFAILED\]/);
   const file = join(inst.dir, 'fallback.log');
-  const text = await until(() => (existsSync(file) ? readFileSync(file, 'utf8') : ''), /Disconnected \(auth failed[\s\S]*$/);
+  const text = await untilText(() => (existsSync(file) ? readFileSync(file, 'utf8') : ''), /Disconnected \(auth failed[\s\S]*$/);
   t.match(text, /imap-login: Login: user=<alice@example\.test>, method=PLAIN, rip=127\.0\.0\.1/, 'the login line of the first session');
   t.match(text, /imap-login: auth failed \(bad-credentials\): user=<alice@example\.test>/, 'the failure line of the second, for fail2ban');
   const notices = text.split('\n').filter((l) => l.includes('log: no syslog socket'));
@@ -109,7 +86,7 @@ t.test('a syslog socket: inetd sessions log there, and no fallback file appears'
   t.match(inst.run(['config', 'test']).stdout, `inetd, Postfix spawn and stdio sessions to syslog through ${socket}`);
   const port = await inetd(t, inst);
   t.match(await session(port, 'pw'), /a1 OK .*Logged in/);
-  const text = await until(() => (existsSync(got) ? readFileSync(got, 'latin1') : ''), /imap\(alice@example\.test\): Disconnected/);
+  const text = await untilText(() => (existsSync(got) ? readFileSync(got, 'latin1') : ''), /imap\(alice@example\.test\): Disconnected/);
   t.match(text, /<\d+>.*pigeon\[\d+\]: imap-login: Login: user=<alice@example\.test>, method=PLAIN, rip=127\.0\.0\.1/, 'the login line reached the syslog socket, tagged pigeon');
   t.match(text, /^<22>/m, 'facility mail, priority info');
   t.notOk(existsSync(join(inst.dir, 'fallback.log')), 'no fallback file while syslog works');

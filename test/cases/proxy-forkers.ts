@@ -7,23 +7,11 @@ import { writeFileSync, readFileSync, chownSync, readdirSync, statSync } from 'n
 import { join } from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 import { makeInstance, freePort, CLI, putMessage, message } from '../helpers/instance.js';
-import { Wire } from '../helpers/wire.js';
+import { Wire, waitPort } from '../helpers/wire.js';
 import { requireProgram } from '../helpers/programs.js';
 import { startPostfix } from '../helpers/postfix.js';
 import { useBackend, type BackendName } from '../helpers/backends.js';
 import { owned, stopGroup } from '../helpers/reaper.js';
-
-async function waitPort(port: number, ms = 60_000): Promise<Wire> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      return await Wire.open(port);
-    } catch (e) {
-      if (Date.now() > deadline) throw e;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-}
 
 async function imapRoundTrip(t: Test, backend: BackendName, w: Wire, user: string, pass: string): Promise<void> {
   t.match(await w.until(/\r\n/), /^\* OK \[CAPABILITY [^\]]*STARTTLS/, 'greeting offers STARTTLS on a real socket');

@@ -81,3 +81,30 @@ export class Wire {
     this.sock.destroy();
   }
 }
+
+/**
+ * A Wire to `port` once something listens there (inetd or a daemon still starting): connect
+ * attempts until one succeeds, a failure after `ms`.
+ */
+export async function waitPort(port: number, ms = WAIT_MS): Promise<Wire> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    try {
+      return await Wire.open(port);
+    } catch (e) {
+      if (Date.now() > deadline) throw e;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+}
+
+/** Wait until `read()` matches (log lines landing in a file or a socket); returns the last text read. */
+export async function untilText(read: () => string, re: RegExp, ms = WAIT_MS): Promise<string> {
+  const deadline = Date.now() + ms;
+  let s = read();
+  while (!re.test(s) && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 50));
+    s = read();
+  }
+  return s;
+}
