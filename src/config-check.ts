@@ -77,7 +77,7 @@ export async function checkStart(instance: Instance, store: Store, r: CheckRepor
     try {
       const fingerprint = creds.fingerprint;
       if ((await store.revokedFingerprints()).has(fingerprint)) {
-        throw new AppError('NODE_REMOVED', `${instance.peerTls.cert}: this node's certificate was revoked when the node was removed from the cluster; issue a new certificate with "pigeon cert issue ${instance.config.node} --out DIR" on the CA holder`);
+        throw new AppError('NODE_REMOVED', `this node's certificate was revoked when node ${creds.name} was removed from the cluster; issue a new certificate with "pigeon cert issue ${instance.config.node} --out DIR" on the CA holder`);
       }
       const row = await store.getNode(instance.config.node);
       if (row !== null) reRegistration({ fingerprint: row.fingerprint, next_fingerprint: row.nextFingerprint }, { name: instance.config.node, fingerprint, certExpires: creds.notAfter.toISOString(), peerAddress: null });

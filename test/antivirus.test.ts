@@ -234,7 +234,10 @@ if (clamd) {
     const big = msg({ subject: 'over clamd limit', body: `${'y'.repeat(99)}\n`.repeat(Math.ceil((CLAMD_STREAM_MAX * 1.5) / 100)) });
     const r = cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], big);
     t.equal(r.code, 75, 'clamd ERROR: deferred');
-    t.match(readLog(logFile), /antivirus: clamd failed.*INSTREAM size limit exceeded\. ERROR/, 'logged with clamd own words');
+    // clamd answers and closes while the rest is still being sent: the answer is read when it
+    // arrives first; when the write fails first (EPIPE; seen under two suites at once) Node has
+    // destroyed the socket and the log says the connection closed. Deferred either way.
+    t.match(readLog(logFile), /antivirus: clamd failed: clamd=\S*clamd\.sock, error=(answered "INSTREAM size limit exceeded\. ERROR"|closed the connection before answering)/, 'logged once, naming clamd: its own words, or that it closed mid-stream');
   });
 
   t.test('oversize (antivirus.max_size): accept with a header, or reject 5.3.4; clamd never asked', async (t) => {

@@ -195,6 +195,9 @@ function pgCode(e: unknown): string {
 
 // ---- the store ------------------------------------------------------------------------------
 
+/** A failure this soon after a success changes no state (see fail()). */
+const FLAP_MS = 1000;
+
 class PostgresStore implements ConfigStore {
   readonly kind = 'postgres' as const;
   readonly where: string;
@@ -282,13 +285,17 @@ class PostgresStore implements ConfigStore {
    * operation began; when another operation succeeded after that, the database was reachable
    * meanwhile and this failure is its connection's (one made while the server was still
    * starting up, or a pooled one the restart closed): it changes no state (it logged "available
-   * again", then "unavailable: starting up", then "available again" within a second).
+   * again", then "unavailable: starting up", then "available again" within a second). Nor does
+   * a failure within FLAP_MS of the last success: a pooled connection attempt made while the
+   * server was starting up can fail an operation that began after the first success (two
+   * suites at once showed that flap); an outage that lasts is logged by the next failure.
    */
   private fail(e: unknown, started?: number): unknown {
     const m = mapPgError(e, this.where);
     if (m instanceof AppError && m.code.startsWith('DB_')) countDbError(m);
     if (m instanceof AppError && m.code === 'DB_UNAVAILABLE') {
       if (this.state === 'up' && started !== undefined && started <= this.lastOk) return m;
+      if (this.state === 'up' && Date.now() - this.lastOk < FLAP_MS) return m;
       if (this.state !== 'down' && !this.closed) {
         this.downSince = Date.now();
         this.o.log('error', `${m.message}; logins and deliveries get a temporary failure until it is back`);
