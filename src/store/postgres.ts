@@ -195,7 +195,7 @@ function pgCode(e: unknown): string {
 
 // ---- the store ------------------------------------------------------------------------------
 
-/** A failure this soon after a success changes no state (see fail()). */
+/** A failure this soon after the database came back changes no state (see fail()). */
 const FLAP_MS = 1000;
 
 class PostgresStore implements ConfigStore {
@@ -221,6 +221,8 @@ class PostgresStore implements ConfigStore {
   private listenLostWhileStarting = false;
   private everListened = false;
   private listenTimer: NodeJS.Timeout | null = null;
+  /** when the state last went from down to up (0: never) */
+  private recoveredAt = 0;
 
   constructor(url: PgUrl, o: ResolvedOptions) {
     this.where = url.where;
@@ -274,6 +276,7 @@ class PostgresStore implements ConfigStore {
 
   private up(): void {
     if (this.state === 'down') {
+      this.recoveredAt = Date.now();
       this.o.log('info', `database ${this.where} is available again (after ${Math.round((Date.now() - this.downSince) / 1000)} s out of service)`);
     }
     this.lastOk = Date.now();
@@ -286,16 +289,16 @@ class PostgresStore implements ConfigStore {
    * meanwhile and this failure is its connection's (one made while the server was still
    * starting up, or a pooled one the restart closed): it changes no state (it logged "available
    * again", then "unavailable: starting up", then "available again" within a second). Nor does
-   * a failure within FLAP_MS of the last success: a pooled connection attempt made while the
-   * server was starting up can fail an operation that began after the first success (two
-   * suites at once showed that flap); an outage that lasts is logged by the next failure.
+   * a failure within FLAP_MS of the recovery: a pooled connection attempt made while the server
+   * was starting up can fail an operation that began after the first success (two suites at
+   * once showed that flap); an outage that lasts is logged by the next failure.
    */
   private fail(e: unknown, started?: number): unknown {
     const m = mapPgError(e, this.where);
     if (m instanceof AppError && m.code.startsWith('DB_')) countDbError(m);
     if (m instanceof AppError && m.code === 'DB_UNAVAILABLE') {
       if (this.state === 'up' && started !== undefined && started <= this.lastOk) return m;
-      if (this.state === 'up' && Date.now() - this.lastOk < FLAP_MS) return m;
+      if (this.state === 'up' && Date.now() - this.recoveredAt < FLAP_MS) return m;
       if (this.state !== 'down' && !this.closed) {
         this.downSince = Date.now();
         this.o.log('error', `${m.message}; logins and deliveries get a temporary failure until it is back`);
