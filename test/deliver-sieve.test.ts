@@ -4,12 +4,11 @@
 // LMTP: per recipient) and is not mailed by Dovecot itself; a broken script still delivers to
 // INBOX with one log line; a domain can force its script over the user's.
 import t, { type Test } from 'tap';
-import net from 'node:net';
 import { chownSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ImapFlow } from 'imapflow';
 import { cli, ok, msg, maildirOf, files, setUser, startServe, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
-import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
+import { dataOf, lmtpDialog } from './helpers/delivery-lmtp.js';
 import { recorder, withSendmail } from './helpers/sendmail.js';
 import { scratchDir } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
@@ -116,15 +115,8 @@ t.test('reject: 5.7.1 for that recipient (pipe: exit 77; LMTP: per recipient), n
   t.same(sm.calls(), [], 'no rejection mailed by dovecot-lda: the MTA bounces');
 
   const served = await startServe(t, inst);
-  const s = await new Promise<net.Socket>((res, rej) => {
-    const c = net.connect({ host: '127.0.0.1', port: served.ports['lmtp'] ?? 0 }, () => res(c));
-    c.once('error', rej);
-  });
-  t.teardown(() => s.destroy());
-  const d = Dialog.of(s);
-  t.match(await d.line(), /^220 /);
-  d.send('LHLO mx.test\r\n');
-  await d.reply();
+  const { d, greeting } = await lmtpDialog(t, served.ports['lmtp'] ?? 0);
+  t.match(greeting, /^220 /);
   t.match(await d.cmd('MAIL FROM:<carol@remote.test>'), /^250 /);
   t.match(await d.cmd(`RCPT TO:<${ALICE}>`), /^250 /);
   t.match(await d.cmd(`RCPT TO:<${BOB}>`), /^250 /);

@@ -8,11 +8,10 @@ import { ImapFlow } from 'imapflow';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { request } from 'node:http';
-import { connect, type Socket } from 'node:net';
 import { createRequire } from 'node:module';
 import { makeInstance, serve } from './helpers/instance.js';
 import { useBackend } from './helpers/backends.js';
-import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
+import { dataOf, lmtpDialog } from './helpers/delivery-lmtp.js';
 import { msg } from './helpers/delivery-env.js';
 
 interface Sample {
@@ -108,15 +107,8 @@ t.test('one scrape of serve --workers 2 adds up every worker', async (t) => {
   await logged(/imap\(alice@example\.test\): Disconnected: Logged out/, logins);
 
   // one message over LMTP
-  const s = await new Promise<Socket>((res, rej) => {
-    const c = connect({ host: '127.0.0.1', port: srv.ports['lmtp'] ?? 0 }, () => res(c));
-    c.once('error', rej);
-  });
-  t.teardown(() => s.destroy());
-  const d = Dialog.of(s);
-  t.match(await d.line(), /^220 /);
-  d.send('LHLO mx.test\r\n');
-  await d.reply();
+  const { d, greeting } = await lmtpDialog(t, srv.ports['lmtp'] ?? 0);
+  t.match(greeting, /^220 /);
   t.match(await d.cmd('MAIL FROM:<carol@remote.test>'), /^250 /);
   t.match(await d.cmd(`RCPT TO:<${ALICE}>`), /^250 /);
   t.match(await d.cmd('DATA'), /^354 /);

@@ -1,5 +1,7 @@
 /** A raw SMTP/LMTP client over any duplex: write a line, read one (possibly multi-line) reply. */
 import type { Duplex, Readable, Writable } from 'node:stream';
+import { connect, type Socket } from 'node:net';
+import type { Test } from 'tap';
 
 export class Dialog {
   private buf = '';
@@ -95,4 +97,21 @@ export function dataOf(msg: string): string {
   const crlf = msg.replace(/\r?\n/g, '\r\n');
   const body = crlf.endsWith('\r\n') ? crlf : `${crlf}\r\n`;
   return `${body.replace(/^\./gm, '..')}.\r\n`;
+}
+
+/**
+ * An LMTP session with a listening `pigeon serve` at host:port, past its greeting (220) and LHLO;
+ * the socket is destroyed at the test's teardown.
+ */
+export async function lmtpDialog(t: Test, port: number, host = '127.0.0.1'): Promise<{ d: Dialog; greeting: string }> {
+  const s = await new Promise<Socket>((res, rej) => {
+    const c = connect({ host, port }, () => res(c));
+    c.once('error', rej);
+  });
+  t.teardown(() => s.destroy());
+  const d = Dialog.of(s);
+  const greeting = await d.line();
+  d.send('LHLO mx.test\r\n');
+  await d.reply();
+  return { d, greeting };
 }
