@@ -13,7 +13,7 @@ import type { ConfigStore, StoreChange } from '../src/store/types.js';
 import { openPostgresStore, type PostgresStoreOptions } from '../src/store/postgres.js';
 import { parsePgUrl, redactUrl } from '../src/store/pg-url.js';
 import { createCa, issueHostCert } from '../certs/ca.js';
-import { startPostgres, havePostgres } from './helpers/postgres.js';
+import { startPostgres, havePostgres, type PgServer } from './helpers/postgres.js';
 import { scratchDir, ROOT } from './helpers/instance.js';
 
 const SECRET = 'Zq7-s3cr3t-pw';
@@ -50,6 +50,33 @@ async function untilWorks<T>(ms: number, fn: () => Promise<T>): Promise<{ value:
     }
     await new Promise((r) => setTimeout(r, 100)); // pacing between tries, not a synchronisation
   }
+}
+
+/**
+ * Until the store's LISTEN is in effect: a probe notification (user:probe@example.test) sent
+ * through psql until the subscriber `seen` reports one; resolves false when none arrived after
+ * `tries` probes. Notifications of one connection arrive in order: what the LISTEN told
+ * subscribers when it took effect came before the probe.
+ */
+async function listening(pg: PgServer, seen: Promise<void>, tries = 100): Promise<boolean> {
+  for (let i = 0; i < tries; i++) {
+    pg.psql("SELECT pg_notify('pigeon_change', 'user:probe@example.test')", 'pigeon');
+    // pacing between probes, not a synchronisation: the probe's arrival is the event
+    if (await Promise.race([seen.then(() => true), new Promise<false>((r) => setTimeout(() => r(false), 100))])) return true;
+  }
+  return false;
+}
+
+/** a subscriber recording every change; `probe` resolves at the first probe notification */
+function recorder(s: ConfigStore): { changes: StoreChange[]; probe: Promise<void> } {
+  const changes: StoreChange[] = [];
+  let probed: () => void = () => undefined;
+  const probe = new Promise<void>((r) => (probed = r));
+  s.onChange((c) => {
+    changes.push(c);
+    if (c.kind === 'user' && c.address === 'probe@example.test') probed();
+  });
+  return { changes, probe };
 }
 
 t.test('the set-up line installs PostgreSQL (the servers these tests start)', async (t) => {
@@ -216,6 +243,26 @@ t.test('TLS: sslmode and sslrootcert', async (t) => {
   });
 });
 
+t.test('onChange: a change committed before the LISTEN takes effect is not lost (subscribers are told to re-read)', async (t) => {
+  if (!havePostgres(t)) return;
+  const pg = await startPostgres(t);
+  if (!pg) return;
+  const lines: string[] = [];
+  const s = await open(t, pg.url, { log: (level, m) => lines.push(`${level}: ${m}`) });
+  await s.migrate();
+  const { changes, probe } = recorder(s);
+  // another node joins right after this one subscribed. psql runs while this process waits for
+  // it (spawnSync: no event of this process is handled meanwhile), so the commit is in before the
+  // store's LISTEN connection is even opened: its NOTIFY reaches no one. On a loaded machine (or
+  // during a fail-over, where the first LISTEN can take effect only on the promoted standby) the
+  // window is this wide without any help.
+  pg.psql("INSERT INTO nodes (name, peer_address, fingerprint, state, cert_expires) VALUES ('n2', '127.0.0.3:7000', 'BB', 'active', '2030-01-01T00:00:00Z')", 'pigeon');
+  t.ok(await listening(pg, probe), 'notifications arrive');
+  t.same(changes[0], { kind: 'nodes' }, 'before any notification, the subscriber was told to re-read the registry (where n2 is)');
+  t.equal((await s.getNode('n2'))?.peerAddress, '127.0.0.3:7000');
+  t.same(lines, [], 'nothing logged: notifications never stopped');
+});
+
 t.test('outages: DB_UNAVAILABLE within the bound, one log line per change, recovery without a new store', async (t) => {
   if (!havePostgres(t)) return;
   const pg = await startPostgres(t);
@@ -225,14 +272,16 @@ t.test('outages: DB_UNAVAILABLE within the bound, one log line per change, recov
   await s.migrate();
   await s.addDomain('example.test');
   await s.addUser('alice@example.test', 'h', null);
-  const changes: StoreChange[] = [];
+  const { changes, probe } = recorder(s);
+  t.ok(await listening(pg, probe), 'notifications arrive before the outage');
   let relistened: () => void = () => undefined;
   const relisten = new Promise<void>((r) => (relistened = r));
-  s.onChange((c) => {
-    changes.push(c);
-    if (c.kind === 'nodes') relistened();
+  const back = /^info: .*change notifications work again/;
+  s.onChange(() => {
+    if (lines.some((l) => back.test(l))) relistened();
   });
   t.equal(lines.length, 0, 'nothing logged while all is well');
+  const state = (): string[] => lines.filter((l) => !/change notifications/.test(l));
 
   t.test('server stopped', async (t) => {
     await pg.stop('fast');
@@ -243,17 +292,21 @@ t.test('outages: DB_UNAVAILABLE within the bound, one log line per change, recov
       t.ok(Date.now() - t0 < 2500, `answered in ${Date.now() - t0} ms`);
     }
     t.equal(lines.filter((l) => /unavailable/.test(l)).length, 1, 'one log line for the outage, not one per request');
-    t.match(lines[0], /^error: database postgres:\/\/pigeon@127\.0\.0\.1:\d+\/pigeon unavailable: /);
+    t.match(state()[0], /^error: database postgres:\/\/pigeon@127\.0\.0\.1:\d+\/pigeon unavailable: /);
+    t.match(
+      lines.filter((l) => /change notifications/.test(l)),
+      [/^warn: database postgres:\/\/pigeon@127\.0\.0\.1:\d+\/pigeon: change notifications do not arrive \(the LISTEN connection closed\)/],
+      'one line: notifications stopped',
+    );
+    const before = changes.length;
     await pg.start();
     const r = await untilWorks(10_000, () => s.lookup('alice@example.test'));
     t.equal(r.value?.user.address, 'alice@example.test', 'the same store object works again');
-    t.match(lines.at(-1), /^info: database .* is available again/);
-    t.equal(lines.length, 2, 'one line back up');
+    t.match(state().at(-1), /^info: database .* is available again/);
+    t.equal(state().length, 2, 'one line back up');
     await relisten;
-    t.ok(
-      changes.some((c) => c.kind === 'nodes'),
-      'subscribers were told to re-read after the listener reconnected',
-    );
+    t.equal(lines.filter((l) => /change notifications/.test(l)).length, 2, 'and one when notifications work again');
+    t.same(changes.slice(before).filter((c) => c.kind === 'nodes').length, 1, 'subscribers were told once to re-read after the listener reconnected');
   });
 
   t.test('a slow server: the statement timeout answers', async (t) => {
@@ -311,12 +364,18 @@ t.test('fail-over: primary stopped, standby promoted, the same store follows wit
   await s.addDomain('example.test');
   const u = await s.addUser('alice@example.test', '{PLAIN}pw', null);
   t.ok(await s.casAllocation(u.id, u.version, 'n1', { format: 'maildir', path: '/m/alice', node: 'n1' }));
+  const { changes, probe } = recorder(s);
+  await s.registerSelf({ name: 'n1', fingerprint: 'AA', certExpires: '2030-01-01T00:00:00Z', peerAddress: null }, { heartbeat: true });
+  // the first LISTEN in effect on the primary: what follows is the loss of a working one
+  t.ok(await listening(primary, probe), 'notifications arrive before the fail-over');
+  t.same(changes[0], { kind: 'nodes' }, 'told to re-read once the LISTEN took effect');
+  const back = /^info: .*change notifications work again/;
   let relistened: () => void = () => undefined;
   const relisten = new Promise<void>((r) => (relistened = r));
-  s.onChange((c) => {
-    if (c.kind === 'nodes') relistened();
+  s.onChange(() => {
+    if (lines.some((l) => back.test(l))) relistened();
   });
-  await s.registerSelf({ name: 'n1', fingerprint: 'AA', certExpires: '2030-01-01T00:00:00Z', peerAddress: null }, { heartbeat: true });
+  const before = changes.length;
 
   const t0 = Date.now();
   await primary.stop('immediate');
@@ -330,7 +389,19 @@ t.test('fail-over: primary stopped, standby promoted, the same store follows wit
   t.equal((await s.getUser('bob@example.test'))?.address, 'bob@example.test');
   t.equal(standby.psql("SELECT count(*) FROM users WHERE address = 'bob@example.test'", 'pigeon').trim(), '1', 'written to the promoted standby');
   await relisten;
-  t.pass('subscribers were told to re-read after the fail-over');
+  t.ok(
+    changes.slice(before).some((c) => c.kind === 'nodes'),
+    'subscribers were told to re-read after the fail-over',
+  );
+  const bob = new Promise<void>((r) => s.onChange((c) => c.kind === 'user' && c.address === 'bob@example.test' && r()));
+  await s.setPassword('bob@example.test', '{PLAIN}b');
+  await bob;
+  t.pass('a change on the promoted standby is notified: the LISTEN is on it');
   t.equal(lines.filter((l) => /unavailable/.test(l)).length, 1, 'one outage line');
-  t.match(lines.at(-1), /available again/);
+  t.match(lines.filter((l) => !/change notifications/.test(l)).at(-1), /available again/);
+  t.match(
+    lines.filter((l) => /change notifications/.test(l)),
+    [/^warn: .*change notifications do not arrive \(the LISTEN connection closed\)/, back],
+    'one line when notifications stopped, one when they work again',
+  );
 });

@@ -22,8 +22,9 @@
  *               lock with the session: a holder whose connection dies loses it, so what the
  *               holder writes must still be a cas* write, as the creators' are);
  *             - `onChange`: LISTEN pigeon_change on a connection of its own (the triggers of
- *               src/store/pg-migrations.ts); after every reconnect of that connection
- *               subscribers get { kind: 'nodes' }, since notifications may have been lost.
+ *               src/store/pg-migrations.ts); whenever a LISTEN takes effect (the first one
+ *               too, and every one after its connection was lost) subscribers get
+ *               { kind: 'nodes' }, since what was committed before it was not notified.
  *             Orders are byte orders (COLLATE "C"), as in SQLite, whatever the database's locale.
  * CONFIG      The URL (src/store/pg-url.ts) and PostgresStoreOptions: connectTimeoutMs (5000, per
  *             host; the URL's connect_timeout wins), statementTimeoutMs (5000, enforced by the
@@ -33,7 +34,9 @@
  *             while the database is down), passwordFile, log.
  * DIAGNOSTICS Outages: AppError DB_UNAVAILABLE (75) within the bounds above, never a hang; the
  *             next operation after the database is back succeeds (no restart). `log` gets one
- *             line per change of state (available → unavailable → available), not one per request.
+ *             line per change of state (available → unavailable → available), not one per request;
+ *             likewise for change notifications: one line when they stop arriving (the LISTEN
+ *             connection lost, or a LISTEN refused) and one when a LISTEN works again.
  *             Other codes as SQLite's: DUPLICATE, NO_SUCH_USER, NO_SUCH_DOMAIN, DOMAIN_NOT_EMPTY,
  *             NODE_CONFLICT, NODE_REMOVED, NODE_BUSY, NO_SUCH_NODE; see src/store/pg-errors.ts.
  * SECURITY    The password (URL, passwordFile, or ~/.pgpass / PGPASSFILE via the client) is
@@ -219,8 +222,9 @@ class PostgresStore implements ConfigStore {
   private listenSql: Sql | null = null;
   private listenState: 'off' | 'starting' | 'live' = 'off';
   private listenLostWhileStarting = false;
-  private everListened = false;
   private listenTimer: NodeJS.Timeout | null = null;
+  /** since when notifications are known not to arrive (0: they do, or nothing was logged) */
+  private listenDownSince = 0;
   /** when the state last went from down to up (0: never) */
   private recoveredAt = 0;
 
@@ -801,7 +805,7 @@ class PostgresStore implements ConfigStore {
       const l = this.listenSql;
       this.listenSql = null;
       this.listenState = 'off';
-      this.everListened = false;
+      this.listenDownSince = 0;
       if (this.listenTimer) clearTimeout(this.listenTimer);
       this.listenTimer = null;
       l?.end({ timeout: 1 }).catch(() => undefined);
@@ -827,8 +831,13 @@ class PostgresStore implements ConfigStore {
   /**
    * LISTEN on the store's own one-connection pool; when that connection closes, LISTEN again
    * (the pool reconnects, to the new primary after a fail-over), pausing between failed tries.
-   * Every LISTEN but the very first tells subscribers { kind: 'nodes' }: what changed meanwhile
-   * was not notified.
+   * Every LISTEN that takes effect, the first one too, tells subscribers { kind: 'nodes' }: a
+   * change committed after onChange() returned but before the LISTEN took effect (or while the
+   * connection was lost) was not notified. The first one matters as much as the others: its
+   * connection is made while the subscriber already relies on it, and during a fail-over it can
+   * take effect only on the promoted standby (two suites at once lost the registration made
+   * meanwhile, and a fail-over test waited for ever). `log` gets one line when notifications
+   * stop (or cannot start) and one when they are back, never one per attempt.
    */
   private listen(attempt: number): void {
     if (this.closed || this.listenState !== 'off' || this.subscribers.size === 0 || this.listenTimer) return;
@@ -861,17 +870,19 @@ class PostgresStore implements ConfigStore {
           return;
         }
         this.listenState = 'live';
-        if (this.everListened || attempt > 0) {
-          this.up();
-          this.emit({ kind: 'nodes' });
+        this.up();
+        if (this.listenDownSince !== 0) {
+          this.o.log('info', `database ${this.where}: change notifications work again (after ${Math.round((Date.now() - this.listenDownSince) / 1000)} s); subscribers re-read what may have changed meanwhile`);
+          this.listenDownSince = 0;
         }
-        this.everListened = true;
+        this.emit({ kind: 'nodes' });
       },
       (e: unknown) => {
         if (this.listenSql !== pool) return;
         this.listenState = 'off';
         this.fail(e);
         if (this.closed) return;
+        this.listenDown('LISTEN failed');
         this.listenTimer = setTimeout(
           () => {
             this.listenTimer = null;
@@ -887,7 +898,15 @@ class PostgresStore implements ConfigStore {
     if (this.listenState === 'starting') this.listenLostWhileStarting = true;
     if (this.listenState !== 'live') return;
     this.listenState = 'off';
+    this.listenDown('the LISTEN connection closed');
     this.listen(1);
+  }
+
+  /** The one line for "notifications do not arrive" (until the next LISTEN takes effect). */
+  private listenDown(why: string): void {
+    if (this.listenDownSince !== 0 || this.closed) return;
+    this.listenDownSince = Date.now();
+    this.o.log('warn', `database ${this.where}: change notifications do not arrive (${why}); listening again, subscribers re-read what changed when they do`);
   }
 
   // ---- schema and copy --------------------------------------------------------------------
