@@ -41,6 +41,7 @@ import {
   PG_POOL_SIZE,
   PG_CONNECT_TIMEOUT_S,
   PG_STATEMENT_TIMEOUT_S,
+  PG_LISTEN_CHECK_S,
 } from './limits.js';
 import { MECHANISM_NAMES, OAUTH_MECHANISMS } from './proxy/sasl/names.js';
 
@@ -145,6 +146,7 @@ const baseShape = {
   database_pool_size: z.number().int().min(1).max(100).default(PG_POOL_SIZE),
   database_connect_timeout_s: z.number().int().min(1).max(300).default(PG_CONNECT_TIMEOUT_S),
   database_statement_timeout_s: z.number().int().min(1).max(300).default(PG_STATEMENT_TIMEOUT_S),
+  database_listen_check_s: z.number().int().min(1).max(3600).default(PG_LISTEN_CHECK_S),
   mail_root: path.default('mail'),
   mail_user: z.string().min(1).default('mail'),
   listen: z.array(listenSchema).default([]),
@@ -454,6 +456,7 @@ export function loadInstance(c: string | undefined): Instance {
     poolMax: config.database_pool_size,
     connectTimeoutMs: config.database_connect_timeout_s * 1000,
     statementTimeoutMs: config.database_statement_timeout_s * 1000,
+    listenCheckMs: config.database_listen_check_s * 1000,
   };
   return {
     dir,

@@ -70,3 +70,5 @@ export const PEER_TLS_HANDSHAKE_MS = 15_000; // a node connecting to the peer li
 export const PG_POOL_SIZE = 4;
 export const PG_CONNECT_TIMEOUT_S = 5;
 export const PG_STATEMENT_TIMEOUT_S = 5;
+// database_listen_check_s: the LISTEN connection (change notifications) is checked this often
+export const PG_LISTEN_CHECK_S = 30;

@@ -180,6 +180,8 @@ export interface ServerDbOptions {
   readonly poolMax?: number;
   readonly connectTimeoutMs?: number;
   readonly statementTimeoutMs?: number;
+  /** how often the LISTEN connection is checked (database_listen_check_s) */
+  readonly listenCheckMs?: number;
   /** one line per change of the database's state (available → unavailable → available) */
   readonly log?: (level: 'info' | 'warn' | 'error', message: string) => void;
 }

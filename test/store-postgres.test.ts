@@ -326,6 +326,58 @@ t.test('outages: DB_UNAVAILABLE within the bound, one log line per change, recov
   });
 });
 
+t.test('a LISTEN connection whose server stops answering without closing is noticed, listened again, and what changed meanwhile re-read', async (t) => {
+  if (!havePostgres(t)) return;
+  const pg = await startPostgres(t);
+  if (!pg) return;
+  const lines: string[] = [];
+  let workAgain: () => void = () => undefined;
+  const back = new Promise<void>((r) => (workAgain = r));
+  const log = (level: string, m: string): void => {
+    lines.push(`${level}: ${m}`);
+    if (/change notifications work again/.test(m)) workAgain();
+  };
+  // checked every 300 ms; the query timeout 2 s, then the cancel timeout 1 s (the connect timeout)
+  const s = await open(t, pg.url, { connectTimeoutMs: 1000, statementTimeoutMs: 1000, queryTimeoutMs: 2000, listenCheckMs: 300, log });
+  await s.migrate();
+  const { changes, probe } = recorder(s);
+  t.ok(await listening(pg, probe), 'notifications arrive');
+  const pids = pg.psql("SELECT pid FROM pg_stat_activity WHERE datname = 'pigeon' AND query IN ('LISTEN pigeon_change', 'SELECT 1 AS listen_check')", 'pigeon').trim().split('\n');
+  t.equal(pids.length, 1, 'one LISTEN connection');
+  const pid = Number(pids[0]);
+  // its server process hangs: the connection stays open and nothing answers (as behind a
+  // partition that drops packets, where TCP alone notices nothing for minutes)
+  process.kill(pid, 'SIGSTOP');
+  let stopped = true;
+  const resume = (): void => {
+    if (stopped) process.kill(pid, 'SIGCONT'); // it sees its client gone and ends
+    stopped = false;
+  };
+  t.teardown(resume);
+  const t0 = Date.now();
+  const before = changes.length;
+  // a node joins meanwhile: its NOTIFY goes to the hung process only
+  pg.psql("INSERT INTO nodes (name, peer_address, fingerprint, state, cert_expires) VALUES ('n2', '127.0.0.3:7000', 'BB', 'active', '2030-01-01T00:00:00Z')", 'pigeon');
+  await back;
+  const ms = Date.now() - t0;
+  resume();
+  // 0.3 + 2 + 1 s, and a reconnect; generous for two suites at once on 2 cores
+  t.ok(ms < 10_000, `noticed and listening again after ${ms} ms`);
+  t.match(
+    lines,
+    [/^warn: database .*: change notifications do not arrive \(the LISTEN connection closed\)/, /^info: database .*: change notifications work again/],
+    'one line when they stopped, one when they work again',
+  );
+  t.equal(lines.length, 2, 'and nothing else: the database itself was never down');
+  t.ok(
+    changes.slice(before).some((c) => c.kind === 'nodes'),
+    'subscribers were told to re-read the registry (where n2 is)',
+  );
+  t.equal((await s.getNode('n2'))?.peerAddress, '127.0.0.3:7000');
+  const again = recorder(s);
+  t.ok(await listening(pg, again.probe), 'notifications arrive again');
+});
+
 t.test('a silent server: the connect timeout answers', async (t) => {
   const held: Socket[] = [];
   const silent = createServer((c) => void held.push(c)); // accepts, never says a word
@@ -404,4 +456,5 @@ t.test('fail-over: primary stopped, standby promoted, the same store follows wit
     [/^warn: .*change notifications do not arrive \(the LISTEN connection closed\)/, back],
     'one line when notifications stopped, one when they work again',
   );
+  t.equal(lines.filter((l) => /change notifications/.test(l)).length, 2, 'not one per attempt');
 });

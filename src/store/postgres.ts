@@ -31,7 +31,10 @@
  *             server), queryTimeoutMs (statement + 3000: the client's bound, waiting for a
  *             connection included, for a server that went silent), poolMax (4), poolMin (1),
  *             lockPoolMax (8), reconnectMaxMs (1000: longest pause between connection attempts
- *             while the database is down), passwordFile, log.
+ *             while the database is down), listenCheckMs (30000: how often the LISTEN connection
+ *             is asked a `SELECT 1`, so that one the server or the network dropped without a
+ *             word is noticed: within listenCheckMs + queryTimeoutMs + the cancel timeout),
+ *             passwordFile, log.
  * DIAGNOSTICS Outages: AppError DB_UNAVAILABLE (75) within the bounds above, never a hang; the
  *             next operation after the database is back succeeds (no restart). `log` gets one
  *             line per change of state (available → unavailable → available), not one per request;
@@ -49,7 +52,7 @@ import { readFileSync, statSync } from 'node:fs';
 import { AppError } from '../errors.js';
 import { normaliseAddress, normaliseDomain } from '../address.js';
 import { countDbError, dbUserReads } from '../metrics.js';
-import { PG_POOL_SIZE, PG_CONNECT_TIMEOUT_S, PG_STATEMENT_TIMEOUT_S } from '../limits.js';
+import { PG_POOL_SIZE, PG_CONNECT_TIMEOUT_S, PG_STATEMENT_TIMEOUT_S, PG_LISTEN_CHECK_S } from '../limits.js';
 import type { Scope } from '../settings.js';
 import type { ConfigStore, StoreChange, SchemaStatus, ServerInfo, TableDump, Allocation, UserRecord, ScopeRef, NodeRow, NodeState, SelfRegistration, Flag, SettingRow, Json } from './types.js';
 import { parsePgUrl, type PgUrl } from './pg-url.js';
@@ -67,6 +70,8 @@ export interface PostgresStoreOptions {
   readonly poolMin?: number;
   readonly lockPoolMax?: number;
   readonly reconnectMaxMs?: number;
+  /** how often the idle LISTEN connection is checked with a `SELECT 1` */
+  readonly listenCheckMs?: number;
   /** one line per change of the database's state */
   readonly log?: (level: 'info' | 'warn' | 'error', message: string) => void;
 }
@@ -80,6 +85,7 @@ interface ResolvedOptions {
   readonly poolMin: number;
   readonly lockPoolMax: number;
   readonly reconnectMaxMs: number;
+  readonly listenCheckMs: number;
   readonly log: (level: 'info' | 'warn' | 'error', message: string) => void;
 }
 
@@ -90,6 +96,7 @@ export const PG_DEFAULTS = {
   poolMin: 1,
   lockPoolMax: 8,
   reconnectMaxMs: 1000,
+  listenCheckMs: PG_LISTEN_CHECK_S * 1000,
 } as const;
 
 /** the NOTIFY channel of src/store/pg-migrations.ts */
@@ -115,6 +122,7 @@ function resolveOptions(o: PostgresStoreOptions, url: PgUrl): ResolvedOptions {
     poolMin: Math.min(poolMax, positive('poolMin', o.poolMin, PG_DEFAULTS.poolMin, 0)),
     lockPoolMax: positive('lockPoolMax', o.lockPoolMax, PG_DEFAULTS.lockPoolMax),
     reconnectMaxMs: positive('reconnectMaxMs', o.reconnectMaxMs, PG_DEFAULTS.reconnectMaxMs, 10),
+    listenCheckMs: positive('listenCheckMs', o.listenCheckMs, PG_DEFAULTS.listenCheckMs, 100),
     log: o.log ?? (() => undefined),
   };
 }
@@ -225,6 +233,9 @@ class PostgresStore implements ConfigStore {
   private listenTimer: NodeJS.Timeout | null = null;
   /** since when notifications are known not to arrive (0: they do, or nothing was logged) */
   private listenDownSince = 0;
+  /** while subscribed: the periodic `SELECT 1` on the LISTEN connection (see checkListen) */
+  private listenCheck: NodeJS.Timeout | null = null;
+  private listenChecking = false;
   /** when the state last went from down to up (0: never) */
   private recoveredAt = 0;
 
@@ -333,6 +344,7 @@ class PostgresStore implements ConfigStore {
     if (this.closed) return;
     this.closed = true;
     if (this.listenTimer) clearTimeout(this.listenTimer);
+    if (this.listenCheck) clearInterval(this.listenCheck);
     this.subscribers.clear();
     const l = this.listenSql;
     this.listenSql = null;
@@ -808,6 +820,8 @@ class PostgresStore implements ConfigStore {
       this.listenDownSince = 0;
       if (this.listenTimer) clearTimeout(this.listenTimer);
       this.listenTimer = null;
+      if (this.listenCheck) clearInterval(this.listenCheck);
+      this.listenCheck = null;
       l?.end({ timeout: 1 }).catch(() => undefined);
     };
   }
@@ -870,6 +884,7 @@ class PostgresStore implements ConfigStore {
           return;
         }
         this.listenState = 'live';
+        this.listenCheck ??= setInterval(() => this.checkListen(), this.o.listenCheckMs).unref();
         this.up();
         if (this.listenDownSince !== 0) {
           this.o.log('info', `database ${this.where}: change notifications work again (after ${Math.round((Date.now() - this.listenDownSince) / 1000)} s); subscribers re-read what may have changed meanwhile`);
@@ -900,6 +915,26 @@ class PostgresStore implements ConfigStore {
     this.listenState = 'off';
     this.listenDown('the LISTEN connection closed');
     this.listen(1);
+  }
+
+  /**
+   * A LISTEN connection only receives: one whose server went away without a word (a partition
+   * that drops packets, a server or backend that hangs) would never be noticed by TCP before its
+   * keepalive gives up (30 s + 9 × 75 s with Linux's defaults; Node 20 sets only the first).
+   * So it is asked a `SELECT 1` every listenCheckMs: an answer proves it; none within the query
+   * timeout makes the client cancel, and a cancel unanswered within the cancel timeout makes it
+   * destroy the connection (postgres.js CANCEL_UNANSWERED), whose close is a loss like any
+   * other (listenLost: logged once, LISTEN again, subscribers re-read). The failure itself is
+   * not the database's state: the other pools say whether the database is down.
+   */
+  private checkListen(): void {
+    const pool = this.listenSql;
+    if (pool === null || this.listenState !== 'live' || this.listenChecking) return;
+    this.listenChecking = true;
+    pool`SELECT 1 AS listen_check`.then(
+      () => (this.listenChecking = false),
+      () => (this.listenChecking = false),
+    );
   }
 
   /** The one line for "notifications do not arrive" (until the next LISTEN takes effect). */
