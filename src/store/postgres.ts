@@ -822,6 +822,7 @@ class PostgresStore implements ConfigStore {
       this.listenTimer = null;
       if (this.listenCheck) clearInterval(this.listenCheck);
       this.listenCheck = null;
+      this.listenChecking = false; // a check still on its way belongs to the pool ended here
       l?.end({ timeout: 1 }).catch(() => undefined);
     };
   }
