@@ -331,6 +331,35 @@ t.test('outages: DB_UNAVAILABLE within the bound, one log line per change, recov
   });
 });
 
+t.test('a LISTEN connection whose server process is terminated (pg_terminate_backend): listened again, subscribers told to re-read', async (t) => {
+  if (!havePostgres(t)) return;
+  const pg = await startPostgres(t);
+  if (!pg) return;
+  const lines: string[] = [];
+  let workAgain: () => void = () => undefined;
+  const back = new Promise<void>((r) => (workAgain = r));
+  const s = await open(t, pg.url, {
+    log: (level, m) => {
+      lines.push(`${level}: ${m}`);
+      if (/change notifications work again/.test(m)) workAgain();
+    },
+  });
+  await s.migrate();
+  const { changes, probe } = recorder(s);
+  t.ok(await listening(pg, probe), 'notifications arrive');
+  const before = changes.length;
+  t.equal(pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = 'pigeon' AND query IN ('LISTEN pigeon_change', 'SELECT 1 AS listen_check')", 'pigeon').trim(), '1');
+  await back;
+  t.match(lines, [/^warn: .*change notifications do not arrive \(the LISTEN connection closed\)/, /^info: .*change notifications work again/]);
+  t.equal(lines.length, 2, 'one line each way, and the database was never down');
+  t.ok(
+    changes.slice(before).some((c) => c.kind === 'nodes'),
+    'subscribers were told to re-read',
+  );
+  const again = recorder(s);
+  t.ok(await listening(pg, again.probe), 'notifications arrive again');
+});
+
 t.test('a LISTEN connection whose server stops answering without closing is noticed, listened again, and what changed meanwhile re-read', async (t) => {
   if (!havePostgres(t)) return;
   const pg = await startPostgres(t);
