@@ -10,16 +10,7 @@
  */
 import type { AnvilState, ConnRecord } from './state.js';
 import { PROTOCOL_VERSION, type RequestBody, type Results, type ListedRecord } from './protocol.js';
-
-/** Whether process `pid` exists (EPERM: it does, under another user). */
-export function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
+import { pidAlive } from '../pid.js';
 
 function listed(r: ConnRecord): ListedRecord {
   return { pid: r.pid, conn: r.conn, ip: r.ip, proto: r.proto, trusted: r.trusted, state: r.state, held: r.held, user: r.user, session: r.session, backend: r.backend, since: r.since };

@@ -21,6 +21,7 @@ import { closeSync, openSync, readFileSync, statSync, unlinkSync, writeSync } fr
 import { AnvilState } from './state.js';
 import { LineReader, encode, requestSchema, type Request } from './protocol.js';
 import { answer } from './answer.js';
+import { pidAlive } from '../pid.js';
 import type { RunDir } from './run-dir.js';
 import { RunDirError } from './run-dir.js';
 import { ANVIL_CHECK_MS, ANVIL_MAX_LINE } from '../limits.js';
@@ -80,15 +81,6 @@ export function probe(path: string): Promise<'live' | 'stale' | 'absent'> {
   });
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /** O_EXCL lock file holding our pid; a lock whose holder is dead is broken once. */
 function takeLock(path: string): boolean {
   for (let i = 0; i < 2; i++) {
@@ -105,7 +97,7 @@ function takeLock(path: string): boolean {
       } catch {
         continue; // released meanwhile
       }
-      if (!Number.isInteger(holder) || holder <= 0 || alive(holder)) return false; // being written, or held
+      if (!Number.isInteger(holder) || holder <= 0 || pidAlive(holder)) return false; // being written, or held
       try {
         unlinkSync(path);
       } catch {

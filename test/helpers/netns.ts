@@ -12,6 +12,7 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import type { Test } from 'tap';
 import { hold, release } from './reaper.js';
+import { pidAlive } from '../../src/pid.js';
 
 export const NETS = { db: '10.77.1', peer: '10.77.2', cl: '10.77.3' } as const;
 export type Net = keyof typeof NETS;
@@ -38,21 +39,12 @@ function ip(args: readonly string[]): void {
   execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /** Remove the namespaces of earlier test processes that are gone (killed before their teardown). */
 function reapStale(): void {
   const out = spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout ?? '';
   for (const line of out.split('\n')) {
     const m = new RegExp(`^(${PREFIX}(\\d+)-\\S+)`).exec(line);
-    if (m && !alive(Number(m[2]))) spawnSync('ip', ['netns', 'del', m[1] ?? '']);
+    if (m && !pidAlive(Number(m[2]))) spawnSync('ip', ['netns', 'del', m[1] ?? '']);
   }
 }
 

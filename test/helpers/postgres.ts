@@ -15,6 +15,7 @@ import { tmpdir } from 'node:os';
 import type { Test } from 'tap';
 import { requireProgram } from './programs.js';
 import { freePort } from './instance.js';
+import { pidAlive } from '../../src/pid.js';
 
 export interface PgServer {
   /** postgres://pigeon@HOST:PORT/pigeon (no password with trust authentication) */
@@ -190,15 +191,6 @@ function server(t: Test, b: string, ids: Ids, root: string, dataDir: string, hos
   return srv;
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /**
  * Servers of a test process that is gone (killed at its timeout, before its teardowns ran): stop
  * them and remove their directories. Directories are named pigeon-pg-PID-…, so a server of a test
@@ -207,7 +199,7 @@ function alive(pid: number): boolean {
 function reapOrphans(b: string, ids: Ids): void {
   for (const name of readdirSync(tmpdir())) {
     const m = /^pigeon-pg-(\d+)-/.exec(name);
-    if (!m || alive(Number(m[1]))) continue;
+    if (!m || pidAlive(Number(m[1]))) continue;
     const dir = join(tmpdir(), name);
     if (existsSync(join(dir, 'data', 'postmaster.pid'))) run(join(b, 'pg_ctl'), ['-D', join(dir, 'data'), '-m', 'immediate', '-w', 'stop'], ids);
     rmSync(dir, { recursive: true, force: true });
