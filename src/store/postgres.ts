@@ -53,10 +53,9 @@ import { AppError } from '../errors.js';
 import { normaliseAddress, normaliseDomain } from '../address.js';
 import { countDbError, dbUserReads } from '../metrics.js';
 import { PG_POOL_SIZE, PG_CONNECT_TIMEOUT_S, PG_STATEMENT_TIMEOUT_S, PG_LISTEN_CHECK_S } from '../limits.js';
-import type { Scope } from '../settings.js';
 import type { ConfigStore, StoreChange, SchemaStatus, ServerInfo, TableDump, Allocation, UserRecord, ScopeRef, NodeRow, NodeState, SelfRegistration, Flag, SettingRow, Json } from './types.js';
 import { parsePgUrl, type PgUrl } from './pg-url.js';
-import { toUser, toSetting, toNode, reRegistration, type UserRow, type SettingDbRow, type NodeDbRow } from './rows.js';
+import { toUser, toSetting, toNode, toLookup, reRegistration, type UserRow, type SettingDbRow, type NodeDbRow, type LookupRow } from './rows.js';
 import { mapPgError } from './pg-errors.js';
 import { PG_SCHEMA_VERSION, PG_MIN_USABLE_VERSION, migrateIn, schemaVersion } from './pg-migrations.js';
 
@@ -655,7 +654,7 @@ class PostgresStore implements ConfigStore {
     dbUserReads.inc();
     return this.op(async () => {
       // one statement, prepared once per connection: the user, then every setting row that applies
-      const rs = await this.sql<(UserRow & { s_scope: Scope | null; s_module: string | null; s_key: string | null; s_value: string | null; s_flags: string | null })[]>`
+      const rs = await this.sql<LookupRow[]>`
         SELECT u.id, u.address, d.name AS domain, u.domain_id, u.password, u.state, u.home, u.allocation, u.version, u.created, u.moving_to,
                s.scope AS s_scope, s.module AS s_module, s.key AS s_key, s.value AS s_value, s.flags AS s_flags
           FROM users u JOIN domains d ON d.id = u.domain_id
@@ -663,14 +662,7 @@ class PostgresStore implements ConfigStore {
                                OR (s.scope = 'domain' AND s.scope_id = u.domain_id)
                                OR (s.scope = 'user' AND s.scope_id = u.id)
          WHERE u.address = ${address}`;
-      const first = rs[0];
-      if (!first) return null;
-      const rows: SettingRow[] = [];
-      for (const r of rs) {
-        if (r.s_scope === null || r.s_module === null || r.s_key === null || r.s_value === null) continue;
-        rows.push(toSetting({ scope: r.s_scope, module: r.s_module, key: r.s_key, value: r.s_value, flags: r.s_flags ?? '' }));
-      }
-      return { user: toUser(first), rows };
+      return toLookup(rs);
     });
   }
 

@@ -69,6 +69,21 @@ export function toSetting(r: SettingDbRow): SettingRow {
   return { scope: r.scope, module: r.module, key: r.key, value: JSON.parse(r.value) as Json, flags: parseFlags(r.flags) };
 }
 
+/** A row of the one-statement lookup: the user, and one setting row that applies (null: none). */
+export type LookupRow = UserRow & { s_scope: Scope | null; s_module: string | null; s_key: string | null; s_value: string | null; s_flags: string | null };
+
+/** The rows of a lookup as the user and its setting rows; null when there is no such user. */
+export function toLookup(rs: readonly LookupRow[]): { user: UserRecord; rows: SettingRow[] } | null {
+  const first = rs[0];
+  if (!first) return null;
+  const rows: SettingRow[] = [];
+  for (const r of rs) {
+    if (r.s_scope === null || r.s_module === null || r.s_key === null || r.s_value === null) continue;
+    rows.push(toSetting({ scope: r.s_scope, module: r.s_module, key: r.s_key, value: r.s_value, flags: r.s_flags ?? '' }));
+  }
+  return { user: toUser(first), rows };
+}
+
 export function toNode(r: NodeDbRow): NodeRow {
   return {
     name: r.name,

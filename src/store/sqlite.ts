@@ -24,9 +24,8 @@ import { existsSync } from 'node:fs';
 import { AppError } from '../errors.js';
 import { normaliseAddress, normaliseDomain } from '../address.js';
 import { countDbError, dbUserReads } from '../metrics.js';
-import type { Scope } from '../settings.js';
 import type { Json, Flag, SettingRow, NodeRow, NodeState, SelfRegistration } from '../store.js';
-import { toUser, toSetting, toNode, reRegistration, type UserRow, type SettingDbRow, type NodeDbRow } from './rows.js';
+import { toUser, toSetting, toNode, toLookup, reRegistration, type UserRow, type SettingDbRow, type NodeDbRow, type LookupRow } from './rows.js';
 import { BUSY_TIMEOUT_MS, type Allocation, type OpenOptions, type SchemaStatus, type ServerInfo, type ScopeRef, type Store, type StoreChange, type TableDump, type UserRecord } from '../store.js';
 
 type DB = Database.Database;
@@ -145,8 +144,6 @@ async function retrying<T>(file: string, deadline: number | null, fn: () => T): 
     await sleep(pause);
   }
 }
-
-type LookupRow = UserRow & { s_scope: Scope | null; s_module: string | null; s_key: string | null; s_value: string | null; s_flags: string | null };
 
 const USER_SELECT = `SELECT u.id, u.address, d.name AS domain, u.domain_id, u.password, u.state, u.home,
   u.allocation, u.version, u.created, u.moving_to FROM users u JOIN domains d ON d.id = u.domain_id`;
@@ -329,15 +326,7 @@ export class SqliteStore implements Store {
   }
 
   private lookupNow(address: string): { user: UserRecord; rows: SettingRow[] } | null {
-    const rs = this.c.stmts.lookup.all(address);
-    const first = rs[0];
-    if (!first) return null;
-    const rows: SettingRow[] = [];
-    for (const r of rs) {
-      if (r.s_scope === null || r.s_module === null || r.s_key === null || r.s_value === null) continue;
-      rows.push(toSetting({ scope: r.s_scope, module: r.s_module, key: r.s_key, value: r.s_value, flags: r.s_flags ?? '' }));
-    }
-    return { user: toUser(first), rows };
+    return toLookup(this.c.stmts.lookup.all(address));
   }
 
   // ---- domains -------------------------------------------------------------------------
