@@ -68,6 +68,18 @@ async function listening(pg: PgServer, seen: Promise<void>, tries = 100): Promis
   return false;
 }
 
+/** the store's log lines as `level: text`; `back` resolves when it logs that notifications work again */
+function listenLog(): { lines: string[]; back: Promise<void>; log: (level: string, m: string) => void } {
+  const lines: string[] = [];
+  let workAgain: () => void = () => undefined;
+  const back = new Promise<void>((r) => (workAgain = r));
+  const log = (level: string, m: string): void => {
+    lines.push(`${level}: ${m}`);
+    if (/change notifications work again/.test(m)) workAgain();
+  };
+  return { lines, back, log };
+}
+
 /** a subscriber recording every change; `probe` resolves at the first probe notification */
 function recorder(s: ConfigStore): { changes: StoreChange[]; probe: Promise<void> } {
   const changes: StoreChange[] = [];
@@ -335,15 +347,8 @@ t.test('a LISTEN connection whose server process is terminated (pg_terminate_bac
   if (!havePostgres(t)) return;
   const pg = await startPostgres(t);
   if (!pg) return;
-  const lines: string[] = [];
-  let workAgain: () => void = () => undefined;
-  const back = new Promise<void>((r) => (workAgain = r));
-  const s = await open(t, pg.url, {
-    log: (level, m) => {
-      lines.push(`${level}: ${m}`);
-      if (/change notifications work again/.test(m)) workAgain();
-    },
-  });
+  const { lines, back, log } = listenLog();
+  const s = await open(t, pg.url, { log });
   await s.migrate();
   const { changes, probe } = recorder(s);
   t.ok(await listening(pg, probe), 'notifications arrive');
@@ -364,13 +369,7 @@ t.test('a LISTEN connection whose server stops answering without closing is noti
   if (!havePostgres(t)) return;
   const pg = await startPostgres(t);
   if (!pg) return;
-  const lines: string[] = [];
-  let workAgain: () => void = () => undefined;
-  const back = new Promise<void>((r) => (workAgain = r));
-  const log = (level: string, m: string): void => {
-    lines.push(`${level}: ${m}`);
-    if (/change notifications work again/.test(m)) workAgain();
-  };
+  const { lines, back, log } = listenLog();
   // checked every 300 ms; the query timeout 2 s, then the cancel timeout 1 s (the connect timeout)
   const s = await open(t, pg.url, { connectTimeoutMs: 1000, statementTimeoutMs: 1000, queryTimeoutMs: 2000, listenCheckMs: 300, log });
   await s.migrate();
