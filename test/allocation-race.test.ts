@@ -3,16 +3,17 @@
 // compare-and-set against the newer version it reads afterwards (that stored mail on both nodes:
 // scripts/bench-db.mjs's 30-way race saw 27/3 and 16/14 splits on SQLite and PostgreSQL). The
 // interleaving is made exact with a real SQLite store whose second user read first lets A win.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { join } from 'node:path';
 import { mkdirSync, chownSync, chmodSync } from 'node:fs';
 import { openStore, type Store, type UserRecord } from '../src/store.js';
 import { placeUser } from '../src/allocation.js';
-import { resolveMailUser } from '../src/mailuser.js';
+import { resolveMailUser, type MailUser } from '../src/mailuser.js';
 import { resolve } from '../src/resolve.js';
 import { scratchDir } from './helpers/instance.js';
 
-t.test('cas: another node allocating between two reads is not overwritten', async (t) => {
+/** A scratch directory with node B's mail root (owned by the mail user) and a SQLite store with example.test. */
+async function nodeB(t: Test): Promise<{ dir: string; mailUser: MailUser; store: Store }> {
   const dir = scratchDir(t);
   const mailUser = resolveMailUser('mail');
   chmodSync(dir, 0o755);
@@ -21,6 +22,11 @@ t.test('cas: another node allocating between two reads is not overwritten', asyn
   const store = await openStore(`sqlite:${join(dir, 'pigeon.db')}`, { create: true });
   t.teardown(() => store.close());
   await store.addDomain('example.test');
+  return { dir, mailUser, store };
+}
+
+t.test('cas: another node allocating between two reads is not overwritten', async (t) => {
+  const { dir, mailUser, store } = await nodeB(t);
   const user = await store.addUser('race@example.test', null, null);
   const aAllocation = { format: 'maildir' as const, path: join(dir, 'A', 'example.test', 'race'), node: 'A' };
   let reads = 0;
@@ -55,14 +61,7 @@ t.test('cas: another node allocating between two reads is not overwritten', asyn
 });
 
 t.test('cas: many first deliveries at once in one process allocate once, none fails', async (t) => {
-  const dir = scratchDir(t);
-  const mailUser = resolveMailUser('mail');
-  chmodSync(dir, 0o755);
-  mkdirSync(join(dir, 'B'));
-  chownSync(join(dir, 'B'), mailUser.uid, mailUser.gid);
-  const store = await openStore(`sqlite:${join(dir, 'pigeon.db')}`, { create: true });
-  t.teardown(() => store.close());
-  await store.addDomain('example.test');
+  const { dir, mailUser, store } = await nodeB(t);
   const config = resolve([{ scope: 'global', module: 'mailstore', key: 'creator', value: 'cas', flags: [] }]);
   const ctx = { store, node: 'B', mailRoot: join(dir, 'B'), mailUser };
   for (let round = 0; round < 5; round++) {
