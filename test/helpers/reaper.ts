@@ -103,24 +103,7 @@ export function owned<T extends ChildProcess>(child: T): T {
 export function stopGroup(child: ChildProcess, graceMs = 5000): Promise<void> {
   const pid = child.pid;
   if (pid === undefined) return Promise.resolve();
-  const signal = (s: NodeJS.Signals | 0): boolean => {
-    try {
-      process.kill(-pid, s);
-      return true;
-    } catch {
-      return false; // the group is empty
-    }
-  };
-  if (!signal('SIGTERM')) return Promise.resolve();
-  const killAt = Date.now() + graceMs;
-  return new Promise<void>((res) => {
-    const check = (): void => {
-      if (!signal(0)) return res();
-      if (Date.now() > killAt) signal('SIGKILL');
-      setTimeout(check, 50);
-    };
-    check();
-  });
+  return terminate(-pid, graceMs); // -pid: the whole process group
 }
 
 /**
@@ -136,12 +119,20 @@ export function stopAnvil(dir: string, graceMs = 5000): Promise<void> {
     return Promise.resolve(); // none started
   }
   if (!Number.isInteger(pid) || pid <= 1) return Promise.resolve();
+  return terminate(pid, graceMs);
+}
+
+/**
+ * SIGTERM to `target` (a pid, or a negated process group id), then SIGKILL once `graceMs` have
+ * passed; resolves when nothing is left to signal (at once when nothing was there).
+ */
+function terminate(target: number, graceMs: number): Promise<void> {
   const signal = (s: NodeJS.Signals | 0): boolean => {
     try {
-      process.kill(pid, s);
+      process.kill(target, s);
       return true;
     } catch {
-      return false;
+      return false; // gone (the group is empty)
     }
   };
   if (!signal('SIGTERM')) return Promise.resolve();
