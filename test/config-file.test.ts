@@ -7,30 +7,18 @@
  */
 import t from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, cpSync, existsSync, readFileSync, rmSync, writeFileSync, copyFileSync } from 'node:fs';
+import { chmodSync, existsSync, readFileSync, rmSync, writeFileSync, copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { loadInstance } from '../src/instance.js';
 
-import { CLI_JS as CLI, cleanEnv, runCli, startCli, type CliRun } from './helpers/cli.js';
-import { scratchDir } from './helpers/instance.js';
+import { CLI_JS as CLI, cleanEnv, runCli, startCli, templateInstances, type CliRun } from './helpers/cli.js';
 
 type Run = CliRun;
 const run = runCli;
 const runAsync = (args: readonly string[]): Promise<Run> => startCli(args);
 
-const root = scratchDir(t);
-const template = join(root, 'template');
-const init = run(['init', template, '--node', 'cfg1', '--listen', 'imap=127.0.0.1:1143']);
-if (init.code !== 0) throw new Error(`pigeon init failed: ${init.err}`);
-
-let copies = 0;
-/** A fresh copy of the template instance (relative paths inside keep working). */
-function instance(): string {
-  const dir = join(root, `inst${++copies}`);
-  cpSync(template, dir, { recursive: true });
-  return dir;
-}
+const { root, template, instance } = templateInstances(t, ['--node', 'cfg1', '--listen', 'imap=127.0.0.1:1143']);
 
 /** Replace one whole line of pigeon.yaml; returns its 1-based line number. */
 function editLine(dir: string, line: string, replacement: string): number {

@@ -10,8 +10,7 @@ import { join } from 'node:path';
 import { createCa, issueHostCert, writeKeyPair } from '../certs/ca.js';
 import { requireProgram } from './helpers/programs.js';
 import { courierBinaries } from './helpers/backends.js';
-import { CLI_JS as CLI, cleanEnv, runCli, type CliRun } from './helpers/cli.js';
-import { scratchDir } from './helpers/instance.js';
+import { CLI_JS as CLI, cleanEnv, runCli, templateInstances, type CliRun } from './helpers/cli.js';
 
 // tap's per-file timeout for this file: it ran 37 s alone on a lightly loaded machine, and two
 // suites at once on 2 cores make a file take 2-3 times as long (the default is 180 s, .taprc)
@@ -20,18 +19,7 @@ t.setTimeout(240_000);
 type Run = CliRun;
 const run = runCli;
 
-const root = scratchDir(t);
-const template = join(root, 'template');
-const init = run(['init', template, '--node', 'cfg1', '--listen', 'imap=127.0.0.1:1143']);
-if (init.code !== 0) throw new Error(`pigeon init failed: ${init.err}`);
-
-let copies = 0;
-/** A fresh copy of the template instance (relative paths inside keep working). */
-function instance(): string {
-  const dir = join(root, `inst${++copies}`);
-  cpSync(template, dir, { recursive: true });
-  return dir;
-}
+const { root, instance } = templateInstances(t, ['--node', 'cfg1', '--listen', 'imap=127.0.0.1:1143']);
 
 t.test('config test checks the certificates clients see (tls.cert, tls.sni) and the node certificate (peer.cert)', async (t) => {
   const dir = instance();
@@ -161,7 +149,7 @@ t.test('a node.crt that serve refuses fails config test too (one check for both)
   // the same name, as far as this instance's registry knows
   const dir = instance();
   const other = instance();
-  const out = join(root, `issued${copies}`);
+  const out = `${other}-issued`; // beside the copy it was issued through, one per copy
   const issued = run(['-c', other, 'cert', 'issue', 'cfg1', '--out', out]);
   t.equal(issued.code, 0, `cert issue (${issued.err})`);
   cpSync(join(out, 'node.crt'), join(dir, 'certs', 'node.crt'));

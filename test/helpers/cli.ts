@@ -1,6 +1,10 @@
 // The CLI as an admin's shell runs it: `node dist/src/cli.js ARGS`, without tap's loader hooks.
 import { spawn, spawnSync } from 'node:child_process';
+import { cpSync } from 'node:fs';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { Test } from 'tap';
+import { scratchDir } from './instance.js';
 
 export const CLI_JS = fileURLToPath(new URL('../../dist/src/cli.js', import.meta.url));
 
@@ -52,4 +56,31 @@ export function startCli(args: readonly string[], input = ''): Promise<CliRun> {
     c.on('close', (code) => resolve({ code, out, err, ms: Date.now() - start }));
     c.stdin.end(input);
   });
+}
+
+export interface TemplateInstances {
+  /** the scratch directory that holds the template and its copies */
+  readonly root: string;
+  /** the instance `pigeon init` made */
+  readonly template: string;
+  /** a fresh copy of the template instance (relative paths inside keep working) */
+  instance(): string;
+}
+
+/** `pigeon init ROOT/template INIT_ARGS...` once per test file, then a copy of it per test. */
+export function templateInstances(t: Test, initArgs: readonly string[]): TemplateInstances {
+  const root = scratchDir(t);
+  const template = join(root, 'template');
+  const init = runCli(['init', template, ...initArgs]);
+  if (init.code !== 0) throw new Error(`pigeon init failed: ${init.err}`);
+  let copies = 0;
+  return {
+    root,
+    template,
+    instance() {
+      const dir = join(root, `inst${++copies}`);
+      cpSync(template, dir, { recursive: true });
+      return dir;
+    },
+  };
 }
