@@ -6,9 +6,10 @@
 // resumes without a restart, and every message that got a 250 is in its mailbox exactly once.
 import t from 'tap';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { CLI, ROOT, SERVE_START_MS, scratchDir } from './helpers/instance.js';
+import { CLI, ROOT, scratchDir, serveReady } from './helpers/instance.js';
+import { subjectCounts, notExactlyOnce } from './helpers/pg-cluster.js';
 import { startPostgres } from './helpers/postgres.js';
 import { requireProgram } from './helpers/programs.js';
 import { owned, stopGroup, stopAnvil } from './helpers/reaper.js';
@@ -59,22 +60,7 @@ function makeNode(lab: Lab, base: string, name: string, host: Host, db: string, 
       const [cmd, ...rest] = lab.exec(host, [process.execPath, CLI, '-c', dir, 'serve', '--workers', '1']);
       const child = owned(spawn(cmd ?? 'ip', rest, { stdio: ['ignore', 'ignore', 'pipe'], detached: true }));
       node.child = child;
-      let err = '';
-      await new Promise<void>((res, rej) => {
-        const timer = setTimeout(() => rej(new Error(`serve ${name} did not start: ${err}`)), SERVE_START_MS);
-        child.stderr?.setEncoding('utf8');
-        child.stderr?.on('data', (s: string) => {
-          err += s;
-          if (/pigeon: ready/.test(err)) {
-            clearTimeout(timer);
-            res();
-          }
-        });
-        child.once('exit', (c) => {
-          clearTimeout(timer);
-          rej(new Error(`serve ${name} exited ${c}: ${err}`));
-        });
-      });
+      await serveReady(child, name);
     },
   };
   // serve and everything in its process group (workers, sessions) gone before tap removes the
@@ -106,19 +92,6 @@ async function until(ask: () => Promise<{ line: string }>, re: RegExp, ms = 60_0
     if (re.test(line) || Date.now() > deadline) return line;
     await new Promise((r) => setTimeout(r, 250)); // a client's retry pace, not a wait for anything
   }
-}
-
-function subjects(n: Node, user: string): Map<string, number> {
-  const out = new Map<string, number>();
-  const d = join(n.dir, 'mail', DOMAIN, user);
-  for (const s of ['new', 'cur']) {
-    if (!existsSync(join(d, s))) continue;
-    for (const f of readdirSync(join(d, s))) {
-      const subject = /^Subject: (.*)$/m.exec(readFileSync(join(d, s, f), 'utf8'))?.[1]?.trim() ?? '';
-      out.set(subject, (out.get(subject) ?? 0) + 1);
-    }
-  }
-  return out;
 }
 
 t.test('partitions between separate machines: a node cut off the database, a node cut off its peers, then healed', async (t) => {
@@ -209,14 +182,13 @@ t.test('partitions between separate machines: a node cut off the database, a nod
       ['alice', A],
       ['bob', B],
     ] as const) {
-      const got = subjects(home, user);
       t.same(
-        accepted[user].filter((s) => got.get(s) !== 1).map((s) => `${s}: ${got.get(s) ?? 0}`),
+        notExactlyOnce(subjectCounts(home, user), accepted[user]),
         [],
         `${user}: all ${accepted[user].length} accepted messages once in the mailbox on ${home.name}`,
       );
     }
-    t.notOk(subjects(A, 'alice').has('pipe while cut'), 'the deferred pipe delivery was not stored');
+    t.notOk(subjectCounts(A, 'alice').has('pipe while cut'), 'the deferred pipe delivery was not stored');
     t.equal(A.child?.exitCode ?? null, null, 'A never restarted');
     t.equal(B.child?.exitCode ?? null, null, 'B never restarted');
   });

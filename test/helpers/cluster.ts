@@ -7,7 +7,7 @@ import { writeFileSync, readFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { createServer, connect } from 'node:net';
 import type { Test } from 'tap';
-import { pigeon, CLI, SERVE_START_MS, type Run } from './instance.js';
+import { pigeon, serveReady, CLI, SERVE_START_MS, type Run } from './instance.js';
 import { Wire } from './wire.js';
 import { Dialog, dataOf } from './delivery-lmtp.js';
 import { courierBinaries } from './backends.js';
@@ -97,23 +97,9 @@ export async function makeNode(t: Test, base: string, name: string, ip: string, 
     async start() {
       const child = owned(spawn(process.execPath, [CLI, '-c', dir, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'], detached: true }));
       node.child = child;
-      let err = '';
-      await new Promise<void>((res, rej) => {
-        const timer = setTimeout(() => rej(new Error(`serve ${name} did not start: ${err}`)), SERVE_START_MS);
-        child.stderr?.setEncoding('utf8');
-        child.stderr?.on('data', (s: string) => {
-          err += s;
-          node.startErr = err;
-          for (const m of err.matchAll(/listening (\w+) \S+:(\d+)/g)) node.ports[m[1] ?? ''] = Number(m[2]);
-          if (/pigeon: ready/.test(err)) {
-            clearTimeout(timer);
-            res();
-          }
-        });
-        child.once('exit', (c) => {
-          clearTimeout(timer);
-          rej(new Error(`serve ${name} exited ${c}: ${err}`));
-        });
+      await serveReady(child, name, (err) => {
+        node.startErr = err;
+        for (const m of err.matchAll(/listening (\w+) \S+:(\d+)/g)) node.ports[m[1] ?? ''] = Number(m[2]);
       });
     },
     startFails() {

@@ -113,6 +113,31 @@ export async function serve(t: Test, inst: Inst, workers = 1): Promise<Served> {
   return served;
 }
 
+/**
+ * Resolve when the `pigeon serve` in `child` says "pigeon: ready" on stderr; `seen` is shown all
+ * of its stderr so far at each chunk (ports, start errors). Rejects with that stderr when it exits
+ * first, or after SERVE_START_MS (a bound only for the message).
+ */
+export function serveReady(child: ChildProcess, name: string, seen: (err: string) => void = () => undefined): Promise<void> {
+  let err = '';
+  return new Promise<void>((res, rej) => {
+    const timer = setTimeout(() => rej(new Error(`serve ${name} did not start: ${err}`)), SERVE_START_MS);
+    child.stderr?.setEncoding('utf8');
+    child.stderr?.on('data', (s: string) => {
+      err += s;
+      seen(err);
+      if (/pigeon: ready/.test(err)) {
+        clearTimeout(timer);
+        res();
+      }
+    });
+    child.once('exit', (c) => {
+      clearTimeout(timer);
+      rej(new Error(`serve ${name} exited ${c}: ${err}`));
+    });
+  });
+}
+
 /** A free TCP port on loopback (for programs that cannot listen on port 0 themselves). */
 export async function freePort(): Promise<number> {
   return new Promise((res, rej) => {

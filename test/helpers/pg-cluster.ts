@@ -100,7 +100,7 @@ export function mta(n: ClusterNode, rcpt: string, prefix: string): Mta {
 }
 
 /** How often each Subject is in `user`'s Maildir on node `n`. */
-export function subjectCounts(n: ClusterNode, user: string): Map<string, number> {
+export function subjectCounts(n: Pick<ClusterNode, 'dir'>, user: string): Map<string, number> {
   const d = join(n.dir, 'mail', DOMAIN, user);
   const out = new Map<string, number>();
   for (const s of ['new', 'cur']) {
