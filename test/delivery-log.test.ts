@@ -6,14 +6,13 @@
 import t, { type Test } from 'tap';
 import { untilText } from './helpers/wire.js';
 import { spawn } from 'node:child_process';
-import { writeFileSync, existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync, existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cli, makeInstance, msg } from './helpers/delivery-env.js';
 import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
 import { CLI, scratchDir } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
-import { owned } from './helpers/reaper.js';
+import { syslogStandIn } from './helpers/syslog.js';
 
 const ALICE = 'alice@example.test';
 
@@ -41,20 +40,7 @@ async function lmtpSession(inst: string, rcpt: string): Promise<{ replies: strin
 /** A stand-in for syslogd: binds a datagram socket and appends every datagram to a file. */
 async function syslogd(t: Test): Promise<{ socket: string; text: () => string } | null> {
   if (!requireProgram(t, '/usr/bin/python3', 'python3')) return null;
-  // a unix socket path must be short (108 bytes): not inside the deep test directory
-  const sdir = mkdtempSync(join(tmpdir(), 'pigeon-syslog-'));
-  t.teardown(() => rmSync(sdir, { recursive: true, force: true }));
-  const socket = join(sdir, 'log');
-  const out = join(sdir, 'received');
-  const py = `import socket,sys\ns=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\ns.bind(sys.argv[1])\nprint("ready",flush=True)\nwith open(sys.argv[2],"ab",buffering=0) as f:\n  while True: f.write(s.recv(65536)+b"\\n")\n`;
-  const rx = owned(spawn('/usr/bin/python3', ['-c', py, socket, out], { stdio: ['ignore', 'pipe', 'inherit'], detached: true }));
-  t.teardown(() => {
-    rx.kill('SIGKILL');
-  });
-  const up = await new Promise<boolean>((res) => {
-    rx.stdout.once('data', () => res(true));
-    rx.once('exit', () => res(false));
-  });
+  const { socket, out, up } = await syslogStandIn(t);
   if (!t.ok(up, 'the syslog stand-in bound its socket')) return null;
   return { socket, text: () => read(out) };
 }

@@ -3,14 +3,14 @@
 // python3 receiver binds, standing in for syslogd's /dev/log), and when it does not, to
 // log.fallback_file, which says once why. Before, logger(1) dropped every line silently.
 import t, { type Test } from 'tap';
-import { existsSync, readFileSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { makeInstance, freePort, CLI, type Inst } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
 import { Wire, waitPort, untilText } from './helpers/wire.js';
 import { spawn } from 'node:child_process';
 import { owned, stopGroup } from './helpers/reaper.js';
+import { syslogStandIn } from './helpers/syslog.js';
 
 /** inetd running `pigeon -c DIR imap --forker inetd` on a fresh port. */
 async function inetd(t: Test, inst: Inst): Promise<number> {
@@ -66,21 +66,8 @@ t.test('a syslog socket: inetd sessions log there, and no fallback file appears'
   if (!requireProgram(t, '/usr/bin/python3', 'python3')) return;
   if (!requireProgram(t, '/usr/lib/dovecot/imap', 'dovecot-imapd')) return;
   const inst = makeInstance(t, { users: { 'alice@example.test': 'pw' } });
-  // a unix socket path must be short (108 bytes): not inside the deep test directory
-  const sdir = mkdtempSync(join(tmpdir(), 'pigeon-syslog-'));
-  t.teardown(() => rmSync(sdir, { recursive: true, force: true }));
-  const socket = join(sdir, 'log');
-  const got = join(inst.dir, 'syslog.out');
-  // a stand-in for syslogd: bind the datagram socket, append every datagram to a file
-  const py = `import socket,sys\ns=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\ns.bind(sys.argv[1])\nprint("ready",flush=True)\nwith open(sys.argv[2],"ab",buffering=0) as f:\n  while True: f.write(s.recv(65536)+b"\\n")\n`;
-  const rx = owned(spawn('/usr/bin/python3', ['-c', py, socket, got], { stdio: ['ignore', 'pipe', 'inherit'], detached: true }));
-  t.teardown(() => {
-    rx.kill('SIGKILL');
-  });
-  const up = await new Promise<boolean>((res) => {
-    rx.stdout.once('data', () => res(true));
-    rx.once('exit', () => res(false));
-  });
+  // a stand-in for syslogd: every datagram appended to syslog.out
+  const { socket, out: got, up } = await syslogStandIn(t, join(inst.dir, 'syslog.out'));
   if (!t.ok(up, 'the syslog stand-in bound its socket')) return;
   writeFileSync(join(inst.dir, 'conf.d', '60-log.yaml'), NO_LOG_FILE(socket));
   t.match(inst.run(['config', 'test']).stdout, `inetd, Postfix spawn and stdio sessions to syslog through ${socket}`);
