@@ -17,7 +17,7 @@ import { connect, type Socket } from 'node:net';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { AnvilState, type ConnLimits, type LoginResult } from './state.js';
-import { LineReader, encode, replySchema, type Results, type RequestBody, type WireRecord } from './protocol.js';
+import { readLines, encode, replySchema, type Results, type RequestBody, type WireRecord } from './protocol.js';
 import { answer } from './answer.js';
 import { openRunDir, RunDirError, type RunDir } from './run-dir.js';
 import { SOCKET_NAME } from './server.js';
@@ -264,17 +264,14 @@ export class AnvilClient {
   private attach(sock: Socket): void {
     this.sock = sock;
     sock.unref(); // the link never keeps a process alive
-    const reader = new LineReader(ANVIL_MAX_LINE);
-    sock.on('data', (chunk: Buffer) => {
-      let lines: string[];
-      try {
-        lines = reader.push(chunk);
-      } catch (e) {
-        this.lost((e as Error).message);
-        return;
-      }
-      for (const line of lines) this.onLine(line);
-    });
+    readLines(
+      sock,
+      ANVIL_MAX_LINE,
+      (lines) => {
+        for (const line of lines) this.onLine(line);
+      },
+      (message) => this.lost(message),
+    );
     sock.on('error', () => {});
     sock.on('close', () => this.lost('connection closed'));
     sock.write(encode({ id: this.nextId++, op: 'hello', pid: process.pid, role: this.opts.role }));

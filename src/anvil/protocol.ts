@@ -112,6 +112,25 @@ export class LineReader {
   }
 }
 
+/**
+ * Read `stream`'s lines through a LineReader of `max` bytes: `lines` gets the lines each chunk
+ * completes; `tooLong` gets the error's message when a line exceeds the limit (that chunk's lines
+ * are dropped; the caller ends the connection).
+ */
+export function readLines(stream: { on(event: 'data', f: (chunk: Buffer) => void): unknown }, max: number, lines: (ls: string[]) => void, tooLong: (message: string) => void): void {
+  const reader = new LineReader(max);
+  stream.on('data', (chunk: Buffer) => {
+    let ls: string[];
+    try {
+      ls = reader.push(chunk);
+    } catch (e) {
+      tooLong((e as Error).message);
+      return;
+    }
+    lines(ls);
+  });
+}
+
 export function encode(msg: object): string {
   return `${JSON.stringify(msg)}\n`;
 }

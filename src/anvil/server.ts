@@ -19,7 +19,7 @@
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { closeSync, openSync, readFileSync, statSync, unlinkSync, writeSync } from 'node:fs';
 import { AnvilState } from './state.js';
-import { LineReader, encode, requestSchema, type Request } from './protocol.js';
+import { readLines, encode, requestSchema, type Request } from './protocol.js';
 import { answer } from './answer.js';
 import { pidAlive } from '../pid.js';
 import type { RunDir } from './run-dir.js';
@@ -180,28 +180,27 @@ function serveOn(server: Server, path: string, opts: ServeOptions): AnvilServer 
     const owner = nextOwner++;
     clients.set(owner, { sock, pid: 0 });
     lastActivity = Date.now();
-    const reader = new LineReader(ANVIL_MAX_LINE);
-    sock.on('data', (chunk: Buffer) => {
-      let lines: string[];
-      try {
-        lines = reader.push(chunk);
-      } catch (e) {
-        opts.log('warn', `client pid ${clients.get(owner)?.pid ?? '?'}: ${(e as Error).message}; disconnected`);
-        sock.destroy();
-        return;
-      }
-      for (const line of lines) {
-        let req: Request;
-        try {
-          req = requestSchema.parse(JSON.parse(line));
-        } catch {
-          opts.log('warn', `client pid ${clients.get(owner)?.pid ?? '?'} sent a malformed request; disconnected`);
-          sock.destroy();
-          return;
+    readLines(
+      sock,
+      ANVIL_MAX_LINE,
+      (lines) => {
+        for (const line of lines) {
+          let req: Request;
+          try {
+            req = requestSchema.parse(JSON.parse(line));
+          } catch {
+            opts.log('warn', `client pid ${clients.get(owner)?.pid ?? '?'} sent a malformed request; disconnected`);
+            sock.destroy();
+            return;
+          }
+          sock.write(encode({ id: req.id, result: handle(owner, req) }));
         }
-        sock.write(encode({ id: req.id, result: handle(owner, req) }));
-      }
-    });
+      },
+      (message) => {
+        opts.log('warn', `client pid ${clients.get(owner)?.pid ?? '?'}: ${message}; disconnected`);
+        sock.destroy();
+      },
+    );
     sock.on('error', () => {});
     sock.on('close', () => {
       clients.delete(owner);
