@@ -527,7 +527,7 @@ async function runWorker(
     const s = await listenHandoff(env, handoff.path, handoff.server(env), sockets);
     if (s !== null) servers.push(s);
   }
-  if (banners.length === 0) env.log.log('warn', 'master', 'no listeners configured (add --listen at init or listen: in pigeon.yaml)');
+  if (servers.length === 0) env.log.log('warn', 'master', 'no listeners configured (add --listen at init or listen: in pigeon.yaml)');
   if (!cluster.isWorker || cluster.worker?.id === 1) process.stderr.write(`${banners.join('')}pigeon: ready (${banners.length} listeners)\n`);
   env.log.log('info', 'master', `pigeon started (pid ${process.pid}${cluster.isWorker ? `, worker ${cluster.worker?.id ?? '?'}` : ''}, ${banners.length} listeners)`);
   // systemd: the primary says READY=1 once every worker said this (or this process is all there is)
