@@ -8,7 +8,7 @@ import t, { type Test } from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { CLI, cli, ok, makeInstance, setUser, maildirOf, files, msg, sleep, startServe, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
+import { CLI, cli, ok, need, makeInstance, setUser, maildirOf, files, msg, sleep, startServe, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
 import { scratchDir } from './helpers/instance.js';
 
@@ -35,6 +35,7 @@ async function waitFor(what: string, f: () => boolean, ms = 90_000): Promise<voi
  * debug log in pigeon.log, writable by both serve (root) and deliver (mail).
  */
 function handoffInstance(t: Test, users: readonly string[], runMode: number): { dir: string; inst: string; run: string; log: () => string } {
+  need('/usr/bin/setpriv', 'util-linux');
   const dir = scratchDir(t);
   const inst = makeInstance(dir, []);
   const domains = new Set(users.map((u) => u.slice(u.indexOf('@') + 1)));
