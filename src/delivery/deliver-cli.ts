@@ -112,7 +112,15 @@ export async function deliverCommand(o: DeliverOptions): Promise<void> {
         return;
       }
     }
-    const [{ runDeliver }, { remoteStore }] = await Promise.all([import('./deliver.js'), import('../peer/remote-store.js')]);
+    let code: [typeof import('./deliver.js'), typeof import('../peer/remote-store.js')];
+    try {
+      code = await Promise.all([import('./deliver.js'), import('../peer/remote-store.js')]);
+    } catch (e) {
+      // a broken install defers with one line, as src/cli.ts says it for this module
+      answer(EX.TEMPFAIL, statusLine({ dsn: '4.3.0', text: `internal error (cannot load the delivery code: ${(e instanceof Error ? e.message : String(e)).slice(0, 300)})` }));
+      return;
+    }
+    const [{ runDeliver }, { remoteStore }] = code;
     const r = await runDeliver({
       config: o.config,
       sender: o.from,
