@@ -158,7 +158,7 @@ async function offerHandoff(instance: Instance): Promise<string | null> {
     } catch {
       /* none */
     }
-    writeHandoff(instance.dir, path);
+    writeHandoff(instance.file, path);
     return path;
   } catch (e) {
     log.log('warn', 'deliver', `no hand-off for pigeon deliver: cannot write ${instance.dir}/deliver-handoff.json: ${(e as NodeJS.ErrnoException).code ?? String(e)}`);

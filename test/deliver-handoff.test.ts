@@ -6,7 +6,7 @@
 // Which process delivered is read from pigeon.log: every line carries the writer's pid.
 import t, { type Test } from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CLI, cli, ok, need, makeInstance, setUser, maildirOf, files, msg, sleep, startServe, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
@@ -59,10 +59,10 @@ async function servePid(log: () => string): Promise<number> {
   return Number(started.exec(log())?.[1]);
 }
 
-/** `pigeon deliver` as pipe(8) user=mail runs it; `feed` writes stdin (then it is ended). */
-function deliverAsMail(inst: string, args: readonly string[], feed: (w: NodeJS.WritableStream) => Promise<void>): Promise<{ code: number | null; out: string; pid: number }> {
+/** `pigeon -c CONFIG deliver` as pipe(8) user=mail runs it; `feed` writes stdin (then it is ended). */
+function deliverAsMail(config: string, args: readonly string[], feed: (w: NodeJS.WritableStream) => Promise<void>): Promise<{ code: number | null; out: string; pid: number }> {
   return new Promise((res, rej) => {
-    const c = spawn('setpriv', as(MAIL_UID, MAIL_GID, [process.execPath, CLI, '-c', inst, 'deliver', ...args]), { stdio: ['pipe', 'pipe', 'pipe'] });
+    const c = spawn('setpriv', as(MAIL_UID, MAIL_GID, [process.execPath, CLI, '-c', config, 'deliver', ...args]), { stdio: ['pipe', 'pipe', 'pipe'] });
     let out = '';
     c.stdout.on('data', (d: Buffer) => (out += d.toString()));
     c.stderr.on('data', (d: Buffer) => (out += d.toString()));
@@ -159,6 +159,17 @@ t.test('hand-off socket: the mail user may connect, others may not; serve killed
   t.match(h.log(), new RegExp(`pigeon\\[${pid}\\]: deliver\\(alice@example\\.test\\): delivered`), 'by serve');
   t.equal(files(box).length, 1);
 
+  // another configuration file in the same directory is another instance: not handed to this serve
+  const other = join(inst, 'other.yaml');
+  copyFileSync(join(inst, 'pigeon.yaml'), other);
+  chownSync(other, MAIL_UID, MAIL_GID);
+  const mine = await deliverAsMail(other, ['-f', 'bob@remote.test', 'alice@example.test'], async (w) => {
+    w.write(msg({ subject: 'other config' }));
+  });
+  t.equal(mine.code, 0, `delivered: ${JSON.stringify(mine)}`);
+  t.match(h.log(), new RegExp(`pigeon\\[${mine.pid}\\]: deliver\\(alice@example\\.test\\): delivered`), '-c other.yaml: delivered in-process, not by the serve of pigeon.yaml');
+  t.equal(files(box).length, 2);
+
   // a message larger than the pipe and socket buffers: once its first MiB is written, deliver
   // must be reading stdin, which it does only after serve said "go"; then serve dies
   const head = msg({ subject: 'cut' }).replace(/hello\n$/, '');
@@ -179,7 +190,7 @@ t.test('hand-off socket: the mail user may connect, others may not; serve killed
   });
   t.equal(cut.code, 75, 'serve killed mid-message: 75 (Postfix retries)');
   t.match(cut.out, /^4\.3\.0 pigeon serve went away during the delivery hand-off; try again\n$/, 'one status line');
-  t.equal(files(box).length, 1, 'nothing delivered from the cut message');
+  t.equal(files(box).length, 2, 'nothing delivered from the cut message');
   t.ok(existsSync(join(inst, 'deliver-handoff.json')), 'the killed serve left its runtime file (stale)');
 
   // the retry: the stale file names a socket nobody listens on → in-process, exactly one copy
@@ -189,6 +200,6 @@ t.test('hand-off socket: the mail user may connect, others may not; serve killed
     w.write(big);
   });
   t.equal(again.code, 0, `retry delivered: ${JSON.stringify(again)}`);
-  t.equal(files(box).length, 2, 'exactly one copy of the retried message');
+  t.equal(files(box).length, 3, 'exactly one copy of the retried message');
   t.match(h.log(), new RegExp(`pigeon\\[${again.pid}\\]: deliver\\(alice@example\\.test\\): delivered`), 'delivered by the deliver process itself');
 });

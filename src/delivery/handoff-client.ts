@@ -21,7 +21,7 @@
 import net from 'node:net';
 import { EX, type ExitCode } from '../errors.js';
 import { exitCodeOf, statusLine } from './outcome.js';
-import { instanceDirOf, readHandoff } from './handoff-file.js';
+import { configOf, readHandoff } from './handoff-file.js';
 
 export interface HandoffRequest {
   readonly config: string | undefined;
@@ -61,7 +61,7 @@ function connect(path: string): Promise<net.Socket | null> {
 /** Hand the request and `input` to the instance's running serve; null: deliver in this process. */
 export async function handOff(r: HandoffRequest, input: AsyncIterable<Buffer>): Promise<HandoffOutcome | null> {
   if (process.env['PIGEON_DELIVER_HANDOFF'] === '0') return null;
-  const path = readHandoff(instanceDirOf(r.config));
+  const path = readHandoff(configOf(r.config));
   if (path === null) return null;
   const sock = await connect(path);
   if (sock === null) return null;

@@ -87,12 +87,15 @@ class Bytes {
 }
 
 /** The message frames up to the end frame; throws (so that nothing is delivered) when the connection ends first. */
-async function* messageOf(b: Bytes): AsyncGenerator<Buffer> {
+async function* messageOf(b: Bytes, ended: () => void): AsyncGenerator<Buffer> {
   for (;;) {
     const h = await b.exactly(4);
     if (h === null) throw new Cut('the delivering process went away before the end of the message');
     const n = h.readUInt32BE(0);
-    if (n === 0) return;
+    if (n === 0) {
+      ended();
+      return;
+    }
     if (n > DELIVER_HANDOFF_MAX_FRAME) throw new Error(`hand-off frame of ${n} bytes (at most ${DELIVER_HANDOFF_MAX_FRAME})`);
     const d = await b.exactly(n);
     if (d === null) throw new Cut('the delivering process went away before the end of the message');
@@ -142,7 +145,8 @@ async function handOne(sock: net.Socket, daemon: () => HandoffDaemon): Promise<v
       checkRequest(req) ??
       (await deliverRequest(env, store, req, () => {
         reply({ go: true });
-        return messageOf(b);
+        // the whole message is here: no idle limit while serve delivers it (deliver waits)
+        return messageOf(b, () => sock.setTimeout(0));
       }).catch((e: unknown): DeliveryResult => ({ dsn: '4.3.0', text: `internal error (${e instanceof Error ? e.message : String(e)})` })));
   }
   reply({ result: { dsn: result.dsn, text: result.text } });
