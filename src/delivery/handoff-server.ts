@@ -159,8 +159,12 @@ export function handoffServer(daemon: () => HandoffDaemon): net.Server {
     sock.on('error', () => undefined);
     sock.setTimeout(LMTP_IDLE_MS, () => sock.destroy());
     handOne(sock, daemon).catch((e: unknown) => {
-      daemon().env.log('warn', `hand-off: ${e instanceof Error ? e.message : String(e)}`);
-      sock.destroy();
+      sock.destroy(); // deliver: 75, or in-process before "go"; nothing was delivered from a cut message
+      try {
+        daemon().env.log('warn', `hand-off: ${e instanceof Error ? e.message : String(e)}`);
+      } catch {
+        /* no delivery environment (the very failure): the connection is closed, deliver says it */
+      }
     });
   });
 }
