@@ -12,11 +12,12 @@
  *             them; a backend named there may own the section of its name).
  * DIAGNOSTICS CONFIG_INVALID / CONFIG_MISSING, exit 78: `file:line:col: key: message`.
  */
-import { readFileSync, readdirSync, existsSync, statSync } from 'node:fs';
-import { dirname, join, resolve, isAbsolute } from 'node:path';
+import { readFileSync, readdirSync, existsSync } from 'node:fs';
+import { dirname, join, isAbsolute } from 'node:path';
 import { parseDocument, LineCounter, isMap, isSeq, type Node } from 'yaml';
 import { z } from 'zod';
 import { AppError } from './errors.js';
+import { configFileOf } from './instance-path.js';
 import { parseDbUrl, redactUrl, type ServerDbOptions } from './store.js';
 import { checkAuthSection, SOURCE_NAME } from '../auth/registry.js';
 import { TRUST } from '../certs/trust.js';
@@ -315,9 +316,7 @@ export interface Instance {
 
 /** Where the instance is: -c, then PIGEON_CONFIG, then /etc/pigeon. A directory means DIR/pigeon.yaml. */
 export function locate(c: string | undefined): string {
-  const given = c ?? process.env['PIGEON_CONFIG'] ?? '/etc/pigeon/pigeon.yaml';
-  let file = resolve(given);
-  if (existsSync(file) && statSync(file).isDirectory()) file = join(file, 'pigeon.yaml');
+  const file = configFileOf(c);
   if (!existsSync(file)) {
     throw new AppError('CONFIG_MISSING', `${file}: no such configuration file (create an instance with "pigeon init DIR", then use -c DIR)`);
   }

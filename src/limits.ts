@@ -41,6 +41,8 @@ export const ANVIL_IDLE_MS = 30_000; // an auto-started service exits after this
 export const ANVIL_CHECK_MS = 2_000; // how often the service checks that its socket is still its own
 // delivery
 export const LMTP_IDLE_MS = 300_000; // an LMTP session that sends nothing for this long is closed (421)
+export const DELIVER_HANDOFF_MAX_HEADER = 1024 * 1024; // `pigeon deliver` → serve hand-off: the request line (argv is smaller than this)
+export const DELIVER_HANDOFF_MAX_FRAME = 1024 * 1024; // … and one frame of the message (deliver sends at most 64 KiB)
 export const MBOX_STALE_LOCK_MS = 300_000; // an mbox dotlock older than this belongs to a dead process and is removed
 export const MAX_MESSAGE_SIZE = 64 * 1024 * 1024; // default of mailstore.max_size: larger is 552 5.3.4
 export const ALLOCATION_LOCK_WAIT_MS = 20_000; // creator `lock`: how long a first login or mail waits for another allocator
