@@ -140,11 +140,12 @@ export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string
  * run_dir). null, logged, when it cannot be offered; deliver then delivers in its own process.
  */
 async function offerHandoff(instance: Instance): Promise<string | null> {
-  const [{ createLogger }, { writeHandoff, HANDOFF_SOCKET, MAX_SOCKET_PATH }, { join }, { lstatSync, unlinkSync }] = await Promise.all([
+  const [{ createLogger }, { writeHandoffAs, writerFor, HANDOFF_SOCKET, MAX_SOCKET_PATH }, { join }, { lstatSync, unlinkSync }, { resolveMailUser }] = await Promise.all([
     import('../src/log.js'),
     import('../src/delivery/handoff-file.js'),
     import('node:path'),
     import('node:fs'),
+    import('../src/mailuser.js'),
   ]);
   const log = createLogger({ level: instance.config.log.level, file: instance.logFile });
   const path = join(instance.runDir, HANDOFF_SOCKET);
@@ -158,7 +159,8 @@ async function offerHandoff(instance: Instance): Promise<string | null> {
     } catch {
       /* none */
     }
-    writeHandoff(instance.file, path);
+    // never as root into a directory the mail user may change (see src/delivery/handoff-file.ts)
+    writeHandoffAs(instance.file, path, writerFor(instance.dir, resolveMailUser(instance.config.mail_user)));
     return path;
   } catch (e) {
     log.log('warn', 'deliver', `no hand-off for pigeon deliver: cannot write ${instance.dir}/deliver-handoff.json: ${(e as NodeJS.ErrnoException).code ?? String(e)}`);

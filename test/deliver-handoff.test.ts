@@ -6,7 +6,7 @@
 // Which process delivered is read from pigeon.log: every line carries the writer's pid.
 import t, { type Test } from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CLI, cli, ok, need, makeInstance, setUser, maildirOf, files, msg, sleep, startServe, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
@@ -93,6 +93,8 @@ t.test('Postfix pipe(8) with pigeon serve running: serve delivers, exit codes 0/
   const served = await startServe(t, inst);
   const pid = await servePid(h.log);
   t.ok(existsSync(join(inst, 'deliver-handoff.json')), 'serve names its hand-off socket in the instance directory');
+  // the instance directory is the mail user's (SQLite WAL): serve, root, never writes into it itself
+  t.equal(statSync(join(inst, 'deliver-handoff.json')).uid, MAIL_UID, 'the runtime file is written as the owner of the mail-writable instance directory, not as root');
 
   const smtpPort = await freePort();
   const pf = startPostfix({
