@@ -117,6 +117,10 @@ peer:
   handoff_timeout_s: 10
   # connecting to another node gives up after this time (the client gets [UNAVAILABLE])
   connect_timeout_s: 10
+  # spare, already verified links kept per other node in use (per worker), so sessions skip
+  # the TLS handshake; 0 = none. A spare unused pool_idle_s is closed (at most handoff_timeout_s/2)
+  pool_size: 4
+  pool_idle_s: 5
   # this node's certificate from the cluster CA (pigeon init / pigeon cert issue): peer links
   # only, never shown to mail clients (they see tls.cert)
   cert: certs/node.crt
