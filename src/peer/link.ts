@@ -106,10 +106,10 @@ async function dial(ctx: PeerContext, target: string): Promise<TLSSocket> {
 /*
  * The pool (daemon only, ctx.prewarm): spare, already verified links per node, so a session to
  * that node skips the TLS handshake. Each link still carries exactly one hand-off, sealed to its
- * own TLS session: a spare carries nothing until taken. After a link to a node is used, the pool
- * of that node is topped up in the background: one link for a session that found a spare, two for
- * one that had to dial (a burst grows the pool), never past peer.pool_size spares plus dials under
- * way. Idle nodes keep no spares: a spare unused for ctx.poolIdleMs is closed and not replaced.
+ * own TLS session: a spare carries nothing until taken. After a hand-off to a node was answered,
+ * the pool of that node is topped up in the background: one link for a session that found a spare,
+ * two for one that had to dial (a burst grows the pool), never past peer.pool_size spares plus
+ * dials under way; a hand-off that failed opens none (a node that is down is not dialed again). Idle nodes keep no spares: a spare unused for ctx.poolIdleMs is closed and not replaced.
  * A spare is watched while it waits: any byte from the other node (a refusal) or its close
  * removes it at once; it is re-checked against the registry when taken, and every registry
  * refresh closes the spares of a node that is no longer trusted (disabled, removed, re-keyed).
@@ -254,8 +254,16 @@ export async function openLink(ctx: PeerContext, target: string, opts: { readonl
   const spare = opts.pooled ? await takeSpare(ctx, target) : null;
   const sock = spare ?? (await dial(ctx, target));
   peerLinksOpened.inc({ how: spare ? 'pooled' : 'dialed' });
-  refill(ctx, target, spare ? 1 : 2);
   return { sock, pooled: spare !== null };
+}
+
+/**
+ * After a hand-off was answered: top up the pool, once the session's first bytes are on their way
+ * (setImmediate: after the relay started). A handshake costs both nodes CPU; begun while the hand-off
+ * waited for its answer, it competed with the home node starting the session's backend.
+ */
+function refillAfter(ctx: PeerContext, target: string, pooled: boolean): void {
+  if (ctx.prewarm && ctx.poolSize > 0) setImmediate(() => refill(ctx, target, pooled ? 1 : 2));
 }
 
 export type HandOffRequest = Omit<HandOff, 'proto' | 'from' | 'to' | 'nonce' | 'ts'>;
@@ -272,7 +280,9 @@ export async function sendHandOff(ctx: PeerContext, target: string, req: HandOff
   };
   const first = await openLink(ctx, target);
   try {
-    return await handOffOn(ctx, target, first.sock, req, answerMs);
+    const sock = await handOffOn(ctx, target, first.sock, req, answerMs);
+    refillAfter(ctx, target, first.pooled);
+    return sock;
   } catch (e) {
     // a spare the other node closed just before we took it (its idle limit, a restart): the
     // hand-off never reached it, so one fresh link carries it instead
@@ -280,7 +290,9 @@ export async function sendHandOff(ctx: PeerContext, target: string, req: HandOff
   }
   const fresh = await openLink(ctx, target, { pooled: false });
   try {
-    return await handOffOn(ctx, target, fresh.sock, req, answerMs);
+    const sock = await handOffOn(ctx, target, fresh.sock, req, answerMs);
+    refillAfter(ctx, target, false);
+    return sock;
   } catch (e) {
     throw unanswered(e);
   }
