@@ -39,6 +39,8 @@ import {
   PROXY_HEADER_MS,
   PEER_HANDOFF_MS,
   PEER_CONNECT_MS,
+  PEER_POOL_SIZE,
+  PEER_POOL_IDLE_MS,
   PG_POOL_SIZE,
   PG_CONNECT_TIMEOUT_S,
   PG_STATEMENT_TIMEOUT_S,
@@ -189,6 +191,9 @@ const baseShape = {
       trust: z.string().default('registry'),
       handoff_timeout_s: z.number().int().min(1).max(300).default(PEER_HANDOFF_MS / 1000),
       connect_timeout_s: z.number().int().min(1).max(300).default(PEER_CONNECT_MS / 1000),
+      // spare, already verified links per other node (src/peer/link.ts): a burst of sessions skips the handshakes
+      pool_size: z.number().int().min(0).max(64).default(PEER_POOL_SIZE),
+      pool_idle_s: z.number().int().min(1).max(300).default(PEER_POOL_IDLE_MS / 1000),
       // this node's certificate from the cluster CA (tls.ca), for peer links only
       cert: path.default('certs/node.crt'),
       key: path.default('certs/node.key'),

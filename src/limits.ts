@@ -66,6 +66,8 @@ export const TLS_HANDSHAKE_MS = 15_000; // limits.tls_handshake_timeout_s
 export const PROXY_HEADER_MS = 3_000; // limits.proxy_header_timeout_s: a `,proxy` listener's PROXY header must arrive within this
 export const PEER_HANDOFF_MS = 10_000; // peer.handoff_timeout_s: a peer must send its whole hand-off within this
 export const PEER_CONNECT_MS = 10_000; // peer.connect_timeout_s
+export const PEER_POOL_SIZE = 4; // peer.pool_size: verified spare links kept per other node, per process (0: none)
+export const PEER_POOL_IDLE_MS = 5_000; // peer.pool_idle_s: a spare unused this long is closed (at most half of peer.handoff_timeout_s)
 export const PEER_TLS_HANDSHAKE_MS = 15_000; // a node connecting to the peer listener must finish its TLS handshake within this
 // a database server (PostgreSQL), per process, defaults of pigeon.yaml database_pool_size,
 // database_connect_timeout_s (per host of the URL) and database_statement_timeout_s

@@ -118,6 +118,20 @@ export const peerHandoffsReceived = new Counter({
   registers: [registry],
 });
 
+export const peerLinksPooled = new Gauge({
+  name: 'pigeon_peer_links_pooled',
+  help: 'Spare, already verified peer links waiting for a session, by the node they lead to (peer.pool_size per node and process)',
+  labelNames: ['to'] as const,
+  registers: [registry],
+});
+
+export const peerLinksOpened = new Counter({
+  name: 'pigeon_peer_links_opened_total',
+  help: 'Peer links used for a hand-off, by how they were had: pooled (a spare, no handshake) or dialed (a TLS handshake while the session waited)',
+  labelNames: ['how'] as const,
+  registers: [registry],
+});
+
 export const peerLinksRefused = new Counter({
   name: 'pigeon_peer_links_refused_total',
   help: 'Incoming peer links refused, by reason (tls, certificate, registry)',
