@@ -34,6 +34,11 @@ export interface Slot {
   started(backend: string): void;
   /** how to end the running session when `pigeon kick` names it (called at once if it already did) */
   onKick(end: () => void): void;
+  /**
+   * The session outlives its connection (handed off: the backend holds the socket): `close()`
+   * from the connection's side is ignored until the returned function (the session's end) runs.
+   */
+  keep(): () => void;
   close(): void;
 }
 
@@ -70,6 +75,7 @@ export async function admit(env: ProxyEnv, clientIp: string, proto: string, onEn
   const r = await a.open(id, { ip, proto, trusted }, { perIp: limits.preauth_per_ip, total: limits.max_connections }, ended);
   if (!r.admitted) return { admitted: false, why: r.why };
   let closed = false;
+  let kept = false;
   const slot: Slot = {
     id,
     ip,
@@ -93,9 +99,17 @@ export async function admit(env: ProxyEnv, clientIp: string, proto: string, onEn
       kick = end;
       if (kicked) end();
     },
+    keep() {
+      kept = true;
+      return () => {
+        kept = false;
+        slot.close();
+      };
+    },
     close() {
-      if (closed) return;
+      if (closed || kept) return;
       closed = true;
+      kick = null;
       void a.close(id);
     },
   };
