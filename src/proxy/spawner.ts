@@ -17,7 +17,7 @@
  *             hold its user+IP slot for ever) and end with `lost`, and the next request starts a
  *             new spawner.
  * DIAGNOSTICS `spawner (pid N) exited (CODE|SIGNAL); N sessions ended, N starts failed` (error),
- *             once per death.
+ *             once per death; `starting FILE (spawner pid N, request N)` (debug), per request.
  * SECURITY    The spawner runs with the worker's credentials; it is given the uid/gid, argv and
  *             environment the backend built, and the client socket; no password, no user record.
  */
@@ -88,14 +88,21 @@ interface Child {
 
 const MAIN = fileURLToPath(new URL('./spawner-main.js', import.meta.url));
 
-/** Stop the worker reading a socket it gives away (what child_process.spawn does for a socket in stdio). */
+/**
+ * Stop the worker reading a socket it gives away: what child_process.spawn does to a socket given
+ * as a child's stdio (node lib/internal/child_process.js), so that no byte meant for the backend
+ * is read here. A later read() or resume() (the hand-off failed: the session reads on) starts
+ * reading again.
+ */
 function stopReading(s: Socket): void {
-  s.pause();
-  const h = (s as Socket & { _handle?: { reading?: boolean; readStop?: () => number } | null })._handle;
+  const x = s as Socket & { _handle?: { reading?: boolean; readStop?: () => number } | null; _readableState?: { reading: boolean } };
+  const h = x._handle;
   if (h?.readStop) {
     h.reading = false;
     h.readStop();
   }
+  s.pause();
+  if (x._readableState) x._readableState.reading = false;
 }
 
 export class Spawner {
@@ -105,10 +112,10 @@ export class Spawner {
   private readonly children = new Map<number, Child>();
 
   /** `log`: the spawner's own events; `onLine`: each line the backends (and the spawner itself) write to stderr */
-  private readonly log: (level: 'error', message: string) => void;
+  private readonly log: (level: 'debug' | 'error', message: string) => void;
   private readonly onLine: (line: string) => void;
 
-  constructor(log: (level: 'error', message: string) => void, onLine: (line: string) => void) {
+  constructor(log: (level: 'debug' | 'error', message: string) => void, onLine: (line: string) => void) {
     this.log = log;
     this.onLine = onLine;
   }
@@ -236,6 +243,7 @@ export class Spawner {
         ...(o.gid !== undefined ? { gid: o.gid } : {}),
         ...(o.lastWords !== undefined ? { lastWords: o.lastWords } : {}),
       };
+      this.log('debug', `starting ${o.file} (spawner pid ${p.pid ?? '?'}, request ${id})`);
       if (!p.connected || !this.send(m, o.socket)) {
         // the channel is full or closing: 'exit' rejects it if it is dying; otherwise node queues it
         if (!p.connected) {
