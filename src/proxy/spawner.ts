@@ -127,7 +127,9 @@ export class Spawner {
 
   private ensure(): ChildProcess {
     if (this.proc && this.proc.connected) return this.proc;
-    const p = fork(MAIN, [], { stdio: ['ignore', 'ignore', 'pipe', 'ipc'], serialization: 'json', execArgv: [] });
+    // no NODE_OPTIONS or flags of the worker (an inspector, a heap size): it is a small process,
+    // and every child gets the environment its backend built, not this one
+    const p = fork(MAIN, [], { stdio: ['ignore', 'ignore', 'pipe', 'ipc'], serialization: 'json', execArgv: [], env: {} });
     this.proc = p;
     const lines = new LineBuffer();
     p.stderr?.on('data', (c: Buffer) => {
