@@ -181,6 +181,9 @@ if (px) {
     if (i.proxy.front_js_heap_kB_per_session !== undefined) {
       rows.push({ workload: `idle ${i.sessions}: proxy live JS heap per session (after GC)`, unit: 'kB', pigeon: i.proxy.front_js_heap_kB_per_session, reference: null, reference_name: '–', ratio: null, target: '', met: '' });
     }
+    if (i.tls) {
+      rows.push({ workload: `idle ${i.tls.sessions} TLS (relayed): proxy processes per session`, unit: 'kB PSS', pigeon: i.tls.proxy.front_pss_kB_per_session, reference: i.tls.direct.front_pss_kB_per_session, reference_name: 'Dovecot master+login+auth (imaps)', ratio: null, target: '', met: '' });
+    }
     row(`idle ${i.sessions}: backend imap per session`, 'kB PSS', i.proxy.backend_pss_kB_per_session, i.direct.backend_pss_kB_per_session, 'Dovecot imap', null);
     row(`idle ${i.sessions}: everything per session`, 'kB PSS', i.proxy.total_pss_kB_per_session, i.direct.total_pss_kB_per_session, 'Dovecot, all processes', null);
   }
