@@ -186,7 +186,8 @@ const dv = join(base, 'dovecot');
 mkdirSync(join(dv, 'run'), { recursive: true });
 mkdirSync(join(dv, 'state'), { recursive: true });
 writeFileSync(join(dv, 'passwd'), `${USER}:${pwHash}\n`);
-const BIG_LIMIT = 6000;
+// Dovecot's process and client limits: above the largest idle row (`--idle 10000` needs more than 6000)
+const BIG_LIMIT = Math.max(6000, Math.ceil(Math.max(0, ...IDLE) * 1.2));
 // Dovecot's LMTP server is Debian's dovecot-lmtpd (not in the README's set-up line): rows skipped without it
 const HAVE_LMTP = existsSync('/usr/lib/dovecot/lmtp');
 writeFileSync(
