@@ -79,11 +79,15 @@ interface Starting {
   readonly resolve: (s: Spawned) => void;
   readonly reject: (e: Error) => void;
   readonly socket: Socket;
+  /** the spawner asked */
+  readonly proc: ChildProcess;
 }
 
 interface Child {
   readonly pid: number;
   readonly done: (e: SpawnedEnd) => void;
+  /** the spawner that started it */
+  readonly proc: ChildProcess;
 }
 
 const MAIN = fileURLToPath(new URL('./spawner-main.js', import.meta.url));
@@ -120,11 +124,6 @@ export class Spawner {
     this.onLine = onLine;
   }
 
-  /** The spawner's pid, once one runs (tests, `ps`). */
-  get pid(): number | null {
-    return this.proc?.pid ?? null;
-  }
-
   private ensure(): ChildProcess {
     if (this.proc && this.proc.connected) return this.proc;
     // no NODE_OPTIONS or flags of the worker (an inspector, a heap size): it is a small process,
@@ -137,7 +136,10 @@ export class Spawner {
       for (let r = lines.line(); r !== null; r = lines.line()) if (r.kind === 'line') this.onLine(r.line.toString('utf8'));
     });
     p.on('message', (m: SpawnerReport) => this.report(m));
-    p.on('error', () => undefined);
+    // it could not even start (EAGAIN, ENOMEM): no 'exit' follows
+    p.on('error', (e) => {
+      if (p.pid === undefined) this.died(p, null, null, e.message);
+    });
     p.once('exit', (code, signal) => this.died(p, code, signal));
     // a worker with no session in flight should not be kept alive by its spawner
     p.unref();
@@ -165,7 +167,7 @@ export class Spawner {
     s.socket.destroy();
     let done: (e: SpawnedEnd) => void = () => undefined;
     const ended = new Promise<SpawnedEnd>((resolve) => (done = resolve));
-    this.children.set(m.id, { pid: m.pid, done });
+    this.children.set(m.id, { pid: m.pid, done, proc: s.proc });
     const id = m.id;
     s.resolve({
       pid: m.pid,
@@ -198,13 +200,22 @@ export class Spawner {
     }
   }
 
-  private died(p: ChildProcess, code: number | null, signal: NodeJS.Signals | null): void {
+  private died(p: ChildProcess, code: number | null, signal: NodeJS.Signals | null, error?: string): void {
     if (this.proc === p) this.proc = null;
-    const starting = [...this.starting.values()];
-    const children = [...this.children.values()];
-    this.starting.clear();
-    this.children.clear();
-    const why = `the spawner process exited (${code ?? signal})`;
+    // what this spawner had (an older one may still be exiting while a new one serves)
+    const starting: Starting[] = [];
+    const children: Child[] = [];
+    for (const [id, s] of this.starting) {
+      if (s.proc !== p) continue;
+      this.starting.delete(id);
+      starting.push(s);
+    }
+    for (const [id, c] of this.children) {
+      if (c.proc !== p) continue;
+      this.children.delete(id);
+      children.push(c);
+    }
+    const why = error !== undefined ? `the spawner process could not start: ${error}` : `the spawner process exited (${code ?? signal})`;
     for (const s of starting) s.reject(new Error(why));
     for (const c of children) {
       try {
@@ -216,7 +227,7 @@ export class Spawner {
       c.done({ code: null, signal: null, lost: why });
     }
     if (starting.length + children.length > 0) {
-      this.log('error', `spawner (pid ${p.pid ?? '?'}) exited (${code ?? signal}); ${children.length} sessions ended, ${starting.length} starts failed; the next login starts a new one`);
+      this.log('error', `spawner (pid ${p.pid ?? '?'}) ${error !== undefined ? `could not start: ${error}` : `exited (${code ?? signal})`}; ${children.length} sessions ended, ${starting.length} starts failed; the next login starts a new one`);
     }
   }
 
@@ -232,7 +243,7 @@ export class Spawner {
         return;
       }
       stopReading(o.socket);
-      this.starting.set(id, { resolve, reject, socket: o.socket });
+      this.starting.set(id, { resolve, reject, socket: o.socket, proc: p });
       this.refresh();
       const m: SpawnerRequest = {
         t: 'spawn',
