@@ -97,6 +97,7 @@ export async function createProxyEnv(configPath: string | undefined, opts: { log
     },
   };
   current = env;
+  spawner?.warm();
   await primePlaintextPolicy(env);
   return env;
 }

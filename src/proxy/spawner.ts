@@ -11,7 +11,7 @@
  *             and closes it then: the session's bytes never pass through the worker again.
  *             The spawner's stderr carries the backends' log lines (their own prefixes name the
  *             session): `onLine` gets them.
- *             Started on first use. When it dies, requests in flight fail at once
+ *             Started with the worker (warm()), else on first use. When it dies, requests in flight fail at once
  *             (`start-failed: the spawner process exited`), the children it ran are sent SIGTERM
  *             (their exits can no longer be reported, and a session the proxy cannot see would
  *             hold its user+IP slot for ever) and end with `lost`, and the next request starts a
@@ -122,6 +122,11 @@ export class Spawner {
   constructor(log: (level: 'debug' | 'error', message: string) => void, onLine: (line: string) => void) {
     this.log = log;
     this.onLine = onLine;
+  }
+
+  /** Start the spawner now (a daemon's worker at start-up), so that the first login does not wait for it. */
+  warm(): void {
+    this.ensure();
   }
 
   private ensure(): ChildProcess {
