@@ -8,9 +8,11 @@
 //   with their logout lines and their user+IP slots freed, and the next login starts a new
 //   spawner;
 // - a login in flight when the spawner dies gets NO [UNAVAILABLE] at once, not a hang, and the
-//   same connection can log in again.
+//   same connection can log in again;
+// - a Dovecot that dies at start without a word (exit 89) still gets the proxy's `* BYE
+//   [UNAVAILABLE]` to the client, now said by the spawner.
 import t from 'tap';
-import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
+import { readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { makeInstance, serve } from './helpers/instance.js';
 import { useBackend } from './helpers/backends.js';
@@ -169,4 +171,21 @@ t.test('a login in flight when the spawner dies gets NO [UNAVAILABLE], then the 
   t.match(await w.until(/^b2 (OK|NO|BAD)/m), /^b2 OK \[CAPABILITY /m, 'the same connection logs in through a new spawner');
   w.write('b3 NOOP\r\nb4 LOGOUT\r\n');
   t.match(await w.until(/^b4 OK/m), /^b3 OK/m, 'and Dovecot has the connection');
+});
+
+t.test('a Dovecot imap that dies at start (exit 89) without a word: the client gets * BYE [UNAVAILABLE] through the spawner', async (t) => {
+  const bin = join(inst.dir, 'imap-exit-89');
+  writeFileSync(bin, '#!/bin/sh\nexit 89\n', { mode: 0o755 });
+  const conf = join(inst.dir, 'conf.d', '60-exit-89.yaml');
+  writeFileSync(conf, 'dovecot:\n  imap: ' + bin + '\n');
+  t.teardown(() => rmSync(conf, { force: true }));
+  const s = await serve(t, inst);
+  const logouts = (): number => (log().match(/imap\(alice@example\.test\): Disconnected: Logged out \(socket handed to the backend\)/g) ?? []).length;
+  const before = logouts();
+  const { w, answer } = await login(s.ports['imap'] ?? 0);
+  const all = answer + (await w.until(/^\* BYE/m));
+  t.match(all, /^\* BYE \[UNAVAILABLE\] Internal error occurred/m, "the proxy's last words for it");
+  t.ok(await w.waitClosed(), 'and the connection closes');
+  for (const end = Date.now() + 60_000; logouts() <= before && Date.now() < end; ) await new Promise((r) => setTimeout(r, 50));
+  t.equal(logouts(), before + 1, 'its logout line');
 });
