@@ -35,12 +35,14 @@ function report(r: SpawnerReport): void {
   if (process.connected) process.send?.(r);
 }
 
+const ignore = (): void => undefined;
+
 function start(m: Extract<SpawnerRequest, { t: 'spawn' }>, socket: Socket | undefined): void {
   if (!socket) {
     report({ t: 'failed', id: m.id, error: 'no client socket came with the request' });
     return;
   }
-  socket.on('error', () => undefined);
+  socket.on('error', ignore);
   let child: ChildProcess;
   try {
     child = spawn(m.file, m.args, {
@@ -56,26 +58,38 @@ function start(m: Extract<SpawnerRequest, { t: 'spawn' }>, socket: Socket | unde
     report({ t: 'failed', id: m.id, error: e instanceof Error ? e.message : String(e) });
     return;
   }
-  const entry: Running = { child, socket: m.lastWords ? socket : null };
+  const id = m.id;
+  if (child.pid === undefined) {
+    // spawn failed (ENOENT, EACCES): 'error' follows, no 'exit'
+    child.once('error', (e) => {
+      socket.destroy();
+      report({ t: 'failed', id, error: e.message });
+    });
+    return;
+  }
+  child.on('error', ignore);
+  startedChild(id, child, m.lastWords ?? null, socket);
+}
+
+/**
+ * A running child: what is kept of it is the child, its id and, for last words, the socket (a
+ * separate function, so that nothing of the request, its environment and arguments, stays).
+ */
+function startedChild(id: number, child: ChildProcess, lastWords: { readonly code: number; readonly text: string } | null, socket: Socket): void {
   // without last words to say, this process needs the socket no more: the child has its own fd
-  if (!m.lastWords) socket.destroy();
-  child.once('error', (e) => {
-    // spawn failed (ENOENT, EACCES): no 'exit' follows
-    if (child.pid === undefined) {
-      entry.socket?.destroy();
-      report({ t: 'failed', id: m.id, error: e.message });
-    }
-  });
-  if (child.pid === undefined) return;
-  running.set(m.id, entry);
-  report({ t: 'spawned', id: m.id, pid: child.pid });
+  const entry: Running = { child, socket: lastWords ? socket : null };
+  if (!lastWords) socket.destroy();
+  // Node keeps the argv for the object's life: not needed here
+  child.spawnargs.length = 0;
+  running.set(id, entry);
+  report({ t: 'spawned', id, pid: child.pid ?? 0 });
   child.once('exit', (code, signal) => {
-    running.delete(m.id);
+    running.delete(id);
     const s = entry.socket;
     entry.socket = null;
-    if (s && m.lastWords && code === m.lastWords.code && !s.destroyed) s.end(m.lastWords.text, () => s.destroy());
+    if (s && lastWords && code === lastWords.code && !s.destroyed) s.end(lastWords.text, () => s.destroy());
     else s?.destroy();
-    report({ t: 'exit', id: m.id, code, signal });
+    report({ t: 'exit', id, code, signal });
   });
 }
 
