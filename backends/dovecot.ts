@@ -13,7 +13,9 @@
  *             Our session id and the client address go into Dovecot's log prefix.
  *             On plain TCP the client socket itself becomes Dovecot's stdin/stdout (no copy; the
  *             bytes already read are replayed with CLIENT_INPUT); behind TLS or on pipes the
- *             proxy relays.
+ *             proxy relays. Under `pigeon serve` a hand-off is started by the worker's spawner
+ *             process (src/proxy/spawner.ts: the worker does not fork; Dovecot logs to the
+ *             spawner's stderr, which the worker reads); one-shot processes spawn it themselves.
  * DIAGNOSTICS start-failed (exit before greeting, e.g. 89 on init failure), timeout, protocol
  *             (unexpected first line): backendError (backends/types.ts). A handed-off imap that
  *             exits 89 said nothing to the client: the proxy sends it `* BYE [UNAVAILABLE]`.
