@@ -16,8 +16,8 @@
  *                                 the proxy's processes (workers, their spawners; growth over its
  *                                 idle baseline) and of the backend `imap` processes, per session;
  *                                 Dovecot's login/auth/master processes likewise for the
- *                                 reference; then up to 1000 such sessions over imaps (relayed by
- *                                 the proxy, by imap-login for Dovecot)
+ *                                 reference; then up to 1000 (--quick: 200) such sessions over
+ *                                 imaps (relayed by the proxy, by imap-login for Dovecot)
  *             Clients bind to distinct 127.x.y.z source addresses (the proxy allows 20 concurrent
  *             connections per client address). Everything is killed and removed at exit, also on
  *             failure or timeout. Needs root (Dovecot runs as the mail uid 8) and dovecot-imapd,
@@ -485,8 +485,8 @@ for (const n of ONLY.has('idle') ? IDLE : []) {
   log(`idle: ${n} sessions to Dovecot directly`);
   const direct = await idleRun(SIDES.direct, dovecot.pid, n);
   // TLS sessions are relayed (the proxy holds the TLS state, the backend's pipes): measured beside
-  // the handed-off ones, up to 1000 of them (imaps on both sides)
-  const nt = Math.min(n, 1000);
+  // the handed-off ones, up to 1000 of them (200 with --quick; imaps on both sides)
+  const nt = Math.min(n, QUICK ? 200 : 1000);
   log(`idle: ${nt} TLS sessions through the proxy, then to Dovecot directly`);
   const proxyTls = await idleRun(SIDES.proxy, serveP.pid, nt, serveP, true);
   const directTls = await idleRun(SIDES.direct, dovecot.pid, nt, null, true);
