@@ -354,9 +354,11 @@ export function needsRestart(old: Instance, now: Instance, oldPeer: string, nowP
 /** A TCP connection waiting for (or holding) its slot in the node-wide limits. */
 interface Admitted {
   /** the slot, or null when refused or closed meanwhile */
-  readonly slot: Promise<Slot | null>;
-  /** the session's connection, once it runs (eviction then ends it in protocol) */
+  slot: Promise<Slot | null>;
+  /** the session's connection, once it runs (eviction then ends it in protocol); null again once its login session returned */
   conn: ClientConn | null;
+  /** the TCP socket until it closes (a handed-off session's is closed in the worker at once) */
+  open: Socket | null;
   /** the client's addresses: the socket's, or those a PROXY header named */
   readonly peer: Peer;
 }
@@ -388,6 +390,17 @@ async function runWorker(
   /** TLS connections between TCP accept and the end of the handshake, by client address:port */
   const handshaking = new Map<string, Admitted>();
 
+  /**
+   * What the node state service calls to evict an unauthenticated connection. Made here, not in
+   * admitTcp, so that it holds the connection only through `adm` (which lets go of the socket and
+   * the session once they end): the service keeps it for the slot's whole life.
+   */
+  const evict = (proto: 'imap' | 'pop3', adm: Admitted) => (): void => {
+    env.log.log('info', `${proto}-login`, 'Disconnected (connection limit reached: evicted as the oldest connection that had not logged in):', { rip: adm.peer.rip, lport: adm.peer.lport });
+    if (adm.conn) adm.conn.end(limitReply(proto, 'evicted'));
+    else adm.open?.destroy();
+  };
+
   /** Ask the node for a slot for a new TCP connection; refuse or close it when there is none. */
   const admitTcp = (proto: 'imap' | 'pop3', raw: Socket, tls: boolean, peer: Peer): Admitted => {
     const ip = peer.rip;
@@ -398,16 +411,11 @@ async function runWorker(
     raw.once('close', () => {
       closed = true;
       sockets.delete(raw);
+      adm.open = null;
       slot?.close();
     });
-    const adm: Admitted = {
-      conn: null,
-      peer,
-      slot: admit(env, ip, proto, () => {
-        env.log.log('info', `${proto}-login`, 'Disconnected (connection limit reached: evicted as the oldest connection that had not logged in):', { rip: ip, lport: peer.lport });
-        if (adm.conn) adm.conn.end(limitReply(proto, 'evicted'));
-        else raw.destroy();
-      }).then((a) => {
+    const adm: Admitted = { conn: null, open: raw, peer, slot: Promise.resolve(null) };
+    adm.slot = admit(env, ip, proto, evict(proto, adm)).then((a) => {
         if (!a.admitted) {
           env.log.log('warn', `${proto}-login`, `Connection refused (${a.why === 'max_connections' ? 'too many connections: limits.max_connections, none unauthenticated to evict' : a.why}):`, { rip: ip });
           if (tls) raw.destroy(); // no TLS yet: nothing can be said
@@ -420,8 +428,7 @@ async function runWorker(
         }
         slot = a.slot;
         return a.slot;
-      }),
-    };
+      });
     return adm;
   };
 
@@ -436,7 +443,11 @@ async function runWorker(
         env.log.log('error', `${proto}-login`, `session failed: ${e instanceof Error ? e.message : String(e)}`);
         sock.destroy();
       })
-      .finally(() => slot.close());
+      .finally(() => {
+        // a handed-off session goes on (its slot kept by the router); this connection is done
+        adm.conn = null;
+        slot.close();
+      });
   };
 
   /** The client's addresses: the socket's own, or (a `,proxy` listener) those its PROXY header names; null: refused and closed. */

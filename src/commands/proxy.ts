@@ -136,6 +136,8 @@ async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTl
       }
     }
     await (await import('../proxy/sessions.js')).runSession(env, proto, conn);
+    // a handed-off session runs on after its login: this process waits for its backend's end
+    await (await import('../proxy/live.js')).drained();
     return EX.OK;
   } finally {
     a.slot.close();
