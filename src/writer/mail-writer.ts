@@ -13,7 +13,9 @@
  *             the child asks for it (`pull`); the parent reads one chunk ahead, so neither side
  *             holds more than two chunks of it, and the first chunk goes with the request marked
  *             as the last when it is: a message of one chunk costs one round trip to store and
- *             one to commit.
+ *             one to commit, or a single one with `storeAndCommit` (a delivery that has nothing
+ *             else to do between the two). While the child holds a single operation its fsyncs
+ *             are made in place, not on its thread pool (src/writer/safe-fs.ts syncInPlaceWhen).
  *             A fault step reached in the child (PIGEON_FAULT, tests) kills this process, as if the
  *             delivery had been killed there.
  * DIAGNOSTICS A child that cannot start or dies fails the requests in flight with an Error naming
@@ -31,11 +33,11 @@ import type { Readable } from 'node:stream';
 import type { MailUser } from '../mailuser.js';
 import type { DeliveryResult } from '../delivery/types.js';
 import type { StoreRequest } from '../delivery/mda.js';
-import { LocalWriter, type MailWriter, type MailboxRef, type Stored } from './local-writer.js';
+import { LocalWriter, type Delivered, type MailWriter, type MailboxRef, type Stored } from './local-writer.js';
 import { notice } from '../delivery/notice.js';
 import { toChunks, type ChildMessage, type ParentMessage, type WireError } from './wire.js';
 
-export type { MailWriter, MailboxRef, Stored } from './local-writer.js';
+export type { Delivered, MailWriter, MailboxRef, Stored } from './local-writer.js';
 
 // the child's entry beside this module; when this module runs from source (tests load src/*.ts
 // through a TypeScript loader) the compiled one in dist/, which plain node can run as the mail user
@@ -221,6 +223,9 @@ class ChildWriter implements MailWriter {
     const handle = this.nextHandle++;
     this.handles.set(handle, { gen: this.generation, handle: r.handle });
     return { ...r, handle };
+  }
+  storeAndCommit(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<Delivered | DeliveryResult> {
+    return this.call('storeAndCommit', [req], body);
   }
   async commit(handle: number): Promise<DeliveryResult | null> {
     const h = this.handles.get(handle);
