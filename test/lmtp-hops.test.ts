@@ -4,7 +4,8 @@
 // in ONE request to the writer child (not a store and then a commit); and the child, holding that
 // one delivery, makes the fdatasync of the file and the fsync of new/ itself, on its main thread,
 // not through its thread pool. Durability is unchanged: one fdatasync and one fsync of new/ per
-// message, the fdatasync before the rename into new/, the fsync after it, and the reply after both.
+// message, the fdatasync before the rename into new/, the fsync after it, and the reply after both;
+// the directories are still checked for links, tmp/ and new/ with one lstat each.
 import t from 'tap';
 import net from 'node:net';
 import { spawn } from 'node:child_process';
@@ -50,7 +51,7 @@ t.test('one LMTP delivery: one write per reply group, one request to the mail wr
 
   const log = join(dir, 'strace.txt');
   const st = owned(
-    spawn(STRACE, ['-f', '-qq', '-yy', '-s', '40', '-e', 'trace=write,writev,fsync,fdatasync,rename', '-o', log, process.execPath, CLI, '-c', inst, 'serve', '--workers', '1'], {
+    spawn(STRACE, ['-f', '-qq', '-yy', '-s', '40', '-e', 'trace=write,writev,fsync,fdatasync,rename,readlink', '-o', log, process.execPath, CLI, '-c', inst, 'serve', '--workers', '1'], {
       stdio: ['ignore', 'ignore', 'pipe'],
       detached: true,
     }),
@@ -126,6 +127,12 @@ t.test('one LMTP delivery: one write per reply group, one request to the mail wr
     [],
     'no sync went through a thread-pool thread',
   );
+  // the paths are checked for links (src/writer/safe-fs.ts): the mailbox from the mail root, its
+  // tmp/ and new/ with one lstat each, new/ again from the mail root just before the rename; no
+  // second walk of the whole path for tmp/ or new/ (realpath(3) reads every component as a link)
+  const walked = (sub: string): number => all.filter((c) => c.name === 'readlink' && c.line.includes(`"${join(box, sub)}"`)).length;
+  t.equal(walked('tmp'), 0, 'tmp/ is not resolved component by component');
+  t.equal(walked('new'), N, 'new/ is resolved once per message (before the rename)');
   const order = onBox.filter((c) => c.tid === writer && ['fdatasync', 'rename', 'fsync'].includes(c.name)).map((c) => c.name);
   t.same(order, Array.from({ length: N }, () => ['fdatasync', 'rename', 'fsync']).flat(), 'per message: fdatasync, rename into new/, fsync of new/');
 });

@@ -33,7 +33,7 @@ import { readUsage, addUsage } from './quota.js';
 import { fault } from './fault.js';
 import { fsFailure, overQuota, type Held, type MdaModule, type StoreRequest } from './mda.js';
 import type { DeliveryResult } from './types.js';
-import { baseOf, checkDir, createExclusive, createExclusiveSync, ensureDir, fdatasyncFd, fsyncDir, fsyncDirGrouped, openChecked } from '../writer/safe-fs.js';
+import { baseOf, checkChildDir, checkDir, createExclusive, createExclusiveSync, ensureDir, fdatasyncFd, fsyncDir, fsyncDirGrouped, openChecked } from '../writer/safe-fs.js';
 
 /** Maildir's rule: a file in tmp/ untouched this long is a leftover (Dovecot, qmail: 36 hours). */
 export const TMP_MAX_AGE_MS = 36 * 3600_000;
@@ -172,9 +172,11 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
   const tmpDir = join(dir, 'tmp');
   const newDir = join(dir, 'new');
   try {
+    // the mailbox from the mail root; what lies inside it, one lstat each
     checkDir(base, root);
-    checkDir(base, tmpDir);
-    checkDir(base, newDir);
+    if (dir !== root) checkChildDir(root, dir);
+    checkChildDir(dir, tmpDir);
+    checkChildDir(dir, newDir);
   } catch (e) {
     return fsFailure(e, `open ${folderDir ?? 'INBOX'}`);
   }

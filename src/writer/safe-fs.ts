@@ -32,7 +32,7 @@
  */
 import { constants, realpathSync, lstatSync, openSync, closeSync, fsync, fsyncSync, fdatasync, fdatasyncSync } from 'node:fs';
 import { open, mkdir, type FileHandle } from 'node:fs/promises';
-import { dirname, join, relative, isAbsolute, sep } from 'node:path';
+import { dirname, join, relative, resolve, isAbsolute, sep } from 'node:path';
 
 export class UnsafePathError extends Error {
   readonly code = 'EUNSAFE';
@@ -59,6 +59,18 @@ export function checkDir(base: string, dir: string): void {
   const want = join(realpathSync.native(base), relative(base, dir));
   if (real !== want) throw new UnsafePathError(`${dir} is reached through a symbolic link (it resolves to ${real})`);
   if (!lstatSync(dir).isDirectory()) throw new UnsafePathError(`${dir} is not a directory`);
+}
+
+/**
+ * checkDir for a directory directly inside `parent`, which checkDir has just accepted: one lstat
+ * instead of resolving the whole path again (the parent is reached through no link, so the child
+ * is too unless it is a link itself).
+ */
+export function checkChildDir(parent: string, dir: string): void {
+  if (dirname(resolve(dir)) !== resolve(parent)) throw new UnsafePathError(`${dir} is not directly below ${parent}`);
+  const st = lstatSync(dir);
+  if (st.isSymbolicLink()) throw new UnsafePathError(`${dir} is reached through a symbolic link (it is one)`);
+  if (!st.isDirectory()) throw new UnsafePathError(`${dir} is not a directory`);
 }
 
 /** mkdir -p below `base` (mode for what it creates), then checkDir on the result. */
