@@ -14,8 +14,10 @@
  *             holds more than two chunks of it, and the first chunk goes with the request marked
  *             as the last when it is: a message of one chunk costs one round trip to store and
  *             one to commit, or a single one with `storeAndCommit` (a delivery that has nothing
- *             else to do between the two). While the child holds a single operation its fsyncs
- *             are made in place, not on its thread pool (src/writer/safe-fs.ts syncInPlaceWhen).
+ *             else to do between the two). While the child holds a single operation and the
+ *             parent's requests have not overlapped for a while (`solo`, wire.ts SOLO_MS: one
+ *             connection delivering), its fsyncs are made in place, not on its thread pool
+ *             (src/writer/safe-fs.ts syncInPlaceWhen); deliveries at once keep them in parallel.
  *             A fault step reached in the child (PIGEON_FAULT, tests) kills this process, as if the
  *             delivery had been killed there.
  * DIAGNOSTICS A child that cannot start or dies fails the requests in flight with an Error naming
@@ -35,7 +37,7 @@ import type { DeliveryResult } from '../delivery/types.js';
 import type { StoreRequest } from '../delivery/mda.js';
 import { LocalWriter, type Delivered, type MailWriter, type MailboxRef, type Stored } from './local-writer.js';
 import { notice } from '../delivery/notice.js';
-import { toChunks, type ChildMessage, type ParentMessage, type WireError } from './wire.js';
+import { SOLO_MS, toChunks, type ChildMessage, type ParentMessage, type WireError } from './wire.js';
 
 export type { Delivered, MailWriter, MailboxRef, Stored } from './local-writer.js';
 
@@ -78,6 +80,8 @@ class ChildWriter implements MailWriter {
   // handle given to callers → (child generation, the child's handle)
   private readonly handles = new Map<number, { gen: number; handle: number }>();
   private nextHandle = 1;
+  /** when a request was last sent while another was open */
+  private overlapAt = 0;
 
   private readonly mu: MailUser;
 
@@ -204,10 +208,15 @@ class ChildWriter implements MailWriter {
         if (ahead.done !== true) it = prepend(ahead.value, it);
       }
     }
+    // requests that overlap (several deliveries at once) keep the child's syncs on its thread pool
+    // for SOLO_MS: one blocking fsync would hold up all of them
+    const now = Date.now();
+    if (this.pending.size > 0) this.overlapAt = now;
+    const solo = now - this.overlapAt > SOLO_MS;
     return new Promise<T>((resolve, reject) => {
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, body: it, child });
       this.updateRef();
-      this.send(child, { t: 'call', id, op, args: [...args], ...(first ? { data: first.data, end: first.end } : {}) });
+      this.send(child, { t: 'call', id, op, args: [...args], solo, ...(first ? { data: first.data, end: first.end } : {}) });
     });
   }
 
