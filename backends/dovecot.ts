@@ -13,7 +13,9 @@
  *             Our session id and the client address go into Dovecot's log prefix.
  *             On plain TCP the client socket itself becomes Dovecot's stdin/stdout (no copy; the
  *             bytes already read are replayed with CLIENT_INPUT); behind TLS or on pipes the
- *             proxy relays.
+ *             proxy relays. Under `pigeon serve` a hand-off is started by the worker's spawner
+ *             process (src/proxy/spawner.ts: the worker does not fork; Dovecot logs to the
+ *             spawner's stderr, which the worker reads); one-shot processes spawn it themselves.
  * DIAGNOSTICS start-failed (exit before greeting, e.g. 89 on init failure), timeout, protocol
  *             (unexpected first line): backendError (backends/types.ts). A handed-off imap that
  *             exits 89 said nothing to the client: the proxy sends it `* BYE [UNAVAILABLE]`.
@@ -21,11 +23,13 @@
  *             scratch; client data reaches Dovecot only as env values checked for CR/LF/NUL.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { Socket } from 'node:net';
 import { existsSync } from 'node:fs';
 import { dirname, basename, join } from 'node:path';
 import { z } from 'zod';
 import type { Backend, BackendRequest, BackendSession } from './types.js';
-import { backendError, safeParam as safe, localMailbox, pipeStderr, prepareHandoff, checkExecutable, childSession, pathSetting, sectionParser } from './types.js';
+import { backendError, safeParam as safe, localMailbox, pipeStderr, prepareHandoff, checkExecutable, childSession, spawnHandedOff, pathSetting, sectionParser } from './types.js';
+import type { Spawner } from '../src/proxy/spawner.js';
 import type { MailUser } from '../src/mailuser.js';
 import { BACKEND_START_MS, BACKEND_MAX_LINE, HANDOFF_MAX_REPLAY } from '../src/limits.js';
 import { StreamLines } from '../src/lines.js';
@@ -90,10 +94,10 @@ async function firstLine(req: BackendRequest, child: ChildProcess): Promise<Buff
 }
 
 /** Dovecot exits 89 on a fatal init error without a word to the client (imap). */
-const imapLastWords = (code: number | null): string | undefined =>
-  code === 89 ? '* BYE [UNAVAILABLE] Internal error occurred. Refer to server log for more information.\r\n' : undefined;
+const IMAP_INIT_FAILED = '* BYE [UNAVAILABLE] Internal error occurred. Refer to server log for more information.\r\n';
+const imapLastWords = (code: number | null): string | undefined => (code === 89 ? IMAP_INIT_FAILED : undefined);
 
-async function start(req: BackendRequest, bins: Binaries, mailUser: MailUser): Promise<BackendSession> {
+async function start(req: BackendRequest, bins: Binaries, mailUser: MailUser, spawner: Spawner | undefined): Promise<BackendSession> {
   const { location, home } = await mailLocation(req, mailUser);
   const bin = req.protocol === 'imap' ? bins.imap : bins.pop3;
   // the client's address as Dovecot got it (IP; behind a PROXY header, the one it named):
@@ -126,6 +130,18 @@ async function start(req: BackendRequest, bins: Binaries, mailUser: MailUser): P
         env['CLIENT_INPUT'] = Buffer.concat([Buffer.from(`0${req.tag ?? ''}\0`, 'latin1'), input]).toString('base64');
       } else if (input.length > 0) {
         env['CLIENT_INPUT'] = input.toString('base64');
+      }
+      // `pigeon serve`: the spawner forks, not the worker (its stderr is the log of every backend)
+      if (spawner && sock instanceof Socket) {
+        return await spawnHandedOff(spawner, `dovecot ${req.protocol}`, {
+          file: bin,
+          args,
+          env,
+          cwd: home,
+          ...opts,
+          socket: sock,
+          ...(req.protocol === 'imap' ? { lastWords: { code: 89, text: IMAP_INIT_FAILED } } : {}),
+        });
       }
       const child = spawn(bin, args, { ...opts, env, cwd: home, stdio: [sock, sock, 'pipe'] });
       pipeStderr(req, child);
@@ -185,7 +201,7 @@ dovecot:
   create: (bins, ctx) => ({
     // CLIENT_INPUT replays whatever the proxy already read (the router caps its size)
     acceptsHandoff: () => true,
-    start: (req) => start(req, bins, ctx.mailUser),
+    start: (req) => start(req, bins, ctx.mailUser, ctx.spawner),
   }),
   // standalone without USER: "Fatal: USER environment missing", exit 89 (backends.md §1.1)
   probe: {

@@ -10,7 +10,8 @@
  *             ends the client's session. Settings: the `peer:` section of pigeon.yaml (the node's
  *             cluster link, shared with the delivery agent and the peer listener: src/peer/).
  *             The link module is loaded, and this node's credentials read, on the first session
- *             that needs them; the daemon keeps a spare link per node in use (ctx.daemon).
+ *             that needs them; the daemon keeps a pool of spare links per node in use (ctx.daemon,
+ *             peer.pool_size).
  * DIAGNOSTICS AppError PEER_UNAVAILABLE / PEER_REFUSED from the link; the router answers
  *             `NO [UNAVAILABLE]` / `-ERR [SYS/TEMP]`. A link lost mid-session is logged
  *             (`Peer link to node N lost: …`).

@@ -30,6 +30,7 @@ import type { SettingsDecl } from '../src/settings.js';
 import { AppError } from '../src/errors.js';
 import { LineBuffer } from '../src/lines.js';
 import { RELAY_GRACE_MS } from '../src/limits.js';
+import type { Spawned, Spawner } from '../src/proxy/spawner.js';
 
 export type MailProtocol = 'imap' | 'pop3';
 
@@ -42,6 +43,12 @@ export interface BackendContext {
   readonly mailUser: MailUser;
   /** a long-running daemon (`pigeon serve`): may keep warm resources (spare peer links) */
   readonly daemon: boolean;
+  /**
+   * `pigeon serve` workers: the spawner process (src/proxy/spawner.ts) that starts handed-off
+   * backends on the client socket, so the worker never forks; absent in one-shot processes
+   * (inetd, Postfix spawn, stdio: one session each), which start their backend themselves
+   */
+  readonly spawner?: Spawner;
 }
 
 export interface BackendRequest {
@@ -97,6 +104,11 @@ export interface BackendSession {
   readonly output: Readable;
   /** resolves once the backend is gone (the child exited, the link closed) */
   readonly ended: Promise<BackendEnd>;
+  /**
+   * Handed off through the spawner: the proxy's copy of the client socket is closed already (the
+   * child and the spawner hold theirs; the spawner says the last words): keep nothing of it
+   */
+  readonly releasedClient?: true;
   /** the client stopped sending: let the backend see EOF, and make sure it goes */
   clientEnded(): void;
   /** end it now (the user's mailbox is being moved, shutdown) */
@@ -215,6 +227,39 @@ export function childSession(child: ChildProcess, greeting: Buffer, handedOff: b
       child.kill('SIGTERM');
     },
   };
+}
+
+/**
+ * A handed-off session started by the spawner (src/proxy/spawner.ts): the child owns the client
+ * socket, the spawner its exit and last words; the proxy keeps this, a few fields.
+ */
+export function spawnedSession(child: Spawned): BackendSession {
+  return {
+    greeting: EMPTY,
+    handedOff: true,
+    releasedClient: true,
+    // unused when handed off (as a handed-off child's null stdin/stdout in childSession)
+    input: null as unknown as Writable,
+    output: null as unknown as Readable,
+    ended: child.ended.then((e) => (e.lost !== undefined ? { exit: e.code, lost: e.lost } : { exit: e.code })),
+    clientEnded() {
+      child.kill('SIGTERM');
+    },
+    stop() {
+      child.kill('SIGTERM');
+    },
+  };
+}
+
+const EMPTY = Buffer.alloc(0);
+
+/** Start a handed-off backend through the spawner; a failure is start-failed, naming `what`. */
+export async function spawnHandedOff(spawner: Spawner, what: string, o: Parameters<Spawner['spawn']>[0]): Promise<BackendSession> {
+  try {
+    return spawnedSession(await spawner.spawn(o));
+  } catch (e) {
+    throw backendError('start-failed', `cannot start ${what}: ${e instanceof Error ? e.message : String(e)}`);
+  }
 }
 
 /**

@@ -1,5 +1,5 @@
 /**
- * NAME        certs/verify — check host certificates with node:crypto (never node-forge)
+ * NAME        certs/verify — check host certificates with node:crypto (no X.509 library)
  * DESCRIPTION `verifyHostCert` checks that a PEM certificate was issued and signed by the cluster
  *             CA, is valid now, is not a CA, and names `expect` (subject CN and a DNS SAN) when given.
  *             `loadNodeCredentials` reads this node's certificate, key and CA for the peer link and
@@ -11,6 +11,12 @@
 import { X509Certificate, createPrivateKey, createPublicKey } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { AppError } from '../src/errors.js';
+
+export const HOST_CERT_DAYS = 825;
+/** Warn (serve, node list) when a host certificate expires within this many days. */
+export const EXPIRY_WARN_DAYS = 30;
+/** Names every host certificate carries besides the node name (this host on loopback). */
+export const LOOPBACK_NAMES: readonly string[] = ['localhost', '127.0.0.1', '::1'];
 
 export interface HostCertInfo {
   readonly name: string;

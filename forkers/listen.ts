@@ -50,6 +50,11 @@ import type { InheritedSocket } from '../src/systemd.js';
 import { socketTransport } from './inetd.js';
 
 export type ExtraListener = (l: Listener, env: ProxyEnv) => Server | null;
+/** The `pigeon deliver` hand-off socket's server (src/delivery/handoff-server.ts), built per worker. */
+export type HandoffListener = (env: ProxyEnv) => Server;
+
+/** How the primary tells its workers the hand-off socket to listen on (src/delivery/handoff-file.ts). */
+const HANDOFF_ENV = 'PIGEON_HANDOFF_SOCKET';
 
 /** The forker module; the daemon's code is loaded only when `pigeon serve` runs. */
 export default { kind: 'forker', name: 'listen', summary: 'standalone daemon: every listener of the config', stdioIsProtocol: false } satisfies Forker;
@@ -88,12 +93,13 @@ function tlsFiles(env: ProxyEnv): { cert: Buffer; key: Buffer } {
  * > 1) or serves itself. A start-up failure (a listener that cannot be opened) is an AppError:
  * thrown in the primary, reported to the primary by a worker.
  */
-export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string | undefined, workers: number, extra: ExtraListener | null): Promise<number> {
+export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string | undefined, workers: number, extra: ExtraListener | null, handoff: HandoffListener | null = null): Promise<number> {
   const n = workers > 0 ? workers : availableParallelism();
   const { takeInheritedSockets } = await import('../src/systemd.js');
   if (cluster.isWorker) {
     try {
-      return await runWorker(makeEnv, configPath, extra, takeInheritedSockets());
+      const path = process.env[HANDOFF_ENV];
+      return await runWorker(makeEnv, configPath, extra, takeInheritedSockets(), handoff !== null && path !== undefined && path !== '' ? { path, server: handoff } : null);
     } catch (e) {
       if (!isAppError(e)) throw e;
       // the primary says it (once for all workers) and stops the others
@@ -109,6 +115,8 @@ export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string
   // sockets from systemd: taken (and LISTEN_* removed) before any child process exists
   const inherited = takeInheritedSockets();
   const anvil = await ownNodeService(instance);
+  // the serve that owns run_dir offers `pigeon deliver` its hand-off socket there
+  const offered = anvil !== null && handoff !== null ? await offerHandoff(instance) : null;
   const metrics: Server[] = [];
   try {
     if (n > 1) {
@@ -116,12 +124,58 @@ export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string
       const { metricsServer, setNode } = await import('../src/metrics.js');
       setNode(instance.config.node);
       for (const l of instance.config.listen.filter((x) => x.protocol === 'metrics')) metrics.push(await listenOn(l, metricsServer(true), metrics));
-      return await supervise(n, inherited);
+      return await supervise(n, inherited, offered);
     }
-    return await runWorker(makeEnv, configPath, extra, inherited);
+    return await runWorker(makeEnv, configPath, extra, inherited, offered !== null && handoff !== null ? { path: offered, server: handoff } : null);
   } finally {
+    if (offered !== null) await withdrawHandoff(instance, offered);
     for (const s of metrics) s.close();
     anvil?.close();
+  }
+}
+
+/**
+ * The hand-off socket's path, RUN_DIR/deliver.sock, named in DIR/deliver-handoff.json for
+ * `pigeon deliver` (a socket left by a killed serve is removed first: this process owns
+ * run_dir). null, logged, when it cannot be offered; deliver then delivers in its own process.
+ */
+async function offerHandoff(instance: Instance): Promise<string | null> {
+  const [{ createLogger }, { writeHandoffAs, writerFor, HANDOFF_SOCKET, MAX_SOCKET_PATH }, { join }, { lstatSync, unlinkSync }, { resolveMailUser }] = await Promise.all([
+    import('../src/log.js'),
+    import('../src/delivery/handoff-file.js'),
+    import('node:path'),
+    import('node:fs'),
+    import('../src/mailuser.js'),
+  ]);
+  const log = createLogger({ level: instance.config.log.level, file: instance.logFile });
+  const path = join(instance.runDir, HANDOFF_SOCKET);
+  if (Buffer.byteLength(path) > MAX_SOCKET_PATH) {
+    log.log('warn', 'deliver', `no hand-off for pigeon deliver: ${path} is longer than a unix socket path may be (${MAX_SOCKET_PATH} bytes; set a shorter run_dir)`);
+    return null;
+  }
+  try {
+    try {
+      if (lstatSync(path).isSocket()) unlinkSync(path);
+    } catch {
+      /* none */
+    }
+    // never as root into a directory the mail user may change (see src/delivery/handoff-file.ts)
+    writeHandoffAs(instance.file, path, writerFor(instance.dir, resolveMailUser(instance.config.mail_user)));
+    return path;
+  } catch (e) {
+    log.log('warn', 'deliver', `no hand-off for pigeon deliver: cannot write ${instance.dir}/deliver-handoff.json: ${(e as NodeJS.ErrnoException).code ?? String(e)}`);
+    return null;
+  }
+}
+
+/** serve stops: deliver no longer finds it (the runtime file first, then the socket). */
+async function withdrawHandoff(instance: Instance, path: string): Promise<void> {
+  const [{ removeHandoff }, { lstatSync, unlinkSync }] = await Promise.all([import('../src/delivery/handoff-file.js'), import('node:fs')]);
+  removeHandoff(instance.dir);
+  try {
+    if (lstatSync(path).isSocket()) unlinkSync(path);
+  } catch {
+    /* gone */
   }
 }
 
@@ -191,7 +245,7 @@ function workerState(m: unknown): WorkerState['pigeon'] | null {
   return p === 'ready' || p === 'reloaded' ? p : null;
 }
 
-async function supervise(n: number, inherited: readonly InheritedSocket[]): Promise<number> {
+async function supervise(n: number, inherited: readonly InheritedSocket[], handoffPath: string | null): Promise<number> {
   const { workerEnv, monotonicUsec } = await import('../src/systemd.js');
   let stopping = false;
   // readiness: every first worker has opened its listeners; a reload: every worker has reloaded
@@ -215,7 +269,7 @@ async function supervise(n: number, inherited: readonly InheritedSocket[]): Prom
     if (live.size === 0) allExited?.();
   };
   const fork = (): void => {
-    const w = cluster.fork(workerEnv(inherited));
+    const w = cluster.fork({ ...workerEnv(inherited), [HANDOFF_ENV]: handoffPath ?? '' });
     live.add(w);
     w.on('message', (m: unknown) => {
       const state = workerState(m);
@@ -300,14 +354,22 @@ export function needsRestart(old: Instance, now: Instance, oldPeer: string, nowP
 /** A TCP connection waiting for (or holding) its slot in the node-wide limits. */
 interface Admitted {
   /** the slot, or null when refused or closed meanwhile */
-  readonly slot: Promise<Slot | null>;
-  /** the session's connection, once it runs (eviction then ends it in protocol) */
+  slot: Promise<Slot | null>;
+  /** the session's connection, once it runs (eviction then ends it in protocol); null again once its login session returned */
   conn: ClientConn | null;
+  /** the TCP socket until it closes (a handed-off session's is closed in the worker at once) */
+  open: Socket | null;
   /** the client's addresses: the socket's, or those a PROXY header named */
   readonly peer: Peer;
 }
 
-async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | undefined, extra: ExtraListener | null, inherited: readonly InheritedSocket[]): Promise<number> {
+async function runWorker(
+  makeEnv: () => Promise<ProxyEnv>,
+  configPath: string | undefined,
+  extra: ExtraListener | null,
+  inherited: readonly InheritedSocket[],
+  handoff: { readonly path: string; readonly server: HandoffListener } | null,
+): Promise<number> {
   const [{ implicitTlsOptions, guardHandshakes }, { loadClientTls }, { loadInstance }, { createLogger }, { ClientConn }, { unmapIp }, { liveCount }, { admit, attachSlot, limitReply }, sessions, { passProxyHeader, socketPeer }, systemd] = await Promise.all([
     import('../src/proxy/tls.js'),
     import('../src/client-tls.js'),
@@ -328,6 +390,17 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
   /** TLS connections between TCP accept and the end of the handshake, by client address:port */
   const handshaking = new Map<string, Admitted>();
 
+  /**
+   * What the node state service calls to evict an unauthenticated connection. Made here, not in
+   * admitTcp, so that it holds the connection only through `adm` (which lets go of the socket and
+   * the session once they end): the service keeps it for the slot's whole life.
+   */
+  const evict = (proto: 'imap' | 'pop3', adm: Admitted) => (): void => {
+    env.log.log('info', `${proto}-login`, 'Disconnected (connection limit reached: evicted as the oldest connection that had not logged in):', { rip: adm.peer.rip, lport: adm.peer.lport });
+    if (adm.conn) adm.conn.end(limitReply(proto, 'evicted'));
+    else adm.open?.destroy();
+  };
+
   /** Ask the node for a slot for a new TCP connection; refuse or close it when there is none. */
   const admitTcp = (proto: 'imap' | 'pop3', raw: Socket, tls: boolean, peer: Peer): Admitted => {
     const ip = peer.rip;
@@ -338,16 +411,11 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
     raw.once('close', () => {
       closed = true;
       sockets.delete(raw);
+      adm.open = null;
       slot?.close();
     });
-    const adm: Admitted = {
-      conn: null,
-      peer,
-      slot: admit(env, ip, proto, () => {
-        env.log.log('info', `${proto}-login`, 'Disconnected (connection limit reached: evicted as the oldest connection that had not logged in):', { rip: ip, lport: peer.lport });
-        if (adm.conn) adm.conn.end(limitReply(proto, 'evicted'));
-        else raw.destroy();
-      }).then((a) => {
+    const adm: Admitted = { conn: null, open: raw, peer, slot: Promise.resolve(null) };
+    adm.slot = admit(env, ip, proto, evict(proto, adm)).then((a) => {
         if (!a.admitted) {
           env.log.log('warn', `${proto}-login`, `Connection refused (${a.why === 'max_connections' ? 'too many connections: limits.max_connections, none unauthenticated to evict' : a.why}):`, { rip: ip });
           if (tls) raw.destroy(); // no TLS yet: nothing can be said
@@ -360,8 +428,7 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
         }
         slot = a.slot;
         return a.slot;
-      }),
-    };
+      });
     return adm;
   };
 
@@ -376,7 +443,11 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
         env.log.log('error', `${proto}-login`, `session failed: ${e instanceof Error ? e.message : String(e)}`);
         sock.destroy();
       })
-      .finally(() => slot.close());
+      .finally(() => {
+        // a handed-off session goes on (its slot kept by the router); this connection is done
+        adm.conn = null;
+        slot.close();
+      });
   };
 
   /** The client's addresses: the socket's own, or (a `,proxy` listener) those its PROXY header names; null: refused and closed. */
@@ -465,9 +536,13 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
     servers.push(s);
     banners.push(`pigeon: listening ${l.protocol} ${addr(l, s)}${l.proxy ? ' (PROXY protocol)' : ''}\n`);
   }
+  if (handoff !== null) {
+    const s = await listenHandoff(env, handoff.path, handoff.server(env), sockets);
+    if (s !== null) servers.push(s);
+  }
   if (servers.length === 0) env.log.log('warn', 'master', 'no listeners configured (add --listen at init or listen: in pigeon.yaml)');
-  if (!cluster.isWorker || cluster.worker?.id === 1) process.stderr.write(`${banners.join('')}pigeon: ready (${servers.length} listeners)\n`);
-  env.log.log('info', 'master', `pigeon started (pid ${process.pid}${cluster.isWorker ? `, worker ${cluster.worker?.id ?? '?'}` : ''}, ${servers.length} listeners)`);
+  if (!cluster.isWorker || cluster.worker?.id === 1) process.stderr.write(`${banners.join('')}pigeon: ready (${banners.length} listeners)\n`);
+  env.log.log('info', 'master', `pigeon started (pid ${process.pid}${cluster.isWorker ? `, worker ${cluster.worker?.id ?? '?'}` : ''}, ${banners.length} listeners)`);
   // systemd: the primary says READY=1 once every worker said this (or this process is all there is)
   const tell = (state: WorkerState['pigeon'], systemd: string): void => {
     if (cluster.isWorker) process.send?.({ pigeon: state } satisfies WorkerState);
@@ -540,4 +615,34 @@ async function runWorker(makeEnv: () => Promise<ProxyEnv>, configPath: string | 
     process.once('SIGTERM', stop);
     process.once('SIGINT', stop);
   });
+}
+
+/**
+ * Listen on the hand-off socket: mode 0660, group of mail_user, when serve runs as root (pipe(8)
+ * runs deliver as that user), else 0600; run_dir's own permissions decide who reaches it at all.
+ * Its connections count as open sessions at SIGTERM (a hand-off in progress may finish). A
+ * failure is logged, and deliver then delivers in its own process.
+ */
+async function listenHandoff(env: ProxyEnv, path: string, server: Server, open: Set<Socket>): Promise<Server | null> {
+  const { chmodSync, chownSync } = await import('node:fs');
+  server.on('connection', (s: Socket) => {
+    open.add(s);
+    s.once('close', () => open.delete(s));
+  });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(path, resolve);
+    });
+    if ((process.geteuid?.() ?? 0) === 0) {
+      chownSync(path, 0, env.mailUser.gid);
+      chmodSync(path, 0o660);
+    } else chmodSync(path, 0o600);
+  } catch (e) {
+    server.close();
+    env.log.log('warn', 'deliver', `no hand-off for pigeon deliver: cannot listen on ${path}: ${(e as NodeJS.ErrnoException).code ?? String(e)}`);
+    return null;
+  }
+  env.log.log('info', 'deliver', `hand-off socket for pigeon deliver: ${path}`);
+  return server;
 }

@@ -21,6 +21,10 @@
  *                           relays link ↔ Dovecot. For context, the local mailbox is also fetched
  *                           over imaps (A relays one TLS stream; the peer path relays twice)
  *               POP3 RETR   `RETR 1` of the same message, repeated: MiB/s
+ *             FETCH and RETR rows also give the CPU time of each node's `pigeon serve` process
+ *             tree (user + system from /proc, with that of reaped children: the Dovecot sessions)
+ *             per MiB moved: a figure the machine's other load hardly changes, unlike MiB/s.
+ *             The targets of issue 15 are printed beside the ratios.
  *             Afterwards A's metrics listener must show the peer hand-offs (proof that `remote@`
  *             really went through the link). Everything is killed and removed at exit, also on
  *             failure or timeout. Needs root (Dovecot runs as the mail uid) and dovecot-imapd,
@@ -29,7 +33,7 @@
  *             (scripts/bench.mjs reads it: keys login, fetch, pop3_retr, each {local, peer, ratio}).
  */
 import { spawnSync, spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync, chmodSync, chownSync, readFileSync, existsSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, chmodSync, chownSync, readFileSync, existsSync, readdirSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { tmpdir, cpus } from 'node:os';
@@ -228,21 +232,60 @@ async function loginRound(user) {
   return { p50_ms: quantile(lat, 0.5), p90_ms: quantile(lat, 0.9), p99_ms: quantile(lat, 0.99), connect_to_ready_p50_ms: quantile(full, 0.5), cycles_per_second: LOGINS / secs, n: LOGINS };
 }
 
+// ---------------------------------------------------------------- CPU per MiB (load-independent)
+// CPU time (user + system, with that of reaped children: the Dovecot sessions) of each node's
+// `pigeon serve` process tree, from /proc: what a relayed MiB costs, whatever else the machine runs
+const TICK_MS = 1000 / Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim() || 100);
+function treeCpuMs(root) {
+  const kids = new Map();
+  const own = new Map();
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    let st;
+    try {
+      st = readFileSync(`/proc/${d}/stat`, 'utf8');
+    } catch {
+      continue; // gone meanwhile
+    }
+    const f = st.slice(st.lastIndexOf(')') + 2).split(' '); // fields from 3 (state) on
+    const ppid = Number(f[1]);
+    if (!kids.has(ppid)) kids.set(ppid, []);
+    kids.get(ppid).push(Number(d));
+    own.set(Number(d), (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) * TICK_MS); // utime stime cutime cstime
+  }
+  let ms = 0;
+  const todo = [root];
+  while (todo.length > 0) {
+    const p = todo.pop();
+    ms += own.get(p) ?? 0;
+    todo.push(...(kids.get(p) ?? []));
+  }
+  return ms;
+}
+/** Run `fn` (which moves `mib` MiB), adding the CPU ms per MiB of node A's and B's trees to its result. */
+async function withCpu(mib, fn) {
+  const before = { A: treeCpuMs(serve.A.pid), B: treeCpuMs(serve.B.pid) };
+  const r = await fn();
+  const a = (treeCpuMs(serve.A.pid) - before.A) / mib;
+  const b = (treeCpuMs(serve.B.pid) - before.B) / mib;
+  return { ...r, cpu_ms_per_MiB_A: a, cpu_ms_per_MiB_B: b, cpu_ms_per_MiB: a + b };
+}
+
 // ---------------------------------------------------------------- large FETCH, POP3 RETR
 async function fetchRound(user, { tls = false } = {}) {
   const c = await open(tls ? ports.A.imaps : ports.A.imap, { host: HOSTS.A, localAddress: '127.0.0.1', noDelay: true, tls });
   await imapLogin(c, user);
   c.s.write('b SELECT INBOX\r\n');
   await until(c, /^b OK[^\r\n]*\r\n/m);
-  const MiBps = await fetchRate(c, FETCHES, FETCH_MB * 1048576);
+  const r = await withCpu((FETCHES + 1) * FETCH_MB, async () => ({ MiBps: await fetchRate(c, FETCHES, FETCH_MB * 1048576) }));
   c.s.destroy();
-  return { MiBps };
+  return r;
 }
 async function retrRound(user) {
   const c = await open(ports.A.pop3, { host: HOSTS.A, localAddress: '127.0.0.1', noDelay: true });
-  const MiBps = await retrRate(c, user, PASS, FETCHES, FETCH_MB * 1048576);
+  const r = await withCpu((FETCHES + 1) * FETCH_MB, async () => ({ MiBps: await retrRate(c, user, PASS, FETCHES, FETCH_MB * 1048576) }));
   c.s.destroy();
-  return { MiBps };
+  return r;
 }
 
 function metrics(n) {
@@ -293,8 +336,13 @@ if (ONLY.has('fetch')) {
   // (the peer path relays twice and encrypts the A → B hop)
   log(`FETCH ${FETCH_MB} MiB TLS, local mailbox (context)`);
   const tls = [];
-  for (let r = 0; r < ROUNDS; r++) tls.push((await fetchRound(USERS.local, { tls: true })).MiBps);
-  results.fetch_tls_local = { MiBps: r2(median(tls)), raw: tls, peer_ratio: r2(results.fetch.peer.MiBps / median(tls)) };
+  const tlsCpu = [];
+  for (let r = 0; r < ROUNDS; r++) {
+    const x = await fetchRound(USERS.local, { tls: true });
+    tls.push(x.MiBps);
+    tlsCpu.push(x.cpu_ms_per_MiB);
+  }
+  results.fetch_tls_local = { MiBps: r2(median(tls)), raw: tls, peer_ratio: r2(results.fetch.peer.MiBps / median(tls)), cpu_ms_per_MiB: r2(median(tlsCpu)) };
 }
 if (ONLY.has('pop3')) {
   log(`POP3 RETR ${FETCH_MB} MiB plain`);
@@ -338,15 +386,17 @@ const f = (x, d = 1) => (x === null || x === undefined ? '-' : Number(x).toFixed
 console.log(`\nCluster: mailbox on node A (local) vs on node B through the peer link (peer); client at node A; medians of ${ROUNDS} rounds`);
 if (results.login) {
   const x = results.login;
-  console.log(`  login c=1       LOGIN→OK p50 ${f(x.local.p50_ms, 2)} vs ${f(x.peer.p50_ms, 2)} ms (${f(x.ratio.p50_ms, 2)}x)  p90 ${f(x.local.p90_ms, 2)} vs ${f(x.peer.p90_ms, 2)} ms (${f(x.ratio.p90_ms, 2)}x)  p99 ${f(x.local.p99_ms, 2)} vs ${f(x.peer.p99_ms, 2)} ms`);
+  console.log(`  login c=1       LOGIN→OK p50 ${f(x.local.p50_ms, 2)} vs ${f(x.peer.p50_ms, 2)} ms (${f(x.ratio.p50_ms, 2)}x; target ≤ 1.5x)  p90 ${f(x.local.p90_ms, 2)} vs ${f(x.peer.p90_ms, 2)} ms (${f(x.ratio.p90_ms, 2)}x)  p99 ${f(x.local.p99_ms, 2)} vs ${f(x.peer.p99_ms, 2)} ms`);
 }
-for (const [name, k] of [
-  ['FETCH 20 MiB', 'fetch'],
-  ['POP3 RETR 20 MiB', 'pop3_retr'],
+for (const [name, k, target] of [
+  ['FETCH 20 MiB', 'fetch', ''],
+  ['POP3 RETR 20 MiB', 'pop3_retr', '; target ≥ 0.6x'],
 ]) {
   const x = results[k];
-  if (x) console.log(`  ${name.padEnd(16)} ${f(x.local.MiBps, 0)} vs ${f(x.peer.MiBps, 0)} MiB/s (${f(x.ratio.MiBps, 2)}x)`);
+  if (!x) continue;
+  console.log(`  ${name.padEnd(16)} ${f(x.local.MiBps, 0)} vs ${f(x.peer.MiBps, 0)} MiB/s (${f(x.ratio.MiBps, 2)}x${target})`);
+  console.log(`  ${''.padEnd(16)} CPU of both nodes' serve trees (Dovecot included) per MiB: ${f(x.local.cpu_ms_per_MiB, 2)} vs ${f(x.peer.cpu_ms_per_MiB, 2)} ms (A ${f(x.peer.cpu_ms_per_MiB_A, 2)} + B ${f(x.peer.cpu_ms_per_MiB_B, 2)}), ${f(x.ratio.cpu_ms_per_MiB, 2)}x`);
 }
-if (results.fetch_tls_local) console.log(`  FETCH 20 MiB, local mailbox over imaps (one TLS relay on A): ${f(results.fetch_tls_local.MiBps, 0)} MiB/s; peer / that = ${f(results.fetch_tls_local.peer_ratio, 2)}x`);
+if (results.fetch_tls_local) console.log(`  FETCH 20 MiB, local mailbox over imaps (one TLS relay on A): ${f(results.fetch_tls_local.MiBps, 0)} MiB/s, CPU ${f(results.fetch_tls_local.cpu_ms_per_MiB, 2)} ms/MiB; peer / that = ${f(results.fetch_tls_local.peer_ratio, 2)}x (target ≥ 0.9x)`);
 console.log(`  peer hand-offs (metrics): A sent imap ${results.peer_handoffs.A_sent_imap_ok}, pop3 ${results.peer_handoffs.A_sent_pop3_ok}; B accepted imap ${results.peer_handoffs.B_received_imap}, pop3 ${results.peer_handoffs.B_received_pop3}`);
 process.exit(0);

@@ -3,7 +3,10 @@
 //   node -e 0       a bare Node start: the floor for `pigeon deliver` under pipe(8), timed the
 //                   same way (one process per message, as the mail user, sequential and parallel)
 //   pigeon deliver  one process per message, as Postfix pipe(8) runs it (user=mail: the uid of
-//                   mail_user, so the mailbox is written in the process itself), sequential and parallel
+//                   mail_user), sequential and parallel, two ways: handed off to the instance's
+//                   running `pigeon serve` (its hand-off socket, run_dir 0750 root:mail as README
+//                   says), and in-process (PIGEON_DELIVER_HANDOFF=0: the mailbox is written in the
+//                   deliver process itself)
 //   LMTP            one `pigeon` LMTP server process (what `pigeon serve` runs), 1 and C connections
 //   dovecot-lda     Dovecot's own MDA, same message, same disk, sequential and parallel
 //   fsync bound     the disk's limit for the durable Maildir protocol itself (exclusive create,
@@ -70,6 +73,24 @@ if (AS_MAIL) {
 }
 const asMail = AS_MAIL ? { uid: MAIL_UID, gid: MAIL_UID } : {};
 
+// --- pigeon serve: the hand-off socket `pigeon deliver` finds through DIR/deliver-handoff.json ---
+// run_dir reachable by the mail user's group (README, pipe(8)); serve as root, like a real one
+const runDir = join(inst, 'run');
+mkdirSync(runDir, { recursive: true, mode: 0o750 });
+if (AS_MAIL) chownSync(runDir, 0, MAIL_UID);
+const serveProc = spawn(process.execPath, [CLI, '-c', inst, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+process.on('exit', () => serveProc.kill());
+await new Promise((res, rej) => {
+  let err = '';
+  serveProc.stderr.setEncoding('utf8');
+  serveProc.stderr.on('data', (d) => {
+    err += d;
+    if (/pigeon: ready/.test(err)) res();
+  });
+  serveProc.once('exit', (c) => rej(new Error(`pigeon serve exited ${c}: ${err}`)));
+});
+serveProc.stderr.resume();
+
 async function pool(n, conc, job) {
   let next = 0;
   const t0 = process.hrtime.bigint();
@@ -100,7 +121,16 @@ function spawnJob(cmd, args, opts) {
 
 // --- node -e 0 and pigeon deliver: one process per message ----------------------------------
 const nodeJob = spawnJob(process.execPath, ['-e', '0'], asMail);
-const deliverJob = spawnJob(process.execPath, [CLI, '-c', inst, 'deliver', '-f', 'bob@remote.test', 'alice@example.test'], asMail);
+const deliverArgv = [CLI, '-c', inst, 'deliver', '-f', 'bob@remote.test', 'alice@example.test'];
+const deliverJob = spawnJob(process.execPath, deliverArgv, { ...asMail, env: { ...process.env, PIGEON_DELIVER_HANDOFF: '0' } });
+const handoffJob = spawnJob(process.execPath, deliverArgv, asMail);
+// the hand-off row must measure hand-offs: one delivery, and serve's log (stderr) names it
+{
+  const before = readdirSync(join(inst, 'mail', 'example.test', 'alice', 'new')).length;
+  await handoffJob();
+  if (readdirSync(join(inst, 'mail', 'example.test', 'alice', 'new')).length !== before + 1) throw new Error('hand-off: no delivery');
+  if (!existsSync(join(inst, 'deliver-handoff.json'))) throw new Error('pigeon serve offers no hand-off (deliver-handoff.json missing)');
+}
 
 // --- LMTP ----------------------------------------------------------------------------------
 const serverCode = `
@@ -196,11 +226,13 @@ async function durableWrite() {
 }
 
 // --- rounds: every row once per round, in the same order ------------------------------------------
-const ROWS = ['node_seq', 'node_par', 'deliver_seq', 'deliver_par', 'lmtp_1', 'lmtp_c', 'lda_seq', 'lda_par', 'fsync_seq', 'fsync_par'];
+const ROWS = ['node_seq', 'node_par', 'handoff_seq', 'handoff_par', 'deliver_seq', 'deliver_par', 'lmtp_1', 'lmtp_c', 'lda_seq', 'lda_par', 'fsync_seq', 'fsync_par'];
 const per = Object.fromEntries(ROWS.map((k) => [k, []]));
 for (let r = 0; r < ROUNDS; r++) {
   per.node_seq.push(await pool(NSEQ, 1, nodeJob));
   per.node_par.push(await pool(NPAR, C, nodeJob));
+  per.handoff_seq.push(await pool(NSEQ, 1, handoffJob));
+  per.handoff_par.push(await pool(NPAR, C, handoffJob));
   per.deliver_seq.push(await pool(NSEQ, 1, deliverJob));
   per.deliver_par.push(await pool(NPAR, C, deliverJob));
   per.lmtp_1.push(await lmtpBench(1));
@@ -214,6 +246,7 @@ for (let r = 0; r < ROUNDS; r++) {
   if (!jsonOnly) console.error(`bench-delivery: round ${r + 1}/${ROUNDS} done`);
 }
 server.kill();
+serveProc.kill();
 
 const med = (a) => {
   const s = [...a].sort((x, y) => x - y);
@@ -238,6 +271,8 @@ function rateRatio(a, b) {
 }
 const nodeSeq = summary(per.node_seq);
 const nodePar = summary(per.node_par);
+const handoffSeq = summary(per.handoff_seq);
+const handoffPar = summary(per.handoff_par);
 const deliverSeq = summary(per.deliver_seq);
 const deliverPar = summary(per.deliver_par);
 const lmtp1 = summary(per.lmtp_1);
@@ -256,12 +291,15 @@ const result = {
   rounds: ROUNDS,
   deliver_as: AS_MAIL ? `uid ${MAIL_UID} (as pipe(8) user=mail)` : `uid ${process.getuid?.()}`,
   node_start: { sequential: nodeSeq, parallel: nodePar },
+  // in-process (PIGEON_DELIVER_HANDOFF=0) and handed off to the running pigeon serve
   pigeon_deliver: { sequential: deliverSeq, parallel: deliverPar },
+  pigeon_deliver_handoff: { sequential: handoffSeq, parallel: handoffPar },
   pigeon_lmtp: { one_connection: lmtp1, parallel: lmtpC },
   dovecot_lda: ldaNote ? { skipped: ldaNote } : { sequential: ldaSeq, parallel: ldaPar },
   fsync_bound: { sequential: fsyncSeq, parallel: fsyncPar },
   // per-message cost of pigeon deliver over a bare node start (target ≤ 1.5), per round
   deliver_vs_node: { sequential: costRatio(per.deliver_seq, per.node_seq), parallel: costRatio(per.deliver_par, per.node_par) },
+  handoff_vs_node: { sequential: costRatio(per.handoff_seq, per.node_seq), parallel: costRatio(per.handoff_par, per.node_par) },
   // LMTP over the disk's bound (target ≥ 0.8), per round
   lmtp_vs_fsync: { one_connection: rateRatio(per.lmtp_1, per.fsync_seq), parallel: rateRatio(per.lmtp_c, per.fsync_par) },
   stored_messages: stored,
@@ -273,16 +311,20 @@ if (!jsonOnly) {
   console.log(`\nDelivery of ${MESSAGE.length}-byte messages, ${cpus().length} CPUs, Node ${process.version}, ${ROUNDS} rounds, deliver as ${result.deliver_as}:`);
   console.log(row('node -e 0, sequential', nodeSeq));
   console.log(row(`node -e 0, ${C} parallel`, nodePar));
-  console.log(row('pigeon deliver (pipe), sequential', deliverSeq));
-  console.log(row(`pigeon deliver (pipe), ${C} parallel`, deliverPar));
+  console.log(row('pigeon deliver → serve, sequential', handoffSeq));
+  console.log(row(`pigeon deliver → serve, ${C} parallel`, handoffPar));
+  console.log(row('pigeon deliver in-process, seq', deliverSeq));
+  console.log(row(`pigeon deliver in-process, ${C} par`, deliverPar));
   console.log(row('pigeon LMTP, 1 connection', lmtp1));
   console.log(row(`pigeon LMTP, ${C} connections`, lmtpC));
   console.log(row('dovecot-lda, sequential', ldaSeq));
   console.log(row(`dovecot-lda, ${C} parallel`, ldaPar));
   console.log(row('fsync bound (tmp→new), 1 stream', fsyncSeq));
   console.log(row(`fsync bound (tmp→new), ${C} streams`, fsyncPar));
-  console.log(ratio('deliver cost / node -e 0, seq', result.deliver_vs_node.sequential, '≤ 1.5×'));
-  console.log(ratio(`deliver cost / node -e 0, ${C} par`, result.deliver_vs_node.parallel, '≤ 1.5×'));
+  console.log(ratio('deliver→serve / node -e 0, seq', result.handoff_vs_node.sequential, '≤ 1.5×'));
+  console.log(ratio(`deliver→serve / node -e 0, ${C} par`, result.handoff_vs_node.parallel, '≤ 1.5×'));
+  console.log(ratio('deliver in-proc / node -e 0, seq', result.deliver_vs_node.sequential, '≤ 1.5×'));
+  console.log(ratio(`deliver in-proc / node -e 0, ${C} par`, result.deliver_vs_node.parallel, '≤ 1.5×'));
   console.log(ratio('LMTP / fsync bound, 1 conn', result.lmtp_vs_fsync.one_connection, '≥ 0.8×'));
   console.log(ratio(`LMTP / fsync bound, ${C} conns`, result.lmtp_vs_fsync.parallel, '≥ 0.8×'));
   if (ldaNote) console.log(`  dovecot-lda skipped: ${ldaNote}`);

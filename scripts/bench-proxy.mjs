@@ -13,9 +13,11 @@
  *               FETCH plain, TLS  `FETCH 1 BODY.PEEK[]` of one 20 MiB message, repeated: MiB/s
  *               POP3 RETR         `RETR 1` of the same message, repeated: MiB/s
  *               idle              N sessions logged in, SELECTed and in IDLE: PSS (smaps_rollup) of
- *                                 the proxy's processes (growth over its idle baseline) and of the
- *                                 backend `imap` processes, per session; Dovecot's login/auth/
- *                                 master processes likewise for the reference
+ *                                 the proxy's processes (workers, their spawners; growth over its
+ *                                 idle baseline) and of the backend `imap` processes, per session;
+ *                                 Dovecot's login/auth/master processes likewise for the
+ *                                 reference; then up to 1000 (--quick: 200) such sessions over
+ *                                 imaps (relayed by the proxy, by imap-login for Dovecot)
  *             Clients bind to distinct 127.x.y.z source addresses (the proxy allows 20 concurrent
  *             connections per client address). Everything is killed and removed at exit, also on
  *             failure or timeout. Needs root (Dovecot runs as the mail uid 8) and dovecot-imapd,
@@ -96,7 +98,8 @@ const P = { imap: await freePort(), imaps: await freePort(), pop3: await freePor
   const r = spawnSync(process.execPath, [CLI, 'init', dir, '--node', 'bench', '--listen', `imap=127.0.0.1:${P.imap}`, '--listen', `imaps=127.0.0.1:${P.imaps}`, '--listen', `pop3=127.0.0.1:${P.pop3}`, '--listen', `lmtp=127.0.0.1:${P.lmtp}`], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`pigeon init: ${r.stderr}`);
 }
-writeFileSync(join(dir, 'conf.d', '50-bench.yaml'), 'log:\n  level: warn\n  file: pigeon.log\n');
+// relayed (TLS) sessions count against limits.max_connections (default 1000): raised for the idle rows
+writeFileSync(join(dir, 'conf.d', '50-bench.yaml'), 'log:\n  level: warn\n  file: pigeon.log\nlimits:\n  max_connections: 20000\n');
 pig(['domain', 'add', 'example.test']);
 // the same cheap scheme on both sides: the login path is measured, not the hash
 const SCHEME = 'SSHA256';
@@ -183,7 +186,8 @@ const dv = join(base, 'dovecot');
 mkdirSync(join(dv, 'run'), { recursive: true });
 mkdirSync(join(dv, 'state'), { recursive: true });
 writeFileSync(join(dv, 'passwd'), `${USER}:${pwHash}\n`);
-const BIG_LIMIT = 6000;
+// Dovecot's process and client limits: above the largest idle row (`--idle 10000` needs more than 6000)
+const BIG_LIMIT = Math.max(6000, Math.ceil(Math.max(0, ...IDLE) * 1.2));
 // Dovecot's LMTP server is Debian's dovecot-lmtpd (not in the README's set-up line): rows skipped without it
 const HAVE_LMTP = existsSync('/usr/lib/dovecot/lmtp');
 writeFileSync(
@@ -422,8 +426,8 @@ async function settledMemory(rootPid, serve) {
   if (heap) out.front.js_after_gc_kB = { heapUsed: Math.round(heap.heapUsed / 1024), external: Math.round(heap.external / 1024), arrayBuffers: Math.round(heap.arrayBuffers / 1024) };
   return out;
 }
-async function idleSession(port, i) {
-  const c = await open(port, { localAddress: srcAddr(1000 + i) });
+async function idleSession(port, i, tls = false) {
+  const c = await open(port, { localAddress: srcAddr((tls ? 20_000 : 1000) + i), tls });
   await imapLogin(c);
   c.s.write('b SELECT INBOX\r\n');
   await until(c, /^b OK[^\r\n]*\r\n/m);
@@ -433,7 +437,7 @@ async function idleSession(port, i) {
   c.s.on('data', () => (c.buf = ''));
   return c;
 }
-async function idleRun(side, rootPid, n, serve) {
+async function idleRun(side, rootPid, n, serve, tls = false) {
   const before = await settledMemory(rootPid, serve);
   const t0 = Date.now();
   const sessions = [];
@@ -442,7 +446,7 @@ async function idleRun(side, rootPid, n, serve) {
     Array.from({ length: 32 }, async () => {
       while (next < n) {
         const i = next++;
-        sessions.push(await idleSession(side.port.imap, i));
+        sessions.push(await idleSession(tls ? side.port.imaps : side.port.imap, i, tls));
       }
     }),
   );
@@ -480,7 +484,13 @@ for (const n of ONLY.has('idle') ? IDLE : []) {
   const proxy = await idleRun(SIDES.proxy, serveP.pid, n, serveP);
   log(`idle: ${n} sessions to Dovecot directly`);
   const direct = await idleRun(SIDES.direct, dovecot.pid, n);
-  results.idle.push({ sessions: n, proxy_workers: workers, proxy, direct });
+  // TLS sessions are relayed (the proxy holds the TLS state, the backend's pipes): measured beside
+  // the handed-off ones, up to 1000 of them (200 with --quick; imaps on both sides)
+  const nt = Math.min(n, QUICK ? 200 : 1000);
+  log(`idle: ${nt} TLS sessions through the proxy, then to Dovecot directly`);
+  const proxyTls = await idleRun(SIDES.proxy, serveP.pid, nt, serveP, true);
+  const directTls = await idleRun(SIDES.direct, dovecot.pid, nt, null, true);
+  results.idle.push({ sessions: n, proxy_workers: workers, proxy, direct, tls: { sessions: nt, proxy: proxyTls, direct: directTls } });
 }
 
 // ---------------------------------------------------------------- LMTP: pigeon serve vs Dovecot's lmtp
@@ -557,5 +567,6 @@ for (const i of results.idle) {
   console.log(
     `  idle ${String(i.sessions).padEnd(9)} proxy ${f(i.proxy.front_pss_kB_per_session)} kB/session + backend ${f(i.proxy.backend_pss_kB_per_session)} kB;  Dovecot login/auth/master ${f(i.direct.front_pss_kB_per_session)} kB/session + imap ${f(i.direct.backend_pss_kB_per_session)} kB (PSS)${i.proxy.front_js_heap_kB_per_session !== undefined ? `; proxy live JS heap after GC ${f(i.proxy.front_js_heap_kB_per_session)} kB/session, external ${f(i.proxy.front_js_external_kB_per_session)} kB` : ''}`,
   );
+  if (i.tls) console.log(`  idle ${String(i.tls.sessions).padEnd(4)}TLS proxy ${f(i.tls.proxy.front_pss_kB_per_session)} kB/session (relayed) + backend ${f(i.tls.proxy.backend_pss_kB_per_session)} kB;  Dovecot login/auth/master ${f(i.tls.direct.front_pss_kB_per_session)} kB/session + imap ${f(i.tls.direct.backend_pss_kB_per_session)} kB (PSS)`);
 }
 process.exit(0);

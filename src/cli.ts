@@ -8,7 +8,6 @@
  */
 import type { Command } from '@commander-js/extra-typings';
 import { EX, isAppError } from './errors.js';
-import { randomBytes } from 'node:crypto';
 import { enableCompileCache } from './compile-cache.js';
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -33,7 +32,7 @@ function commandOf(argv: readonly string[]): string | null {
 }
 
 export async function buildProgram(argv: readonly string[]): Promise<Command<[], { config?: string }>> {
-  const { Command } = await import('@commander-js/extra-typings');
+  const { Command, Option } = await import('@commander-js/extra-typings');
   const program = new Command()
     .name('pigeon')
     .description('PigeonDeliver: IMAP/POP3 modular proxy with an embedded delivery agent')
@@ -52,14 +51,16 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
     .option('--db <url>', 'database: sqlite:PATH or PATH (default sqlite:pigeon.db inside DIR), or a PostgreSQL server shared by nodes on several hosts: postgres://USER@HOST[,HOST2]/DB[?sslmode=…&target_session_attrs=read-write] (written into pigeon.yaml, then mode 0600)')
     .option('--db-password-file <file>', 'the database server\'s password is this file\'s first line (mode 0600 or 0640; written as database_password_file), instead of the URL or ~/.pgpass')
     .option('--ca-from <dir>', 'join an existing cluster CA: a directory from "pigeon cert issue NODE --out DIR" (its node.crt becomes this node\'s), or another instance holding certs/ca.key (a certificate is issued here)')
+    .addOption(new Option('--key <type>', 'key of the new host certificate (and of a new cluster CA): ec (ECDSA P-256) or rsa (RSA-2048)').choices(['ec', 'rsa'] as const).default('ec' as const))
     .option('--demo', 'also add domain example.test and user demo@example.test with a printed password')
     .description('create an instance: config file, database, cluster CA and host certificate, mail root')
     .action(async (dir, o) => {
       const { initInstance } = await import('./init.js');
-      const r = await initInstance({ dir, node: o.node, listen: o.listen, db: o.db, dbPasswordFile: o.dbPasswordFile, caFrom: o.caFrom });
+      const r = await initInstance({ dir, node: o.node, listen: o.listen, db: o.db, dbPasswordFile: o.dbPasswordFile, caFrom: o.caFrom, key: o.key });
       console.log(`instance created in ${r.dir}\n  config:   ${r.dir}/pigeon.yaml\n  database: ${r.dbPath}\n  certs:    ${r.dir}/certs/\n  mail:     ${r.dir}/mail/`);
       if (o.demo) {
-        const [{ loadInstance }, { openInstanceStore }, { hashPassword }] = await Promise.all([import('./instance.js'), import('./context.js'), import('../auth/schemes.js')]);
+        // node:crypto on demand: importing it loads webcrypto too (≈ 30 ms of every `pigeon deliver`)
+        const [{ loadInstance }, { openInstanceStore }, { hashPassword }, { randomBytes }] = await Promise.all([import('./instance.js'), import('./context.js'), import('../auth/schemes.js'), import('node:crypto')]);
         const store = await openInstanceStore(loadInstance(r.dir));
         const pw = randomBytes(9).toString('base64url');
         try {

@@ -31,8 +31,7 @@ import { BACKENDS, localBackends, backendConfig } from '../backends/registry.js'
 import { resolve, type SettingRow } from './resolve.js';
 import { decidingRows, rowsOf } from './backend-switch.js';
 import { checkPair, clientPairs } from './client-tls.js';
-import { loadNodeCredentials } from '../certs/verify.js';
-import { EXPIRY_WARN_DAYS } from '../certs/ca.js';
+import { loadNodeCredentials, EXPIRY_WARN_DAYS } from '../certs/verify.js';
 import { AppError, isAppError } from './errors.js';
 import { loadClientTls } from './client-tls.js';
 import { resolveMailUser } from './mailuser.js';

@@ -27,7 +27,7 @@ import { AppError } from './errors.js';
 import { parseListen, type Listener } from './instance.js';
 import { openStore, parseDbUrl, redactUrl, type DbTarget, type OpenOptions } from './store.js';
 import { checkNodeName } from './nodes.js';
-import { createCa, issueHostCert, writeKeyPair, readKeyPair, LOOPBACK_NAMES, type KeyPair } from '../certs/ca.js';
+import { createCa, issueHostCert, writeKeyPair, readKeyPair, LOOPBACK_NAMES, type KeyPair, type KeyType } from '../certs/ca.js';
 import { loadNodeCredentials, verifyHostCert } from '../certs/verify.js';
 
 /** rmdir: true when `dir` is gone (or was never there), false when it is not empty. */
@@ -48,6 +48,8 @@ export interface InitOptions {
   /** database_password_file: the database server's password (first line), instead of the URL */
   readonly dbPasswordFile?: string | undefined;
   readonly caFrom: string | undefined;
+  /** the kind of key of a new host certificate and of a new cluster CA (default ec) */
+  readonly key?: KeyType;
 }
 
 function yamlListen(ls: readonly Listener[], raw: readonly string[]): string {
@@ -115,6 +117,10 @@ peer:
   handoff_timeout_s: 10
   # connecting to another node gives up after this time (the client gets [UNAVAILABLE])
   connect_timeout_s: 10
+  # spare, already verified links kept per other node in use (per worker), so sessions skip
+  # the TLS handshake; 0 = none. A spare unused pool_idle_s is closed (at most handoff_timeout_s/2)
+  pool_size: 4
+  pool_idle_s: 5
   # this node's certificate from the cluster CA (pigeon init / pigeon cert issue): peer links
   # only, never shown to mail clients (they see tls.cert)
   cert: certs/node.crt
@@ -331,11 +337,11 @@ export async function initInstance(o: InitOptions): Promise<{ dir: string; dbPat
       host = from.host;
       writeFileSync(join(dir, 'certs', 'ca.crt'), caPem, { mode: 0o644, flag: 'wx' });
     } else {
-      const ca = from?.ca ?? createCa(o.node);
+      const ca = from?.ca ?? (await createCa(o.node, { ...(o.key !== undefined ? { key: o.key } : {}) }));
       caPem = ca.certPem;
       if (from) writeFileSync(join(dir, 'certs', 'ca.crt'), ca.certPem, { mode: 0o644, flag: 'wx' });
       else writeKeyPair(ca, join(dir, 'certs', 'ca.crt'), join(dir, 'certs', 'ca.key'));
-      host = issueHostCert(ca, o.node, LOOPBACK_NAMES);
+      host = await issueHostCert(ca, o.node, LOOPBACK_NAMES, {}, o.key);
     }
     writeKeyPair(host, join(dir, 'certs', 'node.crt'), join(dir, 'certs', 'node.key'));
     const info = verifyHostCert(host.certPem, caPem, o.node);

@@ -12,11 +12,12 @@
  *             them; a backend named there may own the section of its name).
  * DIAGNOSTICS CONFIG_INVALID / CONFIG_MISSING, exit 78: `file:line:col: key: message`.
  */
-import { readFileSync, readdirSync, existsSync, statSync } from 'node:fs';
-import { dirname, join, resolve, isAbsolute } from 'node:path';
+import { readFileSync, readdirSync, existsSync } from 'node:fs';
+import { dirname, join, isAbsolute } from 'node:path';
 import { parseDocument, LineCounter, isMap, isSeq, type Node } from 'yaml';
 import { z } from 'zod';
 import { AppError } from './errors.js';
+import { configFileOf } from './instance-path.js';
 import { parseDbUrl, redactUrl, type ServerDbOptions } from './store.js';
 import { checkAuthSection, SOURCE_NAME } from '../auth/registry.js';
 import { TRUST } from '../certs/trust.js';
@@ -38,6 +39,8 @@ import {
   PROXY_HEADER_MS,
   PEER_HANDOFF_MS,
   PEER_CONNECT_MS,
+  PEER_POOL_SIZE,
+  PEER_POOL_IDLE_MS,
   PG_POOL_SIZE,
   PG_CONNECT_TIMEOUT_S,
   PG_STATEMENT_TIMEOUT_S,
@@ -188,6 +191,9 @@ const baseShape = {
       trust: z.string().default('registry'),
       handoff_timeout_s: z.number().int().min(1).max(300).default(PEER_HANDOFF_MS / 1000),
       connect_timeout_s: z.number().int().min(1).max(300).default(PEER_CONNECT_MS / 1000),
+      // spare, already verified links per other node (src/peer/link.ts): a burst of sessions skips the handshakes
+      pool_size: z.number().int().min(0).max(64).default(PEER_POOL_SIZE),
+      pool_idle_s: z.number().int().min(1).max(300).default(PEER_POOL_IDLE_MS / 1000),
       // this node's certificate from the cluster CA (tls.ca), for peer links only
       cert: path.default('certs/node.crt'),
       key: path.default('certs/node.key'),
@@ -315,9 +321,7 @@ export interface Instance {
 
 /** Where the instance is: -c, then PIGEON_CONFIG, then /etc/pigeon. A directory means DIR/pigeon.yaml. */
 export function locate(c: string | undefined): string {
-  const given = c ?? process.env['PIGEON_CONFIG'] ?? '/etc/pigeon/pigeon.yaml';
-  let file = resolve(given);
-  if (existsSync(file) && statSync(file).isDirectory()) file = join(file, 'pigeon.yaml');
+  const file = configFileOf(c);
   if (!existsSync(file)) {
     throw new AppError('CONFIG_MISSING', `${file}: no such configuration file (create an instance with "pigeon init DIR", then use -c DIR)`);
   }

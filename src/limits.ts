@@ -41,6 +41,8 @@ export const ANVIL_IDLE_MS = 30_000; // an auto-started service exits after this
 export const ANVIL_CHECK_MS = 2_000; // how often the service checks that its socket is still its own
 // delivery
 export const LMTP_IDLE_MS = 300_000; // an LMTP session that sends nothing for this long is closed (421)
+export const DELIVER_HANDOFF_MAX_HEADER = 1024 * 1024; // `pigeon deliver` → serve hand-off: the request line (argv is smaller than this)
+export const DELIVER_HANDOFF_MAX_FRAME = 1024 * 1024; // … and one frame of the message (deliver sends at most 64 KiB)
 export const MBOX_STALE_LOCK_MS = 300_000; // an mbox dotlock older than this belongs to a dead process and is removed
 export const MAX_MESSAGE_SIZE = 64 * 1024 * 1024; // default of mailstore.max_size: larger is 552 5.3.4
 export const ALLOCATION_LOCK_WAIT_MS = 20_000; // creator `lock`: how long a first login or mail waits for another allocator
@@ -64,6 +66,8 @@ export const TLS_HANDSHAKE_MS = 15_000; // limits.tls_handshake_timeout_s
 export const PROXY_HEADER_MS = 3_000; // limits.proxy_header_timeout_s: a `,proxy` listener's PROXY header must arrive within this
 export const PEER_HANDOFF_MS = 10_000; // peer.handoff_timeout_s: a peer must send its whole hand-off within this
 export const PEER_CONNECT_MS = 10_000; // peer.connect_timeout_s
+export const PEER_POOL_SIZE = 4; // peer.pool_size: verified spare links kept per other node, per process (0: none)
+export const PEER_POOL_IDLE_MS = 5_000; // peer.pool_idle_s: a spare unused this long is closed (at most half of peer.handoff_timeout_s)
 export const PEER_TLS_HANDSHAKE_MS = 15_000; // a node connecting to the peer listener must finish its TLS handshake within this
 // a database server (PostgreSQL), per process, defaults of pigeon.yaml database_pool_size,
 // database_connect_timeout_s (per host of the URL) and database_statement_timeout_s

@@ -90,6 +90,8 @@ export class StreamLines {
       stream.once('close', this.onEnd);
     }
     stream.once('error', this.onError);
+    // a stream that closed before this reader came will not say so again: no wait for the deadline
+    if (opts.endFails !== false && (stream.destroyed || stream.readableEnded)) this.onEnd();
     stream.resume();
   }
 

@@ -69,11 +69,11 @@ t.test('clients see tls.cert (any CA) and tls.sni; peer links keep the node cert
   const B = await makeNode(t, base, 'B', '127.0.0.13', join(A.dir, 'pigeon.db'), A.dir);
   // A also listens for implicit TLS (lists replace: the whole list again, same peer port)
   writeFileSync(join(A.dir, 'conf.d', '55-listen.yaml'), `listen: ["imap=${A.ip}:0", "imaps=${A.ip}:0", "lmtp=${A.ip}:0", "peer=${A.ip}:${A.peerPort}", "metrics=${A.ip}:0"]\n`);
-  const pub = createCa('public-test');
+  const pub = await createCa('public-test');
   const pubCa = Buffer.from(pub.certPem);
   const clusterCa = readFileSync(join(A.dir, 'certs', 'ca.crt'));
-  writeKeyPair(issueHostCert(pub, 'mail.example.org', ['mail.example.org']), join(A.dir, 'mail.crt'), join(A.dir, 'mail.key'));
-  writeKeyPair(issueHostCert(pub, 'imap.example.net', ['imap.example.net']), join(A.dir, 'net.crt'), join(A.dir, 'net.key'));
+  writeKeyPair(await issueHostCert(pub, 'mail.example.org', ['mail.example.org']), join(A.dir, 'mail.crt'), join(A.dir, 'mail.key'));
+  writeKeyPair(await issueHostCert(pub, 'imap.example.net', ['imap.example.net']), join(A.dir, 'net.crt'), join(A.dir, 'net.key'));
   writeFileSync(join(A.dir, 'conf.d', '60-tls.yaml'), 'tls:\n  cert: mail.crt\n  key: mail.key\n  sni:\n    imap.example.net: { cert: net.crt, key: net.key }\n');
   A.run(['domain', 'add', 'example.test']);
   t.equal(A.run(['user', 'add', 'alice@example.test', '--password-stdin', '--home', 'B'], 'secret\n').status, 0);
@@ -138,7 +138,7 @@ t.test('clients see tls.cert (any CA) and tls.sni; peer links keep the node cert
 
   await t.test('SIGHUP: a replaced SNI certificate is served without a restart, sessions keep working', async (t) => {
     const before = (await implicit(A, pubCa, 'imap.example.net')).cert.fingerprint256;
-    writeKeyPair(issueHostCert(pub, 'imap.example.net', ['imap.example.net']), join(A.dir, 'net2.crt'), join(A.dir, 'net2.key'));
+    writeKeyPair(await issueHostCert(pub, 'imap.example.net', ['imap.example.net']), join(A.dir, 'net2.crt'), join(A.dir, 'net2.key'));
     writeFileSync(join(A.dir, 'conf.d', '60-tls.yaml'), 'tls:\n  cert: mail.crt\n  key: mail.key\n  sni:\n    imap.example.net: { cert: net2.crt, key: net2.key }\n');
     const reloads = (A.log().match(/master: configuration reloaded/g) ?? []).length;
     A.child?.kill('SIGHUP');

@@ -25,13 +25,13 @@ t.test('config test checks the certificates clients see (tls.cert, tls.sni) and 
   const dir = instance();
   const DAY = 86400_000;
   // a "public" CA, not the cluster's: what an admin buys or gets from ACME
-  const pub = createCa('public');
-  const pair = (name: string, file: string, validity: { notBefore?: Date; notAfter?: Date } = {}): void =>
-    writeKeyPair(issueHostCert(pub, name, [name], validity), join(dir, `${file}.crt`), join(dir, `${file}.key`));
-  pair('mail.example.org', 'mail');
-  pair('imap.example.net', 'net');
-  pair('old.example.org', 'old', { notBefore: new Date(Date.now() - 10 * DAY), notAfter: new Date(Date.now() - DAY) });
-  pair('soon.example.org', 'soon', { notAfter: new Date(Date.now() + 5 * DAY) });
+  const pub = await createCa('public');
+  const pair = async (name: string, file: string, validity: { notBefore?: Date; notAfter?: Date } = {}): Promise<void> =>
+    writeKeyPair(await issueHostCert(pub, name, [name], validity), join(dir, `${file}.crt`), join(dir, `${file}.key`));
+  await pair('mail.example.org', 'mail');
+  await pair('imap.example.net', 'net');
+  await pair('old.example.org', 'old', { notBefore: new Date(Date.now() - 10 * DAY), notAfter: new Date(Date.now() - DAY) });
+  await pair('soon.example.org', 'soon', { notAfter: new Date(Date.now() + 5 * DAY) });
   const conf = (text: string): Run => {
     writeFileSync(join(dir, 'conf.d', '60-tls.yaml'), text);
     return run(['-c', dir, 'config', 'test']);

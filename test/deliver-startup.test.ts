@@ -50,7 +50,7 @@ t.test('a local delivery loads the delivery code only', async (t) => {
     [/\/dist\/src\/commands\//, 'the command tree'],
     [/\/node_modules\/@node-rs\//, 'the password hash libraries'],
     [/\/dist\/src\/peer\/(context|deliver|link)\.js$/, 'the peer link'],
-    [/\/node_modules\/node-forge\//, 'node-forge'],
+    [/\/node_modules\/@peculiar\//, 'the X.509 library'],
     [/\/node_modules\/smtp-server\//, 'the LMTP server'],
   ];
   for (const [re, what] of unwanted) {

@@ -85,8 +85,8 @@ t.test('SIGHUP reloads the auth chain, client certificate and settings; a bad co
   // a passwd-file source in the chain, and a new client certificate
   const hash = inst.run(['pw', '-s', 'SHA512-CRYPT'], 'bobpw\n').stdout.trim();
   writeFileSync(join(inst.dir, 'users'), `bob@example.test:${hash}\n`);
-  const pub = createCa('public');
-  writeKeyPair(issueHostCert(pub, 'mail.example.org', ['mail.example.org']), join(inst.dir, 'mail.crt'), join(inst.dir, 'mail.key'));
+  const pub = await createCa('public');
+  writeKeyPair(await issueHostCert(pub, 'mail.example.org', ['mail.example.org']), join(inst.dir, 'mail.crt'), join(inst.dir, 'mail.key'));
   writeFileSync(join(inst.dir, 'conf.d', '70-reload.yaml'), 'auth:\n  chain: [database, passwd-file]\n  passwd_file: users\ntls:\n  cert: mail.crt\n  key: mail.key\n');
   let n = count(log, RELOADED);
   s.child.kill('SIGHUP');

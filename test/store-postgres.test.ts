@@ -223,10 +223,10 @@ t.test('a real server', async (t) => {
 
 t.test('TLS: sslmode and sslrootcert', async (t) => {
   if (!havePostgres(t)) return;
-  const ca = createCa('db-test');
-  const other = createCa('someone-else');
+  const ca = await createCa('db-test');
+  const other = await createCa('someone-else');
   // the certificate names "localhost" only: 127.0.0.1 passes verify-ca but not verify-full
-  const pg = await startPostgres(t, { tls: issueHostCert(ca, 'localhost') });
+  const pg = await startPostgres(t, { tls: await issueHostCert(ca, 'localhost') });
   if (!pg) return;
   const plain = await startPostgres(t);
   if (!plain) return;

@@ -15,12 +15,12 @@
  */
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync, rmdirSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import type { Command } from '@commander-js/extra-typings';
+import { Option, type Command } from '@commander-js/extra-typings';
 import { AppError } from '../errors.js';
 import { openCtx } from '../context.js';
 import { printJson } from '../io.js';
-import { issueHostCert, HOST_CERT_DAYS, EXPIRY_WARN_DAYS, LOOPBACK_NAMES, type KeyPair } from '../../certs/ca.js';
-import { verifyHostCert } from '../../certs/verify.js';
+import type { KeyPair } from '../../certs/ca.js';
+import { verifyHostCert, HOST_CERT_DAYS, EXPIRY_WARN_DAYS, LOOPBACK_NAMES } from '../../certs/verify.js';
 import { checkNodeName, isUp, type NodeRow } from '../nodes.js';
 
 type ConfigOpt = () => string | undefined;
@@ -108,6 +108,7 @@ export function registerCluster(program: Command, cfg: ConfigOpt): void {
     .argument('<node>', 'the node name (subject CN and subjectAltName of the certificate)')
     .requiredOption('--out <dir>', 'write ca.crt, node.crt and node.key into this directory (created 0700 if missing)')
     .option('--days <n>', `validity in days, 1..${MAX_DAYS} (default ${HOST_CERT_DAYS})`)
+    .addOption(new Option('--key <type>', 'the new key: ec (ECDSA P-256) or rsa (RSA-2048); either works with a CA of either kind').choices(['ec', 'rsa'] as const).default('ec' as const))
     .description('issue a host certificate for a new node, or a replacement for an existing one')
     .addHelpText(
       'after',
@@ -130,7 +131,9 @@ DIR/node.key (0600) and records the certificate in the shared database:
         if (present.length > 0) {
           throw new AppError('DUPLICATE', `${present.join(', ')} already exist${present.length === 1 ? 's' : ''}; refusing to overwrite: choose a new --out directory`);
         }
-        const host = issueHostCert(ca, name, LOOPBACK_NAMES, { days });
+        // the X.509 library is loaded only here, where a certificate is issued
+        const { issueHostCert } = await import('../../certs/ca.js');
+        const host = await issueHostCert(ca, name, LOOPBACK_NAMES, { days }, o.key);
         let info;
         try {
           info = verifyHostCert(host.certPem, ca.certPem, name);

@@ -12,7 +12,7 @@
 import type { Command } from '@commander-js/extra-typings';
 import { Option } from '@commander-js/extra-typings';
 import type { ProxyEnv } from '../proxy/env.js';
-import type { ExtraListener } from '../../forkers/listen.js';
+import type { ExtraListener, HandoffListener } from '../../forkers/listen.js';
 import type { PeerContext } from '../peer/context.js';
 import type { DeliveryEnv } from '../delivery/types.js';
 import { oneShotForkers } from '../../forkers/registry.js';
@@ -68,6 +68,27 @@ async function extraListeners(): Promise<ExtraListener> {
   };
 }
 
+/**
+ * The socket `pigeon deliver` hands its messages to (src/delivery/handoff-server.ts): each
+ * worker delivers them with its own store and nodes (a peer link only for a recipient homed on
+ * another node, built on first use), logging as `deliver(user)`
+ * (the lines an in-process deliver writes); the logger follows SIGHUP reloads.
+ */
+async function handoffListener(): Promise<HandoffListener> {
+  const [{ handoffServer }, { makeDeliveryEnv }, { remoteStore }] = await Promise.all([
+    import('../delivery/handoff-server.js'),
+    import('../delivery/env.js'),
+    import('../peer/remote-store.js'),
+  ]);
+  return (env) => {
+    let delivery: DeliveryEnv | null = null;
+    return handoffServer(() => {
+      delivery ??= makeDeliveryEnv(env.instance, env.store, { log: (...a) => env.log.log(...a) }, 'deliver', remoteStore(env.instance, env.store, env.nodes), env.nodes);
+      return { store: env.store, env: delivery };
+    });
+  };
+}
+
 async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTls: boolean, cfg: string | undefined): Promise<number> {
   const forker = oneShotForkers().find((f) => f.name === forkerName);
   if (!forker) throw new AppError('USAGE', `unknown forker ${JSON.stringify(forkerName)}; one of: ${oneShotForkers().map((f) => f.name).join(', ')}`);
@@ -115,6 +136,8 @@ async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTl
       }
     }
     await (await import('../proxy/sessions.js')).runSession(env, proto, conn);
+    // a handed-off session runs on after its login: this process waits for its backend's end
+    await (await import('../proxy/live.js')).drained();
     return EX.OK;
   } finally {
     a.slot.close();
@@ -151,7 +174,7 @@ export function registerProxy(program: Command, cfg: () => string | undefined): 
       };
       let code: number;
       try {
-        code = await serve(makeEnv, cfg(), o.workers ?? 0, await extraListeners());
+        code = await serve(makeEnv, cfg(), o.workers ?? 0, await extraListeners(), await handoffListener());
       } catch (e) {
         // a start-up failure (a listener that cannot be opened): one line, and nothing left running
         if (!isAppError(e)) throw e;

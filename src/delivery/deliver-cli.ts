@@ -9,6 +9,9 @@
  *             commander (src/commands/delivery.ts), so help, errors and their texts stay
  *             commander's. Both paths end in `deliverCommand`, the one place that maps the
  *             outcome to the exit status and the one status line.
+ *             Before any of that, a running `pigeon serve` of the same instance is offered the
+ *             message (src/delivery/handoff-client.ts); only when there is none does this
+ *             process load the configuration and the delivery code (dynamic imports).
  * DIAGNOSTICS As src/delivery/deliver.ts: 0, 65, 67, 73, and 75 for every temporary failure,
  *             any uncaught error included (pipe(8) bounces on other non-zero codes); at most one
  *             line on stdout, beginning with the enhanced status code.
@@ -16,10 +19,10 @@
  * SEE ALSO    src/cli.ts, src/commands/delivery.ts, src/delivery/deliver.ts
  */
 import { parseArgs } from 'node:util';
+import { createReadStream } from 'node:fs';
 import { EX } from '../errors.js';
-import { runDeliver, inputOf } from './deliver.js';
 import { statusLine } from './outcome.js';
-import { remoteStore } from '../peer/remote-store.js';
+import { handOff } from './handoff-client.js';
 
 /** What `pigeon deliver` was asked to do. */
 export interface DeliverOptions {
@@ -87,10 +90,37 @@ function tempfailOnCrash(): void {
   process.on('unhandledRejection', die);
 }
 
-/** Deliver as `o` says; sets process.exitCode and prints at most one line. Never throws. */
+/** -p FILE or stdin. */
+function inputOf(path: string | undefined): AsyncIterable<Buffer> {
+  return (path === undefined ? process.stdin : createReadStream(path)) as AsyncIterable<Buffer>;
+}
+
+/**
+ * Deliver as `o` says; sets process.exitCode and prints at most one line. Never throws.
+ * A running `pigeon serve` of the instance takes the message when it can (handoff-client.ts:
+ * nothing but node built-ins loaded so far); otherwise, or with -p FILE, this process loads the
+ * delivery code and delivers itself, with the same answers.
+ */
 export async function deliverCommand(o: DeliverOptions): Promise<void> {
   tempfailOnCrash();
   try {
+    if (o.path === undefined) {
+      const h = await handOff({ config: o.config, sender: o.from, original: o.original, mailbox: o.mailbox, recipients: o.recipients }, process.stdin as AsyncIterable<Buffer>);
+      if (h !== null) {
+        process.stdin.destroy(); // a result before the end of the message: read no more of it
+        answer(h.code, h.line);
+        return;
+      }
+    }
+    let code: [typeof import('./deliver.js'), typeof import('../peer/remote-store.js')];
+    try {
+      code = await Promise.all([import('./deliver.js'), import('../peer/remote-store.js')]);
+    } catch (e) {
+      // a broken install defers with one line, as src/cli.ts says it for this module
+      answer(EX.TEMPFAIL, statusLine({ dsn: '4.3.0', text: `internal error (cannot load the delivery code: ${(e instanceof Error ? e.message : String(e)).slice(0, 300)})` }));
+      return;
+    }
+    const [{ runDeliver }, { remoteStore }] = code;
     const r = await runDeliver({
       config: o.config,
       sender: o.from,

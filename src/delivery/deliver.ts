@@ -16,7 +16,6 @@
  * SECURITY    Runs as the pipe(8) `user=` and then writes mailboxes itself; run as root (by hand)
  *             its writes go to a child running as `mail_user` (src/writer/mail-writer.ts).
  */
-import { createReadStream } from 'node:fs';
 import { loadInstance } from '../instance.js';
 import type { Store } from '../store.js';
 import { openInstanceStore } from '../context.js';
@@ -26,16 +25,12 @@ import { NodeDirectory } from '../nodes.js';
 import { resolveRecipient, deliverMessage, parseSender, type Accepted } from './driver.js';
 import { makeDeliveryEnv, deliveryLogger } from './env.js';
 import { exitCodeOf, statusLine, summarise } from './outcome.js';
-import type { DeliveryResult, RemoteStore } from './types.js';
+import type { DeliveryEnv, DeliveryResult, RemoteStore } from './types.js';
 
 export { parseSender } from './driver.js';
 
-export interface DeliverArgs {
+export interface DeliverArgs extends DeliverRequest {
   readonly config: string | undefined;
-  readonly sender: string | undefined;
-  readonly original: string | undefined;
-  readonly mailbox: string | undefined;
-  readonly recipients: readonly string[];
   /** the message; default stdin */
   readonly input: AsyncIterable<Buffer>;
   /** recipients homed on other nodes (the peer link, built on first use) */
@@ -50,13 +45,56 @@ export interface DeliverOutcome {
 
 const fail = (r: DeliveryResult): DeliverOutcome => ({ code: exitCodeOf(r), line: statusLine(r) });
 
-export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
-  if (a.recipients.length === 0) return fail({ dsn: '4.3.5', text: 'no recipient on the command line (check the pipe argv in master.cf)' });
-  const sender: string | null = a.sender === undefined ? null : parseSender(a.sender);
-  if (a.sender !== undefined && sender === null) {
-    return fail({ dsn: '5.1.7', text: a.sender.includes('\ufffd') ? 'bad sender address: not UTF-8' : `bad sender address syntax: ${JSON.stringify(a.sender.slice(0, 100))}` });
+/** What one `pigeon deliver` asks for, as given on its command line (the hand-off carries it as is). */
+export interface DeliverRequest {
+  readonly sender: string | undefined;
+  readonly original: string | undefined;
+  readonly mailbox: string | undefined;
+  readonly recipients: readonly string[];
+}
+
+/** The checks of a request that need no configuration: null when it may go on. */
+export function checkRequest(a: DeliverRequest): DeliveryResult | null {
+  if (a.recipients.length === 0) return { dsn: '4.3.5', text: 'no recipient on the command line (check the pipe argv in master.cf)' };
+  if (a.sender !== undefined && parseSender(a.sender) === null) {
+    return { dsn: '5.1.7', text: a.sender.includes('\ufffd') ? 'bad sender address: not UTF-8' : `bad sender address syntax: ${JSON.stringify(a.sender.slice(0, 100))}` };
   }
-  if (a.mailbox !== undefined && /[\0\r\n/]/.test(a.mailbox)) return fail({ dsn: '5.2.0', text: 'bad -m mailbox name' });
+  if (a.mailbox !== undefined && /[\0\r\n/]/.test(a.mailbox)) return { dsn: '5.2.0', text: 'bad -m mailbox name' };
+  return null;
+}
+
+/**
+ * One `pigeon deliver` request, checked (checkRequest), on an open store: resolve every
+ * recipient, then, when at least one was accepted, call `accepted` (which gives the message) and
+ * deliver it. The one result pipe(8) gets (outcome.ts summarise). Shared by the in-process path
+ * and `pigeon serve`'s hand-off socket (src/delivery/handoff-server.ts), so both answer alike.
+ */
+export async function deliverRequest(env: DeliveryEnv, store: Store, a: DeliverRequest, accepted: () => AsyncIterable<Buffer>): Promise<DeliveryResult> {
+  const sender: string | null = a.sender === undefined ? null : parseSender(a.sender);
+  const results: DeliveryResult[] = [];
+  const taken: Accepted[] = [];
+  const seen = new Set<string>();
+  for (const r of a.recipients) {
+    const x = await resolveRecipient(store, r);
+    if (seen.has(x.rcpt)) continue; // a duplicate recipient gets one copy
+    seen.add(x.rcpt);
+    if (x.ok) taken.push(x);
+    else {
+      env.log('info', 'rejected', { user: x.rcpt, status: statusLine(x.result) });
+      results.push(x.result);
+    }
+  }
+  // the message is read only when someone can take it
+  if (taken.length > 0) {
+    const delivered = await deliverMessage(env, accepted(), { sender, original: a.original ?? null, mailbox: a.mailbox ?? null, recipients: taken });
+    for (const x of taken) results.push(delivered.get(x.rcpt) ?? { dsn: '4.3.0', text: 'internal error' });
+  }
+  return summarise(results);
+}
+
+export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
+  const bad = checkRequest(a);
+  if (bad !== null) return fail(bad);
 
   let instance;
   try {
@@ -77,32 +115,9 @@ export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
   try {
     const nodes = new NodeDirectory(store);
     const env = makeDeliveryEnv(instance, store, logger, 'deliver', a.remote(instance, store, nodes), nodes);
-    const results: DeliveryResult[] = [];
-    const accepted: Accepted[] = [];
-    const seen = new Set<string>();
-    for (const r of a.recipients) {
-      const x = await resolveRecipient(store, r);
-      if (seen.has(x.rcpt)) continue; // a duplicate recipient gets one copy
-      seen.add(x.rcpt);
-      if (x.ok) accepted.push(x);
-      else {
-        env.log('info', 'rejected', { user: x.rcpt, status: statusLine(x.result) });
-        results.push(x.result);
-      }
-    }
-    // the message is read only when someone can take it
-    if (accepted.length > 0) {
-      const delivered = await deliverMessage(env, a.input, { sender, original: a.original ?? null, mailbox: a.mailbox ?? null, recipients: accepted });
-      for (const x of accepted) results.push(delivered.get(x.rcpt) ?? { dsn: '4.3.0', text: 'internal error' });
-    }
-    const s = summarise(results);
+    const s = await deliverRequest(env, store, a, () => a.input);
     return s.dsn.startsWith('2') ? { code: EX.OK, line: null } : fail(s);
   } finally {
     await store.close();
   }
-}
-
-/** -p FILE or stdin. */
-export function inputOf(path: string | undefined): AsyncIterable<Buffer> {
-  return (path === undefined ? process.stdin : createReadStream(path)) as AsyncIterable<Buffer>;
 }

@@ -5,8 +5,9 @@
  *             then is the message acknowledged. The fsync of new/ is shared by the deliveries
  *             into the same new/ that renamed before it began (group commit,
  *             src/writer/safe-fs.ts fsyncDirGrouped); each is answered after the fsync that
- *             covers its rename. Only the two fsyncs wait on the thread pool: create, write,
- *             close and rename run in place (metadata and page cache). NAME is
+ *             covers its rename. Only the two fsyncs wait on the thread pool (in the mail writer
+ *             child holding one delivery, not even they: safe-fs.ts syncInPlaceWhen): create,
+ *             write, close and rename run in place (metadata and page cache). NAME is
  *             Dovecot's form `SECS.MUSECSPpidQn.host,S=size,W=vsize`, so Dovecot and the quota
  *             scan never need to stat it. A kill -9 at any point leaves at most a file in tmp/,
  *             never a partial one in new/.
@@ -23,7 +24,7 @@
  *             (src/writer/safe-fs.ts checkDir); a link there defers the message (4.2.0).
  */
 import { mailError } from '../errors.js';
-import { existsSync, readdirSync, statSync, lstatSync, constants, writevSync, fdatasync, closeSync, renameSync } from 'node:fs';
+import { existsSync, readdirSync, statSync, lstatSync, constants, writevSync, closeSync, renameSync } from 'node:fs';
 import { readdir, lstat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -32,7 +33,7 @@ import { readUsage, addUsage } from './quota.js';
 import { fault } from './fault.js';
 import { fsFailure, overQuota, type Held, type MdaModule, type StoreRequest } from './mda.js';
 import type { DeliveryResult } from './types.js';
-import { baseOf, checkDir, createExclusive, createExclusiveSync, ensureDir, fsyncDir, fsyncDirGrouped, openChecked } from '../writer/safe-fs.js';
+import { baseOf, checkChildDir, checkDir, createExclusive, createExclusiveSync, ensureDir, fdatasyncFd, fsyncDir, fsyncDirGrouped, openChecked } from '../writer/safe-fs.js';
 
 /** Maildir's rule: a file in tmp/ untouched this long is a leftover (Dovecot, qmail: 36 hours). */
 export const TMP_MAX_AGE_MS = 36 * 3600_000;
@@ -171,9 +172,11 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
   const tmpDir = join(dir, 'tmp');
   const newDir = join(dir, 'new');
   try {
+    // the mailbox from the mail root; what lies inside it, one lstat each
     checkDir(base, root);
-    checkDir(base, tmpDir);
-    checkDir(base, newDir);
+    if (dir !== root) checkChildDir(root, dir);
+    checkChildDir(dir, tmpDir);
+    checkChildDir(dir, newDir);
   } catch (e) {
     return fsFailure(e, `open ${folderDir ?? 'INBOX'}`);
   }
@@ -194,7 +197,7 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
   const name = uniqueName(req.hostname, req.size, req.vsize);
   const tmp = join(tmpDir, name);
   // open, write and close are metadata and page-cache operations: done in place, no thread-pool
-  // round trip each; only the fdatasync waits for the disk (off the event loop)
+  // round trip each; only the fdatasync waits for the disk (safe-fs.ts fdatasyncFd)
   let fd: number | null;
   try {
     fd = createExclusiveSync(tmp);
@@ -230,7 +233,7 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
     if (first) await fault('tmp-partial');
     // a new file: fdatasync writes its data and the size that reaches it; the name in tmp/ does
     // not matter (the rename into new/ and the fsync of new/ make it visible and durable)
-    await new Promise<void>((res, rej) => fdatasync(file, (e) => (e ? rej(e) : res())));
+    await fdatasyncFd(file);
     closed = true;
     closeSync(file);
     await fault('tmp-synced');

@@ -5,7 +5,9 @@
  *             function the proxy uses, so Dovecot is started on exactly this path — then hands the
  *             message to the MDA module of the mailbox's format (src/delivery/maildir.ts, mbox.ts),
  *             which runs in the mail writer (src/writer/mail-writer.ts): as the mail user, in a
- *             child process when pigeon runs as root.
+ *             child process when pigeon runs as root. When the pipeline says nothing can fail
+ *             between prepare and commit (RecipientRequest.commitAtOnce: the usual case, the
+ *             mailstore alone), the message is written and renamed into new/ in one request.
  *             Skipped when an earlier module (forward with keep=false) took the message.
  *             With `mailstore.mda` naming an MDA program (src/delivery/dovecot-lda.ts) instead of
  *             `builtin`, that program delivers into the placed and created mailbox, as the
@@ -23,7 +25,7 @@ import { isAppError, mailError } from '../errors.js';
 import { MDA_MODULES, MDA_PROGRAMS, BUILTIN_MDA } from './registry-mda.js';
 import { findFolder } from './maildir.js';
 import { traceHeaders, deliveredParts, hasPipeDeliveredTo } from './message.js';
-import { fsFailure } from './mda.js';
+import { fsFailure, type StoreRequest } from './mda.js';
 import { MAX_MESSAGE_SIZE } from '../limits.js';
 import { mailWriter } from '../writer/mail-writer.js';
 import type { DeliveryModule, DeliveryResult, StepResult } from './types.js';
@@ -160,28 +162,39 @@ const mailstore: DeliveryModule = {
         },
       };
     }
+    const storeReq: StoreRequest = {
+      format: a.format,
+      path: a.path,
+      mailRoot: env.alloc.mailRoot,
+      folder,
+      createFolder: req.folder !== null,
+      quota: num(settings['quota'], 0),
+      quotaFull: qf,
+      sender: req.sender,
+      hostname: env.hostname,
+      prefix: parts.prefix,
+      size: parts.size,
+      vsize: parts.size + parts.lines,
+      lockWaitMs: env.lockWaitMs,
+    };
+    const writerFailed = (e: unknown): StepResult => ({ kind: 'fail', result: { dsn: '4.3.0', text: `Temporary delivery failure (${e instanceof Error ? e.message : String(e)})` } });
+    if (req.commitAtOnce) {
+      // nothing can fail between our prepare and our commit: both in one round trip to the writer
+      let d;
+      try {
+        d = await writer.storeAndCommit(storeReq, req.message.body(true));
+      } catch (e) {
+        return writerFailed(e);
+      }
+      if ('dsn' in d) return refused(d);
+      env.log('debug', 'mailstore: stored', { user: req.user.address, file: d.what });
+      return { kind: 'continue', prepared: { what: d.what, commit: async () => undefined, abort: async () => undefined } };
+    }
     let r;
     try {
-      r = await writer.store(
-        {
-          format: a.format,
-          path: a.path,
-          mailRoot: env.alloc.mailRoot,
-          folder,
-          createFolder: req.folder !== null,
-          quota: num(settings['quota'], 0),
-          quotaFull: qf,
-          sender: req.sender,
-          hostname: env.hostname,
-          prefix: parts.prefix,
-          size: parts.size,
-          vsize: parts.size + parts.lines,
-          lockWaitMs: env.lockWaitMs,
-        },
-        req.message.body(true),
-      );
+      r = await writer.store(storeReq, req.message.body(true));
     } catch (e) {
-      return { kind: 'fail', result: { dsn: '4.3.0', text: `Temporary delivery failure (${e instanceof Error ? e.message : String(e)})` } };
+      return writerFailed(e);
     }
     if ('dsn' in r) return refused(r);
     const stored = r;

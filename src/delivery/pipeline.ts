@@ -10,7 +10,10 @@
  *             succeeded their commits run in order; the first failure aborts whatever is not yet
  *             committed and decides the outcome. Notify-phase modules run after that, only for a
  *             delivered message, and cannot change the outcome; so do the `afterDelivery` steps
- *             earlier modules asked for (the antivirus notice). If no module stored or forwarded
+ *             earlier modules asked for (the antivirus notice). The last scan/store module, when
+ *             nothing was prepared before it, is told that it may commit at once
+ *             (RecipientRequest.commitAtOnce): nothing between its prepare and its commit could
+ *             fail. If no module stored or forwarded
  *             the message, the recipient is deferred (4.3.5): mail is never dropped silently.
  * DIAGNOSTICS Any exception inside a module becomes 4.3.0 (temporary): nothing is ever bounced
  *             because of a bug.
@@ -114,6 +117,7 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, 
     mailbox: input.mailbox,
     keep: true,
     folder: null,
+    commitAtOnce: false,
   };
   const enabled = runOrder().filter((m) => r.config[`${m.name}.enabled`]?.value === true && (only === undefined || only.has(m.name)));
   const prepared: Prepared[] = [];
@@ -123,7 +127,9 @@ export async function deliverRecipient(input: RecipientInput, env: DeliveryEnv, 
   const abortAll = async (from: number): Promise<void> => {
     for (const p of prepared.slice(from).reverse()) await p.abort().catch(() => undefined);
   };
-  for (const m of enabled.filter((x) => x.phase !== 'notify')) {
+  const steps = enabled.filter((x) => x.phase !== 'notify');
+  for (const [i, m] of steps.entries()) {
+    req.commitAtOnce = prepared.length === 0 && i === steps.length - 1;
     let step;
     try {
       step = await m.run(req, slice(r.config, m.name), env);

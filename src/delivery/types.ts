@@ -95,6 +95,13 @@ export interface RecipientRequest {
   keep: boolean;
   /** a folder an earlier module chose (antivirus quarantine): the mailstore delivers there, creating it */
   folder: string | null;
+  /**
+   * Set by the pipeline for each scan/store module: true when it runs last and no module before it
+   * prepared anything, so its commit would follow its prepare with nothing in between that could
+   * fail. It may then commit within `run` (and return a Prepared whose commit has nothing left to
+   * do): the mailstore writes and renames in one round trip to the mail writer.
+   */
+  commitAtOnce: boolean;
   /** header lines modules added (`Name: value` + LF, UTF-8), stored above the message's own header */
   readonly added: readonly Buffer[];
   /**

@@ -18,11 +18,15 @@ export interface PeerContext {
   readonly nodes: NodeDirectory;
   readonly connectTimeoutMs: number;
   readonly handoffTimeoutMs: number;
+  /** peer.pool_size: spare links kept per other node (0: none) */
+  readonly poolSize: number;
+  /** how long a spare may wait unused: peer.pool_idle_s, at most half of handoff_timeout (the receiving node's idle limit) */
+  readonly poolIdleMs: number;
   /** the trust module of peer.trust */
   readonly trust: PeerTrust;
   /** this node's certificate, key and the cluster CA (read and checked on first use) */
   credentials(): NodeCredentials;
-  /** keep a spare, already verified link per node in use (the daemon; not one-shot processes) */
+  /** keep spare, already verified links to the nodes in use (the daemon; not one-shot processes) */
   prewarm: boolean;
   /** the client side TLS context built from them once (parsing keys per link costs ~1.5 ms) */
   clientContext(): SecureContext;
@@ -37,6 +41,8 @@ export function createPeerContext(instance: Instance, store: Store, nodes?: Node
     nodes: nodes ?? new NodeDirectory(store),
     connectTimeoutMs: instance.config.peer.connect_timeout_s * 1000,
     handoffTimeoutMs: instance.config.peer.handoff_timeout_s * 1000,
+    poolSize: instance.config.peer.pool_size,
+    poolIdleMs: Math.max(500, Math.min(instance.config.peer.pool_idle_s * 1000, (instance.config.peer.handoff_timeout_s * 1000) / 2)),
     trust: trustModule(instance.config.peer.trust),
     credentials(): NodeCredentials {
       creds ??= loadNodeCredentials(instance.peerTls, instance.config.node);

@@ -19,7 +19,7 @@ import type { Store } from '../store.js';
 import { openInstanceStore } from '../context.js';
 import { AppError } from '../errors.js';
 import { HEARTBEAT_S } from '../nodes.js';
-import { EXPIRY_WARN_DAYS } from '../../certs/ca.js';
+import { EXPIRY_WARN_DAYS } from '../../certs/verify.js';
 
 export const REGISTRY_REFRESH_MS = 1000;
 

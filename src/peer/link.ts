@@ -6,6 +6,8 @@
  *             `sendHandOff` seals the hand-off to that TLS session and waits for the one-line
  *             answer. Connection attempts: up to PEER_CONNECT_ATTEMPTS, 1 s apart, only while the
  *             target refuses or resets (a restarting node); each within peer.connect_timeout_s.
+ *             The daemon keeps a pool of spare, verified links per node in use (peer.pool_size,
+ *             peer.pool_idle_s; described below), so most sessions skip the TLS handshake.
  * DIAGNOSTICS AppError PEER_UNAVAILABLE (not registered, disabled, no address, down, timeout),
  *             PEER_REFUSED (the target refused the hand-off: code and text from its answer).
  */
@@ -14,8 +16,8 @@ import type { X509Certificate } from 'node:crypto';
 import { randomBytes } from 'node:crypto';
 import { certNodeName } from '../../certs/verify.js';
 import type { PeerContext } from './context.js';
-import { AppError } from '../errors.js';
-import { peerHandoffsSent } from '../metrics.js';
+import { AppError, isAppError } from '../errors.js';
+import { peerHandoffsSent, peerLinksOpened, peerLinksPooled } from '../metrics.js';
 import { PEER_PROTOCOL, HANDOFF_MAX_BYTES, newNonce, sealHandOff, readLine, type HandOff, type Reply } from './protocol.js';
 
 export const PEER_CONNECT_ATTEMPTS = 3;
@@ -102,81 +104,206 @@ async function dial(ctx: PeerContext, target: string): Promise<TLSSocket> {
 }
 
 /*
- * Spare links (daemon only, ctx.prewarm): after a link to a node is used, one more is opened in
- * the background, so the next session to that node skips the TLS handshake (~5 ms with RSA keys).
- * A spare carries nothing until taken (each link still carries exactly one hand-off, sealed to its
- * own TLS session); it is re-checked against the registry when taken, and dropped unused after
- * half the peer's hand-off timeout (the receiving node closes idle links at that timeout). Idle
- * nodes keep no spares: a spare is only replaced when one is used.
+ * The pool (daemon only, ctx.prewarm): spare, already verified links per node, so a session to
+ * that node skips the TLS handshake. Each link still carries exactly one hand-off, sealed to its
+ * own TLS session: a spare carries nothing until taken. After a hand-off to a node was answered,
+ * the pool of that node is topped up in the background: one link for a session that found a spare,
+ * two for one that had to dial (a burst grows the pool), never past peer.pool_size spares plus
+ * dials under way; a hand-off that failed opens none (a node that is down is not dialed again). Idle nodes keep no spares: a spare unused for ctx.poolIdleMs is closed and not replaced.
+ * A spare is watched while it waits: any byte from the other node (a refusal) or its close
+ * removes it at once; it is re-checked against the registry when taken, and every registry
+ * refresh closes the spares of a node that is no longer trusted (disabled, removed, re-keyed).
+ * A spare that dies unnoticed between the take and the hand-off (the other node closed it a moment
+ * before) is replaced by one fresh link (sendHandOff), so it never costs the session.
  */
 interface Spare {
   readonly sock: TLSSocket;
   readonly timer: NodeJS.Timeout;
+  /** stops the idle watch: the link's events are the taker's from then on */
+  readonly unwatch: () => void;
 }
-const spares = new WeakMap<PeerContext, Map<string, Spare | 'opening'>>();
+interface Pool {
+  /** newest last: the newest is taken first, the oldest expire */
+  readonly idle: Spare[];
+  opening: number;
+}
+const pools = new WeakMap<PeerContext, Map<string, Pool>>();
 
-function spareMap(ctx: PeerContext): Map<string, Spare | 'opening'> {
-  let m = spares.get(ctx);
+function poolsOf(ctx: PeerContext): Map<string, Pool> {
+  let m = pools.get(ctx);
   if (!m) {
-    m = new Map();
-    spares.set(ctx, m);
+    const made = new Map<string, Pool>();
+    pools.set(ctx, made);
+    ctx.nodes.onRefresh(() => void recheckPools(ctx, made));
+    m = made;
   }
   return m;
 }
 
-async function takeSpare(ctx: PeerContext, target: string): Promise<TLSSocket | null> {
-  const m = spareMap(ctx);
-  const sp = m.get(target);
-  if (!sp || sp === 'opening') return null;
-  m.delete(target);
-  clearTimeout(sp.timer);
-  sp.sock.ref();
-  // the registry may have changed since the spare was opened: check again
-  if (sp.sock.destroyed || !sp.sock.writable || (await verifyPeer(ctx, target, certs.get(sp.sock))) !== null) {
-    sp.sock.destroy();
-    return null;
+function poolOf(ctx: PeerContext, target: string): Pool {
+  const m = poolsOf(ctx);
+  let p = m.get(target);
+  if (!p) {
+    p = { idle: [], opening: 0 };
+    m.set(target, p);
   }
-  return sp.sock;
+  return p;
 }
 
-function prewarm(ctx: PeerContext, target: string): void {
-  const m = spareMap(ctx);
-  if (!ctx.prewarm || m.has(target)) return;
-  m.set(target, 'opening');
-  dial(ctx, target).then(
-    (sock) => {
-      sock.unref();
-      sock.on('error', () => undefined);
-      const timer = setTimeout(() => {
-        if (m.get(target) === spare) m.delete(target);
-        sock.destroy();
-      }, Math.max(500, ctx.handoffTimeoutMs / 2));
-      timer.unref();
-      const spare: Spare = { sock, timer };
-      sock.once('close', () => {
-        if (m.get(target) === spare) m.delete(target);
-      });
-      m.set(target, spare);
+/** Take `sp` out of its pool (it was taken, it expired, it died, or its node lost our trust). */
+function unpool(target: string, p: Pool, sp: Spare): boolean {
+  const i = p.idle.indexOf(sp);
+  if (i < 0) return false;
+  p.idle.splice(i, 1);
+  clearTimeout(sp.timer);
+  sp.unwatch();
+  peerLinksPooled.set({ to: target }, p.idle.length);
+  return true;
+}
+
+/** Close the spares of nodes the registry no longer trusts (node disable/remove, a revoked fingerprint). */
+async function recheckPools(ctx: PeerContext, m: Map<string, Pool>): Promise<void> {
+  for (const [target, p] of m) {
+    for (const sp of [...p.idle]) {
+      let bad: string | null;
+      try {
+        bad = await verifyPeer(ctx, target, certs.get(sp.sock));
+      } catch {
+        bad = null; // the registry cannot be read now: the spare stays until a refresh says otherwise
+      }
+      if (bad !== null && unpool(target, p, sp)) sp.sock.destroy();
+    }
+  }
+}
+
+/** Has this spare link said nothing, and is it still open both ways? */
+function isFresh(sock: TLSSocket): boolean {
+  return !sock.destroyed && sock.writable && !sock.writableEnded && sock.readable && !sock.readableEnded && sock.readableLength === 0;
+}
+
+async function takeSpare(ctx: PeerContext, target: string): Promise<TLSSocket | null> {
+  const p = poolsOf(ctx).get(target);
+  for (let sp = p?.idle.at(-1); p && sp; sp = p.idle.at(-1)) {
+    unpool(target, p, sp);
+    sp.sock.ref();
+    // the registry may have changed since the spare was opened: check again
+    let bad: string | null;
+    try {
+      bad = isFresh(sp.sock) ? await verifyPeer(ctx, target, certs.get(sp.sock)) : 'closed';
+    } catch (e) {
+      bad = String(e);
+    }
+    if (bad === null && isFresh(sp.sock)) return sp.sock;
+    sp.sock.destroy();
+  }
+  return null;
+}
+
+/** A dialed spare joins the pool of `target`, watched until taken or closed. */
+function addSpare(ctx: PeerContext, target: string, p: Pool, sock: TLSSocket): void {
+  sock.unref();
+  const drop = (): void => {
+    if (unpool(target, p, spare)) sock.destroy();
+  };
+  // an idle link says nothing: a byte (a refusal), its end or an error means it is of no use
+  const onData = (): void => drop();
+  sock.on('data', onData);
+  sock.on('end', drop);
+  sock.on('close', drop);
+  sock.on('error', drop);
+  sock.on('error', () => undefined); // stays after the take: an error between take and hand-off is the hand-off's to report
+  const timer = setTimeout(drop, ctx.poolIdleMs);
+  timer.unref();
+  const spare: Spare = {
+    sock,
+    timer,
+    unwatch: () => {
+      sock.off('data', onData);
+      sock.off('end', drop);
+      sock.off('close', drop);
+      sock.off('error', drop);
+      sock.pause();
     },
-    () => m.delete(target),
-  );
+  };
+  p.idle.push(spare);
+  peerLinksPooled.set({ to: target }, p.idle.length);
+}
+
+/** Top up the pool of `target` by up to `n` links, in the background. */
+function refill(ctx: PeerContext, target: string, n: number): void {
+  if (!ctx.prewarm || ctx.poolSize <= 0) return;
+  const p = poolOf(ctx, target);
+  const room = Math.min(n, ctx.poolSize - p.idle.length - p.opening);
+  for (let i = 0; i < room; i++) {
+    p.opening++;
+    dial(ctx, target).then(
+      (sock) => {
+        p.opening--;
+        if (p.idle.length >= ctx.poolSize) sock.destroy();
+        else addSpare(ctx, target, p, sock);
+      },
+      () => {
+        p.opening--; // the node is down or refused us: the next session finds out for itself
+      },
+    );
+  }
 }
 
 /** A verified TLS link to `target`'s peer listener (a spare one when there is one). */
-export async function openLink(ctx: PeerContext, target: string): Promise<TLSSocket> {
-  const sock = (await takeSpare(ctx, target)) ?? (await dial(ctx, target));
-  prewarm(ctx, target);
-  return sock;
+export async function openLink(ctx: PeerContext, target: string, opts: { readonly pooled: boolean } = { pooled: true }): Promise<{ sock: TLSSocket; pooled: boolean }> {
+  const spare = opts.pooled ? await takeSpare(ctx, target) : null;
+  const sock = spare ?? (await dial(ctx, target));
+  peerLinksOpened.inc({ how: spare ? 'pooled' : 'dialed' });
+  return { sock, pooled: spare !== null };
+}
+
+/**
+ * After a hand-off was answered: top up the pool, once the session's first bytes are on their way
+ * (setImmediate: after the relay started). A handshake costs both nodes CPU; begun while the hand-off
+ * waited for its answer, it competed with the home node starting the session's backend.
+ */
+function refillAfter(ctx: PeerContext, target: string, pooled: boolean): void {
+  if (ctx.prewarm && ctx.poolSize > 0) setImmediate(() => refill(ctx, target, pooled ? 1 : 2));
 }
 
 export type HandOffRequest = Omit<HandOff, 'proto' | 'from' | 'to' | 'nonce' | 'ts'>;
 
 /**
- * Open a link to `target`, send the hand-off, wait for its answer (up to `answerMs`).
- * Resolves with the socket after {"ok":true}; the caller owns it from then on.
+ * Open a link to `target` (a spare when the pool has one), send the hand-off, wait for its answer
+ * (up to `answerMs`). Resolves with the socket after {"ok":true}; the caller owns it from then on.
  */
 export async function sendHandOff(ctx: PeerContext, target: string, req: HandOffRequest, answerMs: number): Promise<TLSSocket> {
-  const sock = await openLink(ctx, target);
+  const unanswered = (e: unknown): unknown => {
+    if (!isAppError(e) || e.code !== 'PEER_UNUSED') return e;
+    peerHandoffsSent.inc({ kind: req.kind, result: 'no-answer' });
+    return new AppError('PEER_UNAVAILABLE', e.message);
+  };
+  const first = await openLink(ctx, target);
+  try {
+    const sock = await handOffOn(ctx, target, first.sock, req, answerMs);
+    refillAfter(ctx, target, first.pooled);
+    return sock;
+  } catch (e) {
+    // a spare the other node closed just before we took it (its idle limit, a restart): the
+    // hand-off never reached it, so one fresh link carries it instead
+    if (!first.pooled || !isAppError(e) || e.code !== 'PEER_UNUSED') throw unanswered(e);
+  }
+  const fresh = await openLink(ctx, target, { pooled: false });
+  try {
+    const sock = await handOffOn(ctx, target, fresh.sock, req, answerMs);
+    refillAfter(ctx, target, false);
+    return sock;
+  } catch (e) {
+    throw unanswered(e);
+  }
+}
+
+/**
+ * Send the hand-off on `sock`, wait for its answer (up to `answerMs`). Resolves with the socket
+ * after {"ok":true}. PEER_UNUSED: the link was closed before a byte of an answer (the hand-off may
+ * not have reached the other node); PEER_UNAVAILABLE / PEER_REFUSED otherwise.
+ */
+async function handOffOn(ctx: PeerContext, target: string, sock: TLSSocket, req: HandOffRequest, answerMs: number): Promise<TLSSocket> {
   const h: HandOff = { proto: PEER_PROTOCOL, from: ctx.node, to: target, nonce: newNonce(), ts: Date.now(), ...req };
   sock.write(sealHandOff(sock, h));
   let line: Buffer;
@@ -184,6 +311,7 @@ export async function sendHandOff(ctx: PeerContext, target: string, req: HandOff
     line = await readLine(sock, HANDOFF_MAX_BYTES, answerMs);
   } catch (e) {
     sock.destroy();
+    if (isAppError(e) && e.code === 'PEER_UNUSED') throw new AppError('PEER_UNUSED', `node ${target} closed the link before answering the hand-off`);
     peerHandoffsSent.inc({ kind: req.kind, result: 'no-answer' });
     throw new AppError('PEER_UNAVAILABLE', `node ${target} did not answer the hand-off: ${(e as Error).message}`);
   }

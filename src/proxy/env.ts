@@ -23,6 +23,7 @@ import { loadClientTls, type ClientTls } from '../client-tls.js';
 import { loadModules } from '../module-files.js';
 import type { Backend, BackendInstance } from '../../backends/types.js';
 import { backendConfig } from '../../backends/registry.js';
+import { Spawner, logBackendLine } from './spawner.js';
 
 export interface ProxyEnv {
   instance: Instance;
@@ -42,6 +43,8 @@ export interface ProxyEnv {
   readonly nodes: NodeDirectory;
   /** this process's instance of a backend (created on first use, with the current instance's settings) */
   backend(b: Backend): BackendInstance;
+  /** `pigeon serve` workers: the spawner process that starts handed-off backends (src/proxy/spawner.ts) */
+  readonly spawner?: Spawner;
 }
 
 export async function createProxyEnv(configPath: string | undefined, opts: { logToStderr: boolean; role: string; daemon?: boolean }): Promise<ProxyEnv> {
@@ -69,6 +72,8 @@ export async function createProxyEnv(configPath: string | undefined, opts: { log
   });
   const nodes = new NodeDirectory(store);
   const backends = new WeakMap<Instance, Map<string, BackendInstance>>();
+  // the backends' log lines come through the spawner's stderr, each under its own prefix
+  const spawner = opts.daemon === true ? new Spawner((level, m) => env.log.log(level, 'spawner', m), (line) => logBackendLine(env.log, line)) : undefined;
   const env: ProxyEnv = {
     instance,
     store,
@@ -79,18 +84,20 @@ export async function createProxyEnv(configPath: string | undefined, opts: { log
     penalty: new Penalty(anvil, () => env.instance.config.limits),
     anvil,
     nodes,
+    ...(spawner ? { spawner } : {}),
     backend(b) {
       let m = backends.get(env.instance);
       if (!m) backends.set(env.instance, (m = new Map()));
       let i = m.get(b.name);
       if (!i) {
-        i = b.create(backendConfig(b, env.instance.raw), { instance: env.instance, store, nodes, mailUser: env.mailUser, daemon: opts.daemon === true });
+        i = b.create(backendConfig(b, env.instance.raw), { instance: env.instance, store, nodes, mailUser: env.mailUser, daemon: opts.daemon === true, ...(spawner ? { spawner } : {}) });
         m.set(b.name, i);
       }
       return i;
     },
   };
   current = env;
+  spawner?.warm();
   await primePlaintextPolicy(env);
   return env;
 }

@@ -21,7 +21,16 @@ export function trackSession(address: string, end: () => void): () => void {
     const s = live.get(address);
     s?.delete(end);
     if (s && s.size === 0) live.delete(address);
+    if (live.size === 0) for (const w of drainWaiters.splice(0)) w();
   };
+}
+
+const drainWaiters: (() => void)[] = [];
+
+/** Resolves once no session runs in this process (a one-shot process waits for its handed-off session). */
+export function drained(): Promise<void> {
+  if (live.size === 0) return Promise.resolve();
+  return new Promise((resolve) => drainWaiters.push(resolve));
 }
 
 export function liveCount(address?: string): number {

@@ -9,8 +9,8 @@
  *             the client, the client connection is closed. Done when the backend is gone and its
  *             last words reached the client (or cannot any more); a backend that is gone but
  *             whose output stays open is given RELAY_GRACE_MS.
- *             A handed-off session (the backend owns the client socket) is only waited for; a
- *             backend that died without a word gets its `lastWords` sent to the client.
+ *             A handed-off session (the backend owns the client socket) is not relayed: the
+ *             router supervises it (src/proxy/router.ts superviseHandedOff).
  * SECURITY    Bytes are passed as they are; nothing is parsed or logged.
  */
 import type { Writable } from 'node:stream';
@@ -29,7 +29,6 @@ export interface Relayed {
 
 /** Relay until both sides are done. `leftover`: what the client sent after its login command. */
 export function relay(conn: ClientConn, s: BackendSession, leftover: Buffer): Promise<Relayed> {
-  if (s.handedOff) return waitHandedOff(conn, s);
   const { stream, pending } = conn.detach();
   return new Promise((resolve) => {
     let end: BackendEnd | null = null;
@@ -74,13 +73,4 @@ export function relay(conn: ClientConn, s: BackendSession, leftover: Buffer): Pr
       if (!finished) setTimeout(finish, RELAY_GRACE_MS).unref();
     });
   });
-}
-
-/** The backend owns the socket (start() already wrote what had to come first): wait for it, then close ours. */
-async function waitHandedOff(conn: ClientConn, s: BackendSession): Promise<Relayed> {
-  const sock = conn.raw;
-  const end = await s.ended;
-  if (end.lastWords !== undefined && !sock.destroyed) sock.end(end.lastWords);
-  sock.destroy();
-  return { in: -1, out: -1, end };
 }

@@ -25,7 +25,7 @@ import { BACKENDS, localBackends, remoteBackend } from '../../backends/registry.
 import { isAppError } from '../errors.js';
 import { trackSession } from './live.js';
 import { relay } from './relay.js';
-import { slotOf } from './slots.js';
+import { slotOf, type Slot } from './slots.js';
 import { HANDOFF_MAX_INPUT } from '../limits.js';
 import { backendStart, sessions } from '../metrics.js';
 
@@ -178,8 +178,16 @@ async function startExternal(env: ProxyEnv, backend: Backend, protocol: MailProt
   }
 }
 
-/** Relay a routed session to its end, registered in the live-session table, with its log lines. */
+/**
+ * Relay a routed session to its end, registered in the live-session table, with its log lines.
+ * A handed-off session returns at once (superviseHandedOff): the rest of its life is a compact
+ * record, not this call's frames.
+ */
 export async function runSession(env: ProxyEnv, protocol: MailProtocol, address: string, sid: string, conn: ClientConn, s: BackendSession, leftover: Buffer): Promise<void> {
+  if (s.handedOff) {
+    superviseHandedOff(env, protocol, address, sid, s, slotOf(conn), conn.peer.rip, s.releasedClient === true ? null : conn.raw);
+    return;
+  }
   const untrack = trackSession(address, () => s.stop());
   const labels = { protocol, backend: backendNames.get(s) ?? 'unknown' };
   sessions.inc(labels);
@@ -202,6 +210,38 @@ export async function runSession(env: ProxyEnv, protocol: MailProtocol, address:
     // the user+IP slot and the connection slot end with the session
     slotOf(conn)?.close();
   }
+}
+
+/**
+ * A handed-off session until its backend ends: all the proxy keeps of it (idle memory: no client
+ * connection, session, user record or login state) is what its end, `pigeon who`/`kick`, the
+ * user+IP slot and `user move` need: the names for its log lines, its slot, how to stop it, and
+ * the client socket only when the proxy itself may have to say the backend's last words (a
+ * backend started without the spawner). The slot is kept past the connection's end (Slot.keep)
+ * and freed here, before the logout line (a client that saw it may log in again at once).
+ */
+function superviseHandedOff(env: ProxyEnv, protocol: MailProtocol, address: string, sid: string, s: BackendSession, slot: Slot | null, rip: string, sock: Duplex | null): void {
+  const labels = { protocol, backend: backendNames.get(s) ?? 'unknown' };
+  sessions.inc(labels);
+  const release = slot?.keep() ?? null;
+  const untrack = trackSession(address, () => s.stop());
+  let kicked = false;
+  slot?.onKick(() => {
+    kicked = true;
+    env.log.log('info', `${protocol}(${address})`, 'Kicked (pigeon kick):', { rip, session: sid });
+    s.stop();
+  });
+  void s.ended.then((end) => {
+    if (end.lost !== undefined && !kicked) env.log.log('warn', `${protocol}(${address})`, `${end.lost}:`, { session: sid });
+    if (sock) {
+      if (end.lastWords !== undefined && !sock.destroyed) sock.end(end.lastWords);
+      sock.destroy();
+    }
+    release?.();
+    env.log.log('info', `${protocol}(${address})`, `Disconnected: ${kicked ? 'Kicked' : 'Logged out'} (socket handed to the backend)`, { session: sid });
+    sessions.dec(labels);
+    untrack();
+  });
 }
 
 /** A backend's stderr → our log. Holds only the prefix string, not the user record (idle memory). */

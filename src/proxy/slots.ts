@@ -34,6 +34,11 @@ export interface Slot {
   started(backend: string): void;
   /** how to end the running session when `pigeon kick` names it (called at once if it already did) */
   onKick(end: () => void): void;
+  /**
+   * The session outlives its connection (handed off: the backend holds the socket): `close()`
+   * from the connection's side is ignored until the returned function (the session's end) runs.
+   */
+  keep(): () => void;
   close(): void;
 }
 
@@ -52,53 +57,85 @@ export function trustedNetworks(env: ProxyEnv): NetworkList {
   return n;
 }
 
+/**
+ * A connection's slot: one object per connection (methods on the prototype, not closures per
+ * connection: a handed-off session keeps its slot for its whole life, so its size counts).
+ */
+class ConnSlot implements Slot {
+  readonly id: string;
+  readonly ip: string;
+  private readonly env: ProxyEnv;
+  private readonly onEnd: (reason: string) => void;
+  private closed = false;
+  private kept = false;
+  // a kick ends the session the way its router said (onKick); an eviction goes to the forker
+  private kick: (() => void) | null = null;
+  private kicked = false;
+
+  constructor(env: ProxyEnv, id: string, ip: string, onEnd: (reason: string) => void) {
+    this.env = env;
+    this.id = id;
+    this.ip = ip;
+    this.onEnd = onEnd;
+  }
+
+  /** the node state service ended this connection (evicted, kicked) */
+  ended(reason: string): void {
+    if (reason !== 'kicked') this.onEnd(reason);
+    else if (this.kick) this.kick();
+    else this.kicked = true;
+  }
+
+  async login(user: string, session: string): Promise<{ ok: true } | { ok: false; max: number }> {
+    const max = this.env.instance.config.limits.max_userip_connections;
+    const l = await this.env.anvil.login(this.id, user, session, max);
+    // a connection evicted meanwhile is about to close: let it, its session is not counted
+    if (l.ok || l.why === 'gone') return { ok: true };
+    return { ok: false, max };
+  }
+
+  logout(): void {
+    if (!this.closed) void this.env.anvil.logout(this.id);
+  }
+
+  handedOff(): void {
+    if (!this.closed) void this.env.anvil.held(this.id, false);
+  }
+
+  started(backend: string): void {
+    if (!this.closed) void this.env.anvil.backend(this.id, backend);
+  }
+
+  onKick(end: () => void): void {
+    this.kick = end;
+    if (this.kicked) end();
+  }
+
+  keep(): () => void {
+    this.kept = true;
+    return () => {
+      this.kept = false;
+      this.close();
+    };
+  }
+
+  close(): void {
+    if (this.closed || this.kept) return;
+    this.closed = true;
+    this.kick = null;
+    void this.env.anvil.close(this.id);
+  }
+}
+
 /** Ask for a slot for a new client connection from `ip` ('' for a local pipe). */
 export async function admit(env: ProxyEnv, clientIp: string, proto: string, onEnd: (reason: string) => void): Promise<Admission> {
   const a = env.anvil;
   const ip = canonicalIp(clientIp);
   const limits = env.instance.config.limits;
-  const id = a.connId();
+  const slot = new ConnSlot(env, a.connId(), ip, onEnd);
   const trusted = ip === '' || trustedNetworks(env).has(ip);
-  // a kick ends the session the way its router said (onKick); an eviction goes to the forker
-  let kick: (() => void) | null = null;
-  let kicked = false;
-  const ended = (reason: string): void => {
-    if (reason !== 'kicked') onEnd(reason);
-    else if (kick) kick();
-    else kicked = true;
-  };
-  const r = await a.open(id, { ip, proto, trusted }, { perIp: limits.preauth_per_ip, total: limits.max_connections }, ended);
+  const r = await a.open(slot.id, { ip, proto, trusted }, { perIp: limits.preauth_per_ip, total: limits.max_connections }, (reason) => slot.ended(reason));
   if (!r.admitted) return { admitted: false, why: r.why };
-  let closed = false;
-  const slot: Slot = {
-    id,
-    ip,
-    async login(user, session) {
-      const max = env.instance.config.limits.max_userip_connections;
-      const l = await a.login(id, user, session, max);
-      // a connection evicted meanwhile is about to close: let it, its session is not counted
-      if (l.ok || l.why === 'gone') return { ok: true };
-      return { ok: false, max };
-    },
-    logout() {
-      if (!closed) void a.logout(id);
-    },
-    handedOff() {
-      if (!closed) void a.held(id, false);
-    },
-    started(backend) {
-      if (!closed) void a.backend(id, backend);
-    },
-    onKick(end) {
-      kick = end;
-      if (kicked) end();
-    },
-    close() {
-      if (closed) return;
-      closed = true;
-      void a.close(id);
-    },
-  };
   return { admitted: true, slot };
 }
 

@@ -3,7 +3,7 @@
  * DESCRIPTION Every file-system write the delivery agent, the allocator, the Dovecot backend, a
  *             move-in and the admin CLI make under the mail root: create a mailbox (and discard an
  *             empty one after a lost allocation race), store a message (MDA modules), commit or
- *             abort it, arm the vacation interval, make a directory, take a lock file, write a
+ *             abort it (or both at once), arm the vacation interval, make a directory, take a lock file, write a
  *             moved file durably, purge a deleted user's mailbox (`pigeon user del --purge`).
  *             Each one checks its paths with src/writer/safe-fs.ts. Stored messages are held here
  *             by a numeric handle until commit or abort (an mbox keeps its locks meanwhile).
@@ -32,6 +32,9 @@ export interface Stored {
   readonly size: number;
 }
 
+/** What `storeAndCommit` answers when the message is in the mailbox, durably. */
+export type Delivered = Omit<Stored, 'handle'>;
+
 /** The operations; `body`, where present, is the last parameter. */
 export interface MailWriter {
   createMailbox(a: MailboxRef, mailRoot: string): Promise<void>;
@@ -39,6 +42,11 @@ export interface MailWriter {
   store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<Stored | DeliveryResult>;
   /** null when committed; else why not (the message is then gone) */
   commit(handle: number): Promise<DeliveryResult | null>;
+  /**
+   * store, then at once commit: for a delivery with nothing else to wait for between the two (one
+   * round trip to the writer child instead of two). A failure of either step is the answer.
+   */
+  storeAndCommit(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<Delivered | DeliveryResult>;
   abort(handle: number): Promise<void>;
   vacationDue(mailRoot: string, rel: readonly string[], sender: string, days: number): Promise<boolean>;
   ensureDir(base: string, dir: string): Promise<void>;
@@ -108,6 +116,13 @@ export class LocalWriter implements MailWriter {
     } catch (e) {
       return isAppError(e) && e.status !== null ? e.status : { dsn: '4.3.0', text: `commit failed: ${e instanceof Error ? e.message : String(e)}` };
     }
+  }
+
+  async storeAndCommit(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<Delivered | DeliveryResult> {
+    const r = await this.store(req, body);
+    if ('dsn' in r) return r;
+    const failed = await this.commit(r.handle);
+    return failed ?? { what: r.what, folder: r.folder, size: r.size };
   }
 
   async abort(handle: number): Promise<void> {

@@ -13,7 +13,11 @@
  *             the child asks for it (`pull`); the parent reads one chunk ahead, so neither side
  *             holds more than two chunks of it, and the first chunk goes with the request marked
  *             as the last when it is: a message of one chunk costs one round trip to store and
- *             one to commit.
+ *             one to commit, or a single one with `storeAndCommit` (a delivery that has nothing
+ *             else to do between the two). While the child holds a single operation and the
+ *             parent's requests have not overlapped for a while (`solo`, wire.ts SOLO_MS: one
+ *             connection delivering), its fsyncs are made in place, not on its thread pool
+ *             (src/writer/safe-fs.ts syncInPlaceWhen); deliveries at once keep them in parallel.
  *             A fault step reached in the child (PIGEON_FAULT, tests) kills this process, as if the
  *             delivery had been killed there.
  * DIAGNOSTICS A child that cannot start or dies fails the requests in flight with an Error naming
@@ -31,11 +35,11 @@ import type { Readable } from 'node:stream';
 import type { MailUser } from '../mailuser.js';
 import type { DeliveryResult } from '../delivery/types.js';
 import type { StoreRequest } from '../delivery/mda.js';
-import { LocalWriter, type MailWriter, type MailboxRef, type Stored } from './local-writer.js';
+import { LocalWriter, type Delivered, type MailWriter, type MailboxRef, type Stored } from './local-writer.js';
 import { notice } from '../delivery/notice.js';
-import { toChunks, type ChildMessage, type ParentMessage, type WireError } from './wire.js';
+import { SOLO_MS, toChunks, type ChildMessage, type ParentMessage, type WireError } from './wire.js';
 
-export type { MailWriter, MailboxRef, Stored } from './local-writer.js';
+export type { Delivered, MailWriter, MailboxRef, Stored } from './local-writer.js';
 
 // the child's entry beside this module; when this module runs from source (tests load src/*.ts
 // through a TypeScript loader) the compiled one in dist/, which plain node can run as the mail user
@@ -76,6 +80,8 @@ class ChildWriter implements MailWriter {
   // handle given to callers → (child generation, the child's handle)
   private readonly handles = new Map<number, { gen: number; handle: number }>();
   private nextHandle = 1;
+  /** when a request was last sent while another was open */
+  private overlapAt = 0;
 
   private readonly mu: MailUser;
 
@@ -202,10 +208,15 @@ class ChildWriter implements MailWriter {
         if (ahead.done !== true) it = prepend(ahead.value, it);
       }
     }
+    // requests that overlap (several deliveries at once) keep the child's syncs on its thread pool
+    // for SOLO_MS: one blocking fsync would hold up all of them
+    const now = Date.now();
+    if (this.pending.size > 0) this.overlapAt = now;
+    const solo = now - this.overlapAt > SOLO_MS;
     return new Promise<T>((resolve, reject) => {
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, body: it, child });
       this.updateRef();
-      this.send(child, { t: 'call', id, op, args: [...args], ...(first ? { data: first.data, end: first.end } : {}) });
+      this.send(child, { t: 'call', id, op, args: [...args], solo, ...(first ? { data: first.data, end: first.end } : {}) });
     });
   }
 
@@ -221,6 +232,9 @@ class ChildWriter implements MailWriter {
     const handle = this.nextHandle++;
     this.handles.set(handle, { gen: this.generation, handle: r.handle });
     return { ...r, handle };
+  }
+  storeAndCommit(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<Delivered | DeliveryResult> {
+    return this.call('storeAndCommit', [req], body);
   }
   async commit(handle: number): Promise<DeliveryResult | null> {
     const h = this.handles.get(handle);

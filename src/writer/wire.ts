@@ -1,7 +1,8 @@
 /**
  * NAME        src/writer/wire — the messages between pigeon and its mail writer child
  * DESCRIPTION parent → child: `call` (an operation of src/writer/local-writer.ts by name, its
- *             arguments, and for operations with a body its first chunk), `data` (the next chunk,
+ *             arguments, for operations with a body its first chunk, and `solo`: the parent's
+ *             requests have not overlapped for a while, see SOLO_MS), `data` (the next chunk,
  *             sent only after the child's `pull`; `end` after the last one; `error` when the
  *             parent could not read the body). child → parent: `pull`, `done` with the value,
  *             `fail` with an error code and message, `fault` (a PIGEON_FAULT step was reached),
@@ -14,7 +15,16 @@ export interface WireError {
 }
 
 export type ParentMessage =
-  | { readonly t: 'call'; readonly id: number; readonly op: string; readonly args: unknown[]; readonly data?: Uint8Array | null; readonly end?: boolean }
+  | {
+      readonly t: 'call';
+      readonly id: number;
+      readonly op: string;
+      readonly args: unknown[];
+      readonly data?: Uint8Array | null;
+      readonly end?: boolean;
+      /** the parent has sent no request while another was open for a while: nothing else is coming */
+      readonly solo?: boolean;
+    }
   | { readonly t: 'data'; readonly id: number; readonly data: Uint8Array | null; readonly end: boolean; readonly error?: string };
 
 export type ChildMessage =
@@ -23,6 +33,14 @@ export type ChildMessage =
   | { readonly t: 'fail'; readonly id: number; readonly error: WireError }
   | { readonly t: 'fault'; readonly step: string }
   | { readonly t: 'notice'; readonly msg: string; readonly fields: Record<string, string | number> };
+
+/**
+ * A request is `solo` when the parent has sent none while another was still open for this long:
+ * the child may then block on its fsyncs (src/writer/safe-fs.ts syncInPlaceWhen). One connection
+ * delivering one message after another is solo; several at once are not, and their syncs stay on
+ * the thread pool, in parallel, however slow the disk.
+ */
+export const SOLO_MS = 5000;
 
 /** Largest body chunk on the channel. */
 export const CHUNK = 256 * 1024;

@@ -245,7 +245,7 @@ export default function cases(kind: DbKind): void {
     const expired = join(root, 'expired');
     mkdirSync(expired);
     copyFileSync(join(A, 'certs', 'ca.crt'), join(expired, 'ca.crt'));
-    writeKeyPair(issueHostCert(ca, 'epsilon', [], { notBefore: new Date(Date.now() - 10 * day), notAfter: new Date(Date.now() - day) }), join(expired, 'node.crt'), join(expired, 'node.key'));
+    writeKeyPair(await issueHostCert(ca, 'epsilon', [], { notBefore: new Date(Date.now() - 10 * day), notAfter: new Date(Date.now() - day) }), join(expired, 'node.crt'), join(expired, 'node.key'));
     const r3 = run(['init', join(root, 'expired-node'), '--node', 'epsilon', '--ca-from', expired, '--db', shared]);
     t.equal(r3.code, 78, 'expired certificate: exit 78');
     t.match(r3.err, /certificate of epsilon expired on/);

@@ -262,8 +262,8 @@ export default function cases(kind: DbKind): void {
       });
 
       await t.test('a certificate from another CA: TLS refused, logged', async (t) => {
-        const other = createCa('elsewhere');
-        const kp = issueHostCert(other, 'A', ['127.0.0.2']);
+        const other = await createCa('elsewhere');
+        const kp = await issueHostCert(other, 'A', ['127.0.0.2']);
         const l = await rawLink(C, kp.certPem, kp.keyPem, caPem);
         const got = l.sock ? await answer(l.sock) : null;
         t.notOk(got?.includes('"ok":true'), `no link (${l.error ?? String(got)})`);
@@ -271,7 +271,7 @@ export default function cases(kind: DbKind): void {
       });
 
       await t.test('an expired certificate from the cluster CA: refused', async (t) => {
-        const kp = issueHostCert(clusterCa, 'A', [], { notBefore: new Date(Date.now() - 10 * 86400_000), notAfter: new Date(Date.now() - 86400_000) });
+        const kp = await issueHostCert(clusterCa, 'A', [], { notBefore: new Date(Date.now() - 10 * 86400_000), notAfter: new Date(Date.now() - 86400_000) });
         const l = await rawLink(C, kp.certPem, kp.keyPem, caPem);
         const got = l.sock ? await answer(l.sock) : null;
         t.notOk(got?.includes('"ok":true'), `no link (${l.error ?? String(got)})`);
@@ -279,7 +279,7 @@ export default function cases(kind: DbKind): void {
       });
 
       await t.test('a registered name with the wrong key: refused with a reason', async (t) => {
-        const kp = issueHostCert(clusterCa, 'B', []);
+        const kp = await issueHostCert(clusterCa, 'B', []);
         const l = await rawLink(C, kp.certPem, kp.keyPem, caPem);
         t.ok(l.sock, 'TLS itself succeeds (same CA)');
         const got = l.sock ? await answer(l.sock) : null;

@@ -72,13 +72,15 @@ export const CLUSTER_CONF = `log:\n  level: debug\n  file: pigeon.log\nlimits:\n
 /**
  * Create node `name` on `ip`. The first node (no `caFrom`) makes the CA and the database; the
  * others join with `--ca-from` (an instance with the CA key, or a `pigeon cert issue` directory).
+ * `initArgs`: more `pigeon init` options (`--key rsa`).
  */
-export async function makeNode(t: Test, base: string, name: string, ip: string, db: string | null, caFrom: string | null, extraConf = ''): Promise<ClusterNode> {
+export async function makeNode(t: Test, base: string, name: string, ip: string, db: string | null, caFrom: string | null, extraConf = '', initArgs: readonly string[] = []): Promise<ClusterNode> {
   const dir = join(base, name);
   const peerPort = await freePortOn(ip);
   const args = ['init', dir, '--node', name, '--listen', `imap=${ip}:0`, '--listen', `pop3=${ip}:0`, '--listen', `lmtp=${ip}:0`, '--listen', `peer=${ip}:${peerPort}`, '--listen', `metrics=${ip}:0`];
   if (db) args.push('--db', db);
   if (caFrom) args.push('--ca-from', caFrom);
+  args.push(...initArgs);
   const r = pigeon(null, args);
   if (r.status !== 0) throw new Error(`init ${name}: ${r.stderr}`);
   writeFileSync(join(dir, 'conf.d', '50-test.yaml'), CLUSTER_CONF + extraConf);

@@ -46,9 +46,9 @@ export async function upstreamDovecot(t: Test, users: Record<string, string>, ma
   const run = join(dir, 'run');
   for (const d of ['run', 'state', 'mail']) mkdirSync(join(dir, d), { recursive: true });
   chownSync(join(dir, 'mail'), MAIL_ID, MAIL_ID);
-  const ca = createCa('upstream-test');
-  const other = createCa('someone-else');
-  const cert = issueHostCert(ca, 'upstream.test', ['127.0.0.1']);
+  const ca = await createCa('upstream-test');
+  const other = await createCa('someone-else');
+  const cert = await issueHostCert(ca, 'upstream.test', ['127.0.0.1']);
   writeFileSync(join(dir, 'ca.crt'), ca.certPem);
   writeFileSync(join(dir, 'other-ca.crt'), other.certPem);
   writeFileSync(join(dir, 'server.crt'), cert.certPem);

@@ -1,0 +1,207 @@
+// `pigeon deliver` hands its message to a running `pigeon serve` of the same instance
+// (src/delivery/handoff-client.ts, handoff-server.ts): through a real Postfix pipe(8) with the
+// exit codes Postfix acts on; back to in-process delivery when serve stops or is killed (stale
+// runtime file and socket); only root and the mail user's group may connect to the socket; a
+// serve killed in the middle of a message → 75 and no copy, the retry delivers exactly one.
+// Which process delivered is read from pigeon.log: every line carries the writer's pid.
+import t, { type Test } from 'tap';
+import { spawn, spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { CLI, cli, ok, need, makeInstance, setUser, maildirOf, files, msg, sleep, startServe, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
+import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
+import { scratchDir } from './helpers/instance.js';
+
+const NOBODY = 65534;
+const PATH = `PATH=${process.env['PATH'] ?? '/usr/bin:/bin'}`;
+/**
+ * A command as another user, with pipe(8)'s small environment: setpriv, then env -i (the test
+ * runner adds NODE_OPTIONS hooks to every process it spawns, which write where that user may not).
+ */
+const as = (uid: number, gid: number, cmd: readonly string[]): string[] => [`--reuid=${uid}`, `--regid=${gid}`, '--clear-groups', 'env', '-i', PATH, ...cmd];
+
+async function waitFor(what: string, f: () => boolean, ms = 90_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if (f()) return;
+    await sleep(100);
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+/**
+ * An instance as pipe(8) user=mail needs it (README): everything the mail user writes is its;
+ * run_dir short (a unix socket path has at most 107 bytes) and reachable by the mail user;
+ * debug log in pigeon.log, writable by both serve (root) and deliver (mail).
+ */
+function handoffInstance(t: Test, users: readonly string[], runMode: number): { dir: string; inst: string; run: string; log: () => string } {
+  need('/usr/bin/setpriv', 'util-linux');
+  const dir = scratchDir(t);
+  const inst = makeInstance(dir, []);
+  const domains = new Set(users.map((u) => u.slice(u.indexOf('@') + 1)));
+  for (const d of domains) if (d !== 'example.test') ok(cli(inst, ['domain', 'add', d]), d);
+  for (const u of users) ok(cli(inst, ['user', 'add', u, '--password-stdin'], 'pw\n'), u);
+  const run = mkdtempSync('/tmp/pdh-');
+  t.teardown(() => rmSync(run, { recursive: true, force: true }));
+  chownSync(run, 0, MAIL_GID);
+  chmodSync(run, runMode);
+  mkdirSync(join(inst, 'conf.d'), { recursive: true });
+  writeFileSync(join(inst, 'conf.d', '50-handoff.yaml'), `run_dir: ${run}\nlog:\n  level: debug\n  file: pigeon.log\n`);
+  writeFileSync(join(inst, 'pigeon.log'), '');
+  spawnSync('chown', ['-R', 'mail:mail', inst]);
+  return { dir, inst, run, log: () => readFileSync(join(inst, 'pigeon.log'), 'utf8') };
+}
+
+/** The pid of the serve that logged `pigeon started` (it logs it just after it said ready). */
+async function servePid(log: () => string): Promise<number> {
+  const started = /pigeon\[(\d+)\]: master: pigeon started/;
+  await waitFor('serve\'s start line in pigeon.log', () => started.test(log()));
+  return Number(started.exec(log())?.[1]);
+}
+
+/** `pigeon -c CONFIG deliver` as pipe(8) user=mail runs it; `feed` writes stdin (then it is ended). */
+function deliverAsMail(config: string, args: readonly string[], feed: (w: NodeJS.WritableStream) => Promise<void>): Promise<{ code: number | null; out: string; pid: number }> {
+  return new Promise((res, rej) => {
+    const c = spawn('setpriv', as(MAIL_UID, MAIL_GID, [process.execPath, CLI, '-c', config, 'deliver', ...args]), { stdio: ['pipe', 'pipe', 'pipe'] });
+    let out = '';
+    c.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    c.stderr.on('data', (d: Buffer) => (out += d.toString()));
+    c.on('error', rej);
+    c.on('close', (code) => res({ code, out, pid: c.pid ?? 0 }));
+    c.stdin.on('error', () => undefined);
+    void feed(c.stdin).then(
+      () => c.stdin.end(),
+      () => c.stdin.destroy(),
+    );
+  });
+}
+
+/** Whether `uid` may connect to the unix socket at `path`: 'connected' or the error code. */
+function connectAs(uid: number, path: string): string {
+  const code = `require('net').connect(${JSON.stringify(path)}).on('connect', function () { process.stdout.write('connected'); this.destroy(); }).on('error', (e) => process.stdout.write(e.code))`;
+  const r = spawnSync('setpriv', as(uid, uid, [process.execPath, '-e', code]), { encoding: 'utf8', timeout: 60_000 });
+  return r.stdout;
+}
+
+t.test('Postfix pipe(8) with pigeon serve running: serve delivers, exit codes 0/67/73/75 as in-process; serve stopped → in-process', async (t) => {
+  const h = handoffInstance(t, ['alice@pipe.test', 'full@pipe.test', 'defer@pipe.test'], 0o750);
+  const { inst } = h;
+  setUser(inst, 'full@pipe.test', 'mailstore.quota', '10');
+  setUser(inst, 'defer@pipe.test', 'mailstore.quota', '10');
+  setUser(inst, 'defer@pipe.test', 'mailstore.quota_full', 'defer');
+  spawnSync('chown', ['-R', 'mail:mail', inst]);
+  const served = await startServe(t, inst);
+  const pid = await servePid(h.log);
+  t.ok(existsSync(join(inst, 'deliver-handoff.json')), 'serve names its hand-off socket in the instance directory');
+  // the instance directory is the mail user's (SQLite WAL): serve, root, never writes into it itself
+  t.equal(statSync(join(inst, 'deliver-handoff.json')).uid, MAIL_UID, 'the runtime file is written as the owner of the mail-writable instance directory, not as root');
+
+  const smtpPort = await freePort();
+  const pf = startPostfix({
+    dir: h.dir,
+    smtpPort,
+    main: `virtual_mailbox_domains = pipe.test
+virtual_mailbox_maps = static:ok
+virtual_transport = pigeon:
+pigeon_destination_recipient_limit = 1`,
+    // README's pipe(8) line, with this test's paths
+    master: `pigeon    unix  -       n       n       -       -       pipe
+  flags=Rq user=mail argv=${process.execPath} ${CLI} -c ${inst} deliver -f \${sender} -a \${original_recipient} -- \${recipient}`,
+  });
+  t.teardown(() => pf.stop());
+
+  const rcpts = ['alice@pipe.test', 'nobody@pipe.test', 'full@pipe.test', 'defer@pipe.test'];
+  const replies = await smtpSubmit(smtpPort, 'bob@remote.test', rcpts, msg({ to: 'alice@pipe.test', subject: 'handed off', body: 'through serve\n.dot line\n' }));
+  t.match(replies[replies.length - 2] ?? '', /^250 .*queued/, `queued: ${replies.join(' | ')}`);
+  await waitFor('Postfix status lines', () => rcpts.every((u) => new RegExp(`to=<${u.replace('.', '\\.')}>.*status=`).test(pf.log())));
+  const pflog = pf.log();
+  t.match(pflog, /to=<alice@pipe\.test>.*relay=pigeon.*status=sent/, 'exit 0: sent');
+  t.match(pflog, /to=<nobody@pipe\.test>.*dsn=5\.1\.1.*status=bounced \(<nobody@pipe\.test>: user unknown/, 'exit 67 + the line: bounced 5.1.1');
+  t.match(pflog, /to=<full@pipe\.test>.*dsn=5\.2\.2.*status=bounced/, 'exit 73: over quota bounced 5.2.2');
+  t.match(pflog, /to=<defer@pipe\.test>.*dsn=4\.2\.2.*status=deferred/, 'exit 75: quota_full=defer deferred 4.2.2');
+
+  const log = h.log();
+  t.match(log, new RegExp(`pigeon\\[${pid}\\]: deliver\\(alice@pipe\\.test\\): delivered: from=bob@remote\\.test`), 'the delivery was made by serve');
+  t.match(log, new RegExp(`pigeon\\[${pid}\\]: deliver\\(nobody@pipe\\.test\\): rejected: status=5\\.1\\.1`), 'the unknown user was answered by serve');
+  t.match(log, new RegExp(`pigeon\\[${pid}\\]: deliver\\(full@pipe\\.test\\): rejected: status=5\\.2\\.2`), 'over quota: serve');
+  t.match(log, new RegExp(`pigeon\\[${pid}\\]: deliver\\(defer@pipe\\.test\\): Warning: deferred: status=4\\.2\\.2`), 'deferred: serve');
+  t.notMatch(log, new RegExp(`pigeon\\[(?!${pid}\\])\\d+\\]: deliver\\(alice@pipe\\.test\\): delivered`), 'no delivery by another process');
+  const box = maildirOf(inst, 'alice@pipe.test');
+  t.equal(files(join(box, 'new')).length, 1, 'one copy');
+  const stored = readFileSync(join(box, 'new', files(join(box, 'new'))[0] ?? ''), 'latin1');
+  t.match(stored, /^Return-Path: <bob@remote\.test>\nDelivered-To: alice@pipe\.test\n/, 'envelope as in-process (-f, the recipient)');
+  t.match(stored, /\n\nthrough serve\n\.dot line\n$/, 'the message bytes as Postfix gave them');
+
+  // serve stops: the runtime file goes with it, and deliver delivers in its own process
+  await served.stop();
+  t.notOk(existsSync(join(inst, 'deliver-handoff.json')), 'runtime file removed on a clean exit');
+  const r2 = await smtpSubmit(smtpPort, 'bob@remote.test', ['alice@pipe.test'], msg({ subject: 'no serve' }));
+  t.match(r2[r2.length - 2] ?? '', /^250 /);
+  await waitFor('the second delivery', () => files(join(box, 'new')).length === 2);
+  await waitFor('its log line', () => (h.log().match(/deliver\(alice@pipe\.test\): delivered/g) ?? []).length === 2);
+  t.match(h.log(), new RegExp(`pigeon\\[(?!${pid}\\])\\d+\\]: deliver\\(alice@pipe\\.test\\): delivered`), 'without serve: delivered in-process');
+  pf.stop();
+});
+
+t.test('hand-off socket: the mail user may connect, others may not; serve killed mid-message → 75, no copy; the retry delivers once, in-process', async (t) => {
+  // run_dir open to all (0755): the socket's own mode and group must keep other users out
+  const h = handoffInstance(t, ['alice@example.test'], 0o755);
+  const { inst, run } = h;
+  await startServe(t, inst);
+  const pid = await servePid(h.log);
+  const sock = join(run, 'deliver.sock');
+  t.equal(connectAs(MAIL_UID, sock), 'connected', 'the mail user connects');
+  t.equal(connectAs(NOBODY, sock), 'EACCES', 'another local user cannot connect (socket mode 0660, group of mail_user)');
+
+  const box = join(maildirOf(inst, 'alice@example.test'), 'new');
+  const first = await deliverAsMail(inst, ['-f', 'bob@remote.test', 'alice@example.test'], async (w) => {
+    w.write(msg({ subject: 'one' }));
+  });
+  t.equal(first.code, 0, `delivered: ${JSON.stringify(first)}`);
+  t.match(h.log(), new RegExp(`pigeon\\[${pid}\\]: deliver\\(alice@example\\.test\\): delivered`), 'by serve');
+  t.equal(files(box).length, 1);
+
+  // another configuration file in the same directory is another instance: not handed to this serve
+  const other = join(inst, 'other.yaml');
+  copyFileSync(join(inst, 'pigeon.yaml'), other);
+  chownSync(other, MAIL_UID, MAIL_GID);
+  const mine = await deliverAsMail(other, ['-f', 'bob@remote.test', 'alice@example.test'], async (w) => {
+    w.write(msg({ subject: 'other config' }));
+  });
+  t.equal(mine.code, 0, `delivered: ${JSON.stringify(mine)}`);
+  t.match(h.log(), new RegExp(`pigeon\\[${mine.pid}\\]: deliver\\(alice@example\\.test\\): delivered`), '-c other.yaml: delivered in-process, not by the serve of pigeon.yaml');
+  t.equal(files(box).length, 2);
+
+  // a message larger than the pipe and socket buffers: once its first MiB is written, deliver
+  // must be reading stdin, which it does only after serve said "go"; then serve dies
+  const head = msg({ subject: 'cut' }).replace(/hello\n$/, '');
+  const big = Buffer.alloc(1024 * 1024, 'x\n'.repeat(512));
+  const cut = await deliverAsMail(inst, ['-f', 'bob@remote.test', 'alice@example.test'], async (w) => {
+    w.write(head);
+    await new Promise<void>((res) => w.write(big, () => res()));
+    process.kill(-pid, 'SIGKILL');
+    await waitFor('serve gone', () => {
+      try {
+        process.kill(pid, 0);
+        return false;
+      } catch {
+        return true;
+      }
+    });
+    w.write(big);
+  });
+  t.equal(cut.code, 75, 'serve killed mid-message: 75 (Postfix retries)');
+  t.match(cut.out, /^4\.3\.0 pigeon serve went away during the delivery hand-off; try again\n$/, 'one status line');
+  t.equal(files(box).length, 2, 'nothing delivered from the cut message');
+  t.ok(existsSync(join(inst, 'deliver-handoff.json')), 'the killed serve left its runtime file (stale)');
+
+  // the retry: the stale file names a socket nobody listens on → in-process, exactly one copy
+  const again = await deliverAsMail(inst, ['-f', 'bob@remote.test', 'alice@example.test'], async (w) => {
+    w.write(head);
+    w.write(big);
+    w.write(big);
+  });
+  t.equal(again.code, 0, `retry delivered: ${JSON.stringify(again)}`);
+  t.equal(files(box).length, 3, 'exactly one copy of the retried message');
+  t.match(h.log(), new RegExp(`pigeon\\[${again.pid}\\]: deliver\\(alice@example\\.test\\): delivered`), 'delivered by the deliver process itself');
+});

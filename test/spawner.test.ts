@@ -1,0 +1,191 @@
+// Issue 15 (proxy part): `pigeon serve` workers start handed-off backends through a spawner
+// process (src/proxy/spawner.ts), not by forking themselves. Real Dovecot behind `pigeon serve
+// --workers 1` (the process serve started is the worker), raw IMAP clients on plain TCP.
+// - a login's Dovecot imap is the spawner's child, and neither the worker nor the spawner keeps a
+//   copy of the client socket (the session's bytes never pass through the proxy again); Dovecot's
+//   own log lines still reach our log under the user's prefix;
+// - the spawner killed while sessions run: they are ended (their exits could no longer be seen),
+//   with their logout lines and their user+IP slots freed, and the next login starts a new
+//   spawner;
+// - a login in flight when the spawner dies gets NO [UNAVAILABLE] at once, not a hang, and the
+//   same connection can log in again;
+// - a Dovecot that dies at start without a word (exit 89) still gets the proxy's `* BYE
+//   [UNAVAILABLE]` to the client, now said by the spawner.
+import t from 'tap';
+import { readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { makeInstance, serve } from './helpers/instance.js';
+import { useBackend } from './helpers/backends.js';
+import { Wire, untilText } from './helpers/wire.js';
+
+const ALICE = 'alice@example.test';
+const inst = makeInstance(t, { listen: ['imap=127.0.0.1:0'], users: { [ALICE]: 'secret' } });
+if (!useBackend(t, inst, 'dovecot')) process.exit(1);
+
+const log = (): string => readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
+
+/** ppid and command line of `pid`, or null when it is gone */
+function proc(pid: number): { ppid: number; cmd: string } | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+    return { ppid, cmd: readFileSync(`/proc/${pid}/cmdline`, 'utf8').replace(/\0/g, ' ').trim() };
+  } catch {
+    return null;
+  }
+}
+
+/** The processes whose command line starts with `cmd` and that descend from `root`. */
+function descendants(root: number, cmd: string): number[] {
+  const out: number[] = [];
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    const p = proc(Number(d));
+    if (!p?.cmd.startsWith(cmd)) continue;
+    for (let a = p.ppid, i = 0; a > 1 && i < 10; a = proc(a)?.ppid ?? 0, i++) {
+      if (a === root) {
+        out.push(Number(d));
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+/** The inode of the proxy's end of the client connection whose client port is `clientPort`. */
+function serverSideInode(listenPort: number, clientPort: number): string | null {
+  const hex = (n: number): string => n.toString(16).toUpperCase().padStart(4, '0');
+  for (const l of readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
+    const f = l.trim().split(/\s+/);
+    if (f[1]?.endsWith(`:${hex(listenPort)}`) && f[2]?.endsWith(`:${hex(clientPort)}`)) return f[9] ?? null;
+  }
+  return null;
+}
+
+function holds(pid: number, inode: string): boolean {
+  try {
+    return readdirSync(`/proc/${pid}/fd`).some((fd) => {
+      try {
+        return readlinkSync(`/proc/${pid}/fd/${fd}`) === `socket:[${inode}]`;
+      } catch {
+        return false;
+      }
+    });
+  } catch {
+    return false;
+  }
+}
+
+async function login(port: number, tag = 'a1'): Promise<{ w: Wire; answer: string }> {
+  const w = await Wire.open(port);
+  await w.until(/^\* OK/m);
+  w.write(`${tag} LOGIN ${ALICE} secret\r\n`);
+  return { w, answer: await w.until(new RegExp(`^${tag} (OK|NO|BAD)`, 'm')) };
+}
+
+/** Dovecot imap serving the connection whose client port is `clientPort`, once it runs. */
+async function imapOf(worker: number, port: number, clientPort: number): Promise<number> {
+  const inode = serverSideInode(port, clientPort);
+  if (inode === null) throw new Error('no such connection');
+  for (;;) {
+    const pid = descendants(worker, '/usr/lib/dovecot/imap').find((p) => holds(p, inode));
+    if (pid !== undefined) return pid;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+t.test('a plain IMAP login: Dovecot is the spawner’s child, and the proxy keeps no copy of the client socket', async (t) => {
+  const s = await serve(t, inst);
+  const port = s.ports['imap'] ?? 0;
+  const worker = s.child.pid ?? 0;
+  const { w, answer } = await login(port);
+  t.match(answer, /^a1 OK \[CAPABILITY /m, 'Dovecot answered the login');
+  const imap = await imapOf(worker, port, w.sock.localPort ?? 0);
+  const parent = proc(imap)?.ppid ?? 0;
+  t.not(parent, worker, 'the worker did not fork it');
+  t.match(proc(parent)?.cmd, /^pigeon: spawner/, 'its parent is the spawner');
+  t.equal(proc(parent)?.ppid, worker, "the worker's own spawner");
+  // (the spawner keeps one: if Dovecot's imap exits 89 at start, it says `* BYE [UNAVAILABLE]`)
+  t.notOk(holds(worker, serverSideInode(port, w.sock.localPort ?? 0) ?? ''), 'the worker closed its copy of the client socket');
+  w.write('a2 SELECT INBOX\r\na3 LOGOUT\r\n');
+  t.match(await w.until(/^a3 OK/m), /^a2 OK .*Select completed/m, 'the session works');
+  t.ok(await w.waitClosed(), 'and ends');
+  const l = await untilText(log, /imap\(alice@example\.test\): Disconnected: Logged out \(socket handed to the backend\)/);
+  t.match(l, /imap\(alice@example\.test\): Disconnected: Logged out \(socket handed to the backend\)/, 'our logout line');
+  t.match(l, /imap\(alice@example\.test\): Info: Disconnected: Logged out in=\d+ out=\d+.*rip=127\.0\.0\.1/, "Dovecot's own line, through the spawner's stderr, under the user's prefix with rip=");
+});
+
+t.test('the spawner killed: running sessions end with their logout lines, the next login starts a new one', async (t) => {
+  const s = await serve(t, inst);
+  const port = s.ports['imap'] ?? 0;
+  const worker = s.child.pid ?? 0;
+  const a = await login(port);
+  t.match(a.answer, /^a1 OK/m);
+  const imap = await imapOf(worker, port, a.w.sock.localPort ?? 0);
+  const spawner = proc(imap)?.ppid ?? 0;
+  t.match(proc(spawner)?.cmd, /^pigeon: spawner/);
+  process.kill(spawner, 'SIGKILL');
+  t.ok(await a.w.waitClosed(), "the orphaned session was ended (its exit could not be seen any more)");
+  const l = await untilText(log, /Disconnected: Logged out \(socket handed to the backend\)/);
+  t.match(l, new RegExp(`spawner: Error: spawner \\(pid ${spawner}\\) exited \\(SIGKILL\\); 1 sessions ended, 0 starts failed`), 'the death is logged once, with what it cost');
+  t.match(l, /imap\(alice@example\.test\): Warning: the spawner process exited \(SIGKILL\)/, 'the session says why it ended');
+  t.match(l, /imap\(alice@example\.test\): Disconnected: Logged out \(socket handed to the backend\)/, 'and logs its logout line');
+  const who = inst.run(['who', '--json']);
+  t.same(JSON.parse(who.stdout), [], 'no session left in who (the user+IP slot is free)');
+  const b = await login(port);
+  t.match(b.answer, /^a1 OK \[CAPABILITY /m, 'a new login works');
+  const imap2 = await imapOf(worker, port, b.w.sock.localPort ?? 0);
+  const spawner2 = proc(imap2)?.ppid ?? 0;
+  t.not(spawner2, spawner, 'through a new spawner');
+  t.match(proc(spawner2)?.cmd, /^pigeon: spawner/);
+  b.w.write('a2 LOGOUT\r\n');
+  await b.w.until(/^a2 OK/m);
+});
+
+t.test('a login in flight when the spawner dies gets NO [UNAVAILABLE], then the same connection logs in', async (t) => {
+  const s = await serve(t, inst);
+  const port = s.ports['imap'] ?? 0;
+  const worker = s.child.pid ?? 0;
+  // a first session, to find the spawner
+  const a = await login(port);
+  const spawner = proc(await imapOf(worker, port, a.w.sock.localPort ?? 0))?.ppid ?? 0;
+  t.match(proc(spawner)?.cmd, /^pigeon: spawner/);
+  a.w.write('a2 LOGOUT\r\n');
+  await a.w.until(/^a2 OK/m);
+  // stopped, it takes requests into its channel but starts nothing
+  process.kill(spawner, 'SIGSTOP');
+  const starts = (): number => (log().match(/spawner: Debug: starting \/usr\/lib\/dovecot\/imap/g) ?? []).length;
+  const before = starts();
+  const w = await Wire.open(port);
+  await w.until(/^\* OK/m);
+  w.write(`b1 LOGIN ${ALICE} secret\r\n`);
+  // the worker sent the request (its debug line), and the stopped spawner cannot have answered it
+  for (const end = Date.now() + 60_000; starts() <= before && Date.now() < end; ) await new Promise((r) => setTimeout(r, 50));
+  t.ok(starts() > before, 'the worker asked the spawner');
+  t.equal(w.closed, false, 'the login waits for the spawner');
+  process.kill(spawner, 'SIGKILL');
+  const answer = await w.until(/^b1 (OK|NO|BAD)/m);
+  t.match(answer, /^b1 NO \[UNAVAILABLE\]/m, 'a temporary failure, at once');
+  t.match(await untilText(log, /starts failed/), /Backend failure: start-failed: cannot start dovecot imap: the spawner process exited \(SIGKILL\)/, 'logged as a backend failure');
+  w.write(`b2 LOGIN ${ALICE} secret\r\n`);
+  t.match(await w.until(/^b2 (OK|NO|BAD)/m), /^b2 OK \[CAPABILITY /m, 'the same connection logs in through a new spawner');
+  w.write('b3 NOOP\r\nb4 LOGOUT\r\n');
+  t.match(await w.until(/^b4 OK/m), /^b3 OK/m, 'and Dovecot has the connection');
+});
+
+t.test('a Dovecot imap that dies at start (exit 89) without a word: the client gets * BYE [UNAVAILABLE] through the spawner', async (t) => {
+  const bin = join(inst.dir, 'imap-exit-89');
+  writeFileSync(bin, '#!/bin/sh\nexit 89\n', { mode: 0o755 });
+  const conf = join(inst.dir, 'conf.d', '60-exit-89.yaml');
+  writeFileSync(conf, 'dovecot:\n  imap: ' + bin + '\n');
+  t.teardown(() => rmSync(conf, { force: true }));
+  const s = await serve(t, inst);
+  const logouts = (): number => (log().match(/imap\(alice@example\.test\): Disconnected: Logged out \(socket handed to the backend\)/g) ?? []).length;
+  const before = logouts();
+  const { w, answer } = await login(s.ports['imap'] ?? 0);
+  const all = answer + (await w.until(/^\* BYE/m));
+  t.match(all, /^\* BYE \[UNAVAILABLE\] Internal error occurred/m, "the proxy's last words for it");
+  t.ok(await w.waitClosed(), 'and the connection closes');
+  for (const end = Date.now() + 60_000; logouts() <= before && Date.now() < end; ) await new Promise((r) => setTimeout(r, 50));
+  t.equal(logouts(), before + 1, 'its logout line');
+});
