@@ -18,7 +18,6 @@
  */
 import { createHash, createHmac, pbkdf2, randomBytes, timingSafeEqual } from 'node:crypto';
 import { promisify } from 'node:util';
-import saslprep from '@mongodb-js/saslprep';
 import { AppError } from '../src/errors.js';
 
 export const SCRAM_NEW_ITERATIONS = 4096;
@@ -36,8 +35,21 @@ export interface ScramRecord {
 const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
 const B64 = /^[A-Za-z0-9+/]+={0,2}$/;
 
+type SaslPrep = (text: string) => string;
+let saslprepCode: Promise<SaslPrep> | undefined;
+/**
+ * @mongodb-js/saslprep, loaded on the first password that is hashed or checked: its Unicode
+ * tables cost every process that imports this module ≈ 20 ms of CPU at start-up, and most
+ * (`pigeon deliver`, `pigeon lmtp`, the admin commands) never check a password.
+ */
+function loadSaslprep(): Promise<SaslPrep> {
+  saslprepCode ??= import('@mongodb-js/saslprep').then((m) => m.saslprep);
+  return saslprepCode;
+}
+
 /** The password as SCRAM hashes it: SASLprep'd when it is UTF-8 that SASLprep accepts, else its bytes. */
-export function scramPassword(password: Uint8Array): Buffer {
+export async function scramPassword(password: Uint8Array): Promise<Buffer> {
+  const saslprep = await loadSaslprep();
   const raw = Buffer.from(password.buffer, password.byteOffset, password.byteLength);
   let text: string;
   try {
@@ -58,7 +70,7 @@ const sha256 = (data: Buffer): Buffer => createHash('sha256').update(data).diges
 /** SaltedPassword, ClientKey, StoredKey, ServerKey of a password (RFC 5802 §3). */
 export async function scramKeys(password: Uint8Array, salt: Buffer, iterations: number): Promise<ScramRecord & { readonly clientKey: Buffer }> {
   // off the event loop (libuv's thread pool): a large iteration count does not stall other sessions
-  const salted = await pbkdf2Async(scramPassword(password), salt, iterations, KEY_LEN, 'sha256');
+  const salted = await pbkdf2Async(await scramPassword(password), salt, iterations, KEY_LEN, 'sha256');
   const clientKey = hmac(salted, 'Client Key');
   return { iterations, salt, clientKey, storedKey: sha256(clientKey), serverKey: hmac(salted, 'Server Key') };
 }

@@ -35,7 +35,8 @@
  *             when it holds NUL (or CR/LF where a line carries it).
  */
 import { connect as netConnect, isIP, type Socket } from 'node:net';
-import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import type { TLSSocket } from 'node:tls';
+import { createRequire } from 'node:module';
 import { readFile } from 'node:fs/promises';
 import { z } from 'zod';
 import type { Backend, BackendEnd, BackendRequest, BackendSession } from './types.js';
@@ -170,6 +171,9 @@ async function caOf(t: Target): Promise<{ ca?: Buffer[] }> {
 /** A TLS connection (new, or over `socket`) whose certificate verified for the host name. */
 async function secure(t: Target, over: { socket?: Socket }, deadline: number): Promise<TLSSocket> {
   const ca = await caOf(t);
+  // node:tls on the first upstream connection: every process that checks pigeon.yaml loads this
+  // backend for its section, one `pigeon deliver` per message included (≈ 5 ms of CPU each)
+  const { connect: tlsConnect } = createRequire(import.meta.url)('node:tls') as typeof import('node:tls');
   return new Promise<TLSSocket>((resolve, reject) => {
     const s = tlsConnect({
       ...over,

@@ -45,7 +45,6 @@ import type { ClientConn, Peer } from '../src/proxy/conn.js';
 import type { Slot } from '../src/proxy/slots.js';
 import type { AnvilServer } from '../src/anvil/server.js';
 import { AppError, isAppError, isErrorCode, type ErrorCode } from '../src/errors.js';
-import type { Forker } from './types.js';
 import type { InheritedSocket } from '../src/systemd.js';
 import { socketTransport } from './inetd.js';
 
@@ -56,8 +55,8 @@ export type HandoffListener = (env: ProxyEnv) => Server;
 /** How the primary tells its workers the hand-off socket to listen on (src/delivery/handoff-file.ts). */
 const HANDOFF_ENV = 'PIGEON_HANDOFF_SOCKET';
 
-/** The forker module; the daemon's code is loaded only when `pigeon serve` runs. */
-export default { kind: 'forker', name: 'listen', summary: 'standalone daemon: every listener of the config', stdioIsProtocol: false } satisfies Forker;
+/** The forker module (its registry entry lives in forkers/listen-forker.ts, without this code). */
+export { default } from './listen-forker.js';
 
 function addr(l: Listener, s: Server): string {
   const a = s.address();

@@ -11,7 +11,7 @@ import { Registry } from '../src/modules.js';
 import stdio from './stdio.js';
 import inetd from './inetd.js';
 import postfix from './postfix.js';
-import listen from './listen.js';
+import listen from './listen-forker.js';
 
 export const FORKERS = new Registry<Forker>('forker', [stdio, inetd, postfix, listen], (f) => (typeof f.stdioIsProtocol !== 'boolean' ? ['needs stdioIsProtocol (boolean)'] : []));
 
