@@ -8,7 +8,7 @@ import t, { type Test } from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { CLI, cli, ok, need, makeInstance, setUser, maildirOf, files, msg, sleep, startServe, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
+import { CLI, cli, ok, need, makeInstance, setUser, maildirOf, files, msg, startServe, waitFor, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
 import { scratchDir } from './helpers/instance.js';
 
@@ -20,14 +20,6 @@ const PATH = `PATH=${process.env['PATH'] ?? '/usr/bin:/bin'}`;
  */
 const as = (uid: number, gid: number, cmd: readonly string[]): string[] => [`--reuid=${uid}`, `--regid=${gid}`, '--clear-groups', 'env', '-i', PATH, ...cmd];
 
-async function waitFor(what: string, f: () => boolean, ms = 90_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (f()) return;
-    await sleep(100);
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
 
 /**
  * An instance as pipe(8) user=mail needs it (README): everything the mail user writes is its;

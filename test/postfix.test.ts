@@ -7,18 +7,10 @@ import t from 'tap';
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { writeFileSync } from 'node:fs';
-import { CLI, cli, ok, makeInstance, setUser, maildirOf, files, msg, dovecotRead, sleep, startServe, imapSession } from './helpers/delivery-env.js';
+import { CLI, cli, ok, makeInstance, setUser, maildirOf, files, msg, dovecotRead, startServe, imapSession, waitFor } from './helpers/delivery-env.js';
 import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
 import { scratchDir } from './helpers/instance.js';
 
-async function waitFor(what: string, f: () => boolean, ms = 90_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (f()) return;
-    await sleep(250);
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
 
 t.test('Postfix → pipe / lmtp:inet / lmtp:unix+spawn → Maildir → Dovecot', async (t) => {
   const dir = scratchDir(t);

@@ -16,6 +16,7 @@
  * SEE ALSO    src/delivery/antivirus.ts
  */
 import net from 'node:net';
+import { drained } from '../drain.js';
 
 /** Longest answer read from clamd (a signature name is well under this). */
 export const ANSWER_MAX = 1024;
@@ -92,13 +93,7 @@ export function clamdScan(target: ClamdTarget, data: AsyncIterable<Buffer>): Pro
       new Promise<void>((res) => {
         if (settled || sock.destroyed) return res();
         if (sock.write(b)) return res();
-        const go = (): void => {
-          sock.off('drain', go);
-          sock.off('close', go);
-          res();
-        };
-        sock.on('drain', go);
-        sock.on('close', go);
+        void drained(sock).then(res);
       });
     sock.once('connect', () => {
       connected = true;

@@ -22,6 +22,7 @@ import net from 'node:net';
 import { EX, type ExitCode } from '../errors.js';
 import { exitCodeOf, statusLine } from './outcome.js';
 import { configOf, readHandoff } from './handoff-file.js';
+import { drained } from '../drain.js';
 
 export interface HandoffRequest {
   readonly config: string | undefined;
@@ -76,16 +77,6 @@ export async function handOff(r: HandoffRequest, input: AsyncIterable<Buffer>): 
     };
     const lost = (): void => finish(went ? temp('pigeon serve went away during the delivery hand-off; try again') : null);
 
-    const waitDrain = (): Promise<void> =>
-      new Promise((res) => {
-        const go = (): void => {
-          sock.off('drain', go);
-          sock.off('close', go);
-          res();
-        };
-        sock.on('drain', go);
-        sock.on('close', go);
-      });
     const pump = async (): Promise<void> => {
       try {
         for await (const chunk of input) {
@@ -95,7 +86,7 @@ export async function handOff(r: HandoffRequest, input: AsyncIterable<Buffer>): 
             const h = Buffer.alloc(4);
             h.writeUInt32BE(part.length, 0);
             sock.write(h);
-            if (!sock.write(part)) await waitDrain();
+            if (!sock.write(part)) await drained(sock);
           }
         }
         if (!done) sock.write(Buffer.alloc(4)); // the end frame: only now may serve deliver

@@ -29,18 +29,7 @@ import { LineBuffer } from '../lines.js';
 
 /** worker → spawner */
 export type SpawnerRequest =
-  | {
-      readonly t: 'spawn';
-      readonly id: number;
-      readonly file: string;
-      readonly args: readonly string[];
-      readonly env: Readonly<Record<string, string>>;
-      readonly cwd: string;
-      readonly uid?: number;
-      readonly gid?: number;
-      /** a child that exits with `code` said nothing to the client: `text` goes to it first */
-      readonly lastWords?: { readonly code: number; readonly text: string };
-    }
+  | ({ readonly t: 'spawn'; readonly id: number } & Omit<SpawnOptions, 'socket'>)
   | { readonly t: 'kill'; readonly id: number; readonly signal: NodeJS.Signals };
 
 /** spawner → worker */
@@ -58,6 +47,7 @@ export interface SpawnOptions {
   readonly gid?: number;
   /** the plain client socket: the child's stdin and stdout */
   readonly socket: Socket;
+  /** a child that exits with `code` said nothing to the client: `text` goes to it first */
   readonly lastWords?: { readonly code: number; readonly text: string };
 }
 

@@ -144,6 +144,16 @@ export function dovecotRead(location: string, folder = 'INBOX', home?: string): 
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/** Wait until `f()` holds (a log line written, a file delivered), checked every 100 ms; fail after `ms`. */
+export async function waitFor(what: string, f: () => boolean, ms = 90_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if (f()) return;
+    await sleep(100);
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
 /** `pigeon serve --workers 1` on an instance; resolves once it printed "ready", with the ports it listens on. */
 export async function startServe(
   t: { teardown: (f: () => void | Promise<void>) => void },
