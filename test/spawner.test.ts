@@ -87,9 +87,10 @@ async function login(port: number, tag = 'a1'): Promise<{ w: Wire; answer: strin
 async function imapOf(worker: number, port: number, clientPort: number): Promise<number> {
   const inode = serverSideInode(port, clientPort);
   if (inode === null) throw new Error('no such connection');
-  for (;;) {
+  for (const end = Date.now() + 60_000; ; ) {
     const pid = descendants(worker, '/usr/lib/dovecot/imap').find((p) => holds(p, inode));
     if (pid !== undefined) return pid;
+    if (Date.now() > end) throw new Error(`no Dovecot imap holds the connection from port ${clientPort} after 60 s`);
     await new Promise((r) => setTimeout(r, 50));
   }
 }
