@@ -37,8 +37,49 @@ export type Effective = Record<string, Explained>;
 
 const RANK: Record<Scope, number> = { global: 0, domain: 1, user: 2 };
 
-/** Resolve every key of every registered module. Rows for unknown keys are skipped. */
+// Resolving walks every key of every module (a few hundred objects): a login or a delivery does it
+// once per user, and most users share their rows (the global and domain rows, few of their own).
+// The result for one set of rows is computed once and shared, frozen, so no caller can change what
+// another one reads; a catalog rebuilt (a module file loaded) starts afresh.
+const MEMO_MAX = 512;
+const memo = new Map<string, Effective>();
+let memoFor: unknown = null;
+
+/** The rows as one string: equal strings, equal resolutions. */
+function rowsKey(rows: readonly SettingRow[]): string {
+  let k = '';
+  for (const r of rows) k += `${r.scope}\0${r.module}\0${r.key}\0${r.flags.join(',')}\0${JSON.stringify(r.value)}\n`;
+  return k;
+}
+
+function deepFreeze<T>(v: T): T {
+  if (v !== null && typeof v === 'object' && !Object.isFrozen(v)) {
+    for (const x of Object.values(v)) deepFreeze(x);
+    Object.freeze(v);
+  }
+  return v;
+}
+
+/**
+ * Resolve every key of every registered module. Rows for unknown keys are skipped. The result is
+ * frozen (shared between callers with the same rows).
+ */
 export function resolve(rows: readonly SettingRow[]): Effective {
+  const cat = catalog();
+  if (cat !== memoFor) {
+    memo.clear();
+    memoFor = cat;
+  }
+  const key = rowsKey(rows);
+  const hit = memo.get(key);
+  if (hit) return hit;
+  const out = deepFreeze(resolveNow(rows));
+  if (memo.size >= MEMO_MAX) memo.delete(memo.keys().next().value as string);
+  memo.set(key, out);
+  return out;
+}
+
+function resolveNow(rows: readonly SettingRow[]): Effective {
   const out: Effective = {};
   // module-wide ignores: module -> broadest scope that ignores narrower rows
   const ignoreAt = new Map<string, Scope>();

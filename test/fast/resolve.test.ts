@@ -209,3 +209,21 @@ t.test('forcedBy agrees with resolve(): a row at a scope is forced iff resolve()
     }
   }
 });
+
+t.test('one resolution per set of rows, shared and frozen; different rows, different resolutions', async (t) => {
+  const row = (scope: Scope, key: string, flags: Flag[]): SettingRow => ({ scope, module: MODULE, key, value: VALUE[scope], flags });
+  const rows = [row('global', KEY, []), row('user', KEY, [])];
+  const a = resolve(rows);
+  const b = resolve(rows.map((r) => ({ ...r })));
+  t.equal(a, b, 'equal rows (other objects) give the very same resolution');
+  t.ok(Object.isFrozen(a) && Object.isFrozen(a[NAME]) && Object.isFrozen(a[NAME]?.ignored), 'frozen, down to the lists of losing rows');
+  t.throws(() => {
+    (a as Record<string, unknown>)[NAME] = null;
+  }, TypeError, 'a caller cannot change what the next one reads');
+  t.equal(a[NAME]?.value, VALUE.user);
+  const c = resolve([row('global', KEY, [])]);
+  t.not(c, a);
+  t.equal(c[NAME]?.value, VALUE.global, 'a user without the user row gets the global value');
+  t.equal(resolve([{ ...row('global', KEY, []), value: 7 }])[NAME]?.value, 7, 'the value is part of what tells rows apart');
+  t.equal(resolve([row('global', KEY, ['override']), row('user', KEY, [])])[NAME]?.value, VALUE.global, 'so are the flags');
+});
