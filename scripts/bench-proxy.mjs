@@ -27,6 +27,7 @@
 import { spawnSync, spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync, mkdirSync, chmodSync, chownSync, readFileSync, rmSync, readdirSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
+import { open as openFile, rename as renameFile } from 'node:fs/promises';
 import { tmpdir, cpus } from 'node:os';
 import { option, sleep, tree, cleanupAtExit, failLoudly, stopServe, freePort, quantile, median, r2, open, until, GREETING, fetchRate, retrRate, lmtpSession } from './bench-lib.mjs';
 
@@ -518,6 +519,38 @@ if (ONLY.has('lmtp') && HAVE_LMTP) {
   results.lmtp_c1 = summarise(await rounds((s) => lmtpRound(s.port.lmtp, 1)));
   log('LMTP 4 KB, 4 connections');
   results.lmtp_c4 = summarise(await rounds((s) => lmtpRound(s.port.lmtp, 4)));
+  // the disk's own bound for the durable Maildir protocol (exclusive create, write, fsync, rename
+  // into new/, fsync new/), on the file system of both mailboxes, as many rounds: what neither
+  // LMTP server can beat per stream (bench-delivery.mjs measures it the same way)
+  log('fsync bound, 1 and 4 streams');
+  const fdir = join(base, 'fsync-bound');
+  for (const d of ['tmp', 'new']) mkdirSync(join(fdir, d), { recursive: true });
+  let fc = 0;
+  const durable = async () => {
+    const name = `${Date.now()}.${process.pid}.${fc++}`;
+    const fh = await openFile(join(fdir, 'tmp', name), 'wx', 0o600);
+    await fh.write(Buffer.from(MSG4K), 0, MSG4K.length, 0);
+    await fh.sync();
+    await fh.close();
+    await renameFile(join(fdir, 'tmp', name), join(fdir, 'new', name));
+    const dh = await openFile(join(fdir, 'new'), 'r');
+    await dh.sync();
+    await dh.close();
+  };
+  const boundRound = async (streams) => {
+    const per = Math.ceil(Math.max(LMTP_MSGS, 200) / streams);
+    const t0 = process.hrtime.bigint();
+    await Promise.all(Array.from({ length: streams }, async () => {
+      for (let i = 0; i < per; i++) await durable();
+    }));
+    return { per_second: (per * streams) / (Number(process.hrtime.bigint() - t0) / 1e9) };
+  };
+  results.lmtp_fsync_bound = { c1: [], c4: [] };
+  for (let r = 0; r < ROUNDS; r++) {
+    results.lmtp_fsync_bound.c1.push(await boundRound(1));
+    results.lmtp_fsync_bound.c4.push(await boundRound(4));
+  }
+  rmSync(fdir, { recursive: true, force: true });
 }
 
 // ---------------------------------------------------------------- output
@@ -562,6 +595,14 @@ for (const [name, k] of [
 ]) {
   const x = results[k];
   if (x) console.log(`  ${name.padEnd(14)} ${f(x.proxy.per_second)} vs ${f(x.direct.per_second)} msg/s (${f(x.ratio.per_second, 2)}x)`);
+}
+if (results.lmtp_fsync_bound) {
+  const lo = (a) => Math.min(...a.map((x) => x.per_second));
+  for (const [c, k] of [[1, 'c1'], [4, 'c4']]) {
+    const x = results[`lmtp_${k}`];
+    const b = lo(results.lmtp_fsync_bound[k]);
+    console.log(`  LMTP ${c} conn${c > 1 ? 's' : ' '}   worst rounds vs the fsync bound (${f(b)} msg/s): pigeon ${f(lo(x.raw.proxy) / b, 2)}x, Dovecot lmtp ${f(lo(x.raw.direct) / b, 2)}x (target for pigeon >= 0.8x)`);
+  }
 }
 for (const i of results.idle) {
   console.log(

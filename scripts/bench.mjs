@@ -167,6 +167,18 @@ if (px) {
     if (x) row(`LMTP 4 KB, ${c} conn${c > 1 ? 's' : ''}: pigeon serve vs Dovecot lmtp`, 'msg/s', x.proxy.per_second, x.direct.per_second, 'Dovecot lmtp', 1.0, 'higher');
     if (x?.raw) rowWorst(`LMTP 4 KB, ${c} conn${c > 1 ? 's' : ''}: pigeon serve vs Dovecot lmtp, worst of ${x.raw.proxy.length} rounds`, 'msg/s', Math.min(...x.raw.proxy.map((r) => r.per_second)), Math.min(...x.raw.direct.map((r) => r.per_second)), 'Dovecot lmtp', worstRound(x), 1.0, 'higher');
   }
+  // the same runs against the disk's own bound, measured in the same run on the same file system:
+  // pigeon's row carries the target; Dovecot's lmtp beside it says what its own server reaches
+  const fb = px.lmtp_fsync_bound;
+  for (const [k, c] of fb ? [['c1', 1], ['c4', 4]] : []) {
+    const x = px[`lmtp_${k}`];
+    const lo = (a) => (a?.length ? Math.min(...a.map((r) => r.per_second)) : null);
+    const bound = lo(fb[k]);
+    const conns = `${c} conn${c > 1 ? 's' : ''}`;
+    if (!x?.raw || !bound) continue;
+    rowWorst(`LMTP 4 KB, ${conns}: pigeon serve vs fsync bound, worst rounds`, 'msg/s', lo(x.raw.proxy), bound, `fsync create+rename, ${c} stream${c > 1 ? 's' : ''}`, Math.round((lo(x.raw.proxy) / bound) * 100) / 100, 0.8, 'higher');
+    row(`LMTP 4 KB, ${conns}: Dovecot lmtp vs fsync bound, worst rounds (for comparison)`, 'msg/s', lo(x.raw.direct), bound, `fsync create+rename, ${c} stream${c > 1 ? 's' : ''}`, null);
+  }
   for (const i of px.idle) {
     rows.push({
       workload: `idle ${i.sessions}: proxy processes per session`,
