@@ -106,8 +106,9 @@ async function dial(ctx: PeerContext, target: string): Promise<TLSSocket> {
 /*
  * The pool (daemon only, ctx.prewarm): spare, already verified links per node, so a session to
  * that node skips the TLS handshake. Each link still carries exactly one hand-off, sealed to its
- * own TLS session: a spare carries nothing until taken. After a hand-off to a node was answered,
- * the pool of that node is topped up in the background: one link for a session that found a spare,
+ * own TLS session: a spare carries nothing until taken. After a hand-off to a node was answered
+ * and the other node's first bytes after the answer came back (refillAfter), the pool of that node
+ * is topped up in the background: one link for a session that found a spare,
  * two for one that had to dial (a burst grows the pool), never past peer.pool_size spares plus
  * dials under way; a hand-off that failed opens none (a node that is down is not dialed again). Idle nodes keep no spares: a spare unused for ctx.poolIdleMs is closed and not replaced.
  * A spare is watched while it waits: any byte from the other node (a refusal) or its close
@@ -258,12 +259,30 @@ export async function openLink(ctx: PeerContext, target: string, opts: { readonl
 }
 
 /**
- * After a hand-off was answered: top up the pool, once the session's first bytes are on their way
- * (setImmediate: after the relay started). A handshake costs both nodes CPU; begun while the hand-off
- * waited for its answer, it competed with the home node starting the session's backend.
+ * After a hand-off was answered: top up the pool once the other node's first bytes after the
+ * answer have been read from the link (a session's: its backend's login answer, which the home
+ * node may send a few ms after `ok`, while its Dovecot starts; a delivery's: its status), so they
+ * are on their way. A handshake costs both nodes CPU; begun while the hand-off waited for its
+ * answer, or between `ok` and the backend's first words, it competed with the home node starting
+ * the session's backend and relaying its answer. Armed when the link's reader starts (the relay's
+ * pipe resumes it): a listener added before that would take bytes nobody else sees.
  */
-function refillAfter(ctx: PeerContext, target: string, pooled: boolean): void {
-  if (ctx.prewarm && ctx.poolSize > 0) setImmediate(() => refill(ctx, target, pooled ? 1 : 2));
+function refillAfter(ctx: PeerContext, target: string, pooled: boolean, sock: TLSSocket): void {
+  if (!ctx.prewarm || ctx.poolSize <= 0) return;
+  const go = (): void => {
+    sock.off('close', drop);
+    setImmediate(() => refill(ctx, target, pooled ? 1 : 2));
+  };
+  const arm = (): void => {
+    sock.once('data', go);
+  };
+  // a link that closes first (the session never started) opens none
+  const drop = (): void => {
+    sock.off('resume', arm);
+    sock.off('data', go);
+  };
+  sock.once('resume', arm);
+  sock.once('close', drop);
 }
 
 export type HandOffRequest = Omit<HandOff, 'proto' | 'from' | 'to' | 'nonce' | 'ts'>;
@@ -281,7 +300,7 @@ export async function sendHandOff(ctx: PeerContext, target: string, req: HandOff
   const first = await openLink(ctx, target);
   try {
     const sock = await handOffOn(ctx, target, first.sock, req, answerMs);
-    refillAfter(ctx, target, first.pooled);
+    refillAfter(ctx, target, first.pooled, sock);
     return sock;
   } catch (e) {
     // a spare the other node closed just before we took it (its idle limit, a restart): the
@@ -291,7 +310,7 @@ export async function sendHandOff(ctx: PeerContext, target: string, req: HandOff
   const fresh = await openLink(ctx, target, { pooled: false });
   try {
     const sock = await handOffOn(ctx, target, fresh.sock, req, answerMs);
-    refillAfter(ctx, target, false);
+    refillAfter(ctx, target, false, sock);
     return sock;
   } catch (e) {
     throw unanswered(e);

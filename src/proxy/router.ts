@@ -48,6 +48,12 @@ export interface RouteOptions {
   readonly deadline?: number;
   /** the client's login bytes: given to an external backend (upstream) only, never logged */
   readonly credentials?: { readonly user: Uint8Array; readonly password: Uint8Array };
+  /**
+   * A plain local socket to hand to the backend in place of the client's connection, which cannot
+   * be handed off (a session received over the peer link: one end of a local pair, the caller
+   * relays the other to the link; src/proxy/received.ts). Nothing was read from it.
+   */
+  readonly handoffSocket?: Duplex;
 }
 
 function quotaOf(u: ResolvedUser): number {
@@ -121,8 +127,10 @@ async function startRoute(
   }
   const instance = env.backend(backend);
   let handoff: { socket: Duplex; input: Buffer } | null = null;
-  const sock = conn.handoffSocket();
-  if (sock && env.instance.config.handoff) {
+  const sock = opts.handoffSocket ? null : conn.handoffSocket();
+  if (opts.handoffSocket) {
+    if (env.instance.config.handoff && instance.acceptsHandoff(protocol, Buffer.alloc(0))) handoff = { socket: opts.handoffSocket, input: Buffer.alloc(0) };
+  } else if (sock && env.instance.config.handoff) {
     const { pending } = conn.detach();
     const input = Buffer.concat([leftover(), ...pending]);
     if (input.length <= HANDOFF_MAX_INPUT && instance.acceptsHandoff(protocol, input)) handoff = { socket: sock, input };
@@ -146,7 +154,7 @@ async function startRoute(
     if (placement.kind === 'remote') env.log.log('info', `${protocol}(${u.user.address})`, `Handed off to node ${placement.node}:`, { rip: conn.peer.rip, session: sid });
     return { ok: true, session, backend: placement.kind === 'remote' ? `${backend.name}:${placement.node}` : backend.name };
   } catch (e) {
-    if (handoff) conn.reattach(handoff.input);
+    if (handoff && !opts.handoffSocket) conn.reattach(handoff.input);
     return { ok: false, reason: isAppError(e) ? e.message : placement.kind === 'remote' ? `link to node ${placement.node} failed: ${String(e)}` : String(e) };
   }
 }

@@ -1,0 +1,131 @@
+/**
+ * NAME        src/peer/pair — a connected pair of local stream sockets, for a session received over the peer link
+ * SYNOPSIS    const { near, far } = await socketPair();   // far: the backend's stdin/stdout; near: relayed to the link
+ * DESCRIPTION The home node of a session that came over the peer link starts the user's Dovecot
+ *             like a local plain-TCP login: handed off, through the worker's spawner process
+ *             (src/proxy/spawner.ts), so the worker never forks (libuv's fork of the whole worker
+ *             blocked its event loop ≈ 3-5 ms per received login). The spawner needs a socket to
+ *             give the backend as stdin/stdout; the link is TLS, so the backend gets `far`, one end
+ *             of a local pair, and the relay joins the link with `near`.
+ *             Node has no socketpair(2): each process listens once, on first use, on a UNIX socket
+ *             in Linux's abstract namespace (no file: nothing to clean up after a crash, no path
+ *             anyone could change) under a random name. A pair is a connection to it that first
+ *             sends a 16-byte random token the process made for that pair; the accepted end that
+ *             presents it is `near`. A connection with an unknown token, or none within
+ *             PAIR_TIMEOUT_MS, is closed; at most PAIR_MAX_UNCLAIMED such connections wait at once.
+ *             `far` is never read by this process (the backend reads it).
+ * DIAGNOSTICS A pair that cannot be made rejects (the caller falls back to relaying through pipes).
+ * SECURITY    Any local process may connect to the abstract name, but only a connection that
+ *             presents a token of this process (128 random bits, never sent anywhere else)
+ *             becomes a pair; others are closed unread past their first 16 bytes. Bytes are
+ *             passed as they are.
+ */
+import { createServer, connect, type Server, type Socket } from 'node:net';
+import { randomBytes } from 'node:crypto';
+
+const TOKEN_BYTES = 16;
+/** a pair is made within this, else it fails (a connect that never completes) */
+export const PAIR_TIMEOUT_MS = 5000;
+/** connections that have not presented a token yet, at most (more are closed at once) */
+export const PAIR_MAX_UNCLAIMED = 64;
+
+export interface Pair {
+  /** this process's end: relayed to the link */
+  readonly near: Socket;
+  /** the backend's end (its stdin and stdout), never read here */
+  readonly far: Socket;
+}
+
+interface PairListener {
+  readonly path: string;
+  readonly server: Server;
+  /** token (hex) → the waiting socketPair() call */
+  readonly waiting: Map<string, (near: Socket) => void>;
+}
+
+let listening: Promise<PairListener> | null = null;
+const ignore = (): void => undefined;
+
+function listener(): Promise<PairListener> {
+  listening ??= new Promise<PairListener>((resolve, reject) => {
+    const path = `\0pigeon-pair-${process.pid}-${randomBytes(12).toString('hex')}`;
+    const waiting = new Map<string, (near: Socket) => void>();
+    const server = createServer((s) => accepted(s, waiting));
+    server.once('error', (e) => {
+      listening = null;
+      reject(e);
+    });
+    server.listen(path, () => {
+      server.unref(); // it never keeps the process alive
+      resolve({ path, server, waiting });
+    });
+  });
+  return listening;
+}
+
+/** accepted connections that have not presented a token yet */
+let unclaimed = 0;
+
+/** An accepted connection: its first 16 bytes name the pair it belongs to. */
+function accepted(s: Socket, waiting: Map<string, (near: Socket) => void>): void {
+  s.on('error', ignore);
+  if (unclaimed >= PAIR_MAX_UNCLAIMED) {
+    s.destroy();
+    return;
+  }
+  unclaimed++;
+  let claimed = false;
+  s.once('close', () => {
+    if (!claimed) unclaimed--;
+  });
+  const timer = setTimeout(() => s.destroy(), PAIR_TIMEOUT_MS);
+  timer.unref();
+  let got: Buffer = Buffer.alloc(0);
+  const onData = (c: Buffer): void => {
+    got = got.length === 0 ? c : Buffer.concat([got, c]);
+    if (got.length < TOKEN_BYTES) return;
+    s.off('data', onData);
+    s.pause();
+    clearTimeout(timer);
+    claimed = true;
+    unclaimed--;
+    const claim = waiting.get(got.subarray(0, TOKEN_BYTES).toString('hex'));
+    if (!claim) {
+      s.destroy();
+      return;
+    }
+    // the backend's first bytes, when they came with the token
+    if (got.length > TOKEN_BYTES) s.unshift(got.subarray(TOKEN_BYTES));
+    claim(s);
+  };
+  s.on('data', onData);
+}
+
+/** A connected pair of local sockets; rejects within PAIR_TIMEOUT_MS when it cannot be made. */
+export async function socketPair(): Promise<Pair> {
+  const l = await listener();
+  const token = randomBytes(TOKEN_BYTES);
+  const key = token.toString('hex');
+  return new Promise<Pair>((resolve, reject) => {
+    const far = connect(l.path);
+    far.pause(); // never read here: the backend reads it
+    far.on('error', ignore);
+    const fail = (why: string): void => {
+      if (!l.waiting.delete(key)) return;
+      clearTimeout(timer);
+      far.destroy();
+      reject(new Error(`local socket pair: ${why}`));
+    };
+    const timer = setTimeout(() => fail(`not connected within ${PAIR_TIMEOUT_MS / 1000}s`), PAIR_TIMEOUT_MS);
+    timer.unref();
+    l.waiting.set(key, (near) => {
+      l.waiting.delete(key);
+      clearTimeout(timer);
+      far.off('close', onClose);
+      resolve({ near, far });
+    });
+    const onClose = (): void => fail('closed while connecting');
+    far.once('close', onClose);
+    far.write(token);
+  });
+}
