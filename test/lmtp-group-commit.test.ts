@@ -9,7 +9,7 @@
 import t from 'tap';
 import net from 'node:net';
 import { spawn } from 'node:child_process';
-import { readFileSync, realpathSync } from 'node:fs';
+import { readFileSync, realpathSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { CLI, cli, ok, msg, maildirOf, files } from './helpers/delivery-env.js';
 import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
@@ -145,4 +145,70 @@ t.test(`${K} LMTP deliveries at once: each acknowledged after an fsync of new/ b
     });
   }
   t.ok(dirSyncs.length < K, `${K} deliveries at once shared the fsyncs of new/ (${dirSyncs.length} for ${K})`, { fsyncs: dirSyncs.map((f) => f.line) });
+});
+
+t.test('killed when a shared fsync of new/ is about to begin: none of the deliveries waiting for it was acknowledged', async (t) => {
+  const dir = scratchDir(t);
+  const inst = join(dir, 'inst');
+  ok(cli(inst, ['init', inst, '--listen', 'lmtp=127.0.0.1:0']), 'init');
+  ok(cli(inst, ['domain', 'add', 'example.test']), 'domain');
+  ok(cli(inst, ['user', 'add', ALICE, '--password-stdin'], 'secret\n'), 'user');
+  ok(cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ subject: 'first' })), 'first delivery (allocates the mailbox)');
+  const newDir = join(maildirOf(inst, ALICE), 'new');
+  const before = new Set(files(newDir));
+
+  // PIGEON_FAULT=shared-dir-sync (src/delivery/fault.ts): the writer child reports reaching an fsync
+  // of new/ for two or more renamed deliveries, and the serve worker holding them kills itself
+  const serve = owned(
+    spawn(process.execPath, [CLI, '-c', inst, 'serve', '--workers', '1'], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+      detached: true,
+      env: { ...process.env, PIGEON_FAULT: 'shared-dir-sync' },
+    }),
+  );
+  t.teardown(() => {
+    if (serve.exitCode === null && serve.signalCode === null) serve.kill('SIGKILL');
+  });
+  let err = '';
+  const port = await new Promise<number>((res, rej) => {
+    serve.stderr?.setEncoding('utf8');
+    serve.stderr?.on('data', (s: string) => {
+      err += s;
+      const m = /listening lmtp 127\.0\.0\.1:(\d+)\n[\s\S]*pigeon: ready/.exec(err);
+      if (m) res(Number(m[1]));
+    });
+    serve.once('exit', (c) => rej(new Error(`serve exited ${c}: ${err}`)));
+  });
+
+  const dialogs = await Promise.all(
+    Array.from({ length: K }, async () => {
+      const s = net.connect({ host: '127.0.0.1', port });
+      t.teardown(() => s.destroy());
+      await new Promise<void>((res, rej) => {
+        s.once('connect', () => res());
+        s.once('error', rej);
+      });
+      const d = Dialog.of(s);
+      t.match(await d.line(), /^220 /);
+      d.send('LHLO mx.test\r\n');
+      await d.reply();
+      d.send(`MAIL FROM:<bob@remote.test>\r\nRCPT TO:<${ALICE}>\r\nDATA\r\n`);
+      t.match(await d.line(), /^250 /);
+      t.match(await d.line(), /^250 /);
+      t.match(await d.line(), /^354 /);
+      return d;
+    }),
+  );
+  dialogs.forEach((d, i) => d.send(dataOf(msg({ subject: `killed ${i}`, body: `${'x'.repeat(70)}\n`.repeat(50) }))));
+  const answers = await Promise.all(dialogs.map((d) => d.line().then((l) => l, (e: unknown) => `closed: ${e instanceof Error ? e.message : String(e)}`)));
+  t.same(
+    answers.filter((a) => a.startsWith('250')),
+    [],
+    'no delivery was acknowledged: the connections closed without a 250 (Postfix retries them)',
+    { answers },
+  );
+  const renamed = files(newDir).filter((f) => !before.has(f));
+  // the fault fires only for an fsync shared by two or more: at least two had renamed and waited
+  t.ok(renamed.length >= 2, `a group of renamed deliveries was waiting for the shared fsync (${renamed.length} in new/)`);
+  for (const f of renamed) t.equal(statSync(join(newDir, f)).size, Number(/,S=(\d+)/.exec(f)?.[1]), `${f}: complete (a retry may duplicate it, never truncate it)`);
 });

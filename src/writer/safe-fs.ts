@@ -33,6 +33,7 @@
 import { constants, realpathSync, lstatSync, openSync, closeSync, fsync, fsyncSync, fdatasync, fdatasyncSync } from 'node:fs';
 import { open, mkdir, type FileHandle } from 'node:fs/promises';
 import { dirname, join, relative, resolve, isAbsolute, sep } from 'node:path';
+import { fault, faultArmed } from '../delivery/fault.js';
 
 export class UnsafePathError extends Error {
   readonly code = 'EUNSAFE';
@@ -172,6 +173,8 @@ export async function fsyncDir(dir: string): Promise<void> {
 }
 
 interface DirBatch {
+  /** callers that joined it */
+  members: number;
   readonly promise: Promise<void>;
   readonly resolve: () => void;
   readonly reject: (e: unknown) => void;
@@ -194,6 +197,10 @@ function startDirSync(dir: string, st: DirSync): void {
   }
   st.next = null;
   st.running = true;
+  if (batch.members > 1 && faultArmed('shared-dir-sync')) {
+    void fault('shared-dir-sync'); // tests: killed here, none of the batch answered
+    return;
+  }
   fsyncDir(dir).then(batch.resolve, batch.reject).finally(() => {
     st.running = false;
     startDirSync(dir, st);
@@ -219,7 +226,7 @@ export function fsyncDirGrouped(dir: string): Promise<void> {
       resolve = res;
       reject = rej;
     });
-    st.next = { promise, resolve, reject };
+    st.next = { members: 0, promise, resolve, reject };
     // the first of a batch waits one turn of the event loop, so renames finishing together share it
     if (!st.running) {
       const s = st;
@@ -228,5 +235,6 @@ export function fsyncDirGrouped(dir: string): Promise<void> {
       });
     }
   }
+  st.next.members++;
   return st.next.promise;
 }
