@@ -90,3 +90,17 @@ t.test('a folder created for a delivery (createFolder): .NAME and its cur/ new/ 
   );
   t.same(unsynced(all), [], 'every directory created has its parent fsynced after its mkdir', { ops: all });
 });
+
+t.test('a mail root written with a trailing slash: the new mailbox is created and fsynced up to it', async (t) => {
+  const dir = realpathSync(scratchDir(t));
+  mkdirSync(join(dir, 'mail'));
+  const script = `
+    const { LocalWriter } = await import(${JSON.stringify(join(ROOT, 'dist/src/writer/local-writer.js'))});
+    await new LocalWriter().createMailbox({ format: 'maildir', path: ${JSON.stringify(join(dir, 'mail', 'example.test', 'alice'))} }, ${JSON.stringify(`${join(dir, 'mail')}/`)});
+    await new LocalWriter().createMailbox({ format: 'mbox', path: ${JSON.stringify(join(dir, 'mail', 'example.test', 'bob.mbox'))} }, ${JSON.stringify(`${join(dir, 'mail')}/`)});
+    process.stdout.write('made\\n');
+  `;
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { env: { PATH: process.env['PATH'] ?? '/usr/bin:/bin' } });
+  t.equal(r.stdout.toString(), 'made\n', `both mailboxes created: ${r.stderr.toString()}`);
+  t.same(files(join(dir, 'mail', 'example.test', 'alice')).sort(), ['cur', 'new', 'tmp'], 'the Maildir is there');
+});

@@ -17,7 +17,7 @@
 import { isAppError } from '../errors.js';
 import { constants } from 'node:fs';
 import { rmdir, unlink, lstat, rename, open, rm } from 'node:fs/promises';
-import { dirname, join, basename } from 'node:path';
+import { dirname, join, basename, resolve } from 'node:path';
 import type { Allocation } from '../store.js';
 import { MDA_MODULES } from '../delivery/registry-mda.js';
 import { dueNow } from '../delivery/vacation-state.js';
@@ -86,10 +86,11 @@ export class LocalWriter implements MailWriter {
     // holding cur/ new/ tmp/ (or the mbox file) up to the base is fsynced, whether this call or a
     // concurrent one created it (a racing first delivery must not be answered before the entries
     // are on disk). Only when the mailbox was missing: a few fsyncs per new mailbox.
-    for (let d = a.format === 'maildir' ? a.path : dirname(a.path); ; d = dirname(d)) {
-      checkDir(base, d);
+    const top = resolve(base); // a mail_root written with a trailing slash is the same directory
+    for (let d = resolve(a.format === 'maildir' ? a.path : dirname(a.path)); ; d = dirname(d)) {
+      checkDir(top, d);
       await fsyncDir(d);
-      if (d === base || dirname(d) === d) break;
+      if (d === top || dirname(d) === d) break;
     }
   }
 

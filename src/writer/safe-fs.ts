@@ -52,12 +52,14 @@ const isUnder = (base: string, p: string): boolean => {
  * it, else the mailbox's parent directory.
  */
 export function baseOf(mailRoot: string, box: string): string {
-  return isUnder(mailRoot, box) ? mailRoot : dirname(box);
+  // normalised: a mail_root written with a trailing slash (or `..`) names the same directory, and
+  // checkDir and ensureDir compare paths as strings
+  return isUnder(mailRoot, box) ? resolve(mailRoot) : dirname(resolve(box));
 }
 
 /** `dir` must be a directory reached from `base` through no symbolic link. Throws ENOENT when missing. */
 export function checkDir(base: string, dir: string): void {
-  if (dir === base) return;
+  if (resolve(dir) === resolve(base)) return;
   if (!isUnder(base, dir)) throw new UnsafePathError(`${dir} is not below ${base}`);
   const real = realpathSync.native(dir);
   const want = join(realpathSync.native(base), relative(base, dir));
@@ -79,6 +81,8 @@ export function checkChildDir(parent: string, dir: string): void {
 
 /** mkdir -p below `base` (mode for what it creates), then checkDir on the result. */
 export async function ensureDir(base: string, dir: string, mode = 0o700): Promise<void> {
+  base = resolve(base);
+  dir = resolve(dir);
   if (dir !== base) {
     if (!isUnder(base, dir)) throw new UnsafePathError(`${dir} is not below ${base}`);
     const parent = dirname(dir);
