@@ -3,9 +3,9 @@
  * DESCRIPTION Delivery writes tmp/NAME with an exclusive create, in one write when the message is
  *             in memory, fdatasyncs it, and on commit renames it into new/ and fsyncs new/ — only
  *             then is the message acknowledged. The fsync of new/ is shared by the deliveries
- *             into the same new/ that renamed in the same turn of the event loop (group commit,
- *             src/writer/safe-fs.ts fsyncDirGrouped); each is answered after an fsync that
- *             began after its rename. Only the two fsyncs wait on the thread pool (in the mail writer
+ *             into the same new/ that renamed before it began (group commit,
+ *             src/writer/safe-fs.ts fsyncDirGrouped); each is answered after the fsync that
+ *             covers its rename. Only the two fsyncs wait on the thread pool (in the mail writer
  *             child holding one delivery, not even they: safe-fs.ts syncInPlaceWhen): create,
  *             write, close and rename run in place (metadata and page cache). NAME is
  *             Dovecot's form `SECS.MUSECSPpidQn.host,S=size,W=vsize`, so Dovecot and the quota
@@ -265,7 +265,7 @@ async function store(req: StoreRequest, body: AsyncIterable<Buffer>): Promise<He
       }
       await fault('renamed');
       try {
-        // shared with every other delivery into new/ that renamed in this turn (group commit)
+        // shared with every other delivery into new/ that renamed before it began (group commit)
         await fsyncDirGrouped(newDir);
       } catch (e) {
         // the rename may not be durable: say so, Postfix retries (a duplicate beats a loss)

@@ -13,14 +13,11 @@
  *             same way by src/delivery/mda.ts fsFailure: the delivery is deferred (4.2.0).
  *             A mailbox outside the mail root (provisioned elsewhere) is checked from its parent.
  *             `fsyncDirGrouped` is group commit for directories: callers whose rename (or create)
- *             is done in one turn of the event loop share one fsync of that directory, started at
- *             the end of that turn. A caller's promise settles only after an fsync that began after
- *             it joined, so each is covered by the fsync it waits for; one already running when it
- *             joined never answers it. That running one does not hold the next back (the first
- *             design waited for it, as databases serialise their log flushes): the kernel already
- *             merges flushes issued together, and on the machine measured (README Performance,
- *             LMTP) waiting cost two thread hand-offs per batch and about a fifth of the
- *             throughput at 4 connections under load, for fewer fsyncs but no time saved.
+ *             is done join the next fsync of that directory; at most one fsync per directory
+ *             runs at a time, and the next one starts when it ends, for everyone who joined
+ *             meanwhile. A caller's promise settles only after an fsync that began after it
+ *             joined, so each is covered by the fsync it waits for (databases batch their log
+ *             flushes the same way).
  *             Waiting for the disk: `fdatasyncFd` and the directory fsyncs run on Node's thread
  *             pool (the event loop keeps serving meanwhile), one round trip each: the directory is
  *             opened and closed in place (a path lookup, no disk wait). A process whose event loop
@@ -187,38 +184,61 @@ interface DirBatch {
   readonly reject: (e: unknown) => void;
 }
 
-/** per directory: the callers that will share the fsync starting at the end of this turn */
-const dirBatches = new Map<string, DirBatch>();
+interface DirSync {
+  /** the fsync in progress, if any */
+  running: boolean;
+  /** who joined since it began: covered by the next fsync */
+  next: DirBatch | null;
+}
+
+const dirSyncs = new Map<string, DirSync>();
+
+function startDirSync(dir: string, st: DirSync): void {
+  const batch = st.next;
+  if (batch === null) {
+    dirSyncs.delete(dir);
+    return;
+  }
+  st.next = null;
+  st.running = true;
+  if (batch.members > 1 && faultArmed('shared-dir-sync')) {
+    void fault('shared-dir-sync'); // tests: killed here, none of the batch answered
+    return;
+  }
+  fsyncDir(dir).then(batch.resolve, batch.reject).finally(() => {
+    st.running = false;
+    startDirSync(dir, st);
+  });
+}
 
 /**
- * fsync `dir` for a caller whose change in it is complete: shares the fsync that starts at the end
- * of this turn of the event loop with every caller that joins before then (group commit). Settles
- * only after an fsync that started after this call. An fsync of the directory already running does
- * not hold the next one back: the kernel merges flushes issued together.
+ * fsync `dir` for a caller whose change in it is complete: joins the next fsync of that directory
+ * (group commit). Settles only after an fsync that started after this call.
  */
 export function fsyncDirGrouped(dir: string): Promise<void> {
   // alone (syncInPlaceWhen): nobody else could share this fsync, it is made at once
-  if (inPlace() && !dirBatches.has(dir)) return fsyncDir(dir);
-  let b = dirBatches.get(dir);
-  if (!b) {
+  if (inPlace() && !dirSyncs.has(dir)) return fsyncDir(dir);
+  let st = dirSyncs.get(dir);
+  if (!st) {
+    st = { running: false, next: null };
+    dirSyncs.set(dir, st);
+  }
+  if (st.next === null) {
     let resolve!: () => void;
     let reject!: (e: unknown) => void;
     const promise = new Promise<void>((res, rej) => {
       resolve = res;
       reject = rej;
     });
-    const batch: DirBatch = { members: 0, promise, resolve, reject };
-    b = batch;
-    dirBatches.set(dir, batch);
-    setImmediate(() => {
-      dirBatches.delete(dir);
-      if (batch.members > 1 && faultArmed('shared-dir-sync')) {
-        void fault('shared-dir-sync'); // tests: killed here, none of the batch answered
-        return;
-      }
-      fsyncDir(dir).then(batch.resolve, batch.reject);
-    });
+    st.next = { members: 0, promise, resolve, reject };
+    // the first of a batch waits one turn of the event loop, so renames finishing together share it
+    if (!st.running) {
+      const s = st;
+      setImmediate(() => {
+        if (!s.running) startDirSync(dir, s);
+      });
+    }
   }
-  b.members++;
-  return b.promise;
+  st.next.members++;
+  return st.next.promise;
 }
