@@ -110,6 +110,8 @@ export async function createFolder(base: string, root: string, name: string): Pr
   for (const s of ['cur', 'new', 'tmp']) await ensureDir(base, join(root, d, s));
   const marker = await createExclusive(join(root, d, 'maildirfolder'));
   await marker?.close();
+  // its cur/ new/ tmp/ entries, then its own entry in the mailbox: durable before a message in it is
+  await fsyncDir(join(root, d));
   await fsyncDir(root);
   return d;
 }

@@ -5,7 +5,10 @@
  *             empty one after a lost allocation race), store a message (MDA modules), commit or
  *             abort it (or both at once), arm the vacation interval, make a directory, take a lock file, write a
  *             moved file durably, purge a deleted user's mailbox (`pigeon user del --purge`).
- *             Each one checks its paths with src/writer/safe-fs.ts. Stored messages are held here
+ *             Each one checks its paths with src/writer/safe-fs.ts. A mailbox it creates is
+ *             durable when createMailbox returns (every directory from the mailbox up to the mail
+ *             root fsynced), so the first message into it is never acknowledged on entries that a
+ *             crash could still take away. Stored messages are held here
  *             by a numeric handle until commit or abort (an mbox keeps its locks meanwhile).
  *             Used directly when pigeon already runs as the mail user, and inside the writer
  *             child (src/writer/writer-main.ts) when pigeon runs as root.
@@ -14,7 +17,7 @@
 import { isAppError } from '../errors.js';
 import { constants } from 'node:fs';
 import { rmdir, unlink, lstat, rename, open, rm } from 'node:fs/promises';
-import { dirname, join, basename } from 'node:path';
+import { dirname, join, basename, resolve } from 'node:path';
 import type { Allocation } from '../store.js';
 import { MDA_MODULES } from '../delivery/registry-mda.js';
 import { dueNow } from '../delivery/vacation-state.js';
@@ -77,6 +80,17 @@ export class LocalWriter implements MailWriter {
     } else {
       const fh = await openChecked(a.path, constants.O_WRONLY | constants.O_APPEND | constants.O_CREAT, 0o600, { singleLink: true });
       await fh.close();
+    }
+    // durable before the first message is acknowledged: the fsync of new/ (or of the mbox file)
+    // makes the message durable, not the entries that lead to it. Every directory from the one
+    // holding cur/ new/ tmp/ (or the mbox file) up to the base is fsynced, whether this call or a
+    // concurrent one created it (a racing first delivery must not be answered before the entries
+    // are on disk). Only when the mailbox was missing: a few fsyncs per new mailbox.
+    const top = resolve(base); // a mail_root written with a trailing slash is the same directory
+    for (let d = resolve(a.format === 'maildir' ? a.path : dirname(a.path)); ; d = dirname(d)) {
+      checkDir(top, d);
+      await fsyncDir(d);
+      if (d === top || dirname(d) === d) break;
     }
   }
 

@@ -33,6 +33,7 @@
 import { constants, realpathSync, lstatSync, openSync, closeSync, fsync, fsyncSync, fdatasync, fdatasyncSync } from 'node:fs';
 import { open, mkdir, type FileHandle } from 'node:fs/promises';
 import { dirname, join, relative, resolve, isAbsolute, sep } from 'node:path';
+import { fault, faultArmed } from '../delivery/fault.js';
 
 export class UnsafePathError extends Error {
   readonly code = 'EUNSAFE';
@@ -48,12 +49,14 @@ const isUnder = (base: string, p: string): boolean => {
  * it, else the mailbox's parent directory.
  */
 export function baseOf(mailRoot: string, box: string): string {
-  return isUnder(mailRoot, box) ? mailRoot : dirname(box);
+  // normalised: a mail_root written with a trailing slash (or `..`) names the same directory, and
+  // checkDir and ensureDir compare paths as strings
+  return isUnder(mailRoot, box) ? resolve(mailRoot) : dirname(resolve(box));
 }
 
 /** `dir` must be a directory reached from `base` through no symbolic link. Throws ENOENT when missing. */
 export function checkDir(base: string, dir: string): void {
-  if (dir === base) return;
+  if (resolve(dir) === resolve(base)) return;
   if (!isUnder(base, dir)) throw new UnsafePathError(`${dir} is not below ${base}`);
   const real = realpathSync.native(dir);
   const want = join(realpathSync.native(base), relative(base, dir));
@@ -75,6 +78,8 @@ export function checkChildDir(parent: string, dir: string): void {
 
 /** mkdir -p below `base` (mode for what it creates), then checkDir on the result. */
 export async function ensureDir(base: string, dir: string, mode = 0o700): Promise<void> {
+  base = resolve(base);
+  dir = resolve(dir);
   if (dir !== base) {
     if (!isUnder(base, dir)) throw new UnsafePathError(`${dir} is not below ${base}`);
     const parent = dirname(dir);
@@ -172,6 +177,8 @@ export async function fsyncDir(dir: string): Promise<void> {
 }
 
 interface DirBatch {
+  /** callers that joined it */
+  members: number;
   readonly promise: Promise<void>;
   readonly resolve: () => void;
   readonly reject: (e: unknown) => void;
@@ -194,6 +201,10 @@ function startDirSync(dir: string, st: DirSync): void {
   }
   st.next = null;
   st.running = true;
+  if (batch.members > 1 && faultArmed('shared-dir-sync')) {
+    void fault('shared-dir-sync'); // tests: killed here, none of the batch answered
+    return;
+  }
   fsyncDir(dir).then(batch.resolve, batch.reject).finally(() => {
     st.running = false;
     startDirSync(dir, st);
@@ -219,7 +230,7 @@ export function fsyncDirGrouped(dir: string): Promise<void> {
       resolve = res;
       reject = rej;
     });
-    st.next = { promise, resolve, reject };
+    st.next = { members: 0, promise, resolve, reject };
     // the first of a batch waits one turn of the event loop, so renames finishing together share it
     if (!st.running) {
       const s = st;
@@ -228,5 +239,6 @@ export function fsyncDirGrouped(dir: string): Promise<void> {
       });
     }
   }
+  st.next.members++;
   return st.next.promise;
 }

@@ -1,0 +1,214 @@
+// Group commit of the fsync of new/, end to end: K LMTP connections to a real `pigeon serve` (root,
+// so the mailbox is written by the mail-writer child) finish their DATA at the same moment; strace
+// records every fdatasync, rename and fsync of the mailbox and every answer of the writer child.
+// What a mail admin relies on, per message: its data was flushed (fdatasync of tmp/NAME) before
+// the rename into new/, and the writer acknowledged it (its `done`, after which the LMTP 250
+// leaves) only after an fsync of new/ that BEGAN after that rename and ENDED before the answer —
+// an fsync already running when the rename happened may not cover it. And the deliveries that
+// arrived together shared fsyncs of new/: fewer fsyncs than messages.
+import t from 'tap';
+import net from 'node:net';
+import { spawn } from 'node:child_process';
+import { readFileSync, realpathSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { CLI, cli, ok, msg, maildirOf, files } from './helpers/delivery-env.js';
+import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
+import { scratchDir } from './helpers/instance.js';
+import { requireProgram } from './helpers/programs.js';
+import { owned } from './helpers/reaper.js';
+
+const STRACE = '/usr/bin/strace';
+const ALICE = 'alice@example.test';
+/** connections delivering at once, one message each */
+const K = 8;
+
+interface Sys {
+  readonly tid: number;
+  readonly name: string;
+  /** the call's line (its arguments; the result too unless another thread interrupted it) */
+  readonly line: string;
+  /** index of the line where it entered, and where it returned (its `resumed` line, if any) */
+  readonly enter: number;
+  exit: number;
+  result: string;
+}
+
+/** The syscalls of an `strace -f` log, entry and exit positions in the log's order of events. */
+function syscalls(log: string): Sys[] {
+  const out: Sys[] = [];
+  const open = new Map<string, Sys>();
+  log.split('\n').forEach((line, i) => {
+    const res = /^(\d+)\s+<\.\.\. (\w+) resumed>.*\)\s+=\s+(-?\d+.*)$/.exec(line);
+    if (res) {
+      const s = open.get(`${res[1]}:${res[2]}`);
+      if (s) {
+        s.exit = i;
+        s.result = res[3] ?? '';
+        open.delete(`${res[1]}:${res[2]}`);
+      }
+      return;
+    }
+    const m = /^(\d+)\s+(\w+)\(/.exec(line);
+    if (!m) return;
+    const s: Sys = { tid: Number(m[1]), name: m[2] ?? '', line, enter: i, exit: i, result: '' };
+    if (line.endsWith('<unfinished ...>')) open.set(`${s.tid}:${s.name}`, s);
+    else s.result = /\)\s+=\s+(-?\d+.*)$/.exec(line)?.[1] ?? '';
+    out.push(s);
+  });
+  return out;
+}
+
+t.test(`${K} LMTP deliveries at once: each acknowledged after an fsync of new/ begun after its rename; they share fsyncs`, async (t) => {
+  if (!requireProgram(t, STRACE, 'strace')) return;
+  const dir = scratchDir(t);
+  const inst = join(dir, 'inst');
+  ok(cli(inst, ['init', inst, '--listen', 'lmtp=127.0.0.1:0']), 'init');
+  ok(cli(inst, ['domain', 'add', 'example.test']), 'domain');
+  ok(cli(inst, ['user', 'add', ALICE, '--password-stdin'], 'secret\n'), 'user');
+  ok(cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ subject: 'first' })), 'first delivery (allocates the mailbox)');
+  const box = realpathSync(maildirOf(inst, ALICE)); // strace -y names files by their real path
+  const newDir = join(box, 'new');
+  const before = new Set(files(newDir));
+
+  const log = join(dir, 'strace.txt');
+  // only the traced syscalls stop the process (--seccomp-bpf): the timing stays close to an untraced run
+  const st = owned(
+    spawn(STRACE, ['-f', '--seccomp-bpf', '-qq', '-yy', '-s', '600', '-e', 'trace=write,fsync,fdatasync,rename', '-o', log, process.execPath, CLI, '-c', inst, 'serve', '--workers', '1'], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+      detached: true,
+    }),
+  );
+  const exited = new Promise<void>((res) => st.once('exit', () => res()));
+  t.teardown(() => {
+    if (st.exitCode === null) st.kill('SIGKILL');
+  });
+  let err = '';
+  const port = await new Promise<number>((res, rej) => {
+    st.stderr?.setEncoding('utf8');
+    st.stderr?.on('data', (s: string) => {
+      err += s;
+      const m = /listening lmtp 127\.0\.0\.1:(\d+)\n[\s\S]*pigeon: ready/.exec(err);
+      if (m) res(Number(m[1]));
+    });
+    st.once('exit', (c) => rej(new Error(`serve exited ${c}: ${err}`)));
+  });
+
+  // K sessions, each up to its 354; then every message's data, final dot included, in one turn
+  const dialogs = await Promise.all(
+    Array.from({ length: K }, async () => {
+      const s = net.connect({ host: '127.0.0.1', port });
+      t.teardown(() => s.destroy());
+      await new Promise<void>((res, rej) => {
+        s.once('connect', () => res());
+        s.once('error', rej);
+      });
+      const d = Dialog.of(s);
+      t.match(await d.line(), /^220 /);
+      d.send('LHLO mx.test\r\n');
+      await d.reply();
+      d.send(`MAIL FROM:<bob@remote.test>\r\nRCPT TO:<${ALICE}>\r\nDATA\r\n`);
+      t.match(await d.line(), /^250 /);
+      t.match(await d.line(), /^250 /);
+      t.match(await d.line(), /^354 /);
+      return d;
+    }),
+  );
+  dialogs.forEach((d, i) => d.send(dataOf(msg({ subject: `together ${i}`, body: `${'x'.repeat(70)}\n`.repeat(50) }))));
+  for (const d of dialogs) t.match(await d.line(), /^250 2\.0\.0 <alice@example\.test> Saved/, 'acknowledged');
+  for (const d of dialogs) t.match(await d.cmd('QUIT'), /^221 /);
+  const delivered = files(newDir).filter((f) => !before.has(f));
+  t.equal(delivered.length, K, `${K} new messages in new/`);
+
+  // serve is strace's child: stop it gracefully, then read the complete log
+  const pid = Number(readFileSync(`/proc/${st.pid}/task/${st.pid}/children`, 'utf8').trim().split(' ')[0]);
+  t.ok(pid > 0, 'serve runs under strace');
+  process.kill(pid, 'SIGTERM');
+  await exited;
+  const all = syscalls(readFileSync(log, 'utf8'));
+
+  const dirSyncs = all.filter((c) => c.name === 'fsync' && c.line.includes(`<${newDir}>`));
+  for (const name of delivered) {
+    const datasync = all.find((c) => c.name === 'fdatasync' && c.line.includes(`<${join(box, 'tmp', name)}>`));
+    const rename = all.find((c) => c.name === 'rename' && c.line.includes(`"${join(newDir, name)}"`));
+    // the writer child's answer for this message (serialised with 'advanced': t"\4done, the path in it)
+    const done = all.find((c) => c.name === 'write' && c.line.includes('t\\"\\4done\\"') && c.line.includes(name));
+    if (!datasync || !rename || !done) {
+      t.fail(`${name}: fdatasync, rename and answer all in the log`, { datasync, rename, done });
+      continue;
+    }
+    t.ok(datasync.exit < rename.enter && datasync.result.startsWith('0'), `${name}: data flushed before the rename into new/`);
+    const covering = dirSyncs.filter((f) => f.enter > rename.exit && f.exit < done.enter && f.result.startsWith('0'));
+    t.ok(covering.length > 0, `${name}: acknowledged after an fsync of new/ that began after its rename`, {
+      rename: rename.enter,
+      answer: done.enter,
+      fsyncs: dirSyncs.map((f) => [f.enter, f.exit]),
+    });
+  }
+  t.ok(dirSyncs.length < K, `${K} deliveries at once shared the fsyncs of new/ (${dirSyncs.length} for ${K})`, { fsyncs: dirSyncs.map((f) => f.line) });
+});
+
+t.test('killed when a shared fsync of new/ is about to begin: none of the deliveries waiting for it was acknowledged', async (t) => {
+  const dir = scratchDir(t);
+  const inst = join(dir, 'inst');
+  ok(cli(inst, ['init', inst, '--listen', 'lmtp=127.0.0.1:0']), 'init');
+  ok(cli(inst, ['domain', 'add', 'example.test']), 'domain');
+  ok(cli(inst, ['user', 'add', ALICE, '--password-stdin'], 'secret\n'), 'user');
+  ok(cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ subject: 'first' })), 'first delivery (allocates the mailbox)');
+  const newDir = join(maildirOf(inst, ALICE), 'new');
+  const before = new Set(files(newDir));
+
+  // PIGEON_FAULT=shared-dir-sync (src/delivery/fault.ts): the writer child reports reaching an fsync
+  // of new/ for two or more renamed deliveries, and the serve worker holding them kills itself
+  const serve = owned(
+    spawn(process.execPath, [CLI, '-c', inst, 'serve', '--workers', '1'], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+      detached: true,
+      env: { ...process.env, PIGEON_FAULT: 'shared-dir-sync' },
+    }),
+  );
+  t.teardown(() => {
+    if (serve.exitCode === null && serve.signalCode === null) serve.kill('SIGKILL');
+  });
+  let err = '';
+  const port = await new Promise<number>((res, rej) => {
+    serve.stderr?.setEncoding('utf8');
+    serve.stderr?.on('data', (s: string) => {
+      err += s;
+      const m = /listening lmtp 127\.0\.0\.1:(\d+)\n[\s\S]*pigeon: ready/.exec(err);
+      if (m) res(Number(m[1]));
+    });
+    serve.once('exit', (c) => rej(new Error(`serve exited ${c}: ${err}`)));
+  });
+
+  const dialogs = await Promise.all(
+    Array.from({ length: K }, async () => {
+      const s = net.connect({ host: '127.0.0.1', port });
+      t.teardown(() => s.destroy());
+      await new Promise<void>((res, rej) => {
+        s.once('connect', () => res());
+        s.once('error', rej);
+      });
+      const d = Dialog.of(s);
+      t.match(await d.line(), /^220 /);
+      d.send('LHLO mx.test\r\n');
+      await d.reply();
+      d.send(`MAIL FROM:<bob@remote.test>\r\nRCPT TO:<${ALICE}>\r\nDATA\r\n`);
+      t.match(await d.line(), /^250 /);
+      t.match(await d.line(), /^250 /);
+      t.match(await d.line(), /^354 /);
+      return d;
+    }),
+  );
+  dialogs.forEach((d, i) => d.send(dataOf(msg({ subject: `killed ${i}`, body: `${'x'.repeat(70)}\n`.repeat(50) }))));
+  const answers = await Promise.all(dialogs.map((d) => d.line().then((l) => l, (e: unknown) => `closed: ${e instanceof Error ? e.message : String(e)}`)));
+  t.same(
+    answers.filter((a) => a.startsWith('250')),
+    [],
+    'no delivery was acknowledged: the connections closed without a 250 (Postfix retries them)',
+    { answers },
+  );
+  const renamed = files(newDir).filter((f) => !before.has(f));
+  // the fault fires only for an fsync shared by two or more: at least two had renamed and waited
+  t.ok(renamed.length >= 2, `a group of renamed deliveries was waiting for the shared fsync (${renamed.length} in new/)`);
+  for (const f of renamed) t.equal(statSync(join(newDir, f)).size, Number(/,S=(\d+)/.exec(f)?.[1]), `${f}: complete (a retry may duplicate it, never truncate it)`);
+});
