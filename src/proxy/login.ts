@@ -20,6 +20,7 @@ import { BUSY_TIMEOUT_MS } from '../store.js';
 import { route, runSession } from './router.js';
 import { PREAUTH_ABSOLUTE_MS } from '../limits.js';
 import { logins } from '../metrics.js';
+import type { PenaltyBefore } from './penalty.js';
 
 export type Proto = 'imap' | 'pop3';
 
@@ -96,7 +97,7 @@ export type LoginOutcome =
    * `deadline`: what is left of the login's one busy timeout, for the mailbox allocation (route);
    * `passthrough`: no local password was checked, the upstream server decides (loginAndRelay)
    */
-  | { kind: 'ok'; user: ResolvedUser; deadline: number; passthrough: boolean }
+  | { kind: 'ok'; user: ResolvedUser; deadline: number; passthrough: boolean; penalty: PenaltyBefore }
   | { kind: 'failed' } // bad credentials, unknown or disabled user, malformed message: same answer
   | { kind: 'tempfail'; detail: string };
 
@@ -173,8 +174,8 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
   st.attempts++;
   st.lastUser = shownUser(creds.user);
   st.lastMethod = method;
-  const wait = await env.penalty.pending(conn.peer.rip);
-  if (wait > 0) await sleep(wait);
+  const penalty = await env.penalty.pending(conn.peer.rip);
+  if (penalty.waitMs > 0) await sleep(penalty.waitMs);
   if (creds.kind === 'malformed') return refuse(env, conn, st, creds.why);
   const user = userName(creds.user);
   if (user === null) return refuse(env, conn, st, 'invalid user name');
@@ -187,15 +188,15 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
   } catch (e) {
     r = { ok: false, why: 'tempfail', detail: e instanceof Error ? e.message : 'auth error' };
   }
-  if (r.ok && r.passthrough === true) return { kind: 'ok', user: r.user, deadline, passthrough: true };
+  if (r.ok && r.passthrough === true) return { kind: 'ok', user: r.user, deadline, passthrough: true, penalty };
   if (r.ok || r.why === 'tempfail') logins.inc({ protocol: st.proto, result: r.ok ? 'ok' : 'tempfail' });
   if (r.ok) {
     st.lastOutcome = 'ok';
     st.successes = (st.successes ?? 0) + 1;
-    await env.penalty.success(conn.peer.rip);
+    await env.penalty.success(conn.peer.rip, penalty);
     for (const w of r.warnings) env.log.log('warn', `${st.proto}-login`, w);
     // an exchange (SCRAM) waited for the client in between: the allocation gets its own busy timeout
-    return { kind: 'ok', user: r.user, deadline: isExchange(creds.password) ? Date.now() + BUSY_TIMEOUT_MS : deadline, passthrough: false };
+    return { kind: 'ok', user: r.user, deadline: isExchange(creds.password) ? Date.now() + BUSY_TIMEOUT_MS : deadline, passthrough: false, penalty };
   }
   if (r.why === 'tempfail') {
     st.lastOutcome = 'tempfail';
@@ -370,7 +371,7 @@ export async function loginAndRelay(
   if (r.passthrough) {
     st.lastOutcome = 'ok';
     st.successes = (st.successes ?? 0) + 1;
-    await env.penalty.success(conn.peer.rip);
+    await env.penalty.success(conn.peer.rip, r.penalty);
   }
   logLogin(env, conn, st, address);
   o.relaying();
