@@ -3,8 +3,9 @@
 // here: a one-shot session (`pigeon imap --forker stdio`) talks to a real node state service
 // (src/anvil/main.ts) through a relay at its run_dir/anvil.sock that records each request's op.
 import t from 'tap';
-import { spawn } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { makeInstance, CLI, ROOT } from './helpers/instance.js';
@@ -35,17 +36,27 @@ if (ready !== 'ready') throw new Error(`node state service: ${ready}`);
 
 /** every request op that went through the relay, in order */
 const ops: string[] = [];
+/** while set, a penalty.get (and every request after it) waits for it before going on to the service */
+let gate: Promise<void> | null = null;
 const relay: Server = createServer((client: Socket) => {
   const upstream = connect(join(serviceDir, 'anvil.sock'));
   let line = '';
+  let queue = Promise.resolve();
   client.on('data', (d: Buffer) => {
     line += d.toString('utf8');
     for (let i = line.indexOf('\n'); i >= 0; i = line.indexOf('\n')) {
-      ops.push(String((JSON.parse(line.slice(0, i)) as { op?: unknown }).op));
+      const request = line.slice(0, i + 1);
       line = line.slice(i + 1);
+      const op = String((JSON.parse(request) as { op?: unknown }).op);
+      ops.push(op);
+      const held = op === 'penalty.get' ? gate : null;
+      queue = queue.then(async () => {
+        if (held) await held;
+        upstream.write(request);
+      });
     }
   });
-  client.pipe(upstream).pipe(client);
+  upstream.pipe(client);
   client.on('error', () => upstream.destroy());
   upstream.on('error', () => client.destroy());
 });
@@ -79,4 +90,34 @@ t.test('a login after failures from the address still clears them', async (t) =>
   t.equal(count(s.ops, 'penalty.clear'), 1, 'the success cleared it');
   const again = await session('a LOGIN alice@example.test secret\r\nb LOGOUT\r\n');
   t.equal(count(again.ops, 'penalty.clear'), 0, 'the next login finds the address clean');
+});
+
+t.test('the password is checked while the penalty lookup is in flight: the lookup is off the login path', async (t) => {
+  // carol's hash is read from a passwd-file that is a FIFO: the session opening it to check her
+  // password is an event the test sees (its open for writing returns). The relay holds the
+  // session's penalty lookup until then. A session that waits for the lookup before checking
+  // the password never opens the FIFO, its lookup times out (ANVIL_REQUEST_MS) and it carries on
+  // with per-process state, which it logs.
+  const fifo = join(inst.dir, 'users.fifo');
+  execFileSync('mkfifo', ['-m', '0600', fifo]);
+  const hash = inst.run(['pw', '-s', 'SSHA256'], 'c4rol\n').stdout.trim();
+  writeFileSync(join(inst.dir, 'conf.d', '70-auth.yaml'), `auth:\n  chain: [passwd-file]\n  passwd_file: ${fifo}\n`);
+  t.teardown(() => writeFileSync(join(inst.dir, 'conf.d', '70-auth.yaml'), ''));
+  let release = (): void => undefined;
+  gate = new Promise<void>((resolve) => (release = resolve));
+  const logBefore = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8').length;
+  const from = ops.length;
+  const login = session('a LOGIN carol@example.test c4rol\r\nb LOGOUT\r\n');
+  const writer = await open(fifo, 'w'); // returns once the session opened the file to check the password
+  const lookupPending = ops.slice(from).includes('penalty.get');
+  release();
+  gate = null;
+  await writer.writeFile(`carol@example.test:${hash}::::::\n`);
+  await writer.close();
+  const s = await login;
+  t.ok(lookupPending, 'the penalty lookup was sent (and held) before the password check started');
+  t.match(s.out, /a OK \[CAPABILITY/, 'logged in');
+  t.equal(count(s.ops, 'penalty.get'), 1, 'one penalty lookup');
+  const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8').slice(logBefore);
+  t.notMatch(log, /per process until it is back/, 'the lookup was answered by the node state service (no timeout, no per-process fallback)');
 });

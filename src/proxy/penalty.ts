@@ -3,8 +3,9 @@
  * DESCRIPTION Like Dovecot's anvil penalty: the first failure from an address waits the base
  *             delay (limits.auth_failure_delay_ms), then 2x, 4x ... up to
  *             limits.auth_failure_delay_max_ms; from the third failure on, the next attempt also
- *             waits before its password is checked. Forgotten AUTH_PENALTY_RESET_MS after the
- *             last failure, and at once by a successful login from that address.
+ *             waits before it is answered (src/proxy/login.ts checks a plain password meanwhile).
+ *             Forgotten AUTH_PENALTY_RESET_MS after the last failure, and at once by a successful
+ *             login from that address.
  *             The counts live in the node state service (src/anvil), so every process of the
  *             node sees them: parallel connections, serve workers, and one-shot inetd / Postfix
  *             spawn processes. They are counted per client key (src/ip.ts): the IPv4 address,
