@@ -20,6 +20,7 @@ import { BUSY_TIMEOUT_MS } from '../store.js';
 import { route, runSession } from './router.js';
 import { PREAUTH_ABSOLUTE_MS } from '../limits.js';
 import { logins } from '../metrics.js';
+import type { PenaltyBefore } from './penalty.js';
 
 export type Proto = 'imap' | 'pop3';
 
@@ -96,7 +97,7 @@ export type LoginOutcome =
    * `deadline`: what is left of the login's one busy timeout, for the mailbox allocation (route);
    * `passthrough`: no local password was checked, the upstream server decides (loginAndRelay)
    */
-  | { kind: 'ok'; user: ResolvedUser; deadline: number; passthrough: boolean }
+  | { kind: 'ok'; user: ResolvedUser; deadline: number; passthrough: boolean; penalty: PenaltyBefore }
   | { kind: 'failed' } // bad credentials, unknown or disabled user, malformed message: same answer
   | { kind: 'tempfail'; detail: string };
 
@@ -168,34 +169,36 @@ function sleep(ms: number): Promise<void> {
  * counted, the per-IP pending penalty waited, then either success, tempfail (an outage, no
  * delay), or refusal — and every refusal (malformed message, bad user name, unknown user, wrong
  * password, disabled user) pays the same failure delay and the same penalty.
+ * A plain password is checked while the penalty lookup (a round trip to the node state service)
+ * is in flight, so the lookup is off the login's path; its wait is spent before any answer, so
+ * what a client sees and when is unchanged. An exchange (SCRAM) talks to the client: it starts
+ * only after the wait.
  */
 export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginState, creds: Credentials, method: string): Promise<LoginOutcome> {
   st.attempts++;
   st.lastUser = shownUser(creds.user);
   st.lastMethod = method;
-  const wait = await env.penalty.pending(conn.peer.rip);
-  if (wait > 0) await sleep(wait);
+  const lookup = env.penalty.pending(conn.peer.rip);
+  // awaited below; not an unhandled rejection while the password is checked
+  lookup.catch(() => undefined);
+  const user = creds.kind === 'password' ? userName(creds.user) : null;
+  const early = user !== null && creds.kind === 'password' && !isExchange(creds.password) ? check(env, conn, st, user, creds.password) : null;
+  const penalty = await lookup;
+  if (penalty.waitMs > 0) await sleep(penalty.waitMs);
   if (creds.kind === 'malformed') return refuse(env, conn, st, creds.why);
-  const user = userName(creds.user);
   if (user === null) return refuse(env, conn, st, 'invalid user name');
-  // the whole login (password check, and the mailbox allocation that may follow in the router)
-  // waits at most one busy timeout for a locked database
-  const deadline = Date.now() + BUSY_TIMEOUT_MS;
-  let r: AuthResult;
-  try {
-    r = await env.auth.authenticate({ user, password: creds.password, service: st.proto, rip: conn.peer.rip, deadline });
-  } catch (e) {
-    r = { ok: false, why: 'tempfail', detail: e instanceof Error ? e.message : 'auth error' };
-  }
-  if (r.ok && r.passthrough === true) return { kind: 'ok', user: r.user, deadline, passthrough: true };
+  const { r, deadline: checkDeadline } = early ? await early : await check(env, conn, st, user, creds.password);
+  // the mailbox allocation that may follow shares the check's busy timeout, unless the client was
+  // waited for in between (the penalty, an exchange): then it gets its own
+  const deadline = penalty.waitMs > 0 || isExchange(creds.password) ? Date.now() + BUSY_TIMEOUT_MS : checkDeadline;
+  if (r.ok && r.passthrough === true) return { kind: 'ok', user: r.user, deadline, passthrough: true, penalty };
   if (r.ok || r.why === 'tempfail') logins.inc({ protocol: st.proto, result: r.ok ? 'ok' : 'tempfail' });
   if (r.ok) {
     st.lastOutcome = 'ok';
     st.successes = (st.successes ?? 0) + 1;
-    await env.penalty.success(conn.peer.rip);
+    await env.penalty.success(conn.peer.rip, penalty);
     for (const w of r.warnings) env.log.log('warn', `${st.proto}-login`, w);
-    // an exchange (SCRAM) waited for the client in between: the allocation gets its own busy timeout
-    return { kind: 'ok', user: r.user, deadline: isExchange(creds.password) ? Date.now() + BUSY_TIMEOUT_MS : deadline, passthrough: false };
+    return { kind: 'ok', user: r.user, deadline, passthrough: false, penalty };
   }
   if (r.why === 'tempfail') {
     st.lastOutcome = 'tempfail';
@@ -203,6 +206,20 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
     return { kind: 'tempfail', detail: r.detail };
   }
   return refuse(env, conn, st, r.why);
+}
+
+/**
+ * One check of the credentials by the auth module; never rejects (a throw is tempfail). The whole
+ * login (this check, and the mailbox allocation that may follow in the router) waits at most one
+ * busy timeout for a locked database: `deadline`.
+ */
+async function check(env: ProxyEnv, conn: ClientConn, st: LoginState, user: string, password: Secret): Promise<{ r: AuthResult; deadline: number }> {
+  const deadline = Date.now() + BUSY_TIMEOUT_MS;
+  try {
+    return { r: await env.auth.authenticate({ user, password, service: st.proto, rip: conn.peer.rip, deadline }), deadline };
+  } catch (e) {
+    return { r: { ok: false, why: 'tempfail', detail: e instanceof Error ? e.message : 'auth error' }, deadline };
+  }
 }
 
 async function refuse(env: ProxyEnv, conn: ClientConn, st: LoginState, why: string): Promise<LoginOutcome> {
@@ -370,7 +387,7 @@ export async function loginAndRelay(
   if (r.passthrough) {
     st.lastOutcome = 'ok';
     st.successes = (st.successes ?? 0) + 1;
-    await env.penalty.success(conn.peer.rip);
+    await env.penalty.success(conn.peer.rip, r.penalty);
   }
   logLogin(env, conn, st, address);
   o.relaying();

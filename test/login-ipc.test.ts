@@ -1,0 +1,123 @@
+// What one login asks of the node state service (issue 15: login latency). Every request is a
+// round trip to another process on the login's path, so the requests of a login are counted
+// here: a one-shot session (`pigeon imap --forker stdio`) talks to a real node state service
+// (src/anvil/main.ts) through a relay at its run_dir/anvil.sock that records each request's op.
+import t from 'tap';
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { open } from 'node:fs/promises';
+import { createServer, connect, type Server, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { makeInstance, CLI, ROOT } from './helpers/instance.js';
+import { useBackend } from './helpers/backends.js';
+
+const inst = makeInstance(t, { users: { 'alice@example.test': 'secret' } });
+if (!useBackend(t, inst, 'dovecot')) process.exit(1);
+const relayDir = join(inst.dir, 'run-relay');
+const serviceDir = join(inst.dir, 'run-service');
+mkdirSync(relayDir, { mode: 0o700 });
+mkdirSync(serviceDir, { mode: 0o700 });
+writeFileSync(join(inst.dir, 'conf.d', '60-run.yaml'), `run_dir: ${relayDir}\n`);
+
+// the real service, on its own run directory; `ready` on fd 3 when it serves
+const service = spawn(process.execPath, [join(ROOT, 'dist', 'src', 'anvil', 'main.js'), serviceDir, '--idle-ms', '600000'], { stdio: ['ignore', 'ignore', 'pipe', 'pipe'] });
+t.teardown(() => {
+  service.kill('SIGTERM');
+});
+const ready = await new Promise<string>((resolve) => {
+  let text = '';
+  service.stdio[3]?.on('data', (d: Buffer) => {
+    text += d.toString('utf8');
+    if (text.includes('\n')) resolve(text.trim());
+  });
+  service.once('exit', (code) => resolve(`exited ${code}`));
+});
+if (ready !== 'ready') throw new Error(`node state service: ${ready}`);
+
+/** every request op that went through the relay, in order */
+const ops: string[] = [];
+/** while set, a penalty.get (and every request after it) waits for it before going on to the service */
+let gate: Promise<void> | null = null;
+const relay: Server = createServer((client: Socket) => {
+  const upstream = connect(join(serviceDir, 'anvil.sock'));
+  let line = '';
+  let queue = Promise.resolve();
+  client.on('data', (d: Buffer) => {
+    line += d.toString('utf8');
+    for (let i = line.indexOf('\n'); i >= 0; i = line.indexOf('\n')) {
+      const request = line.slice(0, i + 1);
+      line = line.slice(i + 1);
+      const op = String((JSON.parse(request) as { op?: unknown }).op);
+      ops.push(op);
+      const held = op === 'penalty.get' ? gate : null;
+      queue = queue.then(async () => {
+        if (held) await held;
+        upstream.write(request);
+      });
+    }
+  });
+  upstream.pipe(client);
+  client.on('error', () => upstream.destroy());
+  upstream.on('error', () => client.destroy());
+});
+await new Promise<void>((resolve) => relay.listen(join(relayDir, 'anvil.sock'), resolve));
+t.teardown(() => relay.close());
+
+/** One stdio session with `input`; its stdout, and the ops it sent. */
+async function session(input: string): Promise<{ out: string; ops: string[] }> {
+  const from = ops.length;
+  const p = spawn(process.execPath, [CLI, '-c', inst.dir, 'imap', '--forker', 'stdio'], { stdio: ['pipe', 'pipe', 'ignore'] });
+  let out = '';
+  p.stdout.on('data', (d: Buffer) => (out += d.toString('utf8')));
+  p.stdin.end(input);
+  await new Promise((resolve) => p.once('close', resolve));
+  return { out, ops: ops.slice(from) };
+}
+const count = (list: string[], op: string): number => list.filter((o) => o === op).length;
+
+t.test('a login from an address with no failures asks for its penalty once and clears nothing', async (t) => {
+  const s = await session('a LOGIN alice@example.test secret\r\nb LOGOUT\r\n');
+  t.match(s.out, /a OK \[CAPABILITY[\s\S]*b OK/, 'logged in and out');
+  t.equal(count(s.ops, 'penalty.get'), 1, `one penalty lookup (requests: ${s.ops.join(' ')})`);
+  t.equal(count(s.ops, 'penalty.clear'), 0, 'no clear: there was nothing to clear (one round trip less per login)');
+  t.equal(count(s.ops, 'conn.login'), 1, 'one user+IP slot taken');
+});
+
+t.test('a login after failures from the address still clears them', async (t) => {
+  const s = await session('a1 LOGIN alice@example.test wrong\r\na2 LOGIN alice@example.test secret\r\na3 LOGOUT\r\n');
+  t.match(s.out, /a1 NO \[AUTHENTICATIONFAILED\][\s\S]*a2 OK \[CAPABILITY/, 'refused, then logged in');
+  t.equal(count(s.ops, 'penalty.fail'), 1, 'the failure counted');
+  t.equal(count(s.ops, 'penalty.clear'), 1, 'the success cleared it');
+  const again = await session('a LOGIN alice@example.test secret\r\nb LOGOUT\r\n');
+  t.equal(count(again.ops, 'penalty.clear'), 0, 'the next login finds the address clean');
+});
+
+t.test('the password is checked while the penalty lookup is in flight: the lookup is off the login path', async (t) => {
+  // carol's hash is read from a passwd-file that is a FIFO: the session opening it to check her
+  // password is an event the test sees (its open for writing returns). The relay holds the
+  // session's penalty lookup until then. A session that waits for the lookup before checking
+  // the password never opens the FIFO, its lookup times out (ANVIL_REQUEST_MS) and it carries on
+  // with per-process state, which it logs.
+  const fifo = join(inst.dir, 'users.fifo');
+  execFileSync('mkfifo', ['-m', '0600', fifo]);
+  const hash = inst.run(['pw', '-s', 'SSHA256'], 'c4rol\n').stdout.trim();
+  writeFileSync(join(inst.dir, 'conf.d', '70-auth.yaml'), `auth:\n  chain: [passwd-file]\n  passwd_file: ${fifo}\n`);
+  t.teardown(() => writeFileSync(join(inst.dir, 'conf.d', '70-auth.yaml'), ''));
+  let release = (): void => undefined;
+  gate = new Promise<void>((resolve) => (release = resolve));
+  const logBefore = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8').length;
+  const from = ops.length;
+  const login = session('a LOGIN carol@example.test c4rol\r\nb LOGOUT\r\n');
+  const writer = await open(fifo, 'w'); // returns once the session opened the file to check the password
+  const lookupPending = ops.slice(from).includes('penalty.get');
+  release();
+  gate = null;
+  await writer.writeFile(`carol@example.test:${hash}::::::\n`);
+  await writer.close();
+  const s = await login;
+  t.ok(lookupPending, 'the penalty lookup was sent (and held) before the password check started');
+  t.match(s.out, /a OK \[CAPABILITY/, 'logged in');
+  t.equal(count(s.ops, 'penalty.get'), 1, 'one penalty lookup');
+  const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8').slice(logBefore);
+  t.notMatch(log, /per process until it is back/, 'the lookup was answered by the node state service (no timeout, no per-process fallback)');
+});
