@@ -14,6 +14,8 @@
 import t from 'tap';
 import { readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { spawn } from 'node:child_process';
+import { requireProgram } from './helpers/programs.js';
 import { makeInstance, serve } from './helpers/instance.js';
 import { useBackend } from './helpers/backends.js';
 import { Wire, untilText } from './helpers/wire.js';
@@ -114,6 +116,53 @@ t.test('a plain IMAP login: Dovecot is the spawner’s child, and the proxy keep
   const l = await untilText(log, /imap\(alice@example\.test\): Disconnected: Logged out \(socket handed to the backend\)/);
   t.match(l, /imap\(alice@example\.test\): Disconnected: Logged out \(socket handed to the backend\)/, 'our logout line');
   t.match(l, /imap\(alice@example\.test\): Info: Disconnected: Logged out in=\d+ out=\d+.*rip=127\.0\.0\.1/, "Dovecot's own line, through the spawner's stderr, under the user's prefix with rip=");
+});
+
+t.test("Dovecot is told the host's canonical name (DOVECOT_HOSTDOMAIN, as Dovecot's master does), not left to resolve it at every start", async (t) => {
+  if (!requireProgram(t, '/usr/bin/strace', 'strace')) return;
+  const s = await serve(t, inst);
+  const port = s.ports['imap'] ?? 0;
+  const worker = s.child.pid ?? 0;
+  // a first login starts the spawner; the worker looks the name up in the background meanwhile
+  const first = await login(port);
+  t.match(first.answer, /^a1 OK/m);
+  const spawner = proc(await imapOf(worker, port, first.w.sock.localPort ?? 0))?.ppid ?? 0;
+  first.w.write('a2 LOGOUT\r\n');
+  await first.w.until(/^a2 OK/m);
+  // the files the next imaps open, seen from their spawner (a resolver run opens /etc/hosts)
+  const out = join(inst.dir, 'strace-open.txt');
+  const st = spawn('/usr/bin/strace', ['-f', '-qq', '-e', 'trace=openat', '-o', out, '-p', String(spawner)], { stdio: ['ignore', 'ignore', 'pipe'] });
+  t.teardown(() => {
+    if (st.exitCode === null) st.kill('SIGKILL');
+  });
+  await new Promise<void>((res, rej) => {
+    let err = '';
+    st.stderr?.setEncoding('utf8');
+    st.stderr?.on('data', (d: string) => (err += d));
+    st.once('exit', (c) => rej(new Error(`strace exited ${c}: ${err}`)));
+    // strace announces nothing with -qq: it is attached once the tracee shows a TracerPid
+    const check = (): void => {
+      const tracer = /^TracerPid:\s+(\d+)/m.exec(readFileSync(`/proc/${spawner}/status`, 'utf8'))?.[1];
+      if (tracer !== undefined && tracer !== '0') res();
+      else setImmediate(check);
+    };
+    check();
+  });
+  // a few logins: the lookup the first one started has long finished by the last
+  let imap = 0;
+  for (let i = 0; i < 4; i++) {
+    const { w, answer } = await login(port);
+    t.match(answer, /^a1 OK/m);
+    imap = await imapOf(worker, port, w.sock.localPort ?? 0);
+    w.write('a2 LOGOUT\r\n');
+    await w.until(/^a2 OK/m);
+    t.ok(await w.waitClosed());
+  }
+  st.kill('SIGINT');
+  await new Promise((r) => st.once('exit', r));
+  const opened = readFileSync(out, 'utf8').split('\n').filter((l) => l.startsWith(`${imap} `) && /openat\(/.test(l));
+  t.ok(opened.length > 0, `the last login's imap (pid ${imap}) was traced`, { opened: opened.length });
+  t.notOk(opened.some((l) => /"\/etc\/(hosts|host\.conf|resolv\.conf)"/.test(l)), 'it did not resolve the host name (no /etc/hosts, host.conf, resolv.conf)', { opened: opened.filter((l) => /\/etc\//.test(l)) });
 });
 
 t.test('the spawner killed: running sessions end with their logout lines, the next login starts a new one', async (t) => {
