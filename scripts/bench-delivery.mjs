@@ -19,7 +19,7 @@
 //   n/8 (sequential) and n/4 (parallel) processes per round (at least 8), the fsync bound max(n, 500)
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync, mkdirSync, chownSync, readdirSync, existsSync, chmodSync } from 'node:fs';
-import { open, rename } from 'node:fs/promises';
+import { durableWriter } from './bench-lib.mjs';
 import { tmpdir, cpus } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -212,18 +212,7 @@ if (existsSync(LDA) && process.getuid?.() === 0) {
 // --- fsync bound -----------------------------------------------------------------------------
 const fdir = join(base, 'fsync');
 for (const d of ['tmp', 'new']) mkdirSync(join(fdir, d), { recursive: true });
-let counter = 0;
-async function durableWrite() {
-  const name = `${Date.now()}.${process.pid}.${counter++}`;
-  const fh = await open(join(fdir, 'tmp', name), 'wx', 0o600);
-  await fh.write(MESSAGE, 0, MESSAGE.length, 0);
-  await fh.sync();
-  await fh.close();
-  await rename(join(fdir, 'tmp', name), join(fdir, 'new', name));
-  const dh = await open(join(fdir, 'new'), 'r');
-  await dh.sync();
-  await dh.close();
-}
+const durableWrite = durableWriter(fdir, MESSAGE);
 
 // --- rounds: every row once per round, in the same order ------------------------------------------
 const ROWS = ['node_seq', 'node_par', 'handoff_seq', 'handoff_par', 'deliver_seq', 'deliver_par', 'lmtp_1', 'lmtp_c', 'lda_seq', 'lda_par', 'fsync_seq', 'fsync_par'];

@@ -3,11 +3,14 @@
  * DESCRIPTION Command-line options; the process tree of a started daemon and killing all of it at
  *             exit (the scratch directory too); statistics; a raw IMAP/POP3 client that waits for a
  *             reply pattern (`open`, `until`) and counts a large transfer without buffering it
- *             (`drain`).
+ *             (`drain`); the durable Maildir protocol alone, the disk's bound (`durableWriter`, also
+ *             bench-delivery and bench-limits).
  */
 import { readFileSync, readdirSync, rmSync } from 'node:fs';
 import { connect, createServer } from 'node:net';
 import { connect as tlsConnect } from 'node:tls';
+import { open as openFile, rename as renameFile } from 'node:fs/promises';
+import { join } from 'node:path';
 
 /** `--name VALUE` from argv, else `d`. */
 export const option = (argv) => (name, d) => {
@@ -248,4 +251,24 @@ export async function lmtpSession(port, { host = '127.0.0.1', localAddress, rcpt
     await reply(/^250 /);
   }
   c.s.end('QUIT\r\n');
+}
+
+/**
+ * The durable Maildir protocol alone, one message at a time: exclusive create in DIR/tmp, write,
+ * fsync, rename into DIR/new, fsync DIR/new (the disk's bound for any MDA; DIR/tmp and DIR/new must
+ * exist). Returns the function that writes one message.
+ */
+export function durableWriter(dir, message) {
+  let counter = 0;
+  return async () => {
+    const name = `${Date.now()}.${process.pid}.${counter++}`;
+    const fh = await openFile(join(dir, 'tmp', name), 'wx', 0o600);
+    await fh.write(message, 0, message.length, 0);
+    await fh.sync();
+    await fh.close();
+    await renameFile(join(dir, 'tmp', name), join(dir, 'new', name));
+    const dh = await openFile(join(dir, 'new'), 'r');
+    await dh.sync();
+    await dh.close();
+  };
 }

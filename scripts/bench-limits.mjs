@@ -11,7 +11,7 @@
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
-import { open, rename } from 'node:fs/promises';
+import { durableWriter } from './bench-lib.mjs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -69,18 +69,7 @@ const base = mkdtempSync(join(tmpdir(), 'pigeon-bench-limits-'));
 process.on('exit', () => rmSync(base, { recursive: true, force: true }));
 for (const d of ['tmp', 'new']) mkdirSync(join(base, d));
 const MESSAGE = Buffer.alloc(4096, 0x61);
-let counter = 0;
-async function durableWrite() {
-  const name = `${Date.now()}.${process.pid}.${counter++}`;
-  const fh = await open(join(base, 'tmp', name), 'wx', 0o600);
-  await fh.write(MESSAGE, 0, MESSAGE.length, 0);
-  await fh.sync();
-  await fh.close();
-  await rename(join(base, 'tmp', name), join(base, 'new', name));
-  const dh = await open(join(base, 'new'), 'r');
-  await dh.sync();
-  await dh.close();
-}
+const durableWrite = durableWriter(base, MESSAGE);
 async function fsyncRate(conc, ms) {
   let n = 0;
   const t0 = Date.now();

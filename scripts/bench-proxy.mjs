@@ -27,9 +27,8 @@
 import { spawnSync, spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync, mkdirSync, chmodSync, chownSync, readFileSync, rmSync, readdirSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { open as openFile, rename as renameFile } from 'node:fs/promises';
 import { tmpdir, cpus } from 'node:os';
-import { option, sleep, tree, cleanupAtExit, failLoudly, stopServe, freePort, quantile, median, r2, open, until, GREETING, fetchRate, retrRate, lmtpSession } from './bench-lib.mjs';
+import { option, sleep, tree, cleanupAtExit, failLoudly, stopServe, freePort, quantile, median, r2, open, until, GREETING, fetchRate, retrRate, lmtpSession, durableWriter } from './bench-lib.mjs';
 
 const argv = process.argv.slice(2);
 const opt = option(argv);
@@ -531,18 +530,7 @@ if (ONLY.has('lmtp') && HAVE_LMTP) {
   log('fsync bound, 1 and 4 streams');
   const fdir = join(base, 'fsync-bound');
   for (const d of ['tmp', 'new']) mkdirSync(join(fdir, d), { recursive: true });
-  let fc = 0;
-  const durable = async () => {
-    const name = `${Date.now()}.${process.pid}.${fc++}`;
-    const fh = await openFile(join(fdir, 'tmp', name), 'wx', 0o600);
-    await fh.write(Buffer.from(MSG4K), 0, MSG4K.length, 0);
-    await fh.sync();
-    await fh.close();
-    await renameFile(join(fdir, 'tmp', name), join(fdir, 'new', name));
-    const dh = await openFile(join(fdir, 'new'), 'r');
-    await dh.sync();
-    await dh.close();
-  };
+  const durable = durableWriter(fdir, Buffer.from(MSG4K, 'latin1'));
   const boundRound = async (streams) => {
     const per = Math.ceil(Math.max(LMTP_MSGS, 200) / streams);
     const t0 = process.hrtime.bigint();

@@ -6,21 +6,29 @@
 // leaves) only after an fsync of new/ that BEGAN after that rename and ENDED before the answer —
 // an fsync already running when the rename happened may not cover it. And the deliveries that
 // arrived together shared fsyncs of new/: fewer fsyncs than messages.
-import t from 'tap';
-import net from 'node:net';
-import { spawn } from 'node:child_process';
+import t, { type Test } from 'tap';
 import { readFileSync, realpathSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { CLI, cli, ok, msg, maildirOf, files } from './helpers/delivery-env.js';
-import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
-import { scratchDir } from './helpers/instance.js';
+import { CLI, msg, maildirOf, files, lmtpUserInstance } from './helpers/delivery-env.js';
+import { Dialog, dataOf, lmtpDialog, serveLmtp, upToData } from './helpers/delivery-lmtp.js';
 import { requireProgram } from './helpers/programs.js';
-import { owned } from './helpers/reaper.js';
 
 const STRACE = '/usr/bin/strace';
 const ALICE = 'alice@example.test';
 /** connections delivering at once, one message each */
 const K = 8;
+
+/** K LMTP sessions with serve at `port`, each past its DATA's 354 (its message not sent yet). */
+function togetherUpToData(t: Test, port: number): Promise<Dialog[]> {
+  return Promise.all(
+    Array.from({ length: K }, async () => {
+      const { d, greeting } = await lmtpDialog(t, port);
+      t.match(greeting, /^220 /);
+      await upToData(t, d, ALICE);
+      return d;
+    }),
+  );
+}
 
 interface Sys {
   readonly tid: number;
@@ -60,59 +68,17 @@ function syscalls(log: string): Sys[] {
 
 t.test(`${K} LMTP deliveries at once: each acknowledged after an fsync of new/ begun after its rename; they share fsyncs`, async (t) => {
   if (!requireProgram(t, STRACE, 'strace')) return;
-  const dir = scratchDir(t);
-  const inst = join(dir, 'inst');
-  ok(cli(inst, ['init', inst, '--listen', 'lmtp=127.0.0.1:0']), 'init');
-  ok(cli(inst, ['domain', 'add', 'example.test']), 'domain');
-  ok(cli(inst, ['user', 'add', ALICE, '--password-stdin'], 'secret\n'), 'user');
-  ok(cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ subject: 'first' })), 'first delivery (allocates the mailbox)');
+  const { dir, inst } = lmtpUserInstance(t, ALICE);
   const box = realpathSync(maildirOf(inst, ALICE)); // strace -y names files by their real path
   const newDir = join(box, 'new');
   const before = new Set(files(newDir));
 
   const log = join(dir, 'strace.txt');
   // only the traced syscalls stop the process (--seccomp-bpf): the timing stays close to an untraced run
-  const st = owned(
-    spawn(STRACE, ['-f', '--seccomp-bpf', '-qq', '-yy', '-s', '600', '-e', 'trace=write,fsync,fdatasync,rename', '-o', log, process.execPath, CLI, '-c', inst, 'serve', '--workers', '1'], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-      detached: true,
-    }),
-  );
-  const exited = new Promise<void>((res) => st.once('exit', () => res()));
-  t.teardown(() => {
-    if (st.exitCode === null) st.kill('SIGKILL');
-  });
-  let err = '';
-  const port = await new Promise<number>((res, rej) => {
-    st.stderr?.setEncoding('utf8');
-    st.stderr?.on('data', (s: string) => {
-      err += s;
-      const m = /listening lmtp 127\.0\.0\.1:(\d+)\n[\s\S]*pigeon: ready/.exec(err);
-      if (m) res(Number(m[1]));
-    });
-    st.once('exit', (c) => rej(new Error(`serve exited ${c}: ${err}`)));
-  });
+  const { child: st, port, exited } = await serveLmtp(t, CLI, inst, { wrap: [STRACE, '-f', '--seccomp-bpf', '-qq', '-yy', '-s', '600', '-e', 'trace=write,fsync,fdatasync,rename', '-o', log] });
 
   // K sessions, each up to its 354; then every message's data, final dot included, in one turn
-  const dialogs = await Promise.all(
-    Array.from({ length: K }, async () => {
-      const s = net.connect({ host: '127.0.0.1', port });
-      t.teardown(() => s.destroy());
-      await new Promise<void>((res, rej) => {
-        s.once('connect', () => res());
-        s.once('error', rej);
-      });
-      const d = Dialog.of(s);
-      t.match(await d.line(), /^220 /);
-      d.send('LHLO mx.test\r\n');
-      await d.reply();
-      d.send(`MAIL FROM:<bob@remote.test>\r\nRCPT TO:<${ALICE}>\r\nDATA\r\n`);
-      t.match(await d.line(), /^250 /);
-      t.match(await d.line(), /^250 /);
-      t.match(await d.line(), /^354 /);
-      return d;
-    }),
-  );
+  const dialogs = await togetherUpToData(t, port);
   dialogs.forEach((d, i) => d.send(dataOf(msg({ subject: `together ${i}`, body: `${'x'.repeat(70)}\n`.repeat(50) }))));
   for (const d of dialogs) t.match(await d.line(), /^250 2\.0\.0 <alice@example\.test> Saved/, 'acknowledged');
   for (const d of dialogs) t.match(await d.cmd('QUIT'), /^221 /);
@@ -148,57 +114,15 @@ t.test(`${K} LMTP deliveries at once: each acknowledged after an fsync of new/ b
 });
 
 t.test('killed when a shared fsync of new/ is about to begin: none of the deliveries waiting for it was acknowledged', async (t) => {
-  const dir = scratchDir(t);
-  const inst = join(dir, 'inst');
-  ok(cli(inst, ['init', inst, '--listen', 'lmtp=127.0.0.1:0']), 'init');
-  ok(cli(inst, ['domain', 'add', 'example.test']), 'domain');
-  ok(cli(inst, ['user', 'add', ALICE, '--password-stdin'], 'secret\n'), 'user');
-  ok(cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ subject: 'first' })), 'first delivery (allocates the mailbox)');
+  const { inst } = lmtpUserInstance(t, ALICE);
   const newDir = join(maildirOf(inst, ALICE), 'new');
   const before = new Set(files(newDir));
 
   // PIGEON_FAULT=shared-dir-sync (src/delivery/fault.ts): the writer child reports reaching an fsync
   // of new/ for two or more renamed deliveries, and the serve worker holding them kills itself
-  const serve = owned(
-    spawn(process.execPath, [CLI, '-c', inst, 'serve', '--workers', '1'], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-      detached: true,
-      env: { ...process.env, PIGEON_FAULT: 'shared-dir-sync' },
-    }),
-  );
-  t.teardown(() => {
-    if (serve.exitCode === null && serve.signalCode === null) serve.kill('SIGKILL');
-  });
-  let err = '';
-  const port = await new Promise<number>((res, rej) => {
-    serve.stderr?.setEncoding('utf8');
-    serve.stderr?.on('data', (s: string) => {
-      err += s;
-      const m = /listening lmtp 127\.0\.0\.1:(\d+)\n[\s\S]*pigeon: ready/.exec(err);
-      if (m) res(Number(m[1]));
-    });
-    serve.once('exit', (c) => rej(new Error(`serve exited ${c}: ${err}`)));
-  });
+  const { child: serve, port } = await serveLmtp(t, CLI, inst, { env: { ...process.env, PIGEON_FAULT: 'shared-dir-sync' } });
 
-  const dialogs = await Promise.all(
-    Array.from({ length: K }, async () => {
-      const s = net.connect({ host: '127.0.0.1', port });
-      t.teardown(() => s.destroy());
-      await new Promise<void>((res, rej) => {
-        s.once('connect', () => res());
-        s.once('error', rej);
-      });
-      const d = Dialog.of(s);
-      t.match(await d.line(), /^220 /);
-      d.send('LHLO mx.test\r\n');
-      await d.reply();
-      d.send(`MAIL FROM:<bob@remote.test>\r\nRCPT TO:<${ALICE}>\r\nDATA\r\n`);
-      t.match(await d.line(), /^250 /);
-      t.match(await d.line(), /^250 /);
-      t.match(await d.line(), /^354 /);
-      return d;
-    }),
-  );
+  const dialogs = await togetherUpToData(t, port);
   dialogs.forEach((d, i) => d.send(dataOf(msg({ subject: `killed ${i}`, body: `${'x'.repeat(70)}\n`.repeat(50) }))));
   const answers = await Promise.all(dialogs.map((d) => d.line().then((l) => l, (e: unknown) => `closed: ${e instanceof Error ? e.message : String(e)}`)));
   t.same(

@@ -7,15 +7,11 @@
 // message, the fdatasync before the rename into new/, the fsync after it, and the reply after both;
 // the directories are still checked for links, tmp/ and new/ with one lstat each.
 import t from 'tap';
-import net from 'node:net';
-import { spawn } from 'node:child_process';
 import { readFileSync, realpathSync } from 'node:fs';
 import { join } from 'node:path';
-import { CLI, cli, ok, msg, maildirOf, files } from './helpers/delivery-env.js';
-import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
-import { scratchDir } from './helpers/instance.js';
+import { CLI, msg, maildirOf, files, lmtpUserInstance } from './helpers/delivery-env.js';
+import { dataOf, lmtpDialog, serveLmtp, upToData } from './helpers/delivery-lmtp.js';
 import { requireProgram } from './helpers/programs.js';
-import { owned } from './helpers/reaper.js';
 
 const STRACE = '/usr/bin/strace';
 const ALICE = 'alice@example.test';
@@ -39,58 +35,23 @@ function calls(log: string): Call[] {
 
 t.test('one LMTP delivery: one write per reply group, one request to the mail writer, syncs in place', async (t) => {
   if (!requireProgram(t, STRACE, 'strace')) return;
-  const dir = scratchDir(t);
-  const inst = join(dir, 'inst');
-  ok(cli(inst, ['init', inst, '--listen', 'lmtp=127.0.0.1:0']), 'init');
-  ok(cli(inst, ['domain', 'add', 'example.test']), 'domain');
-  ok(cli(inst, ['user', 'add', ALICE, '--password-stdin'], 'secret\n'), 'user');
-  // allocate the mailbox first (a first delivery also creates it: one request more)
-  ok(cli(inst, ['deliver', '-f', 'bob@remote.test', ALICE], msg({ subject: 'first' })), 'first delivery');
+  // the mailbox allocated first (a first delivery also creates it: one request more)
+  const { dir, inst } = lmtpUserInstance(t, ALICE);
   const box = realpathSync(maildirOf(inst, ALICE)); // strace -y names files by their real path
   const before = files(join(box, 'new')).length;
 
   const log = join(dir, 'strace.txt');
-  const st = owned(
-    spawn(STRACE, ['-f', '-qq', '-yy', '-s', '40', '-e', 'trace=write,writev,fsync,fdatasync,rename,readlink', '-o', log, process.execPath, CLI, '-c', inst, 'serve', '--workers', '1'], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-      detached: true,
-    }),
-  );
-  const exited = new Promise<void>((res) => st.once('exit', () => res()));
-  t.teardown(() => {
-    if (st.exitCode === null) st.kill('SIGKILL');
-  });
-  let err = '';
-  const port = await new Promise<number>((res, rej) => {
-    st.stderr?.setEncoding('utf8');
-    st.stderr?.on('data', (s: string) => {
-      err += s;
-      const m = /listening lmtp 127\.0\.0\.1:(\d+)\n[\s\S]*pigeon: ready/.exec(err);
-      if (m) res(Number(m[1]));
-    });
-    st.once('exit', (c) => rej(new Error(`serve exited ${c}: ${err}`)));
-  });
+  const { child: st, port, exited } = await serveLmtp(t, CLI, inst, { wrap: [STRACE, '-f', '-qq', '-yy', '-s', '40', '-e', 'trace=write,writev,fsync,fdatasync,rename,readlink', '-o', log] });
 
-  const s = net.connect({ host: '127.0.0.1', port });
-  await new Promise<void>((res, rej) => {
-    s.once('connect', () => res());
-    s.once('error', rej);
-  });
-  const d = Dialog.of(s);
-  t.match(await d.line(), /^220 /);
-  d.send('LHLO mx.test\r\n');
-  await d.reply();
+  const { d, greeting } = await lmtpDialog(t, port);
+  t.match(greeting, /^220 /);
   for (let i = 0; i < N; i++) {
     // pipelined, as Postfix's lmtp client sends them
-    d.send(`MAIL FROM:<bob@remote.test>\r\nRCPT TO:<${ALICE}>\r\nDATA\r\n`);
-    t.match(await d.line(), /^250 /);
-    t.match(await d.line(), /^250 /);
-    t.match(await d.line(), /^354 /);
+    await upToData(t, d, ALICE);
     d.send(dataOf(msg({ subject: `hop ${i}` })));
     t.match(await d.line(), /^250 2\.0\.0 <alice@example\.test> Saved/);
   }
   t.match(await d.cmd('QUIT'), /^221 /);
-  s.destroy();
   t.equal(files(join(box, 'new')).length, before + N, `${N} messages in new/`);
 
   // serve is strace's child: stop it gracefully, then read the complete log

@@ -6,7 +6,7 @@
 import { spawn, spawnSync, type SpawnSyncReturns } from 'node:child_process';
 import { existsSync, readdirSync, appendFileSync } from 'node:fs';
 import { owned } from './reaper.js';
-import { SERVE_START_MS } from './instance.js';
+import { SERVE_START_MS, scratchDir } from './instance.js';
 import { join, resolve } from 'node:path';
 
 export const ROOT = resolve(import.meta.dirname, '..', '..');
@@ -213,4 +213,18 @@ export async function imapSession(port: number, user: string, password: string, 
   } finally {
     s.destroy();
   }
+}
+
+/**
+ * A fresh instance in the test's scratch directory with an lmtp listener on 127.0.0.1:0, domain
+ * example.test and `user` (password "secret"), whose mailbox a first `pigeon deliver` allocated.
+ */
+export function lmtpUserInstance(t: Parameters<typeof scratchDir>[0], user: string): { dir: string; inst: string } {
+  const dir = scratchDir(t);
+  const inst = join(dir, 'inst');
+  ok(cli(inst, ['init', inst, '--listen', 'lmtp=127.0.0.1:0']), 'init');
+  ok(cli(inst, ['domain', 'add', 'example.test']), 'domain');
+  ok(cli(inst, ['user', 'add', user, '--password-stdin'], 'secret\n'), 'user');
+  ok(cli(inst, ['deliver', '-f', 'bob@remote.test', user], msg({ subject: 'first' })), 'first delivery (allocates the mailbox)');
+  return { dir, inst };
 }

@@ -2,6 +2,8 @@
 import type { Duplex, Readable, Writable } from 'node:stream';
 import { connect, type Socket } from 'node:net';
 import type { Test } from 'tap';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { owned } from './reaper.js';
 
 export class Dialog {
   private buf = '';
@@ -114,4 +116,44 @@ export async function lmtpDialog(t: Test, port: number, host = '127.0.0.1'): Pro
   d.send('LHLO mx.test\r\n');
   await d.reply();
   return { d, greeting };
+}
+
+/** The pipelined MAIL, RCPT, DATA of one transaction (as Postfix's lmtp client sends them), up to the 354. */
+export async function upToData(t: Test, d: Dialog, rcpt: string, sender = 'bob@remote.test'): Promise<void> {
+  d.send(`MAIL FROM:<${sender}>\r\nRCPT TO:<${rcpt}>\r\nDATA\r\n`);
+  t.match(await d.line(), /^250 /);
+  t.match(await d.line(), /^250 /);
+  t.match(await d.line(), /^354 /);
+}
+
+/**
+ * `pigeon serve --workers 1` of the instance `inst` with an lmtp listener on 127.0.0.1:0, run by
+ * `wrap` (e.g. strace and its options) when given; resolves with its port once it is ready.
+ * Killed (its whole process group) at the test's teardown if still running.
+ */
+export async function serveLmtp(t: Test, cliPath: string, inst: string, o: { wrap?: readonly string[]; env?: NodeJS.ProcessEnv } = {}): Promise<{ child: ChildProcess; port: number; exited: Promise<void> }> {
+  const wrap = o.wrap ?? [];
+  const argv = [process.execPath, cliPath, '-c', inst, 'serve', '--workers', '1'];
+  const child = owned(
+    spawn(wrap[0] ?? process.execPath, [...wrap.slice(1), ...(wrap.length > 0 ? argv : argv.slice(1))], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+      detached: true,
+      ...(o.env ? { env: o.env } : {}),
+    }),
+  );
+  const exited = new Promise<void>((res) => child.once('exit', () => res()));
+  t.teardown(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  });
+  let err = '';
+  const port = await new Promise<number>((res, rej) => {
+    child.stderr?.setEncoding('utf8');
+    child.stderr?.on('data', (s: string) => {
+      err += s;
+      const m = /listening lmtp 127\.0\.0\.1:(\d+)\n[\s\S]*pigeon: ready/.exec(err);
+      if (m) res(Number(m[1]));
+    });
+    child.once('exit', (c) => rej(new Error(`serve exited ${c}: ${err}`)));
+  });
+  return { child, port, exited };
 }
