@@ -6,7 +6,7 @@
 // Which process delivered is read from pigeon.log: every line carries the writer's pid.
 import t, { type Test } from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CLI, cli, ok, need, makeInstance, setUser, maildirOf, files, msg, startServe, waitFor, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
@@ -42,6 +42,20 @@ function handoffInstance(t: Test, users: readonly string[], runMode: number): { 
   writeFileSync(join(inst, 'pigeon.log'), '');
   spawnSync('chown', ['-R', 'mail:mail', inst]);
   return { dir, inst, run, log: () => readFileSync(join(inst, 'pigeon.log'), 'utf8') };
+}
+
+/** Whether a `pigeon -c INST deliver` (pipe(8)'s command) is still running. */
+function deliverRunning(inst: string): boolean {
+  const mark = `${CLI}\0-c\0${inst}\0deliver\0`;
+  for (const p of readdirSync('/proc')) {
+    if (!/^\d+$/.test(p)) continue;
+    try {
+      if (readFileSync(`/proc/${p}/cmdline`, 'latin1').includes(mark)) return true;
+    } catch {
+      /* gone meanwhile */
+    }
+  }
+  return false;
 }
 
 /** The pid of the serve that logged `pigeon started` (it logs it just after it said ready). */
@@ -132,7 +146,13 @@ pigeon_destination_recipient_limit = 1`,
   await waitFor('the second delivery', () => files(join(box, 'new')).length === 2);
   await waitFor('its log line', () => (h.log().match(/deliver\(alice@pipe\.test\): delivered/g) ?? []).length === 2);
   t.match(h.log(), new RegExp(`pigeon\\[(?!${pid}\\])\\d+\\]: deliver\\(alice@pipe\\.test\\): delivered`), 'without serve: delivered in-process');
+  // the deliver process may still log (debug) after its delivered line: done only once pipe(8)
+  // saw it exit (Postfix's second status=sent), else it writes into the directory being removed
+  await waitFor("Postfix's status line for the second delivery", () => (pf.log().match(/to=<alice@pipe\.test>.*status=sent/g) ?? []).length === 2);
+  // Postfix retries the deferred message every few seconds (this helper's backoff): a retry's
+  // `pigeon deliver` may be running when Postfix stops; the instance goes only after it exited
   pf.stop();
+  await waitFor('no pigeon deliver of this instance still running', () => !deliverRunning(inst));
 });
 
 t.test('hand-off socket: the mail user may connect, others may not; serve killed mid-message → 75, no copy; the retry delivers once, in-process', async (t) => {
