@@ -30,7 +30,7 @@ import type { SettingsDecl } from '../src/settings.js';
 import { AppError } from '../src/errors.js';
 import { LineBuffer } from '../src/lines.js';
 import { RELAY_GRACE_MS } from '../src/limits.js';
-import type { Spawned, Spawner } from '../src/proxy/spawner.js';
+import type { Spawned, SpawnedEnd, Spawner } from '../src/proxy/spawner.js';
 
 export type MailProtocol = 'imap' | 'pop3';
 
@@ -229,29 +229,51 @@ export function childSession(child: ChildProcess, greeting: Buffer, handedOff: b
   };
 }
 
-/**
- * A handed-off session started by the spawner (src/proxy/spawner.ts): the child owns the client
- * socket, the spawner its exit and last words; the proxy keeps this, a few fields.
- */
-export function spawnedSession(child: Spawned): BackendSession {
-  return {
-    greeting: EMPTY,
-    handedOff: true,
-    releasedClient: true,
-    // unused when handed off (as a handed-off child's null stdin/stdout in childSession)
-    input: null as unknown as Writable,
-    output: null as unknown as Readable,
-    ended: child.ended.then((e) => (e.lost !== undefined ? { exit: e.code, lost: e.lost } : { exit: e.code })),
-    clientEnded() {
-      child.kill('SIGTERM');
-    },
-    stop() {
-      child.kill('SIGTERM');
-    },
-  };
+const EMPTY = Buffer.alloc(0);
+
+/** A spawned child's end as a backend session's (module level: no closure per session). */
+function spawnedEnd(e: SpawnedEnd): BackendEnd {
+  return e.lost !== undefined ? { exit: e.code, lost: e.lost } : { exit: e.code };
 }
 
-const EMPTY = Buffer.alloc(0);
+/**
+ * A handed-off session started by the spawner (src/proxy/spawner.ts): the child owns the client
+ * socket, the spawner its exit and last words; the proxy keeps this for the session's life: one
+ * object with its methods on the prototype (no closures per session: idle memory).
+ */
+class SpawnedSession implements BackendSession {
+  readonly greeting = EMPTY;
+  readonly handedOff = true;
+  readonly releasedClient = true;
+  readonly ended: Promise<BackendEnd>;
+  private readonly child: Spawned;
+
+  constructor(child: Spawned) {
+    this.child = child;
+    this.ended = child.ended.then(spawnedEnd);
+  }
+
+  // unused when handed off (as a handed-off child's null stdin/stdout in childSession)
+  get input(): Writable {
+    return null as unknown as Writable;
+  }
+
+  get output(): Readable {
+    return null as unknown as Readable;
+  }
+
+  clientEnded(): void {
+    this.child.kill('SIGTERM');
+  }
+
+  stop(): void {
+    this.child.kill('SIGTERM');
+  }
+}
+
+export function spawnedSession(child: Spawned): BackendSession {
+  return new SpawnedSession(child);
+}
 
 /** Start a handed-off backend through the spawner; a failure is start-failed, naming `what`. */
 export async function spawnHandedOff(spawner: Spawner, what: string, o: Parameters<Spawner['spawn']>[0]): Promise<BackendSession> {

@@ -139,8 +139,9 @@ export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string
  * run_dir). null, logged, when it cannot be offered; deliver then delivers in its own process.
  */
 async function offerHandoff(instance: Instance): Promise<string | null> {
-  const [{ createLogger }, { writeHandoffAs, writerFor, HANDOFF_SOCKET, MAX_SOCKET_PATH }, { join }, { lstatSync, unlinkSync }, { resolveMailUser }] = await Promise.all([
+  const [{ createLogger }, { writeHandoffAs, writerFor }, { HANDOFF_SOCKET, MAX_SOCKET_PATH }, { join }, { lstatSync, unlinkSync }, { resolveMailUser }] = await Promise.all([
     import('../src/log.js'),
+    import('../src/delivery/handoff-file-write.js'),
     import('../src/delivery/handoff-file.js'),
     import('node:path'),
     import('node:fs'),
@@ -169,7 +170,7 @@ async function offerHandoff(instance: Instance): Promise<string | null> {
 
 /** serve stops: deliver no longer finds it (the runtime file first, then the socket). */
 async function withdrawHandoff(instance: Instance, path: string): Promise<void> {
-  const [{ removeHandoff }, { lstatSync, unlinkSync }] = await Promise.all([import('../src/delivery/handoff-file.js'), import('node:fs')]);
+  const [{ removeHandoff }, { lstatSync, unlinkSync }] = await Promise.all([import('../src/delivery/handoff-file-write.js'), import('node:fs')]);
   removeHandoff(instance.dir);
   try {
     if (lstatSync(path).isSocket()) unlinkSync(path);

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // Delivery throughput, 4 KB messages, in one run on this machine, ROUNDS rounds (default 5) of:
 //   node -e 0       a bare Node start: the floor for `pigeon deliver` under pipe(8), timed the
-//                   same way (one process per message, as the mail user, sequential and parallel)
+//                   same way (one process per message, as the mail user, with pipe(8)'s near-empty
+//                   environment, sequential and parallel)
 //   pigeon deliver  one process per message, as Postfix pipe(8) runs it (user=mail: the uid of
 //                   mail_user), sequential and parallel, two ways: handed off to the instance's
 //                   running `pigeon serve` (its hand-off socket, run_dir 0750 root:mail as README
@@ -13,7 +14,8 @@
 //                   write, fsync, rename into new/, fsync new/) — no MDA can beat it per stream
 // Each row keeps every round; the summary gives the worst round (the issue's targets hold for the
 // worst round) and the median. Prints one JSON object, then a human summary. Needs a built tree
-// (npx tsc -p tsconfig.json), root (to run as the mail uid) and Dovecot (dovecot-core).
+// (npm run build: tsc, then dist/src/cli.js with the deliver path inlined; tsc alone measures
+// a hand-off that loads eight module files), root (to run as the mail uid) and Dovecot (dovecot-core).
 // Usage: node scripts/bench-delivery.mjs [--n 200] [--concurrency 8] [--rounds 5] [--json-only]
 //   --n: LMTP messages per round and row; `pigeon deliver`, node -e 0 and dovecot-lda run
 //   n/8 (sequential) and n/4 (parallel) processes per round (at least 8), the fsync bound max(n, 500)
@@ -27,6 +29,8 @@ import net from 'node:net';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const CLI = join(ROOT, 'dist', 'src', 'cli.js');
+// the `pigeon` command (package.json bin, scripts/link-pigeon.sh): what pipe(8) runs
+const PIGEON = join(ROOT, 'dist', 'src', 'cli.cjs');
 const LDA = '/usr/lib/dovecot/dovecot-lda';
 const argv = process.argv.slice(2);
 const arg = (name, d) => {
@@ -41,8 +45,8 @@ const NPAR = Math.max(8, Math.round(N / 4));
 const jsonOnly = argv.includes('--json-only');
 const MAIL_UID = 8;
 
-if (!existsSync(CLI)) {
-  console.error(`${CLI} missing: run "npx tsc -p tsconfig.json" first`);
+if (!existsSync(CLI) || !existsSync(PIGEON)) {
+  console.error(`${existsSync(CLI) ? PIGEON : CLI} missing: run "npm run build" first`);
   process.exit(1);
 }
 
@@ -115,15 +119,22 @@ function spawnJob(cmd, args, opts) {
       c.stderr.on('data', (d) => (err += d));
       c.on('error', rej);
       c.on('close', (code, sig) => (code === 0 ? res() : rej(new Error(`${cmd} exit ${code} ${sig}: ${err}`))));
+      // node -e 0 reads no input: it may exit before the message is written (EPIPE), its exit status decides
+      c.stdin.on('error', () => undefined);
       c.stdin.end(MESSAGE);
     });
 }
 
 // --- node -e 0 and pigeon deliver: one process per message ----------------------------------
-const nodeJob = spawnJob(process.execPath, ['-e', '0'], asMail);
-const deliverArgv = [CLI, '-c', inst, 'deliver', '-f', 'bob@remote.test', 'alice@example.test'];
-const deliverJob = spawnJob(process.execPath, deliverArgv, { ...asMail, env: { ...process.env, PIGEON_DELIVER_HANDOFF: '0' } });
-const handoffJob = spawnJob(process.execPath, deliverArgv, asMail);
+// with pipe(8)'s environment (export_environment: next to nothing), not this script's: a
+// NODE_EXTRA_CA_CERTS or NODE_OPTIONS inherited from the bench's shell would be paid by every
+// process of these rows, the floor included (the system CA bundle in NODE_EXTRA_CA_CERTS costs
+// a node start ≈ 35 ms of CPU here, more than the bare start itself) and hide what deliver adds
+const PIPE_ENV = { PATH: '/usr/bin:/bin' };
+const nodeJob = spawnJob(process.execPath, ['-e', '0'], { ...asMail, env: PIPE_ENV });
+const deliverArgv = [PIGEON, '-c', inst, 'deliver', '-f', 'bob@remote.test', 'alice@example.test'];
+const deliverJob = spawnJob(process.execPath, deliverArgv, { ...asMail, env: { ...PIPE_ENV, PIGEON_DELIVER_HANDOFF: '0' } });
+const handoffJob = spawnJob(process.execPath, deliverArgv, { ...asMail, env: PIPE_ENV });
 // the hand-off row must measure hand-offs: one delivery, and serve's log (stderr) names it
 {
   const before = readdirSync(join(inst, 'mail', 'example.test', 'alice', 'new')).length;
@@ -279,6 +290,7 @@ const result = {
   node: process.version,
   rounds: ROUNDS,
   deliver_as: AS_MAIL ? `uid ${MAIL_UID} (as pipe(8) user=mail)` : `uid ${process.getuid?.()}`,
+  deliver_env: `pipe(8)'s: ${Object.keys(PIPE_ENV).join(' ')} only`,
   node_start: { sequential: nodeSeq, parallel: nodePar },
   // in-process (PIGEON_DELIVER_HANDOFF=0) and handed off to the running pigeon serve
   pigeon_deliver: { sequential: deliverSeq, parallel: deliverPar },
@@ -297,7 +309,7 @@ console.log(JSON.stringify(result));
 if (!jsonOnly) {
   const row = (name, r) => `  ${name.padEnd(34)} ${r ? `${String(r.worst_per_second).padStart(8)} msg/s worst round, ${String(r.median_per_second).padStart(8)} median   (${r.messages} msgs/round, concurrency ${r.concurrency})` : '  skipped'}`;
   const ratio = (name, x, target) => `  ${name.padEnd(34)} ${x ? `${String(x.worst).padStart(8)}× worst round, ${String(x.median).padStart(8)}× median   (target ${target}; rounds ${x.rounds.join(' ')})` : '  –'}`;
-  console.log(`\nDelivery of ${MESSAGE.length}-byte messages, ${cpus().length} CPUs, Node ${process.version}, ${ROUNDS} rounds, deliver as ${result.deliver_as}:`);
+  console.log(`\nDelivery of ${MESSAGE.length}-byte messages, ${cpus().length} CPUs, Node ${process.version}, ${ROUNDS} rounds, deliver as ${result.deliver_as}, environment ${result.deliver_env}:`);
   console.log(row('node -e 0, sequential', nodeSeq));
   console.log(row(`node -e 0, ${C} parallel`, nodePar));
   console.log(row('pigeon deliver → serve, sequential', handoffSeq));

@@ -14,7 +14,9 @@
  *               POP3 RETR         `RETR 1` of the same message, repeated: MiB/s
  *               idle              N sessions logged in, SELECTed and in IDLE: PSS (smaps_rollup) of
  *                                 the proxy's processes (workers, their spawners; growth over its
- *                                 idle baseline) and of the backend `imap` processes, per session;
+ *                                 idle baseline, taken after 200 (--quick: 50) such sessions were
+ *                                 opened and closed on both sides: what a process pays once is
+ *                                 not counted per session) and of the backend `imap` processes, per session;
  *                                 Dovecot's login/auth/master processes likewise for the
  *                                 reference; then up to 1000 (--quick: 200) such sessions over
  *                                 imaps (relayed by the proxy, by imap-login for Dovecot)
@@ -401,15 +403,30 @@ function smaps(pid) {
   }
 }
 const BACKEND_COMM = new Set(['imap', 'pop3']);
+/** what a front process is, for the per-process breakdown: serve's primary, its workers, spawners, writer; Dovecot's by name */
+function role(p, rootPid) {
+  if (p.pid === rootPid) return 'primary';
+  if (p.comm !== 'node') return p.comm;
+  try {
+    return /writer-main/.test(readFileSync(`/proc/${p.pid}/cmdline`, 'latin1')) ? 'writer' : 'worker';
+  } catch {
+    return 'node';
+  }
+}
 function memory(rootPid) {
-  const sum = { front: { n: 0, rss: 0, pss: 0, priv: 0 }, backend: { n: 0, rss: 0, pss: 0, priv: 0 } };
+  const sum = { front: { n: 0, rss: 0, pss: 0, priv: 0 }, backend: { n: 0, rss: 0, pss: 0, priv: 0 }, by: {} };
   for (const p of tree(rootPid)) {
-    const g = BACKEND_COMM.has(p.comm) ? sum.backend : sum.front;
+    const back = BACKEND_COMM.has(p.comm);
+    const g = back ? sum.backend : sum.front;
     const m = smaps(p.pid);
     g.n++;
     g.rss += m.rss;
     g.pss += m.pss;
     g.priv += m.priv;
+    if (!back) {
+      const r = role(p, rootPid);
+      sum.by[r] = (sum.by[r] ?? 0) + m.pss;
+    }
   }
   return sum;
 }
@@ -423,6 +440,9 @@ async function settledMemory(rootPid, serve) {
   const pick = (grp, k) => median(samples.map((s) => s[grp][k]));
   const out = {};
   for (const grp of ['front', 'backend']) out[grp] = { n: pick(grp, 'n'), rss_kB: pick(grp, 'rss'), pss_kB: pick(grp, 'pss'), private_kB: pick(grp, 'priv') };
+  // PSS of the front processes by role (serve: primary, worker, pigeon: spawner, writer)
+  out.front.pss_kB_by_process = {};
+  for (const r of new Set(samples.flatMap((s) => Object.keys(s.by)))) out.front.pss_kB_by_process[r] = median(samples.map((s) => s.by[r] ?? 0));
   if (heap) out.front.js_after_gc_kB = { heapUsed: Math.round(heap.heapUsed / 1024), external: Math.round(heap.external / 1024), arrayBuffers: Math.round(heap.arrayBuffers / 1024) };
   return out;
 }
@@ -437,7 +457,29 @@ async function idleSession(port, i, tls = false) {
   c.s.on('data', () => (c.buf = ''));
   return c;
 }
+/**
+ * Before the baseline: the same sessions, WARM_IDLE of them, opened and closed on both sides, so
+ * that what a process pays once (code run and compiled for the first time, heap and allocator
+ * pools sized to the load) is in the baseline and the growth measured is per session. The
+ * proxy's cold figure (its growth from start to the warm baseline, per warm-up session) is kept
+ * in the JSON as warmup_front_pss_kB.
+ */
+const WARM_IDLE = QUICK ? 50 : 200;
+async function warmIdle(side, rootPid, tls) {
+  const ss = [];
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: 16 }, async () => {
+      while (next < WARM_IDLE) ss.push(await idleSession(tls ? side.port.imaps : side.port.imap, 40_000 + next++, tls));
+    }),
+  );
+  for (const c of ss) c.s.destroy();
+  const t1 = Date.now();
+  while (memory(rootPid).backend.n > 0 && Date.now() - t1 < 60_000) await sleep(200);
+}
 async function idleRun(side, rootPid, n, serve, tls = false) {
+  const cold = await settledMemory(rootPid, serve);
+  await warmIdle(side, rootPid, tls);
   const before = await settledMemory(rootPid, serve);
   const t0 = Date.now();
   const sessions = [];
@@ -461,11 +503,16 @@ async function idleRun(side, rootPid, n, serve, tls = false) {
     open_seconds: r2(openSecs),
     before,
     during,
+    warmup_sessions: WARM_IDLE,
+    warmup_front_pss_kB: r2(before.front.pss_kB - cold.front.pss_kB),
     front_pss_kB_per_session: perSession(during.front.pss_kB, before.front.pss_kB),
+    // the same growth from the freshly started processes (the warm-up's one-time costs included)
+    front_pss_kB_per_session_from_start: perSession(during.front.pss_kB, cold.front.pss_kB),
     front_rss_kB_per_session: perSession(during.front.rss_kB, before.front.rss_kB),
     backend_pss_kB_per_session: perSession(during.backend.pss_kB, before.backend.pss_kB),
     backend_private_kB_per_session: perSession(during.backend.private_kB, before.backend.private_kB),
     total_pss_kB_per_session: perSession(during.front.pss_kB + during.backend.pss_kB, before.front.pss_kB + before.backend.pss_kB),
+    front_pss_kB_per_session_by_process: Object.fromEntries(Object.keys(during.front.pss_kB_by_process).map((r) => [r, perSession(during.front.pss_kB_by_process[r], before.front.pss_kB_by_process[r] ?? 0)])),
     ...(during.front.js_after_gc_kB && before.front.js_after_gc_kB
       ? { front_js_heap_kB_per_session: perSession(during.front.js_after_gc_kB.heapUsed, before.front.js_after_gc_kB.heapUsed), front_js_external_kB_per_session: perSession(during.front.js_after_gc_kB.external, before.front.js_after_gc_kB.external) }
       : {}),
@@ -516,6 +563,19 @@ async function lmtpRound(port, conns) {
   await Promise.all(Array.from({ length: conns }, () => lmtpConn(port, per)));
   return { per_second: (per * conns) / (Number(process.hrtime.bigint() - t0) / 1e9) };
 }
+// connect -> 220 greeting, one connection after another (what every new connection of Postfix's
+// lmtp client waits before its first command); QUIT at once
+async function lmtpGreetRound(port, n = QUICK ? 10 : 20) {
+  const lat = [];
+  for (let i = 0; i < n; i++) {
+    const t0 = process.hrtime.bigint();
+    const c = await open(port, { localAddress: srcAddr(3) });
+    await until(c, /^220 [^\r\n]*\r\n/m);
+    lat.push(Number(process.hrtime.bigint() - t0) / 1e6);
+    c.s.end('QUIT\r\n');
+  }
+  return { greeting_p50_ms: quantile(lat, 0.5), greeting_max_ms: Math.max(...lat) };
+}
 if (ONLY.has('lmtp') && !HAVE_LMTP) results.lmtp_skipped = '/usr/lib/dovecot/lmtp missing (Debian package dovecot-lmtpd)';
 if (ONLY.has('lmtp') && HAVE_LMTP) {
   await lmtpRound(P.lmtp, 1);
@@ -524,6 +584,8 @@ if (ONLY.has('lmtp') && HAVE_LMTP) {
   results.lmtp_c1 = summarise(await rounds((s) => lmtpRound(s.port.lmtp, 1)));
   log('LMTP 4 KB, 4 connections');
   results.lmtp_c4 = summarise(await rounds((s) => lmtpRound(s.port.lmtp, 4)));
+  log('LMTP greeting (connect to 220)');
+  results.lmtp_greeting = summarise(await rounds((s) => lmtpGreetRound(s.port.lmtp)));
   // the disk's own bound for the durable Maildir protocol (exclusive create, write, fsync, rename
   // into new/, fsync new/), on the file system of both mailboxes, as many rounds: what neither
   // LMTP server can beat per stream (bench-delivery.mjs measures it the same way)
@@ -590,6 +652,10 @@ for (const [name, k] of [
   const x = results[k];
   if (x) console.log(`  ${name.padEnd(14)} ${f(x.proxy.per_second)} vs ${f(x.direct.per_second)} msg/s (${f(x.ratio.per_second, 2)}x)`);
 }
+if (results.lmtp_greeting) {
+  const x = results.lmtp_greeting;
+  console.log(`  LMTP greeting  connect to 220 p50 ${f(x.proxy.greeting_p50_ms, 2)} vs ${f(x.direct.greeting_p50_ms, 2)} ms (${f(x.ratio.greeting_p50_ms, 2)}x), worst ${f(x.proxy.greeting_max_ms, 1)} vs ${f(x.direct.greeting_max_ms, 1)} ms (target: no slower than Dovecot's lmtp)`);
+}
 if (results.lmtp_fsync_bound) {
   const lo = (a) => Math.min(...a.map((x) => x.per_second));
   for (const [c, k] of [[1, 'c1'], [4, 'c4']]) {
@@ -600,8 +666,10 @@ if (results.lmtp_fsync_bound) {
 }
 for (const i of results.idle) {
   console.log(
-    `  idle ${String(i.sessions).padEnd(9)} proxy ${f(i.proxy.front_pss_kB_per_session)} kB/session + backend ${f(i.proxy.backend_pss_kB_per_session)} kB;  Dovecot login/auth/master ${f(i.direct.front_pss_kB_per_session)} kB/session + imap ${f(i.direct.backend_pss_kB_per_session)} kB (PSS)${i.proxy.front_js_heap_kB_per_session !== undefined ? `; proxy live JS heap after GC ${f(i.proxy.front_js_heap_kB_per_session)} kB/session, external ${f(i.proxy.front_js_external_kB_per_session)} kB` : ''}`,
+    `  idle ${String(i.sessions).padEnd(9)} proxy ${f(i.proxy.front_pss_kB_per_session)} kB/session (${f(i.proxy.front_pss_kB_per_session_from_start)} from start) + backend ${f(i.proxy.backend_pss_kB_per_session)} kB;  Dovecot login/auth/master ${f(i.direct.front_pss_kB_per_session)} kB/session (${f(i.direct.front_pss_kB_per_session_from_start)} from start) + imap ${f(i.direct.backend_pss_kB_per_session)} kB (PSS)${i.proxy.front_js_heap_kB_per_session !== undefined ? `; proxy live JS heap after GC ${f(i.proxy.front_js_heap_kB_per_session)} kB/session, external ${f(i.proxy.front_js_external_kB_per_session)} kB` : ''}`,
   );
+  const by = (o) => Object.entries(o ?? {}).map(([r, v]) => `${r} ${f(v)}`).join(', ');
+  console.log(`  idle ${String(i.sessions).padEnd(9)} by process, kB/session: proxy ${by(i.proxy.front_pss_kB_per_session_by_process)};  Dovecot ${by(i.direct.front_pss_kB_per_session_by_process)}`);
   if (i.tls) console.log(`  idle ${String(i.tls.sessions).padEnd(4)}TLS proxy ${f(i.tls.proxy.front_pss_kB_per_session)} kB/session (relayed) + backend ${f(i.tls.proxy.backend_pss_kB_per_session)} kB;  Dovecot login/auth/master ${f(i.tls.direct.front_pss_kB_per_session)} kB/session + imap ${f(i.tls.direct.backend_pss_kB_per_session)} kB (PSS)`);
 }
 process.exit(0);

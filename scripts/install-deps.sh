@@ -4,7 +4,8 @@
 # DESCRIPTION Installs with apt-get, when run as root (otherwise prints the packages to install and
 #             stops), the Debian packages in NEED: Dovecot (core, imapd, pop3d, lmtpd, sieve),
 #             postfix, openbsd-inetd, postgresql, clamav-daemon, haproxy, systemd, gsasl, curl,
-#             python3, iproute2, util-linux, Courier's libraries and gamin (COURIER_LIBS). The tests
+#             python3, g++ and make (node-gyp builds native/pigeon_spawn.c), iproute2, util-linux,
+#             Courier's libraries and gamin (COURIER_LIBS). The tests
 #             start private servers of their own (initdb/pg_ctl, clamd -c, haproxy -f, a second
 #             dovecot -c); the packaged services are not needed and may stay stopped. Then extracts
 #             Courier's imapd/pop3d .debs into .cache/courier (they conflict with Dovecot in apt),
@@ -24,6 +25,8 @@ NEED="$NEED haproxy systemd"
 NEED="$NEED gsasl"
 # contrib/fail2ban is checked with fail2ban-regex/fail2ban-client; man/ pages are rendered with man(1)
 NEED="$NEED fail2ban man-db"
+# npm install builds the spawner's vfork module (native/pigeon_spawn.c) with node-gyp
+NEED="$NEED g++ make"
 if [ "${1:-}" != "--no-system" ]; then
   missing=""
   # the upstream backend's tests run a second, independent Dovecot (its master: dovecot-core)
@@ -50,6 +53,8 @@ if [ "${1:-}" != "--no-system" ]; then
   [ -x /usr/bin/strace ] || missing="$missing strace"
   [ -x /usr/bin/fail2ban-regex ] || missing="$missing fail2ban"
   [ -x /usr/bin/man ] || missing="$missing man-db"
+  command -v g++ >/dev/null 2>&1 || missing="$missing g++"
+  command -v make >/dev/null 2>&1 || missing="$missing make"
   for p in $COURIER_LIBS; do
     dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$missing $p"
   done
@@ -86,6 +91,6 @@ if [ ! -d node_modules ] || [ package.json -nt node_modules/.package-lock.json ]
   npm install --no-audit --no-fund --loglevel=error
 fi
 npm run --silent build
-# the pigeon command: as root /usr/local/bin/pigeon -> this clone's dist/src/cli.js (never
+# the pigeon command: as root /usr/local/bin/pigeon -> this clone's dist/src/cli.cjs (never
 # replacing anything that is not a link into a pigeon clone); otherwise the command to run
 sh scripts/link-pigeon.sh

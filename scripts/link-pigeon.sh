@@ -1,17 +1,19 @@
 #!/bin/sh
 # NAME        scripts/link-pigeon.sh — put the `pigeon` command on the PATH
 # SYNOPSIS    sh scripts/link-pigeon.sh          (scripts/install-deps.sh runs it after the build)
-# DESCRIPTION As root, makes BINDIR/pigeon a symlink to this clone's dist/src/cli.js (BINDIR is
+# DESCRIPTION As root, makes BINDIR/pigeon a symlink to this clone's dist/src/cli.cjs (BINDIR is
 #             $PIGEON_BINDIR, default /usr/local/bin), but only when nothing is there yet or when
-#             it is already a symlink into a pigeon clone (this one, another checkout, a moved one):
+#             it is already a symlink into a pigeon clone (this one, another checkout, a moved one,
+#             or the dist/src/cli.js an earlier build linked; cli.cjs starts `pigeon deliver`
+#             faster, src/launcher.ts):
 #             anything else there is the admin's and is left alone. Whenever it does not link, it
 #             prints the one command that would. As another user it only prints that command.
-# DIAGNOSTICS Messages on stderr, prefixed "link-pigeon:"; exit 0 unless dist/src/cli.js is
+# DIAGNOSTICS Messages on stderr, prefixed "link-pigeon:"; exit 0 unless dist/src/cli.cjs is
 #             missing (69: run the build first).
 set -eu
 cd "$(dirname "$0")/.."
 root=$(pwd -P)
-cli="$root/dist/src/cli.js"
+cli="$root/dist/src/cli.cjs"
 bindir=${PIGEON_BINDIR:-/usr/local/bin}
 link="$bindir/pigeon"
 say() { echo "link-pigeon: $*" >&2; }
@@ -31,13 +33,13 @@ if [ ! -d "$bindir" ]; then
   exit 0
 fi
 
-# is $1 (a symlink's target) the dist/src/cli.js of a pigeon clone?
+# is $1 (a symlink's target) the dist/src/cli.cjs (or, linked by earlier builds, cli.js) of a pigeon clone?
 pigeon_clone() {
   case "$1" in
-    */dist/src/cli.js) ;;
+    */dist/src/cli.cjs) pkg="${1%/dist/src/cli.cjs}/package.json" ;;
+    */dist/src/cli.js) pkg="${1%/dist/src/cli.js}/package.json" ;;
     *) return 1 ;;
   esac
-  pkg="${1%/dist/src/cli.js}/package.json"
   [ -f "$pkg" ] && grep -q '"name": *"pigeon-deliver"' "$pkg"
 }
 

@@ -151,17 +151,33 @@ async function allocate(ctx: AllocationContext, user: UserRecord, config: Effect
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') return settled();
       throw e;
     }
+    // Not allocated here (lost the race, or the database failed): discard the mailbox, if empty,
+    // unless the record names it (the winner is a process of this node). Whether it existed
+    // before this attempt does not decide it: another loser of this node may have created it
+    // (seen here as existing), discarded it, and this attempt created it again; every loser
+    // must discard, or an empty mailbox that nothing records is left (test/deliver-race.test.ts,
+    // 2 nodes × 6 deliveries). Only when the database cannot say is a mailbox that existed
+    // before left alone. A mailbox holding anything is never removed (discardEmpty removes only
+    // empty directories or an empty mbox file).
+    const discardUnlessRecorded = async (): Promise<void> => {
+      let recorded: string | undefined;
+      try {
+        recorded = (await ctx.store.getUser(fresh.address))?.allocation?.path;
+      } catch {
+        if (existed) return;
+      }
+      if (recorded !== allocation.path) await mailWriter(ctx.mailUser).discardEmpty(allocation, ctx.mailRoot).catch(() => undefined);
+    };
     let won: boolean;
     try {
       won = await ctx.store.casAllocation(fresh.id, fresh.version, ctx.node, allocation);
     } catch (e) {
       // the database stayed locked or went away: leave no empty mailbox that nothing records
-      if (!existed) await mailWriter(ctx.mailUser).discardEmpty(allocation, ctx.mailRoot).catch(() => undefined);
+      await discardUnlessRecorded();
       throw e;
     }
     if (won) return { kind: 'local', allocation };
-    // lost the race: discard the empty mailbox we just created unless it is the winner's too
-    if (!existed && (await ctx.store.getUser(fresh.address))?.allocation?.path !== allocation.path) await mailWriter(ctx.mailUser).discardEmpty(allocation, ctx.mailRoot);
+    await discardUnlessRecorded();
     return null; // re-read
   };
   for (let i = 0; i < 3; i++) {

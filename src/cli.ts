@@ -7,14 +7,23 @@
  *             Errors are one line on stderr: "pigeon: error: ...".
  */
 import type { Command } from '@commander-js/extra-typings';
-import { EX, isAppError } from './errors.js';
-import { enableCompileCache } from './compile-cache.js';
+import module from 'node:module';
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { deliverCommand, parseDeliverArgv } from './delivery/deliver-cli.js';
 
-// commander, the command tree and the password schemes load on demand (dynamic imports below): a
-// `pigeon deliver` under pipe(8) runs once per message and needs none of them
-enableCompileCache();
+// commander, the command tree, the password schemes, even src/errors.ts load on demand (dynamic
+// imports below): a `pigeon deliver` under pipe(8) runs once per message. Its entry point
+// (src/delivery/deliver-cli.ts, node built-ins and a few small modules) is imported statically
+// because `npm run build` inlines it into dist/src/cli.js (scripts/bundle-deliver.mjs): a hand-off
+// to `pigeon serve` then loads this one file of pigeon's, as on Node 20 the ES module loader's
+// cost is per file. Node's compile cache exists from Node 22.1 on: src/compile-cache.ts loads
+// only there (on Node 20 it would do nothing).
+if (typeof (module as { enableCompileCache?: unknown }).enableCompileCache === 'function') (await import('./compile-cache.js')).enableCompileCache();
+
+/** sysexits(3) values this file answers before src/errors.ts is loaded (EX there) */
+const EX_OK = 0;
+const EX_SOFTWARE = 70;
 
 export const VERSION = '0.1.0';
 
@@ -108,21 +117,14 @@ export async function buildProgram(argv: readonly string[]): Promise<Command<[],
 export async function main(argv: readonly string[]): Promise<number> {
   // a plain `deliver` command line: the delivery entry point alone (src/delivery/deliver-cli.ts)
   if (commandOf(argv) === 'deliver') {
-    let d: typeof import('./delivery/deliver-cli.js');
-    try {
-      d = await import('./delivery/deliver-cli.js');
-    } catch (e) {
-      // pipe(8) bounces on any status but 75/71: a broken install defers, with one line
-      const why = (e instanceof Error ? e.message : String(e)).replace(/[\x00-\x1f\x7f]/g, ' ').slice(0, 300);
-      process.stdout.write(`4.3.0 internal error (cannot load the delivery code: ${why})\n`);
-      return EX.TEMPFAIL;
-    }
-    const o = d.parseDeliverArgv(argv);
+    const o = parseDeliverArgv(argv);
     if (o !== null) {
-      await d.deliverCommand(o);
-      return typeof process.exitCode === 'number' ? process.exitCode : EX.OK;
+      // never throws: a delivery code that does not load is its 75 and one line
+      await deliverCommand(o);
+      return typeof process.exitCode === 'number' ? process.exitCode : EX_OK;
     }
   }
+  const { EX, isAppError } = await import('./errors.js');
   const program = await buildProgram(argv);
   const { CommanderError } = await import('@commander-js/extra-typings');
   try {
@@ -163,7 +165,7 @@ if (isEntry()) {
     },
     (e: unknown) => {
       process.stderr.write(`pigeon: internal error: ${String(e)}\n`);
-      process.exitCode = EX.SOFTWARE;
+      process.exitCode = EX_SOFTWARE;
     },
   );
 }

@@ -206,7 +206,7 @@ t.test('client: no service reachable → per-process state, logged once, nothing
   t.teardown(() => client.shutdown());
   t.equal(await client.penaltyFail('192.0.2.1'), 1);
   t.equal(await client.penaltyFail('192.0.2.1'), 2, 'the penalty still counts, per process');
-  t.match(await client.open('1', { ip: '192.0.2.1', proto: 'imap', trusted: false }, { perIp: 5, total: 5 }, () => {}), { admitted: true }, 'connections are admitted');
+  t.match(await client.open('1', { ip: '192.0.2.1', proto: 'imap', trusted: false }, { perIp: 5, total: 5 }, { ended: () => {} }), { admitted: true }, 'connections are admitted');
   t.notOk(client.shared);
   t.equal(logs.length, 1, 'said once');
   t.match(logs[0], /run_dir .*world-writable: writable by .*per process until it is back/);

@@ -8,11 +8,14 @@ import t, { type Test } from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { CLI, cli, ok, need, makeInstance, setUser, maildirOf, files, msg, startServe, waitFor, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
+import { CLI, ROOT, cli, ok, need, makeInstance, setUser, maildirOf, files, msg, startServe, waitFor, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
 import { scratchDir } from './helpers/instance.js';
+import { loadRecorder } from './helpers/load-recorder.js';
 
 const NOBODY = 65534;
+/** The `pigeon` command (package.json bin, scripts/link-pigeon.sh): what pipe(8) runs */
+const PIGEON = join(ROOT, 'dist', 'src', 'cli.cjs');
 const PATH = `PATH=${process.env['PATH'] ?? '/usr/bin:/bin'}`;
 /**
  * A command as another user, with pipe(8)'s small environment: setpriv, then env -i (the test
@@ -46,7 +49,7 @@ function handoffInstance(t: Test, users: readonly string[], runMode: number): { 
 
 /** Whether a `pigeon -c INST deliver` (pipe(8)'s command) is still running. */
 function deliverRunning(inst: string): boolean {
-  const mark = `${CLI}\0-c\0${inst}\0deliver\0`;
+  const mark = `${PIGEON}\0-c\0${inst}\0deliver\0`;
   for (const p of readdirSync('/proc')) {
     if (!/^\d+$/.test(p)) continue;
     try {
@@ -65,10 +68,44 @@ async function servePid(log: () => string): Promise<number> {
   return Number(started.exec(log())?.[1]);
 }
 
+/** An instance for alice with its serve running (hand-off on): the instance, serve's pid, its log. */
+async function servedHandoff(t: Test): Promise<{ inst: string; pid: number; log: () => string }> {
+  const h = handoffInstance(t, ['alice@example.test'], 0o750);
+  await startServe(t, h.inst);
+  return { inst: h.inst, pid: await servePid(h.log), log: h.log };
+}
+
+/** A directory everyone may read, holding an empty file `name` the mail user may write: where a deliver records what it loaded. */
+function recordFile(t: Test, name: string): { rec: string; loaded: string } {
+  const rec = mkdtempSync('/tmp/pdh-rec-');
+  t.teardown(() => rmSync(rec, { recursive: true, force: true }));
+  chmodSync(rec, 0o755);
+  const loaded = join(rec, name);
+  writeFileSync(loaded, '');
+  chownSync(loaded, MAIL_UID, MAIL_GID);
+  return { rec, loaded };
+}
+
+/**
+ * One `deliver` as the mail user, `node NODE_ARGS… FILE -c INST deliver …` (a recorder among the
+ * node arguments), into serve's alice; asserts it was handed off and delivered once.
+ */
+function deliverOnce(t: Test, h: { inst: string; pid: number; log: () => string }, nodeArgs: readonly string[], file: string, subject: string): void {
+  const r = spawnSync('setpriv', as(MAIL_UID, MAIL_GID, [process.execPath, ...nodeArgs, file, '-c', h.inst, 'deliver', '-f', 'bob@remote.test', '--', 'alice@example.test']), {
+    input: msg({ subject }),
+    encoding: 'utf8',
+    timeout: 120_000,
+  });
+  t.equal(r.status, 0, `exit 0: ${r.stdout}${r.stderr}`);
+  t.equal(r.stdout, '', 'no status line on success');
+  t.match(h.log(), new RegExp(`pigeon\\[${h.pid}\\]: deliver\\(alice@example\\.test\\): delivered`), 'serve delivered it (a hand-off, not in-process)');
+  t.equal(files(join(maildirOf(h.inst, 'alice@example.test'), 'new')).length, 1, 'one copy');
+}
+
 /** `pigeon -c CONFIG deliver` as pipe(8) user=mail runs it; `feed` writes stdin (then it is ended). */
 function deliverAsMail(config: string, args: readonly string[], feed: (w: NodeJS.WritableStream) => Promise<void>): Promise<{ code: number | null; out: string; pid: number }> {
   return new Promise((res, rej) => {
-    const c = spawn('setpriv', as(MAIL_UID, MAIL_GID, [process.execPath, CLI, '-c', config, 'deliver', ...args]), { stdio: ['pipe', 'pipe', 'pipe'] });
+    const c = spawn('setpriv', as(MAIL_UID, MAIL_GID, [process.execPath, PIGEON, '-c', config, 'deliver', ...args]), { stdio: ['pipe', 'pipe', 'pipe'] });
     let out = '';
     c.stdout.on('data', (d: Buffer) => (out += d.toString()));
     c.stderr.on('data', (d: Buffer) => (out += d.toString()));
@@ -112,7 +149,7 @@ virtual_transport = pigeon:
 pigeon_destination_recipient_limit = 1`,
     // README's pipe(8) line, with this test's paths
     master: `pigeon    unix  -       n       n       -       -       pipe
-  flags=Rq user=mail argv=${process.execPath} ${CLI} -c ${inst} deliver -f \${sender} -a \${original_recipient} -- \${recipient}`,
+  flags=Rq user=mail argv=${process.execPath} ${PIGEON} -c ${inst} deliver -f \${sender} -a \${original_recipient} -- \${recipient}`,
   });
   t.teardown(() => pf.stop());
 
@@ -216,4 +253,116 @@ t.test('hand-off socket: the mail user may connect, others may not; serve killed
   t.equal(again.code, 0, `retry delivered: ${JSON.stringify(again)}`);
   t.equal(files(box).length, 3, 'exactly one copy of the retried message');
   t.match(h.log(), new RegExp(`pigeon\\[${again.pid}\\]: deliver\\(alice@example\\.test\\): delivered`), 'delivered by the deliver process itself');
+});
+
+t.test('a hand-off loads one file of pigeon (dist/src/cli.js, the delivery entry inlined) and no node:child_process', async (t) => {
+  // pipe(8) starts one process per message: on Node 20 the ES module loader's cost is per module
+  // file, so `npm run build` inlines the hand-off path into cli.js (scripts/bundle-deliver.mjs)
+  const h = await servedHandoff(t);
+  // a resolve hook (node's module.register) records every module the process resolves, and at
+  // exit every node built-in it loaded; in a directory the mail user can read and write
+  const { rec, loaded } = recordFile(t, 'loaded.txt');
+  const register = loadRecorder(rec, loaded);
+  deliverOnce(t, h, ['--import', register], CLI, 'what a hand-off loads');
+  const urls = readFileSync(loaded, 'utf8').split('\n').filter(Boolean);
+  t.ok(urls.includes('builtin:net'), 'the record has the built-ins (node:net, the hand-off socket)');
+  const ours = [...new Set(urls.filter((u) => u.startsWith('file:') && u !== `file://${register}`))].map((u) => u.replace(`file://${ROOT}/`, ''));
+  t.same(ours, ['dist/src/cli.js'], 'files loaded: cli.js, nothing else (no other module of pigeon, no package)');
+  t.same(
+    urls.filter((u) => /^builtin:(child_process|internal\/child_process|dgram|os)$/.test(u)),
+    [],
+    'node:child_process (only serve spawns, handoff-file.ts) and what it brings are not loaded',
+  );
+});
+
+t.test('the pigeon command (dist/src/cli.cjs) hands off as CommonJS: no ES module loader, no node:net, no other file of pigeon, stdin read without a stream', async (t) => {
+  // on Node 20 an ES module entry costs every pipe(8) process ≈ 7 ms of CPU (src/launcher.ts),
+  // node:net ≈ 3-4 ms more (the native module's connect instead); package.json's bin and
+  // scripts/link-pigeon.sh make this file the command
+  const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { bin: Record<string, string> };
+  t.equal(pkg.bin['pigeon'], 'dist/src/cli.cjs', 'package.json: the pigeon command is dist/src/cli.cjs');
+  const NATIVE = join(ROOT, 'build', 'Release', 'pigeon_spawn.node');
+  t.ok(existsSync(NATIVE), 'the native module is built (npm install / npm run build; needs g++ and make)');
+  const h = await servedHandoff(t);
+  // a CommonJS preload writes, at exit, every node built-in the process loaded and every file
+  // require() loaded (an import() would bring node's ES module loader, listed among the built-ins)
+  const { rec, loaded } = recordFile(t, 'loaded.json');
+  const preload = join(rec, 'preload.cjs');
+  writeFileSync(preload, `process.on('exit', () => require('fs').writeFileSync(${JSON.stringify(loaded)}, JSON.stringify({ builtins: process.moduleLoadList, files: Object.keys(require.cache) })));\n`);
+  const record = (): { builtins: string[]; files: string[] } => JSON.parse(readFileSync(loaded, 'utf8')) as { builtins: string[]; files: string[] };
+  deliverOnce(t, h, ['-r', preload], PIGEON, 'the pigeon command');
+  const box = join(maildirOf(h.inst, 'alice@example.test'), 'new');
+  t.match(readFileSync(join(box, files(box)[0] ?? ''), 'utf8'), /Subject: the pigeon command/, 'the message itself');
+  const small = record();
+  t.ok(small.builtins.includes('NativeModule fs'), 'the record has the built-ins');
+  t.same(small.files.filter((f) => f !== preload), [PIGEON, NATIVE], 'files loaded: cli.cjs and the native module, nothing else');
+  t.same(
+    small.builtins.filter((m) => /^NativeModule (internal\/modules\/esm\/loader|module|net|child_process|internal\/child_process|internal\/fs\/streams)$/.test(m)),
+    [],
+    'no ES module loader (nor node:module), no node:net, no node:child_process, no stream over stdin',
+  );
+
+  // more than one 64 KiB frame: on through a net.Socket on the same connection, bytes intact
+  const big = `${msg({ subject: 'three frames' })}${'0123456789abcdef'.repeat(12 * 1024)}the end\n`;
+  const r = spawnSync('setpriv', as(MAIL_UID, MAIL_GID, [process.execPath, '-r', preload, PIGEON, '-c', h.inst, 'deliver', '-f', 'bob@remote.test', '--', 'alice@example.test']), {
+    input: big,
+    encoding: 'utf8',
+    timeout: 120_000,
+  });
+  t.equal(r.status, 0, `exit 0: ${r.stdout}${r.stderr}`);
+  t.equal((h.log().match(new RegExp(`pigeon\\[${h.pid}\\]: deliver\\(alice@example\\.test\\): delivered`, 'g')) ?? []).length, 2, 'serve delivered it too');
+  const stored = files(box).map((f) => readFileSync(join(box, f), 'utf8')).find((m) => m.includes('Subject: three frames')) ?? '';
+  t.ok(stored.endsWith(big.slice(big.indexOf('\n\n'))), 'the body, byte for byte');
+  t.ok(record().builtins.includes('NativeModule net'), 'node:net loaded for it');
+
+  // without the native module's connect (PIGEON_DELIVER_NATIVE=0): node:net from the start, the same answer
+  const r3 = spawnSync('setpriv', as(MAIL_UID, MAIL_GID, ['PIGEON_DELIVER_NATIVE=0', process.execPath, '-r', preload, PIGEON, '-c', h.inst, 'deliver', '-f', 'bob@remote.test', '--', 'nobody@example.test']), {
+    input: msg({ subject: 'unknown' }),
+    encoding: 'utf8',
+    timeout: 120_000,
+  });
+  t.equal(r3.status, 67, `an unknown user: 67 (${r3.stdout})`);
+  t.equal(r3.stdout, '5.1.1 <nobody@example.test>: user unknown\n', 'the one status line');
+  t.match(h.log(), new RegExp(`pigeon\\[${h.pid}\\]: deliver\\(nobody@example\\.test\\): rejected`), 'answered by serve');
+  t.ok(record().builtins.includes('NativeModule net'), 'through node:net');
+  t.notOk(record().files.includes(NATIVE), 'the native module not loaded');
+});
+
+t.test('stdin in non-blocking mode: the hand-off reads on as a stream from where the synchronous reads stopped', async (t) => {
+  // pipe(8) gives a blocking pipe, read with readSync; a descriptor in O_NONBLOCK mode answers
+  // EAGAIN when empty, and the rest of the message must then come through process.stdin
+  need('/usr/bin/python3', 'python3');
+  const h = await servedHandoff(t);
+  const { inst, pid } = h;
+  const nonblock = 'import fcntl, os, sys; fcntl.fcntl(0, fcntl.F_SETFL, fcntl.fcntl(0, fcntl.F_GETFL) | os.O_NONBLOCK); os.execvp(sys.argv[1], sys.argv[1:])';
+  const c = spawn('python3', ['-c', nonblock, 'setpriv', ...as(MAIL_UID, MAIL_GID, [process.execPath, PIGEON, '-c', inst, 'deliver', '-f', 'bob@remote.test', '--', 'alice@example.test'])], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let out = '';
+  c.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  c.stderr.on('data', (d: Buffer) => (out += d.toString()));
+  const exited = new Promise<number | null>((res) => c.on('close', (code) => res(code)));
+  const head = msg({ subject: 'in two parts' }).replace(/hello\n$/, '');
+  const tail = 'the second part, written once deliver waits for it on a stream\n';
+  c.stdin.write(head);
+  // the event: deliver's epoll set holds its stdin (fd 0), i.e. it read what was there, met
+  // EAGAIN, and now waits on process.stdin for the rest
+  const watchesStdin = (): boolean => {
+    try {
+      for (const fd of readdirSync(`/proc/${c.pid}/fdinfo`)) {
+        if (/^tfd:\s+0\s/m.test(readFileSync(`/proc/${c.pid}/fdinfo/${fd}`, 'utf8'))) return true;
+      }
+    } catch {
+      /* not started yet, or gone */
+    }
+    return false;
+  };
+  await waitFor('deliver waiting for the rest of stdin on a stream', () => watchesStdin() || c.exitCode !== null);
+  t.equal(c.exitCode, null, `deliver still running, waiting for the rest: ${out}`);
+  c.stdin.end(tail);
+  t.equal(await exited, 0, `exit 0: ${out}`);
+  t.match(h.log(), new RegExp(`pigeon\\[${pid}\\]: deliver\\(alice@example\\.test\\): delivered`), 'serve delivered it');
+  const box = join(maildirOf(inst, 'alice@example.test'), 'new');
+  t.equal(files(box).length, 1, 'one copy');
+  const stored = readFileSync(join(box, files(box)[0] ?? ''), 'utf8');
+  t.ok(stored.endsWith(`\n\n${tail}`), 'both parts, in order, nothing twice');
+  t.equal(stored.split('Subject: in two parts').length, 2, 'the head once');
 });

@@ -46,9 +46,15 @@ t.test('two nodes sharing the database race for a new user (creator cas): one al
   const winner = j.home === 'node1' ? n1 : n2;
   const loser = winner === n1 ? n2 : n1;
   t.equal(j.allocation.path, maildirOf(winner, 'race@example.test'));
-  t.notOk(files(join(loser, 'mail', 'example.test')).includes('race'), 'the losing node left no mailbox behind');
   const winnerOk = rs.filter((r, i) => r.code === 0 && (i % 2 === 0 ? n1 : n2) === winner).length;
   const loserRuns = rs.filter((_, i) => (i % 2 === 0 ? n1 : n2) === loser);
+  // what the loser left, and what its deliveries said: the cause of a rare failure here (1 run in
+  // about 12 under load) is not known yet (src/allocation.ts)
+  const left = join(loser, 'mail', 'example.test', 'race');
+  t.notOk(files(join(loser, 'mail', 'example.test')).includes('race'), 'the losing node left no mailbox behind', {
+    left: ['cur', 'new', 'tmp'].map((d) => `${d}: ${files(join(left, d)).length} files`).join(', '),
+    loser: loserRuns.map((r) => `${r.code}: ${r.stdout.trim()} ${r.stderr.trim()}`.slice(0, 400)),
+  });
   t.ok(loserRuns.every((r) => r.code === 75), 'deliveries on the losing node defer (75) when the winner cannot be reached: Postfix retries, nothing is lost');
   t.same(loserRuns.filter((r) => r.code === 0).length, 0, 'the losing node stores nothing for the user');
   t.equal(winnerOk, 6, 'every delivery on the winning node succeeded');

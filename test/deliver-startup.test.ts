@@ -10,6 +10,7 @@ import { readFileSync, writeFileSync, readdirSync, chownSync, statSync, mkdirSyn
 import { spawnSync } from 'node:child_process';
 import { CLI, ROOT, makeInstance, maildirOf, files, msg, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { scratchDir } from './helpers/instance.js';
+import { loadRecorder } from './helpers/load-recorder.js';
 
 t.setTimeout(240_000);
 
@@ -17,32 +18,10 @@ const ALICE = 'alice@example.test';
 
 /** Run `pigeon -c inst ARGS` with a resolve hook; the exit, the output and every URL resolved. */
 function deliverTraced(dir: string, inst: string, args: readonly string[], input: string): { code: number | null; out: string; loaded: string[] } {
-  const hooks = join(dir, 'hooks.mjs');
-  const register = join(dir, 'register.mjs');
   const log = join(dir, `loaded-${Math.random().toString(36).slice(2)}.txt`);
   writeFileSync(log, '');
-  writeFileSync(
-    hooks,
-    `import { appendFileSync } from 'node:fs';
-export async function resolve(specifier, context, next) {
-  const r = await next(specifier, context);
-  appendFileSync(process.env.PIGEON_TEST_LOADED, r.url + '\\n');
-  return r;
-}
-`,
-  );
-  writeFileSync(
-    register,
-    `import { register } from 'node:module';
-import { appendFileSync } from 'node:fs';
-register(${JSON.stringify(`file://${hooks}`)});
-process.on('exit', () => {
-  const builtins = process.moduleLoadList.filter((m) => m.startsWith('NativeModule ')).map((m) => 'builtin:' + m.slice('NativeModule '.length));
-  appendFileSync(process.env.PIGEON_TEST_LOADED, builtins.join('\\n') + '\\n');
-});
-`,
-  );
-  const r = spawnSync(process.execPath, ['--import', register, CLI, '-c', inst, ...args], { input, env: { ...process.env, PIGEON_TEST_LOADED: log } });
+  const register = loadRecorder(dir, log);
+  const r = spawnSync(process.execPath, ['--import', register, CLI, '-c', inst, ...args], { input });
   return { code: r.status, out: r.stdout.toString() + r.stderr.toString(), loaded: readFileSync(log, 'utf8').split('\n').filter(Boolean) };
 }
 

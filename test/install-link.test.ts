@@ -1,5 +1,5 @@
 // The set-up line leaves a working `pigeon` command: scripts/link-pigeon.sh (run by
-// scripts/install-deps.sh after the build) links BINDIR/pigeon to this clone's dist/src/cli.js,
+// scripts/install-deps.sh after the build) links BINDIR/pigeon to this clone's dist/src/cli.cjs,
 // only where nothing is, or where a link into a pigeon clone is; anything else is left alone and
 // the one command to run is printed; as another user it only prints that command. BINDIR is a
 // test directory here (PIGEON_BINDIR), never the machine's /usr/local/bin.
@@ -9,7 +9,7 @@ import { existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, symlinkSy
 import { join } from 'node:path';
 import { ROOT, scratchDir } from './helpers/instance.js';
 
-const CLI = join(ROOT, 'dist', 'src', 'cli.js');
+const CLI = join(ROOT, 'dist', 'src', 'cli.cjs');
 const VERSION = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
 
 function link(bindir: string, opts: { uid?: number } = {}): { code: number | null; err: string } {
@@ -26,7 +26,7 @@ t.test('as root: a link where nothing is; the command works; running it again ch
   mkdirSync(bin);
   const r = link(bin);
   t.equal(r.code, 0, r.err);
-  t.equal(readlinkSync(join(bin, 'pigeon')), CLI, `${bin}/pigeon -> this clone's dist/src/cli.js`);
+  t.equal(readlinkSync(join(bin, 'pigeon')), CLI, `${bin}/pigeon -> this clone's dist/src/cli.cjs`);
   const v = spawnSync('pigeon', ['--version'], { encoding: 'utf8', env: { PATH: `${bin}:${process.env['PATH'] ?? ''}` } });
   t.equal(v.stdout.trim(), VERSION, '`pigeon --version` runs through the PATH');
   const again = link(bin);
@@ -36,7 +36,7 @@ t.test('as root: a link where nothing is; the command works; running it again ch
 
 t.test('as root: a link into another pigeon clone is replaced; anything else is left alone', { skip: process.getuid?.() !== 0 ? 'needs root' : false }, async (t) => {
   const base = scratchDir(t);
-  // another checkout of pigeon (as after a move of the clone)
+  // another checkout of pigeon (as after a move of the clone), linked as earlier builds did (cli.js)
   const other = join(base, 'other-clone');
   mkdirSync(join(other, 'dist', 'src'), { recursive: true });
   writeFileSync(join(other, 'package.json'), '{\n  "name": "pigeon-deliver",\n  "version": "0.0.1"\n}\n');

@@ -38,6 +38,8 @@ if (ready !== 'ready') throw new Error(`node state service: ${ready}`);
 const ops: string[] = [];
 /** while set, a penalty.get (and every request after it) waits for it before going on to the service */
 let gate: Promise<void> | null = null;
+/** told of each request op as it arrives at the relay (before any gate) */
+let onOp: ((op: string) => void) | null = null;
 const relay: Server = createServer((client: Socket) => {
   const upstream = connect(join(serviceDir, 'anvil.sock'));
   let line = '';
@@ -49,6 +51,7 @@ const relay: Server = createServer((client: Socket) => {
       line = line.slice(i + 1);
       const op = String((JSON.parse(request) as { op?: unknown }).op);
       ops.push(op);
+      onOp?.(op);
       const held = op === 'penalty.get' ? gate : null;
       queue = queue.then(async () => {
         if (held) await held;
@@ -120,4 +123,35 @@ t.test('the password is checked while the penalty lookup is in flight: the looku
   t.equal(count(s.ops, 'penalty.get'), 1, 'one penalty lookup');
   const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8').slice(logBefore);
   t.notMatch(log, /per process until it is back/, 'the lookup was answered by the node state service (no timeout, no per-process fallback)');
+});
+
+t.test('the user+IP slot is asked for while the penalty lookup is in flight: one round trip on the login path', async (t) => {
+  // The relay holds the session's penalty lookup (and what follows it) until the session has
+  // also asked for its user+IP slot (conn.login), or has ended. A session that waits for the
+  // lookup's answer before asking for the slot never asks while it is held: its lookup times out
+  // (ANVIL_REQUEST_MS), it goes on with per-process state and ends.
+  let release = (): void => undefined;
+  gate = new Promise<void>((resolve) => (release = resolve));
+  let sawSlot = (_: boolean): void => undefined;
+  const asked = new Promise<boolean>((resolve) => (sawSlot = resolve));
+  onOp = (op) => {
+    if (op === 'conn.login') sawSlot(true);
+  };
+  const login = session('a LOGIN alice@example.test secret\r\nb LOGOUT\r\n');
+  void login.then(() => sawSlot(false));
+  const whileHeld = await asked;
+  onOp = null;
+  release();
+  gate = null;
+  const s = await login;
+  t.ok(whileHeld, `conn.login was sent while penalty.get was still unanswered (requests: ${s.ops.join(' ')})`);
+  t.match(s.out, /a OK \[CAPABILITY[\s\S]*b OK/, 'logged in and out');
+  t.equal(count(s.ops, 'conn.login'), 1, 'one user+IP slot taken');
+  t.equal(count(s.ops, 'conn.logout'), 0, 'and not given back');
+});
+
+t.test('a wrong password asks for no user+IP slot', async (t) => {
+  const s = await session('a LOGIN alice@example.test wrong\r\nb LOGOUT\r\n');
+  t.match(s.out, /a NO \[AUTHENTICATIONFAILED\]/, 'refused');
+  t.equal(count(s.ops, 'conn.login'), 0, 'no slot asked for');
 });

@@ -7,9 +7,12 @@ import t from 'tap';
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { writeFileSync } from 'node:fs';
-import { CLI, cli, ok, makeInstance, setUser, maildirOf, files, msg, dovecotRead, startServe, imapSession, waitFor } from './helpers/delivery-env.js';
+import { CLI, ROOT, cli, ok, makeInstance, setUser, maildirOf, files, msg, dovecotRead, startServe, imapSession, waitFor } from './helpers/delivery-env.js';
 import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
 import { scratchDir } from './helpers/instance.js';
+
+/** The `pigeon` command file (package.json bin): a CommonJS entry that loads the ES modules of an in-process delivery */
+const PIGEON = join(ROOT, 'dist', 'src', 'cli.cjs');
 
 
 t.test('Postfix → pipe / lmtp:inet / lmtp:unix+spawn → Maildir → Dovecot', async (t) => {
@@ -109,7 +112,7 @@ virtual_mailbox_maps = static:ok
 virtual_transport = pigeon:
 pigeon_destination_recipient_limit = 1`,
     master: `pigeon    unix  -       n       n       -       -       pipe
-  flags=DRhu user=mail argv=${process.execPath} ${CLI} -c ${inst} deliver -f \${sender} -a \${original_recipient} -d \${recipient}`,
+  flags=DRhu user=mail argv=${process.execPath} ${PIGEON} -c ${inst} deliver -f \${sender} -a \${original_recipient} -d \${recipient}`,
   });
   t.teardown(() => pf.stop());
   const box = maildirOf(inst, 'alice@drhu.test');

@@ -34,7 +34,7 @@ t.test('the shared install script installs what the tests drive', async (t) => {
 t.test('README says near the top how to get the pigeon command, and the set-up line does it', async (t) => {
   const top = readme.slice(0, readme.indexOf('\n## '));
   t.match(top, /\/usr\/local\/bin\/pigeon/, 'where the command comes from, before the first section');
-  t.match(top, 'ln -sfn "$PWD/dist/src/cli.js" /usr/local/bin/pigeon', 'and the one command when the set-up line could not link it');
+  t.match(top, 'ln -sfn "$PWD/dist/src/cli.cjs" /usr/local/bin/pigeon', 'and the one command when the set-up line could not link it');
   t.notMatch(readme, /chmod \+x dist\/src\/cli\.js/, 'no stale chmod step (npm run build marks cli.js executable)');
   const sh = readFileSync(join(ROOT, 'scripts', 'install-deps.sh'), 'utf8');
   t.ok(sh.indexOf('sh scripts/link-pigeon.sh') > sh.indexOf('npm run --silent build'), 'install-deps.sh links pigeon after the build');

@@ -245,3 +245,42 @@ t.test('a Dovecot imap that dies at start (exit 89) without a word: the client g
   for (const end = Date.now() + 60_000; logouts() <= before && Date.now() < end; ) await new Promise((r) => setTimeout(r, 50));
   t.equal(logouts(), before + 1, 'its logout line');
 });
+
+t.test('the spawner starts backends with vfork (native/pigeon_spawn.c); PIGEON_SPAWN=fork goes back to Node’s fork and says so', async (t) => {
+  if (!requireProgram(t, '/usr/bin/strace', 'strace')) return;
+  for (const mode of ['native', 'fork'] as const) {
+    if (mode === 'fork') process.env['PIGEON_SPAWN'] = 'fork';
+    const s = await serve(t, inst);
+    delete process.env['PIGEON_SPAWN'];
+    const port = s.ports['imap'] ?? 0;
+    const worker = s.child.pid ?? 0;
+    // a first login starts the spawner
+    const a = await login(port);
+    const spawner = proc(await imapOf(worker, port, a.w.sock.localPort ?? 0))?.ppid ?? 0;
+    t.match(proc(spawner)?.cmd, /^pigeon: spawner/);
+    const out = join(inst.dir, `strace-${mode}`);
+    const st = spawn('/usr/bin/strace', ['-e', 'trace=fork,vfork,clone,clone3', '-o', out, '-p', String(spawner)], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    // strace says on stderr when it has attached
+    await new Promise<void>((r) => st.stderr.on('data', (d: Buffer) => ((err += String(d)), err.includes(`Process ${spawner} attached`) ? r() : undefined)));
+    const b = await login(port, 'b1');
+    t.match(b.answer, /^b1 OK \[CAPABILITY /m, 'the second login');
+    const imap = await imapOf(worker, port, b.w.sock.localPort ?? 0);
+    t.equal(proc(imap)?.ppid, spawner, 'started by the traced spawner');
+    st.kill('SIGINT');
+    await new Promise((r) => st.once('exit', r));
+    const trace = readFileSync(out, 'utf8');
+    if (mode === 'native') {
+      t.match(trace, new RegExp(`^vfork\\(\\)\\s+= ${imap}$`, 'm'), 'vfork started it');
+      t.notMatch(trace, /^clone3?\(.*SIGCHLD/m, 'the spawner did not fork itself');
+    } else {
+      t.match(trace, new RegExp(`^clone3?\\(.*SIGCHLD.*= ${imap}$`, 'm'), 'Node forked the spawner to start it');
+      t.match(await untilText(log, /starting backends with Node's child_process: PIGEON_SPAWN=fork/), /spawner/, 'the log says why');
+    }
+    for (const [w, tag] of [[a.w, 'a9'], [b.w, 'b9']] as const) {
+      w.write(`${tag} LOGOUT\r\n`);
+      await w.until(new RegExp(`^${tag} OK`, 'm'));
+    }
+    await s.stop();
+  }
+});

@@ -5,13 +5,13 @@
 // logs the usual disconnect line, and `who` no longer lists it. A worker killed with SIGKILL
 // leaves no session behind in `who`, and neither does a process gone without closing its link.
 import t from 'tap';
-import { ImapFlow } from 'imapflow';
+import type { ImapFlow } from 'imapflow';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { connect } from 'node:net';
 import { spawnSync } from 'node:child_process';
 import { makeInstance, serve } from './helpers/instance.js';
 import { useBackend } from './helpers/backends.js';
+import { imapFrom } from './helpers/imap-from.js';
 import { AnvilState } from '../src/anvil/state.js';
 import { answer } from '../src/anvil/answer.js';
 import type { Results } from '../src/anvil/protocol.js';
@@ -33,19 +33,7 @@ interface WhoEntry {
 
 /** An IMAP client whose connection comes from `from` (a loopback address of this host). */
 function imap(port: number, user: string, pass: string, from: string): ImapFlow {
-  const c = new ImapFlow({
-    host: '127.0.0.1',
-    port,
-    secure: false,
-    doSTARTTLS: false,
-    auth: { user, pass },
-    logger: false,
-    emitLogs: false,
-    connectionTimeout: 60_000,
-    transport: { connect: (o: { host: string; port: number }, onConnect: () => void) => connect({ host: o.host, port: o.port, localAddress: from }, onConnect) },
-  } as ConstructorParameters<typeof ImapFlow>[0]);
-  c.on('error', () => undefined);
-  return c;
+  return imapFrom(port, user, pass, from);
 }
 
 function closed(c: ImapFlow): Promise<void> {

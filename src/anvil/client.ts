@@ -40,6 +40,15 @@ export interface AnvilClientOptions {
 
 export type OpenResult = { admitted: true } | { admitted: false; why: string };
 
+/**
+ * Who is told when the service ends a connection (`evicted`, `kicked`): an object (the
+ * connection's slot, src/proxy/slots.ts), not a closure per connection: it is kept for the
+ * connection's whole life, a handed-off session's included.
+ */
+export interface EndHandler {
+  ended(reason: string): void;
+}
+
 interface Pending {
   readonly body: RequestBody;
   readonly resolve: (r: object) => void;
@@ -62,7 +71,7 @@ export class AnvilClient {
   private local = new AnvilState();
   /** the records this process holds, as the service should know them */
   private readonly mine = new Map<string, WireRecord>();
-  private readonly ends = new Map<string, (reason: string) => void>();
+  private readonly ends = new Map<string, EndHandler>();
   private nextConn = 1;
 
   constructor(opts: AnvilClientOptions) {
@@ -81,7 +90,7 @@ export class AnvilClient {
 
   // ---- connections
 
-  async open(conn: string, c: { ip: string; proto: string; trusted: boolean }, limits: ConnLimits, onEnd: (reason: string) => void): Promise<OpenResult> {
+  async open(conn: string, c: { ip: string; proto: string; trusted: boolean }, limits: ConnLimits, onEnd: EndHandler): Promise<OpenResult> {
     this.ends.set(conn, onEnd);
     const r = (await this.call({ op: 'conn.open', conn, ip: c.ip, proto: c.proto, trusted: c.trusted, max_per_ip: limits.perIp, max_total: limits.total })) as Results['conn.open'];
     if (r.admitted) {
@@ -186,7 +195,7 @@ export class AnvilClient {
     this.mine.delete(conn);
     const h = this.ends.get(conn);
     this.ends.delete(conn);
-    h?.(reason);
+    h?.ended(reason);
   }
 
   private ensure(): Promise<boolean> {

@@ -61,34 +61,32 @@ export interface Counts {
 
 const PENALTY_TABLE_MAX = 100_000;
 
-function userIpKey(user: string, ip: string): string {
-  return `${user}\0${ip}`;
-}
-
 export class AnvilState {
-  private readonly records = new Map<string, ConnRecord>();
+  // Records are reached through their owner and held in the sets below as themselves: no key
+  // string per record (a handed-off session's record lives as long as the session: idle memory).
+  private readonly owners = new Map<number, Map<string, ConnRecord>>();
+  private recordCount = 0;
   /** preauth records of untrusted addresses, by address, oldest first (Set keeps insertion order) */
-  private readonly preauthByIp = new Map<string, Set<string>>();
+  private readonly preauthByIp = new Map<string, Set<ConnRecord>>();
   /** every preauth record, oldest first */
-  private readonly preauthAll = new Set<string>();
-  private readonly byOwner = new Map<number, Set<string>>();
-  private readonly userIp = new Map<string, number>();
+  private readonly preauthAll = new Set<ConnRecord>();
+  /** sessions per user, per client address */
+  private readonly userIp = new Map<string, Map<string, number>>();
   private heldSessions = 0;
   private readonly penalties = new Map<string, { count: number; last: number }>();
 
-  private static key(owner: number, conn: string): string {
-    return `${owner}\0${conn}`;
+  private get(owner: number, conn: string): ConnRecord | undefined {
+    return this.owners.get(owner)?.get(conn);
   }
 
   /** Admit a new connection, evicting the oldest unauthenticated one where a limit is full. */
   open(owner: number, pid: number, conn: string, c: { ip: string; proto: string; trusted: boolean }, limits: ConnLimits, now: number): OpenResult {
-    const k = AnvilState.key(owner, conn);
-    if (this.records.has(k)) return { admitted: false, why: 'duplicate' };
+    if (this.get(owner, conn)) return { admitted: false, why: 'duplicate' };
     const evicted: ConnRecord[] = [];
     if (!c.trusted) {
       const mine = this.preauthByIp.get(c.ip);
       while (mine && mine.size >= limits.perIp && mine.size > 0) {
-        const oldest = mine.values().next().value as string;
+        const oldest = mine.values().next().value as ConnRecord;
         evicted.push(this.remove(oldest));
       }
     }
@@ -104,17 +102,17 @@ export class AnvilState {
 
   /** Put back a record an owner held while the service was unreachable (no limits applied). */
   restore(r: ConnRecord): void {
-    const k = AnvilState.key(r.owner, r.conn);
-    if (this.records.has(k)) this.remove(k);
+    const old = this.get(r.owner, r.conn);
+    if (old) this.remove(old);
     this.insert({ ...r });
   }
 
   /** Logged in: check and take a user+IP slot; the record stops counting per IP. */
   login(owner: number, conn: string, user: string, session: string, maxUserIp: number): LoginResult {
-    const r = this.records.get(AnvilState.key(owner, conn));
+    const r = this.get(owner, conn);
     if (!r) return { ok: false, why: 'gone' };
     if (r.state === 'session') this.logout(owner, conn);
-    const n = this.userIp.get(userIpKey(user, r.ip)) ?? 0;
+    const n = this.userIp.get(user)?.get(r.ip) ?? 0;
     if (n >= maxUserIp) return { ok: false, why: 'userip', count: n };
     this.leavePreauth(r);
     r.user = user;
@@ -125,7 +123,7 @@ export class AnvilState {
 
   /** A login that did not lead to a session (backend failure): back to preauth. */
   logout(owner: number, conn: string): void {
-    const r = this.records.get(AnvilState.key(owner, conn));
+    const r = this.get(owner, conn);
     if (!r || r.state !== 'session') return;
     this.leaveSession(r);
     r.user = null;
@@ -136,7 +134,7 @@ export class AnvilState {
 
   /** The session runs: where it went (shown by `pigeon who`). */
   setBackend(owner: number, conn: string, backend: string): void {
-    const r = this.records.get(AnvilState.key(owner, conn));
+    const r = this.get(owner, conn);
     if (r && r.state === 'session') r.backend = backend;
   }
 
@@ -146,7 +144,8 @@ export class AnvilState {
    */
   kick(user: string, ip: string | null): ConnRecord[] {
     const out: ConnRecord[] = [];
-    for (const [k, r] of this.records) if (r.state === 'session' && r.user === user && (ip === null || r.ip === ip)) out.push(this.remove(k));
+    for (const records of this.owners.values()) for (const r of records.values()) if (r.state === 'session' && r.user === user && (ip === null || r.ip === ip)) out.push(r);
+    for (const r of out) this.remove(r);
     return out;
   }
 
@@ -154,7 +153,7 @@ export class AnvilState {
   dropDead(alive: (pid: number) => boolean): number {
     const dead = new Set<number>();
     const checked = new Map<number, boolean>();
-    for (const r of this.records.values()) {
+    for (const r of this.records()) {
       let ok = checked.get(r.pid);
       if (ok === undefined) {
         ok = alive(r.pid);
@@ -169,34 +168,34 @@ export class AnvilState {
 
   /** Whether the proxy still holds the client's socket (false: handed to the backend). */
   setHeld(owner: number, conn: string, held: boolean): void {
-    const r = this.records.get(AnvilState.key(owner, conn));
+    const r = this.get(owner, conn);
     if (!r || r.held === held) return;
     if (r.state === 'session') this.heldSessions += held ? 1 : -1;
     r.held = held;
   }
 
   close(owner: number, conn: string): void {
-    const k = AnvilState.key(owner, conn);
-    if (this.records.has(k)) this.remove(k);
+    const r = this.get(owner, conn);
+    if (r) this.remove(r);
   }
 
   /** The owner went away: all its records go. */
   dropOwner(owner: number): number {
-    const ks = this.byOwner.get(owner);
-    if (!ks) return 0;
-    const n = ks.size;
-    for (const k of [...ks]) this.remove(k);
-    return n;
+    const records = this.owners.get(owner);
+    if (!records) return 0;
+    const all = [...records.values()];
+    for (const r of all) this.remove(r);
+    return all.length;
   }
 
   list(filter: { user?: string } = {}): ConnRecord[] {
     const out: ConnRecord[] = [];
-    for (const r of this.records.values()) if (filter.user === undefined || r.user === filter.user) out.push({ ...r });
+    for (const r of this.records()) if (filter.user === undefined || r.user === filter.user) out.push({ ...r });
     return out;
   }
 
   counts(now: number): Counts {
-    return { preauth: this.preauthAll.size, sessions: this.records.size - this.preauthAll.size, held: this.heldSessions, penalties: this.livePenalties(now) };
+    return { preauth: this.preauthAll.size, sessions: this.recordCount - this.preauthAll.size, held: this.heldSessions, penalties: this.livePenalties(now) };
   }
 
   /** Connections counted against limits.max_connections. */
@@ -205,7 +204,11 @@ export class AnvilState {
   }
 
   connections(): number {
-    return this.records.size;
+    return this.recordCount;
+  }
+
+  private *records(): Generator<ConnRecord> {
+    for (const records of this.owners.values()) yield* records.values();
   }
 
   // ---- penalties
@@ -246,48 +249,44 @@ export class AnvilState {
   // ---- bookkeeping
 
   private insert(r: ConnRecord): void {
-    const k = AnvilState.key(r.owner, r.conn);
-    this.records.set(k, r);
-    let o = this.byOwner.get(r.owner);
-    if (!o) {
-      o = new Set();
-      this.byOwner.set(r.owner, o);
+    let records = this.owners.get(r.owner);
+    if (!records) {
+      records = new Map();
+      this.owners.set(r.owner, records);
     }
-    o.add(k);
+    records.set(r.conn, r);
+    this.recordCount++;
     if (r.state === 'preauth') this.enterPreauth(r);
     else this.enterSession(r);
   }
 
-  private remove(k: string): ConnRecord {
-    const r = this.records.get(k);
-    if (!r) throw new Error(`anvil: no record ${k}`);
+  private remove(r: ConnRecord): ConnRecord {
+    const records = this.owners.get(r.owner);
+    if (records?.get(r.conn) !== r) throw new Error(`anvil: no record ${r.owner}/${r.conn}`);
     if (r.state === 'preauth') this.leavePreauth(r);
     else this.leaveSession(r);
-    this.records.delete(k);
-    const o = this.byOwner.get(r.owner);
-    o?.delete(k);
-    if (o && o.size === 0) this.byOwner.delete(r.owner);
+    records.delete(r.conn);
+    if (records.size === 0) this.owners.delete(r.owner);
+    this.recordCount--;
     return r;
   }
 
   private enterPreauth(r: ConnRecord): void {
-    const k = AnvilState.key(r.owner, r.conn);
     r.state = 'preauth';
-    this.preauthAll.add(k);
+    this.preauthAll.add(r);
     if (r.trusted) return;
     let s = this.preauthByIp.get(r.ip);
     if (!s) {
       s = new Set();
       this.preauthByIp.set(r.ip, s);
     }
-    s.add(k);
+    s.add(r);
   }
 
   private leavePreauth(r: ConnRecord): void {
-    const k = AnvilState.key(r.owner, r.conn);
-    this.preauthAll.delete(k);
+    this.preauthAll.delete(r);
     const s = this.preauthByIp.get(r.ip);
-    s?.delete(k);
+    s?.delete(r);
     if (s && s.size === 0) this.preauthByIp.delete(r.ip);
   }
 
@@ -295,18 +294,25 @@ export class AnvilState {
     r.state = 'session';
     if (r.held) this.heldSessions++;
     if (r.user !== null) {
-      const uk = userIpKey(r.user, r.ip);
-      this.userIp.set(uk, (this.userIp.get(uk) ?? 0) + 1);
+      let ips = this.userIp.get(r.user);
+      if (!ips) {
+        ips = new Map();
+        this.userIp.set(r.user, ips);
+      }
+      ips.set(r.ip, (ips.get(r.ip) ?? 0) + 1);
     }
   }
 
   private leaveSession(r: ConnRecord): void {
     if (r.held) this.heldSessions--;
     if (r.user !== null) {
-      const uk = userIpKey(r.user, r.ip);
-      const n = (this.userIp.get(uk) ?? 1) - 1;
-      if (n <= 0) this.userIp.delete(uk);
-      else this.userIp.set(uk, n);
+      const ips = this.userIp.get(r.user);
+      const n = (ips?.get(r.ip) ?? 1) - 1;
+      if (n > 0) ips?.set(r.ip, n);
+      else {
+        ips?.delete(r.ip);
+        if (ips && ips.size === 0) this.userIp.delete(r.user);
+      }
     }
   }
 }

@@ -12,6 +12,12 @@
  *             Before any of that, a running `pigeon serve` of the same instance is offered the
  *             message (src/delivery/handoff-client.ts); only when there is none does this
  *             process load the configuration and the delivery code (dynamic imports).
+ *             `npm run build` inlines this module and what it imports statically into
+ *             dist/src/cli.js (scripts/bundle-deliver.mjs: a hand-off loads one file of pigeon's),
+ *             so a static import added here must be on that script's closed list: a second copy
+ *             of this module (commander's path imports dist/src/delivery/deliver-cli.js) must
+ *             hold nothing that the two could disagree on beyond `answered`, which only the copy
+ *             that delivers sets.
  * DIAGNOSTICS As src/delivery/deliver.ts: 0, 65, 67, 73, and 75 for every temporary failure,
  *             any uncaught error included (pipe(8) bounces on other non-zero codes); at most one
  *             line on stdout, beginning with the enhanced status code.
@@ -22,7 +28,7 @@ import { parseArgs } from 'node:util';
 import { createReadStream } from 'node:fs';
 import { EX } from '../errors.js';
 import { statusLine } from './outcome.js';
-import { handOff } from './handoff-client.js';
+import { handOff, type HandoffNative } from './handoff-client.js';
 
 /** What `pigeon deliver` was asked to do. */
 export interface DeliverOptions {
@@ -58,6 +64,7 @@ export function parseDeliverArgv(argv: readonly string[]): DeliverOptions | null
     else if (a.startsWith('--config=')) config = a.slice('--config='.length);
     else return null;
   }
+  if (i >= argv.length) return null; // no `deliver` word: not a deliver command line
   const rest = argv.slice(i + 1);
   // commander's words, whatever their position before `--`
   const end = rest.indexOf('--');
@@ -96,20 +103,27 @@ function inputOf(path: string | undefined): AsyncIterable<Buffer> {
 }
 
 /**
- * Deliver as `o` says; sets process.exitCode and prints at most one line. Never throws.
+ * Deliver as `o` says; sets process.exitCode and prints at most one line. Never throws. True
+ * when a running serve took the message (nothing of this process is left to finish then).
  * A running `pigeon serve` of the instance takes the message when it can (handoff-client.ts:
  * nothing but node built-ins loaded so far); otherwise, or with -p FILE, this process loads the
- * delivery code and delivers itself, with the same answers.
+ * delivery code and delivers itself, with the same answers. `native`: the native module's
+ * connect, which the `pigeon` command (src/launcher.ts) gives so that a hand-off needs no node:net.
  */
-export async function deliverCommand(o: DeliverOptions): Promise<void> {
+export async function deliverCommand(o: DeliverOptions, native?: HandoffNative | null): Promise<boolean> {
   tempfailOnCrash();
   try {
     if (o.path === undefined) {
-      const h = await handOff({ config: o.config, sender: o.from, original: o.original, mailbox: o.mailbox, recipients: o.recipients }, process.stdin as AsyncIterable<Buffer>);
+      let stdin: NodeJS.ReadStream | null = null;
+      const h = await handOff(
+        { config: o.config, sender: o.from, original: o.original, mailbox: o.mailbox, recipients: o.recipients },
+        { fd: 0, stream: () => (stdin = process.stdin) as AsyncIterable<Buffer> },
+        native,
+      );
       if (h !== null) {
-        process.stdin.destroy(); // a result before the end of the message: read no more of it
+        (stdin as NodeJS.ReadStream | null)?.destroy(); // a result before the end of the message: read no more of it
         answer(h.code, h.line);
-        return;
+        return true;
       }
     }
     let code: [typeof import('./deliver.js'), typeof import('../peer/remote-store.js')];
@@ -118,7 +132,7 @@ export async function deliverCommand(o: DeliverOptions): Promise<void> {
     } catch (e) {
       // a broken install defers with one line, as src/cli.ts says it for this module
       answer(EX.TEMPFAIL, statusLine({ dsn: '4.3.0', text: `internal error (cannot load the delivery code: ${(e instanceof Error ? e.message : String(e)).slice(0, 300)})` }));
-      return;
+      return false;
     }
     const [{ runDeliver }, { remoteStore }] = code;
     const r = await runDeliver({
@@ -135,4 +149,5 @@ export async function deliverCommand(o: DeliverOptions): Promise<void> {
   } catch (e) {
     answer(EX.TEMPFAIL, statusLine({ dsn: '4.3.0', text: `internal error (${e instanceof Error ? e.message : String(e)})` }));
   }
+  return false;
 }

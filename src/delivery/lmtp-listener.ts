@@ -7,6 +7,9 @@
  *             `pigeon deliver` never pays for smtp-server. A stale unix socket file left by a
  *             previous run is removed first. Logging follows the daemon's logger, also after a
  *             SIGHUP reload.
+ *             When serve runs as root, the worker's mail writer child (src/writer/mail-writer.ts)
+ *             is started with the listener, before the worker says it is ready: the first message
+ *             on each worker does not wait for a Node process to start.
  *             `lmtp=HOST:PORT,proxy`: each connection starts with a PROXY header, accepted only from
  *             limits.trusted_proxies (src/proxy/proxy-header.ts); its address is the LMTP client's.
  * SECURITY    LMTP has no authentication: listen on loopback or a unix socket only.
@@ -19,6 +22,8 @@ import type { Logger } from '../log.js';
 import type { NodeDirectory } from '../nodes.js';
 import type { RemoteStore } from './types.js';
 import { passProxyHeader } from '../proxy/proxy-header.js';
+import { resolveMailUser } from '../mailuser.js';
+import { prestartMailWriter } from '../writer/mail-writer.js';
 
 /** What the daemon shares with its LMTP server (read at each use: a reload swaps instance and log). */
 export interface LmtpDaemon {
@@ -31,6 +36,12 @@ export interface LmtpDaemon {
 export function lmtpListener(l: Listener, env: LmtpDaemon, remote: RemoteStore): net.Server | null {
   if (l.protocol !== 'lmtp') return null;
   if (l.path !== null && existsSync(l.path) && statSync(l.path).isSocket()) unlinkSync(l.path);
+  try {
+    prestartMailWriter(resolveMailUser(env.instance.config.mail_user));
+  } catch (e) {
+    // not fatal: the first delivery starts the writer (and reports what stops it, per message)
+    env.log.log('warn', 'lmtp', `mail writer not started ahead: ${e instanceof Error ? e.message : String(e)}`);
+  }
   const ready = import('./lmtp.js').then((m) => ({
     m,
     server: m.createLmtpServer({ instance: env.instance, store: env.store, logger: { log: (...a) => env.log.log(...a) }, remote, nodes: env.nodes }),

@@ -17,7 +17,10 @@
  *             Replies carry our enhanced status codes (`452 4.2.2 Mailbox full`): the library's
  *             automatic code is suppressed for texts that already begin with one. The replies of
  *             one turn of the event loop are written together (one segment for a pipelined
- *             MAIL/RCPT/DATA, as Postfix's lmtp client sends them).
+ *             MAIL/RCPT/DATA, as Postfix's lmtp client sends them). The greeting goes out at
+ *             once: the library's 100 ms early-talker delay (an anti-spam heuristic of public
+ *             SMTP) is left out, as Dovecot's lmtp has none; input sent before it is served in
+ *             order.
  * DIAGNOSTICS Spool failure (disk full, ...) → 451/452 for every recipient; a bug → 451 4.3.0.
  * SECURITY    No AUTH, no STARTTLS: listen on loopback or a unix socket only.
  */
@@ -27,6 +30,7 @@ import type { Duplex } from 'node:stream';
 import { unlinkSync, existsSync, statSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { SMTPServer, type SMTPServerSession, type SMTPServerDataStream } from 'smtp-server';
+import { SMTPConnection } from 'smtp-server/lib/smtp-connection';
 import type { Instance } from '../instance.js';
 import type { Store } from '../store.js';
 import type { Logger } from '../log.js';
@@ -129,22 +133,26 @@ export function createLmtpServer(o: LmtpServerOptions): SMTPServer {
     });
   }
 
-  // our texts carry their own enhanced status code: keep the library from adding a second one;
-  // the replies of one turn of the event loop leave in one write (see coalesce)
-  const connect = server.connect.bind(server);
+  // server.connect as the library's, but without the early-talker delay of its init(): it holds
+  // the greeting back 100 ms on every connection to catch spammers that talk first, a public-SMTP
+  // heuristic; LMTP comes from our own MTA over loopback or a unix socket (Dovecot's lmtp greets at
+  // once). Each new connection of Postfix's lmtp client waited those 100 ms, a benchmark round
+  // once per connection. A client that talks before the greeting is then served in order.
+  // Our texts carry their own enhanced status code: the library must not add a second one; the
+  // replies of one turn of the event loop leave in one write (see coalesce).
   server.connect = (socket, opts) => {
-    const before = new Set(server.connections);
-    connect(socket, opts);
-    for (const c of server.connections) {
-      if (before.has(c)) continue;
-      const conn = c as unknown as { send: (code: number, data: unknown, ctx?: unknown) => void };
-      const send = conn.send.bind(conn);
-      const flushLater = coalesce(socket);
-      conn.send = (code, data, ctx) => {
-        flushLater();
-        send(code, data, typeof data === 'string' && ENHANCED.test(data) ? false : ctx);
-      };
-    }
+    const conn = new SMTPConnection(server, socket, opts);
+    server.connections.add(conn);
+    conn.on('error', (err: Error) => server._onError(err));
+    conn.on('connect', (data: Parameters<SMTPServer['_onClientConnect']>[0]) => server._onClientConnect(data));
+    const c = conn as unknown as { send: (code: number, data: unknown, ctx?: unknown) => void };
+    const send = c.send.bind(conn);
+    const flushLater = coalesce(socket);
+    c.send = (code, data, ctx) => {
+      flushLater();
+      send(code, data, typeof data === 'string' && ENHANCED.test(data) ? false : ctx);
+    };
+    conn._setListeners(() => conn.connectionReady());
   };
   return server;
 }

@@ -7,7 +7,9 @@
  *             blocked its event loop ≈ 3-5 ms per received login). The spawner needs a socket to
  *             give the backend as stdin/stdout; the link is TLS, so the backend gets `far`, one end
  *             of a local pair, and the relay joins the link with `near`.
- *             Node has no socketpair(2): each process listens once, on first use, on a UNIX socket
+ *             The pair is socketpair(2) from the spawner's native module (native/pigeon_spawn.c):
+ *             no listener, no connect and accept, no token. Without that module (not built):
+ *             Node has no socketpair(2), so each process listens once, on first use, on a UNIX socket
  *             in Linux's abstract namespace (no file: nothing to clean up after a crash, no path
  *             anyone could change) under a random name. A pair is a connection to it that first
  *             sends a 16-byte random token the process made for that pair; the accepted end that
@@ -20,8 +22,10 @@
  *             becomes a pair; others are closed unread past their first 16 bytes. Bytes are
  *             passed as they are.
  */
-import { createServer, connect, type Server, type Socket } from 'node:net';
+import { createServer, connect, Socket, type Server } from 'node:net';
 import { randomBytes } from 'node:crypto';
+import { nativeModule } from '../native.js';
+import { closeSync } from 'node:fs';
 
 const TOKEN_BYTES = 16;
 /** a pair is made within this, else it fails (a connect that never completes) */
@@ -101,8 +105,31 @@ function accepted(s: Socket, waiting: Map<string, (near: Socket) => void>): void
   s.on('data', onData);
 }
 
-/** A connected pair of local sockets; rejects within PAIR_TIMEOUT_MS when it cannot be made. */
-export async function socketPair(): Promise<Pair> {
+/** Both ends as Node sockets, paused (the caller's relay resumes `near`; `far` is never read here). */
+function fromFds(near: number, far: number): Pair {
+  const a = new Socket({ fd: near, readable: true, writable: true });
+  const b = new Socket({ fd: far, readable: true, writable: true });
+  a.pause();
+  b.pause();
+  b.on('error', ignore);
+  return { near: a, far: b };
+}
+
+/**
+ * A connected pair of local sockets; rejects within PAIR_TIMEOUT_MS when it cannot be made.
+ * `via` (tests): 'listener' makes it the way a process without the native module does.
+ */
+export async function socketPair(via: 'native' | 'listener' = 'native'): Promise<Pair> {
+  const n = via === 'native' ? nativeModule() : null;
+  if (n !== null && typeof n !== 'string') {
+    const [near, far] = n.socketPair();
+    try {
+      return fromFds(near, far);
+    } catch (e) {
+      for (const fd of [near, far]) closeSync(fd);
+      throw e;
+    }
+  }
   const l = await listener();
   const token = randomBytes(TOKEN_BYTES);
   const key = token.toString('hex');

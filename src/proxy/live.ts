@@ -1,28 +1,38 @@
 /**
  * NAME        src/proxy/live — the sessions running in this process, by user
- * DESCRIPTION Each relayed session registers how to end it. `endUser` ends every session of a user
+ * DESCRIPTION Each running session (relayed or handed off) registers how to end it. `endUser` ends every session of a user
  *             (a `pigeon user move` switching the mailbox's home); the daemon asks the store for
  *             users being moved (`watchMoves`: polled, and on change notifications) and ends theirs, so no session keeps writing to
  *             a mailbox that is being copied away.
  */
 import type { Store } from '../store.js';
 
-const live = new Map<string, Set<() => void>>();
+/** A running session as the table keeps it: how to end it. */
+export interface LiveSession {
+  stop(): void;
+}
 
-/** Register a running session; call the returned function when it ends. */
-export function trackSession(address: string, end: () => void): () => void {
+const live = new Map<string, Set<LiveSession>>();
+
+/**
+ * Register a running session; untrackSession() when it ends. The table holds the session object
+ * itself (a BackendSession, a handed-off session's record), not a closure per session.
+ */
+export function trackSession(address: string, s: LiveSession): void {
   let set = live.get(address);
   if (!set) {
     set = new Set();
     live.set(address, set);
   }
-  set.add(end);
-  return () => {
-    const s = live.get(address);
-    s?.delete(end);
-    if (s && s.size === 0) live.delete(address);
-    if (live.size === 0) for (const w of drainWaiters.splice(0)) w();
-  };
+  set.add(s);
+}
+
+/** The session registered with trackSession() ended. */
+export function untrackSession(address: string, s: LiveSession): void {
+  const set = live.get(address);
+  set?.delete(s);
+  if (set && set.size === 0) live.delete(address);
+  if (live.size === 0) for (const w of drainWaiters.splice(0)) w();
 }
 
 const drainWaiters: (() => void)[] = [];
@@ -45,7 +55,7 @@ export function endUser(address: string): number {
   const s = live.get(address);
   if (!s) return 0;
   const ends = [...s];
-  for (const e of ends) e();
+  for (const e of ends) e.stop();
   return ends.length;
 }
 

@@ -21,6 +21,7 @@ import { route, runSession } from './router.js';
 import { PREAUTH_ABSOLUTE_MS } from '../limits.js';
 import { logins } from '../metrics.js';
 import type { PenaltyBefore } from './penalty.js';
+import { dropLoginAhead, loginAhead } from './slots.js';
 
 export type Proto = 'imap' | 'pop3';
 
@@ -170,7 +171,8 @@ function sleep(ms: number): Promise<void> {
  * delay), or refusal — and every refusal (malformed message, bad user name, unknown user, wrong
  * password, disabled user) pays the same failure delay and the same penalty.
  * A plain password is checked while the penalty lookup (a round trip to the node state service)
- * is in flight, so the lookup is off the login's path; its wait is spent before any answer, so
+ * is in flight, so the lookup is off the login's path, and when it is right the user+IP slot is
+ * asked for at once (slots.ts loginAhead), also while the lookup is in flight; its wait is spent before any answer, so
  * what a client sees and when is unchanged. An exchange (SCRAM) talks to the client: it starts
  * only after the wait.
  */
@@ -183,6 +185,11 @@ export async function authenticate(env: ProxyEnv, conn: ClientConn, st: LoginSta
   lookup.catch(() => undefined);
   const user = creds.kind === 'password' ? userName(creds.user) : null;
   const early = user !== null && creds.kind === 'password' && !isExchange(creds.password) ? check(env, conn, st, user, creds.password) : null;
+  if (early) {
+    // right password: the user+IP slot is asked for now, its round trip beside the lookup's
+    const e = await early;
+    if (e.r.ok && e.r.passthrough !== true && e.r.user.user.movingTo === null) loginAhead(conn, e.r.user.user.address, st.sid);
+  }
   const penalty = await lookup;
   if (penalty.waitMs > 0) await sleep(penalty.waitMs);
   if (creds.kind === 'malformed') return refuse(env, conn, st, creds.why);
@@ -362,7 +369,10 @@ export async function loginAndRelay(
     if (!o.sasl?.failure || (await o.sasl.failure())) conn.write(o.replies.failed);
     return 'failed';
   }
-  if (o.sasl?.success && !(await o.sasl.success())) return 'answered';
+  if (o.sasl?.success && !(await o.sasl.success())) {
+    dropLoginAhead(conn);
+    return 'answered';
+  }
   const address = r.user.user.address;
   // the password bytes go to the router, which gives them to an external backend (upstream) only
   // (SCRAM and bearer tokens send no password: an upstream that needs one answers UNAVAILABLE)

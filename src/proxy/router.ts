@@ -19,13 +19,13 @@ import type { ResolvedUser } from '../modules.js';
 import type { ProxyEnv } from './env.js';
 import type { ClientConn } from './conn.js';
 import type { Duplex } from 'node:stream';
-import type { Backend, BackendSession, MailProtocol } from '../../backends/types.js';
+import type { Backend, BackendEnd, BackendSession, MailProtocol } from '../../backends/types.js';
 import { placeUser } from '../allocation.js';
 import { BACKENDS, localBackends, remoteBackend } from '../../backends/registry.js';
 import { isAppError } from '../errors.js';
-import { trackSession } from './live.js';
+import { trackSession, untrackSession } from './live.js';
 import { relay } from './relay.js';
-import { slotOf, type Slot } from './slots.js';
+import { dropAhead, slotOf, takeLoginAhead, type Slot } from './slots.js';
 import { HANDOFF_MAX_INPUT } from '../limits.js';
 import { backendStart, sessions } from '../metrics.js';
 
@@ -71,11 +71,16 @@ export async function route(
   leftover: () => Buffer,
   opts: RouteOptions = { forward: true },
 ): Promise<RouteResult> {
-  if (u.user.movingTo !== null) return { ok: false, reason: `mailbox of ${u.user.address} is being moved to node ${u.user.movingTo}; try again in a moment` };
+  // the user+IP slot, if the login asked for it ahead (while its penalty lookup ran)
+  const early = opts.forward ? takeLoginAhead(conn, u.user.address) : null;
+  if (u.user.movingTo !== null) {
+    if (early) dropAhead(conn, early);
+    return { ok: false, reason: `mailbox of ${u.user.address} is being moved to node ${u.user.movingTo}; try again in a moment` };
+  }
   // sessions per user+IP (limits.max_userip_connections), before any backend starts
   const slot = opts.forward ? slotOf(conn) : null;
   if (slot) {
-    const l = await slot.login(u.user.address, sid);
+    const l = await (early ?? slot.login(u.user.address, sid));
     if (!l.ok) {
       const text = `Maximum number of connections from user+IP exceeded (mail_max_userip_connections=${l.max})`;
       env.log.log('info', `${protocol}-login`, `${text}:`, { user: u.user.address, rip: conn.peer.rip, lip: conn.peer.lip, session: sid });
@@ -187,24 +192,49 @@ async function startExternal(env: ProxyEnv, backend: Backend, protocol: MailProt
 }
 
 /**
+ * The `pigeon_sessions` labels of a protocol and backend: one shared object per pair, not one per
+ * session (a handed-off session keeps its labels for its whole life).
+ */
+type SessionLabels = { readonly protocol: MailProtocol; readonly backend: string };
+const labelSets = new Map<string, SessionLabels>();
+function labelsOf(protocol: MailProtocol, backend: string): SessionLabels {
+  const k = `${protocol}\0${backend}`;
+  let l = labelSets.get(k);
+  if (!l) {
+    l = { protocol, backend };
+    labelSets.set(k, l);
+  }
+  return l;
+}
+
+/** The backend name route() recorded for `s` (once: the entry is not kept for the session's life). */
+function takeBackendName(s: BackendSession): string {
+  const b = backendNames.get(s) ?? 'unknown';
+  backendNames.delete(s);
+  return b;
+}
+
+/**
  * Relay a routed session to its end, registered in the live-session table, with its log lines.
- * A handed-off session returns at once (superviseHandedOff): the rest of its life is a compact
- * record, not this call's frames.
+ * A handed-off session returns at once (HandedOff): the rest of its life is a compact record,
+ * not this call's frames.
  */
 export async function runSession(env: ProxyEnv, protocol: MailProtocol, address: string, sid: string, conn: ClientConn, s: BackendSession, leftover: Buffer): Promise<void> {
+  const labels = labelsOf(protocol, takeBackendName(s));
   if (s.handedOff) {
-    superviseHandedOff(env, protocol, address, sid, s, slotOf(conn), conn.peer.rip, s.releasedClient === true ? null : conn.raw);
+    HandedOff.supervise(env, labels, address, sid, s, slotOf(conn), conn.peer.rip, s.releasedClient === true ? null : conn.raw);
     return;
   }
-  const untrack = trackSession(address, () => s.stop());
-  const labels = { protocol, backend: backendNames.get(s) ?? 'unknown' };
+  trackSession(address, s);
   sessions.inc(labels);
   // `pigeon kick`: the backend is stopped, which ends the relay (and closes the client's socket)
   let kicked = false;
-  slotOf(conn)?.onKick(() => {
-    kicked = true;
-    env.log.log('info', `${protocol}(${address})`, 'Kicked (pigeon kick):', { rip: conn.peer.rip, session: sid });
-    s.stop();
+  slotOf(conn)?.onKick({
+    kick: () => {
+      kicked = true;
+      env.log.log('info', `${protocol}(${address})`, 'Kicked (pigeon kick):', { rip: conn.peer.rip, session: sid });
+      s.stop();
+    },
   });
   try {
     const res = await relay(conn, s, leftover);
@@ -214,42 +244,79 @@ export async function runSession(env: ProxyEnv, protocol: MailProtocol, address:
     env.log.log('info', `${protocol}(${address})`, res.in < 0 ? `Disconnected: ${how} (socket handed to the backend)` : `Disconnected: ${how} in=${res.in} out=${res.out}`, { session: sid });
   } finally {
     sessions.dec(labels);
-    untrack();
+    untrackSession(address, s);
     // the user+IP slot and the connection slot end with the session
     slotOf(conn)?.close();
   }
 }
 
 /**
- * A handed-off session until its backend ends: all the proxy keeps of it (idle memory: no client
- * connection, session, user record or login state) is what its end, `pigeon who`/`kick`, the
- * user+IP slot and `user move` need: the names for its log lines, its slot, how to stop it, and
- * the client socket only when the proxy itself may have to say the backend's last words (a
- * backend started without the spawner). The slot is kept past the connection's end (Slot.keep)
- * and freed here, before the logout line (a client that saw it may log in again at once).
+ * A handed-off session until its backend ends: all the proxy keeps of it (idle memory) is this
+ * one object — what its end, `pigeon who`/`kick`, the user+IP slot and `user move` need: the
+ * names for its log lines, its slot, the backend session (how to stop it, when it ended), and the
+ * client socket only when the proxy itself may have to say the backend's last words (a backend
+ * started without the spawner). No closure: it is its slot's kick target (Slot.onKick), its
+ * entry in the live-session table (stop()), and its end is a bound method; nothing of the client
+ * connection, the login (its session, user record, settings, credentials) or the socket is
+ * reachable from it. The slot is kept past the connection's end (Slot.keep) and freed here,
+ * before the logout line (a client that saw it may log in again at once).
  */
-function superviseHandedOff(env: ProxyEnv, protocol: MailProtocol, address: string, sid: string, s: BackendSession, slot: Slot | null, rip: string, sock: Duplex | null): void {
-  const labels = { protocol, backend: backendNames.get(s) ?? 'unknown' };
-  sessions.inc(labels);
-  const release = slot?.keep() ?? null;
-  const untrack = trackSession(address, () => s.stop());
-  let kicked = false;
-  slot?.onKick(() => {
-    kicked = true;
-    env.log.log('info', `${protocol}(${address})`, 'Kicked (pigeon kick):', { rip, session: sid });
-    s.stop();
-  });
-  void s.ended.then((end) => {
-    if (end.lost !== undefined && !kicked) env.log.log('warn', `${protocol}(${address})`, `${end.lost}:`, { session: sid });
+class HandedOff {
+  private readonly env: ProxyEnv;
+  private readonly labels: SessionLabels;
+  private readonly address: string;
+  private readonly sid: string;
+  private readonly session: BackendSession;
+  private readonly slot: Slot | null;
+  private readonly rip: string;
+  private readonly sock: Duplex | null;
+  private kicked = false;
+
+  private constructor(env: ProxyEnv, labels: SessionLabels, address: string, sid: string, session: BackendSession, slot: Slot | null, rip: string, sock: Duplex | null) {
+    this.env = env;
+    this.labels = labels;
+    this.address = address;
+    this.sid = sid;
+    this.session = session;
+    this.slot = slot;
+    this.rip = rip;
+    this.sock = sock;
+  }
+
+  static supervise(env: ProxyEnv, labels: SessionLabels, address: string, sid: string, s: BackendSession, slot: Slot | null, rip: string, sock: Duplex | null): void {
+    const h = new HandedOff(env, labels, address, sid, s, slot, rip, sock);
+    sessions.inc(labels);
+    slot?.keep();
+    trackSession(address, h);
+    slot?.onKick(h);
+    void s.ended.then(h.ended.bind(h));
+  }
+
+  /** `pigeon user move`, shutdown (src/proxy/live.ts) */
+  stop(): void {
+    this.session.stop();
+  }
+
+  /** `pigeon kick` (the slot) */
+  kick(): void {
+    this.kicked = true;
+    this.env.log.log('info', `${this.labels.protocol}(${this.address})`, 'Kicked (pigeon kick):', { rip: this.rip, session: this.sid });
+    this.session.stop();
+  }
+
+  private ended(end: BackendEnd): void {
+    const who = `${this.labels.protocol}(${this.address})`;
+    if (end.lost !== undefined && !this.kicked) this.env.log.log('warn', who, `${end.lost}:`, { session: this.sid });
+    const sock = this.sock;
     if (sock) {
       if (end.lastWords !== undefined && !sock.destroyed) sock.end(end.lastWords);
       sock.destroy();
     }
-    release?.();
-    env.log.log('info', `${protocol}(${address})`, `Disconnected: ${kicked ? 'Kicked' : 'Logged out'} (socket handed to the backend)`, { session: sid });
-    sessions.dec(labels);
-    untrack();
-  });
+    this.slot?.release();
+    this.env.log.log('info', who, `Disconnected: ${this.kicked ? 'Kicked' : 'Logged out'} (socket handed to the backend)`, { session: this.sid });
+    sessions.dec(this.labels);
+    untrackSession(this.address, this);
+  }
 }
 
 /** A backend's stderr → our log. Holds only the prefix string, not the user record (idle memory). */

@@ -10,7 +10,9 @@
  *             max_connections), `logout` returns to pre-auth after a session that did not start,
  *             `started` names where the session went and `onKick` how to end it (`pigeon who` /
  *             `pigeon kick`, over the same service), `close` frees the slot. Slots are found
- *             from the ClientConn (`slotOf`), so the router needs no extra parameters; a session received over a peer link has none
+ *             from the ClientConn (`slotOf`), so the router needs no extra parameters;
+ *             `loginAhead` asks for the user+IP slot while the login still waits for its penalty
+ *             lookup (route() takes that answer, `dropLoginAhead` gives it back); a session received over a peer link has none
  *             (the node the client connected to counted it).
  * SECURITY    Limits come from pigeon.yaml at each call (a SIGHUP reload applies to the next
  *             connection). A limits service that cannot be reached falls back to per-process
@@ -32,14 +34,23 @@ export interface Slot {
   handedOff(): void;
   /** the session runs on `backend` (dovecot, courier, peer:NODE): for `pigeon who` */
   started(backend: string): void;
-  /** how to end the running session when `pigeon kick` names it (called at once if it already did) */
-  onKick(end: () => void): void;
+  /** how to end the running session when `pigeon kick` names it (`kick()` at once if it already did) */
+  onKick(target: Kickable): void;
   /**
    * The session outlives its connection (handed off: the backend holds the socket): `close()`
-   * from the connection's side is ignored until the returned function (the session's end) runs.
+   * from the connection's side is ignored until release() (the session's end). From here on the
+   * connection can no longer be evicted (it is logged in): the slot lets go of the forker's
+   * end handler and with it of everything that handler reaches (the connection, its socket).
    */
-  keep(): () => void;
+  keep(): void;
+  /** the kept session ended: the slot is freed */
+  release(): void;
   close(): void;
+}
+
+/** What `pigeon kick` ends: the running session (an object, not a closure per session). */
+export interface Kickable {
+  kick(): void;
 }
 
 export type Admission = { admitted: true; slot: Slot } | { admitted: false; why: string };
@@ -65,11 +76,12 @@ class ConnSlot implements Slot {
   readonly id: string;
   readonly ip: string;
   private readonly env: ProxyEnv;
-  private readonly onEnd: (reason: string) => void;
+  // the forker's: an eviction closes the connection; null once the session is kept (never evicted)
+  private onEnd: ((reason: string) => void) | null;
   private closed = false;
   private kept = false;
   // a kick ends the session the way its router said (onKick); an eviction goes to the forker
-  private kick: (() => void) | null = null;
+  private kick: Kickable | null = null;
   private kicked = false;
 
   constructor(env: ProxyEnv, id: string, ip: string, onEnd: (reason: string) => void) {
@@ -79,10 +91,10 @@ class ConnSlot implements Slot {
     this.onEnd = onEnd;
   }
 
-  /** the node state service ended this connection (evicted, kicked) */
+  /** the node state service ended this connection (evicted, kicked): AnvilClient's EndHandler */
   ended(reason: string): void {
-    if (reason !== 'kicked') this.onEnd(reason);
-    else if (this.kick) this.kick();
+    if (reason !== 'kicked') this.onEnd?.(reason);
+    else if (this.kick) this.kick.kick();
     else this.kicked = true;
   }
 
@@ -106,23 +118,26 @@ class ConnSlot implements Slot {
     if (!this.closed) void this.env.anvil.backend(this.id, backend);
   }
 
-  onKick(end: () => void): void {
-    this.kick = end;
-    if (this.kicked) end();
+  onKick(target: Kickable): void {
+    this.kick = target;
+    if (this.kicked) target.kick();
   }
 
-  keep(): () => void {
+  keep(): void {
     this.kept = true;
-    return () => {
-      this.kept = false;
-      this.close();
-    };
+    this.onEnd = null;
+  }
+
+  release(): void {
+    this.kept = false;
+    this.close();
   }
 
   close(): void {
     if (this.closed || this.kept) return;
     this.closed = true;
     this.kick = null;
+    this.onEnd = null;
     void this.env.anvil.close(this.id);
   }
 }
@@ -134,12 +149,58 @@ export async function admit(env: ProxyEnv, clientIp: string, proto: string, onEn
   const limits = env.instance.config.limits;
   const slot = new ConnSlot(env, a.connId(), ip, onEnd);
   const trusted = ip === '' || trustedNetworks(env).has(ip);
-  const r = await a.open(slot.id, { ip, proto, trusted }, { perIp: limits.preauth_per_ip, total: limits.max_connections }, (reason) => slot.ended(reason));
+  const r = await a.open(slot.id, { ip, proto, trusted }, { perIp: limits.preauth_per_ip, total: limits.max_connections }, slot);
   if (!r.admitted) return { admitted: false, why: r.why };
   return { admitted: true, slot };
 }
 
 const slots = new WeakMap<ClientConn, Slot>();
+
+type SlotLogin = { ok: true } | { ok: false; max: number };
+/** user+IP slots asked for ahead of route(), by connection */
+const ahead = new WeakMap<ClientConn, { readonly user: string; readonly result: Promise<SlotLogin> }>();
+
+/**
+ * Ask for the user+IP slot as soon as the password is known to be right, while the login's
+ * other wait (the penalty lookup, a round trip of its own) is still running: route() then takes
+ * this answer instead of asking again. The login's requests and answers are the same; one round
+ * trip less is on its path.
+ */
+export function loginAhead(conn: ClientConn, user: string, session: string): void {
+  const slot = slots.get(conn);
+  if (!slot || ahead.has(conn)) return;
+  const result = slot.login(user, session);
+  result.catch(() => undefined);
+  ahead.set(conn, { user, result });
+}
+
+/** The slot asked for ahead for `user` (route()), or null when none was; one for another user is given back. */
+export function takeLoginAhead(conn: ClientConn, user: string): Promise<SlotLogin> | null {
+  const a = ahead.get(conn);
+  if (!a) return null;
+  ahead.delete(conn);
+  if (a.user === user) return a.result;
+  dropAhead(conn, a.result);
+  return null;
+}
+
+/** The login did not go on to route(): the slot asked for ahead goes back (pre-auth again). */
+export function dropLoginAhead(conn: ClientConn): void {
+  const a = ahead.get(conn);
+  if (!a) return;
+  ahead.delete(conn);
+  dropAhead(conn, a.result);
+}
+
+/** A slot asked for ahead and taken (takeLoginAhead) that the session will not use: given back. */
+export function dropAhead(conn: ClientConn, result: Promise<SlotLogin>): void {
+  void result.then(
+    (l) => {
+      if (l.ok) slots.get(conn)?.logout();
+    },
+    () => undefined,
+  );
+}
 
 export function attachSlot(conn: ClientConn, slot: Slot): void {
   slots.set(conn, slot);

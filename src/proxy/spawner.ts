@@ -128,7 +128,8 @@ export class Spawner {
     // hundred logins instead of piling up as resident memory of an otherwise idle process
     // (`bench-proxy --only idle`: proxy PSS 12.8 → 10.5 kB/session); a smaller heap is also
     // cheaper to fork.
-    const p = fork(MAIN, [], { stdio: ['ignore', 'ignore', 'pipe', 'ipc'], serialization: 'json', execArgv: ['--max-semi-space-size=1', '--optimize-for-size'], env: {} });
+    // PIGEON_SPAWN=fork: Node's child_process in the spawner, not the native vfork (to compare them)
+    const p = fork(MAIN, process.env['PIGEON_SPAWN'] === 'fork' ? ['--fork'] : [], { stdio: ['ignore', 'ignore', 'pipe', 'ipc'], serialization: 'json', execArgv: ['--max-semi-space-size=1', '--optimize-for-size'], env: {} });
     this.proc = p;
     const lines = new LineBuffer();
     p.stderr?.on('data', (c: Buffer) => {

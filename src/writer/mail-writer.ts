@@ -1,13 +1,14 @@
 /**
  * NAME        src/writer/mail-writer — who writes under the mail root: always the mail user
  * SYNOPSIS    mailWriter(mailUser).store(req, body) / .commit(handle) / .createMailbox(a, root) /
- *             .purgeMailbox(a, root) ...
+ *             .purgeMailbox(a, root) ...;  prestartMailWriter(mailUser)  (serve's LMTP workers)
  * DESCRIPTION When pigeon runs as the mail user already (pipe(8) user=mail, a non-root serve), the
  *             operations of src/writer/local-writer.ts run in this process. When it runs as root
  *             (`serve` doing LMTP, logins that allocate, the peer listener; `pigeon deliver` run
  *             by hand), they run in ONE child process per pigeon process, forked with the mail
  *             user's uid/gid (the way Postfix's local(8) switches users; never a process-wide
- *             seteuid), started on first use, restarted on the next use if it died. Requests are
+ *             seteuid), started on first use (or ahead of it: prestartMailWriter, for a `serve` worker
+ *             with an lmtp listener), restarted on the next use if it died. Requests are
  *             multiplexed by id over the IPC channel (`serialization: 'advanced'`, so Buffers pass
  *             as bytes). A message body travels in chunks of at most CHUNK bytes, each sent when
  *             the child asks for it (`pull`); the parent reads one chunk ahead, so neither side
@@ -87,6 +88,11 @@ class ChildWriter implements MailWriter {
 
   constructor(mu: MailUser) {
     this.mu = mu;
+  }
+
+  /** Start the child now unless one runs: a daemon that is about to deliver (prestartMailWriter). */
+  warm(): void {
+    if (this.child?.connected !== true) this.start();
   }
 
   private start(): ChildProcess {
@@ -272,6 +278,18 @@ class ChildWriter implements MailWriter {
 }
 
 const writers = new Map<string, MailWriter>();
+
+/**
+ * Start the writer child for `mu` now when this process needs one (it runs as root), so that the
+ * first message does not wait for a Node process to start (fork, exec, module loading: tens of ms
+ * on an idle machine, far more on a loaded one). `pigeon serve` calls it for each worker with an
+ * lmtp listener. Nothing changes when the process is the mail user already. A child that dies
+ * later is started again by the next write, as before.
+ */
+export function prestartMailWriter(mu: MailUser): void {
+  const w = mailWriter(mu);
+  if (w instanceof ChildWriter) w.warm();
+}
 
 /** The writer of this process for `mu`: in-process when we are the mail user, else the child. */
 export function mailWriter(mu: MailUser): MailWriter {

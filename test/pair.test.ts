@@ -1,0 +1,61 @@
+// Issue 15 (peer link login): a session received over the peer link gives its Dovecot one end of a
+// local socket pair (src/peer/pair.ts). With the native module the pair is socketpair(2): no
+// listener, no connect/accept round trip, no token; without it (not built) a connection to an
+// abstract UNIX socket of the process's own. Both ways: bytes both ways, the far end works as a
+// child's stdin and stdout, and only the listener way leaves a `pigeon-pair-PID` socket behind.
+import t from 'tap';
+import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import type { Socket } from 'node:net';
+import { socketPair, type Pair } from '../src/peer/pair.js';
+
+/** The next `n` bytes `s` gives (it is resumed for them, paused again after). */
+function read(s: Socket, n: number): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let got = '';
+    const onData = (d: Buffer): void => {
+      got += d.toString('latin1');
+      if (got.length >= n) {
+        s.off('data', onData);
+        s.off('error', reject);
+        s.pause();
+        resolve(got);
+      }
+    };
+    s.on('data', onData);
+    s.once('error', reject);
+    s.resume();
+  });
+}
+
+/** Whether this process listens on a pair socket in the abstract namespace. */
+function pairListener(): boolean {
+  return readFileSync('/proc/net/unix', 'utf8').includes(`@pigeon-pair-${process.pid}-`);
+}
+
+for (const via of ['native', 'listener'] as const) {
+  t.test(`a pair (${via}): both ends connected, the far end a child's stdin and stdout`, async (t) => {
+    const p: Pair = await socketPair(via);
+    t.teardown(() => {
+      p.near.destroy();
+      p.far.destroy();
+    });
+    t.ok(p.near.isPaused() && p.far.isPaused(), 'both ends paused: the relay resumes near, far is never read here');
+    p.near.write('to far\n');
+    t.equal(await read(p.far, 7), 'to far\n', 'near → far');
+    p.far.write('to near\n');
+    t.equal(await read(p.near, 8), 'to near\n', 'far → near');
+    // (the native way runs first: no listener can be left over from the other one)
+    if (via === 'native') t.notOk(pairListener(), 'socketpair(2): no listening socket made for it');
+    else t.ok(pairListener(), 'without the native module: the abstract listener');
+
+    // as the spawner gives it to Dovecot: the far end as stdin and stdout of a child (cat echoes)
+    const child = spawn('cat', [], { stdio: [p.far, p.far, 'inherit'] });
+    const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+    p.far.destroy(); // the child holds its copies
+    p.near.write('through cat\n');
+    t.equal(await read(p.near, 12), 'through cat\n', 'what near sends comes back through the child');
+    p.near.end();
+    t.equal(await exited, 0, 'the child saw the end of its input and exited');
+  });
+}
