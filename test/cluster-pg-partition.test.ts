@@ -4,7 +4,7 @@
 // answer temporary failures while the other node carries on; cutting a node off its peers makes
 // hand-offs to it fail with [UNAVAILABLE] within peer.connect_timeout_s; healed, everything
 // resumes without a restart, and every message that got a 250 is in its mailbox exactly once.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -33,7 +33,7 @@ interface Node {
   log(): string;
 }
 
-function makeNode(lab: Lab, base: string, name: string, host: Host, db: string, caFrom: string | null): Node {
+function makeNode(t: Test, lab: Lab, base: string, name: string, host: Host, db: string, caFrom: string | null): Node {
   const dir = join(base, name);
   const cl = host.addr.cl ?? '';
   const inNs = (args: readonly string[], input?: string): { status: number | null; stdout: string; stderr: string } => {
@@ -64,7 +64,10 @@ function makeNode(lab: Lab, base: string, name: string, host: Host, db: string, 
     },
   };
   // serve and everything in its process group (workers, sessions) gone before tap removes the
-  // directory (a worker still writing there made the removal fail with ENOTEMPTY)
+  // directory (a worker still writing there made the removal fail with ENOTEMPTY). On the test
+  // that owns the directory, not the file's root test: the root's teardowns run after the whole
+  // file, when tap has already removed the subtest's directory under a running serve (CI, stop
+  // 26: ENOTEMPTY on B). Registered after the lab and the database server, so run before them.
   t.teardown(async () => {
     if (node.child) await stopGroup(node.child);
     await stopAnvil(dir);
@@ -109,8 +112,8 @@ t.test('partitions between separate machines: a node cut off the database, a nod
   const pg = await startPostgres(t, { host: dbHost.addr.db ?? '', netns: dbHost.ns });
   if (!pg) return;
   const base = scratchDir(t);
-  const A = makeNode(lab, base, 'A', hostA, pg.url, null);
-  const B = makeNode(lab, base, 'B', hostB, pg.url, A.dir);
+  const A = makeNode(t, lab, base, 'A', hostA, pg.url, null);
+  const B = makeNode(t, lab, base, 'B', hostB, pg.url, A.dir);
   t.equal(A.run(['domain', 'add', DOMAIN]).status, 0, 'domain add (through the database network)');
   // the client network stands for the clients' LAN: passwords without TLS from there (not loopback)
   t.equal(A.run(['config', 'set', '--global', 'login.plaintext', 'always']).status, 0, 'login.plaintext always');
