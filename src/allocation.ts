@@ -142,14 +142,23 @@ async function allocate(ctx: AllocationContext, user: UserRecord, config: Effect
     if (now !== null) return now;
     const allocation: Allocation = { format, path: mailboxPath(ctx.mailRoot, fresh.address, format), node: ctx.node };
     const existed = existsSync(allocation.path);
+    const discard = (): Promise<void> => mailWriter(ctx.mailUser).discardEmpty(allocation, ctx.mailRoot).catch(() => undefined);
     try {
       await createMailbox(allocation, ctx.mailUser, ctx.mailRoot);
     } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
       // another allocator of this node (another pigeon deliver process) lost its race and
-      // discarded the empty mailbox while this one was creating it (ENOENT): the race is decided
-      // by then: the winner's answer, or one more try
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return settled();
-      throw e;
+      // discarded the empty mailbox while this one was creating it (ENOENT). This attempt may
+      // have made part of it before that (a cur/ the other had already removed, made again; then
+      // new/ removed under this one's check): the race is decided by then, so when the record
+      // names another mailbox, discard what is left here; when it names none yet, the next try
+      // makes the whole mailbox and goes through the compare-and-set like any other.
+      const now = await settled().catch(async (err: unknown) => {
+        if (!existed) await discard(); // the database cannot say: leave nothing this attempt made
+        throw err;
+      });
+      if (now !== null && (now.kind !== 'local' || now.allocation.path !== allocation.path)) await discard();
+      return now;
     }
     // Not allocated here (lost the race, or the database failed): discard the mailbox, if empty,
     // unless the record names it (the winner is a process of this node). Whether it existed
@@ -166,7 +175,7 @@ async function allocate(ctx: AllocationContext, user: UserRecord, config: Effect
       } catch {
         if (existed) return;
       }
-      if (recorded !== allocation.path) await mailWriter(ctx.mailUser).discardEmpty(allocation, ctx.mailRoot).catch(() => undefined);
+      if (recorded !== allocation.path) await discard();
     };
     let won: boolean;
     try {

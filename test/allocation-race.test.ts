@@ -5,9 +5,10 @@
 // interleaving is made exact with a real SQLite store whose second user read first lets A win.
 import t, { type Test } from 'tap';
 import { join } from 'node:path';
-import { mkdirSync, chownSync, chmodSync } from 'node:fs';
+import { mkdirSync, chownSync, chmodSync, existsSync, writeFileSync } from 'node:fs';
 import { openStore, type Store, type UserRecord } from '../src/store.js';
 import { placeUser } from '../src/allocation.js';
+import { LocalWriter } from '../src/writer/local-writer.js';
 import { resolveMailUser, type MailUser } from '../src/mailuser.js';
 import { resolve } from '../src/resolve.js';
 import { scratchDir } from './helpers/instance.js';
@@ -72,4 +73,27 @@ t.test('cas: many first deliveries at once in one process allocate once, none fa
     const paths = new Set(got.map((g) => (g.status === 'fulfilled' && g.value.kind === 'local' ? g.value.allocation.path : '?')));
     t.same([...paths], [(await store.mustUser(user.address)).allocation?.path], 'one mailbox, the recorded one');
   }
+});
+
+t.test('a discard removes what is left of a partly made mailbox, and never a mailbox holding mail', async (t) => {
+  const dir = scratchDir(t);
+  const root = join(dir, 'B');
+  const w = new LocalWriter();
+  // what a racing create leaves when another discarder was a step ahead: cur/ only
+  const partial = join(root, 'example.test', 'partial');
+  mkdirSync(join(partial, 'cur'), { recursive: true });
+  await w.discardEmpty({ format: 'maildir', path: partial }, root);
+  t.notOk(existsSync(partial), 'a maildir with only cur/ is removed');
+  // new/ and tmp/ only (cur/ already removed by another discarder)
+  mkdirSync(join(partial, 'new'), { recursive: true });
+  mkdirSync(join(partial, 'tmp'));
+  await w.discardEmpty({ format: 'maildir', path: partial }, root);
+  t.notOk(existsSync(partial), 'a maildir without cur/ is removed');
+  const full = join(root, 'example.test', 'full');
+  for (const d of ['cur', 'new', 'tmp']) mkdirSync(join(full, d), { recursive: true });
+  writeFileSync(join(full, 'new', '1.msg'), 'Subject: kept\r\n\r\nx\r\n');
+  await w.discardEmpty({ format: 'maildir', path: full }, root);
+  t.ok(existsSync(join(full, 'new', '1.msg')), 'a maildir holding a message is left as it is');
+  await w.discardEmpty({ format: 'maildir', path: join(root, 'example.test', 'never') }, root);
+  t.pass('a mailbox that is not there: nothing to do, no error');
 });

@@ -96,11 +96,16 @@ export class LocalWriter implements MailWriter {
 
   async discardEmpty(a: MailboxRef, mailRoot: string): Promise<void> {
     const base = baseOf(mailRoot, a.path);
+    // a part already gone is no reason to stop: another discarder of the same mailbox may be a
+    // step ahead, or a racing create may have made only part of it (src/allocation.ts)
+    const gone = (e: unknown): void => {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    };
     try {
       if (a.format === 'maildir') {
         checkDir(base, a.path);
-        for (const d of ['cur', 'new', 'tmp']) await rmdir(join(a.path, d));
-        await rmdir(a.path);
+        for (const d of ['cur', 'new', 'tmp']) await rmdir(join(a.path, d)).catch(gone);
+        await rmdir(a.path).catch(gone);
       } else {
         const st = await lstat(a.path);
         if (st.isFile() && st.size === 0) await unlink(a.path);
