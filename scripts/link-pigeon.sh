@@ -5,7 +5,8 @@
 #             $PIGEON_BINDIR, default /usr/local/bin), but only when nothing is there yet or when
 #             it is already a symlink into a pigeon clone (this one, another checkout, a moved one,
 #             or the dist/src/cli.js an earlier build linked; cli.cjs starts `pigeon deliver`
-#             faster, src/launcher.ts):
+#             faster, src/launcher.ts), or a dangling symlink to a dist/src/cli.cjs or cli.js
+#             (a clone that was removed: that command no longer runs at all):
 #             anything else there is the admin's and is left alone. Whenever it does not link, it
 #             prints the one command that would. As another user it only prints that command.
 # DIAGNOSTICS Messages on stderr, prefixed "link-pigeon:"; exit 0 unless dist/src/cli.cjs is
@@ -57,6 +58,15 @@ if [ -L "$link" ]; then
     ln -sfn "$cli" "$link"
     say "$link now points to $cli (it pointed to another pigeon clone: $target)"
     exit 0
+  fi
+  if [ ! -e "$target" ]; then
+    case "$target" in
+      */dist/src/cli.cjs | */dist/src/cli.js)
+        ln -sfn "$cli" "$link"
+        say "$link now points to $cli (it pointed to $target, which no longer exists)"
+        exit 0
+        ;;
+    esac
   fi
   say "$link is a symlink to $target, not a pigeon clone's: left alone"
   hint

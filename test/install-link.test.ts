@@ -67,6 +67,24 @@ t.test('as root: a link into another pigeon clone is replaced; anything else is 
   const r3 = link(b3);
   t.equal(readlinkSync(join(b3, 'pigeon')), '/bin/true', 'a link to another program stays');
   t.match(r3.err, 'not a pigeon clone');
+
+  // a clone that was removed (the link dangles): that command runs no more, the link is taken
+  const b4 = join(base, 'b4');
+  mkdirSync(b4);
+  const gone = join(base, 'removed-clone', 'dist', 'src', 'cli.cjs');
+  symlinkSync(gone, join(b4, 'pigeon'));
+  const r4 = link(b4);
+  t.equal(r4.code, 0);
+  t.equal(readlinkSync(join(b4, 'pigeon')), CLI, 'the dangling link now points here');
+  t.match(r4.err, `it pointed to ${gone}, which no longer exists`);
+
+  // a dangling link to something that is not a pigeon command stays the admin's
+  const b5 = join(base, 'b5');
+  mkdirSync(b5);
+  symlinkSync('/opt/not-mounted-yet/pigeon', join(b5, 'pigeon'));
+  const r5 = link(b5);
+  t.equal(readlinkSync(join(b5, 'pigeon')), '/opt/not-mounted-yet/pigeon', 'a dangling link elsewhere stays');
+  t.match(r5.err, 'not a pigeon clone');
 });
 
 t.test('as another user: nothing is linked, the command to run is printed', { skip: process.getuid?.() !== 0 ? 'needs root to switch user' : false }, async (t) => {
