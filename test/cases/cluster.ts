@@ -193,7 +193,12 @@ export default function cases(kind: DbKind): void {
       w.write('QUIT\r\n');
       await w.waitClosed();
       const after = await metrics(C);
-      t.equal(after.get('pigeon_db_user_reads_total') ?? 0, before.get('pigeon_db_user_reads_total') ?? 0, 'C read no user from the database');
+      // two logins (IMAP, POP3), and no read for either. C may read alice's row once for another
+      // reason: its change poll (once a second) sees the allocation recorded by the delivery above,
+      // and for a user with a live session on C it reads the row to see whether a move began
+      // (src/proxy/live.ts watchMoves); whether that poll falls during these sessions is timing
+      const reads = (after.get('pigeon_db_user_reads_total') ?? 0) - (before.get('pigeon_db_user_reads_total') ?? 0);
+      t.ok(reads <= 1, `C read no user for the two logins (${reads} read(s), at most the one its change poll makes)`);
       t.equal(after.get('pigeon_password_checks_total') ?? 0, 0, 'C checked no password');
       t.equal((after.get('pigeon_peer_handoffs_received_total{kind="imap",result="accepted"}') ?? 0) - (before.get('pigeon_peer_handoffs_received_total{kind="imap",result="accepted"}') ?? 0), 1);
       t.equal((after.get('pigeon_peer_handoffs_received_total{kind="pop3",result="accepted"}') ?? 0) - (before.get('pigeon_peer_handoffs_received_total{kind="pop3",result="accepted"}') ?? 0), 1);
