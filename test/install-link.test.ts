@@ -36,15 +36,19 @@ t.test('as root: a link where nothing is; the command works; running it again ch
 
 t.test('as root: a link into another pigeon clone is replaced; anything else is left alone', { skip: process.getuid?.() !== 0 ? 'needs root' : false }, async (t) => {
   const base = scratchDir(t);
+  /** a bin directory `name` whose `pigeon` is a symlink to `target`, then link-pigeon.sh run on it */
+  const linkedTo = (name: string, target: string): { bin: string; r: ReturnType<typeof link> } => {
+    const bin = join(base, name);
+    mkdirSync(bin);
+    symlinkSync(target, join(bin, 'pigeon'));
+    return { bin, r: link(bin) };
+  };
   // another checkout of pigeon (as after a move of the clone), linked as earlier builds did (cli.js)
   const other = join(base, 'other-clone');
   mkdirSync(join(other, 'dist', 'src'), { recursive: true });
   writeFileSync(join(other, 'package.json'), '{\n  "name": "pigeon-deliver",\n  "version": "0.0.1"\n}\n');
   writeFileSync(join(other, 'dist', 'src', 'cli.js'), '#!/usr/bin/env node\n', { mode: 0o755 });
-  const b1 = join(base, 'b1');
-  mkdirSync(b1);
-  symlinkSync(join(other, 'dist', 'src', 'cli.js'), join(b1, 'pigeon'));
-  const r1 = link(b1);
+  const { bin: b1, r: r1 } = linkedTo('b1', join(other, 'dist', 'src', 'cli.js'));
   t.equal(r1.code, 0);
   t.equal(readlinkSync(join(b1, 'pigeon')), CLI, 'the link into the other clone now points here');
   t.match(r1.err, `it pointed to another pigeon clone: ${join(other, 'dist', 'src', 'cli.js')}`);
@@ -61,28 +65,19 @@ t.test('as root: a link into another pigeon clone is replaced; anything else is 
   t.match(r2.err, `run as root:  ln -sfn ${CLI} ${join(b2, 'pigeon')}`, 'and the one command to run is printed');
 
   // a link to something else
-  const b3 = join(base, 'b3');
-  mkdirSync(b3);
-  symlinkSync('/bin/true', join(b3, 'pigeon'));
-  const r3 = link(b3);
+  const { bin: b3, r: r3 } = linkedTo('b3', '/bin/true');
   t.equal(readlinkSync(join(b3, 'pigeon')), '/bin/true', 'a link to another program stays');
   t.match(r3.err, 'not a pigeon clone');
 
   // a clone that was removed (the link dangles): that command runs no more, the link is taken
-  const b4 = join(base, 'b4');
-  mkdirSync(b4);
   const gone = join(base, 'removed-clone', 'dist', 'src', 'cli.cjs');
-  symlinkSync(gone, join(b4, 'pigeon'));
-  const r4 = link(b4);
+  const { bin: b4, r: r4 } = linkedTo('b4', gone);
   t.equal(r4.code, 0);
   t.equal(readlinkSync(join(b4, 'pigeon')), CLI, 'the dangling link now points here');
   t.match(r4.err, `it pointed to ${gone}, which no longer exists`);
 
   // a dangling link to something that is not a pigeon command stays the admin's
-  const b5 = join(base, 'b5');
-  mkdirSync(b5);
-  symlinkSync('/opt/not-mounted-yet/pigeon', join(b5, 'pigeon'));
-  const r5 = link(b5);
+  const { bin: b5, r: r5 } = linkedTo('b5', '/opt/not-mounted-yet/pigeon');
   t.equal(readlinkSync(join(b5, 'pigeon')), '/opt/not-mounted-yet/pigeon', 'a dangling link elsewhere stays');
   t.match(r5.err, 'not a pigeon clone');
 });

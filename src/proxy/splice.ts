@@ -135,6 +135,7 @@ function pump(src: Readable, dst: Writable, counted: (n: number) => void): void 
   src.resume();
   dst.once('close', () => {
     batch = [];
+    batched = 0;
     if (waiting) dst.off('drain', resume);
   });
 }
