@@ -16,8 +16,9 @@
  * SEE ALSO    src/cli.ts, src/delivery/deliver-cli.ts, scripts/bundle-deliver.mjs,
  *             test/deliver-handoff.test.ts (what a hand-off through this file loads)
  */
-import { deliverCommand, parseDeliverArgv } from './delivery/deliver-cli.js';
+import { deliverCommand, loadDeliveryCode, parseDeliverArgv, type DeliveryCode } from './delivery/deliver-cli.js';
 import type { HandoffNative } from './delivery/handoff-client.js';
+import { loadInprocBundle } from './delivery/inproc-bundle.js';
 
 /** sysexits(3) values answered before src/errors.ts is loaded */
 const EX_OK = 0;
@@ -39,6 +40,22 @@ function handoffNative(): HandoffNative | undefined {
   }
 }
 
+/**
+ * The in-process delivery code (when no running serve takes the message) as one CommonJS file,
+ * dist/src/deliver-inproc.cjs (`npm run build`, scripts/bundle-deliver.mjs), compiled with the
+ * V8 code cache the build wrote for it (src/delivery/inproc-bundle.ts): on Node 20 the ES module
+ * loader's cost is per module file, and that code is ≈ 150 files of dist/ and of the packages it
+ * uses. Without the bundle (tsc alone), or when this file does not run as the CommonJS bundle:
+ * dist/'s module files, through node's loader.
+ */
+async function deliveryCode(): Promise<DeliveryCode> {
+  if (typeof require !== 'function' || typeof __dirname !== 'string') return loadDeliveryCode();
+  const file = `${__dirname}/deliver-inproc.cjs`;
+  const fs = require('node:fs') as typeof import('node:fs');
+  if (!fs.existsSync(file)) return loadDeliveryCode();
+  return loadInprocBundle<DeliveryCode>(file, { fs, vm: require('node:vm') as typeof import('node:vm'), require, import: (specifier) => import(specifier) }).exports;
+}
+
 async function run(argv: readonly string[]): Promise<number> {
   // Node's compile cache (module.enableCompileCache, 22.1 and later) as in src/cli.ts; told by
   // the version, because on Node 20 even loading node:module costs a deliver ≈ 1 ms (it brings
@@ -48,7 +65,7 @@ async function run(argv: readonly string[]): Promise<number> {
   const o = parseDeliverArgv(argv);
   if (o !== null) {
     // never throws: a delivery code that does not load is its 75 and one line
-    const handedOff = await deliverCommand(o, handoffNative());
+    const handedOff = await deliverCommand(o, handoffNative(), deliveryCode);
     const code = typeof process.exitCode === 'number' ? process.exitCode : EX_OK;
     // serve has answered and the status line is out (stdout is a pipe or a file: written
     // synchronously): exit now rather than wind the event loop down (≈ 1 ms)

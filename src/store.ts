@@ -264,10 +264,11 @@ export async function openStore(url: string, opts: OpenOptions = {}): Promise<St
     return openSqlite(path, opts);
   }
   // loaded only for a postgres:// URL, so the SQLite path never pays for the client library
-  const spec = './store/postgres.js';
   let mod: PostgresModule;
   try {
-    mod = (await import(spec)) as PostgresModule;
+    // a literal path: `npm run build` bundles it into dist/src/deliver-inproc.cjs with the rest
+    // of the delivery code (one copy of AppError in that process)
+    mod = (await import('./store/postgres.js')) as PostgresModule;
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ERR_MODULE_NOT_FOUND' && String((e as Error).message).includes('store/postgres.js')) {
       throw new AppError('CONFIG_INVALID', `database URL ${JSON.stringify(redactUrl(url))}: PostgreSQL support is not built into this version yet; use sqlite:PATH`);

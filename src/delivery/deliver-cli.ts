@@ -102,6 +102,18 @@ function inputOf(path: string | undefined): AsyncIterable<Buffer> {
   return (path === undefined ? process.stdin : createReadStream(path)) as AsyncIterable<Buffer>;
 }
 
+/** The in-process delivery code: what a `deliver` loads when no running serve takes the message. */
+export interface DeliveryCode {
+  readonly runDeliver: (typeof import('./deliver.js'))['runDeliver'];
+  readonly remoteStore: (typeof import('../peer/remote-store.js'))['remoteStore'];
+}
+
+/** The delivery code as module files of dist/ (node's loaders; the `pigeon` command loads one bundle instead, src/launcher.ts). */
+export async function loadDeliveryCode(): Promise<DeliveryCode> {
+  const [{ runDeliver }, { remoteStore }] = await Promise.all([import('./deliver.js'), import('../peer/remote-store.js')]);
+  return { runDeliver, remoteStore };
+}
+
 /**
  * Deliver as `o` says; sets process.exitCode and prints at most one line. Never throws. True
  * when a running serve took the message (nothing of this process is left to finish then).
@@ -109,8 +121,10 @@ function inputOf(path: string | undefined): AsyncIterable<Buffer> {
  * nothing but node built-ins loaded so far); otherwise, or with -p FILE, this process loads the
  * delivery code and delivers itself, with the same answers. `native`: the native module's
  * connect, which the `pigeon` command (src/launcher.ts) gives so that a hand-off needs no node:net.
+ * `load`: where the delivery code comes from when this process delivers itself (the `pigeon`
+ * command gives dist/src/deliver-inproc.cjs, the whole of it in one file).
  */
-export async function deliverCommand(o: DeliverOptions, native?: HandoffNative | null): Promise<boolean> {
+export async function deliverCommand(o: DeliverOptions, native?: HandoffNative | null, load: () => Promise<DeliveryCode> = loadDeliveryCode): Promise<boolean> {
   tempfailOnCrash();
   try {
     if (o.path === undefined) {
@@ -126,15 +140,15 @@ export async function deliverCommand(o: DeliverOptions, native?: HandoffNative |
         return true;
       }
     }
-    let code: [typeof import('./deliver.js'), typeof import('../peer/remote-store.js')];
+    let code: DeliveryCode;
     try {
-      code = await Promise.all([import('./deliver.js'), import('../peer/remote-store.js')]);
+      code = await load();
     } catch (e) {
       // a broken install defers with one line, as src/cli.ts says it for this module
       answer(EX.TEMPFAIL, statusLine({ dsn: '4.3.0', text: `internal error (cannot load the delivery code: ${(e instanceof Error ? e.message : String(e)).slice(0, 300)})` }));
       return false;
     }
-    const [{ runDeliver }, { remoteStore }] = code;
+    const { runDeliver, remoteStore } = code;
     const r = await runDeliver({
       config: o.config,
       sender: o.from,
