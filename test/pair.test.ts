@@ -7,7 +7,8 @@ import t from 'tap';
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import type { Socket } from 'node:net';
-import { socketPair, type Pair } from '../src/peer/pair.js';
+import { socketPair, sessionPair, spareNear, type Pair } from '../src/peer/pair.js';
+import { waitFor } from './helpers/delivery-env.js';
 
 /** The next `n` bytes `s` gives (it is resumed for them, paused again after). */
 function read(s: Socket, n: number): Promise<string> {
@@ -59,3 +60,28 @@ for (const via of ['native', 'listener'] as const) {
     t.equal(await exited, 0, 'the child saw the end of its input and exited');
   });
 }
+
+t.test('a received session\'s pair: the spare made after the previous session, then a new spare; it works as a fresh one', async (t) => {
+  const first = await sessionPair();
+  t.teardown(() => {
+    first.near.destroy();
+    first.far.destroy();
+  });
+  // the event: the spare made after the first call (setImmediate, off the first session's path)
+  await waitFor('a spare pair after the first session\'s', () => spareNear() !== null, 30_000);
+  const ready = spareNear();
+  const second = await sessionPair();
+  t.teardown(() => {
+    second.near.destroy();
+    second.far.destroy();
+  });
+  t.equal(second.near, ready, 'the second session got the spare');
+  t.not(second.near, first.near, 'another pair than the first');
+  t.ok(second.near.isPaused() && second.far.isPaused(), 'both ends paused, as a fresh pair');
+  second.near.write('to far\n');
+  t.equal(await read(second.far, 7), 'to far\n', 'near → far');
+  second.far.write('to near\n');
+  t.equal(await read(second.near, 8), 'to near\n', 'far → near');
+  await waitFor('the next spare', () => spareNear() !== null && spareNear() !== ready, 30_000);
+  t.pass('taking the spare made the next one');
+});

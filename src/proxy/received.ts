@@ -23,7 +23,7 @@ import type { BackendEnd, BackendSession } from '../../backends/types.js';
 import { ClientConn } from './conn.js';
 import { route, runSession } from './router.js';
 import { relay } from './relay.js';
-import { socketPair, type Pair } from '../peer/pair.js';
+import { sessionPair, type Pair } from '../peer/pair.js';
 import { RELAY_GRACE_MS } from '../limits.js';
 
 export async function receiveSession(env: ProxyEnv, s: ReceivedSession): Promise<void> {
@@ -33,7 +33,7 @@ export async function receiveSession(env: ProxyEnv, s: ReceivedSession): Promise
   let pair: Pair | null = null;
   if (env.spawner && env.instance.config.handoff) {
     try {
-      pair = await socketPair();
+      pair = await sessionPair();
     } catch (e) {
       env.log.log('warn', `${s.protocol}(${address})`, `No local socket pair for a session from ${s.from} (relaying through pipes): ${(e as Error).message}:`, { session: s.session });
     }
