@@ -8,11 +8,11 @@
 // module file of dist/, no second copy of pigeon's code.
 import t, { type Test } from 'tap';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ROOT, cli, ok, need, makeInstance, setUser, maildirOf, files, msg, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { scratchDir } from './helpers/instance.js';
-import { loadRecorder } from './helpers/load-recorder.js';
+import { loadRecorder, recordDir } from './helpers/load-recorder.js';
 import { startPostgres } from './helpers/postgres.js';
 import { BUILD_LINE, cacheFile } from '../src/delivery/inproc-bundle.js';
 
@@ -35,17 +35,10 @@ function mailInstance(t: Test): string {
   return inst;
 }
 
-/** A directory everyone may read with an empty file the mail user may write: where a deliver records what it loaded. */
-function recordDir(t: Test): { rec: string; loaded: string; esm: string } {
-  const rec = mkdtempSync('/tmp/pdb-rec-');
-  t.teardown(() => rmSync(rec, { recursive: true, force: true }));
-  chmodSync(rec, 0o755);
-  const loaded = join(rec, 'loaded.json');
-  const esm = join(rec, 'esm.txt');
-  for (const f of [loaded, esm]) {
-    writeFileSync(f, '');
-    chownSync(f, MAIL_UID, MAIL_GID);
-  }
+/** Where a deliver as the mail user records what it loaded: a CommonJS preload and the ES module recorder's file. */
+function recordDirs(t: Test): { rec: string; loaded: string; esm: string } {
+  const { rec, files } = recordDir(t, ['loaded.json', 'esm.txt'], MAIL_UID, MAIL_GID);
+  const [loaded = '', esm = ''] = files;
   // every script compiled through node:vm (the bundle: with or without its cache) and, at exit,
   // every file require() loaded
   writeFileSync(
@@ -78,7 +71,7 @@ t.test('the build wrote the bundle and its code cache, named by the bundle\'s bu
 t.test('without serve, as the mail user: delivered from the bundle with its code cache; no module file of dist/ loaded', async (t) => {
   const inst = mailInstance(t);
   spawnSync('chown', ['-R', 'mail:mail', inst]);
-  const { rec, loaded, esm } = recordDir(t);
+  const { rec, loaded, esm } = recordDirs(t);
   const register = loadRecorder(rec, esm);
   const body = 'bytes stay bytes: caf\xe9 \xff\x80\nsecond line\n';
   const r = spawnSync(

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { CLI, ROOT, cli, ok, need, makeInstance, setUser, maildirOf, files, msg, startServe, waitFor, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { startPostfix, freePort, smtpSubmit } from './helpers/delivery-postfix.js';
 import { scratchDir } from './helpers/instance.js';
-import { loadRecorder } from './helpers/load-recorder.js';
+import { loadRecorder, recordDir } from './helpers/load-recorder.js';
 
 const NOBODY = 65534;
 /** The `pigeon` command (package.json bin, scripts/link-pigeon.sh): what pipe(8) runs */
@@ -75,15 +75,10 @@ async function servedHandoff(t: Test): Promise<{ inst: string; pid: number; log:
   return { inst: h.inst, pid: await servePid(h.log), log: h.log };
 }
 
-/** A directory everyone may read, holding an empty file `name` the mail user may write: where a deliver records what it loaded. */
+/** A record directory with one file `name` the mail user may write (helpers/load-recorder.ts). */
 function recordFile(t: Test, name: string): { rec: string; loaded: string } {
-  const rec = mkdtempSync('/tmp/pdh-rec-');
-  t.teardown(() => rmSync(rec, { recursive: true, force: true }));
-  chmodSync(rec, 0o755);
-  const loaded = join(rec, name);
-  writeFileSync(loaded, '');
-  chownSync(loaded, MAIL_UID, MAIL_GID);
-  return { rec, loaded };
+  const { rec, files } = recordDir(t, [name], MAIL_UID, MAIL_GID);
+  return { rec, loaded: files[0] ?? '' };
 }
 
 /**

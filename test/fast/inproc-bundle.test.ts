@@ -10,7 +10,9 @@ import { createRequire } from 'node:module';
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
+import { pathToFileURL } from 'node:url';
 import { loadInprocBundle, cacheFile } from '../../src/delivery/inproc-bundle.js';
+import { ROOT } from '../helpers/instance.js';
 
 interface Exports {
   answer: () => number;
@@ -35,15 +37,18 @@ const deps = (file: string, imported: string[]) => ({
   },
 });
 
-/** A code cache for `file`, made in another process, as the build makes it. */
+/**
+ * A code cache for `file`, made in another process as the build makes it (scripts/bundle-deliver.mjs:
+ * dist's loadInprocBundle from source, the bundle run, then createCachedData).
+ */
 function cacheFromAnotherProcess(file: string, id: string): void {
+  const loader = pathToFileURL(join(ROOT, 'dist', 'src', 'delivery', 'inproc-bundle.js')).href;
   const code = `const fs = require('fs'), vm = require('vm');
-const src = fs.readFileSync(${JSON.stringify(file)}, 'utf8');
-const s = new vm.Script('(function (exports, require, module, __filename, __dirname, __pigeonImport) { ' + src + '\\n});', { filename: ${JSON.stringify(file)} });
-const m = { exports: {} };
-s.runInThisContext().call(m.exports, m.exports, require, m, ${JSON.stringify(file)}, '', (x) => import(x));
-m.exports.answer();
-fs.writeFileSync(${JSON.stringify(cacheFile(file, id))}, s.createCachedData());`;
+import(${JSON.stringify(loader)}).then(({ loadInprocBundle }) => {
+  const b = loadInprocBundle(${JSON.stringify(file)}, { fs, vm, require, import: (x) => import(x) }, false);
+  b.exports.answer();
+  fs.writeFileSync(${JSON.stringify(cacheFile(file, id))}, b.script.createCachedData());
+});`;
   const r = spawnSync(process.execPath, ['-e', code], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(r.stderr);
 }

@@ -2,8 +2,25 @@
 // node:module's register) that append every URL the process resolves to `loaded`, and at exit
 // every node built-in it loaded as `builtin:NAME`. The files go in `dir`; `loaded` must be
 // writable by whoever the process runs as.
-import { writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import type { Test } from 'tap';
+
+/**
+ * A directory everyone may read, holding empty files `names` that `uid`:`gid` (the mail user a
+ * deliver runs as) may write: where a process records what it loaded. Removed at the test's end.
+ */
+export function recordDir(t: Test, names: readonly string[], uid: number, gid: number): { rec: string; files: string[] } {
+  const rec = mkdtempSync('/tmp/pigeon-rec-');
+  t.teardown(() => rmSync(rec, { recursive: true, force: true }));
+  chmodSync(rec, 0o755);
+  const files = names.map((n) => join(rec, n));
+  for (const f of files) {
+    writeFileSync(f, '');
+    chownSync(f, uid, gid);
+  }
+  return { rec, files };
+}
 
 /** Write the hook and its registration into `dir`; the path to give `--import`. */
 export function loadRecorder(dir: string, loaded: string): string {
