@@ -5,9 +5,9 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { owned, stopGroup, stopAnvil } from './reaper.js';
 import { writeFileSync, readFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { createServer, connect } from 'node:net';
+import { connect } from 'node:net';
 import type { Test } from 'tap';
-import { pigeon, serveReady, CLI, SERVE_START_MS, type Run } from './instance.js';
+import { pigeon, serveReady, freePort, CLI, SERVE_START_MS, type Run } from './instance.js';
 import { Wire } from './wire.js';
 import { Dialog, dataOf } from './delivery-lmtp.js';
 import { courierBinaries } from './backends.js';
@@ -52,19 +52,6 @@ export interface ClusterNode {
   stop(signal?: NodeJS.Signals): Promise<void>;
 }
 
-/** A free TCP port on `ip`. */
-export function freePortOn(ip: string): Promise<number> {
-  return new Promise((res, rej) => {
-    const s = createServer();
-    s.once('error', rej);
-    s.listen(0, ip, () => {
-      const a = s.address();
-      const p = typeof a === 'object' && a ? a.port : 0;
-      s.close(() => res(p));
-    });
-  });
-}
-
 // peer timeouts stay at their defaults (10 s): a hand-off or a TLS set-up under two test suites
 // at once on 2 cores can take seconds, and a shorter bound made genuine links fail
 export const CLUSTER_CONF = `log:\n  level: debug\n  file: pigeon.log\nlimits:\n  auth_failure_delay_ms: 50\n`;
@@ -76,7 +63,7 @@ export const CLUSTER_CONF = `log:\n  level: debug\n  file: pigeon.log\nlimits:\n
  */
 export async function makeNode(t: Test, base: string, name: string, ip: string, db: string | null, caFrom: string | null, extraConf = '', initArgs: readonly string[] = []): Promise<ClusterNode> {
   const dir = join(base, name);
-  const peerPort = await freePortOn(ip);
+  const peerPort = await freePort(ip);
   const args = ['init', dir, '--node', name, '--listen', `imap=${ip}:0`, '--listen', `pop3=${ip}:0`, '--listen', `lmtp=${ip}:0`, '--listen', `peer=${ip}:${peerPort}`, '--listen', `metrics=${ip}:0`];
   if (db) args.push('--db', db);
   if (caFrom) args.push('--ca-from', caFrom);

@@ -11,16 +11,8 @@ import { join } from 'node:path';
 import { need } from './delivery-env.js';
 import { hold, release } from './reaper.js';
 
-export function freePort(): Promise<number> {
-  return new Promise((res, rej) => {
-    const s = net.createServer();
-    s.once('error', rej);
-    s.listen(0, '127.0.0.1', () => {
-      const p = (s.address() as net.AddressInfo).port;
-      s.close(() => res(p));
-    });
-  });
-}
+// the one free-port helper (below the ephemeral range, checked on its host)
+export { freePort } from './instance.js';
 
 export interface PostfixOptions {
   /** where the log is copied at stop */

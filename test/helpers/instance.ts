@@ -139,15 +139,26 @@ export function serveReady(child: ChildProcess, name: string, seen: (err: string
 }
 
 /** A free TCP port on loopback (for programs that cannot listen on port 0 themselves). */
-export async function freePort(): Promise<number> {
+/**
+ * A free TCP port on `host` for a server a test is about to start. Chosen at random below the
+ * kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 on Debian), then checked by
+ * binding it on that host: a port the kernel hands out for listen(0) is one it may give the next
+ * outgoing connection too, in the moment between this check and the server's own bind (two suites
+ * at once met that as EADDRINUSE). The one helper for every test (cluster nodes, Postfix, serve).
+ */
+export async function freePort(host = '127.0.0.1'): Promise<number> {
+  for (let i = 0; i < 500; i++) {
+    const port = 20000 + Math.floor(Math.random() * 12000);
+    if (await canBind(port, host)) return port;
+  }
+  throw new Error(`no free TCP port on ${host} in 20000-31999 after 500 tries`);
+}
+
+function canBind(port: number, host: string): Promise<boolean> {
   return new Promise((res, rej) => {
     const s = createServer();
-    s.once('error', rej);
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address();
-      const p = typeof a === 'object' && a ? a.port : 0;
-      s.close(() => res(p));
-    });
+    s.once('error', (e: NodeJS.ErrnoException) => (e.code === 'EADDRINUSE' || e.code === 'EACCES' ? res(false) : rej(e)));
+    s.listen({ port, host, exclusive: true }, () => s.close(() => res(true)));
   });
 }
 
