@@ -175,10 +175,31 @@ export interface AuthInstance {
   authenticate(req: AuthRequest): Promise<AuthResult>;
 }
 
-/** A module's slice of the effective config: `{ key: value }` for `module.key`. */
-export function slice(cfg: Effective, module: string): Record<string, Json> {
+/** The slices of a frozen effective config (src/resolve.ts shares one per set of rows), by module. */
+const slices = new WeakMap<Effective, Map<string, Readonly<Record<string, Json>>>>();
+
+/**
+ * A module's slice of the effective config: `{ key: value }` for `module.key`. The config
+ * `resolve` made is frozen and shared by every user with the same rows: its slices are made
+ * once (a walk over every key of the catalog) and handed out frozen; a config built by hand
+ * (not frozen) gets a new slice each time.
+ */
+export function slice(cfg: Effective, module: string): Readonly<Record<string, Json>> {
+  const frozen = Object.isFrozen(cfg);
+  if (frozen) {
+    const hit = slices.get(cfg)?.get(module);
+    if (hit) return hit;
+  }
   const out: Record<string, Json> = {};
   const prefix = `${module}.`;
   for (const [k, v] of Object.entries(cfg)) if (k.startsWith(prefix)) out[k.slice(prefix.length)] = v.value;
+  if (!frozen) return out;
+  Object.freeze(out);
+  let m = slices.get(cfg);
+  if (!m) {
+    m = new Map();
+    slices.set(cfg, m);
+  }
+  m.set(module, out);
   return out;
 }
