@@ -143,3 +143,35 @@ t.test('withDeadline: a locked database is waited for until the deadline; a pass
   lock.exec('ROLLBACK');
   t.equal(await store.addDomain('a.test'), 'a.test', "closing a view closed nothing: the store still works");
 });
+
+t.test('a user looked up again is answered from the last lookup only while the database is unchanged', async (t) => {
+  const { store, file } = await fresh(t);
+  await store.addDomain('example.test');
+  await store.addUser('alice@example.test', '{PLAIN}one', null);
+  const first = await store.lookup('alice@example.test');
+  const again = await store.lookup('alice@example.test');
+  t.equal(again, first, 'nothing changed: the same answer, not a second query');
+  t.ok(Object.isFrozen(again) && Object.isFrozen(again?.user) && Object.isFrozen(again?.rows), 'shared, so frozen');
+  t.throws(() => (again?.rows as unknown[]).push(1), TypeError, 'nobody can change what another caller reads');
+
+  // a change through this very connection (data_version does not count those; total_changes does)
+  await store.setPassword('alice@example.test', '{PLAIN}two');
+  t.equal((await store.lookup('alice@example.test'))?.user.password, '{PLAIN}two', 'own write seen at once');
+  await store.setSetting({ scope: 'user', name: 'alice@example.test' }, 'mailstore', 'quota', 7, []);
+  t.same((await store.lookup('alice@example.test'))?.rows.map((r) => `${r.module}.${r.key}=${String(r.value)}`), ['mailstore.quota=7'], 'own setting seen at once');
+  await store.setSetting({ scope: 'global', name: null }, 'imap', 'backend', 'courier', []);
+  t.equal((await store.lookup('alice@example.test'))?.rows.length, 2, 'a global row (not the user\'s own) seen at once');
+
+  // changes by another connection: another process (the CLI) or another store in this one
+  const other = new Database(file);
+  t.teardown(() => other.close());
+  other.prepare("UPDATE users SET password = '{PLAIN}three' WHERE address = 'alice@example.test'").run();
+  t.equal((await store.lookup('alice@example.test'))?.user.password, '{PLAIN}three', 'another connection\'s write seen at once');
+  other.prepare("UPDATE users SET state = 'disabled' WHERE address = 'alice@example.test'").run();
+  t.equal((await store.lookup('alice@example.test'))?.user.state, 'disabled');
+  other.prepare("DELETE FROM settings WHERE scope = 'user'").run();
+  other.prepare("DELETE FROM users WHERE address = 'alice@example.test'").run();
+  t.equal(await store.lookup('alice@example.test'), null, 'a user removed elsewhere is gone at once');
+  await store.addUser('alice@example.test', '{PLAIN}four', null);
+  t.equal((await store.lookup('alice@example.test'))?.user.password, '{PLAIN}four', 'and a new one with the same address is the new one');
+});
