@@ -8,6 +8,7 @@
  */
 import type { Json, Scope } from './settings.js';
 import { catalog } from './catalog.js';
+import { deepFreeze } from './freeze.js';
 
 export type Flag = 'override' | 'ignore';
 
@@ -50,14 +51,6 @@ function rowsKey(rows: readonly SettingRow[]): string {
   let k = '';
   for (const r of rows) k += `${r.scope}\0${r.module}\0${r.key}\0${r.flags.join(',')}\0${JSON.stringify(r.value)}\n`;
   return k;
-}
-
-function deepFreeze<T>(v: T): T {
-  if (v !== null && typeof v === 'object' && !Object.isFrozen(v)) {
-    for (const x of Object.values(v)) deepFreeze(x);
-    Object.freeze(v);
-  }
-  return v;
 }
 
 /**
