@@ -96,6 +96,7 @@ export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string
   const n = workers > 0 ? workers : availableParallelism();
   const { takeInheritedSockets } = await import('../src/systemd.js');
   if (cluster.isWorker) {
+    (await import('../src/metrics.js')).answerPrimary();
     try {
       const path = process.env[HANDOFF_ENV];
       return await runWorker(makeEnv, configPath, extra, takeInheritedSockets(), handoff !== null && path !== undefined && path !== '' ? { path, server: handoff } : null);

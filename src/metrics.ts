@@ -26,7 +26,6 @@
  *             bind it to loopback or a private network.
  */
 import type { Server } from 'node:http';
-import cluster from 'node:cluster';
 import type { Worker } from 'node:cluster';
 import { createRequire } from 'node:module';
 import type * as PromClient from 'prom-client';
@@ -40,7 +39,6 @@ import { METRICS_WORKER_MS } from './limits.js';
 // "exports" map; its version is pinned by package-lock.json).
 const load = createRequire(import.meta.url);
 const Registry = load('prom-client/lib/registry') as typeof PromClient.Registry;
-const AggregatorRegistry = load('prom-client/lib/cluster') as typeof PromClient.AggregatorRegistry;
 const Counter = load('prom-client/lib/counter') as typeof PromClient.Counter;
 const Gauge = load('prom-client/lib/gauge') as typeof PromClient.Gauge;
 const Histogram = load('prom-client/lib/histogram') as typeof PromClient.Histogram;
@@ -60,8 +58,14 @@ function message(m: unknown, type: string): { id: number; metrics: Json } | null
   return { id: typeof id === 'number' ? id : -1, metrics: Array.isArray(metrics) ? (metrics as Json) : [] };
 }
 
-if (cluster.isWorker) {
-  // answer the primary's requests; announce that this worker can (a worker still starting is not asked)
+/**
+ * In a worker of `serve --workers N`: answer the primary's requests for this registry, and
+ * announce that this worker can (a worker still starting is not asked). Called by the worker
+ * itself (forkers/listen.ts): node:cluster and prom-client's AggregatorRegistry are loaded only by
+ * the processes that use them, not by every process that counts something (an in-process
+ * `pigeon deliver`: node:cluster brings node:child_process and node:net with it, ≈ 8 ms of CPU).
+ */
+export function answerPrimary(): void {
   process.on('message', (m: unknown) => {
     const req = message(m, REQ);
     if (!req) return;
@@ -188,6 +192,8 @@ export function countDbError(e: unknown): void {
  * asked once; one that does not answer within METRICS_WORKER_MS (or exits) is left out.
  */
 function clusterCollector(): () => Promise<string> {
+  const cluster = load('node:cluster') as typeof import('node:cluster').default;
+  const AggregatorRegistry = load('prom-client/lib/cluster') as typeof PromClient.AggregatorRegistry;
   const ready = new Set<Worker>();
   const waiting = new Map<number, { readonly left: Set<Worker>; readonly got: Json[]; readonly done: () => void }>();
   let nextId = 1;
