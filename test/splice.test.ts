@@ -4,13 +4,17 @@
 // the relay back instead of filling its memory, and gets everything once it reads again; and what
 // the TLS side decrypts in one turn (one chunk per TLS record) reaches the client in one write,
 // not one write per record (strace of a peer-link RETR showed four write(2) calls per 64 KiB read).
+// The links a node dials read into buffers the relay reuses (src/proxy/own-reads.ts): the same
+// checks run over such a link, and its buffers are reused while the client keeps up.
 import t, { type Test } from 'tap';
 import { createHash, randomBytes } from 'node:crypto';
 import { createServer, connect, type Socket } from 'node:net';
-import { createServer as tlsServer, connect as tlsConnect, type TLSSocket } from 'node:tls';
+import { createServer as tlsServer, connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import { once } from 'node:events';
+import { PassThrough, Writable } from 'node:stream';
 import { createCa, issueHostCert } from '../certs/ca.js';
 import { splice } from '../src/proxy/splice.js';
+import { ownReads, BULK, type OnRead, type OwnReader } from '../src/proxy/own-reads.js';
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
@@ -24,9 +28,15 @@ interface Rig {
   readonly accepted: Socket;
   readonly ends: { clientEnded: Promise<void>; backendEnded: Promise<void> };
   readonly counts: { readonly bytesIn: number; readonly bytesOut: number };
+  /** the link's reader when it reads into the relay's buffers */
+  readonly reader: OwnReader | null;
 }
 
-async function rig(t: Test): Promise<Rig> {
+/**
+ * `own`: the link reads into the relay's buffers, as the links src/peer/link.ts dials; `early`:
+ * the backend sends these bytes first, and the link has read them before the relay takes it
+ */
+async function rig(t: Test, own = false, early: Buffer | null = null): Promise<Rig> {
   const ca = await createCa('splice-test');
   const host = await issueHostCert(ca, 'link.test', ['127.0.0.1']);
   const tlsSrv = tlsServer({ key: host.keyPem, cert: host.certPem });
@@ -34,7 +44,10 @@ async function rig(t: Test): Promise<Rig> {
   await once(tlsSrv, 'listening');
   const farP = once(tlsSrv, 'secureConnection') as Promise<[TLSSocket]>;
   const tlsPort = (tlsSrv.address() as { port: number }).port;
-  const link = tlsConnect({ host: '127.0.0.1', port: tlsPort, ca: ca.certPem, servername: 'link.test' });
+  const reader = own ? ownReads() : null;
+  const opts: ConnectionOptions & { onread?: OnRead } = { host: '127.0.0.1', port: tlsPort, ca: ca.certPem, servername: 'link.test', ...(reader ? { onread: reader.onread } : {}) };
+  const link = tlsConnect(opts);
+  reader?.attach(link);
   await once(link, 'secureConnect');
   const [far] = await farP;
 
@@ -53,13 +66,20 @@ async function rig(t: Test): Promise<Rig> {
     clientEnded: new Promise<void>((r) => (clientEnded = r)),
     backendEnded: new Promise<void>((r) => (backendEnded = r)),
   };
+  if (early !== null) {
+    far.write(early);
+    const readable = (): void => undefined;
+    link.on('readable', readable);
+    while (link.readableLength < early.length) await once(link, 'readable');
+    link.off('readable', readable);
+  }
   const counts = splice({ client: { input: accepted, output: accepted }, backend: { input: link, output: link } }, { clientEnded: () => clientEnded(), backendEnded: () => backendEnded() });
   t.teardown(() => {
     for (const s of [far, client, link, accepted]) s.destroy();
     tlsSrv.close();
     plain.close();
   });
-  return { far, client, link, accepted, ends, counts };
+  return { far, client, link, accepted, ends, counts, reader };
 }
 
 function collect(s: Socket): Promise<Buffer> {
@@ -68,8 +88,9 @@ function collect(s: Socket): Promise<Buffer> {
   return new Promise((res) => s.once('end', () => res(Buffer.concat(parts))));
 }
 
-t.test('both ways, every byte in order; the ends are passed on', async (t) => {
-  const r = await rig(t);
+for (const own of [false, true])
+t.test(`both ways, every byte in order; the ends are passed on${own ? ' (the link reads into the relay\'s buffers)' : ''}`, async (t) => {
+  const r = await rig(t, own);
   const down = randomBytes(5 * 1024 * 1024 + 17);
   const up = randomBytes(2 * 1024 * 1024 + 5);
   const gotDown = collect(r.client);
@@ -120,8 +141,9 @@ t.test('what the TLS side gives in one turn goes to the client in one write', as
   t.ok(writes * 2 <= chunks, `the client's socket got ${writes} writes for ${chunks} chunks: batched, not one write per record`);
 });
 
-t.test('a client that stops reading holds the relay back; reading again, it gets everything', async (t) => {
-  const r = await rig(t);
+for (const own of [false, true])
+t.test(`a client that stops reading holds the relay back; reading again, it gets everything${own ? ' (the link reads into the relay\'s buffers)' : ''}`, async (t) => {
+  const r = await rig(t, own);
   r.client.pause();
   const body = randomBytes(48 * 1024 * 1024);
   let written = 0;
@@ -147,4 +169,103 @@ t.test('a client that stops reading holds the relay back; reading again, it gets
   const d = await got;
   t.equal(d.length, body.length, 'then every byte arrives');
   t.equal(sha(d), sha(body), 'in order');
+});
+
+t.test('a link that reads into the relay\'s buffers reuses them while the client keeps up', async (t) => {
+  // bytes the link read before the relay took it (a backend's first answer) come first, as they were
+  const early = Buffer.from('* OK [CAPABILITY IMAP4rev1] ready\r\n');
+  const r = await rig(t, true, early);
+  const reader = r.reader as OwnReader;
+  const body = randomBytes(16 * 1024 * 1024);
+  const got = collect(r.client);
+  for (let i = 0; i < body.length; i += 256 * 1024) r.far.write(body.subarray(i, i + 256 * 1024));
+  r.far.end();
+  const d = await got;
+  t.equal(sha(d), sha(Buffer.concat([early, body])), 'every byte, in order');
+  const reads = Math.ceil(body.length / 16384);
+  t.ok(reader.buffers * 4 < reads, `${reader.buffers} buffers of its own for at least ${reads} reads (one per TLS record): reused, not one per read`);
+  t.ok(BULK <= 16384, 'a full TLS record is bulk');
+});
+
+t.test('before the relay takes it, a link that reads into the relay\'s buffers reads as any socket', async (t) => {
+  // its own socket, not spliced: the hand-off's answer and the pool's watchers read it this way
+  const ca = await createCa('own-reads-test');
+  const host = await issueHostCert(ca, 'link.test', ['127.0.0.1']);
+  const tlsSrv = tlsServer({ key: host.keyPem, cert: host.certPem });
+  tlsSrv.listen(0, '127.0.0.1');
+  await once(tlsSrv, 'listening');
+  const farP = once(tlsSrv, 'secureConnection') as Promise<[TLSSocket]>;
+  const reader = ownReads();
+  const opts: ConnectionOptions & { onread: OnRead } = { host: '127.0.0.1', port: (tlsSrv.address() as { port: number }).port, ca: ca.certPem, servername: 'link.test', onread: reader.onread };
+  const link = tlsConnect(opts);
+  reader.attach(link);
+  await once(link, 'secureConnect');
+  const [far] = await farP;
+  t.teardown(() => {
+    far.destroy();
+    link.destroy();
+    tlsSrv.close();
+  });
+  const body = randomBytes(3 * 1024 * 1024 + 7);
+  const chunks: Buffer[] = [];
+  link.on('data', (c: Buffer) => chunks.push(c));
+  // paused half way: nothing more comes until resumed, and what came stays intact (own copies)
+  far.write(body.subarray(0, 1024 * 1024));
+  await new Promise<void>((res) => {
+    const check = (): void => {
+      if (chunks.reduce((n, c) => n + c.length, 0) >= 1024 * 1024) res();
+      else link.once('data', check);
+    };
+    check();
+  });
+  link.pause();
+  far.end(body.subarray(1024 * 1024));
+  await once(far, 'finish');
+  t.equal(link.isPaused(), true, 'paused as any socket');
+  link.resume();
+  await once(link, 'end');
+  const d = Buffer.concat(chunks);
+  t.equal(sha(d), sha(body), 'every byte in order, no chunk overwritten by a later read');
+});
+
+t.test('a buffer a slow destination still holds is never read into again', async (t) => {
+  // a destination that takes each chunk now and reads its bytes later, as the kernel does with
+  // the rest of a partial write (libuv keeps a pointer to it), and has room for much (no pause)
+  const ca = await createCa('own-reads-held');
+  const host = await issueHostCert(ca, 'link.test', ['127.0.0.1']);
+  const tlsSrv = tlsServer({ key: host.keyPem, cert: host.certPem });
+  tlsSrv.listen(0, '127.0.0.1');
+  await once(tlsSrv, 'listening');
+  const farP = once(tlsSrv, 'secureConnection') as Promise<[TLSSocket]>;
+  const reader = ownReads();
+  const opts: ConnectionOptions & { onread: OnRead } = { host: '127.0.0.1', port: (tlsSrv.address() as { port: number }).port, ca: ca.certPem, servername: 'link.test', onread: reader.onread };
+  const link = tlsConnect(opts);
+  reader.attach(link);
+  await once(link, 'secureConnect');
+  const [far] = await farP;
+  t.teardown(() => {
+    far.destroy();
+    link.destroy();
+    tlsSrv.close();
+  });
+  const got: Buffer[] = [];
+  const held = new Writable({
+    highWaterMark: 64 * 1024 * 1024,
+    write(chunk: Buffer, _enc, done) {
+      // the bytes are read only once the write completes, a turn later
+      setImmediate(() => {
+        got.push(Buffer.from(chunk));
+        done();
+      });
+    },
+  });
+  const finished = once(held, 'finish');
+  const quiet = new PassThrough();
+  splice({ client: { input: quiet, output: held }, backend: { input: link, output: link } }, { clientEnded: () => undefined, backendEnded: () => undefined });
+  const body = randomBytes(8 * 1024 * 1024);
+  for (let i = 0; i < body.length; i += 256 * 1024) far.write(body.subarray(i, i + 256 * 1024));
+  far.end();
+  await finished;
+  t.equal(sha(Buffer.concat(got)), sha(body), 'every byte as sent: no chunk was overwritten while the destination held it');
+  quiet.end();
 });

@@ -11,13 +11,14 @@
  * DIAGNOSTICS AppError PEER_UNAVAILABLE (not registered, disabled, no address, down, timeout),
  *             PEER_REFUSED (the target refused the hand-off: code and text from its answer).
  */
-import { connect, type TLSSocket } from 'node:tls';
+import { connect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import type { X509Certificate } from 'node:crypto';
 import { randomBytes } from 'node:crypto';
 import { certNodeName } from '../../certs/verify.js';
 import type { PeerContext } from './context.js';
 import { AppError, isAppError } from '../errors.js';
 import { peerHandoffsSent, peerLinksOpened, peerLinksPooled } from '../metrics.js';
+import { ownReader, ownReads, type OnRead } from '../proxy/own-reads.js';
 import { PEER_PROTOCOL, HANDOFF_MAX_BYTES, newNonce, sealHandOff, readLine, type HandOff, type Reply } from './protocol.js';
 
 export const PEER_CONNECT_ATTEMPTS = 3;
@@ -31,7 +32,11 @@ export function splitHostPort(a: string): { host: string; port: number } {
 
 function connectOnce(ctx: PeerContext, target: string, host: string, port: number): Promise<TLSSocket> {
   return new Promise((resolve, reject) => {
-    const sock = connect({
+    // the link carries the other node's answers, a large FETCH or RETR among them: its reads land
+    // in a buffer the relay reuses (src/proxy/own-reads.ts)
+    const reads = ownReads();
+    const options: ConnectionOptions & { readonly onread: OnRead } = {
+      onread: reads.onread,
       host,
       port,
       secureContext: ctx.clientContext(),
@@ -41,7 +46,9 @@ function connectOnce(ctx: PeerContext, target: string, host: string, port: numbe
       maxVersion: 'TLSv1.3',
       // the certificate must name the node we mean to reach, whatever address it answers on
       checkServerIdentity: (_h, cert) => (cert.subject.CN === target ? undefined : new Error(`peer at ${host}:${port} presented node ${cert.subject.CN}, expected ${target}`)),
-    });
+    };
+    const sock = connect(options);
+    reads.attach(sock);
     const t = setTimeout(() => {
       sock.destroy();
       reject(new AppError('PEER_UNAVAILABLE', `no TLS link to ${target} at ${host}:${port} within ${ctx.connectTimeoutMs / 1000}s`));
@@ -273,13 +280,17 @@ function refillAfter(ctx: PeerContext, target: string, pooled: boolean, sock: TL
     sock.off('close', drop);
     setImmediate(() => refill(ctx, target, pooled ? 1 : 2));
   };
+  // the links this node dials read into the relay's buffers: no 'data' events once relayed
+  const reader = ownReader(sock);
   const arm = (): void => {
-    sock.once('data', go);
+    if (reader) reader.whenRelayed(go);
+    else sock.once('data', go);
   };
   // a link that closes first (the session never started) opens none
   const drop = (): void => {
     sock.off('resume', arm);
-    sock.off('data', go);
+    if (reader) reader.whenRelayed(null);
+    else sock.off('data', go);
   };
   sock.once('resume', arm);
   sock.once('close', drop);

@@ -22,7 +22,8 @@
  *             becomes a pair; others are closed unread past their first 16 bytes. Bytes are
  *             passed as they are.
  */
-import { createServer, connect, Socket, type Server } from 'node:net';
+import { createServer, connect, Socket, type Server, type SocketConstructorOpts } from 'node:net';
+import { ownReads, type OnRead } from '../proxy/own-reads.js';
 import { randomBytes } from 'node:crypto';
 import { nativeModule } from '../native.js';
 import { closeSync } from 'node:fs';
@@ -107,7 +108,12 @@ function accepted(s: Socket, waiting: Map<string, (near: Socket) => void>): void
 
 /** Both ends as Node sockets, paused (the caller's relay resumes `near`; `far` is never read here). */
 function fromFds(near: number, far: number): Pair {
-  const a = new Socket({ fd: near, readable: true, writable: true });
+  // `near` carries the backend's answers, a large FETCH or RETR among them: its reads land in a
+  // buffer the relay reuses (src/proxy/own-reads.ts)
+  const reads = ownReads();
+  const options: SocketConstructorOpts & { readonly onread: OnRead } = { fd: near, readable: true, writable: true, onread: reads.onread };
+  const a = new Socket(options);
+  reads.attach(a);
   const b = new Socket({ fd: far, readable: true, writable: true });
   a.pause();
   b.pause();

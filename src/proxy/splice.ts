@@ -28,6 +28,7 @@
  * SECURITY    Bytes are passed as they are; nothing is parsed or logged.
  */
 import type { Readable, Writable } from 'node:stream';
+import { ownReader } from './own-reads.js';
 
 export interface SpliceEnds {
   /** the client: what it sends (input) and where its replies go (output; may be the same socket) */
@@ -106,7 +107,7 @@ function pump(src: Readable, dst: Writable, counted: (n: number) => void): void 
     }
     pauseIfFull();
   };
-  src.on('data', (c: Buffer) => {
+  const onChunk = (c: Buffer): void => {
     counted(c.length);
     if (!scheduled && c.length < BATCH_FROM) {
       // a short chunk with nothing batched before it (a command, a reply): out at once
@@ -124,7 +125,21 @@ function pump(src: Readable, dst: Writable, counted: (n: number) => void): void 
         flush();
       });
     }
-  });
+  };
+  const reader = ownReader(src);
+  if (reader === undefined) src.on('data', onChunk);
+  else {
+    // a socket that reads into its own buffer (src/proxy/own-reads.ts): each chunk is written as
+    // it is read, not batched, so that the buffer can take the next read once the write took it
+    reader.relayTo((c) => {
+      counted(c.length);
+      if (gone()) return false;
+      dst.write(c);
+      const kept = dst.writableLength > 0;
+      pauseIfFull();
+      return kept;
+    });
+  }
   src.once('end', () => {
     flush();
     if (!gone()) dst.end();
