@@ -8,7 +8,7 @@
 // checks run over such a link, and its buffers are reused while the client keeps up.
 import t, { type Test } from 'tap';
 import { createHash, randomBytes } from 'node:crypto';
-import { createServer, connect, type Socket } from 'node:net';
+import { createServer, connect, type Socket, type TcpSocketConnectOpts } from 'node:net';
 import { createServer as tlsServer, connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import { once } from 'node:events';
 import { PassThrough, Writable } from 'node:stream';
@@ -228,26 +228,50 @@ t.test('before the relay takes it, a link that reads into the relay\'s buffers r
   t.equal(sha(d), sha(body), 'every byte in order, no chunk overwritten by a later read');
 });
 
-t.test('a buffer a slow destination still holds is never read into again', async (t) => {
-  // a destination that takes each chunk now and reads its bytes later, as the kernel does with
-  // the rest of a partial write (libuv keeps a pointer to it), and has room for much (no pause)
+/** A connected socket that reads into the relay's buffers and its far end: a TLS link (node A's) or a plain socket (node B's pair to its backend). */
+async function ownSource(t: Test, kind: 'tls' | 'plain'): Promise<{ src: Socket; far: Socket; reader: OwnReader }> {
+  const reader = ownReads();
+  if (kind === 'plain') {
+    const srv = createServer();
+    srv.listen(0, '127.0.0.1');
+    await once(srv, 'listening');
+    const farP = once(srv, 'connection') as Promise<[Socket]>;
+    const opts: TcpSocketConnectOpts & { onread: OnRead } = { host: '127.0.0.1', port: (srv.address() as { port: number }).port, onread: reader.onread };
+    const src = connect(opts);
+    reader.attach(src);
+    await once(src, 'connect');
+    const [far] = await farP;
+    t.teardown(() => {
+      far.destroy();
+      src.destroy();
+      srv.close();
+    });
+    return { src, far, reader };
+  }
   const ca = await createCa('own-reads-held');
   const host = await issueHostCert(ca, 'link.test', ['127.0.0.1']);
   const tlsSrv = tlsServer({ key: host.keyPem, cert: host.certPem });
   tlsSrv.listen(0, '127.0.0.1');
   await once(tlsSrv, 'listening');
   const farP = once(tlsSrv, 'secureConnection') as Promise<[TLSSocket]>;
-  const reader = ownReads();
   const opts: ConnectionOptions & { onread: OnRead } = { host: '127.0.0.1', port: (tlsSrv.address() as { port: number }).port, ca: ca.certPem, servername: 'link.test', onread: reader.onread };
-  const link = tlsConnect(opts);
-  reader.attach(link);
-  await once(link, 'secureConnect');
+  const src = tlsConnect(opts);
+  reader.attach(src);
+  await once(src, 'secureConnect');
   const [far] = await farP;
   t.teardown(() => {
     far.destroy();
-    link.destroy();
+    src.destroy();
     tlsSrv.close();
   });
+  return { src, far, reader };
+}
+
+for (const kind of ['tls', 'plain'] as const)
+t.test(`a buffer a slow destination still holds is never read into again (${kind === 'tls' ? 'a TLS link' : 'a plain socket'})`, async (t) => {
+  const { src, far } = await ownSource(t, kind);
+  // a destination that takes each chunk now and reads its bytes later, as the kernel does with
+  // the rest of a partial write (libuv keeps a pointer to it), and has room for much (no pause)
   const got: Buffer[] = [];
   const held = new Writable({
     highWaterMark: 64 * 1024 * 1024,
@@ -261,9 +285,10 @@ t.test('a buffer a slow destination still holds is never read into again', async
   });
   const finished = once(held, 'finish');
   const quiet = new PassThrough();
-  splice({ client: { input: quiet, output: held }, backend: { input: link, output: link } }, { clientEnded: () => undefined, backendEnded: () => undefined });
+  splice({ client: { input: quiet, output: held }, backend: { input: src, output: src } }, { clientEnded: () => undefined, backendEnded: () => undefined });
   const body = randomBytes(8 * 1024 * 1024);
-  for (let i = 0; i < body.length; i += 256 * 1024) far.write(body.subarray(i, i + 256 * 1024));
+  // write sizes as Dovecot's pop3 (4 KiB) and imap make them, short and long
+  for (let i = 0, n = 4096; i < body.length; i += n, n = n === 4096 ? 200_000 : n === 200_000 ? 777 : 4096) far.write(body.subarray(i, i + n));
   far.end();
   await finished;
   t.equal(sha(Buffer.concat(got)), sha(body), 'every byte as sent: no chunk was overwritten while the destination held it');

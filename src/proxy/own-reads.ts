@@ -1,7 +1,7 @@
 /**
  * NAME        src/proxy/own-reads — relayed sockets that read into buffers the relay reuses
  * SYNOPSIS    const r = ownReads(); const s = new Socket({ fd, onread: r.onread }); r.attach(s);
- *             ... later, src/proxy/splice.ts: ownReader(s)?.relayTo(write)
+ *             ... later, src/proxy/splice.ts: ownReader(s)?.relayTo({ write, holds })
  * DESCRIPTION Node gives every read of a socket a new buffer: 64 KiB allocated outside the JS heap
  *             (then shrunk to what was read), one for each TLS record. A relay moving a large
  *             FETCH or RETR through the peer link makes thousands of them per second, and V8 runs
@@ -16,17 +16,20 @@
  *             the process and is copied out at once and pushed as Node would (the protocol on the
  *             link, the pool's watchers: 'data', pause(), resume() behave exactly as before; a
  *             small copy comes from Node's buffer pool). Once src/proxy/splice.ts relays it
- *             (`relayTo`), each chunk goes straight to the other side's write: a read of at least
- *             BULK bytes moves the socket to a buffer of its own (OWN bytes), reused read after
- *             read as long as the destination took the chunk at once (nothing left queued in it,
- *             the usual case) and the reads stay large; a destination that keeps the chunk queued
- *             (a slow reader) keeps that buffer too, and the next read gets a new one; a short
- *             read (a reply, the end of a message) gives the buffer back to the garbage collector,
- *             so an idle relayed session holds none. What lands in the shared scratch is always
- *             copied before the callback returns: nothing keeps a reference to it.
- * SECURITY    Bytes are passed as they are; a buffer is reused only once no write refers to it
- *             (the destination's queue is empty after the write), so no session's bytes can
- *             reach another session or be overwritten before they are sent.
+ *             (`relayTo`), a read of at least BULK bytes moves the socket to a buffer of its own
+ *             (OWN bytes): the reads of one turn of the event loop land in it one after the other
+ *             and go out in one write at the end of the turn (Dovecot's pop3 writes 4 KiB at a
+ *             time: written read by read, each became a TLS record of its own on the link). The
+ *             buffer is used again from its start once the destination holds none of it (nothing
+ *             left queued: the usual case), else the next reads go on past what it holds, and a new
+ *             buffer is taken when it is full. A short read (a reply, the end of a message) goes out
+ *             at once with what is pending, and the buffer is given back to the garbage collector,
+ *             so an idle relayed session holds none. What lands in the shared scratch is copied
+ *             before the callback returns: nothing keeps a reference to it.
+ * SECURITY    Bytes are passed as they are, in order; a part of a buffer is read into again only
+ *             once the destination holds nothing queued, so no bytes are overwritten before they
+ *             are sent, and every buffer belongs to one socket (the shared scratch itself is never
+ *             handed to a write, only copies of it), so no session's bytes reach another.
  * SEE ALSO    src/proxy/splice.ts, src/peer/pair.ts, src/peer/link.ts
  */
 import type { Socket } from 'node:net';
@@ -40,14 +43,19 @@ export interface OnRead {
 
 /** a read at least this long is bulk: the next reads go to a buffer of the socket's own */
 export const BULK = 4 * 1024;
-/** the size of that buffer, and of the shared scratch: a plain socket's largest read (Node's own read size) */
-export const OWN = 64 * 1024;
+/** the size of that buffer */
+export const OWN = 128 * 1024;
+/** a read is given at least this much room (two TLS records; a plain socket reads up to what it is given) */
+export const ROOM = 32 * 1024;
 
 /** every read of a socket without a buffer of its own lands here, and is copied out before the callback returns */
-const scratch = Buffer.allocUnsafe(OWN);
+const scratch = Buffer.allocUnsafe(ROOM);
 
-/** The relay's side of a socket: `write` sends a chunk on and says whether the destination kept it queued. */
-export type RelayWrite = (chunk: Buffer) => boolean;
+/** The relay's side of a socket: where its chunks go, and whether that destination still holds any queued. */
+export interface RelayTo {
+  write(chunk: Buffer): void;
+  holds(): boolean;
+}
 
 const readers = new WeakMap<Readable, OwnReader>();
 
@@ -55,7 +63,13 @@ export class OwnReader {
   private socket: Socket | null = null;
   /** the socket's own buffer while its reads are bulk, else null (reads land in the scratch) */
   private own: Buffer | null = null;
-  private write: RelayWrite | null = null;
+  /** the part of `own` given to the next read */
+  private given: Buffer | null = null;
+  /** own[base, used): read, not yet written (one write at the end of the event loop's turn) */
+  private base = 0;
+  private used = 0;
+  private flushing = false;
+  private to: RelayTo | null = null;
   /** some bytes went to `write` already */
   private relayed = false;
   /** called once, at the first bytes relayed */
@@ -63,8 +77,12 @@ export class OwnReader {
   /** buffers of its own this socket has had (tests: reused, not one per read) */
   buffers = 0;
   readonly onread: OnRead = {
-    buffer: () => this.own ?? scratch,
+    buffer: () => this.next(),
     callback: (n, buf) => this.got(n, buf),
+  };
+  private readonly flushLater = (): void => {
+    this.flushing = false;
+    this.flush();
   };
 
   /** The socket created with `onread`: its reads are pushed as Node would until the relay takes it. */
@@ -77,11 +95,11 @@ export class OwnReader {
    * From now on each read goes to `write`, not to the stream's buffer. What the stream holds
    * already (read before, or unshifted) is passed first, in order.
    */
-  relayTo(write: RelayWrite): void {
+  relayTo(to: RelayTo): void {
     const s = this.socket;
     if (s === null) throw new Error('own-reads: relayTo before attach');
-    for (let c = s.read() as Buffer | null; c !== null; c = s.read() as Buffer | null) this.relay(write, c);
-    this.write = write;
+    for (let c = s.read() as Buffer | null; c !== null; c = s.read() as Buffer | null) this.relay(to, c);
+    this.to = to;
   }
 
   /**
@@ -93,40 +111,67 @@ export class OwnReader {
     else this.onRelayed = fn;
   }
 
-  private relay(write: RelayWrite, chunk: Buffer): boolean {
-    const kept = write(chunk);
+  /** Write what was read and not written yet (the relay calls it at the source's end). */
+  flush(): void {
+    if (this.own === null || this.to === null || this.used === this.base) return;
+    this.relay(this.to, this.own.subarray(this.base, this.used));
+    // (the next read's place was given already: only next() may go back to the start)
+    this.base = this.used;
+  }
+
+  private relay(to: RelayTo, chunk: Buffer): void {
+    to.write(chunk);
     if (!this.relayed) {
       this.relayed = true;
       const fn = this.onRelayed;
       this.onRelayed = null;
       fn?.();
     }
-    return kept;
+  }
+
+  /** Where the next read goes: the rest of the socket's own buffer while bulk, else the scratch. */
+  private next(): Buffer {
+    if (this.own === null) return (this.given = scratch);
+    if (OWN - this.used < ROOM) this.flush();
+    // all written, and the destination holds none of it: from the start again
+    if (this.used === this.base && this.to?.holds() !== true) this.base = this.used = 0;
+    else if (OWN - this.used < ROOM) this.own = this.fresh(); // the destination still holds part of it: a new one
+    return (this.given = this.own.subarray(this.used));
   }
 
   private got(n: number, buf: Uint8Array): boolean {
     const s = this.socket;
     if (s === null) return true; // cannot happen: reads start after attach
     const b = buf as Buffer;
-    if (this.write === null) {
+    if (this.to === null) {
       // before the relay: as Node would (a copy of its own, pushed; false pauses the socket)
       return s.push(Buffer.from(b.subarray(0, n)));
     }
-    if (b !== this.own) {
-      // landed in the shared scratch: copied out
-      this.relay(this.write, Buffer.from(b.subarray(0, n)));
+    if (b !== this.given || this.own === null) {
+      // landed in the shared scratch: copied out at once
+      this.relay(this.to, Buffer.from(b.subarray(0, n)));
       if (n >= BULK) this.own = this.fresh();
       return true;
     }
-    const kept = this.relay(this.write, b.subarray(0, n));
-    // a queued chunk still refers to this buffer: never read into it again; a short read ends the bulk
-    if (n < BULK) this.own = null;
-    else if (kept) this.own = this.fresh();
+    this.used += n;
+    if (n >= BULK) {
+      // bulk: written with whatever else this turn of the event loop reads
+      if (!this.flushing) {
+        this.flushing = true;
+        setImmediate(this.flushLater);
+      }
+      return true;
+    }
+    // a short read (a reply, the end of a message): out now, and the buffer is given up
+    this.flush();
+    this.own = null;
+    this.base = this.used = 0;
     return true;
   }
 
   private fresh(): Buffer {
     this.buffers++;
+    this.base = this.used = 0;
     return Buffer.allocUnsafe(OWN);
   }
 }

@@ -131,21 +131,27 @@ function pump(src: Readable, dst: Writable, counted: (n: number) => void): void 
   else {
     // a socket that reads into its own buffer (src/proxy/own-reads.ts): each chunk is written as
     // it is read, not batched, so that the buffer can take the next read once the write took it
-    reader.relayTo((c) => {
-      counted(c.length);
-      if (gone()) return false;
-      dst.write(c);
-      const kept = dst.writableLength > 0;
-      pauseIfFull();
-      return kept;
+    reader.relayTo({
+      write: (c) => {
+        counted(c.length);
+        if (gone()) return;
+        dst.write(c);
+        pauseIfFull();
+      },
+      // a chunk still queued in dst may be a view of the reader's buffer
+      holds: () => dst.writableLength > 0,
     });
   }
   src.once('end', () => {
+    reader?.flush();
     flush();
     if (!gone()) dst.end();
   });
   // a source closed without an end (reset, error): what it gave before still goes out
-  src.once('close', flush);
+  src.once('close', () => {
+    reader?.flush();
+    flush();
+  });
   // a 'data' listener does not start a stream that was paused (the client socket before the login)
   src.resume();
   dst.once('close', () => {
