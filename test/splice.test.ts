@@ -294,3 +294,49 @@ t.test(`a buffer a slow destination still holds is never read into again (${kind
   t.equal(sha(Buffer.concat(got)), sha(body), 'every byte as sent: no chunk was overwritten while the destination held it');
   quiet.end();
 });
+
+t.test('a plain socket that reads into the relay\'s buffers, to a TLS destination whose reader stops: every byte intact', async (t) => {
+  // node B's path: Dovecot's socket pair → the peer link; the relay reuses a buffer once node:tls
+  // has encrypted what it was given, also while the link has encrypted bytes still queued
+  const { src, far } = await ownSource(t, 'plain');
+  const ca = await createCa('own-reads-tls-dst');
+  const host = await issueHostCert(ca, 'link.test', ['127.0.0.1']);
+  const tlsSrv = tlsServer({ key: host.keyPem, cert: host.certPem });
+  tlsSrv.listen(0, '127.0.0.1');
+  await once(tlsSrv, 'listening');
+  const readerP = once(tlsSrv, 'secureConnection') as Promise<[TLSSocket]>;
+  const link = tlsConnect({ host: '127.0.0.1', port: (tlsSrv.address() as { port: number }).port, ca: ca.certPem, servername: 'link.test' });
+  await once(link, 'secureConnect');
+  const [nodeA] = await readerP;
+  t.teardown(() => {
+    link.destroy();
+    nodeA.destroy();
+    tlsSrv.close();
+  });
+  nodeA.pause();
+  const quiet = new PassThrough();
+  splice({ client: { input: quiet, output: link }, backend: { input: src, output: src } }, { clientEnded: () => undefined, backendEnded: () => undefined });
+  const body = randomBytes(24 * 1024 * 1024);
+  let written = 0;
+  const feed = (): void => {
+    while (written < body.length) {
+      const n = written % 3 === 0 ? 4096 : 61_000;
+      const ok = far.write(body.subarray(written, written + n));
+      written += n;
+      if (!ok) {
+        far.once('drain', feed);
+        return;
+      }
+    }
+    far.end();
+  };
+  const paused = once(src, 'pause');
+  feed();
+  await paused; // the link's reader holds the relay back
+  const got = collect(nodeA);
+  nodeA.resume();
+  const d = await got;
+  t.equal(d.length, body.length, 'every byte arrives');
+  t.equal(sha(d), sha(body), 'in order, none overwritten');
+  quiet.end();
+});

@@ -20,14 +20,15 @@
  *             (OWN bytes): the reads of one turn of the event loop land in it one after the other
  *             and go out in one write at the end of the turn (Dovecot's pop3 writes 4 KiB at a
  *             time: written read by read, each became a TLS record of its own on the link). The
- *             buffer is used again from its start once the destination holds none of it (nothing
- *             left queued: the usual case), else the next reads go on past what it holds, and a new
- *             buffer is taken when it is full. A short read (a reply, the end of a message) goes out
+ *             buffer is used again from its start once the destination is done with all of it
+ *             (a socket: nothing left queued; a TLS socket: nothing queued before the write, as
+ *             node:tls encrypts a chunk into a buffer of its own while write() runs), else the next
+ *             reads go on past what it holds, and a new buffer is taken when it is full. A short read (a reply, the end of a message) goes out
  *             at once with what is pending, and the buffer is given back to the garbage collector,
  *             so an idle relayed session holds none. What lands in the shared scratch is copied
  *             before the callback returns: nothing keeps a reference to it.
  * SECURITY    Bytes are passed as they are, in order; a part of a buffer is read into again only
- *             once the destination holds nothing queued, so no bytes are overwritten before they
+ *             once the destination is done with it, so no bytes are overwritten before they
  *             are sent, and every buffer belongs to one socket (the shared scratch itself is never
  *             handed to a write, only copies of it), so no session's bytes reach another.
  * SEE ALSO    src/proxy/splice.ts, src/peer/pair.ts, src/peer/link.ts
@@ -51,9 +52,11 @@ export const ROOM = 32 * 1024;
 /** every read of a socket without a buffer of its own lands here, and is copied out before the callback returns */
 const scratch = Buffer.allocUnsafe(ROOM);
 
-/** The relay's side of a socket: where its chunks go, and whether that destination still holds any queued. */
+/** The relay's side of a socket: where its chunks go. */
 export interface RelayTo {
-  write(chunk: Buffer): void;
+  /** send `chunk` on; true: the destination is done with its bytes and every chunk's before it */
+  write(chunk: Buffer): boolean;
+  /** the destination may still read bytes of a chunk it was given */
   holds(): boolean;
 }
 
@@ -69,6 +72,8 @@ export class OwnReader {
   private base = 0;
   private used = 0;
   private flushing = false;
+  /** the last write left the destination done with every chunk */
+  private done = true;
   private to: RelayTo | null = null;
   /** some bytes went to `write` already */
   private relayed = false;
@@ -120,7 +125,7 @@ export class OwnReader {
   }
 
   private relay(to: RelayTo, chunk: Buffer): void {
-    to.write(chunk);
+    this.done = to.write(chunk);
     if (!this.relayed) {
       this.relayed = true;
       const fn = this.onRelayed;
@@ -133,8 +138,8 @@ export class OwnReader {
   private next(): Buffer {
     if (this.own === null) return (this.given = scratch);
     if (OWN - this.used < ROOM) this.flush();
-    // all written, and the destination holds none of it: from the start again
-    if (this.used === this.base && this.to?.holds() !== true) this.base = this.used = 0;
+    // all written, and the destination is done with all of it: from the start again
+    if (this.used === this.base && (this.done || this.to?.holds() !== true)) this.base = this.used = 0;
     else if (OWN - this.used < ROOM) this.own = this.fresh(); // the destination still holds part of it: a new one
     return (this.given = this.own.subarray(this.used));
   }

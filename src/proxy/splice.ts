@@ -28,6 +28,7 @@
  * SECURITY    Bytes are passed as they are; nothing is parsed or logged.
  */
 import type { Readable, Writable } from 'node:stream';
+import { TLSSocket } from 'node:tls';
 import { ownReader } from './own-reads.js';
 
 export interface SpliceEnds {
@@ -131,12 +132,16 @@ function pump(src: Readable, dst: Writable, counted: (n: number) => void): void 
   else {
     // a socket that reads into its own buffer (src/proxy/own-reads.ts): each chunk is written as
     // it is read, not batched, so that the buffer can take the next read once the write took it
+    // node:tls encrypts a chunk into its own buffer during write() when nothing is queued before it
+    const encrypts = dst instanceof TLSSocket;
     reader.relayTo({
       write: (c) => {
         counted(c.length);
-        if (gone()) return;
+        if (gone()) return true;
+        const idle = dst.writableLength === 0 && dst.writableCorked === 0;
         dst.write(c);
         pauseIfFull();
+        return dst.writableLength === 0 || (encrypts && idle);
       },
       // a chunk still queued in dst may be a view of the reader's buffer
       holds: () => dst.writableLength > 0,
