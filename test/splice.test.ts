@@ -8,7 +8,7 @@
 // checks run over such a link, and its buffers are reused while the client keeps up.
 import t, { type Test } from 'tap';
 import { createHash, randomBytes } from 'node:crypto';
-import { createServer, connect, type Socket, type TcpSocketConnectOpts } from 'node:net';
+import { createServer, connect, type Server, type Socket, type TcpSocketConnectOpts } from 'node:net';
 import { createServer as tlsServer, connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import { once } from 'node:events';
 import { PassThrough, Writable } from 'node:stream';
@@ -33,31 +33,52 @@ interface Rig {
 }
 
 /**
+ * A connected pair on loopback: `near` dialed by `dial` (reading into `reader`'s buffers when
+ * given), `far` accepted by `srv`; both closed at the test's end.
+ */
+async function loopbackPair<S extends Socket>(t: Test, srv: Server, accepted: string, ready: string, reader: OwnReader | null, dial: (port: number, onread: { onread?: OnRead }) => S): Promise<{ near: S; far: S }> {
+  srv.listen(0, '127.0.0.1');
+  await once(srv, 'listening');
+  const farP = once(srv, accepted) as Promise<[S]>;
+  const near = dial((srv.address() as { port: number }).port, reader ? { onread: reader.onread } : {});
+  reader?.attach(near);
+  await once(near, ready);
+  const [far] = await farP;
+  t.teardown(() => {
+    far.destroy();
+    near.destroy();
+    srv.close();
+  });
+  return { near, far };
+}
+
+/** A connected TLS pair (a link: `near` is the dialing node's end). */
+async function tlsPair(t: Test, reader: OwnReader | null = null): Promise<{ near: TLSSocket; far: TLSSocket }> {
+  const ca = await createCa('splice-test');
+  const host = await issueHostCert(ca, 'link.test', ['127.0.0.1']);
+  const srv = tlsServer({ key: host.keyPem, cert: host.certPem });
+  return loopbackPair(t, srv, 'secureConnection', 'secureConnect', reader, (port, onread) => {
+    const opts: ConnectionOptions & { onread?: OnRead } = { host: '127.0.0.1', port, ca: ca.certPem, servername: 'link.test', ...onread };
+    return tlsConnect(opts);
+  });
+}
+
+/** A connected TCP pair. */
+function tcpPair(t: Test, reader: OwnReader | null = null): Promise<{ near: Socket; far: Socket }> {
+  return loopbackPair(t, createServer(), 'connection', 'connect', reader, (port, onread) => {
+    const opts: TcpSocketConnectOpts & { onread?: OnRead } = { host: '127.0.0.1', port, ...onread };
+    return connect(opts);
+  });
+}
+
+/**
  * `own`: the link reads into the relay's buffers, as the links src/peer/link.ts dials; `early`:
  * the backend sends these bytes first, and the link has read them before the relay takes it
  */
 async function rig(t: Test, own = false, early: Buffer | null = null): Promise<Rig> {
-  const ca = await createCa('splice-test');
-  const host = await issueHostCert(ca, 'link.test', ['127.0.0.1']);
-  const tlsSrv = tlsServer({ key: host.keyPem, cert: host.certPem });
-  tlsSrv.listen(0, '127.0.0.1');
-  await once(tlsSrv, 'listening');
-  const farP = once(tlsSrv, 'secureConnection') as Promise<[TLSSocket]>;
-  const tlsPort = (tlsSrv.address() as { port: number }).port;
   const reader = own ? ownReads() : null;
-  const opts: ConnectionOptions & { onread?: OnRead } = { host: '127.0.0.1', port: tlsPort, ca: ca.certPem, servername: 'link.test', ...(reader ? { onread: reader.onread } : {}) };
-  const link = tlsConnect(opts);
-  reader?.attach(link);
-  await once(link, 'secureConnect');
-  const [far] = await farP;
-
-  const plain = createServer();
-  plain.listen(0, '127.0.0.1');
-  await once(plain, 'listening');
-  const acceptedP = once(plain, 'connection') as Promise<[Socket]>;
-  const client = connect((plain.address() as { port: number }).port, '127.0.0.1');
-  await once(client, 'connect');
-  const [accepted] = await acceptedP;
+  const { near: link, far } = await tlsPair(t, reader);
+  const { near: client, far: accepted } = await tcpPair(t);
   accepted.pause(); // as the proxy's client socket is when the login hands it over
 
   let clientEnded!: () => void;
@@ -74,11 +95,6 @@ async function rig(t: Test, own = false, early: Buffer | null = null): Promise<R
     link.off('readable', readable);
   }
   const counts = splice({ client: { input: accepted, output: accepted }, backend: { input: link, output: link } }, { clientEnded: () => clientEnded(), backendEnded: () => backendEnded() });
-  t.teardown(() => {
-    for (const s of [far, client, link, accepted]) s.destroy();
-    tlsSrv.close();
-    plain.close();
-  });
   return { far, client, link, accepted, ends, counts, reader };
 }
 
@@ -187,25 +203,16 @@ t.test('a link that reads into the relay\'s buffers reuses them while the client
   t.ok(BULK <= 16384, 'a full TLS record is bulk');
 });
 
+/** A connected socket that reads into the relay's buffers and its far end: a TLS link (node A's) or a plain socket (node B's pair to its backend). */
+async function ownSource(t: Test, kind: 'tls' | 'plain'): Promise<{ src: Socket; far: Socket; reader: OwnReader }> {
+  const reader = ownReads();
+  const { near, far } = kind === 'tls' ? await tlsPair(t, reader) : await tcpPair(t, reader);
+  return { src: near, far, reader };
+}
+
 t.test('before the relay takes it, a link that reads into the relay\'s buffers reads as any socket', async (t) => {
   // its own socket, not spliced: the hand-off's answer and the pool's watchers read it this way
-  const ca = await createCa('own-reads-test');
-  const host = await issueHostCert(ca, 'link.test', ['127.0.0.1']);
-  const tlsSrv = tlsServer({ key: host.keyPem, cert: host.certPem });
-  tlsSrv.listen(0, '127.0.0.1');
-  await once(tlsSrv, 'listening');
-  const farP = once(tlsSrv, 'secureConnection') as Promise<[TLSSocket]>;
-  const reader = ownReads();
-  const opts: ConnectionOptions & { onread: OnRead } = { host: '127.0.0.1', port: (tlsSrv.address() as { port: number }).port, ca: ca.certPem, servername: 'link.test', onread: reader.onread };
-  const link = tlsConnect(opts);
-  reader.attach(link);
-  await once(link, 'secureConnect');
-  const [far] = await farP;
-  t.teardown(() => {
-    far.destroy();
-    link.destroy();
-    tlsSrv.close();
-  });
+  const { src: link, far } = await ownSource(t, 'tls');
   const body = randomBytes(3 * 1024 * 1024 + 7);
   const chunks: Buffer[] = [];
   link.on('data', (c: Buffer) => chunks.push(c));
@@ -227,45 +234,6 @@ t.test('before the relay takes it, a link that reads into the relay\'s buffers r
   const d = Buffer.concat(chunks);
   t.equal(sha(d), sha(body), 'every byte in order, no chunk overwritten by a later read');
 });
-
-/** A connected socket that reads into the relay's buffers and its far end: a TLS link (node A's) or a plain socket (node B's pair to its backend). */
-async function ownSource(t: Test, kind: 'tls' | 'plain'): Promise<{ src: Socket; far: Socket; reader: OwnReader }> {
-  const reader = ownReads();
-  if (kind === 'plain') {
-    const srv = createServer();
-    srv.listen(0, '127.0.0.1');
-    await once(srv, 'listening');
-    const farP = once(srv, 'connection') as Promise<[Socket]>;
-    const opts: TcpSocketConnectOpts & { onread: OnRead } = { host: '127.0.0.1', port: (srv.address() as { port: number }).port, onread: reader.onread };
-    const src = connect(opts);
-    reader.attach(src);
-    await once(src, 'connect');
-    const [far] = await farP;
-    t.teardown(() => {
-      far.destroy();
-      src.destroy();
-      srv.close();
-    });
-    return { src, far, reader };
-  }
-  const ca = await createCa('own-reads-held');
-  const host = await issueHostCert(ca, 'link.test', ['127.0.0.1']);
-  const tlsSrv = tlsServer({ key: host.keyPem, cert: host.certPem });
-  tlsSrv.listen(0, '127.0.0.1');
-  await once(tlsSrv, 'listening');
-  const farP = once(tlsSrv, 'secureConnection') as Promise<[TLSSocket]>;
-  const opts: ConnectionOptions & { onread: OnRead } = { host: '127.0.0.1', port: (tlsSrv.address() as { port: number }).port, ca: ca.certPem, servername: 'link.test', onread: reader.onread };
-  const src = tlsConnect(opts);
-  reader.attach(src);
-  await once(src, 'secureConnect');
-  const [far] = await farP;
-  t.teardown(() => {
-    far.destroy();
-    src.destroy();
-    tlsSrv.close();
-  });
-  return { src, far, reader };
-}
 
 for (const kind of ['tls', 'plain'] as const)
 t.test(`a buffer a slow destination still holds is never read into again (${kind === 'tls' ? 'a TLS link' : 'a plain socket'})`, async (t) => {
@@ -299,20 +267,7 @@ t.test('a plain socket that reads into the relay\'s buffers, to a TLS destinatio
   // node B's path: Dovecot's socket pair → the peer link; the relay reuses a buffer once node:tls
   // has encrypted what it was given, also while the link has encrypted bytes still queued
   const { src, far } = await ownSource(t, 'plain');
-  const ca = await createCa('own-reads-tls-dst');
-  const host = await issueHostCert(ca, 'link.test', ['127.0.0.1']);
-  const tlsSrv = tlsServer({ key: host.keyPem, cert: host.certPem });
-  tlsSrv.listen(0, '127.0.0.1');
-  await once(tlsSrv, 'listening');
-  const readerP = once(tlsSrv, 'secureConnection') as Promise<[TLSSocket]>;
-  const link = tlsConnect({ host: '127.0.0.1', port: (tlsSrv.address() as { port: number }).port, ca: ca.certPem, servername: 'link.test' });
-  await once(link, 'secureConnect');
-  const [nodeA] = await readerP;
-  t.teardown(() => {
-    link.destroy();
-    nodeA.destroy();
-    tlsSrv.close();
-  });
+  const { near: link, far: nodeA } = await tlsPair(t);
   nodeA.pause();
   const quiet = new PassThrough();
   splice({ client: { input: quiet, output: link }, backend: { input: src, output: src } }, { clientEnded: () => undefined, backendEnded: () => undefined });

@@ -17,6 +17,10 @@
  *             batch that reaches BATCH_MAX (256 KiB) is written without waiting for the turn's end. When the destination keeps
  *             more than its high-water mark queued (a slow reader), the source is paused until
  *             'drain'.
+ *             A source made by src/proxy/own-reads.ts (the dialing node's end of a peer link,
+ *             the home node's end of the socket pair to its backend) reads into buffers of its
+ *             own and batches them itself; the pump tells it when the destination is done with a
+ *             chunk.
  *             Why not two stream.pipeline() calls: the client is one duplex socket, source of one
  *             pipeline and destination of the other, and each pipeline puts its own end-of-stream
  *             watchers on it (close, end, finish, error, three times over). With node:tls' own two
@@ -130,8 +134,8 @@ function pump(src: Readable, dst: Writable, counted: (n: number) => void): void 
   const reader = ownReader(src);
   if (reader === undefined) src.on('data', onChunk);
   else {
-    // a socket that reads into its own buffer (src/proxy/own-reads.ts): each chunk is written as
-    // it is read, not batched, so that the buffer can take the next read once the write took it
+    // a socket that reads into buffers of its own (src/proxy/own-reads.ts): the reader batches a
+    // turn's reads itself and must know when dst is done with a chunk, whose bytes it reuses;
     // node:tls encrypts a chunk into its own buffer during write() when nothing is queued before it
     const encrypts = dst instanceof TLSSocket;
     reader.relayTo({
