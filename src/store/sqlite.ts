@@ -204,7 +204,8 @@ class Conn {
   /**
    * The database's state as this connection sees it: `data_version` (moves with every commit by
    * any other connection, of this process or another) and `total_changes()` (rows changed through
-   * this one). Equal strings: nothing was committed in between. ≈ 3 µs.
+   * this one). Equal strings: nothing was committed in between. 3.7 µs in a tight loop, ≈ 24 µs
+   * per call in a busy serve worker (CPU profile of LMTP deliveries).
    */
   state(): string {
     const [version, changes] = this.stmts.state.get() ?? [0, 0];
@@ -548,8 +549,8 @@ export class SqliteStore implements Store {
   /**
    * The one read per login or delivery: the user and every setting row that applies. A user
    * looked up again while the database has not changed at all is answered from the connection's
-   * last lookups (Conn.lookups; ≈ 3 µs for the check, against ≈ 60 µs for the query in a serve
-   * worker): the answer is the same frozen object.
+   * last lookups (Conn.lookups; the check ≈ 24 µs in a busy serve worker, 3.7 µs in a tight
+   * loop, against ≈ 60 µs for the query in a worker): the answer is the same frozen object.
    */
   async lookup(address: string): Promise<Lookup | null> {
     return this.run(() => {
