@@ -5,7 +5,7 @@
  *             Loaded once per process, from the project's build/ whether this file runs from
  *             dist/src/ (the build) or src/ (the sources, as the tests run them). Its users: the
  *             spawner (src/proxy/spawner-main.ts: vfork, reaping) and the socket pair of a
- *             session received over the peer link (src/peer/pair.ts: socketpair). Each has a
+ *             TLS or received session (src/peer/pair.ts: socketpair). Each has a
  *             fallback for a process without the module. The `pigeon` command (dist/src/cli.cjs)
  *             requires it itself for connectUnix (src/launcher.ts): this file needs node:module.
  */

@@ -10,11 +10,16 @@
 // - a login in flight when the spawner dies gets NO [UNAVAILABLE] at once, not a hang, and the
 //   same connection can log in again;
 // - a Dovecot that dies at start without a word (exit 89) still gets the proxy's `* BYE
-//   [UNAVAILABLE]` to the client, now said by the spawner.
+//   [UNAVAILABLE]` to the client, now said by the spawner;
+// - an imaps login's Dovecot is the spawner's child as well, on one end of a local socket pair
+//   whose other end the worker relays to the TLS client (no fork of the worker); kick and the
+//   logout line with its byte counts work as for any relayed session.
 import t from 'tap';
 import { readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { connect as tlsConnect } from 'node:tls';
 import { requireProgram } from './helpers/programs.js';
 import { makeInstance, serve } from './helpers/instance.js';
 import { useBackend } from './helpers/backends.js';
@@ -116,6 +121,43 @@ t.test('a plain IMAP login: Dovecot is the spawner’s child, and the proxy keep
   const l = await untilText(log, /imap\(alice@example\.test\): Disconnected: Logged out \(socket handed to the backend\)/);
   t.match(l, /imap\(alice@example\.test\): Disconnected: Logged out \(socket handed to the backend\)/, 'our logout line');
   t.match(l, /imap\(alice@example\.test\): Info: Disconnected: Logged out in=\d+ out=\d+.*rip=127\.0\.0\.1/, "Dovecot's own line, through the spawner's stderr, under the user's prefix with rip=");
+});
+
+t.test('an imaps login: Dovecot is the spawner’s child too, on a local socket pair the worker relays; kick and the logout line as before', async (t) => {
+  const ti = makeInstance(t, { listen: ['imaps=127.0.0.1:0'], users: { [ALICE]: 'secret' } });
+  if (!useBackend(t, ti, 'dovecot')) return;
+  const s = await serve(t, ti);
+  const port = s.ports['imaps'] ?? 0;
+  const worker = s.child.pid ?? 0;
+  const ca = readFileSync(join(ti.dir, 'certs', 'ca.crt'));
+  const tlsLogin = async (): Promise<{ w: Wire; answer: string }> => {
+    const sock = tlsConnect({ host: '127.0.0.1', port, ca: [ca], servername: 'localhost' });
+    await once(sock, 'secureConnect');
+    const w = new Wire(sock);
+    await w.until(/^\* OK/m);
+    w.write(`a1 LOGIN ${ALICE} secret\r\n`);
+    return { w, answer: await w.until(/^a1 (OK|NO|BAD)/m) };
+  };
+  const { w, answer } = await tlsLogin();
+  t.match(answer, /^a1 OK \[CAPABILITY /m, 'Dovecot answered the login (its tagged OK came through the pair and the TLS relay)');
+  // its tagged OK has arrived: it runs
+  const imaps = descendants(worker, '/usr/lib/dovecot/imap');
+  t.equal(imaps.length, 1, "one Dovecot imap below the worker");
+  const imap = imaps[0] ?? 0;
+  const parent = proc(imap)?.ppid ?? 0;
+  t.not(parent, worker, 'the worker did not fork it');
+  t.match(proc(parent)?.cmd, /^pigeon: spawner/, 'its parent is the spawner');
+  t.match(readlinkSync(`/proc/${imap}/fd/0`), /^socket:/, 'its input is a socket (the far end of the pair), not a pipe');
+  w.write('a2 SELECT INBOX\r\na3 LOGOUT\r\n');
+  t.match(await w.until(/^a3 OK/m), /^a2 OK .*Select completed/m, 'the session works');
+  t.ok(await w.waitClosed(), 'and ends');
+  const tlog = (): string => readFileSync(join(ti.dir, 'pigeon.log'), 'utf8');
+  t.match(await untilText(tlog, /imap\(alice@example\.test\): Disconnected: Logged out in=\d+ out=\d+/), /imap\(alice@example\.test\): Disconnected: Logged out in=\d+ out=\d+: session=/, 'the logout line counts the relayed bytes');
+  const k = await tlsLogin();
+  t.match(k.answer, /^a1 OK/m);
+  t.match(ti.run(['kick', ALICE]).stdout, /^kicked 1 session\(s\) of alice@example\.test\n/, 'pigeon kick finds the session');
+  t.ok(await k.w.waitClosed(), 'and ends it');
+  t.match(await untilText(tlog, /Disconnected: Kicked/), /imap\(alice@example\.test\): Disconnected: Kicked in=\d+ out=\d+/, 'logged as kicked');
 });
 
 t.test("Dovecot is told the host's canonical name (DOVECOT_HOSTDOMAIN, as Dovecot's master does), not left to resolve it at every start", async (t) => {

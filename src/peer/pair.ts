@@ -1,12 +1,13 @@
 /**
- * NAME        src/peer/pair — a connected pair of local stream sockets, for a session received over the peer link
- * SYNOPSIS    const { near, far } = await socketPair();   // far: the backend's stdin/stdout; near: relayed to the link
- * DESCRIPTION The home node of a session that came over the peer link starts the user's Dovecot
- *             like a local plain-TCP login: handed off, through the worker's spawner process
- *             (src/proxy/spawner.ts), so the worker never forks (libuv's fork of the whole worker
- *             blocked its event loop ≈ 3-5 ms per received login). The spawner needs a socket to
- *             give the backend as stdin/stdout; the link is TLS, so the backend gets `far`, one end
- *             of a local pair, and the relay joins the link with `near`.
+ * NAME        src/peer/pair — a connected pair of local stream sockets, for a session relayed to a local backend
+ * SYNOPSIS    const { near, far } = await sessionPair();   // far: the backend's stdin/stdout; near: relayed
+ * DESCRIPTION A session whose client connection cannot be given to the backend itself (a TLS client:
+ *             the proxy holds the TLS state; a session received over the peer link) still has its
+ *             Dovecot started like a local plain-TCP login's: handed off, through the worker's
+ *             spawner process (src/proxy/spawner.ts), so the worker never forks (libuv's fork of the
+ *             whole worker blocked its event loop ≈ 3-5 ms per login). The spawner needs a socket to
+ *             give the backend as stdin/stdout: the backend gets `far`, one end of a local pair,
+ *             and the relay joins the client (or the link) with `near` (src/proxy/router.ts).
  *             The pair is socketpair(2) from the spawner's native module (native/pigeon_spawn.c):
  *             no listener, no connect and accept, no token. Without that module (not built):
  *             Node has no socketpair(2), so each process listens once, on first use, on a UNIX socket
@@ -35,7 +36,7 @@ export const PAIR_TIMEOUT_MS = 5000;
 export const PAIR_MAX_UNCLAIMED = 64;
 
 export interface Pair {
-  /** this process's end: relayed to the link */
+  /** this process's end: relayed to the client or the link */
   readonly near: Socket;
   /** the backend's end (its stdin and stdout), never read here */
   readonly far: Socket;
@@ -167,7 +168,7 @@ let spare: Pair | null = null;
 let refilling = false;
 
 /**
- * The pair for a received session: the spare made after the previous one when there is one,
+ * The pair for a session (a TLS login, a received one): the spare made after the previous one when there is one,
  * else a new one; then a new spare is made once the caller has gone on (setImmediate: after the
  * backend's start was sent to the spawner). A socketpair(2) and its two net.Sockets cost ≈ 150 µs
  * (p50, one every few milliseconds), on the path between the hand-off and the backend's start:

@@ -8,7 +8,11 @@
  *             link) — both through the same contract (backends/types.ts) and the same relay
  *             (src/proxy/relay.ts). A hand-off (the plain client socket given to the backend
  *             itself) starts only after the backend's start() has put on the wire whatever the
- *             client must see first (backends/types.ts prepareHandoff). Before a backend starts,
+ *             client must see first (backends/types.ts prepareHandoff). Under `pigeon serve`, a
+ *             client that cannot be handed off (TLS, or a session received over the peer link) has
+ *             its backend started by the spawner on one end of a local socket pair
+ *             (src/peer/pair.ts; no fork of the worker) and relayed from the other end like a
+ *             backend on pipes (pairedSession). Before a backend starts,
  *             the client's connection takes a user+IP slot (src/proxy/slots.ts;
  *             limits.max_userip_connections), given back when the session ends or does not start.
  *             An `external` backend (upstream) allocates nothing and is the only one given the
@@ -26,7 +30,8 @@ import { isAppError } from '../errors.js';
 import { trackSession, untrackSession } from './live.js';
 import { relay } from './relay.js';
 import { dropAhead, slotOf, takeLoginAhead, type Slot } from './slots.js';
-import { HANDOFF_MAX_INPUT } from '../limits.js';
+import { HANDOFF_MAX_INPUT, RELAY_GRACE_MS } from '../limits.js';
+import { sessionPair, type Pair } from '../peer/pair.js';
 import { backendStart, sessions } from '../metrics.js';
 
 /** the backend name of each running session (metrics label, `pigeon who`) */
@@ -48,12 +53,45 @@ export interface RouteOptions {
   readonly deadline?: number;
   /** the client's login bytes: given to an external backend (upstream) only, never logged */
   readonly credentials?: { readonly user: Uint8Array; readonly password: Uint8Array };
-  /**
-   * A plain local socket to hand to the backend in place of the client's connection, which cannot
-   * be handed off (a session received over the peer link: one end of a local pair, the caller
-   * relays the other to the link; src/proxy/received.ts). Nothing was read from it.
-   */
-  readonly handoffSocket?: Duplex;
+}
+
+/**
+ * A backend started on the far end of `p` (by the spawner, or by a backend that forks it itself),
+ * relayed like one on pipes: its bytes come out of `near`, which ends once every holder of the far
+ * end closed it (the backend; the spawner, which keeps it for the backend's last words; this
+ * process, whose copy goes when the backend has ended). The relay, `pigeon who`/`kick` and the
+ * logout line with its byte counts are those of any relayed session.
+ */
+function pairedSession(p: Pair, s: BackendSession): BackendSession {
+  const { near, far } = p;
+  const closed = new Promise<void>((resolve) => {
+    if (near.destroyed) resolve();
+    else near.once('close', () => resolve());
+  });
+  return {
+    greeting: Buffer.alloc(0),
+    handedOff: false,
+    input: near,
+    output: near,
+    ended: s.ended.then((end) => {
+      far.destroy();
+      return closed.then(() => end);
+    }),
+    clientEnded() {
+      // the client is gone: the backend sees EOF on its input and leaves; then the pair goes
+      if (!near.writableEnded) near.end();
+      setTimeout(() => near.destroy(), RELAY_GRACE_MS).unref();
+    },
+    stop() {
+      s.stop();
+      near.destroy();
+    },
+  };
+}
+
+function closePair(p: Pair): void {
+  p.near.destroy();
+  p.far.destroy();
 }
 
 function quotaOf(u: ResolvedUser): number {
@@ -132,14 +170,22 @@ async function startRoute(
   }
   const instance = env.backend(backend);
   let handoff: { socket: Duplex; input: Buffer } | null = null;
-  const sock = opts.handoffSocket ? null : conn.handoffSocket();
-  if (opts.handoffSocket) {
-    if (env.instance.config.handoff && instance.acceptsHandoff(protocol, Buffer.alloc(0))) handoff = { socket: opts.handoffSocket, input: Buffer.alloc(0) };
-  } else if (sock && env.instance.config.handoff) {
+  let pair: Pair | null = null;
+  const sock = conn.handoffSocket();
+  if (sock && env.instance.config.handoff) {
     const { pending } = conn.detach();
     const input = Buffer.concat([leftover(), ...pending]);
     if (input.length <= HANDOFF_MAX_INPUT && instance.acceptsHandoff(protocol, input)) handoff = { socket: sock, input };
     else conn.reattach(input);
+  } else if (!sock && placement.kind === 'local' && env.spawner && env.instance.config.handoff && instance.acceptsHandoff(protocol, Buffer.alloc(0))) {
+    // a TLS client, or a session received over the peer link: the spawner starts the backend on
+    // one end of a local pair, the relay joins the client with the other (src/peer/pair.ts)
+    try {
+      pair = await sessionPair();
+      handoff = { socket: pair.far, input: Buffer.alloc(0) };
+    } catch (e) {
+      env.log.log('warn', `${protocol}(${u.user.address})`, `No local socket pair (relaying through pipes): ${(e as Error).message}:`, { session: sid });
+    }
   }
   const user = placement.kind === 'remote' ? { user: placement.user, config: u.config } : u;
   try {
@@ -157,9 +203,12 @@ async function startRoute(
       logLine: backendLogLine(env, `${protocol}(${u.user.address})`),
     });
     if (placement.kind === 'remote') env.log.log('info', `${protocol}(${u.user.address})`, `Handed off to node ${placement.node}:`, { rip: conn.peer.rip, session: sid });
-    return { ok: true, session, backend: placement.kind === 'remote' ? `${backend.name}:${placement.node}` : backend.name };
+    const name = placement.kind === 'remote' ? `${backend.name}:${placement.node}` : backend.name;
+    if (pair !== null && !session.handedOff) closePair(pair); // the backend would not take it: on pipes
+    return { ok: true, session: pair !== null && session.handedOff ? pairedSession(pair, session) : session, backend: name };
   } catch (e) {
-    if (handoff && !opts.handoffSocket) conn.reattach(handoff.input);
+    if (pair) closePair(pair);
+    else if (handoff) conn.reattach(handoff.input);
     return { ok: false, reason: isAppError(e) ? e.message : placement.kind === 'remote' ? `link to node ${placement.node} failed: ${String(e)}` : String(e) };
   }
 }
