@@ -10,7 +10,7 @@
  *             instance's certs/node.crt), both on loopback, and measures, in rounds that alternate
  *             which side goes first (a shared, noisy machine: medians of rounds, ratios):
  *               login c=1, c=32   connect → greeting → LOGIN → tagged OK (latency) → LOGOUT → OK
- *                                 (logins/s = completed cycles / wall time)
+ *                                 (logins/s = completed cycles / wall time); and c=1 over imaps
  *               FETCH plain, TLS  `FETCH 1 BODY.PEEK[]` of one 20 MiB message, repeated: MiB/s
  *               POP3 RETR         `RETR 1` of the same message, repeated: MiB/s
  *               idle              N sessions logged in, SELECTed and in IDLE: PSS (smaps_rollup) of
@@ -324,9 +324,9 @@ async function rounds(fn) {
 }
 
 // ---------------------------------------------------------------- login
-async function loginCycle(port, localAddress) {
+async function loginCycle(port, localAddress, tls = false) {
   const t0 = process.hrtime.bigint();
-  const c = await open(port, { localAddress });
+  const c = await open(port, { localAddress, tls });
   await imapLogin(c);
   const t1 = process.hrtime.bigint();
   c.s.write('b LOGOUT\r\n');
@@ -334,7 +334,7 @@ async function loginCycle(port, localAddress) {
   c.s.destroy();
   return Number(t1 - t0) / 1e6;
 }
-async function loginRound(port, n, conc) {
+async function loginRound(port, n, conc, tls = false) {
   const lat = [];
   let next = 0;
   const t0 = process.hrtime.bigint();
@@ -342,7 +342,7 @@ async function loginRound(port, n, conc) {
     Array.from({ length: conc }, async (_, w) => {
       while (next < n) {
         next++;
-        lat.push(await loginCycle(port, srcAddr(w)));
+        lat.push(await loginCycle(port, srcAddr(w), tls));
       }
     }),
   );
@@ -381,6 +381,9 @@ if (ONLY.has('login')) {
   results.login_c1 = summarise(await rounds((s) => loginRound(s.port.imap, LOGINS_C1, 1)));
   log(`login c=32 (${LOGINS_C32} per round per side)`);
   results.login_c32 = summarise(await rounds((s) => loginRound(s.port.imap, LOGINS_C32, 32)));
+  // context, no target: imaps (the TLS handshake in the proxy's worker, Dovecot's in imap-login)
+  log(`login imaps c=1 (${LOGINS_C1} per round per side)`);
+  results.login_tls_c1 = summarise(await rounds((s) => loginRound(s.port.imaps, LOGINS_C1, 1, true)));
 }
 
 // ---------------------------------------------------------------- large FETCH, POP3 RETR
@@ -652,6 +655,7 @@ console.log(`\nProxy vs direct Dovecot (${results.setup.password_scheme}); media
 for (const [name, k] of [
   ['login c=1', 'login_c1'],
   ['login c=32', 'login_c32'],
+  ['login imaps c=1', 'login_tls_c1'],
 ]) {
   const x = results[k];
   if (!x) continue;
