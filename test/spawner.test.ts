@@ -158,6 +158,37 @@ t.test('an imaps login: Dovecot is the spawner’s child too, on a local socket 
   t.match(ti.run(['kick', ALICE]).stdout, /^kicked 1 session\(s\) of alice@example\.test\n/, 'pigeon kick finds the session');
   t.ok(await k.w.waitClosed(), 'and ends it');
   t.match(await untilText(tlog, /Disconnected: Kicked/), /imap\(alice@example\.test\): Disconnected: Kicked in=\d+ out=\d+/, 'logged as kicked');
+  // the spawner dies under a TLS session: its Dovecot is stopped, the relay ends, the slot is freed
+  const d = await tlsLogin();
+  t.match(d.answer, /^a1 OK/m);
+  process.kill(parent, 'SIGKILL');
+  t.ok(await d.w.waitClosed(), 'a TLS session whose spawner died is ended');
+  const l = await untilText(tlog, /the spawner process exited \(SIGKILL\)[^\n]*\n(.*\n)*.*Disconnected: Logged out in=/);
+  t.match(l, /imap\(alice@example\.test\): Warning: the spawner process exited \(SIGKILL\)/, 'it says why it ended');
+  t.match(l, /the spawner process exited \(SIGKILL\)[^\n]*\n(.*\n)*.*imap\(alice@example\.test\): Disconnected: Logged out in=\d+ out=\d+/, 'and logs its logout line');
+  t.same(JSON.parse(ti.run(['who', '--json']).stdout), [], 'no session left in who');
+  const e = await tlsLogin();
+  t.match(e.answer, /^a1 OK \[CAPABILITY /m, 'the next TLS login works, through a new spawner');
+  e.w.write('a2 LOGOUT\r\n');
+  await e.w.until(/^a2 OK/m);
+});
+
+t.test('an imaps login whose Dovecot imap dies at start (exit 89): the TLS client gets * BYE [UNAVAILABLE] through the pair', async (t) => {
+  const ti = makeInstance(t, { listen: ['imaps=127.0.0.1:0'], users: { [ALICE]: 'secret' } });
+  if (!useBackend(t, ti, 'dovecot')) return;
+  const bin = join(ti.dir, 'imap-exit-89');
+  writeFileSync(bin, '#!/bin/sh\nexit 89\n', { mode: 0o755 });
+  writeFileSync(join(ti.dir, 'conf.d', '60-exit-89.yaml'), 'dovecot:\n  imap: ' + bin + '\n');
+  const s = await serve(t, ti);
+  const sock = tlsConnect({ host: '127.0.0.1', port: s.ports['imaps'] ?? 0, ca: [readFileSync(join(ti.dir, 'certs', 'ca.crt'))], servername: 'localhost' });
+  await once(sock, 'secureConnect');
+  const w = new Wire(sock);
+  await w.until(/^\* OK/m);
+  w.write(`a1 LOGIN ${ALICE} secret\r\n`);
+  t.match(await w.until(/^\* BYE/m), /^\* BYE \[UNAVAILABLE\] Internal error occurred/m, "the proxy's last words for it, over TLS");
+  t.ok(await w.waitClosed(), 'and the connection closes');
+  const tlog = (): string => readFileSync(join(ti.dir, 'pigeon.log'), 'utf8');
+  t.match(await untilText(tlog, /Disconnected: Logged out in=/), /imap\(alice@example\.test\): Disconnected: Logged out in=\d+ out=\d+/, 'its logout line');
 });
 
 t.test("Dovecot is told the host's canonical name (DOVECOT_HOSTDOMAIN, as Dovecot's master does), not left to resolve it at every start", async (t) => {
