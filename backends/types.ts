@@ -68,7 +68,9 @@ export interface BackendRequest {
   readonly quota: number;
   /**
    * Plain-TCP client socket to give to the backend as its stdin/stdout (no copy), with the bytes
-   * the proxy already read after the login command; null = relay.
+   * the proxy already read after the login command; null = relay. (For a TLS client it is one end
+   * of a local socket pair, which the router closes once start() has resolved: the backend's
+   * process holds its own copy by then.)
    */
   readonly handoff: { readonly socket: Duplex; readonly input: Buffer } | null;
   /** where the backend's own log lines go */

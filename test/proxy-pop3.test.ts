@@ -1,11 +1,13 @@
 // POP3 through `pigeon serve` to the real backends — Dovecot, then Courier (the same cases,
 // parameterised): USER/PASS, AUTH PLAIN, STAT, UIDL, RETR, DELE, QUIT, STLS with the instance CA;
-// the deleted message is gone from the Maildir the backend serves; a missing backend binary.
+// the deleted message is gone from the Maildir the backend serves; a missing backend binary; a
+// TLS session's backend runs on a local socket pair of which the worker keeps no copy.
 import t from 'tap';
 import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { makeInstance, serve, putMessage, message } from './helpers/instance.js';
-import { BACKENDS, useBackend, binaryConf } from './helpers/backends.js';
+import { BACKENDS, useBackend, binaryConf, courierBinaries } from './helpers/backends.js';
+import { descendants, holds, socketInode } from './helpers/procs.js';
 import { Wire } from './helpers/wire.js';
 
 for (const backend of BACKENDS) {
@@ -130,6 +132,15 @@ for (const backend of BACKENDS) {
       await w.until(/\r\n/);
       w.write('PASS secret\r\n');
       t.match(await w.until(/\r\n/), LOGGED_IN);
+      // it answered: it runs, on one end of a local socket pair whose other end the worker
+      // relays; the worker keeps no copy of the backend's end (one that read could take the
+      // client's bytes before the backend does)
+      const unixSockets = new Set(readFileSync('/proc/net/unix', 'utf8').split('\n').slice(1).map((l) => l.trim().split(/\s+/)[6]));
+      const bin = backend === 'dovecot' ? '/usr/lib/dovecot/pop3' : courierBinaries().pop3d;
+      const worker = srv.child.pid ?? 0;
+      const paired = descendants(worker, bin).filter((p) => unixSockets.has(socketInode(p, 0) ?? ''));
+      t.equal(paired.length, 1, `${backend}'s pop3 for the TLS session runs on a local socket`);
+      t.notOk(holds(worker, socketInode(paired[0] ?? 0, 0) ?? ''), 'the worker holds no copy of its end');
       w.write('QUIT\r\n');
       await w.until(/\r\n/);
       const log = readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');

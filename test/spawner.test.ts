@@ -16,6 +16,7 @@
 //   logout line with its byte counts work as for any relayed session.
 import t from 'tap';
 import { readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { descendants, holds, proc } from './helpers/procs.js';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
@@ -31,34 +32,6 @@ if (!useBackend(t, inst, 'dovecot')) process.exit(1);
 
 const log = (): string => readFileSync(join(inst.dir, 'pigeon.log'), 'utf8');
 
-/** ppid and command line of `pid`, or null when it is gone */
-function proc(pid: number): { ppid: number; cmd: string } | null {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-    return { ppid, cmd: readFileSync(`/proc/${pid}/cmdline`, 'utf8').replace(/\0/g, ' ').trim() };
-  } catch {
-    return null;
-  }
-}
-
-/** The processes whose command line starts with `cmd` and that descend from `root`. */
-function descendants(root: number, cmd: string): number[] {
-  const out: number[] = [];
-  for (const d of readdirSync('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    const p = proc(Number(d));
-    if (!p?.cmd.startsWith(cmd)) continue;
-    for (let a = p.ppid, i = 0; a > 1 && i < 10; a = proc(a)?.ppid ?? 0, i++) {
-      if (a === root) {
-        out.push(Number(d));
-        break;
-      }
-    }
-  }
-  return out;
-}
-
 /** The inode of the proxy's end of the client connection whose client port is `clientPort`. */
 function serverSideInode(listenPort: number, clientPort: number): string | null {
   const hex = (n: number): string => n.toString(16).toUpperCase().padStart(4, '0');
@@ -67,20 +40,6 @@ function serverSideInode(listenPort: number, clientPort: number): string | null 
     if (f[1]?.endsWith(`:${hex(listenPort)}`) && f[2]?.endsWith(`:${hex(clientPort)}`)) return f[9] ?? null;
   }
   return null;
-}
-
-function holds(pid: number, inode: string): boolean {
-  try {
-    return readdirSync(`/proc/${pid}/fd`).some((fd) => {
-      try {
-        return readlinkSync(`/proc/${pid}/fd/${fd}`) === `socket:[${inode}]`;
-      } catch {
-        return false;
-      }
-    });
-  } catch {
-    return false;
-  }
 }
 
 async function login(port: number, tag = 'a1'): Promise<{ w: Wire; answer: string }> {

@@ -58,12 +58,15 @@ export interface RouteOptions {
 /**
  * A backend started on the far end of `p` (by the spawner, or by a backend that forks it itself),
  * relayed like one on pipes: its bytes come out of `near`, which ends once every holder of the far
- * end closed it (the backend; the spawner, which keeps it for the backend's last words; this
- * process, whose copy goes when the backend has ended). The relay, `pigeon who`/`kick` and the
- * logout line with its byte counts are those of any relayed session.
+ * end closed it (the backend, and the spawner, which keeps it for the backend's last words). This
+ * process's copy is closed at once: the backend has its own, and a copy here that had begun to
+ * read (backends/types.ts prepareHandoff reads what is buffered) could take the client's bytes
+ * before the backend does. The relay, `pigeon who`/`kick` and the logout line with its byte
+ * counts are those of any relayed session.
  */
 function pairedSession(p: Pair, s: BackendSession): BackendSession {
   const { near, far } = p;
+  far.destroy();
   const closed = new Promise<void>((resolve) => {
     if (near.destroyed) resolve();
     else near.once('close', () => resolve());
@@ -73,10 +76,7 @@ function pairedSession(p: Pair, s: BackendSession): BackendSession {
     handedOff: false,
     input: near,
     output: near,
-    ended: s.ended.then((end) => {
-      far.destroy();
-      return closed.then(() => end);
-    }),
+    ended: s.ended.then((end) => closed.then(() => end)),
     clientEnded() {
       // the client is gone: the backend sees EOF on its input and leaves; then the pair goes
       if (!near.writableEnded) near.end();
