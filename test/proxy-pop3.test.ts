@@ -133,8 +133,7 @@ for (const backend of BACKENDS) {
       w.write('PASS secret\r\n');
       t.match(await w.until(/\r\n/), LOGGED_IN);
       // it answered: it runs, on one end of a local socket pair whose other end the worker
-      // relays; the worker keeps no copy of the backend's end (one that read could take the
-      // client's bytes before the backend does)
+      // relays; the worker keeps no copy of the backend's end (a descriptor it would never use)
       const unixSockets = new Set(readFileSync('/proc/net/unix', 'utf8').split('\n').slice(1).map((l) => l.trim().split(/\s+/)[6]));
       const bin = backend === 'dovecot' ? '/usr/lib/dovecot/pop3' : courierBinaries().pop3d;
       const worker = srv.child.pid ?? 0;

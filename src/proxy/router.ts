@@ -59,10 +59,10 @@ export interface RouteOptions {
  * A backend started on the far end of `p` (by the spawner, or by a backend that forks it itself),
  * relayed like one on pipes: its bytes come out of `near`, which ends once every holder of the far
  * end closed it (the backend, and the spawner, which keeps it for the backend's last words). This
- * process's copy is closed at once: the backend has its own, and a copy here that had begun to
- * read (backends/types.ts prepareHandoff reads what is buffered) could take the client's bytes
- * before the backend does. The relay, `pigeon who`/`kick` and the logout line with its byte
- * counts are those of any relayed session.
+ * process's copy is closed at once: the backend's process has its own, and this one is never
+ * read (node's spawn and the spawner's stopReading stop a socket they give away from reading), so
+ * it would only hold a descriptor. The relay, `pigeon who`/`kick` and the logout line with its
+ * byte counts are those of any relayed session.
  */
 function pairedSession(p: Pair, s: BackendSession): BackendSession {
   const { near, far } = p;
