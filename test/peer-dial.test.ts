@@ -16,8 +16,6 @@ import { openInstanceStore } from '../src/context.js';
 import { createPeerContext } from '../src/peer/context.js';
 import { openLink } from '../src/peer/link.js';
 
-t.setTimeout(240_000);
-
 t.test('dialing a node: its certificate checked by name without the legacy chain object; another node’s certificate refused', async (t) => {
   const base = scratchDir(t);
   const A = await makeNode(t, base, 'a', '127.0.0.22', null, null);
