@@ -46,6 +46,7 @@ import type { Slot } from '../src/proxy/slots.js';
 import type { AnvilServer } from '../src/anvil/server.js';
 import { AppError, isAppError, isErrorCode, type ErrorCode } from '../src/errors.js';
 import type { InheritedSocket } from '../src/systemd.js';
+import { withHotFlags, applyHotFlags } from '../src/hot-flags.js';
 import { socketTransport } from './inetd.js';
 
 export type ExtraListener = (l: Listener, env: ProxyEnv) => Server | null;
@@ -112,6 +113,8 @@ export async function serve(makeEnv: () => Promise<ProxyEnv>, configPath: string
   // refuse to start half-configured: errors exit 78 before the service, listeners or workers
   const { loadInstance } = await import('../src/instance.js');
   const instance = loadInstance(configPath);
+  // this process serves the node state service, and with --workers 1 or 0 the sessions too
+  applyHotFlags();
   // sockets from systemd: taken (and LISTEN_* removed) before any child process exists
   const inherited = takeInheritedSockets();
   const anvil = await ownNodeService(instance);
@@ -301,6 +304,8 @@ async function supervise(n: number, inherited: readonly InheritedSocket[], hando
       }, 1000);
     });
   };
+  // the workers' V8 optimises their per-login and per-message code sooner (src/hot-flags.ts)
+  cluster.setupPrimary({ execArgv: withHotFlags(process.execArgv) });
   for (let i = 0; i < n; i++) fork();
   await new Promise<void>((resolve) => {
     allExited = resolve;

@@ -21,6 +21,7 @@ import { readLines, encode, replySchema, type Results, type RequestBody, type Wi
 import { answer } from './answer.js';
 import { openRunDir, RunDirError, type RunDir } from './run-dir.js';
 import { SOCKET_NAME } from './server.js';
+import { hotFlags } from '../hot-flags.js';
 import { ANVIL_IDLE_MS, ANVIL_MAX_LINE, ANVIL_REQUEST_MS, ANVIL_RETRY_MS, ANVIL_START_MS } from '../limits.js';
 
 export type ClientLog = (level: 'info' | 'warn' | 'error', msg: string) => void;
@@ -240,7 +241,7 @@ export class AnvilClient {
     return new Promise((resolve) => {
       let child;
       try {
-        child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', 'ignore', 'ignore', 'pipe'], cwd: '/', env: { PATH: process.env['PATH'] ?? '/usr/bin:/bin' } });
+        child = spawn(process.execPath, [...hotFlags(), ...args], { detached: true, stdio: ['ignore', 'ignore', 'ignore', 'pipe'], cwd: '/', env: { PATH: process.env['PATH'] ?? '/usr/bin:/bin' } });
       } catch (e) {
         resolve(String(e));
         return;

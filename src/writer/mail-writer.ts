@@ -38,6 +38,7 @@ import type { DeliveryResult } from '../delivery/types.js';
 import type { StoreRequest } from '../delivery/mda.js';
 import { LocalWriter, type Delivered, type MailWriter, type MailboxRef, type Stored } from './local-writer.js';
 import { notice } from '../delivery/notice.js';
+import { hotFlags } from '../hot-flags.js';
 import { SOLO_MS, toChunks, type ChildMessage, type ParentMessage, type WireError } from './wire.js';
 
 export type { Delivered, MailWriter, MailboxRef, Stored } from './local-writer.js';
@@ -104,7 +105,7 @@ class ChildWriter implements MailWriter {
       gid: this.mu.gid,
       cwd: '/',
       env,
-      execArgv: [],
+      execArgv: hotFlags(),
       serialization: 'advanced',
       stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
     });

@@ -127,13 +127,19 @@ export async function upToData(t: Test, d: Dialog, rcpt: string, sender = 'bob@r
 }
 
 /**
- * `pigeon serve --workers 1` of the instance `inst` with an lmtp listener on 127.0.0.1:0, run by
- * `wrap` (e.g. strace and its options) when given; resolves with its port once it is ready.
+ * `pigeon serve --workers 1` (or `workers`) of the instance `inst` with an lmtp listener on
+ * 127.0.0.1:0, node started with `nodeArgs`, run by `wrap` (e.g. strace and its options) when
+ * given; resolves with its port once it is ready.
  * Killed (its whole process group) at the test's teardown if still running.
  */
-export async function serveLmtp(t: Test, cliPath: string, inst: string, o: { wrap?: readonly string[]; env?: NodeJS.ProcessEnv } = {}): Promise<{ child: ChildProcess; port: number; exited: Promise<void> }> {
+export async function serveLmtp(
+  t: Test,
+  cliPath: string,
+  inst: string,
+  o: { wrap?: readonly string[]; env?: NodeJS.ProcessEnv; workers?: number; nodeArgs?: readonly string[] } = {},
+): Promise<{ child: ChildProcess; port: number; exited: Promise<void> }> {
   const wrap = o.wrap ?? [];
-  const argv = [process.execPath, cliPath, '-c', inst, 'serve', '--workers', '1'];
+  const argv = [process.execPath, ...(o.nodeArgs ?? []), cliPath, '-c', inst, 'serve', '--workers', String(o.workers ?? 1)];
   const child = owned(
     spawn(wrap[0] ?? process.execPath, [...wrap.slice(1), ...(wrap.length > 0 ? argv : argv.slice(1))], {
       stdio: ['ignore', 'ignore', 'pipe'],
