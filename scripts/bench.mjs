@@ -158,6 +158,8 @@ if (px) {
     row(`login c=${c}: p50 latency`, 'ms', x.proxy.p50_ms, x.direct.p50_ms, 'Dovecot direct', c === 1 ? 1.05 : 1.1, 'lower');
     row(`login c=${c}: p99 latency`, 'ms', x.proxy.p99_ms, x.direct.p99_ms, 'Dovecot direct', c === 1 ? null : 1.2, 'lower');
   }
+  // the first c=1 round after start (before the warm-up): context, no target
+  if (px.login_c1_cold) row('login c=1: p50 latency, first round after serve started (cold, context)', 'ms', px.login_c1_cold.proxy.p50_ms, px.login_c1_cold.direct.p50_ms, 'Dovecot direct', null);
   // imaps logins: context, no target (the proxy's worker does the handshake, Dovecot's imap-login its own)
   if (px.login_tls_c1) row('login imaps c=1: p50 latency (context)', 'ms', px.login_tls_c1.proxy.p50_ms, px.login_tls_c1.direct.p50_ms, 'Dovecot direct (imaps)', null);
   row('FETCH 20 MiB plain (handed off)', 'MiB/s', px.fetch_plain.proxy.MiBps, px.fetch_plain.direct.MiBps, 'Dovecot direct', 0.95, 'higher');
