@@ -376,6 +376,8 @@ const results = {
   machine: { cpus: cpus().length, cpu: cpus()[0]?.model, node: process.version, dovecot: spawnSync('/usr/sbin/dovecot', ['--version'], { encoding: 'utf8' }).stdout.trim() },
   setup: {
     password_scheme: `{${SCHEME}} on both sides (pigeon pw -s ${SCHEME}, imported; the same string in Dovecot's passwd-file)`,
+    login_warm: ONLY.has('login') ? LOGIN_WARM : 20,
+    lmtp_warm: LMTP_WARM,
     proxy: `pigeon serve --workers ${WORKERS} (plain IMAP/POP3 handed to Dovecot after login; TLS relayed)`,
     reference: 'private Dovecot master: imap-login/pop3-login (service_count=0, process_min_avail=cores), passwd-file passdb, static userdb, same Maildir, same certificate',
     rounds: ROUNDS,
