@@ -1,7 +1,7 @@
 /**
  * NAME        src/hot-flags — V8's tier-up budget for pigeon's long-lived busy processes
  * SYNOPSIS    cluster.setupPrimary({ execArgv: withHotFlags(process.execArgv) });
- *             fork(MAIN, [], { execArgv: withHotFlags([]) });
+ *             fork(MAIN, [], { execArgv: hotFlags() });   // the mail writer; the node state service likewise
  *             applyHotFlags();   // serve's primary, which hosts the node state service
  * DESCRIPTION `pigeon serve`'s workers, the mail writer child (src/writer/mail-writer.ts) and the
  *             node state service (src/anvil) run the same few code paths for every login and
@@ -17,18 +17,18 @@
  *             itself (v8.setFlagsFromString: the budget is read each time a function's count
  *             starts over, so it applies to the code that runs from then on).
  *             An `--interrupt-budget` the administrator gave node (`node --interrupt-budget=N
- *             dist/src/cli.js serve`) is kept as given, and passed on to the children instead. Short-lived
- *             processes (`pigeon deliver`, one-shot inetd sessions) do not take the flag: they end
- *             before a budget of either size would matter.
+ *             dist/src/cli.js serve`) is kept as given, and passed on to the children instead.
+ *             Short-lived processes (`pigeon deliver`, one-shot inetd sessions) do not set it on
+ *             themselves: they end before a budget of either size would matter (a mail writer or
+ *             node state service they start gets it like any other).
  * SEE ALSO    forkers/listen.ts, src/writer/mail-writer.ts, src/anvil/client.ts
  */
+import { setFlagsFromString } from 'node:v8';
 
 /** A quarter of V8's default interrupt budget (66 KiB of bytecode). */
 export const HOT_INTERRUPT_BUDGET = 16_896;
 
 const GIVEN = /^--interrupt[-_]budget=/;
-
-import { setFlagsFromString } from 'node:v8';
 
 /** `execArgv` with the hot processes' V8 flag added, unless it already sets one of its own. */
 export function withHotFlags(execArgv: readonly string[]): string[] {
