@@ -121,6 +121,9 @@ peer:
   # the TLS handshake; 0 = none. A spare unused pool_idle_s is closed (at most handoff_timeout_s/2)
   pool_size: 4
   pool_idle_s: 5
+  # links resume the TLS session of an earlier full handshake with the same node for this long
+  # (no certificates exchanged again; the registry is still checked); 0 = every link a full handshake
+  resume_s: 300
   # this node's certificate from the cluster CA (pigeon init / pigeon cert issue): peer links
   # only, never shown to mail clients (they see tls.cert)
   cert: certs/node.crt

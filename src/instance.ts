@@ -41,6 +41,7 @@ import {
   PEER_CONNECT_MS,
   PEER_POOL_SIZE,
   PEER_POOL_IDLE_MS,
+  PEER_RESUME_S,
   PG_POOL_SIZE,
   PG_CONNECT_TIMEOUT_S,
   PG_STATEMENT_TIMEOUT_S,
@@ -194,6 +195,8 @@ const baseShape = {
       // spare, already verified links per other node (src/peer/link.ts): a burst of sessions skips the handshakes
       pool_size: z.number().int().min(0).max(64).default(PEER_POOL_SIZE),
       pool_idle_s: z.number().int().min(1).max(300).default(PEER_POOL_IDLE_MS / 1000),
+      // links resume the TLS 1.3 session of an earlier full handshake to the same node for this long (src/peer/link.ts); 0: every link a full handshake
+      resume_s: z.number().int().min(0).max(3600).default(PEER_RESUME_S),
       // this node's certificate from the cluster CA (tls.ca), for peer links only
       cert: path.default('certs/node.crt'),
       key: path.default('certs/node.key'),

@@ -67,6 +67,7 @@ export const PROXY_HEADER_MS = 3_000; // limits.proxy_header_timeout_s: a `,prox
 export const PEER_HANDOFF_MS = 10_000; // peer.handoff_timeout_s: a peer must send its whole hand-off within this
 export const PEER_CONNECT_MS = 10_000; // peer.connect_timeout_s
 export const PEER_POOL_SIZE = 4; // peer.pool_size: verified spare links kept per other node, per process (0: none)
+export const PEER_RESUME_S = 300; // peer.resume_s: a link may resume the TLS session of an earlier full handshake to the same node this long (0: never)
 export const PEER_POOL_IDLE_MS = 5_000; // peer.pool_idle_s: a spare unused this long is closed (at most half of peer.handoff_timeout_s)
 export const PEER_TLS_HANDSHAKE_MS = 15_000; // a node connecting to the peer listener must finish its TLS handshake within this
 // a database server (PostgreSQL), per process, defaults of pigeon.yaml database_pool_size,

@@ -14,7 +14,7 @@
  *               pigeon_sessions{protocol,backend}               gauge: relayed sessions now
  *               pigeon_backend_start_duration_seconds{protocol,backend}   histogram
  *               pigeon_peer_handoffs_sent_total{kind,result}, pigeon_peer_handoffs_received_total{kind,result},
- *               pigeon_peer_links_refused_total{reason}
+ *               pigeon_peer_links_refused_total{reason}, pigeon_peer_handshakes_total{side,kind}
  *               pigeon_deliveries_total{module,status}          status delivered|deferred|rejected
  *               pigeon_delivery_duration_seconds                histogram: one message, all recipients
  *               pigeon_db_errors_total{code}, pigeon_db_user_reads_total, pigeon_password_checks_total
@@ -133,6 +133,13 @@ export const peerLinksOpened = new Counter({
   name: 'pigeon_peer_links_opened_total',
   help: 'Peer links used for a hand-off, by how they were had: pooled (a spare, no handshake) or dialed (a TLS handshake while the session waited)',
   labelNames: ['how'] as const,
+  registers: [registry],
+});
+
+export const peerHandshakes = new Counter({
+  name: 'pigeon_peer_handshakes_total',
+  help: 'TLS handshakes of peer links that passed the checks, by side (dialed: this node opened the link; accepted: another node did) and kind (full: certificates exchanged and verified; resumed: a TLS 1.3 resumption of an earlier full handshake, peer.resume_s)',
+  labelNames: ['side', 'kind'] as const,
   registers: [registry],
 });
 

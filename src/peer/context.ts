@@ -22,6 +22,8 @@ export interface PeerContext {
   readonly poolSize: number;
   /** how long a spare may wait unused: peer.pool_idle_s, at most half of handoff_timeout (the receiving node's idle limit) */
   readonly poolIdleMs: number;
+  /** peer.resume_s in ms: a link resumes the TLS session of an earlier full handshake to the same node within this (0: never) */
+  readonly resumeMs: number;
   /** the trust module of peer.trust */
   readonly trust: PeerTrust;
   /** this node's certificate, key and the cluster CA (read and checked on first use) */
@@ -43,6 +45,7 @@ export function createPeerContext(instance: Instance, store: Store, nodes?: Node
     handoffTimeoutMs: instance.config.peer.handoff_timeout_s * 1000,
     poolSize: instance.config.peer.pool_size,
     poolIdleMs: Math.max(500, Math.min(instance.config.peer.pool_idle_s * 1000, (instance.config.peer.handoff_timeout_s * 1000) / 2)),
+    resumeMs: instance.config.peer.resume_s * 1000,
     trust: trustModule(instance.config.peer.trust),
     credentials(): NodeCredentials {
       creds ??= loadNodeCredentials(instance.peerTls, instance.config.node);

@@ -8,6 +8,8 @@
  *             target refuses or resets (a restarting node); each within peer.connect_timeout_s.
  *             The daemon keeps a pool of spare, verified links per node in use (peer.pool_size,
  *             peer.pool_idle_s; described below), so most sessions skip the TLS handshake.
+ *             Resumption (peer.resume_s, below): a link may resume the TLS 1.3 session of an
+ *             earlier full handshake with the same node instead of exchanging certificates again.
  * DIAGNOSTICS AppError PEER_UNAVAILABLE (not registered, disabled, no address, down, timeout),
  *             PEER_REFUSED (the target refused the hand-off: code and text from its answer).
  */
@@ -17,7 +19,7 @@ import { randomBytes } from 'node:crypto';
 import { certNodeName } from '../../certs/verify.js';
 import type { PeerContext } from './context.js';
 import { AppError, isAppError } from '../errors.js';
-import { peerHandoffsSent, peerLinksOpened, peerLinksPooled } from '../metrics.js';
+import { peerHandoffsSent, peerHandshakes, peerLinksOpened, peerLinksPooled } from '../metrics.js';
 import { ownReader, ownReads, type OnRead } from '../proxy/own-reads.js';
 import { PEER_PROTOCOL, HANDOFF_MAX_BYTES, newNonce, sealHandOff, readLine, type HandOff, type Reply } from './protocol.js';
 
@@ -33,7 +35,58 @@ export function splitHostPort(a: string): { host: string; port: number } {
 /** A connected, handshaken link and the certificate it presented (checked for the target's name). */
 interface Dialed {
   readonly sock: TLSSocket;
-  readonly cert: X509Certificate | undefined;
+  cert: X509Certificate | undefined;
+  /** the link resumed the offered ticket's session: no certificate was exchanged, the ticket's stands */
+  resumed: boolean;
+  /** session tickets that came before the certificate was checked (kept only once it is) */
+  readonly early: Buffer[];
+  /** where later tickets go once it is */
+  onTicket: ((session: Buffer) => void) | null;
+}
+
+/*
+ * Resumption (peer.resume_s, ctx.resumeMs; 0: off). A full handshake costs each node ≈ 2-3 ms of
+ * CPU (OpenSSL 3.0 decodes every certificate's public key through its provider machinery, about a
+ * fifth of it; the signatures and the chain check are the rest): with one link per session, the
+ * largest part of what a login through the peer link costs both nodes. After a full handshake the
+ * other node sends TLS 1.3 session tickets; the newest one, with the certificate that handshake
+ * presented and this node verified (chain to the cluster CA, the target's name, its registered
+ * fingerprint), is kept per node for ctx.resumeMs and offered by the next links, which then skip
+ * the certificates and signatures and still make a fresh ECDHE key exchange (psk_dhe_ke: forward
+ * secrecy stays). Only the process that issued the ticket can decrypt it, so a resumed link
+ * reaches that same node process; the registry is still asked about its certificate on every
+ * link (verifyPeer), as the other node asks about ours (src/peer/listener.ts), so a node disabled,
+ * removed or re-keyed loses resumed links as it loses full ones. A ticket the other node no
+ * longer accepts (restarted, expired, another worker process) gives an ordinary full handshake,
+ * checked as always. One ticket serves several links (RFC 8446 advises against that only because
+ * an observer could link the connections; these are two known nodes).
+ */
+interface Ticket {
+  readonly session: Buffer;
+  readonly cert: X509Certificate;
+  readonly at: number;
+}
+const tickets = new WeakMap<PeerContext, Map<string, Ticket>>();
+
+function ticketFor(ctx: PeerContext, target: string): Ticket | undefined {
+  if (ctx.resumeMs <= 0) return undefined;
+  const t = tickets.get(ctx)?.get(target);
+  if (t && Date.now() - t.at < ctx.resumeMs) return t;
+  return undefined;
+}
+
+function keepTicket(ctx: PeerContext, target: string, session: Buffer, cert: X509Certificate): void {
+  let m = tickets.get(ctx);
+  if (!m) {
+    m = new Map();
+    tickets.set(ctx, m);
+  }
+  m.set(target, { session, cert, at: Date.now() });
+}
+
+/** Forget the ticket of `target` (its node no longer trusted, or its ticket refused). */
+function dropTicket(ctx: PeerContext, target: string): void {
+  tickets.get(ctx)?.delete(target);
 }
 
 /**
@@ -46,19 +99,22 @@ interface Dialed {
  */
 const NO_LEGACY_CERT = { configurable: true, value: (): object => ({}) };
 
-function connectOnce(ctx: PeerContext, target: string, host: string, port: number): Promise<Dialed> {
+function connectOnce(ctx: PeerContext, target: string, host: string, port: number, ticket: Ticket | undefined): Promise<Dialed> {
   return new Promise((resolve, reject) => {
     // the link carries the other node's answers, a large FETCH or RETR among them: its reads land
     // in a buffer the relay reuses (src/proxy/own-reads.ts)
     const reads = ownReads();
     let cert: X509Certificate | undefined;
+    const early: Buffer[] = [];
     const options: ConnectionOptions & { readonly onread: OnRead } = {
       onread: reads.onread,
       host,
       port,
       secureContext: ctx.clientContext(),
-      // every link is a full handshake: both ends see and check the other's certificate (no resumption)
-      session: undefined,
+      // a full handshake (both ends present and check their certificates), or the resumption of
+      // one with this node (see Resumption above; node:tls calls checkServerIdentity only for a
+      // full one)
+      session: ticket?.session,
       minVersion: 'TLSv1.3',
       maxVersion: 'TLSv1.3',
       // the certificate must name the node we mean to reach, whatever address it answers on
@@ -75,10 +131,19 @@ function connectOnce(ctx: PeerContext, target: string, host: string, port: numbe
       sock.destroy();
       reject(new AppError('PEER_UNAVAILABLE', `no TLS link to ${target} at ${host}:${port} within ${ctx.connectTimeoutMs / 1000}s`));
     }, ctx.connectTimeoutMs);
+    if (ctx.resumeMs > 0) {
+      sock.on('session', (session: Buffer) => {
+        if (dialed.onTicket) dialed.onTicket(session);
+        else if (early.length < 4) early.push(session);
+      });
+    }
+    const dialed: Dialed = { sock, cert: undefined, resumed: false, early, onTicket: null };
     sock.once('secureConnect', () => {
       clearTimeout(t);
       delete (sock as { getPeerCertificate?: unknown }).getPeerCertificate;
-      resolve({ sock, cert });
+      dialed.resumed = ticket !== undefined && sock.isSessionReused();
+      dialed.cert = dialed.resumed && ticket ? ticket.cert : cert;
+      resolve(dialed);
     });
     sock.once('error', (e) => {
       clearTimeout(t);
@@ -112,7 +177,7 @@ async function dial(ctx: PeerContext, target: string): Promise<TLSSocket> {
     if (i > 0) await new Promise((r) => setTimeout(r, 1000));
     let dialed: Dialed;
     try {
-      dialed = await connectOnce(ctx, target, host, port);
+      dialed = await connectOnce(ctx, target, host, port, ticketFor(ctx, target));
     } catch (e) {
       last = e as Error;
       const code = (e as NodeJS.ErrnoException).code ?? '';
@@ -123,10 +188,19 @@ async function dial(ctx: PeerContext, target: string): Promise<TLSSocket> {
     const bad = await verifyPeer(ctx, target, x);
     if (bad !== null || !x) {
       sock.destroy();
+      dropTicket(ctx, target);
       throw new AppError('PEER_UNAVAILABLE', `node ${target} at ${n.peerAddress} presented a certificate that is not its registered one: ${bad ?? 'none'}`);
     }
     sock.setNoDelay(true);
     certs.set(sock, x);
+    peerHandshakes.inc({ side: 'dialed', kind: dialed.resumed ? 'resumed' : 'full' });
+    // tickets of a full handshake whose certificate passed (a resumed link gets none from OpenSSL 3.0)
+    if (ctx.resumeMs > 0 && !dialed.resumed) {
+      const keep = (session: Buffer): void => keepTicket(ctx, target, session, x);
+      for (const s of dialed.early) keep(s);
+      dialed.early.length = 0;
+      dialed.onTicket = keep;
+    }
     return sock;
   }
   const code = (last as NodeJS.ErrnoException).code;
@@ -194,6 +268,15 @@ function unpool(target: string, p: Pool, sp: Spare): boolean {
 
 /** Close the spares of nodes the registry no longer trusts (node disable/remove, a revoked fingerprint). */
 async function recheckPools(ctx: PeerContext, m: Map<string, Pool>): Promise<void> {
+  for (const [target, t] of tickets.get(ctx) ?? []) {
+    let bad: string | null;
+    try {
+      bad = await verifyPeer(ctx, target, t.cert);
+    } catch {
+      bad = null;
+    }
+    if (bad !== null) dropTicket(ctx, target);
+  }
   for (const [target, p] of m) {
     for (const sp of [...p.idle]) {
       let bad: string | null;

@@ -5,7 +5,11 @@
  *             the client must present a host certificate issued by the cluster CA
  *             (node:tls checks chain and dates), and the node it names must be registered,
  *             enabled, with that certificate's fingerprint (NodeDirectory.check, from the cached
- *             registry: no database read per link). Then one hand-off (src/peer/protocol.ts),
+ *             registry: no database read per link). A link that resumes a TLS 1.3 session of an
+ *             earlier full handshake (peer.resume_s, src/peer/link.ts) presents no certificate:
+ *             the one that handshake verified comes with the session and is checked the same way
+ *             (the verification result too: a session never verified stays unauthorized).
+ *             Then one hand-off (src/peer/protocol.ts),
  *             within peer.handoff_timeout_s, checked for mac, freshness, replay, addressee,
  *             sender, hop count and home node. Who is trusted is the trust module's decision
  *             (peer.trust, certs/trust.ts; default `registry`). What an accepted hand-off becomes
@@ -22,7 +26,7 @@
  *             from NODE: code: text`, `peer(user): Login: from=NODE, rip=…, session=…`.
  */
 import { createServer, type Server, type TLSSocket } from 'node:tls';
-import type { X509Certificate } from 'node:crypto';
+import { constants, type X509Certificate } from 'node:crypto';
 import type { Instance, Listener } from '../instance.js';
 import type { Logger } from '../log.js';
 import type { MailUser } from '../mailuser.js';
@@ -32,7 +36,7 @@ import type { ResolvedUser } from '../modules.js';
 import type { DeliveryResult } from '../delivery/types.js';
 import type { PeerContext } from './context.js';
 import { certNodeName } from '../../certs/verify.js';
-import { peerHandoffsReceived, peerLinksRefused } from '../metrics.js';
+import { peerHandoffsReceived, peerHandshakes, peerLinksRefused } from '../metrics.js';
 import { unmapIp } from '../ip.js';
 import { HOP_LIMIT, HANDOFF_MAX_BYTES, CLOCK_SKEW_MS, NonceCache, openHandOff, readLine, replyLine, exactBytes, fromWireUser, fromWireConfig, type HandOff } from './protocol.js';
 import { isAppError } from '../errors.js';
@@ -150,6 +154,11 @@ export function peerListener(l: Listener, env: PeerListenerEnv, peer: PeerContex
     minVersion: 'TLSv1.3',
     maxVersion: 'TLSv1.3',
     handshakeTimeout: PEER_TLS_HANDSHAKE_MS,
+    // TLS 1.3 session tickets (src/peer/link.ts, Resumption): valid peer.resume_s, under this
+    // process's own random ticket key; a resumed link carries the certificate its full handshake
+    // presented, and handle() checks it like any other. peer.resume_s 0: no stateless tickets
+    // (and no session cache here), so every link is a full handshake
+    ...(peer.resumeMs > 0 ? { sessionTimeout: Math.ceil(peer.resumeMs / 1000) } : { secureOptions: constants.SSL_OP_NO_TICKET }),
   });
   server.on('tlsClientError', (e: Error, s: TLSSocket) => {
     peerLinksRefused.inc({ reason: 'tls' });
@@ -196,6 +205,7 @@ export function peerListener(l: Listener, env: PeerListenerEnv, peer: PeerContex
       refuse(sock, 'refused', chk.reason);
       return;
     }
+    peerHandshakes.inc({ side: 'accepted', kind: sock.isSessionReused() ? 'resumed' : 'full' });
     const link: Link = { sock, node: name, fingerprint: x.fingerprint256, certificate: x };
     links.add(link);
     sock.once('close', () => links.delete(link));

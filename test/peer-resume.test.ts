@@ -1,0 +1,111 @@
+// TLS 1.3 session resumption on peer links (peer.resume_s, src/peer/link.ts), with real nodes
+// (`pigeon serve` on 127.0.0.N, one shared SQLite file), Dovecot behind and imapflow in front:
+// - after one full handshake, the next links from A to B resume its session (both nodes count
+//   them: pigeon_peer_handshakes_total{side,kind}), and the sessions they carry work;
+// - a resumed link is still checked against the registry: once A is disabled, B refuses A's next
+//   link although it resumed (A counted it resumed; the client gets NO [UNAVAILABLE]); enabled
+//   again, logins work again;
+// - B restarted: its new process cannot read A's ticket, the next link is a full handshake and
+//   the login works;
+// - a node with peer.resume_s: 0 issues no tickets: every link to it is a full handshake.
+import t from 'tap';
+import { ImapFlow } from 'imapflow';
+import { join } from 'node:path';
+import { makeNode, metrics, wireTo, type ClusterNode } from './helpers/cluster.js';
+import { scratchDir } from './helpers/instance.js';
+import { requireProgram } from './helpers/programs.js';
+
+t.setTimeout(300_000);
+
+const DOMAIN = 'example.test';
+// a bound against a hang, never a pace: every wait ends on its event
+const BOUND_MS = 60_000;
+
+/** Log in at `n` as `user` (imapflow), and read INBOX's message count: the session really ran. */
+async function inboxAt(n: ClusterNode, user: string): Promise<number> {
+  const c = new ImapFlow({ host: n.ip, port: n.ports['imap'] ?? 0, secure: false, doSTARTTLS: false, auth: { user, pass: 'secret' }, logger: false, emitLogs: false, connectionTimeout: BOUND_MS });
+  await c.connect();
+  const st = await c.status('INBOX', { messages: true });
+  await c.logout();
+  return st === false ? -1 : (st.messages ?? -1);
+}
+
+/** The tagged answer to a LOGIN at `n` (raw, so a failure is seen as the client sees it). */
+async function loginAnswer(n: ClusterNode, user: string): Promise<string> {
+  const w = await wireTo(n.ip, n.ports['imap'] ?? 0);
+  try {
+    await w.until(/^\* OK/m);
+    w.write(`a1 LOGIN ${user} secret\r\n`);
+    return (await w.until(/^a1 .*\r\n/m, BOUND_MS)).split('\n').find((l) => l.startsWith('a1 ')) ?? '';
+  } finally {
+    w.close();
+  }
+}
+
+async function until(what: () => boolean | Promise<boolean>, ms = BOUND_MS): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (!(await what()) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  return what();
+}
+
+/** pigeon_peer_handshakes_total of `n` for one side and kind */
+async function handshakes(n: ClusterNode, side: 'dialed' | 'accepted', kind: 'full' | 'resumed'): Promise<number> {
+  return (await metrics(n)).get(`pigeon_peer_handshakes_total{side="${side}",kind="${kind}"}`) ?? 0;
+}
+
+// spares would wait 60 s and B waits 120 s for their hand-off: no link closes on its own during the test
+const CONF = 'peer:\n  handoff_timeout_s: 120\n  pool_idle_s: 60\n  pool_size: 2\n';
+
+t.test('links resume the session of a full handshake, and are still checked against the registry', async (t) => {
+  if (!requireProgram(t, '/usr/lib/dovecot/imap', 'dovecot-imapd')) return;
+  const base = scratchDir(t);
+  const A = await makeNode(t, base, 'A', '127.0.0.2', null, null, CONF);
+  const B = await makeNode(t, base, 'B', '127.0.0.3', join(base, 'A', 'pigeon.db'), A.dir, CONF);
+  A.run(['domain', 'add', DOMAIN]);
+  t.equal(A.run(['user', 'add', `onb@${DOMAIN}`, '--password-stdin', '--home', 'B'], 'secret\n').status, 0, 'a user on B');
+  await Promise.all([A.start(), B.start()]);
+
+  // the pool holds 2 spares: 6 logins use them up and dial more, after the first full handshake
+  for (let i = 0; i < 6; i++) t.equal(await inboxAt(A, `onb@${DOMAIN}`), 0, `login ${i + 1} at A, mailbox on B`);
+  t.ok(await until(async () => (await handshakes(A, 'dialed', 'resumed')) >= 4), 'A resumed most of its links to B');
+  const full = await handshakes(A, 'dialed', 'full');
+  t.ok(full >= 1 && full <= 2, `A made one full handshake with B (${full}; two links may have started at once)`);
+  t.equal(await handshakes(B, 'accepted', 'resumed'), await handshakes(A, 'dialed', 'resumed'), 'B accepted as many resumed links as A made');
+  t.equal(await handshakes(B, 'accepted', 'full'), full, 'and as many full ones');
+  t.equal((await metrics(B)).get('pigeon_peer_handoffs_received_total{kind="imap",result="accepted"}'), 6, 'B ran all six sessions');
+
+  // A disabled: B refuses A's links, resumed or not (B closes A's spares at its registry refresh)
+  const refusedBefore = (await metrics(B)).get('pigeon_peer_links_refused_total{reason="registry"}') ?? 0;
+  t.equal(A.run(['node', 'disable', 'A']).status, 0, 'node disable A');
+  t.ok(await until(() => /Closing link from A: /.test(B.log())), "B closed A's spare links");
+  const resumedBefore = await handshakes(A, 'dialed', 'resumed');
+  t.match(await loginAnswer(A, `onb@${DOMAIN}`), /^a1 NO \[UNAVAILABLE\]/, 'A disabled: its user on B gets NO [UNAVAILABLE]');
+  t.ok((await handshakes(A, 'dialed', 'resumed')) > resumedBefore, 'the refused link was a resumed one');
+  t.ok(((await metrics(B)).get('pigeon_peer_links_refused_total{reason="registry"}') ?? 0) > refusedBefore, 'B refused it by the registry');
+  t.match(B.log(), /Refused link from A: node A is disabled/, 'and logged why');
+  t.equal(A.run(['node', 'enable', 'A']).status, 0, 'node enable A');
+  t.ok(await until(async () => (await loginAnswer(A, `onb@${DOMAIN}`)).startsWith('a1 OK')), 'enabled again: the login works');
+
+  // B restarted: a new process with a new ticket key, A's ticket is of no use there
+  await B.stop('SIGTERM');
+  await B.start();
+  const fullBefore = await handshakes(A, 'dialed', 'full');
+  const logFrom = A.log().length;
+  t.equal(await inboxAt(A, `onb@${DOMAIN}`), 0, 'B restarted: the login at A works');
+  t.ok((await handshakes(A, 'dialed', 'full')) > fullBefore, 'over a full handshake');
+  t.notMatch(A.log().slice(logFrom), /did not answer the hand-off|Backend failure/, 'no session failed on the way');
+});
+
+t.test('a node with peer.resume_s: 0 takes full handshakes only', async (t) => {
+  if (!requireProgram(t, '/usr/lib/dovecot/imap', 'dovecot-imapd')) return;
+  const base = scratchDir(t);
+  const A = await makeNode(t, base, 'A', '127.0.0.2', null, null, CONF);
+  const B = await makeNode(t, base, 'B', '127.0.0.3', join(base, 'A', 'pigeon.db'), A.dir, `${CONF}  resume_s: 0\n`);
+  A.run(['domain', 'add', DOMAIN]);
+  t.equal(A.run(['user', 'add', `onb@${DOMAIN}`, '--password-stdin', '--home', 'B'], 'secret\n').status, 0, 'a user on B');
+  await Promise.all([A.start(), B.start()]);
+  for (let i = 0; i < 4; i++) t.equal(await inboxAt(A, `onb@${DOMAIN}`), 0, `login ${i + 1} at A, mailbox on B`);
+  t.ok(await until(async () => (await handshakes(B, 'accepted', 'full')) >= 4), 'B accepted a full handshake per link');
+  t.equal(await handshakes(B, 'accepted', 'resumed'), 0, 'and no resumed one');
+  t.equal(await handshakes(A, 'dialed', 'resumed'), 0, 'A resumed none');
+});
