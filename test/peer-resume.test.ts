@@ -7,7 +7,10 @@
 //   again, logins work again;
 // - B restarted: its new process cannot read A's ticket, the next link is a full handshake and
 //   the login works;
-// - a node with peer.resume_s: 0 issues no tickets: every link to it is a full handshake.
+// - a node with peer.resume_s: 0 issues no tickets: every link to it is a full handshake;
+// - a node with two workers: a ticket one worker issued resumes at the other (node:cluster gives
+//   every worker the first one's ticket key), so both run sessions and still only the first link
+//   was a full handshake.
 import t from 'tap';
 import { ImapFlow } from 'imapflow';
 import { join } from 'node:path';
@@ -108,4 +111,27 @@ t.test('a node with peer.resume_s: 0 takes full handshakes only', async (t) => {
   t.ok(await until(async () => (await handshakes(B, 'accepted', 'full')) >= 4), 'B accepted a full handshake per link');
   t.equal(await handshakes(B, 'accepted', 'resumed'), 0, 'and no resumed one');
   t.equal(await handshakes(A, 'dialed', 'resumed'), 0, 'A resumed none');
+});
+
+t.test('the workers of one node share the ticket key: a link resumes at either', async (t) => {
+  if (!requireProgram(t, '/usr/lib/dovecot/imap', 'dovecot-imapd')) return;
+  const base = scratchDir(t);
+  const A = await makeNode(t, base, 'A', '127.0.0.2', null, null, CONF);
+  const B = await makeNode(t, base, 'B', '127.0.0.3', join(base, 'A', 'pigeon.db'), A.dir, CONF);
+  A.run(['domain', 'add', DOMAIN]);
+  t.equal(A.run(['user', 'add', `onb@${DOMAIN}`, '--password-stdin', '--home', 'B'], 'secret\n').status, 0, 'a user on B');
+  await Promise.all([A.start(), B.start(2)]);
+  // the kernel gives each new link to one of B's two workers: log in until both ran a session
+  // from A (their log lines carry their pids), within a bound
+  const workersSeen = (): Set<string> => new Set([...B.log().matchAll(/pigeon\[(\d+)\]: imap\(onb@[^)]*\): Login: from=A/g)].map((m) => m[1] ?? ''));
+  let logins = 0;
+  while (workersSeen().size < 2 && logins < 60) {
+    t.equal(await inboxAt(A, `onb@${DOMAIN}`), 0, `login ${++logins} at A, mailbox on B`);
+  }
+  t.equal(workersSeen().size, 2, `both of B's workers ran sessions from A (${logins} logins)`);
+  t.ok(await until(async () => (await handshakes(B, 'accepted', 'full')) + (await handshakes(B, 'accepted', 'resumed')) >= logins), 'B counted every link');
+  const full = await handshakes(A, 'dialed', 'full');
+  t.ok(full >= 1 && full <= 2, `A made one full handshake (${full}; two links may have started at once)`);
+  t.equal(await handshakes(B, 'accepted', 'full'), full, 'B accepted no other: links resumed at either worker');
+  t.ok((await handshakes(B, 'accepted', 'resumed')) >= logins - 2, 'the rest were resumed');
 });

@@ -53,11 +53,12 @@ interface Dialed {
  * presented and this node verified (chain to the cluster CA, the target's name, its registered
  * fingerprint), is kept per node for ctx.resumeMs and offered by the next links, which then skip
  * the certificates and signatures and still make a fresh ECDHE key exchange (psk_dhe_ke: forward
- * secrecy stays). Only the process that issued the ticket can decrypt it, so a resumed link
- * reaches that same node process; the registry is still asked about its certificate on every
+ * secrecy stays). Only the node that issued the ticket can decrypt it (node:tls' random key, which
+ * node:cluster shares among the workers of one `pigeon serve`), so a resumed link reaches that
+ * same running node; the registry is still asked about its certificate on every
  * link (verifyPeer), as the other node asks about ours (src/peer/listener.ts), so a node disabled,
  * removed or re-keyed loses resumed links as it loses full ones. A ticket the other node no
- * longer accepts (restarted, expired, another worker process) gives an ordinary full handshake,
+ * longer accepts (restarted, expired) gives an ordinary full handshake,
  * checked as always. One ticket serves several links (RFC 8446 advises against that only because
  * an observer could link the connections; these are two known nodes).
  */

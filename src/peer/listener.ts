@@ -154,10 +154,12 @@ export function peerListener(l: Listener, env: PeerListenerEnv, peer: PeerContex
     minVersion: 'TLSv1.3',
     maxVersion: 'TLSv1.3',
     handshakeTimeout: PEER_TLS_HANDSHAKE_MS,
-    // TLS 1.3 session tickets (src/peer/link.ts, Resumption): valid peer.resume_s, under this
-    // process's own random ticket key; a resumed link carries the certificate its full handshake
-    // presented, and handle() checks it like any other. peer.resume_s 0: no stateless tickets
-    // (and no session cache here), so every link is a full handshake
+    // TLS 1.3 session tickets (src/peer/link.ts, Resumption): valid peer.resume_s, under node:tls'
+    // random ticket key, which node:cluster gives every worker of this serve (the first worker's
+    // server data, kept by the primary: a ticket resumes at any worker; test/peer-resume.test.ts);
+    // a resumed link carries the certificate its full handshake presented, and handle() checks it
+    // like any other. peer.resume_s 0: no stateless tickets (and no session cache here), so every
+    // link is a full handshake
     ...(peer.resumeMs > 0 ? { sessionTimeout: Math.ceil(peer.resumeMs / 1000) } : { secureOptions: constants.SSL_OP_NO_TICKET }),
   });
   server.on('tlsClientError', (e: Error, s: TLSSocket) => {

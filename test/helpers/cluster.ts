@@ -46,7 +46,8 @@ export interface ClusterNode {
   startErr: string;
   log(): string;
   run(args: string[], input?: string): Run;
-  start(): Promise<void>;
+  /** `pigeon serve --workers N` (default 1) */
+  start(workers?: number): Promise<void>;
   /** start and expect `pigeon serve` to refuse (exit code and stderr) */
   startFails(): Promise<{ code: number | null; stderr: string }>;
   stop(signal?: NodeJS.Signals): Promise<void>;
@@ -83,8 +84,8 @@ export async function makeNode(t: Test, base: string, name: string, ip: string, 
     startErr: '',
     log: () => (existsSync(join(dir, 'pigeon.log')) ? readFileSync(join(dir, 'pigeon.log'), 'utf8') : ''),
     run: (a, input) => pigeon(dir, a, input),
-    async start() {
-      const child = owned(spawn(process.execPath, [CLI, '-c', dir, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'], detached: true }));
+    async start(workers = 1) {
+      const child = owned(spawn(process.execPath, [CLI, '-c', dir, 'serve', '--workers', String(workers)], { stdio: ['ignore', 'ignore', 'pipe'], detached: true }));
       node.child = child;
       await serveReady(child, name, (err) => {
         node.startErr = err;
