@@ -17,6 +17,8 @@
 // (npm run build: tsc, then dist/src/cli.js with the deliver path inlined; tsc alone measures
 // a hand-off that loads eight module files), root (to run as the mail uid) and Dovecot (dovecot-core).
 // Usage: node scripts/bench-delivery.mjs [--n 200] [--concurrency 8] [--rounds 5] [--json-only]
+//   BENCH_SERVE_NODE_ARGS="..." are given to node for `pigeon serve` (as in bench-proxy.mjs), e.g.
+//   --interrupt-budget=67584 for V8's default tier-up budget instead of serve's own (src/hot-flags.ts)
 //   --n: LMTP messages per round and row; `pigeon deliver`, node -e 0 and dovecot-lda run
 //   n/8 (sequential) and n/4 (parallel) processes per round (at least 8), the fsync bound max(n, 500)
 import { spawn, spawnSync } from 'node:child_process';
@@ -82,7 +84,7 @@ const asMail = AS_MAIL ? { uid: MAIL_UID, gid: MAIL_UID } : {};
 const runDir = join(inst, 'run');
 mkdirSync(runDir, { recursive: true, mode: 0o750 });
 if (AS_MAIL) chownSync(runDir, 0, MAIL_UID);
-const serveProc = spawn(process.execPath, [CLI, '-c', inst, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+const serveProc = spawn(process.execPath, [...(process.env.BENCH_SERVE_NODE_ARGS ?? '').split(' ').filter(Boolean), CLI, '-c', inst, 'serve', '--workers', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
 process.on('exit', () => serveProc.kill());
 await new Promise((res, rej) => {
   let err = '';
