@@ -8,12 +8,15 @@
 // - B restarted: its new process cannot read A's ticket, the next link is a full handshake and
 //   the login works;
 // - a node with peer.resume_s: 0 issues no tickets: every link to it is a full handshake;
+// - a link refused for its certificate (none, or one from another CA) gets no session ticket;
 // - a node with two workers: a ticket one worker issued resumes at the other (node:cluster gives
 //   every worker the first one's ticket key), so both run sessions and still only the first link
 //   was a full handshake.
 import t from 'tap';
 import { ImapFlow } from 'imapflow';
 import { join } from 'node:path';
+import { readFileSync } from 'node:fs';
+import { connect as tlsConnect } from 'node:tls';
 import { makeNode, metrics, wireTo, type ClusterNode } from './helpers/cluster.js';
 import { scratchDir } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
@@ -134,4 +137,40 @@ t.test('the workers of one node share the ticket key: a link resumes at either',
   t.ok(full >= 1 && full <= 2, `A made one full handshake (${full}; two links may have started at once)`);
   t.equal(await handshakes(B, 'accepted', 'full'), full, 'B accepted no other: links resumed at either worker');
   t.ok((await handshakes(B, 'accepted', 'resumed')) >= logins - 2, 'the rest were resumed');
+});
+
+/** One TLS 1.3 link to a peer listener as a stranger would open it: any session ticket it got, and how many bytes came before the close. */
+async function strangerLink(ip: string, port: number, creds: { cert: Buffer; key: Buffer } | null): Promise<{ ticket: Buffer | null; bytes: number }> {
+  const s = tlsConnect({ host: ip, port, rejectUnauthorized: false, minVersion: 'TLSv1.3', maxVersion: 'TLSv1.3', ...(creds ?? {}) });
+  let ticket: Buffer | null = null;
+  let bytes = 0;
+  s.on('session', (x: Buffer) => (ticket ??= x));
+  s.on('data', (d: Buffer) => (bytes += d.length));
+  s.on('error', () => undefined);
+  await new Promise<void>((res) => s.once('close', () => res()));
+  return { ticket, bytes };
+}
+
+t.test('a link refused for its certificate gets no session ticket to resume', async (t) => {
+  const base = scratchDir(t);
+  const A = await makeNode(t, base, 'A', '127.0.0.2', null, null, CONF);
+  // X: a node of another cluster (its own CA); never started, only its certificate is used
+  const X = await makeNode(t, base, 'X', '127.0.0.4', null, null);
+  const foreign = { cert: readFileSync(join(X.dir, 'certs', 'node.crt')), key: readFileSync(join(X.dir, 'certs', 'node.key')) };
+  await A.start();
+  const refusals = (): number => A.log().match(/Refused link \(certificate: /g)?.length ?? 0;
+  for (const [who, creds] of [
+    ['no certificate', null],
+    ['a certificate of another CA', foreign],
+  ] as const) {
+    const before = refusals();
+    const one = await strangerLink(A.ip, A.peerPort, creds);
+    t.equal(one.bytes, 0, `${who}: the link is closed without a word`);
+    t.ok(await until(() => refusals() > before), `${who}: refused for its certificate`);
+    // the listener closes it before node:tls writes the tickets OpenSSL made at the end of the
+    // handshake (OpenSSL would report a resumed session without a certificate as verified; the
+    // listener wants a certificate and its registry entry anyway)
+    t.equal(one.ticket, null, `${who}: no session ticket reached it: nothing to resume`);
+  }
+  t.equal((await handshakes(A, 'accepted', 'full')) + (await handshakes(A, 'accepted', 'resumed')), 0, 'no handshake counted as accepted');
 });

@@ -8,7 +8,10 @@
  *             registry: no database read per link). A link that resumes a TLS 1.3 session of an
  *             earlier full handshake (peer.resume_s, src/peer/link.ts) presents no certificate:
  *             the one that handshake verified comes with the session and is checked the same way
- *             (the verification result too: a session never verified stays unauthorized).
+ *             (OpenSSL restores the verification result with it: a certificate that failed the
+ *             chain check stays unauthorized; a session without a certificate counts as verified,
+ *             and is refused for having none). A link refused for its certificate is closed
+ *             before node:tls writes the session tickets OpenSSL made for it.
  *             Then one hand-off (src/peer/protocol.ts),
  *             within peer.handoff_timeout_s, checked for mac, freshness, replay, addressee,
  *             sender, hop count and home node. Who is trusted is the trust module's decision
