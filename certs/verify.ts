@@ -30,6 +30,17 @@ export function certNodeName(x: X509Certificate): string {
   return m?.[1] ?? '';
 }
 
+/**
+ * Why a certificate is outside its validity dates now, or null. node:tls checks the dates in a
+ * full handshake; a resumed TLS session (src/peer/link.ts, Resumption) carries the result of the
+ * one it resumes, so the peer link checks them again on every resumed link.
+ */
+export function certOutOfDate(x: X509Certificate, now = Date.now()): string | null {
+  if (now < Date.parse(x.validFrom)) return `certificate of ${certNodeName(x)} is not valid before ${new Date(x.validFrom).toISOString()}`;
+  if (now > Date.parse(x.validTo)) return `certificate of ${certNodeName(x)} expired on ${new Date(x.validTo).toISOString()}`;
+  return null;
+}
+
 function dnsNames(x: X509Certificate): string[] {
   return (x.subjectAltName ?? '')
     .split(', ')

@@ -16,7 +16,7 @@
 import { connect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import type { X509Certificate } from 'node:crypto';
 import { randomBytes } from 'node:crypto';
-import { certNodeName } from '../../certs/verify.js';
+import { certNodeName, certOutOfDate } from '../../certs/verify.js';
 import type { PeerContext } from './context.js';
 import { AppError, isAppError } from '../errors.js';
 import { peerHandoffsSent, peerHandshakes, peerLinksOpened, peerLinksPooled } from '../metrics.js';
@@ -72,7 +72,8 @@ const tickets = new WeakMap<PeerContext, Map<string, Ticket>>();
 function ticketFor(ctx: PeerContext, target: string): Ticket | undefined {
   if (ctx.resumeMs <= 0) return undefined;
   const t = tickets.get(ctx)?.get(target);
-  if (t && Date.now() - t.at < ctx.resumeMs) return t;
+  // (a certificate past its dates: a full handshake, where node:tls refuses it)
+  if (t && Date.now() - t.at < ctx.resumeMs && certOutOfDate(t.cert) === null) return t;
   return undefined;
 }
 

@@ -38,7 +38,7 @@ import type { Effective } from '../resolve.js';
 import type { ResolvedUser } from '../modules.js';
 import type { DeliveryResult } from '../delivery/types.js';
 import type { PeerContext } from './context.js';
-import { certNodeName } from '../../certs/verify.js';
+import { certNodeName, certOutOfDate } from '../../certs/verify.js';
 import { peerHandoffsReceived, peerHandshakes, peerLinksRefused } from '../metrics.js';
 import { unmapIp } from '../ip.js';
 import { HOP_LIMIT, HANDOFF_MAX_BYTES, CLOCK_SKEW_MS, NonceCache, openHandOff, readLine, replyLine, exactBytes, fromWireUser, fromWireConfig, type HandOff } from './protocol.js';
@@ -198,6 +198,14 @@ export function peerListener(l: Listener, env: PeerListenerEnv, peer: PeerContex
       return;
     }
     const name = certNodeName(x);
+    // a resumed session carries its full handshake's verification, dates included: they are checked again
+    const outOfDate = sock.isSessionReused() ? certOutOfDate(x) : null;
+    if (outOfDate !== null) {
+      peerLinksRefused.inc({ reason: 'certificate' });
+      log('warn', 'peer', `Refused link (certificate: ${outOfDate}):`, { rip });
+      sock.destroy();
+      return;
+    }
     let chk;
     try {
       chk = await peer.trust.check(peer.nodes, { name, fingerprint: x.fingerprint256, certificate: x });
