@@ -4,8 +4,9 @@
  *             n.spawn(paths, argv, env, cwd, uid, gid, fd) → pid     (throws Error with .code = errno name)
  *             n.reap() → [pid, code, signal, pid, code, signal, …]   (every exited child, WNOHANG)
  *             n.dup(fd) → fd (close-on-exec)   n.lastWords(fd, bytes)   n.close(fd)
- *             n.socketPair() → [fd, fd]   (a connected AF_UNIX stream pair, close-on-exec: the
- *             worker's pair for a session received over the peer link, src/peer/pair.ts)
+ *             n.socketPair(sndbuf) → [fd, fd]   (a connected AF_UNIX stream pair, close-on-exec,
+ *             each end's SO_SNDBUF set to sndbuf when > 0: the worker's pair for a session relayed
+ *             to a local backend, src/peer/pair.ts)   n.sendBufferSize(fd) → SO_SNDBUF as the kernel keeps it
  *             n.connectUnix(path) → fd   (a blocking, close-on-exec AF_UNIX stream connected to
  *             path: `pigeon deliver`'s hand-off to serve without node:net, src/delivery/handoff-client.ts)
  * DESCRIPTION The spawner process (src/proxy/spawner-main.ts) starts one backend per login. Node 20's
@@ -266,11 +267,25 @@ static napi_value Close(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* socketpair(2), which Node lacks: both ends close-on-exec (the spawner gives one to the backend) */
+/*
+ * socketpair(2), which Node lacks: both ends close-on-exec (the spawner gives one to the backend).
+ * sndbuf > 0: each end's SO_SNDBUF (Linux doubles it, within net.core.wmem_max; a failure leaves
+ * the default, which only costs speed).
+ */
 static napi_value SocketPair(napi_env env, napi_callback_info info) {
-  (void)info;
+  size_t argc = 1;
+  napi_value arg[1];
+  int32_t sndbuf = 0;
+  if (napi_get_cb_info(env, info, &argc, arg, NULL, NULL) != napi_ok || (argc >= 1 && !get_int(env, arg[0], &sndbuf))) {
+    napi_throw_error(env, "EINVAL", "pigeon_spawn.socketPair: a send buffer size (0: the default)");
+    return NULL;
+  }
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) return throw_errno(env, errno, "socketpair");
+  if (sndbuf > 0) {
+    (void)setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+    (void)setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+  }
   napi_value r, a, b;
   if (napi_create_array_with_length(env, 2, &r) != napi_ok || napi_create_int32(env, sv[0], &a) != napi_ok ||
       napi_create_int32(env, sv[1], &b) != napi_ok || napi_set_element(env, r, 0, a) != napi_ok || napi_set_element(env, r, 1, b) != napi_ok) {
@@ -279,6 +294,18 @@ static napi_value SocketPair(napi_env env, napi_callback_info info) {
     napi_throw_error(env, "EINVAL", "pigeon_spawn.socketPair: cannot make the result");
     return NULL;
   }
+  return r;
+}
+
+/* getsockopt(SO_SNDBUF): what the kernel made of a socketPair(sndbuf) (tests, diagnostics) */
+static napi_value SendBufferSize(napi_env env, napi_callback_info info) {
+  int32_t fd;
+  if (!fd_arg(env, info, "sendBufferSize", &fd)) return NULL;
+  int v = 0;
+  socklen_t l = sizeof v;
+  if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, &l) < 0) return throw_errno(env, errno, "getsockopt");
+  napi_value r;
+  CHECK(env, napi_create_int32(env, v, &r));
   return r;
 }
 
@@ -335,6 +362,7 @@ static napi_value Init(napi_env env, napi_value exports) {
       {"close", NULL, Close, NULL, NULL, NULL, napi_default, NULL},
       {"socketPair", NULL, SocketPair, NULL, NULL, NULL, napi_default, NULL},
       {"connectUnix", NULL, ConnectUnix, NULL, NULL, NULL, napi_default, NULL},
+      {"sendBufferSize", NULL, SendBufferSize, NULL, NULL, NULL, napi_default, NULL},
   };
   if (napi_define_properties(env, exports, sizeof d / sizeof d[0], d) != napi_ok) return NULL;
   return exports;

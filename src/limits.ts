@@ -70,6 +70,7 @@ export const PEER_POOL_SIZE = 4; // peer.pool_size: verified spare links kept pe
 export const PEER_RESUME_S = 300; // peer.resume_s: a link may resume the TLS session of an earlier full handshake to the same node this long (0: never)
 export const PEER_POOL_IDLE_MS = 5_000; // peer.pool_idle_s: a spare unused this long is closed (at most half of peer.handoff_timeout_s)
 export const PEER_TLS_HANDSHAKE_MS = 15_000; // a node connecting to the peer listener must finish its TLS handshake within this
+export const PAIR_SNDBUF = 1024 * 1024; // each end of a session's local socket pair to its backend asks for this send buffer (src/peer/pair.ts; Linux keeps twice it, within net.core.wmem_max)
 // a database server (PostgreSQL), per process, defaults of pigeon.yaml database_pool_size,
 // database_connect_timeout_s (per host of the URL) and database_statement_timeout_s
 export const PG_POOL_SIZE = 4;

@@ -22,8 +22,10 @@ export interface PigeonNative {
   /** send `text` without blocking, shut the socket down, close it */
   lastWords(fd: number, text: Buffer): void;
   close(fd: number): void;
-  /** a connected AF_UNIX stream pair, both ends close-on-exec */
-  socketPair(): [number, number];
+  /** a connected AF_UNIX stream pair, both ends close-on-exec; `sndbuf` > 0: each end's SO_SNDBUF (Linux doubles it, within net.core.wmem_max) */
+  socketPair(sndbuf: number): [number, number];
+  /** SO_SNDBUF of a socket, as the kernel keeps it */
+  sendBufferSize(fd: number): number;
   /** a blocking, close-on-exec AF_UNIX stream connected to `path` (the `pigeon` command's hand-off loads the module itself: src/launcher.ts) */
   connectUnix(path: string): number;
 }
@@ -36,7 +38,7 @@ export function nativeModule(): PigeonNative | string {
   const up = /\/dist\/src\/[^/]*$/.test(import.meta.url) ? '../../' : '../';
   try {
     const m = createRequire(import.meta.url)(`${up}build/Release/pigeon_spawn.node`) as Partial<PigeonNative>;
-    loaded = typeof m.spawn === 'function' && typeof m.socketPair === 'function' ? (m as PigeonNative) : 'the native module is older than its source; run `npm run build:native`';
+    loaded = typeof m.spawn === 'function' && typeof m.socketPair === 'function' && typeof m.sendBufferSize === 'function' ? (m as PigeonNative) : 'the native module is older than its source; run `npm run build:native`';
   } catch (e) {
     loaded = `the native spawn module is not built (${(e instanceof Error ? e.message : String(e)).split('\n')[0]}); run \`npm run build:native\` (needs g++, make, python3)`;
   }

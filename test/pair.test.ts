@@ -3,12 +3,18 @@
 // listener, no connect/accept round trip, no token; without it (not built) a connection to an
 // abstract UNIX socket of the process's own. Both ways: bytes both ways, the far end works as a
 // child's stdin and stdout, and only the listener way leaves a `pigeon-pair-PID` socket behind.
+// The native pair's ends have the larger send buffer (PAIR_SNDBUF) a bulk RETR or FETCH needs.
 import t from 'tap';
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import { socketPair, sessionPair, spareNear, type Pair } from '../src/peer/pair.js';
 import { waitFor } from './helpers/delivery-env.js';
+import { nativeModule } from '../src/native.js';
+import { PAIR_SNDBUF } from '../src/limits.js';
+
+/** The descriptor under a net.Socket made from one (what the native module is given). */
+const fdOf = (s: Socket): number => (s as unknown as { _handle: { fd: number } })._handle.fd;
 
 /** The next `n` bytes `s` gives (it is resumed for them, paused again after). */
 function read(s: Socket, n: number): Promise<string> {
@@ -84,4 +90,25 @@ t.test('a received session\'s pair: the spare made after the previous session, t
   t.equal(await read(second.near, 8), 'to near\n', 'far → near');
   await waitFor('the next spare', () => spareNear() !== null && spareNear() !== ready, 30_000);
   t.pass('taking the spare made the next one');
+});
+
+t.test('a native pair: each end sends through a buffer of PAIR_SNDBUF (the kernel keeps twice it, within net.core.wmem_max)', async (t) => {
+  const n = nativeModule();
+  if (typeof n === 'string') {
+    t.fail(`the native module: ${n}`);
+    return;
+  }
+  const p = await socketPair('native');
+  t.teardown(() => {
+    p.near.destroy();
+    p.far.destroy();
+  });
+  const max = Number(readFileSync('/proc/sys/net/core/wmem_max', 'utf8').trim());
+  const want = 2 * Math.min(PAIR_SNDBUF, max);
+  t.equal(n.sendBufferSize(fdOf(p.far)), want, `the backend's end (it writes a RETR or FETCH): ${want} bytes`);
+  t.equal(n.sendBufferSize(fdOf(p.near)), want, `the relay's end: ${want} bytes`);
+  const [a, b] = n.socketPair(0);
+  t.ok(n.sendBufferSize(a) < want, 'a pair asked for no size keeps the smaller default');
+  n.close(a);
+  n.close(b);
 });
