@@ -7,10 +7,9 @@
 //   clean `NO [UNAVAILABLE]`, never a hang;
 // - a disabled node's spares are closed by the next registry refresh, not when they expire.
 import t from 'tap';
-import { ImapFlow } from 'imapflow';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { makeNode, metrics, wireTo, type ClusterNode } from './helpers/cluster.js';
+import { makeNode, metrics, inboxAt, loginAnswer, until, type ClusterNode } from './helpers/cluster.js';
 import { scratchDir } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
 import { keyTypeOf } from '../certs/ca.js';
@@ -18,39 +17,6 @@ import { keyTypeOf } from '../certs/ca.js';
 t.setTimeout(420_000);
 
 const DOMAIN = 'example.test';
-// a bound against a hang, never a pace: every wait ends on its event
-const BOUND_MS = 60_000;
-
-function imap(n: ClusterNode, user: string): ImapFlow {
-  return new ImapFlow({ host: n.ip, port: n.ports['imap'] ?? 0, secure: false, doSTARTTLS: false, auth: { user, pass: 'secret' }, logger: false, emitLogs: false, connectionTimeout: BOUND_MS });
-}
-
-/** Log in at `n` as `user` (imapflow), and read INBOX's message count: the session really ran. */
-async function inboxAt(n: ClusterNode, user: string): Promise<number> {
-  const c = imap(n, user);
-  await c.connect();
-  const st = await c.status('INBOX', { messages: true });
-  await c.logout();
-  return st === false ? -1 : (st.messages ?? -1);
-}
-
-/** The tagged answer to a LOGIN at `n` (raw, so a failure is seen as the client sees it). */
-async function loginAnswer(n: ClusterNode, user: string): Promise<string> {
-  const w = await wireTo(n.ip, n.ports['imap'] ?? 0);
-  try {
-    await w.until(/^\* OK/m);
-    w.write(`a1 LOGIN ${user} secret\r\n`);
-    return (await w.until(/^a1 .*\r\n/m, BOUND_MS)).split('\n').find((l) => l.startsWith('a1 ')) ?? '';
-  } finally {
-    w.close();
-  }
-}
-
-async function until(what: () => boolean | Promise<boolean>, ms = BOUND_MS): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (!(await what()) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-  return what();
-}
 
 const count = (text: string, re: RegExp): number => text.match(new RegExp(re.source, 'g'))?.length ?? 0;
 const pooled = async (n: ClusterNode, to: string): Promise<number> => (await metrics(n)).get(`pigeon_peer_links_pooled{to="${to}"}`) ?? 0;

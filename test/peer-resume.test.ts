@@ -12,48 +12,17 @@
 // - a node with two workers: a ticket one worker issued resumes at the other (node:cluster gives
 //   every worker the first one's ticket key), so both run sessions and still only the first link
 //   was a full handshake.
-import t from 'tap';
-import { ImapFlow } from 'imapflow';
+import t, { type Test } from 'tap';
 import { join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import { connect as tlsConnect } from 'node:tls';
-import { makeNode, metrics, wireTo, type ClusterNode } from './helpers/cluster.js';
+import { makeNode, metrics, inboxAt, loginAnswer, until, type ClusterNode } from './helpers/cluster.js';
 import { scratchDir } from './helpers/instance.js';
 import { requireProgram } from './helpers/programs.js';
 
 t.setTimeout(300_000);
 
 const DOMAIN = 'example.test';
-// a bound against a hang, never a pace: every wait ends on its event
-const BOUND_MS = 60_000;
-
-/** Log in at `n` as `user` (imapflow), and read INBOX's message count: the session really ran. */
-async function inboxAt(n: ClusterNode, user: string): Promise<number> {
-  const c = new ImapFlow({ host: n.ip, port: n.ports['imap'] ?? 0, secure: false, doSTARTTLS: false, auth: { user, pass: 'secret' }, logger: false, emitLogs: false, connectionTimeout: BOUND_MS });
-  await c.connect();
-  const st = await c.status('INBOX', { messages: true });
-  await c.logout();
-  return st === false ? -1 : (st.messages ?? -1);
-}
-
-/** The tagged answer to a LOGIN at `n` (raw, so a failure is seen as the client sees it). */
-async function loginAnswer(n: ClusterNode, user: string): Promise<string> {
-  const w = await wireTo(n.ip, n.ports['imap'] ?? 0);
-  try {
-    await w.until(/^\* OK/m);
-    w.write(`a1 LOGIN ${user} secret\r\n`);
-    return (await w.until(/^a1 .*\r\n/m, BOUND_MS)).split('\n').find((l) => l.startsWith('a1 ')) ?? '';
-  } finally {
-    w.close();
-  }
-}
-
-async function until(what: () => boolean | Promise<boolean>, ms = BOUND_MS): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (!(await what()) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-  return what();
-}
-
 /** pigeon_peer_handshakes_total of `n` for one side and kind */
 async function handshakes(n: ClusterNode, side: 'dialed' | 'accepted', kind: 'full' | 'resumed'): Promise<number> {
   return (await metrics(n)).get(`pigeon_peer_handshakes_total{side="${side}",kind="${kind}"}`) ?? 0;
@@ -62,14 +31,20 @@ async function handshakes(n: ClusterNode, side: 'dialed' | 'accepted', kind: 'fu
 // spares would wait 60 s and B waits 120 s for their hand-off: no link closes on its own during the test
 const CONF = 'peer:\n  handoff_timeout_s: 120\n  pool_idle_s: 60\n  pool_size: 2\n';
 
-t.test('links resume the session of a full handshake, and are still checked against the registry', async (t) => {
-  if (!requireProgram(t, '/usr/lib/dovecot/imap', 'dovecot-imapd')) return;
+/** Nodes A (CA, database) and B (`bConf` added, `bWorkers` workers), a user on B, both running. */
+async function twoNodes(t: Test, bConf = '', bWorkers = 1): Promise<{ A: ClusterNode; B: ClusterNode }> {
   const base = scratchDir(t);
   const A = await makeNode(t, base, 'A', '127.0.0.2', null, null, CONF);
-  const B = await makeNode(t, base, 'B', '127.0.0.3', join(base, 'A', 'pigeon.db'), A.dir, CONF);
+  const B = await makeNode(t, base, 'B', '127.0.0.3', join(base, 'A', 'pigeon.db'), A.dir, CONF + bConf);
   A.run(['domain', 'add', DOMAIN]);
   t.equal(A.run(['user', 'add', `onb@${DOMAIN}`, '--password-stdin', '--home', 'B'], 'secret\n').status, 0, 'a user on B');
-  await Promise.all([A.start(), B.start()]);
+  await Promise.all([A.start(), B.start(bWorkers)]);
+  return { A, B };
+}
+
+t.test('links resume the session of a full handshake, and are still checked against the registry', async (t) => {
+  if (!requireProgram(t, '/usr/lib/dovecot/imap', 'dovecot-imapd')) return;
+  const { A, B } = await twoNodes(t);
 
   // the pool holds 2 spares: 6 logins use them up and dial more, after the first full handshake
   for (let i = 0; i < 6; i++) t.equal(await inboxAt(A, `onb@${DOMAIN}`), 0, `login ${i + 1} at A, mailbox on B`);
@@ -104,12 +79,7 @@ t.test('links resume the session of a full handshake, and are still checked agai
 
 t.test('a node with peer.resume_s: 0 takes full handshakes only', async (t) => {
   if (!requireProgram(t, '/usr/lib/dovecot/imap', 'dovecot-imapd')) return;
-  const base = scratchDir(t);
-  const A = await makeNode(t, base, 'A', '127.0.0.2', null, null, CONF);
-  const B = await makeNode(t, base, 'B', '127.0.0.3', join(base, 'A', 'pigeon.db'), A.dir, `${CONF}  resume_s: 0\n`);
-  A.run(['domain', 'add', DOMAIN]);
-  t.equal(A.run(['user', 'add', `onb@${DOMAIN}`, '--password-stdin', '--home', 'B'], 'secret\n').status, 0, 'a user on B');
-  await Promise.all([A.start(), B.start()]);
+  const { A, B } = await twoNodes(t, '  resume_s: 0\n');
   for (let i = 0; i < 4; i++) t.equal(await inboxAt(A, `onb@${DOMAIN}`), 0, `login ${i + 1} at A, mailbox on B`);
   t.ok(await until(async () => (await handshakes(B, 'accepted', 'full')) >= 4), 'B accepted a full handshake per link');
   t.equal(await handshakes(B, 'accepted', 'resumed'), 0, 'and no resumed one');
@@ -118,12 +88,7 @@ t.test('a node with peer.resume_s: 0 takes full handshakes only', async (t) => {
 
 t.test('the workers of one node share the ticket key: a link resumes at either', async (t) => {
   if (!requireProgram(t, '/usr/lib/dovecot/imap', 'dovecot-imapd')) return;
-  const base = scratchDir(t);
-  const A = await makeNode(t, base, 'A', '127.0.0.2', null, null, CONF);
-  const B = await makeNode(t, base, 'B', '127.0.0.3', join(base, 'A', 'pigeon.db'), A.dir, CONF);
-  A.run(['domain', 'add', DOMAIN]);
-  t.equal(A.run(['user', 'add', `onb@${DOMAIN}`, '--password-stdin', '--home', 'B'], 'secret\n').status, 0, 'a user on B');
-  await Promise.all([A.start(), B.start(2)]);
+  const { A, B } = await twoNodes(t, '', 2);
   // the kernel gives each new link to one of B's two workers: log in until both ran a session
   // from A (their log lines carry their pids), within a bound
   const workersSeen = (): Set<string> => new Set([...B.log().matchAll(/pigeon\[(\d+)\]: imap\(onb@[^)]*\): Login: from=A/g)].map((m) => m[1] ?? ''));

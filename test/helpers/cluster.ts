@@ -7,6 +7,7 @@ import { writeFileSync, readFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { connect } from 'node:net';
 import type { Test } from 'tap';
+import { ImapFlow } from 'imapflow';
 import { pigeon, serveReady, freePort, CLI, SERVE_START_MS, type Run } from './instance.js';
 import { Wire } from './wire.js';
 import { Dialog, dataOf } from './delivery-lmtp.js';
@@ -175,4 +176,35 @@ export async function lmtpSend(n: ClusterNode, rcpts: readonly string[], msg: st
   } finally {
     setTimeout(() => s.destroy(), 200).unref();
   }
+}
+
+/** a bound against a hang in the helpers below, never a pace: every wait ends on its event */
+const PEER_BOUND_MS = 60_000;
+
+/** Log in at `n` as `user` (password `secret`, imapflow) and read INBOX's message count: the session really ran. */
+export async function inboxAt(n: ClusterNode, user: string): Promise<number> {
+  const c = new ImapFlow({ host: n.ip, port: n.ports['imap'] ?? 0, secure: false, doSTARTTLS: false, auth: { user, pass: 'secret' }, logger: false, emitLogs: false, connectionTimeout: PEER_BOUND_MS });
+  await c.connect();
+  const st = await c.status('INBOX', { messages: true });
+  await c.logout();
+  return st === false ? -1 : (st.messages ?? -1);
+}
+
+/** The tagged answer to a LOGIN at `n` (raw, so a failure is seen as the client sees it). */
+export async function loginAnswer(n: ClusterNode, user: string): Promise<string> {
+  const w = await wireTo(n.ip, n.ports['imap'] ?? 0);
+  try {
+    await w.until(/^\* OK/m);
+    w.write(`a1 LOGIN ${user} secret\r\n`);
+    return (await w.until(/^a1 .*\r\n/m, PEER_BOUND_MS)).split('\n').find((l) => l.startsWith('a1 ')) ?? '';
+  } finally {
+    w.close();
+  }
+}
+
+/** Whether `what` holds, asked again every 100 ms until it does or `ms` pass (a bound, not a pace). */
+export async function until(what: () => boolean | Promise<boolean>, ms = PEER_BOUND_MS): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (!(await what()) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  return what();
 }
