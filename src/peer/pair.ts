@@ -17,7 +17,7 @@
  *             presents it is `near`. A connection with an unknown token, or none within
  *             PAIR_TIMEOUT_MS, is closed; at most PAIR_MAX_UNCLAIMED such connections wait at once.
  *             `far` is never read by this process (the backend reads it).
- *             Each end's send buffer is PAIR_SNDBUF (Linux keeps twice that, within
+ *             With the native module each end's send buffer is PAIR_SNDBUF (Linux keeps twice that, within
  *             net.core.wmem_max), as a TCP socket's grows by itself: Dovecot's pop3 or imap writes a
  *             large RETR or FETCH into `far` while the relay is still sending what it read before,
  *             instead of stopping at the default 208 KiB and waiting for it. A 20 MiB POP3 RETR
