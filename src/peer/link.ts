@@ -16,7 +16,7 @@
 import { connect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import type { X509Certificate } from 'node:crypto';
 import { randomBytes } from 'node:crypto';
-import { certNodeName, certOutOfDate } from '../../certs/verify.js';
+import { certNodeName } from '../../certs/verify.js';
 import type { PeerContext } from './context.js';
 import { AppError, isAppError } from '../errors.js';
 import { peerHandoffsSent, peerHandshakes, peerLinksOpened, peerLinksPooled } from '../metrics.js';
@@ -65,16 +65,16 @@ interface Dialed {
 interface Ticket {
   readonly session: Buffer;
   readonly cert: X509Certificate;
-  readonly at: number;
+  /** offered until then: ctx.resumeMs after it came, and never past the certificate's validTo
+   * (a full handshake then, where node:tls refuses an expired certificate) */
+  readonly until: number;
 }
 const tickets = new WeakMap<PeerContext, Map<string, Ticket>>();
 
 function ticketFor(ctx: PeerContext, target: string): Ticket | undefined {
   if (ctx.resumeMs <= 0) return undefined;
   const t = tickets.get(ctx)?.get(target);
-  // (a certificate past its dates: a full handshake, where node:tls refuses it)
-  if (t && Date.now() - t.at < ctx.resumeMs && certOutOfDate(t.cert) === null) return t;
-  return undefined;
+  return t && Date.now() < t.until ? t : undefined;
 }
 
 function keepTicket(ctx: PeerContext, target: string, session: Buffer, cert: X509Certificate): void {
@@ -83,7 +83,7 @@ function keepTicket(ctx: PeerContext, target: string, session: Buffer, cert: X50
     m = new Map();
     tickets.set(ctx, m);
   }
-  m.set(target, { session, cert, at: Date.now() });
+  m.set(target, { session, cert, until: Math.min(Date.now() + ctx.resumeMs, Date.parse(cert.validTo)) });
 }
 
 /** Forget the ticket of `target` (its node no longer trusted, or its ticket refused). */

@@ -118,12 +118,8 @@ export function notExactlyOnce(counts: Map<string, number>, accepted: readonly s
   return accepted.filter((s) => counts.get(s) !== 1).map((s) => `${s}: ${counts.get(s) ?? 0}`);
 }
 
-/** Poll until `what()` holds, bounded against a hang; resolves with whether it held. */
-export async function until(what: () => boolean | Promise<boolean>, ms = 60_000): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (!(await what()) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-  return what();
-}
+// the bounded poll of a condition the cluster tests share (test/helpers/cluster.ts)
+export { until } from './cluster.js';
 
 /** How many lines of `log` match `re`. */
 export function lines(log: string, re: RegExp): number {
