@@ -407,8 +407,11 @@ async function runWorker(
     else adm.open?.destroy();
   };
 
-  /** Ask the node for a slot for a new TCP connection; refuse or close it when there is none. */
-  const admitTcp = (proto: 'imap' | 'pop3', raw: Socket, tls: boolean, peer: Peer): Admitted => {
+  /**
+   * Ask the node for a slot for a new TCP connection; refuse or close it when there is none.
+   * `greeted`: the session greets before the answer and says the refusal itself (plain IMAP).
+   */
+  const admitTcp = (proto: 'imap' | 'pop3', raw: Socket, tls: boolean, peer: Peer, greeted = false): Admitted => {
     const ip = peer.rip;
     let closed = false;
     let slot: Slot | null = null;
@@ -421,11 +424,13 @@ async function runWorker(
       slot?.close();
     });
     const adm: Admitted = { conn: null, open: raw, peer, slot: Promise.resolve(null) };
-    adm.slot = admit(env, ip, proto, evict(proto, adm)).then((a) => {
+    // greeted: the request leaves after the greeting, which runSession writes in this same turn
+    const asked = greeted ? Promise.resolve().then(() => admit(env, ip, proto, evict(proto, adm))) : admit(env, ip, proto, evict(proto, adm));
+    adm.slot = asked.then((a) => {
         if (!a.admitted) {
           env.log.log('warn', `${proto}-login`, `Connection refused (${a.why === 'max_connections' ? 'too many connections: limits.max_connections, none unauthenticated to evict' : a.why}):`, { rip: ip });
           if (tls) raw.destroy(); // no TLS yet: nothing can be said
-          else raw.end(limitReply(proto, 'refused'));
+          else if (!greeted) raw.end(limitReply(proto, 'refused'));
           return null;
         }
         if (closed) {
@@ -438,13 +443,25 @@ async function runWorker(
     return adm;
   };
 
-  const runSession = (proto: 'imap' | 'pop3', sock: Socket | TLSSocket, secure: boolean, adm: Admitted, slot: Slot): void => {
+  /** `slot` null: admission still under way (adm.slot), the session greets meanwhile (plain IMAP) */
+  const runSession = (proto: 'imap' | 'pop3', sock: Socket | TLSSocket, secure: boolean, adm: Admitted, slot: Slot | null): void => {
     sock.on('error', () => {});
     const conn = new ClientConn({ ...socketTransport(sock, secure, adm.peer), secure });
-    attachSlot(conn, slot);
     adm.conn = conn;
+    let admitted: Promise<boolean> | undefined;
+    if (slot) attachSlot(conn, slot);
+    else
+      admitted = adm.slot.then((s) => {
+        if (s) {
+          attachSlot(conn, s);
+          return true;
+        }
+        // refused (admitTcp logged why), or the client already gone
+        conn.end(limitReply(proto, 'refused'));
+        return false;
+      });
     sessions
-      .runSession(env, proto, conn)
+      .runSession(env, proto, conn, admitted)
       .catch((e: unknown) => {
         env.log.log('error', `${proto}-login`, `session failed: ${e instanceof Error ? e.message : String(e)}`);
         sock.destroy();
@@ -452,7 +469,8 @@ async function runWorker(
       .finally(() => {
         // a handed-off session goes on (its slot kept by the router); this connection is done
         adm.conn = null;
-        slot.close();
+        if (slot) slot.close();
+        else void adm.slot.then((s) => s?.close());
       });
   };
 
@@ -462,6 +480,15 @@ async function runWorker(
   const acceptPlain = (proto: 'imap' | 'pop3', proxied: boolean) => (sock: Socket) => {
     void clientPeer(proto, sock, proxied).then((peer) => {
       if (!peer) return;
+      if (proto === 'imap') {
+        // greet at once, as Dovecot's imap-login does: the node's admission (one round trip to
+        // its state service) runs meanwhile, and no command is read before it has answered; a
+        // refused client reads the greeting, then `* BYE Too many connections`. POP3 has no
+        // way to take its +OK greeting back: its connections are still admitted first.
+        const adm = admitTcp(proto, sock, false, peer, true);
+        runSession(proto, sock, false, adm, null);
+        return;
+      }
       const adm = admitTcp(proto, sock, false, peer);
       void adm.slot.then((slot) => {
         if (slot) runSession(proto, sock, false, adm, slot);

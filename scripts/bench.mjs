@@ -158,6 +158,11 @@ if (px) {
     row(`login c=${c}: p50 latency`, 'ms', x.proxy.p50_ms, x.direct.p50_ms, 'Dovecot direct', c === 1 ? 1.05 : 1.1, 'lower');
     row(`login c=${c}: p99 latency`, 'ms', x.proxy.p99_ms, x.direct.p99_ms, 'Dovecot direct', c === 1 ? null : 1.2, 'lower');
   }
+  // where the c=1 latency goes: connect → greeting, greeting → tagged OK (context, no target)
+  if (px.login_c1.proxy.greeting_p50_ms !== undefined) {
+    row('login c=1: connect → greeting p50 (context)', 'ms', px.login_c1.proxy.greeting_p50_ms, px.login_c1.direct.greeting_p50_ms, 'Dovecot direct', null);
+    row('login c=1: greeting → LOGIN tagged OK p50 (context)', 'ms', px.login_c1.proxy.login_p50_ms, px.login_c1.direct.login_p50_ms, 'Dovecot direct', null);
+  }
   // the first c=1 round after start (before the warm-up): context, no target
   if (px.login_c1_cold) row('login c=1: p50 latency, first round after serve started (cold, context)', 'ms', px.login_c1_cold.proxy.p50_ms, px.login_c1_cold.direct.p50_ms, 'Dovecot direct', null);
   // imaps logins: context, no target (the proxy's worker does the handshake, Dovecot's imap-login its own)

@@ -54,10 +54,17 @@ function imap(port: number, user: string, pass = 'pw', secure = false, ca?: Buff
   } as ConstructorParameters<typeof ImapFlow>[0]);
 }
 
+/**
+ * A connection the node has admitted: greeted, and a first command answered (an IMAP connection
+ * is greeted at once and reads no command before the node's admission has answered).
+ */
 async function greeted(port: number): Promise<Wire> {
   const w = await Wire.open(port);
   const g = await w.until(/\r\n/);
   if (!g.startsWith('* OK')) throw new Error(`no greeting: ${JSON.stringify(g)}`);
+  w.write('g0 NOOP\r\n');
+  const n = await w.until(/g0 .*\r\n/);
+  if (!/^g0 OK/m.test(n)) throw new Error(`not admitted: ${JSON.stringify(n)}`);
   return w;
 }
 
@@ -267,11 +274,17 @@ t.test('global limit: counts what the proxy holds; handed-off sessions do not; t
     relayed.push(c);
     all.push(c);
   }
-  t.equal((await nodeState(t, inst)).counts.held, 4, 'four relayed sessions held');
+  const held = await nodeState(t, inst);
+  t.equal(held.counts.held, 4, 'four relayed sessions held');
   const full = await Wire.open(port);
   t.teardown(() => full.close());
-  t.match(await full.until(/\r\n/), /^\* BYE Too many connections, try again later\.\r\n$/, 'full with sessions only: refused with one BYE');
+  // a LOGIN sent at once, before the node has answered the admission: never read
+  full.write('x1 LOGIN user0@example.test pw\r\n');
+  // greeted at once (as Dovecot's imap-login does), then the node's answer: refused
+  t.match(await full.until(/BYE.*\r\n/), /^\* OK \[CAPABILITY [^\r\n]*\r\n\* BYE Too many connections, try again later\.\r\n$/, 'full with sessions only: the greeting, then refused with one BYE');
   t.ok(await full.waitClosed());
+  t.equal(await full.until(/x1/), '', 'and the LOGIN sent before the answer got none');
+  t.equal((await nodeState(t, inst)).counts.sessions, held.counts.sessions, 'no session started from it');
   t.match(logText(inst), /Connection refused \(too many connections: limits\.max_connections, none unauthenticated to evict\): rip=127\.0\.0\.1/);
   // a relayed session ends: one place
   await relayed.pop()?.logout();

@@ -232,6 +232,9 @@ t.test('limits.preauth_per_ip counts the real client address', async (t) => {
   t.match(lines[before] ?? '', /rip=127\.0\.0\.10/, 'the eviction names 127.0.0.10');
   const other = await wire(fe.v1, '127.0.0.11');
   t.match(await other.until(/^\* OK.*\r\n/), /^\* OK/, '127.0.0.11 through the same proxy is greeted');
+  // a command answered: the node has admitted it (greetings do not wait for that)
+  other.write('n1 NOOP\r\n');
+  t.match(await other.until(/n1 .*\r\n/), /n1 OK/, 'and served');
   t.equal((await logLines(evictedRe, 0)).length, before + 1, 'and evicted no one');
   for (const w of [second, third, other]) w.close();
 });

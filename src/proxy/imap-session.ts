@@ -46,10 +46,13 @@ export class ImapSession {
   private relayed = false;
   private readonly env: ProxyEnv;
   private readonly conn: ClientConn;
+  /** the node's answer to this connection's admission, when it was not in before the greeting */
+  private readonly admitted: Promise<boolean> | null;
 
-  constructor(env: ProxyEnv, conn: ClientConn) {
+  constructor(env: ProxyEnv, conn: ClientConn, admitted?: Promise<boolean>) {
     this.env = env;
     this.conn = conn;
+    this.admitted = admitted ?? null;
     this.framer = new ImapFramer(env.instance.config.limits.max_line);
     this.st = { proto: 'imap', sid: sessionId(), started: Date.now(), attempts: 0, lastUser: null, lastMethod: null };
     this.reader = new PreauthReader(env, conn, '* BYE Disconnected for inactivity.\r\n');
@@ -99,6 +102,9 @@ export class ImapSession {
   private async loop(): Promise<void> {
     const { conn } = this;
     conn.write(`* OK [CAPABILITY ${this.capabilities()}] PigeonDeliver ready.\r\n`);
+    // greeted while the node decides on the connection (as Dovecot's imap-login greets at once):
+    // no command is read before it has; refused, the caller has written the `* BYE`
+    if (this.admitted && !(await this.admitted)) return;
     for (;;) {
       const f = await this.nextFrame();
       if (f === null) return this.gone();

@@ -10,6 +10,11 @@ import type { MailProtocol } from '../../backends/types.js';
 import { ImapSession } from './imap-session.js';
 import { Pop3Session } from './pop3-session.js';
 
-export function runSession(env: ProxyEnv, protocol: MailProtocol, conn: ClientConn): Promise<void> {
-  return (protocol === 'imap' ? new ImapSession(env, conn) : new Pop3Session(env, conn)).run();
+/**
+ * `admitted` (IMAP only): the connection's admission to the node-wide limits is still being
+ * decided; the session greets at once and reads no command before it is (false: refused, the
+ * caller has said so on the connection). Without it the connection was admitted before.
+ */
+export function runSession(env: ProxyEnv, protocol: MailProtocol, conn: ClientConn, admitted?: Promise<boolean>): Promise<void> {
+  return (protocol === 'imap' ? new ImapSession(env, conn, admitted) : new Pop3Session(env, conn)).run();
 }
