@@ -159,6 +159,14 @@ t.test('one address, two workers: logged-in sessions never count per IP', async 
   const opened = await Promise.all(clients.map((c) => c.mailboxOpen('INBOX').then(() => true, () => false)));
   t.equal(opened.filter(Boolean).length, 50, 'and all 50 sessions work at once');
   t.notMatch(logText(inst), /Too many connections|Connection refused|evicted/, 'nothing was refused or evicted');
+  // a LOGIN written with the connect, before the greeting and the node's admission: answered after both
+  const early = await Wire.open(port);
+  t.teardown(() => early.close());
+  early.write('e1 LOGIN user0@example.test pw\r\n');
+  t.match(await early.until(/e1 .*\r\n/), /^\* OK \[CAPABILITY [^\r\n]*\r\ne1 OK \[CAPABILITY [^\]]*\] Logged in/, 'a LOGIN sent before the greeting: greeted, then logged in');
+  early.write('e2 LOGOUT\r\n');
+  await early.until(/e2 OK.*\r\n/);
+  early.close();
   // end every session and the daemon here, so no backend writes into the test directory as it goes
   await Promise.all(clients.map((c) => c.logout().catch(() => {})));
   await srv.stop();

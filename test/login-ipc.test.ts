@@ -2,16 +2,19 @@
 // round trip to another process on the login's path, so the requests of a login are counted
 // here: a one-shot session (`pigeon imap --forker stdio`) talks to a real node state service
 // (src/anvil/main.ts) through a relay at its run_dir/anvil.sock that records each request's op.
+// The last case runs `pigeon serve` on the same relay: its greeting does not wait for the
+// connection's admission, its first command does.
 import t from 'tap';
 import { spawn, execFileSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
-import { makeInstance, CLI, ROOT } from './helpers/instance.js';
+import { makeInstance, serve, CLI, ROOT } from './helpers/instance.js';
 import { useBackend } from './helpers/backends.js';
+import { Wire } from './helpers/wire.js';
 
-const inst = makeInstance(t, { users: { 'alice@example.test': 'secret' } });
+const inst = makeInstance(t, { listen: ['imap=127.0.0.1:0'], users: { 'alice@example.test': 'secret' } });
 if (!useBackend(t, inst, 'dovecot')) process.exit(1);
 const relayDir = join(inst.dir, 'run-relay');
 const serviceDir = join(inst.dir, 'run-service');
@@ -38,6 +41,8 @@ if (ready !== 'ready') throw new Error(`node state service: ${ready}`);
 const ops: string[] = [];
 /** while set, a penalty.get (and every request after it) waits for it before going on to the service */
 let gate: Promise<void> | null = null;
+/** while set, a conn.open waits for it before going on to the service, and only it: the requests after it go on */
+let aside: Promise<void> | null = null;
 /** told of each request op as it arrives at the relay (before any gate) */
 let onOp: ((op: string) => void) | null = null;
 const relay: Server = createServer((client: Socket) => {
@@ -50,9 +55,14 @@ const relay: Server = createServer((client: Socket) => {
       const request = line.slice(0, i + 1);
       line = line.slice(i + 1);
       const op = String((JSON.parse(request) as { op?: unknown }).op);
+      const held = op === 'penalty.get' ? gate : null;
+      const later = op === 'conn.open' ? aside : null;
       ops.push(op);
       onOp?.(op);
-      const held = op === 'penalty.get' ? gate : null;
+      if (later) {
+        void later.then(() => upstream.write(request));
+        continue;
+      }
       queue = queue.then(async () => {
         if (held) await held;
         upstream.write(request);
@@ -154,4 +164,50 @@ t.test('a wrong password asks for no user+IP slot', async (t) => {
   const s = await session('a LOGIN alice@example.test wrong\r\nb LOGOUT\r\n');
   t.match(s.out, /a NO \[AUTHENTICATIONFAILED\]/, 'refused');
   t.equal(count(s.ops, 'conn.login'), 0, 'no slot asked for');
+});
+
+t.test('pigeon serve greets a plain IMAP client at once and reads none of its commands before the node admitted it', async (t) => {
+  // serve finds the relay serving run_dir/anvil.sock and uses it (a node state service already
+  // runs there). The relay holds the first connection's conn.open; a second connection, whose
+  // admission goes through, is the barrier: the first one's LOGIN was on the wire before the
+  // second connected, so a worker that read it would have asked for its penalty by the time the
+  // second's NOOP is answered.
+  const srv = await serve(t, inst, 1);
+  const port = srv.ports['imap'] ?? 0;
+  let release = (): void => undefined;
+  let heldOne = (): void => undefined;
+  const held = new Promise<void>((resolve) => (heldOne = resolve));
+  aside = new Promise<void>((resolve) => (release = resolve));
+  onOp = (op) => {
+    if (op !== 'conn.open') return;
+    // only this first connection's admission is held
+    onOp = null;
+    aside = null;
+    heldOne();
+  };
+  t.teardown(() => {
+    release();
+    aside = null;
+    onOp = null;
+  });
+  const from = ops.length;
+  const first = await Wire.open(port);
+  t.teardown(() => first.close());
+  t.match(await first.until(/\r\n/), /^\* OK \[CAPABILITY /, 'greeted while its admission is still held');
+  await held;
+  first.write('a LOGIN alice@example.test secret\r\n');
+  const second = await Wire.open(port);
+  t.teardown(() => second.close());
+  await second.until(/\r\n/);
+  second.write('n1 NOOP\r\n');
+  t.match(await second.until(/n1 .*\r\n/), /n1 OK/, 'a second connection is admitted and served meanwhile');
+  t.equal(count(ops.slice(from), 'penalty.get'), 0, `the first one's LOGIN was not read while its admission was held (requests: ${ops.slice(from).join(' ')})`);
+  release();
+  t.match(await first.until(/a .*\r\n/), /^a OK \[CAPABILITY [^\]]*\] Logged in/, 'admitted: its LOGIN is answered');
+  t.equal(count(ops.slice(from), 'penalty.get'), 1, 'one penalty lookup, after the admission');
+  first.write('b LOGOUT\r\n');
+  await first.until(/b OK.*\r\n/);
+  second.write('n2 LOGOUT\r\n');
+  await second.until(/n2 OK.*\r\n/);
+  await srv.stop();
 });
