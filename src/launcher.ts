@@ -33,7 +33,11 @@ const EX_SOFTWARE = 70;
 function handoffNative(): HandoffNative | undefined {
   if (process.env['PIGEON_DELIVER_NATIVE'] === '0' || typeof require !== 'function' || typeof __dirname !== 'string') return undefined;
   try {
-    const m = require(`${__dirname}/../../build/Release/pigeon_spawn.node`) as Partial<HandoffNative>;
+    // process.dlopen, not require(): no module resolution (require reads package.json to resolve
+    // even an absolute path, ≈ 0.6 ms of a deliver); loading it again later (src/native.ts) is fine
+    const mod = { exports: {} as Partial<HandoffNative> };
+    process.dlopen(mod, `${__dirname}/../../build/Release/pigeon_spawn.node`);
+    const m = mod.exports;
     return typeof m.connectUnix === 'function' ? { connectUnix: m.connectUnix } : undefined;
   } catch {
     return undefined;

@@ -7,7 +7,7 @@
  *             spawner (src/proxy/spawner-main.ts: vfork, reaping) and the socket pair of a
  *             TLS or received session (src/peer/pair.ts: socketpair). Each has a
  *             fallback for a process without the module. The `pigeon` command (dist/src/cli.cjs)
- *             requires it itself for connectUnix (src/launcher.ts): this file needs node:module.
+ *             loads it itself with process.dlopen for connectUnix (src/launcher.ts): this file needs node:module.
  */
 import { createRequire } from 'node:module';
 
