@@ -470,7 +470,11 @@ async function runWorker(
         // a handed-off session goes on (its slot kept by the router); this connection is done
         adm.conn = null;
         if (slot) slot.close();
-        else void adm.slot.then((s) => s?.close());
+        else
+          void adm.slot.then(
+            (s) => s?.close(),
+            () => undefined, // the session's own catch above has logged it
+          );
       });
   };
 
