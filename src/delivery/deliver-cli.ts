@@ -41,7 +41,7 @@ export interface DeliverOptions {
   readonly recipients: readonly string[];
 }
 
-const DELIVER_OPTIONS = {
+export const DELIVER_OPTIONS = {
   from: { type: 'string', short: 'f' },
   original: { type: 'string', short: 'a' },
   destination: { type: 'string', short: 'd', multiple: true },

@@ -7,16 +7,7 @@
  */
 import t from 'tap';
 import { parseArgs } from 'node:util';
-import { plainDeliverArgs, parseDeliverArgv } from '../../src/delivery/deliver-cli.js';
-
-const OPTIONS = {
-  from: { type: 'string', short: 'f' },
-  original: { type: 'string', short: 'a' },
-  destination: { type: 'string', short: 'd', multiple: true },
-  mailbox: { type: 'string', short: 'm' },
-  path: { type: 'string', short: 'p' },
-  e: { type: 'boolean', short: 'e' },
-} as const;
+import { plainDeliverArgs, parseDeliverArgv, DELIVER_OPTIONS as OPTIONS } from '../../src/delivery/deliver-cli.js';
 
 /** util.parseArgs's reading, in plainDeliverArgs's shape; null when it refuses the line */
 function oracle(args: string[]): object | null {
