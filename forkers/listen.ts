@@ -408,10 +408,11 @@ async function runWorker(
   };
 
   /**
-   * Ask the node for a slot for a new TCP connection; refuse or close it when there is none.
-   * `greeted`: the session greets before the answer and says the refusal itself (plain IMAP).
+   * Ask the node for a slot for a new TCP connection. A TLS connection without one is closed
+   * (nothing can be said before the handshake); a plain one's session says the refusal itself
+   * (runSession, with the answer still to come).
    */
-  const admitTcp = (proto: 'imap' | 'pop3', raw: Socket, tls: boolean, peer: Peer, greeted = false): Admitted => {
+  const admitTcp = (proto: 'imap' | 'pop3', raw: Socket, tls: boolean, peer: Peer): Admitted => {
     const ip = peer.rip;
     let closed = false;
     let slot: Slot | null = null;
@@ -424,13 +425,12 @@ async function runWorker(
       slot?.close();
     });
     const adm: Admitted = { conn: null, open: raw, peer, slot: Promise.resolve(null) };
-    // greeted: the request leaves after the greeting, which runSession writes in this same turn
-    const asked = greeted ? Promise.resolve().then(() => admit(env, ip, proto, evict(proto, adm))) : admit(env, ip, proto, evict(proto, adm));
+    // plain: the request leaves after an IMAP greeting, which runSession writes in this same turn
+    const asked = tls ? admit(env, ip, proto, evict(proto, adm)) : Promise.resolve().then(() => admit(env, ip, proto, evict(proto, adm)));
     adm.slot = asked.then((a) => {
         if (!a.admitted) {
           env.log.log('warn', `${proto}-login`, `Connection refused (${a.why === 'max_connections' ? 'too many connections: limits.max_connections, none unauthenticated to evict' : a.why}):`, { rip: ip });
           if (tls) raw.destroy(); // no TLS yet: nothing can be said
-          else if (!greeted) raw.end(limitReply(proto, 'refused'));
           return null;
         }
         if (closed) {
@@ -443,7 +443,7 @@ async function runWorker(
     return adm;
   };
 
-  /** `slot` null: admission still under way (adm.slot), the session greets meanwhile (plain IMAP) */
+  /** `slot` null: admission still under way (adm.slot): an IMAP session greets meanwhile, a POP3 one waits (src/proxy/sessions.ts) */
   const runSession = (proto: 'imap' | 'pop3', sock: Socket | TLSSocket, secure: boolean, adm: Admitted, slot: Slot | null): void => {
     sock.on('error', () => {});
     const conn = new ClientConn({ ...socketTransport(sock, secure, adm.peer), secure });
@@ -484,19 +484,11 @@ async function runWorker(
   const acceptPlain = (proto: 'imap' | 'pop3', proxied: boolean) => (sock: Socket) => {
     void clientPeer(proto, sock, proxied).then((peer) => {
       if (!peer) return;
-      if (proto === 'imap') {
-        // greet at once, as Dovecot's imap-login does: the node's admission (one round trip to
-        // its state service) runs meanwhile, and no command is read before it has answered; a
-        // refused client reads the greeting, then `* BYE Too many connections`. POP3 has no
-        // way to take its +OK greeting back: its connections are still admitted first.
-        const adm = admitTcp(proto, sock, false, peer, true);
-        runSession(proto, sock, false, adm, null);
-        return;
-      }
-      const adm = admitTcp(proto, sock, false, peer);
-      void adm.slot.then((slot) => {
-        if (slot) runSession(proto, sock, false, adm, slot);
-      });
+      // IMAP greets at once, as Dovecot's imap-login does: the node's admission (one round trip
+      // to its state service) runs meanwhile, and no command is read before it has answered; a
+      // refused client reads the greeting, then `* BYE Too many connections`. POP3 has no way
+      // to take its +OK greeting back: its session starts once admitted (or says -ERR).
+      runSession(proto, sock, false, admitTcp(proto, sock, false, peer), null);
     });
   };
   const peerKey = (s: Socket): string => `${s.remoteAddress ?? ''}|${s.remotePort ?? 0}`;

@@ -258,7 +258,7 @@ t.test('user+IP: the 11th session of one user from one address is refused, a clo
 });
 
 t.test('global limit: counts what the proxy holds; handed-off sessions do not; the oldest unauthenticated is evicted', async (t) => {
-  const inst = makeInstance(t, { listen: ['imap=127.0.0.1:0', 'imaps=127.0.0.1:0'], conf: '  max_connections: 4\n' });
+  const inst = makeInstance(t, { listen: ['imap=127.0.0.1:0', 'imaps=127.0.0.1:0', 'pop3=127.0.0.1:0'], conf: '  max_connections: 4\n' });
   const users = await addUsers(inst, 10);
   const srv = await serve(t, inst, 2);
   const port = srv.ports['imap'] ?? 0;
@@ -293,6 +293,12 @@ t.test('global limit: counts what the proxy holds; handed-off sessions do not; t
   t.ok(await full.waitClosed());
   t.equal(await full.until(/x1/), '', 'and the LOGIN sent before the answer got none');
   t.equal((await nodeState(t, inst)).counts.sessions, held.counts.sessions, 'no session started from it');
+  // POP3 cannot take a +OK greeting back: it waits for the node's answer, and gets only the -ERR
+  const fullPop = await Wire.open(srv.ports['pop3'] ?? 0);
+  t.teardown(() => fullPop.close());
+  fullPop.write('USER user0@example.test\r\n');
+  t.equal(await fullPop.until(/\r\n/), '-ERR [SYS/TEMP] Too many connections, try again later.\r\n', 'POP3, full: one -ERR, no greeting before it');
+  t.ok(await fullPop.waitClosed());
   t.match(logText(inst), /Connection refused \(too many connections: limits\.max_connections, none unauthenticated to evict\): rip=127\.0\.0\.1/);
   // a relayed session ends: one place
   await relayed.pop()?.logout();

@@ -11,10 +11,13 @@ import { ImapSession } from './imap-session.js';
 import { Pop3Session } from './pop3-session.js';
 
 /**
- * `admitted` (IMAP only): the connection's admission to the node-wide limits is still being
- * decided; the session greets at once and reads no command before it is (false: refused, the
- * caller has said so on the connection). Without it the connection was admitted before.
+ * `admitted`: the connection's admission to the node-wide limits is still being decided (false:
+ * refused, the caller has said so on the connection). IMAP greets at once and reads no command
+ * before the answer; POP3, which cannot take its +OK greeting back, starts only once admitted.
+ * Without it the connection was admitted before.
  */
-export function runSession(env: ProxyEnv, protocol: MailProtocol, conn: ClientConn, admitted?: Promise<boolean>): Promise<void> {
-  return (protocol === 'imap' ? new ImapSession(env, conn, admitted) : new Pop3Session(env, conn)).run();
+export async function runSession(env: ProxyEnv, protocol: MailProtocol, conn: ClientConn, admitted?: Promise<boolean>): Promise<void> {
+  if (protocol === 'imap') return new ImapSession(env, conn, admitted).run();
+  if (admitted && !(await admitted)) return;
+  return new Pop3Session(env, conn).run();
 }
