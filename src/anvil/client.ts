@@ -68,6 +68,8 @@ export class AnvilClient {
   private retryAt = 0;
   private downLogged = false;
   private nextId = 1;
+  /** the socket whose writes of this tick are being gathered into one (see `call`) */
+  private corked: Socket | null = null;
   private readonly pending = new Map<number, Pending>();
   private local = new AnvilState();
   /** the records this process holds, as the service should know them */
@@ -179,6 +181,16 @@ export class AnvilClient {
             this.lost(`no answer within ${ANVIL_REQUEST_MS} ms`);
           }, ANVIL_REQUEST_MS);
           this.pending.set(id, { body, resolve, timer });
+          // the requests of one tick leave in one write (a login sends two or three at once):
+          // one wake-up of the service and one answer batch, not one per request
+          if (this.corked !== sock) {
+            this.corked = sock;
+            sock.cork();
+            process.nextTick(() => {
+              this.corked = null;
+              sock.uncork();
+            });
+          }
           sock.write(encode({ id, ...body }));
         });
       }

@@ -184,16 +184,23 @@ function serveOn(server: Server, path: string, opts: ServeOptions): AnvilServer 
       sock,
       ANVIL_MAX_LINE,
       (lines) => {
-        for (const line of lines) {
-          let req: Request;
-          try {
-            req = requestSchema.parse(JSON.parse(line));
-          } catch {
-            opts.log('warn', `client pid ${clients.get(owner)?.pid ?? '?'} sent a malformed request; disconnected`);
-            sock.destroy();
-            return;
+        // the answers to one read's requests leave in one write (the client gathers a tick's
+        // requests into one): one wake-up of the client, not one per answer
+        sock.cork();
+        try {
+          for (const line of lines) {
+            let req: Request;
+            try {
+              req = requestSchema.parse(JSON.parse(line));
+            } catch {
+              opts.log('warn', `client pid ${clients.get(owner)?.pid ?? '?'} sent a malformed request; disconnected`);
+              sock.destroy();
+              return;
+            }
+            sock.write(encode({ id: req.id, result: handle(owner, req) }));
           }
-          sock.write(encode({ id: req.id, result: handle(owner, req) }));
+        } finally {
+          if (!sock.destroyed) sock.uncork();
         }
       },
       (message) => {
