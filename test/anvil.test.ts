@@ -8,7 +8,7 @@ import t from 'tap';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { connect } from 'node:net';
+import { connect, createServer } from 'node:net';
 import { clientKey, NetworkList, canonicalIp } from '../src/ip.js';
 import { isLoopback, unmapIp as unmap } from '../src/ip.js';
 import { AnvilState } from '../src/anvil/state.js';
@@ -16,6 +16,9 @@ import { AnvilClient } from '../src/anvil/client.js';
 import { openRunDir } from '../src/anvil/run-dir.js';
 import { ROOT, CLI, makeInstance, scratchDir } from './helpers/instance.js';
 import { owned } from './helpers/reaper.js';
+import { createRequire } from 'node:module';
+import type * as Ipaddr from 'ipaddr.js';
+import { parseReply, parseRequest, replySchema, requestSchema } from '../src/anvil/protocol.js';
 
 const MAIN = join(ROOT, 'dist', 'src', 'anvil', 'main.js');
 
@@ -43,6 +46,90 @@ t.test('connection addresses are parsed, not matched as text: the loopback test 
   t.equal(unmap('2001:0DB8:0000:0000:0000:0000:0000:0001'), '2001:db8::1', 'IPv6 in its canonical form');
   t.equal(unmap('::127.0.0.1'), '::7f00:1', 'an IPv4-compatible address (::/96, as inet_ntop prints it) is no IPv4-mapped one');
   t.not(clientKey('::192.0.2.7'), clientKey('192.0.2.7'), 'nor does it share the IPv4 address\'s penalty');
+});
+
+t.test('a socket\'s IPv4 address is answered without parsing exactly as ipaddr.js would answer it', async (t) => {
+  const ipaddr = createRequire(import.meta.url)('ipaddr.js') as typeof Ipaddr;
+  const octets = [0, 1, 9, 10, 99, 100, 127, 199, 200, 249, 250, 255];
+  let n = 0;
+  for (const a of octets)
+    for (const b of [0, 255, 7])
+      for (const d of octets) {
+        const ip = `${a}.${b}.${a === 127 ? 1 : 2}.${d}`;
+        const parsed = ipaddr.parse(ip);
+        if (canonicalIp(ip) !== parsed.toString() || clientKey(ip) !== parsed.toString() || isLoopback(ip) !== (parsed.range() === 'loopback')) t.fail(`${ip}: ${canonicalIp(ip)} ${clientKey(ip)} ${isLoopback(ip)}`);
+        n++;
+      }
+  t.equal(n, 432, 'every address was compared');
+  // not a socket's spelling: parsed as before
+  t.equal(canonicalIp('010.1.2.3'), ipaddr.parse('010.1.2.3').toString(), 'a leading zero is parsed (ipaddr.js reads it as octal)');
+  t.equal(canonicalIp('256.1.2.3'), '256.1.2.3', 'no address: itself');
+  t.notOk(isLoopback('127.0.0.1.example'), 'not an address');
+});
+
+t.test('the node state protocol: the hand check of hot requests and replies gives what the schemas give', async (t) => {
+  const same = (what: string, v: unknown, fast: (v: unknown) => unknown, schema: { parse(v: unknown): unknown }): void => {
+    let a: unknown;
+    let b: unknown;
+    try {
+      a = { ok: fast(v) };
+    } catch {
+      a = 'refused';
+    }
+    try {
+      b = { ok: schema.parse(v) };
+    } catch {
+      b = 'refused';
+    }
+    t.same(a, b, `${what}: ${JSON.stringify(v)}`);
+  };
+  const long = 'x'.repeat(1025);
+  const requests: unknown[] = [
+    { id: 1, op: 'conn.open', conn: '7', ip: '127.0.0.1', proto: 'imap', trusted: false, max_per_ip: 10, max_total: 1000 },
+    { id: 1, op: 'conn.open', conn: '7', ip: '127.0.0.1', proto: 'imap', trusted: 'no', max_per_ip: 10, max_total: 1000 },
+    { id: 1, op: 'conn.open', conn: '7', ip: '127.0.0.1', proto: 'imap', trusted: false, max_per_ip: -1, max_total: 1000 },
+    { id: 1, op: 'conn.open', conn: '7', ip: '127.0.0.1', proto: 'imap', trusted: false, max_per_ip: 1.5, max_total: 1000 },
+    { id: 1, op: 'conn.open', conn: '7', ip: '127.0.0.1', proto: 'imap', trusted: false, max_per_ip: 10 },
+    { id: 1, op: 'conn.open', conn: long, ip: '127.0.0.1', proto: 'imap', trusted: false, max_per_ip: 10, max_total: 1000 },
+    { id: 2, op: 'conn.login', conn: '7', user: 'bob@example.test', session: 'abc', max_userip: 10, extra: 'dropped' },
+    { id: 2, op: 'conn.login', conn: '7', user: 'x'.repeat(1024), session: 'abc', max_userip: 100_000_000 },
+    { id: 2, op: 'conn.login', conn: '7', user: 'bob', session: 'abc', max_userip: 100_000_001 },
+    { id: 3, op: 'conn.held', conn: '7', held: false },
+    { id: 3, op: 'conn.held', conn: '7', held: 0 },
+    { id: 4, op: 'conn.close', conn: '7' },
+    { id: 4, op: 'conn.close', conn: 7 },
+    { id: 5, op: 'conn.logout', conn: '7' },
+    { id: 6, op: 'penalty.get', key: '127.0.0.1' },
+    { id: 6, op: 'penalty.fail', key: '2001:db8::/48' },
+    { id: 6, op: 'penalty.clear', key: null },
+    { id: 7, op: 'conn.backend', conn: '7', backend: 'dovecot' },
+    { id: -1, op: 'conn.close', conn: '7' },
+    { id: '1', op: 'conn.close', conn: '7' },
+    { op: 'conn.close', conn: '7' },
+    { id: 8, op: 'hello', pid: 42, role: 'worker' },
+    { id: 8, op: 'list' },
+    { id: 8, op: 'kick', user: 'bob' },
+    { id: 8, op: 'toString', conn: '7' },
+    { id: 8, op: '__proto__', conn: '7' },
+    { id: 8, op: 'nope' },
+    [{ id: 1, op: 'conn.close', conn: '7' }],
+    null,
+    'conn.close',
+  ];
+  for (const r of requests) same('request', r, parseRequest, requestSchema);
+  const replies: unknown[] = [
+    { id: 1, result: {} },
+    { id: 1, result: { admitted: true, evicted: 0 }, extra: 1 },
+    { id: 1, result: [] },
+    { id: 1, result: null },
+    { id: 1.5, result: {} },
+    { id: 1, error: 'unknown' },
+    { ev: 'end', conn: '7', reason: 'evicted' },
+    { ev: 'start', conn: '7', reason: 'evicted' },
+    {},
+    [],
+  ];
+  for (const r of replies) same('reply', r, parseReply, replySchema);
 });
 
 t.test('trusted networks: CIDR lists of both families, mapped addresses, bad entries refused', async (t) => {
@@ -195,6 +282,49 @@ t.test('service: an auto-started service exits when idle', async (t) => {
   client.shutdown();
   t.equal(await exited(s.child), 0, 'no client, no record, no penalty: it exits');
   t.notOk(existsSync(join(dir, 'anvil.sock')), 'and removes its socket');
+});
+
+t.test('client: a service that stops answering → the waiting requests are answered per process after ANVIL_REQUEST_MS, said once', async (t) => {
+  const dir = join(scratchDir(t), 'run');
+  mkdirSync(dir, { mode: 0o700 });
+  // a service that takes the connection and reads the requests, and never answers
+  const heard: string[] = [];
+  const silent = createServer((s) => s.on('data', (d: Buffer) => heard.push(d.toString())));
+  // through the checked directory's descriptor, as the service does (the path is too long for a socket)
+  const rd = openRunDir(dir, { create: false });
+  await new Promise<void>((r) => silent.listen(rd.at('anvil.sock'), r));
+  t.teardown(() => {
+    silent.close();
+    rd.close();
+  });
+  const { client, logs } = newClient(dir);
+  t.teardown(() => client.shutdown());
+  const first = client.penaltyFail('192.0.2.1');
+  const second = client.penaltyGet('192.0.2.1');
+  t.equal(await first, 1, 'the failure is counted per process');
+  t.equal((await second).count, 1, 'and the lookup waiting with it sees it');
+  t.notOk(client.shared);
+  t.ok(heard.join('').includes('"op":"penalty.fail"'), 'the requests had reached the service');
+  t.equal(logs.length, 1, 'said once');
+  t.match(logs[0], /lost the node state service \(no answer within 5000 ms\).*per process until it is back/);
+});
+
+t.test('client: an answered request leaves no timer that keeps a one-shot process alive', async (t) => {
+  const dir = join(scratchDir(t), 'run');
+  mkdirSync(dir, { mode: 0o700 });
+  const svc = startService(dir);
+  t.teardown(() => svc.child.kill());
+  t.equal(await svc.said, 'ready');
+  const script = `
+    import { AnvilClient } from ${JSON.stringify(join(ROOT, 'dist', 'src', 'anvil', 'client.js'))};
+    const c = new AnvilClient({ runDir: ${JSON.stringify(dir)}, role: 'test', autostart: false, log: () => {} });
+    const before = process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length;
+    await c.penaltyFail('192.0.2.1');
+    await Promise.all([c.penaltyGet('192.0.2.1'), c.penaltyClear('192.0.2.1')]);
+    console.log(JSON.stringify({ shared: c.shared, timers: process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length - before }));`;
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
+  t.equal(r.status, 0, r.stderr);
+  t.same(JSON.parse(r.stdout), { shared: true, timers: 0 }, 'answered by the service, no timer left referenced');
 });
 
 t.test('client: no service reachable → per-process state, logged once, nothing refused', async (t) => {

@@ -17,7 +17,7 @@ import { connect, type Socket } from 'node:net';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { AnvilState, type ConnLimits, type LoginResult } from './state.js';
-import { readLines, encode, replySchema, type Results, type RequestBody, type WireRecord } from './protocol.js';
+import { readLines, encode, parseReply, type Results, type RequestBody, type WireRecord } from './protocol.js';
 import { answer } from './answer.js';
 import { openRunDir, RunDirError, type RunDir } from './run-dir.js';
 import { SOCKET_NAME } from './server.js';
@@ -53,7 +53,8 @@ export interface EndHandler {
 interface Pending {
   readonly body: RequestBody;
   readonly resolve: (r: object) => void;
-  readonly timer: NodeJS.Timeout;
+  /** Date.now() by which the answer must have come (ANVIL_REQUEST_MS after the request) */
+  readonly due: number;
 }
 
 const MAIN = fileURLToPath(new URL('./main.js', import.meta.url));
@@ -71,6 +72,12 @@ export class AnvilClient {
   /** the socket whose writes of this tick are being gathered into one (see `call`) */
   private corked: Socket | null = null;
   private readonly pending = new Map<number, Pending>();
+  /**
+   * One timer watches every pending request (not one timer per request: a login sends four to
+   * six): it fires when the oldest is due. Unreferenced while nothing is pending, so it never
+   * keeps a one-shot process alive.
+   */
+  private watchdog: NodeJS.Timeout | null = null;
   private local = new AnvilState();
   /** the records this process holds, as the service should know them */
   private readonly mine = new Map<string, WireRecord>();
@@ -177,10 +184,9 @@ export class AnvilClient {
       if (sock) {
         return new Promise<object>((resolve) => {
           const id = this.nextId++;
-          const timer = setTimeout(() => {
-            this.lost(`no answer within ${ANVIL_REQUEST_MS} ms`);
-          }, ANVIL_REQUEST_MS);
-          this.pending.set(id, { body, resolve, timer });
+          this.pending.set(id, { body, resolve, due: Date.now() + ANVIL_REQUEST_MS });
+          if (this.watchdog === null) this.watchdog = setTimeout(() => this.watch(), ANVIL_REQUEST_MS);
+          else if (this.pending.size === 1) this.watchdog.ref();
           // the requests of one tick leave in one write (a login sends two or three at once):
           // one wake-up of the service and one answer batch, not one per request
           if (this.corked !== sock) {
@@ -196,6 +202,17 @@ export class AnvilClient {
       }
     }
     return this.runLocal(body);
+  }
+
+  /** The watchdog fired: the link is lost when the oldest pending request is due, else wait for it. */
+  private watch(): void {
+    this.watchdog = null;
+    // the first pending request (a Map keeps the order they were sent in) is the oldest
+    const oldest = this.pending.values().next();
+    if (oldest.done === true) return;
+    const left = oldest.value.due - Date.now();
+    if (left <= 0) this.lost(`no answer within ${ANVIL_REQUEST_MS} ms`);
+    else this.watchdog = setTimeout(() => this.watch(), left);
   }
 
   /** Answer a request from the per-process state. */
@@ -307,7 +324,7 @@ export class AnvilClient {
   private onLine(line: string): void {
     let msg;
     try {
-      msg = replySchema.parse(JSON.parse(line));
+      msg = parseReply(JSON.parse(line));
     } catch {
       this.lost('malformed reply');
       return;
@@ -319,7 +336,7 @@ export class AnvilClient {
     const p = this.pending.get(msg.id);
     if (!p) return; // hello and restores are not waited for
     this.pending.delete(msg.id);
-    clearTimeout(p.timer);
+    if (this.pending.size === 0) this.watchdog?.unref();
     if ('error' in msg) p.resolve(this.runLocal(p.body));
     else p.resolve(msg.result);
   }
@@ -335,10 +352,9 @@ export class AnvilClient {
     for (const record of this.mine.values()) this.local.restore({ ...record, owner: SELF, pid: process.pid });
     const waiting = [...this.pending.values()];
     this.pending.clear();
-    for (const p of waiting) {
-      clearTimeout(p.timer);
-      p.resolve(this.runLocal(p.body));
-    }
+    if (this.watchdog !== null) clearTimeout(this.watchdog);
+    this.watchdog = null;
+    for (const p of waiting) p.resolve(this.runLocal(p.body));
   }
 
   private down(why: string): void {

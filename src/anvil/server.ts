@@ -19,7 +19,7 @@
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { closeSync, openSync, readFileSync, statSync, unlinkSync, writeSync } from 'node:fs';
 import { AnvilState } from './state.js';
-import { readLines, encode, requestSchema, type Request } from './protocol.js';
+import { readLines, encode, parseRequest, type Request } from './protocol.js';
 import { answer } from './answer.js';
 import { pidAlive } from '../pid.js';
 import type { RunDir } from './run-dir.js';
@@ -191,7 +191,7 @@ function serveOn(server: Server, path: string, opts: ServeOptions): AnvilServer 
           for (const line of lines) {
             let req: Request;
             try {
-              req = requestSchema.parse(JSON.parse(line));
+              req = parseRequest(JSON.parse(line));
             } catch {
               opts.log('warn', `client pid ${clients.get(owner)?.pid ?? '?'} sent a malformed request; disconnected`);
               sock.destroy();

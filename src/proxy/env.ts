@@ -102,7 +102,21 @@ export async function createProxyEnv(configPath: string | undefined, opts: { log
   return env;
 }
 
+// session ids are cut from a pool of random bytes, refilled 256 ids at a time: one call into
+// OpenSSL's generator per connection is 3.4 µs in a warm loop (0.2 µs from the pool) and stood
+// out in a CPU profile of a serve worker on the way from accept to the greeting (≈ 25 µs there)
+const ID_BYTES = 12;
+const ID_POOL = ID_BYTES * 256;
+let idPool = Buffer.alloc(0);
+let idAt = ID_POOL;
+
 /** Dovecot-style session id: 12 random bytes, base64 (16 characters). */
 export function sessionId(): string {
-  return randomBytes(12).toString('base64');
+  if (idAt + ID_BYTES > idPool.length) {
+    idPool = randomBytes(ID_POOL);
+    idAt = 0;
+  }
+  const id = idPool.toString('base64', idAt, idAt + ID_BYTES);
+  idAt += ID_BYTES;
+  return id;
 }
