@@ -569,6 +569,19 @@ async function runWorker(
     const s = await listenHandoff(env, handoff.path, handoff.server(env), sockets);
     if (s !== null) servers.push(s);
   }
+  if (cluster.isWorker) {
+    // one worker woken per new connection, the first idle one (src/exclusive-accept.ts)
+    // (before this worker says it is ready)
+    const { exclusiveAccept } = await import('../src/exclusive-accept.js');
+    await Promise.all(
+      servers.map((s) =>
+        exclusiveAccept(s, (text, lost) => {
+          env.log.log('error', 'master', `listener: cannot make accepting exclusive: ${text}${lost ? ' (this worker stops accepting there: restarting it)' : ''}`);
+          if (lost) process.kill(process.pid, 'SIGTERM');
+        }),
+      ),
+    );
+  }
   if (servers.length === 0) env.log.log('warn', 'master', 'no listeners configured (add --listen at init or listen: in pigeon.yaml)');
   if (!cluster.isWorker || cluster.worker?.id === 1) process.stderr.write(`${banners.join('')}pigeon: ready (${banners.length} listeners)\n`);
   env.log.log('info', 'master', `pigeon started (pid ${process.pid}${cluster.isWorker ? `, worker ${cluster.worker?.id ?? '?'}` : ''}, ${banners.length} listeners)`);

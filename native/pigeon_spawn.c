@@ -9,6 +9,9 @@
  *             to a local backend, src/peer/pair.ts)   n.sendBufferSize(fd) → SO_SNDBUF as the kernel keeps it
  *             n.connectUnix(path) → fd   (a blocking, close-on-exec AF_UNIX stream connected to
  *             path: `pigeon deliver`'s hand-off to serve without node:net, src/delivery/handoff-client.ts)
+ *             n.exclusiveAccept(fd) → true | false   (this process's wait on listening socket fd
+ *             becomes EPOLLEXCLUSIVE: serve's workers, src/exclusive-accept.ts; false: not
+ *             registered by libuv yet)
  * DESCRIPTION The spawner process (src/proxy/spawner-main.ts) starts one backend per login. Node 20's
  *             libuv starts children with fork(2): the kernel copies the page tables of the whole
  *             Node process (tens of MB) for a child that exec()s at once (0.6-1.1 ms per login here),
@@ -41,12 +44,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <uv.h>
 
 #define CHECK(env, call)                                                   \
   do {                                                                     \
@@ -353,6 +358,47 @@ static napi_value ConnectUnix(napi_env env, napi_callback_info info) {
   return out;
 }
 
+/*
+ * Make this process's wait on a listening socket exclusive (EPOLLEXCLUSIVE, Linux >= 4.5): a new
+ * connection then wakes one of the processes that share the socket (serve's workers, which all
+ * wait on the same listening socket through node:cluster), the first one idle in epoll_wait,
+ * instead of all of them, the losers finding nothing to accept. nginx does the same
+ * (`accept_mutex off` with EPOLLEXCLUSIVE). libuv registered the socket in its epoll set as
+ * { EPOLLIN, data.fd = fd } and changes that registration only when the watcher's event mask
+ * changes, which a listening socket's never does while it listens: the registration is removed
+ * and added again, the same with EPOLLEXCLUSIVE (which the kernel does not allow to change
+ * afterwards: libuv's later EPOLL_CTL_DEL on close is allowed). Returns true when done, false
+ * when libuv has not registered the socket yet (ENOENT: call again after the loop's next poll);
+ * a kernel without EPOLLEXCLUSIVE (EINVAL) gets the registration back as it was, and throws; if
+ * even that fails the error's message starts with ELOST (the process no longer accepts on fd).
+ */
+static napi_value ExclusiveAccept(napi_env env, napi_callback_info info) {
+  int32_t fd;
+  if (!fd_arg(env, info, "exclusiveAccept", &fd)) return NULL;
+  struct uv_loop_s *loop = NULL;
+  CHECK(env, napi_get_uv_event_loop(env, &loop));
+  int ep = uv_backend_fd(loop);
+  struct epoll_event e;
+  memset(&e, 0, sizeof e);
+  napi_value r;
+  if (epoll_ctl(ep, EPOLL_CTL_DEL, fd, &e) < 0) {
+    if (errno != ENOENT) return throw_errno(env, errno, "epoll_ctl(DEL)");
+    CHECK(env, napi_get_boolean(env, false, &r));
+    return r;
+  }
+  e.events = EPOLLIN | EPOLLEXCLUSIVE;
+  e.data.fd = fd;
+  if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e) < 0) {
+    int err = errno;
+    e.events = EPOLLIN;
+    /* libuv's registration cannot be put back: this process no longer accepts on fd (ELOST) */
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e) < 0) return throw_errno(env, errno, "ELOST epoll_ctl(ADD)");
+    return throw_errno(env, err, "epoll_ctl(ADD, EPOLLEXCLUSIVE)");
+  }
+  CHECK(env, napi_get_boolean(env, true, &r));
+  return r;
+}
+
 static napi_value Init(napi_env env, napi_value exports) {
   napi_property_descriptor d[] = {
       {"spawn", NULL, Spawn, NULL, NULL, NULL, napi_default, NULL},
@@ -363,6 +409,7 @@ static napi_value Init(napi_env env, napi_value exports) {
       {"socketPair", NULL, SocketPair, NULL, NULL, NULL, napi_default, NULL},
       {"connectUnix", NULL, ConnectUnix, NULL, NULL, NULL, napi_default, NULL},
       {"sendBufferSize", NULL, SendBufferSize, NULL, NULL, NULL, napi_default, NULL},
+      {"exclusiveAccept", NULL, ExclusiveAccept, NULL, NULL, NULL, napi_default, NULL},
   };
   if (napi_define_properties(env, exports, sizeof d / sizeof d[0], d) != napi_ok) return NULL;
   return exports;

@@ -5,7 +5,8 @@
  *             Loaded once per process, from the project's build/ whether this file runs from
  *             dist/src/ (the build) or src/ (the sources, as the tests run them). Its users: the
  *             spawner (src/proxy/spawner-main.ts: vfork, reaping) and the socket pair of a
- *             TLS or received session (src/peer/pair.ts: socketpair). Each has a
+ *             TLS or received session (src/peer/pair.ts: socketpair), serve's workers' listeners
+ *             (src/exclusive-accept.ts: EPOLLEXCLUSIVE). Each has a
  *             fallback for a process without the module. The `pigeon` command (dist/src/cli.cjs)
  *             loads it itself with process.dlopen for connectUnix (src/launcher.ts): this file needs node:module.
  */
@@ -28,6 +29,8 @@ export interface PigeonNative {
   sendBufferSize(fd: number): number;
   /** a blocking, close-on-exec AF_UNIX stream connected to `path` (the `pigeon` command's hand-off loads the module itself: src/launcher.ts) */
   connectUnix(path: string): number;
+  /** this process's wait on listening socket `fd` becomes EPOLLEXCLUSIVE (src/exclusive-accept.ts); false: libuv has not registered it yet */
+  exclusiveAccept(fd: number): boolean;
 }
 
 let loaded: PigeonNative | string | undefined;
@@ -38,7 +41,7 @@ export function nativeModule(): PigeonNative | string {
   const up = /\/dist\/src\/[^/]*$/.test(import.meta.url) ? '../../' : '../';
   try {
     const m = createRequire(import.meta.url)(`${up}build/Release/pigeon_spawn.node`) as Partial<PigeonNative>;
-    loaded = typeof m.spawn === 'function' && typeof m.socketPair === 'function' && typeof m.sendBufferSize === 'function' ? (m as PigeonNative) : 'the native module is older than its source; run `npm run build:native`';
+    loaded = typeof m.spawn === 'function' && typeof m.socketPair === 'function' && typeof m.sendBufferSize === 'function' && typeof m.exclusiveAccept === 'function' ? (m as PigeonNative) : 'the native module is older than its source; run `npm run build:native`';
   } catch (e) {
     loaded = `the native spawn module is not built (${(e instanceof Error ? e.message : String(e)).split('\n')[0]}); run \`npm run build:native\` (needs g++, make, python3)`;
   }
