@@ -358,6 +358,9 @@ results.peer_handoffs = {
   B_received_imap: counter(mB, 'pigeon_peer_handoffs_received_total', { kind: 'imap', result: 'accepted' }),
   B_received_pop3: counter(mB, 'pigeon_peer_handoffs_received_total', { kind: 'pop3', result: 'accepted' }),
   A_refused_or_failed: counter(mA, 'pigeon_peer_handoffs_sent_total', { result: 'refused' }) + counter(mA, 'pigeon_peer_handoffs_sent_total', { result: 'no-answer' }),
+  // context: how A had the link of each hand-off (a spare from the pool, or dialed while the session waited)
+  A_links_pooled: counter(mA, 'pigeon_peer_links_opened_total', { how: 'pooled' }),
+  A_links_dialed: counter(mA, 'pigeon_peer_links_opened_total', { how: 'dialed' }),
 };
 {
   // every peer-user session after the allocation login went over the link
@@ -398,5 +401,5 @@ for (const [name, k, target] of [
   console.log(`  ${''.padEnd(16)} CPU of both nodes' serve trees (Dovecot included) per MiB: ${f(x.local.cpu_ms_per_MiB, 2)} vs ${f(x.peer.cpu_ms_per_MiB, 2)} ms (A ${f(x.peer.cpu_ms_per_MiB_A, 2)} + B ${f(x.peer.cpu_ms_per_MiB_B, 2)}), ${f(x.ratio.cpu_ms_per_MiB, 2)}x`);
 }
 if (results.fetch_tls_local) console.log(`  FETCH 20 MiB, local mailbox over imaps (one TLS relay on A): ${f(results.fetch_tls_local.MiBps, 0)} MiB/s, CPU ${f(results.fetch_tls_local.cpu_ms_per_MiB, 2)} ms/MiB; peer / that = ${f(results.fetch_tls_local.peer_ratio, 2)}x (target ≥ 0.9x)`);
-console.log(`  peer hand-offs (metrics): A sent imap ${results.peer_handoffs.A_sent_imap_ok}, pop3 ${results.peer_handoffs.A_sent_pop3_ok}; B accepted imap ${results.peer_handoffs.B_received_imap}, pop3 ${results.peer_handoffs.B_received_pop3}`);
+console.log(`  peer hand-offs (metrics): A sent imap ${results.peer_handoffs.A_sent_imap_ok}, pop3 ${results.peer_handoffs.A_sent_pop3_ok}; B accepted imap ${results.peer_handoffs.B_received_imap}, pop3 ${results.peer_handoffs.B_received_pop3}; A's links: ${results.peer_handoffs.A_links_pooled} spares from the pool, ${results.peer_handoffs.A_links_dialed} dialed while the session waited`);
 process.exit(0);
