@@ -156,6 +156,24 @@ t.test('serve --workers 2: each worker watches every listener with EPOLLEXCLUSIV
   t.equal(seq, 24, '24 logins one after another: all logged in and out');
   const par = await Promise.all(Array.from({ length: 8 }, (_, i) => login(`u${i}@example.test`)));
   t.equal(par.filter(Boolean).length, 8, '8 logins at once: all logged in and out');
+  // a worker that dies takes its registration with it; the one the primary starts instead registers its own
+  const [victim, other] = workers();
+  process.kill(victim ?? 0, 'SIGKILL');
+  await waitFor('the primary restarting the killed worker', () => new RegExp(`worker ${victim} exited \\(SIGKILL\\); restarting`).test(srv.stderr()));
+  const imapInode = listeningInode(port);
+  const replaced = (): number[] => workers().filter((w) => w !== victim && w !== other);
+  await waitFor('the new worker', () => replaced().length === 1);
+  const fresh = replaced()[0] ?? 0;
+  // it logs that it started once its listeners are exclusive
+  await waitFor('the new worker started', () => readFileSync(`${inst.dir}/pigeon.log`, 'utf8').includes(`pigeon started (pid ${fresh},`));
+  t.same(
+    registrations(fresh, fdOfInode(fresh, imapInode) ?? -1).map((m) => (m & EPOLLEXCLUSIVE) !== 0),
+    [true],
+    'the worker started in place of the killed one watches the imap listener with EPOLLEXCLUSIVE',
+  );
+  let after = 0;
+  for (let i = 0; i < 12; i++) if (await login(`u${i % 8}@example.test`)) after++;
+  t.equal(after, 12, '12 logins one after another after the restart: all logged in and out');
   t.notMatch(readFileSync(`${inst.dir}/pigeon.log`, 'utf8'), /cannot make accepting exclusive/, 'no listener error in the log');
   await srv.stop();
 });
