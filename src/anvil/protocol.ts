@@ -24,6 +24,7 @@
  */
 import { LineBuffer } from '../lines.js';
 import { z } from 'zod';
+import { isPlainObject } from '../plain-object.js';
 
 export const PROTOCOL_VERSION = 1;
 
@@ -126,13 +127,9 @@ function fits(kind: FieldKind, x: unknown): boolean {
   return typeof x === 'boolean';
 }
 
-function plainObject(v: unknown): v is Record<string, unknown> {
-  return typeof v === 'object' && v !== null && !Array.isArray(v);
-}
-
 /** A request as requestSchema.parse gives it; throws what it throws. */
 export function parseRequest(v: unknown): Request {
-  if (plainObject(v) && typeof v['op'] === 'string' && isCount(v['id'])) {
+  if (isPlainObject(v) && typeof v['op'] === 'string' && isCount(v['id'])) {
     const fields = FAST_REQUESTS.get(v['op']);
     if (fields) {
       const out: Record<string, unknown> = { id: v['id'], op: v['op'] };
@@ -153,7 +150,7 @@ export function parseRequest(v: unknown): Request {
 
 /** A reply as replySchema.parse gives it; throws what it throws. */
 export function parseReply(v: unknown): Reply {
-  if (plainObject(v) && isCount(v['id']) && plainObject(v['result'])) return { id: v['id'], result: v['result'] };
+  if (isPlainObject(v) && isCount(v['id']) && isPlainObject(v['result'])) return { id: v['id'], result: v['result'] };
   return replySchema.parse(v);
 }
 

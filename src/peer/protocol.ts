@@ -23,6 +23,7 @@ import type { Duplex, Readable } from 'node:stream';
 import type { UserRecord } from '../store.js';
 import type { Effective } from '../resolve.js';
 import type { Json } from '../settings.js';
+import { isPlainObject } from '../plain-object.js';
 
 export const PEER_PROTOCOL = 'pigeon-peer/1';
 export const HOP_LIMIT = 7;
@@ -157,7 +158,6 @@ export function sealHandOff(sock: TLSSocket, h: HandOff): Buffer {
 // test/fast/peer-handoff-check.test.ts holds it to that with mutated hand-offs.
 
 type Obj = Record<string, unknown>;
-const isObj = (v: unknown): v is Obj => typeof v === 'object' && v !== null && !Array.isArray(v);
 /** exactly these keys (optional ones may be missing), none named __proto__ (zod decides those) */
 function keysAre(o: Obj, required: readonly string[], optional: readonly string[] = []): boolean {
   let n = 0;
@@ -179,17 +179,17 @@ function isJsonValue(v: unknown, depth = 0): boolean {
     for (let i = 0; i < v.length; i++) if (!isJsonValue(v[i], depth + 1)) return false;
     return true;
   }
-  if (!isObj(v)) return false;
+  if (!isPlainObject(v)) return false;
   for (const k of Object.keys(v)) if (k === '__proto__' || !isJsonValue(v[k], depth + 1)) return false;
   return true;
 }
 function isAllocation(v: unknown): boolean {
-  return isObj(v) && keysAre(v, ['format', 'path'], ['node']) && oneOf(v['format'], ['maildir', 'mbox']) && str(v['path'], 1, 4096) && (v['node'] === undefined || str(v['node'], 0, 63));
+  return isPlainObject(v) && keysAre(v, ['format', 'path'], ['node']) && oneOf(v['format'], ['maildir', 'mbox']) && str(v['path'], 1, 4096) && (v['node'] === undefined || str(v['node'], 0, 63));
 }
 const USER_KEYS = ['id', 'address', 'domain', 'domainId', 'state', 'home', 'allocation', 'version', 'created', 'movingTo'];
 function isWireUser(v: unknown): boolean {
   return (
-    isObj(v) &&
+    isPlainObject(v) &&
     keysAre(v, USER_KEYS) &&
     int(v['id']) &&
     str(v['address'], 3, 320) &&
@@ -204,21 +204,21 @@ function isWireUser(v: unknown): boolean {
   );
 }
 function isWireConfig(v: unknown): boolean {
-  if (!isObj(v)) return false;
+  if (!isPlainObject(v)) return false;
   for (const k of Object.keys(v)) {
     const e = v[k];
-    if (k === '__proto__' || k.length > 128 || !isObj(e) || !keysAre(e, ['value', 'from']) || !oneOf(e['from'], ['default', 'global', 'domain', 'user']) || !isJsonValue(e['value'])) return false;
+    if (k === '__proto__' || k.length > 128 || !isPlainObject(e) || !keysAre(e, ['value', 'from']) || !oneOf(e['from'], ['default', 'global', 'domain', 'user']) || !isJsonValue(e['value'])) return false;
   }
   return true;
 }
 const port = (v: unknown): boolean => int(v) && (v as number) >= 0 && (v as number) <= 65535;
 function isClient(v: unknown): boolean {
-  return isObj(v) && keysAre(v, ['rip', 'rport', 'lip', 'lport', 'tls']) && str(v['rip'], 0, 64) && port(v['rport']) && str(v['lip'], 0, 64) && port(v['lport']) && typeof v['tls'] === 'boolean';
+  return isPlainObject(v) && keysAre(v, ['rip', 'rport', 'lip', 'lport', 'tls']) && str(v['rip'], 0, 64) && port(v['rport']) && str(v['lip'], 0, 64) && port(v['lport']) && typeof v['tls'] === 'boolean';
 }
 const nullableStr = (v: unknown, max: number): boolean => v === null || str(v, 0, max);
 function isDeliver(v: unknown): boolean {
   return (
-    isObj(v) &&
+    isPlainObject(v) &&
     keysAre(v, ['rcpt', 'sender', 'detail', 'original', 'mailbox', 'size']) &&
     str(v['rcpt'], 3, 320) &&
     str(v['sender'], 0, 320) &&
@@ -231,13 +231,13 @@ function isDeliver(v: unknown): boolean {
   );
 }
 function isMove(v: unknown): boolean {
-  return isObj(v) && keysAre(v, ['from', 'to', 'pass', 'source']) && str(v['from'], 1, 63) && str(v['to'], 1, 63) && (v['pass'] === 1 || v['pass'] === 2) && isAllocation(v['source']);
+  return isPlainObject(v) && keysAre(v, ['from', 'to', 'pass', 'source']) && str(v['from'], 1, 63) && str(v['to'], 1, 63) && (v['pass'] === 1 || v['pass'] === 2) && isAllocation(v['source']);
 }
 const HANDOFF_KEYS = ['proto', 'kind', 'from', 'to', 'user', 'config', 'client', 'session', 'tag', 'hops', 'nonce', 'ts', 'deliver'];
 
 /** `inner` as a HandOff when it passes handOffSchema's checks (checked here by hand); null: let zod decide. */
 export function fastHandOff(inner: unknown): HandOff | null {
-  if (!isObj(inner) || !keysAre(inner, HANDOFF_KEYS, ['move'])) return null;
+  if (!isPlainObject(inner) || !keysAre(inner, HANDOFF_KEYS, ['move'])) return null;
   const ok =
     inner['proto'] === PEER_PROTOCOL &&
     oneOf(inner['kind'], ['imap', 'pop3', 'deliver', 'move-out', 'move-in']) &&
