@@ -37,15 +37,116 @@ import { METRICS_WORKER_MS } from './limits.js';
 // per message included (perf stat task-clock: the index 41 ms over `node -e 0`, these five files
 // 8 ms). pigeon uses none of those: the five classes come from their own files (prom-client has no
 // "exports" map; its version is pinned by package-lock.json).
+// They are loaded when this process first counts something or serves its metrics, never in a
+// process that said at its start that it serves none (countNothing: an in-process `pigeon
+// deliver`, one inetd or master.cf session, `pigeon lmtp`), whose counts nobody could read: there,
+// loading them cost ≈ 6 ms of an in-process delivery's ≈ 90 ms of CPU.
 const load = createRequire(import.meta.url);
-const Registry = load('prom-client/lib/registry') as typeof PromClient.Registry;
-const Counter = load('prom-client/lib/counter') as typeof PromClient.Counter;
-const Gauge = load('prom-client/lib/gauge') as typeof PromClient.Gauge;
-const Histogram = load('prom-client/lib/histogram') as typeof PromClient.Histogram;
 
+interface Prom {
+  readonly registry: PromClient.Registry;
+  readonly Registry: typeof PromClient.Registry;
+  readonly Counter: typeof PromClient.Counter;
+  readonly Gauge: typeof PromClient.Gauge;
+  readonly Histogram: typeof PromClient.Histogram;
+}
+let prom: Prom | null = null;
+/** `node` on every series (setNode) */
+let nodeLabels: Record<string, string> = {};
+let counting = true;
+/** every metric's construction, run once prom-client is loaded: all families appear in a scrape, counted or not */
+const families: ((p: Prom) => void)[] = [];
 
-/** this process's metrics; in a serve worker, what the primary collects */
-export const registry = new Registry();
+/** prom-client, this process's registry and every metric in it (made on first use). */
+function loaded(): Prom {
+  if (prom === null) {
+    const Registry = load('prom-client/lib/registry') as typeof PromClient.Registry;
+    const p: Prom = {
+      registry: new Registry(),
+      Registry,
+      Counter: load('prom-client/lib/counter') as typeof PromClient.Counter,
+      Gauge: load('prom-client/lib/gauge') as typeof PromClient.Gauge,
+      Histogram: load('prom-client/lib/histogram') as typeof PromClient.Histogram,
+    };
+    p.registry.setDefaultLabels(nodeLabels);
+    prom = p;
+    for (const make of families) make(p);
+  }
+  return prom;
+}
+
+/**
+ * This process serves no metrics (a one-shot command): counting does nothing from now on and
+ * prom-client is never loaded. Call it first thing; `serve` never does.
+ */
+export function countNothing(): void {
+  counting = false;
+}
+
+type Labels<T extends string> = PromClient.LabelValues<T>;
+
+/** A counter, made in this process's registry when prom-client is loaded. */
+class LazyCounter<T extends string> {
+  private real: PromClient.Counter<T> | null = null;
+  constructor(conf: PromClient.CounterConfiguration<T>) {
+    families.push((p) => {
+      this.real = new p.Counter({ ...conf, registers: [p.registry] });
+    });
+  }
+  private get m(): PromClient.Counter<T> {
+    loaded();
+    return this.real as PromClient.Counter<T>;
+  }
+  inc(labels?: Labels<T>, value?: number): void {
+    if (!counting) return;
+    if (labels === undefined) this.m.inc(value);
+    else this.m.inc(labels, value);
+  }
+}
+
+/** A gauge, made in this process's registry when prom-client is loaded. */
+class LazyGauge<T extends string> {
+  private real: PromClient.Gauge<T> | null = null;
+  constructor(conf: PromClient.GaugeConfiguration<T>) {
+    families.push((p) => {
+      this.real = new p.Gauge({ ...conf, registers: [p.registry] });
+    });
+  }
+  private get m(): PromClient.Gauge<T> {
+    loaded();
+    return this.real as PromClient.Gauge<T>;
+  }
+  inc(labels: Labels<T>): void {
+    if (counting) this.m.inc(labels);
+  }
+  dec(labels: Labels<T>): void {
+    if (counting) this.m.dec(labels);
+  }
+  set(labels: Labels<T>, value: number): void {
+    if (counting) this.m.set(labels, value);
+  }
+}
+
+/** A histogram, made in this process's registry when prom-client is loaded. */
+class LazyHistogram<T extends string> {
+  private real: PromClient.Histogram<T> | null = null;
+  constructor(conf: PromClient.HistogramConfiguration<T>) {
+    families.push((p) => {
+      this.real = new p.Histogram({ ...conf, registers: [p.registry] });
+    });
+  }
+  private get m(): PromClient.Histogram<T> {
+    loaded();
+    return this.real as PromClient.Histogram<T>;
+  }
+  observe(labels: Labels<T>, value: number): void {
+    if (counting) this.m.observe(labels, value);
+  }
+  /** ends with the seconds since the start (0 when nothing is counted) */
+  startTimer(): () => number {
+    return counting ? this.m.startTimer() : () => 0;
+  }
+}
 
 type Json = MetricObjectWithValues<MetricValue<string>>[];
 const READY = 'pigeon:metrics-ready';
@@ -69,7 +170,7 @@ export function answerPrimary(): void {
   process.on('message', (m: unknown) => {
     const req = message(m, REQ);
     if (!req) return;
-    void registry.getMetricsAsJSON().then(
+    void loaded().registry.getMetricsAsJSON().then(
       (metrics) => process.send?.({ type: RES, id: req.id, metrics }),
       () => process.send?.({ type: RES, id: req.id, metrics: [] }),
     );
@@ -80,107 +181,92 @@ export function answerPrimary(): void {
 /** The node's name on every series (set once the configuration is read). */
 export function setNode(node: string): void {
   nodeLabels = { node };
-  registry.setDefaultLabels(nodeLabels);
+  prom?.registry.setDefaultLabels(nodeLabels);
 }
-let nodeLabels: Record<string, string> = {};
 
 const LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
 
-export const logins = new Counter({
+export const logins = new LazyCounter({
   name: 'pigeon_logins_total',
   help: 'IMAP and POP3 authentications, by protocol and result (ok, failed: refused like a wrong password, tempfail: database or auth outage)',
   labelNames: ['protocol', 'result'] as const,
-  registers: [registry],
 });
 
-export const sessions = new Gauge({
+export const sessions = new LazyGauge({
   name: 'pigeon_sessions',
   help: 'IMAP and POP3 sessions relayed to a backend right now, by protocol and backend (dovecot, courier, peer:NODE)',
   labelNames: ['protocol', 'backend'] as const,
-  registers: [registry],
 });
 
-export const backendStart = new Histogram({
+export const backendStart = new LazyHistogram({
   name: 'pigeon_backend_start_duration_seconds',
   help: 'Time from a successful authentication to a running backend session (allocation, backend start or peer hand-off), by protocol and backend',
   labelNames: ['protocol', 'backend'] as const,
   buckets: LATENCY_BUCKETS,
-  registers: [registry],
 });
 
-export const peerHandoffsSent = new Counter({
+export const peerHandoffsSent = new LazyCounter({
   name: 'pigeon_peer_handoffs_sent_total',
   help: 'Hand-offs sent to other nodes over peer links, by kind (imap pop3 deliver move-out move-in) and result',
   labelNames: ['kind', 'result'] as const,
-  registers: [registry],
 });
 
-export const peerHandoffsReceived = new Counter({
+export const peerHandoffsReceived = new LazyCounter({
   name: 'pigeon_peer_handoffs_received_total',
   help: 'Hand-offs received from other nodes over peer links, by kind and result (accepted or the refusal code)',
   labelNames: ['kind', 'result'] as const,
-  registers: [registry],
 });
 
-export const peerLinksPooled = new Gauge({
+export const peerLinksPooled = new LazyGauge({
   name: 'pigeon_peer_links_pooled',
   help: 'Spare, already verified peer links waiting for a session, by the node they lead to (peer.pool_size per node and process)',
   labelNames: ['to'] as const,
-  registers: [registry],
 });
 
-export const peerLinksOpened = new Counter({
+export const peerLinksOpened = new LazyCounter({
   name: 'pigeon_peer_links_opened_total',
   help: 'Peer links used for a hand-off, by how they were had: pooled (a spare, no handshake) or dialed (a TLS handshake while the session waited)',
   labelNames: ['how'] as const,
-  registers: [registry],
 });
 
-export const peerHandshakes = new Counter({
+export const peerHandshakes = new LazyCounter({
   name: 'pigeon_peer_handshakes_total',
   help: 'TLS handshakes of peer links that passed the checks, by side (dialed: this node opened the link; accepted: another node did) and kind (full: certificates exchanged and verified; resumed: a TLS 1.3 resumption of an earlier full handshake, peer.resume_s)',
   labelNames: ['side', 'kind'] as const,
-  registers: [registry],
 });
 
-export const peerLinksRefused = new Counter({
+export const peerLinksRefused = new LazyCounter({
   name: 'pigeon_peer_links_refused_total',
   help: 'Incoming peer links refused, by reason (tls, certificate, registry)',
   labelNames: ['reason'] as const,
-  registers: [registry],
 });
 
-export const deliveries = new Counter({
+export const deliveries = new LazyCounter({
   name: 'pigeon_deliveries_total',
   help: 'Recipients of delivered messages, by delivery module and status (delivered, deferred, rejected); a failure counts against the module that failed (pipeline: before any module, spool: reading the message)',
   labelNames: ['module', 'status'] as const,
-  registers: [registry],
 });
 
-export const deliveryDuration = new Histogram({
+export const deliveryDuration = new LazyHistogram({
   name: 'pigeon_delivery_duration_seconds',
   help: 'Time to deliver one message to all its recipients (spooling included)',
   buckets: LATENCY_BUCKETS,
-  registers: [registry],
 });
 
-export const dbErrors = new Counter({
+export const dbErrors = new LazyCounter({
   name: 'pigeon_db_errors_total',
   help: 'Database operations that failed, by error code (DB_LOCKED, DB_UNAVAILABLE, DB_READONLY, ...; other: not classified)',
   labelNames: ['code'] as const,
-  registers: [registry],
 });
 
-export const dbUserReads = new Counter({
+export const dbUserReads = new LazyCounter({
   name: 'pigeon_db_user_reads_total',
   help: 'User records read from the configuration database',
-  registers: [registry],
 });
 
-export const passwordChecks = new Counter({
+export const passwordChecks = new LazyCounter({
   name: 'pigeon_password_checks_total',
   help: 'Password hashes checked',
-  registers: [registry],
 });
 
 /** A delivery result's status word from its DSN (2.x.x delivered, 4.x.x deferred, 5.x.x rejected). */
@@ -199,6 +285,7 @@ export function countDbError(e: unknown): void {
  * asked once; one that does not answer within METRICS_WORKER_MS (or exits) is left out.
  */
 function clusterCollector(): () => Promise<string> {
+  const { Registry, Gauge } = loaded();
   const cluster = load('node:cluster') as typeof import('node:cluster').default;
   const AggregatorRegistry = load('prom-client/lib/cluster') as typeof PromClient.AggregatorRegistry;
   const ready = new Set<Worker>();
@@ -245,6 +332,7 @@ function clusterCollector(): () => Promise<string> {
  * (the primary of `serve --workers N`), else for this process.
  */
 export function metricsServer(aggregate: boolean): Server {
+  const { registry } = loaded();
   const collect = aggregate ? clusterCollector() : () => registry.metrics();
   // node:http only here: every process that counts something (one `pigeon deliver` per message)
   // imports this module, and only `serve` answers scrapes (≈ 5 ms of CPU per process otherwise)

@@ -94,6 +94,8 @@ t.test('without serve, as the mail user: delivered from the bundle with its code
   t.same(rec2.scripts, [{ file: BUNDLE, given: true, rejected: false }], 'one script compiled: the bundle, with its code cache, which V8 took');
   const ours = rec2.files.filter((f) => f.startsWith(`${ROOT}/dist/`) || f.startsWith(`${ROOT}/auth/`) || f.startsWith(`${ROOT}/src/`));
   t.same(ours, [PIGEON], 'of pigeon\'s files, require() loaded cli.cjs only');
+  // a one-shot process counts nothing (src/metrics.ts countNothing): prom-client stays unloaded
+  t.same(rec2.files.filter((f) => f.includes('/node_modules/prom-client/')), [], 'prom-client not loaded');
   // (the entry, cli.cjs, is resolved through the hook too: node's --import runs the main file through it)
   const esmUrls = readFileSync(esm, 'utf8').split('\n').filter((u) => u.startsWith('file:') && !u.startsWith(`file://${rec}/`) && u !== `file://${PIGEON}`);
   t.same(esmUrls, [`file://${join(inst, 'delivery-add-header.mjs')}`], 'the ES module loader loaded the configured module file only: no module file of dist/ (no second copy of pigeon\'s code)');

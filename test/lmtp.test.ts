@@ -14,6 +14,7 @@ import { createLmtpServer, listenLmtp } from '../src/delivery/lmtp.js';
 import { CLI, makeInstance, setUser, maildirOf, files, msg, dovecotRead } from './helpers/delivery-env.js';
 import { Dialog, dataOf } from './helpers/delivery-lmtp.js';
 import { scratchDir } from './helpers/instance.js';
+import { requireRecorder } from './helpers/load-recorder.js';
 
 const ALICE = 'alice@example.test';
 const CAROL = 'carol@example.test';
@@ -108,8 +109,8 @@ t.test('unix socket listener; transient failure is 451 for that recipient only',
   await d.cmd('QUIT');
 });
 
-function lmtpChild(inst: string, forker: string, stdio: 'pipe' | net.Socket) {
-  const c = spawn(process.execPath, [CLI, '-c', inst, 'lmtp', '--forker', forker], {
+function lmtpChild(inst: string, forker: string, stdio: 'pipe' | net.Socket, node: readonly string[] = []) {
+  const c = spawn(process.execPath, [...node, CLI, '-c', inst, 'lmtp', '--forker', forker], {
     stdio: stdio === 'pipe' ? ['pipe', 'pipe', 'pipe'] : [stdio, stdio, 'pipe'],
   });
   let stderr = '';
@@ -118,8 +119,10 @@ function lmtpChild(inst: string, forker: string, stdio: 'pipe' | net.Socket) {
 }
 
 t.test('pigeon lmtp --forker stdio (pipes)', async (t) => {
-  const inst = makeInstance(scratchDir(t));
-  const { c, stderr } = lmtpChild(inst, 'stdio', 'pipe');
+  const dir = scratchDir(t);
+  const inst = makeInstance(dir);
+  const req = requireRecorder(dir);
+  const { c, stderr } = lmtpChild(inst, 'stdio', 'pipe', ['-r', req.preload]);
   const exited = new Promise<number | null>((r) => c.on('close', (code) => r(code)));
   if (!c.stdout || !c.stdin) throw new Error('no pipes');
   const d = new Dialog(c.stdout, c.stdin);
@@ -135,6 +138,9 @@ t.test('pigeon lmtp --forker stdio (pipes)', async (t) => {
   t.equal(await exited, 0, `exits 0 after QUIT ${stderr()}`);
   t.equal(stderr(), '', 'nothing on stderr');
   t.equal(files(join(maildirOf(inst, ALICE), 'new')).length, 1);
+  // one session per process: it counts nothing (src/metrics.ts countNothing), prom-client stays unloaded
+  t.ok(req.read().some((f) => f.endsWith('.cjs')), 'the preload recorded what require() loaded');
+  t.same(req.read().filter((f) => f.includes('/node_modules/prom-client/')), [], 'prom-client not loaded');
 });
 
 t.test('pigeon lmtp --forker inetd (TCP socket on fd 0)', async (t) => {

@@ -58,6 +58,8 @@ master.cf:  pigeon unix - n n - - pipe flags=Rq user=mail argv=/usr/local/bin/pi
         .default('stdio'),
     )
     .action(async (o) => {
+      // one session, then exit: nobody could read this process's metrics
+      (await import('../metrics.js')).countNothing();
       // loaded here only: keeps smtp-server off the start-up path of every `pigeon deliver`
       const { createLmtpServer, handleLmtpSocket } = await import('../delivery/lmtp.js');
       const { loadModules } = await import('../module-files.js');

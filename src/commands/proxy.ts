@@ -92,6 +92,8 @@ async function handoffListener(): Promise<HandoffListener> {
 async function oneSession(proto: 'imap' | 'pop3', forkerName: string, implicitTls: boolean, cfg: string | undefined): Promise<number> {
   const forker = oneShotForkers().find((f) => f.name === forkerName);
   if (!forker) throw new AppError('USAGE', `unknown forker ${JSON.stringify(forkerName)}; one of: ${oneShotForkers().map((f) => f.name).join(', ')}`);
+  // one session, then exit: nobody could read this process's metrics
+  (await import('../metrics.js')).countNothing();
   const { createProxyEnv } = await import('../proxy/env.js');
   const { syslogSink, createLogger } = await import('../log.js');
   let env: ProxyEnv;

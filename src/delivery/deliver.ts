@@ -21,6 +21,7 @@ import type { Store } from '../store.js';
 import { openInstanceStore } from '../context.js';
 import { isAppError, EX, type ExitCode } from '../errors.js';
 import { loadModules } from '../module-files.js';
+import { countNothing } from '../metrics.js';
 import { NodeDirectory } from '../nodes.js';
 import { resolveRecipient, deliverMessage, parseSender, type Accepted } from './driver.js';
 import { makeDeliveryEnv, deliveryLogger } from './env.js';
@@ -93,6 +94,8 @@ export async function deliverRequest(env: DeliveryEnv, store: Store, a: DeliverR
 }
 
 export async function runDeliver(a: DeliverArgs): Promise<DeliverOutcome> {
+  // one message, then exit: nobody could read this process's metrics
+  countNothing();
   const bad = checkRequest(a);
   if (bad !== null) return fail(bad);
 

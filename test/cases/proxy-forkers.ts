@@ -12,6 +12,7 @@ import { requireProgram } from '../helpers/programs.js';
 import { startPostfix } from '../helpers/postfix.js';
 import { useBackend, type BackendName } from '../helpers/backends.js';
 import { owned, stopGroup } from '../helpers/reaper.js';
+import { requireRecorder } from '../helpers/load-recorder.js';
 
 async function imapRoundTrip(t: Test, backend: BackendName, w: Wire, user: string, pass: string): Promise<void> {
   t.match(await w.until(/\r\n/), /^\* OK \[CAPABILITY [^\]]*STARTTLS/, 'greeting offers STARTTLS on a real socket');
@@ -41,7 +42,8 @@ export default function cases(backend: BackendName): void {
       const inst = makeInstance(t, { users: { 'alice@example.test': 'pw' } });
       if (!useBackend(t, inst, backend)) return;
       prepareMailbox(inst, 'alice@example.test');
-      const r = spawnSync(process.execPath, [CLI, '-c', inst.dir, 'imap', '--forker', 'stdio'], {
+      const req = requireRecorder(inst.dir);
+      const r = spawnSync(process.execPath, ['-r', req.preload, CLI, '-c', inst.dir, 'imap', '--forker', 'stdio'], {
         input: 'a1 CAPABILITY\r\na2 LOGIN alice@example.test pw\r\na3 SELECT INBOX\r\na4 LOGOUT\r\n',
         encoding: 'utf8',
       });
@@ -51,6 +53,9 @@ export default function cases(backend: BackendName): void {
       t.match(r.stdout, /\* 1 EXISTS/);
       t.match(r.stdout, backend === 'courier' ? /a4 OK LOGOUT completed/ : /a4 OK Logout completed/);
       t.equal(r.stderr, '', 'nothing on stderr');
+      // one session per process: it counts nothing (src/metrics.ts countNothing), prom-client stays unloaded
+      t.ok(req.read().some((f) => f.endsWith('.cjs')), 'the preload recorded what require() loaded');
+      t.same(req.read().filter((f) => f.includes('/node_modules/prom-client/')), [], 'prom-client not loaded');
       const p = spawnSync(process.execPath, [CLI, '-c', inst.dir, 'pop3', '--forker', 'stdio'], { input: 'USER alice@example.test\r\nPASS pw\r\nSTAT\r\nQUIT\r\n', encoding: 'utf8' });
       // courierpop3d greets the client itself ("+OK logged in."); for Dovecot the proxy does
       t.match(p.stdout, backend === 'courier' ? /\+OK logged in\.\r\n\+OK 1 \d+\r\n/ : /\+OK Logged in\.\r\n\+OK 1 \d+\r\n/);

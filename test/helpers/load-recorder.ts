@@ -2,7 +2,7 @@
 // node:module's register) that append every URL the process resolves to `loaded`, and at exit
 // every node built-in it loaded as `builtin:NAME`. The files go in `dir`; `loaded` must be
 // writable by whoever the process runs as.
-import { chmodSync, chownSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Test } from 'tap';
 
@@ -48,4 +48,16 @@ process.on('exit', () => {
 `,
   );
   return register;
+}
+
+/**
+ * A CommonJS preload for `node -r PRELOAD`: at exit it writes every file require() loaded (JSON)
+ * to `out` (created here, in `dir`); `read()` gives that list.
+ */
+export function requireRecorder(dir: string, name = 'required'): { preload: string; read: () => string[] } {
+  const out = join(dir, `${name}.json`);
+  const preload = join(dir, `${name}.cjs`);
+  writeFileSync(out, '[]');
+  writeFileSync(preload, `process.on('exit', () => require('fs').writeFileSync(${JSON.stringify(out)}, JSON.stringify(Object.keys(require.cache))));\n`);
+  return { preload, read: () => JSON.parse(readFileSync(out, 'utf8')) as string[] };
 }
