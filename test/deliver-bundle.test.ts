@@ -60,6 +60,8 @@ t.test('the build wrote the bundle and its code cache, named by the bundle\'s bu
   t.ok(existsSync(BUNDLE), `${BUNDLE} (npm run build)`);
   const id = BUILD_LINE.exec(readFileSync(BUNDLE, 'utf8').slice(0, 64))?.[1];
   t.match(id, /^[0-9a-f]{16}$/, 'the first line names the build');
+  // every in-process delivery reads it as its source: all ASCII, so node decodes it to a one-byte string
+  t.equal(/[^\x00-\x7f]/.exec(readFileSync(BUNDLE, 'latin1'))?.index, undefined, 'the bundle is all ASCII (no comments left in it)');
   t.ok(id !== undefined && statSync(cacheFile(BUNDLE, id)).size > 100_000, 'its cache: the functions of a delivery, not only the top level');
   t.same(
     readdirSync(join(ROOT, 'dist', 'src')).filter((f) => f.endsWith('.v8cache')),
