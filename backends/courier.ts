@@ -30,7 +30,8 @@
  *             CR/LF/NUL, and the login tag only if it is an IMAP atom.
  * SEE ALSO    backends/dovecot.ts, ../shared/backends.md §2
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import { childProcess } from '../src/builtins.js';
 import type { Socket } from 'node:net';
 import { accessSync, constants } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -136,7 +137,7 @@ async function startImap(req: BackendRequest, bin: string, env: Record<string, s
     env['IMAPLOGINTAG'] = tag;
   }
   const what = `courier imapd (${bin})`;
-  const child = spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = childProcess().spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: ['pipe', 'pipe', 'pipe'] });
   child.stdin.on('error', () => {});
   pipeStderr(req, child, `, session=<${req.sessionId}>`);
   const r = lineReader(child, what);
@@ -188,7 +189,7 @@ async function startPop3(req: BackendRequest, bin: string, env: Record<string, s
     else {
       // Courier leaves Nagle on: its greeting would wait for the ACK of our last reply (~40 ms)
       (sock as Partial<Socket>).setNoDelay?.(true);
-      const child = spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: [sock, sock, 'pipe'] });
+      const child = childProcess().spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: [sock, sock, 'pipe'] });
       pipeStderr(req, child, `, session=<${req.sessionId}>`);
       await new Promise<void>((resolve, reject) => {
         child.once('spawn', () => resolve());
@@ -197,7 +198,7 @@ async function startPop3(req: BackendRequest, bin: string, env: Record<string, s
       return childSession(child, Buffer.alloc(0), true);
     }
   }
-  const child = spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = childProcess().spawn(bin, [maildir], { ...opts, env, cwd: maildir, stdio: ['pipe', 'pipe', 'pipe'] });
   child.stdin.on('error', () => {});
   pipeStderr(req, child, `, session=<${req.sessionId}>`);
   const r = lineReader(child, what);

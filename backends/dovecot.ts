@@ -25,9 +25,9 @@
  * SECURITY    Never runs Dovecot as root (backends.md §1.7); the environment is built from
  *             scratch; client data reaches Dovecot only as env values checked for CR/LF/NUL.
  */
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { hostname } from 'node:os';
-import { Socket } from 'node:net';
+import { childProcess, netModule } from '../src/builtins.js';
 import { existsSync } from 'node:fs';
 import { dirname, basename, join } from 'node:path';
 import { z } from 'zod';
@@ -114,7 +114,7 @@ export function dovecotHostDomain(): string | null {
   if (hostDomain !== null || lookingUp) return hostDomain;
   lookingUp = true;
   const name = hostname();
-  execFile('getent', ['hosts', name], { encoding: 'utf8', timeout: 10_000, env: { PATH: '/usr/bin:/bin' } }, (err, stdout) => {
+  childProcess().execFile('getent', ['hosts', name], { encoding: 'utf8', timeout: 10_000, env: { PATH: '/usr/bin:/bin' } }, (err, stdout) => {
     const canonical = err ? undefined : stdout.split('\n')[0]?.trim().split(/\s+/)[1];
     // not found (exit 2) or no getent: the host name, as Dovecot falls back to
     hostDomain = canonical !== undefined && /^[A-Za-z0-9._-]{1,253}$/.test(canonical) ? canonical : name;
@@ -159,7 +159,7 @@ async function start(req: BackendRequest, bins: Binaries, mailUser: MailUser, sp
         env['CLIENT_INPUT'] = input.toString('base64');
       }
       // `pigeon serve`: the spawner forks, not the worker (its stderr is the log of every backend)
-      if (spawner && sock instanceof Socket) {
+      if (spawner && sock instanceof netModule().Socket) {
         return await spawnHandedOff(spawner, `dovecot ${req.protocol}`, {
           file: bin,
           args,
@@ -170,7 +170,7 @@ async function start(req: BackendRequest, bins: Binaries, mailUser: MailUser, sp
           ...(req.protocol === 'imap' ? { lastWords: { code: 89, text: IMAP_INIT_FAILED } } : {}),
         });
       }
-      const child = spawn(bin, args, { ...opts, env, cwd: home, stdio: [sock, sock, 'pipe'] });
+      const child = childProcess().spawn(bin, args, { ...opts, env, cwd: home, stdio: [sock, sock, 'pipe'] });
       pipeStderr(req, child);
       await new Promise<void>((resolve, reject) => {
         child.once('spawn', () => resolve());
@@ -183,7 +183,7 @@ async function start(req: BackendRequest, bins: Binaries, mailUser: MailUser, sp
       throw e;
     }
   }
-  const child = spawn(bin, args, { ...opts, env, cwd: home, stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = childProcess().spawn(bin, args, { ...opts, env, cwd: home, stdio: ['pipe', 'pipe', 'pipe'] });
   child.stdin.on('error', () => {});
   pipeStderr(req, child);
   try {

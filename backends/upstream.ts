@@ -34,7 +34,8 @@
  *             server only base64-encoded (SASL PLAIN) or as a literal / a POP3 PASS line, refused
  *             when it holds NUL (or CR/LF where a line carries it).
  */
-import { connect as netConnect, isIP, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
+import { netModule } from '../src/builtins.js';
 import type { TLSSocket } from 'node:tls';
 import { createRequire } from 'node:module';
 import { readFile } from 'node:fs/promises';
@@ -93,7 +94,7 @@ function targetOf(req: BackendRequest): Target {
   const std = req.protocol === 'imap' ? (tls === 'implicit' ? 993 : 143) : tls === 'implicit' ? 995 : 110;
   const port = typeof p === 'number' && p > 0 ? p : std;
   const login = str('login') === 'master' ? 'master' : str('login') === 'passthrough' ? 'passthrough' : 'local';
-  const name = `upstream ${isIP(host) === 6 ? `[${host}]` : host}:${port}`;
+  const name = `upstream ${netModule().isIP(host) === 6 ? `[${host}]` : host}:${port}`;
   return { host, port, tls, ca: str('ca'), login, masterUser: str('master_user'), name };
 }
 
@@ -179,7 +180,7 @@ async function secure(t: Target, over: { socket?: Socket }, deadline: number): P
       ...over,
       ...(over.socket ? {} : { port: t.port }),
       host: t.host,
-      ...(isIP(t.host) === 0 ? { servername: t.host } : {}),
+      ...(netModule().isIP(t.host) === 0 ? { servername: t.host } : {}),
       ...ca,
       rejectUnauthorized: true,
       minVersion: 'TLSv1.2',
@@ -202,7 +203,7 @@ async function secure(t: Target, over: { socket?: Socket }, deadline: number): P
 
 async function plain(t: Target, deadline: number): Promise<Socket> {
   return new Promise<Socket>((resolve, reject) => {
-    const s = netConnect({ host: t.host, port: t.port });
+    const s = netModule().connect({ host: t.host, port: t.port });
     const timer = setTimeout(() => {
       s.destroy();
       reject(fail(t, 'timeout', 'connect did not finish in time'));

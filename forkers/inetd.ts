@@ -10,7 +10,8 @@
  *             (src/commands/proxy.ts takes the connection's slot before the greeting).
  * DIAGNOSTICS USAGE when fd 0 is not a socket shared with fd 1 (use --forker stdio).
  */
-import { Socket } from 'node:net';
+import type { Socket } from 'node:net';
+import { netModule } from '../src/builtins.js';
 import { fstatSync } from 'node:fs';
 import type { OneShotForker, Transport } from './types.js';
 import type { Peer } from '../src/proxy/conn.js';
@@ -43,7 +44,7 @@ export function stdinIsConnection(): boolean {
 /** The inherited connection socket (fd 0, also fd 1). */
 export function inheritedSocket(forker: string): Socket {
   if (!stdinIsConnection()) throw new AppError('USAGE', `--forker ${forker}: fd 0 is not the connection socket (use --forker stdio)`);
-  return new Socket({ fd: 0, readable: true, writable: true });
+  return new (netModule().Socket)({ fd: 0, readable: true, writable: true });
 }
 
 export default {

@@ -14,7 +14,8 @@
  *             pass/password/secret are replaced by "<hidden>".
  */
 import { appendFileSync, existsSync, statSync, openSync, writeSync, constants } from 'node:fs';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import { childProcess } from './builtins.js';
 
 export type Level = 'debug' | 'info' | 'warn' | 'error';
 const ORDER: Record<Level, number> = { debug: 0, info: 1, warn: 2, error: 3 };
@@ -116,7 +117,7 @@ export function syslogSink(socket = '/dev/log'): LogSink | null {
   let child: ChildProcess | null = null;
   return (line, level) => {
     if (!child) {
-      child = spawn(bin, ['-t', 'pigeon', `--id=${process.pid}`, '--prio-prefix', '-p', 'mail.info', '-u', socket], { stdio: ['pipe', 'ignore', 'ignore'], detached: false });
+      child = childProcess().spawn(bin, ['-t', 'pigeon', `--id=${process.pid}`, '--prio-prefix', '-p', 'mail.info', '-u', socket], { stdio: ['pipe', 'ignore', 'ignore'], detached: false });
       child.on('error', () => {});
       child.stdin?.on('error', () => {});
       child.unref();

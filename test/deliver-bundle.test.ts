@@ -45,7 +45,7 @@ function recordDirs(t: Test): { rec: string; loaded: string; esm: string } {
     join(rec, 'preload.cjs'),
     `const vm = require('vm'); const S = vm.Script; const scripts = [];
 vm.Script = class extends S { constructor(src, o) { super(src, o); scripts.push({ file: o && o.filename, given: o !== undefined && o.cachedData !== undefined, rejected: this.cachedDataRejected === true }); } };
-process.on('exit', () => require('fs').writeFileSync(${JSON.stringify(loaded)}, JSON.stringify({ scripts, files: Object.keys(require.cache) })));
+process.on('exit', () => require('fs').writeFileSync(${JSON.stringify(loaded)}, JSON.stringify({ scripts, files: Object.keys(require.cache), builtins: process.moduleLoadList })));
 `,
   );
   return { rec, loaded, esm };
@@ -54,6 +54,7 @@ process.on('exit', () => require('fs').writeFileSync(${JSON.stringify(loaded)}, 
 interface Record {
   scripts: { file: string; given: boolean; rejected: boolean }[];
   files: string[];
+  builtins: string[];
 }
 
 t.test('the build wrote the bundle and its code cache, named by the bundle\'s build ID', async (t) => {
@@ -110,6 +111,26 @@ t.test('without serve, as the mail user: delivered from the bundle with its code
   });
   t.equal(r2.status, 67, `an unknown user: 67 (${r2.stdout}${r2.stderr})`);
   t.equal(r2.stdout, '5.1.1 <nobody@example.test>: user unknown\n', 'the one status line');
+});
+
+t.test('without serve, as the mail user, no module file configured: node:child_process and node:net are not loaded', async (t) => {
+  // nothing is started and no socket opened (src/builtins.ts loads them on first use); the
+  // instance above imports a module file, and node's ES module loader loads node:net itself
+  need('/usr/bin/setpriv', 'util-linux');
+  const inst = makeInstance(scratchDir(t), [ALICE]);
+  spawnSync('chown', ['-R', 'mail:mail', inst]);
+  const { rec, loaded } = recordDirs(t);
+  const r = spawnSync(
+    'setpriv',
+    [`--reuid=${MAIL_UID}`, `--regid=${MAIL_GID}`, '--clear-groups', 'env', '-i', PATH, process.execPath, '-r', join(rec, 'preload.cjs'), PIGEON, '-c', inst, 'deliver', '-f', 'bob@remote.test', '--', ALICE],
+    { input: msg({ subject: 'built-ins' }), timeout: 120_000 },
+  );
+  t.equal(r.status, 0, `exit 0: ${String(r.stdout)}${String(r.stderr)}`);
+  t.equal(files(join(maildirOf(inst, ALICE), 'new')).length, 1, 'delivered');
+  const got = JSON.parse(readFileSync(loaded, 'utf8')) as Record;
+  t.same(got.scripts.map((x) => x.file), [BUNDLE], 'from the bundle');
+  t.ok(got.builtins.includes('NativeModule fs'), 'the record has the built-ins');
+  t.same(got.builtins.filter((m) => /^NativeModule (child_process|internal\/child_process|net|dgram)$/.test(m)), [], 'node:child_process and node:net not loaded');
 });
 
 t.test('without serve, as root (by hand): the bundle delivers through the mail writer, the file is the mail user\'s', async (t) => {

@@ -15,7 +15,8 @@
  * SECURITY    clamd's answer is data: read at most ANSWER_MAX bytes, never put in a file name.
  * SEE ALSO    src/delivery/antivirus.ts
  */
-import net from 'node:net';
+import type net from 'node:net';
+import { netModule } from '../builtins.js';
 import { drained } from '../drain.js';
 
 /** Longest answer read from clamd (a signature name is well under this). */
@@ -64,7 +65,7 @@ export function clamdScan(target: ClamdTarget, data: AsyncIterable<Buffer>): Pro
     let settled = false;
     let answer = Buffer.alloc(0);
     let connected = false;
-    const sock = net.connect(opts);
+    const sock = netModule().connect(opts);
     const done = (r: ScanResult): void => {
       if (settled) return;
       settled = true;

@@ -25,7 +25,7 @@
  * SEE ALSO    src/cli.ts, src/commands/delivery.ts, src/delivery/deliver.ts
  */
 import { parseArgs } from 'node:util';
-import { createReadStream } from 'node:fs';
+import { createReadStream, readSync } from 'node:fs';
 import { EX } from '../errors.js';
 import { statusLine } from './outcome.js';
 import { handOff, type HandoffNative } from './handoff-client.js';
@@ -146,9 +146,40 @@ function tempfailOnCrash(): void {
   process.on('unhandledRejection', die);
 }
 
-/** -p FILE or stdin. */
-function inputOf(path: string | undefined): AsyncIterable<Buffer> {
-  return (path === undefined ? process.stdin : createReadStream(path)) as AsyncIterable<Buffer>;
+/** Bytes read from stdin at a time by an in-process delivery. */
+const STDIN_CHUNK = 256 * 1024;
+
+/**
+ * stdin as chunks read with readSync: under pipe(8) stdin is a pipe, which process.stdin would
+ * wrap in a net.Socket, loading node:net and its streams (≈ 3 ms of CPU) for one sequential
+ * read. This process has nothing else to do while it reads the message (the hand-off client
+ * reads it the same way). A stdin set non-blocking by whoever started us (EAGAIN) is read
+ * through process.stdin from there on, nothing lost.
+ */
+async function* stdinChunks(): AsyncGenerator<Buffer> {
+  for (;;) {
+    const b = Buffer.allocUnsafe(STDIN_CHUNK);
+    let n: number;
+    try {
+      n = readSync(0, b, 0, STDIN_CHUNK, null);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException | null)?.code;
+      if (code === 'EAGAIN') {
+        yield* process.stdin as AsyncIterable<Buffer>;
+        return;
+      }
+      if (code === 'EOF') return;
+      throw e;
+    }
+    if (n === 0) return;
+    yield b.subarray(0, n);
+  }
+}
+
+/** -p FILE, or stdin: the stream a hand-off attempt already made of it, else read directly. */
+function inputOf(path: string | undefined, stdin: NodeJS.ReadStream | null): AsyncIterable<Buffer> {
+  if (path !== undefined) return createReadStream(path) as AsyncIterable<Buffer>;
+  return stdin !== null ? (stdin as AsyncIterable<Buffer>) : stdinChunks();
 }
 
 /** The in-process delivery code: what a `deliver` loads when no running serve takes the message. */
@@ -175,9 +206,10 @@ export async function loadDeliveryCode(): Promise<DeliveryCode> {
  */
 export async function deliverCommand(o: DeliverOptions, native?: HandoffNative | null, load: () => Promise<DeliveryCode> = loadDeliveryCode): Promise<boolean> {
   tempfailOnCrash();
+  // process.stdin, when the hand-off attempt made a stream of it (a non-blocking stdin)
+  let stdin: NodeJS.ReadStream | null = null;
   try {
     if (o.path === undefined) {
-      let stdin: NodeJS.ReadStream | null = null;
       const h = await handOff(
         { config: o.config, sender: o.from, original: o.original, mailbox: o.mailbox, recipients: o.recipients },
         { fd: 0, stream: () => (stdin = process.stdin) as AsyncIterable<Buffer> },
@@ -204,7 +236,7 @@ export async function deliverCommand(o: DeliverOptions, native?: HandoffNative |
       original: o.original,
       mailbox: o.mailbox,
       recipients: o.recipients,
-      input: inputOf(o.path),
+      input: inputOf(o.path, stdin as NodeJS.ReadStream | null),
       // recipients homed on other nodes: the peer link, loaded only when one is
       remote: (instance, store, nodes) => remoteStore(instance, store, nodes),
     });

@@ -33,7 +33,7 @@
  *             are refused, and `;` in a script path (Dovecot's location options).
  * SEE ALSO    backends/dovecot.ts, src/delivery/mailstore.ts, src/delivery/lda-sendmail.ts
  */
-import { spawn } from 'node:child_process';
+import { childProcess } from '../builtins.js';
 import { fileURLToPath } from 'node:url';
 import { isAbsolute, join } from 'node:path';
 import { slice } from '../modules.js';
@@ -87,7 +87,7 @@ interface Outcome {
 
 function run(bin: string, args: readonly string[], req: ProgramRequest, home: string, timeoutMs: number): Promise<Outcome> {
   const opts = req.mailUser.switchTo ? { uid: req.mailUser.uid, gid: req.mailUser.gid } : {};
-  const child = spawn(bin, args, {
+  const child = childProcess().spawn(bin, args, {
     ...opts,
     cwd: home,
     env: { USER: req.user, HOME: home, PATH: '/usr/bin:/bin' }, // both checked by deliver()

@@ -8,7 +8,7 @@
  *             instance receives the re-injected mail.
  * SECURITY    Addresses go in argv after `--`, never through a shell; CR/LF/NUL are refused.
  */
-import { spawn } from 'node:child_process';
+import { childProcess } from '../builtins.js';
 import type { DeliveryResult } from './types.js';
 
 export const SENDMAIL_TIMEOUT_MS = 60_000;
@@ -35,7 +35,7 @@ export async function sendmail(req: SendmailRequest): Promise<DeliveryResult | n
       clearTimeout(timer);
       resolve(r);
     };
-    const child = spawn(req.command, args, { stdio: ['pipe', 'ignore', 'pipe'], env: process.env });
+    const child = childProcess().spawn(req.command, args, { stdio: ['pipe', 'ignore', 'pipe'], env: process.env });
     const timer = setTimeout(() => {
       child.kill('SIGKILL');
       done({ dsn: '4.3.0', text: `sendmail timed out after ${SENDMAIL_TIMEOUT_MS / 1000}s` });

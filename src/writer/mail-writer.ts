@@ -30,7 +30,8 @@
  *             (src/writer/safe-fs.ts): running as the mail user is what makes a race between check
  *             and use harmless.
  */
-import { fork, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import { childProcess } from '../builtins.js';
 import { fileURLToPath } from 'node:url';
 import type { Readable } from 'node:stream';
 import type { MailUser } from '../mailuser.js';
@@ -100,7 +101,7 @@ class ChildWriter implements MailWriter {
     const env: NodeJS.ProcessEnv = { PATH: '/usr/bin:/bin' };
     const f = process.env['PIGEON_FAULT'];
     if (f !== undefined) env['PIGEON_FAULT'] = f;
-    const child = fork(MAIN, [], {
+    const child = childProcess().fork(MAIN, [], {
       uid: this.mu.uid,
       gid: this.mu.gid,
       cwd: '/',
