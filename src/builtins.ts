@@ -1,6 +1,6 @@
 /**
- * NAME        src/builtins — node:child_process, node:net and node:stream, loaded on first use
- * SYNOPSIS    import { childProcess, netModule, streamModule } from './builtins.js';
+ * NAME        src/builtins — node:child_process and node:net, loaded on first use
+ * SYNOPSIS    import { childProcess, netModule } from './builtins.js';
  *             childProcess().spawn(…); netModule().connect(…)
  * DESCRIPTION An in-process `pigeon deliver` (one process per message under pipe(8)) initialises
  *             every module on its import graph, the backends and the log among them, and a
@@ -15,12 +15,10 @@ import { createRequire } from 'node:module';
 
 type ChildProcessModule = typeof import('node:child_process');
 type NetModule = typeof import('node:net');
-type StreamModule = typeof import('node:stream');
 
 const load = createRequire(import.meta.url);
 let cp: ChildProcessModule | undefined;
 let net: NetModule | undefined;
-let stream: StreamModule | undefined;
 
 /** node:child_process (loaded on the first call). */
 export function childProcess(): ChildProcessModule {
@@ -32,7 +30,3 @@ export function netModule(): NetModule {
   return (net ??= load('node:net') as NetModule);
 }
 
-/** node:stream (loaded on the first call). */
-export function streamModule(): StreamModule {
-  return (stream ??= load('node:stream') as StreamModule);
-}

@@ -85,17 +85,23 @@ export function countNothing(): void {
 
 type Labels<T extends string> = PromClient.LabelValues<T>;
 
-/** A counter, made in this process's registry when prom-client is loaded. */
-class LazyCounter<T extends string> {
-  private real: PromClient.Counter<T> | null = null;
-  constructor(conf: PromClient.CounterConfiguration<T>) {
+/** A metric of prom-client's, made in this process's registry when prom-client is loaded. */
+class Lazy<M> {
+  private real: M | null = null;
+  constructor(make: (p: Prom) => M) {
     families.push((p) => {
-      this.real = new p.Counter({ ...conf, registers: [p.registry] });
+      this.real = make(p);
     });
   }
-  private get m(): PromClient.Counter<T> {
+  protected get m(): M {
     loaded();
-    return this.real as PromClient.Counter<T>;
+    return this.real as M;
+  }
+}
+
+class LazyCounter<T extends string> extends Lazy<PromClient.Counter<T>> {
+  constructor(conf: PromClient.CounterConfiguration<T>) {
+    super((p) => new p.Counter({ ...conf, registers: [p.registry] }));
   }
   inc(labels?: Labels<T>, value?: number): void {
     if (!counting) return;
@@ -104,17 +110,9 @@ class LazyCounter<T extends string> {
   }
 }
 
-/** A gauge, made in this process's registry when prom-client is loaded. */
-class LazyGauge<T extends string> {
-  private real: PromClient.Gauge<T> | null = null;
+class LazyGauge<T extends string> extends Lazy<PromClient.Gauge<T>> {
   constructor(conf: PromClient.GaugeConfiguration<T>) {
-    families.push((p) => {
-      this.real = new p.Gauge({ ...conf, registers: [p.registry] });
-    });
-  }
-  private get m(): PromClient.Gauge<T> {
-    loaded();
-    return this.real as PromClient.Gauge<T>;
+    super((p) => new p.Gauge({ ...conf, registers: [p.registry] }));
   }
   inc(labels: Labels<T>): void {
     if (counting) this.m.inc(labels);
@@ -127,17 +125,9 @@ class LazyGauge<T extends string> {
   }
 }
 
-/** A histogram, made in this process's registry when prom-client is loaded. */
-class LazyHistogram<T extends string> {
-  private real: PromClient.Histogram<T> | null = null;
+class LazyHistogram<T extends string> extends Lazy<PromClient.Histogram<T>> {
   constructor(conf: PromClient.HistogramConfiguration<T>) {
-    families.push((p) => {
-      this.real = new p.Histogram({ ...conf, registers: [p.registry] });
-    });
-  }
-  private get m(): PromClient.Histogram<T> {
-    loaded();
-    return this.real as PromClient.Histogram<T>;
+    super((p) => new p.Histogram({ ...conf, registers: [p.registry] }));
   }
   observe(labels: Labels<T>, value: number): void {
     if (counting) this.m.observe(labels, value);
