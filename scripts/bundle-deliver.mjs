@@ -91,7 +91,11 @@ chmodSync(LAUNCHER_OUT, 0o755);
 // the message (src/launcher.ts). On Node 20 the ES module loader costs that process ≈ 100 ms of
 // CPU for its ≈ 150 module files; one CommonJS file costs a fraction. This file is loaded only by
 // dist/src/cli.cjs's in-process delivery, so every module in it has one copy in that process:
-// packages with a native part stay require()s of node_modules; a dynamic import this bundle
+// packages with a native part stay require()s of node_modules (but better-sqlite3, whose
+// JavaScript is bundled and whose addon src/store/sqlite.ts loads by its path), and so do the
+// CommonJS packages src/ loads with createRequire (ipaddr.js and better-sqlite3 excepted: the
+// import-meta-url plugin below makes those two plain require()s, which esbuild bundles, so they
+// are compiled under the bundle's code cache, not from source in every delivery); a dynamic import this bundle
 // cannot follow (a path in a variable) would load a second copy of dist/'s modules, so the
 // build fails on one (module files named in the configuration excepted: not pigeon's).
 // import.meta.url (paths next to a module: the writer's and spawner's main files, the native
@@ -102,8 +106,12 @@ const metaUrl = {
   name: 'import-meta-url',
   setup(b) {
     b.onLoad({ filter: /[\\/]dist[\\/].*\.js$/ }, (args) => {
-      const text = readFileSync(args.path, 'utf8');
-      if (!text.includes('import.meta')) return undefined;
+      // the two CommonJS packages on the delivery path that src/ loads with createRequire (node
+      // 20's ES module import of each costs ≈ 8-35 ms) are bundled like the others here
+      const text = readFileSync(args.path, 'utf8')
+        .replaceAll("createRequire(import.meta.url)('ipaddr.js')", "require('ipaddr.js')")
+        .replaceAll("createRequire(import.meta.url)('better-sqlite3')", "require('better-sqlite3')");
+      if (!text.includes('import.meta')) return /require\('(ipaddr\.js|better-sqlite3)'\)/.test(text) ? { contents: text, loader: 'js' } : undefined;
       const rel = relative(dirname(INPROC_OUT), args.path).split(sep).join('/');
       const out = text.replaceAll('import.meta.url', `__pigeonFileUrl(${JSON.stringify(rel)})`);
       if (out.includes('import.meta')) return { errors: [{ text: `${rel}: import.meta other than import.meta.url on the in-process delivery path` }] };
@@ -129,8 +137,9 @@ const inproc = await build({
   minifyWhitespace: true,
   logLevel: 'warning',
   banner: { js: "const __pigeonFileUrl = (rel) => require('node:url').pathToFileURL(require('node:path').join(__dirname, rel)).href;" },
-  // packages with a native part (.node files found at run time, next to their own files)
-  external: ['@node-rs/*', 'better-sqlite3', 'fs-native-extensions', 'unix-dgram'],
+  // packages with a native part (.node files found at run time, next to their own files);
+  // better-sqlite3's JavaScript is bundled (src/store/sqlite.ts names its addon by path)
+  external: ['@node-rs/*', 'fs-native-extensions', 'unix-dgram'],
   plugins: [metaUrl],
 });
 {

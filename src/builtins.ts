@@ -16,17 +16,17 @@ import { createRequire } from 'node:module';
 type ChildProcessModule = typeof import('node:child_process');
 type NetModule = typeof import('node:net');
 
-const load = createRequire(import.meta.url);
+let load: NodeJS.Require | undefined;
 let cp: ChildProcessModule | undefined;
 let net: NetModule | undefined;
 
 /** node:child_process (loaded on the first call). */
 export function childProcess(): ChildProcessModule {
-  return (cp ??= load('node:child_process') as ChildProcessModule);
+  return (cp ??= (load ??= createRequire(import.meta.url))('node:child_process') as ChildProcessModule);
 }
 
 /** node:net (loaded on the first call). */
 export function netModule(): NetModule {
-  return (net ??= load('node:net') as NetModule);
+  return (net ??= (load ??= createRequire(import.meta.url))('node:net') as NetModule);
 }
 

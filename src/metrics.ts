@@ -41,7 +41,9 @@ import { METRICS_WORKER_MS } from './limits.js';
 // process that said at its start that it serves none (countNothing: an in-process `pigeon
 // deliver`, one inetd or master.cf session, `pigeon lmtp`), whose counts nobody could read: there,
 // loading them cost ≈ 6 ms of an in-process delivery's ≈ 90 ms of CPU.
-const load = createRequire(import.meta.url);
+let required: NodeJS.Require | undefined;
+/** require() from this file, made on first use (not in a process that counts nothing) */
+const load = (id: string): unknown => (required ??= createRequire(import.meta.url))(id);
 
 interface Prom {
   readonly registry: PromClient.Registry;

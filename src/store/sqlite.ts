@@ -22,6 +22,7 @@
  */
 import type BetterSqlite3 from 'better-sqlite3';
 import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { createRequire } from 'node:module';
 import { AppError } from '../errors.js';
 import { deepFreeze } from '../freeze.js';
@@ -35,6 +36,22 @@ import { BUSY_TIMEOUT_MS, type Allocation, type OpenOptions, type SchemaStatus, 
 // (perf stat task-clock), paid by every process that opens the database, each `pigeon deliver`
 const Database = createRequire(import.meta.url)('better-sqlite3') as typeof BetterSqlite3;
 type DB = BetterSqlite3.Database;
+
+let addonPath: string | null | undefined;
+/**
+ * better-sqlite3's native addon by its path, where npm builds or installs it: without it the
+ * package looks for it itself (the `bindings` package: a dozen candidate paths stat'ed, and two
+ * more files loaded) in every process that opens a database. null: not there (built elsewhere),
+ * the package's own lookup.
+ */
+function nativeBinding(): string | null {
+  if (addonPath === undefined) {
+    const pkg = createRequire(import.meta.url).resolve('better-sqlite3/package.json');
+    const file = join(dirname(pkg), 'build', 'Release', 'better_sqlite3.node');
+    addonPath = existsSync(file) ? file : null;
+  }
+  return addonPath;
+}
 
 const MIGRATIONS: readonly string[] = [
   // 1: the initial schema
@@ -221,7 +238,8 @@ export async function openSqlite(file: string, opts: OpenOptions = {}): Promise<
   let db: DB;
   try {
     // busy timeout 0: a lock is waited for between tries (retrying), never inside SQLite
-    db = new Database(file, { fileMustExist: !opts.create, timeout: 0 });
+    const addon = nativeBinding();
+    db = new Database(file, { fileMustExist: !opts.create, timeout: 0, ...(addon !== null ? { nativeBinding: addon } : {}) });
   } catch (e) {
     throw mapDbError(e, file);
   }
