@@ -389,10 +389,18 @@ function readYaml(file: string): { data: Record<string, unknown>; doc: ReturnTyp
   return { data: data as Record<string, unknown>, doc, lc };
 }
 
+/**
+ * A configuration is parsed once per process (and per reload): zod's compiled fast path for
+ * objects (it writes and compiles a parser with `new Function` on an object schema's first
+ * parse) costs more than it saves here, in every one-shot process (one `pigeon deliver` per
+ * message) above all.
+ */
+const PARSE_ONCE = { jitless: true } as const;
+
 /** Check one file on its own against `schema`; throw CONFIG_INVALID with file:line:col and key. */
 function checkFile(file: string, y: ReturnType<typeof readYaml>, schema: ReturnType<typeof fileSchemaFor>): void {
   const { data, doc, lc } = y;
-  const r = schema.safeParse(data);
+  const r = schema.safeParse(data, PARSE_ONCE);
   if (!r.success) {
     const issue = r.error.issues[0];
     if (issue) {
@@ -447,7 +455,7 @@ export function loadInstance(c: string | undefined): Instance {
   yamls.forEach((y, i) => checkFile(files[i] ?? '', y, schema));
   let raw: Record<string, unknown> = {};
   for (const d of raws) raw = merge(raw, d);
-  const r = schema.safeParse(raw);
+  const r = schema.safeParse(raw, PARSE_ONCE);
   if (!r.success) throw new AppError('CONFIG_INVALID', `${file}: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
   const config = r.data;
   const abs = (p: string): string => (isAbsolute(p) ? p : join(dir, p));
