@@ -332,10 +332,15 @@ export function checkExecutable(bin: string, what: string): void {
 /** A path setting of a section: non-empty, no NUL or newline. */
 export const pathSetting = z.string().min(1).refine((s) => !/[\0\n]/.test(s), 'no NUL or newline in paths');
 
-/** A section's parse() from a zod schema: defaults applied, an error names the key below the section. */
+/**
+ * A section's parse() from a zod schema: defaults applied, an error names the key below the
+ * section. zod's plain parser (jitless): a section is parsed a few times per process, where the
+ * parser zod would otherwise write and compile for it (new Function) costs more than it saves
+ * (src/instance.ts PARSE_ONCE).
+ */
 export function sectionParser<S extends z.ZodType>(schema: S): (raw: unknown) => z.output<S> {
   return (raw) => {
-    const r = schema.safeParse(raw);
+    const r = schema.safeParse(raw, { jitless: true });
     if (r.success) return r.data;
     const i = r.error.issues[0];
     const path = i?.code === 'unrecognized_keys' ? [...i.path, i.keys[0] ?? ''] : (i?.path ?? []);
