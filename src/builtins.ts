@@ -8,7 +8,7 @@
  *             (child_process brings net, dgram and their streams): ≈ 4 ms of CPU, more than the
  *             delivery's own file writes, for modules it never calls. The modules that start
  *             processes or open sockets take them from here when they do; a delivery to a local
- *             mailbox as the mail user loads neither (test/deliver-startup.test.ts). Types still
+ *             mailbox as the mail user loads neither (test/deliver-bundle.test.ts). Types still
  *             come from `import type`, which costs nothing at run time.
  */
 import { createRequire } from 'node:module';
@@ -29,4 +29,3 @@ export function childProcess(): ChildProcessModule {
 export function netModule(): NetModule {
   return (net ??= (load ??= createRequire(import.meta.url))('node:net') as NetModule);
 }
-

@@ -157,8 +157,10 @@ const STDIN_CHUNK = 256 * 1024;
  * through process.stdin from there on, nothing lost.
  */
 async function* stdinChunks(): AsyncGenerator<Buffer> {
+  // one buffer to read into; each chunk is a copy of what a read gave (a pipe gives at most
+  // 64 KiB a read: no 256 KiB allocation per read, and the consumer may keep its chunks)
+  const b = Buffer.allocUnsafe(STDIN_CHUNK);
   for (;;) {
-    const b = Buffer.allocUnsafe(STDIN_CHUNK);
     let n: number;
     try {
       n = readSync(0, b, 0, STDIN_CHUNK, null);
@@ -172,7 +174,7 @@ async function* stdinChunks(): AsyncGenerator<Buffer> {
       throw e;
     }
     if (n === 0) return;
-    yield b.subarray(0, n);
+    yield Buffer.from(b.subarray(0, n));
   }
 }
 
