@@ -15,7 +15,7 @@
  *             costs, so an unknown user cannot be told from a wrong password by timing. No password
  *             or hash ever appears in an error message.
  */
-import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { cryptoModule } from '../src/builtins.js';
 import type { Algorithm, Version } from '@node-rs/argon2';
 import { AppError } from '../src/errors.js';
 import { parseScram, scramHash, scramVerifyPlain, type ScramRecord } from './scram.js';
@@ -128,9 +128,9 @@ export function scramRecordOf(stored: string): ScramRecord | null {
 
 function digestEqual(a: Buffer, b: Buffer): boolean {
   // equal-length comparison regardless of input lengths
-  const ha = createHash('sha256').update(a).digest();
-  const hb = createHash('sha256').update(b).digest();
-  return timingSafeEqual(ha, hb) && a.length === b.length;
+  const ha = cryptoModule().createHash('sha256').update(a).digest();
+  const hb = cryptoModule().createHash('sha256').update(b).digest();
+  return cryptoModule().timingSafeEqual(ha, hb) && a.length === b.length;
 }
 
 /** Verify a password (bytes) against a stored `{SCHEME}hash`. Throws AppError for unusable hashes. */
@@ -160,7 +160,7 @@ export async function verifyPassword(stored: string, password: Uint8Array): Prom
       const raw = Buffer.from(p.value, 'base64');
       const digest = raw.subarray(0, len);
       const salt = raw.subarray(len);
-      return digestEqual(createHash(alg).update(pw).update(salt).digest(), digest);
+      return digestEqual(cryptoModule().createHash(alg).update(pw).update(salt).digest(), digest);
     }
     case 'SCRAM-SHA-256':
       return scramVerifyPlain(parseScram(p.value, LIMITS.SCRAM_MAX_ITERATIONS), pw);
@@ -199,7 +199,7 @@ async function argon2Verify(p: ParsedHash, pw: Buffer): Promise<boolean> {
     outputLen: expected.length,
     salt,
   });
-  return timingSafeEqual(raw, expected);
+  return cryptoModule().timingSafeEqual(raw, expected);
 }
 
 /** Make a new hash of `password` (bytes) in `scheme` (default ARGON2ID), as `doveadm pw -s SCHEME` would print it. */
@@ -220,8 +220,8 @@ export async function hashPassword(password: Uint8Array, scheme: Scheme = 'ARGON
     case 'SSHA512':
     case 'SSHA256': {
       const alg = scheme === 'SSHA512' ? 'sha512' : 'sha256';
-      const salt = randomBytes(8);
-      return `{${scheme}}${Buffer.concat([createHash(alg).update(pw).update(salt).digest(), salt]).toString('base64')}`;
+      const salt = cryptoModule().randomBytes(8);
+      return `{${scheme}}${Buffer.concat([cryptoModule().createHash(alg).update(pw).update(salt).digest(), salt]).toString('base64')}`;
     }
     case 'SCRAM-SHA-256':
       return `{SCRAM-SHA-256}${await scramHash(pw)}`;
@@ -260,7 +260,7 @@ export function shaCrypt(key: Buffer, setting: string): string {
   const custom = m[2] !== undefined;
   const rounds = custom ? Math.max(1000, Math.min(999_999_999, Number(m[2]))) : 5000;
   const salt = Buffer.from(m[3], 'utf8');
-  const h = () => createHash(alg);
+  const h = () => cryptoModule().createHash(alg);
   const b = h().update(key).update(salt).update(key).digest();
   const ctxA = h().update(key).update(salt);
   let cnt = key.length;
@@ -297,13 +297,13 @@ export function shaCrypt(key: Buffer, setting: string): string {
 
 function salt16(): string {
   const abc = './0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
-  return [...randomBytes(16)].map((b) => abc[b & 63]).join('');
+  return [...cryptoModule().randomBytes(16)].map((b) => abc[b & 63]).join('');
 }
 
 let dummy: Promise<string> | null = null;
 /** Spend what verifying a freshly made password costs; always false. For unknown users. */
 export async function dummyVerify(password: Uint8Array): Promise<false> {
-  dummy ??= hashPassword(Buffer.from(randomBytes(16).toString('hex')));
+  dummy ??= hashPassword(Buffer.from(cryptoModule().randomBytes(16).toString('hex')));
   await verifyPassword(await dummy, password);
   return false;
 }

@@ -16,13 +16,16 @@
  *             new keys use SCRAM_NEW_ITERATIONS (4096, RFC 7677's minimum and Dovecot's count).
  * SECURITY    Comparisons are timing-safe. No password, key or proof in any error text.
  */
-import { createHash, createHmac, pbkdf2, randomBytes, timingSafeEqual } from 'node:crypto';
+import { cryptoModule } from '../src/builtins.js';
 import { promisify } from 'node:util';
 import { AppError } from '../src/errors.js';
 
 export const SCRAM_NEW_ITERATIONS = 4096;
 const KEY_LEN = 32;
-const pbkdf2Async = promisify(pbkdf2);
+/** node:crypto's pbkdf2 as a promise (made on first use: node:crypto is loaded then, src/builtins.ts) */
+let pbkdf2Promised: ((password: Uint8Array, salt: Buffer, iterations: number, keylen: number, digest: string) => Promise<Buffer>) | undefined;
+const pbkdf2Async = (password: Uint8Array, salt: Buffer, iterations: number, keylen: number, digest: string): Promise<Buffer> =>
+  (pbkdf2Promised ??= promisify(cryptoModule().pbkdf2))(password, salt, iterations, keylen, digest);
 const NONCE_BYTES = 18;
 
 export interface ScramRecord {
@@ -64,8 +67,8 @@ export async function scramPassword(password: Uint8Array): Promise<Buffer> {
   }
 }
 
-const hmac = (key: Buffer, data: Buffer | string): Buffer => createHmac('sha256', key).update(data).digest();
-const sha256 = (data: Buffer): Buffer => createHash('sha256').update(data).digest();
+const hmac = (key: Buffer, data: Buffer | string): Buffer => cryptoModule().createHmac('sha256', key).update(data).digest();
+const sha256 = (data: Buffer): Buffer => cryptoModule().createHash('sha256').update(data).digest();
 
 /** SaltedPassword, ClientKey, StoredKey, ServerKey of a password (RFC 5802 §3). */
 export async function scramKeys(password: Uint8Array, salt: Buffer, iterations: number): Promise<ScramRecord & { readonly clientKey: Buffer }> {
@@ -93,7 +96,7 @@ export function parseScram(value: string, maxIterations: number): ScramRecord {
 }
 
 /** A new stored value (without the `{SCRAM-SHA-256}` prefix), as Dovecot writes it. */
-export async function scramHash(password: Uint8Array, iterations = SCRAM_NEW_ITERATIONS, salt: Buffer = randomBytes(16)): Promise<string> {
+export async function scramHash(password: Uint8Array, iterations = SCRAM_NEW_ITERATIONS, salt: Buffer = cryptoModule().randomBytes(16)): Promise<string> {
   const k = await scramKeys(password, salt, iterations);
   return `${iterations},${salt.toString('base64')},${k.storedKey.toString('base64')},${k.serverKey.toString('base64')}`;
 }
@@ -101,7 +104,7 @@ export async function scramHash(password: Uint8Array, iterations = SCRAM_NEW_ITE
 /** Does a plaintext password match a stored record? (PLAIN/LOGIN for a user with SCRAM keys.) */
 export async function scramVerifyPlain(rec: ScramRecord, password: Uint8Array): Promise<boolean> {
   const k = await scramKeys(password, rec.salt, rec.iterations);
-  return timingSafeEqual(k.storedKey, rec.storedKey) && timingSafeEqual(k.serverKey, rec.serverKey);
+  return cryptoModule().timingSafeEqual(k.storedKey, rec.storedKey) && cryptoModule().timingSafeEqual(k.serverKey, rec.serverKey);
 }
 
 // ---- the server side of one exchange ---------------------------------------------------------
@@ -182,7 +185,7 @@ export class ScramServer {
    * that stays the same for that name, so a client cannot tell the cases apart. `serverNonce`
    * is for test vectors only (default: 18 random bytes).
    */
-  serverFirst(rec: ScramRecord | null, fakeSecret: Buffer, serverNonce: string = randomBytes(NONCE_BYTES).toString('base64')): Buffer {
+  serverFirst(rec: ScramRecord | null, fakeSecret: Buffer, serverNonce: string = cryptoModule().randomBytes(NONCE_BYTES).toString('base64')): Buffer {
     if (this.bare === null) throw new Error('serverFirst before clientFirst');
     this.rec = rec;
     const salt = rec?.salt ?? hmac(fakeSecret, this.bare.subarray(0, this.bare.indexOf(',r='))).subarray(0, 16);
@@ -214,7 +217,7 @@ export class ScramServer {
     const clientSignature = hmac(this.rec.storedKey, authMessage);
     const clientKey = Buffer.alloc(KEY_LEN);
     for (let i = 0; i < KEY_LEN; i++) clientKey[i] = (proof[i] as number) ^ (clientSignature[i] as number);
-    if (!timingSafeEqual(sha256(clientKey), this.rec.storedKey)) return false;
+    if (!cryptoModule().timingSafeEqual(sha256(clientKey), this.rec.storedKey)) return false;
     this.signature = hmac(this.rec.serverKey, authMessage);
     return true;
   }

@@ -8,7 +8,8 @@
  *             date checks for every link.
  * SECURITY    Key bytes are read into memory for TLS only; errors name files, never contents.
  */
-import { X509Certificate, createPrivateKey, createPublicKey } from 'node:crypto';
+import type { X509Certificate } from 'node:crypto';
+import { cryptoModule } from '../src/builtins.js';
 import { readFileSync } from 'node:fs';
 import { AppError } from '../src/errors.js';
 
@@ -53,8 +54,8 @@ export function verifyHostCert(certPem: string | Buffer, caPem: string | Buffer,
   let x: X509Certificate;
   let ca: X509Certificate;
   try {
-    x = new X509Certificate(certPem);
-    ca = new X509Certificate(caPem);
+    x = new (cryptoModule().X509Certificate)(certPem);
+    ca = new (cryptoModule().X509Certificate)(caPem);
   } catch (e) {
     throw new AppError('CERT_INVALID', `not a PEM certificate: ${(e as Error).message}`);
   }
@@ -96,8 +97,8 @@ export function loadNodeCredentials(files: { readonly cert: string; readonly key
     throw new AppError('CONFIG_INVALID', `${files.cert}: ${(e as Error).message}`);
   }
   try {
-    const pub = new X509Certificate(cert).publicKey.export({ format: 'der', type: 'spki' });
-    const fromKey = createPublicKey(createPrivateKey(key)).export({ format: 'der', type: 'spki' });
+    const pub = new (cryptoModule().X509Certificate)(cert).publicKey.export({ format: 'der', type: 'spki' });
+    const fromKey = cryptoModule().createPublicKey(cryptoModule().createPrivateKey(key)).export({ format: 'der', type: 'spki' });
     if (!pub.equals(fromKey)) throw new Error('mismatch');
   } catch {
     throw new AppError('CONFIG_INVALID', `${files.key} is not the private key of ${files.cert}`);

@@ -26,7 +26,7 @@
  *             user (src/writer/local-writer.ts), never by root.
  * SEE ALSO    src/delivery/clamd.ts, src/delivery/mailstore.ts, README "Antivirus (antivirus.*)"
  */
-import { randomBytes } from 'node:crypto';
+import { cryptoModule } from '../builtins.js';
 import type { Json } from '../settings.js';
 import { clamdScan, type ScanResult } from './clamd.js';
 import { sendmail } from './sendmail.js';
@@ -70,7 +70,7 @@ async function notify(req: RecipientRequest, env: DeliveryEnv, virus: string, do
     `To: <${req.user.address}>`,
     'Subject: Virus found in a message to you',
     `Date: ${new Date().toUTCString().replace('GMT', '+0000')}`,
-    `Message-ID: <${randomBytes(12).toString('hex')}.antivirus@${clean(env.hostname)}>`,
+    `Message-ID: <${cryptoModule().randomBytes(12).toString('hex')}.antivirus@${clean(env.hostname)}>`,
     'Auto-Submitted: auto-generated',
     'MIME-Version: 1.0',
     'Content-Type: text/plain; charset=utf-8',

@@ -27,7 +27,6 @@ import { mailError } from '../errors.js';
 import { existsSync, readdirSync, statSync, lstatSync, constants, writevSync, closeSync, renameSync } from 'node:fs';
 import { readdir, lstat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import { randomBytes } from 'node:crypto';
 import type { Allocation } from '../store.js';
 import { readUsage, addUsage } from './quota.js';
 import { fault } from './fault.js';
@@ -76,7 +75,10 @@ export function uniqueName(hostname: string, size: number, vsize: number): strin
   const secs = Math.floor(now / 1000);
   const usecs = (now % 1000) * 1000 + Math.floor(Math.random() * 1000);
   counter++;
-  return `${secs}.M${usecs}P${process.pid}Q${counter}R${randomBytes(4).toString('hex')}.${hostPart(hostname)},S=${size},W=${vsize}`;
+  // R: 32 random bits against a pid reused within the same second (Math.random, seeded per
+  // process by V8 from the system's entropy: unique, not secret; node:crypto is not loaded for it)
+  const r = Math.floor(Math.random() * 0x1_0000_0000).toString(16).padStart(8, '0');
+  return `${secs}.M${usecs}P${process.pid}Q${counter}R${r}.${hostPart(hostname)},S=${size},W=${vsize}`;
 }
 
 /** Find an existing Maildir++ folder for `name` (exact, then case-insensitive). */

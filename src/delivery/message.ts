@@ -14,7 +14,7 @@
 import { open, unlink, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { cryptoModule } from '../builtins.js';
 
 export const HEAD_MAX = 256 * 1024;
 export const MEMORY_MAX = 1024 * 1024;
@@ -212,7 +212,7 @@ export async function spool(input: AsyncIterable<Buffer | string>, opts: SpoolOp
       return;
     }
     if (file === null) {
-      const p = join(opts.dir ?? tmpdir(), `pigeon-spool-${process.pid}-${randomBytes(6).toString('hex')}`);
+      const p = join(opts.dir ?? tmpdir(), `pigeon-spool-${process.pid}-${cryptoModule().randomBytes(6).toString('hex')}`);
       file = await open(p, 'wx+', 0o600);
       await unlink(p); // nothing left behind, whatever happens next
       for (const m of mem) {

@@ -10,14 +10,14 @@
  */
 import { constants } from 'node:fs';
 import { join } from 'node:path';
-import { createHash } from 'node:crypto';
+import { cryptoModule } from '../builtins.js';
 import { createExclusive, ensureDir, openChecked } from '../writer/safe-fs.js';
 
 /** True when this (recipient, sender) pair is due a reply now; arms the interval. */
 export async function dueNow(root: string, rel: readonly string[], sender: string, days: number): Promise<boolean> {
   const dir = join(root, ...rel);
   await ensureDir(root, dir);
-  const f = join(dir, createHash('sha256').update(sender.toLowerCase()).digest('hex').slice(0, 32));
+  const f = join(dir, cryptoModule().createHash('sha256').update(sender.toLowerCase()).digest('hex').slice(0, 32));
   const created = await createExclusive(f);
   if (created) {
     await created.close();

@@ -13,7 +13,7 @@
  *             envelope sender, `Auto-Submitted: auto-replied`, In-Reply-To/References.
  * CONFIG      vacation.enabled, subject, body, days
  */
-import { randomBytes } from 'node:crypto';
+import { cryptoModule } from '../builtins.js';
 import { sendmail } from './sendmail.js';
 import { headerText, type Spooled } from './message.js';
 import { mailWriter } from '../writer/mail-writer.js';
@@ -78,7 +78,7 @@ const vacation: DeliveryModule = {
       `To: <${clean(req.sender)}>`,
       `Subject: ${encodeWord(clean(subject))}`,
       `Date: ${new Date().toUTCString().replace('GMT', '+0000')}`,
-      `Message-ID: <${randomBytes(12).toString('hex')}.vacation@${clean(env.hostname)}>`,
+      `Message-ID: <${cryptoModule().randomBytes(12).toString('hex')}.vacation@${clean(env.hostname)}>`,
       ...(orig ? [`In-Reply-To: ${clean(orig)}`, `References: ${clean(orig)}`] : []),
       'Auto-Submitted: auto-replied',
       'Precedence: bulk',

@@ -15,7 +15,7 @@
  */
 import { connect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import type { X509Certificate } from 'node:crypto';
-import { randomBytes } from 'node:crypto';
+import { cryptoModule } from '../builtins.js';
 import { certNodeName } from '../../certs/verify.js';
 import type { PeerContext } from './context.js';
 import { AppError, isAppError } from '../errors.js';
@@ -471,5 +471,5 @@ async function handOffOn(ctx: PeerContext, target: string, sock: TLSSocket, req:
 
 /** A session id for links that do not come from a client session (deliveries). */
 export function linkSessionId(): string {
-  return randomBytes(12).toString('base64');
+  return cryptoModule().randomBytes(12).toString('base64');
 }

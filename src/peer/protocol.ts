@@ -17,7 +17,7 @@
 import { AppError } from '../errors.js';
 import { readLine as readStreamLine } from '../lines.js';
 import { z } from 'zod';
-import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
+import { cryptoModule } from '../builtins.js';
 import type { TLSSocket } from 'node:tls';
 import type { Duplex, Readable } from 'node:stream';
 import type { UserRecord } from '../store.js';
@@ -135,7 +135,7 @@ export function fromWireConfig(c: HandOff['config']): Effective {
 }
 
 export function newNonce(): string {
-  return randomBytes(32).toString('base64');
+  return cryptoModule().randomBytes(32).toString('base64');
 }
 
 function macKey(sock: TLSSocket, nonce: string): Buffer {
@@ -145,7 +145,7 @@ function macKey(sock: TLSSocket, nonce: string): Buffer {
 /** The line the sending node writes: body + mac bound to this TLS session. */
 export function sealHandOff(sock: TLSSocket, h: HandOff): Buffer {
   const body = JSON.stringify(h);
-  const mac = createHmac('sha256', macKey(sock, h.nonce)).update(body).digest('hex');
+  const mac = cryptoModule().createHmac('sha256', macKey(sock, h.nonce)).update(body).digest('hex');
   return Buffer.from(`${JSON.stringify({ body, mac })}\n`);
 }
 
@@ -280,9 +280,9 @@ export function openHandOff(sock: TLSSocket, line: Buffer): Opened {
   }
   const nonce = typeof inner === 'object' && inner !== null && 'nonce' in inner && typeof inner.nonce === 'string' ? inner.nonce : '';
   if (!/^[A-Za-z0-9+/]{43}=$/.test(nonce)) return { ok: false, code: 'malformed', text: 'hand-off nonce missing or not 256 bits' };
-  const want = createHmac('sha256', macKey(sock, nonce)).update(outer.body).digest();
+  const want = cryptoModule().createHmac('sha256', macKey(sock, nonce)).update(outer.body).digest();
   const got = /^[0-9a-f]{64}$/.test(outer.mac) ? Buffer.from(outer.mac, 'hex') : Buffer.alloc(32);
-  if (!timingSafeEqual(want, got)) return { ok: false, code: 'bad-mac', text: 'hand-off mac does not match this TLS session (replayed or altered)' };
+  if (!cryptoModule().timingSafeEqual(want, got)) return { ok: false, code: 'bad-mac', text: 'hand-off mac does not match this TLS session (replayed or altered)' };
   const fast = fastHandOff(inner);
   if (fast !== null) return { ok: true, handOff: fast };
   const r = handOffSchema.safeParse(inner);
