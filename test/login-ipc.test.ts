@@ -122,7 +122,22 @@ t.test('the password is checked while the penalty lookup is in flight: the looku
   const from = ops.length;
   const login = session('a LOGIN carol@example.test c4rol\r\nb LOGOUT\r\n');
   const writer = await open(fifo, 'w'); // returns once the session opened the file to check the password
-  const lookupPending = ops.slice(from).includes('penalty.get');
+  // The session wrote its lookup before it opened the file; in this process the relay may read
+  // it a moment after the open returned (two events of one loop, in either order under load).
+  // Its password is not written yet: a session that sends the lookup only after the check would
+  // send none until it ends (the check then fails on its own deadline).
+  const lookupPending = await new Promise<boolean>((resolve) => {
+    if (ops.slice(from).includes('penalty.get')) return resolve(true);
+    onOp = (op) => {
+      if (op !== 'penalty.get') return;
+      onOp = null;
+      resolve(true);
+    };
+    void login.then(() => {
+      onOp = null;
+      resolve(false);
+    });
+  });
   release();
   gate = null;
   await writer.writeFile(`carol@example.test:${hash}::::::\n`);
