@@ -119,6 +119,26 @@ const metaUrl = {
     });
   },
 };
+// zod's classic API re-exports its catalogue of error messages in ≈ 40 languages (`z.locales`,
+// ≈ 310 KB) and `z.fromJSONSchema` (≈ 20 KB): a quarter of the bundle, which every in-process
+// delivery would read and hand V8 although pigeon uses neither (its messages are zod's English
+// ones, from locales/en.js, which zod imports directly and stays). In this bundle `z.locales` is
+// an empty namespace and `z.fromJSONSchema` throws; dist/'s modules (serve, the admin commands)
+// keep the whole package.
+const zodUnused = {
+  name: 'zod-unused',
+  setup(b) {
+    b.onResolve({ filter: /^\.\.\/locales\/index\.js$|^\.\/from-json-schema\.js$/ }, (args) =>
+      /[\\/]node_modules[\\/]zod[\\/]/.test(args.importer) ? { path: args.path, namespace: 'zod-unused' } : undefined,
+    );
+    b.onLoad({ filter: /.*/, namespace: 'zod-unused' }, (args) => ({
+      contents: args.path.includes('from-json-schema')
+        ? "export function fromJSONSchema() { throw new Error('z.fromJSONSchema is not in pigeon\\'s in-process delivery bundle'); }\n"
+        : 'export {};\n',
+      loader: 'js',
+    }));
+  },
+};
 const inproc = await build({
   write: false,
   stdin: {
@@ -140,7 +160,7 @@ const inproc = await build({
   // packages with a native part (.node files found at run time, next to their own files);
   // better-sqlite3's JavaScript is bundled (src/store/sqlite.ts names its addon by path)
   external: ['@node-rs/*', 'fs-native-extensions', 'unix-dgram'],
-  plugins: [metaUrl],
+  plugins: [metaUrl, zodUnused],
 });
 {
   const built = inproc.outputFiles.find((f) => f.path === INPROC_OUT);
@@ -156,6 +176,13 @@ const inproc = await build({
   const code = built.text.replace(/\bimport\((?!\))/g, '__pigeonImport(');
   // the first line names the build (src/delivery/inproc-bundle.ts: which code cache is its own)
   const text = `/* pigeon-build ${createHash('sha256').update(code).digest('hex').slice(0, 16)} */\n${code}`;
+  // src/delivery/inproc-bundle.ts reads it as latin1: ASCII only (esbuild's default charset escapes
+  // everything else; this holds it to that)
+  const nonAscii = /[^\x00-\x7f]/.exec(text);
+  if (nonAscii !== null) {
+    console.error(`${INPROC_OUT}: a non-ASCII character at offset ${nonAscii.index}: the in-process loader reads the bundle as latin1`);
+    process.exit(1);
+  }
   writeFileSync(INPROC_OUT, text);
 }
 try {

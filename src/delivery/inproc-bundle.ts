@@ -64,7 +64,9 @@ export interface LoadedBundle<T> {
  */
 export function loadInprocBundle<T>(file: string, deps: BundleDeps, useCache = true): LoadedBundle<T> {
   const { fs, vm } = deps;
-  const source = fs.readFileSync(file, 'utf8');
+  // the build writes the bundle in ASCII only (scripts/bundle-deliver.mjs checks it), so latin1 reads
+  // the same text, without the UTF-8 decoder's pass over its 0.9 MB (≈ 1 ms of every delivery)
+  const source = fs.readFileSync(file, 'latin1');
   const id = BUILD_LINE.exec(source.slice(0, 64))?.[1];
   let cachedData: Buffer | undefined;
   if (useCache && id !== undefined) {
