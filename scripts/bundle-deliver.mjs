@@ -106,12 +106,14 @@ const metaUrl = {
   name: 'import-meta-url',
   setup(b) {
     b.onLoad({ filter: /[\\/]dist[\\/].*\.js$/ }, (args) => {
-      // the two CommonJS packages on the delivery path that src/ loads with createRequire (node
-      // 20's ES module import of each costs ≈ 8-35 ms) are bundled like the others here
+      // the CommonJS packages on the delivery path that src/ loads with createRequire (node 20's
+      // ES module import of each costs ≈ 8-35 ms) are bundled like the others here
       const text = readFileSync(args.path, 'utf8')
         .replaceAll("createRequire(import.meta.url)('ipaddr.js')", "require('ipaddr.js')")
-        .replaceAll("createRequire(import.meta.url)('better-sqlite3')", "require('better-sqlite3')");
-      if (!text.includes('import.meta')) return /require\('(ipaddr\.js|better-sqlite3)'\)/.test(text) ? { contents: text, loader: 'js' } : undefined;
+        .replaceAll("createRequire(import.meta.url)('better-sqlite3')", "require('better-sqlite3')")
+        // the yaml package (src/instance.ts loads it on first use): bundled, under the code cache
+        .replaceAll("createRequire(import.meta.url)('yaml')", "require('yaml')");
+      if (!text.includes('import.meta')) return /require\('(ipaddr\.js|better-sqlite3|yaml)'\)/.test(text) ? { contents: text, loader: 'js' } : undefined;
       const rel = relative(dirname(INPROC_OUT), args.path).split(sep).join('/');
       const out = text.replaceAll('import.meta.url', `__pigeonFileUrl(${JSON.stringify(rel)})`);
       if (out.includes('import.meta')) return { errors: [{ text: `${rel}: import.meta other than import.meta.url on the in-process delivery path` }] };

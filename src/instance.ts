@@ -12,12 +12,15 @@
  *             them; a backend named there may own the section of its name).
  * DIAGNOSTICS CONFIG_INVALID / CONFIG_MISSING, exit 78: `file:line:col: key: message`.
  */
-import { readFileSync, readdirSync, existsSync } from 'node:fs';
+import { readFileSync, readdirSync, existsSync, openSync, fstatSync, closeSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { dirname, join, isAbsolute } from 'node:path';
-import { parseDocument, LineCounter, isMap, isSeq, type Node } from 'yaml';
+import type * as Yaml from 'yaml';
+import type { LineCounter, Node } from 'yaml';
 import { z } from 'zod';
 import { AppError } from './errors.js';
 import { configFileOf } from './instance-path.js';
+import { readParsed, writeParsed, writesParsed, type Source } from './instance-parsed.js';
 import { parseDbUrl, redactUrl, type ServerDbOptions } from './store.js';
 import { checkAuthSection, SOURCE_NAME } from '../auth/registry.js';
 import { TRUST } from '../certs/trust.js';
@@ -336,7 +339,12 @@ function posOf(lc: LineCounter, file: string, offset: number): string {
   return `${file}:${p.line}:${p.col}`;
 }
 
-function nodeAt(doc: ReturnType<typeof parseDocument>, p: readonly PropertyKey[]): Node | null {
+/** the yaml package, loaded on first use: a process that finds the files parsed (src/instance-parsed.ts) never needs it */
+let yamlLoaded: typeof Yaml | undefined;
+const yaml = (): typeof Yaml => (yamlLoaded ??= createRequire(import.meta.url)('yaml') as typeof Yaml);
+type Parsed = ReturnType<typeof Yaml.parseDocument>;
+
+function nodeAt(doc: Parsed, p: readonly PropertyKey[]): Node | null {
   for (let n = p.length; n >= 0; n--) {
     const node: unknown = n === 0 ? doc.contents : doc.getIn(p.slice(0, n), true);
     if (node && typeof node === 'object' && 'range' in node) return node as Node;
@@ -362,11 +370,18 @@ function firstInvalidUtf8Line(data: Buffer): number {
   return 1;
 }
 
-/** Read and parse one YAML file into a plain object, or throw CONFIG_INVALID with file:line:col. */
-function readYaml(file: string): { data: Record<string, unknown>; doc: ReturnType<typeof parseDocument>; lc: LineCounter } {
+/** Read one configuration file (its stat from the same open), or throw CONFIG_MISSING / CONFIG_INVALID. */
+function readSource(file: string): Source {
   let bytes: Buffer;
+  let stat;
   try {
-    bytes = readFileSync(file);
+    const fd = openSync(file, 'r');
+    try {
+      stat = fstatSync(fd);
+      bytes = readFileSync(fd);
+    } finally {
+      closeSync(fd);
+    }
   } catch (e) {
     throw new AppError('CONFIG_MISSING', `${file}: cannot read: ${(e as NodeJS.ErrnoException).code ?? String(e)}`);
   }
@@ -378,6 +393,12 @@ function readYaml(file: string): { data: Record<string, unknown>; doc: ReturnTyp
     const bad = firstInvalidUtf8Line(bytes);
     throw new AppError('CONFIG_INVALID', `${file}:${bad}: not valid UTF-8 (YAML files are UTF-8 text)`);
   }
+  return { file, text, stat };
+}
+
+/** Parse one file's YAML into a plain object, or throw CONFIG_INVALID with file:line:col. */
+function readYaml({ file, text }: Source): { data: Record<string, unknown>; doc: Parsed; lc: LineCounter } {
+  const { LineCounter, parseDocument } = yaml();
   const lc = new LineCounter();
   const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false, uniqueKeys: true });
   const err = doc.errors[0];
@@ -417,12 +438,12 @@ function checkFile(file: string, y: ReturnType<typeof readYaml>, schema: ReturnT
       let offset = node?.range?.[0] ?? 0;
       if (issue.code === 'unrecognized_keys') {
         const parent = nodeAt(doc, issue.path);
-        if (parent && isMap(parent)) {
+        if (parent && yaml().isMap(parent)) {
           const item = parent.items.find((i) => String((i.key as { value?: unknown } | null)?.value) === issue.keys[0]);
           const k = item?.key as Node | undefined;
           if (k?.range) offset = k.range[0];
         }
-      } else if (node && isSeq(node) === false && p.length > 0) {
+      } else if (node && yaml().isSeq(node) === false && p.length > 0) {
         offset = node.range?.[0] ?? offset;
       }
       throw new AppError('CONFIG_INVALID', `${posOf(lc, file, offset)}: ${p.map(String).join('.') || '(top)'}: ${msg}`);
@@ -441,6 +462,34 @@ function merge(a: Record<string, unknown>, b: Record<string, unknown>): Record<s
   return out;
 }
 
+/**
+ * The files' merged configuration, checked. `cached`: their parsed forms from the cache (every
+ * file passed its own check when it was made; the merged one is checked again here, against this
+ * code's schema): null when that fails, so that the caller parses the YAML and reports the error
+ * with its file, line and column.
+ */
+interface Checked {
+  readonly config: FileConfig;
+  readonly raw: Record<string, unknown>;
+  readonly raws: Record<string, unknown>[];
+}
+function checked(file: string, sources: readonly Source[], cached: null): Checked;
+function checked(file: string, sources: readonly Source[], cached: Record<string, unknown>[]): Checked | null;
+function checked(file: string, sources: readonly Source[], cached: Record<string, unknown>[] | null): Checked | null {
+  const yamls = cached === null ? sources.map((s) => readYaml(s)) : null;
+  const raws = cached ?? (yamls ?? []).map((y) => y.data);
+  const schema = fileSchemaFor({ backend: declaredIn(raws, 'backend'), trust: declaredIn(raws, 'trust') });
+  yamls?.forEach((y, i) => checkFile(sources[i]?.file ?? '', y, schema));
+  let raw: Record<string, unknown> = {};
+  for (const d of raws) raw = merge(raw, d);
+  const r = schema.safeParse(raw, PARSE_ONCE);
+  if (!r.success) {
+    if (cached !== null) return null;
+    throw new AppError('CONFIG_INVALID', `${file}: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+  }
+  return { config: r.data, raw, raws };
+}
+
 export function loadInstance(c: string | undefined): Instance {
   const file = locate(c);
   const dir = dirname(file);
@@ -449,15 +498,14 @@ export function loadInstance(c: string | undefined): Instance {
   if (existsSync(confd)) {
     for (const f of readdirSync(confd).filter((f) => f.endsWith('.yaml') || f.endsWith('.yml')).sort()) files.push(join(confd, f));
   }
-  const yamls = files.map((f) => readYaml(f));
-  const raws = yamls.map((y) => y.data);
-  const schema = fileSchemaFor({ backend: declaredIn(raws, 'backend'), trust: declaredIn(raws, 'trust') });
-  yamls.forEach((y, i) => checkFile(files[i] ?? '', y, schema));
-  let raw: Record<string, unknown> = {};
-  for (const d of raws) raw = merge(raw, d);
-  const r = schema.safeParse(raw, PARSE_ONCE);
-  if (!r.success) throw new AppError('CONFIG_INVALID', `${file}: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
-  const config = r.data;
+  const sources = files.map((f) => readSource(f));
+  const main = sources[0] as Source;
+  // root and pigeon.yaml's owner parse the YAML and keep the parsed form up to date; other users
+  // (the mail user's deliveries) take it when it was made from exactly these texts
+  const writer = writesParsed(main);
+  const cached = writer ? null : readParsed(dir, sources);
+  const loaded = cached !== null ? checked(file, sources, cached) : null;
+  const { config, raw, raws } = loaded ?? checked(file, sources, null);
   const abs = (p: string): string => (isAbsolute(p) ? p : join(dir, p));
   let dbPath: string;
   try {
@@ -466,6 +514,7 @@ export function loadInstance(c: string | undefined): Instance {
   } catch (e) {
     throw new AppError('CONFIG_INVALID', `${file}: database: ${(e as Error).message}`);
   }
+  if (writer && loaded === null) writeParsed(dir, sources, raws);
   const dbOptions: ServerDbOptions = {
     passwordFile: config.database_password_file === null ? null : abs(config.database_password_file),
     poolMax: config.database_pool_size,
