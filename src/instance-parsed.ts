@@ -121,7 +121,7 @@ export function writeParsed(dir: string, sources: readonly Source[], raws: reado
     try {
       const st = fstatSync(fd);
       const euid = process.geteuid?.();
-      if (st.isFile() && st.uid === euid && (st.mode & 0o777) === modeFor(sources, main.stat.gid) && readFileSync(fd, 'utf8') === text) return;
+      if (st.isFile() && st.uid === euid && (euid !== 0 || st.gid === main.stat.gid) && (st.mode & 0o777) === modeFor(sources, main.stat.gid) && readFileSync(fd, 'utf8') === text) return;
     } finally {
       closeSync(fd);
     }

@@ -87,6 +87,14 @@ t.test('a root command writes the parsed files next to pigeon.yaml, readable as 
   chmodSync(join(inst, 'conf.d', '60-secret.yaml'), 0o600);
   ok(cli(inst, ['user', 'list']), 'user list');
   t.equal(statSync(p).mode & 0o777, 0o600, 'a conf.d file readable by root only: the cache too');
+
+  // pigeon.yaml's group changes, nothing else: so does the cache's
+  spawnSync('rm', ['-f', join(inst, 'conf.d', '60-secret.yaml')]);
+  ok(cli(inst, ['user', 'list']), 'user list');
+  t.equal(statSync(p).gid, MAIL_GID, "pigeon.yaml's group again");
+  chownSync(join(inst, 'pigeon.yaml'), 0, 0);
+  ok(cli(inst, ['user', 'list']), 'user list');
+  t.equal(statSync(p).gid, 0, "pigeon.yaml now root's group: the cache's too (the mail group reads neither)");
 });
 
 t.test("the mail user's delivery takes it only from root, not writable by others, not through a link, for exactly these texts", ROOT_ONLY, async (t) => {
