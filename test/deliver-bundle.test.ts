@@ -113,7 +113,7 @@ t.test('without serve, as the mail user: delivered from the bundle with its code
   t.equal(r2.stdout, '5.1.1 <nobody@example.test>: user unknown\n', 'the one status line');
 });
 
-t.test('without serve, as the mail user, no module file configured: node:child_process, node:net and node:crypto are not loaded, no package file compiled', async (t) => {
+t.test('without serve, as the mail user, no module file configured: node:child_process, node:net, node:crypto and node:stream are not loaded, no package file compiled', async (t) => {
   // nothing is started and no socket opened (src/builtins.ts loads them on first use); the
   // instance above imports a module file, and node's ES module loader loads node:net itself
   need('/usr/bin/setpriv', 'util-linux');
@@ -134,6 +134,8 @@ t.test('without serve, as the mail user, no module file configured: node:child_p
   // the Maildir name's random part is Math.random's; the password schemes, SCRAM, the peer link
   // and the certificate checks take node:crypto when they run (src/builtins.ts)
   t.same(got.builtins.filter((m) => /^NativeModule (crypto|internal\/crypto\/.*)$/.test(m)), [], 'node:crypto not loaded');
+  // only the stdio forker's duplex needs node:stream here, and makes its class on its first session
+  t.same(got.builtins.filter((m) => /^NativeModule (stream|internal\/streams\/(duplex|readable|writable))$/.test(m)), [], 'node:stream not loaded');
   // better-sqlite3's and ipaddr.js's JavaScript come with the bundle (its code cache); only the addon is a file of its own
   t.same(
     got.files.filter((f) => f.includes('/node_modules/')),
