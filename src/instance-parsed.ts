@@ -20,8 +20,13 @@
  *             The file may be read by exactly those who may read every configuration file:
  *             others only when each file is world-readable, pigeon.yaml's group only when each
  *             file is readable by it (or by everyone).
- *             Written atomically (an exclusive temporary file, no link followed, then rename);
- *             a directory that cannot be written (a read-only /etc) just means no cache.
+ *             Written atomically: a temporary file created exclusively without following a link
+ *             (O_CREAT|O_EXCL|O_NOFOLLOW: nothing that already has its name, a link planted there
+ *             included, is opened), its owner and mode set on that descriptor, then renamed over
+ *             the cache (rename replaces the name, never follows it). Where the mail user may write
+ *             the instance directory (its SQLite database lives there), it can remove or swap
+ *             names, but any file it puts in place is its own, which no reader trusts. A directory
+ *             that cannot be written (a read-only /etc) just means no cache.
  */
 import { openSync, fstatSync, readFileSync, writeSync, closeSync, fchownSync, fchmodSync, renameSync, unlinkSync, constants, type Stats } from 'node:fs';
 import { join } from 'node:path';
