@@ -12,7 +12,7 @@
  *             them; a backend named there may own the section of its name).
  * DIAGNOSTICS CONFIG_INVALID / CONFIG_MISSING, exit 78: `file:line:col: key: message`.
  */
-import { readFileSync, readdirSync, existsSync, openSync, fstatSync, closeSync } from 'node:fs';
+import { readFileSync, readdirSync, existsSync, openSync, fstatSync, closeSync, type Stats } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join, isAbsolute } from 'node:path';
 import type * as Yaml from 'yaml';
@@ -373,7 +373,7 @@ function firstInvalidUtf8Line(data: Buffer): number {
 /** Read one configuration file (its stat from the same open), or throw CONFIG_MISSING / CONFIG_INVALID. */
 function readSource(file: string): Source {
   let bytes: Buffer;
-  let stat;
+  let stat: Stats;
   try {
     const fd = openSync(file, 'r');
     try {
@@ -462,17 +462,17 @@ function merge(a: Record<string, unknown>, b: Record<string, unknown>): Record<s
   return out;
 }
 
+interface Checked {
+  readonly config: FileConfig;
+  readonly raw: Record<string, unknown>;
+  readonly raws: Record<string, unknown>[];
+}
 /**
  * The files' merged configuration, checked. `cached`: their parsed forms from the cache (every
  * file passed its own check when it was made; the merged one is checked again here, against this
  * code's schema): null when that fails, so that the caller parses the YAML and reports the error
  * with its file, line and column.
  */
-interface Checked {
-  readonly config: FileConfig;
-  readonly raw: Record<string, unknown>;
-  readonly raws: Record<string, unknown>[];
-}
 function checked(file: string, sources: readonly Source[], cached: null): Checked;
 function checked(file: string, sources: readonly Source[], cached: Record<string, unknown>[]): Checked | null;
 function checked(file: string, sources: readonly Source[], cached: Record<string, unknown>[] | null): Checked | null {
