@@ -22,7 +22,7 @@
 //   --n: LMTP messages per round and row; `pigeon deliver`, node -e 0 and dovecot-lda run
 //   n/8 (sequential) and n/4 (parallel) processes per round (at least 8), the fsync bound max(n, 500)
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync, mkdirSync, chownSync, readdirSync, existsSync, chmodSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync, mkdirSync, chownSync, readdirSync, existsSync, chmodSync, renameSync } from 'node:fs';
 import { durableWriter } from './bench-lib.mjs';
 import { tmpdir, cpus } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
@@ -72,8 +72,13 @@ must(run(['deliver', '-f', 'bob@remote.test', 'lmtp@example.test'], MESSAGE), 'f
 // says, that account writes the database and its directory and the log; it reads pigeon.yaml
 const AS_MAIL = process.getuid?.() === 0;
 if (AS_MAIL) {
-  for (const f of readdirSync(inst)) if (/^pigeon\.(db|log)/.test(f)) chownSync(join(inst, f), MAIL_UID, MAIL_UID);
-  chownSync(inst, MAIL_UID, MAIL_UID);
+  // and keeps the database in a directory of its own, so that the instance directory stays root's
+  // (where root keeps the parsed configuration that the mail user's deliveries read)
+  mkdirSync(join(inst, 'db'));
+  for (const f of readdirSync(inst)) if (/^pigeon\.db/.test(f)) renameSync(join(inst, f), join(inst, 'db', f));
+  writeFileSync(join(inst, 'conf.d', '10-db.yaml'), 'database: sqlite:db/pigeon.db\n');
+  spawnSync('chown', ['-R', `${MAIL_UID}:${MAIL_UID}`, join(inst, 'db')]);
+  for (const f of readdirSync(inst)) if (/^pigeon\.log/.test(f)) chownSync(join(inst, f), MAIL_UID, MAIL_UID);
   chownSync(join(inst, 'pigeon.yaml'), 0, MAIL_UID);
   chmodSync(join(inst, 'pigeon.yaml'), 0o640);
 }

@@ -21,15 +21,17 @@
  *             others only when each file is world-readable, pigeon.yaml's group only when each
  *             file is readable by it (or by everyone).
  *             Written atomically: a temporary file created exclusively without following a link
- *             (O_CREAT|O_EXCL|O_NOFOLLOW: nothing that already has its name, a link planted there
- *             included, is opened), its owner and mode set on that descriptor, then renamed over
- *             the cache (rename replaces the name, never follows it). Where the mail user may write
- *             the instance directory (its SQLite database lives there), it can remove or swap
- *             names, but any file it puts in place is its own, which no reader trusts. A directory
- *             that cannot be written (a read-only /etc) just means no cache.
+ *             (O_CREAT|O_EXCL|O_NOFOLLOW), its owner and mode set on that descriptor, then renamed
+ *             over the cache. Root writes it only into an instance directory root alone may change
+ *             (as serve writes deliver-handoff.json, src/delivery/handoff-file-write.ts): where
+ *             the mail user may write the directory (an SQLite database kept in it), there is no
+ *             cache, and deliveries parse the YAML; README's pipe(8) section says to keep the
+ *             database in a directory of its own. A directory that cannot be written (a read-only
+ *             /etc) likewise just means no cache.
  */
-import { openSync, fstatSync, readFileSync, writeSync, closeSync, fchownSync, fchmodSync, renameSync, unlinkSync, constants, type Stats } from 'node:fs';
+import { openSync, fstatSync, lstatSync, readFileSync, writeSync, closeSync, fchownSync, fchmodSync, renameSync, unlinkSync, constants, type Stats } from 'node:fs';
 import { join } from 'node:path';
+import { rootAloneMayChange } from './delivery/handoff-file-write.js';
 
 export const PARSED_FILE = '.pigeon.yaml.parsed.json';
 const FORMAT = 1;
@@ -119,13 +121,20 @@ function modeFor(sources: readonly Source[], gid: number): number {
 export function writeParsed(dir: string, sources: readonly Source[], raws: readonly Raw[]): void {
   const main = sources[0];
   if (main === undefined || !raws.every((r) => jsonExact(r))) return;
+  const euid = process.geteuid?.();
+  if (euid === 0) {
+    try {
+      if (!rootAloneMayChange(lstatSync(dir))) return;
+    } catch {
+      return;
+    }
+  }
   const text = body(sources, raws);
   const file = join(dir, PARSED_FILE);
   try {
     const fd = openSync(file, constants.O_RDONLY | constants.O_NOFOLLOW);
     try {
       const st = fstatSync(fd);
-      const euid = process.geteuid?.();
       if (st.isFile() && st.uid === euid && (euid !== 0 || st.gid === main.stat.gid) && (st.mode & 0o777) === modeFor(sources, main.stat.gid) && readFileSync(fd, 'utf8') === text) return;
     } finally {
       closeSync(fd);
@@ -139,7 +148,7 @@ export function writeParsed(dir: string, sources: readonly Source[], raws: reado
     fd = openSync(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
     const bytes = Buffer.from(text, 'utf8');
     for (let off = 0; off < bytes.length; ) off += writeSync(fd, bytes, off);
-    if (process.geteuid?.() === 0) fchownSync(fd, 0, main.stat.gid);
+    if (euid === 0) fchownSync(fd, 0, main.stat.gid);
     fchmodSync(fd, modeFor(sources, main.stat.gid));
     closeSync(fd);
     fd = null;

@@ -6,7 +6,7 @@
 // owner and mode.
 import t, { type Test } from 'tap';
 import { spawnSync } from 'node:child_process';
-import { appendFileSync, chmodSync, chownSync, existsSync, readFileSync, renameSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { appendFileSync, chmodSync, chownSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ROOT, cli, ok, need, makeInstance, maildirOf, files, msg, MAIL_UID, MAIL_GID } from './helpers/delivery-env.js';
 import { scratchDir } from './helpers/instance.js';
@@ -17,15 +17,24 @@ const ALICE = 'alice@example.test';
 const CACHE = '.pigeon.yaml.parsed.json';
 const ROOT_ONLY = { skip: process.getuid?.() !== 0 ? 'needs root (the mail user reads what root wrote)' : false };
 
-/** An instance as pipe(8) user=mail uses it: pigeon.yaml root:mail 0640, conf.d root's, the database and mail root the mail user's; deliveries log to a.log. */
+/**
+ * An instance as pipe(8) user=mail uses it, laid out as README's pipe(8) section says: the
+ * instance directory, pigeon.yaml (root:mail 0640) and conf.d root's; the SQLite database in a
+ * directory of its own and the mail root the mail user's; deliveries log to logs/a.log.
+ */
 function mailInstance(t: Test): string {
   need('/usr/bin/setpriv', 'util-linux');
   const inst = makeInstance(scratchDir(t), [ALICE]);
-  writeFileSync(join(inst, 'conf.d', '50-log.yaml'), 'log:\n  level: debug\n  file: a.log\n');
-  spawnSync('chown', ['-R', 'mail:mail', inst]);
+  for (const d of ['db', 'logs']) {
+    mkdirSync(join(inst, d));
+    chownSync(join(inst, d), MAIL_UID, MAIL_GID);
+  }
+  for (const f of readdirSync(inst)) if (/^pigeon\.db/.test(f)) renameSync(join(inst, f), join(inst, 'db', f));
+  writeFileSync(join(inst, 'conf.d', '10-db.yaml'), 'database: sqlite:db/pigeon.db\n');
+  writeFileSync(join(inst, 'conf.d', '50-log.yaml'), 'log:\n  level: debug\n  file: logs/a.log\n');
+  spawnSync('chown', ['-R', 'mail:mail', join(inst, 'db'), join(inst, 'mail')]);
   chownSync(join(inst, 'pigeon.yaml'), 0, MAIL_GID);
   chmodSync(join(inst, 'pigeon.yaml'), 0o640);
-  spawnSync('chown', ['-R', 'root:root', join(inst, 'conf.d')]);
   return inst;
 }
 
@@ -39,7 +48,7 @@ function deliverAsMail(t: Test, inst: string, subject: string): void {
   t.equal(r.status, 0, `delivered (${subject}): ${r.stdout}${r.stderr}`);
 }
 
-const LOGS = ['a.log', 'forged.log'] as const;
+const LOGS = ['logs/a.log', 'logs/forged.log'] as const;
 /** How many deliveries each log file records. */
 function logged(inst: string): number[] {
   return LOGS.map((f) => {
@@ -56,7 +65,7 @@ function deliverLogs(t: Test, inst: string, subject: string): string[] {
 }
 
 /** A cache made from the files' real texts but whose parsed conf.d file sends the log elsewhere. */
-function forge(inst: string, raws: (r: Record<string, unknown>[]) => void = (r) => ((r[1] as { log: { file: string } }).log.file = 'forged.log')): void {
+function forge(inst: string, raws: (r: Record<string, unknown>[]) => void = (r) => ((r[2] as { log: { file: string } }).log.file = 'logs/forged.log')): void {
   const p = join(inst, CACHE);
   const c = JSON.parse(readFileSync(p, 'utf8')) as { raws: Record<string, unknown>[] };
   raws(c.raws);
@@ -76,11 +85,11 @@ t.test('a root command writes the parsed files next to pigeon.yaml, readable as 
   const c = JSON.parse(readFileSync(p, 'utf8')) as { files: { path: string; text: string }[]; raws: unknown[] };
   t.same(
     c.files.map((f) => f.path),
-    [join(inst, 'pigeon.yaml'), join(inst, 'conf.d', '50-log.yaml')],
+    [join(inst, 'pigeon.yaml'), join(inst, 'conf.d', '10-db.yaml'), join(inst, 'conf.d', '50-log.yaml')],
     'the files in the order they merge',
   );
-  t.equal(c.files[1]?.text, readFileSync(join(inst, 'conf.d', '50-log.yaml'), 'utf8'), 'with their text');
-  t.same(c.raws[1], { log: { level: 'debug', file: 'a.log' } }, 'and what they parse to');
+  t.equal(c.files[2]?.text, readFileSync(join(inst, 'conf.d', '50-log.yaml'), 'utf8'), 'with their text');
+  t.same(c.raws[2], { log: { level: 'debug', file: 'logs/a.log' } }, 'and what they parse to');
 
   // a file only root may read: so may the cache
   writeFileSync(join(inst, 'conf.d', '60-secret.yaml'), 'log:\n  level: debug\n');
@@ -100,38 +109,38 @@ t.test('a root command writes the parsed files next to pigeon.yaml, readable as 
 t.test("the mail user's delivery takes it only from root, not writable by others, not through a link, for exactly these texts", ROOT_ONLY, async (t) => {
   const inst = mailInstance(t);
   ok(cli(inst, ['user', 'list']), 'user list (writes the cache)');
-  t.same(deliverLogs(t, inst, 'genuine'), ['a.log'], 'the configured log');
+  t.same(deliverLogs(t, inst, 'genuine'), ['logs/a.log'], 'the configured log');
   t.equal(files(join(maildirOf(inst, ALICE), 'new')).length, 1, 'delivered');
 
   // what the delivery takes from the cache: a forged one (root's, right texts) shows it
   forge(inst);
-  t.same(deliverLogs(t, inst, 'forged, root'), ['forged.log'], "root's cache of these very texts is what the delivery used");
+  t.same(deliverLogs(t, inst, 'forged, root'), ['logs/forged.log'], "root's cache of these very texts is what the delivery used");
 
   const p = join(inst, CACHE);
   chownSync(p, MAIL_UID, MAIL_GID);
-  t.same(deliverLogs(t, inst, 'forged, mail-owned'), ['a.log'], "a cache the mail user owns is ignored: the YAML is parsed");
+  t.same(deliverLogs(t, inst, 'forged, mail-owned'), ['logs/a.log'], "a cache the mail user owns is ignored: the YAML is parsed");
 
   chownSync(p, 0, MAIL_GID);
   chmodSync(p, 0o660);
-  t.same(deliverLogs(t, inst, 'forged, group-writable'), ['a.log'], 'a group-writable cache is ignored');
+  t.same(deliverLogs(t, inst, 'forged, group-writable'), ['logs/a.log'], 'a group-writable cache is ignored');
 
   chmodSync(p, 0o640);
   renameSync(p, join(inst, 'elsewhere.json'));
   symlinkSync(join(inst, 'elsewhere.json'), p);
-  t.same(deliverLogs(t, inst, 'forged, through a link'), ['a.log'], 'a link is not followed');
+  t.same(deliverLogs(t, inst, 'forged, through a link'), ['logs/a.log'], 'a link is not followed');
 
   spawnSync('rm', ['-f', p]);
   renameSync(join(inst, 'elsewhere.json'), p);
-  t.same(deliverLogs(t, inst, 'forged again'), ['forged.log'], '(the same file in place again is taken)');
+  t.same(deliverLogs(t, inst, 'forged again'), ['logs/forged.log'], '(the same file in place again is taken)');
 
   appendFileSync(join(inst, 'conf.d', '50-log.yaml'), '# edited\n');
-  t.same(deliverLogs(t, inst, 'edited'), ['a.log'], 'a file edited since: its text differs, the YAML is parsed');
+  t.same(deliverLogs(t, inst, 'edited'), ['logs/a.log'], 'a file edited since: its text differs, the YAML is parsed');
 
   writeFileSync(join(inst, 'conf.d', '40-more.yaml'), 'log:\n  level: debug\n');
   ok(cli(inst, ['user', 'list']), 'user list (rewrites the cache)');
-  forge(inst, (r) => ((r[2] as { log: { file: string } }).log.file = 'forged.log'));
+  forge(inst, (r) => ((r[3] as { log: { file: string } }).log.file = 'logs/forged.log'));
   writeFileSync(join(inst, 'conf.d', '45-new.yaml'), '{}\n');
-  t.same(deliverLogs(t, inst, 'new file'), ['a.log'], 'a conf.d file added since: the YAML is parsed');
+  t.same(deliverLogs(t, inst, 'new file'), ['logs/a.log'], 'a conf.d file added since: the YAML is parsed');
 
   t.equal(files(join(maildirOf(inst, ALICE), 'new')).length, 8, 'every message delivered');
 });
@@ -139,8 +148,8 @@ t.test("the mail user's delivery takes it only from root, not writable by others
 t.test('a cached configuration this code refuses is parsed from the YAML again; root never reads the cache and rewrites a wrong one', ROOT_ONLY, async (t) => {
   const inst = mailInstance(t);
   ok(cli(inst, ['user', 'list']), 'user list (writes the cache)');
-  forge(inst, (r) => ((r[1] as { log: { file: unknown } }).log.file = 5));
-  t.same(deliverLogs(t, inst, 'invalid cache'), ['a.log'], 'an invalid parsed form: the YAML decides');
+  forge(inst, (r) => ((r[2] as { log: { file: unknown } }).log.file = 5));
+  t.same(deliverLogs(t, inst, 'invalid cache'), ['logs/a.log'], 'an invalid parsed form: the YAML decides');
 
   forge(inst);
   const before = logged(inst);
@@ -148,5 +157,19 @@ t.test('a cached configuration this code refuses is parsed from the YAML again; 
   t.equal(r.status, 0, `delivered as root: ${r.stdout}${r.stderr}`);
   t.same(logged(inst).map((n, i) => n - (before[i] ?? 0)), [1, 0], 'root parses the YAML itself');
   const c = JSON.parse(readFileSync(join(inst, CACHE), 'utf8')) as { raws: unknown[] };
-  t.same(c.raws[1], { log: { level: 'debug', file: 'a.log' } }, 'and writes what it parsed over the forged cache');
+  t.same(c.raws[2], { log: { level: 'debug', file: 'logs/a.log' } }, 'and writes what it parsed over the forged cache');
+});
+
+t.test('an instance directory the mail user may write: root writes no parsed configuration there, and deliveries parse the YAML', ROOT_ONLY, async (t) => {
+  const inst = mailInstance(t);
+  t.ok(existsSync(join(inst, CACHE)), "(root's commands while the directory was root's wrote one)");
+  rmSync(join(inst, CACHE));
+  chownSync(inst, MAIL_UID, MAIL_GID);
+  ok(cli(inst, ['user', 'list']), 'user list');
+  t.notOk(existsSync(join(inst, CACHE)), 'no file written by root into a directory the mail user may change');
+  chownSync(inst, 0, 0);
+  chmodSync(inst, 0o775);
+  ok(cli(inst, ['user', 'list']), 'user list');
+  t.notOk(existsSync(join(inst, CACHE)), 'nor into a group-writable one');
+  t.same(deliverLogs(t, inst, 'no cache'), ['logs/a.log'], 'delivered, from the YAML');
 });

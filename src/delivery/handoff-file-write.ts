@@ -39,8 +39,13 @@ export function writeHandoff(config: string, socket: string, pid: number = proce
 export function writerFor(dir: string, mailUser: { readonly uid: number; readonly gid: number }): { uid: number; gid: number } | null {
   if (euid() !== 0) return null;
   const st = lstatSync(dir);
-  if (st.uid === 0 && (st.mode & 0o022) === 0) return null;
+  if (rootAloneMayChange(st)) return null;
   return st.uid !== 0 ? { uid: st.uid, gid: st.gid } : { uid: mailUser.uid, gid: mailUser.gid };
+}
+
+/** A directory root alone may change (root's, not group- or world-writable): root writes into no other. */
+export function rootAloneMayChange(st: { readonly uid: number; readonly mode: number }): boolean {
+  return st.uid === 0 && (st.mode & 0o022) === 0;
 }
 
 /**
