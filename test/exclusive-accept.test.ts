@@ -165,7 +165,11 @@ t.test('serve --workers 2: each worker watches every listener with EPOLLEXCLUSIV
   await waitFor('the new worker', () => replaced().length === 1);
   const fresh = replaced()[0] ?? 0;
   // it logs that it started once its listeners are exclusive
-  await waitFor('the new worker started', () => readFileSync(`${inst.dir}/pigeon.log`, 'utf8').includes(`pigeon started (pid ${fresh},`));
+  await waitFor('the new worker started', () => readFileSync(`${inst.dir}/pigeon.log`, 'utf8').includes(`pigeon started (pid ${fresh},`)).catch((e: unknown) => {
+    // once seen under two suites at once (2026-12-07): say what there was, to find out why
+    const log = readFileSync(`${inst.dir}/pigeon.log`, 'utf8').split('\n').slice(-25).join('\n');
+    throw new Error(`${e instanceof Error ? e.message : String(e)} (pid ${fresh}; serve's workers now: ${workers().join(', ')}; end of pigeon.log:\n${log}\nserve's stderr:\n${srv.stderr().slice(-2000)})`);
+  });
   t.same(
     registrations(fresh, fdOfInode(fresh, imapInode) ?? -1).map((m) => (m & EPOLLEXCLUSIVE) !== 0),
     [true],
