@@ -11,7 +11,7 @@ import { ImapFlow } from 'imapflow';
 import { exclusiveAccept } from '../src/exclusive-accept.js';
 import { makeInstance, serve } from './helpers/instance.js';
 import { waitFor } from './helpers/delivery-env.js';
-import { descendants } from './helpers/procs.js';
+import { descendants, proc } from './helpers/procs.js';
 
 const EPOLLEXCLUSIVE = 1 << 28;
 
@@ -123,7 +123,17 @@ t.test('serve --workers 2: each worker watches every listener with EPOLLEXCLUSIV
   const inst = makeInstance(t, { listen: ['imap=127.0.0.1:0', 'pop3=127.0.0.1:0'], users });
   const srv = await serve(t, inst, 2);
   const pid = srv.child.pid ?? 0;
-  const workers = (): number[] => descendants(pid, process.execPath).filter((p) => readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('\0serve\0'));
+  // serve's workers are its own children (node:cluster); a process a worker forks (its spawner,
+  // its mail writer) shows the worker's command line until it execs, so "serve" in the command
+  // line alone is not enough: it is how a worker's child was once taken for the new worker
+  const workers = (): number[] =>
+    descendants(pid, process.execPath).filter((p) => {
+      try {
+        return proc(p)?.ppid === pid && readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('\0serve\0');
+      } catch {
+        return false; // exited meanwhile
+      }
+    });
   await waitFor('two workers', () => workers().length === 2);
   for (const proto of ['imap', 'pop3'] as const) {
     const inode = listeningInode(srv.ports[proto] ?? 0);
@@ -162,11 +172,15 @@ t.test('serve --workers 2: each worker watches every listener with EPOLLEXCLUSIV
   await waitFor('the primary restarting the killed worker', () => new RegExp(`worker ${victim} exited \\(SIGKILL\\); restarting`).test(srv.stderr()));
   const imapInode = listeningInode(port);
   const replaced = (): number[] => workers().filter((w) => w !== victim && w !== other);
-  await waitFor('the new worker', () => replaced().length === 1);
-  const fresh = replaced()[0] ?? 0;
+  let fresh = 0;
+  await waitFor('the new worker', () => {
+    const r = replaced();
+    fresh = r[0] ?? 0;
+    return r.length === 1;
+  });
   // it logs that it started once its listeners are exclusive
   await waitFor('the new worker started', () => readFileSync(`${inst.dir}/pigeon.log`, 'utf8').includes(`pigeon started (pid ${fresh},`)).catch((e: unknown) => {
-    // once seen under two suites at once (2026-12-07): say what there was, to find out why
+    // say what there was, should it ever time out again
     const log = readFileSync(`${inst.dir}/pigeon.log`, 'utf8').split('\n').slice(-25).join('\n');
     throw new Error(`${e instanceof Error ? e.message : String(e)} (pid ${fresh}; serve's workers now: ${workers().join(', ')}; end of pigeon.log:\n${log}\nserve's stderr:\n${srv.stderr().slice(-2000)})`);
   });
