@@ -50,8 +50,16 @@ const root = process.getuid?.() === 0;
 /** The command lines of the processes below serve's primary `pid`. */
 const commands = (pid: number): string[] => descendants(pid, '').map((p) => proc(p)?.cmd ?? '');
 
-/** Both workers' mail writer children have started (exec'd: their command line is their own). */
-const settled = (pid: number): Promise<void> => waitFor('both mail writer children started', () => commands(pid).filter((c) => c.includes('writer-main.js')).length === 2);
+/**
+ * Both workers' mail writer children have started (exec'd: their command line is their own), and
+ * no child of a worker is between fork and exec (it would show its worker's command line).
+ */
+const settled = (pid: number): Promise<void> =>
+  waitFor('both mail writer children started', () => {
+    const below = descendants(pid, '').map((p) => proc(p));
+    const forking = below.some((p) => p !== null && p.ppid !== pid && p.cmd.includes(CLI));
+    return !forking && below.filter((p) => p?.cmd.includes('writer-main.js')).length === 2;
+  });
 
 t.test('serve --workers 2 as root: the workers and their mail writers run with the budget; mail is delivered as before', { skip: root ? false : 'the mail writer children exist only under a root serve' }, async (t) => {
   const { inst } = lmtpUserInstance(t, ALICE);
