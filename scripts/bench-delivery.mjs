@@ -12,15 +12,17 @@
 //   dovecot-lda     Dovecot's own MDA, same message, same disk, sequential and parallel
 //   fsync bound     the disk's limit for the durable Maildir protocol itself (exclusive create,
 //                   write, fsync, rename into new/, fsync new/) — no MDA can beat it per stream
-// Each row keeps every round; the summary gives the worst round (the issue's targets hold for the
-// worst round) and the median. Prints one JSON object, then a human summary. Needs a built tree
+// Each round runs every row in 5 short blocks taken in turn (below: the two rows of a ratio are
+// timed over the same seconds). Each row keeps every round; the summary gives the worst round (the
+// issue's targets hold for the worst round) and the median. Prints one JSON object, then a human summary. Needs a built tree
 // (npm run build: tsc, then dist/src/cli.js with the deliver path inlined; tsc alone measures
 // a hand-off that loads eight module files), root (to run as the mail uid) and Dovecot (dovecot-core).
 // Usage: node scripts/bench-delivery.mjs [--n 200] [--concurrency 8] [--rounds 5] [--json-only]
 //   BENCH_SERVE_NODE_ARGS="..." are given to node for `pigeon serve` (as in bench-proxy.mjs), e.g.
 //   --interrupt-budget=67584 for V8's default tier-up budget instead of serve's own (src/hot-flags.ts)
 //   --n: LMTP messages per round and row; `pigeon deliver`, node -e 0 and dovecot-lda run
-//   n/8 (sequential) and n/4 (parallel) processes per round (at least 8), the fsync bound max(n, 500)
+//   n/8 (sequential) and n/4 (parallel) processes per round (at least 8), the fsync bound max(n, 500),
+//   each rounded up to 5 whole blocks (parallel blocks: whole waves of --concurrency processes)
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync, mkdirSync, chownSync, readdirSync, existsSync, chmodSync, renameSync } from 'node:fs';
 import { durableWriter } from './bench-lib.mjs';
@@ -113,8 +115,7 @@ async function pool(n, conc, job) {
       }
     }),
   );
-  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
-  return { messages: n, concurrency: conc, seconds: +secs.toFixed(3), per_second: +(n / secs).toFixed(1) };
+  return { messages: n, seconds: Number(process.hrtime.bigint() - t0) / 1e9 };
 }
 
 function spawnJob(cmd, args, opts) {
@@ -202,12 +203,12 @@ async function lmtpConnection(count) {
   }
   s.end('QUIT\r\n');
 }
-async function lmtpBench(conns) {
-  const per = Math.ceil(N / conns);
+/** `count` messages over `conns` connections opened for them (count / conns each). */
+async function lmtpBench(count, conns) {
+  const per = Math.ceil(count / conns);
   const t0 = process.hrtime.bigint();
   await Promise.all(Array.from({ length: conns }, () => lmtpConnection(per)));
-  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
-  return { messages: per * conns, concurrency: conns, seconds: +secs.toFixed(3), per_second: +((per * conns) / secs).toFixed(1) };
+  return { messages: per * conns, seconds: Number(process.hrtime.bigint() - t0) / 1e9 };
 }
 
 // --- dovecot-lda -----------------------------------------------------------------------------
@@ -232,24 +233,52 @@ const fdir = join(base, 'fsync');
 for (const d of ['tmp', 'new']) mkdirSync(join(fdir, d), { recursive: true });
 const durableWrite = durableWriter(fdir, MESSAGE);
 
-// --- rounds: every row once per round, in the same order ------------------------------------------
+// --- rounds: every row in every round, in short blocks taken in turn --------------------------
+// A ratio compares two rows of one round (deliver against node -e 0, LMTP against the fsync
+// bound). Run one row after the other, each row's few seconds see a different moment of this
+// shared VM, whose speed swings by a third from one second to the next (node -e 0 alone, 4 at
+// once: 85 and 62 starts/s in consecutive rounds of one run): the round's ratio then measures the
+// machine as much as pigeon. So a round runs every row in BLOCKS short blocks, in turn, and the
+// order of the rows is reversed every other block (each row sees both neighbours and both ends of
+// a cycle): the two rows of a ratio stand next to each other in every cycle and are timed over the
+// same stretch of the round. A row's figure for the round is its messages over its own seconds,
+// summed over its blocks; what one message does is unchanged (one process per message, or one
+// LMTP connection per block and stream, count / streams messages each). Parallel blocks are whole
+// waves (a multiple of the concurrency), so that no block ends with fewer processes running than
+// another row's.
+const BLOCKS = 5;
+const share = (n, conc) => Math.max(conc, Math.ceil(n / BLOCKS / conc) * conc);
 const ROWS = ['node_seq', 'node_par', 'handoff_seq', 'handoff_par', 'deliver_seq', 'deliver_par', 'lmtp_1', 'lmtp_c', 'lda_seq', 'lda_par', 'fsync_seq', 'fsync_par'];
+const NFSYNC = Math.max(N, 500);
+/** One block of each row, in the order a cycle takes them (pairs of a ratio side by side). */
+const CYCLE = [
+  ['node_seq', () => pool(share(NSEQ, 1), 1, nodeJob)],
+  ['handoff_seq', () => pool(share(NSEQ, 1), 1, handoffJob)],
+  ['deliver_seq', () => pool(share(NSEQ, 1), 1, deliverJob)],
+  ...(ldaJob ? [['lda_seq', () => pool(share(NSEQ, 1), 1, ldaJob)]] : []),
+  ['node_par', () => pool(share(NPAR, C), C, nodeJob)],
+  ['handoff_par', () => pool(share(NPAR, C), C, handoffJob)],
+  ['deliver_par', () => pool(share(NPAR, C), C, deliverJob)],
+  ...(ldaJob ? [['lda_par', () => pool(share(NPAR, C), C, ldaJob)]] : []),
+  ['lmtp_1', () => lmtpBench(share(N, 1), 1)],
+  ['fsync_seq', () => pool(share(NFSYNC, 1), 1, durableWrite)],
+  ['lmtp_c', () => lmtpBench(share(N, C), C)],
+  ['fsync_par', () => pool(share(NFSYNC, C), C, durableWrite)],
+];
+const CONCURRENCY = { node_seq: 1, handoff_seq: 1, deliver_seq: 1, lda_seq: 1, lmtp_1: 1, fsync_seq: 1, node_par: C, handoff_par: C, deliver_par: C, lda_par: C, lmtp_c: C, fsync_par: C };
 const per = Object.fromEntries(ROWS.map((k) => [k, []]));
 for (let r = 0; r < ROUNDS; r++) {
-  per.node_seq.push(await pool(NSEQ, 1, nodeJob));
-  per.node_par.push(await pool(NPAR, C, nodeJob));
-  per.handoff_seq.push(await pool(NSEQ, 1, handoffJob));
-  per.handoff_par.push(await pool(NPAR, C, handoffJob));
-  per.deliver_seq.push(await pool(NSEQ, 1, deliverJob));
-  per.deliver_par.push(await pool(NPAR, C, deliverJob));
-  per.lmtp_1.push(await lmtpBench(1));
-  per.lmtp_c.push(await lmtpBench(C));
-  if (ldaJob) {
-    per.lda_seq.push(await pool(NSEQ, 1, ldaJob));
-    per.lda_par.push(await pool(NPAR, C, ldaJob));
+  const sum = Object.fromEntries(CYCLE.map(([k]) => [k, { messages: 0, seconds: 0 }]));
+  for (let b = 0; b < BLOCKS; b++) {
+    for (const [k, block] of b % 2 === 0 ? CYCLE : [...CYCLE].reverse()) {
+      const x = await block();
+      sum[k].messages += x.messages;
+      sum[k].seconds += x.seconds;
+    }
   }
-  per.fsync_seq.push(await pool(Math.max(N, 500), 1, durableWrite));
-  per.fsync_par.push(await pool(Math.max(N, 500), C, durableWrite));
+  for (const [k, x] of Object.entries(sum)) {
+    per[k].push({ messages: x.messages, concurrency: CONCURRENCY[k], seconds: +x.seconds.toFixed(3), per_second: +(x.messages / x.seconds).toFixed(1) });
+  }
   if (!jsonOnly) console.error(`bench-delivery: round ${r + 1}/${ROUNDS} done`);
 }
 server.kill();
@@ -296,6 +325,7 @@ const result = {
   cpus: cpus().length,
   node: process.version,
   rounds: ROUNDS,
+  blocks_per_round: BLOCKS,
   deliver_as: AS_MAIL ? `uid ${MAIL_UID} (as pipe(8) user=mail)` : `uid ${process.getuid?.()}`,
   deliver_env: `pipe(8)'s: ${Object.keys(PIPE_ENV).join(' ')} only`,
   node_start: { sequential: nodeSeq, parallel: nodePar },
