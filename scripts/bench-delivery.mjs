@@ -237,7 +237,7 @@ const durableWrite = durableWriter(fdir, MESSAGE);
 // A ratio compares two rows of one round (deliver against node -e 0, LMTP against the fsync
 // bound). Run one row after the other, each row's few seconds see a different moment of this
 // shared VM, whose speed swings by a third from one second to the next (node -e 0 alone, 4 at
-// once: 85 and 62 starts/s in consecutive rounds of one run): the round's ratio then measures the
+// once: 83 and 62 starts/s in consecutive rounds of one run): the round's ratio then measures the
 // machine as much as pigeon. So a round runs every row in BLOCKS short blocks, in turn, and the
 // order of the rows is reversed every other block (each row sees both neighbours and both ends of
 // a cycle): the two rows of a ratio stand next to each other in every cycle and are timed over the
