@@ -250,34 +250,33 @@ const BLOCKS = 5;
 const share = (n, conc) => Math.max(conc, Math.ceil(n / BLOCKS / conc) * conc);
 const ROWS = ['node_seq', 'node_par', 'handoff_seq', 'handoff_par', 'deliver_seq', 'deliver_par', 'lmtp_1', 'lmtp_c', 'lda_seq', 'lda_par', 'fsync_seq', 'fsync_par'];
 const NFSYNC = Math.max(N, 500);
-/** One block of each row, in the order a cycle takes them (pairs of a ratio side by side). */
+/** One block of each row, in the order a cycle takes them (pairs of a ratio side by side): [row, concurrency, block]. */
 const CYCLE = [
-  ['node_seq', () => pool(share(NSEQ, 1), 1, nodeJob)],
-  ['handoff_seq', () => pool(share(NSEQ, 1), 1, handoffJob)],
-  ['deliver_seq', () => pool(share(NSEQ, 1), 1, deliverJob)],
-  ...(ldaJob ? [['lda_seq', () => pool(share(NSEQ, 1), 1, ldaJob)]] : []),
-  ['node_par', () => pool(share(NPAR, C), C, nodeJob)],
-  ['handoff_par', () => pool(share(NPAR, C), C, handoffJob)],
-  ['deliver_par', () => pool(share(NPAR, C), C, deliverJob)],
-  ...(ldaJob ? [['lda_par', () => pool(share(NPAR, C), C, ldaJob)]] : []),
-  ['lmtp_1', () => lmtpBench(share(N, 1), 1)],
-  ['fsync_seq', () => pool(share(NFSYNC, 1), 1, durableWrite)],
-  ['lmtp_c', () => lmtpBench(share(N, C), C)],
-  ['fsync_par', () => pool(share(NFSYNC, C), C, durableWrite)],
+  ['node_seq', 1, () => pool(share(NSEQ, 1), 1, nodeJob)],
+  ['handoff_seq', 1, () => pool(share(NSEQ, 1), 1, handoffJob)],
+  ['deliver_seq', 1, () => pool(share(NSEQ, 1), 1, deliverJob)],
+  ...(ldaJob ? [['lda_seq', 1, () => pool(share(NSEQ, 1), 1, ldaJob)]] : []),
+  ['node_par', C, () => pool(share(NPAR, C), C, nodeJob)],
+  ['handoff_par', C, () => pool(share(NPAR, C), C, handoffJob)],
+  ['deliver_par', C, () => pool(share(NPAR, C), C, deliverJob)],
+  ...(ldaJob ? [['lda_par', C, () => pool(share(NPAR, C), C, ldaJob)]] : []),
+  ['lmtp_1', 1, () => lmtpBench(share(N, 1), 1)],
+  ['fsync_seq', 1, () => pool(share(NFSYNC, 1), 1, durableWrite)],
+  ['lmtp_c', C, () => lmtpBench(share(N, C), C)],
+  ['fsync_par', C, () => pool(share(NFSYNC, C), C, durableWrite)],
 ];
-const CONCURRENCY = { node_seq: 1, handoff_seq: 1, deliver_seq: 1, lda_seq: 1, lmtp_1: 1, fsync_seq: 1, node_par: C, handoff_par: C, deliver_par: C, lda_par: C, lmtp_c: C, fsync_par: C };
 const per = Object.fromEntries(ROWS.map((k) => [k, []]));
 for (let r = 0; r < ROUNDS; r++) {
-  const sum = Object.fromEntries(CYCLE.map(([k]) => [k, { messages: 0, seconds: 0 }]));
+  const sum = Object.fromEntries(CYCLE.map(([k, concurrency]) => [k, { messages: 0, concurrency, seconds: 0 }]));
   for (let b = 0; b < BLOCKS; b++) {
-    for (const [k, block] of b % 2 === 0 ? CYCLE : [...CYCLE].reverse()) {
+    for (const [k, , block] of b % 2 === 0 ? CYCLE : [...CYCLE].reverse()) {
       const x = await block();
       sum[k].messages += x.messages;
       sum[k].seconds += x.seconds;
     }
   }
   for (const [k, x] of Object.entries(sum)) {
-    per[k].push({ messages: x.messages, concurrency: CONCURRENCY[k], seconds: +x.seconds.toFixed(3), per_second: +(x.messages / x.seconds).toFixed(1) });
+    per[k].push({ messages: x.messages, concurrency: x.concurrency, seconds: +x.seconds.toFixed(3), per_second: +(x.messages / x.seconds).toFixed(1) });
   }
   if (!jsonOnly) console.error(`bench-delivery: round ${r + 1}/${ROUNDS} done`);
 }
