@@ -13,7 +13,7 @@
  * DIAGNOSTICS AppError PEER_UNAVAILABLE (not registered, disabled, no address, down, timeout),
  *             PEER_REFUSED (the target refused the hand-off: code and text from its answer).
  */
-import { connect, type ConnectionOptions, type TLSSocket } from 'node:tls';
+import { connect, TLSSocket, type ConnectionOptions } from 'node:tls';
 import type { X509Certificate } from 'node:crypto';
 import { cryptoModule } from '../builtins.js';
 import { certNodeName } from '../../certs/verify.js';
@@ -101,6 +101,17 @@ function dropTicket(ctx: PeerContext, target: string): void {
  */
 const NO_LEGACY_CERT = { configurable: true, value: (): object => ({}) };
 
+/**
+ * node:tls' connect() decodes an offered session twice, in the TLSSocket constructor and again
+ * in connect() itself (lib/_tls_wrap.js, Node 20), and each decode parses the certificate the
+ * session holds (OpenSSL 3 decodes its public key through its provider machinery): 0.2-0.3 ms of
+ * every resumed link's ≈ 0.7 ms on the dialing node's event loop (--cpu-prof of 1,000 links).
+ * Given to the socket once, after connect() returned and before its TCP connection is up (the
+ * handshake starts on 'connect'), it is decoded once. A runtime whose TLSSocket has no
+ * setSession gets the session as connect()'s option, as before.
+ */
+const setSession = (TLSSocket.prototype as unknown as { setSession?: (this: TLSSocket, session: Buffer) => void }).setSession;
+
 function connectOnce(ctx: PeerContext, target: string, host: string, port: number, ticket: Ticket | undefined): Promise<Dialed> {
   return new Promise((resolve, reject) => {
     // the link carries the other node's answers, a large FETCH or RETR among them: its reads land
@@ -116,7 +127,7 @@ function connectOnce(ctx: PeerContext, target: string, host: string, port: numbe
       // a full handshake (both ends present and check their certificates), or the resumption of
       // one with this node (see Resumption above; node:tls calls checkServerIdentity only for a
       // full one)
-      session: ticket?.session,
+      ...(setSession === undefined && ticket ? { session: ticket.session } : {}),
       minVersion: 'TLSv1.3',
       maxVersion: 'TLSv1.3',
       // the certificate must name the node we mean to reach, whatever address it answers on
@@ -127,6 +138,7 @@ function connectOnce(ctx: PeerContext, target: string, host: string, port: numbe
       },
     };
     const sock = connect(options);
+    if (setSession !== undefined && ticket) setSession.call(sock, ticket.session);
     Object.defineProperty(sock, 'getPeerCertificate', NO_LEGACY_CERT);
     reads.attach(sock);
     const t = setTimeout(() => {
