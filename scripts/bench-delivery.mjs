@@ -250,27 +250,29 @@ const BLOCKS = 5;
 const share = (n, conc) => Math.max(conc, Math.ceil(n / BLOCKS / conc) * conc);
 const ROWS = ['node_seq', 'node_par', 'handoff_seq', 'handoff_par', 'deliver_seq', 'deliver_par', 'lmtp_1', 'lmtp_c', 'lda_seq', 'lda_par', 'fsync_seq', 'fsync_par'];
 const NFSYNC = Math.max(N, 500);
-/** One block of each row, in the order a cycle takes them (pairs of a ratio side by side): [row, concurrency, block]. */
+/** How a row's block runs `n` messages `conc` at a time: one process (or one fsync'd write) per job, or LMTP connections. */
+const jobs = (job) => (n, conc) => pool(n, conc, job);
+/** One block of each row, in the order a cycle takes them (pairs of a ratio side by side): [row, concurrency, messages a round, run]. */
 const CYCLE = [
-  ['node_seq', 1, () => pool(share(NSEQ, 1), 1, nodeJob)],
-  ['handoff_seq', 1, () => pool(share(NSEQ, 1), 1, handoffJob)],
-  ['deliver_seq', 1, () => pool(share(NSEQ, 1), 1, deliverJob)],
-  ...(ldaJob ? [['lda_seq', 1, () => pool(share(NSEQ, 1), 1, ldaJob)]] : []),
-  ['node_par', C, () => pool(share(NPAR, C), C, nodeJob)],
-  ['handoff_par', C, () => pool(share(NPAR, C), C, handoffJob)],
-  ['deliver_par', C, () => pool(share(NPAR, C), C, deliverJob)],
-  ...(ldaJob ? [['lda_par', C, () => pool(share(NPAR, C), C, ldaJob)]] : []),
-  ['lmtp_1', 1, () => lmtpBench(share(N, 1), 1)],
-  ['fsync_seq', 1, () => pool(share(NFSYNC, 1), 1, durableWrite)],
-  ['lmtp_c', C, () => lmtpBench(share(N, C), C)],
-  ['fsync_par', C, () => pool(share(NFSYNC, C), C, durableWrite)],
+  ['node_seq', 1, NSEQ, jobs(nodeJob)],
+  ['handoff_seq', 1, NSEQ, jobs(handoffJob)],
+  ['deliver_seq', 1, NSEQ, jobs(deliverJob)],
+  ...(ldaJob ? [['lda_seq', 1, NSEQ, jobs(ldaJob)]] : []),
+  ['node_par', C, NPAR, jobs(nodeJob)],
+  ['handoff_par', C, NPAR, jobs(handoffJob)],
+  ['deliver_par', C, NPAR, jobs(deliverJob)],
+  ...(ldaJob ? [['lda_par', C, NPAR, jobs(ldaJob)]] : []),
+  ['lmtp_1', 1, N, lmtpBench],
+  ['fsync_seq', 1, NFSYNC, jobs(durableWrite)],
+  ['lmtp_c', C, N, lmtpBench],
+  ['fsync_par', C, NFSYNC, jobs(durableWrite)],
 ];
 const per = Object.fromEntries(ROWS.map((k) => [k, []]));
 for (let r = 0; r < ROUNDS; r++) {
   const sum = Object.fromEntries(CYCLE.map(([k, concurrency]) => [k, { messages: 0, concurrency, seconds: 0 }]));
   for (let b = 0; b < BLOCKS; b++) {
-    for (const [k, , block] of b % 2 === 0 ? CYCLE : [...CYCLE].reverse()) {
-      const x = await block();
+    for (const [k, conc, n, run] of b % 2 === 0 ? CYCLE : [...CYCLE].reverse()) {
+      const x = await run(share(n, conc), conc);
       sum[k].messages += x.messages;
       sum[k].seconds += x.seconds;
     }
